@@ -1,0 +1,58 @@
+# moe-operator: every target installs what it needs, idempotently (see README.md).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help setup tools test test-unit test-runtime test-cluster test-e2e demo run bench lint \
+        cluster-up cluster-down images
+
+help:
+	@echo "make demo    local cluster + operator + a canary rolled back on a latency alert"
+	@echo "make test    the whole suite (unit, runtime, cluster, e2e)"
+	@echo "make run     local cluster, CRDs, operator in the foreground"
+	@echo "make bench   runtime and rollout benchmarks (prints tables)"
+	@echo "make setup | tools | lint | cluster-up | cluster-down | images"
+
+# The virtualenv; a CPU-only torch wheel in /opt/wheels is used when the machine carries one.
+setup: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	if ls /opt/wheels/torch-*+cpu-*.whl >/dev/null 2>&1; then \
+		$(PY) -m pip install -q /opt/wheels/torch-*+cpu-*.whl; fi
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Cluster binaries (kube-apiserver & co., etcd, kwok, helm) built from the Go module proxy into a
+# cache outside the repository, plus Prometheus and Alertmanager from Debian's packages.
+tools: setup
+	$(PY) -m devcluster build
+
+test: setup tools
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+test-runtime: setup
+	$(PY) -m pytest -m runtime $(PYTEST_ARGS)
+
+test-cluster: setup tools
+	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
+
+test-e2e: setup tools
+	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+
+cluster-up: setup tools
+	$(PY) -m devcluster up --monitoring
+
+cluster-down: setup
+	$(PY) -m devcluster down
+
+lint: setup
+	$(VENV)/bin/ruff check .
