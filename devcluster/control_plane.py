@@ -1,0 +1,599 @@
+"""The devcluster: bring a real control plane up on loopback, report on it, take it down.
+
+`DevCluster` is the Python API behind `python -m devcluster` and the test fixtures. Everything it
+starts is recorded in `<state_dir>/state.json` (pid + start time per process), so `down` stops
+exactly those processes and nothing else. Layout of the state dir (default `<repo>/.devcluster`):
+
+    kubeconfig            admin kubeconfig (system:masters)
+    kubeconfigs/          one per component identity
+    pki/                  CA, serving and client certificates, service-account key pair
+    etcd/                 etcd's data
+    kwok/kwok.yaml        kwok's stages
+    node/                 the local node agent's state; services.json: the service proxy's ports
+    monitoring/           prometheus.yml, alertmanager.yml, rules/*.yml, data
+    logs/<name>.log       every process's output
+    state.json            ports, processes, options of the running cluster
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devcluster import build, certs, kwok, monitoring, processes, versions
+from devcluster.kubeapi import ApiError, KubeApi, node_ready
+from devcluster.processes import ProcessRecord
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_STATE_DIR = REPO_ROOT / ".devcluster"
+SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
+SERVICE_CLUSTER_IP = "10.96.0.1"  # the `kubernetes` Service's ClusterIP (a SAN of the serving cert)
+LOCAL_NODE_NAME = "devcluster-local"
+LOCAL_NODE_GPUS = 4
+LOCAL_POD_CIDR = "127.100.0.0/16"
+DEFAULT_GPU_NODES = 4
+UP_TIMEOUT = 120.0
+PROMETHEUS_TOKEN_SECONDS = 30 * 24 * 3600
+
+# Loopback pod IPs cannot be EndpointSlice addresses: the endpoint controllers only log errors
+# here, and the service proxy computes endpoints itself. No node CIDRs are allocated (kwok and
+# the local node hand out loopback pod IPs).
+DISABLED_CONTROLLERS = ("endpoints-controller", "endpointslice-controller",
+                        "endpointslice-mirroring-controller", "node-ipam-controller")
+HEALTH_PATHS = "/healthz,/readyz,/livez,/metrics"
+
+# Stop order: what depends on the API server first (the node agent stops its pods on SIGTERM and
+# needs the API to report it), etcd last.
+STOP_ORDER = (("prometheus", "alertmanager", "proxy", "node"),
+              ("kwok", "kube-scheduler", "kube-controller-manager"),
+              ("kube-apiserver",),
+              ("etcd",))
+
+
+class DevClusterError(RuntimeError):
+    """Something a user can act on: the message says what failed and where its log is."""
+
+
+@dataclass
+class ComponentStatus:
+    name: str
+    healthy: bool
+    detail: str
+
+
+@dataclass
+class ClusterState:
+    """What state.json holds."""
+
+    ports: dict[str, int] = field(default_factory=dict)
+    processes: list[ProcessRecord] = field(default_factory=list)
+    gpu_nodes: int = DEFAULT_GPU_NODES
+    monitoring: bool = False
+    alert_webhook: str | None = None
+    alert_webhook_token_file: str | None = None
+    local_node: bool = False
+    proxy: bool = False
+    kubernetes_version: str = versions.KUBERNETES_VERSION
+
+    def to_json(self) -> dict:
+        data = dict(self.__dict__)
+        data["processes"] = [p.to_json() for p in self.processes]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> ClusterState:
+        data = dict(data)
+        data["processes"] = [ProcessRecord.from_json(p) for p in data.get("processes", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def process(self, name: str) -> ProcessRecord | None:
+        return next((p for p in self.processes if p.name == name), None)
+
+
+def _http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=timeout) as response:
+            body = response.read(200).decode(errors="replace")
+            return 200 <= response.status < 300, body.strip()
+    except urllib.error.HTTPError as e:
+        return False, f"HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        return False, str(getattr(e, "reason", e))
+
+
+def _insecure_context() -> ssl.SSLContext:
+    # kube-controller-manager and kube-scheduler serve with self-signed certs made at start; the
+    # health check only asks whether they answer on their loopback port.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def poll(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.1,
+         on_timeout: Callable[[], str] | None = None) -> None:
+    """Call check until it returns True; raise DevClusterError naming `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if time.monotonic() > deadline:
+            hint = on_timeout() if on_timeout else ""
+            raise DevClusterError(f"timed out after {timeout:.0f}s waiting for {what}{hint}")
+        time.sleep(interval)
+
+
+@dataclass
+class DevCluster:
+    """A devcluster rooted at state_dir. Cheap to construct; nothing runs until `up`."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr), repr=False)
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).resolve()
+
+    # ---- paths and derived values -------------------------------------------------------------
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state_dir / "kubeconfig"
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def pki(self) -> certs.Pki:
+        return certs.Pki(self.state_dir / "pki")
+
+    @property
+    def monitoring_dir(self) -> Path:
+        return self.state_dir / "monitoring"
+
+    @property
+    def rules_dir(self) -> Path:
+        """Prometheus loads every *.yml here; call reload_prometheus() after changing them."""
+        return self.monitoring_dir / "rules"
+
+    @property
+    def services_file(self) -> Path:
+        return self.state_dir / "services.json"
+
+    def read_state(self) -> ClusterState | None:
+        try:
+            return ClusterState.from_json(json.loads(self.state_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _write_state(self, state: ClusterState) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state.to_json(), indent=2) + "\n")
+        os.replace(tmp, self.state_file)
+
+    @property
+    def api_server_url(self) -> str | None:
+        state = self.read_state()
+        return f"https://127.0.0.1:{state.ports['apiserver']}" if state else None
+
+    @property
+    def prometheus_url(self) -> str | None:
+        state = self.read_state()
+        return f"http://127.0.0.1:{state.ports['prometheus']}" if state and state.monitoring else None
+
+    @property
+    def alertmanager_url(self) -> str | None:
+        state = self.read_state()
+        return f"http://127.0.0.1:{state.ports['alertmanager']}" if state and state.monitoring else None
+
+    def api(self, state: ClusterState | None = None) -> KubeApi:
+        state = state or self.read_state()
+        if state is None:
+            raise DevClusterError(f"no devcluster in {self.state_dir}: run `python -m devcluster up`")
+        pki = self.pki
+        return KubeApi(f"https://127.0.0.1:{state.ports['apiserver']}", pki.ca_cert,
+                       pki.client_cert("admin"), pki.client_key("admin"))
+
+    def env(self) -> dict[str, str]:
+        """KUBECONFIG, PATH (cluster binaries and this Python's scripts first) and monitoring URLs."""
+        path = os.pathsep.join([str(build.bin_dir()), str(Path(sys.executable).parent),
+                                os.environ.get("PATH", "")])
+        env = {"KUBECONFIG": str(self.kubeconfig), "PATH": path}
+        if self.prometheus_url:
+            env["PROMETHEUS_URL"] = self.prometheus_url
+            env["ALERTMANAGER_URL"] = self.alertmanager_url
+        return env
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
+                timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """Run kubectl against this cluster; output captured as text."""
+        env = dict(os.environ, **self.env())
+        result = subprocess.run([str(build.binary_path("kubectl")), *args], env=env, input=input,
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise DevClusterError(f"kubectl {' '.join(args)} failed (exit {result.returncode}):\n"
+                                  f"{result.stderr.strip()}")
+        return result
+
+    # ---- locking --------------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One up/down at a time per state dir (parallel test runs share it)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # ---- status ---------------------------------------------------------------------------------
+
+    def status(self) -> list[ComponentStatus]:
+        """Health of every recorded component (empty when nothing is recorded)."""
+        state = self.read_state()
+        if state is None:
+            return []
+        result = []
+        for record in state.processes:
+            alive = processes.is_alive(record)
+            ok, detail = (self._probe(record.name, state) if alive
+                          else (False, f"not running (pid {record.pid}); log {record.log}"))
+            result.append(ComponentStatus(record.name, alive and ok, detail if not ok else f"pid {record.pid} {detail}".strip()))
+        return result
+
+    def healthy(self) -> bool:
+        statuses = self.status()
+        return bool(statuses) and all(s.healthy for s in statuses)
+
+    def _probe(self, name: str, state: ClusterState) -> tuple[bool, str]:
+        """One health check of a running component: (ok, detail)."""
+        ports = state.ports
+        if name == "etcd":
+            ok, body = _http_ok(f"http://127.0.0.1:{ports['etcd']}/health")
+            return ok and '"true"' in body, f"http://127.0.0.1:{ports['etcd']}"
+        if name == "kube-apiserver":
+            context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+            context.load_cert_chain(str(self.pki.client_cert("admin")), str(self.pki.client_key("admin")))
+            ok, body = _http_ok(f"https://127.0.0.1:{ports['apiserver']}/readyz", context)
+            return ok, f"https://127.0.0.1:{ports['apiserver']}" if ok else body
+        if name in ("kube-controller-manager", "kube-scheduler"):
+            port = ports["controller-manager" if name == "kube-controller-manager" else "scheduler"]
+            ok, body = _http_ok(f"https://127.0.0.1:{port}/healthz", _insecure_context())
+            return ok, "" if ok else body
+        if name == "kwok":
+            ok, body = _http_ok(f"http://127.0.0.1:{ports['kwok']}/healthz")
+            return ok, f"{state.gpu_nodes} simulated GPU nodes" if ok else body
+        if name == "node":
+            try:
+                ready = node_ready(self.api(state).get(f"/api/v1/nodes/{LOCAL_NODE_NAME}"))
+            except (ApiError, OSError) as e:
+                return False, str(e)
+            return ready, f"node {LOCAL_NODE_NAME} " + ("Ready" if ready else "not Ready")
+        if name == "proxy":
+            return True, str(self.services_file)
+        if name in ("prometheus", "alertmanager"):
+            url = f"http://127.0.0.1:{ports[name]}"
+            ok, body = _http_ok(f"{url}/-/ready")
+            return ok, url if ok else body
+        return True, ""
+
+    # ---- up -------------------------------------------------------------------------------------
+
+    def up(self, gpu_nodes: int = DEFAULT_GPU_NODES, monitoring_enabled: bool = False,
+           alert_webhook: str | None = None, alert_webhook_token_file: str | None = None,
+           timeout: float = UP_TIMEOUT) -> bool:
+        """Bring the cluster up, or complete a running one. Returns True when it started the
+        control plane, False when one was already running (then it only adds what was asked for:
+        monitoring, more simulated nodes, a new webhook URL)."""
+        with self._locked():
+            state = self.read_state()
+            if state is not None and self.healthy():
+                self._complete(state, gpu_nodes, monitoring_enabled, alert_webhook, alert_webhook_token_file,
+                               timeout)
+                return False
+            if state is not None:
+                self.log("devcluster: the recorded cluster is not healthy; restarting it")
+                self._stop_all(state)
+            started = time.monotonic()
+            state = ClusterState(gpu_nodes=gpu_nodes)
+            try:
+                self._start(state, monitoring_enabled, alert_webhook, alert_webhook_token_file, timeout)
+            except BaseException:
+                self._stop_all(state)
+                raise
+            self.log(f"devcluster: up in {time.monotonic() - started:.1f}s "
+                     f"(Kubernetes {versions.KUBERNETES_VERSION}, {gpu_nodes} simulated GPU nodes"
+                     f"{', monitoring' if monitoring_enabled else ''}); "
+                     f"export KUBECONFIG={self.kubeconfig}")
+            return True
+
+    def _fresh_state_dir(self) -> None:
+        """Remove what a previous cluster left (keeps logs, which are appended to)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for child in self.state_dir.iterdir():
+            if child.name in ("logs", ".lock"):
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def _spawn(self, state: ClusterState, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        record = processes.start(name, argv, self.logs_dir / f"{name}.log", env=env, cwd=self.state_dir)
+        state.processes.append(record)
+        self._write_state(state)
+
+    def _wait_healthy(self, state: ClusterState, names: tuple[str, ...], deadline: float) -> None:
+        pending = list(names)
+
+        def check() -> bool:
+            for name in list(pending):
+                record = state.process(name)
+                if not processes.is_alive(record):
+                    raise DevClusterError(f"{name} exited during start-up; last lines of {record.log}:\n"
+                                          f"{processes.log_tail(record.log)}")
+                if self._probe(name, state)[0]:
+                    pending.remove(name)
+            return not pending
+
+        def hint() -> str:
+            return "".join(f"\n--- {n}: {self._probe(n, state)[1]}; last lines of {state.process(n).log}:\n"
+                           f"{processes.log_tail(state.process(n).log)}" for n in pending)
+
+        poll(" and ".join(names) + " to be healthy", check, max(deadline - time.monotonic(), 1.0),
+             on_timeout=hint)
+
+    def _start(self, state: ClusterState, monitoring_enabled: bool, alert_webhook: str | None,
+               alert_webhook_token_file: str | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        if build.missing_components():
+            self.log("devcluster: building the cluster binaries first (once; cached in "
+                     f"{build.cache_root()})")
+            build.ensure_built()
+        self._fresh_state_dir()
+        bin_path = build.binary_path
+        ports = state.ports
+        for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"):
+            ports[name] = processes.free_port()
+        ports["prometheus"] = processes.free_port(monitoring.PROMETHEUS_PORT)
+        ports["alertmanager"] = processes.free_port(monitoring.ALERTMANAGER_PORT)
+        server = f"https://127.0.0.1:{ports['apiserver']}"
+
+        pki = certs.write_pki(self.state_dir / "pki", SERVICE_CLUSTER_IP)
+        certs.write_kubeconfig(self.kubeconfig, server, pki, "admin")
+        kubeconfigs = {name: certs.write_kubeconfig(self.state_dir / "kubeconfigs" / f"{name}.kubeconfig",
+                                                    server, pki, name)
+                       for name in ("controller-manager", "scheduler", "kwok")}
+
+        etcd_url = f"http://127.0.0.1:{ports['etcd']}"
+        peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
+        self._spawn(state, "etcd", [
+            str(bin_path("etcd")), "--name=devcluster", f"--data-dir={self.state_dir / 'etcd'}",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=devcluster={peer_url}", "--unsafe-no-fsync", "--log-level=warn",
+            "--quota-backend-bytes=2147483648",
+        ])
+        self._spawn(state, "kube-apiserver", [
+            str(bin_path("kube-apiserver")),
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
+            f"--cert-dir={self.state_dir / 'pki' / 'apiserver-generated'}",
+            f"--tls-cert-file={pki.apiserver_cert}", f"--tls-private-key-file={pki.apiserver_key}",
+            f"--client-ca-file={pki.ca_cert}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--service-account-issuer={server}",
+            f"--service-account-key-file={pki.sa_public}",
+            f"--service-account-signing-key-file={pki.sa_private}",
+            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            "--endpoint-reconciler-type=none",
+            "--allow-privileged=true",
+            f"--kubelet-client-certificate={pki.client_cert('apiserver-kubelet-client')}",
+            f"--kubelet-client-key={pki.client_key('apiserver-kubelet-client')}",
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
+            "--profiling=false",
+            "--event-ttl=30m",
+        ])
+        self._wait_healthy(state, ("etcd", "kube-apiserver"), deadline)
+
+        common = ["--bind-address=127.0.0.1", "--leader-elect=false",
+                  f"--authorization-always-allow-paths={HEALTH_PATHS}"]
+        cm_kubeconfig = kubeconfigs["controller-manager"]
+        self._spawn(state, "kube-controller-manager", [
+            str(bin_path("kube-controller-manager")), *common,
+            f"--secure-port={ports['controller-manager']}",
+            f"--kubeconfig={cm_kubeconfig}", f"--authentication-kubeconfig={cm_kubeconfig}",
+            f"--authorization-kubeconfig={cm_kubeconfig}",
+            f"--cert-dir={self.state_dir / 'pki' / 'controller-manager-generated'}",
+            "--controllers=*," + ",".join(f"-{c}" for c in DISABLED_CONTROLLERS),
+            "--allocate-node-cidrs=false",
+            f"--root-ca-file={pki.ca_cert}",
+            f"--service-account-private-key-file={pki.sa_private}",
+            f"--cluster-signing-cert-file={pki.ca_cert}", f"--cluster-signing-key-file={pki.ca_key}",
+            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+        ])
+        sched_kubeconfig = kubeconfigs["scheduler"]
+        self._spawn(state, "kube-scheduler", [
+            str(bin_path("kube-scheduler")), *common,
+            f"--secure-port={ports['scheduler']}",
+            f"--kubeconfig={sched_kubeconfig}", f"--authentication-kubeconfig={sched_kubeconfig}",
+            f"--authorization-kubeconfig={sched_kubeconfig}",
+            f"--cert-dir={self.state_dir / 'pki' / 'scheduler-generated'}",
+        ])
+        kwok_config = self.state_dir / "kwok" / "kwok.yaml"
+        kwok_config.parent.mkdir(parents=True, exist_ok=True)
+        kwok_component = next(c for c in versions.COMPONENTS if c.name == "kwok")
+        kwok_config.write_text(kwok.kwok_config(build.data_dir(kwok_component) / "stages"))
+        self._spawn(state, "kwok", [str(bin_path("kwok")),
+                                    *kwok.kwok_args(kubeconfigs["kwok"], kwok_config, ports["kwok"])])
+
+        api = self.api(state)
+        for node in kwok.simulated_nodes(state.gpu_nodes):
+            api.apply(node)
+        self._start_node_and_proxy(state)
+        if monitoring_enabled:
+            self._start_monitoring(state, alert_webhook, alert_webhook_token_file)
+        self._wait_healthy(state, tuple(p.name for p in state.processes), deadline)
+        self._wait_nodes(state, deadline)
+        # ServiceAccount admission rejects pods until the namespace's `default` account exists.
+        poll("the default ServiceAccount", lambda: api.get(
+            "/api/v1/namespaces/default/serviceaccounts/default") is not None,
+            max(deadline - time.monotonic(), 1.0))
+
+    def _start_node_and_proxy(self, state: ClusterState) -> None:
+        """The local node agent and service proxy (devcluster/node.py, proxy.py), where present."""
+        here = Path(__file__).parent
+        env = dict(os.environ, PATH=self.env()["PATH"], KUBECONFIG=str(self.kubeconfig))
+        if (here / "node.py").exists():
+            self._spawn(state, "node", [
+                sys.executable, "-m", "devcluster.node", "--kubeconfig", str(self.kubeconfig),
+                "--node-name", LOCAL_NODE_NAME, "--state-dir", str(self.state_dir / "node"),
+                "--gpus", str(LOCAL_NODE_GPUS), "--pod-cidr", LOCAL_POD_CIDR,
+                "--api-host", "127.0.0.1", "--api-port", str(state.ports["apiserver"]),
+                "--ca-file", str(self.pki.ca_cert),
+            ], env=env)
+            state.local_node = True
+        else:
+            self.log("devcluster: WARNING devcluster/node.py is missing: no local node (pods can only "
+                     "run on simulated nodes)")
+        if (here / "proxy.py").exists():
+            self._spawn(state, "proxy", [
+                sys.executable, "-m", "devcluster.proxy", "--kubeconfig", str(self.kubeconfig),
+                "--state-file", str(self.services_file),
+            ], env=env)
+            state.proxy = True
+        else:
+            self.log("devcluster: WARNING devcluster/proxy.py is missing: no service proxy")
+        self._write_state(state)
+
+    def _wait_nodes(self, state: ClusterState, deadline: float) -> None:
+        api = self.api(state)
+        names = [kwok.node_name(i) for i in range(state.gpu_nodes)]
+        if state.local_node:
+            names.append(LOCAL_NODE_NAME)
+        pending = list(names)
+
+        def check() -> bool:
+            for name in list(pending):
+                if node_ready(api.get(f"/api/v1/nodes/{name}")):
+                    pending.remove(name)
+            return not pending
+
+        poll(f"nodes {', '.join(names)} to be Ready", check, max(deadline - time.monotonic(), 1.0),
+             interval=0.2, on_timeout=lambda: f" (not Ready: {', '.join(pending)})")
+
+    # ---- monitoring -----------------------------------------------------------------------------
+
+    def _write_alertmanager_config(self, state: ClusterState) -> Path:
+        token = Path(state.alert_webhook_token_file).resolve() if state.alert_webhook_token_file else None
+        return monitoring.write_yaml(self.monitoring_dir / "alertmanager.yml",
+                                     monitoring.alertmanager_config(state.alert_webhook, token))
+
+    def _start_monitoring(self, state: ClusterState, alert_webhook: str | None,
+                          alert_webhook_token_file: str | None) -> None:
+        monitoring.ensure_installed()
+        api = self.api(state)
+        for obj in monitoring.rbac_objects():
+            api.apply(obj)
+        # The token controller is not needed for a TokenRequest; the ServiceAccount is.
+        token = api.create_token(monitoring.SERVICE_ACCOUNT_NAMESPACE, monitoring.SERVICE_ACCOUNT,
+                                 PROMETHEUS_TOKEN_SECONDS)
+        token_file = self.monitoring_dir / "prometheus.token"
+        self.rules_dir.mkdir(parents=True, exist_ok=True)
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        ports = state.ports
+        prometheus_yml = monitoring.write_yaml(self.monitoring_dir / "prometheus.yml", monitoring.prometheus_config(
+            api_server=f"https://127.0.0.1:{ports['apiserver']}", ca_file=self.pki.ca_cert,
+            token_file=token_file, rules_dir=self.rules_dir,
+            alertmanager_address=f"127.0.0.1:{ports['alertmanager']}"))
+        state.alert_webhook, state.alert_webhook_token_file = alert_webhook, alert_webhook_token_file
+        alertmanager_yml = self._write_alertmanager_config(state)
+        self._spawn(state, "alertmanager", [monitoring.ALERTMANAGER_BINARY, *monitoring.alertmanager_args(
+            alertmanager_yml, self.monitoring_dir / "alertmanager-data", ports["alertmanager"])])
+        self._spawn(state, "prometheus", [monitoring.PROMETHEUS_BINARY, *monitoring.prometheus_args(
+            prometheus_yml, self.monitoring_dir / "prometheus-data", ports["prometheus"])])
+        state.monitoring = True
+        self._write_state(state)
+
+    def set_alert_webhook(self, url: str | None, token_file: str | None = None) -> None:
+        """Point Alertmanager's webhook receiver at url (None: no receiver) and reload it."""
+        with self._locked():
+            state = self.read_state()
+            if state is None or not state.monitoring:
+                raise DevClusterError("monitoring is not running: `python -m devcluster up --monitoring`")
+            state.alert_webhook, state.alert_webhook_token_file = url, token_file
+            self._write_alertmanager_config(state)
+            monitoring.reload(self.alertmanager_url)
+            self._write_state(state)
+
+    def reload_prometheus(self) -> None:
+        """Make Prometheus re-read its configuration and the rule files in rules_dir."""
+        if not self.prometheus_url:
+            raise DevClusterError("monitoring is not running: `python -m devcluster up --monitoring`")
+        monitoring.reload(self.prometheus_url)
+
+    def _complete(self, state: ClusterState, gpu_nodes: int, monitoring_enabled: bool,
+                  alert_webhook: str | None, alert_webhook_token_file: str | None, timeout: float) -> None:
+        """Add to a healthy running cluster what this `up` asks for and it lacks."""
+        deadline = time.monotonic() + timeout
+        if gpu_nodes > state.gpu_nodes:
+            api = self.api(state)
+            for node in kwok.simulated_nodes(gpu_nodes)[state.gpu_nodes:]:
+                api.apply(node)
+            state.gpu_nodes = gpu_nodes
+            self._write_state(state)
+            self._wait_nodes(state, deadline)
+        if monitoring_enabled and not state.monitoring:
+            self._start_monitoring(state, alert_webhook, alert_webhook_token_file)
+            self._wait_healthy(state, ("prometheus", "alertmanager"), deadline)
+        elif alert_webhook and state.monitoring and (alert_webhook, alert_webhook_token_file) != (
+                state.alert_webhook, state.alert_webhook_token_file):
+            state.alert_webhook, state.alert_webhook_token_file = alert_webhook, alert_webhook_token_file
+            self._write_alertmanager_config(state)
+            monitoring.reload(f"http://127.0.0.1:{state.ports['alertmanager']}")
+            self._write_state(state)
+
+    # ---- down -----------------------------------------------------------------------------------
+
+    def _stop_all(self, state: ClusterState) -> list[str]:
+        killed = []
+        recorded = {p.name: p for p in state.processes}
+        for group in STOP_ORDER:
+            records = [recorded.pop(n) for n in group if n in recorded]
+            killed += processes.stop(records, timeout=15.0 if "node" in group else 10.0)
+        killed += processes.stop(list(recorded.values()))  # anything not in STOP_ORDER
+        return killed
+
+    def down(self) -> bool:
+        """Stop every process `up` recorded (SIGTERM, then SIGKILL after a deadline) and forget
+        them. Returns False when nothing was recorded."""
+        with self._locked():
+            state = self.read_state()
+            if state is None:
+                return False
+            killed = self._stop_all(state)
+            if killed:
+                self.log(f"devcluster: killed (SIGKILL) after the deadline: {', '.join(killed)}")
+            self.state_file.unlink(missing_ok=True)
+            return True
