@@ -1,0 +1,485 @@
+"""ModelConfig: one dataclass for every supported MoE architecture, read from a Hugging Face
+`config.json` (`ModelConfig.from_hf`) or taken from a named preset (`ModelConfig.from_name`).
+
+The architectures differ only in small parts, each a field here:
+- attention: "gqa" (Mixtral, Qwen-MoE; optional qkv bias and q/k RMSNorm) or "mla" (DeepSeek
+  multi-head latent attention: low-rank q, compressed kv latent + a shared rope key);
+- routing: softmax or sigmoid scores, greedy / group-limited top-k, renormalisation, a scaling
+  factor and a score-correction bias;
+- shared experts (DeepSeek) or one gated shared expert (Qwen2-MoE);
+- which layers are dense MLPs instead of MoE (`dense_layers`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = (
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture or one of its options is not implemented by this runtime."""
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of one model. Letters match the legend in model.py."""
+
+    architecture: str = "MixtralForCausalLM"
+    vocab_size: int = 32000  # V
+    hidden_size: int = 4096  # D
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32  # H
+    num_key_value_heads: int = 8  # K (GQA only)
+    head_dim: int | None = None  # Dh (GQA only); default D // H
+    intermediate_size: int = 14336  # hidden size of dense MLP layers
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    # attention
+    attention: str = "gqa"  # "gqa" | "mla"
+    qkv_bias: bool = False  # GQA: q/k/v projections; MLA: q_a_proj and kv_a_proj_with_mqa
+    o_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before rope
+    sliding_window: int | None = None
+    # multi-head latent attention (MLA)
+    q_lora_rank: int | None = None  # None: q is one full projection
+    kv_lora_rank: int = 0  # C: the cached latent
+    qk_nope_head_dim: int = 0  # P
+    qk_rope_head_dim: int = 0  # R: also the cached rope key
+    v_head_dim: int = 0  # Dv
+
+    # rotary position embedding
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "yarn"|"linear", "factor": ..., ...}
+    rope_interleave: bool = False  # DeepSeek: rotate (x0, x1), (x2, x3), ... pairs
+
+    # mixture of experts
+    num_experts: int = 0  # E routed experts
+    num_experts_per_tok: int = 0  # A
+    moe_intermediate_size: int = 0  # I
+    scoring_func: str = "softmax"  # "softmax" | "sigmoid"
+    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" | "noaux_tc"
+    norm_topk_prob: bool = False  # renormalise the A chosen weights to sum to 1
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(D, 1)) scales the shared expert
+    mlp_bias: bool = False  # DeepSeek-V2 dense MLP / shared experts
+    dense_layers: tuple[int, ...] = field(default_factory=tuple)  # layers with a dense MLP, not MoE
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {self.architecture!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.dense_layers = tuple(sorted(set(self.dense_layers)))
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+            rope_type = self.rope_scaling.get("rope_type", "default")
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise UnsupportedModelError(
+                    f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+                )
+            if rope_type == "default":
+                self.rope_scaling = None
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise UnsupportedModelError(f"activation {self.hidden_act!r} is not supported")
+        if self.attention not in ("gqa", "mla"):
+            raise ValueError(f"attention must be 'gqa' or 'mla', not {self.attention!r}")
+        if self.attention == "gqa" and self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise UnsupportedModelError(f"scoring_func {self.scoring_func!r} is not supported")
+        if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise UnsupportedModelError(f"topk_method {self.topk_method!r} is not supported")
+        if self.num_experts and self.num_experts % self.n_group:
+            raise ValueError(f"num_experts {self.num_experts} is not a multiple of n_group {self.n_group}")
+        if self.sliding_window is not None and self.sliding_window >= self.max_position_embeddings:
+            self.sliding_window = None
+
+    # ---- derived -------------------------------------------------------------------------
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = self.eos_token_id
+        if eos is None:
+            return set()
+        return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of one head's query/key: Dh (GQA) or P + R (MLA)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def kv_cache_elems_per_token_per_layer(self) -> int:
+        """MLA caches the latent and the rope key (C + R); GQA caches K and V of every kv head."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_key_value_heads * self.head_dim
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- constructors ----------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str) -> ModelConfig:
+        if name not in PRESETS:
+            raise KeyError(f"no model preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+        return dataclasses.replace(PRESETS[name])
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Read a Hugging Face config.json (transformers 4.x or 5.x layout)."""
+        archs = hf.get("architectures") or []
+        arch = archs[0] if archs else _ARCH_OF_MODEL_TYPE.get(hf.get("model_type", ""), "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"{source}: architecture {arch or hf.get('model_type')!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        quant = hf.get("quantization_config")
+        if quant:
+            raise UnsupportedModelError(
+                f"{source}: pre-quantized checkpoints ({quant.get('quant_method', 'unknown')}) are not supported; "
+                "use a bfloat16/float16/float32 checkpoint (weight-only int8 is available with --quantization int8)"
+            )
+        n_layers = hf["num_hidden_layers"]
+        heads = hf["num_attention_heads"]
+        common: dict[str, Any] = dict(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_hidden_layers=n_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or None,
+            intermediate_size=hf["intermediate_size"],
+            hidden_act=hf.get("hidden_act", "silu"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        rope_theta, rope_scaling = _rope_from_hf(hf, 1e6 if arch == "MixtralForCausalLM" else 10000.0)
+        common.update(rope_theta=rope_theta, rope_scaling=rope_scaling)
+
+        if arch == "MixtralForCausalLM":
+            return cls(
+                **common,
+                sliding_window=hf.get("sliding_window"),
+                num_experts=hf["num_local_experts"],
+                num_experts_per_tok=hf["num_experts_per_tok"],
+                moe_intermediate_size=hf["intermediate_size"],
+                norm_topk_prob=True,
+            )
+
+        if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+            qwen2 = arch == "Qwen2MoeForCausalLM"
+            sliding = None
+            if hf.get("use_sliding_window"):
+                if qwen2:
+                    raise UnsupportedModelError(f"{source}: Qwen2-MoE sliding-window layers are not supported")
+                sliding = hf.get("sliding_window")
+            num_experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+            step = hf.get("decoder_sparse_step", 1) or 1
+            mlp_only = set(hf.get("mlp_only_layers") or [])
+            dense = tuple(i for i in range(n_layers) if i in mlp_only or num_experts == 0 or (i + 1) % step)
+            return cls(
+                **common,
+                qkv_bias=bool(hf.get("qkv_bias", True) if qwen2 else hf.get("attention_bias", False)),
+                o_bias=False if qwen2 else bool(hf.get("attention_bias", False)),
+                qk_norm=not qwen2,
+                sliding_window=sliding,
+                num_experts=num_experts,
+                num_experts_per_tok=hf["num_experts_per_tok"],
+                moe_intermediate_size=hf["moe_intermediate_size"],
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0) if qwen2 else 0,
+                shared_expert_gate=qwen2,
+                dense_layers=dense,
+            )
+
+        # DeepSeek-V2 / V3
+        v3 = arch == "DeepseekV3ForCausalLM"
+        num_experts = hf.get("n_routed_experts") or 0
+        first_dense = hf.get("first_k_dense_replace") or 0
+        freq = hf.get("moe_layer_freq", 1) or 1
+        dense = tuple(i for i in range(n_layers) if num_experts == 0 or i < first_dense or i % freq)
+        n_shared = hf.get("n_shared_experts") or 0
+        rope_dim = hf["qk_rope_head_dim"]
+        return cls(
+            **{**common, "head_dim": rope_dim},
+            attention="mla",
+            qkv_bias=bool(hf.get("attention_bias", False)),
+            o_bias=bool(hf.get("attention_bias", False)),
+            q_lora_rank=hf.get("q_lora_rank"),
+            kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"],
+            qk_rope_head_dim=rope_dim,
+            v_head_dim=hf["v_head_dim"],
+            rope_interleave=bool(hf.get("rope_interleave", True)) if v3 else True,
+            num_experts=num_experts,
+            num_experts_per_tok=hf.get("num_experts_per_tok") or 0,
+            moe_intermediate_size=hf["moe_intermediate_size"],
+            scoring_func="sigmoid" if v3 else "softmax",
+            topk_method="noaux_tc" if v3 else (hf.get("topk_method") or "greedy"),
+            norm_topk_prob=bool(hf.get("norm_topk_prob", v3)),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0) or 1.0),
+            n_group=hf.get("n_group") or 1,
+            topk_group=hf.get("topk_group") or 1,
+            shared_expert_intermediate_size=hf["moe_intermediate_size"] * n_shared,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            dense_layers=dense,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json that transformers (and `from_hf`) reads back as this model."""
+        c = self
+        hf: dict[str, Any] = dict(
+            architectures=[c.architecture],
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            intermediate_size=c.intermediate_size,
+            hidden_act=c.hidden_act,
+            rms_norm_eps=c.rms_norm_eps,
+            max_position_embeddings=c.max_position_embeddings,
+            tie_word_embeddings=c.tie_word_embeddings,
+            bos_token_id=c.bos_token_id,
+            eos_token_id=c.eos_token_id,
+            pad_token_id=c.pad_token_id,
+            rope_theta=c.rope_theta,
+        )
+        if c.rope_scaling:
+            hf["rope_scaling"] = dict(c.rope_scaling)
+        moe_layers = [i for i in range(c.num_hidden_layers) if c.is_moe_layer(i)]
+        if c.architecture == "MixtralForCausalLM":
+            hf.update(
+                model_type="mixtral",
+                num_key_value_heads=c.num_key_value_heads,
+                head_dim=c.head_dim,
+                num_local_experts=c.num_experts,
+                num_experts_per_tok=c.num_experts_per_tok,
+                sliding_window=c.sliding_window,
+            )
+        elif c.architecture in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+            qwen2 = c.architecture == "Qwen2MoeForCausalLM"
+            hf.update(
+                model_type="qwen2_moe" if qwen2 else "qwen3_moe",
+                num_key_value_heads=c.num_key_value_heads,
+                head_dim=c.head_dim,
+                num_experts=c.num_experts,
+                num_experts_per_tok=c.num_experts_per_tok,
+                moe_intermediate_size=c.moe_intermediate_size,
+                norm_topk_prob=c.norm_topk_prob,
+                decoder_sparse_step=1,
+                mlp_only_layers=list(c.dense_layers),
+                use_sliding_window=c.sliding_window is not None,
+                sliding_window=c.sliding_window,
+            )
+            if qwen2:
+                hf.update(qkv_bias=c.qkv_bias, shared_expert_intermediate_size=c.shared_expert_intermediate_size)
+            else:
+                hf.update(attention_bias=c.qkv_bias)
+        else:
+            first_dense = moe_layers[0] if moe_layers else c.num_hidden_layers
+            if c.dense_layers != tuple(range(first_dense)):
+                raise ValueError("DeepSeek checkpoints express dense layers only as the first k layers")
+            hf.update(
+                model_type="deepseek_v3" if c.architecture == "DeepseekV3ForCausalLM" else "deepseek_v2",
+                num_key_value_heads=c.num_attention_heads,
+                attention_bias=c.qkv_bias,
+                q_lora_rank=c.q_lora_rank,
+                kv_lora_rank=c.kv_lora_rank,
+                qk_nope_head_dim=c.qk_nope_head_dim,
+                qk_rope_head_dim=c.qk_rope_head_dim,
+                v_head_dim=c.v_head_dim,
+                n_routed_experts=c.num_experts,
+                num_experts_per_tok=c.num_experts_per_tok,
+                moe_intermediate_size=c.moe_intermediate_size,
+                n_shared_experts=c.shared_expert_intermediate_size // max(c.moe_intermediate_size, 1),
+                first_k_dense_replace=first_dense,
+                moe_layer_freq=1,
+                n_group=c.n_group,
+                topk_group=c.topk_group,
+                norm_topk_prob=c.norm_topk_prob,
+                routed_scaling_factor=c.routed_scaling_factor,
+                topk_method=c.topk_method,
+                scoring_func=c.scoring_func,
+                mlp_bias=c.mlp_bias,
+            )
+            if c.architecture == "DeepseekV3ForCausalLM":
+                hf.update(rope_interleave=c.rope_interleave, num_nextn_predict_layers=0)
+        return hf
+
+
+_ARCH_OF_MODEL_TYPE = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
+
+
+def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from either `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", None) or hf.get("rope_theta") or default_theta
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if rope_type == "default":
+        return float(theta), None
+    params["rope_type"] = rope_type
+    if rope_type == "yarn":
+        params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 4096))
+    return float(theta), params
+
+
+# Builtin models are tiny and random; `deepseek-v3-100m` is the benchmark's shape (~100M parameters).
+PRESETS: dict[str, ModelConfig] = {
+    "tiny-mixtral": ModelConfig(
+        architecture="MixtralForCausalLM",
+        vocab_size=320,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=2048,
+        rope_theta=1e6,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        norm_topk_prob=True,
+        bos_token_id=256,
+        eos_token_id=[257, 260],
+        pad_token_id=258,
+    ),
+    "tiny-qwen3-moe": ModelConfig(
+        architecture="Qwen3MoeForCausalLM",
+        vocab_size=320,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        qk_norm=True,
+        intermediate_size=128,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=2048,
+        rope_theta=1e6,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
+        norm_topk_prob=True,
+        bos_token_id=256,
+        eos_token_id=[257, 260],
+        pad_token_id=258,
+    ),
+    "tiny-deepseek-v3": ModelConfig(
+        architecture="DeepseekV3ForCausalLM",
+        vocab_size=320,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=160,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        attention="mla",
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        head_dim=16,
+        rope_interleave=True,
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 1024,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=32,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        n_group=4,
+        topk_group=2,
+        shared_expert_intermediate_size=32,
+        dense_layers=(0,),
+        bos_token_id=256,
+        eos_token_id=[257, 260],
+        pad_token_id=258,
+    ),
+    "deepseek-v3-100m": ModelConfig(
+        architecture="DeepseekV3ForCausalLM",
+        vocab_size=32000,
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        intermediate_size=1536,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        attention="mla",
+        q_lora_rank=256,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        head_dim=32,
+        rope_interleave=True,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=384,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        n_group=4,
+        topk_group=2,
+        shared_expert_intermediate_size=384,
+        dense_layers=(0,),
+        bos_token_id=0,
+        eos_token_id=1,
+    ),
+}

@@ -1,0 +1,200 @@
+"""Load a model: a Hugging Face checkpoint directory or a builtin.
+
+The model is built on the meta device (no memory, no init), the safetensors files are memory-mapped
+and each tensor is read once, converted to the target dtype and device, and assigned in place.
+`checkpoint_key_to_param` is the one place that maps checkpoint names to ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .model import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PART_ROWS = {"gate": 0, "up": 1}  # gate_up_proj holds the gate rows, then the up rows
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be loaded: the message names the file and tensor."""
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    src: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"
+) -> Transformer:
+    """A ready-to-run model (eval mode, no grad) from a checkpoint directory or `builtin:NAME`."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    src = str(src)
+    if src.startswith("builtin:"):
+        from .builtin import build_builtin
+
+        return build_builtin(src.removeprefix("builtin:"), dtype=dtype, device=device)
+    path = checkpoint_dir(src)
+    cfg = load_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = read_state_dict(path, model, dtype, device)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers()  # rope frequencies etc. were left on the meta device
+    return model.eval().requires_grad_(False)
+
+
+def checkpoint_dir(src: str) -> Path:
+    if src.startswith("hostpath://"):
+        src = src.removeprefix("hostpath://")
+    elif "://" in src:
+        raise ValueError(f"model source {src!r}: only a local directory, hostpath:///PATH or builtin:NAME load here")
+    path = Path(src)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
+    return path
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    config_file = Path(path) / "config.json"
+    with open(config_file) as f:
+        return ModelConfig.from_hf(json.load(f), source=str(config_file))
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: from model.safetensors.index.json, else all *.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted({path / name for name in weight_map.values()})
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index}: lists {file.name}, which does not exist")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files (pickled .bin checkpoints are not supported)")
+    return files
+
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+def checkpoint_key_to_param(key: str, cfg: ModelConfig) -> tuple[str, int | None, str | None] | None:
+    """Our parameter for a checkpoint tensor: (name, expert, part) or None for tensors we don't use.
+
+    Per-expert tensors (Mixtral w1/w3/w2, Qwen/DeepSeek gate/up/down_proj) go into the stacked
+    `experts.gate_up_proj` [E, 2I, D] (part "gate" or "up") and `experts.down_proj` [E, D, I].
+    """
+    name = key.removeprefix("model.")
+    layer = _LAYER.match(name)
+    if layer and int(layer.group(1)) >= cfg.num_hidden_layers:
+        return None  # e.g. DeepSeek-V3's multi-token-prediction layer
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    name = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.shared_expert.", ".mlp.shared_experts.")
+    expert = _EXPERT.match(name)
+    if expert:
+        part = _EXPERT_PART[expert.group(3)]
+        target = "gate_up_proj" if part in PART_ROWS else "down_proj"
+        return f"{expert.group(1)}.{target}", int(expert.group(2)), part
+    return name, None, None
+
+
+def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: torch.device) -> dict:
+    """Every tensor the model needs, read from the checkpoint, as `dtype` on `device`."""
+    from safetensors import safe_open
+
+    cfg = model.config
+    expected = model.state_dict()  # meta tensors: names and shapes
+    keep_fp32 = {n for n in expected if n.endswith("e_score_correction_bias")}
+    state: dict[str, torch.Tensor] = {}
+    expert_parts: dict[str, set[tuple[int, str]]] = {}
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                mapped = checkpoint_key_to_param(key, cfg)
+                if mapped is None:
+                    continue
+                name, expert, part = mapped
+                if name not in expected:
+                    continue  # tensors this architecture does not use
+                target = torch.float32 if name in keep_fp32 else dtype
+                want = expected[name].shape
+                if expert is None:
+                    tensor = f.get_tensor(key)
+                    if tensor.shape != want:
+                        raise CheckpointError(
+                            f"{file}: tensor {key!r} has shape {list(tensor.shape)}, expected {list(want)}"
+                        )
+                    state[name] = tensor.to(device=device, dtype=target)
+                    continue
+                stacked = state.get(name)
+                if stacked is None:
+                    stacked = state[name] = torch.empty(want, dtype=target, device=device)
+                rows = want[1] // 2 if part in PART_ROWS else want[1]
+                part_shape = [rows, want[2]]
+                if expert >= want[0]:
+                    raise CheckpointError(f"{file}: tensor {key!r}: expert {expert} but the config has {want[0]}")
+                tensor = f.get_tensor(key)
+                if list(tensor.shape) != part_shape:
+                    raise CheckpointError(f"{file}: tensor {key!r} has shape {list(tensor.shape)}, expected {part_shape}")
+                start = PART_ROWS.get(part, 0) * rows
+                stacked[expert, start : start + rows].copy_(tensor)
+                expert_parts.setdefault(name, set()).add((expert, part))
+
+    if cfg.tie_word_embeddings and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    missing = [n for n in expected if n not in state]
+    for name, got in expert_parts.items():
+        parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
+        missing += [f"{name}[expert {e}, {p}]" for e in range(cfg.num_experts) for p in parts if (e, p) not in got]
+    if missing:
+        where = path / "model.safetensors.index.json"
+        where = where if where.is_file() else path
+        shown = ", ".join(_checkpoint_name(m, cfg) for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{where}: missing tensor(s) {shown}{more}")
+    return state
+
+
+def _checkpoint_name(param: str, cfg: ModelConfig) -> str:
+    """The checkpoint key a missing parameter would have had (for error messages)."""
+    m = re.match(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)\[expert (\d+), (\w+)\]$", param)
+    mixtral = cfg.architecture == "MixtralForCausalLM"
+    if m:
+        prefix, _, e, part = m.groups()
+        if mixtral:
+            prefix = prefix.replace(".mlp.", ".block_sparse_moe.")
+            leaf = {"gate": "w1", "up": "w3", "down": "w2"}[part]
+        else:
+            leaf = f"{part}_proj"
+        return f"'model.{prefix}.{e}.{leaf}.weight'"
+    if param.endswith("gate_up_proj") or param.endswith("experts.down_proj"):
+        return f"'model.{param}' (all experts)"
+    if mixtral:
+        param = param.replace(".mlp.", ".block_sparse_moe.")
+    elif cfg.shared_expert_gate:
+        param = param.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+    return repr(param if param.startswith("lm_head") else f"model.{param}")

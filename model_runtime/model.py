@@ -1,0 +1,517 @@
+"""One Transformer for Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 and DeepSeek-V3.
+
+What differs between them is a small part chosen by ModelConfig: GQA or MLA attention, the
+router's scoring and top-k, shared experts, dense layers.
+
+Every layer works on a flat list of N tokens. `forward(input_ids)` flattens a [B, T] batch and
+attends causally without a cache; `forward_paged` takes one engine step (model_runtime.paged) and
+attends through each sequence's block table over a paged KV cache.
+
+Legend
+    B batch          T tokens per sequence       N tokens in the step (flattened)
+    S sequences      Q new tokens per sequence (padded)      L context length (padded)
+    D hidden         H heads        K kv heads      Dh head dim         V vocab
+    E experts        A experts per token            I expert hidden
+    C MLA kv latent  R rope dim     P no-rope q/k dim       Dv value dim
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .paged import PagedBatch
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ---- rotary position embedding -----------------------------------------------------------------
+
+
+def rope_frequencies(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [R / 2] and the factor cos/sin are scaled by (YaRN's attention factor)."""
+    dim, base = cfg.rope_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    scaling = cfg.rope_scaling or {}
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if rope_type != "yarn":
+        return inv_freq, 1.0
+    original_len = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or cfg.max_position_embeddings / original_len
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1: keep the original frequency, 0: interpolate by `factor`
+    inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x [N, H, R] by position; cos, sin [N, R/2].
+
+    Interleaved (DeepSeek) rotates pairs (x0, x1), (x2, x3), ...; otherwise (x_i, x_{i+R/2}). The
+    result is laid out half-split either way: q and k get the same layout, so q.k is unchanged.
+    """
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # [N, H, R/2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)  # [N, H, R/2]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # [N, 1, R/2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # [N, H, R]
+
+
+# ---- how a step attends: no cache (whole sequences) or through the paged cache ---------------
+
+
+@dataclass
+class DenseContext:
+    """forward(): B sequences of T tokens each, flattened to N = B * T, no cache."""
+
+    batch: int  # B
+    seq_len: int  # T
+
+
+@dataclass
+class PagedContext:
+    """forward_paged(): index tensors shared by every layer of one step."""
+
+    slot_mapping: torch.Tensor  # [N] cache slot each new token writes
+    context_slots: torch.Tensor  # [S, L] cache slot of each context position
+    mask: torch.Tensor  # [S, 1, Q, L] bool: query may attend key
+    token_seq: torch.Tensor | None  # [N] sequence of each new token (None: every sequence has Q new tokens)
+    token_offset: torch.Tensor | None  # [N] index of each new token among its sequence's new tokens
+    num_seqs: int  # S
+    max_new: int  # Q
+
+    @classmethod
+    def build(cls, batch: PagedBatch, sliding_window: int | None) -> PagedContext:
+        S = batch.context_lens.shape[0]
+        N = batch.positions.shape[0]
+        new_lens = batch.query_start[1:] - batch.query_start[:-1]  # [S]
+        Q, L = torch.stack([new_lens.max(), batch.context_lens.max()]).tolist()  # one host sync per step
+        device = batch.positions.device
+        pos = torch.arange(L, device=device)  # [L]
+        bs = batch.block_size
+        context_slots = batch.block_tables[:, pos // bs] * bs + pos % bs  # [S, L]
+        if N == S * Q:  # every sequence brings Q new tokens (decode: Q == 1): a plain view
+            token_seq = token_offset = None
+            q_pos = batch.positions.view(S, Q)  # [S, Q]
+        else:
+            token_seq = torch.repeat_interleave(torch.arange(S, device=device), new_lens, output_size=N)  # [N]
+            token_offset = torch.arange(N, device=device) - batch.query_start[token_seq]  # [N]
+            q_pos = torch.zeros(S, Q, dtype=torch.long, device=device)  # padding queries see key 0 only
+            q_pos[token_seq, token_offset] = batch.positions
+        mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, Q, L] causal; also hides other sequences' tails
+        if sliding_window is not None:
+            mask &= pos[None, None, :] > q_pos[:, :, None] - sliding_window
+        return cls(batch.slot_mapping, context_slots, mask[:, None], token_seq, token_offset, S, Q)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] new-token rows -> [S, Q, ...] per sequence (zeros where padded)."""
+        if self.token_seq is None:
+            return x.view(self.num_seqs, self.max_new, *x.shape[1:])
+        out = x.new_zeros(self.num_seqs, self.max_new, *x.shape[1:])
+        out[self.token_seq, self.token_offset] = x
+        return out
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """[S, Q, ...] -> [N, ...]"""
+        if self.token_seq is None:
+            return x.reshape(-1, *x.shape[2:])
+        return x[self.token_seq, self.token_offset]
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: DenseContext, scale: float, window: int | None
+) -> torch.Tensor:
+    """Causal attention within each sequence. q [N, H, E], k [N, K, E], v [N, K, Ev] -> [N, H, Ev]."""
+    B, T = ctx.batch, ctx.seq_len
+    q, k, v = (t.view(B, T, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))  # [B, H|K, T, E]
+    mask = None
+    if window is not None:
+        i = torch.arange(T, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # [T, T]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )  # [B, H, T, Ev]
+    return out.transpose(1, 2).reshape(B * T, q.shape[1], v.shape[-1])  # [N, H, Ev]
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: PagedContext, scale: float
+) -> torch.Tensor:
+    """New tokens attend their sequence's cached context.
+
+    q [N, H, E]; k [S, L, K, E] and v [S, L, K, Ev] gathered through the block tables -> [N, H, Ev].
+    """
+    qs = ctx.pad(q).transpose(1, 2)  # [S, H, Q, E]
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [S, K, L, E]
+    out = F.scaled_dot_product_attention(
+        qs, k, v, attn_mask=ctx.mask, scale=scale, enable_gqa=qs.shape[1] != k.shape[1]
+    )  # [S, H, Q, Ev]
+    return ctx.unpad(out.transpose(1, 2))  # [N, H, Ev]
+
+
+# ---- attention variants ------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (Mixtral, Qwen-MoE), optional q/k RMSNorm (Qwen3) and qkv bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, K, Dh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, K * Dh, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, K * Dh, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
+        self.scale = Dh**-0.5
+
+    def forward(self, x, cos, sin, ctx, cache):
+        cfg = self.cfg
+        N = x.shape[0]
+        q = self.q_proj(x).view(N, cfg.num_attention_heads, cfg.head_dim)  # [N, H, Dh]
+        k = self.k_proj(x).view(N, cfg.num_key_value_heads, cfg.head_dim)  # [N, K, Dh]
+        v = self.v_proj(x).view(N, cfg.num_key_value_heads, cfg.head_dim)  # [N, K, Dh]
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin, cfg.rope_interleave), apply_rope(k, cos, sin, cfg.rope_interleave)
+        if cache is None:
+            out = dense_attention(q, k, v, ctx, self.scale, cfg.sliding_window)  # [N, H, Dh]
+        else:
+            cache[0][ctx.slot_mapping] = k  # cache: [2, slots, K, Dh]
+            cache[1][ctx.slot_mapping] = v
+            k_ctx, v_ctx = cache[0][ctx.context_slots], cache[1][ctx.context_slots]  # [S, L, K, Dh]
+            out = paged_attention(q, k_ctx, v_ctx, ctx, self.scale)  # [N, H, Dh]
+        return self.o_proj(out.reshape(N, -1))  # [N, D]
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3).
+
+    Keys and values come from a compressed latent c [C] (plus one rope key [R] shared by all heads);
+    the paged cache keeps only (c, k_rope). Without a cache the latent is expanded into per-head keys
+    and values; with the cache kv_b_proj is absorbed into the query and the output instead, so the
+    cached latent is attended directly.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, H = cfg.hidden_size, cfg.num_attention_heads
+        P, R, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * (P + R), bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (P + R), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, C + R, bias=cfg.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(C, 1e-6)
+        self.kv_b_proj = nn.Linear(C, H * (P + Dv), bias=False)
+        self.o_proj = nn.Linear(H * Dv, D, bias=cfg.o_bias)
+        self.scale = (P + R) ** -0.5
+        scaling = cfg.rope_scaling or {}
+        if scaling.get("rope_type") in ("yarn",) and scaling.get("mscale_all_dim"):
+            self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+
+    def forward(self, x, cos, sin, ctx, cache):
+        cfg = self.cfg
+        N, H = x.shape[0], cfg.num_attention_heads
+        P, R, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(N, H, P + R).split([P, R], dim=-1)  # [N, H, P], [N, H, R]
+        c, k_rope = self.kv_a_proj_with_mqa(x).split([C, R], dim=-1)  # [N, C], [N, R]
+        c = self.kv_a_layernorm(c)
+        q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
+        k_rope = apply_rope(k_rope[:, None, :], cos, sin, cfg.rope_interleave)  # [N, 1, R]
+
+        if cache is None:  # expand the latent into per-head keys and values
+            k_nope, v = self.kv_b_proj(c).view(N, H, P + Dv).split([P, Dv], dim=-1)  # [N, H, P], [N, H, Dv]
+            k = torch.cat([k_nope, k_rope.expand(N, H, R)], dim=-1)  # [N, H, P + R]
+            out = dense_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale, None)  # [N, H, Dv]
+            return self.o_proj(out.reshape(N, H * Dv))
+
+        cache[ctx.slot_mapping] = torch.cat([c, k_rope[:, 0]], dim=-1)  # cache: [slots, C + R]
+        w_kv = self.kv_b_proj.weight.view(H, P + Dv, C)
+        w_uk, w_uv = w_kv[:, :P], w_kv[:, P:]  # [H, P, C], [H, Dv, C]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, C]
+        q_abs = torch.cat([q_latent, q_rope], dim=-1)  # [N, H, C + R]
+        kv_ctx = cache[ctx.context_slots][:, :, None, :]  # [S, L, 1, C + R]
+        out_latent = paged_attention(q_abs, kv_ctx, kv_ctx[..., :C], ctx, self.scale)  # [N, H, C]
+        out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, H, Dv]
+        return self.o_proj(out.reshape(N, H * Dv))
+
+
+# ---- feed-forward variants -----------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Chooses A of E experts per token and their weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> weights [N, A] (float32), expert ids [N, A]"""
+        cfg = self.cfg
+        N, E, A, G = x.shape[0], cfg.num_experts, cfg.num_experts_per_tok, cfg.n_group
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        if cfg.scoring_func == "softmax":
+            scores = logits.softmax(dim=-1)  # [N, E]
+            choice = scores
+        else:
+            scores = logits.sigmoid()
+            choice = scores + self.e_score_correction_bias.float()  # the bias steers choice, not weight
+        if cfg.topk_method == "group_limited_greedy":
+            group_scores = choice.view(N, G, E // G).amax(dim=-1)  # [N, G]
+            choice = self._keep_groups(choice, group_scores, 0.0)
+        elif cfg.topk_method == "noaux_tc":
+            group_scores = choice.view(N, G, E // G).topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+            choice = self._keep_groups(choice, group_scores, float("-inf"))
+        ids = choice.topk(A, dim=-1).indices  # [N, A]
+        weights = scores.gather(1, ids)  # [N, A]
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.scoring_func == "sigmoid" else 0))
+        return weights * cfg.routed_scaling_factor, ids
+
+    def _keep_groups(self, choice: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
+        N, G = group_scores.shape
+        keep_groups = group_scores.topk(self.cfg.topk_group, dim=-1).indices  # [N, topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)  # [N, G]
+        keep = keep[:, :, None].expand(N, G, choice.shape[1] // G).reshape(N, -1)  # [N, E]
+        return choice.masked_fill(~keep, fill)
+
+
+class Experts(nn.Module):
+    """E expert MLPs with stacked weights; tokens grouped by expert, one matmul pair per expert."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size  # noqa: E741 (legend)
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # gate rows then up rows
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, D], down [D, I]) of expert e; int8 quantization overrides this."""
+        return self.gate_up_proj[e], self.down_proj[e]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D], weights/ids [N, A] -> (output [N, D], tokens per expert [E])"""
+        N, A = ids.shape
+        E = self.gate_up_proj.shape[0]
+        flat_ids = ids.reshape(-1)  # [N * A]
+        order = flat_ids.argsort(stable=True)  # [N * A] assignments grouped by expert
+        counts = torch.bincount(flat_ids, minlength=E)  # [E]
+        token = order // A  # [N * A] token of each grouped assignment
+        xs = x[token]  # [N * A, D]
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts.tolist()):  # only the experts that got tokens are read
+            if n:
+                w_gate_up, w_down = self.expert_weights(e)
+                gate, up = F.linear(xs[start : start + n], w_gate_up).chunk(2, dim=-1)  # [n, I] each
+                ys[start : start + n] = F.linear(self.act(gate) * up, w_down)  # [n, D]
+                start += n
+        ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)  # [N * A, D]
+        return torch.zeros_like(x).index_add_(0, token, ys), counts
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        if cfg.shared_expert_intermediate_size:
+            self.shared_experts = MLP(
+                cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act, cfg.mlp_bias
+            )
+        if cfg.shared_expert_gate:
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)  # [N, A]
+        out, counts = self.experts(x, weights, ids)  # [N, D]
+        self.tokens_per_expert += counts
+        if hasattr(self, "shared_experts"):
+            shared = self.shared_experts(x)  # [N, D]
+            if hasattr(self, "shared_expert_gate"):
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer):
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+
+    def forward(self, x, cos, sin, ctx, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.empty(cfg.rope_dim // 2), persistent=False)
+        self.rope_attention_factor = 1.0
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """Compute the non-persistent buffers (rope frequencies, expert counters) on the model's device.
+
+        Needed after building on the meta device and assigning the real weights.
+        """
+        device = self.embed_tokens.weight.device
+        if device.type == "meta":
+            return
+        self.inv_freq, self.rope_attention_factor = rope_frequencies(self.config, device)
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.tokens_per_expert = torch.zeros(self.config.num_experts, dtype=torch.long, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [N, R/2]
+        f = self.rope_attention_factor
+        return (freqs.cos() * f).to(dtype), (freqs.sin() * f).to(dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> float32 logits [B, T, V], causal, no cache."""
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids.reshape(-1))  # [N, D]
+        positions = torch.arange(T, device=input_ids.device).repeat(B)  # [N]
+        cos, sin = self.rope(positions, x.dtype)
+        ctx = DenseContext(B, T)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx, None)
+        return self.lm_head(self.norm(x)).float().view(B, T, -1)
+
+    def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch, kv_cache: list[torch.Tensor]) -> torch.Tensor:
+        """One engine step: tokens [N] new tokens of S sequences -> float32 logits [S, V] at
+        batch.logits_indices. Writes the new tokens' keys/values into kv_cache first."""
+        x = self.embed_tokens(tokens)  # [N, D]
+        cos, sin = self.rope(batch.positions, x.dtype)
+        ctx = PagedContext.build(batch, self.config.sliding_window)
+        for layer, cache in zip(self.layers, kv_cache, strict=True):
+            x = layer(x, cos, sin, ctx, cache)
+        x = x[batch.logits_indices]  # [S, D]
+        return self.lm_head(self.norm(x)).float()
+
+    # ---- paged KV cache --------------------------------------------------------------------
+    def allocate_kv_cache(
+        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None, device=None
+    ) -> list[torch.Tensor]:
+        """One tensor per layer: GQA [2, slots, K, Dh]; MLA [slots, C + R] (latent and rope key)."""
+        cfg, slots = self.config, num_blocks * block_size
+        dtype, device = dtype or self.dtype, device or self.device
+        if cfg.attention == "mla":
+            shape: tuple[int, ...] = (slots, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        else:
+            shape = (2, slots, cfg.num_key_value_heads, cfg.head_dim)
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        itemsize = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return self.config.kv_cache_elems_per_token_per_layer() * self.config.num_hidden_layers * itemsize
+
+    # ---- expert load ------------------------------------------------------------------------
+    def expert_token_counts(self) -> dict[int, list[int]]:
+        """Cumulative tokens routed to each expert, per MoE layer index."""
+        return {
+            i: layer.mlp.tokens_per_expert.tolist()
+            for i, layer in enumerate(self.layers)
+            if isinstance(layer.mlp, MoE)
+        }
+
+    def reset_expert_token_counts(self) -> None:
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.tokens_per_expert.zero_()
