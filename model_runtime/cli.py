@@ -1,0 +1,130 @@
+"""`moe-runtime`: the runtime's command line (`moe-runtime serve --model SRC ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import sys
+
+from model_runtime.server import ServerConfig, serve
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `268435456`, `256Mi`, `2Gi`, `1.5GB` (Kubernetes-style suffixes)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 268435456, 256Mi, 2Gi)")
+    unit = (match.group(2) or "").upper().removesuffix("B")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _non_negative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-runtime", description="The moe-operator MoE model runtime.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    s = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP (KServe v2, generate, OpenAI) and gRPC (KServe v2)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    s.add_argument("--model", required=True,
+                   help="a Hugging Face checkpoint directory, or builtin:tiny-mixtral | builtin:tiny-qwen3-moe | "
+                        "builtin:tiny-deepseek-v3")
+    s.add_argument("--served-model-name", help="the model name clients use (default: from --model)")
+    s.add_argument("--host", help="address to bind (default: $POD_IP, plus 127.0.0.1 where free; else 0.0.0.0)")
+    s.add_argument("--http-port", type=_non_negative(int), default=8000)
+    s.add_argument("--grpc-port", type=_non_negative(int), default=8001)
+    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights and KV cache (auto: bfloat16 on CUDA, float32 on the CPU)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--quantization", choices=["int8"], default=None, help="weight-only quantization")
+    s.add_argument("--max-num-seqs", type=_positive_int, default=32, help="sequences in one engine step")
+    s.add_argument("--max-num-batched-tokens", type=_positive_int, default=512,
+                   help="new tokens in one engine step")
+    s.add_argument("--max-model-len", type=_positive_int, default=None,
+                   help="prompt + output tokens per request (default: the model's length)")
+    s.add_argument("--max-waiting", type=_positive_int, default=256,
+                   help="queued requests beyond which new ones get 429 / RESOURCE_EXHAUSTED")
+    s.add_argument("--kv-cache-memory", type=parse_size, default=256 * 2**20, help="KV cache size (e.g. 256Mi, 8Gi)")
+    s.add_argument("--request-timeout", type=_non_negative(float), default=600.0,
+                   help="seconds a request may run before it fails with 408 / DEADLINE_EXCEEDED")
+    s.add_argument("--drain-timeout", type=_non_negative(float), default=30.0,
+                   help="seconds SIGTERM waits for requests in flight before exiting")
+    s.add_argument("--max-body-bytes", type=parse_size, default=4 * 2**20, help="largest request body (413 above)")
+    s.add_argument("--inject-latency-ms", type=_non_negative(float), default=0.0,
+                   help="fault injection: milliseconds added before every request's first token")
+    s.add_argument("--inject-error-rate", type=_fraction, default=0.0,
+                   help="fault injection: fraction of requests failed with an injected error")
+    s.add_argument("--seed", type=int, default=None, help="seed of unseeded sampling (default: random)")
+    s.add_argument("--log-level", default=os.environ.get("MOE_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        dtype=args.dtype,
+        device=args.device,
+        quantization=args.quantization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+        max_body_bytes=args.max_body_bytes,
+        inject_latency_ms=args.inject_latency_ms,
+        inject_error_rate=args.inject_error_rate,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    config = config_from_args(args)
+    return asyncio.run(serve(config, pod_ip=os.environ.get("POD_IP") or None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The HTTP front end (FastAPI): KServe v2, Triton's generate extension, OpenAI, /metrics.
+
+Errors: under /v1 in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`),
+elsewhere in KServe's (`{"error": "message"}`). Bodies above --max-body-bytes are refused with 413
+before they are read in full.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model_runtime import protocol
+from model_runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from model_runtime.protocol import ProtocolError
+from model_runtime.server import VERSION, InferenceService, ModelNotFound, ServiceError, first_and_rest
+
+log = logging.getLogger("model_runtime.http")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# OpenAPI schemas of the bodies the handlers read raw (binary extension, generate's free keys).
+_TENSOR_SCHEMA = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "enum": sorted(protocol.DATATYPES)},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "parameters": {"type": "object"},
+        "data": {"type": "array"},
+    },
+}
+INFER_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": _TENSOR_SCHEMA},
+        "outputs": {
+            "type": "array",
+            "items": {"type": "object", "required": ["name"],
+                      "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}},
+        },
+    },
+}
+GENERATE_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["text_input"],
+    "properties": {
+        "id": {"type": "string"},
+        "text_input": {"type": "string"},
+        "stream": {"type": "boolean"},
+        "exclude_input_in_output": {"type": "boolean"},
+        "sampling_parameters": {"type": "string"},
+        "parameters": {"type": "object"},
+        **{name: {"type": "integer"} for name in ("max_tokens", "top_k", "seed")},
+        **{name: {"type": "number"} for name in ("temperature", "top_p")},
+    },
+    "additionalProperties": True,
+}
+
+
+def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _error_response(path: str, status: int, message: str, error_type: str = "invalid_request_error") -> JSONResponse:
+    if path.startswith("/v1"):
+        body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+    else:
+        body = {"error": message}
+    return JSONResponse(body, status_code=status)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies above `max_bytes`, by Content-Length or as they arrive."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body larger than {self.max_bytes} bytes (--max-body-bytes)"
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                if not value.isdigit():
+                    return await _error_response(scope["path"], 400, "invalid Content-Length")(scope, receive, send)
+                if int(value) > self.max_bytes:
+                    return await _error_response(scope["path"], 413, message)(scope, receive, send)
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge()
+            return event
+
+        async def tracking_send(event):
+            nonlocal started
+            if event["type"] == "http.response.start":
+                started = True
+            await send(event)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await _error_response(scope["path"], 413, message)(scope, receive, send)
+
+
+def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    if not encoding or encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ProtocolError(f"unsupported Content-Encoding '{encoding}' (gzip, deflate)", 415)
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ProtocolError(f"request body is not valid {encoding}: {e}") from None
+    if len(data) > limit:
+        raise ProtocolError(f"decompressed request body larger than {limit} bytes", 413)
+    return data
+
+
+def _header_length(request: Request) -> int | None:
+    value = request.headers.get("inference-header-content-length")
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise ProtocolError(f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+async def _json(request: Request, limit: int) -> Any:
+    body = _decompress(await request.body(), request.headers.get("content-encoding"), limit)
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"request body is not valid JSON: {e}") from None
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def create_app(service: InferenceService) -> BodyLimit:
+    """The ASGI app over `service` (the OpenAPI document, at /openapi.json, lists every route)."""
+    from model_runtime.openai_api import create_openai_router
+
+    app = FastAPI(
+        title="moe-runtime",
+        version=VERSION,
+        description="KServe v2 (Open Inference Protocol), Triton's generate extension and the OpenAI API "
+        "in front of one Mixture-of-Experts model.",
+    )
+    model_name = service.model_name
+    limit = service.config.max_body_bytes
+
+    @app.exception_handler(ServiceError)
+    async def on_service_error(request: Request, exc: ServiceError):
+        service.count_failure(exc)
+        return _error_response(request.url.path, exc.http_status, exc.message, exc.openai_type)
+
+    @app.exception_handler(ProtocolError)
+    async def on_protocol_error(request: Request, exc: ProtocolError):
+        service.metrics.request_failed("invalid_request")
+        return _error_response(request.url.path, exc.status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        service.metrics.request_failed("invalid_request")
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in exc.errors()[:5]
+        )
+        return _error_response(request.url.path, 400, f"invalid request: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        return _error_response(request.url.path, exc.status_code, str(exc.detail), "not_found_error")
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return _error_response(request.url.path, 500, f"internal error: {type(exc).__name__}", "server_error")
+
+    def check_version(version: str | None) -> None:
+        if version not in (None, "", protocol.MODEL_VERSION):
+            raise ModelNotFound(
+                f"model '{model_name}' has no version '{version}'; it has {protocol.MODEL_VERSION}"
+            )
+
+    # -- health and metadata --------------------------------------------------------------------
+
+    @app.get("/v2/health/live", tags=["kserve"])
+    async def server_live():
+        return JSONResponse({}, status_code=200 if service.live else 503)
+
+    @app.get("/v2/health/ready", tags=["kserve"])
+    async def server_ready():
+        return JSONResponse({}, status_code=200 if service.ready else 503)
+
+    @app.get("/health", tags=["health"], include_in_schema=False)
+    async def health():
+        return JSONResponse({}, status_code=200 if service.live else 503)
+
+    @app.get("/v2", tags=["kserve"])
+    async def server_metadata():
+        return protocol.server_metadata(VERSION)
+
+    @app.get("/v2/models/{model_name}", tags=["kserve"])
+    @app.get("/v2/models/{model_name}/versions/{version}", tags=["kserve"])
+    async def model_metadata(model_name: str, version: str | None = None):
+        service.check_model(model_name)
+        check_version(version)
+        return protocol.model_metadata(model_name)
+
+    @app.get("/v2/models/{model_name}/ready", tags=["kserve"])
+    @app.get("/v2/models/{model_name}/versions/{version}/ready", tags=["kserve"])
+    async def model_ready(model_name: str, version: str | None = None):
+        service.check_model(model_name)
+        check_version(version)
+        return JSONResponse({}, status_code=200 if service.ready else 503)
+
+    @app.get("/metrics", tags=["metrics"])
+    async def metrics():
+        return Response(service.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    # -- inference ------------------------------------------------------------------------------
+
+    @app.post("/v2/models/{model_name}/infer", tags=["kserve"], openapi_extra=_json_body(INFER_REQUEST_SCHEMA))
+    @app.post("/v2/models/{model_name}/versions/{version}/infer", tags=["kserve"],
+              openapi_extra=_json_body(INFER_REQUEST_SCHEMA))
+    async def infer(model_name: str, request: Request, version: str | None = None):
+        service.check_model(model_name)
+        check_version(version)
+        service.admit()
+        body = _decompress(await request.body(), request.headers.get("content-encoding"), limit)
+        infer_request = protocol.parse_infer_request(body, _header_length(request))
+        protocol.check_outputs(infer_request.outputs)
+        gen = protocol.generate_request_from_tensors(infer_request.inputs, infer_request.parameters)
+        params = service.sampling_params(**gen.sampling)
+        final = await service.complete(gen.prompt, params)
+        text = (gen.prompt if gen.prepend_input else "") + final.text
+        tensors = protocol.result_tensors(gen, text, final.finish_reason, len(final.prompt_token_ids),
+                                          len(final.token_ids))
+        outputs = protocol.select_outputs(
+            tensors, infer_request.outputs or protocol.default_outputs(gen), infer_request.binary_data_output
+        )
+        content, header_length = protocol.encode_infer_response(model_name, infer_request.id, outputs)
+        if header_length is None:
+            return Response(content, media_type="application/json")
+        return Response(content, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(header_length)})
+
+    async def start_generate(model_name: str, version: str | None, request: Request, stream_default: bool):
+        service.check_model(model_name)
+        check_version(version)
+        service.admit()
+        body = await _json(request, limit)
+        if isinstance(body, dict) and stream_default and "stream" not in body:
+            body = {**body, "stream": True}
+        gen = protocol.generate_request_from_json(body)
+        request_id = body.get("id") if isinstance(body.get("id"), str) else None
+        return gen, service.sampling_params(**gen.sampling), request_id
+
+    def generate_body(gen, request_id, text, finish_reason, output) -> dict[str, Any]:
+        body: dict[str, Any] = {"model_name": model_name, "model_version": protocol.MODEL_VERSION,
+                                "text_output": text}
+        if request_id:
+            body["id"] = request_id
+        if finish_reason is not None:
+            body["finish_reason"] = finish_reason
+        if gen.return_num_input_tokens:
+            body["num_input_tokens"] = len(output.prompt_token_ids)
+        if gen.return_num_output_tokens:
+            body["num_output_tokens"] = len(output.new_token_ids)
+        return body
+
+    @app.post("/v2/models/{model_name}/generate", tags=["generate"], openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA))
+    @app.post("/v2/models/{model_name}/versions/{version}/generate", tags=["generate"],
+              openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA))
+    async def generate(model_name: str, request: Request, version: str | None = None):
+        gen, params, request_id = await start_generate(model_name, version, request, stream_default=False)
+        final = await service.complete(gen.prompt, params)
+        text = (gen.prompt if gen.prepend_input else "") + final.text
+        final.new_token_ids = final.token_ids
+        return JSONResponse(generate_body(gen, request_id, text, final.finish_reason, final))
+
+    @app.post("/v2/models/{model_name}/generate_stream", tags=["generate"],
+              openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA))
+    @app.post("/v2/models/{model_name}/versions/{version}/generate_stream", tags=["generate"],
+              openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA))
+    async def generate_stream(model_name: str, request: Request, version: str | None = None):
+        gen, params, request_id = await start_generate(model_name, version, request, stream_default=True)
+        outputs = await first_and_rest(service.generate(gen.prompt, params))
+
+        async def events():
+            pending_prompt = gen.prompt if gen.prepend_input else ""
+            try:
+                async for output in outputs:
+                    if gen.stream:
+                        text = output.new_text
+                    elif output.finished:
+                        text = output.text
+                    else:
+                        continue
+                    if not text and not output.finished:
+                        continue
+                    if not gen.stream:
+                        output.new_token_ids = output.token_ids
+                    yield _sse(generate_body(gen, request_id, pending_prompt + text,
+                                             output.finish_reason if output.finished else None, output))
+                    pending_prompt = ""
+            except ServiceError as e:
+                yield _sse({"error": e.message})
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    app.include_router(create_openai_router(service))
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            # One model is served: say so, so that clients (and fuzzers) know the one valid name.
+            for path_item in schema.get("paths", {}).values():
+                for operation in path_item.values():
+                    for parameter in operation.get("parameters", []):
+                        if parameter.get("name") == "model_name":
+                            parameter["schema"] = {"type": "string", "enum": [model_name]}
+                        if parameter.get("name") == "version":
+                            parameter["schema"] = {"type": "string", "enum": [protocol.MODEL_VERSION]}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return BodyLimit(app, limit)
+

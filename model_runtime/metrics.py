@@ -1,0 +1,130 @@
+"""The runtime's Prometheus metrics: the one place their names, labels and buckets are defined.
+
+Every series carries the label `model_name` (the served model name). Request-level series
+(latencies, token counts, outcomes) are recorded by the server as requests finish; engine-level
+series (running / waiting requests, KV cache use, tokens routed to each expert) are read from
+`AsyncEngine.stats()` at scrape time, so they are never stale and cost nothing between scrapes.
+
+Failures: `moe_request_failure_total{reason}` counts requests that did not finish, with `reason`
+one of FAILURE_REASONS. A rollout's error rate is failures with a server-side reason
+(SERVER_FAILURE_REASONS) over all finished requests:
+
+    sum(rate(moe_request_failure_total{reason=~"internal|injected|timeout|overloaded"}[1m]))
+    / (sum(rate(moe_request_success_total[1m])) + sum(rate(moe_request_failure_total[1m])))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Names (the runtime contract; the operator's alert rules and analysis query these).
+TIME_TO_FIRST_TOKEN = "moe_time_to_first_token_seconds"
+INTER_TOKEN_LATENCY = "moe_inter_token_latency_seconds"
+E2E_REQUEST_LATENCY = "moe_e2e_request_latency_seconds"
+NUM_REQUESTS_RUNNING = "moe_num_requests_running"
+NUM_REQUESTS_WAITING = "moe_num_requests_waiting"
+KV_CACHE_USAGE = "moe_kv_cache_usage_perc"
+PROMPT_TOKENS = "moe_prompt_tokens_total"
+GENERATION_TOKENS = "moe_generation_tokens_total"
+REQUEST_SUCCESS = "moe_request_success_total"
+REQUEST_FAILURE = "moe_request_failure_total"
+EXPERT_TOKENS = "moe_expert_tokens_total"
+
+# Why a request failed. `invalid_request` and `cancelled` are the client's doing.
+FAILURE_REASONS = ("invalid_request", "overloaded", "timeout", "injected", "internal", "cancelled", "unavailable")
+SERVER_FAILURE_REASONS = ("internal", "injected", "timeout", "overloaded")
+
+# Buckets for LLM serving: first tokens from milliseconds (small models, warm GPU) to a minute
+# (long prompts under load); gaps between tokens from a millisecond to seconds; whole requests
+# up to ten minutes.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+                1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+               0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
+               15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class EngineStatsCollector(Collector):
+    """Gauges and the expert routing counter, read from the engine when Prometheus scrapes."""
+
+    def __init__(self, model_name: str, stats: Callable[[], Any]):
+        self.model_name = model_name
+        self.stats = stats  # returns EngineStats, or None while the model is loading
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        running = GaugeMetricFamily(NUM_REQUESTS_RUNNING, "Requests in the running batch.", labels=["model_name"])
+        waiting = GaugeMetricFamily(NUM_REQUESTS_WAITING, "Requests waiting to be scheduled.", labels=["model_name"])
+        kv = GaugeMetricFamily(KV_CACHE_USAGE, "Fraction of KV cache blocks in use (0..1).", labels=["model_name"])
+        experts = CounterMetricFamily(
+            EXPERT_TOKENS, "Tokens routed to each expert of each MoE layer.", labels=["model_name", "layer", "expert"]
+        )
+        if stats is not None:
+            running.add_metric([self.model_name], stats.num_running)
+            waiting.add_metric([self.model_name], stats.num_waiting)
+            kv.add_metric([self.model_name], stats.kv_cache_usage)
+            for layer, counts in sorted((stats.expert_tokens or {}).items()):
+                for expert, count in enumerate(counts):
+                    experts.add_metric([self.model_name, str(layer), str(expert)], count)
+        else:
+            for family in (running, waiting, kv):
+                family.add_metric([self.model_name], 0)
+        yield from (running, waiting, kv, experts)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+class RuntimeMetrics:
+    """One server's metrics in its own registry (no process-wide globals)."""
+
+    def __init__(self, model_name: str, engine_stats: Callable[[], Any] = lambda: None):
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.registry.register(EngineStatsCollector(model_name, engine_stats))
+        label = ["model_name"]
+        self.ttft = Histogram(TIME_TO_FIRST_TOKEN, "Time from arrival to the first generated token.", label,
+                              buckets=TTFT_BUCKETS, registry=self.registry).labels(model_name)
+        self.itl = Histogram(INTER_TOKEN_LATENCY, "Time between consecutive generated tokens.", label,
+                             buckets=ITL_BUCKETS, registry=self.registry).labels(model_name)
+        self.e2e = Histogram(E2E_REQUEST_LATENCY, "Time from arrival to the last token of a finished request.",
+                             label, buckets=E2E_BUCKETS, registry=self.registry).labels(model_name)
+        self.prompt_tokens = Counter(PROMPT_TOKENS.removesuffix("_total"), "Prompt tokens of finished requests.",
+                                     label, registry=self.registry).labels(model_name)
+        self.generation_tokens = Counter(GENERATION_TOKENS.removesuffix("_total"), "Generated tokens.",
+                                         label, registry=self.registry).labels(model_name)
+        self._success = Counter(REQUEST_SUCCESS.removesuffix("_total"), "Requests that finished.",
+                                label + ["finished_reason"], registry=self.registry)
+        self._failure = Counter(REQUEST_FAILURE.removesuffix("_total"), "Requests that did not finish, by reason.",
+                                label + ["reason"], registry=self.registry)
+        for reason in FAILURE_REASONS:  # every series exists from the start, so rate() works at once
+            self._failure.labels(model_name, reason)
+        for finished_reason in ("stop", "length"):
+            self._success.labels(model_name, finished_reason)
+
+    def request_succeeded(self, finished_reason: str) -> None:
+        self._success.labels(self.model_name, finished_reason or "stop").inc()
+
+    def request_failed(self, reason: str) -> None:
+        assert reason in FAILURE_REASONS, reason
+        self._failure.labels(self.model_name, reason).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

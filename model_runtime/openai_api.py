@@ -1,0 +1,292 @@
+"""The OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions.
+
+Shapes follow OpenAI's API reference: `usage` in every answer (for streams, on the chunk that
+carries `finish_reason`, and also in a trailing choice-less chunk when
+`stream_options.include_usage` asks for it), streams end with `data: [DONE]`, errors come as
+`{"error": {"message", "type", "param", "code"}}`. One prompt and one choice (`n` = 1) per
+request. vLLM's extensions `top_k`, `ignore_eos` and `stop_token_ids` are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from model_runtime.server import InferenceService, InvalidRequest, ServiceError, first_and_rest
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MAX_LOGPROBS = 20
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="null", allow_inf_nan=False)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
+    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
+    """The one prompt of a completion request (text or token ids)."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return list(prompt)
+    if len(prompt) == 1:
+        return prompt[0]
+    raise InvalidRequest("exactly one prompt per request is supported (a string or a list of token ids)")
+
+
+def sampling_kwargs(req: _SamplingFields, max_tokens: int | None, logprobs: int | None, max_model_len: int) -> dict:
+    kwargs: dict[str, Any] = {
+        "max_tokens": max_tokens if max_tokens is not None else max_model_len,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "top_k": req.top_k or 0,
+        "seed": req.seed,
+        "stop": [req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        "stop_token_ids": list(req.stop_token_ids or []),
+        "ignore_eos": req.ignore_eos,
+        "logprobs": logprobs,
+    }
+    return kwargs
+
+
+def message_text(message: ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(part.text for part in message.content)
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([int(token_id)])
+
+
+def completion_logprobs(tokenizer, entries: list[dict], text_offset: int) -> dict[str, Any]:
+    """Legacy completions' logprobs: parallel lists of tokens, their logprobs and top-n maps."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for entry in entries:
+        token = _token_text(tokenizer, entry["token_id"])
+        tokens.append(token)
+        token_logprobs.append(entry["logprob"])
+        top_logprobs.append({_token_text(tokenizer, t): lp for t, lp in (entry.get("top") or {}).items()})
+        offsets.append(text_offset)
+        text_offset += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, entries: list[dict]) -> dict[str, Any]:
+    """Chat logprobs: one entry per token with its top alternatives."""
+    content = []
+    for entry in entries:
+        token = _token_text(tokenizer, entry["token_id"])
+        content.append({
+            "token": token,
+            "logprob": entry["logprob"],
+            "bytes": list(token.encode("utf-8")),
+            "top_logprobs": [
+                {"token": (t := _token_text(tokenizer, tid)), "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                for tid, lp in (entry.get("top") or {}).items()
+            ],
+        })
+    return {"content": content}
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def create_openai_router(service: InferenceService) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["openai"])
+    model_name = service.model_name
+
+    @router.get("/models")
+    async def list_models():
+        model = {"id": model_name, "object": "model", "created": 0, "owned_by": "moe-runtime"}
+        if service.engine is not None:
+            model["max_model_len"] = service.max_model_len
+        return {"object": "list", "data": [model]}
+
+    def stream_response(chunks) -> StreamingResponse:
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def stream_events(outputs, make_chunk, include_usage: bool, usage_chunk):
+        """SSE events for a stream of engine outputs; `make_chunk(output)` builds each chunk."""
+        final = None
+        try:
+            async for output in outputs:
+                chunk = make_chunk(output)
+                if chunk is not None:
+                    yield _sse(chunk)
+                final = output
+            if include_usage and final is not None:
+                yield _sse(usage_chunk(final))
+        except ServiceError as e:
+            yield _sse({"error": {"message": e.message, "type": e.openai_type, "param": None,
+                                  "code": e.http_status}})
+        yield DONE
+
+    @router.post("/completions")
+    async def completions(req: CompletionRequest):
+        service.check_model(req.model)
+        service.admit()
+        prompt = single_prompt(req.prompt)
+        params = service.sampling_params(**sampling_kwargs(req, req.max_tokens, req.logprobs, service.max_model_len))
+        tokenizer = service.tokenizer
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        echo_text = ""
+        if req.echo:
+            echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+
+        if not req.stream:
+            final = await service.complete(prompt, params)
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(tokenizer, final.logprobs or [], len(echo_text))
+            choice = {"index": 0, "text": echo_text + final.text, "logprobs": logprobs,
+                      "finish_reason": final.finish_reason}
+            return JSONResponse({
+                "id": request_id, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [choice], "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
+            })
+
+        outputs = await first_and_rest(service.generate(prompt, params))
+        state = {"echo": echo_text, "offset": len(echo_text)}
+
+        def chunk(output) -> dict | None:
+            text = state["echo"] + output.new_text
+            state["echo"] = ""
+            if not text and not output.finished and not output.logprobs:
+                return None
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = completion_logprobs(tokenizer, output.logprobs or [], state["offset"])
+            state["offset"] += len(text)
+            body = {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                                 "finish_reason": output.finish_reason if output.finished else None}]}
+            if output.finished:
+                body["usage"] = usage(len(output.prompt_token_ids), len(output.token_ids))
+            return body
+
+        def usage_chunk(final) -> dict:
+            return {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": [], "usage": usage(len(final.prompt_token_ids), len(final.token_ids))}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return stream_response(stream_events(outputs, chunk, include_usage, usage_chunk))
+
+    @router.post("/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        service.check_model(req.model)
+        service.admit()
+        tokenizer = service.tokenizer
+        messages = [{"role": m.role, "content": message_text(m)} for m in req.messages]
+        try:
+            prompt = tokenizer.apply_chat_template(messages)
+        except Exception as e:  # a template may reject a conversation (roles out of order, ...)
+            raise InvalidRequest(f"the chat template rejected the messages: {e}") from None
+        logprobs_n = (req.top_logprobs or 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        params = service.sampling_params(**sampling_kwargs(req, max_tokens, logprobs_n, service.max_model_len))
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        if not req.stream:
+            final = await service.complete(prompt, params)
+            choice = {"index": 0, "message": {"role": "assistant", "content": final.text},
+                      "logprobs": chat_logprobs(tokenizer, final.logprobs or []) if req.logprobs else None,
+                      "finish_reason": final.finish_reason}
+            return JSONResponse({
+                "id": request_id, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [choice], "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
+            })
+
+        outputs = await first_and_rest(service.generate(prompt, params))
+        state = {"first": True}
+
+        def chunk(output) -> dict | None:
+            delta: dict[str, Any] = {}
+            if state["first"]:
+                delta["role"] = "assistant"
+                state["first"] = False
+            if output.new_text or (delta and not output.finished):
+                delta["content"] = output.new_text
+            if not delta and not output.finished and not output.logprobs:
+                return None
+            body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "delta": delta,
+                                 "logprobs": chat_logprobs(tokenizer, output.logprobs or []) if req.logprobs else None,
+                                 "finish_reason": output.finish_reason if output.finished else None}]}
+            if output.finished:
+                body["usage"] = usage(len(output.prompt_token_ids), len(output.token_ids))
+            return body
+
+        def usage_chunk(final) -> dict:
+            return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [], "usage": usage(len(final.prompt_token_ids), len(final.token_ids))}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return stream_response(stream_events(outputs, chunk, include_usage, usage_chunk))
+
+    return router

@@ -1,0 +1,477 @@
+"""`moe-runtime serve`: one process, one asyncio loop, HTTP and gRPC in front of one engine.
+
+`InferenceService` is what both front ends call: it loads the model (the servers answer
+live-but-not-ready meanwhile), admits requests (503 while loading or draining), wraps each
+generation with the request timeout and the injected faults, records the metrics, and counts
+what is in flight so that SIGTERM can drain: ready goes false at once, new requests are refused,
+running requests and streams finish (up to --drain-timeout), then the process exits 0.
+
+Errors a client can cause are `ServiceError`s, each with its HTTP status, gRPC code and the
+failure reason the metrics count it under.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import random
+import signal
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from model_runtime.metrics import RuntimeMetrics
+
+log = logging.getLogger("model_runtime.server")
+
+VERSION = "0.1.0"
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    served_model_name: str | None = None
+    host: str | None = None  # None: $POD_IP (plus 127.0.0.1) when set, else 0.0.0.0
+    http_port: int = 8000
+    grpc_port: int = 8001
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    device: str = "auto"
+    quantization: str | None = None  # "int8": weight-only int8
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    max_waiting: int = 256
+    kv_cache_memory_bytes: int = 256 * 2**20
+    request_timeout_s: float = 600.0
+    drain_timeout_s: float = 30.0
+    max_body_bytes: int = 4 * 2**20
+    inject_latency_ms: float = 0.0
+    inject_error_rate: float = 0.0
+    seed: int | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or default_model_name(self.model)
+
+
+def default_model_name(source: str) -> str:
+    """`builtin:tiny-mixtral` -> `tiny-mixtral`; `hf://org/name@rev` -> `name`; a path -> its last part."""
+    name = source.split(":", 1)[1] if source.startswith("builtin:") else source
+    name = name.split("@", 1)[0].rstrip("/")
+    return name.rsplit("/", 1)[-1] or "model"
+
+
+def listen_hosts(host: str | None, pod_ip: str | None) -> list[tuple[str, bool]]:
+    """Addresses to bind and whether each is required. In a pod the server binds its pod IP
+    (local pods share one network stack) and loopback too where that port is free."""
+    if host:
+        return [(host, True)]
+    if pod_ip:
+        hosts = [(pod_ip, True)]
+        if pod_ip != "127.0.0.1":
+            hosts.append(("127.0.0.1", False))
+        return hosts
+    return [("0.0.0.0", True)]
+
+
+def bind_sockets(hosts: list[tuple[str, bool]], port: int) -> list[socket.socket]:
+    """TCP sockets bound to each host on one port (port 0: the first bind picks it)."""
+    sockets = []
+    for host, required in hosts:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            if required or e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                raise
+            log.info("not listening on %s:%d as well (%s)", host, port, e.strerror)
+            continue
+        port = sock.getsockname()[1]
+        sock.set_inheritable(True)
+        sockets.append(sock)
+    return sockets
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class ServiceError(Exception):
+    http_status = 500
+    grpc_code = "INTERNAL"
+    failure_reason: str | None = "internal"
+    openai_type = "server_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+        self.counted = False  # already counted in the failure metric
+
+
+class InvalidRequest(ServiceError):
+    http_status, grpc_code, failure_reason, openai_type = 400, "INVALID_ARGUMENT", "invalid_request", "invalid_request_error"
+
+
+class ModelNotFound(ServiceError):
+    http_status, grpc_code, failure_reason, openai_type = 404, "NOT_FOUND", None, "not_found_error"
+
+
+class Unavailable(ServiceError):
+    http_status, grpc_code, failure_reason, openai_type = 503, "UNAVAILABLE", "unavailable", "service_unavailable"
+
+
+class Overloaded(ServiceError):
+    http_status, grpc_code, failure_reason, openai_type = 429, "RESOURCE_EXHAUSTED", "overloaded", "rate_limit_error"
+
+
+class RequestTimeout(ServiceError):
+    http_status, grpc_code, failure_reason, openai_type = 408, "DEADLINE_EXCEEDED", "timeout", "timeout_error"
+
+
+class InjectedFault(ServiceError):
+    http_status, grpc_code, failure_reason, openai_type = 500, "INTERNAL", "injected", "server_error"
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+class InferenceService:
+    """The engine behind admission control, limits, fault injection, metrics and drain."""
+
+    def __init__(self, config: ServerConfig, engine=None):
+        self.config = config
+        self.model_name = config.model_name
+        self.engine = engine  # set by load(), or given (benchmarks, tests of a built engine)
+        self.metrics = RuntimeMetrics(self.model_name, self._engine_stats)
+        self.state = "ready" if engine is not None else "loading"  # loading|ready|draining|failed
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._random = random.Random()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Load weights and tokenizer off the loop, start the engine, warm up; then ready."""
+        import torch
+
+        from model_runtime import load_model, load_tokenizer
+        from model_runtime.engine import AsyncEngine, EngineConfig
+
+        cfg = self.config
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        dtype = getattr(torch, dtype_name)
+        started = time.monotonic()
+        log.info("loading %s (%s on %s)", cfg.model, dtype_name, device)
+
+        def build():
+            model = load_model(cfg.model, dtype=dtype, device=device)
+            if cfg.quantization == "int8":
+                from model_runtime.quant import quantize_int8
+
+                model = quantize_int8(model)
+            return model, load_tokenizer(cfg.model)
+
+        model, tokenizer = await asyncio.to_thread(build)
+        engine = AsyncEngine(
+            model,
+            tokenizer,
+            model_name=self.model_name,
+            config=EngineConfig(
+                max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+                max_waiting=cfg.max_waiting,
+                device=device,
+                max_model_len=cfg.max_model_len,
+                seed=cfg.seed,
+            ),
+        )
+        await engine.start()
+        await engine.warmup()
+        self.engine = engine
+        if self.state == "loading":
+            self.state = "ready"
+        log.info("model %s ready in %.1fs (max_model_len %d)", self.model_name, time.monotonic() - started,
+                 engine.max_model_len)
+
+    async def stop(self, drain_timeout_s: float = 0.0) -> None:
+        if self.engine is not None:
+            await self.engine.stop(drain_timeout=drain_timeout_s)
+
+    @property
+    def live(self) -> bool:
+        return self.state != "failed"
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def begin_drain(self) -> None:
+        if self.state != "draining":
+            log.info("draining: not ready; refusing new requests; %d in flight", self.in_flight)
+        self.state = "draining"
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until nothing is in flight (True) or the timeout passes (False)."""
+        self.begin_drain()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            log.warning("drain timeout (%.0fs): %d requests still in flight", timeout_s, self.in_flight)
+            return False
+
+    def count_failure(self, error: ServiceError) -> None:
+        """Count a request refused outside `generate` (requests failing inside it are counted there)."""
+        if error.failure_reason is not None and not error.counted:
+            self.metrics.request_failed(error.failure_reason)
+            error.counted = True
+
+    def _engine_stats(self):
+        return self.engine.stats() if self.engine is not None else None
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise ModelNotFound(f"unknown model '{name}'; this server serves '{self.model_name}'")
+
+    def admit(self) -> None:
+        """Refuse at once what cannot be served now."""
+        if self.state == "loading":
+            raise Unavailable("the model is still loading; retry when /v2/health/ready answers 200")
+        if self.state == "draining":
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if self.state != "ready":
+            raise Unavailable("the server is not ready")
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def sampling_params(self, **kwargs):
+        """SamplingParams from keyword arguments, or InvalidRequest saying which one is wrong."""
+        from model_runtime.engine import SamplingParams
+
+        try:
+            params = SamplingParams(**kwargs)
+            params.validate(self.max_model_len)
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(str(e)) from None
+        return params
+
+    async def generate(self, prompt: str | list[int], params, request_id: str | None = None) -> AsyncIterator:
+        """The engine's outputs for one request. Raises a ServiceError before the first output
+        for a request that cannot run; closing the iterator early aborts it in the engine."""
+        self.admit()
+        arrival = time.monotonic()
+        self.in_flight += 1
+        self._idle.clear()
+        failure = "cancelled"
+        try:
+            try:
+                async for output in self._generate(prompt, params, request_id or uuid.uuid4().hex, arrival):
+                    yield output
+                failure = None
+            except ServiceError as e:
+                failure = e.failure_reason
+                e.counted = True
+                raise
+            except Exception as e:
+                failure = "internal"
+                log.exception("request failed")
+                error = ServiceError(f"internal error: {type(e).__name__}")
+                error.counted = True
+                raise error from e
+        finally:
+            if failure is not None:
+                self.metrics.request_failed(failure)
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def _generate(self, prompt, params, request_id: str, arrival: float) -> AsyncIterator:
+        from model_runtime.engine import EngineError, EngineOverloaded
+
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.request_timeout_s
+        if cfg.inject_latency_ms > 0:
+            await asyncio.sleep(cfg.inject_latency_ms / 1000)  # injected, added before the first token
+        if cfg.inject_error_rate > 0 and self._random.random() < cfg.inject_error_rate:
+            raise InjectedFault("injected error (--inject-error-rate)")
+        metrics = self.metrics
+        try:
+            outputs = self.engine.generate(prompt, params, request_id)
+        except EngineError as e:
+            raise InvalidRequest(str(e)) from None
+        except EngineOverloaded as e:
+            raise Overloaded(f"server overloaded: {e}") from None
+        last_token_time = None
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        output = await anext(outputs)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"request timed out after {cfg.request_timeout_s:g}s (--request-timeout)"
+                    ) from None
+                except EngineError as e:
+                    raise InvalidRequest(str(e)) from None
+                except EngineOverloaded as e:
+                    raise Overloaded(f"server overloaded: {e}") from None
+                if output.new_token_ids:
+                    now = time.monotonic()
+                    if last_token_time is None:
+                        metrics.ttft.observe(now - arrival)
+                    else:
+                        gap = (now - last_token_time) / len(output.new_token_ids)
+                        for _ in output.new_token_ids:
+                            metrics.itl.observe(gap)
+                    last_token_time = now
+                if output.finished:
+                    if output.finish_reason == "abort":
+                        raise Unavailable("the request was aborted: the engine is shutting down")
+                    metrics.e2e.observe(time.monotonic() - arrival)
+                    metrics.prompt_tokens.inc(len(output.prompt_token_ids))
+                    metrics.generation_tokens.inc(len(output.token_ids))
+                    metrics.request_succeeded(output.finish_reason)
+                yield output
+                if output.finished:
+                    return
+        finally:
+            await outputs.aclose()
+
+    async def complete(self, prompt, params, request_id: str | None = None):
+        """The final output of a request (all text, all token ids; logprobs gathered)."""
+        logprobs = [] if params.logprobs is not None else None
+        final = None
+        async for output in self.generate(prompt, params, request_id):
+            if logprobs is not None and output.logprobs:
+                logprobs.extend(output.logprobs)
+            final = output
+        if final is None:
+            raise ServiceError("the engine returned no output")
+        final.logprobs = logprobs
+        return final
+
+
+async def first_and_rest(outputs: AsyncIterator) -> AsyncIterator:
+    """Start a stream: the first output is awaited now (so a request that cannot run raises here,
+    before any response header is sent); the returned iterator yields it and the rest."""
+    try:
+        first = await anext(outputs)
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await outputs.aclose()
+        raise
+
+    async def rest():
+        try:
+            if first is not None:
+                yield first
+            async for output in outputs:
+                yield output
+        finally:
+            await outputs.aclose()
+
+    return rest()
+
+
+# --- running it ------------------------------------------------------------------------------
+
+
+def log_fault_injection(config: ServerConfig) -> None:
+    if config.inject_latency_ms > 0:
+        log.warning("FAULT INJECTION ON: %.0f ms added before the first token of every request",
+                    config.inject_latency_ms)
+    if config.inject_error_rate > 0:
+        log.warning("FAULT INJECTION ON: %.1f%% of requests fail with an injected error",
+                    100 * config.inject_error_rate)
+
+
+async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain and return the exit code."""
+    import uvicorn
+
+    from model_runtime.grpc_server import start_grpc_server
+    from model_runtime.http_server import create_app
+
+    log_fault_injection(config)
+    service = InferenceService(config)
+    hosts = listen_hosts(config.host, pod_ip)
+    http_sockets = bind_sockets(hosts, config.http_port)
+    http_port = http_sockets[0].getsockname()[1]
+    grpc_server, grpc_port = await start_grpc_server(service, hosts, config.grpc_port, config.max_body_bytes)
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # SIGTERM drains first (below), then stops uvicorn
+            yield
+
+    http_server = Server(
+        uvicorn.Config(
+            create_app(service),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=5,
+        )
+    )
+    http_task = asyncio.create_task(http_server.serve(sockets=http_sockets), name="http")
+    addresses = ", ".join(f"{h}" for h, _ in hosts)
+    log.info("serving %s: HTTP on %s port %d, gRPC port %d", service.model_name, addresses, http_port, grpc_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    load_task = asyncio.create_task(service.load(), name="load")
+    stop_task = asyncio.create_task(stop.wait())
+    await asyncio.wait([load_task, stop_task, http_task], return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if load_task.done() and load_task.exception() is not None:
+        log.error("loading %s failed: %s", config.model, load_task.exception())
+        service.state = "failed"
+        exit_code = 1
+    elif http_task.done():
+        exit_code = 1
+    else:
+        await stop_task
+    log.info("shutting down")
+    service.begin_drain()
+    if not load_task.done():
+        load_task.cancel()
+        with contextlib.suppress(BaseException):
+            await load_task
+    drained = await service.drain(config.drain_timeout_s)
+    await grpc_server.stop(grace=1.0 if drained else 0)
+    http_server.should_exit = True
+    with contextlib.suppress(BaseException):
+        await http_task
+    await service.stop(drain_timeout_s=1.0 if drained else 0.0)
+    log.info("stopped")
+    return exit_code
