@@ -21,7 +21,9 @@ def build_builtin(
     name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0
 ) -> Transformer:
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown builtin model {name!r}; builtins: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+        raise ValueError(
+            f"unknown builtin model {name!r}; builtins: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}"
+        )
     return random_model(ModelConfig.from_name(name), dtype=dtype, device=device, seed=seed)
 
 

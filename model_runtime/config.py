@@ -208,7 +208,9 @@ class ModelConfig:
             sliding = None
             if hf.get("use_sliding_window"):
                 if qwen2:
-                    raise UnsupportedModelError(f"{source}: Qwen2-MoE sliding-window layers are not supported")
+                    raise UnsupportedModelError(
+                        f"{source}: Qwen2-MoE sliding-window layers are not supported"
+                    )
                 sliding = hf.get("sliding_window")
             num_experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
             step = hf.get("decoder_sparse_step", 1) or 1
@@ -309,7 +311,9 @@ class ModelConfig:
                 sliding_window=c.sliding_window,
             )
             if qwen2:
-                hf.update(qkv_bias=c.qkv_bias, shared_expert_intermediate_size=c.shared_expert_intermediate_size)
+                hf.update(
+                    qkv_bias=c.qkv_bias, shared_expert_intermediate_size=c.shared_expert_intermediate_size
+                )
             else:
                 hf.update(attention_bias=c.qkv_bias)
         else:

@@ -66,7 +66,9 @@ def checkpoint_dir(src: str) -> Path:
     if src.startswith("hostpath://"):
         src = src.removeprefix("hostpath://")
     elif "://" in src:
-        raise ValueError(f"model source {src!r}: only a local directory, hostpath:///PATH or builtin:NAME load here")
+        raise ValueError(
+            f"model source {src!r}: only a local directory, hostpath:///PATH or builtin:NAME load here"
+        )
     path = Path(src)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a Hugging Face checkpoint directory")
@@ -98,7 +100,14 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
-_EXPERT_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+_EXPERT_PART = {
+    "w1": "gate",
+    "gate_proj": "gate",
+    "w3": "up",
+    "up_proj": "up",
+    "w2": "down",
+    "down_proj": "down",
+}
 
 
 def checkpoint_key_to_param(key: str, cfg: ModelConfig) -> tuple[str, int | None, str | None] | None:
@@ -156,10 +165,14 @@ def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: 
                 rows = want[1] // 2 if part in PART_ROWS else want[1]
                 part_shape = [rows, want[2]]
                 if expert >= want[0]:
-                    raise CheckpointError(f"{file}: tensor {key!r}: expert {expert} but the config has {want[0]}")
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r}: expert {expert} but the config has {want[0]}"
+                    )
                 tensor = f.get_tensor(key)
                 if list(tensor.shape) != part_shape:
-                    raise CheckpointError(f"{file}: tensor {key!r} has shape {list(tensor.shape)}, expected {part_shape}")
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r} has shape {list(tensor.shape)}, expected {part_shape}"
+                    )
                 start = PART_ROWS.get(part, 0) * rows
                 stacked[expert, start : start + rows].copy_(tensor)
                 expert_parts.setdefault(name, set()).add((expert, part))
@@ -169,7 +182,9 @@ def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: 
     missing = [n for n in expected if n not in state]
     for name, got in expert_parts.items():
         parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
-        missing += [f"{name}[expert {e}, {p}]" for e in range(cfg.num_experts) for p in parts if (e, p) not in got]
+        missing += [
+            f"{name}[expert {e}, {p}]" for e in range(cfg.num_experts) for p in parts if (e, p) not in got
+        ]
     if missing:
         where = path / "model.safetensors.index.json"
         where = where if where.is_file() else path

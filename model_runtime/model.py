@@ -140,7 +140,9 @@ class PagedContext:
             token_seq = token_offset = None
             q_pos = batch.positions.view(S, Q)  # [S, Q]
         else:
-            token_seq = torch.repeat_interleave(torch.arange(S, device=device), new_lens, output_size=N)  # [N]
+            token_seq = torch.repeat_interleave(
+                torch.arange(S, device=device), new_lens, output_size=N
+            )  # [N]
             token_offset = torch.arange(N, device=device) - batch.query_start[token_seq]  # [N]
             q_pos = torch.zeros(S, Q, dtype=torch.long, device=device)  # padding queries see key 0 only
             q_pos[token_seq, token_offset] = batch.positions
@@ -338,7 +340,9 @@ class Router(nn.Module):
         ids = choice.topk(A, dim=-1).indices  # [N, A]
         weights = scores.gather(1, ids)  # [N, A]
         if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.scoring_func == "sigmoid" else 0))
+            weights = weights / (
+                weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.scoring_func == "sigmoid" else 0)
+            )
         return weights * cfg.routed_scaling_factor, ids
 
     def _keep_groups(self, choice: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
@@ -363,7 +367,9 @@ class Experts(nn.Module):
         """(gate_up [2I, D], down [D, I]) of expert e; int8 quantization overrides this."""
         return self.gate_up_proj[e], self.down_proj[e]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], weights/ids [N, A] -> (output [N, D], tokens per expert [E])"""
         N, A = ids.shape
         E = self.gate_up_proj.shape[0]
@@ -395,7 +401,9 @@ class MoE(nn.Module):
             )
         if cfg.shared_expert_gate:
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)  # [N, A]
@@ -448,7 +456,9 @@ class Transformer(nn.Module):
         self.inv_freq, self.rope_attention_factor = rope_frequencies(self.config, device)
         for layer in self.layers:
             if isinstance(layer.mlp, MoE):
-                layer.mlp.tokens_per_expert = torch.zeros(self.config.num_experts, dtype=torch.long, device=device)
+                layer.mlp.tokens_per_expert = torch.zeros(
+                    self.config.num_experts, dtype=torch.long, device=device
+                )
 
     @property
     def device(self) -> torch.device:
@@ -474,7 +484,9 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, ctx, None)
         return self.lm_head(self.norm(x)).float().view(B, T, -1)
 
-    def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch, kv_cache: list[torch.Tensor]) -> torch.Tensor:
+    def forward_paged(
+        self, tokens: torch.Tensor, batch: PagedBatch, kv_cache: list[torch.Tensor]
+    ) -> torch.Tensor:
         """One engine step: tokens [N] new tokens of S sequences -> float32 logits [S, V] at
         batch.logits_indices. Writes the new tokens' keys/values into kv_cache first."""
         x = self.embed_tokens(tokens)  # [N, D]

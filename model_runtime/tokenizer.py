@@ -58,7 +58,9 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs
+    ) -> str:
         """The prompt text for a chat: the checkpoint's template (jinja2) or a plain default."""
         return render_chat_template(
             self.chat_template,
@@ -75,12 +77,17 @@ class ByteTokenizer(Tokenizer):
 
     def __init__(self, vocab_size: int = 320, eos_token_ids: set[int] | None = None):
         if vocab_size < 261:
-            raise ValueError(f"a byte-level tokenizer needs a vocabulary of at least 261 tokens, not {vocab_size}")
+            raise ValueError(
+                f"a byte-level tokenizer needs a vocabulary of at least 261 tokens, not {vocab_size}"
+            )
         self.vocab_size = vocab_size
         self.bos_token, self.eos_token = "<|begin_of_text|>", "<|end_of_text|>"
         self.bos_token_id = BYTE_SPECIALS[self.bos_token]
         self.pad_token_id = BYTE_SPECIALS["<|pad|>"]
-        self.eos_token_ids = set(eos_token_ids or ()) | {BYTE_SPECIALS["<|end_of_text|>"], BYTE_SPECIALS["<|im_end|>"]}
+        self.eos_token_ids = set(eos_token_ids or ()) | {
+            BYTE_SPECIALS["<|end_of_text|>"],
+            BYTE_SPECIALS["<|im_end|>"],
+        }
         self.chat_template = BYTE_CHAT_TEMPLATE
         self._special_text = {i: t for t, i in BYTE_SPECIALS.items()}
         self._split = re.compile("(" + "|".join(re.escape(t) for t in BYTE_SPECIALS) + ")")
@@ -151,7 +158,9 @@ def load_tokenizer(src: str | os.PathLike) -> Tokenizer:
         return ByteTokenizer(cfg.vocab_size, cfg.eos_token_ids)
     path = Path(src.removeprefix("hostpath://"))
     config = _read_json(path / "config.json")
-    eos = _eos_ids(config.get("eos_token_id")) | _eos_ids(_read_json(path / "generation_config.json").get("eos_token_id"))
+    eos = _eos_ids(config.get("eos_token_id")) | _eos_ids(
+        _read_json(path / "generation_config.json").get("eos_token_id")
+    )
     if (path / "tokenizer.json").is_file():
         return HFTokenizer(path, eos)
     log.warning("%s has no tokenizer.json: using the byte-level tokenizer", path)
@@ -165,8 +174,12 @@ def render_chat_template(template: str, **context: Any) -> str:
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii
+    )
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template).render(**context)
