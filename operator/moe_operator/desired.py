@@ -1,0 +1,90 @@
+"""From a plan to the objects that should exist, and from those to the writes that are needed.
+
+Both functions are pure: `desired_objects(md, plan, observed)` builds every pod and Service;
+`changes(desired, observed)` says what to apply and what to delete, and is empty when the world
+already matches (converged means quiet: no write at all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .observe import Observed
+from .plan import Plan
+from .pods import PodSlot, desired_pod, pod_name
+from .services import desired_service
+from .spec import ModelDeployment
+
+
+@dataclass(frozen=True)
+class Changes:
+    apply: tuple[Mapping[str, Any], ...] = ()
+    delete: tuple[tuple[str, str, str], ...] = ()   # (kind, name, uid)
+    created_pods: int = field(default=0)
+
+    def __bool__(self) -> bool:
+        return bool(self.apply or self.delete)
+
+
+def pod_slots(md: ModelDeployment, plan: Plan, observed: Observed) -> list[PodSlot]:
+    """Every pod the plan wants, named: a live pod keeps its name; a missing one gets the first name
+    not taken by any observed pod (a terminating predecessor keeps its name until it is gone)."""
+    live = {(p.revision, p.replica, p.rank): p.name for p in observed.pods if p.live}
+    taken = {p.name for p in observed.pods}
+    slots = []
+    for g in plan.groups:
+        for rank in range(md.pods_per_replica):
+            name = live.get((g.revision, g.replica, rank))
+            if name is None:
+                incarnation = 0
+                while (name := pod_name(md.name, g.revision, g.replica, rank, incarnation)) in taken:
+                    incarnation += 1
+            slots.append(PodSlot(g.revision, g.replica, rank, g.track, g.in_rotation, name))
+    return slots
+
+
+def desired_objects(md: ModelDeployment, plan: Plan, observed: Observed) -> list[dict[str, Any]]:
+    """Pods of every planned group, the traffic Service and one Service per planned track."""
+    objects: list[dict[str, Any]] = [desired_pod(md, slot) for slot in pod_slots(md, plan, observed)]
+    objects.append(desired_service(md))
+    objects.extend(desired_service(md, track) for track in plan.service_tracks)
+    return objects
+
+
+def is_subset(want: Any, have: Any) -> bool:
+    """True when every field of `want` is present in `have` with the same value (lists by position)."""
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(is_subset(v, have.get(k)) for k, v in want.items())
+    if isinstance(want, list):
+        return (isinstance(have, list) and len(want) == len(have)
+                and all(is_subset(w, h) for w, h in zip(want, have, strict=True)))
+    return want == have
+
+
+def _up_to_date(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
+    wm, hm = want["metadata"], have.get("metadata") or {}
+    if not (is_subset(wm.get("labels", {}), hm.get("labels") or {})
+            and is_subset(wm.get("ownerReferences", []), hm.get("ownerReferences") or [])):
+        return False
+    if want["kind"] == "Pod":
+        return True          # the name carries the revision; a pod's spec never changes in place
+    spec, hspec = want["spec"], have.get("spec") or {}
+    return spec["selector"] == hspec.get("selector") and is_subset(spec, hspec)
+
+
+def changes(desired: list[Mapping[str, Any]], observed: Observed) -> Changes:
+    existing: dict[tuple[str, str], Mapping[str, Any]] = {("Pod", p.name): p.body for p in observed.pods}
+    existing.update({("Service", name): body for name, body in observed.services.items()})
+    wanted = {(d["kind"], d["metadata"]["name"]) for d in desired}
+    apply = tuple(d for d in desired
+                  if (key := (d["kind"], d["metadata"]["name"])) not in existing
+                  or not _up_to_date(d, existing[key]))
+    delete = tuple(
+        (kind, name, (body.get("metadata") or {}).get("uid", ""))
+        for (kind, name), body in sorted(existing.items())
+        if (kind, name) not in wanted and not (body.get("metadata") or {}).get("deletionTimestamp")
+    )
+    created = sum(1 for d in apply if d["kind"] == "Pod" and ("Pod", d["metadata"]["name"]) not in existing)
+    return Changes(apply, delete, created)

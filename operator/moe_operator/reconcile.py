@@ -1,0 +1,76 @@
+"""One level-based reconcile of one ModelDeployment, reading like the data flow.
+
+spec -> observe -> plan -> desired -> changes -> apply -> status. It never branches on create vs
+update, holds no state between calls, and writes nothing when the world already matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from .desired import Changes, changes, desired_objects
+from .observe import Observed
+from .plan import Plan, plan_groups
+from .pods import revision_of
+from .spec import ModelDeployment, SpecError
+from .status import events_for, invalid_status, status_of, status_patch
+
+Emit = Callable[[str, str, str], None]   # (type, reason, message) -> an Event on the ModelDeployment
+
+
+class Reads(Protocol):
+    def observe(self, namespace: str, name: str, pods_per_replica: int) -> Observed: ...
+
+
+class Writes(Protocol):
+    def write(self, namespace: str, changes: Changes) -> None: ...
+    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    changes: Changes = Changes()
+    status_patch: Mapping[str, Any] = field(default_factory=dict)
+    plan: Plan | None = None
+    written: Mapping[str, Any] | None = None    # the object as returned by the status write
+
+    @property
+    def wrote(self) -> bool:
+        return bool(self.changes or self.status_patch)
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit,
+              now: Callable[[], str] = utcnow) -> Outcome:
+    meta = body.get("metadata") or {}
+    namespace, name = meta.get("namespace", "default"), meta.get("name", "")
+    old_status = body.get("status") or {}
+    try:
+        md = ModelDeployment.from_body(body)
+    except SpecError as error:
+        new_status = invalid_status(old_status, int(meta.get("generation") or 0), error, now())
+        return _finish(namespace, name, old_status, new_status, writer, emit)
+
+    observed = reader.observe(md.namespace, md.name, md.pods_per_replica)
+    plan = plan_groups(md, observed, revision_of(md))
+    todo = changes(desired_objects(md, plan, observed), observed)
+    if todo:
+        writer.write(md.namespace, todo)
+    new_status = status_of(md, observed, plan, now())
+    outcome = _finish(namespace, name, old_status, new_status, writer, emit)
+    return Outcome(todo, outcome.status_patch, plan, outcome.written)
+
+
+def _finish(namespace: str, name: str, old_status: Mapping[str, Any], new_status: Mapping[str, Any],
+            writer: Writes, emit: Emit) -> Outcome:
+    patch = status_patch(old_status, new_status)
+    written = writer.patch_status(namespace, name, patch) if patch else None
+    for event in events_for(old_status, new_status):
+        emit(*event)
+    return Outcome(status_patch=patch, written=written)

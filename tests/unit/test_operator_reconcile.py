@@ -1,0 +1,305 @@
+"""The whole reconcile against an in-memory cluster: create, ready, scale, replace, recover, and quiet
+when converged (reconciling again writes nothing)."""
+
+import copy
+import itertools
+
+import pytest
+from moe_operator import names
+from moe_operator.observe import observed_from
+from moe_operator.reconcile import reconcile
+
+pytestmark = pytest.mark.unit
+
+
+class FakeCluster:
+    """Stores what the writer applies; tests set pod status as a kubelet and scheduler would."""
+
+    def __init__(self, spec):
+        self.md = {"apiVersion": names.API_VERSION, "kind": names.KIND,
+                   "metadata": {"name": "chat", "namespace": "ns", "uid": "md-uid", "generation": 1},
+                   "spec": spec, "status": {}}
+        self.objects = {}          # (kind, name) -> body
+        self.writes = []
+        self.events = []
+        self.uids = itertools.count()
+        self.clock = itertools.count()
+
+    # Reads
+    def observe(self, namespace, name, pods_per_replica):
+        pods = [copy.deepcopy(b) for (k, _), b in self.objects.items() if k == "Pod"]
+        services = [copy.deepcopy(b) for (k, _), b in self.objects.items() if k == "Service"]
+        return observed_from(pods, services, pods_per_replica)
+
+    # Writes
+    def write(self, namespace, changes):
+        for body in changes.apply:
+            key = (body["kind"], body["metadata"]["name"])
+            self.writes.append(("apply", key))
+            old = self.objects.get(key)
+            new = copy.deepcopy(body)
+            new["metadata"]["uid"] = old["metadata"]["uid"] if old else f"uid-{next(self.uids)}"
+            new["status"] = old.get("status", {}) if old else {"phase": "Pending"}
+            self.objects[key] = new
+        for kind, name, uid in changes.delete:
+            self.writes.append(("delete", (kind, name)))
+            if self.objects.get((kind, name), {}).get("metadata", {}).get("uid") == uid:
+                del self.objects[(kind, name)]
+
+    def patch_status(self, namespace, name, patch):
+        self.writes.append(("status", tuple(sorted(patch))))
+        for k, v in patch.items():
+            if v is None:
+                self.md["status"].pop(k, None)
+            else:
+                self.md["status"][k] = v
+        return self.md
+
+    def reconcile(self):
+        self.writes.clear()
+        return reconcile(copy.deepcopy(self.md), self, self, lambda *e: self.events.append(e),
+                         now=lambda: f"t{next(self.clock)}")
+
+    def converge(self, ready=True, rounds=10):
+        for _ in range(rounds):
+            if ready:
+                self.set_ready()
+            if not self.reconcile().wrote:
+                return
+        raise AssertionError("did not converge")
+
+    # The kubelet and scheduler.
+    def pods(self):
+        return {n: b for (k, n), b in self.objects.items() if k == "Pod"}
+
+    def set_ready(self, only=lambda name: True, ready=True):
+        for name, pod in self.pods().items():
+            if only(name):
+                pod["status"] = {"phase": "Running", "conditions": [
+                    {"type": "PodScheduled", "status": "True"},
+                    {"type": "Ready", "status": "True" if ready else "False"}]}
+
+    def labels(self, name):
+        return self.objects[("Pod", name)]["metadata"]["labels"]
+
+    def set_spec(self, **changes):
+        self.md["spec"].update(changes)
+        self.md["metadata"]["generation"] += 1
+
+    def conditions(self):
+        return {c["type"]: (c["status"], c["reason"]) for c in self.md["status"]["conditions"]}
+
+
+SPEC = {"replicas": 2, "model": {"source": "builtin:tiny-deepseek-v3"}, "resources": {"gpus": 1}}
+
+
+def test_create_ready_available_then_quiet():
+    c = FakeCluster(copy.deepcopy(SPEC))
+    out = c.reconcile()
+    assert sorted(out.changes.apply[i]["kind"] for i in range(len(out.changes.apply))) == \
+        ["Pod", "Pod", "Service", "Service"]
+    assert out.changes.created_pods == 2
+    assert c.conditions()["Available"] == ("False", "ModelLoading")
+    # Not ready yet: pods stay out of rotation.
+    c.reconcile()
+    assert all(c.labels(n)[names.LABEL_IN_ROTATION] == "false" for n in c.pods())
+    c.converge()
+    assert all(c.labels(n)[names.LABEL_IN_ROTATION] == "true" for n in c.pods())
+    status = c.md["status"]
+    assert status["readyReplicas"] == 2 and status["replicas"] == 2 and status["updatedReplicas"] == 2
+    assert status["stableRevision"] == status["currentRevision"]
+    assert status["observedGeneration"] == 1
+    assert c.conditions() == {"Available": ("True", "AllReplicasReady"), "Progressing": ("False", "Converged"),
+                              "Degraded": ("False", "Healthy")}
+    assert status["phase"] == "Available"
+    assert ("Normal", "Available", "2/2 replica groups ready") in c.events
+    # Converged means quiet: reconciling again writes nothing at all.
+    before = copy.deepcopy(c.objects), copy.deepcopy(c.md)
+    for _ in range(3):
+        out = c.reconcile()
+        assert not out.wrote and c.writes == []
+    assert (c.objects, c.md) == before
+
+
+def test_scale_up_and_down_removes_unready_groups_first():
+    c = FakeCluster(copy.deepcopy(SPEC))
+    c.converge()
+    c.set_spec(replicas=4)
+    c.reconcile()
+    assert len(c.pods()) == 4
+    newest = sorted(c.pods())[-1]
+    c.set_ready(only=lambda n: n != newest)
+    c.set_ready(only=lambda n: n == newest, ready=False)
+    c.reconcile()
+    c.set_spec(replicas=2)
+    c.reconcile()
+    assert newest not in c.pods()                       # the unready group went first
+    assert c.md["status"]["observedGeneration"] == 3
+    c.converge()
+    assert len(c.pods()) == 2 and c.md["status"]["readyReplicas"] == 2
+
+
+def test_scale_down_drains_before_deleting():
+    c = FakeCluster(copy.deepcopy(SPEC))
+    c.converge()
+    c.set_spec(replicas=1)
+    c.reconcile()
+    # First the group leaves rotation, still running...
+    assert len(c.pods()) == 2
+    out_of_rotation = [n for n in c.pods() if c.labels(n)[names.LABEL_IN_ROTATION] == "false"]
+    assert len(out_of_rotation) == 1
+    assert c.conditions()["Progressing"] == ("True", "ScalingDown")
+    # ...then it is deleted.
+    c.reconcile()
+    assert list(c.pods()) == [n for n in c.pods() if n not in out_of_rotation]
+    c.converge()
+    assert c.conditions()["Available"] == ("True", "AllReplicasReady")
+
+
+def test_multi_pod_group_is_ready_only_when_every_pod_is():
+    c = FakeCluster({**copy.deepcopy(SPEC), "replicas": 1, "topology": {"podsPerReplica": 3}})
+    c.reconcile()
+    assert sorted(c.labels(n)[names.LABEL_RANK] for n in c.pods()) == ["0", "1", "2"]
+    c.set_ready(only=lambda n: not n.endswith("-2"))
+    c.set_ready(only=lambda n: n.endswith("-2"), ready=False)
+    c.reconcile()
+    assert all(c.labels(n)[names.LABEL_IN_ROTATION] == "false" for n in c.pods())
+    assert c.md["status"]["readyReplicas"] == 0
+    c.converge()
+    assert all(c.labels(n)[names.LABEL_IN_ROTATION] == "true" for n in c.pods())
+    assert c.md["status"]["readyReplicas"] == 1
+
+
+def test_lost_pod_is_recreated_and_its_group_leaves_rotation():
+    c = FakeCluster({**copy.deepcopy(SPEC), "replicas": 1, "topology": {"podsPerReplica": 2}})
+    c.converge()
+    lost = sorted(c.pods())[1]
+    del c.objects[("Pod", lost)]
+    c.reconcile()
+    assert lost in c.pods()                               # recreated under the same name
+    survivor = sorted(c.pods())[0]
+    assert c.labels(survivor)[names.LABEL_IN_ROTATION] == "false"
+    c.converge()
+    assert c.labels(survivor)[names.LABEL_IN_ROTATION] == "true"
+
+
+def test_terminating_pod_gets_a_replacement_with_a_new_name():
+    c = FakeCluster({**copy.deepcopy(SPEC), "replicas": 1})
+    c.converge()
+    (name,) = c.pods()
+    c.objects[("Pod", name)]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    c.reconcile()
+    assert f"{name}-1" in c.pods()
+    assert ("delete", ("Pod", name)) not in c.writes        # already being deleted
+
+
+def test_failed_pod_is_replaced():
+    c = FakeCluster({**copy.deepcopy(SPEC), "replicas": 1})
+    c.converge()
+    (name,) = c.pods()
+    c.objects[("Pod", name)]["status"] = {"phase": "Failed", "reason": "Evicted", "message": "node pressure"}
+    c.reconcile()
+    assert ("delete", ("Pod", name)) in c.writes
+    assert len(c.pods()) == 1 and name not in c.pods()
+
+
+def test_new_revision_replaces_groups_one_at_a_time():
+    c = FakeCluster({**copy.deepcopy(SPEC), "replicas": 3})
+    c.converge()
+    old_rev = c.md["status"]["currentRevision"]
+    c.set_spec(model={"source": "builtin:tiny-mixtral"})
+    seen_max = 0
+    for _ in range(30):
+        out = c.reconcile()
+        revs = [c.labels(n)[names.LABEL_REVISION] for n in c.pods()]
+        seen_max = max(seen_max, len(revs))
+        # Never more than one new group loading at a time, never above replicas + 1 group.
+        assert len(revs) <= 4
+        if not out.wrote:
+            break
+        c.set_ready()
+    new_rev = c.md["status"]["currentRevision"]
+    assert new_rev != old_rev
+    assert {c.labels(n)[names.LABEL_REVISION] for n in c.pods()} == {new_rev}
+    assert {c.labels(n)[names.LABEL_TRACK] for n in c.pods()} == {"stable"}
+    assert c.md["status"]["stableRevision"] == new_rev
+    assert ("Service", "chat-canary") not in c.objects
+    assert any(e[1] == "RolloutStarted" for e in c.events)
+    assert any(e[1] == "RolloutComplete" for e in c.events)
+    assert seen_max == 4
+
+
+def test_rollout_without_surge_budget_removes_first():
+    c = FakeCluster({**copy.deepcopy(SPEC), "replicas": 2, "rollout": {"maxSurgeGPUs": 0}})
+    c.converge()
+    c.set_spec(model={"source": "builtin:tiny-mixtral"})
+    for _ in range(30):
+        out = c.reconcile()
+        assert len(c.pods()) <= 2                 # one GPU per pod: never above the steady state
+        if not out.wrote:
+            break
+        c.set_ready()
+    assert c.md["status"]["stableRevision"] == c.md["status"]["currentRevision"]
+
+
+def test_stuck_rollout_keeps_old_groups_serving():
+    c = FakeCluster({**copy.deepcopy(SPEC), "replicas": 2})
+    c.converge()
+    old_rev = c.md["status"]["currentRevision"]
+    c.set_spec(runtime={"image": "broken:1"})
+    c.reconcile()
+    new = [n for n in c.pods() if c.labels(n)[names.LABEL_REVISION] != old_rev]
+    assert len(new) == 1
+    c.objects[("Pod", new[0])]["status"] = {"phase": "Pending", "containerStatuses": [
+        {"name": "runtime", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]}
+    c.reconcile()
+    assert c.conditions()["Degraded"] == ("True", "PodsFailing")
+    assert c.conditions()["Available"] == ("True", "AllReplicasReady")
+    assert c.conditions()["Progressing"] == ("True", "RollingOut")
+    assert ("Service", "chat-canary") in c.objects
+    in_rotation = [n for n in c.pods() if c.labels(n)[names.LABEL_IN_ROTATION] == "true"]
+    assert len(in_rotation) == 2 and all(c.labels(n)[names.LABEL_REVISION] == old_rev for n in in_rotation)
+    assert ("Warning", "PodsFailing", c.md["status"]["message"]) in c.events
+    assert "ImagePullBackOff: not found" in c.md["status"]["message"]
+    # Reverting the spec goes straight back: the broken group is removed.
+    c.set_spec(runtime={})
+    c.converge()
+    assert {c.labels(n)[names.LABEL_REVISION] for n in c.pods()} == {old_rev}
+    assert c.conditions()["Degraded"] == ("False", "Healthy")
+
+
+def test_insufficient_gpu_capacity():
+    c = FakeCluster({**copy.deepcopy(SPEC), "replicas": 1, "resources": {"gpus": 16}})
+    c.reconcile()
+    (name,) = c.pods()
+    c.objects[("Pod", name)]["status"] = {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}
+    c.reconcile()
+    assert c.conditions()["Degraded"] == ("True", "InsufficientGPUCapacity")
+    assert c.conditions()["Available"] == ("False", "InsufficientGPUCapacity")
+    assert "Insufficient nvidia.com/gpu" in c.md["status"]["message"]
+
+
+def test_invalid_spec_changes_nothing_and_says_why():
+    c = FakeCluster(copy.deepcopy(SPEC))
+    c.converge()
+    pods = copy.deepcopy(c.pods())
+    c.set_spec(model={"source": "s3://bucket/model"})
+    c.reconcile()
+    assert c.pods() == pods
+    assert c.conditions()["Degraded"] == ("True", "InvalidSpec")
+    assert c.conditions()["Available"] == ("True", "AllReplicasReady")
+    assert "spec.model.source" in c.md["status"]["message"]
+    assert c.md["status"]["observedGeneration"] == 2
+    assert not c.reconcile().wrote
+
+
+def test_services_follow_the_plan():
+    c = FakeCluster(copy.deepcopy(SPEC))
+    c.converge()
+    assert {n for k, n in c.objects if k == "Service"} == {"chat", "chat-stable"}
+    # A user's edit of a managed Service field is put back.
+    c.objects[("Service", "chat")]["spec"]["selector"] = {"foo": "bar"}
+    out = c.reconcile()
+    assert [b["metadata"]["name"] for b in out.changes.apply] == ["chat"]
