@@ -1,0 +1,83 @@
+"""Runtime-tier fixtures: `moe-runtime serve` as a subprocess on loopback with a tiny builtin model.
+
+`runtime_server` (session-scoped) is the shared, default-configured server; tests that need other
+flags or kill their server start their own with `ServerProcess`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+MODEL = "builtin:tiny-mixtral"
+MODEL_NAME = "tiny-mixtral"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """One `moe-runtime serve` subprocess bound to 127.0.0.1 on free ports."""
+
+    def __init__(self, *extra_args: str, model: str = MODEL, startup_timeout_s: float = 120.0):
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.base_url = f"http://127.0.0.1:{self.http_port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="moe-runtime-", suffix=".log", delete=False)
+        args = [sys.executable, "-m", "model_runtime.cli", "serve", "--model", model, "--host", "127.0.0.1",
+                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *extra_args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("POD_IP", None)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+        self.wait_ready(startup_timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if httpx.get(f"{self.base_url}/v2/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)  # polling with a deadline
+        self.stop()
+        raise TimeoutError(f"server not ready after {timeout_s}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def runtime_server():
+    server = ServerProcess("--max-model-len", "256", "--max-body-bytes", "1Mi", "--seed", "0")
+    yield server
+    assert server.stop() == 0, server.logs()
