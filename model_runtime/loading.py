@@ -213,3 +213,65 @@ def _checkpoint_name(param: str, cfg: ModelConfig) -> str:
     elif cfg.shared_expert_gate:
         param = param.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
     return repr(param if param.startswith("lm_head") else f"model.{param}")
+
+
+def save_checkpoint(model: Transformer, path: str | os.PathLike, max_shard_bytes: int | None = None) -> Path:
+    """Write `model` as a Hugging Face checkpoint (config.json + safetensors, per-expert tensors
+    named as the architecture names them), which `load_model` and transformers read back."""
+    from safetensors.torch import save_file
+
+    cfg, path = model.config, Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.dtype == torch.int8 or name.endswith("_scale"):
+            raise ValueError("save_checkpoint: the model is quantized; save the unquantized model")
+        tensors.update(_param_to_checkpoint(name, tensor.detach().cpu(), cfg))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(path / "model.safetensors.index.json", "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    with open(path / "config.json", "w") as f:
+        json.dump(hf, f, indent=2)
+    return path
+
+
+def _param_to_checkpoint(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of one of our parameters (the inverse of checkpoint_key_to_param)."""
+    mixtral = cfg.architecture == "MixtralForCausalLM"
+    if mixtral:
+        name = name.replace(".mlp.", ".block_sparse_moe.")
+    elif cfg.shared_expert_gate:
+        name = name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+    key = name if name.startswith("lm_head") else f"model.{name}"
+    if name.endswith("experts.gate_up_proj"):
+        prefix, rows = key.removesuffix(".gate_up_proj"), tensor.shape[1] // 2
+        gate, up = ("w1", "w3") if mixtral else ("gate_proj", "up_proj")
+        out = {}
+        for e in range(tensor.shape[0]):
+            out[f"{prefix}.{e}.{gate}.weight"] = tensor[e, :rows].clone()
+            out[f"{prefix}.{e}.{up}.weight"] = tensor[e, rows:].clone()
+        return out
+    if name.endswith("experts.down_proj"):
+        prefix = key.removesuffix(".down_proj")
+        down = "w2" if mixtral else "down_proj"
+        return {f"{prefix}.{e}.{down}.weight": tensor[e].clone() for e in range(tensor.shape[0])}
+    return {key: tensor}

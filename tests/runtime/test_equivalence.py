@@ -188,3 +188,16 @@ def test_greedy_tokens_match_transformers_generate(pair):
     expected = generated[0, len(prompt) :].tolist()
     assert len(expected) == 32
     assert greedy_paged(ours, prompt, 32) == expected
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe", "tiny-deepseek-v3"])
+def test_transformers_reads_exported_builtins(name, tmp_path):
+    """The builtins are real instances of their architectures: transformers computes the same."""
+    from model_runtime.loading import save_checkpoint
+
+    ours = load_model(f"builtin:{name}")
+    save_checkpoint(ours, tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(ids).logits, atol=1e-4, rtol=1e-4)
