@@ -5,6 +5,7 @@ what is no longer wanted, and merge patches of `.status`. Nothing else in the op
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
@@ -14,11 +15,13 @@ from .desired import Changes
 
 
 class Writer:
-    def __init__(self, dynamic_client):
+    def __init__(self, dynamic_client, metrics=None):
         self.dyn = dynamic_client
+        self.metrics = metrics
         self._resources = {
             "Pod": dynamic_client.resources.get(api_version="v1", kind="Pod"),
             "Service": dynamic_client.resources.get(api_version="v1", kind="Service"),
+            "Event": dynamic_client.resources.get(api_version="v1", kind="Event"),
         }
         self._md = dynamic_client.resources.get(api_version=names.API_VERSION, kind=names.KIND)
 
@@ -39,8 +42,14 @@ class Writer:
     def write(self, namespace: str, changes: Changes) -> None:
         for body in changes.apply:
             self.apply(body)
+            self._count(body["kind"], "apply")
         for kind, name, uid in changes.delete:
             self.delete(kind, namespace, name, uid)
+            self._count(kind, "delete")
+
+    def _count(self, kind: str, verb: str) -> None:
+        if self.metrics is not None:
+            self.metrics.writes.labels(kind, verb).inc()
 
     def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Mapping[str, Any]:
         """Merge-patch `.status` (the status subresource); returns the updated object."""
@@ -50,4 +59,27 @@ class Writer:
             body={"status": dict(patch)},
             content_type="application/merge-patch+json",
         )
+        self._count(names.KIND, "status")
         return result.to_dict()
+
+    def event(self, md: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the ModelDeployment (what `kubectl describe md` shows)."""
+        meta = md["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.dyn.create(self._resources["Event"], namespace=meta["namespace"], body={
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": names.API_VERSION, "kind": names.KIND, "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": names.FIELD_MANAGER},
+            "reportingComponent": names.FIELD_MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        })
+        self._count("Event", "create")

@@ -1,0 +1,111 @@
+"""`moe-operator run`: the operator in the foreground (kopf, the HTTP port, the resync loop)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+import kopf
+from kubernetes import client, config
+from kubernetes.dynamic import DynamicClient
+
+from .apply import Writer
+from .controller import Controller
+from .handlers import configure, registry
+from .metrics import OperatorMetrics
+from .observe import Reader
+from .server import build_app, serve
+
+log = logging.getLogger("moe_operator")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-operator", description="Kubernetes operator for MoE model servers.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator in the foreground")
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[],
+                       help="watch this namespace (repeatable; globs as kopf allows)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, else $KUBECONFIG)")
+    run.add_argument("--host", default=os.environ.get("MOE_OPERATOR_HOST", "0.0.0.0"),
+                     help="address of /healthz and /metrics (default 0.0.0.0)")
+    run.add_argument("--port", type=int, default=int(os.environ.get("MOE_OPERATOR_PORT", "8080")),
+                     help="port of /healthz and /metrics (default 8080)")
+    run.add_argument("--resync-seconds", type=float, default=30.0,
+                     help="reconcile every ModelDeployment this often even without events (default 30)")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def api_client(kubeconfig: str | None) -> client.ApiClient:
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        cfg = client.Configuration()
+        config.load_incluster_config(client_configuration=cfg)
+        return client.ApiClient(cfg)
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+async def resync(controller: Controller, interval: float) -> None:
+    """Level-based safety net: reconcile everything periodically (a converged one writes nothing)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        results = await asyncio.gather(
+            *(loop.run_in_executor(None, controller.run, key) for key in controller.keys()),
+            return_exceptions=True)
+        for key, result in zip(controller.keys(), results, strict=False):
+            if isinstance(result, Exception):
+                log.warning("resync of %s/%s failed: %s", *key, result)
+
+
+async def operate(args: argparse.Namespace, controller: Controller, metrics: OperatorMetrics) -> None:
+    ready = asyncio.Event()
+    runner = await serve(build_app(metrics, ready.is_set), args.host, args.port)
+    log.info("serving /healthz and /metrics on %s:%d", args.host, args.port)
+    resync_task = asyncio.create_task(resync(controller, args.resync_seconds))
+    try:
+        await kopf.operator(
+            registry=registry,
+            settings=configure(kopf.OperatorSettings()),
+            standalone=True,
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            memo=kopf.Memo(controller=controller),
+            ready_flag=ready,
+        )
+    finally:
+        resync_task.cancel()
+        await runner.cleanup()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig     # kopf's own login reads it
+    dyn = DynamicClient(api_client(args.kubeconfig))
+    metrics = OperatorMetrics()
+    controller = Controller(Reader(dyn), Writer(dyn, metrics), metrics, log)
+    try:
+        asyncio.run(operate(args, controller, metrics))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
