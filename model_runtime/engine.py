@@ -169,6 +169,8 @@ class LLMEngine:
         if bad := [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]:
             raise EngineError(f"stop_token_ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})")
         if isinstance(prompt, str):
+            if not prompt:
+                raise EngineError("the prompt is empty")
             if self.tokenizer is None:
                 raise EngineError("this engine has no tokenizer: pass the prompt as token ids")
             ids = list(self.tokenizer.encode(prompt))

@@ -1,0 +1,155 @@
+"""AsyncEngine: streaming from a background step thread, concurrency, cancellation, shutdown."""
+
+import asyncio
+
+import pytest
+import torch
+
+from model_runtime import load_model, load_tokenizer
+from model_runtime.engine import AsyncEngine, EngineConfig, EngineError, EngineOverloaded, SamplingParams
+
+pytestmark = pytest.mark.runtime
+
+SRC = "builtin:tiny-mixtral"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(SRC, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(SRC)
+
+
+@pytest.fixture
+async def engine(model, tokenizer):
+    eng = AsyncEngine(model, tokenizer, EngineConfig(max_num_seqs=8, block_size=4, num_kv_blocks=128))
+    await eng.start()
+    yield eng
+    await eng.stop(drain_timeout=0)
+
+
+async def collect(engine, prompt, params, request_id=None):
+    return [o async for o in engine.generate(prompt, params, request_id=request_id)]
+
+
+async def test_stream_delivers_one_token_per_output_and_matches_the_sync_engine(engine, model, tokenizer):
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    outs = await collect(engine, "Hello there", params)
+    assert [len(o.new_token_ids) for o in outs] == [1] * 10
+    assert outs[-1].finished and outs[-1].finish_reason == "length"
+    assert [t for o in outs for t in o.new_token_ids] == outs[-1].token_ids
+    assert "".join(o.new_text for o in outs) == outs[-1].text
+    assert outs[0].first_token_time >= outs[0].arrival_time
+    assert outs[-1].prompt_token_ids == tokenizer.encode("Hello there")
+
+
+async def test_concurrent_streams_equal_sequential_runs(engine, model):
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[5 + i, 17, 30 + 2 * i] * (1 + i % 3) for i in range(12)]
+    alone = [(await collect(engine, p, params))[-1].token_ids for p in prompts[:3]]
+    together = await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+    assert [outs[-1].token_ids for outs in together[:3]] == alone
+    assert all(len(outs[-1].token_ids) == 8 for outs in together)
+
+
+async def test_leaving_the_stream_aborts_and_frees_blocks(engine):
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    stream = engine.generate([7, 8, 9] * 10, params)
+    first = await anext(stream)
+    assert not first.finished
+    assert engine.stats().kv_cache_usage > 0
+    await stream.aclose()
+    await _until(lambda: engine.stats().kv_cache_usage == 0 and engine.stats().num_running == 0)
+
+
+async def test_task_cancellation_aborts_the_request(engine):
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True)):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _until(lambda: engine.stats().kv_cache_usage == 0 and engine.stats().num_running == 0)
+
+
+async def test_abort_by_id_ends_the_stream_with_reason_abort(engine):
+    outs = []
+    async for o in engine.generate([4, 5], SamplingParams(max_tokens=500, ignore_eos=True), request_id="r1"):
+        outs.append(o)
+        if len(outs) == 2:
+            engine.abort("r1")
+    assert outs[-1].finished and outs[-1].finish_reason == "abort"
+    assert engine.stats().kv_cache_usage == 0
+
+
+async def test_bad_requests_raise_at_once(engine):
+    with pytest.raises(EngineError, match="model length"):
+        engine.generate([1] * (engine.max_model_len + 5), SamplingParams())
+    with pytest.raises(EngineError, match="temperature"):
+        engine.generate("hi", SamplingParams(temperature=-1))
+    with pytest.raises(EngineError, match="empty"):
+        engine.generate("", SamplingParams())
+    # the engine still serves
+    assert (await collect(engine, "hi", SamplingParams(max_tokens=2, ignore_eos=True)))[-1].finished
+
+
+async def test_stats_and_expert_counts(engine):
+    await collect(engine, "count experts", SamplingParams(max_tokens=3, ignore_eos=True))
+    s = engine.stats()
+    assert s.num_running == 0 and s.num_waiting == 0 and s.kv_cache_usage == 0
+    assert s.expert_tokens and all(sum(c) > 0 for c in s.expert_tokens.values())
+
+
+async def test_overload_stop_and_warmup(model, tokenizer):
+    eng = AsyncEngine(model, tokenizer, EngineConfig(max_num_seqs=1, max_waiting=1, num_kv_blocks=64))
+    with pytest.raises(EngineOverloaded, match="not running"):
+        eng.generate("x", SamplingParams())
+    await eng.warmup()  # starts the engine
+    long = SamplingParams(max_tokens=400, ignore_eos=True)
+    first = eng.generate([1, 2], long)
+    await anext(first)  # running
+    waiting_task = asyncio.create_task(collect(eng, [5, 6], long))
+    await _until(lambda: eng.stats().num_waiting == 1)
+    with pytest.raises(EngineOverloaded, match="waiting"):
+        eng.generate([7], long)
+    await eng.stop(drain_timeout=0)  # aborts what is in flight, joins the thread
+    assert (await waiting_task)[-1].finish_reason == "abort"
+    rest = [o async for o in first]  # tokens streamed before the abort, then the abort
+    assert rest[-1].finish_reason == "abort" and all(not o.finished for o in rest[:-1])
+    with pytest.raises(EngineOverloaded, match="shutting down"):
+        eng.generate("x", SamplingParams())
+    assert not eng.is_running
+
+
+async def test_stop_drains_requests_in_flight(model, tokenizer):
+    eng = AsyncEngine(model, tokenizer, EngineConfig(num_kv_blocks=64))
+    await eng.start()
+    task = asyncio.create_task(collect(eng, "drain me", SamplingParams(max_tokens=6, ignore_eos=True)))
+    await _until(lambda: eng.stats().num_running + eng.stats().num_waiting > 0 or task.done())
+    await eng.stop(drain_timeout=30)
+    outs = await task
+    assert outs[-1].finish_reason == "length" and len(outs[-1].token_ids) == 6
+
+
+async def _until(predicate, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
