@@ -362,17 +362,19 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # gate rows then up rows
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.act = ACTIVATIONS[cfg.hidden_act]
+        self.num_experts = E
 
-    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, D], down [D, I]) of expert e; int8 quantization overrides this."""
-        return self.gate_up_proj[e], self.down_proj[e]
+    def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens x [n, D] -> [n, D] (int8 quantization overrides this)."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+        return F.linear(self.act(gate) * up, self.down_proj[e])
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], weights/ids [N, A] -> (output [N, D], tokens per expert [E])"""
         N, A = ids.shape
-        E = self.gate_up_proj.shape[0]
+        E = self.num_experts
         flat_ids = ids.reshape(-1)  # [N * A]
         order = flat_ids.argsort(stable=True)  # [N * A] assignments grouped by expert
         counts = torch.bincount(flat_ids, minlength=E)  # [E]
@@ -382,9 +384,7 @@ class Experts(nn.Module):
         start = 0
         for e, n in enumerate(counts.tolist()):  # only the experts that got tokens are read
             if n:
-                w_gate_up, w_down = self.expert_weights(e)
-                gate, up = F.linear(xs[start : start + n], w_gate_up).chunk(2, dim=-1)  # [n, I] each
-                ys[start : start + n] = F.linear(self.act(gate) * up, w_down)  # [n, D]
+                ys[start : start + n] = self.expert_mlp(e, xs[start : start + n])  # [n, D]
                 start += n
         ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)  # [N * A, D]
         return torch.zeros_like(x).index_add_(0, token, ys), counts
