@@ -27,28 +27,35 @@ log = logging.getLogger("model_runtime.http")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # OpenAPI schemas of the bodies the handlers read raw (binary extension, generate's free keys).
-_TENSOR_SCHEMA = {
-    "type": "object",
-    "required": ["name", "datatype", "shape"],
-    "properties": {
-        "name": {"type": "string"},
-        "datatype": {"type": "string", "enum": sorted(protocol.DATATYPES)},
-        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-        "parameters": {"type": "object"},
-        "data": {"type": "array"},
-    },
-}
+def _input_schema(spec: protocol.TensorSpec) -> dict[str, Any]:
+    item = {"type": "string"} if spec.datatype == "BYTES" else {"type": "boolean"}
+    return {
+        "type": "object",
+        "required": ["name", "datatype", "shape", "data"],
+        "properties": {
+            "name": {"type": "string", "enum": [spec.name]},
+            "datatype": {"type": "string", "enum": [spec.datatype]},
+            "shape": {"type": "array", "items": {"type": "integer", "enum": [1]}, "minItems": 1, "maxItems": 1},
+            "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
+            "data": {"type": "array", "items": item, "minItems": 1, "maxItems": 1},
+        },
+    }
+
+
 INFER_REQUEST_SCHEMA = {
     "type": "object",
     "required": ["inputs"],
     "properties": {
         "id": {"type": "string"},
-        "parameters": {"type": "object"},
-        "inputs": {"type": "array", "items": _TENSOR_SCHEMA},
+        "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+        "inputs": {"type": "array", "minItems": 1,
+                   "items": {"oneOf": [_input_schema(spec) for spec in protocol.MODEL_INPUTS.values()]}},
         "outputs": {
             "type": "array",
             "items": {"type": "object", "required": ["name"],
-                      "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}},
+                      "properties": {"name": {"type": "string", "enum": list(protocol.MODEL_OUTPUTS)},
+                                     "parameters": {"type": "object",
+                                                    "properties": {"binary_data": {"type": "boolean"}}}}},
         },
     },
 }
@@ -60,12 +67,17 @@ GENERATE_REQUEST_SCHEMA = {
         "text_input": {"type": "string"},
         "stream": {"type": "boolean"},
         "exclude_input_in_output": {"type": "boolean"},
-        "sampling_parameters": {"type": "string"},
+        "sampling_parameters": {"type": "string", "description": "JSON object of sampling parameters"},
         "parameters": {"type": "object"},
-        **{name: {"type": "integer"} for name in ("max_tokens", "top_k", "seed")},
-        **{name: {"type": "number"} for name in ("temperature", "top_p")},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": -1},
+        "seed": {"type": "integer"},
+        "stop": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "ignore_eos": {"type": "boolean"},
     },
-    "additionalProperties": True,
+    "additionalProperties": False,
 }
 
 
@@ -86,7 +98,9 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """ASGI middleware: 413 for bodies above `max_bytes`, by Content-Length or as they arrive."""
+    """ASGI middleware: 413 for bodies above `max_bytes`, by Content-Length or as they arrive.
+    Also takes a POST body under /v1 as JSON whatever its Content-Type says (`curl -d` sends a
+    form type), as the OpenAI API does."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -102,6 +116,9 @@ class BodyLimit:
                     return await _error_response(scope["path"], 400, "invalid Content-Length")(scope, receive, send)
                 if int(value) > self.max_bytes:
                     return await _error_response(scope["path"], 413, message)(scope, receive, send)
+        if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         received = 0
         started = False
 
@@ -157,6 +174,8 @@ async def _json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("request body is nested too deeply") from None
 
 
 def _sse(data: Any) -> bytes:
@@ -197,6 +216,14 @@ def create_app(service: InferenceService) -> BodyLimit:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         return _error_response(request.url.path, exc.status_code, str(exc.detail), "not_found_error")
+
+    @app.exception_handler(BodyTooLarge)
+    async def on_body_too_large(request: Request, exc: BodyTooLarge):
+        return _error_response(request.url.path, 413, f"request body larger than {limit} bytes (--max-body-bytes)")
+
+    @app.exception_handler(RecursionError)
+    async def on_too_deep(request: Request, exc: RecursionError):
+        return _error_response(request.url.path, 400, "request body is nested too deeply")
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
@@ -344,6 +371,9 @@ def create_app(service: InferenceService) -> BodyLimit:
 
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             # One model is served: say so, so that clients (and fuzzers) know the one valid name.
+            for component in schema.get("components", {}).get("schemas", {}).values():
+                if component.get("title") in ("CompletionRequest", "ChatCompletionRequest"):
+                    component["properties"]["model"] = {"type": "string", "enum": [model_name]}
             for path_item in schema.get("paths", {}).values():
                 for operation in path_item.values():
                     for parameter in operation.get("parameters", []):

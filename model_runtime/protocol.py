@@ -297,6 +297,8 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         request = json.loads(body[:header_length])
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("request body is nested too deeply") from None
     if not isinstance(request, dict):
         raise ProtocolError("request body must be a JSON object")
     request_id = request.get("id", "")
@@ -496,7 +498,7 @@ def generate_request_from_tensors(inputs: dict[str, Tensor], parameters: dict[st
     if raw_sampling is not None:
         try:
             sampling_dict = json.loads(_text(raw_sampling, "sampling_parameters") or "{}")
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ProtocolError(f"input 'sampling_parameters' is not valid JSON: {e}") from None
         if not isinstance(sampling_dict, dict):
             raise ProtocolError("input 'sampling_parameters' must be a JSON object")

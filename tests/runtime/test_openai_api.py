@@ -1,0 +1,95 @@
+"""The OpenAI-compatible API with the `openai` package: completions and chat, streamed and not."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.runtime.conftest import MODEL_NAME
+
+pytestmark = pytest.mark.runtime
+
+GREEDY = {"temperature": 0, "max_tokens": 10, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module")
+def client(runtime_server):
+    with openai.OpenAI(base_url=f"{runtime_server.base_url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def test_models(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL_NAME]
+
+
+def test_completion_streamed_equals_non_streamed(client):
+    full = client.completions.create(model=MODEL_NAME, prompt="Mixture of experts", **GREEDY)
+    choice = full.choices[0]
+    assert choice.finish_reason == "length" and choice.text
+    assert full.usage.completion_tokens == 10
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 10
+
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt="Mixture of experts", stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_completion_from_token_ids_with_logprobs_and_echo(client):
+    result = client.completions.create(model=MODEL_NAME, prompt=[72, 105, 33], logprobs=2, echo=True, **GREEDY)
+    choice = result.choices[0]
+    assert result.usage.prompt_tokens == 3
+    assert choice.text.startswith("Hi!")
+    assert len(choice.logprobs.tokens) == 10 == len(choice.logprobs.token_logprobs)
+    assert all(len(top) >= 1 for top in choice.logprobs.top_logprobs)
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+
+
+def test_seed_makes_sampling_repeatable(client):
+    def sample():
+        return client.completions.create(model=MODEL_NAME, prompt="seeded", temperature=1.0, max_tokens=8,
+                                         seed=1234).choices[0].text
+
+    assert sample() == sample()
+
+
+def test_stop_string_ends_the_text(client):
+    text = client.completions.create(model=MODEL_NAME, prompt="stop here", **GREEDY).choices[0].text
+    stop = text[3:5]
+    stopped = client.completions.create(model=MODEL_NAME, prompt="stop here", stop=[stop], **GREEDY).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stop not in stopped.text and text.startswith(stopped.text)
+
+
+def test_chat_streamed_equals_non_streamed(client):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello!"}]
+    full = client.chat.completions.create(model=MODEL_NAME, messages=messages, logprobs=True, top_logprobs=2,
+                                          **GREEDY)
+    choice = full.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert len(choice.logprobs.content) == 10
+    assert full.usage.completion_tokens == 10
+
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=messages, stream=True, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 10  # usage on the finishing chunk, always
+
+
+def test_errors_are_openai_shaped(client, runtime_server):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=10**6)
+    with pytest.raises(openai.BadRequestError, match="model length"):
+        client.completions.create(model=MODEL_NAME, prompt="x" * 1000, max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        client.completions.create(model=MODEL_NAME, prompt=[10**7], max_tokens=1)
+    r = httpx.post(f"{runtime_server.base_url}/v1/chat/completions", json={"model": MODEL_NAME, "messages": []})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "messages" in error["message"]
