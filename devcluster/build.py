@@ -19,6 +19,7 @@ sha256 matches; anything else rebuilds it. Building is idempotent and safe to in
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -403,15 +404,22 @@ def ensure_built(components: tuple[Component, ...] = versions.COMPONENTS, *, qui
         raise RuntimeError("the Go toolchain (go 1.26+) is needed to build the devcluster binaries: "
                            "install it (e.g. apt-get install golang-1.26 or from go.dev) and retry")
     manifests = {}
-    for component in components:
-        if is_built(component):
-            manifests[component.key] = read_manifest(component)
-            if not quiet:
-                print(f"[build {component.key}] cached ({component_dir(component) / 'bin'})", file=sys.stderr)
-        else:
-            manifests[component.key] = build_component(component)
-        link_binaries(component)
+    with open(cache_root() / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; a waiting one then finds it built
+        for component in components:
+            manifests[component.key] = _ensure_component(component, quiet)
     return manifests
+
+
+def _ensure_component(component: Component, quiet: bool) -> dict:
+    if is_built(component):
+        manifest = read_manifest(component)
+        if not quiet:
+            print(f"[build {component.key}] cached ({component_dir(component) / 'bin'})", file=sys.stderr)
+    else:
+        manifest = build_component(component)
+    link_binaries(component)
+    return manifest
 
 
 def missing_components(components: tuple[Component, ...] = versions.COMPONENTS) -> list[Component]:

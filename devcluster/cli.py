@@ -9,13 +9,19 @@ import sys
 from pathlib import Path
 
 from devcluster import build, monitoring
-from devcluster.control_plane import DEFAULT_GPU_NODES, DEFAULT_STATE_DIR, DevCluster, DevClusterError
+from devcluster.control_plane import (
+    DEFAULT_GPU_NODES,
+    DEFAULT_STATE_DIR,
+    STATE_DIR_ENV,
+    DevCluster,
+    DevClusterError,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m devcluster", description=__doc__)
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
-                        help="where the cluster keeps its state (default: %(default)s)")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help=f"where the cluster keeps its state (default: ${STATE_DIR_ENV}, else {DEFAULT_STATE_DIR})")
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build", help="build (or verify) the cluster binaries and install Prometheus")
     b.add_argument("components", nargs="*", help="default: all")

@@ -38,6 +38,7 @@ from devcluster.processes import ProcessRecord
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = REPO_ROOT / ".devcluster"
+STATE_DIR_ENV = "DEVCLUSTER_STATE_DIR"  # overrides DEFAULT_STATE_DIR (e.g. a second cluster)
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 SERVICE_CLUSTER_IP = "10.96.0.1"  # the `kubernetes` Service's ClusterIP (a SAN of the serving cert)
 LOCAL_NODE_NAME = "devcluster-local"
@@ -56,7 +57,7 @@ HEALTH_PATHS = "/healthz,/readyz,/livez,/metrics"
 
 # Stop order: what depends on the API server first (the node agent stops its pods on SIGTERM and
 # needs the API to report it), etcd last.
-STOP_ORDER = (("prometheus", "alertmanager", "proxy", "node"),
+STOP_ORDER = (("prometheus", "alertmanager", "pod-discovery", "proxy", "node"),
               ("kwok", "kube-scheduler", "kube-controller-manager"),
               ("kube-apiserver",),
               ("etcd",))
@@ -140,11 +141,11 @@ def poll(what: str, check: Callable[[], bool], timeout: float, interval: float =
 class DevCluster:
     """A devcluster rooted at state_dir. Cheap to construct; nothing runs until `up`."""
 
-    state_dir: Path = DEFAULT_STATE_DIR
+    state_dir: Path | None = None  # None: $DEVCLUSTER_STATE_DIR, else <repo>/.devcluster
     log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr), repr=False)
 
     def __post_init__(self) -> None:
-        self.state_dir = Path(self.state_dir).resolve()
+        self.state_dir = Path(self.state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR).resolve()
 
     # ---- paths and derived values -------------------------------------------------------------
 
@@ -172,6 +173,11 @@ class DevCluster:
     def rules_dir(self) -> Path:
         """Prometheus loads every *.yml here; call reload_prometheus() after changing them."""
         return self.monitoring_dir / "rules"
+
+    @property
+    def targets_dir(self) -> Path:
+        """Static scrape targets: [{"targets": ["127.0.0.1:PORT"], "labels": {...}}] in NAME.json."""
+        return self.monitoring_dir / "targets"
 
     @property
     def services_file(self) -> Path:
@@ -290,6 +296,9 @@ class DevCluster:
             return ready, f"node {LOCAL_NODE_NAME} " + ("Ready" if ready else "not Ready")
         if name == "proxy":
             return True, str(self.services_file)
+        if name == "pod-discovery":
+            ok, body = _http_ok(f"http://127.0.0.1:{ports[name]}/healthz")
+            return ok, "" if ok else body
         if name in ("prometheus", "alertmanager"):
             url = f"http://127.0.0.1:{ports[name]}"
             ok, body = _http_ok(f"{url}/-/ready")
@@ -313,12 +322,14 @@ class DevCluster:
             if state is not None:
                 self.log("devcluster: the recorded cluster is not healthy; restarting it")
                 self._stop_all(state)
+                self.state_file.unlink(missing_ok=True)
             started = time.monotonic()
             state = ClusterState(gpu_nodes=gpu_nodes)
             try:
                 self._start(state, monitoring_enabled, alert_webhook, alert_webhook_token_file, timeout)
             except BaseException:
                 self._stop_all(state)
+                self.state_file.unlink(missing_ok=True)
                 raise
             self.log(f"devcluster: up in {time.monotonic() - started:.1f}s "
                      f"(Kubernetes {versions.KUBERNETES_VERSION}, {gpu_nodes} simulated GPU nodes"
@@ -365,10 +376,11 @@ class DevCluster:
     def _start(self, state: ClusterState, monitoring_enabled: bool, alert_webhook: str | None,
                alert_webhook_token_file: str | None, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        if build.missing_components():
+        needed = tuple(c for c in versions.COMPONENTS if c.name in ("kubernetes", "etcd", "kwok"))
+        if build.missing_components(needed):
             self.log("devcluster: building the cluster binaries first (once; cached in "
                      f"{build.cache_root()})")
-            build.ensure_built()
+            build.ensure_built(needed)
         self._fresh_state_dir()
         bin_path = build.binary_path
         ports = state.ports
@@ -427,6 +439,9 @@ class DevCluster:
             f"--cert-dir={self.state_dir / 'pki' / 'controller-manager-generated'}",
             "--controllers=*," + ",".join(f"-{c}" for c in DISABLED_CONTROLLERS),
             "--allocate-node-cidrs=false",
+            # Each controller acts as its own ServiceAccount (system:controller:*), as in kubeadm;
+            # the system:kube-controller-manager user alone may not touch nodes or configmaps.
+            "--use-service-account-credentials=true",
             f"--root-ca-file={pki.ca_cert}",
             f"--service-account-private-key-file={pki.sa_private}",
             f"--cluster-signing-cert-file={pki.ca_cert}", f"--cluster-signing-key-file={pki.ca_key}",
@@ -520,13 +535,16 @@ class DevCluster:
                                  PROMETHEUS_TOKEN_SECONDS)
         token_file = self.monitoring_dir / "prometheus.token"
         self.rules_dir.mkdir(parents=True, exist_ok=True)
+        self.targets_dir.mkdir(parents=True, exist_ok=True)
         token_file.write_text(token)
         token_file.chmod(0o600)
         ports = state.ports
+        ports["pod-discovery"] = processes.free_port()
+        self._spawn(state, "pod-discovery", monitoring.pod_discovery_args(
+            f"https://127.0.0.1:{ports['apiserver']}", self.pki.ca_cert, token_file, ports["pod-discovery"]))
         prometheus_yml = monitoring.write_yaml(self.monitoring_dir / "prometheus.yml", monitoring.prometheus_config(
-            api_server=f"https://127.0.0.1:{ports['apiserver']}", ca_file=self.pki.ca_cert,
-            token_file=token_file, rules_dir=self.rules_dir,
-            alertmanager_address=f"127.0.0.1:{ports['alertmanager']}"))
+            discovery_url=f"http://127.0.0.1:{ports['pod-discovery']}/", rules_dir=self.rules_dir,
+            targets_dir=self.targets_dir, alertmanager_address=f"127.0.0.1:{ports['alertmanager']}"))
         state.alert_webhook, state.alert_webhook_token_file = alert_webhook, alert_webhook_token_file
         alertmanager_yml = self._write_alertmanager_config(state)
         self._spawn(state, "alertmanager", [monitoring.ALERTMANAGER_BINARY, *monitoring.alertmanager_args(
@@ -566,7 +584,7 @@ class DevCluster:
             self._wait_nodes(state, deadline)
         if monitoring_enabled and not state.monitoring:
             self._start_monitoring(state, alert_webhook, alert_webhook_token_file)
-            self._wait_healthy(state, ("prometheus", "alertmanager"), deadline)
+            self._wait_healthy(state, ("pod-discovery", "prometheus", "alertmanager"), deadline)
         elif alert_webhook and state.monitoring and (alert_webhook, alert_webhook_token_file) != (
                 state.alert_webhook, state.alert_webhook_token_file):
             state.alert_webhook, state.alert_webhook_token_file = alert_webhook, alert_webhook_token_file
@@ -579,11 +597,29 @@ class DevCluster:
     def _stop_all(self, state: ClusterState) -> list[str]:
         killed = []
         recorded = {p.name: p for p in state.processes}
+        node_exited_early = "node" in recorded and not processes.is_alive(recorded["node"])
         for group in STOP_ORDER:
             records = [recorded.pop(n) for n in group if n in recorded]
             killed += processes.stop(records, timeout=15.0 if "node" in group else 10.0)
         killed += processes.stop(list(recorded.values()))  # anything not in STOP_ORDER
+        if state.local_node and ("node" in killed or node_exited_early):
+            # The agent did not stop its pods itself: its --cleanup kills the ones it recorded.
+            subprocess.run([sys.executable, "-m", "devcluster.node", "--cleanup", "--kubeconfig",
+                            str(self.kubeconfig), "--state-dir", str(self.state_dir / "node")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, check=False)
         return killed
+
+    def stop_components(self, names: tuple[str, ...]) -> None:
+        """Stop some recorded processes (e.g. the monitoring a test session added) and forget them."""
+        with self._locked():
+            state = self.read_state()
+            if state is None:
+                return
+            processes.stop([p for p in state.processes if p.name in names])
+            state.processes = [p for p in state.processes if p.name not in names]
+            if "prometheus" in names or "alertmanager" in names:
+                state.monitoring = False
+            self._write_state(state)
 
     def down(self) -> bool:
         """Stop every process `up` recorded (SIGTERM, then SIGKILL after a deadline) and forget

@@ -1,7 +1,10 @@
 """Prometheus and Alertmanager (Debian's packages) configured against the devcluster.
 
-Which pods Prometheus scrapes (kubernetes_sd, role pod, through the local API server with a
-read-only ServiceAccount token):
+Which pods Prometheus scrapes. Pods are discovered through the local API server with a read-only
+ServiceAccount token. Debian builds Prometheus without `kubernetes_sd_configs`, so
+devcluster.pod_discovery serves the same targets and `__meta_kubernetes_pod_*` labels over
+`http_sd_configs` (refreshed every second); the relabelling below is what a real cluster would use
+with kubernetes_sd, role pod:
 
 - only Running pods with a loopback pod IP (127.*), and none on a simulated (kwok) node, where
   nothing listens;
@@ -11,6 +14,10 @@ read-only ServiceAccount token):
   `/metrics`; `prometheus.io/scrape: "false"` opts a pod out;
 - every series carries `namespace`, `pod`, `container`, `node` and the pod's labels (sanitised:
   `serving.moe.dev/revision` becomes `serving_moe_dev_revision`).
+
+Processes outside the cluster (the operator under `make run`) are scraped through file discovery:
+write `[{"targets": ["127.0.0.1:PORT"], "labels": {...}}]` to `.devcluster/monitoring/targets/NAME.json`
+(job `static`; loopback targets only; picked up within seconds, no reload needed).
 
 Scrapes every 2 s and evaluates rules every 1 s. Rule files are every `*.yml` in
 `.devcluster/monitoring/rules/`; after changing them call `reload(prometheus_url)` (POST /-/reload).
@@ -41,7 +48,7 @@ SCRAPE_INTERVAL = "2s"
 EVALUATION_INTERVAL = "1s"
 
 
-def prometheus_config(*, api_server: str, ca_file: Path, token_file: Path, rules_dir: Path,
+def prometheus_config(*, discovery_url: str, rules_dir: Path, targets_dir: Path,
                       alertmanager_address: str) -> dict:
     """prometheus.yml (see the module docstring for which pods it scrapes)."""
     meta = "__meta_kubernetes_pod_"
@@ -52,12 +59,7 @@ def prometheus_config(*, api_server: str, ca_file: Path, token_file: Path, rules
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager_address]}]}]},
         "scrape_configs": [{
             "job_name": "pods",
-            "kubernetes_sd_configs": [{
-                "role": "pod",
-                "api_server": api_server,
-                "tls_config": {"ca_file": str(ca_file)},
-                "authorization": {"type": "Bearer", "credentials_file": str(token_file)},
-            }],
+            "http_sd_configs": [{"url": discovery_url, "refresh_interval": "1s"}],
             "relabel_configs": [
                 {"source_labels": [f"{meta}phase"], "regex": "Running", "action": "keep"},
                 {"source_labels": [f"{meta}ip"], "regex": r"127\..+", "action": "keep"},
@@ -79,6 +81,10 @@ def prometheus_config(*, api_server: str, ca_file: Path, token_file: Path, rules
                 {"source_labels": [f"{meta}container_name"], "target_label": "container"},
                 {"source_labels": [f"{meta}node_name"], "target_label": "node"},
             ],
+        }, {
+            "job_name": "static",
+            "file_sd_configs": [{"files": [str(targets_dir / "*.json")], "refresh_interval": "5s"}],
+            "relabel_configs": [{"source_labels": ["__address__"], "regex": r"127\.[\d.]+:\d+", "action": "keep"}],
         }],
     }
 
@@ -109,6 +115,11 @@ def prometheus_args(config: Path, data_dir: Path, port: int) -> list[str]:
         "--web.enable-lifecycle",
         "--rules.alert.resend-delay=1s",
     ]
+
+
+def pod_discovery_args(api_server: str, ca_file: Path, token_file: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "devcluster.pod_discovery", f"--api-server={api_server}",
+            f"--ca-file={ca_file}", f"--token-file={token_file}", f"--port={port}"]
 
 
 def alertmanager_args(config: Path, data_dir: Path, port: int) -> list[str]:

@@ -1,0 +1,106 @@
+"""What test fixtures (tests/cluster, tests/e2e) use: a running devcluster as one handle.
+
+    with running_cluster(monitoring=True) as cluster:
+        cluster.kubectl("get", "nodes")
+
+`running_cluster` brings the cluster up unless one is already running, and on exit stops only
+what it started (all of it, or just the monitoring it added). DEVCLUSTER_KEEP=1 leaves it running
+for the next test run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from devcluster.control_plane import DevCluster, poll
+
+
+@dataclass
+class RunningCluster:
+    """A devcluster that is up: where its files are and how to talk to it."""
+
+    devcluster: DevCluster
+    kubeconfig: Path
+    env: dict[str, str]  # KUBECONFIG, PATH with the cluster binaries (+ PROMETHEUS_URL, ALERTMANAGER_URL)
+    state_dir: Path
+    api_server_url: str
+    prometheus_url: str | None
+    alertmanager_url: str | None
+
+    @classmethod
+    def of(cls, devcluster: DevCluster) -> RunningCluster:
+        return cls(devcluster, devcluster.kubeconfig, devcluster.env(), devcluster.state_dir,
+                   devcluster.api_server_url, devcluster.prometheus_url, devcluster.alertmanager_url)
+
+    @property
+    def rules_dir(self) -> Path:
+        return self.devcluster.rules_dir
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
+                timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """kubectl against this cluster (text output captured); raises on failure when check."""
+        return self.devcluster.kubectl(*args, check=check, input=input, timeout=timeout)
+
+    def apply(self, *objects: dict) -> None:
+        """kubectl apply the objects (server-side)."""
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                     input=yaml.safe_dump_all(objects))
+
+    def get_json(self, *args: str) -> dict:
+        return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
+
+    def set_alert_webhook(self, url: str | None, token_file: str | None = None) -> None:
+        self.devcluster.set_alert_webhook(url, token_file)
+
+    def add_rules(self, name: str, groups: list[dict], timeout: float = 20.0) -> Path:
+        """Write rules_dir/<name>.yml ({"groups": groups}), reload Prometheus, wait until loaded."""
+        path = self.rules_dir / f"{name}.yml"
+        path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+        self.devcluster.reload_prometheus()
+        wanted = {g["name"] for g in groups}
+        poll(f"Prometheus to load rule groups {sorted(wanted)}",
+             lambda: wanted <= {g["name"] for g in self.prometheus_api("rules")["groups"]}, timeout, 0.2)
+        return path
+
+    def remove_rules(self, name: str) -> None:
+        (self.rules_dir / f"{name}.yml").unlink(missing_ok=True)
+        self.devcluster.reload_prometheus()
+
+    def prometheus_api(self, endpoint: str, **params: str) -> dict:
+        """GET /api/v1/<endpoint> from Prometheus; returns its `data`."""
+        query = urllib.parse.urlencode(params)
+        url = f"{self.prometheus_url}/api/v1/{endpoint}" + (f"?{query}" if query else "")
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())["data"]
+
+
+@contextmanager
+def running_cluster(*, monitoring: bool = True, gpu_nodes: int = 4,
+                    state_dir: Path | None = None) -> Iterator[RunningCluster]:
+    """Yield a RunningCluster, bringing it up if needed; stop on exit only what this started."""
+    devcluster = DevCluster(state_dir)
+    state = devcluster.read_state()
+    had_monitoring = bool(state and state.monitoring and devcluster.healthy())
+    started_at = time.monotonic()
+    started = devcluster.up(gpu_nodes=gpu_nodes, monitoring_enabled=monitoring)
+    devcluster.log(f"devcluster: {'started' if started else 'reused'} in {time.monotonic() - started_at:.1f}s")
+    try:
+        yield RunningCluster.of(devcluster)
+    finally:
+        if os.environ.get("DEVCLUSTER_KEEP") == "1":
+            pass
+        elif started:
+            devcluster.down()
+        elif monitoring and not had_monitoring:
+            devcluster.stop_components(("prometheus", "alertmanager", "pod-discovery"))
