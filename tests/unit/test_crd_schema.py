@@ -112,3 +112,12 @@ def test_crd_defaults_agree_with_the_typed_spec(spec):
     defaulted = apply_defaults(SCHEMA, yaml.safe_load(yaml.safe_dump(body)))
     assert defaulted != body or spec == {}
     assert ModelDeployment.from_body(defaulted) == ModelDeployment.from_body(body)
+
+
+def test_no_stray_keys_from_yaml_flow_mappings():
+    """A comma inside an unquoted flow-mapping description silently makes a new key."""
+    for path, node in walk(SCHEMA):
+        for key in node.get("properties") or {}:
+            assert key.replace("-", "").isalnum(), f"{path}: odd property name {key!r}"
+    for column in VERSION["additionalPrinterColumns"]:
+        assert set(column) <= {"name", "type", "jsonPath", "description", "priority", "format"}, column
