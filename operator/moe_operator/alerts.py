@@ -1,0 +1,304 @@
+"""The Alertmanager webhook: `POST /alerts` turns a firing alert that names a ModelDeployment into a
+durable abort request of its rollout.
+
+Alertmanager posts (webhook_config, payload version 4) a group of alerts:
+`{"version": "4", "status": "firing", "receiver", "groupKey", "groupLabels", "commonLabels",
+"commonAnnotations", "externalURL", "truncatedAlerts", "alerts": [{"status": "firing"|"resolved",
+"labels", "annotations", "startsAt", "endsAt", "generatorURL", "fingerprint"}]}`.
+
+- Auth: `Authorization: Bearer <token>`, compared in constant time with the token from a Secret
+  (or a file). Missing or wrong: 401. Malformed payload: 400 with a message. Neither has any effect.
+- Matching: a firing alert whose labels carry `namespace` and `modeldeployment` names that object;
+  optional `revision` (must be the revision being rolled out) and `track` (`canary` or `preview`;
+  an alert on the `stable` track does not abort a rollout).
+- Effect: the annotation `serving.moe.dev/abort` on the ModelDeployment (JSON: revision, reason,
+  message, labels, when the alert arrived). It is durable before the reply: a SIGKILLed operator
+  finds it on restart, and Alertmanager retries on 5xx until it is written. Repeats are harmless (an
+  annotation already naming that revision is left as it is, so the first arrival time is kept) and a
+  resolved alert never resumes anything: only `kubectl moe retry` or a new revision does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import names
+from .rollout import ABORT_ALERT, ANNOTATION_ABORT, ANNOTATION_RETRY, AbortRequest, epoch
+
+log = logging.getLogger("moe_operator.alerts")
+
+LABEL_NAMESPACE = "namespace"
+LABEL_MODELDEPLOYMENT = "modeldeployment"
+LABEL_REVISION = "revision"
+LABEL_TRACK = "track"
+MAX_ALERTS = 1000
+MAX_BODY_BYTES = 1 << 20
+
+
+class PayloadError(ValueError):
+    """A payload that is not Alertmanager's webhook JSON; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    status: str                                  # firing | resolved
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    starts_at: str = ""
+    fingerprint: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.labels.get("alertname", "alert")
+
+    @property
+    def message(self) -> str:
+        text = self.annotations.get("summary") or self.annotations.get("description") or ""
+        return f"{self.name}: {text}" if text else self.name
+
+
+@dataclass(frozen=True)
+class Target:
+    """A firing alert that names a ModelDeployment."""
+
+    namespace: str
+    name: str
+    revision: str | None
+    track: str | None
+    alert: Alert
+
+
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise PayloadError(f"{where} must be an object of string values")
+    return dict(value)
+
+
+def parse_payload(data: bytes) -> list[Alert]:
+    """The alerts of one webhook post; PayloadError when it is not Alertmanager's JSON (version 4)."""
+    if len(data) > MAX_BODY_BYTES:
+        raise PayloadError(f"payload larger than {MAX_BODY_BYTES} bytes")
+    try:
+        payload = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise PayloadError(f"payload is not JSON: {error}") from None
+    if not isinstance(payload, dict):
+        raise PayloadError("payload must be a JSON object")
+    version = payload.get("version")
+    if version is not None and str(version) != "4":
+        raise PayloadError(f"unsupported payload version {version!r} (Alertmanager's webhook sends \"4\")")
+    alerts = payload.get("alerts")
+    if not isinstance(alerts, list):
+        raise PayloadError("payload.alerts must be a list")
+    if len(alerts) > MAX_ALERTS:
+        raise PayloadError(f"more than {MAX_ALERTS} alerts in one payload")
+    out = []
+    for i, a in enumerate(alerts):
+        where = f"alerts[{i}]"
+        if not isinstance(a, dict):
+            raise PayloadError(f"{where} must be an object")
+        status = a.get("status")
+        if status not in ("firing", "resolved"):
+            raise PayloadError(f"{where}.status must be \"firing\" or \"resolved\", not {status!r}")
+        labels = _str_map(a.get("labels"), f"{where}.labels")
+        out.append(Alert(status, labels, _str_map(a.get("annotations"), f"{where}.annotations"),
+                         str(a.get("startsAt") or ""), str(a.get("fingerprint") or "")))
+    return out
+
+
+def targets(alerts: Iterable[Alert]) -> list[Target]:
+    """Firing alerts that name a ModelDeployment (resolved ones never act)."""
+    out = []
+    for a in alerts:
+        ns, name = a.labels.get(LABEL_NAMESPACE), a.labels.get(LABEL_MODELDEPLOYMENT)
+        if a.status == "firing" and ns and name:
+            out.append(Target(ns, name, a.labels.get(LABEL_REVISION) or None, a.labels.get(LABEL_TRACK) or None, a))
+    return out
+
+
+def rollout_revision(body: Mapping[str, Any], now: float) -> str | None:
+    """The revision an abort would stop: the one being rolled out, or one just promoted whose
+    predecessor is still warm (then an abort switches back at once). None when nothing runs."""
+    status = body.get("status") or {}
+    state = status.get("rollout") or {}
+    revision = state.get("revision")
+    if revision:
+        if not state.get("completedAt"):
+            return revision
+        warm_until = epoch(state.get("scaleDownAt"))
+        if warm_until and now < warm_until and state.get("previousRevision"):
+            return revision
+    current = status.get("currentRevision")
+    if current and status.get("stableRevision") and current != status["stableRevision"]:
+        return current
+    return None
+
+
+def abort_request(target: Target, body: Mapping[str, Any], now: float) -> tuple[AbortRequest | None, str]:
+    """Pure: the abort annotation to write for this alert on this object, or None and why not."""
+    spec = body.get("spec") or {}
+    alerts_cfg = ((spec.get("rollout") or {}).get("analysis") or {}).get("alerts") or {}
+    if alerts_cfg.get("enabled") is False:
+        return None, "alerts are disabled in spec.rollout.analysis.alerts"
+    revision = rollout_revision(body, now)
+    if revision is None:
+        return None, "no rollout is running"
+    if target.revision and target.revision != revision:
+        return None, f"the alert names revision {target.revision}, the rollout is of {revision}"
+    if target.track == names.TRACK_STABLE:
+        return None, "the alert is on the stable track"
+    state = (body.get("status") or {}).get("rollout") or {}
+    if state.get("aborted") and state.get("revision") == revision:
+        return None, f"revision {revision} is already aborted"
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    existing = AbortRequest.from_json(annotations.get(ANNOTATION_ABORT))
+    retry_at = epoch(annotations.get(ANNOTATION_RETRY)) or epoch(state.get("retriedAt")) or 0.0
+    started_at = epoch(state.get("startedAt")) or 0.0
+    if existing and existing.revision == revision and existing.at >= max(retry_at, started_at) - 1e-3:
+        return None, f"an abort of revision {revision} is already recorded"
+    labels = dict(target.alert.labels)
+    return AbortRequest(revision, ABORT_ALERT, target.alert.message, now, "alert", labels), "abort"
+
+
+# --- tokens --------------------------------------------------------------------------------------
+
+def bearer_matches(header: str | None, expected: str | None) -> bool:
+    """`Authorization: Bearer <token>` against the expected token, in constant time."""
+    if not expected or not header:
+        return False
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
+class TokenSource:
+    """The webhook's token: from a file (re-read when it changes) or a Secret key (cached briefly,
+    so a rotated Secret takes effect within `ttl` seconds)."""
+
+    def __init__(self, *, file: str | Path | None = None, secret: tuple[str, str, str] | None = None,
+                 read_secret: Callable[[str, str], Mapping[str, str]] | None = None, ttl: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.file = Path(file) if file else None
+        self.secret = secret             # (namespace, name, key)
+        self.read_secret = read_secret   # (namespace, name) -> the Secret's `data` (base64 values)
+        self.ttl, self.clock = ttl, clock
+        self._cached: tuple[float, str | None] | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.file or (self.secret and self.read_secret))
+
+    def current(self) -> str | None:
+        if self._cached and self.clock() - self._cached[0] < self.ttl:
+            return self._cached[1]
+        token = None
+        if self.file:
+            try:
+                token = self.file.read_text().strip() or None
+            except OSError as error:
+                log.warning("cannot read the alerts token file %s: %s", self.file, error)
+        elif self.secret and self.read_secret:
+            ns, name, key = self.secret
+            try:
+                raw = (self.read_secret(ns, name) or {}).get(key)
+                token = base64.b64decode(raw).decode().strip() if raw else None
+            except Exception as error:   # an unreadable Secret refuses every post (401), never crashes
+                log.warning("cannot read the alerts token from Secret %s/%s: %s", ns, name, error)
+        self._cached = (self.clock(), token)
+        return token
+
+
+# --- the endpoint --------------------------------------------------------------------------------
+
+class AbortStore:
+    """Writes abort requests on ModelDeployments (a merge patch of one annotation)."""
+
+    def __init__(self, dynamic_client):
+        self.dyn = dynamic_client
+        self._md = dynamic_client.resources.get(api_version=names.API_VERSION, kind=names.KIND)
+
+    def get(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        from kubernetes.dynamic.exceptions import NotFoundError
+        try:
+            return self.dyn.get(self._md, name=name, namespace=namespace).to_dict()
+        except NotFoundError:
+            return None
+
+    def annotate(self, namespace: str, name: str, value: str) -> None:
+        self.dyn.patch(self._md, name=name, namespace=namespace,
+                       body={"metadata": {"annotations": {ANNOTATION_ABORT: value}}},
+                       content_type="application/merge-patch+json")
+
+
+def handle_alerts(alerts: list[Alert], store, now: float) -> dict[str, list[dict[str, str]]]:
+    """Apply the alerts of one post; returns what was aborted and what was ignored (and why)."""
+    result: dict[str, list[dict[str, str]]] = {"aborted": [], "ignored": []}
+    for target in targets(alerts):
+        body = store.get(target.namespace, target.name)
+        entry = {"namespace": target.namespace, "modeldeployment": target.name, "alertname": target.alert.name}
+        if body is None:
+            result["ignored"].append({**entry, "why": "no such ModelDeployment"})
+            continue
+        request, why = abort_request(target, body, now)
+        if request is None:
+            result["ignored"].append({**entry, "why": why})
+            continue
+        store.annotate(target.namespace, target.name, request.to_json())
+        result["aborted"].append({**entry, "revision": request.revision})
+    return result
+
+
+def alerts_routes(token: TokenSource, store, *, on_abort: Callable[[str, str, float], None] | None = None,
+                  on_result: Callable[[str], None] | None = None,
+                  clock: Callable[[], float] = time.time) -> list[web.RouteDef]:
+    """`POST /alerts` for the operator's HTTP server. `on_abort(namespace, name, received_at)` runs
+    after an abort is recorded (the operator reconciles at once); `on_result(result)` counts posts
+    (ok, unauthorized, bad_request, error)."""
+
+    def count(result: str) -> None:
+        if on_result:
+            on_result(result)
+
+    async def post_alerts(request: web.Request) -> web.Response:
+        received = clock()
+        if not bearer_matches(request.headers.get("Authorization"), token.current()):
+            count("unauthorized")
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                     headers={"WWW-Authenticate": 'Bearer realm="moe-operator"'})
+        try:
+            alerts = parse_payload(await request.read())
+        except PayloadError as error:
+            count("bad_request")
+            return web.json_response({"error": str(error)}, status=400)
+        except web.HTTPRequestEntityTooLarge:
+            count("bad_request")
+            return web.json_response({"error": "payload too large"}, status=413)
+        try:
+            result = await asyncio.to_thread(handle_alerts, alerts, store, received)
+        except Exception as error:     # Alertmanager retries a 5xx: the abort is not lost
+            log.exception("could not record the alerts")
+            count("error")
+            return web.json_response({"error": f"could not record the abort: {error}"}, status=503)
+        count("ok")
+        for entry in result["aborted"]:
+            log.warning("alert %s aborts %s/%s revision %s", entry["alertname"], entry["namespace"],
+                        entry["modeldeployment"], entry["revision"])
+            if on_abort:
+                on_abort(entry["namespace"], entry["modeldeployment"], received)
+        return web.json_response(result)
+
+    return [web.post("/alerts", post_alerts)]
