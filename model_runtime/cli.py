@@ -123,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     config = config_from_args(args)
-    return asyncio.run(serve(config, pod_ip=os.environ.get("POD_IP") or None))
+    code = asyncio.run(serve(config, pod_ip=os.environ.get("POD_IP") or None))
+    # Everything the server owns is closed by now, but the interpreter's teardown of native
+    # threads (gRPC's, torch's) can take seconds of the pod's grace period: leave at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ def free_port() -> int:
 class ServerProcess:
     """One `moe-runtime serve` subprocess bound to 127.0.0.1 on free ports."""
 
-    def __init__(self, *extra_args: str, model: str = MODEL, startup_timeout_s: float = 120.0):
+    def __init__(self, *extra_args: str, model: str = MODEL, startup_timeout_s: float | None = 120.0):
+        """Start the server; wait until it is ready unless `startup_timeout_s` is None."""
         self.http_port, self.grpc_port = free_port(), free_port()
         self.base_url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
@@ -42,7 +43,8 @@ class ServerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("POD_IP", None)
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-        self.wait_ready(startup_timeout_s)
+        if startup_timeout_s is not None:
+            self.wait_ready(startup_timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
