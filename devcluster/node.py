@@ -1050,6 +1050,8 @@ class ContainerRunner:
                 self._set(state={"waiting": {"reason": e.reason, "message": e.message}},
                           last_state={"terminated": failed}, restart_count=self.record.restart_count + 1)
                 continue
+            if worker.stopping:  # the pod began stopping while this process started
+                await self.terminate(0)
             container_id = f"devcluster://{self.process.pid}"
             self._kill_message = ""
             self._set(state={"running": {"startedAt": rfc3339(started_at)}}, container_id=container_id,
@@ -1196,6 +1198,8 @@ class PodWorker:
         self._tokens: list[tuple[str, int, list[Path]]] = []  # (audience, expirationSeconds, files)
         self._tasks: list[asyncio.Task] = []
         self._status_task: asyncio.Task | None = None
+        self._stopped: asyncio.Future | None = None
+        self._deleting = False
         self.pids: set[int] = set()
 
     def _restore_restart_counts(self, status: dict) -> None:
@@ -1225,8 +1229,10 @@ class PodWorker:
 
     def update(self, pod: dict) -> None:
         self.pod = pod
-        if pod["metadata"].get("deletionTimestamp") and not self.stopping:
-            self._tasks.append(asyncio.create_task(self.stop(self.grace_seconds(), delete_object=True)))
+        if pod["metadata"].get("deletionTimestamp") and self._stopped is None and not self._deleting:
+            self._deleting = True
+            self._tasks.append(asyncio.create_task(self.stop(self.grace_seconds(), delete_object=True),
+                                                   name=f"stop {self.key}"))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -1518,8 +1524,16 @@ class PodWorker:
     async def stop(self, grace: float, delete_object: bool) -> None:
         """Stops every container (preStop, SIGTERM, `grace`, SIGKILL); with `delete_object`, writes
         the final status and deletes the pod object with grace 0, as the kubelet does."""
-        if self.stopping:
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)  # a second caller waits for the first one's work
             return
+        self._stopped = asyncio.get_running_loop().create_future()
+        try:
+            await self._stop_containers(grace, delete_object)
+        finally:
+            self._stopped.set_result(None)
+
+    async def _stop_containers(self, grace: float, delete_object: bool) -> None:
         self.stopping = True
         self._stop.set()
         deadline = time.monotonic() + max(grace, 0)
@@ -1530,13 +1544,14 @@ class PodWorker:
         await asyncio.gather(*(r.terminate(remaining) for r in self.runners))
         await asyncio.gather(*(r.terminate(max(deadline - time.monotonic(), 0.5)) for r in self.init_runners))
         for task in self._tasks:
-            if task is not asyncio.current_task() and task is not self._status_task:
+            if task is not asyncio.current_task() and task is not self._status_task and not task.get_name(
+                    ).startswith("stop"):
                 task.cancel()
         self.agent.ips.release(self.uid)
         if delete_object:
             await self._delete_object()
         for task in self._tasks:
-            if task is not asyncio.current_task():
+            if task is not asyncio.current_task() and not task.get_name().startswith("stop"):
                 task.cancel()
         if delete_object:
             shutil.rmtree(self.dir / "volumes", ignore_errors=True)
@@ -1863,6 +1878,7 @@ async def amain(args: argparse.Namespace) -> int:
         await NodeAgent(config, client).run(stop)
     finally:
         await client.close()
+    log.info("stopped")
     return 0
 
 
