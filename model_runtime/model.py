@@ -189,12 +189,32 @@ def paged_attention(
 
     q [N, H, E]; k [S, L, K, E] and v [S, L, K, Ev] gathered through the block tables -> [N, H, Ev].
     """
+    if ctx.max_new == 1:
+        return decode_attention(q, k, v, ctx.mask[:, :, 0], scale)
     qs = ctx.pad(q).transpose(1, 2)  # [S, H, Q, E]
     k, v = k.transpose(1, 2), v.transpose(1, 2)  # [S, K, L, E]
     out = F.scaled_dot_product_attention(
         qs, k, v, attn_mask=ctx.mask, scale=scale, enable_gqa=qs.shape[1] != k.shape[1]
     )  # [S, H, Q, Ev]
     return ctx.unpad(out.transpose(1, 2))  # [N, H, Ev]
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One new token per sequence (N == S), written out as two matmuls: for single-query shapes
+    this is far cheaper than scaled_dot_product_attention's dispatch on the CPU.
+
+    q [S, H, E]; k [S, L, K, E]; v [S, L, K, Ev]; mask [S, 1, L] -> [S, H, Ev]
+    """
+    S, H, E = q.shape
+    K = k.shape[2]
+    qg = q.view(S, K, H // K, E)  # [S, K, G, E]: query head h reads kv head h // G
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [S, K, G, L]
+    scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)  # [S, K, G, L]
+    out = torch.matmul(probs, v.transpose(1, 2))  # [S, K, G, Ev]
+    return out.reshape(S, H, v.shape[-1])
 
 
 # ---- attention variants ------------------------------------------------------------------------
