@@ -171,3 +171,34 @@ def test_init_container_runs_first_and_shares_an_empty_dir(cluster, namespace):
     assert pod["status"]["phase"] == "Succeeded"
     assert pod["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
     assert condition(pod, "Initialized") == "True"
+
+
+def test_liveness_failure_restarts_the_container(cluster, namespace):
+    cluster.apply(local_pod("live", namespace, [{
+        "name": "c", "image": "x", "command": ["sleep", "600"],
+        "livenessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 2}}]))
+    pod = wait_pod(cluster, namespace, "live", lambda p: container_status(p).get("restartCount", 0) >= 1,
+                   "a restart after the liveness probe failed")
+    last = container_status(pod)["lastState"]["terminated"]
+    assert last["exitCode"] == 143 and "Liveness probe failed" in last["message"]
+
+
+def test_fifty_pods_come_and_go(cluster, namespace):
+    replicas = 50
+    cluster.apply({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "many", "namespace": namespace},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "many"}},
+                 "template": {"metadata": {"labels": {"app": "many"}},
+                              "spec": {"nodeSelector": LOCAL, "terminationGracePeriodSeconds": 2,
+                                       "containers": [{"name": "c", "image": "x", "command": ["sleep", "600"]}]}}}})
+
+    def pods():
+        return cluster.get_json("pods", "-n", namespace, "-l", "app=many")["items"]
+
+    poll(f"{replicas} Ready pods", lambda: sum(condition(p, "Ready") == "True" for p in pods()) == replicas, 90, 1)
+    ips = [p["status"]["podIP"] for p in pods()]
+    assert len(set(ips)) == replicas
+    cluster.kubectl("scale", "deployment", "many", "-n", namespace, "--replicas=0")
+    poll("every pod to go", lambda: not pods(), 60, 1)
+    recorded = json.loads((cluster.state_dir / "node" / "processes.json").read_text())
+    assert not [entry for entry in recorded.values() if entry["pod"].startswith(f"{namespace}/")]
