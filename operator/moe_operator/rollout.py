@@ -501,8 +501,9 @@ def _canary(md: ModelDeployment, observed: Observed, revision: str, stable: str,
         step_started = now
         state.update(stepIndex=index, stepStartedAt=iso(now), lastProgressAt=iso(now))
 
-    if index >= len(steps) and ready_new >= n and not (requests.paused or state.get("paused")):
-        # Every replica runs the new revision and is ready: promote (relabel, no restart).
+    analysis_passes = verdict is None or verdict.result == PASS    # no data is never a pass
+    if index >= len(steps) and ready_new >= n and analysis_passes and not (requests.paused or state.get("paused")):
+        # Every replica runs the new revision, is ready and judged healthy: promote (relabel, no restart).
         return _complete(md, observed, revision, stable, state, now, options.canary_scale_down_delay)
 
     weight = _weight_at(md, index)

@@ -257,6 +257,17 @@ def test_no_steps_promotes_when_the_canary_is_whole_and_ready():
     assert sim.body["status"]["stableRevision"] == new and sim.rotating() == {new: 2}
 
 
+def test_promotion_waits_for_passing_analysis():
+    sim, stable = started(spec(steps=[{"setWeight": 50}], replicas=2, surge=2))
+    new = sim.new_revision()
+    sim.verdict = Verdict(PENDING, "waiting for the first interval")
+    sim.converge()
+    assert sim.rotating() == {new: 2} and sim.body["status"]["stableRevision"] == stable
+    sim.verdict = Verdict(PASS)
+    sim.converge()
+    assert sim.body["status"]["stableRevision"] == new
+
+
 def test_without_surge_stable_groups_go_first_but_not_below_the_weight():
     sim, stable = started(spec(surge=0))
     new = sim.new_revision()
