@@ -375,6 +375,7 @@ def test_inconclusive_analysis_pauses_or_aborts_as_configured():
     sim.converge()
     assert sim.state["stepIndex"] == 0, "stays paused until resumed"
     sim.annotate(ANNOTATION_RESUME, "r1")
+    sim.verdict = Verdict(PASS)
     sim.converge()
     assert sim.body["status"]["stableRevision"] == new
 
