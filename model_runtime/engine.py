@@ -100,6 +100,7 @@ class _Request:
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
     arrival_time: float
+    prompt_token_ids: list[int]  # shared by every output of the request: read-only
     first_token_time: float | None = None
     emitted_tokens: int = 0  # generated tokens already reported
     pending_logprobs: list[dict] = field(default_factory=list)
@@ -221,6 +222,7 @@ class LLMEngine:
             detok=IncrementalDetokenizer(self.tokenizer, ids, params.stop),
             generator=make_generator(params.seed, self.device) if params.seed is not None else None,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+            prompt_token_ids=list(ids),
         )
         self.requests[request_id] = req
         self.scheduler.add(seq)
@@ -364,7 +366,7 @@ class LLMEngine:
             logprobs, req.pending_logprobs = req.pending_logprobs, []
         return RequestOutput(
             request_id=req.request_id,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            prompt_token_ids=req.prompt_token_ids,
             new_token_ids=list(new_token_ids),
             new_text=req.detok.take_new_text(finished),
             token_ids=seq.token_ids[seq.num_prompt_tokens :],
@@ -550,6 +552,10 @@ class AsyncEngine:
             self.engine.add_request(request_id, ids, params, arrival_time=arrival, prompt_token_ids=ids)
         except (EngineError, EngineOverloaded) as e:
             return [(request_id, e)]
+        except Exception as e:  # never let one request take the step thread down
+            log.exception("adding request %s failed", request_id)
+            self.engine.abort_request(request_id)
+            return [(request_id, _EngineFailed(f"the engine could not start this request: {e}"))]
         return []
 
     def _deliver(self, outputs: list) -> None:

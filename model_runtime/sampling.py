@@ -127,8 +127,10 @@ def _sample_random(
 
     top_ks = [r.top_k if 0 < r.top_k < V else V for r in rows]
     top_ps = [r.top_p for r in rows]
-    if any(k < V for k in top_ks) or any(p < 1 for p in top_ps):
+    if any(p < 1 for p in top_ps):
         scaled = _mask_top_k_top_p(scaled, top_ks, top_ps)
+    elif any(k < V for k in top_ks):
+        scaled = _mask_top_k(scaled, top_ks)
     probs = scaled.softmax(dim=-1)  # [S, V]
 
     q = torch.empty_like(probs)
@@ -138,6 +140,15 @@ def _sample_random(
             q[i].exponential_(generator=r.generator)
     sampled = (probs / q).argmax(dim=-1)  # [S]
     return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+def _mask_top_k(scaled: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    """`scaled` [S, V] with the logits below each row's k-th largest set to -inf (no full sort)."""
+    top = scaled.topk(max(top_ks), dim=-1).values  # [S, K]
+    kth = top.gather(
+        1, torch.tensor(top_ks, device=scaled.device)[:, None].clamp(max=top.shape[1]) - 1
+    )  # [S, 1]
+    return scaled.masked_fill(scaled < kth, float("-inf"))
 
 
 def _mask_top_k_top_p(scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
