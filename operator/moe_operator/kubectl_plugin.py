@@ -1,0 +1,276 @@
+"""`kubectl moe`: look at and steer rollouts of ModelDeployments (installed as `kubectl-moe`).
+
+    kubectl moe status NAME [-n NS] [--watch]   step, weights, analysis figures, pods per track
+    kubectl moe promote NAME [--full]           skip the current step (--full: every remaining one)
+    kubectl moe abort NAME                      stop the rollout: the new revision leaves rotation
+    kubectl moe retry NAME                      roll an aborted revision out again
+    kubectl moe undo NAME                       back to the stable revision (or the one before it)
+    kubectl moe pause NAME / resume NAME        hold / continue the steps (analysis keeps running)
+
+One-off actions are annotations with a timestamp (the operator acts once per value and keeps what it
+handled in status, so a repeat or a restart never acts twice); `undo` edits the spec. GitOps users
+express lasting intent in Git instead: see docs/rollouts.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from . import names
+from .rollout import (
+    ABORT_USER,
+    ANNOTATION_ABORT,
+    ANNOTATION_PAUSED,
+    ANNOTATION_PROMOTE,
+    ANNOTATION_PROMOTE_FULL,
+    ANNOTATION_RESUME,
+    ANNOTATION_RETRY,
+    AbortRequest,
+    iso,
+)
+
+TEMPLATE_FIELDS = ("model", "runtime", "resources", "topology", "scheduling")
+
+
+# --- pure: what to write -------------------------------------------------------------------------
+
+def annotation_patch(action: str, body: Mapping[str, Any], now: float, full: bool = False) -> dict[str, Any]:
+    """The merge patch of metadata.annotations for a one-off action."""
+    stamp = iso(now)
+    if action == "promote":
+        return {ANNOTATION_PROMOTE_FULL if full else ANNOTATION_PROMOTE: stamp}
+    if action == "retry":
+        return {ANNOTATION_RETRY: stamp}
+    if action == "pause":
+        return {ANNOTATION_PAUSED: "true"}
+    if action == "resume":
+        return {ANNOTATION_PAUSED: None, ANNOTATION_RESUME: stamp}
+    if action == "abort":
+        status = body.get("status") or {}
+        revision = (status.get("rollout") or {}).get("revision") or status.get("currentRevision")
+        if not revision:
+            raise SystemExit("nothing to abort: the ModelDeployment has no revision in its status yet")
+        return {ANNOTATION_ABORT: AbortRequest(revision, ABORT_USER, "aborted with kubectl moe abort", now,
+                                               "user").to_json()}
+    raise ValueError(action)
+
+
+def undo_patch(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec patch that goes back: to the stable revision while a rollout runs, else to the
+    revision before the stable one (the operator keeps both templates in status.rollout.templates)."""
+    status = body.get("status") or {}
+    state = status.get("rollout") or {}
+    templates = state.get("templates") or {}
+    stable, current = status.get("stableRevision"), status.get("currentRevision")
+    target = stable if current and stable and current != stable else state.get("previousRevision") \
+        or state.get("fromRevision")
+    if not target or target == current:
+        raise SystemExit("nothing to undo: no earlier revision is known")
+    template = templates.get(target)
+    if not template:
+        raise SystemExit(f"the spec of revision {target} is not kept in status; revert the spec "
+                         "(e.g. in Git) instead")
+    # Fields the old template did not set are removed (null in a merge patch).
+    return {"spec": {k: template.get(k) for k in TEMPLATE_FIELDS}}
+
+
+# --- pure: what to show --------------------------------------------------------------------------
+
+def _age(ts: str | None, now: float) -> str:
+    if not ts:
+        return ""
+    try:
+        t = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return ts
+    s = max(0, int(now - t))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+def _steps_text(spec: Mapping[str, Any], index: int | None) -> str:
+    steps = ((spec.get("rollout") or {}).get("canary") or {}).get("steps") or []
+    if index is None:
+        return ""
+    if index >= len(steps):
+        return f"{len(steps)}/{len(steps)} (promoting)"
+    step = steps[index]
+    if "setWeight" in step:
+        what = f"setWeight {step['setWeight']}"
+    else:
+        duration = (step.get("pause") or {}).get("duration")
+        what = f"pause {duration}" if duration else "pause (until promoted)"
+    return f"{index + 1}/{len(steps)} {what}"
+
+
+def _figures(figures: Mapping[str, Any]) -> str:
+    parts = []
+    if "p99LatencyMs" in figures:
+        parts.append(f"p99 {figures['p99LatencyMs']:.0f}ms")
+    if "ttftP99Ms" in figures:
+        parts.append(f"ttft p99 {figures['ttftP99Ms']:.0f}ms")
+    if "errorRate" in figures:
+        parts.append(f"errors {100 * figures['errorRate']:.1f}%")
+    if "samples" in figures:
+        parts.append(f"{figures['samples']:g} requests")
+    if "ratioToStable" in figures:
+        parts.append(f"{figures['ratioToStable']:.2f}x stable")
+    return ", ".join(parts)
+
+
+def render_status(body: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], now: float) -> str:
+    meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    state = status.get("rollout") or {}
+    strategy = (spec.get("rollout") or {}).get("strategy", "Canary")
+    lines = [f"{meta.get('namespace')}/{meta.get('name')}   {strategy}   {status.get('phase', 'Unknown')}"
+             f"   {status.get('readyReplicas', 0)}/{spec.get('replicas', 1)} groups ready"]
+    current, stable = status.get("currentRevision"), status.get("stableRevision")
+    lines.append(f"  revision    {current or '-'}" + (f"   (stable {stable})" if stable and stable != current else
+                                                      "   (stable)"))
+    if state.get("revision") == current and current != stable:
+        if strategy == "Canary":
+            lines.append(f"  step        {_steps_text(spec, state.get('stepIndex'))}   weight "
+                         f"{state.get('weight', 0)}% (achieved {status.get('canaryWeight', 0)}%)")
+        else:
+            phase = "promoting (scaling to full size)" if state.get("promoting") else "preview"
+            lines.append(f"  blue-green  {phase}, preview ready {_age(state.get('previewReadyAt'), now)} ago"
+                         if state.get("previewReadyAt") else f"  blue-green  {phase}, preview loading")
+        lines.append(f"  started     {_age(state.get('startedAt'), now)} ago")
+    analysis = state.get("analysis") or {}
+    if analysis.get("measurements"):
+        last = analysis["measurements"][-1]
+        lines.append(f"  analysis    {last['result']} ({analysis.get('provider')}): {_figures(last.get('figures') or {})}"
+                     f"   [{analysis.get('passes', 0)} pass / {analysis.get('failures', 0)} fail]")
+        if last.get("message") and last["result"] != "pass":
+            lines.append(f"              {last['message']}")
+    if state.get("aborted"):
+        a = state["aborted"]
+        lines.append(f"  ABORTED     {a.get('reason')}: {a.get('message', '')} ({a.get('source')}, "
+                     f"{_age(a.get('at'), now)} ago); kubectl moe retry {meta.get('name')} to try again")
+    if state.get("paused"):
+        p = state["paused"]
+        lines.append(f"  PAUSED      {p.get('reason')}: {p.get('message', '')}")
+    elif ((meta.get("annotations") or {}).get(ANNOTATION_PAUSED) or "").lower() == "true":
+        lines.append(f"  PAUSED      by hand (kubectl moe resume {meta.get('name')})")
+    if state.get("completedAt") and current == stable:
+        lines.append(f"  promoted    {_age(state['completedAt'], now)} ago")
+    conds = " ".join(f"{c['type']}={c['status']}({c.get('reason', '')})" for c in status.get("conditions") or [])
+    if conds:
+        lines.append(f"  conditions  {conds}")
+    if status.get("message"):
+        lines.append(f"  message     {status['message']}")
+    lines.append("")
+    rows = [("TRACK", "REVISION", "GROUP", "RANK", "POD", "READY", "IN-ROTATION", "AGE")]
+    def key(p):
+        labels = p["metadata"].get("labels") or {}
+        return (labels.get(names.LABEL_TRACK, ""), labels.get(names.LABEL_REVISION, ""),
+                int(labels.get(names.LABEL_REPLICA, 0) or 0), int(labels.get(names.LABEL_RANK, 0) or 0))
+    for p in sorted(pods, key=key):
+        labels = p["metadata"].get("labels") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in (p.get("status") or {}).get("conditions") or [])
+        state_text = "Terminating" if p["metadata"].get("deletionTimestamp") else ("yes" if ready else "no")
+        rows.append((labels.get(names.LABEL_TRACK, ""), labels.get(names.LABEL_REVISION, ""),
+                     labels.get(names.LABEL_REPLICA, ""), labels.get(names.LABEL_RANK, ""), p["metadata"]["name"],
+                     state_text, labels.get(names.LABEL_IN_ROTATION, ""),
+                     _age(p["metadata"].get("creationTimestamp"), now)))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+# --- I/O -----------------------------------------------------------------------------------------
+
+class Cluster:
+    def __init__(self, kubeconfig: str | None, context: str | None):
+        from kubernetes import client, config
+        config.load_kube_config(config_file=kubeconfig, context=context)
+        self.custom = client.CustomObjectsApi()
+        self.core = client.CoreV1Api()
+        try:
+            _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+            self.default_namespace = (active.get("context") or {}).get("namespace") or "default"
+        except Exception:
+            self.default_namespace = "default"
+
+    def get(self, ns: str, name: str) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+        try:
+            return self.custom.get_namespaced_custom_object(names.GROUP, names.VERSION, ns, names.PLURAL, name)
+        except ApiException as error:
+            if error.status == 404:
+                raise SystemExit(f"modeldeployment {ns}/{name} not found") from None
+            raise
+
+    def patch(self, ns: str, name: str, body: dict[str, Any]) -> None:
+        self.custom.api_client.call_api(
+            f"/apis/{names.GROUP}/{names.VERSION}/namespaces/{ns}/{names.PLURAL}/{name}", "PATCH",
+            header_params={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
+            body=body, auth_settings=["BearerToken"], _return_http_data_only=True, response_type="object")
+
+    def pods(self, ns: str, name: str) -> list[dict[str, Any]]:
+        selector = names.selector_string(names.owned_selector(name))
+        items = self.core.list_namespaced_pod(ns, label_selector=selector).items
+        return [self.core.api_client.sanitize_for_serialization(p) for p in items]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubectl moe", description="Rollouts of ModelDeployments.")
+    p.add_argument("--kubeconfig")
+    p.add_argument("--context")
+    sub = p.add_subparsers(dest="command", required=True)
+    for cmd, text in (("status", "show the rollout"), ("promote", "skip the current step"),
+                      ("abort", "abort the rollout"), ("retry", "retry an aborted revision"),
+                      ("undo", "go back to the stable (or previous) revision"), ("pause", "hold the steps"),
+                      ("resume", "continue the steps")):
+        s = sub.add_parser(cmd, help=text)
+        s.add_argument("name")
+        s.add_argument("-n", "--namespace")
+        if cmd == "status":
+            s.add_argument("-w", "--watch", action="store_true", help="refresh until interrupted")
+            s.add_argument("--interval", type=float, default=1.0)
+            s.add_argument("--timeout", type=float, default=0, help="stop watching after this many seconds")
+        if cmd == "promote":
+            s.add_argument("--full", action="store_true", help="skip every remaining step")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cluster = Cluster(args.kubeconfig, args.context)
+    ns = args.namespace or cluster.default_namespace
+    if args.command == "status":
+        deadline = time.monotonic() + args.timeout if args.timeout else None
+        while True:
+            text = render_status(cluster.get(ns, args.name), cluster.pods(ns, args.name), time.time())
+            if args.watch:
+                sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
+                sys.stdout.flush()
+            else:
+                print(text)
+                return 0
+            if deadline and time.monotonic() > deadline:
+                return 0
+            try:
+                time.sleep(args.interval)    # a display refresh, not a wait for a condition
+            except KeyboardInterrupt:
+                return 0
+    body = cluster.get(ns, args.name)
+    if args.command == "undo":
+        cluster.patch(ns, args.name, undo_patch(body))
+        print(f"modeldeployment {ns}/{args.name}: spec set back")
+        return 0
+    patch = annotation_patch(args.command, body, time.time(), full=getattr(args, "full", False))
+    cluster.patch(ns, args.name, {"metadata": {"annotations": patch}})
+    print(f"modeldeployment {ns}/{args.name}: {args.command}" + (" --full" if getattr(args, "full", False) else "")
+          + (f" ({json.loads(patch[ANNOTATION_ABORT])['revision']})" if args.command == "abort" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
