@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devcluster import build, certs, kwok, monitoring, processes, versions
-from devcluster.kubeapi import ApiError, KubeApi, node_ready
+from devcluster.kubeapi import ApiError, KubeApi, node_ready, urlopen
 from devcluster.processes import ProcessRecord
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ class ClusterState:
 
 def _http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> tuple[bool, str]:
     try:
-        with urllib.request.urlopen(url, context=context, timeout=timeout) as response:
+        with urlopen(url, context=context, timeout=timeout) as response:
             body = response.read(200).decode(errors="replace")
             return 200 <= response.status < 300, body.strip()
     except urllib.error.HTTPError as e:

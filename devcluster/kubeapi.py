@@ -25,6 +25,15 @@ KINDS = {
 }
 
 
+def urlopen(request, *, context: ssl.SSLContext | None = None, timeout: float = 10.0):
+    """urllib's urlopen without proxies: every devcluster address is on loopback, and an
+    HTTP(S)_PROXY in the environment must not send loopback requests elsewhere."""
+    handlers = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers).open(request, timeout=timeout)
+
+
 class ApiError(RuntimeError):
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")
@@ -49,7 +58,7 @@ class KubeApi:
         request = urllib.request.Request(self.server + path, data=data, method=method,
                                          headers={"Content-Type": content_type, "Accept": "application/json"})
         try:
-            with urllib.request.urlopen(request, context=self._context(), timeout=timeout) as response:
+            with urlopen(request, context=self._context(), timeout=timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:
             raise ApiError(e.code, e.read().decode(errors="replace")[:500]) from None

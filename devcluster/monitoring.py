@@ -37,6 +37,8 @@ from pathlib import Path
 
 import yaml
 
+from devcluster.kubeapi import urlopen
+
 PROMETHEUS_PORT = 9090
 ALERTMANAGER_PORT = 9093
 PROMETHEUS_BINARY = "prometheus"
@@ -179,5 +181,5 @@ def ensure_installed() -> None:
 def reload(url: str, timeout: float = 10.0) -> None:
     """Ask Prometheus or Alertmanager at url to re-read its configuration (and rule files)."""
     request = urllib.request.Request(url.rstrip("/") + "/-/reload", method="POST", data=b"")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with urlopen(request, timeout=timeout) as response:
         response.read()

@@ -23,6 +23,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from devcluster.kubeapi import urlopen
+
 META = "__meta_kubernetes_"
 
 
@@ -92,7 +94,7 @@ class PodLister:
     def list_pods(self) -> list[dict]:
         request = urllib.request.Request(f"{self.api_server}/api/v1/pods", headers={
             "Authorization": f"Bearer {self.token_file.read_text().strip()}", "Accept": "application/json"})
-        with urllib.request.urlopen(request, context=self.context, timeout=5) as response:
+        with urlopen(request, context=self.context, timeout=5) as response:
             return json.loads(response.read())["items"]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -118,8 +119,6 @@ def log_tail(path: str | Path, lines: int = 20) -> str:
 
 def free_port(preferred: int | None = None) -> int:
     """A TCP port free on 127.0.0.1: preferred if it is free, else one the kernel picks."""
-    import socket
-
     for port in ([preferred] if preferred else []) + [0]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:

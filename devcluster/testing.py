@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from devcluster.control_plane import DevCluster, poll
+from devcluster.kubeapi import urlopen
 
 
 @dataclass
@@ -81,7 +82,7 @@ class RunningCluster:
         """GET /api/v1/<endpoint> from Prometheus; returns its `data`."""
         query = urllib.parse.urlencode(params)
         url = f"{self.prometheus_url}/api/v1/{endpoint}" + (f"?{query}" if query else "")
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urlopen(url, timeout=10) as response:
             return json.loads(response.read())["data"]
 
 
