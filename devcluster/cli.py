@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start the cluster (idempotent)")
     up.add_argument("--gpu-nodes", type=int, default=DEFAULT_GPU_NODES, help="simulated 8-GPU nodes")
     up.add_argument("--monitoring", action="store_true", help="also start Prometheus and Alertmanager")
-    up.add_argument("--alert-webhook", metavar="URL", help="Alertmanager's webhook receiver")
+    up.add_argument("--alert-webhook", metavar="URL", help="Alertmanager's webhook receiver (implies --monitoring)")
     up.add_argument("--alert-webhook-token-file", metavar="FILE", help="bearer token for the webhook")
     commands.add_parser("down", help="stop every process `up` started")
     commands.add_parser("status", help="health of each component; exit 0 only when all are healthy")
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 monitoring.ensure_installed()
             return 0
         if args.command == "up":
-            cluster.up(args.gpu_nodes, args.monitoring, args.alert_webhook, args.alert_webhook_token_file)
+            monitoring_wanted = args.monitoring or bool(args.alert_webhook)  # a webhook needs Alertmanager
+            cluster.up(args.gpu_nodes, monitoring_wanted, args.alert_webhook, args.alert_webhook_token_file)
             if not cluster.healthy():
                 raise DevClusterError("the cluster is up but not healthy: see `python -m devcluster status`")
             return 0
