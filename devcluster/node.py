@@ -1047,6 +1047,7 @@ class ContainerRunner:
                     self._set(state={"terminated": failed})
                     self.exit_code = 128
                     return 128
+                self._event("Warning", "Failed", f"Error: {e.message}")
                 self._set(state={"waiting": {"reason": e.reason, "message": e.message}},
                           last_state={"terminated": failed}, restart_count=self.record.restart_count + 1)
                 continue
@@ -1054,6 +1055,7 @@ class ContainerRunner:
                 await self.terminate(0)
             container_id = f"devcluster://{self.process.pid}"
             self._kill_message = ""
+            self._event("Normal", "Started", f"Started container {self.name}")
             self._set(state={"running": {"startedAt": rfc3339(started_at)}}, container_id=container_id,
                       started=False, ready=False)
             probes = asyncio.create_task(self._probe(self.process))
@@ -1085,8 +1087,13 @@ class ContainerRunner:
             return "Never" if self.restart_policy == "Never" else "OnFailure"
         return self.restart_policy
 
+    def _event(self, kind: str, reason: str, message: str) -> None:
+        self.worker.agent.events.record(self.worker.pod, self.name, self.init, kind, reason, message)
+
     def _show_backoff(self, delay: float) -> None:
         """The waiting state during a back-off: CrashLoopBackOff, or the start error that caused it."""
+        self._event("Warning", "BackOff", f"Back-off restarting failed container {self.name} in pod "
+                                          f"{self.worker.name}_{self.worker.namespace}({self.worker.uid})")
         waiting = self.record.state.get("waiting") or {}
         backoff = (f"back-off {delay:g}s restarting failed container={self.name} "
                    f"pod={self.worker.name}_{self.worker.namespace}({self.worker.uid})")
@@ -1130,6 +1137,7 @@ class ContainerRunner:
             changed = tracker.observe(ok)
             if not ok:
                 log.debug("%s/%s: %s probe failed: %s", self.worker.key, self.name, kind, message)
+                self._event("Warning", "Unhealthy", f"{kind.capitalize()} probe failed: {message}")
             if kind == "readiness" and changed:
                 self._set(ready=tracker.result)
             elif kind == "startup" and tracker.result:
@@ -1538,6 +1546,8 @@ class PodWorker:
         self._stop.set()
         deadline = time.monotonic() + max(grace, 0)
         runners = [r for r in self.runners + self.init_runners if r.process is not None]
+        for runner in runners:
+            runner._event("Normal", "Killing", f"Stopping container {runner.name}")
         await asyncio.gather(*(self._pre_stop(r, grace) for r in runners))
         remaining = max(deadline - time.monotonic(), 1.0 if grace > 0 else 0.0)
         # Main containers first, then sidecars (init containers with restartPolicy Always).
@@ -1631,6 +1641,50 @@ class PodWorker:
 # ---------------------------------------------------------------------------------------------------
 
 
+class EventRecorder:
+    """Pod events as the kubelet reports them (`kubectl describe pod`), best effort: a bounded
+    queue, and the same event of one container at most once a minute."""
+
+    REPEAT_SECONDS = 60.0
+
+    def __init__(self, node_name: str):
+        self.node_name = node_name
+        self.queue: asyncio.Queue[dict] = asyncio.Queue(maxsize=500)
+        self._recent: dict[tuple, float] = {}
+
+    def record(self, pod: dict, container: str, init: bool, kind: str, reason: str, message: str) -> None:
+        meta = pod["metadata"]
+        key = (meta["uid"], container, reason, message)
+        now = time.monotonic()
+        if now - self._recent.get(key, -self.REPEAT_SECONDS) < self.REPEAT_SECONDS:
+            return
+        if len(self._recent) > 5000:
+            self._recent = {k: t for k, t in self._recent.items() if now - t < self.REPEAT_SECONDS}
+        self._recent[key] = now
+        stamp = rfc3339()
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta.get("namespace", "default")},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                               "namespace": meta.get("namespace", "default"), "uid": meta["uid"],
+                               "fieldPath": f"spec.{'initContainers' if init else 'containers'}{{{container}}}"},
+            "reason": reason, "message": message[:1024], "type": kind, "count": 1,
+            "firstTimestamp": stamp, "lastTimestamp": stamp,
+            "source": {"component": "kubelet", "host": self.node_name},
+            "reportingComponent": "kubelet", "reportingInstance": self.node_name,
+        }
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(event)
+
+    async def run(self, client: ApiClient) -> None:
+        while True:
+            event = await self.queue.get()
+            try:
+                await client.post(f"/api/v1/namespaces/{event['metadata']['namespace']}/events", event)
+            except (ApiError, aiohttp.ClientError, TimeoutError) as e:
+                log.debug("event not recorded: %s", e)
+
+
 def machine_memory_kib() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -1699,6 +1753,7 @@ class NodeAgent:
         self.workers: dict[str, PodWorker] = {}
         self._worker_tasks: dict[str, asyncio.Task] = {}
         self._stopping_tasks: set[asyncio.Task] = set()
+        self.events = EventRecorder(config.node_name)
         self.http: aiohttp.ClientSession | None = None
         self.node_uid = ""
         self.kubelet_version = "v0.0.0-devcluster"
@@ -1713,7 +1768,8 @@ class NodeAgent:
                                 params={"fieldSelector": f"spec.nodeName={self.config.node_name}"},
                                 name="pods")
             background = [asyncio.create_task(c) for c in
-                          (self._lease_loop(), self._node_status_loop(), informer.run())]
+                          (self._lease_loop(), self._node_status_loop(), informer.run(),
+                           self.events.run(self.client), self._collect_pod_dirs(informer))]
             await stop.wait()
             for task in background:
                 task.cancel()
@@ -1753,6 +1809,22 @@ class NodeAgent:
     async def _post_node_status(self) -> None:
         status = node_status(self.config, self.capacity, self.kubelet_version, rfc3339(), self.ready_since)
         await self.client.patch(f"/api/v1/nodes/{self.config.node_name}/status", {"status": status})
+
+    async def _collect_pod_dirs(self, informer: Informer) -> None:
+        """Removes the directories (logs included) of pods gone for over an hour, every ten minutes,
+        so that test runs do not pile them up."""
+        await informer.synced.wait()
+        pods_dir = self.config.state_dir / "pods"
+        while True:
+            live = {pod["metadata"]["uid"] for pod in informer.objects.values()}
+            with contextlib.suppress(OSError):
+                for pod_dir in pods_dir.iterdir():
+                    marker = pod_dir / ".uid"
+                    with contextlib.suppress(OSError):
+                        uid = marker.read_text() if marker.exists() else ""
+                        if uid not in live and time.time() - pod_dir.stat().st_mtime > 3600:
+                            shutil.rmtree(pod_dir, ignore_errors=True)
+            await asyncio.sleep(600)
 
     async def _renew_lease(self) -> None:
         name, path = self.config.node_name, f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases"
