@@ -138,3 +138,16 @@ def test_stop_string_ends_the_text(model, tokenizer):
     assert outs[-1].finish_reason == "stop"
     assert outs[-1].text == text[: text.index(stop)]
     assert "".join(o.new_text for o in outs) == outs[-1].text
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_engine_streams_tokens(dtype):
+    model = load_model("builtin:tiny-mixtral", dtype=dtype).eval()
+    engine = LLMEngine(model, None, EngineConfig(block_size=4, kv_cache_memory_bytes=2**20))
+    assert engine.kv_cache[0].dtype == dtype
+    for i in range(4):
+        engine.add_request(
+            str(i), [5 + i, 6, 7], SamplingParams(max_tokens=6, temperature=0.7, seed=i, ignore_eos=True)
+        )
+    outs = run_all(engine)
+    assert all(len(outs[str(i)][-1].token_ids) == 6 for i in range(4))
