@@ -87,6 +87,10 @@ class ClusterState:
     local_node: bool = False
     proxy: bool = False
     kubernetes_version: str = versions.KUBERNETES_VERSION
+    # Set by devcluster.testing: a test session started the cluster / added its monitoring, so the
+    # last test session to leave takes it down again.
+    started_by_test: bool = False
+    monitoring_added_by_test: bool = False
 
     def to_json(self) -> dict:
         data = dict(self.__dict__)
@@ -341,7 +345,7 @@ class DevCluster:
         """Remove what a previous cluster left (keeps logs, which are appended to)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for child in self.state_dir.iterdir():
-            if child.name in ("logs", ".lock"):
+            if child.name in ("logs", ".lock", "users"):
                 continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
@@ -609,6 +613,15 @@ class DevCluster:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, check=False)
         return killed
 
+    def update_state(self, **changes) -> None:
+        """Change fields of the recorded state (no-op when nothing is recorded)."""
+        with self._locked():
+            state = self.read_state()
+            if state is not None:
+                for key, value in changes.items():
+                    setattr(state, key, value)
+                self._write_state(state)
+
     def stop_components(self, names: tuple[str, ...]) -> None:
         """Stop some recorded processes (e.g. the monitoring a test session added) and forget them."""
         with self._locked():
@@ -618,7 +631,7 @@ class DevCluster:
             processes.stop([p for p in state.processes if p.name in names])
             state.processes = [p for p in state.processes if p.name not in names]
             if "prometheus" in names or "alertmanager" in names:
-                state.monitoring = False
+                state.monitoring = state.monitoring_added_by_test = False
             self._write_state(state)
 
     def down(self) -> bool:

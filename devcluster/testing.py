@@ -3,9 +3,9 @@
     with running_cluster(monitoring=True) as cluster:
         cluster.kubectl("get", "nodes")
 
-`running_cluster` brings the cluster up unless one is already running, and on exit stops only
-what it started (all of it, or just the monitoring it added). DEVCLUSTER_KEEP=1 leaves it running
-for the next test run.
+`running_cluster` brings the cluster up unless one is already running; the last test session to
+leave stops what test sessions started (all of it, or just the monitoring they added), so several
+people's sessions can share one cluster. DEVCLUSTER_KEEP=1 leaves it running for the next run.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from devcluster import processes
 from devcluster.control_plane import DevCluster, poll
 from devcluster.kubeapi import urlopen
 
@@ -86,22 +87,56 @@ class RunningCluster:
             return json.loads(response.read())["data"]
 
 
+MONITORING_PROCESSES = ("prometheus", "alertmanager", "pod-discovery")
+
+
+def _register_user(devcluster: DevCluster) -> Path:
+    """Mark this process as using the cluster (test sessions of several people may share it)."""
+    users = devcluster.state_dir / "users"
+    users.mkdir(parents=True, exist_ok=True)
+    me = users / f"{os.getpid()}-{processes.proc_start_time(os.getpid())}"
+    me.touch()
+    return me
+
+
+def _other_live_users(devcluster: DevCluster, me: Path) -> list[str]:
+    others = []
+    for entry in (devcluster.state_dir / "users").glob("*-*"):
+        pid, _, start = entry.name.partition("-")
+        alive = start.isdigit() and processes.is_alive(
+            processes.ProcessRecord("user", int(pid), int(start), [], ""))
+        if entry != me and alive:
+            others.append(entry.name)
+        elif not alive:
+            entry.unlink(missing_ok=True)
+    return others
+
+
 @contextmanager
 def running_cluster(*, monitoring: bool = True, gpu_nodes: int = 4,
                     state_dir: Path | None = None) -> Iterator[RunningCluster]:
-    """Yield a RunningCluster, bringing it up if needed; stop on exit only what this started."""
+    """Yield a RunningCluster, bringing it up if needed. On exit, the last test session using the
+    cluster stops what test sessions started (all of it, or the monitoring they added); a cluster
+    started with `python -m devcluster up` is left running. DEVCLUSTER_KEEP=1 leaves everything."""
     devcluster = DevCluster(state_dir)
-    state = devcluster.read_state()
-    had_monitoring = bool(state and state.monitoring and devcluster.healthy())
-    started_at = time.monotonic()
-    started = devcluster.up(gpu_nodes=gpu_nodes, monitoring_enabled=monitoring)
-    devcluster.log(f"devcluster: {'started' if started else 'reused'} in {time.monotonic() - started_at:.1f}s")
+    me = _register_user(devcluster)
     try:
+        state = devcluster.read_state()
+        had_monitoring = bool(state and state.monitoring and devcluster.healthy())
+        started_at = time.monotonic()
+        started = devcluster.up(gpu_nodes=gpu_nodes, monitoring_enabled=monitoring)
+        devcluster.log(f"devcluster: {'started' if started else 'reused'} in {time.monotonic() - started_at:.1f}s")
+        if started:
+            devcluster.update_state(started_by_test=True)
+        elif monitoring and not had_monitoring:
+            devcluster.update_state(monitoring_added_by_test=True)
         yield RunningCluster.of(devcluster)
     finally:
-        if os.environ.get("DEVCLUSTER_KEEP") == "1":
+        me.unlink(missing_ok=True)
+        state = devcluster.read_state()
+        if os.environ.get("DEVCLUSTER_KEEP") == "1" or state is None or _other_live_users(devcluster, me):
             pass
-        elif started:
+        elif state.started_by_test:
             devcluster.down()
-        elif monitoring and not had_monitoring:
-            devcluster.stop_components(("prometheus", "alertmanager", "pod-discovery"))
+        elif state.monitoring_added_by_test:
+            devcluster.stop_components(MONITORING_PROCESSES)
