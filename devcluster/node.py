@@ -1074,7 +1074,9 @@ class ContainerRunner:
                 self._set(state={"terminated": finished}, ready=False, started=False)
                 return None
             if not should_restart(self._effective_policy(), finished["exitCode"]):
-                self._set(state={"terminated": finished}, ready=False, started=False)
+                # A completed init container counts as ready, as the kubelet reports it.
+                self._set(state={"terminated": finished}, started=False,
+                          ready=self.init and finished["exitCode"] == 0)
                 self.exit_code = finished["exitCode"]
                 return self.exit_code
             self._set(state={"waiting": {"reason": "ContainerCreating"}}, last_state={"terminated": finished},
@@ -1287,6 +1289,7 @@ class PodWorker:
         while not self.stopping:
             try:
                 self._prepare_dir()
+                self._tokens = []
                 if self.pod_ip is None:
                     self.pod_ip = self.agent.ips.allocate(self.uid)
                     self.changed()
@@ -1438,8 +1441,13 @@ class PodWorker:
                         audience = token.get("audience") or ""
                         expiration = int(token.get("expirationSeconds") or TOKEN_EXPIRATION_SECONDS)
                         path = safe_join(target, token["path"])
-                        self._tokens.append((audience, expiration, [path]))
-                        await self._write_token(audience, expiration, [path])
+                        same = next((t for t in self._tokens if t[:2] == (audience, expiration)), None)
+                        if same is not None:  # the kube-api-access-* volume wants the pod's own token
+                            same[2].append(path)
+                            write_atomic(path, same[2][0].read_bytes(), 0o600)
+                        else:
+                            self._tokens.append((audience, expiration, [path]))
+                            await self._write_token(audience, expiration, [path])
                     elif "configMap" in source:
                         files.update(await self._source_files("configmap", source["configMap"]))
                     elif "secret" in source:
