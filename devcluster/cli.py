@@ -110,4 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `... | head`
+        sys.stdout = None
+        return 0
     return 2
