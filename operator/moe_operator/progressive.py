@@ -1,0 +1,99 @@
+"""Progressive delivery at the I/O edge of the reconcile.
+
+`next_plan()` runs the analysis when an interval is due (the one I/O: scraping pods or querying
+Prometheus), then the pure rollout state machine, and keeps the spec templates `kubectl moe undo`
+needs. `after_write()` notes, once the pod writes of an abort are done, when the new revision left
+rotation (status, and the rollback latency the operator reports). `due_in()` says when the next
+timed decision is, so the reconcile is scheduled then instead of waiting for the resync.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from . import rollout
+from .analysis import AnalysisConfig, Context, Provider, analyse, provider_for
+from .observe import Observed
+from .plan import Plan
+from .spec import ModelDeployment
+
+TEMPLATE_FIELDS = ("model", "runtime", "resources", "topology", "scheduling")
+
+
+@dataclass(frozen=True)
+class Report:
+    """What the operator's metrics want to know about this reconcile."""
+
+    rollback: tuple[str, float | None] | None = None    # (reason, seconds from the request) on the abort
+    completed: tuple[str, float | None] | None = None   # (strategy, rollout duration) on promotion
+
+
+def template_of(body: Mapping[str, Any]) -> dict[str, Any]:
+    spec = body.get("spec") or {}
+    return {k: copy.deepcopy(spec[k]) for k in TEMPLATE_FIELDS if k in spec}
+
+
+def _templates(body: Mapping[str, Any], revision: str, state: Mapping[str, Any],
+               status: Mapping[str, Any]) -> dict[str, Any]:
+    """Templates of the revisions undo can go back to (stable, the one before) and the current one."""
+    kept = dict((status.get("rollout") or {}).get("templates") or {})
+    kept[revision] = template_of(body)
+    wanted = {revision, status.get("stableRevision"), state.get("previousRevision"), state.get("fromRevision")}
+    return {rev: t for rev, t in kept.items() if rev in wanted}
+
+
+def next_plan(md: ModelDeployment, body: Mapping[str, Any], observed: Observed, revision: str, now: float,
+              provider: Callable[[AnalysisConfig], Provider] = provider_for) -> Plan:
+    meta = body.get("metadata") or {}
+    spec_rollout = (body.get("spec") or {}).get("rollout") or {}
+    requests = rollout.requests_from(meta.get("annotations"), spec_paused=bool(spec_rollout.get("paused")))
+    state = md.status.get("rollout") or {}
+    stable = md.status.get("stableRevision")
+    running = bool(stable) and stable != revision and not (state.get("revision") == revision and state.get("aborted"))
+    abort_pending = bool(requests.abort and requests.abort.revision == revision)
+    verdict, analysis_state = None, None
+    if running and not abort_pending:           # an abort is acted on first: no scrape delays it
+        config = AnalysisConfig.of(md)
+        prior = state.get("analysis") if state.get("revision") == revision else None
+        verdict, analysis_state = analyse(Context(md, observed, revision, stable, now, config), prior,
+                                          provider(config))
+    plan = rollout.next_step(md, observed, revision, now, verdict, requests)
+    new_state = dict(plan.rollout_state)
+    if analysis_state and new_state.get("revision") == revision:
+        new_state["analysis"] = analysis_state
+    new_state["templates"] = _templates(body, revision, new_state, md.status)
+    return replace(plan, rollout_state=new_state)
+
+
+def after_write(md: ModelDeployment, plan: Plan, now: float) -> Report:
+    """Call once the plan's writes are done (`now`: after them). Mutates plan.rollout_state."""
+    state = plan.rollout_state
+    old = md.status.get("rollout") or {}
+    report = Report()
+    aborted = state.get("aborted")
+    if aborted and not state.get("outOfRotationAt") and not rollout.new_revision_in_rotation(plan):
+        if old.get("outOfRotationAt") and old.get("revision") == state.get("revision"):
+            state["outOfRotationAt"] = old["outOfRotationAt"]      # noted before a restart
+        else:
+            state["outOfRotationAt"] = rollout.iso(now)
+            requested = rollout.epoch(aborted.get("at"))
+            report = replace(report, rollback=(aborted.get("reason", "Unknown"),
+                                               now - requested if requested else None))
+    if state.get("completedAt") and state.get("completedAt") != old.get("completedAt") \
+            and md.status.get("stableRevision") != plan.stable_revision:
+        started = rollout.epoch(state.get("startedAt"))
+        report = replace(report, completed=(md.rollout.strategy, now - started if started else None))
+    return report
+
+
+def due_in(md: ModelDeployment, plan: Plan, now: float) -> float | None:
+    """Seconds until the next timed decision: a pause, a delay, a deadline or an analysis interval."""
+    times = [rollout.requeue_after(md, plan, now)]
+    analysis = plan.rollout_state.get("analysis") or {}
+    if plan.rolling and analysis.get("lastAt") is not None:
+        times.append(max(0.05, float(analysis["lastAt"]) + md.rollout.analysis.interval_seconds - now))
+    times = [t for t in times if t is not None]
+    return min(times) if times else None

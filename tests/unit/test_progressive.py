@@ -1,0 +1,105 @@
+"""The I/O edge of rollouts: analysis only when a rollout runs (and never before acting on an abort),
+templates kept for undo, the moment the canary left rotation noted once, the next timed decision."""
+
+import copy
+
+import pytest
+from moe_operator import progressive, rollout
+from moe_operator.analysis import Measurement
+from moe_operator.desired import changes, desired_objects
+from moe_operator.observe import observed_from
+from moe_operator.pods import revision_of
+from moe_operator.spec import ModelDeployment
+from moe_operator.status import status_of
+
+pytestmark = pytest.mark.unit
+
+T0 = 1_800_000_000.0
+
+
+class CountingProvider:
+    name = "fake"
+
+    def __init__(self, result="pass"):
+        self.calls = 0
+        self.result = result
+
+    def measure(self, ctx, memory):
+        self.calls += 1
+        return Measurement(self.result, "fake", {"samples": 50}), {"n": self.calls}
+
+
+class World:
+    def __init__(self, provider):
+        self.body = {"metadata": {"name": "chat", "namespace": "ns", "uid": "u", "generation": 1, "annotations": {}},
+                     "spec": {"replicas": 2, "model": {"source": "builtin:tiny-deepseek-v3"},
+                              "resources": {"gpus": 1},
+                              "rollout": {"maxSurgeGPUs": 1, "canary": {"steps": [{"setWeight": 50}, {"pause": {}}]},
+                                          "analysis": {"interval": "10s", "slo": {"p99LatencyMs": 500}}}},
+                     "status": {}}
+        self.pods = {}
+        self.provider = provider
+        self.now = T0
+        self.reports = []
+
+    def step(self):
+        md = ModelDeployment.from_body(self.body)
+        observed = observed_from(copy.deepcopy(list(self.pods.values())), [], 1)
+        plan = progressive.next_plan(md, self.body, observed, revision_of(md), self.now, lambda cfg: self.provider)
+        todo = changes(desired_objects(md, plan, observed), observed)
+        for b in todo.apply:
+            if b["kind"] == "Pod":
+                old = self.pods.get(b["metadata"]["name"])
+                self.pods[b["metadata"]["name"]] = {**copy.deepcopy(b), "status": old["status"] if old else {
+                    "phase": "Running", "podIP": "127.100.0.9",
+                    "conditions": [{"type": "Ready", "status": "True"}]}}
+        for _kind, name, _ in todo.delete:
+            self.pods.pop(name, None)
+        self.reports.append(progressive.after_write(md, plan, self.now + 0.25))
+        self.body["status"] = {k: v for k, v in status_of(md, observed, plan, rollout.iso(self.now)).items()
+                               if v is not None}
+        return plan
+
+
+def test_analysis_runs_only_during_a_rollout_and_not_before_an_abort():
+    provider = CountingProvider()
+    w = World(provider)
+    for _ in range(3):
+        w.step()
+    assert provider.calls == 0, "no rollout, no analysis"
+    stable = w.body["status"]["stableRevision"]
+    w.body["spec"]["model"]["dtype"] = "float16"
+    for _ in range(3):
+        w.step()
+    new = w.body["status"]["currentRevision"]
+    assert provider.calls == 1 and w.body["status"]["rollout"]["analysis"]["passes"] == 1
+    w.now += 10
+    w.body["metadata"]["annotations"][rollout.ANNOTATION_ABORT] = rollout.AbortRequest(
+        new, "AlertFiring", "slow", w.now - 0.5, "alert").to_json()
+    plan = w.step()
+    assert provider.calls == 1, "the abort is acted on without scraping first"
+    state = w.body["status"]["rollout"]
+    assert state["aborted"]["reason"] == "AlertFiring" and state["outOfRotationAt"] == rollout.iso(w.now + 0.25)
+    assert w.reports[-1].rollback == ("AlertFiring", pytest.approx(0.75))
+    assert not rollout.new_revision_in_rotation(plan)
+    w.step()
+    assert w.reports[-1].rollback is None, "reported once"
+    assert set(state["templates"]) == {stable, new}
+    assert state["templates"][stable]["model"] == {"source": "builtin:tiny-deepseek-v3"}
+
+
+def test_promotion_is_reported_with_its_duration_and_due_in_follows_the_interval():
+    w = World(CountingProvider())
+    w.step()
+    w.step()
+    w.body["spec"]["model"]["dtype"] = "float16"
+    plan = w.step()
+    plan = w.step()
+    assert progressive.due_in(ModelDeployment.from_body(w.body), plan, w.now) == pytest.approx(10)
+    w.now += 30
+    w.body["metadata"]["annotations"][rollout.ANNOTATION_PROMOTE] = "go"
+    for _ in range(4):
+        w.now += 10
+        w.step()
+    completed = [r.completed for r in w.reports if r.completed]
+    assert len(completed) == 1 and completed[0][0] == "Canary" and 40 < completed[0][1] < 80
