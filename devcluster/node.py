@@ -1003,6 +1003,7 @@ class ContainerRunner:
         self.cwd = str(worker.dir)
         self.exit_code: int | None = None  # set once the container is finished for good
         self._kill_message = ""
+        self.halted = False  # no more restarts (a sidecar whose pod's main containers are done)
 
     @property
     def sidecar(self) -> bool:
@@ -1018,7 +1019,7 @@ class ContainerRunner:
         worker = self.worker
         crashes = 0  # consecutive failed runs: the back-off grows with them
         config_retries = 0
-        while not worker.stopping:
+        while not worker.stopping and not self.halted:
             delay = crash_backoff(crashes, worker.agent.config.backoff_base)
             if delay:
                 self._show_backoff(delay)
@@ -1043,11 +1044,11 @@ class ContainerRunner:
                 now = rfc3339()
                 failed = {"exitCode": 128, "reason": "StartError", "message": e.message,
                           "startedAt": now, "finishedAt": now}
+                self._event("Warning", "Failed", f"Error: {e.message}")
                 if not should_restart(self._effective_policy(), 128):
                     self._set(state={"terminated": failed})
                     self.exit_code = 128
                     return 128
-                self._event("Warning", "Failed", f"Error: {e.message}")
                 self._set(state={"waiting": {"reason": e.reason, "message": e.message}},
                           last_state={"terminated": failed}, restart_count=self.record.restart_count + 1)
                 continue
@@ -1070,7 +1071,7 @@ class ContainerRunner:
             if time.time() - started_at > BACKOFF_RESET_SECONDS:
                 crashes = 0
             crashes += 1
-            if worker.stopping:
+            if worker.stopping or self.halted:
                 self._set(state={"terminated": finished}, ready=False, started=False)
                 return None
             if not should_restart(self._effective_policy(), finished["exitCode"]):
@@ -1281,6 +1282,8 @@ class PodWorker:
             await self._stop_sidecars()
 
     async def _stop_sidecars(self) -> None:
+        for runner in self.init_runners:
+            runner.halted = True
         await asyncio.gather(*(r.terminate(self.grace_seconds()) for r in self.init_runners if r.sidecar))
 
     async def _setup(self) -> bool:

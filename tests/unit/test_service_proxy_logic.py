@@ -1,8 +1,12 @@
 """The service proxy's pure parts: which pods serve a Service port, and on which port."""
 
-import pytest
+import json
 
-from devcluster.proxy import pod_is_ready, port_key, proxied_ports, ready_endpoints, target_port
+import aiohttp
+import pytest
+from aiohttp import web
+
+from devcluster.proxy import ServiceProxy, pod_is_ready, port_key, proxied_ports, ready_endpoints, target_port
 
 pytestmark = pytest.mark.unit
 
@@ -49,3 +53,56 @@ def test_pod_readiness():
     assert not pod_is_ready(pod("a", "127.0.0.5", ready=False))
     assert not pod_is_ready(pod("a", "192.168.0.5"))
     assert not pod_is_ready(pod("a", "127.0.0.5", deleting=True))
+
+
+async def _serve(ip, port, name):
+    async def answer(_):
+        return web.Response(text=name)
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, ip, port).start()
+    return runner, runner.addresses[0][1]
+
+
+async def test_forwarding_round_robin_follows_readiness(tmp_path):
+    """The proxy's listener end to end, fed watch events by hand (no API server)."""
+    first, port = await _serve("127.150.9.1", 0, "a")
+    second, _ = await _serve("127.150.9.2", port, "b")
+    proxy = ServiceProxy(tmp_path / "services.json")
+    proxy.on_service("ADDED", {"metadata": {"name": "web", "namespace": "ns", "uid": "s"},
+                               "spec": {"selector": {"app": "web"},
+                                        "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+    http_port = [{"name": "http", "containerPort": port}]
+    proxy.on_pod("ADDED", pod("a", "127.150.9.1", ports=http_port))
+    proxy.on_pod("ADDED", pod("b", "127.150.9.2", ports=http_port))
+    proxy.on_pod("ADDED", pod("k", "127.150.9.3", ports=http_port))  # "Ready", nothing listens: skipped
+    await proxy.sync()
+    local = json.loads((tmp_path / "services.json").read_text())["ns/web"]["http"]
+
+    async def ask(count):
+        seen = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            for _ in range(count):
+                try:
+                    async with session.get(f"http://127.0.0.1:{local}/") as response:
+                        seen.append(await response.text())
+                except aiohttp.ClientError:
+                    seen.append("refused")
+        return seen
+
+    try:
+        assert set(await ask(6)) == {"a", "b"}
+        proxy.on_pod("MODIFIED", pod("b", "127.150.9.2", ready=False, ports=http_port))
+        assert await ask(4) == ["a"] * 4
+        proxy.on_pod("MODIFIED", pod("a", "127.150.9.1", ready=False, ports=http_port))
+        assert await ask(1) == ["refused"]
+        proxy.on_service("DELETED", {"metadata": {"name": "web", "namespace": "ns", "uid": "s"}})
+        await proxy.sync()
+        assert json.loads((tmp_path / "services.json").read_text()) == {}
+    finally:
+        await proxy.close()
+        await first.cleanup()
+        await second.cleanup()

@@ -1,0 +1,272 @@
+"""The local node agent end to end against an in-memory stand-in for the few API endpoints it
+calls: real processes, probes, restarts and deletion, in seconds and without a cluster. The same
+behaviour against the real API server: tests/cluster/test_local_node.py."""
+
+import asyncio
+import copy
+import json
+import time
+import uuid
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from devcluster.node import ApiClient, ClusterAccess, NodeAgent, NodeConfig
+
+pytestmark = pytest.mark.unit
+
+# Not the devcluster's own pod CIDR, so that a running devcluster's pods never collide with these.
+POD_CIDR = "127.150.0.0/16"
+
+
+
+class FakeKube:
+    def __init__(self):
+        self.objects = {}  # path -> obj
+        self.rv = 1
+        self.watchers = []
+        self.patches = []
+        self.deleted = []
+        self.tokens = 0
+
+    def _bump(self, obj):
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+
+    def emit(self, kind, obj):
+        for q in self.watchers:
+            q.put_nowait({"type": kind, "object": copy.deepcopy(obj)})
+
+    def add_pod(self, pod):
+        pod.setdefault("metadata", {}).setdefault("namespace", "default")
+        pod["metadata"]["uid"] = str(uuid.uuid4())
+        pod["spec"].setdefault("nodeName", "devcluster-local")
+        pod.setdefault("status", {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}]})
+        self._bump(pod)
+        self.objects[f"pods/{pod['metadata']['namespace']}/{pod['metadata']['name']}"] = pod
+        self.emit("ADDED", pod)
+        return pod
+
+    def pod(self, name, ns="default"):
+        return self.objects.get(f"pods/{ns}/{name}")
+
+    def mark_deleted(self, name, ns="default", grace=30):
+        pod = self.pod(name, ns)
+        pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        pod["metadata"]["deletionGracePeriodSeconds"] = grace
+        self._bump(pod)
+        self.emit("MODIFIED", pod)
+
+    def app(self):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request):
+        path, method = request.path, request.method
+        body = await request.json() if request.can_read_body else None
+        if path == "/version":
+            return web.json_response({"gitVersion": "v1.36.3-fake"})
+        if path == "/api/v1/nodes" and method == "POST":
+            if "nodes/x" in self.objects:
+                return web.json_response({"message": "exists"}, status=409)
+            body["metadata"]["uid"] = "node-uid"
+            self.objects["nodes/x"] = body
+            return web.json_response(body)
+        if path.startswith("/api/v1/nodes/"):
+            node = self.objects["nodes/x"]
+            if path.endswith("/status"):
+                node["status"] = body["status"]
+            return web.json_response(node)
+        if "/leases" in path:
+            if method == "PATCH" and "lease" not in self.objects:
+                return web.json_response({"message": "nf"}, status=404)
+            self.objects["lease"] = body
+            return web.json_response(body)
+        if path == "/api/v1/pods":
+            if request.query.get("watch"):
+                q = asyncio.Queue()
+                self.watchers.append(q)
+                resp = web.StreamResponse()
+                await resp.prepare(request)
+                try:
+                    while True:
+                        event = await q.get()
+                        await resp.write(json.dumps(event).encode() + b"\n")
+                finally:
+                    self.watchers.remove(q)
+            items = [copy.deepcopy(o) for k, o in self.objects.items() if k.startswith("pods/")]
+            return web.json_response({"items": items, "metadata": {"resourceVersion": str(self.rv)}})
+        parts = path.strip("/").split("/")
+        # /api/v1/namespaces/{ns}/{plural}/{name}[/sub]
+        if len(parts) >= 6 and parts[2] == "namespaces":
+            ns, plural, name = parts[3], parts[4], parts[5]
+            sub = parts[6] if len(parts) > 6 else ""
+            if plural == "pods":
+                pod = self.pod(name, ns)
+                if pod is None:
+                    return web.json_response({"message": "not found"}, status=404)
+                if sub == "status":
+                    self.patches.append(copy.deepcopy(body["status"]))
+                    pod["status"] = body["status"]
+                    self._bump(pod)
+                    self.emit("MODIFIED", pod)
+                    return web.json_response(pod)
+                if method == "DELETE":
+                    del self.objects[f"pods/{ns}/{name}"]
+                    self.deleted.append(name)
+                    self._bump(pod)
+                    self.emit("DELETED", pod)
+                    return web.json_response(pod)
+            if plural == "serviceaccounts":
+                if sub == "token":
+                    self.tokens += 1
+                    return web.json_response({"status": {"token": f"tok-{self.tokens}",
+                                                         "expirationTimestamp": "2099-01-01T00:00:00Z"}})
+                return web.json_response({"metadata": {"name": name}})
+            obj = self.objects.get(f"{plural}/{ns}/{name}")
+            if obj is None:
+                return web.json_response({"message": f"{plural} {name} not found"}, status=404)
+            return web.json_response(obj)
+        return web.json_response({"message": f"unhandled {method} {path}"}, status=404)
+
+
+async def until(pred, timeout=15.0, what=""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def env(tmp_path):
+    fake = FakeKube()
+    runner = web.AppRunner(fake.app(), shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    ca = tmp_path / "ca.crt"
+    ca.write_text("fake")
+    config = NodeConfig(node_name="devcluster-local", state_dir=tmp_path / "node", gpus=4,
+                        pod_cidr=POD_CIDR, api_host="127.0.0.1", api_port=port, ca_file=str(ca),
+                        backoff_base=1.0)
+    config.state_dir.mkdir()
+    client = ApiClient(ClusterAccess(server=f"http://127.0.0.1:{port}", ssl_context=False))
+    agent = NodeAgent(config, client)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    await until(lambda: "nodes/x" in fake.objects and fake.watchers, what="registration")
+    yield fake, agent, tmp_path
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    await client.close()
+    await runner.cleanup()
+
+
+def cstatus(fake, name):
+    pod = fake.pod(name)
+    statuses = (pod or {}).get("status", {}).get("containerStatuses") or []
+    return statuses[0] if statuses else {}
+
+
+def cond(fake, name, ctype):
+    pod = fake.pod(name) or {}
+    for c in pod.get("status", {}).get("conditions") or []:
+        if c["type"] == ctype:
+            return c["status"]
+    return None
+
+
+async def test_http_server_pod_ready(env):
+    fake, agent, tmp = env
+    fake.add_pod({"metadata": {"name": "web"}, "spec": {"containers": [{
+        "name": "web", "command": ["python", "-m", "http.server", "--bind", "$(POD_IP)", "8080"],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}}]}})
+    await until(lambda: cond(fake, "web", "Ready") == "True", what="ready")
+    ip = fake.pod("web")["status"]["podIP"]
+    assert ip.startswith("127.150.")
+    async with aiohttp.ClientSession() as s, s.get(f"http://{ip}:8080/") as r:
+        assert r.status == 200
+    assert fake.pod("web")["status"]["phase"] == "Running"
+    fake.mark_deleted("web", grace=5)
+    await until(lambda: "web" in fake.deleted, what="deleted")
+
+
+async def test_missing_command(env):
+    fake, agent, tmp = env
+    fake.add_pod({"metadata": {"name": "nocmd"}, "spec": {"containers": [{"name": "c", "command": ["no-such-binary-xyz"]}]}})
+    await until(lambda: cstatus(fake, "nocmd").get("state", {}).get("waiting", {}).get("reason") == "RunContainerError", what="reason")
+    assert "executable file not found" in cstatus(fake, "nocmd")["state"]["waiting"]["message"]
+    fake.add_pod({"metadata": {"name": "empty"}, "spec": {"containers": [{"name": "c", "image": "x"}]}})
+    await until(lambda: cstatus(fake, "empty").get("state", {}).get("waiting", {}).get("reason") == "CreateContainerError", what="reason")
+
+
+async def test_crashloop(env):
+    fake, agent, tmp = env
+    fake.add_pod({"metadata": {"name": "crash"}, "spec": {"containers": [{"name": "c", "command": ["sh", "-c", "exit 3"]}]}})
+    await until(lambda: cstatus(fake, "crash").get("state", {}).get("waiting", {}).get("reason") == "CrashLoopBackOff", what="crashloop")
+    await until(lambda: cstatus(fake, "crash").get("restartCount", 0) >= 3, what="restarts")
+    st = cstatus(fake, "crash")
+    assert st["lastState"]["terminated"]["exitCode"] == 3
+
+
+async def test_never_succeeded_and_init(env):
+    fake, agent, tmp = env
+    fake.add_pod({"metadata": {"name": "job"}, "spec": {"restartPolicy": "Never",
+        "initContainers": [{"name": "i", "command": ["sh", "-c", "echo init > $(DEVCLUSTER_POD_DIR)/i"]}],
+        "containers": [{"name": "c", "command": ["sh", "-c", "cat $DEVCLUSTER_POD_DIR/i; echo $KUBECONFIG; test -f $KUBECONFIG"]}]}})
+    await until(lambda: (fake.pod("job") or {}).get("status", {}).get("phase") == "Succeeded", what="succeeded")
+    assert "init" in (tmp / "node/pods/default_job/c.log").read_text()
+    fake.add_pod({"metadata": {"name": "jobf"}, "spec": {"restartPolicy": "Never",
+        "containers": [{"name": "c", "command": ["false"]}]}})
+    await until(lambda: (fake.pod("jobf") or {}).get("status", {}).get("phase") == "Failed", what="failed")
+
+
+async def test_liveness_restart_and_sigterm(env):
+    fake, agent, tmp = env
+    fake.add_pod({"metadata": {"name": "live"}, "spec": {"terminationGracePeriodSeconds": 3, "containers": [{
+        "name": "c", "command": ["sleep", "100"],
+        "livenessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1, "failureThreshold": 2}}]}})
+    await until(lambda: cstatus(fake, "live").get("restartCount", 0) >= 1, what="liveness restart")
+    assert "Liveness probe failed" in cstatus(fake, "live")["lastState"]["terminated"]["message"]
+    fake.mark_deleted("live", grace=3)
+    t = time.monotonic()
+    await until(lambda: "live" in fake.deleted, what="deleted")
+    assert time.monotonic() - t < 2  # sleep dies on SIGTERM at once
+
+
+async def test_many_pods(env):
+    fake, agent, tmp = env
+    for i in range(40):
+        fake.add_pod({"metadata": {"name": f"p{i}"}, "spec": {"containers": [{"name": "c", "command": ["sleep", "60"]}]}})
+    await until(lambda: all(cond(fake, f"p{i}", "Ready") == "True" for i in range(40)), timeout=40, what="40 ready")
+    ips = {fake.pod(f"p{i}")["status"]["podIP"] for i in range(40)}
+    assert len(ips) == 40
+    for i in range(40):
+        fake.mark_deleted(f"p{i}", grace=2)
+    await until(lambda: len(fake.deleted) == 40, timeout=30, what="all deleted")
+    assert not agent.processes.entries
+
+
+async def test_sidecar(env):
+    fake, agent, tmp = env
+    fake.add_pod({"metadata": {"name": "side"}, "spec": {"restartPolicy": "Never",
+        "initContainers": [{"name": "proxy", "restartPolicy": "Always", "command": ["sleep", "100"]}],
+        "containers": [{"name": "c", "command": ["sh", "-c", "sleep 1"]}]}})
+    await until(lambda: (fake.pod("side") or {}).get("status", {}).get("phase") == "Succeeded", what="succeeded")
+    await until(lambda: "terminated" in fake.pod("side")["status"]["initContainerStatuses"][0]["state"], what="sidecar stopped")
+
+
+async def test_config_error_then_fixed(env):
+    fake, agent, tmp = env
+    fake.add_pod({"metadata": {"name": "cfg"}, "spec": {"containers": [{"name": "c", "command": ["sleep", "100"],
+        "env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "x"}}}]}]}})
+    await until(lambda: cstatus(fake, "cfg").get("state", {}).get("waiting", {}).get("reason") == "CreateContainerConfigError", what="config error")
+    fake.objects["configmaps/default/cm"] = {"metadata": {"name": "cm"}, "data": {"x": "1"}}
+    await until(lambda: "running" in cstatus(fake, "cfg").get("state", {}), what="running", timeout=10)
