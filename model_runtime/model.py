@@ -396,8 +396,11 @@ class Experts(nn.Module):
         N, A = ids.shape
         E = self.num_experts
         flat_ids = ids.reshape(-1)  # [N * A]
-        order = flat_ids.argsort(stable=True)  # [N * A] assignments grouped by expert
         counts = torch.bincount(flat_ids, minlength=E)  # [E]
+        if N == 1:  # one token (batch-1 decode): its A experts in turn, nothing to group
+            ys = torch.cat([self.expert_mlp(e, x) for e in flat_ids.tolist()])  # [A, D]
+            return (ys * weights.reshape(A, 1).to(ys.dtype)).sum(0, keepdim=True), counts
+        order = flat_ids.argsort(stable=True)  # [N * A] assignments grouped by expert
         token = order // A  # [N * A] token of each grouped assignment
         xs = x[token]  # [N * A, D]
         ys = torch.empty_like(xs)
