@@ -108,7 +108,7 @@ class ClusterState:
         return next((p for p in self.processes if p.name == name), None)
 
 
-def _http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> tuple[bool, str]:
+def _http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 5.0) -> tuple[bool, str]:
     try:
         with urlopen(url, context=context, timeout=timeout) as response:
             body = response.read(200).decode(errors="replace")
@@ -274,6 +274,17 @@ class DevCluster:
         statuses = self.status()
         return bool(statuses) and all(s.healthy for s in statuses)
 
+    def _healthy_soon(self, state: ClusterState, grace: float = 20.0) -> bool:
+        """Healthy now or within `grace` seconds while every process runs: a busy machine can make
+        one probe fail, and restarting a shared cluster for that would wipe everyone's objects."""
+        deadline = time.monotonic() + grace
+        while True:
+            if self.healthy():
+                return True
+            if not all(processes.is_alive(p) for p in state.processes) or time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+
     def _probe(self, name: str, state: ClusterState) -> tuple[bool, str]:
         """One health check of a running component: (ok, detail)."""
         ports = state.ports
@@ -319,7 +330,7 @@ class DevCluster:
         monitoring, more simulated nodes, a new webhook URL)."""
         with self._locked():
             state = self.read_state()
-            if state is not None and self.healthy():
+            if state is not None and self._healthy_soon(state):
                 self._complete(state, gpu_nodes, monitoring_enabled, alert_webhook, alert_webhook_token_file,
                                timeout)
                 return False
