@@ -53,6 +53,8 @@ class World:
                 self.pods[b["metadata"]["name"]] = {**copy.deepcopy(b), "status": old["status"] if old else {
                     "phase": "Running", "podIP": "127.100.0.9",
                     "conditions": [{"type": "Ready", "status": "True"}]}}
+        for name, labels in getattr(todo, "relabel", ()):
+            self.pods[name]["metadata"]["labels"] = {**self.pods[name]["metadata"]["labels"], **labels}
         for _kind, name, _ in todo.delete:
             self.pods.pop(name, None)
         self.reports.append(progressive.after_write(md, plan, self.now + 0.25))

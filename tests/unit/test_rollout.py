@@ -93,6 +93,8 @@ class Sim:
             if old and old["metadata"].get("deletionTimestamp"):
                 new["metadata"]["deletionTimestamp"] = old["metadata"]["deletionTimestamp"]
             self.pods[name] = new
+        for name, labels in getattr(todo, "relabel", ()):     # label patches of existing pods
+            self.pods[name]["metadata"]["labels"] = {**self.pods[name]["metadata"]["labels"], **labels}
         for kind, name, _uid in todo.delete:
             if kind == "Pod" and name in self.pods:
                 self.pods[name]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
