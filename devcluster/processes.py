@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+MAX_LOG_BYTES = 50 * 1024 * 1024  # a longer log is moved to <log>.1 when its process next starts
+
 
 @dataclass(frozen=True)
 class ProcessRecord:
@@ -57,8 +59,10 @@ def is_alive(record: ProcessRecord) -> bool:
 
 def start(name: str, argv: list[str], log_path: Path, *, env: dict[str, str] | None = None,
           cwd: Path | None = None) -> ProcessRecord:
-    """Start argv in its own session, stdout and stderr appended to log_path."""
+    """Start argv in its own session, stdout and stderr appended to log_path (rotated once)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path.exists() and log_path.stat().st_size > MAX_LOG_BYTES:
+        os.replace(log_path, log_path.with_suffix(log_path.suffix + ".1"))
     with log_path.open("ab") as log:
         log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} starting {' '.join(argv)}\n".encode())
         log.flush()
