@@ -97,3 +97,47 @@ def due_in(md: ModelDeployment, plan: Plan, now: float) -> float | None:
         times.append(max(0.05, float(analysis["lastAt"]) + md.rollout.analysis.interval_seconds - now))
     times = [t for t in times if t is not None]
     return min(times) if times else None
+
+
+# --- what status says about a rollout ------------------------------------------------------------
+
+ROLLOUT_ABORTED = "RolloutAborted"
+ROLLOUT_PAUSED = "RolloutPaused"
+ROLLING_OUT = "RollingOut"
+ROLLOUT_BLOCKED = "InsufficientGPUBudget"
+
+
+def rollout_conditions(md: ModelDeployment, plan: Plan) -> dict[str, tuple[bool, str, str]]:
+    """Overrides of the Progressing / Degraded conditions while a rollout runs, is paused or was
+    aborted: {type: (status, reason, message)}."""
+    state = plan.rollout_state
+    if state.get("revision") != plan.revision or plan.stable_revision == plan.revision:
+        return {}
+    aborted = state.get("aborted")
+    if aborted:
+        labels = aborted.get("labels") or {}
+        detail = f" (alert labels {', '.join(f'{k}={v}' for k, v in sorted(labels.items()))})" if labels else ""
+        figures = aborted.get("figures") or {}
+        if figures:
+            detail += " (" + ", ".join(f"{k} {v}" for k, v in sorted(figures.items())) + ")"
+        message = (f"revision {plan.revision} aborted, {plan.stable_revision} serves: {aborted.get('reason')}: "
+                   f"{aborted.get('message', '')}{detail}; it is not tried again until the spec changes "
+                   f"or `kubectl moe retry {md.name}`")
+        return {"Degraded": (True, ROLLOUT_ABORTED, message), "Progressing": (False, ROLLOUT_ABORTED, message)}
+    if not plan.rolling:
+        return {}
+    paused = state.get("paused")
+    if paused:
+        return {"Progressing": (True, ROLLOUT_PAUSED, f"{paused.get('reason')}: {paused.get('message', '')}")}
+    if md.rollout.strategy == "Canary":
+        steps = len(md.rollout.steps)
+        idx = state.get("stepIndex", 0)
+        where = f"step {min(idx + 1, steps)}/{steps}" if idx < steps else "promoting"
+        message = (f"canary {plan.revision}: {where}, weight {state.get('weight', 0)}% "
+                   f"(achieved {state.get('achievedWeight', 0)}%)")
+    else:
+        message = f"blue-green {plan.revision}: " + ("scaling to full size for the switch" if state.get("promoting")
+                                                      else "preview")
+    if state.get("blockedOnGPUs"):
+        message += "; waiting for GPUs within maxSurgeGPUs"
+    return {"Progressing": (True, ROLLING_OUT, message)}

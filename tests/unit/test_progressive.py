@@ -105,3 +105,21 @@ def test_promotion_is_reported_with_its_duration_and_due_in_follows_the_interval
         w.step()
     completed = [r.completed for r in w.reports if r.completed]
     assert len(completed) == 1 and completed[0][0] == "Canary" and 40 < completed[0][1] < 80
+
+
+def test_conditions_say_why_a_rollout_stopped():
+    w = World(CountingProvider())
+    w.step()
+    w.step()
+    w.body["spec"]["model"]["dtype"] = "float16"
+    plan = w.step()
+    md = ModelDeployment.from_body(w.body)
+    assert progressive.rollout_conditions(md, plan)["Progressing"][1] == "RollingOut"
+    assert "step 1/2" in progressive.rollout_conditions(md, plan)["Progressing"][2]
+    new = w.body["status"]["currentRevision"]
+    w.body["metadata"]["annotations"][rollout.ANNOTATION_ABORT] = rollout.AbortRequest(
+        new, "AlertFiring", "p99 too high", w.now, "alert", {"alertname": "MoELatency"}).to_json()
+    plan = w.step()
+    conds = progressive.rollout_conditions(ModelDeployment.from_body(w.body), plan)
+    assert conds["Degraded"][:2] == (True, "RolloutAborted")
+    assert "alertname=MoELatency" in conds["Degraded"][2] and "kubectl moe retry chat" in conds["Degraded"][2]
