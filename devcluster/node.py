@@ -719,6 +719,20 @@ def terminated_state(returncode: int, started_at: str, finished_at: str, contain
     return state
 
 
+def log_tail(path: Path, max_bytes: int = 2048, max_lines: int = 80) -> str:
+    """The end of a container's log since its last start (terminationMessagePolicy
+    FallbackToLogsOnError: at most 2 KiB or 80 lines, as the kubelet takes)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    text = text.rsplit("--- devcluster: ", 1)[-1].split("\n", 1)[-1] if "--- devcluster: " in text else text
+    return "\n".join(text.splitlines()[-max_lines:])
+
+
 def find_executable(command: str, path_env: str, working_dir: str | None) -> str | None:
     """The file `command` names, as execvp would find it (relative paths from the working dir)."""
     if "/" in command:
@@ -1066,8 +1080,11 @@ class ContainerRunner:
                 await probes
             worker.reap(self.process)
             self.process = None
-            finished = terminated_state(returncode, rfc3339(started_at), rfc3339(), container_id,
-                                        self._kill_message)
+            message = self._kill_message
+            if (not message and returncode != 0
+                    and self.container.get("terminationMessagePolicy") == "FallbackToLogsOnError"):
+                message = log_tail(worker.dir / f"{self.name}.log")
+            finished = terminated_state(returncode, rfc3339(started_at), rfc3339(), container_id, message)
             if time.time() - started_at > BACKOFF_RESET_SECONDS:
                 crashes = 0
             crashes += 1

@@ -85,12 +85,14 @@ def test_missing_command_reports_a_clear_waiting_reason(cluster, namespace):
 
 def test_crashing_container_backs_off_with_growing_restart_count(cluster, namespace):
     cluster.apply(local_pod("crash", namespace, [{"name": "c", "image": "x",
-                                                  "command": ["sh", "-c", "echo dying; exit 3"]}]))
+                                                  "command": ["sh", "-c", "echo dying; exit 3"],
+                                                  "terminationMessagePolicy": "FallbackToLogsOnError"}]))
     pod = wait_pod(cluster, namespace, "crash",
                    lambda p: container_status(p).get("state", {}).get("waiting", {}).get("reason")
                    == "CrashLoopBackOff", "CrashLoopBackOff")
     first = container_status(pod)["restartCount"]
-    assert container_status(pod)["lastState"]["terminated"]["exitCode"] == 3
+    last = container_status(pod)["lastState"]["terminated"]
+    assert last["exitCode"] == 3 and last["message"] == "dying"
     # The kubelet's schedule: the first restart is immediate, the next after 10 s.
     pod = wait_pod(cluster, namespace, "crash", lambda p: container_status(p).get("restartCount", 0) > first,
                    "another restart", timeout=25)

@@ -16,6 +16,7 @@ from devcluster.node import (
     expand_vars,
     field_ref_value,
     find_executable,
+    log_tail,
     mount_env,
     mount_env_name,
     object_data,
@@ -245,3 +246,10 @@ def test_base_environment_keeps_secrets_of_the_agent_out():
     env = base_environment({"PATH": "/usr/bin", "HOME": "/root", "KUBECONFIG": "/admin", "HF_HOME": "/hf",
                             "AWS_SECRET": "x"}, "/venv/bin")
     assert env == {"PATH": "/venv/bin:/usr/bin", "HOME": "/root", "HF_HOME": "/hf"}
+
+
+def test_log_tail_reads_the_last_run_only(tmp_path):
+    log = tmp_path / "c.log"
+    log.write_text("--- devcluster: t1 starting a\nold run\n--- devcluster: t2 starting a\nTraceback\nValueError: x\n")
+    assert log_tail(log) == "Traceback\nValueError: x"
+    assert log_tail(tmp_path / "missing.log") == ""

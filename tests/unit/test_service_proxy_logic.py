@@ -1,4 +1,4 @@
-"""The service proxy's pure parts: which pods serve a Service port, and on which port."""
+"""The service proxy: which pods serve a Service port, on which port, and the forwarding itself."""
 
 import json
 
