@@ -238,14 +238,17 @@ class AbortStore:
         except NotFoundError:
             return None
 
-    def annotate(self, namespace: str, name: str, value: str) -> None:
-        self.dyn.patch(self._md, name=name, namespace=namespace,
-                       body={"metadata": {"annotations": {ANNOTATION_ABORT: value}}},
-                       content_type="application/merge-patch+json")
+    def annotate(self, namespace: str, name: str, value: str) -> Mapping[str, Any]:
+        """Write the abort annotation; returns the object as the API server stored it."""
+        return self.dyn.patch(self._md, name=name, namespace=namespace,
+                              body={"metadata": {"annotations": {ANNOTATION_ABORT: value}}},
+                              content_type="application/merge-patch+json").to_dict()
 
 
-def handle_alerts(alerts: list[Alert], store, now: float) -> dict[str, list[dict[str, str]]]:
-    """Apply the alerts of one post; returns what was aborted and what was ignored (and why)."""
+def handle_alerts(alerts: list[Alert], store, now: float,
+                  written: list[Mapping[str, Any]] | None = None) -> dict[str, list[dict[str, str]]]:
+    """Apply the alerts of one post; returns what was aborted and what was ignored (and why).
+    The objects as written (with their abort annotation) are appended to `written`."""
     result: dict[str, list[dict[str, str]]] = {"aborted": [], "ignored": []}
     for target in targets(alerts):
         body = store.get(target.namespace, target.name)
@@ -257,17 +260,20 @@ def handle_alerts(alerts: list[Alert], store, now: float) -> dict[str, list[dict
         if request is None:
             result["ignored"].append({**entry, "why": why})
             continue
-        store.annotate(target.namespace, target.name, request.to_json())
+        body = store.annotate(target.namespace, target.name, request.to_json())
+        if written is not None and body:
+            written.append(body)
         result["aborted"].append({**entry, "revision": request.revision})
     return result
 
 
-def alerts_routes(token: TokenSource, store, *, on_abort: Callable[[str, str, float], None] | None = None,
+def alerts_routes(token: TokenSource, store, *,
+                  on_abort: Callable[[Mapping[str, Any], float], None] | None = None,
                   on_result: Callable[[str], None] | None = None,
                   clock: Callable[[], float] = time.time) -> list[web.RouteDef]:
-    """`POST /alerts` for the operator's HTTP server. `on_abort(namespace, name, received_at)` runs
-    after an abort is recorded (the operator reconciles at once); `on_result(result)` counts posts
-    (ok, unauthorized, bad_request, error)."""
+    """`POST /alerts` for the operator's HTTP server. `on_abort(body, received_at)` runs after an
+    abort is recorded, with the object as written (the operator reconciles it at once);
+    `on_result(result)` counts posts (ok, unauthorized, bad_request, error)."""
 
     def count(result: str) -> None:
         if on_result:
@@ -287,8 +293,9 @@ def alerts_routes(token: TokenSource, store, *, on_abort: Callable[[str, str, fl
         except web.HTTPRequestEntityTooLarge:
             count("bad_request")
             return web.json_response({"error": "payload too large"}, status=413)
+        written: list[Mapping[str, Any]] = []
         try:
-            result = await asyncio.to_thread(handle_alerts, alerts, store, received)
+            result = await asyncio.to_thread(handle_alerts, alerts, store, received, written)
         except Exception as error:     # Alertmanager retries a 5xx: the abort is not lost
             log.exception("could not record the alerts")
             count("error")
@@ -297,8 +304,9 @@ def alerts_routes(token: TokenSource, store, *, on_abort: Callable[[str, str, fl
         for entry in result["aborted"]:
             log.warning("alert %s aborts %s/%s revision %s", entry["alertname"], entry["namespace"],
                         entry["modeldeployment"], entry["revision"])
-            if on_abort:
-                on_abort(entry["namespace"], entry["modeldeployment"], received)
+        if on_abort:
+            for body in written:
+                on_abort(body, received)
         return web.json_response(result)
 
     return [web.post("/alerts", post_alerts)]

@@ -179,6 +179,7 @@ class MemoryStore:
     def annotate(self, namespace, name, value):
         self.writes.append((namespace, name, value))
         self.bodies[(namespace, name)]["metadata"]["annotations"][ANNOTATION_ABORT] = value
+        return copy.deepcopy(self.bodies[(namespace, name)])
 
 
 @pytest.fixture
@@ -219,7 +220,8 @@ async def test_endpoint_records_one_abort_and_repeats_are_harmless(webhook):
     assert response.status == 200
     assert (await response.json())["aborted"] == [
         {"namespace": "ns", "modeldeployment": "chat", "alertname": "MoECanaryLatencyHigh", "revision": "rev-b"}]
-    assert aborted == [("ns", "chat", NOW)] and len(store.writes) == 1
+    assert len(aborted) == 1 and aborted[0][1] == NOW and len(store.writes) == 1
+    assert aborted[0][0]["metadata"]["annotations"][ANNOTATION_ABORT] == store.writes[0][2]
     request = AbortRequest.from_json(store.writes[0][2])
     assert request.reason == "AlertFiring" and request.at == NOW
     clock[0] += 60
