@@ -179,7 +179,7 @@ async def _json(request: Request, limit: int) -> Any:
 
 
 def _sse(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8", "replace") + b"\n\n"
 
 
 def create_app(service: InferenceService) -> BodyLimit:

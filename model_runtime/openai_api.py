@@ -149,10 +149,22 @@ def chat_logprobs(tokenizer, entries: list[dict]) -> dict[str, Any]:
 
 
 def _sse(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n\n"
+    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8", "replace") + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+def _chunk_template(request_id: str, kind: str, created: int, model_name: str, before: str, after: str):
+    """An SSE event builder for the per-token chunk of a stream, which differs only in its text."""
+    head = (f'data: {{"id": {json.dumps(request_id)}, "object": "{kind}", "created": {created}, '
+            f'"model": {json.dumps(model_name)}, "choices": [{{"index": 0, {before}').encode()
+    tail = f'{after}, "logprobs": null, "finish_reason": null}}]}}\n\n'.encode()
+
+    def build(text: str) -> bytes:
+        return head + json.dumps(text, ensure_ascii=False).encode("utf-8", "replace") + tail
+
+    return build
 
 
 def create_openai_router(service: InferenceService) -> APIRouter:
@@ -176,7 +188,7 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             async for output in outputs:
                 chunk = make_chunk(output)
                 if chunk is not None:
-                    yield _sse(chunk)
+                    yield chunk if isinstance(chunk, bytes) else _sse(chunk)
                 final = output
             if include_usage and final is not None:
                 yield _sse(usage_chunk(final))
@@ -212,12 +224,16 @@ def create_openai_router(service: InferenceService) -> APIRouter:
 
         outputs = await first_and_rest(service.generate(prompt, params))
         state = {"echo": echo_text, "offset": len(echo_text)}
+        text_chunk = _chunk_template(request_id, "text_completion", created, model_name, '"text": ', "")
 
-        def chunk(output) -> dict | None:
+        def chunk(output) -> dict | bytes | None:
             text = state["echo"] + output.new_text
             state["echo"] = ""
             if not text and not output.finished and not output.logprobs:
                 return None
+            if not output.finished and req.logprobs is None:  # the common case, per token: no dict, one dumps
+                state["offset"] += len(text)
+                return text_chunk(text)
             logprobs = None
             if req.logprobs is not None:
                 logprobs = completion_logprobs(tokenizer, output.logprobs or [], state["offset"])
@@ -264,8 +280,12 @@ def create_openai_router(service: InferenceService) -> APIRouter:
 
         outputs = await first_and_rest(service.generate(prompt, params))
         state = {"first": True}
+        content_chunk = _chunk_template(request_id, "chat.completion.chunk", created, model_name,
+                                        '"delta": {"content": ', "}")
 
-        def chunk(output) -> dict | None:
+        def chunk(output) -> dict | bytes | None:
+            if not state["first"] and not output.finished and not req.logprobs:
+                return content_chunk(output.new_text) if output.new_text else None
             delta: dict[str, Any] = {}
             if state["first"]:
                 delta["role"] = "assistant"

@@ -324,22 +324,18 @@ class InferenceService:
             raise InvalidRequest(str(e)) from None
         except EngineOverloaded as e:
             raise Overloaded(f"server overloaded: {e}") from None
+        # One timer per request (not one per token): past the deadline the engine aborts it.
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            self.engine.abort(request_id)
+
+        timer = loop.call_at(deadline, expire)
         last_token_time = None
         try:
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        output = await anext(outputs)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise RequestTimeout(
-                        f"request timed out after {cfg.request_timeout_s:g}s (--request-timeout)"
-                    ) from None
-                except EngineError as e:
-                    raise InvalidRequest(str(e)) from None
-                except EngineOverloaded as e:
-                    raise Overloaded(f"server overloaded: {e}") from None
+            async for output in outputs:
                 if output.new_token_ids:
                     now = time.monotonic()
                     if last_token_time is None:
@@ -351,6 +347,10 @@ class InferenceService:
                     last_token_time = now
                 if output.finished:
                     if output.finish_reason == "abort":
+                        if timed_out:
+                            raise RequestTimeout(
+                                f"request timed out after {cfg.request_timeout_s:g}s (--request-timeout)"
+                            )
                         raise Unavailable("the request was aborted: the engine is shutting down")
                     metrics.e2e.observe(time.monotonic() - arrival)
                     metrics.prompt_tokens.inc(len(output.prompt_token_ids))
@@ -359,7 +359,12 @@ class InferenceService:
                 yield output
                 if output.finished:
                     return
+        except EngineError as e:  # refused when the engine thread picks the request up
+            raise InvalidRequest(str(e)) from None
+        except EngineOverloaded as e:
+            raise Overloaded(f"server overloaded: {e}") from None
         finally:
+            timer.cancel()
             await outputs.aclose()
 
     async def complete(self, prompt, params, request_id: str | None = None):
