@@ -1,5 +1,6 @@
-"""The one writer: server-side apply of desired objects (field manager `moe-operator`), deletes of
-what is no longer wanted, and merge patches of `.status`. Nothing else in the operator writes.
+"""The one writer: server-side apply of new pods and of Services (field manager `moe-operator`),
+label patches of existing pods (in and out of rotation, track changes), deletes of what is no longer
+wanted, merge patches of `.status`, and Events. Nothing else in the operator writes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ class Writer:
             field_manager=names.FIELD_MANAGER, force_conflicts=True,
         )
 
+    def relabel(self, namespace: str, name: str, labels: Mapping[str, str]) -> None:
+        """Merge-patch the labels of an existing pod (its spec is immutable and may be of an older
+        revision than the current spec, so it is never re-applied)."""
+        self.dyn.patch(self._resources["Pod"], name=name, namespace=namespace,
+                       body={"metadata": {"labels": dict(labels)}},
+                       content_type="application/merge-patch+json", field_manager=names.FIELD_MANAGER)
+
     def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
         """Delete one object, only if it is still the one observed (uid precondition)."""
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}} if uid else None
@@ -40,9 +48,12 @@ class Writer:
             pass   # already gone, or replaced by a newer object of the same name
 
     def write(self, namespace: str, changes: Changes) -> None:
-        for body in changes.apply:
+        for body in changes.applies:
             self.apply(body)
             self._count(body["kind"], "apply")
+        for name, labels in changes.relabels:
+            self.relabel(namespace, name, labels)
+            self._count("Pod", "relabel")
         for kind, name, uid in changes.delete:
             self.delete(kind, namespace, name, uid)
             self._count(kind, "delete")

@@ -88,6 +88,8 @@ async def operate(args: argparse.Namespace, controller: Controller, metrics: Ope
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)   # not a line per handled event
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig     # kopf's own login reads it
     dyn = DynamicClient(api_client(args.kubeconfig))

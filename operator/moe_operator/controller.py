@@ -106,7 +106,7 @@ class Controller:
         if outcome.written is not None:
             self.remember(outcome.written)
         if outcome.wrote:
-            self.log.info("%s/%s: %d applied, %d deleted, status %s", *key_of(body),
-                          len(outcome.changes.apply), len(outcome.changes.delete),
+            self.log.info("%s/%s: %d applied, %d relabelled, %d deleted, status %s", *key_of(body),
+                          len(outcome.changes.applies), len(outcome.changes.relabels), len(outcome.changes.delete),
                           sorted(outcome.status_patch) or "unchanged")
         return outcome

@@ -8,7 +8,7 @@ already matches (converged means quiet: no write at all).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .observe import Observed
@@ -20,12 +20,30 @@ from .spec import ModelDeployment
 
 @dataclass(frozen=True)
 class Changes:
+    """Writes to make: `apply` holds every desired object that differs from what is there, `delete`
+    what should go. A pod that already exists is only ever relabelled (`relabels`), never re-applied:
+    its spec is immutable and was built from its own revision's spec, which may no longer be the
+    current one. New pods and Services are server-side applied (`applies`)."""
+
     apply: tuple[Mapping[str, Any], ...] = ()
     delete: tuple[tuple[str, str, str], ...] = ()   # (kind, name, uid)
-    created_pods: int = field(default=0)
+    existing_pods: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
         return bool(self.apply or self.delete)
+
+    @property
+    def applies(self) -> list[Mapping[str, Any]]:
+        return [b for b in self.apply if not (b["kind"] == "Pod" and b["metadata"]["name"] in self.existing_pods)]
+
+    @property
+    def relabels(self) -> list[tuple[str, Mapping[str, str]]]:
+        return [(b["metadata"]["name"], b["metadata"]["labels"]) for b in self.apply
+                if b["kind"] == "Pod" and b["metadata"]["name"] in self.existing_pods]
+
+    @property
+    def created_pods(self) -> int:
+        return sum(1 for body in self.applies if body["kind"] == "Pod")
 
 
 def pod_slots(md: ModelDeployment, plan: Plan, observed: Observed) -> list[PodSlot]:
@@ -78,13 +96,11 @@ def changes(desired: list[Mapping[str, Any]], observed: Observed) -> Changes:
     existing: dict[tuple[str, str], Mapping[str, Any]] = {("Pod", p.name): p.body for p in observed.pods}
     existing.update({("Service", name): body for name, body in observed.services.items()})
     wanted = {(d["kind"], d["metadata"]["name"]) for d in desired}
-    apply = tuple(d for d in desired
-                  if (key := (d["kind"], d["metadata"]["name"])) not in existing
+    stale = tuple(d for d in desired if (key := (d["kind"], d["metadata"]["name"])) not in existing
                   or not _up_to_date(d, existing[key]))
     delete = tuple(
         (kind, name, (body.get("metadata") or {}).get("uid", ""))
         for (kind, name), body in sorted(existing.items())
         if (kind, name) not in wanted and not (body.get("metadata") or {}).get("deletionTimestamp")
     )
-    created = sum(1 for d in apply if d["kind"] == "Pod" and ("Pod", d["metadata"]["name"]) not in existing)
-    return Changes(apply, delete, created)
+    return Changes(stale, delete, frozenset(p.name for p in observed.pods))

@@ -33,14 +33,18 @@ class FakeCluster:
 
     # Writes
     def write(self, namespace, changes):
-        for body in changes.apply:
+        for body in changes.applies:
             key = (body["kind"], body["metadata"]["name"])
             self.writes.append(("apply", key))
             old = self.objects.get(key)
+            assert not (old and body["kind"] == "Pod"), f"re-applied existing pod {key}: pod specs are immutable"
             new = copy.deepcopy(body)
             new["metadata"]["uid"] = old["metadata"]["uid"] if old else f"uid-{next(self.uids)}"
             new["status"] = old.get("status", {}) if old else {"phase": "Pending"}
             self.objects[key] = new
+        for name, labels in changes.relabels:
+            self.writes.append(("relabel", ("Pod", name)))
+            self.objects[("Pod", name)]["metadata"]["labels"].update(labels)
         for kind, name, uid in changes.delete:
             self.writes.append(("delete", (kind, name)))
             if self.objects.get((kind, name), {}).get("metadata", {}).get("uid") == uid:
