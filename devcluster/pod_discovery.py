@@ -92,7 +92,9 @@ class PodLister:
         self.context = ssl.create_default_context(cafile=str(ca_file))
 
     def list_pods(self) -> list[dict]:
-        request = urllib.request.Request(f"{self.api_server}/api/v1/pods", headers={
+        # Only Running pods: the relabelling keeps no others, and kwok can hold many.
+        url = f"{self.api_server}/api/v1/pods?fieldSelector=status.phase%3DRunning"
+        request = urllib.request.Request(url, headers={
             "Authorization": f"Bearer {self.token_file.read_text().strip()}", "Accept": "application/json"})
         with urlopen(request, context=self.context, timeout=5) as response:
             return json.loads(response.read())["items"]
