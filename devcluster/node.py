@@ -1651,6 +1651,7 @@ class PodWorker:
         return True
 
     async def _status_loop(self) -> None:
+        delay = 1.0
         while True:
             await self._dirty.wait()
             await asyncio.sleep(0.05)  # let a burst of changes settle into one write
@@ -1658,9 +1659,13 @@ class PodWorker:
             try:
                 if not await self._flush_status():
                     return
+                delay = 1.0
             except (TimeoutError, ApiError, aiohttp.ClientError) as e:
-                log.warning("%s: status update failed: %s", self.key, e)
-                await asyncio.sleep(1)
+                if isinstance(e, ApiError) and e.status == 409:
+                    return  # the uid precondition failed: the name now belongs to another pod
+                log.warning("%s: status update failed (retrying in %.0fs): %s", self.key, delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
                 self._dirty.set()
 
 
