@@ -248,9 +248,10 @@ class Attention(nn.Module):
         if cache is None:
             out = dense_attention(q, k, v, ctx, self.scale, cfg.sliding_window)  # [N, H, Dh]
         else:
-            cache[0][ctx.slot_mapping] = k  # cache: [2, slots, K, Dh]
-            cache[1][ctx.slot_mapping] = v
-            k_ctx, v_ctx = cache[0][ctx.context_slots], cache[1][ctx.context_slots]  # [S, L, K, Dh]
+            cache[0][ctx.slot_mapping] = k.to(cache.dtype)  # cache: [2, slots, K, Dh]
+            cache[1][ctx.slot_mapping] = v.to(cache.dtype)
+            k_ctx = cache[0][ctx.context_slots].to(q.dtype)  # [S, L, K, Dh]
+            v_ctx = cache[1][ctx.context_slots].to(q.dtype)
             out = paged_attention(q, k_ctx, v_ctx, ctx, self.scale)  # [N, H, Dh]
         return self.o_proj(out.reshape(N, -1))  # [N, D]
 
@@ -304,12 +305,14 @@ class MLAttention(nn.Module):
             out = dense_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale, None)  # [N, H, Dv]
             return self.o_proj(out.reshape(N, H * Dv))
 
-        cache[ctx.slot_mapping] = torch.cat([c, k_rope[:, 0]], dim=-1)  # cache: [slots, C + R]
+        cache[ctx.slot_mapping] = torch.cat([c, k_rope[:, 0]], dim=-1).to(
+            cache.dtype
+        )  # cache: [slots, C + R]
         w_kv = self.kv_b_proj.weight.view(H, P + Dv, C)
         w_uk, w_uv = w_kv[:, :P], w_kv[:, P:]  # [H, P, C], [H, Dv, C]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, C]
         q_abs = torch.cat([q_latent, q_rope], dim=-1)  # [N, H, C + R]
-        kv_ctx = cache[ctx.context_slots][:, :, None, :]  # [S, L, 1, C + R]
+        kv_ctx = cache[ctx.context_slots][:, :, None, :].to(q_abs.dtype)  # [S, L, 1, C + R]
         out_latent = paged_attention(q_abs, kv_ctx, kv_ctx[..., :C], ctx, self.scale)  # [N, H, C]
         out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, H, Dv]
         return self.o_proj(out.reshape(N, H * Dv))
