@@ -390,19 +390,17 @@ class DevCluster:
 
     def _start(self, state: ClusterState, monitoring_enabled: bool, alert_webhook: str | None,
                alert_webhook_token_file: str | None, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         needed = tuple(c for c in versions.COMPONENTS if c.name in ("kubernetes", "etcd", "kwok"))
         if build.missing_components(needed):
             self.log("devcluster: building the cluster binaries first (once; cached in "
                      f"{build.cache_root()})")
             build.ensure_built(needed)
+        deadline = time.monotonic() + timeout  # for starting, not building
         self._fresh_state_dir()
         bin_path = build.binary_path
         ports = state.ports
         for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"):
             ports[name] = processes.free_port()
-        ports["prometheus"] = processes.free_port(monitoring.PROMETHEUS_PORT)
-        ports["alertmanager"] = processes.free_port(monitoring.ALERTMANAGER_PORT)
         server = f"https://127.0.0.1:{ports['apiserver']}"
 
         pki = certs.write_pki(self.state_dir / "pki", SERVICE_CLUSTER_IP)
@@ -554,6 +552,8 @@ class DevCluster:
         token_file.write_text(token)
         token_file.chmod(0o600)
         ports = state.ports
+        ports["prometheus"] = processes.free_port(monitoring.PROMETHEUS_PORT)
+        ports["alertmanager"] = processes.free_port(monitoring.ALERTMANAGER_PORT)
         ports["pod-discovery"] = processes.free_port()
         self._spawn(state, "pod-discovery", monitoring.pod_discovery_args(
             f"https://127.0.0.1:{ports['apiserver']}", self.pki.ca_cert, token_file, ports["pod-discovery"]))
