@@ -1592,8 +1592,12 @@ class PodWorker:
             if task is not asyncio.current_task() and not task.get_name().startswith("stop"):
                 task.cancel()
         if delete_object:
-            shutil.rmtree(self.dir / "volumes", ignore_errors=True)
-            shutil.rmtree(self.dir / "serviceaccount", ignore_errors=True)
+            self.remove_files()
+
+    def remove_files(self) -> None:
+        """Volumes and tokens go with the pod; its logs stay a while (see NodeAgent._collect_pod_dirs)."""
+        shutil.rmtree(self.dir / "volumes", ignore_errors=True)
+        shutil.rmtree(self.dir / "serviceaccount", ignore_errors=True)
 
     async def _delete_object(self) -> None:
         """Final status, then the pod object goes (grace 0, only this very pod: uid precondition)."""
@@ -1923,6 +1927,7 @@ class NodeAgent:
         async def stop_and_forget():
             try:
                 await stopping
+                worker.remove_files()
             finally:
                 self.workers.pop(worker.uid, None)
                 task = self._worker_tasks.pop(worker.uid, None)
