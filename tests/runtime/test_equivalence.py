@@ -45,6 +45,12 @@ def hf_models():
             t.MixtralForCausalLM,
             t.MixtralConfig(**COMMON, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2),
         ),
+        "mixtral-sliding-window": (
+            t.MixtralForCausalLM,
+            t.MixtralConfig(
+                **COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=6
+            ),
+        ),
         "qwen2-moe": (
             t.Qwen2MoeForCausalLM,
             t.Qwen2MoeConfig(
