@@ -126,8 +126,9 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while data := await reader.read(CHUNK):
             writer.write(data)
             await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()  # half-close: the other direction may still be talking
+        if writer.can_write_eof() and not writer.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write_eof()  # half-close: the other direction may still be talking
     except (ConnectionError, OSError):
         with contextlib.suppress(Exception):
             writer.transport.abort()
