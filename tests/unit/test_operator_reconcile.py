@@ -307,3 +307,22 @@ def test_services_follow_the_plan():
     c.objects[("Service", "chat")]["spec"]["selector"] = {"foo": "bar"}
     out = c.reconcile()
     assert [b["metadata"]["name"] for b in out.changes.apply] == ["chat"]
+
+
+def test_existing_pods_are_relabelled_never_reapplied():
+    from moe_operator.desired import changes, desired_objects
+    from moe_operator.plan import plan_groups
+    from moe_operator.pods import revision_of
+    from moe_operator.spec import ModelDeployment
+
+    c = FakeCluster(copy.deepcopy(SPEC))
+    c.converge()
+    c.set_spec(model={"source": "builtin:tiny-mixtral"})     # a new revision; old pods keep their spec
+    md = ModelDeployment.from_body(c.md)
+    observed = c.observe("ns", "chat", 1)
+    plan = plan_groups(md, observed, revision_of(md))
+    todo = changes(desired_objects(md, plan, observed), observed)
+    assert todo.created_pods == 1
+    assert all(b["metadata"]["name"] not in c.pods() for b in todo.applies if b["kind"] == "Pod")
+    for name, labels in todo.relabels:
+        assert name in c.pods() and labels[names.LABEL_TRACK] == "stable"
