@@ -51,7 +51,9 @@ class RunResult:
     failures: int = 0
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
-    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds by process ("engine", "server", "client")
+    cpu_s: dict[str, float] = field(
+        default_factory=dict
+    )  # CPU seconds by process ("engine", "server", "client")
 
     @property
     def tokens_per_s(self) -> float:
@@ -179,10 +181,31 @@ class HttpRunner:
 
     def launch(self) -> None:
         w = self.workload
-        args = [sys.executable, "-m", "model_runtime.cli", "serve", "--model", w.model, "--host", "127.0.0.1",
-                "--http-port", str(self.port), "--grpc-port", "0", "--max-num-seqs", str(max(w.clients, 1)),
-                "--device", w.device, "--dtype", w.dtype, "--log-level", "warning"]
-        self.proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "POD_IP": ""})
+        args = [
+            sys.executable,
+            "-m",
+            "model_runtime.cli",
+            "serve",
+            "--model",
+            w.model,
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            str(self.port),
+            "--grpc-port",
+            "0",
+            "--max-num-seqs",
+            str(max(w.clients, 1)),
+            "--device",
+            w.device,
+            "--dtype",
+            w.dtype,
+            "--log-level",
+            "warning",
+        ]
+        self.proc = subprocess.Popen(
+            args, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "POD_IP": ""}
+        )
 
     async def start(self) -> None:
         import aiohttp
@@ -207,8 +230,14 @@ class HttpRunner:
         await self._one_request("warm up the connection")
 
     async def _one_request(self, prompt: str):
-        body = {"model": self.model_name, "prompt": prompt, "max_tokens": self.workload.max_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": True}
+        body = {
+            "model": self.model_name,
+            "prompt": prompt,
+            "max_tokens": self.workload.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
         start = time.monotonic()
         last, ttft, gaps, tokens = None, None, [], 0
         async with self.session.post(f"{self.base}/v1/completions", json=body) as r:
@@ -272,8 +301,10 @@ def table(workload: Workload, engine: RunResult, http: RunResult, rounds: int = 
     def ms(x: float) -> str:
         return f"{1000 * x:8.1f}"
 
-    header = f"{'run':<26} {'reqs':>5} {'fail':>4} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} " \
-             f"{'ITL p50':>8} {'ITL p99':>8}   (ms)"
+    header = (
+        f"{'run':<26} {'reqs':>5} {'fail':>4} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'ITL p50':>8} {'ITL p99':>8}   (ms)"
+    )
     lines = [
         f"HTTP load: {workload.model}, {workload.clients} concurrent streaming clients x "
         f"{workload.requests_per_client} requests, {workload.prompt_chars}-char prompts, "
@@ -282,25 +313,37 @@ def table(workload: Workload, engine: RunResult, http: RunResult, rounds: int = 
         "-" * len(header),
     ]
     for run in (engine, http):
-        lines.append(f"{run.name:<26} {run.requests:>5} {run.failures:>4} {run.tokens_per_s:>9.1f} "
-                     f"{ms(percentile(run.ttft_s, 50))} {ms(percentile(run.ttft_s, 99))} "
-                     f"{ms(percentile(run.itl_s, 50))} {ms(percentile(run.itl_s, 99))}")
+        lines.append(
+            f"{run.name:<26} {run.requests:>5} {run.failures:>4} {run.tokens_per_s:>9.1f} "
+            f"{ms(percentile(run.ttft_s, 50))} {ms(percentile(run.ttft_s, 99))} "
+            f"{ms(percentile(run.itl_s, 50))} {ms(percentile(run.itl_s, 99))}"
+        )
     overhead = 1 - http.tokens_per_s / engine.tokens_per_s if engine.tokens_per_s else float("nan")
     verdict = "ok" if overhead <= GOAL_MAX_OVERHEAD and not http.failures else "MISSED"
-    lines.append(f"HTTP cost in throughput: {100 * overhead:.1f}% (goal <= {100 * GOAL_MAX_OVERHEAD:.0f}%): {verdict}")
-    per_k = {name: 1e6 * cpu / max(run.tokens, 1) for run in (engine, http) for name, cpu in run.cpu_s.items()}
+    lines.append(
+        f"HTTP cost in throughput: {100 * overhead:.1f}% (goal <= {100 * GOAL_MAX_OVERHEAD:.0f}%): {verdict}"
+    )
+    per_k = {
+        name: 1e6 * cpu / max(run.tokens, 1) for run in (engine, http) for name, cpu in run.cpu_s.items()
+    }
     if "engine" in per_k and "server" in per_k:
-        lines.append(f"CPU per 1k tokens: engine run {per_k['engine']:.0f} ms; server {per_k['server']:.0f} ms "
-                     f"(+{per_k['server'] - per_k['engine']:.0f} ms for HTTP), load client {per_k['client']:.0f} ms, "
-                     f"on {os.cpu_count()} cores")
+        lines.append(
+            f"CPU per 1k tokens: engine run {per_k['engine']:.0f} ms; server {per_k['server']:.0f} ms "
+            f"(+{per_k['server'] - per_k['engine']:.0f} ms for HTTP), load client {per_k['client']:.0f} ms, "
+            f"on {os.cpu_count()} cores"
+        )
     if engine.itl_s and http.itl_s:
-        lines.append(f"mean inter-token latency: engine {ms(statistics.fmean(engine.itl_s)).strip()} ms, "
-                     f"HTTP {ms(statistics.fmean(http.itl_s)).strip()} ms")
+        lines.append(
+            f"mean inter-token latency: engine {ms(statistics.fmean(engine.itl_s)).strip()} ms, "
+            f"HTTP {ms(statistics.fmean(http.itl_s)).strip()} ms"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model_runtime.bench_http", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m model_runtime.bench_http", description=__doc__.split("\n")[0]
+    )
     defaults = Workload()
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument("--clients", type=int, default=defaults.clients)
@@ -310,10 +353,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--time-limit", type=float, default=defaults.time_limit_s, help="seconds per run")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each; the best is reported")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating runs of each; the best is reported"
+    )
     args = parser.parse_args(argv)
-    workload = Workload(args.model, args.clients, args.requests_per_client, args.prompt_chars, args.max_tokens,
-                        args.device, args.dtype, args.time_limit)
+    workload = Workload(
+        args.model,
+        args.clients,
+        args.requests_per_client,
+        args.prompt_chars,
+        args.max_tokens,
+        args.device,
+        args.dtype,
+        args.time_limit,
+    )
     engine, http = asyncio.run(compare(workload, args.rounds))
     print(table(workload, engine, http, args.rounds), flush=True)
     return 0

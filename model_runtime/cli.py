@@ -12,8 +12,18 @@ import sys
 from model_runtime.server import ServerConfig, serve
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "KI": 2**10,
+    "MI": 2**20,
+    "GI": 2**30,
+    "TI": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -57,37 +67,78 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a model over HTTP (KServe v2, generate, OpenAI) and gRPC (KServe v2)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    s.add_argument("--model", required=True,
-                   help="a Hugging Face checkpoint directory, or builtin:tiny-mixtral | builtin:tiny-qwen3-moe | "
-                        "builtin:tiny-deepseek-v3")
+    s.add_argument(
+        "--model",
+        required=True,
+        help="a Hugging Face checkpoint directory, or builtin:tiny-mixtral | builtin:tiny-qwen3-moe | "
+        "builtin:tiny-deepseek-v3",
+    )
     s.add_argument("--served-model-name", help="the model name clients use (default: from --model)")
-    s.add_argument("--host", help="address to bind (default: $POD_IP, plus 127.0.0.1 where free; else 0.0.0.0)")
+    s.add_argument(
+        "--host", help="address to bind (default: $POD_IP, plus 127.0.0.1 where free; else 0.0.0.0)"
+    )
     s.add_argument("--http-port", type=_non_negative(int), default=8000)
     s.add_argument("--grpc-port", type=_non_negative(int), default=8001)
-    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="weights and KV cache (auto: bfloat16 on CUDA, float32 on the CPU)")
+    s.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="weights and KV cache (auto: bfloat16 on CUDA, float32 on the CPU)",
+    )
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--quantization", choices=["int8"], default=None, help="weight-only quantization")
     s.add_argument("--max-num-seqs", type=_positive_int, default=32, help="sequences in one engine step")
-    s.add_argument("--max-num-batched-tokens", type=_positive_int, default=512,
-                   help="new tokens in one engine step")
-    s.add_argument("--max-model-len", type=_positive_int, default=None,
-                   help="prompt + output tokens per request (default: the model's length)")
-    s.add_argument("--max-waiting", type=_positive_int, default=256,
-                   help="queued requests beyond which new ones get 429 / RESOURCE_EXHAUSTED")
-    s.add_argument("--kv-cache-memory", type=parse_size, default=256 * 2**20, help="KV cache size (e.g. 256Mi, 8Gi)")
-    s.add_argument("--request-timeout", type=_non_negative(float), default=600.0,
-                   help="seconds a request may run before it fails with 408 / DEADLINE_EXCEEDED")
-    s.add_argument("--drain-timeout", type=_non_negative(float), default=30.0,
-                   help="seconds SIGTERM waits for requests in flight before exiting")
-    s.add_argument("--max-body-bytes", type=parse_size, default=4 * 2**20, help="largest request body (413 above)")
-    s.add_argument("--inject-latency-ms", type=_non_negative(float), default=0.0,
-                   help="fault injection: milliseconds added before every request's first token")
-    s.add_argument("--inject-error-rate", type=_fraction, default=0.0,
-                   help="fault injection: fraction of requests failed with an injected error")
+    s.add_argument(
+        "--max-num-batched-tokens", type=_positive_int, default=512, help="new tokens in one engine step"
+    )
+    s.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        default=None,
+        help="prompt + output tokens per request (default: the model's length)",
+    )
+    s.add_argument(
+        "--max-waiting",
+        type=_positive_int,
+        default=256,
+        help="queued requests beyond which new ones get 429 / RESOURCE_EXHAUSTED",
+    )
+    s.add_argument(
+        "--kv-cache-memory", type=parse_size, default=256 * 2**20, help="KV cache size (e.g. 256Mi, 8Gi)"
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=_non_negative(float),
+        default=600.0,
+        help="seconds a request may run before it fails with 408 / DEADLINE_EXCEEDED",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=_non_negative(float),
+        default=30.0,
+        help="seconds SIGTERM waits for requests in flight before exiting",
+    )
+    s.add_argument(
+        "--max-body-bytes", type=parse_size, default=4 * 2**20, help="largest request body (413 above)"
+    )
+    s.add_argument(
+        "--inject-latency-ms",
+        type=_non_negative(float),
+        default=0.0,
+        help="fault injection: milliseconds added before every request's first token",
+    )
+    s.add_argument(
+        "--inject-error-rate",
+        type=_fraction,
+        default=0.0,
+        help="fault injection: fraction of requests failed with an injected error",
+    )
     s.add_argument("--seed", type=int, default=None, help="seed of unseeded sampling (default: random)")
-    s.add_argument("--log-level", default=os.environ.get("MOE_LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--log-level",
+        default=os.environ.get("MOE_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
     return parser
 
 

@@ -28,10 +28,18 @@ log = logging.getLogger("model_runtime.grpc")
 
 # Which InferTensorContents field carries each datatype.
 CONTENTS_FIELD = {
-    "BOOL": "bool_contents", "BYTES": "bytes_contents",
-    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
-    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-    "FP32": "fp32_contents", "FP64": "fp64_contents",
+    "BOOL": "bool_contents",
+    "BYTES": "bytes_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
 }
 
 
@@ -60,7 +68,9 @@ def decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
     return Tensor(name, tensor.datatype, shape, values)
 
 
-def decode_request(request: pb.ModelInferRequest) -> tuple[protocol.GenerateRequest, list[protocol.RequestedOutput]]:
+def decode_request(
+    request: pb.ModelInferRequest,
+) -> tuple[protocol.GenerateRequest, list[protocol.RequestedOutput]]:
     raw_contents = list(request.raw_input_contents)
     if raw_contents and len(raw_contents) != len(request.inputs):
         raise ProtocolError(
@@ -82,7 +92,9 @@ def decode_request(request: pb.ModelInferRequest) -> tuple[protocol.GenerateRequ
 def encode_response(
     model_name: str, request_id: str, outputs: list[tuple[Tensor, bool]], final: bool | None = None
 ) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=model_name, model_version=protocol.MODEL_VERSION, id=request_id)
+    response = pb.ModelInferResponse(
+        model_name=model_name, model_version=protocol.MODEL_VERSION, id=request_id
+    )
     for tensor, _ in outputs:
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         response.raw_output_contents.append(protocol.encode_tensor_binary(tensor))
@@ -122,7 +134,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request, context):
         meta = protocol.server_metadata(VERSION)
-        return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"], extensions=meta["extensions"])
+        return pb.ServerMetadataResponse(
+            name=meta["name"], version=meta["version"], extensions=meta["extensions"]
+        )
 
     async def ModelMetadata(self, request, context):
         try:
@@ -131,7 +145,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await self._abort(context, e)
         meta = protocol.model_metadata(self.service.model_name)
         return pb.ModelMetadataResponse(
-            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
             inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]],
         )
@@ -149,9 +165,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except (ServiceError, ProtocolError) as e:
             await self._abort(context, e)
         text = (gen.prompt if gen.prepend_input else "") + final.text
-        tensors = protocol.result_tensors(gen, text, final.finish_reason, len(final.prompt_token_ids),
-                                          len(final.token_ids))
-        return encode_response(self.service.model_name, request.id, protocol.select_outputs(tensors, requested, True))
+        tensors = protocol.result_tensors(
+            gen, text, final.finish_reason, len(final.prompt_token_ids), len(final.token_ids)
+        )
+        return encode_response(
+            self.service.model_name, request.id, protocol.select_outputs(tensors, requested, True)
+        )
 
     async def _stream_one(self, request: pb.ModelInferRequest, send) -> None:
         """Run one request of a stream, sending its responses (or its error) through `send`."""
@@ -168,11 +187,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if not text and not output.finished:
                     continue
                 count = len(output.new_token_ids) if gen.stream else len(output.token_ids)
-                tensors = protocol.result_tensors(gen, prompt_prefix + text, output.finish_reason,
-                                                  len(output.prompt_token_ids), count)
+                tensors = protocol.result_tensors(
+                    gen, prompt_prefix + text, output.finish_reason, len(output.prompt_token_ids), count
+                )
                 prompt_prefix = ""
-                response = encode_response(self.service.model_name, request.id,
-                                           protocol.select_outputs(tensors, requested, True), final=output.finished)
+                response = encode_response(
+                    self.service.model_name,
+                    request.id,
+                    protocol.select_outputs(tensors, requested, True),
+                    final=output.finished,
+                )
                 await send(pb.ModelStreamInferResponse(infer_response=response))
         except ProtocolError as e:
             self.service.metrics.request_failed("invalid_request")
@@ -241,4 +265,3 @@ async def start_grpc_server(
         port = bound
     await server.start()
     return server, port
-

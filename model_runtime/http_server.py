@@ -26,6 +26,7 @@ log = logging.getLogger("model_runtime.http")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+
 # OpenAPI schemas of the bodies the handlers read raw (binary extension, generate's free keys).
 def _input_schema(spec: protocol.TensorSpec) -> dict[str, Any]:
     item = {"type": "string"} if spec.datatype == "BYTES" else {"type": "boolean"}
@@ -35,8 +36,16 @@ def _input_schema(spec: protocol.TensorSpec) -> dict[str, Any]:
         "properties": {
             "name": {"type": "string", "enum": [spec.name]},
             "datatype": {"type": "string", "enum": [spec.datatype]},
-            "shape": {"type": "array", "items": {"type": "integer", "enum": [1]}, "minItems": 1, "maxItems": 1},
-            "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
+            "shape": {
+                "type": "array",
+                "items": {"type": "integer", "enum": [1]},
+                "minItems": 1,
+                "maxItems": 1,
+            },
+            "parameters": {
+                "type": "object",
+                "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+            },
             "data": {"type": "array", "items": item, "minItems": 1, "maxItems": 1},
         },
     }
@@ -48,14 +57,21 @@ INFER_REQUEST_SCHEMA = {
     "properties": {
         "id": {"type": "string"},
         "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
-        "inputs": {"type": "array", "minItems": 1,
-                   "items": {"oneOf": [_input_schema(spec) for spec in protocol.MODEL_INPUTS.values()]}},
+        "inputs": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"oneOf": [_input_schema(spec) for spec in protocol.MODEL_INPUTS.values()]},
+        },
         "outputs": {
             "type": "array",
-            "items": {"type": "object", "required": ["name"],
-                      "properties": {"name": {"type": "string", "enum": list(protocol.MODEL_OUTPUTS)},
-                                     "parameters": {"type": "object",
-                                                    "properties": {"binary_data": {"type": "boolean"}}}}},
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "enum": list(protocol.MODEL_OUTPUTS)},
+                    "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
+                },
+            },
         },
     },
 }
@@ -85,7 +101,9 @@ def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def _error_response(path: str, status: int, message: str, error_type: str = "invalid_request_error") -> JSONResponse:
+def _error_response(
+    path: str, status: int, message: str, error_type: str = "invalid_request_error"
+) -> JSONResponse:
     if path.startswith("/v1"):
         body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
     else:
@@ -113,7 +131,9 @@ class BodyLimit:
         for key, value in scope["headers"]:
             if key == b"content-length":
                 if not value.isdigit():
-                    return await _error_response(scope["path"], 400, "invalid Content-Length")(scope, receive, send)
+                    return await _error_response(scope["path"], 400, "invalid Content-Length")(
+                        scope, receive, send
+                    )
                 if int(value) > self.max_bytes:
                     return await _error_response(scope["path"], 413, message)(scope, receive, send)
         if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
@@ -209,7 +229,8 @@ def create_app(service: InferenceService) -> BodyLimit:
     async def on_validation_error(request: Request, exc: RequestValidationError):
         service.metrics.request_failed("invalid_request")
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in exc.errors()[:5]
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+            for e in exc.errors()[:5]
         )
         return _error_response(request.url.path, 400, f"invalid request: {problems}")
 
@@ -219,7 +240,9 @@ def create_app(service: InferenceService) -> BodyLimit:
 
     @app.exception_handler(BodyTooLarge)
     async def on_body_too_large(request: Request, exc: BodyTooLarge):
-        return _error_response(request.url.path, 413, f"request body larger than {limit} bytes (--max-body-bytes)")
+        return _error_response(
+            request.url.path, 413, f"request body larger than {limit} bytes (--max-body-bytes)"
+        )
 
     @app.exception_handler(RecursionError)
     async def on_too_deep(request: Request, exc: RecursionError):
@@ -274,9 +297,14 @@ def create_app(service: InferenceService) -> BodyLimit:
 
     # -- inference ------------------------------------------------------------------------------
 
-    @app.post("/v2/models/{model_name}/infer", tags=["kserve"], openapi_extra=_json_body(INFER_REQUEST_SCHEMA))
-    @app.post("/v2/models/{model_name}/versions/{version}/infer", tags=["kserve"],
-              openapi_extra=_json_body(INFER_REQUEST_SCHEMA))
+    @app.post(
+        "/v2/models/{model_name}/infer", tags=["kserve"], openapi_extra=_json_body(INFER_REQUEST_SCHEMA)
+    )
+    @app.post(
+        "/v2/models/{model_name}/versions/{version}/infer",
+        tags=["kserve"],
+        openapi_extra=_json_body(INFER_REQUEST_SCHEMA),
+    )
     async def infer(model_name: str, request: Request, version: str | None = None):
         service.check_model(model_name)
         check_version(version)
@@ -288,16 +316,20 @@ def create_app(service: InferenceService) -> BodyLimit:
         params = service.sampling_params(**gen.sampling)
         final = await service.complete(gen.prompt, params)
         text = (gen.prompt if gen.prepend_input else "") + final.text
-        tensors = protocol.result_tensors(gen, text, final.finish_reason, len(final.prompt_token_ids),
-                                          len(final.token_ids))
+        tensors = protocol.result_tensors(
+            gen, text, final.finish_reason, len(final.prompt_token_ids), len(final.token_ids)
+        )
         outputs = protocol.select_outputs(
             tensors, infer_request.outputs or protocol.default_outputs(gen), infer_request.binary_data_output
         )
         content, header_length = protocol.encode_infer_response(model_name, infer_request.id, outputs)
         if header_length is None:
             return Response(content, media_type="application/json")
-        return Response(content, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(header_length)})
+        return Response(
+            content,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(header_length)},
+        )
 
     async def start_generate(model_name: str, version: str | None, request: Request, stream_default: bool):
         service.check_model(model_name)
@@ -311,8 +343,11 @@ def create_app(service: InferenceService) -> BodyLimit:
         return gen, service.sampling_params(**gen.sampling), request_id
 
     def generate_body(gen, request_id, text, finish_reason, output) -> dict[str, Any]:
-        body: dict[str, Any] = {"model_name": model_name, "model_version": protocol.MODEL_VERSION,
-                                "text_output": text}
+        body: dict[str, Any] = {
+            "model_name": model_name,
+            "model_version": protocol.MODEL_VERSION,
+            "text_output": text,
+        }
         if request_id:
             body["id"] = request_id
         if finish_reason is not None:
@@ -323,9 +358,16 @@ def create_app(service: InferenceService) -> BodyLimit:
             body["num_output_tokens"] = len(output.new_token_ids)
         return body
 
-    @app.post("/v2/models/{model_name}/generate", tags=["generate"], openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA))
-    @app.post("/v2/models/{model_name}/versions/{version}/generate", tags=["generate"],
-              openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA))
+    @app.post(
+        "/v2/models/{model_name}/generate",
+        tags=["generate"],
+        openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA),
+    )
+    @app.post(
+        "/v2/models/{model_name}/versions/{version}/generate",
+        tags=["generate"],
+        openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA),
+    )
     async def generate(model_name: str, request: Request, version: str | None = None):
         gen, params, request_id = await start_generate(model_name, version, request, stream_default=False)
         final = await service.complete(gen.prompt, params)
@@ -333,10 +375,16 @@ def create_app(service: InferenceService) -> BodyLimit:
         final.new_token_ids = final.token_ids
         return JSONResponse(generate_body(gen, request_id, text, final.finish_reason, final))
 
-    @app.post("/v2/models/{model_name}/generate_stream", tags=["generate"],
-              openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA))
-    @app.post("/v2/models/{model_name}/versions/{version}/generate_stream", tags=["generate"],
-              openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA))
+    @app.post(
+        "/v2/models/{model_name}/generate_stream",
+        tags=["generate"],
+        openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA),
+    )
+    @app.post(
+        "/v2/models/{model_name}/versions/{version}/generate_stream",
+        tags=["generate"],
+        openapi_extra=_json_body(GENERATE_REQUEST_SCHEMA),
+    )
     async def generate_stream(model_name: str, request: Request, version: str | None = None):
         gen, params, request_id = await start_generate(model_name, version, request, stream_default=True)
         outputs = await first_and_rest(service.generate(gen.prompt, params))
@@ -355,8 +403,15 @@ def create_app(service: InferenceService) -> BodyLimit:
                         continue
                     if not gen.stream:
                         output.new_token_ids = output.token_ids
-                    yield _sse(generate_body(gen, request_id, pending_prompt + text,
-                                             output.finish_reason if output.finished else None, output))
+                    yield _sse(
+                        generate_body(
+                            gen,
+                            request_id,
+                            pending_prompt + text,
+                            output.finish_reason if output.finished else None,
+                            output,
+                        )
+                    )
                     pending_prompt = ""
             except ServiceError as e:
                 yield _sse({"error": e.message})
@@ -369,7 +424,9 @@ def create_app(service: InferenceService) -> BodyLimit:
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             # One model is served: say so, so that clients (and fuzzers) know the one valid name.
             for component in schema.get("components", {}).get("schemas", {}).values():
                 if component.get("title") in ("CompletionRequest", "ChatCompletionRequest"):
@@ -386,4 +443,3 @@ def create_app(service: InferenceService) -> BodyLimit:
 
     app.openapi = openapi
     return BodyLimit(app, limit)
-

@@ -45,18 +45,91 @@ REQUEST_FAILURE = "moe_request_failure_total"
 EXPERT_TOKENS = "moe_expert_tokens_total"
 
 # Why a request failed. `invalid_request` and `cancelled` are the client's doing.
-FAILURE_REASONS = ("invalid_request", "overloaded", "timeout", "injected", "internal", "cancelled", "unavailable")
+FAILURE_REASONS = (
+    "invalid_request",
+    "overloaded",
+    "timeout",
+    "injected",
+    "internal",
+    "cancelled",
+    "unavailable",
+)
 SERVER_FAILURE_REASONS = ("internal", "injected", "timeout", "overloaded")
 
 # Buckets for LLM serving: first tokens from milliseconds (small models, warm GPU) to a minute
 # (long prompts under load); gaps between tokens from a millisecond to seconds; whole requests
 # up to ten minutes.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-                1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
-               0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
-E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
-               15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
+E2E_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
 
 
 class EngineStatsCollector(Collector):
@@ -68,11 +141,19 @@ class EngineStatsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats()
-        running = GaugeMetricFamily(NUM_REQUESTS_RUNNING, "Requests in the running batch.", labels=["model_name"])
-        waiting = GaugeMetricFamily(NUM_REQUESTS_WAITING, "Requests waiting to be scheduled.", labels=["model_name"])
-        kv = GaugeMetricFamily(KV_CACHE_USAGE, "Fraction of KV cache blocks in use (0..1).", labels=["model_name"])
+        running = GaugeMetricFamily(
+            NUM_REQUESTS_RUNNING, "Requests in the running batch.", labels=["model_name"]
+        )
+        waiting = GaugeMetricFamily(
+            NUM_REQUESTS_WAITING, "Requests waiting to be scheduled.", labels=["model_name"]
+        )
+        kv = GaugeMetricFamily(
+            KV_CACHE_USAGE, "Fraction of KV cache blocks in use (0..1).", labels=["model_name"]
+        )
         experts = CounterMetricFamily(
-            EXPERT_TOKENS, "Tokens routed to each expert of each MoE layer.", labels=["model_name", "layer", "expert"]
+            EXPERT_TOKENS,
+            "Tokens routed to each expert of each MoE layer.",
+            labels=["model_name", "layer", "expert"],
         )
         if stats is not None:
             running.add_metric([self.model_name], stats.num_running)
@@ -100,20 +181,48 @@ class RuntimeMetrics:
         PlatformCollector(registry=self.registry)
         self.registry.register(EngineStatsCollector(model_name, engine_stats))
         label = ["model_name"]
-        self.ttft = Histogram(TIME_TO_FIRST_TOKEN, "Time from arrival to the first generated token.", label,
-                              buckets=TTFT_BUCKETS, registry=self.registry).labels(model_name)
-        self.itl = Histogram(INTER_TOKEN_LATENCY, "Time between consecutive generated tokens.", label,
-                             buckets=ITL_BUCKETS, registry=self.registry).labels(model_name)
-        self.e2e = Histogram(E2E_REQUEST_LATENCY, "Time from arrival to the last token of a finished request.",
-                             label, buckets=E2E_BUCKETS, registry=self.registry).labels(model_name)
-        self.prompt_tokens = Counter(PROMPT_TOKENS.removesuffix("_total"), "Prompt tokens of finished requests.",
-                                     label, registry=self.registry).labels(model_name)
-        self.generation_tokens = Counter(GENERATION_TOKENS.removesuffix("_total"), "Generated tokens.",
-                                         label, registry=self.registry).labels(model_name)
-        self._success = Counter(REQUEST_SUCCESS.removesuffix("_total"), "Requests that finished.",
-                                label + ["finished_reason"], registry=self.registry)
-        self._failure = Counter(REQUEST_FAILURE.removesuffix("_total"), "Requests that did not finish, by reason.",
-                                label + ["reason"], registry=self.registry)
+        self.ttft = Histogram(
+            TIME_TO_FIRST_TOKEN,
+            "Time from arrival to the first generated token.",
+            label,
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.itl = Histogram(
+            INTER_TOKEN_LATENCY,
+            "Time between consecutive generated tokens.",
+            label,
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.e2e = Histogram(
+            E2E_REQUEST_LATENCY,
+            "Time from arrival to the last token of a finished request.",
+            label,
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
+        ).labels(model_name)
+        self.prompt_tokens = Counter(
+            PROMPT_TOKENS.removesuffix("_total"),
+            "Prompt tokens of finished requests.",
+            label,
+            registry=self.registry,
+        ).labels(model_name)
+        self.generation_tokens = Counter(
+            GENERATION_TOKENS.removesuffix("_total"), "Generated tokens.", label, registry=self.registry
+        ).labels(model_name)
+        self._success = Counter(
+            REQUEST_SUCCESS.removesuffix("_total"),
+            "Requests that finished.",
+            label + ["finished_reason"],
+            registry=self.registry,
+        )
+        self._failure = Counter(
+            REQUEST_FAILURE.removesuffix("_total"),
+            "Requests that did not finish, by reason.",
+            label + ["reason"],
+            registry=self.registry,
+        )
         for reason in FAILURE_REASONS:  # every series exists from the start, so rate() works at once
             self._failure.labels(model_name, reason)
         for finished_reason in ("stop", "length"):

@@ -76,8 +76,11 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
@@ -91,7 +94,9 @@ def single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str 
     raise InvalidRequest("exactly one prompt per request is supported (a string or a list of token ids)")
 
 
-def sampling_kwargs(req: _SamplingFields, max_tokens: int | None, logprobs: int | None, max_model_len: int) -> dict:
+def sampling_kwargs(
+    req: _SamplingFields, max_tokens: int | None, logprobs: int | None, max_model_len: int
+) -> dict:
     kwargs: dict[str, Any] = {
         "max_tokens": max_tokens if max_tokens is not None else max_model_len,
         "temperature": 1.0 if req.temperature is None else req.temperature,
@@ -128,7 +133,12 @@ def completion_logprobs(tokenizer, entries: list[dict], text_offset: int) -> dic
         top_logprobs.append({_token_text(tokenizer, t): lp for t, lp in (entry.get("top") or {}).items()})
         offsets.append(text_offset)
         text_offset += len(token)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(tokenizer, entries: list[dict]) -> dict[str, Any]:
@@ -136,15 +146,21 @@ def chat_logprobs(tokenizer, entries: list[dict]) -> dict[str, Any]:
     content = []
     for entry in entries:
         token = _token_text(tokenizer, entry["token_id"])
-        content.append({
-            "token": token,
-            "logprob": entry["logprob"],
-            "bytes": list(token.encode("utf-8")),
-            "top_logprobs": [
-                {"token": (t := _token_text(tokenizer, tid)), "logprob": lp, "bytes": list(t.encode("utf-8"))}
-                for tid, lp in (entry.get("top") or {}).items()
-            ],
-        })
+        content.append(
+            {
+                "token": token,
+                "logprob": entry["logprob"],
+                "bytes": list(token.encode("utf-8")),
+                "top_logprobs": [
+                    {
+                        "token": (t := _token_text(tokenizer, tid)),
+                        "logprob": lp,
+                        "bytes": list(t.encode("utf-8")),
+                    }
+                    for tid, lp in (entry.get("top") or {}).items()
+                ],
+            }
+        )
     return {"content": content}
 
 
@@ -157,8 +173,10 @@ DONE = b"data: [DONE]\n\n"
 
 def _chunk_template(request_id: str, kind: str, created: int, model_name: str, before: str, after: str):
     """An SSE event builder for the per-token chunk of a stream, which differs only in its text."""
-    head = (f'data: {{"id": {json.dumps(request_id)}, "object": "{kind}", "created": {created}, '
-            f'"model": {json.dumps(model_name)}, "choices": [{{"index": 0, {before}').encode()
+    head = (
+        f'data: {{"id": {json.dumps(request_id)}, "object": "{kind}", "created": {created}, '
+        f'"model": {json.dumps(model_name)}, "choices": [{{"index": 0, {before}'
+    ).encode()
     tail = f'{after}, "logprobs": null, "finish_reason": null}}]}}\n\n'.encode()
 
     def build(text: str) -> bytes:
@@ -193,8 +211,9 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             if include_usage and final is not None:
                 yield _sse(usage_chunk(final))
         except ServiceError as e:
-            yield _sse({"error": {"message": e.message, "type": e.openai_type, "param": None,
-                                  "code": e.http_status}})
+            yield _sse(
+                {"error": {"message": e.message, "type": e.openai_type, "param": None, "code": e.http_status}}
+            )
         yield DONE
 
     @router.post("/completions")
@@ -202,7 +221,9 @@ def create_openai_router(service: InferenceService) -> APIRouter:
         service.check_model(req.model)
         service.admit()
         prompt = single_prompt(req.prompt)
-        params = service.sampling_params(**sampling_kwargs(req, req.max_tokens, req.logprobs, service.max_model_len))
+        params = service.sampling_params(
+            **sampling_kwargs(req, req.max_tokens, req.logprobs, service.max_model_len)
+        )
         tokenizer = service.tokenizer
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -215,12 +236,22 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             logprobs = None
             if req.logprobs is not None:
                 logprobs = completion_logprobs(tokenizer, final.logprobs or [], len(echo_text))
-            choice = {"index": 0, "text": echo_text + final.text, "logprobs": logprobs,
-                      "finish_reason": final.finish_reason}
-            return JSONResponse({
-                "id": request_id, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [choice], "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
-            })
+            choice = {
+                "index": 0,
+                "text": echo_text + final.text,
+                "logprobs": logprobs,
+                "finish_reason": final.finish_reason,
+            }
+            return JSONResponse(
+                {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model_name,
+                    "choices": [choice],
+                    "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
+                }
+            )
 
         outputs = await first_and_rest(service.generate(prompt, params))
         state = {"echo": echo_text, "offset": len(echo_text)}
@@ -238,16 +269,33 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             if req.logprobs is not None:
                 logprobs = completion_logprobs(tokenizer, output.logprobs or [], state["offset"])
             state["offset"] += len(text)
-            body = {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": logprobs,
-                                 "finish_reason": output.finish_reason if output.finished else None}]}
+            body = {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": output.finish_reason if output.finished else None,
+                    }
+                ],
+            }
             if output.finished:
                 body["usage"] = usage(len(output.prompt_token_ids), len(output.token_ids))
             return body
 
         def usage_chunk(final) -> dict:
-            return {"id": request_id, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [], "usage": usage(len(final.prompt_token_ids), len(final.token_ids))}
+            return {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model_name,
+                "choices": [],
+                "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
+            }
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return stream_response(stream_events(outputs, chunk, include_usage, usage_chunk))
@@ -264,24 +312,36 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             raise InvalidRequest(f"the chat template rejected the messages: {e}") from None
         logprobs_n = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
-        params = service.sampling_params(**sampling_kwargs(req, max_tokens, logprobs_n, service.max_model_len))
+        params = service.sampling_params(
+            **sampling_kwargs(req, max_tokens, logprobs_n, service.max_model_len)
+        )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
 
         if not req.stream:
             final = await service.complete(prompt, params)
-            choice = {"index": 0, "message": {"role": "assistant", "content": final.text},
-                      "logprobs": chat_logprobs(tokenizer, final.logprobs or []) if req.logprobs else None,
-                      "finish_reason": final.finish_reason}
-            return JSONResponse({
-                "id": request_id, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [choice], "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
-            })
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": final.text},
+                "logprobs": chat_logprobs(tokenizer, final.logprobs or []) if req.logprobs else None,
+                "finish_reason": final.finish_reason,
+            }
+            return JSONResponse(
+                {
+                    "id": request_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model_name,
+                    "choices": [choice],
+                    "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
+                }
+            )
 
         outputs = await first_and_rest(service.generate(prompt, params))
         state = {"first": True}
-        content_chunk = _chunk_template(request_id, "chat.completion.chunk", created, model_name,
-                                        '"delta": {"content": ', "}")
+        content_chunk = _chunk_template(
+            request_id, "chat.completion.chunk", created, model_name, '"delta": {"content": ', "}"
+        )
 
         def chunk(output) -> dict | bytes | None:
             if not state["first"] and not output.finished and not req.logprobs:
@@ -294,17 +354,33 @@ def create_openai_router(service: InferenceService) -> APIRouter:
                 delta["content"] = output.new_text
             if not delta and not output.finished and not output.logprobs:
                 return None
-            body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta,
-                                 "logprobs": chat_logprobs(tokenizer, output.logprobs or []) if req.logprobs else None,
-                                 "finish_reason": output.finish_reason if output.finished else None}]}
+            body = {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "logprobs": chat_logprobs(tokenizer, output.logprobs or []) if req.logprobs else None,
+                        "finish_reason": output.finish_reason if output.finished else None,
+                    }
+                ],
+            }
             if output.finished:
                 body["usage"] = usage(len(output.prompt_token_ids), len(output.token_ids))
             return body
 
         def usage_chunk(final) -> dict:
-            return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [], "usage": usage(len(final.prompt_token_ids), len(final.token_ids))}
+            return {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model_name,
+                "choices": [],
+                "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
+            }
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return stream_response(stream_events(outputs, chunk, include_usage, usage_chunk))

@@ -27,8 +27,13 @@ EXTENSIONS = ["binary_tensor_data", "generate", "statistics_none", "model_reposi
 
 # Request parameters the protocol itself uses; never taken as sampling parameters.
 RESERVED_PARAMETERS = {
-    "binary_data_output", "sequence_id", "sequence_start", "sequence_end", "priority",
-    "timeout", "headers",
+    "binary_data_output",
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+    "priority",
+    "timeout",
+    "headers",
 }
 
 # Element count a tensor may declare; the model takes scalars, so this only bounds garbage.
@@ -37,11 +42,17 @@ MAX_ELEMENTS = 1 << 16
 # numpy dtype of each fixed-size KServe datatype (BYTES is length-prefixed, BF16 has none).
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
     "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
 }
 DATATYPES = set(NUMPY_DTYPES) | {"BYTES", "BF16"}
 
@@ -82,8 +93,15 @@ DEFAULT_OUTPUTS = ("text_output", "finish_reason")
 
 # Sampling parameters a request may set (names as in vLLM), and the type each one takes.
 SAMPLING_PARAMETER_TYPES: dict[str, type] = {
-    "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "seed": int,
-    "stop": list, "stop_token_ids": list, "ignore_eos": bool, "logprobs": int,
+    "max_tokens": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "seed": int,
+    "stop": list,
+    "stop_token_ids": list,
+    "ignore_eos": bool,
+    "logprobs": int,
 }
 
 
@@ -219,7 +237,9 @@ def decode_json_tensor(obj: Any) -> tuple[Tensor, int | None]:
         raise ProtocolError("each input needs a 'name' (string)")
     datatype = obj.get("datatype")
     if datatype not in DATATYPES:
-        raise ProtocolError(f"input '{name}': unknown datatype {datatype!r}; expected one of {sorted(DATATYPES)}")
+        raise ProtocolError(
+            f"input '{name}': unknown datatype {datatype!r}; expected one of {sorted(DATATYPES)}"
+        )
     shape = check_shape(name, obj.get("shape"))
     parameters = obj.get("parameters") or {}
     if not isinstance(parameters, dict):
@@ -237,7 +257,9 @@ def decode_json_tensor(obj: Any) -> tuple[Tensor, int | None]:
         raise ProtocolError(f"input '{name}': needs 'data' or the binary_data_size parameter")
     values = [_json_value(name, datatype, v) for v in _flatten(obj["data"])]
     if len(values) != element_count(shape):
-        raise ProtocolError(f"input '{name}': shape {shape} needs {element_count(shape)} elements, data has {len(values)}")
+        raise ProtocolError(
+            f"input '{name}': shape {shape} needs {element_count(shape)} elements, data has {len(values)}"
+        )
     return Tensor(name, datatype, shape, values), None
 
 
@@ -248,7 +270,9 @@ def decode_binary_tensor(tensor: Tensor, raw: bytes) -> Tensor:
         values: list[Any] = deserialize_bytes_tensor(raw, tensor.name)
     elif tensor.datatype == "BF16":
         if len(raw) != 2 * count:
-            raise ProtocolError(f"input '{tensor.name}': {count} BF16 elements need {2 * count} bytes, got {len(raw)}")
+            raise ProtocolError(
+                f"input '{tensor.name}': {count} BF16 elements need {2 * count} bytes, got {len(raw)}"
+            )
         values = [struct.unpack_from("<H", raw, 2 * i)[0] for i in range(count)]
     else:
         dtype = NUMPY_DTYPES[tensor.datatype]
@@ -258,7 +282,9 @@ def decode_binary_tensor(tensor: Tensor, raw: bytes) -> Tensor:
             )
         values = np.frombuffer(raw, dtype=dtype).tolist()
     if len(values) != count:
-        raise ProtocolError(f"input '{tensor.name}': shape {tensor.shape} needs {count} elements, data has {len(values)}")
+        raise ProtocolError(
+            f"input '{tensor.name}': shape {tensor.shape} needs {count} elements, data has {len(values)}"
+        )
     return Tensor(tensor.name, tensor.datatype, tensor.shape, values)
 
 
@@ -389,7 +415,11 @@ def encode_infer_response(
         else:
             entry["data"] = encode_tensor_json_data(tensor)
         json_outputs.append(entry)
-    response: dict[str, Any] = {"model_name": model_name, "model_version": MODEL_VERSION, "outputs": json_outputs}
+    response: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": MODEL_VERSION,
+        "outputs": json_outputs,
+    }
     if request_id:
         response["id"] = request_id
     header = json.dumps(response, ensure_ascii=False).encode("utf-8")
@@ -465,7 +495,9 @@ def _scalar(inputs: dict[str, Tensor], name: str) -> Any:
     if tensor is None:
         return None
     if len(tensor.values) != 1:
-        raise ProtocolError(f"input '{name}' must hold exactly one element (shape [1]), got shape {tensor.shape}")
+        raise ProtocolError(
+            f"input '{name}' must hold exactly one element (shape [1]), got shape {tensor.shape}"
+        )
     return tensor.values[0]
 
 
@@ -553,7 +585,11 @@ def generate_request_from_json(body: Any) -> GenerateRequest:
 
 
 def result_tensors(
-    request: GenerateRequest, text: str, finish_reason: str | None, num_input_tokens: int, num_output_tokens: int
+    request: GenerateRequest,
+    text: str,
+    finish_reason: str | None,
+    num_input_tokens: int,
+    num_output_tokens: int,
 ) -> list[Tensor]:
     """The model's outputs for one response (`text` is the new text of a stream piece, or all of it)."""
     tensors = [Tensor("text_output", "BYTES", [1], [text.encode("utf-8")])]

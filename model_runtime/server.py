@@ -118,7 +118,12 @@ class ServiceError(Exception):
 
 
 class InvalidRequest(ServiceError):
-    http_status, grpc_code, failure_reason, openai_type = 400, "INVALID_ARGUMENT", "invalid_request", "invalid_request_error"
+    http_status, grpc_code, failure_reason, openai_type = (
+        400,
+        "INVALID_ARGUMENT",
+        "invalid_request",
+        "invalid_request_error",
+    )
 
 
 class ModelNotFound(ServiceError):
@@ -126,11 +131,21 @@ class ModelNotFound(ServiceError):
 
 
 class Unavailable(ServiceError):
-    http_status, grpc_code, failure_reason, openai_type = 503, "UNAVAILABLE", "unavailable", "service_unavailable"
+    http_status, grpc_code, failure_reason, openai_type = (
+        503,
+        "UNAVAILABLE",
+        "unavailable",
+        "service_unavailable",
+    )
 
 
 class Overloaded(ServiceError):
-    http_status, grpc_code, failure_reason, openai_type = 429, "RESOURCE_EXHAUSTED", "overloaded", "rate_limit_error"
+    http_status, grpc_code, failure_reason, openai_type = (
+        429,
+        "RESOURCE_EXHAUSTED",
+        "overloaded",
+        "rate_limit_error",
+    )
 
 
 class RequestTimeout(ServiceError):
@@ -171,7 +186,9 @@ class InferenceService:
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        dtype_name = (
+            cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        )
         dtype = getattr(torch, dtype_name)
         started = time.monotonic()
         log.info("loading %s (%s on %s)", cfg.model, dtype_name, device)
@@ -204,8 +221,12 @@ class InferenceService:
         self.engine = engine
         if self.state == "loading":
             self.state = "ready"
-        log.info("model %s ready in %.1fs (max_model_len %d)", self.model_name, time.monotonic() - started,
-                 engine.max_model_len)
+        log.info(
+            "model %s ready in %.1fs (max_model_len %d)",
+            self.model_name,
+            time.monotonic() - started,
+            engine.max_model_len,
+        )
 
     async def stop(self, drain_timeout_s: float = 0.0) -> None:
         if self.engine is not None:
@@ -409,11 +430,15 @@ async def first_and_rest(outputs: AsyncIterator) -> AsyncIterator:
 
 def log_fault_injection(config: ServerConfig) -> None:
     if config.inject_latency_ms > 0:
-        log.warning("FAULT INJECTION ON: %.0f ms added before the first token of every request",
-                    config.inject_latency_ms)
+        log.warning(
+            "FAULT INJECTION ON: %.0f ms added before the first token of every request",
+            config.inject_latency_ms,
+        )
     if config.inject_error_rate > 0:
-        log.warning("FAULT INJECTION ON: %.1f%% of requests fail with an injected error",
-                    100 * config.inject_error_rate)
+        log.warning(
+            "FAULT INJECTION ON: %.1f%% of requests fail with an injected error",
+            100 * config.inject_error_rate,
+        )
 
 
 async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
@@ -447,7 +472,9 @@ async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
     )
     http_task = asyncio.create_task(http_server.serve(sockets=http_sockets), name="http")
     addresses = ", ".join(f"{h}" for h, _ in hosts)
-    log.info("serving %s: HTTP on %s port %d, gRPC port %d", service.model_name, addresses, http_port, grpc_port)
+    log.info(
+        "serving %s: HTTP on %s port %d, gRPC port %d", service.model_name, addresses, http_port, grpc_port
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

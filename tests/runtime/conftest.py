@@ -38,8 +38,21 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log = tempfile.NamedTemporaryFile(prefix="moe-runtime-", suffix=".log", delete=False)
-        args = [sys.executable, "-m", "model_runtime.cli", "serve", "--model", model, "--host", "127.0.0.1",
-                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *extra_args]
+        args = [
+            sys.executable,
+            "-m",
+            "model_runtime.cli",
+            "serve",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            *extra_args,
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("POD_IP", None)
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)

@@ -80,10 +80,26 @@ def _check_startup_and_drain(server: ServerProcess) -> None:
     started = [threading.Event() for _ in range(2)]
     body = {"max_tokens": LONG, "temperature": 0, "ignore_eos": True}
     threads = [
-        threading.Thread(target=sse_stream, args=(f"{base}/v1/completions",
-                         {"model": MODEL_NAME, "prompt": "drain me", "stream": True, **body}, started[0], sink, "openai")),
-        threading.Thread(target=sse_stream, args=(f"{base}/v2/models/{MODEL_NAME}/generate_stream",
-                         {"text_input": "and me", **body}, started[1], sink, "generate")),
+        threading.Thread(
+            target=sse_stream,
+            args=(
+                f"{base}/v1/completions",
+                {"model": MODEL_NAME, "prompt": "drain me", "stream": True, **body},
+                started[0],
+                sink,
+                "openai",
+            ),
+        ),
+        threading.Thread(
+            target=sse_stream,
+            args=(
+                f"{base}/v2/models/{MODEL_NAME}/generate_stream",
+                {"text_input": "and me", **body},
+                started[1],
+                sink,
+                "generate",
+            ),
+        ),
     ]
     for t in threads:
         t.start()
@@ -91,10 +107,11 @@ def _check_startup_and_drain(server: ServerProcess) -> None:
     grpc_client = grpcclient.InferenceServerClient(server.grpc_url)
     grpc_client.start_stream(callback=lambda result, error: grpc_results.put((result, error)))
     tensors = []
-    for name, datatype, value in (("text_input", "BYTES", np.array([b"grpc too"], dtype=np.object_)),
-                                  ("stream", "BOOL", np.array([True])),
-                                  ("sampling_parameters", "BYTES", np.array([json.dumps(body).encode()],
-                                                                            dtype=np.object_))):
+    for name, datatype, value in (
+        ("text_input", "BYTES", np.array([b"grpc too"], dtype=np.object_)),
+        ("stream", "BOOL", np.array([True])),
+        ("sampling_parameters", "BYTES", np.array([json.dumps(body).encode()], dtype=np.object_)),
+    ):
         tensor = grpcclient.InferInput(name, [1], datatype)
         tensor.set_data_from_numpy(value)
         tensors.append(tensor)
@@ -113,8 +130,12 @@ def _check_startup_and_drain(server: ServerProcess) -> None:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
         request = pb.ModelInferRequest(model_name=MODEL_NAME)
-        request.inputs.add(name="text_input", datatype="BYTES", shape=[1],
-                           contents=pb.InferTensorContents(bytes_contents=[b"late"]))
+        request.inputs.add(
+            name="text_input",
+            datatype="BYTES",
+            shape=[1],
+            contents=pb.InferTensorContents(bytes_contents=[b"late"]),
+        )
         with pytest.raises(grpc.RpcError) as e:
             stub.ModelInfer(request, timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -30,7 +30,10 @@ def client(runtime_server):
 def inputs(stream: bool = False, prompt: str = PROMPT, sampling=None, exclude_input: bool = True):
     values = {
         "text_input": ("BYTES", np.array([prompt.encode()], dtype=np.object_)),
-        "sampling_parameters": ("BYTES", np.array([json.dumps(sampling or SAMPLING).encode()], dtype=np.object_)),
+        "sampling_parameters": (
+            "BYTES",
+            np.array([json.dumps(sampling or SAMPLING).encode()], dtype=np.object_),
+        ),
         "stream": ("BOOL", np.array([stream])),
         "exclude_input_in_output": ("BOOL", np.array([exclude_input])),
     }
@@ -94,10 +97,13 @@ def test_infer_and_stream_agree(client):
 
 
 def test_stream_interleaves_requests_and_reports_errors_in_band(client):
-    results = stream_pieces(client, [
-        ("a", inputs(stream=True, prompt="first")),
-        ("b", inputs(stream=True, prompt="second")),
-    ])
+    results = stream_pieces(
+        client,
+        [
+            ("a", inputs(stream=True, prompt="first")),
+            ("b", inputs(stream=True, prompt="second")),
+        ],
+    )
     assert all(results["a"]) and all(results["b"])
     with pytest.raises(InferenceServerException, match="max_tokens"):
         stream_pieces(client, [("bad", inputs(stream=True, sampling={"max_tokens": 0}))], timeout_s=30)
@@ -123,8 +129,12 @@ def test_typed_contents_and_wrong_datatypes(runtime_server):
     with grpc.insecure_channel(runtime_server.grpc_url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         request = pb.ModelInferRequest(model_name=MODEL_NAME)
-        request.inputs.add(name="text_input", datatype="BYTES", shape=[1],
-                           contents=pb.InferTensorContents(bytes_contents=[b"hello"]))
+        request.inputs.add(
+            name="text_input",
+            datatype="BYTES",
+            shape=[1],
+            contents=pb.InferTensorContents(bytes_contents=[b"hello"]),
+        )
         request.parameters["max_tokens"].int64_param = 3
         response = stub.ModelInfer(request, timeout=60)
         assert response.outputs[0].name == "text_output"

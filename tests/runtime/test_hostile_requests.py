@@ -32,9 +32,20 @@ def infer_body(*tensors, **extra) -> bytes:
 
 def binary_request(data: bytes) -> tuple[bytes, dict[str, str]]:
     """An infer body with text_input as binary data, and its Inference-Header-Content-Length."""
-    header = json.dumps({"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1],
-                                     "parameters": {"binary_data_size": len(data)}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "text_input",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": len(data)},
+                }
+            ]
+        }
+    ).encode()
     return header + data, {"Inference-Header-Content-Length": str(len(header))}
+
 
 # (name, method, path, body, headers, expected status)
 CORPUS = [
@@ -53,45 +64,170 @@ CORPUS = [
     ("empty shape data", "POST", INFER, infer_body(tensor(shape=(0,), data=[])), {}, 400),
     ("giant shape", "POST", INFER, infer_body(tensor(shape=(2**40, 2**40))), {}, 400),
     ("negative shape", "POST", INFER, infer_body(tensor(shape=(-1,))), {}, 400),
-    ("unknown input", "POST", INFER, infer_body(tensor(), tensor("temperature", "FP32", data=[0.5])), {}, 400),
+    (
+        "unknown input",
+        "POST",
+        INFER,
+        infer_body(tensor(), tensor("temperature", "FP32", data=[0.5])),
+        {},
+        400,
+    ),
     ("missing text_input", "POST", INFER, infer_body(tensor("stream", "BOOL", data=[False])), {}, 400),
     ("unknown output", "POST", INFER, infer_body(outputs=[{"name": "logits"}]), {}, 400),
-    ("bad sampling json", "POST", INFER,
-     infer_body(tensor(), tensor("sampling_parameters", data=["{max_tokens"])), {}, 400),
-    ("unknown sampling parameter", "POST", INFER,
-     infer_body(tensor(), tensor("sampling_parameters", data=['{"beam_width": 4}'])), {}, 400),
-    ("binary size past the body", "POST", INFER,
-     json.dumps({"inputs": [tensor(data=(), parameters={"binary_data_size": 999})]}).encode().replace(
-         b', "data": []', b""), {}, 400),
+    (
+        "bad sampling json",
+        "POST",
+        INFER,
+        infer_body(tensor(), tensor("sampling_parameters", data=["{max_tokens"])),
+        {},
+        400,
+    ),
+    (
+        "unknown sampling parameter",
+        "POST",
+        INFER,
+        infer_body(tensor(), tensor("sampling_parameters", data=['{"beam_width": 4}'])),
+        {},
+        400,
+    ),
+    (
+        "binary size past the body",
+        "POST",
+        INFER,
+        json.dumps({"inputs": [tensor(data=(), parameters={"binary_data_size": 999})]})
+        .encode()
+        .replace(b', "data": []', b""),
+        {},
+        400,
+    ),
     ("header length garbage", "POST", INFER, infer_body(), {"Inference-Header-Content-Length": "-5"}, 400),
-    ("header length too large", "POST", INFER, infer_body(), {"Inference-Header-Content-Length": "99999"}, 400),
+    (
+        "header length too large",
+        "POST",
+        INFER,
+        infer_body(),
+        {"Inference-Header-Content-Length": "99999"},
+        400,
+    ),
     ("unknown model infer", "POST", "/v2/models/gpt-5/infer", infer_body(), {}, 404),
     ("unknown model version", "GET", f"/v2/models/{MODEL_NAME}/versions/7", None, {}, 404),
-    ("unknown model openai", "POST", "/v1/completions", json.dumps({"model": "x", "prompt": "a"}).encode(), {}, 404),
-    ("negative max_tokens", "POST", GENERATE, json.dumps({"text_input": "a", "max_tokens": -1}).encode(), {}, 400),
-    ("huge max_tokens", "POST", "/v1/completions",
-     json.dumps({"model": MODEL_NAME, "prompt": "a", "max_tokens": 2**62}).encode(), {}, 400),
-    ("max_tokens too big for the model", "POST", GENERATE,
-     json.dumps({"text_input": "a", "max_tokens": 100000}).encode(), {}, 400),
-    ("out-of-vocabulary token ids", "POST", "/v1/completions",
-     json.dumps({"model": MODEL_NAME, "prompt": [1, 2, 10**9]}).encode(), {}, 400),
-    ("negative token ids", "POST", "/v1/completions", json.dumps({"model": MODEL_NAME, "prompt": [-4]}).encode(), {}, 400),
-    ("empty token list", "POST", "/v1/completions", json.dumps({"model": MODEL_NAME, "prompt": []}).encode(), {}, 400),
-    ("prompt longer than the model", "POST", GENERATE, json.dumps({"text_input": "x" * 300}).encode(), {}, 400),
-    ("nan temperature", "POST", "/v1/completions",
-     b'{"model": "%s", "prompt": "a", "temperature": NaN}' % MODEL_NAME.encode(), {}, 400),
+    (
+        "unknown model openai",
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": "x", "prompt": "a"}).encode(),
+        {},
+        404,
+    ),
+    (
+        "negative max_tokens",
+        "POST",
+        GENERATE,
+        json.dumps({"text_input": "a", "max_tokens": -1}).encode(),
+        {},
+        400,
+    ),
+    (
+        "huge max_tokens",
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": MODEL_NAME, "prompt": "a", "max_tokens": 2**62}).encode(),
+        {},
+        400,
+    ),
+    (
+        "max_tokens too big for the model",
+        "POST",
+        GENERATE,
+        json.dumps({"text_input": "a", "max_tokens": 100000}).encode(),
+        {},
+        400,
+    ),
+    (
+        "out-of-vocabulary token ids",
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": MODEL_NAME, "prompt": [1, 2, 10**9]}).encode(),
+        {},
+        400,
+    ),
+    (
+        "negative token ids",
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": MODEL_NAME, "prompt": [-4]}).encode(),
+        {},
+        400,
+    ),
+    (
+        "empty token list",
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": MODEL_NAME, "prompt": []}).encode(),
+        {},
+        400,
+    ),
+    (
+        "prompt longer than the model",
+        "POST",
+        GENERATE,
+        json.dumps({"text_input": "x" * 300}).encode(),
+        {},
+        400,
+    ),
+    (
+        "nan temperature",
+        "POST",
+        "/v1/completions",
+        b'{"model": "%s", "prompt": "a", "temperature": NaN}' % MODEL_NAME.encode(),
+        {},
+        400,
+    ),
     ("infinite top_p", "POST", GENERATE, b'{"text_input": "a", "top_p": 1e999}', {}, 400),
-    ("n above one", "POST", "/v1/completions", json.dumps({"model": MODEL_NAME, "prompt": "a", "n": 3}).encode(), {}, 400),
-    ("logprobs too many", "POST", "/v1/completions",
-     json.dumps({"model": MODEL_NAME, "prompt": "a", "logprobs": 500}).encode(), {}, 400),
-    ("empty stop string", "POST", "/v1/completions",
-     json.dumps({"model": MODEL_NAME, "prompt": "a", "stop": [""]}).encode(), {}, 400),
-    ("bad chat role", "POST", "/v1/chat/completions",
-     json.dumps({"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "x"}]}).encode(), {}, 400),
+    (
+        "n above one",
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": MODEL_NAME, "prompt": "a", "n": 3}).encode(),
+        {},
+        400,
+    ),
+    (
+        "logprobs too many",
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": MODEL_NAME, "prompt": "a", "logprobs": 500}).encode(),
+        {},
+        400,
+    ),
+    (
+        "empty stop string",
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": MODEL_NAME, "prompt": "a", "stop": [""]}).encode(),
+        {},
+        400,
+    ),
+    (
+        "bad chat role",
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+        {},
+        400,
+    ),
     ("deeply nested json", "POST", "/v1/completions", b"[" * 100000 + b"]" * 100000, {}, 400),
-    ("deeply nested tensor data", "POST", INFER,
-     b'{"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": ' + b"[" * 50000
-     + b"]" * 50000 + b"}]}", {}, 400),
+    (
+        "deeply nested tensor data",
+        "POST",
+        INFER,
+        b'{"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1], "data": '
+        + b"[" * 50000
+        + b"]" * 50000
+        + b"}]}",
+        {},
+        400,
+    ),
     ("oversized body", "POST", INFER, b"x" * (2 * 2**20), {}, 413),
     ("gzip bomb", "POST", GENERATE, gzip.compress(b" " * (8 * 2**20)), {"Content-Encoding": "gzip"}, 413),
     ("bad content encoding", "POST", GENERATE, b"{}", {"Content-Encoding": "br"}, 415),
@@ -123,11 +259,16 @@ def test_chunked_oversized_body_is_refused(runtime_server):
 
 
 def test_server_still_serves_after_the_corpus(runtime_server):
-    r = httpx.post(runtime_server.base_url + GENERATE, json={"text_input": "still alive", "max_tokens": 3}, timeout=60)
+    r = httpx.post(
+        runtime_server.base_url + GENERATE, json={"text_input": "still alive", "max_tokens": 3}, timeout=60
+    )
     assert r.status_code == 200 and r.json()["text_output"].startswith("still alive")
     metrics = httpx.get(runtime_server.base_url + "/metrics").text
-    line = next(ln for ln in metrics.splitlines()
-                if ln.startswith("moe_request_failure_total") and 'reason="invalid_request"' in ln)
+    line = next(
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith("moe_request_failure_total") and 'reason="invalid_request"' in ln
+    )
     assert float(line.rsplit(" ", 1)[1]) > 0
 
 
@@ -142,13 +283,21 @@ def test_fuzz_openapi_no_server_errors(runtime_server):
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
             @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck),
-                      derandomize=True, database=None, phases=[Phase.generate])
+            @settings(
+                max_examples=6,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                derandomize=True,
+                database=None,
+                phases=[Phase.generate],
+            )
             def check(case):
                 response = case.call(timeout=60)
                 if response.status_code >= 500:
-                    failures.append(f"{case.method} {case.formatted_path} {case.body!r}: "
-                                    f"{response.status_code} {response.text[:200]}")
+                    failures.append(
+                        f"{case.method} {case.formatted_path} {case.body!r}: "
+                        f"{response.status_code} {response.text[:200]}"
+                    )
 
             try:
                 check()

@@ -21,7 +21,9 @@ SAMPLING = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def client(runtime_server):
-    with httpclient.InferenceServerClient(runtime_server.base_url.removeprefix("http://"), concurrency=4) as c:
+    with httpclient.InferenceServerClient(
+        runtime_server.base_url.removeprefix("http://"), concurrency=4
+    ) as c:
         yield c
 
 
@@ -29,8 +31,9 @@ def inputs(binary: bool, prompt: str = PROMPT, sampling=None, exclude_input: boo
     text = httpclient.InferInput("text_input", [1], "BYTES")
     text.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_), binary_data=binary)
     params = httpclient.InferInput("sampling_parameters", [1], "BYTES")
-    params.set_data_from_numpy(np.array([json.dumps(sampling or SAMPLING).encode()], dtype=np.object_),
-                               binary_data=binary)
+    params.set_data_from_numpy(
+        np.array([json.dumps(sampling or SAMPLING).encode()], dtype=np.object_), binary_data=binary
+    )
     stream = httpclient.InferInput("stream", [1], "BOOL")
     stream.set_data_from_numpy(np.array([False]), binary_data=binary)
     tensors = [text, params, stream]
@@ -48,8 +51,11 @@ def as_text(value) -> str:
 @pytest.fixture(scope="module")
 def reference_text(runtime_server) -> str:
     """The greedy continuation of PROMPT, from the generate extension."""
-    r = httpx.post(f"{runtime_server.base_url}/v2/models/{MODEL_NAME}/generate",
-                   json={"text_input": PROMPT, "exclude_input_in_output": True, **SAMPLING}, timeout=60)
+    r = httpx.post(
+        f"{runtime_server.base_url}/v2/models/{MODEL_NAME}/generate",
+        json={"text_input": PROMPT, "exclude_input_in_output": True, **SAMPLING},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model_name"] == MODEL_NAME and body["finish_reason"] == "length"
@@ -63,8 +69,11 @@ def test_health_and_metadata(client):
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
     meta = client.get_model_metadata(MODEL_NAME)
     assert {(i["name"], i["datatype"]) for i in meta["inputs"]} >= {
-        ("text_input", "BYTES"), ("stream", "BOOL"), ("sampling_parameters", "BYTES"),
-        ("exclude_input_in_output", "BOOL")}
+        ("text_input", "BYTES"),
+        ("stream", "BOOL"),
+        ("sampling_parameters", "BYTES"),
+        ("exclude_input_in_output", "BOOL"),
+    }
     assert {o["name"] for o in meta["outputs"]} >= {"text_output", "finish_reason"}
     with pytest.raises(InferenceServerException) as e:
         client.get_model_metadata("no-such-model")
@@ -76,8 +85,10 @@ def test_health_and_metadata(client):
 def test_infer_matrix(client, reference_text, binary_input, binary_output):
     outputs = None
     if binary_output is not None:
-        outputs = [httpclient.InferRequestedOutput("text_output", binary_data=binary_output),
-                   httpclient.InferRequestedOutput("finish_reason", binary_data=binary_output)]
+        outputs = [
+            httpclient.InferRequestedOutput("text_output", binary_data=binary_output),
+            httpclient.InferRequestedOutput("finish_reason", binary_data=binary_output),
+        ]
     result = client.infer(MODEL_NAME, inputs(binary_input), outputs=outputs, request_id=f"req-{binary_input}")
     assert as_text(result.as_numpy("text_output")[0]) == reference_text
     assert as_text(result.as_numpy("finish_reason")[0]) == "length"
@@ -99,8 +110,10 @@ def test_token_counts_on_request(client):
 
 def test_concurrent_async_infer(client):
     prompts = [f"request number {i}" for i in range(8)]
-    pending = [client.async_infer(MODEL_NAME, inputs(i % 2 == 0, prompt=p), request_id=str(i))
-               for i, p in enumerate(prompts)]
+    pending = [
+        client.async_infer(MODEL_NAME, inputs(i % 2 == 0, prompt=p), request_id=str(i))
+        for i, p in enumerate(prompts)
+    ]
     for i, request in enumerate(pending):
         result = request.get_result(timeout=120)
         assert result.get_response()["id"] == str(i)
@@ -110,8 +123,12 @@ def test_concurrent_async_infer(client):
 
 def test_generate_stream_joins_to_the_generate_text(runtime_server, reference_text):
     pieces, finish = [], None
-    with httpx.stream("POST", f"{runtime_server.base_url}/v2/models/{MODEL_NAME}/generate_stream",
-                      json={"text_input": PROMPT, "id": "s-1", **SAMPLING}, timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        f"{runtime_server.base_url}/v2/models/{MODEL_NAME}/generate_stream",
+        json={"text_input": PROMPT, "id": "s-1", **SAMPLING},
+        timeout=60,
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():

@@ -33,24 +33,37 @@ def test_metrics_follow_traffic(runtime_server):
         assert [s.labels for s in before[name]] == [{"model_name": MODEL_NAME}]
     assert "process_resident_memory_bytes" in before
 
-    r = httpx.post(f"{runtime_server.base_url}/v2/models/{MODEL_NAME}/generate",
-                   json={"text_input": "count me", "max_tokens": 7, "ignore_eos": True}, timeout=60)
+    r = httpx.post(
+        f"{runtime_server.base_url}/v2/models/{MODEL_NAME}/generate",
+        json={"text_input": "count me", "max_tokens": 7, "ignore_eos": True},
+        timeout=60,
+    )
     assert r.status_code == 200
     after = scrape(runtime_server.base_url)
 
-    assert value(after, metrics.GENERATION_TOKENS, model_name=MODEL_NAME) - value(
-        before, metrics.GENERATION_TOKENS, model_name=MODEL_NAME) == 7
+    assert (
+        value(after, metrics.GENERATION_TOKENS, model_name=MODEL_NAME)
+        - value(before, metrics.GENERATION_TOKENS, model_name=MODEL_NAME)
+        == 7
+    )
     assert value(after, metrics.PROMPT_TOKENS) > value(before, metrics.PROMPT_TOKENS)
-    assert value(after, metrics.REQUEST_SUCCESS, finished_reason="length") == value(
-        before, metrics.REQUEST_SUCCESS, finished_reason="length") + 1
-    for histogram, buckets in ((metrics.TIME_TO_FIRST_TOKEN, metrics.TTFT_BUCKETS),
-                               (metrics.INTER_TOKEN_LATENCY, metrics.ITL_BUCKETS),
-                               (metrics.E2E_REQUEST_LATENCY, metrics.E2E_BUCKETS)):
+    assert (
+        value(after, metrics.REQUEST_SUCCESS, finished_reason="length")
+        == value(before, metrics.REQUEST_SUCCESS, finished_reason="length") + 1
+    )
+    for histogram, buckets in (
+        (metrics.TIME_TO_FIRST_TOKEN, metrics.TTFT_BUCKETS),
+        (metrics.INTER_TOKEN_LATENCY, metrics.ITL_BUCKETS),
+        (metrics.E2E_REQUEST_LATENCY, metrics.E2E_BUCKETS),
+    ):
         assert value(after, histogram + "_count") > value(before, histogram + "_count")
         edges = [s.labels["le"] for s in after[histogram + "_bucket"]]
         assert len(edges) == len(buckets) + 1 and edges[-1] == "+Inf"
-    assert value(after, metrics.INTER_TOKEN_LATENCY + "_count") - value(
-        before, metrics.INTER_TOKEN_LATENCY + "_count") == 6  # gaps between 7 tokens
+    assert (
+        value(after, metrics.INTER_TOKEN_LATENCY + "_count")
+        - value(before, metrics.INTER_TOKEN_LATENCY + "_count")
+        == 6
+    )  # gaps between 7 tokens
 
     experts = after[metrics.EXPERT_TOKENS]
     assert {s.labels["layer"] for s in experts} and all(s.labels["model_name"] == MODEL_NAME for s in experts)

@@ -31,15 +31,24 @@ def test_completion_streamed_equals_non_streamed(client):
     assert full.usage.completion_tokens == 10
     assert full.usage.total_tokens == full.usage.prompt_tokens + 10
 
-    chunks = list(client.completions.create(model=MODEL_NAME, prompt="Mixture of experts", stream=True,
-                                            stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.completions.create(
+            model=MODEL_NAME,
+            prompt="Mixture of experts",
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
 
 
 def test_completion_from_token_ids_with_logprobs_and_echo(client):
-    result = client.completions.create(model=MODEL_NAME, prompt=[72, 105, 33], logprobs=2, echo=True, **GREEDY)
+    result = client.completions.create(
+        model=MODEL_NAME, prompt=[72, 105, 33], logprobs=2, echo=True, **GREEDY
+    )
     choice = result.choices[0]
     assert result.usage.prompt_tokens == 3
     assert choice.text.startswith("Hi!")
@@ -50,8 +59,13 @@ def test_completion_from_token_ids_with_logprobs_and_echo(client):
 
 def test_seed_makes_sampling_repeatable(client):
     def sample():
-        return client.completions.create(model=MODEL_NAME, prompt="seeded", temperature=1.0, max_tokens=8,
-                                         seed=1234).choices[0].text
+        return (
+            client.completions.create(
+                model=MODEL_NAME, prompt="seeded", temperature=1.0, max_tokens=8, seed=1234
+            )
+            .choices[0]
+            .text
+        )
 
     assert sample() == sample()
 
@@ -59,15 +73,18 @@ def test_seed_makes_sampling_repeatable(client):
 def test_stop_string_ends_the_text(client):
     text = client.completions.create(model=MODEL_NAME, prompt="stop here", **GREEDY).choices[0].text
     stop = text[3:5]
-    stopped = client.completions.create(model=MODEL_NAME, prompt="stop here", stop=[stop], **GREEDY).choices[0]
+    stopped = client.completions.create(model=MODEL_NAME, prompt="stop here", stop=[stop], **GREEDY).choices[
+        0
+    ]
     assert stopped.finish_reason == "stop"
     assert stop not in stopped.text and text.startswith(stopped.text)
 
 
 def test_chat_streamed_equals_non_streamed(client):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello!"}]
-    full = client.chat.completions.create(model=MODEL_NAME, messages=messages, logprobs=True, top_logprobs=2,
-                                          **GREEDY)
+    full = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, logprobs=True, top_logprobs=2, **GREEDY
+    )
     choice = full.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason == "length"
     assert len(choice.logprobs.content) == 10
@@ -89,7 +106,9 @@ def test_errors_are_openai_shaped(client, runtime_server):
         client.completions.create(model=MODEL_NAME, prompt="x" * 1000, max_tokens=1)
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
         client.completions.create(model=MODEL_NAME, prompt=[10**7], max_tokens=1)
-    r = httpx.post(f"{runtime_server.base_url}/v1/chat/completions", json={"model": MODEL_NAME, "messages": []})
+    r = httpx.post(
+        f"{runtime_server.base_url}/v1/chat/completions", json={"model": MODEL_NAME, "messages": []}
+    )
     assert r.status_code == 400
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and "messages" in error["message"]

@@ -30,8 +30,12 @@ def metric(base_url: str, name: str, **labels: str) -> float:
 def grpc_infer(url: str, prompt: str, max_tokens: int) -> grpc.RpcError | pb.ModelInferResponse:
     with grpc.insecure_channel(url) as channel:
         request = pb.ModelInferRequest(model_name=MODEL_NAME)
-        request.inputs.add(name="text_input", datatype="BYTES", shape=[1],
-                           contents=pb.InferTensorContents(bytes_contents=[prompt.encode()]))
+        request.inputs.add(
+            name="text_input",
+            datatype="BYTES",
+            shape=[1],
+            contents=pb.InferTensorContents(bytes_contents=[prompt.encode()]),
+        )
         request.parameters["max_tokens"].int64_param = max_tokens
         try:
             return pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
@@ -46,14 +50,26 @@ def test_full_queue_and_request_timeout():
         results: dict = {}
 
         def long_stream():
-            with httpx.stream("POST", f"{base}/v1/completions", timeout=60,
-                              json={"model": MODEL_NAME, "prompt": "hold the slot", "max_tokens": 1500,
-                                    "ignore_eos": True, "stream": True}) as r:
+            with httpx.stream(
+                "POST",
+                f"{base}/v1/completions",
+                timeout=60,
+                json={
+                    "model": MODEL_NAME,
+                    "prompt": "hold the slot",
+                    "max_tokens": 1500,
+                    "ignore_eos": True,
+                    "stream": True,
+                },
+            ) as r:
                 results["stream"] = [line for line in r.iter_lines() if line.startswith("data: ")]
 
         def queued():
-            results["queued"] = httpx.post(f"{base}/v2/models/{MODEL_NAME}/generate", timeout=60,
-                                           json={"text_input": "wait", "max_tokens": 1500, "ignore_eos": True})
+            results["queued"] = httpx.post(
+                f"{base}/v2/models/{MODEL_NAME}/generate",
+                timeout=60,
+                json={"text_input": "wait", "max_tokens": 1500, "ignore_eos": True},
+            )
 
         holder = threading.Thread(target=long_stream)
         holder.start()
@@ -66,7 +82,9 @@ def test_full_queue_and_request_timeout():
             time.sleep(0.02)
 
         # One running, one waiting: the queue is full.
-        refused = httpx.post(f"{base}/v1/completions", json={"model": MODEL_NAME, "prompt": "one more"}, timeout=30)
+        refused = httpx.post(
+            f"{base}/v1/completions", json={"model": MODEL_NAME, "prompt": "one more"}, timeout=30
+        )
         assert refused.status_code == 429, refused.text
         assert "retry" in refused.json()["error"]["message"]
         error = grpc_infer(server.grpc_url, "and another", 4)
@@ -82,7 +100,9 @@ def test_full_queue_and_request_timeout():
 
         assert metric(base, "moe_request_failure_total", reason="overloaded") >= 2
         assert metric(base, "moe_request_failure_total", reason="timeout") >= 2
-        ok = httpx.post(f"{base}/v2/models/{MODEL_NAME}/generate", json={"text_input": "fine", "max_tokens": 2})
+        ok = httpx.post(
+            f"{base}/v2/models/{MODEL_NAME}/generate", json={"text_input": "fine", "max_tokens": 2}
+        )
         assert ok.status_code == 200
     finally:
         assert server.stop() == 0, server.logs()
@@ -96,7 +116,9 @@ def test_fault_injection():
         with httpx.Client(base_url=server.base_url, timeout=60) as client:
             for i in range(16):
                 start = time.monotonic()
-                r = client.post(f"/v2/models/{MODEL_NAME}/generate", json={"text_input": f"try {i}", "max_tokens": 1})
+                r = client.post(
+                    f"/v2/models/{MODEL_NAME}/generate", json={"text_input": f"try {i}", "max_tokens": 1}
+                )
                 statuses.append(r.status_code)
                 if r.status_code == 500:
                     assert "injected" in r.json()["error"]

@@ -51,7 +51,10 @@ def test_client_request_decodes_to_generate_request(binary):
 
 
 def test_stream_excludes_the_prompt_and_refuses_to_include_it():
-    inputs = {"text_input": Tensor("text_input", "BYTES", [1], [b"Hi"]), "stream": Tensor("stream", "BOOL", [1], [True])}
+    inputs = {
+        "text_input": Tensor("text_input", "BYTES", [1], [b"Hi"]),
+        "stream": Tensor("stream", "BOOL", [1], [True]),
+    }
     assert not protocol.generate_request_from_tensors(inputs, {}).prepend_input
     inputs["exclude_input_in_output"] = Tensor("exclude_input_in_output", "BOOL", [1], [False])
     with pytest.raises(ProtocolError, match="exclude_input_in_output"):
@@ -60,8 +63,10 @@ def test_stream_excludes_the_prompt_and_refuses_to_include_it():
 
 @pytest.mark.parametrize("binary", [True, False])
 def test_response_reads_back_with_the_client(binary):
-    outputs = [(Tensor("text_output", "BYTES", [1], ["héllo".encode()]), binary),
-               (Tensor("num_input_tokens", "UINT32", [1], [5]), binary)]
+    outputs = [
+        (Tensor("text_output", "BYTES", [1], ["héllo".encode()]), binary),
+        (Tensor("num_input_tokens", "UINT32", [1], [5]), binary),
+    ]
     body, header_length = protocol.encode_infer_response("m", "rid", outputs)
     assert (header_length is not None) == binary
     result = InferResult.from_response_body(body, header_length=header_length)
@@ -117,8 +122,14 @@ def test_sampling_parameters_are_typed_and_checked():
     ) == {"max_tokens": 5, "top_p": 0.5, "ignore_eos": True, "stop": ["\n"]}
     with pytest.raises(ProtocolError, match="unsupported sampling parameter 'frequency_penalty'"):
         protocol.sampling_kwargs({"frequency_penalty": 1})
-    for bad in ({"max_tokens": "many"}, {"max_tokens": True}, {"temperature": float("nan")},
-                {"stop": [1]}, {"stop_token_ids": "1"}, {"seed": 2**70}):
+    for bad in (
+        {"max_tokens": "many"},
+        {"max_tokens": True},
+        {"temperature": float("nan")},
+        {"stop": [1]},
+        {"stop_token_ids": "1"},
+        {"seed": 2**70},
+    ):
         with pytest.raises(ProtocolError):
             protocol.sampling_kwargs(bad)
 
@@ -141,10 +152,15 @@ def test_requested_outputs():
     tensors = protocol.result_tensors(protocol.GenerateRequest("p"), "text", "stop", 3, 4)
     gen = protocol.GenerateRequest("p", return_num_output_tokens=True)
     chosen = protocol.select_outputs(tensors, protocol.default_outputs(gen), binary_default=True)
-    assert [(t.name, b) for t, b in chosen] == [("text_output", True), ("finish_reason", True),
-                                                ("num_output_tokens", True)]
+    assert [(t.name, b) for t, b in chosen] == [
+        ("text_output", True),
+        ("finish_reason", True),
+        ("num_output_tokens", True),
+    ]
     requested = [protocol.RequestedOutput("text_output", binary=False)]
-    assert [(t.name, b) for t, b in protocol.select_outputs(tensors, requested, True)] == [("text_output", False)]
+    assert [(t.name, b) for t, b in protocol.select_outputs(tensors, requested, True)] == [
+        ("text_output", False)
+    ]
     with pytest.raises(ProtocolError, match="unknown output"):
         protocol.check_outputs([protocol.RequestedOutput("logits")])
 
@@ -172,10 +188,20 @@ def test_metric_names_and_engine_gauges():
     m.request_succeeded("stop")
     m.request_failed("injected")
     text = m.exposition().decode()
-    for name in (metrics.TIME_TO_FIRST_TOKEN, metrics.INTER_TOKEN_LATENCY, metrics.E2E_REQUEST_LATENCY,
-                 metrics.NUM_REQUESTS_RUNNING, metrics.NUM_REQUESTS_WAITING, metrics.KV_CACHE_USAGE,
-                 metrics.PROMPT_TOKENS, metrics.GENERATION_TOKENS, metrics.REQUEST_SUCCESS, metrics.REQUEST_FAILURE,
-                 metrics.EXPERT_TOKENS, "process_cpu_seconds_total"):
+    for name in (
+        metrics.TIME_TO_FIRST_TOKEN,
+        metrics.INTER_TOKEN_LATENCY,
+        metrics.E2E_REQUEST_LATENCY,
+        metrics.NUM_REQUESTS_RUNNING,
+        metrics.NUM_REQUESTS_WAITING,
+        metrics.KV_CACHE_USAGE,
+        metrics.PROMPT_TOKENS,
+        metrics.GENERATION_TOKENS,
+        metrics.REQUEST_SUCCESS,
+        metrics.REQUEST_FAILURE,
+        metrics.EXPERT_TOKENS,
+        "process_cpu_seconds_total",
+    ):
         assert f"\n{name}" in text, name
     assert 'moe_num_requests_running{model_name="m"} 2.0' in text
     assert 'moe_expert_tokens_total{expert="1",layer="0",model_name="m"} 4.0' in text
