@@ -112,6 +112,7 @@ class ClusterAccess:
     server: str
     ssl_context: ssl.SSLContext | bool
     token: str | None = None
+    ca_file: str | None = None
 
     @classmethod
     def from_kubeconfig(cls, path: str | os.PathLike, scratch_dir: str | os.PathLike) -> ClusterAccess:
@@ -139,11 +140,11 @@ class ClusterAccess:
                 return str(base / section[file_key])
             return None
 
+        ca_file = material("certificate-authority", "certificate-authority-data", cluster, "ca.crt")
         if cluster.get("insecure-skip-tls-verify"):
             context_ssl: ssl.SSLContext | bool = False
         else:
-            context_ssl = ssl.create_default_context(
-                cafile=material("certificate-authority", "certificate-authority-data", cluster, "ca.crt"))
+            context_ssl = ssl.create_default_context(cafile=ca_file)
             cert = material("client-certificate", "client-certificate-data", user, "client.crt")
             key = material("client-key", "client-key-data", user, "client.key")
             if cert:
@@ -151,7 +152,7 @@ class ClusterAccess:
         token = user.get("token")
         if not token and user.get("tokenFile"):
             token = (base / user["tokenFile"]).read_text().strip()
-        return cls(server=cluster["server"].rstrip("/"), ssl_context=context_ssl, token=token)
+        return cls(server=cluster["server"].rstrip("/"), ssl_context=context_ssl, token=token, ca_file=ca_file)
 
 
 class ApiClient:
@@ -1973,7 +1974,9 @@ async def amain(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir).resolve()
     access = ClusterAccess.from_kubeconfig(args.kubeconfig, state_dir / "credentials")
     port = args.api_port or int(access.server.rsplit(":", 1)[1].split("/")[0])
-    ca_file = args.ca_file or str(state_dir / "credentials" / "ca.crt")
+    ca_file = args.ca_file or access.ca_file
+    if not ca_file:
+        raise SystemExit("--ca-file is needed: the kubeconfig names no certificate authority")
     config = NodeConfig(node_name=args.node_name, state_dir=state_dir, gpus=args.gpus, pod_cidr=args.pod_cidr,
                         api_host=args.api_host, api_port=port, ca_file=str(Path(ca_file).resolve()),
                         backoff_base=args.backoff_base_seconds, shutdown_grace=args.shutdown_grace_seconds)
