@@ -4,7 +4,9 @@ behaviour against the real API server: tests/cluster/test_local_node.py."""
 
 import asyncio
 import copy
+import ipaddress
 import json
+import random
 import time
 import uuid
 
@@ -16,9 +18,12 @@ from devcluster.node import ApiClient, ClusterAccess, NodeAgent, NodeConfig
 
 pytestmark = pytest.mark.unit
 
-# Not the devcluster's own pod CIDR, so that a running devcluster's pods never collide with these.
-POD_CIDR = "127.150.0.0/16"
 
+
+def pod_cidr() -> str:
+    """Not the devcluster's pod CIDR, and a different one per test, so that pods of a running
+    devcluster or of a concurrent test run never share an address and port with these."""
+    return f"127.{random.randint(150, 190)}.{random.randint(0, 255)}.0/24"
 
 
 class FakeKube:
@@ -153,7 +158,7 @@ async def env(tmp_path):
     ca = tmp_path / "ca.crt"
     ca.write_text("fake")
     config = NodeConfig(node_name="devcluster-local", state_dir=tmp_path / "node", gpus=4,
-                        pod_cidr=POD_CIDR, api_host="127.0.0.1", api_port=port, ca_file=str(ca),
+                        pod_cidr=pod_cidr(), api_host="127.0.0.1", api_port=port, ca_file=str(ca),
                         backoff_base=1.0)
     config.state_dir.mkdir()
     client = ApiClient(ClusterAccess(server=f"http://127.0.0.1:{port}", ssl_context=False))
@@ -190,7 +195,7 @@ async def test_http_server_pod_ready(env):
         "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}}]}})
     await until(lambda: cond(fake, "web", "Ready") == "True", what="ready")
     ip = fake.pod("web")["status"]["podIP"]
-    assert ip.startswith("127.150.")
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(agent.config.pod_cidr)
     async with aiohttp.ClientSession() as s, s.get(f"http://{ip}:8080/") as r:
         assert r.status == 200
     assert fake.pod("web")["status"]["phase"] == "Running"
