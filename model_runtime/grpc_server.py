@@ -17,6 +17,8 @@ import logging
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -151,6 +153,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]],
         )
+
+    async def ModelConfig(self, request, context):
+        try:
+            self._check_model(request.name, request.version)
+        except ServiceError as e:
+            await self._abort(context, e)
+        config = json_format.ParseDict(
+            protocol.model_config(self.service.model_name), model_config_pb2.ModelConfig()
+        )
+        return pb.ModelConfigResponse(config=config)
 
     async def _start(self, request: pb.ModelInferRequest):
         self._check_model(request.model_name, request.model_version)

@@ -284,6 +284,13 @@ def create_app(service: InferenceService) -> BodyLimit:
         check_version(version)
         return protocol.model_metadata(model_name)
 
+    @app.get("/v2/models/{model_name}/config", tags=["kserve"])
+    @app.get("/v2/models/{model_name}/versions/{version}/config", tags=["kserve"])
+    async def model_config(model_name: str, version: str | None = None):
+        service.check_model(model_name)
+        check_version(version)
+        return protocol.model_config(model_name)
+
     @app.get("/v2/models/{model_name}/ready", tags=["kserve"])
     @app.get("/v2/models/{model_name}/versions/{version}/ready", tags=["kserve"])
     async def model_ready(model_name: str, version: str | None = None):

@@ -23,7 +23,7 @@ import numpy as np
 
 MODEL_VERSION = "1"
 PLATFORM = "moe_runtime"
-EXTENSIONS = ["binary_tensor_data", "generate", "statistics_none", "model_repository_none"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "generate"]
 
 # Request parameters the protocol itself uses; never taken as sampling parameters.
 RESERVED_PARAMETERS = {
@@ -625,4 +625,22 @@ def model_metadata(model_name: str) -> dict[str, Any]:
         "platform": PLATFORM,
         "inputs": [entry(s) for s in MODEL_INPUTS.values()],
         "outputs": [entry(s) for s in MODEL_OUTPUTS.values()],
+    }
+
+
+def model_config(model_name: str) -> dict[str, Any]:
+    """The model's configuration in Triton's JSON form (`/config`, gRPC ModelConfig): what
+    perf_analyzer and genai-perf read. Decoupled: one request may get many responses (streams)."""
+
+    def entry(spec: TensorSpec) -> dict[str, Any]:
+        data_type = "TYPE_STRING" if spec.datatype == "BYTES" else f"TYPE_{spec.datatype}"
+        return {"name": spec.name, "data_type": data_type, "dims": spec.shape, "optional": spec.optional}
+
+    return {
+        "name": model_name,
+        "backend": PLATFORM,
+        "max_batch_size": 0,
+        "input": [entry(s) for s in MODEL_INPUTS.values()],
+        "output": [{k: v for k, v in entry(s).items() if k != "optional"} for s in MODEL_OUTPUTS.values()],
+        "model_transaction_policy": {"decoupled": True},
     }

@@ -32,30 +32,31 @@ def free_port() -> int:
 class ServerProcess:
     """One `moe-runtime serve` subprocess bound to 127.0.0.1 on free ports."""
 
-    def __init__(self, *extra_args: str, model: str = MODEL, startup_timeout_s: float | None = 120.0):
-        """Start the server; wait until it is ready unless `startup_timeout_s` is None."""
+    def __init__(
+        self,
+        *extra_args: str,
+        model: str = MODEL,
+        pod_ip: str | None = None,
+        startup_timeout_s: float | None = 120.0,
+    ):
+        """Start the server; wait until it is ready unless `startup_timeout_s` is None. With
+        `pod_ip`, the server gets no --host but POD_IP in its environment, as in a pod."""
         self.http_port, self.grpc_port = free_port(), free_port()
-        self.base_url = f"http://127.0.0.1:{self.http_port}"
-        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+        host = pod_ip or "127.0.0.1"
+        self.base_url = f"http://{host}:{self.http_port}"
+        self.grpc_url = f"{host}:{self.grpc_port}"
         self.log = tempfile.NamedTemporaryFile(prefix="moe-runtime-", suffix=".log", delete=False)
-        args = [
-            sys.executable,
-            "-m",
-            "model_runtime.cli",
-            "serve",
-            "--model",
-            model,
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            str(self.http_port),
-            "--grpc-port",
-            str(self.grpc_port),
-            *extra_args,
-        ]
+        args = [sys.executable, "-m", "model_runtime.cli", "serve", "--model", model]
+        args += ["--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("POD_IP", None)
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+        if pod_ip:
+            env["POD_IP"] = pod_ip
+        else:
+            args += ["--host", "127.0.0.1"]
+        self.proc = subprocess.Popen(
+            [*args, *extra_args], stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env
+        )
         if startup_timeout_s is not None:
             self.wait_ready(startup_timeout_s)
 

@@ -77,6 +77,9 @@ def test_health_and_metadata(client):
     meta = client.get_model_metadata(MODEL_NAME)
     assert meta.name == MODEL_NAME
     assert {(t.name, t.datatype) for t in meta.inputs} >= {("text_input", "BYTES"), ("stream", "BOOL")}
+    config = client.get_model_config(MODEL_NAME).config
+    assert config.model_transaction_policy.decoupled
+    assert [(i.name, i.optional) for i in config.input][:2] == [("text_input", False), ("stream", True)]
 
 
 def test_infer_and_stream_agree(client):

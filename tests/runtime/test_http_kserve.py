@@ -75,6 +75,8 @@ def test_health_and_metadata(client):
         ("exclude_input_in_output", "BOOL"),
     }
     assert {o["name"] for o in meta["outputs"]} >= {"text_output", "finish_reason"}
+    config = client.get_model_config(MODEL_NAME)
+    assert config["model_transaction_policy"]["decoupled"] and config["max_batch_size"] == 0
     with pytest.raises(InferenceServerException) as e:
         client.get_model_metadata("no-such-model")
     assert e.value.status() == "404"

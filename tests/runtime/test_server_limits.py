@@ -108,10 +108,18 @@ def test_full_queue_and_request_timeout():
         assert server.stop() == 0, server.logs()
 
 
-def test_fault_injection():
-    server = ServerProcess("--inject-error-rate", "0.5", "--inject-latency-ms", "300")
+def test_fault_injection_in_a_pod():
+    """As in a pod: POD_IP set, no --host: the server binds the pod IP and loopback too."""
+    server = ServerProcess("--inject-error-rate", "0.5", "--inject-latency-ms", "300", pod_ip="127.0.0.7")
     try:
         assert "FAULT INJECTION ON" in server.logs()
+        assert httpx.get(f"http://127.0.0.1:{server.http_port}/v2/health/ready").status_code == 200
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            assert (
+                pb_grpc.GRPCInferenceServiceStub(channel)
+                .ServerReady(pb.ServerReadyRequest(), timeout=10)
+                .ready
+            )
         statuses, slow = [], 0
         with httpx.Client(base_url=server.base_url, timeout=60) as client:
             for i in range(16):
