@@ -5,14 +5,40 @@ wanted, merge patches of `.status`, and Events. Nothing else in the operator wri
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
+from kubernetes.dynamic.exceptions import (
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    UnprocessibleEntityError,
+)
 
 from . import names
 from .desired import Changes
+
+
+class WriteRefused(Exception):
+    """The API server refused an object the operator built from the spec (invalid, or forbidden by
+    admission such as Pod Security or a quota): nothing a retry fixes; the user must change something."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _refusal(error: Exception, what: str) -> WriteRefused:
+    try:
+        message = json.loads(error.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        message = str(error)
+    reason = "Forbidden" if isinstance(error, ForbiddenError) else "InvalidSpec"
+    return WriteRefused(reason, f"{what} was refused: {message}")
 
 
 class Writer:
@@ -27,10 +53,13 @@ class Writer:
         self._md = dynamic_client.resources.get(api_version=names.API_VERSION, kind=names.KIND)
 
     def apply(self, body: Mapping[str, Any]) -> None:
-        self.dyn.server_side_apply(
-            self._resources[body["kind"]], body=dict(body), namespace=body["metadata"]["namespace"],
-            field_manager=names.FIELD_MANAGER, force_conflicts=True,
-        )
+        try:
+            self.dyn.server_side_apply(
+                self._resources[body["kind"]], body=dict(body), namespace=body["metadata"]["namespace"],
+                field_manager=names.FIELD_MANAGER, force_conflicts=True,
+            )
+        except (BadRequestError, UnprocessibleEntityError, ForbiddenError) as error:
+            raise _refusal(error, f"{body['kind']} {body['metadata']['name']}") from error
 
     def relabel(self, namespace: str, name: str, labels: Mapping[str, str]) -> None:
         """Merge-patch the labels of an existing pod (its spec is immutable and may be of an older

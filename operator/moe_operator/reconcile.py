@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from .apply import WriteRefused
 from .desired import Changes, changes, desired_objects
 from .observe import Observed
 from .plan import Plan, plan_groups
 from .pods import revision_of
 from .spec import ModelDeployment, SpecError
-from .status import events_for, invalid_status, status_of, status_patch
+from .status import INVALID_SPEC, events_for, invalid_status, status_of, status_patch
 
 Emit = Callable[[str, str, str], None]   # (type, reason, message) -> an Event on the ModelDeployment
 
@@ -51,17 +52,23 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
     meta = body.get("metadata") or {}
     namespace, name = meta.get("namespace", "default"), meta.get("name", "")
     old_status = body.get("status") or {}
+    generation = int(meta.get("generation") or 0)
     try:
         md = ModelDeployment.from_body(body)
     except SpecError as error:
-        new_status = invalid_status(old_status, int(meta.get("generation") or 0), error, now())
+        new_status = invalid_status(old_status, generation, INVALID_SPEC, str(error), now())
         return _finish(namespace, name, old_status, new_status, writer, emit)
 
     observed = reader.observe(md.namespace, md.name, md.pods_per_replica)
     plan = plan_groups(md, observed, revision_of(md))
     todo = changes(desired_objects(md, plan, observed), observed)
-    if todo:
-        writer.write(md.namespace, todo)
+    try:
+        if todo:
+            writer.write(md.namespace, todo)
+    except WriteRefused as refused:
+        new_status = invalid_status(old_status, generation, refused.reason, refused.message, now())
+        outcome = _finish(namespace, name, old_status, new_status, writer, emit)
+        return Outcome(todo, outcome.status_patch, plan, outcome.written)
     new_status = status_of(md, observed, plan, now())
     outcome = _finish(namespace, name, old_status, new_status, writer, emit)
     return Outcome(todo, outcome.status_patch, plan, outcome.written)

@@ -11,7 +11,7 @@ from typing import Any
 from .observe import Observed
 from .plan import Plan
 from .services import pods_selector
-from .spec import ModelDeployment, SpecError
+from .spec import ModelDeployment
 
 AVAILABLE, PROGRESSING, DEGRADED = "Available", "Progressing", "Degraded"
 CONDITION_TYPES = (AVAILABLE, PROGRESSING, DEGRADED)
@@ -125,12 +125,11 @@ def status_of(md: ModelDeployment, observed: Observed, plan: Plan, now: str) -> 
     return status
 
 
-def invalid_status(old_status: Mapping[str, Any], generation: int, error: SpecError,
+def invalid_status(old_status: Mapping[str, Any], generation: int, reason: str, message: str,
                    now: str) -> dict[str, Any]:
-    """Status for a spec the operator cannot act on: nothing is changed, Degraded says what to fix.
-    Available is left as it was: the pods of the last valid spec keep serving."""
+    """Status for a spec the operator cannot act on (`InvalidSpec`, or the API server refused what it
+    built): Degraded says what to fix. Available is left as it was: the pods already there serve on."""
     old_conditions = old_status.get("conditions") or []
-    message = f"{error.field}: {error.message}"
     status = {k: v for k, v in old_status.items() if k in OWNED_KEYS}
     kept = [c for c in old_conditions if c.get("type") == AVAILABLE]
     status.update({
@@ -138,8 +137,8 @@ def invalid_status(old_status: Mapping[str, Any], generation: int, error: SpecEr
         "phase": DEGRADED,
         "message": message,
         "conditions": kept + [
-            condition(old_conditions, PROGRESSING, False, INVALID_SPEC, message, generation, now),
-            condition(old_conditions, DEGRADED, True, INVALID_SPEC, message, generation, now),
+            condition(old_conditions, PROGRESSING, False, reason, message, generation, now),
+            condition(old_conditions, DEGRADED, True, reason, message, generation, now),
         ],
     })
     return status

@@ -169,6 +169,15 @@ def test_too_many_gpus_is_insufficient_gpu_capacity(cluster, ns, operator):
     cluster.kubectl("delete", "md", "too-big", "-n", ns, "--wait=false")
 
 
+def test_a_pod_the_api_server_refuses_is_reported_as_invalid_spec(cluster, ns, operator):
+    bad_env = [{"name": "WHERE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nowhere"}}}]
+    cluster.apply(md("refused", ns, runtime={"env": bad_env}))
+    wait_for("Degraded=InvalidSpec", lambda: conditions(cluster, ns, "refused").get("Degraded") == (
+        "True", "InvalidSpec"), 15)
+    assert "spec.nowhere" in get(cluster, "md", "refused", "-n", ns)["status"]["message"]
+    assert not pods(cluster, ns, "refused")
+
+
 def test_deleted_pod_is_recreated(cluster, ns, operator):
     cluster.apply(md("phoenix", ns, replicas=2))
     wait_available(cluster, ns, "phoenix")

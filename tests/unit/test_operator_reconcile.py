@@ -326,3 +326,19 @@ def test_existing_pods_are_relabelled_never_reapplied():
     assert all(b["metadata"]["name"] not in c.pods() for b in todo.applies if b["kind"] == "Pod")
     for name, labels in todo.relabels:
         assert name in c.pods() and labels[names.LABEL_TRACK] == "stable"
+
+
+def test_objects_the_api_refuses_are_reported_not_retried_blindly():
+    from moe_operator.apply import WriteRefused
+
+    c = FakeCluster(copy.deepcopy(SPEC))
+
+    def refuse(namespace, changes):
+        raise WriteRefused("InvalidSpec", 'Pod chat-x was refused: spec.containers[0].env[5].valueFrom: Invalid')
+
+    c.write = refuse
+    out = c.reconcile()
+    assert out.changes.created_pods == 2
+    assert c.conditions()["Degraded"] == ("True", "InvalidSpec")
+    assert "env[5].valueFrom" in c.md["status"]["message"]
+    assert any(e[:2] == ("Warning", "InvalidSpec") for e in c.events)

@@ -93,7 +93,7 @@ def test_patch_is_empty_when_nothing_changed_and_removes_dropped_keys():
 
 def test_invalid_status_keeps_available_and_counts():
     old = status_for(md_of(), pod(md_of(), ready=True))
-    s = invalid_status(old, 6, SpecError("spec.model.source", "bad scheme"), "LATER")
+    s = invalid_status(old, 6, "InvalidSpec", str(SpecError("spec.model.source", "bad scheme")), "LATER")
     assert conds(s)["Available"] == conds(old)["Available"]
     assert conds(s)["Degraded"] == ("True", "InvalidSpec")
     assert s["observedGeneration"] == 6 and s["readyReplicas"] == old["readyReplicas"]
