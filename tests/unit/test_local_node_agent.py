@@ -9,6 +9,7 @@ import json
 import random
 import time
 import uuid
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -147,30 +148,59 @@ async def until(pred, timeout=15.0, what=""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+class Harness:
+    """The fake API server and one node agent at a time, both in the test's event loop."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.fake = FakeKube()
+        self.agent: NodeAgent | None = None
+
+    async def start_server(self):
+        self.server = web.AppRunner(self.fake.app(), shutdown_timeout=0.5)
+        await self.server.setup()
+        await web.TCPSite(self.server, "127.0.0.1", 0).start()
+        port = self.server.addresses[0][1]
+        ca = self.tmp / "ca.crt"
+        ca.write_text("fake")
+        self.config = NodeConfig(node_name="devcluster-local", state_dir=self.tmp / "node", gpus=4,
+                                 pod_cidr=pod_cidr(), api_host="127.0.0.1", api_port=port, ca_file=str(ca),
+                                 backoff_base=1.0)
+        self.config.state_dir.mkdir()
+        self.client = ApiClient(ClusterAccess(server=f"http://127.0.0.1:{port}", ssl_context=False))
+
+    async def start_agent(self):
+        self.agent = NodeAgent(self.config, self.client)
+        self.stop = asyncio.Event()
+        watchers = len(self.fake.watchers)
+        self.task = asyncio.create_task(self.agent.run(self.stop))
+        await until(lambda: "nodes/x" in self.fake.objects and len(self.fake.watchers) > watchers,
+                    what="registration")
+
+    async def stop_agent(self):
+        """As on SIGTERM."""
+        self.stop.set()
+        await asyncio.wait_for(self.task, 30)
+
+    async def close(self):
+        if not self.task.done():
+            await self.stop_agent()
+        await self.client.close()
+        await self.server.cleanup()
+
+
 @pytest.fixture
-async def env(tmp_path):
-    fake = FakeKube()
-    runner = web.AppRunner(fake.app(), shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    ca = tmp_path / "ca.crt"
-    ca.write_text("fake")
-    config = NodeConfig(node_name="devcluster-local", state_dir=tmp_path / "node", gpus=4,
-                        pod_cidr=pod_cidr(), api_host="127.0.0.1", api_port=port, ca_file=str(ca),
-                        backoff_base=1.0)
-    config.state_dir.mkdir()
-    client = ApiClient(ClusterAccess(server=f"http://127.0.0.1:{port}", ssl_context=False))
-    agent = NodeAgent(config, client)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    await until(lambda: "nodes/x" in fake.objects and fake.watchers, what="registration")
-    yield fake, agent, tmp_path
-    stop.set()
-    await asyncio.wait_for(task, 30)
-    await client.close()
-    await runner.cleanup()
+async def harness(tmp_path):
+    h = Harness(tmp_path)
+    await h.start_server()
+    await h.start_agent()
+    yield h
+    await h.close()
+
+
+@pytest.fixture
+def env(harness):
+    return harness.fake, harness.agent, harness.tmp
 
 
 def cstatus(fake, name):
@@ -275,3 +305,30 @@ async def test_config_error_then_fixed(env):
     await until(lambda: cstatus(fake, "cfg").get("state", {}).get("waiting", {}).get("reason") == "CreateContainerConfigError", what="config error")
     fake.objects["configmaps/default/cm"] = {"metadata": {"name": "cm"}, "data": {"x": "1"}}
     await until(lambda: "running" in cstatus(fake, "cfg").get("state", {}), what="running", timeout=10)
+
+
+async def test_status_is_written_only_when_it_changes(env):
+    fake, agent, tmp = env
+    fake.add_pod({"metadata": {"name": "steady"}, "spec": {"containers": [{
+        "name": "c", "command": ["sleep", "100"],
+        "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1}}]}})
+    await until(lambda: cond(fake, "steady", "Ready") == "True", what="ready")
+    writes = len(fake.patches)
+    await asyncio.sleep(2.5)  # two more probe periods, all successful: nothing to report
+    assert len(fake.patches) == writes
+
+
+async def test_a_restarted_agent_restarts_its_pods_on_their_ips(harness):
+    fake = harness.fake
+    fake.add_pod({"metadata": {"name": "keep"}, "spec": {"containers": [{"name": "c", "command": ["sleep", "100"]}]}})
+    await until(lambda: cond(fake, "keep", "Ready") == "True", what="ready")
+    ip = fake.pod("keep")["status"]["podIP"]
+    (pid,) = [int(p) for p in harness.agent.processes.entries]
+    await harness.stop_agent()
+    assert fake.pod("keep") is not None  # the agent stops processes, never pod objects
+    await until(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(),
+                what="the pod's process to end")
+    await harness.start_agent()
+    await until(lambda: harness.agent.processes.entries and pid not in map(int, harness.agent.processes.entries),
+                what="a new process")
+    assert fake.pod("keep")["status"]["podIP"] == ip
