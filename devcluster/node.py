@@ -30,7 +30,8 @@ What a pod sees, compared with a real kubelet (docs/devcluster-node.md has the u
   projected ``kube-api-access-*`` volume the API server adds is written too (and exported as
   ``DEVCLUSTER_MOUNT_VAR_RUN_SECRETS_KUBERNETES_IO_SERVICEACCOUNT``). RBAC therefore applies.
 - Logs: ``<state-dir>/pods/<ns>_<name>/<container>.log`` (stdout and stderr, appended across
-  restarts); there is no kubelet API, so ``kubectl logs``/``exec``/``port-forward`` do not work.
+  restarts). The node serves the kubelet API's ``/containerLogs`` (HTTPS, clients need a cluster-CA
+  certificate), so ``kubectl logs [-f] [--previous]`` works; ``exec`` and ``port-forward`` do not.
 - Probes (startup, liveness, readiness; httpGet to the pod IP, tcpSocket, exec, grpc), restart
   policies with the kubelet's back-off (10 s doubling to 300 s, ``CrashLoopBackOff``), container
   statuses and pod phase/conditions, and graceful deletion (SIGTERM to the process group, the grace
@@ -1744,7 +1745,7 @@ def node_labels(node_name: str) -> dict[str, str]:
 
 
 def node_status(config: NodeConfig, capacity: dict[str, str], kubelet_version: str, now: str,
-                ready_since: str) -> dict:
+                ready_since: str, kubelet_port: int = 0) -> dict:
     def condition(ctype: str, status: str, reason: str, message: str) -> dict:
         return {"type": ctype, "status": status, "reason": reason, "message": message,
                 "lastHeartbeatTime": now, "lastTransitionTime": ready_since}
@@ -1765,7 +1766,7 @@ def node_status(config: NodeConfig, capacity: dict[str, str], kubelet_version: s
         ],
         "addresses": [{"type": "InternalIP", "address": config.host_ip},
                       {"type": "Hostname", "address": config.node_name}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
         "nodeInfo": {
             "machineID": read("/etc/machine-id"), "systemUUID": read("/etc/machine-id"),
             "bootID": read("/proc/sys/kernel/random/boot_id"), "kernelVersion": uname.release,
@@ -1775,6 +1776,137 @@ def node_status(config: NodeConfig, capacity: dict[str, str], kubelet_version: s
             "architecture": node_labels(config.node_name)["kubernetes.io/arch"],
         },
     }
+
+
+def container_runs(text: str) -> list[str]:
+    """A container log split into its runs (the agent writes a marker line at every start)."""
+    runs = re.split(r"^--- devcluster: .*\n", text, flags=re.M)
+    return runs[1:] if len(runs) > 1 else runs
+
+
+def log_slice(text: str, tail_lines: int | None, limit_bytes: int | None) -> str:
+    if tail_lines is not None:
+        lines = text.splitlines(keepends=True)
+        text = "".join(lines[-tail_lines:]) if tail_lines > 0 else ""
+    if limit_bytes is not None:
+        text = text.encode()[:limit_bytes].decode("utf-8", "ignore")
+    return text
+
+
+def self_signed_certificate(directory: Path, host_ip: str, node_name: str) -> tuple[Path, Path]:
+    """A serving certificate for the log endpoint (the API server does not verify it unless told
+    to with --kubelet-certificate-authority)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert_path, key_path = directory / "kubelet.crt", directory / "kubelet.key"
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_name),
+                                                        x509.IPAddress(ipaddress.ip_address(host_ip))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    write_atomic(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()), 0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+class LogServer:
+    """The one kubelet API call the local node answers: `/containerLogs/<ns>/<pod>/<container>`, so
+    that `kubectl logs [-f] [--previous] [--tail N]` works. HTTPS on the node's address; a client must
+    present a certificate of the cluster CA (the API server's kubelet client certificate does)."""
+
+    FOLLOW_POLL_SECONDS = 0.5
+
+    def __init__(self, agent: NodeAgent):
+        self.agent = agent
+        self.port = 0
+        self._runner: aiohttp.web.AppRunner | None = None
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        config = self.agent.config
+        cert, key = self_signed_certificate(config.state_dir, config.host_ip, config.node_name)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=config.ca_file)
+        context.load_cert_chain(cert, key)
+        context.verify_mode = ssl.CERT_REQUIRED
+        app = web.Application()
+        app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", self.container_logs)
+        app.router.add_get("/healthz", lambda _: self._ok())
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, config.host_ip, 0, ssl_context=context).start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _ok(self):
+        from aiohttp import web
+
+        return web.Response(text="ok")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _running(self, namespace: str, pod: str, container: str) -> bool:
+        for worker in list(self.agent.workers.values()):
+            if worker.namespace == namespace and worker.name == pod:
+                return any(r.name == container and r.process is not None
+                           for r in worker.runners + worker.init_runners)
+        return False
+
+    async def container_logs(self, request):
+        from aiohttp import web
+
+        namespace, pod, container = (request.match_info[k] for k in ("namespace", "pod", "container"))
+        path = self.agent.config.state_dir / "pods" / f"{namespace}_{pod}" / f"{container}.log"
+        if "/" in f"{namespace}{pod}{container}" or not path.is_file():
+            return web.Response(status=404, text=f"no log of container {container} in pod {namespace}/{pod}")
+        query = request.query
+
+        def number(key: str) -> int | None:
+            return int(query[key]) if query.get(key, "").isdigit() else None
+
+        runs = container_runs(path.read_bytes().decode("utf-8", "replace"))
+        previous = query.get("previous") in ("true", "1")
+        if previous and len(runs) < 2:
+            return web.Response(status=400, text=f"previous terminated container {container!r} not found")
+        text = runs[-2] if previous else runs[-1]
+        body = log_slice(text, number("tailLines"), number("limitBytes"))
+        if previous or query.get("follow") not in ("true", "1"):
+            return web.Response(text=body, content_type="text/plain")
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        await response.write(body.encode())
+        offset = path.stat().st_size
+        while True:  # follow while the container runs; a poll of the file, bounded by the process
+            running = self._running(namespace, pod, container)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(1 << 20)
+            except OSError:
+                break
+            if chunk:
+                offset += len(chunk)
+                if b"--- devcluster: " in chunk:  # the container restarted: this stream ends
+                    await response.write(chunk.split(b"--- devcluster: ", 1)[0])
+                    break
+                await response.write(chunk)
+            elif not running:
+                break
+            else:
+                await asyncio.sleep(self.FOLLOW_POLL_SECONDS)
+        return response
 
 
 class NodeAgent:
@@ -1792,6 +1924,7 @@ class NodeAgent:
         self._worker_tasks: dict[str, asyncio.Task] = {}
         self._stopping_tasks: set[asyncio.Task] = set()
         self.events = EventRecorder(config.node_name)
+        self.logs = LogServer(self)
         self.http: aiohttp.ClientSession | None = None
         self.node_uid = ""
         self.kubelet_version = "v0.0.0-devcluster"
@@ -1800,6 +1933,10 @@ class NodeAgent:
     async def run(self, stop: asyncio.Event) -> None:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, force_close=True))
         try:
+            try:
+                await self.logs.start()
+            except (OSError, ssl.SSLError, ValueError) as e:
+                log.warning("no kubelet log endpoint (kubectl logs will not work): %s", e)
             if not await self._register(stop):
                 return
             informer = Informer(self.client, "/api/v1/pods", self._on_pod,
@@ -1813,6 +1950,7 @@ class NodeAgent:
                 task.cancel()
             await self.shutdown()
         finally:
+            await self.logs.stop()
             await self.http.close()
 
     async def _register(self, stop: asyncio.Event) -> bool:
@@ -1845,7 +1983,8 @@ class NodeAgent:
         return False
 
     async def _post_node_status(self) -> None:
-        status = node_status(self.config, self.capacity, self.kubelet_version, rfc3339(), self.ready_since)
+        status = node_status(self.config, self.capacity, self.kubelet_version, rfc3339(), self.ready_since,
+                             self.logs.port)
         await self.client.patch(f"/api/v1/nodes/{self.config.node_name}/status", {"status": status})
 
     async def _collect_pod_dirs(self, informer: Informer) -> None:

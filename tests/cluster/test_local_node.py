@@ -93,6 +93,8 @@ def test_crashing_container_backs_off_with_growing_restart_count(cluster, namesp
     first = container_status(pod)["restartCount"]
     last = container_status(pod)["lastState"]["terminated"]
     assert last["exitCode"] == 3 and last["message"] == "dying"
+    # kubectl logs reaches the local node's log endpoint.
+    assert cluster.kubectl("logs", "crash", "-n", namespace, "--previous").stdout == "dying\n"
     # The kubelet's schedule: the first restart is immediate, the next after 10 s.
     pod = wait_pod(cluster, namespace, "crash", lambda p: container_status(p).get("restartCount", 0) > first,
                    "another restart", timeout=25)

@@ -11,11 +11,13 @@ from devcluster.node import (
     ProbeTracker,
     base_environment,
     container_env,
+    container_runs,
     crash_backoff,
     env_sources,
     expand_vars,
     field_ref_value,
     find_executable,
+    log_slice,
     log_tail,
     mount_env,
     mount_env_name,
@@ -253,3 +255,12 @@ def test_log_tail_reads_the_last_run_only(tmp_path):
     log.write_text("--- devcluster: t1 starting a\nold run\n--- devcluster: t2 starting a\nTraceback\nValueError: x\n")
     assert log_tail(log) == "Traceback\nValueError: x"
     assert log_tail(tmp_path / "missing.log") == ""
+
+
+def test_container_runs_and_log_slices():
+    text = "--- devcluster: t1 starting a\none\ntwo\n--- devcluster: t2 starting a\nthree\nfour\nfive\n"
+    assert container_runs(text) == ["one\ntwo\n", "three\nfour\nfive\n"]
+    assert container_runs("no marker\n") == ["no marker\n"]
+    assert log_slice("a\nb\nc\n", 2, None) == "b\nc\n"
+    assert log_slice("a\nb\nc\n", 0, None) == ""
+    assert log_slice("abcdef", None, 3) == "abc"
