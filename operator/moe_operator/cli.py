@@ -57,10 +57,10 @@ async def resync(controller: Controller, interval: float) -> None:
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval)
-        results = await asyncio.gather(
-            *(loop.run_in_executor(None, controller.run, key) for key in controller.keys()),
-            return_exceptions=True)
-        for key, result in zip(controller.keys(), results, strict=False):
+        keys = controller.keys()
+        results = await asyncio.gather(*(loop.run_in_executor(None, controller.run, key) for key in keys),
+                                       return_exceptions=True)
+        for key, result in zip(keys, results, strict=True):
             if isinstance(result, Exception):
                 log.warning("resync of %s/%s failed: %s", *key, result)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from . import names
@@ -80,7 +81,7 @@ class Observed:
     services: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     pods_per_replica: int = 1
 
-    @property
+    @cached_property
     def groups(self) -> dict[tuple[str, int], Group]:
         by_key: dict[tuple[str, int], dict[int, ObservedPod]] = {}
         for pod in self.pods:

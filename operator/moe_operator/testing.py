@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -99,9 +98,13 @@ def running_operator(cluster, namespaces: list[str] | None = None, resync_second
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     op = RunningOperator(process, port, log_path)
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"moe-operator exited with {process.returncode}:\n{op.log()[-4000:]}")
+        return op.get("/healthz")[0] == 200
+
     try:
-        wait_for("the operator's /healthz", lambda: process.poll() is None and op.get("/healthz")[0] == 200
-                 or (process.poll() is not None and _died(op)), 60)
+        wait_for("the operator's /healthz", healthy, 60)
         yield op
     finally:
         if process.poll() is None:
@@ -112,10 +115,3 @@ def running_operator(cluster, namespaces: list[str] | None = None, resync_second
                 process.kill()
                 process.wait(5)
 
-
-def _died(op: RunningOperator) -> bool:
-    raise AssertionError(f"moe-operator exited with {op.process.returncode}:\n{op.log()[-4000:]}")
-
-
-def get_json(cluster, *args: str) -> dict:
-    return json.loads(cluster.kubectl("get", "-o", "json", *args).stdout)
