@@ -280,12 +280,18 @@ def _layout(md: ModelDeployment, observed: Observed, *, stable: str, stable_trac
 
     new_kept = new_groups[:new_target]
     new_in = min(sum(g.ready for g in new_kept), new_rotate)
-    # Stable groups wanted in rotation: keep capacity (replicas - new in rotation), at least the
-    # floor; fewer when the GPUs for the new groups are needed (never below the floor).
+    # Stable groups wanted in rotation: keep capacity (replicas - new groups in rotation), so stable
+    # groups go as new ones become ready and the surge budget carries the progress. Only when the
+    # budget cannot hold even one more new group (and none is loading) does one more stable group
+    # make room ahead of time, never below the floor the current weight needs.
     want_stable = min(n, max(stable_floor, n - new_in)) if stable_rotate is None else stable_rotate
     if g_gpus:
-        fits = (budget - new_target * g_gpus) // g_gpus
-        want_stable = min(want_stable, max(stable_floor, fits))
+        want_stable = min(want_stable, max(stable_floor, (budget - len(new_kept) * g_gpus) // g_gpus))
+        missing = new_target - len(new_kept)
+        loading = any(not g.ready for g in new_kept)
+        room_for_one = (budget - (len(new_kept) + 1) * g_gpus) // g_gpus
+        if missing > 0 and not loading and want_stable > room_for_one:
+            want_stable = max(stable_floor, room_for_one)
     stable_kept = stable_groups[:want_stable]
 
     # Stable first (capacity), then the new revision.
