@@ -735,6 +735,12 @@ def log_tail(path: Path, max_bytes: int = 2048, max_lines: int = 80) -> str:
     return "\n".join(text.splitlines()[-max_lines:])
 
 
+def rotate_log(path: Path) -> None:
+    """copytruncate: the running process keeps its (O_APPEND) descriptor and writes on from 0."""
+    shutil.copyfile(path, path.with_suffix(".log.1"))
+    os.truncate(path, 0)
+
+
 def find_executable(command: str, path_env: str, working_dir: str | None) -> str | None:
     """The file `command` names, as execvp would find it (relative paths from the working dir)."""
     if "/" in command:
@@ -1536,7 +1542,7 @@ class PodWorker:
         log_path = self.dir / f"{container_name}.log"
         with contextlib.suppress(OSError):
             if log_path.stat().st_size > LOG_ROTATE_BYTES:
-                os.replace(log_path, log_path.with_suffix(".log.1"))
+                rotate_log(log_path)
         with open(log_path, "ab") as log_file:
             log_file.write(f"--- devcluster: {rfc3339()} starting {' '.join(argv)}\n".encode())
             log_file.flush()
@@ -1891,6 +1897,8 @@ class LogServer:
         while True:  # follow while the container runs; a poll of the file, bounded by the process
             running = self._running(namespace, pod, container)
             try:
+                if path.stat().st_size < offset:
+                    offset = 0  # rotated (copytruncate)
                 with open(path, "rb") as f:
                     f.seek(offset)
                     chunk = f.read(1 << 20)
@@ -1988,8 +1996,8 @@ class NodeAgent:
         await self.client.patch(f"/api/v1/nodes/{self.config.node_name}/status", {"status": status})
 
     async def _collect_pod_dirs(self, informer: Informer) -> None:
-        """Removes the directories (logs included) of pods gone for over an hour, every ten minutes,
-        so that test runs do not pile them up."""
+        """Every ten minutes: removes the directories (logs included) of pods gone for over an hour,
+        so that test runs do not pile them up, and rotates logs over LOG_ROTATE_BYTES."""
         await informer.synced.wait()
         pods_dir = self.config.state_dir / "pods"
         while True:
@@ -2001,6 +2009,10 @@ class NodeAgent:
                         uid = marker.read_text() if marker.exists() else ""
                         if uid not in live and time.time() - pod_dir.stat().st_mtime > 3600:
                             shutil.rmtree(pod_dir, ignore_errors=True)
+                            continue
+                        for log_file in pod_dir.glob("*.log"):
+                            if log_file.stat().st_size > LOG_ROTATE_BYTES:
+                                rotate_log(log_file)
             await asyncio.sleep(600)
 
     async def _renew_lease(self) -> None:

@@ -26,6 +26,7 @@ from devcluster.node import (
     pod_status,
     probe_port,
     resource_field_value,
+    rotate_log,
     should_restart,
     terminated_state,
     volume_files,
@@ -264,3 +265,14 @@ def test_container_runs_and_log_slices():
     assert log_slice("a\nb\nc\n", 2, None) == "b\nc\n"
     assert log_slice("a\nb\nc\n", 0, None) == ""
     assert log_slice("abcdef", None, 3) == "abc"
+
+
+def test_rotate_log_keeps_the_writer_appending(tmp_path):
+    log = tmp_path / "c.log"
+    with open(log, "ab") as writer:
+        writer.write(b"old\n")
+        writer.flush()
+        rotate_log(log)
+        writer.write(b"new\n")
+    assert log.read_bytes() == b"new\n"
+    assert (tmp_path / "c.log.1").read_bytes() == b"old\n"
