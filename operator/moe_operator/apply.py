@@ -91,14 +91,18 @@ class Writer:
         if self.metrics is not None:
             self.metrics.writes.labels(kind, verb).inc()
 
-    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Mapping[str, Any]:
-        """Merge-patch `.status` (the status subresource); returns the updated object."""
-        result = self.dyn.request(
-            "patch",
-            self._md.path(name=name, namespace=namespace) + "/status",
-            body={"status": dict(patch)},
-            content_type="application/merge-patch+json",
-        )
+    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """Merge-patch `.status` (the status subresource); returns the updated object, or None when
+        the ModelDeployment is gone (deleted while it was being reconciled)."""
+        try:
+            result = self.dyn.request(
+                "patch",
+                self._md.path(name=name, namespace=namespace) + "/status",
+                body={"status": dict(patch)},
+                content_type="application/merge-patch+json",
+            )
+        except NotFoundError:
+            return None
         self._count(names.KIND, "status")
         return result.to_dict()
 

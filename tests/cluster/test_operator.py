@@ -178,6 +178,16 @@ def test_a_pod_the_api_server_refuses_is_reported_as_invalid_spec(cluster, ns, o
     assert not pods(cluster, ns, "refused")
 
 
+def test_a_crashing_runtime_is_pods_failing(cluster, ns, operator):
+    local = {"devcluster.serving.moe.dev/local": "true"}
+    cluster.apply(md("crashing", ns, gpus=0, runtime={"args": ["--no-such-flag"]},
+                     scheduling={"nodeSelector": local}))
+    wait_for("Degraded=PodsFailing", lambda: conditions(cluster, ns, "crashing").get("Degraded") == (
+        "True", "PodsFailing"), 90, 0.5)
+    assert "CrashLoopBackOff" in get(cluster, "md", "crashing", "-n", ns)["status"]["message"]
+    assert conditions(cluster, ns, "crashing")["Available"] == ("False", "PodsFailing")
+
+
 def test_deleted_pod_is_recreated(cluster, ns, operator):
     cluster.apply(md("phoenix", ns, replicas=2))
     wait_available(cluster, ns, "phoenix")

@@ -110,3 +110,15 @@ def test_events_on_transitions_only():
         {"name": "runtime", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]))
     assert [e[:2] for e in events_for(ready, failing)] == [("Warning", "PodsFailing")]
     assert [e[:2] for e in events_for(failing, ready)] == [("Normal", "Available"), ("Normal", "Recovered")]
+
+
+def test_a_crash_is_reported_before_the_back_off():
+    md = md_of()
+    s = status_for(md, pod(md, containerStatuses=[{"name": "runtime", "ready": False, "restartCount": 1,
+                                                   "state": {"running": {}},
+                                                   "lastState": {"terminated": {"exitCode": 2, "reason": "Error"}}}]))
+    assert conds(s)["Degraded"] == ("True", "PodsFailing")
+    assert "exited with code 2 (Error), restarted 1x" in s["message"]
+    healthy_after_restart = pod(md, ready=True, containerStatuses=[
+        {"name": "runtime", "ready": True, "restartCount": 1, "lastState": {"terminated": {"exitCode": 137}}}])
+    assert conds(status_for(md, healthy_after_restart))["Degraded"] == ("False", "Healthy")
