@@ -281,6 +281,11 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(C, H * (P + Dv), bias=False)
         self.o_proj = nn.Linear(H * Dv, D, bias=cfg.o_bias)
         self.scale = (P + R) ** -0.5
+        # Attention over the cache either absorbs kv_b_proj into q and the output (per query and
+        # context token: 2C + R multiply-adds per head) or expands the context's latents into keys
+        # and values (C (P + Dv) per context token and head, then P + R + Dv per pair). Expanding
+        # wins when a sequence brings more new tokens than this:
+        self.expand_above = C * (P + Dv) // max(2 * C + R - (P + R + Dv), 1)
         scaling = cfg.rope_scaling or {}
         if scaling.get("rope_type") in ("yarn",) and scaling.get("mscale_all_dim"):
             self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
@@ -305,14 +310,20 @@ class MLAttention(nn.Module):
             out = dense_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale, None)  # [N, H, Dv]
             return self.o_proj(out.reshape(N, H * Dv))
 
-        cache[ctx.slot_mapping] = torch.cat([c, k_rope[:, 0]], dim=-1).to(
-            cache.dtype
-        )  # cache: [slots, C + R]
+        latent = torch.cat([c, k_rope[:, 0]], dim=-1)  # [N, C + R]
+        cache[ctx.slot_mapping] = latent.to(cache.dtype)  # cache: [slots, C + R]
+        kv_ctx = cache[ctx.context_slots].to(x.dtype)  # [S, L, C + R]
+        if ctx.max_new > self.expand_above:  # long prefill chunk: expanding the context is cheaper
+            S, L = kv_ctx.shape[:2]
+            k_nope, v = self.kv_b_proj(kv_ctx[..., :C]).view(S, L, H, P + Dv).split([P, Dv], dim=-1)
+            k = torch.cat([k_nope, kv_ctx[:, :, None, C:].expand(S, L, H, R)], dim=-1)  # [S, L, H, P + R]
+            out = paged_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale)  # [N, H, Dv]
+            return self.o_proj(out.reshape(N, H * Dv))
         w_kv = self.kv_b_proj.weight.view(H, P + Dv, C)
         w_uk, w_uv = w_kv[:, :P], w_kv[:, P:]  # [H, P, C], [H, Dv, C]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, C]
         q_abs = torch.cat([q_latent, q_rope], dim=-1)  # [N, H, C + R]
-        kv_ctx = cache[ctx.context_slots][:, :, None, :].to(q_abs.dtype)  # [S, L, 1, C + R]
+        kv_ctx = kv_ctx[:, :, None, :]  # [S, L, 1, C + R]
         out_latent = paged_attention(q_abs, kv_ctx, kv_ctx[..., :C], ctx, self.scale)  # [N, H, C]
         out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [N, H, Dv]
         return self.o_proj(out.reshape(N, H * Dv))

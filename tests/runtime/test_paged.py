@@ -56,6 +56,18 @@ def test_chunked_prefill_then_decode_matches_forward(model):
         torch.testing.assert_close(logits, ref[pos], atol=1e-4, rtol=1e-4)
 
 
+def test_long_prefill_chunks_match_forward(model):
+    """Chunks long enough that MLA expands the cached latents instead of absorbing kv_b_proj."""
+    gen = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (91, 12)]
+    schedule = [{0: 45}, {0: 40, 1: 11}, {0: 5, 1: 1}, {0: 1}]
+    got = run_schedule(model, seqs, schedule, num_blocks=96)
+    for ids, per_pos in zip(seqs, got, strict=True):
+        ref = full_logits(model, ids)
+        for pos, logits in per_pos.items():
+            torch.testing.assert_close(logits, ref[pos], atol=1e-4, rtol=1e-4)
+
+
 def test_mixed_batch_of_prefills_and_decodes_matches_forward(model):
     gen = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (12, 15, 6)]
