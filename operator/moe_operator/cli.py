@@ -9,8 +9,10 @@ import os
 import sys
 
 import kopf
+import urllib3
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from .apply import Writer
 from .controller import Controller
@@ -92,9 +94,18 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)   # not a line per handled event
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig     # kopf's own login reads it
-    dyn = DynamicClient(api_client(args.kubeconfig))
-    metrics = OperatorMetrics()
-    controller = Controller(Reader(dyn), Writer(dyn, metrics), metrics, log)
+    try:
+        dyn = DynamicClient(api_client(args.kubeconfig))
+        metrics = OperatorMetrics()
+        controller = Controller(Reader(dyn), Writer(dyn, metrics), metrics, log)
+    except ResourceNotFoundError:
+        print("moe-operator: the ModelDeployment CRD is not installed; install it with\n"
+              "  kubectl apply --server-side -f crds/modeldeployments.yaml", file=sys.stderr)
+        return 1
+    except (config.ConfigException, OSError, urllib3.exceptions.HTTPError) as error:
+        print(f"moe-operator: cannot reach the Kubernetes API ({error}); pass --kubeconfig or set KUBECONFIG",
+              file=sys.stderr)
+        return 1
     try:
         asyncio.run(operate(args, controller, metrics))
     except KeyboardInterrupt:
