@@ -367,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype,
         args.time_limit,
     )
+    from model_runtime.cli import GIL_SWITCH_INTERVAL_S
+
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as the server sets it: like against like
     engine, http = asyncio.run(compare(workload, args.rounds))
     print(table(workload, engine, http, args.rounds), flush=True)
     return 0

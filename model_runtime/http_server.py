@@ -140,7 +140,6 @@ class BodyLimit:
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         received = 0
-        started = False
 
         async def limited_receive():
             nonlocal received
@@ -151,17 +150,8 @@ class BodyLimit:
                     raise BodyTooLarge()
             return event
 
-        async def tracking_send(event):
-            nonlocal started
-            if event["type"] == "http.response.start":
-                started = True
-            await send(event)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await _error_response(scope["path"], 413, message)(scope, receive, send)
+        # The app answers BodyTooLarge itself (413); `send` is not wrapped, as it runs per token.
+        await self.app(scope, limited_receive, send)
 
 
 def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
