@@ -54,6 +54,13 @@ def _non_negative(kind):
     return parse
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text} (0..65535; 0 picks a free one)")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -79,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--host", help="address to bind (default: $POD_IP, plus 127.0.0.1 where free; else 0.0.0.0)"
     )
-    s.add_argument("--http-port", type=_non_negative(int), default=8000)
-    s.add_argument("--grpc-port", type=_non_negative(int), default=8001)
+    s.add_argument("--http-port", type=_port, default=8000)
+    s.add_argument("--grpc-port", type=_port, default=8001)
     s.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -181,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     # engine's throughput. A longer interval (the engine thread still yields the GIL on every
     # torch op) measured about 2x more streamed tokens/s (model_runtime.bench_http).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    code = asyncio.run(serve(config, pod_ip=os.environ.get("POD_IP") or None))
+    try:
+        code = asyncio.run(serve(config, pod_ip=os.environ.get("POD_IP") or None))
+    except OSError as e:  # a port in use, an address not on this machine
+        logging.getLogger("model_runtime.server").error("cannot listen: %s", e)
+        code = 1
     # Everything the server owns is closed by now, but the interpreter's teardown of native
     # threads (gRPC's, torch's) can take seconds of the pod's grace period: leave at once.
     logging.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+import time
 
 import httpx
 import pytest
@@ -305,3 +306,26 @@ def test_fuzz_openapi_no_server_errors(runtime_server):
                 assert mode == GenerationMode.NEGATIVE
     assert not failures, "\n".join(failures)
     assert httpx.get(f"{runtime_server.base_url}/v2/health/ready").status_code == 200
+
+
+def _failures(base_url: str, reason: str) -> float:
+    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+        if line.startswith("moe_request_failure_total{") and f'reason="{reason}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_client_that_walks_away_mid_stream_frees_its_slot(runtime_server):
+    base = runtime_server.base_url
+    cancelled = _failures(base, "cancelled")
+    body = {"text_input": "walk away", "max_tokens": 250, "ignore_eos": True}
+    with httpx.stream("POST", base + GENERATE + "_stream", json=body, timeout=60) as r:
+        next(r.iter_lines())  # one event, then the connection closes
+    deadline = time.monotonic() + 30
+    while _failures(base, "cancelled") == cancelled and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling with a deadline
+    assert _failures(base, "cancelled") == cancelled + 1
+    running = next(
+        ln for ln in httpx.get(f"{base}/metrics").text.splitlines() if ln.startswith("moe_num_requests_running{")
+    )
+    assert float(running.rsplit(" ", 1)[1]) == 0
