@@ -16,9 +16,10 @@ INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
-    """The devcluster without Prometheus and Alertmanager: these tests need neither."""
+    """The devcluster, without adding Prometheus and Alertmanager: these tests need neither (a running
+    cluster, with or without them, is reused; one started here stays up for the session)."""
     with running_cluster(monitoring=False) as running:
         yield running
 

@@ -35,9 +35,10 @@ def md(name, namespace, replicas=1, gpus=1, **spec):
                      "resources": {"gpus": gpus}, "scheduling": {"nodeSelector": SIMULATED}, **spec}}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster():
-    """The devcluster without Prometheus and Alertmanager: these tests need neither."""
+    """The devcluster, without adding Prometheus and Alertmanager: these tests need neither (a running
+    cluster, with or without them, is reused; one started here stays up for the session)."""
     with running_cluster(monitoring=False) as running:
         yield running
 
