@@ -306,3 +306,21 @@ def test_tiny_cpu_example_answers_a_completion_through_its_service(cluster, ns, 
         answer = json.loads(response.read())
     assert answer["choices"][0]["text"] is not None
     assert answer["model"] == "tiny-moe"
+
+
+def test_pods_pass_the_restricted_pod_security_level(cluster):
+    """In a namespace enforcing the `restricted` Pod Security Standard the pods are admitted; a hostPath
+    model source is not allowed there, and status says so instead of retrying in silence."""
+    strict = f"restricted-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", strict)
+    try:
+        cluster.kubectl("label", "namespace", strict, "pod-security.kubernetes.io/enforce=restricted")
+        with running_operator(cluster, namespaces=[strict], resync_seconds=2.0):
+            cluster.apply(md("compliant", strict, model={"source": "hf://org/model"}))
+            wait_available(cluster, strict, "compliant")
+            cluster.apply(md("hostpath", strict, model={"source": "hostpath:///models/x"}))
+            wait_for("Degraded=Forbidden", lambda: conditions(cluster, strict, "hostpath").get("Degraded") == (
+                "True", "Forbidden"), 15)
+            assert "PodSecurity" in get(cluster, "md", "hostpath", "-n", strict)["status"]["message"]
+    finally:
+        cluster.kubectl("delete", "namespace", strict, "--wait=false", check=False)
