@@ -12,6 +12,9 @@ cached under .bench/), in one run, prints a table of:
   bandwidth measured in the same run (STREAM convention: bytes read + written per second);
   goal >= 60% of the bound;
 - int8 weight-only quantization: weight memory saved and logit drift against float32.
+
+Every measurement uses the same torch thread count (`--threads`, 1 by default). The table states
+the load average, since on a shared machine the absolute figures move with it.
 """
 
 from __future__ import annotations
@@ -337,7 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for every measurement (0: torch's default). One by default: on a "
+        "small shared machine OpenMP hand-offs to a busy sibling core cost more than they save",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.threads:
