@@ -119,7 +119,7 @@ def _failure(pod: Mapping[str, Any]) -> tuple[str, str] | None:
             if not message and last:
                 message = f"exit code {last.get('exitCode')}: {last.get('reason') or ''}".strip()
             return waiting["reason"], message
-    for cs in status.get("containerStatuses") or []:
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
         # Crashed at least once and not ready again yet: report it now rather than at the back-off.
         last = (cs.get("lastState") or {}).get("terminated") or {}
         if not cs.get("ready") and cs.get("restartCount", 0) >= 1 and last.get("exitCode", 0) != 0:
