@@ -305,3 +305,15 @@ def test_full_waiting_queue_raises_overloaded():
         engine.add_request("c", [1], SamplingParams())
     with pytest.raises(EngineError, match="already in use"):
         engine.add_request("a", [1], SamplingParams())
+
+
+def test_a_prompt_longer_than_the_token_budget_is_prefilled_in_chunks():
+    model = FakePagedModel()
+    prompt = prompts(1)[0] * 30  # 90 tokens
+    engine = LLMEngine(model, None, EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=16))
+    engine.add_request("long", prompt, SamplingParams(max_tokens=5, temperature=0))
+    engine.add_request("short", [1, 2, 3], SamplingParams(max_tokens=8, temperature=0))
+    outs = run_all(engine)
+    assert model.steps[0] == (1, 16) and all(n <= 16 for _, n in model.steps)
+    assert outs["long"][-1].token_ids == reference_greedy(model, prompt, 5)
+    assert outs["short"][-1].token_ids == reference_greedy(model, [1, 2, 3], 8)
