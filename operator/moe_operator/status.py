@@ -81,8 +81,9 @@ def status_of(md: ModelDeployment, observed: Observed, plan: Plan, now: str) -> 
     loading = sum(p.loading for p in observed.pods)
 
     if ready >= n:
+        extra = f" (+{ready - n} being replaced or removed)" if ready > n else ""
         available = (True, SCALED_TO_ZERO if n == 0 else ALL_REPLICAS_READY,
-                     f"{ready}/{n} replica groups ready")
+                     f"{n}/{n} replica groups ready{extra}")
     else:
         reason = degraded[0] if degraded else MODEL_LOADING
         detail = f"; {_plural(loading, 'pod')} starting or loading the model" if loading else ""
