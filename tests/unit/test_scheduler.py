@@ -310,10 +310,19 @@ def test_full_waiting_queue_raises_overloaded():
 def test_a_prompt_longer_than_the_token_budget_is_prefilled_in_chunks():
     model = FakePagedModel()
     prompt = prompts(1)[0] * 30  # 90 tokens
-    engine = LLMEngine(model, None, EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=16))
+    engine = LLMEngine(
+        model, None, EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
+    )
     engine.add_request("long", prompt, SamplingParams(max_tokens=5, temperature=0))
     engine.add_request("short", [1, 2, 3], SamplingParams(max_tokens=8, temperature=0))
     outs = run_all(engine)
     assert model.steps[0] == (1, 16) and all(n <= 16 for _, n in model.steps)
     assert outs["long"][-1].token_ids == reference_greedy(model, prompt, 5)
     assert outs["short"][-1].token_ids == reference_greedy(model, [1, 2, 3], 8)
+
+
+def test_engine_config_refuses_a_budget_below_the_sequence_cap():
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        EngineConfig(max_num_seqs=64, max_num_batched_tokens=32)
+    with pytest.raises(ValueError, match="block_size"):
+        EngineConfig(block_size=0)
