@@ -287,7 +287,7 @@ class MLAttention(nn.Module):
         # wins when a sequence brings more new tokens than this:
         self.expand_above = C * (P + Dv) // max(2 * C + R - (P + R + Dv), 1)
         scaling = cfg.rope_scaling or {}
-        if scaling.get("rope_type") in ("yarn",) and scaling.get("mscale_all_dim"):
+        if scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):  # softmax mscale
             self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
 
     def forward(self, x, cos, sin, ctx, cache):
