@@ -1,0 +1,377 @@
+"""The Helm chart against the devcluster's real API server: `helm lint --strict`, `helm template` through
+a server-side dry run, least-privilege RBAC, valid alert rules, then one release's life: install (the
+operator runs on the local node as the chart's ServiceAccount, with only the chart's permissions, and
+brings an example ModelDeployment to Available), upgrade with changed values, `helm test`, a narrowed
+Role reported in the ModelDeployment's status, and `helm uninstall` leaving only the CRD.
+
+The devcluster is shared, so the release is namespace-scoped (scope.mode=Namespaced): a cluster-wide
+operator would also reconcile other tests' ModelDeployments.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from lupa import LuaRuntime
+from moe_operator import names
+from moe_operator.loadgen import service_port
+from moe_operator.testing import wait_for
+
+from devcluster.testing import running_cluster
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "moe-operator"
+CRD_SOURCE = ROOT / "crds" / "modeldeployments.yaml"
+CRD_COPY = CHART / "files" / "crds" / "modeldeployments.yaml"
+HEALTH_LUA = ROOT / "docs" / "argocd-health.lua"
+RELEASE = "moe"                     # in rendering-only tests; an installed release gets its own name
+FULLNAME = "moe-moe-operator"       # <release>-<chart>
+LOCAL_NODE = {"devcluster.serving.moe.dev/local": "true"}
+TOKEN_MOUNT = "/var/run/secrets/moe-operator/alerts"
+
+
+def operator_takes_token_file() -> bool:
+    """Whether `moe-operator run` has --alerts-token-file (the chart passes it when alertsWebhook is on)."""
+    out = subprocess.run([str(ROOT / ".venv" / "bin" / "moe-operator"), "run", "--help"],
+                         capture_output=True, text=True, timeout=60).stdout
+    return "--alerts-token-file" in out
+
+
+def devcluster_values(namespaces: list[str], alerts: bool) -> dict:
+    """What a devcluster needs beyond the chart's real-cluster defaults (docs/helm.md): the local node,
+    the pod's own IP to bind (local pods share one network stack), the Secret's directory on the
+    machine, one namespace per watched namespace."""
+    return {
+        "nodeSelector": LOCAL_NODE,
+        "operator": {"listenAddress": "$(POD_IP)", "resyncSeconds": 5},
+        "scope": {"mode": "Namespaced", "watchNamespaces": namespaces},
+        "alertsWebhook": {"enabled": alerts,
+                          "tokenFile": "$(DEVCLUSTER_MOUNT_VAR_RUN_SECRETS_MOE_OPERATOR_ALERTS)/token"},
+    }
+
+
+def helm(cluster, *args: str, timeout: float = 180, check: bool = True,
+         input: str | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(["helm", *args], env={**os.environ, **cluster.env}, capture_output=True, text=True,
+                            timeout=timeout, input=input)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def render(cluster, *args: str) -> list[dict]:
+    out = helm(cluster, "template", RELEASE, str(CHART), *args, timeout=60).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def values_file(tmp_path: Path, values: dict) -> str:
+    path = tmp_path / f"values-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The devcluster without Prometheus and Alertmanager: these tests need neither."""
+    with running_cluster(monitoring=False) as running:
+        yield running
+
+
+# --- the chart as files ---------------------------------------------------------------------------
+
+def test_chart_lints_strictly_with_defaults_and_every_option(cluster, tmp_path):
+    helm(cluster, "lint", "--strict", str(CHART))
+    everything = {
+        "scope": {"mode": "Namespaced", "watchNamespaces": ["a", "b"]},
+        "alertsWebhook": {"existingSecret": "my-token"},
+        "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
+                       "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
+        "image": {"digest": "sha256:" + "0" * 64},
+    }
+    helm(cluster, "lint", "--strict", str(CHART), "-f", values_file(tmp_path, everything))
+
+
+def test_schema_refuses_unknown_keys_and_wrong_values(cluster):
+    for bad, what in ((("--set", "replicas=2"), "replicas"), (("--set", "scope.mode=Everywhere"), "scope/mode"),
+                      (("--set", "operator.port=0"), "operator/port")):
+        result = helm(cluster, "template", RELEASE, str(CHART), *bad, check=False)
+        assert result.returncode != 0 and what in result.stderr, result.stderr
+
+
+def test_rendered_chart_passes_a_server_side_dry_run_in_both_scopes(cluster, namespace):
+    for scope in ("Cluster", "Namespaced"):
+        out = helm(cluster, "template", RELEASE, str(CHART), "-n", namespace, "--set", f"scope.mode={scope}").stdout
+        result = cluster.kubectl("apply", "--server-side", "--force-conflicts", "--dry-run=server", "-f", "-",
+                                 input=out, check=False)
+        assert result.returncode == 0, f"{scope}: {result.stderr}"
+        assert "customresourcedefinition.apiextensions.k8s.io/modeldeployments.serving.moe.dev" in result.stdout
+
+
+def rules_of(objects: list[dict]) -> dict[str, set[tuple[str, str, str]]]:
+    """(Cluster)Role name -> {(apiGroup, resource, verb)} (with resourceNames it would be refused below)."""
+    out = {}
+    for role in by_kind(objects, "ClusterRole") + by_kind(objects, "Role"):
+        key = f"{role['kind']}/{role['metadata'].get('namespace', '')}/{role['metadata']['name']}"
+        triples = out.setdefault(key, set())
+        for rule in role["rules"]:
+            assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        triples.add((group, resource, verb))
+    return out
+
+
+NAMESPACED_RULES = {
+    (names.GROUP, "modeldeployments", verb) for verb in ("get", "list", "watch", "patch")
+} | {(names.GROUP, "modeldeployments/status", "patch")} | {
+    ("", resource, verb) for resource in ("pods", "services") for verb in ("list", "watch", "create", "patch", "delete")
+} | {("", "events", "create")}
+CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+NAMESPACE_DISCOVERY = {("", "namespaces", v) for v in ("list", "watch")}
+
+
+def test_rbac_grants_exactly_what_the_operator_uses(cluster):
+    cluster_wide = rules_of(render(cluster, "-n", "moe-system"))
+    assert cluster_wide == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | CRD_DISCOVERY}
+    namespaced = render(cluster, "-n", "moe-system", "--set", "scope.mode=Namespaced",
+                        "--set", "scope.watchNamespaces={team-a,team-b}")
+    assert rules_of(namespaced) == {
+        f"Role/team-a/{FULLNAME}": NAMESPACED_RULES,
+        f"Role/team-b/{FULLNAME}": NAMESPACED_RULES,
+        f"ClusterRole//{FULLNAME}-discovery": CRD_DISCOVERY | NAMESPACE_DISCOVERY,
+    }
+    assert {(b["metadata"]["namespace"], b["subjects"][0]["namespace"]) for b in by_kind(namespaced, "RoleBinding")} \
+        == {("team-a", "moe-system"), ("team-b", "moe-system")}
+    (deployment,) = by_kind(namespaced, "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
+    strict = render(cluster, "--set", "scope.mode=Namespaced", "--set", "scope.discoveryClusterRole=false")
+    assert not by_kind(strict, "ClusterRole") and not by_kind(strict, "ClusterRoleBinding")
+    for objects in (cluster_wide, rules_of(strict)):
+        assert not any("*" in triple for triples in objects.values() for triple in triples)
+        assert not any(triple[1] == "secrets" for triples in objects.values() for triple in triples)
+
+
+def test_operator_pod_is_restricted_and_single(cluster):
+    objects = render(cluster)
+    (deployment,) = by_kind(objects, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "ghcr.io/moe-operator/operator:0.1.0"
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    (service,) = by_kind(objects, "Service")
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    (secret,) = by_kind(objects, "Secret")
+    assert len(base64.b64decode(secret["data"]["token"])) == 40
+    # The token is a mounted file: the operator needs no permission on Secrets.
+    assert any(v.get("secret", {}).get("secretName") == secret["metadata"]["name"] for v in pod["volumes"])
+    assert f"--alerts-token-file={TOKEN_MOUNT}/token" in container["args"]
+    assert not by_kind(render(cluster, "--set", "alertsWebhook.existingSecret=mine"), "Secret")
+    (test_pod,) = [o for o in objects if o["kind"] == "Pod"]
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert test_pod["spec"]["automountServiceAccountToken"] is False
+
+
+def test_crd_is_the_source_kept_on_uninstall(cluster):
+    assert CRD_COPY.read_bytes() == CRD_SOURCE.read_bytes(), "run `make chart-crds`"
+    (crd,) = by_kind(render(cluster), "CustomResourceDefinition")
+    assert crd["spec"] == yaml.safe_load(CRD_SOURCE.read_text())["spec"]
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert not by_kind(render(cluster, "--set", "crds.enabled=false"), "CustomResourceDefinition")
+    (unkept,) = by_kind(render(cluster, "--set", "crds.keep=false"), "CustomResourceDefinition")
+    assert "helm.sh/resource-policy" not in (unkept["metadata"].get("annotations") or {})
+
+
+def test_monitoring_objects_are_valid_and_alerts_carry_the_webhooks_labels(cluster, tmp_path):
+    objects = render(cluster, "--set", "monitoring.serviceMonitor.enabled=true",
+                     "--set", "monitoring.podMonitor.enabled=true", "--set", "monitoring.prometheusRule.enabled=true",
+                     "--set", "monitoring.grafanaDashboard.enabled=true")
+    assert {o["kind"] for o in objects} >= {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"}
+    (rule,) = by_kind(objects, "PrometheusRule")
+    rules_file = tmp_path / "rules.yml"
+    rules_file.write_text(yaml.safe_dump(rule["spec"]))
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool comes with Debian's prometheus package (make tools)"
+    checked = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    rollout_alerts = rule["spec"]["groups"][0]["rules"]
+    for alert in rollout_alerts:
+        assert "namespace" in alert["expr"]        # kept by the sum, so the alert carries it
+        assert alert["labels"]["modeldeployment"] == "{{ $labels.serving_moe_dev_deployment }}"
+        assert alert["labels"]["revision"] == "{{ $labels.serving_moe_dev_revision }}"
+        assert alert["labels"]["track"] == "{{ $labels.serving_moe_dev_track }}"
+    (dashboard,) = [o for o in by_kind(objects, "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    panels = json.loads(dashboard["data"]["moe-serving.json"])["panels"]
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    for metric in ("moe_time_to_first_token_seconds", "moe_e2e_request_latency_seconds", "moe_generation_tokens_total",
+                   "moe_kv_cache_usage_perc", "moe_expert_tokens_total", "moe_num_requests_waiting"):
+        assert metric in exprs
+
+
+# --- one release on the devcluster ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def release(cluster, tmp_path_factory):
+    """`helm install` into a fresh namespace (and a second watched one, for the narrowed Role)."""
+    assert CRD_COPY.read_bytes() == CRD_SOURCE.read_bytes(), "the chart's CRD is stale: run `make chart-crds`"
+    suffix = uuid.uuid4().hex[:6]
+    ns, narrow, name = f"helm-{suffix}", f"helm-{suffix}-narrow", f"moe-{suffix}"   # cluster-scoped names differ per run
+    cluster.kubectl("create", "namespace", narrow)
+    alerts = operator_takes_token_file()
+    values = values_file(tmp_path_factory.mktemp("helm"), devcluster_values([ns, narrow], alerts))
+    try:
+        # The CRD may already be there (other tests apply crds/ directly): the chart takes it over.
+        helm(cluster, "install", name, str(CHART), "-n", ns, "--create-namespace", "--take-ownership",
+             "--force-conflicts", "-f", values, "--wait", "--timeout", "120s")
+        yield {"namespace": ns, "narrow": narrow, "values": values, "alerts": alerts, "name": name,
+               "fullname": f"{name}-moe-operator"}
+    finally:
+        for n in (ns, narrow):
+            cluster.kubectl("delete", "md", "--all", "-n", n, "--wait=false", check=False)
+        helm(cluster, "uninstall", name, "-n", ns, "--timeout", "60s", check=False)
+        for n in (ns, narrow):
+            cluster.kubectl("delete", "namespace", n, "--wait=false", check=False)
+
+
+def operator_pod(cluster, release: dict, ns: str) -> dict:
+    pods = cluster.get_json("pods", "-n", ns, "-l", f"app.kubernetes.io/instance={release['name']},"
+                                                      "app.kubernetes.io/component=operator")["items"]
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    assert len(live) == 1, [p["metadata"]["name"] for p in pods]
+    return live[0]
+
+
+def argocd_health(obj: dict) -> dict:
+    lua = LuaRuntime(unpack_returned_tuples=True)
+    health = lua.execute(f"return function(obj)\n{HEALTH_LUA.read_text()}\nend")
+    result = health(lua.table_from(json.loads(json.dumps(obj)), recursive=True))
+    return {"status": result["status"], "message": result["message"]}
+
+
+def test_operator_runs_on_the_local_node_as_the_charts_service_account(cluster, release):
+    ns = release["namespace"]
+    pod = operator_pod(cluster, release, ns)
+    assert pod["spec"]["nodeName"] == "devcluster-local"
+    assert pod["spec"]["serviceAccountName"] == release["fullname"]
+    assert pod["status"]["phase"] == "Running"
+    args = pod["spec"]["containers"][0]["args"]
+    assert f"--namespace={ns}" in args and "--all-namespaces" not in args
+    if release["alerts"]:
+        assert cluster.get_json("secret", f"{release['fullname']}-alerts", "-n", ns)["data"]["token"]
+    else:   # the operator has no --alerts-token-file yet: the chart is installed without the webhook
+        assert not any(a.startswith("--alerts-token-file") for a in args)
+    port = service_port(cluster.state_dir, ns, release["fullname"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        assert response.status == 200
+
+
+def test_installed_operator_brings_an_example_to_available(cluster, release):
+    ns = release["namespace"]
+    body = yaml.safe_load((ROOT / "examples" / "gpu-deepseek.yaml").read_text())
+    body["metadata"]["namespace"] = ns
+    body["spec"]["replicas"] = 1          # one simulated 8-GPU pod: the shared cluster's GPUs stay free
+    cluster.apply(body)
+    cluster.kubectl("wait", "--for=condition=Available", "md/deepseek-v3", "-n", ns, "--timeout=90s", timeout=100)
+    md = cluster.get_json("md", "deepseek-v3", "-n", ns)
+    pods = cluster.get_json("pods", "-n", ns, "-l", f"{names.LABEL_DEPLOYMENT}=deepseek-v3")["items"]
+    assert pods and all(p["metadata"]["ownerReferences"][0]["kind"] == names.KIND for p in pods)
+    # Runtime pods never get an API token (the operator's pods; the chart's RBAC is for the operator only).
+    assert all(p["spec"]["automountServiceAccountToken"] is False for p in pods)
+    assert argocd_health(md) == {"status": "Healthy", "message": md["status"]["message"]}
+
+
+def test_upgrade_with_changed_values_rolls_the_operator_and_keeps_the_token(cluster, release):
+    ns = release["namespace"]
+    before = operator_pod(cluster, release, ns)
+    token = cluster.get_json("secret", f"{release['fullname']}-alerts", "-n", ns)["data"] if release["alerts"] else None
+    port = service_port(cluster.state_dir, ns, release["fullname"])
+    helm(cluster, "upgrade", release["name"], str(CHART), "-n", ns, "--force-conflicts", "-f", release["values"],
+         "--set", "operator.resyncSeconds=7", "--set", "podLabels.team=serving",
+         "--set", f"tests.url=http://127.0.0.1:{port}/healthz", "--wait", "--timeout", "120s")
+    after = operator_pod(cluster, release, ns)
+    assert after["metadata"]["uid"] != before["metadata"]["uid"]
+    assert after["metadata"]["labels"]["team"] == "serving"
+    assert "--resync-seconds=7" in after["spec"]["containers"][0]["args"]
+    if token is not None:
+        assert cluster.get_json("secret", f"{release['fullname']}-alerts", "-n", ns)["data"] == token
+    history = json.loads(helm(cluster, "history", release["name"], "-n", ns, "-o", "json").stdout)
+    assert [h["status"] for h in history] == ["superseded", "deployed"]
+    # the new operator keeps the example Available without rewriting it
+    cluster.kubectl("wait", "--for=condition=Available", "md/deepseek-v3", "-n", ns, "--timeout=60s", timeout=70)
+
+
+def test_helm_test_checks_healthz_through_the_service(cluster, release):
+    # (no --logs: the devcluster's local node serves no container logs through the API)
+    result = helm(cluster, "test", release["name"], "-n", release["namespace"], "--timeout", "120s")
+    assert re.search(r"TEST SUITE:\s+" + re.escape(release["fullname"]) + r"-test-healthz", result.stdout), result.stdout
+    assert re.search(r"Phase:\s+Succeeded", result.stdout), result.stdout
+
+
+def test_a_narrowed_role_is_reported_in_the_status(cluster, release):
+    """Without `create` on pods in one watched namespace, that namespace's ModelDeployment says so."""
+    ns = release["narrow"]
+    role = cluster.get_json("role", release["fullname"], "-n", ns)
+    for rule in role["rules"]:
+        if "pods" in rule["resources"]:
+            rule["verbs"] = [v for v in rule["verbs"] if v != "create"]
+    cluster.kubectl("replace", "-f", "-", input=json.dumps(role))
+    body = {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": "narrowed", "namespace": ns},
+            "spec": {"replicas": 1, "model": {"source": "builtin:tiny-mixtral"}, "resources": {"gpus": 1},
+                     "scheduling": {"nodeSelector": {"devcluster.serving.moe.dev/simulated": "true"}}}}
+    cluster.apply(body)
+
+    def degraded():
+        status = cluster.get_json("md", "narrowed", "-n", ns).get("status") or {}
+        return next((c for c in status.get("conditions") or () if c["type"] == "Degraded" and c["status"] == "True"),
+                    None)
+
+    condition = wait_for("Degraded on the narrowed ModelDeployment", degraded, 60, 0.5)
+    assert condition["reason"] == "Forbidden"
+    assert f"system:serviceaccount:{release['namespace']}:{release['fullname']}" in condition["message"]
+    assert 'cannot create resource "pods"' in condition["message"]
+    md = cluster.get_json("md", "narrowed", "-n", ns)
+    assert argocd_health(md)["status"] == "Degraded"
+
+
+def test_uninstall_leaves_only_the_crd(cluster, release):
+    ns, narrow = release["namespace"], release["narrow"]
+    for n in (ns, narrow):
+        cluster.kubectl("delete", "md", "--all", "-n", n, "--wait=true", "--timeout=60s", timeout=70)
+    result = helm(cluster, "uninstall", release["name"], "-n", ns, "--wait", "--timeout", "60s")
+    assert "modeldeployments.serving.moe.dev" in result.stdout + result.stderr   # "kept due to the resource policy"
+    selector = f"app.kubernetes.io/instance={release['name']}"
+    for n in (ns, narrow):
+        left = cluster.get_json("deployments,services,secrets,serviceaccounts,roles,rolebindings,configmaps", "-n", n,
+                                "-l", selector)["items"]
+        assert not left, [f"{o['kind']}/{o['metadata']['name']}" for o in left]
+        wait_for(f"the operator pod in {n} to go", lambda n=n: not cluster.get_json(
+            "pods", "-n", n, "-l", selector)["items"], 60, 0.5)
+    cluster_scoped = cluster.get_json("clusterroles,clusterrolebindings", "-l", selector)["items"]
+    assert not [o for o in cluster_scoped if o["metadata"]["name"].startswith(release["fullname"])]
+    crd = cluster.get_json("crd", "modeldeployments.serving.moe.dev")
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
