@@ -124,10 +124,13 @@ class EngineRunner:
 
         from model_runtime import load_model, load_tokenizer
         from model_runtime.engine import AsyncEngine
+        from model_runtime.server import engine_cpu_threads
 
         w = self.workload
         device = w.device if w.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = w.dtype if w.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+        if device == "cpu":
+            torch.set_num_threads(engine_cpu_threads())  # as the server does: like against like
         model = await asyncio.to_thread(load_model, w.model, dtype=getattr(torch, dtype), device=device)
         self.engine = AsyncEngine(model, load_tokenizer(w.model), _engine_config(w, device))
         await self.engine.start()

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import random
 import signal
 import socket
@@ -66,6 +67,15 @@ def default_model_name(source: str) -> str:
     name = source.split(":", 1)[1] if source.startswith("builtin:") else source
     name = name.split("@", 1)[0].rstrip("/")
     return name.rsplit("/", 1)[-1] or "model"
+
+
+def engine_cpu_threads() -> int:
+    """Torch threads for an engine on the CPU: one core is left to the event loop (HTTP, gRPC),
+    else torch's spinning workers and the loop fight over cores and streamed throughput drops.
+    OMP_NUM_THREADS, when set, decides."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def listen_hosts(host: str | None, pod_ip: str | None) -> list[tuple[str, bool]]:
@@ -190,6 +200,8 @@ class InferenceService:
             cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
         )
         dtype = getattr(torch, dtype_name)
+        if device == "cpu":
+            torch.set_num_threads(engine_cpu_threads())
         started = time.monotonic()
         log.info("loading %s (%s on %s)", cfg.model, dtype_name, device)
 
