@@ -56,3 +56,13 @@ cluster-down: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# Local cluster up, CRDs installed, the operator in the foreground (Ctrl-C stops the operator only;
+# `make cluster-down` stops the cluster).
+run: setup tools
+	$(PY) -m devcluster up --monitoring
+	eval "$$($(PY) -m devcluster env)" && kubectl apply --server-side --force-conflicts -f crds/modeldeployments.yaml \
+	  && kubectl wait --for=condition=Established --timeout=60s crd/modeldeployments.serving.moe.dev
+	@echo; echo "In a second terminal:"; $(PY) -m devcluster env | sed 's/^/  /'; \
+	  echo "  kubectl apply -f examples/tiny-cpu.yaml && kubectl get md -w"; echo
+	$(VENV)/bin/moe-operator run --all-namespaces --host 127.0.0.1 --kubeconfig .devcluster/kubeconfig
