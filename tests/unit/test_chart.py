@@ -96,3 +96,22 @@ def test_chart_version_and_default_image_follow_the_project_version():
     project = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     assert chart["appVersion"] == project
     assert yaml.safe_load((CHART / "values.yaml").read_text())["image"]["repository"] == "ghcr.io/moe-operator/operator"
+
+
+def gitops_objects() -> list[dict]:
+    return [doc for path in sorted((ROOT / "examples" / "gitops").glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_gitops_examples_install_this_chart_with_values_it_knows():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    releases = [o for o in gitops_objects() if o["kind"] in ("Application", "HelmRelease")]
+    charts = [o for o in releases if "charts/moe-operator" in json.dumps(o["spec"])]
+    assert {o["kind"] for o in charts} == {"Application", "HelmRelease"}
+    for release in charts:
+        values = release["spec"].get("values") or release["spec"]["source"]["helm"]["valuesObject"]
+        assert [p for p in key_paths(values) if not schema_knows(schema, p)] == [], release["metadata"]["name"]
+    (kustomization,) = [o for o in gitops_objects() if o["kind"] == "Kustomization"]
+    (check,) = kustomization["spec"]["healthCheckExprs"]
+    assert (check["apiVersion"], check["kind"]) == ("serving.moe.dev/v1alpha1", "ModelDeployment")
+    assert "'Degraded'" in check["failed"] and "'Available'" in check["current"]
