@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--drain-timeout",
         type=_non_negative(float),
-        default=30.0,
-        help="seconds SIGTERM waits for requests in flight before exiting",
+        default=25.0,
+        help="seconds SIGTERM waits for requests in flight before exiting (keep it below the pod's "
+        "terminationGracePeriodSeconds, 30 by default)",
     )
     s.add_argument(
         "--max-body-bytes", type=parse_size, default=4 * 2**20, help="largest request body (413 above)"

@@ -51,7 +51,7 @@ class ServerConfig:
     max_waiting: int = 256
     kv_cache_memory_bytes: int = 256 * 2**20
     request_timeout_s: float = 600.0
-    drain_timeout_s: float = 30.0
+    drain_timeout_s: float = 25.0
     max_body_bytes: int = 4 * 2**20
     inject_latency_ms: float = 0.0
     inject_error_rate: float = 0.0
