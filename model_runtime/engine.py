@@ -56,7 +56,7 @@ class EngineOverloaded(RuntimeError):
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 32  # sequences in one step
-    max_num_batched_tokens: int = 512  # new tokens in one step (decodes + prefill chunks)
+    max_num_batched_tokens: int = 512  # new tokens in one step (decodes + prefill chunks); >= max_num_seqs
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_bytes
     kv_cache_memory_bytes: int = 256 * 2**20
@@ -69,11 +69,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
-                f"({self.max_num_seqs}): every running sequence needs a token of each step"
-            )
+        # every running sequence needs one token of each step's budget, or the youngest stall
+        self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_num_seqs)
 
 
 @dataclass

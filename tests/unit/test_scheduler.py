@@ -321,8 +321,7 @@ def test_a_prompt_longer_than_the_token_budget_is_prefilled_in_chunks():
     assert outs["short"][-1].token_ids == reference_greedy(model, [1, 2, 3], 8)
 
 
-def test_engine_config_refuses_a_budget_below_the_sequence_cap():
-    with pytest.raises(ValueError, match="max_num_batched_tokens"):
-        EngineConfig(max_num_seqs=64, max_num_batched_tokens=32)
+def test_engine_config_keeps_a_token_of_budget_per_sequence_and_refuses_nonsense():
+    assert EngineConfig(max_num_seqs=64, max_num_batched_tokens=32).max_num_batched_tokens == 64
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(block_size=0)
