@@ -233,6 +233,37 @@ def test_monitoring_objects_are_valid_and_alerts_carry_the_webhooks_labels(clust
         assert metric in exprs
 
 
+def can_i(cluster, user: str, *args: str) -> bool:
+    result = cluster.kubectl("auth", "can-i", f"--as={user}", *args, check=False)
+    return result.stdout.strip() == "yes"
+
+
+def test_a_cluster_scoped_install_grants_exactly_the_operators_rules(cluster, namespace):
+    """Installed for real (RBAC objects, bindings), with the operator pod held Pending: a running
+    cluster-wide operator would also reconcile other tests' ModelDeployments on this shared cluster."""
+    name = f"moe-{uuid.uuid4().hex[:6]}"
+    user = f"system:serviceaccount:{namespace}:{name}-moe-operator"
+    helm(cluster, "install", name, str(CHART), "-n", namespace, "--set", "crds.enabled=false",
+         "--set-string", "nodeSelector.no-such-node=true", "--timeout", "60s")
+    try:
+        allowed = [("list", "pods", "--all-namespaces"), ("watch", "services", "-n", "default"),
+                   ("create", "pods", "-n", "kube-public"), ("delete", "services", "-n", "default"),
+                   ("patch", "modeldeployments.serving.moe.dev", "-n", "default"),
+                   ("patch", "modeldeployments.serving.moe.dev", "--subresource=status", "-n", "default"),
+                   ("create", "events", "-n", "default"),
+                   ("watch", "customresourcedefinitions.apiextensions.k8s.io")]
+        refused = [("get", "secrets", "-n", namespace), ("list", "secrets", "--all-namespaces"),
+                   ("get", "configmaps", "-n", namespace), ("delete", "modeldeployments.serving.moe.dev", "-n", "default"),
+                   ("update", "pods", "-n", "default"), ("create", "deployments.apps", "-n", "default"),
+                   ("list", "namespaces"), ("patch", "customresourcedefinitions.apiextensions.k8s.io"),
+                   ("create", "pods", "--subresource=exec", "-n", "default"), ("get", "nodes")]
+        assert [a for a in allowed if not can_i(cluster, user, *a)] == []
+        assert [a for a in refused if can_i(cluster, user, *a)] == []
+    finally:
+        helm(cluster, "uninstall", name, "-n", namespace, "--timeout", "60s")
+    assert not cluster.get_json("clusterroles,clusterrolebindings", "-l", f"app.kubernetes.io/instance={name}")["items"]
+
+
 # --- one release on the devcluster ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
