@@ -153,3 +153,14 @@ def test_generate_errors_are_kserve_shaped(runtime_server):
     assert r.status_code == 404 and "other" in r.json()["error"]
     r = httpx.post(url + "_stream", json={"text_input": "x", "top_p": 7})
     assert r.status_code == 400 and "top_p" in r.json()["error"]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(client, reference_text, algorithm):
+    result = client.infer(
+        MODEL_NAME,
+        inputs(True),
+        request_compression_algorithm=algorithm,
+        response_compression_algorithm=algorithm,  # may be ignored: the body then comes plain
+    )
+    assert as_text(result.as_numpy("text_output")[0]) == reference_text
