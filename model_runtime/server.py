@@ -246,11 +246,14 @@ class InferenceService:
 
     @property
     def live(self) -> bool:
-        return self.state != "failed"
+        """False once loading failed or the engine's step thread died: the pod should restart."""
+        if self.state == "failed":
+            return False
+        return self.engine is None or self.state == "draining" or self.engine.is_running
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.state == "ready" and self.engine.is_running
 
     def begin_drain(self) -> None:
         if self.state != "draining":
