@@ -222,13 +222,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         running: set[asyncio.Task] = set()
 
         async def read_requests():
-            async for request in request_iterator:
-                task = asyncio.create_task(self._stream_one(request, queue.put))
-                running.add(task)
-                task.add_done_callback(running.discard)
-            while running:
-                await asyncio.gather(*list(running), return_exceptions=True)
-            await queue.put(None)
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(self._stream_one(request, queue.put))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.gather(*list(running), return_exceptions=True)
+            finally:
+                queue.put_nowait(None)  # the stream ends when the client's side has and all are answered
 
         reader = asyncio.create_task(read_requests())
         try:
