@@ -77,12 +77,14 @@ class Writer:
             pass   # already gone, or replaced by a newer object of the same name
 
     def write(self, namespace: str, changes: Changes) -> None:
-        for body in changes.applies:
-            self.apply(body)
-            self._count(body["kind"], "apply")
+        # Relabels first: they move traffic (in the plan's order: new groups into rotation before old
+        # ones leave; an aborted canary out at once), and no new pod or Service is needed for that.
         for name, labels in changes.relabels:
             self.relabel(namespace, name, labels)
             self._count("Pod", "relabel")
+        for body in changes.applies:
+            self.apply(body)
+            self._count(body["kind"], "apply")
         for kind, name, uid in changes.delete:
             self.delete(kind, namespace, name, uid)
             self._count(kind, "delete")

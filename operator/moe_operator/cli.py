@@ -14,8 +14,9 @@ from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
+from .alerts import AbortStore, TokenSource, alerts_routes
 from .apply import Writer
-from .controller import Controller
+from .controller import Controller, key_of
 from .handlers import configure, registry
 from .metrics import OperatorMetrics
 from .observe import Reader
@@ -39,8 +40,32 @@ def parser() -> argparse.ArgumentParser:
                      help="port of /healthz and /metrics (default 8080)")
     run.add_argument("--resync-seconds", type=float, default=30.0,
                      help="reconcile every ModelDeployment this often even without events (default 30)")
+    alerts = run.add_mutually_exclusive_group()
+    alerts.add_argument("--alerts-token-secret", metavar="NAMESPACE/NAME[:KEY]",
+                        default=os.environ.get("MOE_OPERATOR_ALERTS_TOKEN_SECRET"),
+                        help="Secret holding the bearer token Alertmanager sends to /alerts (key `token` "
+                             "unless given); re-read every 10 s, so rotating it needs no restart")
+    alerts.add_argument("--alerts-token-file", metavar="PATH",
+                        default=os.environ.get("MOE_OPERATOR_ALERTS_TOKEN_FILE"),
+                        help="file holding that token instead (e.g. a mounted Secret)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def token_source(args: argparse.Namespace, api: client.ApiClient) -> TokenSource:
+    """Where /alerts gets its token; without one it refuses every post (401)."""
+    if args.alerts_token_file:
+        return TokenSource(file=args.alerts_token_file)
+    if args.alerts_token_secret:
+        ref, _, key = args.alerts_token_secret.partition(":")
+        namespace, _, name = ref.partition("/")
+        if not namespace or not name:
+            raise SystemExit("--alerts-token-secret takes NAMESPACE/NAME[:KEY]")
+        core = client.CoreV1Api(api)
+        return TokenSource(secret=(namespace, name, key or "token"),
+                           read_secret=lambda ns, n: core.read_namespaced_secret(n, ns).data or {})
+    log.warning("no --alerts-token-secret or --alerts-token-file: /alerts refuses every post")
+    return TokenSource()
 
 
 def api_client(kubeconfig: str | None) -> client.ApiClient:
@@ -67,10 +92,25 @@ async def resync(controller: Controller, interval: float) -> None:
                 log.warning("resync of %s/%s failed: %s", *key, result)
 
 
-async def operate(args: argparse.Namespace, controller: Controller, metrics: OperatorMetrics) -> None:
+def alert_routes(controller: Controller, metrics: OperatorMetrics, token: TokenSource, store: AbortStore):
+    """/alerts: a recorded abort is reconciled at once, from the object as written (not waiting for
+    its watch event), off the event loop."""
+    loop = asyncio.get_running_loop()
+
+    def reconcile_now(body, _received: float) -> None:
+        controller.remember(body)
+        loop.run_in_executor(None, controller.run, key_of(body))
+
+    return alerts_routes(token, store, on_abort=reconcile_now,
+                         on_result=lambda result: metrics.alerts.labels(result).inc())
+
+
+async def operate(args: argparse.Namespace, controller: Controller, metrics: OperatorMetrics,
+                  token: TokenSource, store: AbortStore) -> None:
     ready = asyncio.Event()
-    runner = await serve(build_app(metrics, ready.is_set), args.host, args.port)
-    log.info("serving /healthz and /metrics on %s:%d", args.host, args.port)
+    routes = alert_routes(controller, metrics, token, store)
+    runner = await serve(build_app(metrics, ready.is_set, routes), args.host, args.port)
+    log.info("serving /healthz, /metrics and /alerts on %s:%d", args.host, args.port)
     resync_task = asyncio.create_task(resync(controller, args.resync_seconds))
     try:
         await kopf.operator(
@@ -95,9 +135,11 @@ def run(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig     # kopf's own login reads it
     try:
-        dyn = DynamicClient(api_client(args.kubeconfig))
+        api = api_client(args.kubeconfig)
+        dyn = DynamicClient(api)
         metrics = OperatorMetrics()
         controller = Controller(Reader(dyn), Writer(dyn, metrics), metrics, log)
+        store = AbortStore(dyn)
     except ResourceNotFoundError:
         print("moe-operator: the ModelDeployment CRD is not installed; install it with\n"
               "  kubectl apply --server-side -f crds/modeldeployments.yaml", file=sys.stderr)
@@ -107,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     try:
-        asyncio.run(operate(args, controller, metrics))
+        asyncio.run(operate(args, controller, metrics, token_source(args, api), store))
     except KeyboardInterrupt:
         pass
     return 0

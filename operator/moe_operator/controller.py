@@ -41,6 +41,7 @@ class Controller:
         self._lock = threading.Lock()
         self._bodies: dict[Key, Mapping[str, Any]] = {}
         self._running: dict[Key, list[bool]] = {}   # key -> [dirty]
+        self._timers: dict[Key, tuple[float, threading.Timer]] = {}   # key -> (due, timer)
 
     # The store of ModelDeployment bodies.
     def remember(self, body: Mapping[str, Any]) -> None:
@@ -105,8 +106,47 @@ class Controller:
         self.metrics.reconciles.labels("ok").inc()
         if outcome.written is not None:
             self.remember(outcome.written)
+        self._record(outcome)
+        if outcome.requeue_after is not None:
+            self.run_after(key_of(body), outcome.requeue_after)
         if outcome.wrote:
             self.log.info("%s/%s: %d applied, %d relabelled, %d deleted, status %s", *key_of(body),
                           len(outcome.changes.applies), len(outcome.changes.relabels), len(outcome.changes.delete),
                           sorted(outcome.status_patch) or "unchanged")
         return outcome
+
+    def _record(self, outcome: Outcome) -> None:
+        report = outcome.report
+        if report.rollback:
+            reason, seconds = report.rollback
+            self.metrics.rollbacks.labels(reason).inc()
+            if seconds is not None:
+                self.metrics.rollback_latency.observe(max(0.0, seconds))
+        if report.completed:
+            strategy, seconds = report.completed
+            if seconds is not None:
+                self.metrics.rollout_duration.labels(strategy).observe(max(0.0, seconds))
+
+    def run_after(self, key: Key, seconds: float) -> None:
+        """Reconcile `key` again in `seconds` (a pause ending, a delay, an analysis interval); one
+        timer per key, the earliest wins."""
+        due = time.monotonic() + seconds
+        with self._lock:
+            current = self._timers.get(key)
+            if current and current[0] <= due + 0.01:
+                return
+            if current:
+                current[1].cancel()
+            timer = threading.Timer(seconds, self._timer_fired, args=(key, due))
+            timer.daemon = True
+            self._timers[key] = (due, timer)
+        timer.start()
+
+    def _timer_fired(self, key: Key, due: float) -> None:
+        with self._lock:
+            if self._timers.get(key, (None,))[0] == due:
+                del self._timers[key]
+        try:
+            self.run(key)
+        except Exception as error:     # the resync retries; a timer never dies loudly
+            self.log.warning("timed reconcile of %s/%s failed: %s", *key, error)

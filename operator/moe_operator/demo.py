@@ -153,7 +153,7 @@ class Demo:
         (self.cluster.rules_dir / "moe-demo.yml").write_text(yaml.safe_dump(alert_rules(), sort_keys=False))
         self.cluster.reload_prometheus()
         self.say(f"operator running (pid {process.pid}, http://127.0.0.1:{port}: /alerts /metrics /healthz; "
-                 f"log {log.relative_to(ROOT)}); Alertmanager posts to it; alert rule {ALERT_NAME} loaded")
+                 f"log {log}); Alertmanager posts to it; alert rule {ALERT_NAME} loaded")
         return process.pid
 
     def deploy(self) -> None:
@@ -218,8 +218,9 @@ class Demo:
         a = state["aborted"]
         from .rollout import epoch
         seconds = epoch(state["outOfRotationAt"]) - epoch(a["at"])
+        after = "the alert arrived" if a.get("source") == "alert" else f"the {a.get('source')} asked"
         self.say(f"ROLLED BACK: {a['reason']} ({a.get('message')}); the canary left rotation {seconds:.2f}s "
-                 "after the alert arrived; Degraded says why, and the revision is remembered as bad")
+                 f"after {after}; Degraded says why, and the revision is remembered as bad")
         return seconds, bad
 
     def good_revision(self, load: Load) -> str:

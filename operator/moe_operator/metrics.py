@@ -19,3 +19,17 @@ class OperatorMetrics:
             ["kind", "verb"], registry=self.registry)
         self.deployments = Gauge(
             "moe_operator_modeldeployments", "ModelDeployments the operator watches.", registry=self.registry)
+        self.rollbacks = Counter(
+            "moe_operator_rollbacks_total", "Rollouts aborted, by reason (AlertFiring, AnalysisFailed, "
+            "AbortedByUser, ProgressDeadlineExceeded, ...).", ["reason"], registry=self.registry)
+        self.rollback_latency = Histogram(
+            "moe_operator_rollback_latency_seconds",
+            "From an abort request (an alert's arrival at /alerts, a user's abort, a failed analysis) to "
+            "the write that took the new revision's last pod out of rotation.",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30), registry=self.registry)
+        self.rollout_duration = Histogram(
+            "moe_operator_rollout_duration_seconds", "From a rollout's start to its promotion, by strategy.",
+            ["strategy"], buckets=(5, 10, 30, 60, 120, 300, 600, 1200, 3600), registry=self.registry)
+        self.alerts = Counter(
+            "moe_operator_alert_posts_total", "Posts to /alerts, by result (ok, unauthorized, bad_request, error).",
+            ["result"], registry=self.registry)

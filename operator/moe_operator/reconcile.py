@@ -6,15 +6,18 @@ update, holds no state between calls, and writes nothing when the world already 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from . import progressive
+from .analysis import provider_for
 from .apply import WriteRefused
 from .desired import Changes, changes, desired_objects
 from .observe import Observed
-from .plan import Plan, plan_groups
+from .plan import Plan
 from .pods import revision_of
 from .spec import ModelDeployment, SpecError
 from .status import INVALID_SPEC, events_for, invalid_status, status_of, status_patch
@@ -37,6 +40,8 @@ class Outcome:
     status_patch: Mapping[str, Any] = field(default_factory=dict)
     plan: Plan | None = None
     written: Mapping[str, Any] | None = None    # the object as returned by the status write
+    report: progressive.Report = progressive.Report()   # rollbacks and promotions, for the metrics
+    requeue_after: float | None = None          # seconds until a timed rollout decision is due
 
     @property
     def wrote(self) -> bool:
@@ -48,7 +53,8 @@ def utcnow() -> str:
 
 
 def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit,
-              now: Callable[[], str] = utcnow) -> Outcome:
+              now: Callable[[], str] = utcnow, clock: Callable[[], float] = time.time,
+              analysis_provider=provider_for) -> Outcome:
     meta = body.get("metadata") or {}
     namespace, name = meta.get("namespace", "default"), meta.get("name", "")
     old_status = body.get("status") or {}
@@ -60,7 +66,7 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
         return _finish(namespace, name, old_status, new_status, writer, emit)
 
     observed = reader.observe(md.namespace, md.name, md.pods_per_replica)
-    plan = plan_groups(md, observed, revision_of(md))
+    plan = progressive.next_plan(md, body, observed, revision_of(md), clock(), analysis_provider)
     todo = changes(desired_objects(md, plan, observed), observed)
     try:
         if todo:
@@ -69,9 +75,11 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
         new_status = invalid_status(old_status, generation, refused.reason, refused.message, now())
         outcome = _finish(namespace, name, old_status, new_status, writer, emit)
         return Outcome(todo, outcome.status_patch, plan, outcome.written)
+    report = progressive.after_write(md, plan, clock())
     new_status = status_of(md, observed, plan, now())
     outcome = _finish(namespace, name, old_status, new_status, writer, emit)
-    return Outcome(todo, outcome.status_patch, plan, outcome.written)
+    return Outcome(todo, outcome.status_patch, plan, outcome.written, report,
+                   progressive.due_in(md, plan, clock()))
 
 
 def _finish(namespace: str, name: str, old_status: Mapping[str, Any], new_status: Mapping[str, Any],

@@ -10,6 +10,7 @@ from typing import Any
 
 from .observe import Observed
 from .plan import Plan
+from .progressive import rollout_conditions
 from .services import pods_selector
 from .spec import ModelDeployment
 
@@ -104,6 +105,11 @@ def status_of(md: ModelDeployment, observed: Observed, plan: Plan, now: str) -> 
         progressing = (False, CONVERGED, f"{n} replica groups ready at revision {plan.revision}")
 
     degraded_cond = (True, *degraded) if degraded else (False, HEALTHY, "no failing or unschedulable pods")
+    overrides = rollout_conditions(md, plan)             # a rollout running, paused or aborted says so
+    progressing = overrides.get(PROGRESSING, progressing)
+    if DEGRADED in overrides:
+        degraded_cond = overrides[DEGRADED]
+        degraded = degraded_cond[1:]
     conditions = [
         condition(old_conditions, ctype, *value, md.generation, now)
         for ctype, value in ((AVAILABLE, available), (PROGRESSING, progressing), (DEGRADED, degraded_cond))
@@ -145,9 +151,23 @@ def invalid_status(old_status: Mapping[str, Any], generation: int, reason: str, 
     return status
 
 
+def merge_patch(old: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) from old to new: nested keys that went away become null
+    (a plain new value would leave them in place, e.g. an `aborted` in status.rollout)."""
+    if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
+        return new
+    patch: dict[str, Any] = {}
+    for key in sorted(set(old) | set(new)):
+        if key not in new:
+            patch[key] = None
+        elif key not in old or old[key] != new[key]:
+            patch[key] = merge_patch(old.get(key), new[key])
+    return patch
+
+
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """A JSON merge patch of `.status` from old to new over the owned keys ({} when unchanged)."""
-    return {k: new.get(k) for k in OWNED_KEYS if new.get(k) != old.get(k)}
+    return {k: merge_patch(old.get(k), new.get(k)) for k in OWNED_KEYS if new.get(k) != old.get(k)}
 
 
 def events_for(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, str]]:

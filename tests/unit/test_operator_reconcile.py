@@ -12,6 +12,19 @@ from moe_operator.reconcile import reconcile
 pytestmark = pytest.mark.unit
 
 
+def merge(target, patch):
+    """Apply a JSON merge patch (RFC 7386), as the API server does for the status subresource."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge(out.get(key), value)
+    return out
+
+
 class FakeCluster:
     """Stores what the writer applies; tests set pod status as a kubelet and scheduler would."""
 
@@ -24,6 +37,7 @@ class FakeCluster:
         self.events = []
         self.uids = itertools.count()
         self.clock = itertools.count()
+        self.time = 1_800_000_000.0          # the rollout clock (pauses, delays)
 
     # Reads
     def observe(self, namespace, name, pods_per_replica):
@@ -52,17 +66,13 @@ class FakeCluster:
 
     def patch_status(self, namespace, name, patch):
         self.writes.append(("status", tuple(sorted(patch))))
-        for k, v in patch.items():
-            if v is None:
-                self.md["status"].pop(k, None)
-            else:
-                self.md["status"][k] = v
+        self.md["status"] = merge(self.md["status"], patch)
         return self.md
 
     def reconcile(self):
         self.writes.clear()
         return reconcile(copy.deepcopy(self.md), self, self, lambda *e: self.events.append(e),
-                         now=lambda: f"t{next(self.clock)}")
+                         now=lambda: f"t{next(self.clock)}", clock=lambda: self.time)
 
     def converge(self, ready=True, rounds=10):
         for _ in range(rounds):
@@ -208,6 +218,8 @@ def test_failed_pod_is_replaced():
 
 
 def test_new_revision_replaces_groups_one_at_a_time():
+    """No canary steps: the new revision grows within the surge budget (one group's GPUs by default),
+    stable groups leave as new ones become ready, and the last old group stays warm a moment."""
     c = FakeCluster({**copy.deepcopy(SPEC), "replicas": 3})
     c.converge()
     old_rev = c.md["status"]["currentRevision"]
@@ -222,6 +234,8 @@ def test_new_revision_replaces_groups_one_at_a_time():
         if not out.wrote:
             break
         c.set_ready()
+    c.time += 11                              # past the old revision's scale-down delay
+    c.converge()
     new_rev = c.md["status"]["currentRevision"]
     assert new_rev != old_rev
     assert {c.labels(n)[names.LABEL_REVISION] for n in c.pods()} == {new_rev}

@@ -123,3 +123,12 @@ def test_conditions_say_why_a_rollout_stopped():
     conds = progressive.rollout_conditions(ModelDeployment.from_body(w.body), plan)
     assert conds["Degraded"][:2] == (True, "RolloutAborted")
     assert "alertname=MoELatency" in conds["Degraded"][2] and "kubectl moe retry chat" in conds["Degraded"][2]
+
+
+def test_status_patch_removes_nested_keys_that_went_away():
+    from moe_operator.status import merge_patch, status_patch
+    old = {"rollout": {"revision": "b", "aborted": {"reason": "AlertFiring"}, "stepIndex": 1}, "phase": "Degraded"}
+    new = {"rollout": {"revision": "c", "stepIndex": 0}, "phase": "Progressing"}
+    assert status_patch(old, new) == {"rollout": {"aborted": None, "revision": "c", "stepIndex": 0},
+                                      "phase": "Progressing"}
+    assert merge_patch({"a": 1}, None) is None and merge_patch(None, {"a": 1}) == {"a": 1}
