@@ -153,3 +153,36 @@ async def _until(predicate, timeout: float = 30.0) -> None:
     while not predicate():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.005)
+
+
+async def test_many_streams_with_random_aborts_leave_no_blocks_behind(model, tokenizer):
+    import random
+
+    eng = AsyncEngine(
+        model,
+        tokenizer,
+        EngineConfig(max_num_seqs=8, block_size=4, num_kv_blocks=48, max_num_batched_tokens=32),
+    )
+    await eng.start()
+    rng = random.Random(3)
+
+    async def one(i: int):
+        params = SamplingParams(
+            max_tokens=rng.randrange(1, 30), temperature=rng.choice([0, 0.8]), ignore_eos=True
+        )
+        stop_after = rng.choice([None, 1, 3])
+        n = 0
+        async for _ in eng.generate([3 + i % 50] * rng.randrange(1, 40), params, request_id=f"s{i}"):
+            n += 1
+            if stop_after == n:
+                if i % 2:
+                    eng.abort(f"s{i}")
+                else:
+                    break
+        return n
+
+    counts = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(48))), 120)
+    assert all(n >= 1 for n in counts)
+    await _until(lambda: eng.stats().kv_cache_usage == 0 and eng.stats().num_running == 0)
+    assert eng.stats().num_waiting == 0 and not eng.engine.requests
+    await eng.stop(drain_timeout=0)
