@@ -93,6 +93,12 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
+def server_process():
+    """`ServerProcess`, for tests that start a server with their own flags (and stop it)."""
+    return ServerProcess
+
+
+@pytest.fixture(scope="session")
 def runtime_server():
     server = ServerProcess("--max-model-len", "256", "--max-body-bytes", "1Mi", "--seed", "0")
     yield server

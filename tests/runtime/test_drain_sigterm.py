@@ -16,9 +16,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from tests.runtime.conftest import MODEL_NAME, ServerProcess
-
 pytestmark = pytest.mark.runtime
+
+MODEL_NAME = "tiny-mixtral"  # the served name of builtin:tiny-mixtral, conftest's model
 
 LONG = 160  # tokens per stream: long enough to be mid-stream when SIGTERM lands
 
@@ -48,15 +48,15 @@ def sse_stream(url: str, body: dict, started: threading.Event, sink: dict, key: 
     started.set()
 
 
-def test_ready_only_after_load_and_sigterm_loses_no_stream():
-    server = ServerProcess("--max-model-len", "512", "--drain-timeout", "60", startup_timeout_s=None)
+def test_ready_only_after_load_and_sigterm_loses_no_stream(server_process):
+    server = server_process("--max-model-len", "512", "--drain-timeout", "60", startup_timeout_s=None)
     try:
         _check_startup_and_drain(server)
     finally:
         server.stop()
 
 
-def _check_startup_and_drain(server: ServerProcess) -> None:
+def _check_startup_and_drain(server) -> None:
     base = server.base_url
 
     def status(path: str) -> int | None:

@@ -13,9 +13,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.runtime.conftest import MODEL_NAME
-
 pytestmark = pytest.mark.runtime
+
+MODEL_NAME = "tiny-mixtral"  # the served name of builtin:tiny-mixtral, conftest's model
 
 PROMPT = "Routing tokens to experts"
 SAMPLING = {"max_tokens": 10, "temperature": 0, "ignore_eos": True}

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from tests.runtime.conftest import MODEL_NAME
-
 pytestmark = pytest.mark.runtime
+
+MODEL_NAME = "tiny-mixtral"  # the served name of builtin:tiny-mixtral, conftest's model
 
 INFER = f"/v2/models/{MODEL_NAME}/infer"
 GENERATE = f"/v2/models/{MODEL_NAME}/generate"
@@ -326,6 +326,8 @@ def test_client_that_walks_away_mid_stream_frees_its_slot(runtime_server):
         time.sleep(0.05)  # polling with a deadline
     assert _failures(base, "cancelled") == cancelled + 1
     running = next(
-        ln for ln in httpx.get(f"{base}/metrics").text.splitlines() if ln.startswith("moe_num_requests_running{")
+        ln
+        for ln in httpx.get(f"{base}/metrics").text.splitlines()
+        if ln.startswith("moe_num_requests_running{")
     )
     assert float(running.rsplit(" ", 1)[1]) == 0

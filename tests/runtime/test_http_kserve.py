@@ -11,9 +11,9 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.runtime.conftest import MODEL_NAME
-
 pytestmark = pytest.mark.runtime
+
+MODEL_NAME = "tiny-mixtral"  # the served name of builtin:tiny-mixtral, conftest's model
 
 PROMPT = "The experts of a mixture"
 SAMPLING = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}

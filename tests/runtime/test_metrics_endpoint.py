@@ -8,9 +8,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_runtime import metrics
-from tests.runtime.conftest import MODEL_NAME
 
 pytestmark = pytest.mark.runtime
+
+MODEL_NAME = "tiny-mixtral"  # the served name of builtin:tiny-mixtral, conftest's model
 
 
 def scrape(base_url: str) -> dict[str, list]:

@@ -6,9 +6,9 @@ import httpx
 import openai
 import pytest
 
-from tests.runtime.conftest import MODEL_NAME
-
 pytestmark = pytest.mark.runtime
+
+MODEL_NAME = "tiny-mixtral"  # the served name of builtin:tiny-mixtral, conftest's model
 
 GREEDY = {"temperature": 0, "max_tokens": 10, "extra_body": {"ignore_eos": True}}
 

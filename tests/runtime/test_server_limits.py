@@ -14,9 +14,9 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from tests.runtime.conftest import MODEL_NAME, ServerProcess
-
 pytestmark = pytest.mark.runtime
+
+MODEL_NAME = "tiny-mixtral"  # the served name of builtin:tiny-mixtral, conftest's model
 
 
 def metric(base_url: str, name: str, **labels: str) -> float:
@@ -43,8 +43,8 @@ def grpc_infer(url: str, prompt: str, max_tokens: int) -> grpc.RpcError | pb.Mod
             return e
 
 
-def test_full_queue_and_request_timeout():
-    server = ServerProcess("--max-num-seqs", "1", "--max-waiting", "1", "--request-timeout", "2")
+def test_full_queue_and_request_timeout(server_process):
+    server = server_process("--max-num-seqs", "1", "--max-waiting", "1", "--request-timeout", "2")
     base = server.base_url
     try:
         results: dict = {}
@@ -108,9 +108,9 @@ def test_full_queue_and_request_timeout():
         assert server.stop() == 0, server.logs()
 
 
-def test_fault_injection_in_a_pod():
+def test_fault_injection_in_a_pod(server_process):
     """As in a pod: POD_IP set, no --host: the server binds the pod IP and loopback too."""
-    server = ServerProcess("--inject-error-rate", "0.5", "--inject-latency-ms", "300", pod_ip="127.0.0.7")
+    server = server_process("--inject-error-rate", "0.5", "--inject-latency-ms", "300", pod_ip="127.0.0.7")
     try:
         assert "FAULT INJECTION ON" in server.logs()
         assert httpx.get(f"http://127.0.0.1:{server.http_port}/v2/health/ready").status_code == 200
