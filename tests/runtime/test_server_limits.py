@@ -44,7 +44,7 @@ def grpc_infer(url: str, prompt: str, max_tokens: int) -> grpc.RpcError | pb.Mod
 
 
 def test_full_queue_and_request_timeout(server_process):
-    server = server_process("--max-num-seqs", "1", "--max-waiting", "1", "--request-timeout", "2")
+    server = server_process("--max-num-seqs", "1", "--max-waiting", "1", "--request-timeout", "4")
     base = server.base_url
     try:
         results: dict = {}
