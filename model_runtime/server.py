@@ -349,8 +349,12 @@ class InferenceService:
         cfg = self.config
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.request_timeout_s
-        if cfg.inject_latency_ms > 0:
-            await asyncio.sleep(cfg.inject_latency_ms / 1000)  # injected, added before the first token
+        if cfg.inject_latency_ms > 0:  # injected, added before the first token
+            latency = cfg.inject_latency_ms / 1000
+            if loop.time() + latency >= deadline:
+                await asyncio.sleep(max(0.0, deadline - loop.time()))
+                raise RequestTimeout(f"request timed out after {cfg.request_timeout_s:g}s (--request-timeout)")
+            await asyncio.sleep(latency)
         if cfg.inject_error_rate > 0 and self._random.random() < cfg.inject_error_rate:
             raise InjectedFault("injected error (--inject-error-rate)")
         metrics = self.metrics
