@@ -1,11 +1,14 @@
-"""The Helm chart against the devcluster's real API server: `helm lint --strict`, `helm template` through
-a server-side dry run, least-privilege RBAC, valid alert rules, then one release's life: install (the
-operator runs on the local node as the chart's ServiceAccount, with only the chart's permissions, and
-brings an example ModelDeployment to Available), upgrade with changed values, `helm test`, a narrowed
-Role reported in the ModelDeployment's status, and `helm uninstall` leaving only the CRD.
+"""The Helm chart against a real API server: `helm lint --strict`, `helm template` through a server-side
+dry run, least-privilege RBAC (rendered and as `kubectl auth can-i` sees it), valid alert rules; a
+namespace-scoped install that serves only its namespaces; then one cluster-wide release's life: install
+(the operator runs on the local node as the chart's ServiceAccount, with only the chart's permissions,
+and brings an example ModelDeployment to Available), upgrade with changed values, `helm test`, the
+/alerts webhook with the chart's token, a narrowed ClusterRole reported in a ModelDeployment's status,
+and `helm uninstall` leaving only the CRD.
 
-The devcluster is shared, so the release is namespace-scoped (scope.mode=Namespaced): a cluster-wide
-operator would also reconcile other tests' ModelDeployments.
+These tests bring up a devcluster of their own (one simulated GPU node; about 15 s): the chart installs a
+cluster-wide operator, and on the shared devcluster other operators (`make demo` leaves one running)
+would reconcile the same ModelDeployments and hide what this one does.
 """
 
 from __future__ import annotations
@@ -42,24 +45,13 @@ LOCAL_NODE = {"devcluster.serving.moe.dev/local": "true"}
 TOKEN_MOUNT = "/var/run/secrets/moe-operator/alerts"
 
 
-def operator_takes_token_file() -> bool:
-    """Whether `moe-operator run` has --alerts-token-file (the chart passes it when alertsWebhook is on)."""
-    out = subprocess.run([str(ROOT / ".venv" / "bin" / "moe-operator"), "run", "--help"],
-                         capture_output=True, text=True, timeout=60).stdout
-    return "--alerts-token-file" in out
-
-
-def devcluster_values(namespaces: list[str], alerts: bool) -> dict:
-    """What a devcluster needs beyond the chart's real-cluster defaults (docs/helm.md): the local node,
-    the pod's own IP to bind (local pods share one network stack), the Secret's directory on the
-    machine, one namespace per watched namespace."""
-    return {
-        "nodeSelector": LOCAL_NODE,
-        "operator": {"listenAddress": "$(POD_IP)", "resyncSeconds": 5},
-        "scope": {"mode": "Namespaced", "watchNamespaces": namespaces},
-        "alertsWebhook": {"enabled": alerts,
-                          "tokenFile": "$(DEVCLUSTER_MOUNT_VAR_RUN_SECRETS_MOE_OPERATOR_ALERTS)/token"},
-    }
+DEVCLUSTER_VALUES = {
+    # What a devcluster needs beyond the chart's real-cluster defaults (docs/helm.md): the local node,
+    # the pod's own IP to bind (local pods share one network stack), the Secret's directory there.
+    "nodeSelector": LOCAL_NODE,
+    "operator": {"listenAddress": "$(POD_IP)", "resyncSeconds": 5},
+    "alertsWebhook": {"tokenFile": "$(DEVCLUSTER_MOUNT_VAR_RUN_SECRETS_MOE_OPERATOR_ALERTS)/token"},
+}
 
 
 def helm(cluster, *args: str, timeout: float = 180, check: bool = True,
@@ -87,9 +79,9 @@ def values_file(tmp_path: Path, values: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """The devcluster without Prometheus and Alertmanager: these tests need neither."""
-    with running_cluster(monitoring=False) as running:
+def cluster(tmp_path_factory):
+    """A devcluster of this module's own (see the module docstring), without monitoring."""
+    with running_cluster(monitoring=False, gpu_nodes=1, state_dir=tmp_path_factory.mktemp("devcluster")) as running:
         yield running
 
 
@@ -233,14 +225,73 @@ def test_monitoring_objects_are_valid_and_alerts_carry_the_webhooks_labels(clust
         assert metric in exprs
 
 
+# --- installs -------------------------------------------------------------------------------------
+
+def operator_pod(cluster, name: str, ns: str) -> dict:
+    pods = cluster.get_json("pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name},"
+                                                      "app.kubernetes.io/component=operator")["items"]
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    assert len(live) == 1, [p["metadata"]["name"] for p in pods]
+    return live[0]
+
+
+def argocd_health(obj: dict) -> dict:
+    lua = LuaRuntime(unpack_returned_tuples=True)
+    health = lua.execute(f"return function(obj)\n{HEALTH_LUA.read_text()}\nend")
+    result = health(lua.table_from(json.loads(json.dumps(obj)), recursive=True))
+    return {"status": result["status"], "message": result["message"]}
+
+
+def example(ns: str, name: str | None = None) -> dict:
+    """examples/gpu-deepseek.yaml with one replica (one simulated 8-GPU pod) in namespace `ns`."""
+    body = yaml.safe_load((ROOT / "examples" / "gpu-deepseek.yaml").read_text())
+    body["metadata"].update(namespace=ns, **({"name": name} if name else {}))
+    body["spec"]["replicas"] = 1
+    return body
+
+
+def conditions(cluster, ns: str, name: str) -> dict:
+    status = cluster.get_json("md", name, "-n", ns).get("status") or {}
+    return {c["type"]: c for c in status.get("conditions") or ()}
+
+
+def wait_available(cluster, ns: str, name: str, timeout: int = 90) -> dict:
+    cluster.kubectl("wait", "--for=condition=Available", f"md/{name}", "-n", ns, f"--timeout={timeout}s",
+                    timeout=timeout + 10)
+    return cluster.get_json("md", name, "-n", ns)
+
+
+def test_a_namespaced_install_serves_only_its_namespaces(cluster, tmp_path):
+    """The first install into this cluster: the chart creates the CRD; Roles only, in `team-a`."""
+    assert CRD_COPY.read_bytes() == CRD_SOURCE.read_bytes(), "the chart's CRD is stale: run `make chart-crds`"
+    for ns in ("team-a", "team-b"):
+        cluster.kubectl("create", "namespace", ns, check=False)
+    values = values_file(tmp_path, {**DEVCLUSTER_VALUES, "scope": {"mode": "Namespaced", "watchNamespaces": ["team-a"]}})
+    helm(cluster, "install", "tenant", str(CHART), "-n", "team-a", "-f", values, "--wait", "--timeout", "120s")
+    try:
+        live = cluster.get_json("crd", "modeldeployments.serving.moe.dev")["spec"]
+        live.pop("conversion", None)        # the API server's default
+        assert live == yaml.safe_load(CRD_SOURCE.read_text())["spec"]
+        cluster.apply(example("team-b", "elsewhere"))     # first, so a cluster-wide operator would get it first
+        cluster.apply(example("team-a"))
+        md = wait_available(cluster, "team-a", "deepseek-v3")
+        assert argocd_health(md) == {"status": "Healthy", "message": md["status"]["message"]}
+        assert "status" not in cluster.get_json("md", "elsewhere", "-n", "team-b")
+        assert not by_kind(cluster.get_json("roles", "-n", "team-b")["items"], "Role")
+    finally:
+        for ns in ("team-a", "team-b"):
+            cluster.kubectl("delete", "md", "--all", "-n", ns, "--wait=true", "--timeout=60s", timeout=70, check=False)
+        helm(cluster, "uninstall", "tenant", "-n", "team-a", "--wait", "--timeout", "60s")
+
+
 def can_i(cluster, user: str, *args: str) -> bool:
     result = cluster.kubectl("auth", "can-i", f"--as={user}", *args, check=False)
     return result.stdout.strip() == "yes"
 
 
 def test_a_cluster_scoped_install_grants_exactly_the_operators_rules(cluster, namespace):
-    """Installed for real (RBAC objects, bindings), with the operator pod held Pending: a running
-    cluster-wide operator would also reconcile other tests' ModelDeployments on this shared cluster."""
+    """Installed for real (RBAC objects, bindings; the CRD is there since the install above), with the
+    operator pod held Pending: only the permissions are looked at."""
     name = f"moe-{uuid.uuid4().hex[:6]}"
     user = f"system:serviceaccount:{namespace}:{name}-moe-operator"
     helm(cluster, "install", name, str(CHART), "-n", namespace, "--set", "crds.enabled=false",
@@ -264,145 +315,125 @@ def test_a_cluster_scoped_install_grants_exactly_the_operators_rules(cluster, na
     assert not cluster.get_json("clusterroles,clusterrolebindings", "-l", f"app.kubernetes.io/instance={name}")["items"]
 
 
-# --- one release on the devcluster ----------------------------------------------------------------
-
 @pytest.fixture(scope="module")
 def release(cluster, tmp_path_factory):
-    """`helm install` into a fresh namespace (and a second watched one, for the narrowed Role)."""
+    """A cluster-wide release (the chart's default scope) in moe-system; ModelDeployments in `models`."""
     assert CRD_COPY.read_bytes() == CRD_SOURCE.read_bytes(), "the chart's CRD is stale: run `make chart-crds`"
-    suffix = uuid.uuid4().hex[:6]
-    ns, narrow, name = f"helm-{suffix}", f"helm-{suffix}-narrow", f"moe-{suffix}"   # cluster-scoped names differ per run
-    cluster.kubectl("create", "namespace", narrow)
-    alerts = operator_takes_token_file()
-    values = values_file(tmp_path_factory.mktemp("helm"), devcluster_values([ns, narrow], alerts))
+    name, ns = "moe", "moe-system"
+    cluster.kubectl("create", "namespace", "models", check=False)
+    values = values_file(tmp_path_factory.mktemp("helm"), DEVCLUSTER_VALUES)
     try:
-        # The CRD may already be there (other tests apply crds/ directly): the chart takes it over.
+        # A kept CRD of an earlier release (or one applied from crds/) is taken over.
         helm(cluster, "install", name, str(CHART), "-n", ns, "--create-namespace", "--take-ownership",
              "--force-conflicts", "-f", values, "--wait", "--timeout", "120s")
-        yield {"namespace": ns, "narrow": narrow, "values": values, "alerts": alerts, "name": name,
-               "fullname": f"{name}-moe-operator"}
+        yield {"name": name, "namespace": ns, "fullname": FULLNAME, "values": values}
     finally:
-        for n in (ns, narrow):
-            cluster.kubectl("delete", "md", "--all", "-n", n, "--wait=false", check=False)
+        cluster.kubectl("delete", "md", "--all", "--all-namespaces", "--wait=false", check=False)
         helm(cluster, "uninstall", name, "-n", ns, "--timeout", "60s", check=False)
-        for n in (ns, narrow):
-            cluster.kubectl("delete", "namespace", n, "--wait=false", check=False)
-
-
-def operator_pod(cluster, release: dict, ns: str) -> dict:
-    pods = cluster.get_json("pods", "-n", ns, "-l", f"app.kubernetes.io/instance={release['name']},"
-                                                      "app.kubernetes.io/component=operator")["items"]
-    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    assert len(live) == 1, [p["metadata"]["name"] for p in pods]
-    return live[0]
-
-
-def argocd_health(obj: dict) -> dict:
-    lua = LuaRuntime(unpack_returned_tuples=True)
-    health = lua.execute(f"return function(obj)\n{HEALTH_LUA.read_text()}\nend")
-    result = health(lua.table_from(json.loads(json.dumps(obj)), recursive=True))
-    return {"status": result["status"], "message": result["message"]}
 
 
 def test_operator_runs_on_the_local_node_as_the_charts_service_account(cluster, release):
     ns = release["namespace"]
-    pod = operator_pod(cluster, release, ns)
+    pod = operator_pod(cluster, release["name"], ns)
     assert pod["spec"]["nodeName"] == "devcluster-local"
-    assert pod["spec"]["serviceAccountName"] == release["fullname"]
+    assert pod["spec"]["serviceAccountName"] == FULLNAME
     assert pod["status"]["phase"] == "Running"
     args = pod["spec"]["containers"][0]["args"]
-    assert f"--namespace={ns}" in args and "--all-namespaces" not in args
-    if release["alerts"]:
-        assert cluster.get_json("secret", f"{release['fullname']}-alerts", "-n", ns)["data"]["token"]
-    else:   # the operator has no --alerts-token-file yet: the chart is installed without the webhook
-        assert not any(a.startswith("--alerts-token-file") for a in args)
-    port = service_port(cluster.state_dir, ns, release["fullname"])
+    assert "--all-namespaces" in args
+    assert len(base64.b64decode(cluster.get_json("secret", f"{FULLNAME}-alerts", "-n", ns)["data"]["token"])) == 40
+    port = service_port(cluster.state_dir, ns, FULLNAME)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
         assert response.status == 200
 
 
 def test_installed_operator_brings_an_example_to_available(cluster, release):
-    ns = release["namespace"]
-    body = yaml.safe_load((ROOT / "examples" / "gpu-deepseek.yaml").read_text())
-    body["metadata"]["namespace"] = ns
-    body["spec"]["replicas"] = 1          # one simulated 8-GPU pod: the shared cluster's GPUs stay free
-    cluster.apply(body)
-    cluster.kubectl("wait", "--for=condition=Available", "md/deepseek-v3", "-n", ns, "--timeout=90s", timeout=100)
-    md = cluster.get_json("md", "deepseek-v3", "-n", ns)
-    pods = cluster.get_json("pods", "-n", ns, "-l", f"{names.LABEL_DEPLOYMENT}=deepseek-v3")["items"]
+    cluster.apply(example("models"))
+    md = wait_available(cluster, "models", "deepseek-v3")
+    pods = cluster.get_json("pods", "-n", "models", "-l", f"{names.LABEL_DEPLOYMENT}=deepseek-v3")["items"]
     assert pods and all(p["metadata"]["ownerReferences"][0]["kind"] == names.KIND for p in pods)
-    # Runtime pods never get an API token (the operator's pods; the chart's RBAC is for the operator only).
+    # Runtime pods never get an API token: the chart's RBAC is for the operator alone.
     assert all(p["spec"]["automountServiceAccountToken"] is False for p in pods)
     assert argocd_health(md) == {"status": "Healthy", "message": md["status"]["message"]}
 
 
+def post_alerts(port: int, token: str | None) -> int:
+    payload = {"version": "4", "status": "firing", "alerts": [
+        {"status": "firing", "labels": {"alertname": "MoECanaryLatencyHigh", "namespace": "models",
+                                        "modeldeployment": "deepseek-v3"}}]}
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/alerts", json.dumps(payload).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_alerts_webhook_takes_the_charts_token_only(cluster, release):
+    ns = release["namespace"]
+    token = base64.b64decode(cluster.get_json("secret", f"{FULLNAME}-alerts", "-n", ns)["data"]["token"]).decode()
+    port = service_port(cluster.state_dir, ns, FULLNAME)
+    assert post_alerts(port, None) == 401
+    assert post_alerts(port, "not-" + token) == 401
+    assert post_alerts(port, token) == 200      # no rollout runs: recorded as ignored, nothing changes
+
+
 def test_upgrade_with_changed_values_rolls_the_operator_and_keeps_the_token(cluster, release):
     ns = release["namespace"]
-    before = operator_pod(cluster, release, ns)
-    token = cluster.get_json("secret", f"{release['fullname']}-alerts", "-n", ns)["data"] if release["alerts"] else None
-    port = service_port(cluster.state_dir, ns, release["fullname"])
+    before = operator_pod(cluster, release["name"], ns)
+    token = cluster.get_json("secret", f"{FULLNAME}-alerts", "-n", ns)["data"]
+    port = service_port(cluster.state_dir, ns, FULLNAME)
     helm(cluster, "upgrade", release["name"], str(CHART), "-n", ns, "--force-conflicts", "-f", release["values"],
          "--set", "operator.resyncSeconds=7", "--set", "podLabels.team=serving",
          "--set", f"tests.url=http://127.0.0.1:{port}/healthz", "--wait", "--timeout", "120s")
-    after = operator_pod(cluster, release, ns)
+    after = operator_pod(cluster, release["name"], ns)
     assert after["metadata"]["uid"] != before["metadata"]["uid"]
     assert after["metadata"]["labels"]["team"] == "serving"
     assert "--resync-seconds=7" in after["spec"]["containers"][0]["args"]
-    if token is not None:
-        assert cluster.get_json("secret", f"{release['fullname']}-alerts", "-n", ns)["data"] == token
+    assert cluster.get_json("secret", f"{FULLNAME}-alerts", "-n", ns)["data"] == token
     history = json.loads(helm(cluster, "history", release["name"], "-n", ns, "-o", "json").stdout)
     assert [h["status"] for h in history] == ["superseded", "deployed"]
-    # the new operator keeps the example Available without rewriting it
-    cluster.kubectl("wait", "--for=condition=Available", "md/deepseek-v3", "-n", ns, "--timeout=60s", timeout=70)
+    wait_available(cluster, "models", "deepseek-v3", 60)    # the new operator keeps it Available
 
 
 def test_helm_test_checks_healthz_through_the_service(cluster, release):
-    # (no --logs: the devcluster's local node serves no container logs through the API)
+    # (the upgrade above pointed tests.url at the service proxy: the devcluster has no cluster DNS;
+    # no --logs: its local node serves no container logs through the API)
     result = helm(cluster, "test", release["name"], "-n", release["namespace"], "--timeout", "120s")
-    assert re.search(r"TEST SUITE:\s+" + re.escape(release["fullname"]) + r"-test-healthz", result.stdout), result.stdout
+    assert re.search(r"TEST SUITE:\s+" + re.escape(FULLNAME) + r"-test-healthz", result.stdout), result.stdout
     assert re.search(r"Phase:\s+Succeeded", result.stdout), result.stdout
 
 
 def test_a_narrowed_role_is_reported_in_the_status(cluster, release):
-    """Without `create` on pods in one watched namespace, that namespace's ModelDeployment says so."""
-    ns = release["narrow"]
-    role = cluster.get_json("role", release["fullname"], "-n", ns)
+    """Without `create` on pods, a new ModelDeployment says which permission the operator lacks."""
+    role = cluster.get_json("clusterrole", FULLNAME)
     for rule in role["rules"]:
         if "pods" in rule["resources"]:
             rule["verbs"] = [v for v in rule["verbs"] if v != "create"]
     cluster.kubectl("replace", "-f", "-", input=json.dumps(role))
-    body = {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": "narrowed", "namespace": ns},
-            "spec": {"replicas": 1, "model": {"source": "builtin:tiny-mixtral"}, "resources": {"gpus": 1},
-                     "scheduling": {"nodeSelector": {"devcluster.serving.moe.dev/simulated": "true"}}}}
-    cluster.apply(body)
+    cluster.apply(example("models", "narrowed"))
 
     def degraded():
-        status = cluster.get_json("md", "narrowed", "-n", ns).get("status") or {}
-        return next((c for c in status.get("conditions") or () if c["type"] == "Degraded" and c["status"] == "True"),
-                    None)
+        found = conditions(cluster, "models", "narrowed").get("Degraded")
+        return found if found and found["status"] == "True" else None
 
-    condition = wait_for("Degraded on the narrowed ModelDeployment", degraded, 60, 0.5)
+    condition = wait_for("Degraded on the new ModelDeployment", degraded, 60, 0.5)
     assert condition["reason"] == "Forbidden"
-    assert f"system:serviceaccount:{release['namespace']}:{release['fullname']}" in condition["message"]
+    assert f"system:serviceaccount:{release['namespace']}:{FULLNAME}" in condition["message"]
     assert 'cannot create resource "pods"' in condition["message"]
-    md = cluster.get_json("md", "narrowed", "-n", ns)
-    assert argocd_health(md)["status"] == "Degraded"
+    assert argocd_health(cluster.get_json("md", "narrowed", "-n", "models"))["status"] == "Degraded"
 
 
 def test_uninstall_leaves_only_the_crd(cluster, release):
-    ns, narrow = release["namespace"], release["narrow"]
-    for n in (ns, narrow):
-        cluster.kubectl("delete", "md", "--all", "-n", n, "--wait=true", "--timeout=60s", timeout=70)
-    result = helm(cluster, "uninstall", release["name"], "-n", ns, "--wait", "--timeout", "60s")
+    cluster.kubectl("delete", "md", "--all", "-n", "models", "--wait=true", "--timeout=60s", timeout=70)
+    result = helm(cluster, "uninstall", release["name"], "-n", release["namespace"], "--wait", "--timeout", "60s")
     assert "modeldeployments.serving.moe.dev" in result.stdout + result.stderr   # "kept due to the resource policy"
     selector = f"app.kubernetes.io/instance={release['name']}"
-    for n in (ns, narrow):
-        left = cluster.get_json("deployments,services,secrets,serviceaccounts,roles,rolebindings,configmaps", "-n", n,
-                                "-l", selector)["items"]
-        assert not left, [f"{o['kind']}/{o['metadata']['name']}" for o in left]
-        wait_for(f"the operator pod in {n} to go", lambda n=n: not cluster.get_json(
-            "pods", "-n", n, "-l", selector)["items"], 60, 0.5)
-    cluster_scoped = cluster.get_json("clusterroles,clusterrolebindings", "-l", selector)["items"]
-    assert not [o for o in cluster_scoped if o["metadata"]["name"].startswith(release["fullname"])]
+    left = cluster.get_json("deployments,services,secrets,serviceaccounts,roles,rolebindings,configmaps",
+                            "-n", release["namespace"], "-l", selector)["items"]
+    assert not left, [f"{o['kind']}/{o['metadata']['name']}" for o in left]
+    assert not cluster.get_json("clusterroles,clusterrolebindings", "-l", selector)["items"]
+    wait_for("the operator pod to go", lambda: not cluster.get_json(
+        "pods", "-n", release["namespace"], "-l", selector)["items"], 60, 0.5)
     crd = cluster.get_json("crd", "modeldeployments.serving.moe.dev")
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
