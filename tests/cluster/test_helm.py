@@ -6,7 +6,7 @@ and brings an example ModelDeployment to Available), upgrade with changed values
 /alerts webhook with the chart's token, a narrowed ClusterRole reported in a ModelDeployment's status,
 and `helm uninstall` leaving only the CRD.
 
-These tests bring up a devcluster of their own (one simulated GPU node; about 15 s): the chart installs a
+These tests bring up a devcluster of their own (two simulated GPU nodes; about 15 s): the chart installs a
 cluster-wide operator, and on the shared devcluster other operators (`make demo` leaves one running)
 would reconcile the same ModelDeployments and hide what this one does.
 """
@@ -42,6 +42,7 @@ HEALTH_LUA = ROOT / "docs" / "argocd-health.lua"
 RELEASE = "moe"                     # in rendering-only tests; an installed release gets its own name
 FULLNAME = "moe-moe-operator"       # <release>-<chart>
 LOCAL_NODE = {"devcluster.serving.moe.dev/local": "true"}
+SIMULATED = {"devcluster.serving.moe.dev/simulated": "true"}
 TOKEN_MOUNT = "/var/run/secrets/moe-operator/alerts"
 
 
@@ -81,7 +82,7 @@ def values_file(tmp_path: Path, values: dict) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A devcluster of this module's own (see the module docstring), without monitoring."""
-    with running_cluster(monitoring=False, gpu_nodes=1, state_dir=tmp_path_factory.mktemp("devcluster")) as running:
+    with running_cluster(monitoring=False, gpu_nodes=2, state_dir=tmp_path_factory.mktemp("devcluster")) as running:
         yield running
 
 
@@ -356,10 +357,11 @@ def test_installed_operator_brings_an_example_to_available(cluster, release):
     assert argocd_health(md) == {"status": "Healthy", "message": md["status"]["message"]}
 
 
-def post_alerts(port: int, token: str | None) -> int:
+def post_alerts(port: int, token: str | None, modeldeployment: str = "deepseek-v3") -> int:
     payload = {"version": "4", "status": "firing", "alerts": [
         {"status": "firing", "labels": {"alertname": "MoECanaryLatencyHigh", "namespace": "models",
-                                        "modeldeployment": "deepseek-v3"}}]}
+                                        "modeldeployment": modeldeployment},
+         "annotations": {"summary": "canary p99 latency 3s above 2s"}}]}
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     request = urllib.request.Request(f"http://127.0.0.1:{port}/alerts", json.dumps(payload).encode(), headers)
     try:
@@ -402,6 +404,50 @@ def test_helm_test_checks_healthz_through_the_service(cluster, release):
     result = helm(cluster, "test", release["name"], "-n", release["namespace"], "--timeout", "120s")
     assert re.search(r"TEST SUITE:\s+" + re.escape(FULLNAME) + r"-test-healthz", result.stdout), result.stdout
     assert re.search(r"Phase:\s+Succeeded", result.stdout), result.stdout
+
+
+def canary_manifest(args: list[str]) -> dict:
+    return {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": "canary", "namespace": "models"},
+            "spec": {"replicas": 2, "model": {"source": "builtin:tiny-mixtral"}, "runtime": {"args": args},
+                     "resources": {"gpus": 1}, "scheduling": {"nodeSelector": SIMULATED},
+                     "rollout": {"strategy": "Canary", "canary": {"steps": [{"setWeight": 50}, {"pause": {}}]}}}}
+
+
+def gitops_sync(cluster, manifest: dict) -> None:
+    """What Argo CD (ServerSideApply=true) or Flux does with the manifest in Git."""
+    cluster.kubectl("apply", "--server-side", "--field-manager=gitops", "-f", "-", input=yaml.safe_dump(manifest))
+
+
+def wait_health(cluster, status: str, timeout: float = 60) -> dict:
+    def check():
+        health = argocd_health(cluster.get_json("md", "canary", "-n", "models"))
+        return health if health["status"] == status else None
+    return wait_for(f"Argo CD health {status}", check, timeout, 0.3)
+
+
+def test_argo_health_and_no_drift_through_a_canary_aborted_by_an_alert(cluster, release):
+    """Healthy -> Suspended at a `pause: {}` step (and when a user pauses) -> Degraded once an alert
+    through the chart's Service and token aborts the rollout; Git's manifest still matches (no drift)."""
+    gitops_sync(cluster, canary_manifest([]))
+    wait_available(cluster, "models", "canary")
+    wait_health(cluster, "Healthy")
+    revised = canary_manifest(["--max-num-seqs", "16"])
+    gitops_sync(cluster, revised)
+    assert "pause step 2" in wait_health(cluster, "Suspended")["message"]
+    cluster.kubectl("annotate", "md", "canary", "-n", "models", "serving.moe.dev/paused=true")
+    assert "paused by a user" in wait_health(cluster, "Suspended")["message"]
+    cluster.kubectl("annotate", "md", "canary", "-n", "models", "serving.moe.dev/paused-")
+
+    ns = release["namespace"]
+    token = base64.b64decode(cluster.get_json("secret", f"{FULLNAME}-alerts", "-n", ns)["data"]["token"]).decode()
+    assert post_alerts(service_port(cluster.state_dir, ns, FULLNAME), token, "canary") == 200
+    degraded = wait_health(cluster, "Degraded")
+    assert "aborted" in degraded["message"] and "MoECanaryLatencyHigh" in degraded["message"]
+    # The operator wrote status and its annotations only: a sync of the same manifest changes nothing.
+    diff = cluster.kubectl("diff", "--server-side", "--field-manager=gitops", "-f", "-", input=yaml.safe_dump(revised),
+                           check=False)
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    cluster.kubectl("delete", "md", "canary", "-n", "models", "--wait=false")
 
 
 def test_a_narrowed_role_is_reported_in_the_status(cluster, release):
