@@ -112,3 +112,12 @@ def test_errors_are_openai_shaped(client, runtime_server):
     assert r.status_code == 400
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and "messages" in error["message"]
+
+
+def test_unicode_prompt_round_trips(client):
+    prompt = "Ünïcödé ✓ 混合专家 🚀"
+    result = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, echo=True, max_tokens=2, temperature=0
+    )
+    assert result.choices[0].text.startswith(prompt)
+    assert result.usage.prompt_tokens >= len(prompt.encode())  # byte-level tokenizer: a token per byte
