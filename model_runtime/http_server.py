@@ -1,5 +1,10 @@
 """The HTTP front end (FastAPI): KServe v2, Triton's generate extension, OpenAI, /metrics.
 
+`/v2/models/{m}/infer` answers once with the whole text (a `stream` input of true only drops the
+prompt from `text_output`, as in Triton's vLLM backend); streams are `generate_stream` (SSE),
+gRPC ModelStreamInfer and OpenAI `stream: true`. `/v2/models/{m}/generate_stream` streams unless
+the body says `"stream": false`.
+
 Errors: under /v1 in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`),
 elsewhere in KServe's (`{"error": "message"}`). Bodies above --max-body-bytes are refused with 413
 before they are read in full.
