@@ -231,7 +231,8 @@ def create_app(service: InferenceService) -> BodyLimit:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
-        return _error_response(request.url.path, exc.status_code, str(exc.detail), "not_found_error")
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(request.url.path, exc.status_code, str(exc.detail), error_type)
 
     @app.exception_handler(BodyTooLarge)
     async def on_body_too_large(request: Request, exc: BodyTooLarge):
@@ -246,6 +247,7 @@ def create_app(service: InferenceService) -> BodyLimit:
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
+        service.metrics.request_failed("internal")
         return _error_response(request.url.path, 500, f"internal error: {type(exc).__name__}", "server_error")
 
     def check_version(version: str | None) -> None:
