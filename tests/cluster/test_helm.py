@@ -194,10 +194,11 @@ def test_crd_is_the_source_kept_on_uninstall(cluster):
     assert CRD_COPY.read_bytes() == CRD_SOURCE.read_bytes(), "run `make chart-crds`"
     (crd,) = by_kind(render(cluster), "CustomResourceDefinition")
     assert crd["spec"] == yaml.safe_load(CRD_SOURCE.read_text())["spec"]
-    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep",
+                                              "argocd.argoproj.io/sync-options": "Prune=false"}
     assert not by_kind(render(cluster, "--set", "crds.enabled=false"), "CustomResourceDefinition")
     (unkept,) = by_kind(render(cluster, "--set", "crds.keep=false"), "CustomResourceDefinition")
-    assert "helm.sh/resource-policy" not in (unkept["metadata"].get("annotations") or {})
+    assert not unkept["metadata"].get("annotations")
 
 
 def test_monitoring_objects_are_valid_and_alerts_carry_the_webhooks_labels(cluster, tmp_path):
