@@ -1,0 +1,324 @@
+"""Rollouts end to end: the real operator, API server, scheduler, kwok GPU nodes, Prometheus,
+Alertmanager and (for the analysis paths) real runtime pods on the local node under bounded load.
+
+Simulated (kwok) pods are ready at once and serve nothing: they exercise the state machine, the GPU
+budget, the webhook and restarts cheaply. Runtime pods on the local node serve real traffic: they
+exercise the alert path (Prometheus rule -> Alertmanager -> /alerts) and the built-in scrape.
+"""
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+from moe_operator import names, rollout
+from moe_operator.loadgen import Load, service_port
+from moe_operator.testing import install_crd, running_operator, wait_for
+
+from devcluster.testing import running_cluster
+
+pytestmark = pytest.mark.e2e
+
+SIMULATED = {"devcluster.serving.moe.dev/simulated": "true"}
+LOCAL = {"devcluster.serving.moe.dev/local": "true"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with running_cluster(monitoring=True) as running:
+        install_crd(running)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def ns(cluster):
+    name = f"ro-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def token(cluster):
+    value = uuid.uuid4().hex
+    path = cluster.state_dir / f"alerts-token-{value[:6]}"
+    path.write_text(value)
+    return value, path
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, ns, token):
+    with running_operator(cluster, namespaces=[ns], resync_seconds=2.0,
+                          extra_args=("--alerts-token-file", str(token[1]))) as op:
+        yield op
+
+
+def md(name, ns, replicas=4, gpus=1, surge=1, steps=None, analysis=None, strategy="Canary", env="0",
+       node=SIMULATED, **rollout_extra):
+    ro = {"strategy": strategy, "maxSurgeGPUs": surge, "analysis": analysis or {"slo": {}}, **rollout_extra}
+    if strategy == "Canary":
+        ro["canary"] = {"steps": steps if steps is not None else [{"setWeight": 50}, {"pause": {}}]}
+    return {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": name, "namespace": ns},
+            "spec": {"replicas": replicas, "model": {"source": "builtin:tiny-deepseek-v3", "dtype": "float32"},
+                     "runtime": {"env": [{"name": "ROLLOUT_TEST", "value": env}]},
+                     "resources": {"gpus": gpus}, "scheduling": {"nodeSelector": node}, "rollout": ro}}
+
+
+def get(cluster, *args):
+    return json.loads(cluster.kubectl("get", "-o", "json", *args).stdout)
+
+
+def status(cluster, ns, name):
+    return get(cluster, "md", name, "-n", ns).get("status") or {}
+
+
+def live_pods(cluster, ns, name):
+    items = get(cluster, "pods", "-n", ns, "-l", f"{names.LABEL_DEPLOYMENT}={name}")["items"]
+    return items
+
+
+def stable_revision(cluster, ns, name, replicas):
+    return wait_for("the first revision to be stable", lambda: (lambda s: s.get("stableRevision")
+                    if s.get("readyReplicas") == replicas and s.get("currentRevision") == s.get("stableRevision")
+                    else None)(status(cluster, ns, name)), 120, 0.2)
+
+
+def post(op, token, body: bytes):
+    request = urllib.request.Request(f"http://127.0.0.1:{op.port}/alerts", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(
+                                         {"Authorization": token} if token else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def alert_payload(ns, name, revision=None, status="firing"):
+    labels = {"alertname": "MoECanaryLatencyHigh", "namespace": ns, "modeldeployment": name}
+    if revision:
+        labels["revision"] = revision
+    return json.dumps({"version": "4", "status": status, "receiver": "moe", "groupKey": "{}:{}",
+                       "alerts": [{"status": status, "labels": labels, "annotations": {"summary": "slow"},
+                                   "startsAt": "2026-01-01T00:00:00Z"}]}).encode()
+
+
+class BudgetWatch:
+    """Lists the ModelDeployment's pods continuously and checks every list against the GPU budget."""
+
+    def __init__(self, cluster, ns, name, budget, gpus_per_pod):
+        from kubernetes import client, config
+        self.core = client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+        self.ns, self.name, self.budget, self.gpus = ns, name, budget, gpus_per_pod
+        self.lists, self.max_seen, self.violations = 0, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        deadline = time.monotonic() + 600
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            pods = self.core.list_namespaced_pod(
+                self.ns, label_selector=f"{names.LABEL_DEPLOYMENT}={self.name}").items
+            used = sum(self.gpus for p in pods if p.status.phase not in ("Succeeded", "Failed"))
+            self.lists += 1
+            self.max_seen = max(self.max_seen, used)
+            if used > self.budget:
+                self.violations.append((used, sorted(p.metadata.name for p in pods)))
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self._stop.set()
+        self._thread.join(10)
+
+
+# --- simulated pods: state machine, budget, webhook, restarts ------------------------------------
+
+def test_good_revision_goes_through_every_step_to_promoted_within_the_gpu_budget(cluster, ns, operator):
+    name = "steps"
+    steps = [{"setWeight": 25}, {"pause": {"duration": "2s"}}, {"setWeight": 50}, {"pause": {"duration": "2s"}},
+             {"setWeight": 75}]
+    cluster.apply(md(name, ns, replicas=4, gpus=2, surge=2, steps=steps))
+    stable = stable_revision(cluster, ns, name, 4)
+    with BudgetWatch(cluster, ns, name, budget=4 * 2 + 2, gpus_per_pod=2) as watch:
+        cluster.apply(md(name, ns, replicas=4, gpus=2, surge=2, steps=steps, env="1"))
+        seen = []
+
+        def promoted():
+            s = status(cluster, ns, name)
+            state = s.get("rollout") or {}
+            if state.get("revision") and state.get("revision") != stable:
+                point = (state.get("stepIndex"), s.get("canaryWeight"))
+                if not seen or seen[-1] != point:
+                    seen.append(point)
+            return s.get("stableRevision") not in (None, stable) and s.get("stableRevision")
+
+        new = wait_for("the new revision to be promoted", promoted, 120, 0.1)
+        canary_uids = {p["metadata"]["uid"] for p in live_pods(cluster, ns, name)
+                       if p["metadata"]["labels"][names.LABEL_REVISION] == new}
+        wait_for("the old revision to go", lambda: all(
+            p["metadata"]["labels"][names.LABEL_REVISION] == new for p in live_pods(cluster, ns, name)), 60, 0.2)
+    assert watch.violations == [] and watch.lists > 20, (watch.violations[:3], watch.lists)
+    assert watch.max_seen <= 10
+    # Every step was visited in order (weights as groups: 25% = 1 of 4, 50% = 2, 75% = 3).
+    steps_seen = [i for i, _ in seen if i is not None]
+    assert steps_seen == sorted(steps_seen) and {1, 3}.issubset(steps_seen), seen
+    weights = [w for _, w in seen if w is not None]
+    assert {25, 50, 75}.issubset(weights), seen
+    final = live_pods(cluster, ns, name)
+    assert {p["metadata"]["labels"][names.LABEL_TRACK] for p in final} == {"stable"}
+    assert {p["metadata"]["uid"] for p in final} == canary_uids, "promotion relabels, it does not restart"
+    conds = {c["type"]: c["reason"] for c in status(cluster, ns, name)["conditions"]}
+    assert conds["Available"] == "AllReplicasReady"
+
+
+def test_webhook_refuses_bad_tokens_and_payloads_without_effect_then_aborts(cluster, ns, operator, token):
+    name = "hook"
+    cluster.apply(md(name, ns, replicas=2))
+    stable = stable_revision(cluster, ns, name, 2)
+    cluster.apply(md(name, ns, replicas=2, env="1"))
+    new = wait_for("the canary in rotation", lambda: (lambda s: s.get("currentRevision")
+                   if s.get("canaryWeight") == 50 else None)(status(cluster, ns, name)), 60, 0.2)
+    before = get(cluster, "md", name, "-n", ns)
+    good = f"Bearer {token[0]}"
+    assert post(operator, None, alert_payload(ns, name))[0] == 401
+    assert post(operator, "Bearer wrong", alert_payload(ns, name))[0] == 401
+    assert post(operator, f"Basic {token[0]}", alert_payload(ns, name))[0] == 401
+    code, body = post(operator, good, b'{"alerts": "no"}')
+    assert code == 400 and "alerts must be a list" in body["error"]
+    assert post(operator, good, b"not json")[0] == 400
+    after = get(cluster, "md", name, "-n", ns)
+    assert after["metadata"].get("annotations", {}).get(rollout.ANNOTATION_ABORT) is None
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"] or \
+        after["metadata"].get("annotations") == before["metadata"].get("annotations")
+    assert status(cluster, ns, name).get("canaryWeight") == 50
+    # A resolved alert, and one naming another revision, do nothing either.
+    assert post(operator, good, alert_payload(ns, name, status="resolved"))[0] == 200
+    code, body = post(operator, good, alert_payload(ns, name, revision=stable))
+    assert code == 200 and body["aborted"] == []
+    # The real thing.
+    code, body = post(operator, good, alert_payload(ns, name, revision=new))
+    assert code == 200 and body["aborted"][0]["revision"] == new
+    state = wait_for("the abort", lambda: (status(cluster, ns, name).get("rollout") or {}).get("outOfRotationAt")
+                     and status(cluster, ns, name)["rollout"], 10, 0.05)
+    assert state["aborted"]["reason"] == "AlertFiring"
+    assert not any(p["metadata"]["labels"][names.LABEL_IN_ROTATION] == "true"
+                   for p in live_pods(cluster, ns, name) if p["metadata"]["labels"][names.LABEL_REVISION] == new)
+    conds = {c["type"]: (c["status"], c["reason"]) for c in status(cluster, ns, name)["conditions"]}
+    assert conds["Degraded"] == ("True", "RolloutAborted")
+    assert operator.metric("moe_operator_rollbacks_total", reason="AlertFiring") >= 1
+    assert operator.metric("moe_operator_rollback_latency_seconds_count") >= 1
+    # Repeats are harmless.
+    assert post(operator, good, alert_payload(ns, name, revision=new))[1]["aborted"] == []
+
+
+def test_promql_with_no_data_never_passes(cluster, ns, operator):
+    name = "promql"
+    analysis = {"interval": "1s", "slo": {"p99LatencyMs": 500},
+                "prometheus": {"url": cluster.prometheus_url}}
+    cluster.apply(md(name, ns, replicas=2, steps=[{"setWeight": 50}], analysis=analysis))
+    stable = stable_revision(cluster, ns, name, 2)
+    cluster.apply(md(name, ns, replicas=2, steps=[{"setWeight": 50}], analysis=analysis, env="1"))
+    state = wait_for("the rollout to pause on inconclusive analysis", lambda: (lambda s: s
+                     if (s.get("paused") or {}).get("reason") == "AnalysisInconclusive" else None)(
+        status(cluster, ns, name).get("rollout") or {}), 60, 0.3)
+    assert "no data" in state["paused"]["message"] or "fewer than" in state["paused"]["message"]
+    time.sleep(3)   # a window in which a wrong implementation would promote
+    s = status(cluster, ns, name)
+    assert s["stableRevision"] == stable
+    measurements = s["rollout"]["analysis"]["measurements"]
+    assert measurements and all(m["result"] == "inconclusive" for m in measurements)
+
+
+def test_operator_killed_mid_rollout_resumes(cluster, ns, token):
+    name = "restart"
+    steps = [{"setWeight": 50}, {"pause": {"duration": "4s"}}, {"setWeight": 75}, {"pause": {}}]
+    with running_operator(cluster, namespaces=[ns], resync_seconds=2.0,
+                          extra_args=("--alerts-token-file", str(token[1]))) as op:
+        cluster.apply(md(name, ns, replicas=4, steps=steps, surge=2))
+        stable = stable_revision(cluster, ns, name, 4)
+        cluster.apply(md(name, ns, replicas=4, steps=steps, surge=2, env="1"))
+        wait_for("the pause step", lambda: (status(cluster, ns, name).get("rollout") or {}).get("stepIndex") == 1,
+                 60, 0.1)
+        op.process.kill()                                    # SIGKILL in the middle of a timed pause
+        op.process.wait(10)
+    time.sleep(5)                                            # the pause ends while no operator runs
+    with running_operator(cluster, namespaces=[ns], resync_seconds=2.0,
+                          extra_args=("--alerts-token-file", str(token[1]))) as op:
+        state = wait_for("the next steps", lambda: (lambda s: s if s.get("stepIndex") == 3 else None)(
+            status(cluster, ns, name).get("rollout") or {}), 60, 0.1)
+        assert status(cluster, ns, name)["canaryWeight"] == 75
+        new = state["revision"]
+        # Kill as soon as an alert is recorded (the reply comes after the durable write): not lost.
+        code, _ = post(op, f"Bearer {token[0]}", alert_payload(ns, name, revision=new))
+        op.process.kill()
+        op.process.wait(10)
+    assert code == 200
+    with running_operator(cluster, namespaces=[ns], resync_seconds=2.0,
+                          extra_args=("--alerts-token-file", str(token[1]))):
+        state = wait_for("the abort after the restart", lambda: (lambda s: s if s.get("aborted") else None)(
+            status(cluster, ns, name).get("rollout") or {}), 30, 0.1)
+        assert state["aborted"]["reason"] == "AlertFiring" and state["revision"] == new
+        wait_for("stable back at full size", lambda: sum(
+            1 for p in live_pods(cluster, ns, name) if p["metadata"]["labels"][names.LABEL_REVISION] == stable
+            and p["metadata"]["labels"][names.LABEL_IN_ROTATION] == "true") == 4, 60, 0.2)
+
+
+# --- real runtime pods under load: the alert path and the built-in scrape ------------------------
+
+def serving_md(ns, args=(), analysis=None):
+    # No GPUs: the local node's four are shared with whatever else runs there (the demo, say).
+    body = md("served", ns, replicas=1, gpus=0, surge=0, node=LOCAL,
+              steps=[{"setWeight": 50}, {"pause": {}}],
+              analysis=analysis or {"interval": "3s", "slo": {"p99LatencyMs": 4000, "maxErrorRate": 0.2}})
+    body["spec"]["model"]["servedName"] = "served"
+    body["spec"]["runtime"] = {"args": ["--device", "cpu", "--max-num-seqs", "8", *args],
+                               "startupTimeoutSeconds": 300, "terminationGracePeriodSeconds": 10}
+    body["spec"]["resources"].update(cpu="100m", memory="1Gi")
+    return body
+
+
+LATENCY_RULE = {"name": "rollouts-e2e", "rules": [{
+    "alert": "MoECanaryLatencyHigh",
+    "expr": 'histogram_quantile(0.99, sum by (namespace, serving_moe_dev_deployment, serving_moe_dev_revision, le) '
+            '(rate(moe_e2e_request_latency_seconds_bucket{serving_moe_dev_track="canary"}[10s]))) > 1.5',
+    "labels": {"modeldeployment": "{{ $labels.serving_moe_dev_deployment }}",
+               "revision": "{{ $labels.serving_moe_dev_revision }}", "track": "canary"},
+    "annotations": {"summary": "canary p99 latency above 1.5s"}}]}
+
+
+def test_alert_path_and_builtin_scrape_roll_back_under_load(cluster, ns, operator, token):
+    name = "served"
+    cluster.set_alert_webhook(f"http://127.0.0.1:{operator.port}/alerts", str(token[1]))
+    cluster.add_rules("rollouts-e2e", [LATENCY_RULE])
+    try:
+        cluster.apply(serving_md(ns))
+        stable = stable_revision(cluster, ns, name, 1)
+        port = service_port(cluster.state_dir, ns, name)
+        with Load(f"127.0.0.1:{port}", "served", rate=4, workers=6, max_seconds=400, max_requests=3000) as load:
+            wait_for("answers", lambda: load.counts()[1] >= 5, 60, 0.2)
+            # 1. Latency injected: Prometheus' rule fires, Alertmanager posts, the canary goes.
+            cluster.apply(serving_md(ns, ["--inject-latency-ms", "2500"]))
+            state = wait_for("the alert to roll back", lambda: (lambda s: s if s.get("aborted") and
+                             s.get("outOfRotationAt") else None)(status(cluster, ns, name).get("rollout") or {}),
+                             240, 0.5)
+            assert state["aborted"]["reason"] == "AlertFiring", state["aborted"]
+            assert state["aborted"]["labels"]["alertname"] == "MoECanaryLatencyHigh"
+            rollback = rollout.epoch(state["outOfRotationAt"]) - rollout.epoch(state["aborted"]["at"])
+            assert rollback < 2.0, rollback
+            # 2. Errors injected, no Prometheus involved: the operator's own scrape fails it.
+            cluster.apply(serving_md(ns, ["--inject-error-rate", "0.9"]))
+            state = wait_for("the built-in analysis to roll back", lambda: (lambda s: s if s.get("aborted") and
+                             s.get("revision") != state["revision"] else None)(
+                status(cluster, ns, name).get("rollout") or {}), 240, 0.5)
+            assert state["aborted"]["reason"] == "AnalysisFailed" and "error rate" in state["aborted"]["message"]
+            assert status(cluster, ns, name)["stableRevision"] == stable
+    finally:
+        cluster.remove_rules("rollouts-e2e")
+        cluster.set_alert_webhook(None)
