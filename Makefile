@@ -66,3 +66,8 @@ run: setup tools
 	@echo; echo "In a second terminal:"; $(PY) -m devcluster env | sed 's/^/  /'; \
 	  echo "  kubectl apply -f examples/tiny-cpu.yaml && kubectl get md -w"; echo
 	$(VENV)/bin/moe-operator run --all-namespaces --host 127.0.0.1 --kubeconfig .devcluster/kubeconfig
+
+# Benchmarks print their tables; their targets are checked here, never in timed tests.
+bench: setup
+	$(PY) -m model_runtime.bench
+	$(PY) -m model_runtime.bench_http
