@@ -1,0 +1,40 @@
+"""The controller's timed reconciles (pause ends, delays, analysis intervals) and rollout metrics."""
+
+import threading
+
+import pytest
+from moe_operator.controller import Controller
+from moe_operator.metrics import OperatorMetrics
+from moe_operator.progressive import Report
+from moe_operator.reconcile import Outcome
+
+pytestmark = pytest.mark.unit
+
+
+def test_run_after_keeps_the_earliest_timer_and_fires_once():
+    controller = Controller(reader=None, writer=None, metrics=OperatorMetrics())
+    fired = []
+    done = threading.Event()
+
+    def run(key):
+        fired.append(key)
+        done.set()
+
+    controller.run = run
+    controller.run_after(("ns", "a"), 30)
+    controller.run_after(("ns", "a"), 0.05)       # earlier: replaces
+    controller.run_after(("ns", "a"), 10)         # later: ignored
+    assert done.wait(5)
+    assert fired == [("ns", "a")]
+    assert controller._timers == {}
+
+
+def test_rollbacks_and_durations_are_recorded():
+    metrics = OperatorMetrics()
+    controller = Controller(reader=None, writer=None, metrics=metrics)
+    controller._record(Outcome(report=Report(rollback=("AlertFiring", 0.25), completed=("Canary", 42.0))))
+    value = metrics.registry.get_sample_value
+    assert value("moe_operator_rollbacks_total", {"reason": "AlertFiring"}) == 1
+    assert value("moe_operator_rollback_latency_seconds_count") == 1
+    assert value("moe_operator_rollback_latency_seconds_sum") == 0.25
+    assert value("moe_operator_rollout_duration_seconds_count", {"strategy": "Canary"}) == 1
