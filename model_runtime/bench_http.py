@@ -6,6 +6,14 @@ through `AsyncEngine.generate`, then as streaming OpenAI completions against `mo
 started as a subprocess on loopback. Prints TTFT p50/p99, inter-token latency p50/p99 and
 generated tokens per second for both, and what HTTP costs in throughput (goal: at most 15%).
 Bounded in count (N x R requests) and in time (--time-limit per run).
+
+Reading the numbers: the server runs the engine's step loop in a thread beside its event loop,
+so the per-token work of HTTP (one SSE event per new piece of text) and the engine's own Python
+share one GIL. Where a token costs little compute (a tiny model on the CPU) that work shows in
+throughput; where a step spends its time in torch (larger models, GPUs: the GIL is released) it
+mostly overlaps. The CPU line gives the HTTP layer's own cost per token, which noise from other
+processes on the machine does not move much; TTFT and ITL count visible text (a tokenizer that
+decodes single tokens to nothing shows no ITL).
 """
 
 from __future__ import annotations
