@@ -418,6 +418,21 @@ def test_helm_test_checks_healthz_through_the_service(cluster, release):
     assert re.search(r"Phase:\s+Succeeded", result.stdout), result.stdout
 
 
+def test_helm_test_fails_when_the_operator_does_not_answer(cluster, release):
+    ns = release["namespace"]
+    helm(cluster, "upgrade", release["name"], str(CHART), "-n", ns, "--reuse-values", "--force-conflicts",
+         "--set", "tests.url=http://127.0.0.1:9/healthz", "--set", "tests.timeoutSeconds=2", "--timeout", "60s")
+    result = helm(cluster, "test", release["name"], "-n", ns, "--timeout", "60s", check=False)
+    assert result.returncode != 0 and re.search(r"Phase:\s+Failed", result.stdout + result.stderr), \
+        result.stdout + result.stderr
+    # Back to a test that passes; it replaces the failed pod (kept for inspection: Helm never deletes a
+    # hook's objects on uninstall, so a failed test pod outlives the release until the next `helm test`).
+    port = service_port(cluster.state_dir, ns, FULLNAME)
+    helm(cluster, "upgrade", release["name"], str(CHART), "-n", ns, "--reuse-values", "--force-conflicts",
+         "--set", f"tests.url=http://127.0.0.1:{port}/healthz", "--set", "tests.timeoutSeconds=60", "--timeout", "60s")
+    helm(cluster, "test", release["name"], "-n", ns, "--timeout", "60s")
+
+
 def canary_manifest(args: list[str]) -> dict:
     return {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": "canary", "namespace": "models"},
             "spec": {"replicas": 2, "model": {"source": "builtin:tiny-mixtral"}, "runtime": {"args": args},
