@@ -96,20 +96,24 @@ def test_chart_lints_strictly_with_defaults_and_every_option(cluster, tmp_path):
         "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
                        "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
         "image": {"digest": "sha256:" + "0" * 64},
+        "networkPolicy": {"enabled": True, "from": [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]},
     }
     helm(cluster, "lint", "--strict", str(CHART), "-f", values_file(tmp_path, everything))
 
 
 def test_schema_refuses_unknown_keys_and_wrong_values(cluster):
     for bad, what in ((("--set", "replicas=2"), "replicas"), (("--set", "scope.mode=Everywhere"), "scope/mode"),
-                      (("--set", "operator.port=0"), "operator/port")):
+                      (("--set", "operator.port=0"), "operator/port"),
+                      (("--set", "networkPolicy.enabled=true"), "networkPolicy.from must name")):
         result = helm(cluster, "template", RELEASE, str(CHART), *bad, check=False)
         assert result.returncode != 0 and what in result.stderr, result.stderr
 
 
 def test_rendered_chart_passes_a_server_side_dry_run_in_both_scopes(cluster, namespace):
     for scope in ("Cluster", "Namespaced"):
-        out = helm(cluster, "template", RELEASE, str(CHART), "-n", namespace, "--set", f"scope.mode={scope}").stdout
+        out = helm(cluster, "template", RELEASE, str(CHART), "-n", namespace, "--set", f"scope.mode={scope}",
+                   "--set", "networkPolicy.enabled=true",
+                   "--set-string", "networkPolicy.from[0].podSelector.matchLabels.app=alertmanager").stdout
         result = cluster.kubectl("apply", "--server-side", "--force-conflicts", "--dry-run=server", "-f", "-",
                                  input=out, check=False)
         assert result.returncode == 0, f"{scope}: {result.stderr}"
