@@ -103,3 +103,15 @@ def runtime_server():
     server = ServerProcess("--max-model-len", "256", "--max-body-bytes", "1Mi", "--seed", "0")
     yield server
     assert server.stop() == 0, server.logs()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """In-process models run on one torch thread: on a small shared machine, torch's OpenMP workers
+    contend with the servers and other test processes and every step gets many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
