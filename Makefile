@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: help setup tools test test-unit test-runtime test-cluster test-e2e demo run bench lint \
-        cluster-up cluster-down images
+        cluster-up cluster-down images chart-crds
 
 help:
 	@echo "make demo    local cluster + operator + a canary rolled back on a latency alert"
@@ -71,3 +71,14 @@ run: setup tools
 bench: setup
 	$(PY) -m model_runtime.bench
 	$(PY) -m model_runtime.bench_http
+
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+# The chart's copy of the CRD (tests/unit/test_chart*.py fails when it differs from crds/).
+chart-crds:
+	cp crds/modeldeployments.yaml charts/moe-operator/files/crds/modeldeployments.yaml
+
+# Container images. Needs a Docker engine, which this project's development machines lack.
+images:
+	docker build -f operator/Dockerfile -t ghcr.io/moe-operator/operator:$(VERSION) .
+	docker build -f model_runtime/Dockerfile -t ghcr.io/moe-operator/runtime:$(VERSION) .
