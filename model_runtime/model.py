@@ -470,6 +470,32 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def column_major(w: torch.Tensor) -> torch.Tensor:
+    """The same [..., out, in] values stored in-major (strides swapped on the last two dims)."""
+    return w.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def use_decode_layout(model: Transformer) -> Transformer:
+    """Store in place, column-major, the weights whose matrix-vector product that makes faster.
+
+    A decode step multiplies one row per sequence by every weight, so it is bound by how fast the
+    weights stream from memory. On the CPU, MKL's gemv for x @ W.T over a row-major W [out, in]
+    reads about 12 GB/s on one thread; over the same W stored column-major (x @ Wt with Wt [in, out]
+    contiguous) it reads 13-20 GB/s when out >= in, and less when out < in. Values, names and
+    shapes are unchanged (only strides), and larger matmuls (prefill, 32 sequences) run alike.
+    kv_b_proj stays row-major: MLA views it per head for the absorbed attention.
+    """
+    keep = {id(m.kv_b_proj) for m in model.modules() if isinstance(m, MLAttention)}
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.out_features >= m.in_features and id(m) not in keep:
+                m.weight.data = column_major(m.weight.data)
+            elif type(m) is Experts:  # float weights (not int8)
+                m.gate_up_proj.data = column_major(m.gate_up_proj.data)  # [E, 2I, D]: 2I >= D typically
+                m.down_proj.data = column_major(m.down_proj.data)  # [E, D, I]
+    return model
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
