@@ -36,7 +36,7 @@ How a count is reached:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -447,3 +447,51 @@ def decide(settings: Settings, signal: Signal, capacity: Capacity, state: Mappin
         s["split"] = {"stable": split[0], "canary": split[1]}
     return Decision(current=current, desired=desired, reason=reason, message=message, state=s, limited=limited,
                     split=split, recommendation=rec, pressure=p)
+
+
+# --- at the reconcile's edge ---------------------------------------------------------------------
+
+SCALING_LIMITED = "ScalingLimited"
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the reconcile does with the autoscaler this pass."""
+
+    desired: int                          # the replica count to ask for (spec.replicas when not due)
+    state: dict[str, Any]                 # status.autoscaling
+    next_in: float                        # seconds until the next sample
+    decision: Decision | None = None      # None: no sample this pass (the last state stands)
+
+
+Collect = Callable[..., tuple[Signal, dict[str, Any]]]   # moe_operator.signals.collect
+
+
+def step(md, observed: Observed, now: float, collect: Collect) -> Step | None:
+    """Sample and decide when due (the signal's I/O is `collect`'s); None when autoscaling is off."""
+    if md.autoscaling is None:
+        return None
+    settings = Settings.of(md.autoscaling)
+    prev = dict(md.status.get("autoscaling") or {})
+    if not due(settings, prev, now):
+        return Step(md.replicas, prev, next_sample_in(settings, prev, now))
+    rollout_state = md.status.get("rollout") or {}
+    aborted = [rollout_state["revision"]] if rollout_state.get("aborted") and rollout_state.get("revision") else []
+    capacity = capacity_of(md.replicas, observed, now, md.resources.gpu_resource, settings.cold_start_allowance,
+                           exclude_revisions=aborted)
+    signal, memory = collect(settings, md.namespace, md.name, observed, prev.get("signalMemory"))
+    decision = decide(settings, signal, capacity, prev, now, RolloutView.of(md.status, md.rollout.strategy))
+    state = dict(decision.state)
+    if memory:
+        state["signalMemory"] = memory
+    return Step(decision.desired, state, settings.interval, decision)
+
+
+def limited_condition(state: Mapping[str, Any]) -> tuple[bool, str, str]:
+    """ScalingLimited (status, reason, message) from status.autoscaling."""
+    limited = state.get("limited")
+    if limited:
+        return True, limited.get("reason", UNSCHEDULABLE), limited.get("message", "")
+    desired = state.get("desiredReplicas")
+    return False, WITHIN_RANGE, f"the desired count {desired} is within the bounds and schedulable" \
+        if desired is not None else "no decision yet"

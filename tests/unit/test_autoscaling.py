@@ -523,3 +523,47 @@ def _pod(name, revision, replica, ready=True, in_rotation=False, track="stable",
             "spec": {"containers": [{"name": "runtime", "resources": {"limits": {"nvidia.com/gpu": 1}}}]},
             "status": {"phase": "Running" if ready else "Pending", "conditions": conditions,
                        "podIP": f"127.100.0.{replica + 1}"}}
+
+
+# --- the reconcile's edge ------------------------------------------------------------------------
+
+def _md(status=None, autoscaling=True, replicas=1):
+    spec = {"replicas": replicas, "model": {"source": "builtin:tiny-mixtral"}}
+    if autoscaling:
+        spec["autoscaling"] = {"minReplicas": 1, "maxReplicas": 4, "target": 1}
+    return ModelDeployment.from_body({"metadata": {"name": "chat", "namespace": "ns"}, "spec": spec,
+                                      "status": status or {}})
+
+
+def test_step_samples_when_due_and_keeps_the_state_between_samples():
+    calls = []
+
+    def collect(settings, namespace, name, observed, memory):
+        calls.append((namespace, name, memory))
+        return queue_signal(9, 1, 2), {"a": {"ok": 1}}
+
+    observed = observed_from([_pod("chat", "r1", 0, ready=True, in_rotation=True)], [], 1)
+    assert a.step(_md(autoscaling=False), observed, T0, collect) is None
+    first = a.step(_md(), observed, T0, collect)
+    assert first.decision.reason == a.SCALE_UP and first.desired == 3 and first.next_in == 15.0
+    assert first.state["signalMemory"] == {"a": {"ok": 1}} and calls == [("ns", "chat", None)]
+    # Within the interval: no sample, the state stands.
+    held = a.step(_md(status={"autoscaling": first.state}, replicas=3), observed, T0 + 5, collect)
+    assert held.decision is None and held.desired == 3 and held.state == first.state
+    assert held.next_in == pytest.approx(10.0) and len(calls) == 1
+    later = a.step(_md(status={"autoscaling": first.state}, replicas=3), observed, T0 + 15, collect)
+    assert later.decision is not None and calls[-1][2] == {"a": {"ok": 1}}
+
+
+def test_step_leaves_an_aborted_canary_out_of_the_capacity():
+    pods = [_pod("chat", "old", 0, ready=True, in_rotation=True), _pod("chat", "new", 0, ready=False, track="canary")]
+    status = {"stableRevision": "old", "rollout": {"revision": "new", "aborted": {"reason": "AlertFiring"}}}
+    s = a.step(_md(status=status), observed_from(pods, [], 1), T0,
+               lambda *args: (queue_signal(0, 1, 2), {}))
+    assert (s.state["readyReplicas"], s.state["loadingReplicas"]) == (1, 0)
+
+
+def test_limited_condition_from_the_state():
+    assert a.limited_condition({"limited": {"reason": a.INSUFFICIENT_GPU, "message": "2 groups"}}) == \
+        (True, a.INSUFFICIENT_GPU, "2 groups")
+    assert a.limited_condition({"desiredReplicas": 2})[:2] == (False, a.WITHIN_RANGE)
