@@ -8,9 +8,11 @@ cached under .bench/), in one run, prints a table of:
 - the MoE layer alone against transformers' expert implementations (goal: at least as fast as
   the fastest of them);
 - batch-1 decode against the memory-bandwidth bound: the bytes of weights one token reads (all
-  dense weights, the shared experts, A of E routed experts, one embedding row) over the copy
-  bandwidth measured in the same run (STREAM convention: bytes read + written per second);
-  goal >= 60% of the bound;
+  dense weights, the shared experts, A of E routed experts, one embedding row) over the memory
+  bandwidth measured in the same run and thread count. Weights are only read, so the honest
+  bandwidth is a read-only stream (a sum over a 256 MiB tensor); the copy bandwidth (STREAM
+  convention: bytes read + written per second) is measured too, and the bound takes the higher
+  of the two (the stricter bound); goal >= 60% of the bound;
 - int8 weight-only quantization: weight memory saved and logit drift against float32.
 
 Every measurement uses the same torch thread count (`--threads`, 1 by default). The table states
@@ -108,6 +110,13 @@ def copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
     dst = torch.empty_like(src)
     t = best_time(lambda: dst.copy_(src), repeat=7, warmup=2)
     return 2 * nbytes / t
+
+
+def read_bandwidth(nbytes: int = 256 * 2**20) -> float:
+    """Bytes per second read by a sum over a large tensor (far larger than any cache), best of several."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    t = best_time(lambda: src.sum(), repeat=7, warmup=2)
+    return nbytes / t
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -272,7 +281,7 @@ def run(args) -> list[Row]:
         )
     ]
 
-    bw_before = copy_bandwidth()
+    copy_before, read_before = copy_bandwidth(), read_bandwidth()
 
     # transformers and the engine alternate, best of `--repeat` rounds kept: load from other
     # processes only ever slows a run down, and alternating spreads it over both sides alike
@@ -285,9 +294,16 @@ def run(args) -> list[Row]:
         hf8 = max(hf8, hf_generate_tps(hf, args.prompt_len, args.new_tokens, 8))
         e32 = max(e32, engine_run(model, args.prompt_len, args.new_tokens, args.concurrency)[0])
         gc.collect()
-    # the better of two copy measurements around the runs: a noisy machine only lowers the ratio
-    bw = max(bw_before, copy_bandwidth())
-    rows.append(Row("copy bandwidth (read + write)", f"{bw / 1e9:.1f} GB/s"))
+    # the better of two measurements around the runs: a noisy machine only lowers the bandwidth
+    copy_bw = max(copy_before, copy_bandwidth())
+    read_bw = max(read_before, read_bandwidth())
+    bw = max(copy_bw, read_bw)  # the stricter bound
+    rows.append(
+        Row(
+            "memory bandwidth",
+            f"read {read_bw / 1e9:.1f} GB/s (sum), copy {copy_bw / 1e9:.1f} GB/s (read + write)",
+        )
+    )
     rows.append(Row("transformers generate, batch 1", f"{hf1:.1f} tok/s"))
     rows.append(Row("transformers generate, batch 8", f"{hf8:.1f} tok/s"))
     rows.append(
@@ -307,7 +323,8 @@ def run(args) -> list[Row]:
     rows.append(
         Row(
             "batch-1 decode step vs bandwidth bound",
-            f"{step1 * 1e3:.2f} ms vs {bound * 1e3:.2f} ms ({per_token / 2**20:.0f} MiB/token): "
+            f"{step1 * 1e3:.2f} ms vs {bound * 1e3:.2f} ms ({per_token / 2**20:.0f} MiB/token at "
+            f"{bw / 1e9:.1f} GB/s): "
             f"{bound / step1:.0%} of bound",
             ">= 60%",
             bound / step1 >= 0.6,
