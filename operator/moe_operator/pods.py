@@ -21,7 +21,7 @@ MODEL_MOUNT = "/models"
 MODEL_CACHE_MOUNT = "/model-cache"
 STARTUP_PERIOD_SECONDS = 5
 RUNTIME_CONTAINER = "runtime"
-RUN_AS_USER = 1000
+RUN_AS_USER = 10001   # the runtime image's user (model_runtime/Dockerfile)
 
 
 @dataclass(frozen=True)
