@@ -322,3 +322,39 @@ def test_alert_path_and_builtin_scrape_roll_back_under_load(cluster, ns, operato
     finally:
         cluster.remove_rules("rollouts-e2e")
         cluster.set_alert_webhook(None)
+
+
+def test_blue_green_switch_and_instant_rollback_under_load_without_failures(cluster, ns, operator):
+    name = "bluegreen"
+    body = serving_md(ns)
+    body["metadata"]["name"] = name
+    body["spec"]["model"]["servedName"] = name
+    body["spec"]["rollout"] = {"strategy": "BlueGreen", "analysis": {"slo": {}},
+                               "blueGreen": {"previewReplicas": 1, "scaleDownDelaySeconds": 60}}
+    cluster.apply(body)
+    stable = stable_revision(cluster, ns, name, 1)
+    port = service_port(cluster.state_dir, ns, name)
+    with Load(f"127.0.0.1:{port}", name, rate=4, workers=4, max_seconds=300, max_requests=2000) as load:
+        wait_for("answers", lambda: load.counts()[1] >= 5, 60, 0.2)
+        body["spec"]["runtime"]["args"] = [*body["spec"]["runtime"]["args"], "--max-num-seqs", "6"]
+        cluster.apply(body)
+        wait_for("the preview ready", lambda: (status(cluster, ns, name).get("rollout") or {}).get("previewReadyAt"),
+                 240, 0.5)
+        assert {p["metadata"]["labels"][names.LABEL_IN_ROTATION] for p in live_pods(cluster, ns, name)
+                if p["metadata"]["labels"][names.LABEL_TRACK] == "preview"} == {"false"}
+        cluster.kubectl("annotate", "md", name, "-n", ns, "--overwrite", f"{rollout.ANNOTATION_PROMOTE}=now")
+        new = wait_for("the switch", lambda: (lambda s: s.get("stableRevision") if s.get("stableRevision") != stable
+                       else None)(status(cluster, ns, name)), 60, 0.2)
+        switched = time.time()
+        wait_for("traffic on the new revision", lambda: load.counts(since=switched + 1)[1] >= 8, 60, 0.2)
+        # The old revision is warm: an abort switches straight back.
+        abort = rollout.AbortRequest(new, "AbortedByUser", "e2e", time.time(), "user").to_json()
+        cluster.kubectl("annotate", "md", name, "-n", ns, "--overwrite", f"{rollout.ANNOTATION_ABORT}={abort}")
+        wait_for("the switch back", lambda: status(cluster, ns, name).get("stableRevision") == stable, 30, 0.1)
+        back = time.time()
+        wait_for("traffic back on the old revision", lambda: load.counts(since=back + 1)[1] >= 8, 60, 0.2)
+        wait_for("the new revision's pods gone", lambda: not any(
+            p["metadata"]["labels"][names.LABEL_REVISION] == new for p in live_pods(cluster, ns, name)), 120, 0.5)
+        time.sleep(2)   # requests in flight through the drain finish
+    failed, total = load.counts()
+    assert failed == 0 and total > 30, (failed, total, load.errors())
