@@ -270,6 +270,43 @@ def test_operator_killed_mid_rollout_resumes(cluster, ns, token):
             and p["metadata"]["labels"][names.LABEL_IN_ROTATION] == "true") == 4, 60, 0.2)
 
 
+def test_operator_killed_again_and_again_through_a_rollout_completes_within_the_budget(cluster, ns, token):
+    """SIGKILL at random moments (loading, mid-step, mid-pause, promoting, scaling down): each restart
+    picks up from status; the rollout completes, every pod list stays within the GPU budget."""
+    import random
+    name = "chaos"
+    steps = [{"setWeight": 25}, {"pause": {"duration": "2s"}}, {"setWeight": 50}, {"pause": {"duration": "2s"}}]
+    rng = random.Random(7)
+    args = ("--alerts-token-file", str(token[1]))
+    with running_operator(cluster, namespaces=[ns], resync_seconds=1.0, extra_args=args):
+        cluster.apply(md(name, ns, replicas=4, steps=steps))
+        stable = stable_revision(cluster, ns, name, 4)
+    with BudgetWatch(cluster, ns, name, budget=5, gpus_per_pod=1) as watch:
+        cluster.apply(md(name, ns, replicas=4, steps=steps, env="chaos"))
+        restarts = 0
+        while restarts < 25:
+            restarts += 1
+            with running_operator(cluster, namespaces=[ns], resync_seconds=1.0, extra_args=args) as op:
+                deadline = time.monotonic() + rng.uniform(0.3, 2.5)
+                while time.monotonic() < deadline and op.process.poll() is None:
+                    time.sleep(0.05)
+                op.process.kill()
+                op.process.wait(10)
+            s = status(cluster, ns, name)
+            if s.get("stableRevision") not in (None, stable):
+                break
+        with running_operator(cluster, namespaces=[ns], resync_seconds=1.0, extra_args=args):
+            new = wait_for("the rollout to complete", lambda: (lambda s: s.get("stableRevision")
+                           if s.get("stableRevision") not in (None, stable) else None)(status(cluster, ns, name)),
+                           120, 0.2)
+            wait_for("only the new revision left, all serving", lambda: sorted(
+                (p["metadata"]["labels"][names.LABEL_REVISION], p["metadata"]["labels"][names.LABEL_IN_ROTATION])
+                for p in live_pods(cluster, ns, name)) == [(new, "true")] * 4, 60, 0.2)
+    assert restarts >= 3, restarts
+    assert watch.violations == [], watch.violations[:3]
+    assert "aborted" not in status(cluster, ns, name)["rollout"]
+
+
 # --- real runtime pods under load: the alert path and the built-in scrape ------------------------
 
 def serving_md(ns, args=(), analysis=None):
