@@ -189,9 +189,11 @@ def render_status(body: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], no
 class Cluster:
     def __init__(self, kubeconfig: str | None, context: str | None):
         from kubernetes import client, config
-        config.load_kube_config(config_file=kubeconfig, context=context)
-        self.custom = client.CustomObjectsApi()
-        self.core = client.CoreV1Api()
+        from kubernetes.dynamic import DynamicClient
+        api = config.new_client_from_config(config_file=kubeconfig, context=context)
+        self.dyn = DynamicClient(api)
+        self.md = self.dyn.resources.get(api_version=names.API_VERSION, kind=names.KIND)
+        self.core = client.CoreV1Api(api)
         try:
             _, active = config.list_kube_config_contexts(config_file=kubeconfig)
             self.default_namespace = (active.get("context") or {}).get("namespace") or "default"
@@ -199,19 +201,14 @@ class Cluster:
             self.default_namespace = "default"
 
     def get(self, ns: str, name: str) -> dict[str, Any]:
-        from kubernetes.client.exceptions import ApiException
+        from kubernetes.dynamic.exceptions import NotFoundError
         try:
-            return self.custom.get_namespaced_custom_object(names.GROUP, names.VERSION, ns, names.PLURAL, name)
-        except ApiException as error:
-            if error.status == 404:
-                raise SystemExit(f"modeldeployment {ns}/{name} not found") from None
-            raise
+            return self.dyn.get(self.md, name=name, namespace=ns).to_dict()
+        except NotFoundError:
+            raise SystemExit(f"modeldeployment {ns}/{name} not found") from None
 
     def patch(self, ns: str, name: str, body: dict[str, Any]) -> None:
-        self.custom.api_client.call_api(
-            f"/apis/{names.GROUP}/{names.VERSION}/namespaces/{ns}/{names.PLURAL}/{name}", "PATCH",
-            header_params={"Content-Type": "application/merge-patch+json", "Accept": "application/json"},
-            body=body, auth_settings=["BearerToken"], _return_http_data_only=True, response_type="object")
+        self.dyn.patch(self.md, name=name, namespace=ns, body=body, content_type="application/merge-patch+json")
 
     def pods(self, ns: str, name: str) -> list[dict[str, Any]]:
         selector = names.selector_string(names.owned_selector(name))
