@@ -48,8 +48,7 @@ def _templates(body: Mapping[str, Any], revision: str, state: Mapping[str, Any],
 def next_plan(md: ModelDeployment, body: Mapping[str, Any], observed: Observed, revision: str, now: float,
               provider: Callable[[AnalysisConfig], Provider] = provider_for) -> Plan:
     meta = body.get("metadata") or {}
-    spec_rollout = (body.get("spec") or {}).get("rollout") or {}
-    requests = rollout.requests_from(meta.get("annotations"), spec_paused=bool(spec_rollout.get("paused")))
+    requests = rollout.requests_from(meta.get("annotations"), spec_paused=md.rollout.paused)
     state = md.status.get("rollout") or {}
     stable = md.status.get("stableRevision")
     running = bool(stable) and stable != revision and not (state.get("revision") == revision and state.get("aborted"))

@@ -154,11 +154,8 @@ class Options:
 
     @classmethod
     def of(cls, md: ModelDeployment) -> Options:
-        ro, an = md.rollout, md.rollout.analysis
-        return cls(
-            on_inconclusive=getattr(an, "on_inconclusive", "Pause"),
-            progress_deadline_abort=bool(getattr(ro, "progress_deadline_abort", False)),
-        )
+        return cls(on_inconclusive=md.rollout.analysis.on_inconclusive,
+                   progress_deadline_abort=md.rollout.progress_deadline_abort)
 
 
 # --- arithmetic of weights and GPUs --------------------------------------------------------------

@@ -159,6 +159,11 @@ class AnalysisSpec:
     slo: SLOSpec = SLOSpec()
     alerts: Mapping[str, Any] = field(default_factory=dict)
     prometheus: Mapping[str, Any] | None = None
+    failure_limit: int = 1              # failed intervals tolerated; one more aborts
+    inconclusive_limit: int = 3         # inconclusive intervals in a row before the rollout pauses/aborts
+    min_samples: int = 10               # finished requests per interval for a conclusive measurement
+    on_inconclusive: str = "Pause"      # Pause | Abort
+    stable_ratio: float | None = None   # also fail when new p99 > ratio x stable p99
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,8 @@ class RolloutSpec:
     max_surge_gpus: int | None = None   # None: one replica group's GPUs
     progress_deadline_seconds: int = DEFAULT_PROGRESS_DEADLINE_SECONDS
     analysis: AnalysisSpec = AnalysisSpec()
+    paused: bool = False                   # hold the steps (the GitOps way to pause)
+    progress_deadline_abort: bool = False  # abort instead of pausing when the deadline passes
 
 
 @dataclass(frozen=True)
@@ -355,8 +362,31 @@ def _rollout(ro: Mapping) -> RolloutSpec:
             ),
             alerts=dict(analysis.get("alerts") or {}),
             prometheus=dict(analysis["prometheus"]) if analysis.get("prometheus") else None,
+            failure_limit=_int(analysis, "failureLimit", 1, "spec.rollout.analysis.failureLimit", minimum=0),
+            inconclusive_limit=_int(analysis, "inconclusiveLimit", 3, "spec.rollout.analysis.inconclusiveLimit",
+                                    minimum=1),
+            min_samples=_int(analysis, "minSamples", 10, "spec.rollout.analysis.minSamples", minimum=1),
+            on_inconclusive=_choice(analysis, "inconclusive", ("Pause", "Abort"), "spec.rollout.analysis.inconclusive"),
+            stable_ratio=_ratio(analysis.get("stableRatio")),
         ),
+        paused=bool(ro.get("paused", False)),
+        progress_deadline_abort=bool(ro.get("progressDeadlineAbort", False)),
     )
+
+
+def _choice(obj: Mapping, key: str, choices: tuple[str, ...], field_name: str) -> str:
+    value = obj.get(key, choices[0])
+    if value not in choices:
+        raise SpecError(field_name, f"{value!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def _ratio(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 1:
+        raise SpecError("spec.rollout.analysis.stableRatio", f"{value!r} must be a number above 1 (e.g. 1.5)")
+    return float(value)
 
 
 def _autoscaling(auto: Mapping | None) -> AutoscalingSpec | None:

@@ -132,3 +132,20 @@ def test_status_patch_removes_nested_keys_that_went_away():
     assert status_patch(old, new) == {"rollout": {"aborted": None, "revision": "c", "stepIndex": 0},
                                       "phase": "Progressing"}
     assert merge_patch({"a": 1}, None) is None and merge_patch(None, {"a": 1}) == {"a": 1}
+
+
+def test_rollout_knobs_from_the_spec():
+    from moe_operator.analysis import AnalysisConfig
+    from moe_operator.spec import SpecError
+    spec = {"model": {"source": "builtin:x"}, "rollout": {
+        "paused": True, "progressDeadlineAbort": True,
+        "analysis": {"failureLimit": 0, "inconclusiveLimit": 2, "minSamples": 50, "inconclusive": "Abort",
+                     "stableRatio": 1.5, "slo": {"p99LatencyMs": 100}}}}
+    md = ModelDeployment.from_body({"metadata": {"name": "chat"}, "spec": spec})
+    assert md.rollout.paused and rollout.Options.of(md) == rollout.Options(
+        on_inconclusive="Abort", progress_deadline_abort=True)
+    cfg = AnalysisConfig.of(md)
+    assert (cfg.failure_limit, cfg.inconclusive_limit, cfg.min_samples, cfg.stable_ratio) == (0, 2, 50, 1.5)
+    spec["rollout"]["analysis"]["inconclusive"] = "Ignore"
+    with pytest.raises(SpecError, match="inconclusive"):
+        ModelDeployment.from_body({"metadata": {"name": "chat"}, "spec": spec})

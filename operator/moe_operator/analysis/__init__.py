@@ -47,10 +47,10 @@ class AnalysisConfig:
         return cls(
             interval_seconds=an.interval_seconds,
             slo=an.slo,
-            failure_limit=int(getattr(an, "failure_limit", 1)),
-            inconclusive_limit=int(getattr(an, "inconclusive_limit", 3)),
-            min_samples=int(getattr(an, "min_samples", 10)),
-            stable_ratio=getattr(an, "stable_ratio", None),
+            failure_limit=an.failure_limit,
+            inconclusive_limit=an.inconclusive_limit,
+            min_samples=an.min_samples,
+            stable_ratio=an.stable_ratio,
             prometheus_url=prom.get("url"),
             prometheus_selector=prom.get("selector"),
         )
