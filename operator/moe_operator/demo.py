@@ -107,8 +107,9 @@ class Demo:
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}))
 
     def operator_up(self) -> int:
-        """The operator as a background process (left running), its alerts token in a Secret that
-        Alertmanager's webhook config also reads (as a file)."""
+        """The operator as a background process (left running, watching only the demo's namespace so
+        it never competes with another operator, e.g. a test suite's), its alerts token in a Secret
+        that Alertmanager's webhook config also reads (as a file)."""
         state = self.cluster.state_dir
         record = state / "moe-operator.json"
         if record.exists():
@@ -128,7 +129,7 @@ class Demo:
         log = state / "logs" / "moe-operator.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "moe_operator.cli", "run", "--kubeconfig", str(self.cluster.kubeconfig),
-               "--host", "127.0.0.1", "--port", str(port), "--all-namespaces", "--resync-seconds", "10",
+               "--host", "127.0.0.1", "--port", str(port), "--namespace", NAMESPACE, "--resync-seconds", "10",
                "--alerts-token-secret", f"{NAMESPACE}/{TOKEN_SECRET}"]
         with open(log, "ab") as f:
             process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
