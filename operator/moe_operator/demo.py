@@ -40,7 +40,7 @@ def alert_rules() -> dict[str, Any]:
     labelled so the operator knows which ModelDeployment and revision it names."""
     by = "namespace, serving_moe_dev_deployment, serving_moe_dev_revision, le"
     expr = (f"histogram_quantile(0.99, sum by ({by}) (rate(moe_e2e_request_latency_seconds_bucket"
-            f"{{serving_moe_dev_track=\"canary\"}}[10s]))) > {ALERT_THRESHOLD_SECONDS}")
+            f"{{namespace=\"{NAMESPACE}\",serving_moe_dev_track=\"canary\"}}[10s]))) > {ALERT_THRESHOLD_SECONDS}")
     return {"groups": [{"name": "moe-rollouts", "rules": [{
         "alert": ALERT_NAME, "expr": expr,
         "labels": {"severity": "page", "track": "canary",
