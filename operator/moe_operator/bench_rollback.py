@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
                 seen.append(time.monotonic() - t0)
                 print(f"trial {trial:2d}: revision {revision} out of rotation {seen[-1] * 1000:7.1f} ms after the alert",
                       flush=True)
+            # The operator records a rollback once its whole reconcile is done, a little after the
+            # relabel the watch above saw: wait for the last one to be counted.
+            try:
+                wait_for("the operator to count every rollback", lambda: op.metric(
+                    "moe_operator_rollback_latency_seconds_count") >= len(seen), 10, 0.1)
+            except AssertionError:
+                pass
             count = op.metric("moe_operator_rollback_latency_seconds_count")
             total = op.metric("moe_operator_rollback_latency_seconds_sum")
         print(f"rollback latency over {len(seen)} trials (alert posted -> last canary pod out of rotation, "
