@@ -45,6 +45,12 @@ class Changes:
     def created_pods(self) -> int:
         return sum(1 for body in self.applies if body["kind"] == "Pod")
 
+    def traffic_first(self) -> tuple[Changes, Changes]:
+        """(relabels of existing pods: what moves traffic, everything else), to write in that order."""
+        moves = tuple(b for b in self.apply if b["kind"] == "Pod" and b["metadata"]["name"] in self.existing_pods)
+        rest = tuple(b for b in self.apply if not (b["kind"] == "Pod" and b["metadata"]["name"] in self.existing_pods))
+        return Changes(moves, (), self.existing_pods), Changes(rest, self.delete, self.existing_pods)
+
 
 def pod_slots(md: ModelDeployment, plan: Plan, observed: Observed) -> list[PodSlot]:
     """Every pod the plan wants, named: a live pod keeps its name; a missing one gets the first name

@@ -68,14 +68,19 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
     observed = reader.observe(md.namespace, md.name, md.pods_per_replica)
     plan = progressive.next_plan(md, body, observed, revision_of(md), clock(), analysis_provider)
     todo = changes(desired_objects(md, plan, observed), observed)
+    moved_at = None
     try:
-        if todo:
-            writer.write(md.namespace, todo)
+        # Traffic moves first (relabels: a canary out of rotation at once), then the rest (new pods,
+        # Services, deletes); the time traffic moved is what a rollback's latency is measured to.
+        for part in todo.traffic_first():
+            if part:
+                writer.write(md.namespace, part)
+            moved_at = moved_at or clock()
     except WriteRefused as refused:
         new_status = invalid_status(old_status, generation, refused.reason, refused.message, now())
         outcome = _finish(namespace, name, old_status, new_status, writer, emit)
         return Outcome(todo, outcome.status_patch, plan, outcome.written)
-    report = progressive.after_write(md, plan, clock())
+    report = progressive.after_write(md, plan, moved_at or clock())
     new_status = status_of(md, observed, plan, now())
     outcome = _finish(namespace, name, old_status, new_status, writer, emit)
     return Outcome(todo, outcome.status_patch, plan, outcome.written, report,

@@ -275,7 +275,7 @@ def test_operator_killed_again_and_again_through_a_rollout_completes_within_the_
     picks up from status; the rollout completes, every pod list stays within the GPU budget."""
     import random
     name = "chaos"
-    steps = [{"setWeight": 25}, {"pause": {"duration": "2s"}}, {"setWeight": 50}, {"pause": {"duration": "2s"}}]
+    steps = [{"setWeight": 25}, {"pause": {"duration": "3s"}}, {"setWeight": 50}, {"pause": {"duration": "3s"}}]
     rng = random.Random(7)
     args = ("--alerts-token-file", str(token[1]))
     with running_operator(cluster, namespaces=[ns], resync_seconds=1.0, extra_args=args):
@@ -287,7 +287,7 @@ def test_operator_killed_again_and_again_through_a_rollout_completes_within_the_
         while restarts < 25:
             restarts += 1
             with running_operator(cluster, namespaces=[ns], resync_seconds=1.0, extra_args=args) as op:
-                deadline = time.monotonic() + rng.uniform(0.3, 2.5)
+                deadline = time.monotonic() + rng.uniform(0.2, 1.5)
                 while time.monotonic() < deadline and op.process.poll() is None:
                     time.sleep(0.05)
                 op.process.kill()
@@ -302,7 +302,7 @@ def test_operator_killed_again_and_again_through_a_rollout_completes_within_the_
             wait_for("only the new revision left, all serving", lambda: sorted(
                 (p["metadata"]["labels"][names.LABEL_REVISION], p["metadata"]["labels"][names.LABEL_IN_ROTATION])
                 for p in live_pods(cluster, ns, name)) == [(new, "true")] * 4, 60, 0.2)
-    assert restarts >= 3, restarts
+    assert restarts >= 2, restarts          # the rollout really went through kills
     assert watch.violations == [], watch.violations[:3]
     assert "aborted" not in status(cluster, ns, name)["rollout"]
 
