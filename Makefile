@@ -68,9 +68,15 @@ run: setup tools
 	$(VENV)/bin/moe-operator run --all-namespaces --host 127.0.0.1 --kubeconfig .devcluster/kubeconfig
 
 # Benchmarks print their tables; their targets are checked here, never in timed tests.
-bench: setup
+bench: setup tools
 	$(PY) -m model_runtime.bench
 	$(PY) -m model_runtime.bench_http
+	$(PY) -m moe_operator.bench_rollback --trials 12
+
+# The demo (README): cluster with monitoring, operator, load, a bad canary rolled back on a latency
+# alert, a good revision promoted; ends with one summary line and leaves the cluster running.
+demo: setup tools
+	$(PY) -m moe_operator.demo
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
