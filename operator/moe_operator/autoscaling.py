@@ -325,9 +325,11 @@ def stabilize(settings: Settings, history: list[list[float]], rec: int, current:
               ) -> tuple[int, list[list[float]]]:
     """HPA's stabilisation: the lowest recommendation of the scale-up window bounds a scale-up, the
     highest of the scale-down window bounds a scale-down. Returns the count and the kept history."""
-    history = [[t, n] for t, n in history if now - t <= settings.history_seconds + _EPS] + [[round(now, 3), rec]]
-    up = min(n for t, n in history if now - t <= settings.scale_up_window + _EPS)
-    down = max(n for t, n in history if now - t <= settings.scale_down_window + _EPS)
+    history = [[t, n] for t, n in history if now - t <= settings.history_seconds + _EPS]
+    # The recommendation of this sample always counts (its stored time is rounded).
+    up = min([rec] + [n for t, n in history if now - t <= settings.scale_up_window + _EPS])
+    down = max([rec] + [n for t, n in history if now - t <= settings.scale_down_window + _EPS])
+    history.append([round(now, 3), rec])
     desired = current
     if desired < up:
         desired = up

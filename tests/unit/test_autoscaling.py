@@ -487,6 +487,16 @@ def test_history_compression_keeps_what_the_windows_need():
         assert len(history) <= 12
 
 
+def test_times_that_do_not_round_evenly():
+    """Stored times are rounded to the millisecond; the sample's own recommendation still counts."""
+    s = settings(scale_up_window=0.0, scale_down_window=0.0)
+    state = {}
+    for i in range(5):
+        d = decide(s, queue_signal(9, 1, 2), Capacity(current=1, ready=1), state, T0 + 0.123456789 + i * 1.0004)
+        state = d.state
+    assert d.desired == 3
+
+
 def test_sampling_is_due_every_interval():
     s = settings(interval=5.0)
     assert a.due(s, {}, T0)
