@@ -108,6 +108,20 @@ class Writer:
         self._count(names.KIND, "status")
         return result.to_dict()
 
+    def scale(self, namespace: str, name: str, replicas: int) -> None:
+        """Set the replica count through the scale subresource, the door `kubectl scale`, HPA and KEDA
+        use (field manager `moe-operator-autoscaler`). Where the operator may not write it (RBAC
+        without modeldeployments/scale), a merge patch of spec.replicas, the same field."""
+        body = {"spec": {"replicas": int(replicas)}}
+        path = self._md.path(name=name, namespace=namespace)
+        try:
+            self.dyn.request("patch", path + "/scale", body=body, content_type="application/merge-patch+json",
+                             field_manager=names.AUTOSCALER_FIELD_MANAGER)
+        except ForbiddenError:
+            self.dyn.request("patch", path, body=body, content_type="application/merge-patch+json",
+                             field_manager=names.AUTOSCALER_FIELD_MANAGER)
+        self._count(names.KIND, "scale")
+
     def event(self, md: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the ModelDeployment (what `kubectl describe md` shows)."""
         meta = md["metadata"]

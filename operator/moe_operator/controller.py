@@ -16,6 +16,7 @@ from typing import Any
 
 from .metrics import OperatorMetrics
 from .reconcile import Outcome, Reads, reconcile
+from .spec import AUTOSCALING_METRICS
 
 Key = tuple[str, str]   # (namespace, name)
 
@@ -57,6 +58,16 @@ class Controller:
         with self._lock:
             self._bodies.pop(key, None)
             self.metrics.deployments.set(len(self._bodies))
+        self._forget_scaling(key)
+
+    def _forget_scaling(self, key: Key) -> None:
+        series = [(self.metrics.autoscaler_desired, key)] + [
+            (self.metrics.autoscaler_signal, (*key, metric)) for metric in AUTOSCALING_METRICS]
+        for gauge, labels in series:
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass
 
     def keys(self) -> list[Key]:
         with self._lock:
@@ -107,6 +118,7 @@ class Controller:
         if outcome.written is not None:
             self.remember(outcome.written)
         self._record(outcome)
+        self._record_scaling(key_of(body), outcome)
         if outcome.requeue_after is not None:
             self.run_after(key_of(body), outcome.requeue_after)
         if outcome.wrote:
@@ -126,6 +138,20 @@ class Controller:
             strategy, seconds = report.completed
             if seconds is not None:
                 self.metrics.rollout_duration.labels(strategy).observe(max(0.0, seconds))
+
+    def _record_scaling(self, key: Key, outcome: Outcome) -> None:
+        decision = outcome.scaling
+        if decision is None:
+            return
+        self.metrics.autoscaler_decisions.labels(decision.reason).inc()
+        if decision.scales:
+            self.metrics.autoscaler_scales.labels(decision.direction).inc()
+            self.log.info("%s/%s: autoscaler %d -> %d (%s): %s", *key, decision.current, decision.desired,
+                          decision.reason, decision.message)
+        self.metrics.autoscaler_desired.labels(*key).set(decision.desired)
+        value = decision.state.get("currentValue")
+        if value is not None:
+            self.metrics.autoscaler_signal.labels(*key, decision.state.get("metric", "")).set(value)
 
     def run_after(self, key: Key, seconds: float) -> None:
         """Reconcile `key` again in `seconds` (a pause ending, a delay, an analysis interval); one

@@ -33,3 +33,16 @@ class OperatorMetrics:
         self.alerts = Counter(
             "moe_operator_alert_posts_total", "Posts to /alerts, by result (ok, unauthorized, bad_request, error).",
             ["result"], registry=self.registry)
+        self.autoscaler_decisions = Counter(
+            "moe_operator_autoscaler_decisions_total",
+            "Samples of the built-in autoscaler, by decision reason (ScaleUp, ScaleDown, WithinTolerance, "
+            "WaitingForLoadingGroups, InsufficientGPUCapacity, NoSignal, ...).", ["reason"], registry=self.registry)
+        self.autoscaler_scales = Counter(
+            "moe_operator_autoscaler_scale_total", "Replica count changes by the built-in autoscaler, by direction.",
+            ["direction"], registry=self.registry)
+        self.autoscaler_desired = Gauge(
+            "moe_operator_autoscaler_desired_replicas", "Replica groups the built-in autoscaler asks for.",
+            ["namespace", "name"], registry=self.registry)
+        self.autoscaler_signal = Gauge(
+            "moe_operator_autoscaler_signal", "The built-in autoscaler's signal at its last sample (per its metric).",
+            ["namespace", "name", "metric"], registry=self.registry)

@@ -12,6 +12,7 @@ KIND = "ModelDeployment"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 FIELD_MANAGER = "moe-operator"
+AUTOSCALER_FIELD_MANAGER = "moe-operator-autoscaler"   # spec.replicas, through the scale subresource
 PREFIX = GROUP  # annotations, finalizer and kopf bookkeeping live under this prefix
 
 # Pod labels (the contract's, plus the one the operator flips to put a group in or out of rotation).

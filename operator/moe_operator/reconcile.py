@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from . import progressive
+from . import autoscaling, progressive, signals
 from .analysis import provider_for
 from .apply import WriteRefused
 from .desired import Changes, changes, desired_objects
@@ -20,7 +20,7 @@ from .observe import Observed
 from .plan import Plan
 from .pods import revision_of
 from .spec import ModelDeployment, SpecError
-from .status import INVALID_SPEC, events_for, invalid_status, status_of, status_patch
+from .status import INVALID_SPEC, events_for, invalid_status, status_of, status_patch, with_autoscaling
 
 Emit = Callable[[str, str, str], None]   # (type, reason, message) -> an Event on the ModelDeployment
 
@@ -32,6 +32,7 @@ class Reads(Protocol):
 class Writes(Protocol):
     def write(self, namespace: str, changes: Changes) -> None: ...
     def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Mapping[str, Any] | None: ...
+    def scale(self, namespace: str, name: str, replicas: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class Outcome:
     plan: Plan | None = None
     written: Mapping[str, Any] | None = None    # the object as returned by the status write
     report: progressive.Report = progressive.Report()   # rollbacks and promotions, for the metrics
-    requeue_after: float | None = None          # seconds until a timed rollout decision is due
+    requeue_after: float | None = None          # seconds until a timed decision (rollout, autoscaler) is due
+    scaling: autoscaling.Decision | None = None  # the autoscaler's decision, when it sampled this pass
 
     @property
     def wrote(self) -> bool:
@@ -54,7 +56,7 @@ def utcnow() -> str:
 
 def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit,
               now: Callable[[], str] = utcnow, clock: Callable[[], float] = time.time,
-              analysis_provider=provider_for) -> Outcome:
+              analysis_provider=provider_for, collect_signal=signals.collect) -> Outcome:
     meta = body.get("metadata") or {}
     namespace, name = meta.get("namespace", "default"), meta.get("name", "")
     old_status = body.get("status") or {}
@@ -66,6 +68,13 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
         return _finish(namespace, name, old_status, new_status, writer, emit)
 
     observed = reader.observe(md.namespace, md.name, md.pods_per_replica)
+    scaling = autoscaling.step(md, observed, clock(), collect_signal)
+    if scaling and scaling.desired != md.replicas:
+        # Through the scale subresource, like kubectl scale or an HPA; this pass plans with it already.
+        writer.scale(md.namespace, md.name, scaling.desired)
+        emit("Normal", "SuccessfulRescale", f"New size: {scaling.desired} (was {md.replicas}); "
+                                           f"{scaling.decision.reason}: {scaling.decision.message}")
+        md = replace(md, replicas=scaling.desired)
     plan = progressive.next_plan(md, body, observed, revision_of(md), clock(), analysis_provider)
     todo = changes(desired_objects(md, plan, observed), observed)
     moved_at = None
@@ -81,10 +90,11 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
         outcome = _finish(namespace, name, old_status, new_status, writer, emit)
         return Outcome(todo, outcome.status_patch, plan, outcome.written)
     report = progressive.after_write(md, plan, moved_at or clock())
-    new_status = status_of(md, observed, plan, now())
+    new_status = with_autoscaling(status_of(md, observed, plan, now()), md, scaling and scaling.state, now())
     outcome = _finish(namespace, name, old_status, new_status, writer, emit)
-    return Outcome(todo, outcome.status_patch, plan, outcome.written, report,
-                   progressive.due_in(md, plan, clock()))
+    due = [t for t in (progressive.due_in(md, plan, clock()), scaling and scaling.next_in) if t is not None]
+    return Outcome(todo, outcome.status_patch, plan, outcome.written, report, min(due) if due else None,
+                   scaling and scaling.decision)
 
 
 def _finish(namespace: str, name: str, old_status: Mapping[str, Any], new_status: Mapping[str, Any],

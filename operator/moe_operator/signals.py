@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,7 +34,10 @@ NUM_REQUESTS_WAITING = "moe_num_requests_waiting"
 KV_CACHE_USAGE_PERC = "moe_kv_cache_usage_perc"
 _GAUGES = {NUM_REQUESTS_RUNNING: "running", NUM_REQUESTS_WAITING: "waiting", KV_CACHE_USAGE_PERC: "kv"}
 
-SCRAPE_TIMEOUT_SECONDS = 1.0
+# A busy runtime answers /metrics late (its engine thread holds the GIL for long stretches): allow
+# for that, and scrape the pods in parallel so one slow pod does not hold the others up.
+SCRAPE_TIMEOUT_SECONDS = 3.0
+MAX_PARALLEL_SCRAPES = 16
 
 # Labels as the project's Prometheus configuration writes them (pod labels, sanitised).
 DEFAULT_SELECTOR = ('namespace="{namespace}",serving_moe_dev_deployment="{name}",'
@@ -98,14 +102,19 @@ def from_scrapes(metric: str, texts: Mapping[str, str], memory: Mapping[str, Any
 
 
 def scrape(pods: Iterable[ObservedPod], fetch: Callable[[str], str]) -> dict[str, str]:
-    texts = {}
-    for pod in pods:
-        url = f"http://{pod.body['status']['podIP']}:{names.HTTP_PORT}/metrics"
+    """/metrics of each pod, fetched in parallel; a pod that does not answer is simply not counted."""
+    pods = list(pods)
+    if not pods:
+        return {}
+
+    def one(pod: ObservedPod) -> tuple[str, str | None]:
         try:
-            texts[pod.uid or pod.name] = fetch(url)
-        except Exception:      # a pod that does not answer this time is simply not counted
-            continue
-    return texts
+            return pod.uid or pod.name, fetch(f"http://{pod.body['status']['podIP']}:{names.HTTP_PORT}/metrics")
+        except Exception:
+            return pod.uid or pod.name, None
+
+    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_SCRAPES, len(pods))) as pool:
+        return {uid: text for uid, text in pool.map(one, pods) if text is not None}
 
 
 def prometheus_queries(metric: str, selector: str, window: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ from .names import MAX_NAME_LENGTH
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("Canary", "BlueGreen")
 AUTOSCALING_METRICS = ("requestsWaiting", "kvCacheUsage", "ttftP99", "PromQL")
+DURING_ROLLOUT = ("Follow", "Freeze")
 SOURCE_SCHEMES = ("pvc://", "hostpath://", "hf://", "builtin:")
 
 DEFAULT_IMAGE = "ghcr.io/moe-operator/runtime:0.1.0"
@@ -187,6 +188,11 @@ class AutoscalingSpec:
     query: str | None = None
     scale_up_stabilization_seconds: float = 0.0
     scale_down_stabilization_seconds: float = 300.0
+    interval_seconds: float = 15.0
+    tolerance: float = 0.1
+    cold_start_allowance_seconds: float = 600.0
+    during_rollout: str = "Follow"            # Follow | Freeze
+    prometheus: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -404,6 +410,15 @@ def _autoscaling(auto: Mapping | None) -> AutoscalingSpec | None:
         raise SpecError(f + ".metric", f"{metric!r} must be one of {', '.join(AUTOSCALING_METRICS)}")
     if (metric == "PromQL") != bool(auto.get("query")):
         raise SpecError(f + ".query", "is required with metric PromQL and only with it")
+    prometheus = dict(auto["prometheus"]) if auto.get("prometheus") else None
+    if metric == "PromQL" and not (prometheus or {}).get("url"):
+        raise SpecError(f + ".prometheus.url", "is required with metric PromQL")
+    during = auto.get("duringRollout", "Follow")
+    if during not in DURING_ROLLOUT:
+        raise SpecError(f + ".duringRollout", f"{during!r} must be one of {', '.join(DURING_ROLLOUT)}")
+    tolerance = float(auto.get("tolerance", 0.1))
+    if not 0 <= tolerance < 1:
+        raise SpecError(f + ".tolerance", f"{tolerance} must be at least 0 and below 1")
     return AutoscalingSpec(
         min_replicas=lo,
         max_replicas=hi,
@@ -414,4 +429,10 @@ def _autoscaling(auto: Mapping | None) -> AutoscalingSpec | None:
                                                       f + ".scaleUpStabilization"),
         scale_down_stabilization_seconds=parse_duration(auto.get("scaleDownStabilization", "5m"),
                                                         f + ".scaleDownStabilization"),
+        interval_seconds=max(parse_duration(auto.get("interval", "15s"), f + ".interval"), 0.1),
+        tolerance=tolerance,
+        cold_start_allowance_seconds=parse_duration(auto.get("coldStartAllowance", "10m"),
+                                                    f + ".coldStartAllowance"),
+        during_rollout=during,
+        prometheus=prometheus,
     )

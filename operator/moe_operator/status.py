@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .autoscaling import limited_condition
 from .observe import Observed
 from .plan import Plan
 from .progressive import rollout_conditions
@@ -15,6 +16,7 @@ from .services import pods_selector
 from .spec import ModelDeployment
 
 AVAILABLE, PROGRESSING, DEGRADED = "Available", "Progressing", "Degraded"
+SCALING_LIMITED = "ScalingLimited"     # only with spec.autoscaling
 CONDITION_TYPES = (AVAILABLE, PROGRESSING, DEGRADED)
 
 # Reasons (CamelCase, as Kubernetes conditions use them).
@@ -34,7 +36,7 @@ HEALTHY = "Healthy"
 # The status keys this module owns; others (e.g. `autoscaling`) belong to other parts of the operator.
 OWNED_KEYS = ("observedGeneration", "replicas", "readyReplicas", "updatedReplicas", "selector",
               "currentRevision", "stableRevision", "phase", "currentStepIndex", "canaryWeight",
-              "message", "rollout", "conditions")
+              "message", "rollout", "autoscaling", "conditions")
 
 
 def condition(old: Sequence[Mapping[str, Any]], ctype: str, status: bool, reason: str, message: str,
@@ -130,6 +132,17 @@ def status_of(md: ModelDeployment, observed: Observed, plan: Plan, now: str) -> 
                 "currentStepIndex": plan.step_index, "rollout": dict(plan.rollout_state) or None}
     status.update({k: v for k, v in optional.items() if v is not None})
     return status
+
+
+def with_autoscaling(status: Mapping[str, Any], md: ModelDeployment, autoscaling: Mapping[str, Any] | None,
+                     now: str) -> dict[str, Any]:
+    """The status plus the built-in autoscaler's state and its ScalingLimited condition (pure). With
+    spec.autoscaling unset, neither is there (a status patch then removes them)."""
+    if md.autoscaling is None or autoscaling is None:
+        return dict(status)
+    old_conditions = md.status.get("conditions") or []
+    limited = condition(old_conditions, SCALING_LIMITED, *limited_condition(autoscaling), md.generation, now)
+    return {**status, "autoscaling": dict(autoscaling), "conditions": [*status.get("conditions", []), limited]}
 
 
 def invalid_status(old_status: Mapping[str, Any], generation: int, reason: str, message: str,

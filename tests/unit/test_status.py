@@ -85,7 +85,8 @@ def test_patch_is_empty_when_nothing_changed_and_removes_dropped_keys():
     s = status_for(md, pod(md, ready=True))
     assert status_patch(s, s) == {}
     assert status_patch({**s, "canaryWeight": 20}, s) == {"canaryWeight": None}
-    assert status_patch({**s, "autoscaling": {"x": 1}}, s) == {}     # not this module's key
+    # Without spec.autoscaling the autoscaler's status goes.
+    assert status_patch({**s, "autoscaling": {"x": 1}}, s) == {"autoscaling": None}
     # Same observation later: the same status (transition times kept) and so no patch.
     again = status_for(md_of(status=s), pod(md, ready=True))
     assert status_patch(s, {**again}) == {}
