@@ -196,32 +196,35 @@ def paged_attention(
 
     q [N, H, E]; k [S, L, K, E] and v [S, L, K, Ev] gathered through the block tables -> [N, H, Ev].
     """
-    if ctx.max_new == 1:
-        return decode_attention(q, k, v, ctx.mask[:, :, 0], scale)
-    qs = ctx.pad(q).transpose(1, 2)  # [S, H, Q, E]
-    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [S, K, L, E]
+    qs = ctx.pad(q)  # [S, Q, H, E]
+    if ctx.max_new == 1 or k.shape[2] == 1:  # decode, or MLA's one latent head: no expanded copies
+        return ctx.unpad(grouped_attention(qs, k, v, ctx.mask, scale))
+    qs, k, v = qs.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [S, H|K, Q|L, E]
     out = F.scaled_dot_product_attention(
         qs, k, v, attn_mask=ctx.mask, scale=scale, enable_gqa=qs.shape[1] != k.shape[1]
     )  # [S, H, Q, Ev]
     return ctx.unpad(out.transpose(1, 2))  # [N, H, Ev]
 
 
-def decode_attention(
+def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """One new token per sequence (N == S), written out as two matmuls: for single-query shapes
-    this is far cheaper than scaled_dot_product_attention's dispatch on the CPU.
+    """Attention as two batched matmuls, the G = H / K query heads of each kv head stacked with
+    the Q new tokens into one matrix: every cached key and value is read once, never expanded
+    per head (scaled_dot_product_attention copies them for GQA, and its CPU dispatch is far
+    slower for single-query shapes).
 
-    q [S, H, E]; k [S, L, K, E]; v [S, L, K, Ev]; mask [S, 1, L] -> [S, H, Ev]
+    q [S, Q, H, E]; k [S, L, K, E]; v [S, L, K, Ev]; mask [S, 1, Q, L] -> [S, Q, H, Ev]
     """
-    S, H, E = q.shape
+    S, Q, H, E = q.shape
     K = k.shape[2]
-    qg = q.view(S, K, H // K, E)  # [S, K, G, E]: query head h reads kv head h // G
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [S, K, G, L]
-    scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).to(v.dtype)  # [S, K, G, L]
-    out = torch.matmul(probs, v.transpose(1, 2))  # [S, K, G, Ev]
-    return out.reshape(S, H, v.shape[-1])
+    G = H // K  # query head h reads kv head h // G
+    qg = q.view(S, Q, K, G, E).permute(0, 2, 3, 1, 4).reshape(S, K, G * Q, E)  # [S, K, G*Q, E]
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [S, K, G*Q, L]
+    scores = scores.view(S, K, G, Q, -1).masked_fill(~mask[:, :, None], float("-inf"))  # [S, K, G, Q, L]
+    probs = scores.softmax(dim=-1).to(v.dtype).view(S, K, G * Q, -1)  # [S, K, G*Q, L]
+    out = torch.matmul(probs, v.transpose(1, 2))  # [S, K, G*Q, Ev]
+    return out.view(S, K, G, Q, -1).permute(0, 3, 1, 2, 4).reshape(S, Q, H, -1)  # [S, Q, H, Ev]
 
 
 # ---- attention variants ------------------------------------------------------------------------
