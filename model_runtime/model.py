@@ -209,22 +209,22 @@ def paged_attention(
 def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Attention as two batched matmuls, the G = H / K query heads of each kv head stacked with
-    the Q new tokens into one matrix: every cached key and value is read once, never expanded
-    per head (scaled_dot_product_attention copies them for GQA, and its CPU dispatch is far
-    slower for single-query shapes).
+    """Attention as two batched matmuls, the Q new tokens and the G = H / K query heads of each kv
+    head stacked into one matrix: every cached key and value is read once, never expanded per
+    head (scaled_dot_product_attention copies them for GQA, and its CPU dispatch is far slower
+    for single-query shapes). With one kv head (MLA) or one new token the stacking is a view.
 
     q [S, Q, H, E]; k [S, L, K, E]; v [S, L, K, Ev]; mask [S, 1, Q, L] -> [S, Q, H, Ev]
     """
     S, Q, H, E = q.shape
     K = k.shape[2]
     G = H // K  # query head h reads kv head h // G
-    qg = q.view(S, Q, K, G, E).permute(0, 2, 3, 1, 4).reshape(S, K, G * Q, E)  # [S, K, G*Q, E]
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [S, K, G*Q, L]
-    scores = scores.view(S, K, G, Q, -1).masked_fill(~mask[:, :, None], float("-inf"))  # [S, K, G, Q, L]
-    probs = scores.softmax(dim=-1).to(v.dtype).view(S, K, G * Q, -1)  # [S, K, G*Q, L]
-    out = torch.matmul(probs, v.transpose(1, 2))  # [S, K, G*Q, Ev]
-    return out.view(S, K, G, Q, -1).permute(0, 3, 1, 2, 4).reshape(S, Q, H, -1)  # [S, Q, H, Ev]
+    qg = q.view(S, Q, K, G, E).transpose(1, 2).reshape(S, K, Q * G, E)  # [S, K, Q*G, E]
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [S, K, Q*G, L]
+    scores = scores.view(S, K, Q, G, -1).masked_fill(~mask[:, :, :, None], float("-inf"))  # [S, K, Q, G, L]
+    probs = scores.softmax(dim=-1).to(v.dtype).view(S, K, Q * G, -1)  # [S, K, Q*G, L]
+    out = torch.matmul(probs, v.transpose(1, 2))  # [S, K, Q*G, Ev]
+    return out.view(S, K, Q, G, -1).transpose(1, 2).reshape(S, Q, H, -1)  # [S, Q, H, Ev]
 
 
 # ---- attention variants ------------------------------------------------------------------------
