@@ -337,7 +337,7 @@ class MLAttention(nn.Module):
         out_latent = paged_attention(q_abs, kv_ctx, kv_ctx[..., :C], ctx, self.scale)  # [N, H, C]
         # w_uv [H, Dv, C] @ out_latent [H, C, N]: MKL's batched gemm reads w_uv faster this way round
         out = torch.bmm(w_uv, out_latent.permute(1, 2, 0)).permute(2, 0, 1)  # [N, H, Dv]
-        return self.o_proj(out.reshape(N, H * Dv))
+        return self.o_proj(out.reshape(N, H * Dv).contiguous())  # row-major rows (int8 kernels need them)
 
 
 # ---- feed-forward variants -----------------------------------------------------------------------
