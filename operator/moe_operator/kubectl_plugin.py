@@ -159,6 +159,16 @@ def render_status(body: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], no
         lines.append(f"  PAUSED      by hand (kubectl moe resume {meta.get('name')})")
     if state.get("completedAt") and current == stable:
         lines.append(f"  promoted    {_age(state['completedAt'], now)} ago")
+    auto = status.get("autoscaling") or {}
+    if spec.get("autoscaling") and auto:
+        bounds = spec["autoscaling"]
+        lines.append(f"  autoscaling {auto.get('metric')} {auto.get('currentValue', '-')} (target {auto.get('target')}), "
+                     f"wants {auto.get('desiredReplicas')} in [{bounds.get('minReplicas', 1)}, "
+                     f"{bounds.get('maxReplicas')}]: {auto.get('reason')}")
+        last = auto.get("lastDecision")
+        if last:
+            lines.append(f"              last scaled {last.get('from')} -> {last.get('to')} {_age(last.get('at'), now)} "
+                         f"ago ({last.get('reason')})")
     conds = " ".join(f"{c['type']}={c['status']}({c.get('reason', '')})" for c in status.get("conditions") or [])
     if conds:
         lines.append(f"  conditions  {conds}")

@@ -157,3 +157,16 @@ def test_turning_autoscaling_off_removes_its_status():
     del c.md["spec"]["autoscaling"]
     c.reconcile()
     assert "autoscaling" not in c.md["status"] and "ScalingLimited" not in conditions(c)
+
+
+def test_kubectl_moe_status_shows_the_autoscaler():
+    from moe_operator.kubectl_plugin import render_status
+
+    c = Cluster(copy.deepcopy(SPEC))
+    c.settle()
+    c.signal = Signal("requestsWaiting", value=5.0, groups=1, running=1.0, waiting=5.0, saturated_slots=1.0)
+    c.time += 5
+    c.reconcile()
+    text = render_status(c.md, list(c.pods.values()), c.time + 30)
+    assert "autoscaling requestsWaiting 5.0 (target 1.0), wants 3 in [1, 4]: ScaleUp" in text
+    assert "last scaled 1 -> 3 30s ago (ScaleUp)" in text
