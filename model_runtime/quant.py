@@ -33,7 +33,7 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ (q * scale).T with q int8 [out, in], scale [out] -> [..., out] in x's dtype."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])  # [M, in]
+    x2 = x.reshape(-1, shape[-1]).contiguous()  # [M, in]; the int8 kernel needs rows contiguous
     if x.device.type == "cpu":
         y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), q, scale.to(torch.bfloat16)).to(x.dtype)
     else:
