@@ -137,7 +137,7 @@ def rules_of(objects: list[dict]) -> dict[str, set[tuple[str, str, str]]]:
 
 NAMESPACED_RULES = {
     (names.GROUP, "modeldeployments", verb) for verb in ("get", "list", "watch", "patch")
-} | {(names.GROUP, "modeldeployments/status", "patch")} | {
+} | {(names.GROUP, "modeldeployments/status", "patch"), (names.GROUP, "modeldeployments/scale", "patch")} | {
     ("", resource, verb) for resource in ("pods", "services") for verb in ("list", "watch", "create", "patch", "delete")
 } | {("", "events", "create")}
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
