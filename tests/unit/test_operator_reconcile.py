@@ -325,8 +325,8 @@ def test_services_follow_the_plan():
 
 def test_existing_pods_are_relabelled_never_reapplied():
     from moe_operator.desired import changes, desired_objects
-    from moe_operator.plan import plan_groups
     from moe_operator.pods import revision_of
+    from moe_operator.rollout import next_step
     from moe_operator.spec import ModelDeployment
 
     c = FakeCluster(copy.deepcopy(SPEC))
@@ -334,7 +334,7 @@ def test_existing_pods_are_relabelled_never_reapplied():
     c.set_spec(model={"source": "builtin:tiny-mixtral"})     # a new revision; old pods keep their spec
     md = ModelDeployment.from_body(c.md)
     observed = c.observe("ns", "chat", 1)
-    plan = plan_groups(md, observed, revision_of(md))
+    plan = next_step(md, observed, revision_of(md), c.time)
     todo = changes(desired_objects(md, plan, observed), observed)
     assert todo.created_pods == 1
     assert all(b["metadata"]["name"] not in c.pods() for b in todo.applies if b["kind"] == "Pod")

@@ -1,8 +1,8 @@
 """status_of / status_patch / events_for: what users read in `kubectl get md` and `kubectl describe`."""
 
 import pytest
+from moe_operator import rollout
 from moe_operator.observe import observed_from
-from moe_operator.plan import plan_groups
 from moe_operator.pods import revision_of
 from moe_operator.spec import ModelDeployment, SpecError
 from moe_operator.status import condition, events_for, invalid_status, status_of, status_patch
@@ -27,7 +27,7 @@ def pod(md, name="p", ready=False, **status):
 
 def status_for(md, *pods):
     observed = observed_from(pods, [], md.pods_per_replica)
-    return status_of(md, observed, plan_groups(md, observed, revision_of(md)), "NOW")
+    return status_of(md, observed, rollout.next_step(md, observed, revision_of(md), 0.0), "NOW")
 
 
 def conds(status):
