@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tokenizer import BYTE_SPECIALS
+
 SUPPORTED_ARCHITECTURES = (
     "MixtralForCausalLM",
     "Qwen2MoeForCausalLM",
@@ -371,11 +373,35 @@ def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, dict
     return float(theta), params
 
 
+# The byte-level tokenizer's ids (tokenizer.BYTE_SPECIALS), which the tiny presets use.
+_BYTE_TOKENS: dict[str, Any] = dict(
+    vocab_size=320,
+    bos_token_id=BYTE_SPECIALS["<|begin_of_text|>"],
+    eos_token_id=[BYTE_SPECIALS["<|end_of_text|>"], BYTE_SPECIALS["<|im_end|>"]],
+    pad_token_id=BYTE_SPECIALS["<|pad|>"],
+)
+
+# What DeepSeek-V3 presets share apart from their sizes: MLA with interleaved rope, sigmoid
+# scores routed within 2 of 4 expert groups, the first layer dense.
+_DEEPSEEK_V3: dict[str, Any] = dict(
+    architecture="DeepseekV3ForCausalLM",
+    rms_norm_eps=1e-6,
+    max_position_embeddings=4096,
+    attention="mla",
+    rope_interleave=True,
+    scoring_func="sigmoid",
+    topk_method="noaux_tc",
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    n_group=4,
+    topk_group=2,
+    dense_layers=(0,),
+)
+
 # Builtin models are tiny and random; `deepseek-v3-100m` is the benchmark's shape (~100M parameters).
 PRESETS: dict[str, ModelConfig] = {
     "tiny-mixtral": ModelConfig(
         architecture="MixtralForCausalLM",
-        vocab_size=320,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -387,13 +413,10 @@ PRESETS: dict[str, ModelConfig] = {
         num_experts_per_tok=2,
         moe_intermediate_size=128,
         norm_topk_prob=True,
-        bos_token_id=256,
-        eos_token_id=[257, 260],
-        pad_token_id=258,
+        **_BYTE_TOKENS,
     ),
     "tiny-qwen3-moe": ModelConfig(
         architecture="Qwen3MoeForCausalLM",
-        vocab_size=320,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -408,28 +431,21 @@ PRESETS: dict[str, ModelConfig] = {
         num_experts_per_tok=4,
         moe_intermediate_size=64,
         norm_topk_prob=True,
-        bos_token_id=256,
-        eos_token_id=[257, 260],
-        pad_token_id=258,
+        **_BYTE_TOKENS,
     ),
     "tiny-deepseek-v3": ModelConfig(
-        architecture="DeepseekV3ForCausalLM",
-        vocab_size=320,
+        **_DEEPSEEK_V3,
         hidden_size=64,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=4,
         intermediate_size=160,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=4096,
-        attention="mla",
         q_lora_rank=48,
         kv_lora_rank=32,
         qk_nope_head_dim=16,
         qk_rope_head_dim=16,
         v_head_dim=16,
         head_dim=16,
-        rope_interleave=True,
         rope_scaling={
             "rope_type": "yarn",
             "factor": 4.0,
@@ -442,47 +458,27 @@ PRESETS: dict[str, ModelConfig] = {
         num_experts=16,
         num_experts_per_tok=4,
         moe_intermediate_size=32,
-        scoring_func="sigmoid",
-        topk_method="noaux_tc",
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-        n_group=4,
-        topk_group=2,
         shared_expert_intermediate_size=32,
-        dense_layers=(0,),
-        bos_token_id=256,
-        eos_token_id=[257, 260],
-        pad_token_id=258,
+        **_BYTE_TOKENS,
     ),
     "deepseek-v3-100m": ModelConfig(
-        architecture="DeepseekV3ForCausalLM",
+        **_DEEPSEEK_V3,
         vocab_size=32000,
         hidden_size=512,
         num_hidden_layers=8,
         num_attention_heads=8,
         num_key_value_heads=8,
         intermediate_size=1536,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=4096,
-        attention="mla",
         q_lora_rank=256,
         kv_lora_rank=128,
         qk_nope_head_dim=64,
         qk_rope_head_dim=32,
         v_head_dim=64,
         head_dim=32,
-        rope_interleave=True,
         num_experts=16,
         num_experts_per_tok=4,
         moe_intermediate_size=384,
-        scoring_func="sigmoid",
-        topk_method="noaux_tc",
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-        n_group=4,
-        topk_group=2,
         shared_expert_intermediate_size=384,
-        dense_layers=(0,),
         bos_token_id=0,
         eos_token_id=1,
     ),
