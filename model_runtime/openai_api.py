@@ -171,6 +171,19 @@ def _sse(data: Any) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
+def _envelope(request_id: str, created: int, model_name: str):
+    """The fields every answer and stream chunk of one request carries; `usage` with the final output."""
+
+    def body(kind: str, choices: list[dict], final=None) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": request_id, "object": kind, "created": created, "model": model_name,
+                               "choices": choices}
+        if final is not None:
+            out["usage"] = usage(len(final.prompt_token_ids), len(final.token_ids))
+        return out
+
+    return body
+
+
 def _chunk_template(request_id: str, kind: str, created: int, model_name: str, before: str, after: str):
     """An SSE event builder for the per-token chunk of a stream, which differs only in its text."""
     head = (
@@ -199,8 +212,9 @@ def create_openai_router(service: InferenceService) -> APIRouter:
     def stream_response(chunks) -> StreamingResponse:
         return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def stream_events(outputs, make_chunk, include_usage: bool, usage_chunk):
+    async def stream_events(outputs, make_chunk, stream_options: StreamOptions | None, usage_chunk):
         """SSE events for a stream of engine outputs; `make_chunk(output)` builds each chunk."""
+        include_usage = bool(stream_options and stream_options.include_usage)
         final = None
         try:
             async for output in outputs:
@@ -227,6 +241,7 @@ def create_openai_router(service: InferenceService) -> APIRouter:
         tokenizer = service.tokenizer
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        answer = _envelope(request_id, created, model_name)
         echo_text = ""
         if req.echo:
             echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
@@ -242,16 +257,7 @@ def create_openai_router(service: InferenceService) -> APIRouter:
                 "logprobs": logprobs,
                 "finish_reason": final.finish_reason,
             }
-            return JSONResponse(
-                {
-                    "id": request_id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model_name,
-                    "choices": [choice],
-                    "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
-                }
-            )
+            return JSONResponse(answer("text_completion", [choice], final))
 
         outputs = await first_and_rest(service.generate(prompt, params))
         state = {"echo": echo_text, "offset": len(echo_text)}
@@ -269,36 +275,16 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             if req.logprobs is not None:
                 logprobs = completion_logprobs(tokenizer, output.logprobs or [], state["offset"])
             state["offset"] += len(text)
-            body = {
-                "id": request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": output.finish_reason if output.finished else None,
-                    }
-                ],
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": output.finish_reason if output.finished else None,
             }
-            if output.finished:
-                body["usage"] = usage(len(output.prompt_token_ids), len(output.token_ids))
-            return body
+            return answer("text_completion", [choice], output if output.finished else None)
 
-        def usage_chunk(final) -> dict:
-            return {
-                "id": request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model_name,
-                "choices": [],
-                "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
-            }
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return stream_response(stream_events(outputs, chunk, include_usage, usage_chunk))
+        return stream_response(stream_events(
+            outputs, chunk, req.stream_options, lambda final: answer("text_completion", [], final)))
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
@@ -317,6 +303,7 @@ def create_openai_router(service: InferenceService) -> APIRouter:
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        answer = _envelope(request_id, created, model_name)
 
         if not req.stream:
             final = await service.complete(prompt, params)
@@ -326,16 +313,7 @@ def create_openai_router(service: InferenceService) -> APIRouter:
                 "logprobs": chat_logprobs(tokenizer, final.logprobs or []) if req.logprobs else None,
                 "finish_reason": final.finish_reason,
             }
-            return JSONResponse(
-                {
-                    "id": request_id,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model_name,
-                    "choices": [choice],
-                    "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
-                }
-            )
+            return JSONResponse(answer("chat.completion", [choice], final))
 
         outputs = await first_and_rest(service.generate(prompt, params))
         state = {"first": True}
@@ -354,35 +332,15 @@ def create_openai_router(service: InferenceService) -> APIRouter:
                 delta["content"] = output.new_text
             if not delta and not output.finished and not output.logprobs:
                 return None
-            body = {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": delta,
-                        "logprobs": chat_logprobs(tokenizer, output.logprobs or []) if req.logprobs else None,
-                        "finish_reason": output.finish_reason if output.finished else None,
-                    }
-                ],
+            choice = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": chat_logprobs(tokenizer, output.logprobs or []) if req.logprobs else None,
+                "finish_reason": output.finish_reason if output.finished else None,
             }
-            if output.finished:
-                body["usage"] = usage(len(output.prompt_token_ids), len(output.token_ids))
-            return body
+            return answer("chat.completion.chunk", [choice], output if output.finished else None)
 
-        def usage_chunk(final) -> dict:
-            return {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name,
-                "choices": [],
-                "usage": usage(len(final.prompt_token_ids), len(final.token_ids)),
-            }
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return stream_response(stream_events(outputs, chunk, include_usage, usage_chunk))
+        return stream_response(stream_events(
+            outputs, chunk, req.stream_options, lambda final: answer("chat.completion.chunk", [], final)))
 
     return router
