@@ -10,6 +10,7 @@ import sys
 
 import kopf
 import urllib3
+from aiohttp import web
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
@@ -20,6 +21,7 @@ from .controller import Controller, key_of
 from .handlers import configure, registry
 from .metrics import OperatorMetrics
 from .observe import Reader
+from .permissions import RECHECK_SECONDS, RETRY_SECONDS, Access, KopfRetries, Readiness
 from .server import build_app, serve
 
 log = logging.getLogger("moe_operator")
@@ -105,25 +107,81 @@ def alert_routes(controller: Controller, metrics: OperatorMetrics, token: TokenS
                          on_result=lambda result: metrics.alerts.labels(result).inc())
 
 
+async def keep_readiness(readiness: Readiness, access: Access, kopf_started: asyncio.Event) -> None:
+    """Check the permissions at start and periodically (a fixed Role is noticed without a restart);
+    once they are all granted and kopf has started, LIST what the watches list, once."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            missing = await loop.run_in_executor(None, access.missing)
+        except Exception as error:     # the API server cannot answer: say so on /healthz, try again
+            if readiness.check_error is None:
+                log.warning("cannot check the operator's permissions: %s", error)
+            readiness.check_error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        else:
+            readiness.check_error = None
+            if missing != readiness.missing:
+                for line in missing:
+                    log.error("%s", line)
+                if not missing:
+                    log.info("permissions: all %d granted", len(access.checks))
+            readiness.missing = missing
+        if readiness.missing == [] and readiness.check_error is None and not readiness.listed:
+            await kopf_started.wait()
+            readiness.list_error = await loop.run_in_executor(None, access.list_watched)
+            readiness.listed = readiness.list_error is None
+            if readiness.listed:
+                log.info("ready: watching %s", ", ".join(access.namespaces) or "all namespaces")
+            else:
+                log.warning("%s", readiness.list_error)
+        await asyncio.sleep(RECHECK_SECONDS if readiness.ok() else RETRY_SECONDS)
+
+
+async def livez(_request: web.Request) -> web.Response:
+    """/livez: the process serves; for a liveness probe (a missing permission makes /healthz 503, and
+    a restart would not cure it)."""
+    return web.Response(text="ok\n")
+
+
+def healthz_with_reason(readiness: Readiness):
+    """/healthz: 200 `ok`, or 503 with the one-line reason (server.build_app's own route says only
+    `starting`)."""
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if request.path != "/healthz":
+            return await handler(request)
+        reason = readiness.reason()
+        return web.Response(text=f"{reason or 'ok'}\n", status=503 if reason else 200)
+    return middleware
+
+
 async def operate(args: argparse.Namespace, controller: Controller, metrics: OperatorMetrics,
-                  token: TokenSource, store: AbortStore) -> None:
-    ready = asyncio.Event()
-    routes = alert_routes(controller, metrics, token, store)
-    runner = await serve(build_app(metrics, ready.is_set, routes), args.host, args.port)
-    log.info("serving /healthz, /metrics and /alerts on %s:%d", args.host, args.port)
+                  token: TokenSource, store: AbortStore, access: Access) -> None:
+    kopf_started = asyncio.Event()
+    kopf_retries = KopfRetries()
+    logging.getLogger("kopf").addHandler(kopf_retries)
+    readiness = Readiness(kopf_retries)
+    routes = [*alert_routes(controller, metrics, token, store), web.get("/livez", livez)]
+    app = build_app(metrics, readiness.ok, routes)
+    app.middlewares.append(healthz_with_reason(readiness))
+    runner = await serve(app, args.host, args.port)
+    log.info("serving /healthz, /livez, /metrics and /alerts on %s:%d", args.host, args.port)
     resync_task = asyncio.create_task(resync(controller, args.resync_seconds))
+    readiness_task = asyncio.create_task(keep_readiness(readiness, access, kopf_started))
     try:
         await kopf.operator(
             registry=registry,
-            settings=configure(kopf.OperatorSettings()),
+            settings=configure(kopf.OperatorSettings(), args.namespace),
             standalone=True,
             clusterwide=not args.namespace,
             namespaces=args.namespace,
             memo=kopf.Memo(controller=controller),
-            ready_flag=ready,
+            ready_flag=kopf_started,
         )
     finally:
         resync_task.cancel()
+        readiness_task.cancel()
+        logging.getLogger("kopf").removeHandler(kopf_retries)
         await runner.cleanup()
 
 
@@ -140,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = OperatorMetrics()
         controller = Controller(Reader(dyn), Writer(dyn, metrics), metrics, log)
         store = AbortStore(dyn)
+        access = Access(api, dyn, args.namespace, log)
     except ResourceNotFoundError:
         print("moe-operator: the ModelDeployment CRD is not installed; install it with\n"
               "  kubectl apply --server-side -f crds/modeldeployments.yaml", file=sys.stderr)
@@ -149,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     try:
-        asyncio.run(operate(args, controller, metrics, token_source(args, api), store))
+        asyncio.run(operate(args, controller, metrics, token_source(args, api), store, access))
     except KeyboardInterrupt:
         pass
     return 0

@@ -7,18 +7,34 @@ and owner references let the garbage collector remove pods and Services, so no f
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
+from collections.abc import Sequence
 
 import kopf
 
 from . import names
+from .permissions import scans_namespaces
 
 registry = kopf.OperatorRegistry()
 OWNED = {names.LABEL_MANAGED_BY: names.MANAGED_BY, names.LABEL_DEPLOYMENT: kopf.PRESENT}
 
 
-def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
-    """kopf's bookkeeping under the project's prefix, in annotations, never in `.status`."""
+class RetryForever:
+    """kopf's delays between retries of an API error (5xx, 403, 429, a lost connection): 1, 1, 2, 3, 5, 8,
+    then every 10 s, never giving up. kopf's default gives up after about a minute, and a watch that
+    gives up stops the whole operator: a Role missing `list pods` would crash-loop the pod instead of
+    reporting the permission on /healthz until someone grants it."""
+
+    def __iter__(self):
+        return itertools.chain((1, 1, 2, 3, 5, 8), itertools.repeat(10))
+
+
+def configure(settings: kopf.OperatorSettings, namespaces: Sequence[str] = ()) -> kopf.OperatorSettings:
+    """kopf's bookkeeping under the project's prefix, in annotations, never in `.status`; with exact
+    `namespaces` (no globs), no scanning: kopf then watches those namespaces without listing
+    namespaces or CRDs cluster-wide, which a namespaced install has no permission for (kopf would
+    retry the 403s for about a minute, reconciling nothing meanwhile)."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=names.PREFIX, key="last-handled-configuration")
@@ -26,6 +42,8 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     settings.posting.level = logging.WARNING      # Events for failures only; ours say what happened
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
+    settings.networking.error_backoffs = RetryForever()
+    settings.scanning.disabled = bool(namespaces) and not scans_namespaces(namespaces)
     return settings
 
 
