@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from model_runtime import protocol
 from model_runtime.protocol import ProtocolError, Tensor
-from model_runtime.server import VERSION, InferenceService, ModelNotFound, ServiceError
+from model_runtime.server import VERSION, InferenceService, ServiceError
 
 log = logging.getLogger("model_runtime.grpc")
 
@@ -109,11 +109,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: InferenceService):
         self.service = service
 
-    def _check_model(self, name: str, version: str) -> None:
-        self.service.check_model(name)
-        if version not in ("", protocol.MODEL_VERSION):
-            raise ModelNotFound(f"model '{name}' has no version '{version}'")
-
     async def _abort(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
         if isinstance(error, ServiceError):
             self.service.count_failure(error)
@@ -129,7 +124,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         try:
-            self._check_model(request.name, request.version)
+            self.service.check_model(request.name, request.version)
         except ServiceError as e:
             await self._abort(context, e)
         return pb.ModelReadyResponse(ready=self.service.ready)
@@ -142,7 +137,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         try:
-            self._check_model(request.name, request.version)
+            self.service.check_model(request.name, request.version)
         except ServiceError as e:
             await self._abort(context, e)
         meta = protocol.model_metadata(self.service.model_name)
@@ -156,7 +151,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         try:
-            self._check_model(request.name, request.version)
+            self.service.check_model(request.name, request.version)
         except ServiceError as e:
             await self._abort(context, e)
         config = json_format.ParseDict(
@@ -165,7 +160,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=config)
 
     async def _start(self, request: pb.ModelInferRequest):
-        self._check_model(request.model_name, request.model_version)
+        self.service.check_model(request.model_name, request.model_version)
         self.service.admit()
         gen, requested = decode_request(request)
         return gen, requested, self.service.sampling_params(**gen.sampling)
@@ -188,21 +183,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Run one request of a stream, sending its responses (or its error) through `send`."""
         try:
             gen, requested, params = await self._start(request)
-            prompt_prefix = gen.prompt if gen.prepend_input else ""
-            async for output in self.service.generate(gen.prompt, params):
-                if gen.stream:
-                    text = output.new_text
-                elif output.finished:
-                    text = output.text
-                else:
-                    continue
-                if not text and not output.finished:
-                    continue
-                count = len(output.new_token_ids) if gen.stream else len(output.token_ids)
+            async for output, text, count in protocol.stream_pieces(
+                gen, self.service.generate(gen.prompt, params)
+            ):
                 tensors = protocol.result_tensors(
-                    gen, prompt_prefix + text, output.finish_reason, len(output.prompt_token_ids), count
+                    gen, text, output.finish_reason, len(output.prompt_token_ids), count
                 )
-                prompt_prefix = ""
                 response = encode_response(
                     self.service.model_name,
                     request.id,

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model_runtime import protocol
 from model_runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from model_runtime.protocol import ProtocolError
-from model_runtime.server import VERSION, InferenceService, ModelNotFound, ServiceError, first_and_rest
+from model_runtime.server import VERSION, InferenceService, ServiceError, first_and_rest
 
 log = logging.getLogger("model_runtime.http")
 
@@ -250,25 +250,16 @@ def create_app(service: InferenceService) -> BodyLimit:
         service.metrics.request_failed("internal")
         return _error_response(request.url.path, 500, f"internal error: {type(exc).__name__}", "server_error")
 
-    def check_version(version: str | None) -> None:
-        if version not in (None, "", protocol.MODEL_VERSION):
-            raise ModelNotFound(
-                f"model '{model_name}' has no version '{version}'; it has {protocol.MODEL_VERSION}"
-            )
-
     # -- health and metadata --------------------------------------------------------------------
 
     @app.get("/v2/health/live", tags=["kserve"])
+    @app.get("/health", tags=["health"], include_in_schema=False)
     async def server_live():
         return JSONResponse({}, status_code=200 if service.live else 503)
 
     @app.get("/v2/health/ready", tags=["kserve"])
     async def server_ready():
         return JSONResponse({}, status_code=200 if service.ready else 503)
-
-    @app.get("/health", tags=["health"], include_in_schema=False)
-    async def health():
-        return JSONResponse({}, status_code=200 if service.live else 503)
 
     @app.get("/v2", tags=["kserve"])
     async def server_metadata():
@@ -277,22 +268,19 @@ def create_app(service: InferenceService) -> BodyLimit:
     @app.get("/v2/models/{model_name}", tags=["kserve"])
     @app.get("/v2/models/{model_name}/versions/{version}", tags=["kserve"])
     async def model_metadata(model_name: str, version: str | None = None):
-        service.check_model(model_name)
-        check_version(version)
+        service.check_model(model_name, version)
         return protocol.model_metadata(model_name)
 
     @app.get("/v2/models/{model_name}/config", tags=["kserve"])
     @app.get("/v2/models/{model_name}/versions/{version}/config", tags=["kserve"])
     async def model_config(model_name: str, version: str | None = None):
-        service.check_model(model_name)
-        check_version(version)
+        service.check_model(model_name, version)
         return protocol.model_config(model_name)
 
     @app.get("/v2/models/{model_name}/ready", tags=["kserve"])
     @app.get("/v2/models/{model_name}/versions/{version}/ready", tags=["kserve"])
     async def model_ready(model_name: str, version: str | None = None):
-        service.check_model(model_name)
-        check_version(version)
+        service.check_model(model_name, version)
         return JSONResponse({}, status_code=200 if service.ready else 503)
 
     @app.get("/metrics", tags=["metrics"])
@@ -310,8 +298,7 @@ def create_app(service: InferenceService) -> BodyLimit:
         openapi_extra=_json_body(INFER_REQUEST_SCHEMA),
     )
     async def infer(model_name: str, request: Request, version: str | None = None):
-        service.check_model(model_name)
-        check_version(version)
+        service.check_model(model_name, version)
         service.admit()
         body = _decompress(await request.body(), request.headers.get("content-encoding"), limit)
         infer_request = protocol.parse_infer_request(body, _header_length(request))
@@ -336,8 +323,7 @@ def create_app(service: InferenceService) -> BodyLimit:
         )
 
     async def start_generate(model_name: str, version: str | None, request: Request, stream_default: bool):
-        service.check_model(model_name)
-        check_version(version)
+        service.check_model(model_name, version)
         service.admit()
         body = await _json(request, limit)
         if isinstance(body, dict) and stream_default and "stream" not in body:
@@ -346,7 +332,7 @@ def create_app(service: InferenceService) -> BodyLimit:
         request_id = body.get("id") if isinstance(body.get("id"), str) else None
         return gen, service.sampling_params(**gen.sampling), request_id
 
-    def generate_body(gen, request_id, text, finish_reason, output) -> dict[str, Any]:
+    def generate_body(gen, request_id, text, finish_reason, input_tokens, output_tokens) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model_name": model_name,
             "model_version": protocol.MODEL_VERSION,
@@ -357,9 +343,9 @@ def create_app(service: InferenceService) -> BodyLimit:
         if finish_reason is not None:
             body["finish_reason"] = finish_reason
         if gen.return_num_input_tokens:
-            body["num_input_tokens"] = len(output.prompt_token_ids)
+            body["num_input_tokens"] = input_tokens
         if gen.return_num_output_tokens:
-            body["num_output_tokens"] = len(output.new_token_ids)
+            body["num_output_tokens"] = output_tokens
         return body
 
     @app.post(
@@ -376,8 +362,11 @@ def create_app(service: InferenceService) -> BodyLimit:
         gen, params, request_id = await start_generate(model_name, version, request, stream_default=False)
         final = await service.complete(gen.prompt, params)
         text = (gen.prompt if gen.prepend_input else "") + final.text
-        final.new_token_ids = final.token_ids
-        return JSONResponse(generate_body(gen, request_id, text, final.finish_reason, final))
+        return JSONResponse(
+            generate_body(
+                gen, request_id, text, final.finish_reason, len(final.prompt_token_ids), len(final.token_ids)
+            )
+        )
 
     @app.post(
         "/v2/models/{model_name}/generate_stream",
@@ -394,29 +383,14 @@ def create_app(service: InferenceService) -> BodyLimit:
         outputs = await first_and_rest(service.generate(gen.prompt, params))
 
         async def events():
-            pending_prompt = gen.prompt if gen.prepend_input else ""
             try:
-                async for output in outputs:
-                    if gen.stream:
-                        text = output.new_text
-                    elif output.finished:
-                        text = output.text
-                    else:
-                        continue
-                    if not text and not output.finished:
-                        continue
-                    if not gen.stream:
-                        output.new_token_ids = output.token_ids
+                async for output, text, count in protocol.stream_pieces(gen, outputs):
+                    finish_reason = output.finish_reason if output.finished else None
                     yield _sse(
                         generate_body(
-                            gen,
-                            request_id,
-                            pending_prompt + text,
-                            output.finish_reason if output.finished else None,
-                            output,
+                            gen, request_id, text, finish_reason, len(output.prompt_token_ids), count
                         )
                     )
-                    pending_prompt = ""
             except ServiceError as e:
                 yield _sse({"error": e.message})
 

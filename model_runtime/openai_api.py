@@ -175,8 +175,13 @@ def _envelope(request_id: str, created: int, model_name: str):
     """The fields every answer and stream chunk of one request carries; `usage` with the final output."""
 
     def body(kind: str, choices: list[dict], final=None) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": request_id, "object": kind, "created": created, "model": model_name,
-                               "choices": choices}
+        out: dict[str, Any] = {
+            "id": request_id,
+            "object": kind,
+            "created": created,
+            "model": model_name,
+            "choices": choices,
+        }
         if final is not None:
             out["usage"] = usage(len(final.prompt_token_ids), len(final.token_ids))
         return out
@@ -283,8 +288,11 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             }
             return answer("text_completion", [choice], output if output.finished else None)
 
-        return stream_response(stream_events(
-            outputs, chunk, req.stream_options, lambda final: answer("text_completion", [], final)))
+        return stream_response(
+            stream_events(
+                outputs, chunk, req.stream_options, lambda final: answer("text_completion", [], final)
+            )
+        )
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
@@ -340,7 +348,10 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             }
             return answer("chat.completion.chunk", [choice], output if output.finished else None)
 
-        return stream_response(stream_events(
-            outputs, chunk, req.stream_options, lambda final: answer("chat.completion.chunk", [], final)))
+        return stream_response(
+            stream_events(
+                outputs, chunk, req.stream_options, lambda final: answer("chat.completion.chunk", [], final)
+            )
+        )
 
     return router

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,26 @@ class GenerateRequest:
     prepend_input: bool = True  # text_output starts with the prompt (vLLM backend default)
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
+
+
+async def stream_pieces(
+    gen: GenerateRequest, outputs: AsyncIterator[Any]
+) -> AsyncIterator[tuple[Any, str, int]]:
+    """(output, text, output tokens) for each response of a generate stream: every output's new text
+    when `gen.stream`, else only the finished output's whole text; the prompt leads the first piece
+    when `gen.prepend_input` asks for it."""
+    prefix = gen.prompt if gen.prepend_input else ""
+    async for output in outputs:
+        if gen.stream:
+            text, count = output.new_text, len(output.new_token_ids)
+        elif output.finished:
+            text, count = output.text, len(output.token_ids)
+        else:
+            continue
+        if not text and not output.finished:
+            continue
+        yield output, prefix + text, count
+        prefix = ""
 
 
 # --- tensors ---------------------------------------------------------------------------------
@@ -433,17 +454,17 @@ def encode_infer_response(
 
 def _coerce(key: str, kind: type, value: Any) -> Any:
     """One sampling parameter; strings are accepted for scalars, as Triton clients send them."""
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            value = kind(value.strip())
+        except ValueError:
+            pass
     if kind is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         if isinstance(value, bool):
             return value
     elif kind is int:
-        if isinstance(value, str):
-            try:
-                value = int(value.strip())
-            except ValueError:
-                pass
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
@@ -451,11 +472,6 @@ def _coerce(key: str, kind: type, value: Any) -> Any:
                 raise ProtocolError(f"sampling parameter '{key}' is out of range: {value}")
             return value
     elif kind is float:
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                pass
         if isinstance(value, int | float) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ProtocolError(f"sampling parameter '{key}' must be a finite number, got {value!r}")

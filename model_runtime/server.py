@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from model_runtime.metrics import RuntimeMetrics
+from model_runtime.protocol import MODEL_VERSION
 
 log = logging.getLogger("model_runtime.server")
 
@@ -281,9 +282,12 @@ class InferenceService:
 
     # -- requests -------------------------------------------------------------------------------
 
-    def check_model(self, name: str) -> None:
+    def check_model(self, name: str, version: str | None = None) -> None:
+        """`version`: the KServe model version a request names ("" or None: any)."""
         if name != self.model_name:
             raise ModelNotFound(f"unknown model '{name}'; this server serves '{self.model_name}'")
+        if version not in (None, "", MODEL_VERSION):
+            raise ModelNotFound(f"model '{name}' has no version '{version}'; it has {MODEL_VERSION}")
 
     def admit(self) -> None:
         """Refuse at once what cannot be served now."""
@@ -353,7 +357,9 @@ class InferenceService:
             latency = cfg.inject_latency_ms / 1000
             if loop.time() + latency >= deadline:
                 await asyncio.sleep(max(0.0, deadline - loop.time()))
-                raise RequestTimeout(f"request timed out after {cfg.request_timeout_s:g}s (--request-timeout)")
+                raise RequestTimeout(
+                    f"request timed out after {cfg.request_timeout_s:g}s (--request-timeout)"
+                )
             await asyncio.sleep(latency)
         if cfg.inject_error_rate > 0 and self._random.random() < cfg.inject_error_rate:
             raise InjectedFault("injected error (--inject-error-rate)")
