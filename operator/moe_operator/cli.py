@@ -21,7 +21,7 @@ from .controller import Controller, key_of
 from .handlers import configure, registry
 from .metrics import OperatorMetrics
 from .observe import Reader
-from .permissions import RECHECK_SECONDS, RETRY_SECONDS, Access, KopfRetries, Readiness
+from .permissions import RECHECK_SECONDS, RETRY_SECONDS, Access, KopfRetries, Readiness, one_line
 from .server import build_app, serve
 
 log = logging.getLogger("moe_operator")
@@ -116,15 +116,15 @@ async def keep_readiness(readiness: Readiness, access: Access, kopf_started: asy
             missing = await loop.run_in_executor(None, access.missing)
         except Exception as error:     # the API server cannot answer: say so on /healthz, try again
             if readiness.check_error is None:
-                log.warning("cannot check the operator's permissions: %s", error)
-            readiness.check_error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                log.warning("cannot check the operator's permissions: %s", one_line(error))
+            readiness.check_error = one_line(error)
         else:
             readiness.check_error = None
-            if missing != readiness.missing:
-                for line in missing:
+            for line in missing:
+                if line not in (readiness.missing or ()):     # one line per missing permission, not per check
                     log.error("%s", line)
-                if not missing:
-                    log.info("permissions: all %d granted", len(access.checks))
+            if not missing and readiness.missing != []:
+                log.info("permissions: all %d granted", len(access.checks))
             readiness.missing = missing
         if readiness.missing == [] and readiness.check_error is None and not readiness.listed:
             await kopf_started.wait()

@@ -15,6 +15,7 @@ reconciles.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -244,11 +245,18 @@ class Access:
                     self.dyn.get(resource, namespace=namespace, limit=1)
                 except Exception as error:
                     where = f"in namespace {namespace}" if namespace else "in all namespaces"
-                    return f"cannot list {resource.name} {where}: {_first_line(error)}"
+                    return f"cannot list {resource.name} {where}: {one_line(error)}"
         return None
 
 
-def _first_line(error: Exception) -> str:
-    text = getattr(error, "summary", None)
-    text = text() if callable(text) else str(error)
-    return (text.strip().splitlines() or [type(error).__name__])[0]
+def one_line(error: Exception) -> str:
+    """An API error as one line: the API server's message when it sent one."""
+    body = getattr(error, "body", None)
+    if body:
+        try:
+            return " ".join(str(json.loads(body)["message"]).split())
+        except (TypeError, ValueError, KeyError):
+            pass
+    if isinstance(error, client.ApiException):
+        return f"{error.status} {error.reason}"
+    return " ".join(str(error).split()) or type(error).__name__

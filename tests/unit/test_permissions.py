@@ -21,6 +21,7 @@ from moe_operator.permissions import (
     Readiness,
     markdown_table,
     missing_message,
+    one_line,
     required,
     scans_namespaces,
     subject,
@@ -198,3 +199,12 @@ def test_a_retrying_kopf_watch_holds_readiness_for_one_retry_interval():
                                   "APIForbiddenError('pods is forbidden')")
     now[0] += 11.5       # kopf retried since (every 10 s at most) and logged no failure: the watch is up
     assert readiness.ok()
+
+
+def test_api_errors_read_as_one_line():
+    from kubernetes.client import ApiException
+    error = ApiException(status=403, reason="Forbidden")
+    assert one_line(error) == "403 Forbidden"
+    error.body = '{"kind": "Status", "message": "selfsubjectaccessreviews is forbidden:\\n user x"}'
+    assert one_line(error) == "selfsubjectaccessreviews is forbidden: user x"
+    assert one_line(OSError("connection\nrefused")) == "connection refused"
