@@ -2,106 +2,12 @@
 when converged (reconciling again writes nothing)."""
 
 import copy
-import itertools
 
 import pytest
+from fake_cluster import FakeCluster
 from moe_operator import names
-from moe_operator.observe import observed_from
-from moe_operator.reconcile import reconcile
 
 pytestmark = pytest.mark.unit
-
-
-def merge(target, patch):
-    """Apply a JSON merge patch (RFC 7386), as the API server does for the status subresource."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge(out.get(key), value)
-    return out
-
-
-class FakeCluster:
-    """Stores what the writer applies; tests set pod status as a kubelet and scheduler would."""
-
-    def __init__(self, spec):
-        self.md = {"apiVersion": names.API_VERSION, "kind": names.KIND,
-                   "metadata": {"name": "chat", "namespace": "ns", "uid": "md-uid", "generation": 1},
-                   "spec": spec, "status": {}}
-        self.objects = {}          # (kind, name) -> body
-        self.writes = []
-        self.events = []
-        self.uids = itertools.count()
-        self.clock = itertools.count()
-        self.time = 1_800_000_000.0          # the rollout clock (pauses, delays)
-
-    # Reads
-    def observe(self, namespace, name, pods_per_replica):
-        pods = [copy.deepcopy(b) for (k, _), b in self.objects.items() if k == "Pod"]
-        services = [copy.deepcopy(b) for (k, _), b in self.objects.items() if k == "Service"]
-        return observed_from(pods, services, pods_per_replica)
-
-    # Writes
-    def write(self, namespace, changes):
-        for body in changes.applies:
-            key = (body["kind"], body["metadata"]["name"])
-            self.writes.append(("apply", key))
-            old = self.objects.get(key)
-            assert not (old and body["kind"] == "Pod"), f"re-applied existing pod {key}: pod specs are immutable"
-            new = copy.deepcopy(body)
-            new["metadata"]["uid"] = old["metadata"]["uid"] if old else f"uid-{next(self.uids)}"
-            new["status"] = old.get("status", {}) if old else {"phase": "Pending"}
-            self.objects[key] = new
-        for name, labels in changes.relabels:
-            self.writes.append(("relabel", ("Pod", name)))
-            self.objects[("Pod", name)]["metadata"]["labels"].update(labels)
-        for kind, name, uid in changes.delete:
-            self.writes.append(("delete", (kind, name)))
-            if self.objects.get((kind, name), {}).get("metadata", {}).get("uid") == uid:
-                del self.objects[(kind, name)]
-
-    def patch_status(self, namespace, name, patch):
-        self.writes.append(("status", tuple(sorted(patch))))
-        self.md["status"] = merge(self.md["status"], patch)
-        return self.md
-
-    def reconcile(self):
-        self.writes.clear()
-        return reconcile(copy.deepcopy(self.md), self, self, lambda *e: self.events.append(e),
-                         now=lambda: f"t{next(self.clock)}", clock=lambda: self.time)
-
-    def converge(self, ready=True, rounds=10):
-        for _ in range(rounds):
-            if ready:
-                self.set_ready()
-            if not self.reconcile().wrote:
-                return
-        raise AssertionError("did not converge")
-
-    # The kubelet and scheduler.
-    def pods(self):
-        return {n: b for (k, n), b in self.objects.items() if k == "Pod"}
-
-    def set_ready(self, only=lambda name: True, ready=True):
-        for name, pod in self.pods().items():
-            if only(name):
-                pod["status"] = {"phase": "Running", "conditions": [
-                    {"type": "PodScheduled", "status": "True"},
-                    {"type": "Ready", "status": "True" if ready else "False"}]}
-
-    def labels(self, name):
-        return self.objects[("Pod", name)]["metadata"]["labels"]
-
-    def set_spec(self, **changes):
-        self.md["spec"].update(changes)
-        self.md["metadata"]["generation"] += 1
-
-    def conditions(self):
-        return {c["type"]: (c["status"], c["reason"]) for c in self.md["status"]["conditions"]}
 
 
 SPEC = {"replicas": 2, "model": {"source": "builtin:tiny-deepseek-v3"}, "resources": {"gpus": 1}}
