@@ -103,7 +103,6 @@ def due_in(md: ModelDeployment, plan: Plan, now: float) -> float | None:
 ROLLOUT_ABORTED = "RolloutAborted"
 ROLLOUT_PAUSED = "RolloutPaused"
 ROLLING_OUT = "RollingOut"
-ROLLOUT_BLOCKED = "InsufficientGPUBudget"
 
 
 def rollout_conditions(md: ModelDeployment, plan: Plan) -> dict[str, tuple[bool, str, str]]:
