@@ -116,6 +116,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.service.metrics.request_failed("invalid_request")
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
+    async def _check_model(self, request, context) -> None:
+        """Abort the call when it names a model (or version) this server does not serve."""
+        try:
+            self.service.check_model(request.name, request.version)
+        except ServiceError as e:
+            await self._abort(context, e)
+
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self.service.live)
 
@@ -123,10 +130,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.service.ready)
 
     async def ModelReady(self, request, context):
-        try:
-            self.service.check_model(request.name, request.version)
-        except ServiceError as e:
-            await self._abort(context, e)
+        await self._check_model(request, context)
         return pb.ModelReadyResponse(ready=self.service.ready)
 
     async def ServerMetadata(self, request, context):
@@ -136,10 +140,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelMetadata(self, request, context):
-        try:
-            self.service.check_model(request.name, request.version)
-        except ServiceError as e:
-            await self._abort(context, e)
+        await self._check_model(request, context)
         meta = protocol.model_metadata(self.service.model_name)
         return pb.ModelMetadataResponse(
             name=meta["name"],
@@ -150,10 +151,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request, context):
-        try:
-            self.service.check_model(request.name, request.version)
-        except ServiceError as e:
-            await self._abort(context, e)
+        await self._check_model(request, context)
         config = json_format.ParseDict(
             protocol.model_config(self.service.model_name), model_config_pb2.ModelConfig()
         )
