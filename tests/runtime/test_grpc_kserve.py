@@ -82,6 +82,14 @@ def test_health_and_metadata(client):
     assert [(i.name, i.optional) for i in config.input][:2] == [("text_input", False), ("stream", True)]
 
 
+@pytest.mark.parametrize("call", ["get_model_metadata", "get_model_config", "is_model_ready"])
+def test_model_calls_refuse_an_unknown_model_or_version(client, call):
+    for name, version in (("gpt-5", ""), (MODEL_NAME, "7")):
+        with pytest.raises(InferenceServerException) as refused:
+            getattr(client, call)(name, model_version=version)
+        assert refused.value.status() == "StatusCode.NOT_FOUND"
+
+
 def test_infer_and_stream_agree(client):
     unary = client.infer(MODEL_NAME, inputs(), request_id="u-1")
     assert unary.get_response().id == "u-1"
