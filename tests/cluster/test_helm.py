@@ -179,8 +179,10 @@ def test_operator_pod_is_restricted_and_single(cluster):
         "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
         "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # Alive while the process runs; ready only with every permission and the watches up (a missing
+    # permission must not get the pod killed: it recovers once the Role is fixed).
+    for probe, path in (("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/healthz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
     (service,) = by_kind(objects, "Service")
     assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
     (secret,) = by_kind(objects, "Secret")
