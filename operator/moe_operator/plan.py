@@ -33,5 +33,5 @@ class Plan:
     service_tracks: tuple[str, ...] = (names.TRACK_STABLE,)   # track Services besides <name>
     rolling: bool = False                  # old-revision groups are being replaced
     canary_weight: int | None = None       # percent of in-rotation groups on a canary track
-    step_index: int | None = None          # canary step (rollouts issue)
-    rollout_state: Mapping[str, Any] = field(default_factory=dict)   # status.rollout (rollouts issue)
+    step_index: int | None = None          # canary step
+    rollout_state: Mapping[str, Any] = field(default_factory=dict)   # status.rollout

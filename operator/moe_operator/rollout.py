@@ -354,21 +354,15 @@ def _mark(state: dict, key: str, value: str | None) -> None:
         state["handled"] = {**(state.get("handled") or {}), key: value}
 
 
-def _service_tracks(groups: Iterable[GroupPlan], extra: str | None) -> tuple[str, ...]:
-    tracks = [names.TRACK_STABLE]
-    if extra:
-        tracks.append(extra)
-    return tuple(tracks)
-
-
 def _plan(md: ModelDeployment, revision: str, stable: str | None, groups: list[GroupPlan], state: dict,
           *, rolling: bool, track: str | None, step_index: int | None = None) -> Plan:
-    weight = achieved_weight(groups, revision) if rolling and track == names.TRACK_CANARY else None
+    achieved = achieved_weight(groups, revision) if rolling else None
     if rolling:
-        state["achievedWeight"] = achieved_weight(groups, revision)
-    return Plan(revision=revision, stable_revision=stable, groups=tuple(groups),
-                service_tracks=_service_tracks(groups, track if rolling else None), rolling=rolling,
-                canary_weight=weight, step_index=step_index, rollout_state=state)
+        state["achievedWeight"] = achieved
+    tracks = (names.TRACK_STABLE, track) if rolling and track else (names.TRACK_STABLE,)
+    return Plan(revision=revision, stable_revision=stable, groups=tuple(groups), service_tracks=tracks,
+                rolling=rolling, canary_weight=achieved if track == names.TRACK_CANARY else None,
+                step_index=step_index, rollout_state=state)
 
 
 def next_step(md: ModelDeployment, observed: Observed, revision: str, now: float,
@@ -453,12 +447,8 @@ def _progress(state: dict, ready_new: int, now: float) -> None:
     state["readyGroups"] = ready_new
 
 
-def _steps(md: ModelDeployment):
-    return md.rollout.steps
-
-
 def _weight_at(md: ModelDeployment, index: int) -> int:
-    steps = _steps(md)
+    steps = md.rollout.steps
     if index >= len(steps):
         return 100
     weights = [s.set_weight for s in steps[:index + 1] if s.set_weight is not None]
@@ -467,7 +457,7 @@ def _weight_at(md: ModelDeployment, index: int) -> int:
 
 def _canary(md: ModelDeployment, observed: Observed, revision: str, stable: str, state: dict,
             verdict: Verdict | None, requests: Requests, now: float, options: Options) -> Plan:
-    steps = _steps(md)
+    steps = md.rollout.steps
     n = md.replicas
     ready_new = sum(g.ready for g in observed.groups_of(revision))
     _progress(state, ready_new, now)
@@ -567,7 +557,7 @@ def _complete(md: ModelDeployment, observed: Observed, revision: str, stable: st
     for key in ("paused", "promoting", "blockedOnGPUs", "weight", "achievedWeight"):
         state.pop(key, None)
     state.update(completedAt=iso(now), previousRevision=stable, scaleDownAt=iso(now + delay),
-                 stepIndex=len(_steps(md)) if md.rollout.strategy == "Canary" else state.get("stepIndex", 0))
+                 stepIndex=len(md.rollout.steps) if md.rollout.strategy == "Canary" else state.get("stepIndex", 0))
     md_status = {**md.status, "stableRevision": revision, "rollout": state}
     return _steady(_with_status(md, md_status), observed, revision, state, Requests(), now, Options.of(md))
 
@@ -632,10 +622,6 @@ def _aborted(md: ModelDeployment, observed: Observed, revision: str, stable: str
 
 # --- what status and the reconcile need to know --------------------------------------------------
 
-def aborted(state: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    return state.get("aborted")
-
-
 def new_revision_in_rotation(plan: Plan) -> bool:
     """False once no group of the plan's revision is in rotation (e.g. right after an abort)."""
     return any(g.in_rotation and g.revision == plan.revision for g in plan.groups)
@@ -666,16 +652,4 @@ def requeue_after(md: ModelDeployment, plan: Plan, now: float) -> float | None:
         at(state["lastProgressAt"], md.rollout.progress_deadline_seconds + 0.5)
     future = [t - now for t in due if t > now]
     return max(0.05, min(future)) if future else None
-
-
-def summary(state: Mapping[str, Any]) -> str:
-    """One line on the rollout for status.message and `kubectl moe status`."""
-    if state.get("aborted"):
-        a = state["aborted"]
-        return f"revision {state.get('revision')} aborted ({a.get('reason')}): {a.get('message', '')}".rstrip(": ")
-    if state.get("paused"):
-        return f"paused ({state['paused'].get('reason')}): {state['paused'].get('message', '')}"
-    if state.get("completedAt"):
-        return f"revision {state.get('revision')} promoted at {state['completedAt']}"
-    return ""
 
