@@ -7,6 +7,8 @@ exercise the alert path (Prometheus rule -> Alertmanager -> /alerts) and the bui
 """
 
 import json
+import random
+import subprocess
 import threading
 import time
 import urllib.error
@@ -83,7 +85,22 @@ def live_pods(cluster, ns, name):
 def stable_revision(cluster, ns, name, replicas):
     return wait_for("the first revision to be stable", lambda: (lambda s: s.get("stableRevision")
                     if s.get("readyReplicas") == replicas and s.get("currentRevision") == s.get("stableRevision")
-                    else None)(status(cluster, ns, name)), 120, 0.2)
+                    else None)(status(cluster, ns, name)), 180, 0.2)
+
+
+def holds(what, check, seconds, interval=0.2):
+    """Assert `check()` stays true for `seconds` (an observation window, polled)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert check(), what
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)
+
+
+def promote(cluster, ns, name):
+    cluster.kubectl("annotate", "md", name, "-n", ns, "--overwrite",
+                    f"{rollout.ANNOTATION_PROMOTE}={rollout.iso(time.time())}")
 
 
 def post(op, token, body: bytes):
@@ -95,6 +112,12 @@ def post(op, token, body: bytes):
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
+
+
+def user_annotations(obj):
+    """The annotations users and the webhook write (kopf's last-handled-configuration left out)."""
+    return {k: v for k, v in (obj["metadata"].get("annotations") or {}).items()
+            if not k.endswith("/last-handled-configuration")}
 
 
 def alert_payload(ns, name, revision=None, status="firing"):
@@ -113,15 +136,20 @@ class BudgetWatch:
         from kubernetes import client, config
         self.core = client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
         self.ns, self.name, self.budget, self.gpus = ns, name, budget, gpus_per_pod
-        self.lists, self.max_seen, self.violations = 0, 0, []
+        self.lists, self.max_seen, self.violations, self.errors = 0, 0, [], 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         deadline = time.monotonic() + 600
         while not self._stop.is_set() and time.monotonic() < deadline:
-            pods = self.core.list_namespaced_pod(
-                self.ns, label_selector=f"{names.LABEL_DEPLOYMENT}={self.name}").items
+            try:
+                pods = self.core.list_namespaced_pod(
+                    self.ns, label_selector=f"{names.LABEL_DEPLOYMENT}={self.name}", _request_timeout=30).items
+            except Exception:      # a slow or failed list checks nothing; the next one does
+                self.errors += 1
+                self._stop.wait(0.2)
+                continue
             used = sum(self.gpus for p in pods if p.status.phase not in ("Succeeded", "Failed"))
             self.lists += 1
             self.max_seen = max(self.max_seen, used)
@@ -159,11 +187,11 @@ def test_good_revision_goes_through_every_step_to_promoted_within_the_gpu_budget
                     seen.append(point)
             return s.get("stableRevision") not in (None, stable) and s.get("stableRevision")
 
-        new = wait_for("the new revision to be promoted", promoted, 120, 0.1)
+        new = wait_for("the new revision to be promoted", promoted, 180, 0.1)
         canary_uids = {p["metadata"]["uid"] for p in live_pods(cluster, ns, name)
                        if p["metadata"]["labels"][names.LABEL_REVISION] == new}
         wait_for("the old revision to go", lambda: all(
-            p["metadata"]["labels"][names.LABEL_REVISION] == new for p in live_pods(cluster, ns, name)), 60, 0.2)
+            p["metadata"]["labels"][names.LABEL_REVISION] == new for p in live_pods(cluster, ns, name)), 120, 0.2)
     assert watch.violations == [] and watch.lists > 20, (watch.violations[:3], watch.lists)
     assert watch.max_seen <= 10
     # Every step was visited in order (weights as groups: 25% = 1 of 4, 50% = 2, 75% = 3).
@@ -184,7 +212,7 @@ def test_webhook_refuses_bad_tokens_and_payloads_without_effect_then_aborts(clus
     stable = stable_revision(cluster, ns, name, 2)
     cluster.apply(md(name, ns, replicas=2, env="1"))
     new = wait_for("the canary in rotation", lambda: (lambda s: s.get("currentRevision")
-                   if s.get("canaryWeight") == 50 else None)(status(cluster, ns, name)), 60, 0.2)
+                   if s.get("canaryWeight") == 50 else None)(status(cluster, ns, name)), 120, 0.2)
     before = get(cluster, "md", name, "-n", ns)
     good = f"Bearer {token[0]}"
     assert post(operator, None, alert_payload(ns, name))[0] == 401
@@ -195,8 +223,11 @@ def test_webhook_refuses_bad_tokens_and_payloads_without_effect_then_aborts(clus
     assert post(operator, good, b"not json")[0] == 400
     after = get(cluster, "md", name, "-n", ns)
     assert after["metadata"].get("annotations", {}).get(rollout.ANNOTATION_ABORT) is None
-    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"] or \
-        after["metadata"].get("annotations") == before["metadata"].get("annotations")
+    # The refused posts wrote nothing (kopf's own bookkeeping of the spec change it handled may land
+    # meanwhile: it is not the webhook's doing).
+    assert user_annotations(after) == user_annotations(before)
+    assert (after.get("status") or {}).get("rollout", {}).get("handled") == \
+        (before.get("status") or {}).get("rollout", {}).get("handled")
     assert status(cluster, ns, name).get("canaryWeight") == 50
     # A resolved alert, and one naming another revision, do nothing either.
     assert post(operator, good, alert_payload(ns, name, status="resolved"))[0] == 200
@@ -206,7 +237,7 @@ def test_webhook_refuses_bad_tokens_and_payloads_without_effect_then_aborts(clus
     code, body = post(operator, good, alert_payload(ns, name, revision=new))
     assert code == 200 and body["aborted"][0]["revision"] == new
     state = wait_for("the abort", lambda: (status(cluster, ns, name).get("rollout") or {}).get("outOfRotationAt")
-                     and status(cluster, ns, name)["rollout"], 10, 0.05)
+                     and status(cluster, ns, name)["rollout"], 30, 0.05)
     assert state["aborted"]["reason"] == "AlertFiring"
     assert not any(p["metadata"]["labels"][names.LABEL_IN_ROTATION] == "true"
                    for p in live_pods(cluster, ns, name) if p["metadata"]["labels"][names.LABEL_REVISION] == new)
@@ -227,83 +258,122 @@ def test_promql_with_no_data_never_passes(cluster, ns, operator):
     cluster.apply(md(name, ns, replicas=2, steps=[{"setWeight": 50}], analysis=analysis, env="1"))
     state = wait_for("the rollout to pause on inconclusive analysis", lambda: (lambda s: s
                      if (s.get("paused") or {}).get("reason") == "AnalysisInconclusive" else None)(
-        status(cluster, ns, name).get("rollout") or {}), 60, 0.3)
+        status(cluster, ns, name).get("rollout") or {}), 120, 0.3)
     assert "no data" in state["paused"]["message"] or "fewer than" in state["paused"]["message"]
-    time.sleep(3)   # a window in which a wrong implementation would promote
+    # A window (several analysis intervals) in which a wrong implementation would promote.
+    holds("the stable revision unchanged while the analysis has no data",
+          lambda: status(cluster, ns, name).get("stableRevision") == stable, 4, 0.3)
     s = status(cluster, ns, name)
     assert s["stableRevision"] == stable
     measurements = s["rollout"]["analysis"]["measurements"]
     assert measurements and all(m["result"] == "inconclusive" for m in measurements)
 
 
-def test_operator_killed_mid_rollout_resumes(cluster, ns, token):
-    name = "restart"
-    steps = [{"setWeight": 50}, {"pause": {"duration": "4s"}}, {"setWeight": 75}, {"pause": {}}]
-    with running_operator(cluster, namespaces=[ns], resync_seconds=2.0,
-                          extra_args=("--alerts-token-file", str(token[1]))) as op:
+def operator_alone(cluster, ns, sole_operator, token, resync_seconds):
+    """running_operator for a namespace no other operator process watches (checked before it starts)."""
+    sole_operator(ns)
+    return running_operator(cluster, namespaces=[ns], resync_seconds=resync_seconds,
+                            extra_args=("--alerts-token-file", str(token[1])))
+
+
+def sigkill(op, sole_operator, ns):
+    """SIGKILL the operator, reap it, and check no operator process is left watching ns."""
+    op.process.kill()
+    op.process.wait(30)
+    sole_operator(ns)
+
+
+def test_operator_killed_mid_rollout_resumes(cluster, own_namespace, token, sole_operator):
+    # Its own namespace: the module's operator (watching `ns`) must not move this rollout on while
+    # the test's operator is dead.
+    ns, name = own_namespace, "restart"
+    pause = 6       # long enough that the kill surely lands inside it, even on a loaded machine
+    steps = [{"setWeight": 50}, {"pause": {"duration": f"{pause}s"}}, {"setWeight": 75}, {"pause": {}}]
+    with operator_alone(cluster, ns, sole_operator, token, 2.0) as op:
         cluster.apply(md(name, ns, replicas=4, steps=steps, surge=2))
         stable = stable_revision(cluster, ns, name, 4)
         cluster.apply(md(name, ns, replicas=4, steps=steps, surge=2, env="1"))
-        wait_for("the pause step", lambda: (status(cluster, ns, name).get("rollout") or {}).get("stepIndex") == 1,
-                 60, 0.1)
-        op.process.kill()                                    # SIGKILL in the middle of a timed pause
-        op.process.wait(10)
-    time.sleep(5)                                            # the pause ends while no operator runs
-    with running_operator(cluster, namespaces=[ns], resync_seconds=2.0,
-                          extra_args=("--alerts-token-file", str(token[1]))) as op:
+        state = wait_for("the pause step", lambda: (lambda s: s if s.get("stepIndex") == 1 else None)(
+            status(cluster, ns, name).get("rollout") or {}), 120, 0.1)
+        sigkill(op, sole_operator, ns)                       # SIGKILL in the middle of a timed pause
+    # The pause ends while no operator runs (nothing may move meanwhile).
+    pause_end = rollout.epoch(state["stepStartedAt"]) + pause
+    wait_for("the pause to end with no operator running", lambda: time.time() > pause_end + 1, 60, 0.1)
+    dead = status(cluster, ns, name).get("rollout") or {}
+    assert (dead.get("stepIndex"), dead.get("stepStartedAt")) == (1, state["stepStartedAt"]), dead
+    with operator_alone(cluster, ns, sole_operator, token, 2.0) as op:
         state = wait_for("the next steps", lambda: (lambda s: s if s.get("stepIndex") == 3 else None)(
-            status(cluster, ns, name).get("rollout") or {}), 60, 0.1)
+            status(cluster, ns, name).get("rollout") or {}), 120, 0.1)
         assert status(cluster, ns, name)["canaryWeight"] == 75
         new = state["revision"]
         # Kill as soon as an alert is recorded (the reply comes after the durable write): not lost.
         code, _ = post(op, f"Bearer {token[0]}", alert_payload(ns, name, revision=new))
-        op.process.kill()
-        op.process.wait(10)
+        sigkill(op, sole_operator, ns)
     assert code == 200
-    with running_operator(cluster, namespaces=[ns], resync_seconds=2.0,
-                          extra_args=("--alerts-token-file", str(token[1]))):
+    with operator_alone(cluster, ns, sole_operator, token, 2.0):
         state = wait_for("the abort after the restart", lambda: (lambda s: s if s.get("aborted") else None)(
-            status(cluster, ns, name).get("rollout") or {}), 30, 0.1)
+            status(cluster, ns, name).get("rollout") or {}), 60, 0.1)
         assert state["aborted"]["reason"] == "AlertFiring" and state["revision"] == new
         wait_for("stable back at full size", lambda: sum(
             1 for p in live_pods(cluster, ns, name) if p["metadata"]["labels"][names.LABEL_REVISION] == stable
-            and p["metadata"]["labels"][names.LABEL_IN_ROTATION] == "true") == 4, 60, 0.2)
+            and p["metadata"]["labels"][names.LABEL_IN_ROTATION] == "true") == 4, 120, 0.2)
 
 
-def test_operator_killed_again_and_again_through_a_rollout_completes_within_the_budget(cluster, ns, token):
+def test_operator_killed_again_and_again_through_a_rollout_completes_within_the_budget(
+        cluster, own_namespace, token, sole_operator):
     """SIGKILL at random moments (loading, mid-step, mid-pause, promoting, scaling down): each restart
-    picks up from status; the rollout completes, every pod list stays within the GPU budget."""
-    import random
-    name = "chaos"
-    steps = [{"setWeight": 25}, {"pause": {"duration": "3s"}}, {"setWeight": 50}, {"pause": {"duration": "3s"}}]
+    picks up from status; the rollout completes, every pod list stays within the GPU budget.
+
+    The rollout spans several kills by construction, whatever the machine's speed: it stops at a
+    pause without a duration, and the test promotes it only after two kills at least, one of them
+    with the rollout waiting there. No other operator watches the namespace (checked at each kill)."""
+    ns, name = own_namespace, "chaos"
+    steps = [{"setWeight": 25}, {"pause": {"duration": "2s"}}, {"setWeight": 50}, {"pause": {}},
+             {"setWeight": 75}, {"pause": {"duration": "2s"}}]
+    manual_pause = 3
     rng = random.Random(7)
-    args = ("--alerts-token-file", str(token[1]))
-    with running_operator(cluster, namespaces=[ns], resync_seconds=1.0, extra_args=args):
+    with operator_alone(cluster, ns, sole_operator, token, 1.0):
         cluster.apply(md(name, ns, replicas=4, steps=steps))
         stable = stable_revision(cluster, ns, name, 4)
     with BudgetWatch(cluster, ns, name, budget=5, gpus_per_pod=1) as watch:
         cluster.apply(md(name, ns, replicas=4, steps=steps, env="chaos"))
-        restarts = 0
-        while restarts < 25:
-            restarts += 1
-            with running_operator(cluster, namespaces=[ns], resync_seconds=1.0, extra_args=args) as op:
-                deadline = time.monotonic() + rng.uniform(0.2, 1.5)
-                while time.monotonic() < deadline and op.process.poll() is None:
-                    time.sleep(0.05)
-                op.process.kill()
-                op.process.wait(10)
+        kills, promoted_after, seen = 0, None, []
+        deadline = time.monotonic() + 300
+        while True:
+            assert time.monotonic() < deadline and kills < 80, (kills, promoted_after, seen[-10:])
+            with operator_alone(cluster, ns, sole_operator, token, 1.0) as op:
+                try:
+                    op.process.wait(rng.uniform(0.2, 1.5))
+                    raise AssertionError(f"the operator exited by itself ({op.process.returncode}):\n"
+                                         f"{op.log()[-3000:]}")
+                except subprocess.TimeoutExpired:
+                    pass
+                sigkill(op, sole_operator, ns)
+            kills += 1
             s = status(cluster, ns, name)
+            state = s.get("rollout") or {}
+            seen.append((state.get("stepIndex"), s.get("canaryWeight"), s.get("stableRevision") != stable))
+            assert "aborted" not in state, state
             if s.get("stableRevision") not in (None, stable):
-                break
-        with running_operator(cluster, namespaces=[ns], resync_seconds=1.0, extra_args=args):
+                break                                        # completed (at a kill: fine either way)
+            if promoted_after is None:
+                assert state.get("stepIndex", 0) <= manual_pause, ("past the pause without a promote", seen)
+                if kills >= 2 and state.get("stepIndex") == manual_pause:
+                    promote(cluster, ns, name)               # while no operator runs
+                    promoted_after = kills
+            elif kills >= promoted_after + 10:
+                break                                        # enough chaos: the last operator finishes
+        assert promoted_after is not None and promoted_after >= 2, (kills, seen)
+        with operator_alone(cluster, ns, sole_operator, token, 1.0):
             new = wait_for("the rollout to complete", lambda: (lambda s: s.get("stableRevision")
                            if s.get("stableRevision") not in (None, stable) else None)(status(cluster, ns, name)),
-                           120, 0.2)
+                           180, 0.2)
             wait_for("only the new revision left, all serving", lambda: sorted(
                 (p["metadata"]["labels"][names.LABEL_REVISION], p["metadata"]["labels"][names.LABEL_IN_ROTATION])
-                for p in live_pods(cluster, ns, name)) == [(new, "true")] * 4, 60, 0.2)
-    assert restarts >= 2, restarts          # the rollout really went through kills
-    assert watch.violations == [], watch.violations[:3]
+                for p in live_pods(cluster, ns, name)) == [(new, "true")] * 4, 120, 0.2)
+    # The rollout went through kills: at least two before the promote, one after it at least.
+    assert kills >= promoted_after + 1 >= 3, (kills, promoted_after, seen)
+    assert watch.violations == [] and watch.lists > 20, (watch.violations[:3], watch.lists, watch.errors)
     assert "aborted" not in status(cluster, ns, name)["rollout"]
 
 
@@ -348,7 +418,9 @@ def test_alert_path_and_builtin_scrape_roll_back_under_load(cluster, ns, operato
             assert state["aborted"]["reason"] == "AlertFiring", state["aborted"]
             assert state["aborted"]["labels"]["alertname"] == "MoECanaryLatencyHigh"
             rollback = rollout.epoch(state["outOfRotationAt"]) - rollout.epoch(state["aborted"]["at"])
-            assert rollback < 2.0, rollback
+            # The 2 s goal is the benchmark's (bench_rollback, p95 over trials); here, on a shared and
+            # loaded machine, one sample only has to show the alert acted at once, not at a resync.
+            assert 0 <= rollback < 5.0, rollback
             # 2. Errors injected, no Prometheus involved: the operator's own scrape fails it.
             cluster.apply(serving_md(ns, ["--inject-error-rate", "0.9"]))
             state = wait_for("the built-in analysis to roll back", lambda: (lambda s: s if s.get("aborted") and
@@ -376,22 +448,24 @@ def test_blue_green_switch_and_instant_rollback_under_load_without_failures(clus
         body["spec"]["runtime"]["args"] = [*body["spec"]["runtime"]["args"], "--max-num-seqs", "6"]
         cluster.apply(body)
         wait_for("the preview ready", lambda: (status(cluster, ns, name).get("rollout") or {}).get("previewReadyAt"),
-                 240, 0.5)
+                 300, 0.5)
         assert {p["metadata"]["labels"][names.LABEL_IN_ROTATION] for p in live_pods(cluster, ns, name)
                 if p["metadata"]["labels"][names.LABEL_TRACK] == "preview"} == {"false"}
         cluster.kubectl("annotate", "md", name, "-n", ns, "--overwrite", f"{rollout.ANNOTATION_PROMOTE}=now")
         new = wait_for("the switch", lambda: (lambda s: s.get("stableRevision") if s.get("stableRevision") != stable
-                       else None)(status(cluster, ns, name)), 60, 0.2)
+                       else None)(status(cluster, ns, name)), 120, 0.2)
         switched = time.time()
         wait_for("traffic on the new revision", lambda: load.counts(since=switched + 1)[1] >= 8, 60, 0.2)
         # The old revision is warm: an abort switches straight back.
         abort = rollout.AbortRequest(new, "AbortedByUser", "e2e", time.time(), "user").to_json()
         cluster.kubectl("annotate", "md", name, "-n", ns, "--overwrite", f"{rollout.ANNOTATION_ABORT}={abort}")
-        wait_for("the switch back", lambda: status(cluster, ns, name).get("stableRevision") == stable, 30, 0.1)
+        wait_for("the switch back", lambda: status(cluster, ns, name).get("stableRevision") == stable, 60, 0.1)
         back = time.time()
         wait_for("traffic back on the old revision", lambda: load.counts(since=back + 1)[1] >= 8, 60, 0.2)
         wait_for("the new revision's pods gone", lambda: not any(
-            p["metadata"]["labels"][names.LABEL_REVISION] == new for p in live_pods(cluster, ns, name)), 120, 0.5)
-        time.sleep(2)   # requests in flight through the drain finish
+            p["metadata"]["labels"][names.LABEL_REVISION] == new for p in live_pods(cluster, ns, name)), 180, 0.5)
+        gone = time.time()
+        # Requests in flight through the drain finish, and more are served after it.
+        wait_for("traffic after the drain", lambda: load.counts(since=gone)[1] >= 4, 60, 0.2)
     failed, total = load.counts()
     assert failed == 0 and total > 30, (failed, total, load.errors())
