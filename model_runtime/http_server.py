@@ -19,17 +19,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_runtime import protocol
 from model_runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from model_runtime.openai_api import create_openai_router, event_stream, sse
 from model_runtime.protocol import ProtocolError
 from model_runtime.server import VERSION, InferenceService, ServiceError, first_and_rest
 
 log = logging.getLogger("model_runtime.http")
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # OpenAPI schemas of the bodies the handlers read raw (binary extension, generate's free keys).
@@ -193,14 +192,8 @@ async def _json(request: Request, limit: int) -> Any:
         raise ProtocolError("request body is nested too deeply") from None
 
 
-def _sse(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8", "replace") + b"\n\n"
-
-
 def create_app(service: InferenceService) -> BodyLimit:
     """The ASGI app over `service` (the OpenAPI document, at /openapi.json, lists every route)."""
-    from model_runtime.openai_api import create_openai_router
-
     app = FastAPI(
         title="moe-runtime",
         version=VERSION,
@@ -386,15 +379,15 @@ def create_app(service: InferenceService) -> BodyLimit:
             try:
                 async for output, text, count in protocol.stream_pieces(gen, outputs):
                     finish_reason = output.finish_reason if output.finished else None
-                    yield _sse(
+                    yield sse(
                         generate_body(
                             gen, request_id, text, finish_reason, len(output.prompt_token_ids), count
                         )
                     )
             except ServiceError as e:
-                yield _sse({"error": e.message})
+                yield sse({"error": e.message})
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return event_stream(events())
 
     app.include_router(create_openai_router(service))
 

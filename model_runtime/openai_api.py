@@ -164,8 +164,14 @@ def chat_logprobs(tokenizer, entries: list[dict]) -> dict[str, Any]:
     return {"content": content}
 
 
-def _sse(data: Any) -> bytes:
+def sse(data: Any) -> bytes:
+    """One server-sent event carrying `data` as JSON."""
     return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8", "replace") + b"\n\n"
+
+
+def event_stream(events) -> StreamingResponse:
+    """A response streaming `events` (bytes) as server-sent events, unbuffered by proxies."""
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 DONE = b"data: [DONE]\n\n"
@@ -214,9 +220,6 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             model["max_model_len"] = service.max_model_len
         return {"object": "list", "data": [model]}
 
-    def stream_response(chunks) -> StreamingResponse:
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
-
     async def stream_events(outputs, make_chunk, stream_options: StreamOptions | None, usage_chunk):
         """SSE events for a stream of engine outputs; `make_chunk(output)` builds each chunk."""
         include_usage = bool(stream_options and stream_options.include_usage)
@@ -225,12 +228,12 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             async for output in outputs:
                 chunk = make_chunk(output)
                 if chunk is not None:
-                    yield chunk if isinstance(chunk, bytes) else _sse(chunk)
+                    yield chunk if isinstance(chunk, bytes) else sse(chunk)
                 final = output
             if include_usage and final is not None:
-                yield _sse(usage_chunk(final))
+                yield sse(usage_chunk(final))
         except ServiceError as e:
-            yield _sse(
+            yield sse(
                 {"error": {"message": e.message, "type": e.openai_type, "param": None, "code": e.http_status}}
             )
         yield DONE
@@ -288,7 +291,7 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             }
             return answer("text_completion", [choice], output if output.finished else None)
 
-        return stream_response(
+        return event_stream(
             stream_events(
                 outputs, chunk, req.stream_options, lambda final: answer("text_completion", [], final)
             )
@@ -348,7 +351,7 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             }
             return answer("chat.completion.chunk", [choice], output if output.finished else None)
 
-        return stream_response(
+        return event_stream(
             stream_events(
                 outputs, chunk, req.stream_options, lambda final: answer("chat.completion.chunk", [], final)
             )
