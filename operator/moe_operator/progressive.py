@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import rollout
-from .analysis import AnalysisConfig, Context, Provider, analyse, provider_for
+from .analysis import Context, Provider, analyse, provider_for
 from .observe import Observed
 from .plan import Plan
-from .spec import ModelDeployment
+from .spec import AnalysisSpec, ModelDeployment
 
 TEMPLATE_FIELDS = ("model", "runtime", "resources", "topology", "scheduling")
 
@@ -46,7 +46,7 @@ def _templates(body: Mapping[str, Any], revision: str, state: Mapping[str, Any],
 
 
 def next_plan(md: ModelDeployment, body: Mapping[str, Any], observed: Observed, revision: str, now: float,
-              provider: Callable[[AnalysisConfig], Provider] = provider_for) -> Plan:
+              provider: Callable[[AnalysisSpec], Provider] = provider_for) -> Plan:
     meta = body.get("metadata") or {}
     requests = rollout.requests_from(meta.get("annotations"), spec_paused=md.rollout.paused)
     state = md.status.get("rollout") or {}
@@ -55,7 +55,7 @@ def next_plan(md: ModelDeployment, body: Mapping[str, Any], observed: Observed, 
     abort_pending = bool(requests.abort and requests.abort.revision == revision)
     verdict, analysis_state = None, None
     if running and not abort_pending:           # an abort is acted on first: no scrape delays it
-        config = AnalysisConfig.of(md)
+        config = md.rollout.analysis
         prior = state.get("analysis") if state.get("revision") == revision else None
         verdict, analysis_state = analyse(Context(md, observed, revision, stable, now, config), prior,
                                           provider(config))

@@ -166,6 +166,20 @@ class AnalysisSpec:
     on_inconclusive: str = "Pause"      # Pause | Abort
     stable_ratio: float | None = None   # also fail when new p99 > ratio x stable p99
 
+    @property
+    def prometheus_url(self) -> str | None:
+        return (self.prometheus or {}).get("url")
+
+    @property
+    def prometheus_selector(self) -> str | None:
+        return (self.prometheus or {}).get("selector")
+
+    @property
+    def judges_anything(self) -> bool:
+        s = self.slo
+        return any(v is not None for v in (s.p99_latency_ms, s.ttft_p99_ms, s.max_error_rate)) \
+            or self.stable_ratio is not None
+
 
 @dataclass(frozen=True)
 class RolloutSpec:

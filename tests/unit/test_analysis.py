@@ -3,16 +3,17 @@ Prometheus API answers; the verdict's counting; the state survives a JSON round 
 
 import json
 import urllib.parse
+from dataclasses import replace
 
 import pytest
 from moe_operator import names
-from moe_operator.analysis import AnalysisConfig, Context, analyse, judge_slo
+from moe_operator.analysis import Context, analyse, judge_slo
 from moe_operator.analysis import metrics_text as mt
 from moe_operator.analysis.builtin import ScrapeProvider
 from moe_operator.analysis.prometheus import PrometheusProvider, queries
 from moe_operator.observe import observed_from
 from moe_operator.rollout import FAIL, INCONCLUSIVE, PASS, PENDING
-from moe_operator.spec import ModelDeployment, SLOSpec
+from moe_operator.spec import AnalysisSpec, ModelDeployment, SLOSpec
 
 from model_runtime import metrics as runtime_metrics
 from model_runtime.metrics import RuntimeMetrics
@@ -108,7 +109,7 @@ class Pods:
 def context(observed_pods, now, config=None, spec=None):
     spec = spec or md()
     return Context(spec, observed_from(observed_pods, [], 1), "rev-b", "rev-a", now,
-                   config or AnalysisConfig.of(spec))
+                   config or spec.rollout.analysis)
 
 
 def roundtrip(state):
@@ -176,7 +177,7 @@ def test_ratio_to_stable():
     serve(canary, 40, 0.45)           # within the SLO, but 4x stable
     serve(stable, 40, 0.09)
     spec = md()
-    config = AnalysisConfig(interval_seconds=10, slo=spec.rollout.analysis.slo, failure_limit=0, stable_ratio=2.0)
+    config = AnalysisSpec(interval_seconds=10, slo=spec.rollout.analysis.slo, failure_limit=0, stable_ratio=2.0)
     verdict, state = analyse(context(observed, 0.0, config), None, provider)
     assert verdict.result == FAIL and "x stable" in verdict.message
     assert state["measurements"][-1]["figures"]["ratioToStable"] > 2
@@ -224,9 +225,8 @@ def test_promql_pass_fail_and_no_data():
     assert 'serving_moe_dev_revision="rev-b"' in fake.seen[1] and "[10s]" in fake.seen[1]
 
     ctx, provider, _ = prom_ctx(0.0, {"samples": 120, "p99": 0.9, "ttftP99": 0.1, "errorRate": 0.0})
-    config = AnalysisConfig.of(ctx.md)
     ctx = Context(ctx.md, ctx.observed, ctx.revision, ctx.stable_revision, 0.0,
-                  AnalysisConfig(**{**config.__dict__, "failure_limit": 0}))
+                  replace(ctx.md.rollout.analysis, failure_limit=0))
     assert analyse(ctx, None, provider)[0].result == FAIL
 
     state, results = None, []

@@ -135,7 +135,6 @@ def test_status_patch_removes_nested_keys_that_went_away():
 
 
 def test_rollout_knobs_from_the_spec():
-    from moe_operator.analysis import AnalysisConfig
     from moe_operator.spec import SpecError
     spec = {"model": {"source": "builtin:x"}, "rollout": {
         "paused": True, "progressDeadlineAbort": True,
@@ -144,7 +143,7 @@ def test_rollout_knobs_from_the_spec():
     md = ModelDeployment.from_body({"metadata": {"name": "chat"}, "spec": spec})
     assert md.rollout.paused and rollout.Options.of(md) == rollout.Options(
         on_inconclusive="Abort", progress_deadline_abort=True)
-    cfg = AnalysisConfig.of(md)
+    cfg = md.rollout.analysis
     assert (cfg.failure_limit, cfg.inconclusive_limit, cfg.min_samples, cfg.stable_ratio) == (0, 2, 50, 1.5)
     spec["rollout"]["analysis"]["inconclusive"] = "Ignore"
     with pytest.raises(SpecError, match="inconclusive"):

@@ -23,43 +23,10 @@ from typing import Any, Protocol
 
 from ..observe import Observed
 from ..rollout import FAIL, INCONCLUSIVE, PASS, PENDING, Verdict, iso
-from ..spec import ModelDeployment, SLOSpec
+from ..spec import AnalysisSpec, ModelDeployment, SLOSpec
 
 MEASURE_PASS, MEASURE_FAIL, MEASURE_INCONCLUSIVE = "pass", "fail", "inconclusive"
 KEEP_MEASUREMENTS = 5
-
-
-@dataclass(frozen=True)
-class AnalysisConfig:
-    interval_seconds: float = 10.0
-    slo: SLOSpec = SLOSpec()
-    failure_limit: int = 1            # failed intervals tolerated (more: fail)
-    inconclusive_limit: int = 3       # inconclusive intervals in a row before the verdict says so
-    min_samples: int = 10             # finished requests per interval for a conclusive measurement
-    stable_ratio: float | None = None   # also fail when canary p99 > ratio x stable p99
-    prometheus_url: str | None = None
-    prometheus_selector: str | None = None
-
-    @classmethod
-    def of(cls, md: ModelDeployment) -> AnalysisConfig:
-        an = md.rollout.analysis
-        prom = an.prometheus or {}
-        return cls(
-            interval_seconds=an.interval_seconds,
-            slo=an.slo,
-            failure_limit=an.failure_limit,
-            inconclusive_limit=an.inconclusive_limit,
-            min_samples=an.min_samples,
-            stable_ratio=an.stable_ratio,
-            prometheus_url=prom.get("url"),
-            prometheus_selector=prom.get("selector"),
-        )
-
-    @property
-    def judges_anything(self) -> bool:
-        s = self.slo
-        return any(v is not None for v in (s.p99_latency_ms, s.ttft_p99_ms, s.max_error_rate)) \
-            or self.stable_ratio is not None
 
 
 @dataclass(frozen=True)
@@ -69,7 +36,7 @@ class Context:
     revision: str                     # the new revision
     stable_revision: str | None
     now: float
-    config: AnalysisConfig
+    config: AnalysisSpec              # the spec's rollout.analysis
 
 
 @dataclass(frozen=True)
@@ -117,7 +84,7 @@ def judge_slo(slo: SLOSpec, p99_s: float | None, ttft_p99_s: float | None, error
     return Measurement(MEASURE_PASS, "within the SLO", figures)
 
 
-def provider_for(config: AnalysisConfig, fetch=None) -> Provider:
+def provider_for(config: AnalysisSpec, fetch=None) -> Provider:
     from .builtin import ScrapeProvider
     from .prometheus import PrometheusProvider
     if config.prometheus_url:
@@ -153,7 +120,7 @@ def analyse(ctx: Context, state: Mapping[str, Any] | None, provider: Provider) -
     return verdict_of(state, cfg), state
 
 
-def verdict_of(state: Mapping[str, Any], cfg: AnalysisConfig) -> Verdict:
+def verdict_of(state: Mapping[str, Any], cfg: AnalysisSpec) -> Verdict:
     measurements = state.get("measurements") or []
     last = measurements[-1] if measurements else None
     figures = dict(last["figures"]) if last else {}
