@@ -84,27 +84,32 @@ class RunningOperator:
 
 @contextmanager
 def running_operator(cluster, namespaces: list[str] | None = None, resync_seconds: float = 30.0,
-                     extra_args: tuple[str, ...] = ()) -> Iterator[RunningOperator]:
-    """`moe-operator run` as a subprocess, ready (healthz 200) on entry, stopped (SIGTERM) on exit."""
+                     extra_args: tuple[str, ...] = (), kubeconfig: Path | None = None,
+                     wait_ready: bool = True) -> Iterator[RunningOperator]:
+    """`moe-operator run` as a subprocess (with `kubeconfig`, the cluster's by default), ready (healthz
+    200) on entry unless `wait_ready` is False, stopped (SIGTERM) on exit."""
+    kubeconfig = kubeconfig or cluster.kubeconfig
     port = free_port()
     logs = Path(cluster.state_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"moe-operator-{port}.log"
     scope = [a for ns in namespaces for a in ("--namespace", ns)] if namespaces else ["--all-namespaces"]
-    cmd = [sys.executable, "-m", "moe_operator.cli", "run", "--kubeconfig", str(cluster.kubeconfig),
+    cmd = [sys.executable, "-m", "moe_operator.cli", "run", "--kubeconfig", str(kubeconfig),
            "--host", "127.0.0.1", "--port", str(port), "--resync-seconds", str(resync_seconds), *scope,
            *extra_args]
-    env = {**os.environ, **cluster.env}
+    env = {**os.environ, **cluster.env, "KUBECONFIG": str(kubeconfig)}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     op = RunningOperator(process, port, log_path)
+
     def healthy() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"moe-operator exited with {process.returncode}:\n{op.log()[-4000:]}")
         return op.get("/healthz")[0] == 200
 
     try:
-        wait_for("the operator's /healthz", healthy, 60)
+        if wait_ready:
+            wait_for("the operator's /healthz", healthy, 60)
         yield op
     finally:
         if process.poll() is None:
