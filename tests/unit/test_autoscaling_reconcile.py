@@ -32,6 +32,13 @@ class Cluster(FakeCluster):
                     {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                      "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}
 
+    def sample(self, waiting):
+        """The next sample (an interval later) sees `waiting` requests queued on the one busy group."""
+        self.signal = Signal("requestsWaiting", value=waiting, groups=1, running=1.0, waiting=waiting,
+                             saturated_slots=1.0)
+        self.time += 5
+        return self.reconcile()
+
     def settle(self, rounds=6):
         for _ in range(rounds):
             self.kubelet()
@@ -51,9 +58,7 @@ def test_scale_up_goes_through_the_scale_door_and_is_planned_in_the_same_pass():
     c = Cluster(copy.deepcopy(SPEC))
     c.settle()
     assert c.scales == [] and c.md["status"]["autoscaling"]["reason"] == autoscaling.WITHIN_TOLERANCE
-    c.signal = Signal("requestsWaiting", value=5.0, groups=1, running=1.0, waiting=5.0, saturated_slots=1.0)
-    c.time += 5
-    out = c.reconcile()
+    out = c.sample(waiting=5.0)
     assert c.scales == [3] and c.md["spec"]["replicas"] == 3
     assert len(c.pods()) == 3                                     # the new groups' pods in the same pass
     assert out.scaling.reason == autoscaling.SCALE_UP and out.requeue_after == pytest.approx(5.0)
@@ -62,9 +67,7 @@ def test_scale_up_goes_through_the_scale_door_and_is_planned_in_the_same_pass():
     assert any(e[1] == "SuccessfulRescale" for e in c.events)
     assert conditions(c)["ScalingLimited"]["status"] == "False"
     # More than maxReplicas' worth: at the bound, and ScalingLimited says so.
-    c.signal = Signal("requestsWaiting", value=20.0, groups=1, running=1.0, waiting=20.0, saturated_slots=1.0)
-    c.time += 5
-    c.reconcile()
+    c.sample(waiting=20.0)
     assert c.md["spec"]["replicas"] == 4 and conditions(c)["ScalingLimited"]["reason"] == "TooManyReplicas"
 
 
@@ -79,15 +82,11 @@ def test_no_sample_and_no_write_between_samples():
 def test_gpu_shortage_sets_scaling_limited():
     c = Cluster(copy.deepcopy(SPEC))
     c.settle()
-    c.signal = Signal("requestsWaiting", value=3.0, groups=1, running=1.0, waiting=3.0, saturated_slots=1.0)
-    c.time += 5
-    c.reconcile()
+    c.sample(waiting=3.0)
     assert c.md["spec"]["replicas"] == 2
     c.unschedulable = {name for name in c.pods() if "-1-" in name}
     c.kubelet()
-    c.signal = Signal("requestsWaiting", value=9.0, groups=1, running=1.0, waiting=9.0, saturated_slots=1.0)
-    c.time += 5
-    c.reconcile()
+    c.sample(waiting=9.0)
     limited = conditions(c)["ScalingLimited"]
     assert (limited["status"], limited["reason"]) == ("True", "InsufficientGPUCapacity")
     assert c.md["spec"]["replicas"] == 2 and c.scales == [2]
@@ -108,9 +107,7 @@ def test_kubectl_moe_status_shows_the_autoscaler():
 
     c = Cluster(copy.deepcopy(SPEC))
     c.settle()
-    c.signal = Signal("requestsWaiting", value=5.0, groups=1, running=1.0, waiting=5.0, saturated_slots=1.0)
-    c.time += 5
-    c.reconcile()
+    c.sample(waiting=5.0)
     text = render_status(c.md, list(c.pods().values()), c.time + 30)
     assert "autoscaling requestsWaiting 5.0 (target 1.0), wants 3 in [1, 4]: ScaleUp" in text
     assert "last scaled 1 -> 3 30s ago (ScaleUp)" in text
