@@ -19,7 +19,6 @@ import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from . import names
@@ -32,6 +31,7 @@ from .rollout import (
     ANNOTATION_RESUME,
     ANNOTATION_RETRY,
     AbortRequest,
+    epoch,
     iso,
 )
 
@@ -85,9 +85,8 @@ def undo_patch(body: Mapping[str, Any]) -> dict[str, Any]:
 def _age(ts: str | None, now: float) -> str:
     if not ts:
         return ""
-    try:
-        t = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    t = epoch(ts)
+    if t is None:
         return ts
     s = max(0, int(now - t))
     return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
