@@ -88,7 +88,8 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
     except WriteRefused as refused:
         new_status = invalid_status(old_status, generation, refused.reason, refused.message, now())
         outcome = _finish(namespace, name, old_status, new_status, writer, emit)
-        return Outcome(todo, outcome.status_patch, plan, outcome.written)
+        # Nothing counts as applied: the refusal is in status (Degraded) and in the operator's log.
+        return Outcome(Changes(), outcome.status_patch, plan, outcome.written)
     report = progressive.after_write(md, plan, moved_at or clock())
     new_status = with_autoscaling(status_of(md, observed, plan, now()), md, scaling and scaling.state, now())
     outcome = _finish(namespace, name, old_status, new_status, writer, emit)
