@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import hashlib
 import os
 import shutil
 import ssl
@@ -43,7 +44,7 @@ SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 SERVICE_CLUSTER_IP = "10.96.0.1"  # the `kubernetes` Service's ClusterIP (a SAN of the serving cert)
 LOCAL_NODE_NAME = "devcluster-local"
 LOCAL_NODE_GPUS = 4
-LOCAL_POD_CIDR = "127.100.0.0/16"
+LOCAL_POD_CIDRS = 48  # local pods of a cluster get 127.(100..147).0.0/16, one /16 per state dir
 DEFAULT_GPU_NODES = 4
 UP_TIMEOUT = 120.0
 PROMETHEUS_TOKEN_SECONDS = 30 * 24 * 3600
@@ -61,6 +62,14 @@ STOP_ORDER = (("prometheus", "alertmanager", "pod-discovery", "proxy", "node"),
               ("kwok", "kube-scheduler", "kube-controller-manager"),
               ("kube-apiserver",),
               ("etcd",))
+
+
+def local_pod_cidr(state_dir: Path) -> str:
+    """The local node's pod range, a /16 in 127.100.0.0-127.147.255.255 picked by the state dir, so two
+    clusters on one machine (the shared one, a test's own) rarely hand out the same pod IP, and pods
+    of both, binding the same ports on their own IPs, do not collide."""
+    digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).digest()
+    return f"127.{100 + digest[0] % LOCAL_POD_CIDRS}.0.0/16"
 
 
 class DevClusterError(RuntimeError):
@@ -496,7 +505,7 @@ class DevCluster:
             self._spawn(state, "node", [
                 sys.executable, "-m", "devcluster.node", "--kubeconfig", str(self.kubeconfig),
                 "--node-name", LOCAL_NODE_NAME, "--state-dir", str(self.state_dir / "node"),
-                "--gpus", str(LOCAL_NODE_GPUS), "--pod-cidr", LOCAL_POD_CIDR,
+                "--gpus", str(LOCAL_NODE_GPUS), "--pod-cidr", local_pod_cidr(self.state_dir),
                 "--api-host", "127.0.0.1", "--api-port", str(state.ports["apiserver"]),
                 "--ca-file", str(self.pki.ca_cert),
             ], env=env)

@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from devcluster.control_plane import poll
+from devcluster.control_plane import local_pod_cidr, poll
 
 pytestmark = pytest.mark.cluster
 
@@ -66,7 +66,7 @@ def test_http_server_pod_becomes_ready_on_its_own_loopback_ip(cluster, namespace
         "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1}}]))
     pod = wait_pod(cluster, namespace, "web", lambda p: condition(p, "Ready") == "True", "Ready")
     ip = pod["status"]["podIP"]
-    assert ipaddress.ip_address(ip) in ipaddress.ip_network("127.100.0.0/16")
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(local_pod_cidr(cluster.state_dir))
     assert pod["status"]["phase"] == "Running" and pod["spec"]["nodeName"] == "devcluster-local"
     with urllib.request.urlopen(f"http://{ip}:8080/", timeout=5) as response:
         assert response.status == 200
