@@ -27,7 +27,8 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., out, in] -> (int8 [..., out, in], float32 scale [..., out]) with w ≈ q * scale."""
     scale = w.float().abs().amax(dim=-1).clamp(min=1e-8) / 127.0
     q = torch.round(w.float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    # Row-major whatever w's layout (the engine may have re-laid weights out column-major for decode).
+    return q.contiguous(), scale.contiguous()
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
