@@ -364,6 +364,7 @@ def test_operator_killed_again_and_again_through_a_rollout_completes_within_the_
             elif kills >= promoted_after + 10:
                 break                                        # enough chaos: the last operator finishes
         assert promoted_after is not None and promoted_after >= 2, (kills, seen)
+        print(f"chaos: {kills} kills, promoted after kill {promoted_after}; (step, weight, done) after each: {seen}")
         with operator_alone(cluster, ns, sole_operator, token, 1.0):
             new = wait_for("the rollout to complete", lambda: (lambda s: s.get("stableRevision")
                            if s.get("stableRevision") not in (None, stable) else None)(status(cluster, ns, name)),
