@@ -169,7 +169,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             final = await self.service.complete(gen.prompt, params)
         except (ServiceError, ProtocolError) as e:
             await self._abort(context, e)
-        text = (gen.prompt if gen.prepend_input else "") + final.text
+        text = gen.text_output(final.text)
         tensors = protocol.result_tensors(
             gen, text, final.finish_reason, len(final.prompt_token_ids), len(final.token_ids)
         )

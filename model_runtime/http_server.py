@@ -299,7 +299,7 @@ def create_app(service: InferenceService) -> BodyLimit:
         gen = protocol.generate_request_from_tensors(infer_request.inputs, infer_request.parameters)
         params = service.sampling_params(**gen.sampling)
         final = await service.complete(gen.prompt, params)
-        text = (gen.prompt if gen.prepend_input else "") + final.text
+        text = gen.text_output(final.text)
         tensors = protocol.result_tensors(
             gen, text, final.finish_reason, len(final.prompt_token_ids), len(final.token_ids)
         )
@@ -354,7 +354,7 @@ def create_app(service: InferenceService) -> BodyLimit:
     async def generate(model_name: str, request: Request, version: str | None = None):
         gen, params, request_id = await start_generate(model_name, version, request, stream_default=False)
         final = await service.complete(gen.prompt, params)
-        text = (gen.prompt if gen.prepend_input else "") + final.text
+        text = gen.text_output(final.text)
         return JSONResponse(
             generate_body(
                 gen, request_id, text, final.finish_reason, len(final.prompt_token_ids), len(final.token_ids)

@@ -148,6 +148,10 @@ class GenerateRequest:
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
 
+    def text_output(self, generated: str) -> str:
+        """The answer's `text_output`: the prompt leads the generated text unless it is excluded."""
+        return self.prompt + generated if self.prepend_input else generated
+
 
 async def stream_pieces(
     gen: GenerateRequest, outputs: AsyncIterator[Any]
@@ -155,7 +159,7 @@ async def stream_pieces(
     """(output, text, output tokens) for each response of a generate stream: every output's new text
     when `gen.stream`, else only the finished output's whole text; the prompt leads the first piece
     when `gen.prepend_input` asks for it."""
-    prefix = gen.prompt if gen.prepend_input else ""
+    first = True
     async for output in outputs:
         if gen.stream:
             text, count = output.new_text, len(output.new_token_ids)
@@ -165,8 +169,8 @@ async def stream_pieces(
             continue
         if not text and not output.finished:
             continue
-        yield output, prefix + text, count
-        prefix = ""
+        yield output, gen.text_output(text) if first else text, count
+        first = False
 
 
 # --- tensors ---------------------------------------------------------------------------------
