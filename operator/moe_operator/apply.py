@@ -1,4 +1,4 @@
-"""The one writer: server-side apply of new pods and of Services (field manager `moe-operator`),
+"""The one writer: server-side apply of new pods, Services and PrometheusRules (field manager `moe-operator`),
 label patches of existing pods (in and out of rotation, track changes), deletes of what is no longer
 wanted, merge patches of `.status`, and Events. Nothing else in the operator writes.
 """
@@ -15,10 +15,11 @@ from kubernetes.dynamic.exceptions import (
     ConflictError,
     ForbiddenError,
     NotFoundError,
+    ResourceNotFoundError,
     UnprocessibleEntityError,
 )
 
-from . import names
+from . import names, prometheus_rule
 from .desired import Changes
 
 
@@ -52,13 +53,25 @@ class Writer:
         }
         self._md = dynamic_client.resources.get(api_version=names.API_VERSION, kind=names.KIND)
 
+    def _resource(self, kind: str):
+        if kind == prometheus_rule.KIND:   # looked up when first written: only where the CRD exists
+            return self.dyn.resources.get(api_version=prometheus_rule.API_VERSION, kind=kind)
+        return self._resources[kind]
+
     def apply(self, body: Mapping[str, Any]) -> None:
         try:
             self.dyn.server_side_apply(
-                self._resources[body["kind"]], body=dict(body), namespace=body["metadata"]["namespace"],
+                self._resource(body["kind"]), body=dict(body), namespace=body["metadata"]["namespace"],
                 field_manager=names.FIELD_MANAGER, force_conflicts=True,
             )
-        except (BadRequestError, UnprocessibleEntityError, ForbiddenError) as error:
+        except (NotFoundError, ResourceNotFoundError, ForbiddenError) as error:
+            if body["kind"] != prometheus_rule.KIND:
+                if isinstance(error, ForbiddenError):
+                    raise _refusal(error, f"{body['kind']} {body['metadata']['name']}") from error
+                raise
+            # The PrometheusRule CRD went away (or its RBAC did) since it was observed: the alerts
+            # are optional, the next observation renders none.
+        except (BadRequestError, UnprocessibleEntityError) as error:
             raise _refusal(error, f"{body['kind']} {body['metadata']['name']}") from error
 
     def relabel(self, namespace: str, name: str, labels: Mapping[str, str]) -> None:
@@ -72,8 +85,8 @@ class Writer:
         """Delete one object, only if it is still the one observed (uid precondition)."""
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}} if uid else None
         try:
-            self.dyn.delete(self._resources[kind], name=name, namespace=namespace, body=body)
-        except (NotFoundError, ConflictError):
+            self.dyn.delete(self._resource(kind), name=name, namespace=namespace, body=body)
+        except (NotFoundError, ConflictError, ResourceNotFoundError):
             pass   # already gone, or replaced by a newer object of the same name
 
     def write(self, namespace: str, changes: Changes) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 from .observe import Observed
 from .plan import Plan
 from .pods import PodSlot, desired_pod, pod_name
+from .prometheus_rule import KIND as RULE_KIND
+from .prometheus_rule import desired_rule
 from .services import desired_service
 from .spec import ModelDeployment
 
@@ -70,10 +72,13 @@ def pod_slots(md: ModelDeployment, plan: Plan, observed: Observed) -> list[PodSl
 
 
 def desired_objects(md: ModelDeployment, plan: Plan, observed: Observed) -> list[dict[str, Any]]:
-    """Pods of every planned group, the traffic Service and one Service per planned track."""
+    """Pods of every planned group, the traffic Service, one Service per planned track and, where the
+    PrometheusRule CRD exists, the latency alerts of the spec's slo."""
     objects: list[dict[str, Any]] = [desired_pod(md, slot) for slot in pod_slots(md, plan, observed)]
     objects.append(desired_service(md))
     objects.extend(desired_service(md, track) for track in plan.service_tracks)
+    if observed.rules is not None and (rule := desired_rule(md)) is not None:
+        objects.append(rule)
     return objects
 
 
@@ -94,6 +99,8 @@ def _up_to_date(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
         return False
     if want["kind"] == "Pod":
         return True          # the name carries the revision; a pod's spec never changes in place
+    if want["kind"] == RULE_KIND:
+        return is_subset(want["spec"], have.get("spec") or {})
     spec, hspec = want["spec"], have.get("spec") or {}
     return spec["selector"] == hspec.get("selector") and is_subset(spec, hspec)
 
@@ -101,6 +108,7 @@ def _up_to_date(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
 def changes(desired: list[Mapping[str, Any]], observed: Observed) -> Changes:
     existing: dict[tuple[str, str], Mapping[str, Any]] = {("Pod", p.name): p.body for p in observed.pods}
     existing.update({("Service", name): body for name, body in observed.services.items()})
+    existing.update({(RULE_KIND, name): body for name, body in (observed.rules or {}).items()})
     wanted = {(d["kind"], d["metadata"]["name"]) for d in desired}
     stale = tuple(d for d in desired if (key := (d["kind"], d["metadata"]["name"])) not in existing
                   or not _up_to_date(d, existing[key]))

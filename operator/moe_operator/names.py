@@ -12,6 +12,8 @@ KIND = "ModelDeployment"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 FIELD_MANAGER = "moe-operator"
+RULE_API_VERSION = "monitoring.coreos.com/v1"   # prometheus-operator's PrometheusRule, where its CRD exists
+RULE_KIND = "PrometheusRule"
 AUTOSCALER_FIELD_MANAGER = "moe-operator-autoscaler"   # spec.replicas, through the scale subresource
 PREFIX = GROUP  # annotations, finalizer and kopf bookkeeping live under this prefix
 

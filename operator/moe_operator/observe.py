@@ -5,12 +5,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import (
+    ForbiddenError,
+    NotFoundError,
+    ResourceNotFoundError,
+    ResourceNotUniqueError,
+)
+
 from . import names
+
+RULES_RECHECK_SECONDS = 60.0   # how often discovery is asked whether the PrometheusRule CRD exists
 
 # Container states that will not get better by waiting: the user must change something.
 FAILING_WAITING_REASONS = frozenset({
@@ -80,6 +91,9 @@ class Observed:
     pods: tuple[ObservedPod, ...] = ()
     services: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     pods_per_replica: int = 1
+    # The ModelDeployment's PrometheusRules by name; None where there is no PrometheusRule CRD (or
+    # the operator may not list them): then none is rendered.
+    rules: Mapping[str, Mapping[str, Any]] | None = None
 
     @cached_property
     def groups(self) -> dict[tuple[str, int], Group]:
@@ -154,25 +168,54 @@ def observed_pod(body: Mapping[str, Any]) -> ObservedPod:
 
 
 def observed_from(pods: Iterable[Mapping[str, Any]], services: Iterable[Mapping[str, Any]],
-                  pods_per_replica: int) -> Observed:
-    """Pure: the observation from pod and Service bodies (as the API returns them)."""
+                  pods_per_replica: int, rules: Iterable[Mapping[str, Any]] | None = None) -> Observed:
+    """Pure: the observation from pod, Service and PrometheusRule bodies (as the API returns them)."""
     return Observed(
         pods=tuple(sorted((observed_pod(p) for p in pods), key=lambda p: p.name)),
         services={s["metadata"]["name"]: s for s in services},
         pods_per_replica=pods_per_replica,
+        rules=None if rules is None else {r["metadata"]["name"]: r for r in rules},
     )
 
 
 class Reader:
-    """The one reader: lists a ModelDeployment's pods and Services by label."""
+    """The one reader: lists a ModelDeployment's pods, Services and (where the CRD exists)
+    PrometheusRules by label."""
 
-    def __init__(self, dynamic_client):
+    def __init__(self, dynamic_client, clock: Callable[[], float] = time.monotonic):
         self.dyn = dynamic_client
         self._pods = dynamic_client.resources.get(api_version="v1", kind="Pod")
         self._services = dynamic_client.resources.get(api_version="v1", kind="Service")
+        self.clock = clock
+        self._rules: Any = None
+        self._rules_checked: float | None = None
+
+    def rules_resource(self) -> Any:
+        """The PrometheusRule resource, or None without the CRD. Discovery is asked again every
+        RULES_RECHECK_SECONDS (the CRD may be installed or removed while the operator runs)."""
+        now = self.clock()
+        if self._rules_checked is None or now - self._rules_checked >= RULES_RECHECK_SECONDS:
+            self._rules_checked = now
+            try:   # a miss refreshes the discovery cache (the client does), a hit costs nothing
+                self._rules = self.dyn.resources.get(api_version=names.RULE_API_VERSION,
+                                                     kind=names.RULE_KIND)
+            except (ResourceNotFoundError, ResourceNotUniqueError, ApiException):
+                self._rules = None
+        return self._rules
 
     def observe(self, namespace: str, name: str, pods_per_replica: int) -> Observed:
         selector = names.selector_string(names.owned_selector(name))
         pods = self.dyn.get(self._pods, namespace=namespace, label_selector=selector).to_dict()
         services = self.dyn.get(self._services, namespace=namespace, label_selector=selector).to_dict()
-        return observed_from(pods.get("items") or [], services.get("items") or [], pods_per_replica)
+        rules = None
+        resource = self.rules_resource()
+        if resource is not None:
+            try:
+                rules = self.dyn.get(resource, namespace=namespace, label_selector=selector).to_dict()
+                rules = rules.get("items") or []
+            except NotFoundError:               # the CRD went away: forget it, ask discovery afresh
+                self._rules, rules = None, None
+                self.dyn.resources.invalidate_cache()
+            except ForbiddenError:              # no RBAC for them: render none, look again later
+                self._rules, rules = None, None
+        return observed_from(pods.get("items") or [], services.get("items") or [], pods_per_replica, rules)

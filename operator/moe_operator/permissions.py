@@ -32,6 +32,7 @@ KOPF_RETRY_WINDOW = 11.0    # kopf retries a failed request at least every 10 s 
 ALWAYS = "always"
 CLUSTER_WIDE = "cluster-wide"          # only with --all-namespaces (kopf watches CRDs)
 NAMESPACE_GLOBS = "namespace globs"    # only with --namespace patterns (kopf watches namespaces)
+OPTIONAL = "optional"                  # used where granted, never checked: without it a feature is off
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Rule:
     verbs: tuple[str, ...]
     why: str
     cluster_scoped: bool = False
-    needed: str = ALWAYS                 # ALWAYS, CLUSTER_WIDE or NAMESPACE_GLOBS
+    needed: str = ALWAYS                 # ALWAYS, CLUSTER_WIDE, NAMESPACE_GLOBS or OPTIONAL
 
 
 RULES: tuple[Rule, ...] = (
@@ -56,13 +57,17 @@ RULES: tuple[Rule, ...] = (
          "observed by label; written by server-side apply (`create` is checked when the object is new), "
          "relabelled, deleted"),
     Rule("", ("events",), ("create",), "Events on ModelDeployments"),
+    Rule("monitoring.coreos.com", ("prometheusrules",), ("list", "create", "patch", "delete"),
+         "each ModelDeployment's latency alerts (`<name>-latency`), where prometheus-operator's CRD exists: "
+         "observed by label, server-side applied, deleted when no slo is set", needed=OPTIONAL),
     Rule("apiextensions.k8s.io", ("customresourcedefinitions",), ("list", "watch"),
          "kopf notices the CRD being (re)installed", cluster_scoped=True, needed=CLUSTER_WIDE),
     Rule("", ("namespaces",), ("list", "watch"),
          "kopf's namespace discovery", cluster_scoped=True, needed=NAMESPACE_GLOBS),
 )
 
-_SCOPE_NOTE = {CLUSTER_WIDE: "cluster, `--all-namespaces` only", NAMESPACE_GLOBS: "cluster, namespace globs only"}
+_SCOPE_NOTE = {CLUSTER_WIDE: "cluster, `--all-namespaces` only", NAMESPACE_GLOBS: "cluster, namespace globs only",
+               OPTIONAL: "optional: without it no PrometheusRule is rendered"}
 
 
 def markdown_table(rules: Iterable[Rule] = RULES) -> str:
@@ -117,7 +122,8 @@ def required(namespaces: Sequence[str]) -> list[Check]:
     where: list[str | None] = [None] if cluster_wide or globs else list(dict.fromkeys(namespaces))
     checks = []
     for rule in RULES:
-        if rule.needed == CLUSTER_WIDE and not cluster_wide or rule.needed == NAMESPACE_GLOBS and not globs:
+        if (rule.needed == CLUSTER_WIDE and not cluster_wide or rule.needed == NAMESPACE_GLOBS and not globs
+                or rule.needed == OPTIONAL):
             continue
         for resource in rule.resources:
             plural, _, subresource = resource.partition("/")

@@ -140,18 +140,21 @@ NAMESPACED_RULES = {
 } | {(names.GROUP, "modeldeployments/status", "patch"), (names.GROUP, "modeldeployments/scale", "patch")} | {
     ("", resource, verb) for resource in ("pods", "services") for verb in ("list", "watch", "create", "patch", "delete")
 } | {("", "events", "create")}
+PROMETHEUS_RULES = {("monitoring.coreos.com", "prometheusrules", v) for v in ("list", "create", "patch", "delete")}
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 NAMESPACE_DISCOVERY = {("", "namespaces", v) for v in ("list", "watch")}
 
 
 def test_rbac_grants_exactly_what_the_operator_uses(cluster):
     cluster_wide = rules_of(render(cluster, "-n", "moe-system"))
-    assert cluster_wide == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | CRD_DISCOVERY}
+    assert cluster_wide == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | PROMETHEUS_RULES | CRD_DISCOVERY}
+    without_rules = rules_of(render(cluster, "-n", "moe-system", "--set", "prometheusRules.render=false"))
+    assert without_rules == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | CRD_DISCOVERY}
     namespaced = render(cluster, "-n", "moe-system", "--set", "scope.mode=Namespaced",
                         "--set", "scope.watchNamespaces={team-a,team-b}")
     assert rules_of(namespaced) == {
-        f"Role/team-a/{FULLNAME}": NAMESPACED_RULES,
-        f"Role/team-b/{FULLNAME}": NAMESPACED_RULES,
+        f"Role/team-a/{FULLNAME}": NAMESPACED_RULES | PROMETHEUS_RULES,
+        f"Role/team-b/{FULLNAME}": NAMESPACED_RULES | PROMETHEUS_RULES,
         f"ClusterRole//{FULLNAME}-discovery": CRD_DISCOVERY | NAMESPACE_DISCOVERY,
     }
     assert {(b["metadata"]["namespace"], b["subjects"][0]["namespace"]) for b in by_kind(namespaced, "RoleBinding")} \

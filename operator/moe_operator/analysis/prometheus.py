@@ -31,15 +31,20 @@ def http_get_json(url: str, timeout: float = 3.0) -> Any:
         return json.loads(response.read())
 
 
-def queries(selector: str, window: str) -> dict[str, str]:
+def queries(selector: str, window: str, by: tuple[str, ...] = ()) -> dict[str, str]:
+    """The analysis' PromQL (one source: the operator's PrometheusRule alerts use it too, with `by`
+    the series labels each alert keeps)."""
     server = "|".join(SERVER_FAILURE_REASONS)
-    requests = (f"(sum(increase({REQUEST_SUCCESS}{{{selector}}}[{window}]))"
-                f" + sum(increase({REQUEST_FAILURE}{{{selector}}}[{window}])))")
+    group = f" by ({', '.join(by)})" if by else ""
+    le = f" by ({', '.join((*by, 'le'))})"
+    requests = (f"(sum{group}(increase({REQUEST_SUCCESS}{{{selector}}}[{window}]))"
+                f" + sum{group}(increase({REQUEST_FAILURE}{{{selector}}}[{window}])))")
     return {
         "samples": requests,
-        "p99": f"histogram_quantile(0.99, sum by (le) (rate({E2E_REQUEST_LATENCY}_bucket{{{selector}}}[{window}])))",
-        "ttftP99": f"histogram_quantile(0.99, sum by (le) (rate({TIME_TO_FIRST_TOKEN}_bucket{{{selector}}}[{window}])))",
-        "errorRate": f"sum(increase({REQUEST_FAILURE}{{{selector},reason=~\"{server}\"}}[{window}])) / {requests}",
+        "p99": f"histogram_quantile(0.99, sum{le} (rate({E2E_REQUEST_LATENCY}_bucket{{{selector}}}[{window}])))",
+        "ttftP99": f"histogram_quantile(0.99, sum{le} (rate({TIME_TO_FIRST_TOKEN}_bucket{{{selector}}}[{window}])))",
+        "errorRate": (f"sum{group}(increase({REQUEST_FAILURE}{{{selector},reason=~\"{server}\"}}[{window}]))"
+                      f" / {requests}"),
     }
 
 
