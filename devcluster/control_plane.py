@@ -18,8 +18,8 @@ exactly those processes and nothing else. Layout of the state dir (default `<rep
 from __future__ import annotations
 
 import fcntl
-import json
 import hashlib
+import json
 import os
 import shutil
 import ssl
