@@ -16,6 +16,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -91,10 +92,11 @@ MONITORING_PROCESSES = ("prometheus", "alertmanager", "pod-discovery")
 
 
 def _register_user(devcluster: DevCluster) -> Path:
-    """Mark this process as using the cluster (test sessions of several people may share it)."""
+    """Mark one use of the cluster (test sessions of several people may share it, and one session
+    may hold it several times at once: a session fixture and a module's own fixture)."""
     users = devcluster.state_dir / "users"
     users.mkdir(parents=True, exist_ok=True)
-    me = users / f"{os.getpid()}-{processes.proc_start_time(os.getpid())}"
+    me = users / f"{os.getpid()}-{processes.proc_start_time(os.getpid())}-{uuid.uuid4().hex[:8]}"
     me.touch()
     return me
 
@@ -102,7 +104,8 @@ def _register_user(devcluster: DevCluster) -> Path:
 def _other_live_users(devcluster: DevCluster, me: Path) -> list[str]:
     others = []
     for entry in (devcluster.state_dir / "users").glob("*-*"):
-        pid, _, start = entry.name.partition("-")
+        pid, _, rest = entry.name.partition("-")
+        start = rest.split("-", 1)[0]
         alive = start.isdigit() and processes.is_alive(
             processes.ProcessRecord("user", int(pid), int(start), [], ""))
         if entry != me and alive:
