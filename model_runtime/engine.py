@@ -27,7 +27,7 @@ import torch
 
 from model_runtime.block_manager import BlockManager
 from model_runtime.detokenizer import IncrementalDetokenizer
-from model_runtime.model import Transformer, use_decode_layout
+from model_runtime.model import Transformer, use_cpu_decode_kernels, use_decode_layout
 from model_runtime.paged import PagedBatch
 from model_runtime.sampling import SampleRow, SamplingParams, make_generator, sample
 from model_runtime.scheduler import ScheduledSeq, Scheduler, Sequence
@@ -142,8 +142,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         self.device = torch.device(config.device)
-        if self.device.type == "cpu" and isinstance(model, Transformer):
-            use_decode_layout(model)  # decode steps are matrix-vector products: read weights faster
+        if self.device.type == "cpu" and isinstance(model, Transformer) and not use_cpu_decode_kernels(model):
+            use_decode_layout(model)  # no C decode kernels: column-major helps BLAS's gemv
         self.kv_dtype = _float_dtype(model)
         mcfg = model.config
         self.vocab_size: int = mcfg.vocab_size

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_decode
 from .config import ModelConfig
 from .paged import PagedBatch
 
@@ -34,6 +35,19 @@ ACTIVATIONS = {
 }
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; one float32 row on the CPU (batch-1 decode) takes the streaming gemv kernel."""
+    if cpu_decode.one_row(x) and cpu_decode.f32_rows(w):
+        y = cpu_decode.gemv(x, w)
+        return y if bias is None else y + bias
+    return F.linear(x, w, bias)
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -41,6 +55,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_decode.one_row(x) and cpu_decode.f32_rows(self.weight):
+            return cpu_decode.rmsnorm(x, self.weight, self.eps)
         # normalised in float32, cast back before the weight (as transformers does); one fused op
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
@@ -237,10 +253,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, K, Dh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, K * Dh, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, K * Dh, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.o_bias)
+        self.q_proj = Linear(D, H * Dh, bias=cfg.qkv_bias)
+        self.k_proj = Linear(D, K * Dh, bias=cfg.qkv_bias)
+        self.v_proj = Linear(D, K * Dh, bias=cfg.qkv_bias)
+        self.o_proj = Linear(H * Dh, D, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
@@ -275,21 +291,23 @@ class MLAttention(nn.Module):
     cached latent is attended directly.
     """
 
+    decode = None  # cpu_decode.MLAttention, set by use_cpu_decode_kernels
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         D, H = cfg.hidden_size, cfg.num_attention_heads
         P, R, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * (P + R), bias=False)
+            self.q_proj = Linear(D, H * (P + R), bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=cfg.qkv_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (P + R), bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, C + R, bias=cfg.qkv_bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * (P + R), bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, C + R, bias=cfg.qkv_bias)
         self.kv_a_layernorm = RMSNorm(C, 1e-6)
-        self.kv_b_proj = nn.Linear(C, H * (P + Dv), bias=False)
-        self.o_proj = nn.Linear(H * Dv, D, bias=cfg.o_bias)
+        self.kv_b_proj = Linear(C, H * (P + Dv), bias=False)
+        self.o_proj = Linear(H * Dv, D, bias=cfg.o_bias)
         self.scale = (P + R) ** -0.5
         # Attention over the cache either absorbs kv_b_proj into q and the output (per query and
         # context token: 2C + R multiply-adds per head) or expands the context's latents into keys
@@ -304,6 +322,8 @@ class MLAttention(nn.Module):
         cfg = self.cfg
         N, H = x.shape[0], cfg.num_attention_heads
         P, R, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        if self.decode is not None and cache is not None and cpu_decode.one_row(x):  # batch-1 decode
+            return self.decode(x, cos[0], sin[0], cache, int(ctx.slot_mapping[0]), ctx.context_slots[0])
         if cfg.q_lora_rank is None:
             q = self.q_proj(x)
         else:
@@ -344,14 +364,18 @@ class MLAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    decode = None  # cpu_decode.SwiGLU, set by use_cpu_decode_kernels
+
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x):
+        if self.decode is not None and cpu_decode.one_row(x):  # batch-1 decode: one C call
+            return self.decode(x)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -411,8 +435,8 @@ class Experts(nn.Module):
 
     def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens x [n, D] -> [n, D] (int8 quantization overrides this)."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-        return F.linear(self.act(gate) * up, self.down_proj[e])
+        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+        return linear(self.act(gate) * up, self.down_proj[e])
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
@@ -439,6 +463,8 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
+    decode = None  # cpu_decode.MoE, set by use_cpu_decode_kernels
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Router(cfg)
@@ -448,12 +474,14 @@ class MoE(nn.Module):
                 cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act, cfg.mlp_bias
             )
         if cfg.shared_expert_gate:
-            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
         self.register_buffer(
             "tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode is not None and cpu_decode.one_row(x):  # batch-1 decode: one C call
+            return self.decode(x)
         weights, ids = self.gate(x)  # [N, A]
         out, counts = self.experts(x, weights, ids)  # [N, D]
         self.tokens_per_expert += counts
@@ -487,13 +515,15 @@ def column_major(w: torch.Tensor) -> torch.Tensor:
 
 
 def use_decode_layout(model: Transformer) -> Transformer:
-    """Store in place, column-major, the weights whose matrix-vector product that makes faster.
+    """Store in place, column-major, the weights whose BLAS matrix-vector product that makes faster.
 
+    For when the C decode kernels (cpu_decode) are not available; they read row-major weights.
     A decode step multiplies one row per sequence by every weight, so it is bound by how fast the
     weights stream from memory. On the CPU, MKL's gemv for x @ W.T over a row-major W [out, in]
     reads about 12 GB/s on one thread; over the same W stored column-major (x @ Wt with Wt [in, out]
     contiguous) it reads 13-20 GB/s when out >= in, and less when out < in; for bfloat16 it is
-    ~5x slower, so only float32 weights move. Values, names and shapes are unchanged (only strides), and larger matmuls (prefill, 32 sequences) run alike.
+    ~5x slower, so only float32 weights move. Values, names and shapes are unchanged (only
+    strides), and larger matmuls (prefill, 32 sequences) run alike.
     kv_b_proj stays row-major: MLA views it per head for the absorbed attention.
     """
     keep = {id(m.kv_b_proj) for m in model.modules() if isinstance(m, MLAttention)}
@@ -508,6 +538,73 @@ def use_decode_layout(model: Transformer) -> Transformer:
     return model
 
 
+def use_cpu_decode_kernels(model: Transformer) -> bool:
+    """Hand the batch-1 decode step of every layer the C kernels can compute to them (cpu_decode).
+
+    A transform applied after the others (int8 quantization swaps in modules whose weights the
+    kernels do not read): MLA attention, MoE layers and SwiGLU MLPs with float32 weights and no
+    biases get a prepared `decode` callable, which their forward takes for one float32 row with
+    torch on one thread; every other case runs the torch code. Returns whether the kernels exist.
+    """
+    for m in model.modules():
+        m.decode = None
+    if not cpu_decode.available():
+        return False
+
+    def rows(*ws) -> bool:
+        return all(w is None or cpu_decode.f32_rows(w) for w in ws)
+
+    def no_bias(*linears) -> bool:
+        return all(type(m) is Linear and m.bias is None for m in linears)
+
+    def swiglu(mlp: MLP) -> cpu_decode.SwiGLU | None:
+        ok = mlp.act is F.silu and no_bias(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        return (
+            cpu_decode.SwiGLU(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            if ok and rows(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+            else None
+        )
+
+    for m in model.modules():
+        if type(m) is MLAttention:
+            cfg = m.cfg
+            lora = cfg.q_lora_rank is not None
+            q = [m.q_a_proj, m.q_b_proj] if lora else [m.q_proj]
+            if not no_bias(*q, m.kv_a_proj_with_mqa, m.kv_b_proj, m.o_proj):
+                continue
+            H, P, C, Dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+            weights = [
+                m.q_a_proj.weight if lora else None,
+                m.q_a_layernorm.weight if lora else None,
+                q[-1].weight,
+                m.kv_a_proj_with_mqa.weight,
+                m.kv_a_layernorm.weight,
+                m.kv_b_proj.weight.view(H, P + Dv, C),
+                m.o_proj.weight,
+            ]
+            if rows(*weights):
+                m.decode = cpu_decode.MLAttention(*weights, cfg.rope_interleave, m.scale)
+        elif type(m) is MLP:
+            m.decode = swiglu(m)
+        elif type(m) is MoE and type(m.experts) is Experts and m.experts.act is F.silu:
+            shared = getattr(m, "shared_experts", None)
+            shared_decode = swiglu(shared) if shared is not None else None
+            if shared is not None and shared_decode is None:
+                continue
+            gate = getattr(m, "shared_expert_gate", None)
+            bias = getattr(m.gate, "e_score_correction_bias", None)
+            weights = [m.gate.weight, bias, m.experts.gate_up_proj, m.experts.down_proj]
+            if (gate is None or no_bias(gate)) and rows(*weights, gate.weight if gate is not None else None):
+                m.decode = cpu_decode.MoE(
+                    m.gate.cfg,
+                    *weights,
+                    shared_decode.weights if shared_decode is not None else None,
+                    gate.weight if gate is not None else None,
+                    m.tokens_per_expert,
+                )
+    return True
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -515,7 +612,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(cfg.rope_dim // 2), persistent=False)
         self.rope_attention_factor = 1.0
         self.init_buffers()

@@ -1,0 +1,209 @@
+"""The CPU decode kernels (model_runtime/csrc/cpu_decode.c) against torch's own ops.
+
+Each kernel computes what the model's torch code computes for one row; the model decodes the
+same tokens with the kernels on and off; and without a compiler or with the switch off the
+runtime falls back to torch with a log line instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_runtime import cpu_decode, load_model
+from model_runtime.config import ModelConfig
+from model_runtime.engine import EngineConfig, LLMEngine, SamplingParams
+from model_runtime.model import MLAttention, MoE, PagedContext, use_cpu_decode_kernels
+from model_runtime.paged import PagedBatch
+
+pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler or no AVX2 here")
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("out,inn", [(1, 1), (7, 13), (64, 768), (288, 768), (1000, 63), (129, 200)])
+def test_gemv_matches_linear(out, inn):
+    g = torch.Generator().manual_seed(out * inn)
+    w, x = torch.randn(out, inn, generator=g), torch.randn(1, inn, generator=g)
+    assert close(cpu_decode.gemv(x, w), F.linear(x, w))
+
+
+def test_swiglu_matches_the_torch_expression():
+    g = torch.Generator().manual_seed(2)
+    D, I = 40, 24  # noqa: E741 (legend)
+    gate, up, down = (
+        torch.randn(I, D, generator=g),
+        torch.randn(I, D, generator=g),
+        torch.randn(D, I, generator=g),
+    )
+    x = torch.randn(1, D, generator=g)
+    assert close(cpu_decode.SwiGLU(gate, up, down)(x), F.linear(F.silu(x @ gate.T) * (x @ up.T), down))
+
+
+def test_rmsnorm_matches_torch():
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(1, 300, generator=g) * 5, torch.randn(300, generator=g)
+    assert close(cpu_decode.rmsnorm(x, w, 1e-6), w * F.rms_norm(x, (300,), eps=1e-6))
+
+
+def random_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+        for name, b in module.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.3, 0.3)
+    return module.eval()
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("q_lora_rank", [None, 12])
+def test_mla_attention_kernel_matches_the_torch_layer(interleaved, q_lora_rank):
+    cfg = ModelConfig(
+        architecture="DeepseekV3ForCausalLM",
+        attention="mla",
+        hidden_size=32,
+        num_attention_heads=3,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        rope_interleave=interleaved,
+    )
+    attn = random_(MLAttention(cfg), 4)
+    bs, L = 4, 11  # one sequence whose 11th token is decoded; its blocks are scattered
+    table = [5, 2, 7]
+    slot = table[(L - 1) // bs] * bs + (L - 1) % bs
+    batch = PagedBatch(
+        positions=torch.tensor([L - 1]),
+        slot_mapping=torch.tensor([slot]),
+        block_tables=torch.tensor([table]),
+        context_lens=torch.tensor([L]),
+        query_start=torch.tensor([0, 1]),
+        logits_indices=torch.tensor([0]),
+        block_size=bs,
+    )
+    ctx = PagedContext.build(batch, None)
+    g = torch.Generator().manual_seed(5)
+    cache = torch.randn(8 * bs, cfg.kv_lora_rank + cfg.qk_rope_head_dim, generator=g)
+    x = torch.randn(1, 32, generator=g)
+    angle = torch.randn(1, 2, generator=g)
+    cos, sin = angle.cos(), angle.sin()
+    with torch.inference_mode():
+        want_cache = cache.clone()
+        want = attn(x, cos, sin, ctx, want_cache)  # the torch code
+        assert use_cpu_decode_kernels(attn) and attn.decode is not None
+        got = attn(x, cos, sin, ctx, cache)
+    assert close(cache, want_cache)
+    assert close(got, want)
+
+
+ROUTERS = {
+    "mixtral": dict(architecture="MixtralForCausalLM", norm_topk_prob=True),
+    "qwen2-moe": dict(
+        architecture="Qwen2MoeForCausalLM", shared_expert_intermediate_size=20, shared_expert_gate=True
+    ),
+    "deepseek-v2": dict(
+        architecture="DeepseekV2ForCausalLM",
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.5,
+        shared_expert_intermediate_size=16,
+    ),
+    "deepseek-v3": dict(
+        architecture="DeepseekV3ForCausalLM",
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        shared_expert_intermediate_size=16,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_moe_kernel_matches_the_torch_layer(name):
+    cfg = ModelConfig(
+        hidden_size=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=12, **ROUTERS[name]
+    )
+    moe = random_(MoE(cfg), 6)
+    with torch.inference_mode():
+        want = [
+            moe(torch.randn(1, 32, generator=torch.Generator().manual_seed(i)).expand(2, 32))[:1]
+            for i in range(20)
+        ]
+        torch_counts = moe.tokens_per_expert.clone()
+        moe.tokens_per_expert.zero_()
+        assert use_cpu_decode_kernels(moe) and moe.decode is not None
+        got = [moe(torch.randn(1, 32, generator=torch.Generator().manual_seed(i))) for i in range(20)]
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert close(a, b, 1e-5), (name, i)
+    assert torch.equal(moe.tokens_per_expert, torch_counts // 2)  # the torch runs routed two copies
+
+
+def test_the_model_decodes_the_same_tokens_with_and_without_the_kernels(monkeypatch):
+    model = load_model("builtin:tiny-deepseek-v3", dtype=torch.float32).eval()
+    assert any(isinstance(m, MLAttention) for m in model.modules())
+    calls = {"n": 0}
+    real = cpu_decode.MLAttention.__call__
+
+    def counting(self, *args):
+        calls["n"] += 1
+        return real(self, *args)
+
+    def greedy() -> list[int]:
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=1, num_kv_blocks=64, block_size=4))
+        engine.add_request(
+            "r", list(range(3, 40)), SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        )
+        tokens = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens += out.new_token_ids
+        return tokens
+
+    monkeypatch.setattr(cpu_decode.MLAttention, "__call__", counting)
+    with_kernels = greedy()
+    assert calls["n"] > 0  # the decode steps took the kernel
+    monkeypatch.setattr(cpu_decode, "_lib", None)  # what `one_row` sees with the kernels off
+    monkeypatch.setitem(cpu_decode._state, "lib", None)
+    calls["n"] = 0
+    assert greedy() == with_kernels
+    assert calls["n"] == 0
+
+
+@pytest.mark.parametrize(
+    "env,expect",
+    [
+        ({"MOE_RUNTIME_CPU_KERNELS": "0"}, "off (MOE_RUNTIME_CPU_KERNELS=0)"),
+        ({"CC": "/bin/false"}, "off ("),
+    ],
+)
+def test_without_kernels_torch_runs_and_says_why(env, expect, tmp_path):
+    code = (
+        "import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+        "torch.set_num_threads(1)\n"
+        "from model_runtime import cpu_decode\n"
+        "from model_runtime.model import linear\n"
+        "assert not cpu_decode.available()\n"
+        "x, w = torch.randn(1, 8), torch.randn(4, 8)\n"
+        "assert torch.allclose(linear(x, w), x @ w.T)\n"
+    )
+    run_env = {**os.environ, "MOE_RUNTIME_KERNEL_CACHE": str(tmp_path), "TMPDIR": str(tmp_path), **env}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "cpu decode kernels: " + expect in proc.stderr, proc.stderr
