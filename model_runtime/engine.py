@@ -16,6 +16,7 @@ finishes with reason "length".
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -389,6 +390,19 @@ class LLMEngine:
         )
 
 
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: the later state, the new parts of both."""
+    logprobs = None
+    if earlier.logprobs is not None or later.logprobs is not None:
+        logprobs = (earlier.logprobs or []) + (later.logprobs or [])
+    return dataclasses.replace(
+        later,
+        new_token_ids=earlier.new_token_ids + later.new_token_ids,
+        new_text=earlier.new_text + later.new_text,
+        logprobs=logprobs,
+    )
+
+
 # -- the asyncio front ----------------------------------------------------------------------------
 
 
@@ -487,12 +501,22 @@ class AsyncEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), queue)
         self._submit(("add", request_id, ids, params, time.monotonic()))
         finished = False
+        pending = None  # an item taken while merging, handed out next
         try:
             while True:
-                item = await queue.get()
+                item = pending if pending is not None else await queue.get()
+                pending = None
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                # A reader that fell behind gets what queued up as one output (as vLLM's output
+                # collector does): fewer events per token exactly when the loop is the bottleneck.
+                while not item.finished and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        pending = nxt
+                        break
+                    item = merge_outputs(item, nxt)
                 finished = item.finished
                 yield item
                 if finished:
