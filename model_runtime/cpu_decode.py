@@ -208,7 +208,7 @@ class MoE:
         shared_scale: torch.Tensor | None,
         tokens_per_expert: torch.Tensor,
     ):
-        assert cfg.num_experts_per_tok <= 64  # the kernel's fixed-size choice arrays
+        assert cfg.num_experts_per_tok <= 64  # the kernel's fixed-size choice arrays (callers check)
         self.weights = (router, bias, gate_up, down, *(shared or (None, None, None)), shared_scale)
         self.counts = tokens_per_expert
         E, D = router.shape

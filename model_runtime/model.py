@@ -322,7 +322,8 @@ class MLAttention(nn.Module):
         cfg = self.cfg
         N, H = x.shape[0], cfg.num_attention_heads
         P, R, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
-        if self.decode is not None and cache is not None and cpu_decode.one_row(x):  # batch-1 decode
+        # batch-1 decode on the CPU: what follows, in one C call (cpu_decode.MLAttention)
+        if self.decode is not None and cache is not None and cache.dtype == x.dtype and cpu_decode.one_row(x):
             return self.decode(x, cos[0], sin[0], cache, int(ctx.slot_mapping[0]), ctx.context_slots[0])
         if cfg.q_lora_rank is None:
             q = self.q_proj(x)
@@ -572,7 +573,7 @@ def use_cpu_decode_kernels(model: Transformer) -> bool:
             cfg = m.cfg
             lora = cfg.q_lora_rank is not None
             q = [m.q_a_proj, m.q_b_proj] if lora else [m.q_proj]
-            if not no_bias(*q, m.kv_a_proj_with_mqa, m.kv_b_proj, m.o_proj):
+            if cfg.sliding_window is not None or not no_bias(*q, m.kv_a_proj_with_mqa, m.kv_b_proj, m.o_proj):
                 continue
             H, P, C, Dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
             weights = [
@@ -588,7 +589,12 @@ def use_cpu_decode_kernels(model: Transformer) -> bool:
                 m.decode = cpu_decode.MLAttention(*weights, cfg.rope_interleave, m.scale)
         elif type(m) is MLP:
             m.decode = swiglu(m)
-        elif type(m) is MoE and type(m.experts) is Experts and m.experts.act is F.silu:
+        elif (
+            type(m) is MoE
+            and type(m.experts) is Experts
+            and m.experts.act is F.silu
+            and m.gate.cfg.num_experts_per_tok <= 64
+        ):
             shared = getattr(m, "shared_experts", None)
             shared_decode = swiglu(shared) if shared is not None else None
             if shared is not None and shared_decode is None:
