@@ -386,6 +386,8 @@ class InferenceService:
                     now = time.monotonic()
                     if last_token_time is None:
                         metrics.ttft.observe(now - arrival)
+                        for _ in output.new_token_ids[1:]:  # came with the first (a reader that fell behind)
+                            metrics.itl.observe(0.0)
                     else:
                         gap = (now - last_token_time) / len(output.new_token_ids)
                         for _ in output.new_token_ids:
