@@ -5,7 +5,7 @@ forward pass over the tokens the scheduler picked (decodes first, then prefill c
 returns a `RequestOutput` for every request that produced a token or finished.
 
 `AsyncEngine` runs that step loop in a background thread, off the event loop, and streams each
-request's outputs into an asyncio queue of the caller's loop; the HTTP and gRPC servers use it.
+request's outputs into an outbox on the caller's loop; the HTTP and gRPC servers use it.
 
 Length policy: a prompt must be shorter than the model length (`max_model_len`: the model's
 `max_position_embeddings`, or less if configured), else the request is refused with EngineError.
@@ -16,6 +16,7 @@ finishes with reason "length".
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import threading
@@ -426,7 +427,7 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._commands: list[tuple] = []  # ("add", request_id, ids, params, arrival) | ("abort", request_id)
         self._num_pending_adds = 0
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, _Outbox]] = {}
         self._thread: threading.Thread | None = None
         self._shutdown = False  # the thread exits once the commands are processed
         self._accepting = True
@@ -497,22 +498,22 @@ class AsyncEngine:
     async def _stream(self, request_id: str, ids: list[int], params: SamplingParams):
         if request_id in self._streams:
             raise EngineError(f"request id {request_id!r} is already in use")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        outbox = _Outbox()
+        self._streams[request_id] = (asyncio.get_running_loop(), outbox)
         self._submit(("add", request_id, ids, params, time.monotonic()))
         finished = False
         pending = None  # an item taken while merging, handed out next
         try:
             while True:
-                item = pending if pending is not None else await queue.get()
+                item = pending if pending is not None else await outbox.get()
                 pending = None
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
                 # A reader that fell behind gets what queued up as one output (as vLLM's output
                 # collector does): fewer events per token exactly when the loop is the bottleneck.
-                while not item.finished and not queue.empty():
-                    nxt = queue.get_nowait()
+                while not item.finished and outbox.items:
+                    nxt = outbox.items.popleft()
                     if isinstance(nxt, BaseException):
                         pending = nxt
                         break
@@ -608,6 +609,31 @@ class AsyncEngine:
                 pass
 
 
-def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+class _Outbox:
+    """One stream's outputs on its reader's loop: a deque and at most one waiting reader. Lighter
+    than asyncio.Queue, whose cost a stream pays on every token, on the loop that serves HTTP."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque = collections.deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self):
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+
+def _put_all(items: list[tuple[_Outbox, object]]) -> None:
+    for outbox, item in items:
+        outbox.put(item)
