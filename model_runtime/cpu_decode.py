@@ -39,8 +39,8 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.c"
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded library, or None once it is known there is none
-_lib = None  # the same, read on the hot path
+_lib = None  # the loaded library (None: not loaded, or there is none)
+_decided = False  # whether _load() has run
 
 
 def cache_dir() -> Path:
@@ -89,12 +89,12 @@ def _build() -> Path:
 
 def _load():
     """The kernels' library, or None (with the reason logged once)."""
-    global _lib
-    if "lib" in _state:
-        return _state["lib"]
+    global _lib, _decided
+    if _decided:
+        return _lib
     with _lock:
-        if "lib" in _state:
-            return _state["lib"]
+        if _decided:
+            return _lib
         lib = None
         if os.environ.get("MOE_RUNTIME_CPU_KERNELS", "1") == "0":
             log.info("cpu decode kernels: off (MOE_RUNTIME_CPU_KERNELS=0)")
@@ -105,7 +105,7 @@ def _load():
                 path = _build()
                 lib = ctypes.CDLL(str(path))
                 ptr, long, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-                lib.moe_gemv_f32.argtypes = [ptr] * 3 + [long] * 6
+                lib.moe_gemv_f32.argtypes = [ptr] * 3 + [long] * 2
                 lib.moe_swiglu_f32.argtypes = [ptr] * 6 + [f32, ctypes.c_int, long, long]
                 lib.moe_rmsnorm_f32.argtypes = [ptr] * 3 + [f32, long]
                 lib.moe_mla_attention_f32.argtypes = [ptr] * 14 + [ctypes.c_int, long, f32] + [long] * 8
@@ -122,26 +122,28 @@ def _load():
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
                 lib = None
                 log.warning("cpu decode kernels: off (%s); torch's ops are used", e)
-        _lib = lib
-        _state["lib"] = lib
+        _lib, _decided = lib, True
         return lib
 
 
 def available() -> bool:
-    """Whether the kernels are compiled and loaded (a given call may still not qualify)."""
+    """Whether the kernels are compiled and loaded (a given call may still not qualify); compiles
+    them the first time. model.use_cpu_decode_kernels calls it when an engine starts, so no
+    forward pass ever waits for the compiler."""
     return _load() is not None
 
 
 def one_row(x: torch.Tensor) -> bool:
     """Whether x [..., D] is one float32 row on the CPU, outside autograd, with torch on one
-    thread and the kernels loaded: the calls below then apply (weights float32, rows contiguous)."""
+    thread and the kernels loaded (by `available`): the calls below then apply (weights float32,
+    rows contiguous)."""
     return (
         x.numel() == x.shape[-1]
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and not (torch.is_grad_enabled() and x.requires_grad)
         and torch.get_num_threads() == 1
-        and (_lib is not None or ("lib" not in _state and _load() is not None))
+        and _lib is not None
     )
 
 
@@ -155,7 +157,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out, inn = w.shape
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], out)
-    _lib.moe_gemv_f32(w.data_ptr(), x.data_ptr(), y.data_ptr(), 1, out, inn, 0, 0, 0)
+    _lib.moe_gemv_f32(w.data_ptr(), x.data_ptr(), y.data_ptr(), out, inn)
     return y
 
 

@@ -550,7 +550,8 @@ def use_cpu_decode_kernels(model: Transformer) -> bool:
     torch on one thread; every other case runs the torch code. Returns whether the kernels exist.
     """
     for m in model.modules():
-        m.decode = None
+        if isinstance(m, (MLAttention, MLP, MoE)):
+            m.decode = None  # a second call (after another transform) starts afresh
     if not cpu_decode.available():
         return False
 

@@ -1,15 +1,17 @@
 /* Batch-1 decode on the CPU (AVX2 + FMA, float32, one thread): model_runtime/cpu_decode.py.
  *
- * moe_gemv_f32:   y[b, o] = sum_i W[b][o, i] * x[b, i]   for b < batch, o < out, i < in
- * moe_swiglu_f32: y (+)= scale * down @ (silu(gate @ x) * (up @ x)), one expert or MLP
- * moe_rmsnorm_f32: y = w * x / sqrt(mean(x^2) + eps)
+ * moe_gemv_f32:          y[o] = sum_i W[o, i] * x[i]   for o < out, i < in
+ * moe_swiglu_f32:        y (+)= scale * down @ (silu(gate @ x) * (up @ x)), one expert or MLP
+ * moe_rmsnorm_f32:       y = w * x / sqrt(mean(x^2) + eps)
+ * moe_mla_attention_f32: a whole MLA attention layer for one new token (model.MLAttention)
+ * moe_moe_decode_f32:    a whole MoE layer for one token (model.MoE)
  *
- * Each W[b] is row-major with contiguous rows ([out, in], row stride `in`). A decode step reads
+ * Every W is row-major with contiguous rows ([out, in], row stride `in`). A decode step reads
  * every weight once, so its speed is the speed at which one core streams weights from memory.
  * The rows are taken one at a time, front to back, so the whole matrix is a single sequential
  * stream that the hardware prefetcher follows; eight independent accumulators keep enough loads
  * in flight. Taking several rows at once (what BLAS gemv does) makes several streams and reads at
- * about half the speed on the machines this was measured on. See model_runtime/cpu_gemv.py.
+ * about half the speed on the machines this was measured on. See model_runtime/cpu_decode.py.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -45,14 +47,9 @@ static float dot(const float *w, const float *x, long in) {
     return s;
 }
 
-void moe_gemv_f32(const float *W, const float *x, float *y, long batch, long out, long in,
-                  long w_stride, long x_stride, long y_stride) {
-    for (long b = 0; b < batch; b++) {
-        const float *wb = W + b * w_stride, *xb = x + b * x_stride;
-        float *yb = y + b * y_stride;
-        for (long o = 0; o < out; o++)
-            yb[o] = dot(wb + o * in, xb, in);
-    }
+void moe_gemv_f32(const float *W, const float *x, float *y, long out, long in) {
+    for (long o = 0; o < out; o++)
+        y[o] = dot(W + o * in, x, in);
 }
 
 void moe_swiglu_f32(const float *gate, const float *up, const float *down, const float *x, float *y,
@@ -160,16 +157,16 @@ void moe_mla_attention_f32(const float *x, const float *q_a, const float *q_a_no
     float *qa = scratch, *q = qa + Q, *kv = q + H * (P + R), *att = kv + C + R, *rest = att + H * Dv;
     const float *q_in = x;
     if (q_a) {
-        moe_gemv_f32(q_a, x, qa, 1, Q, D, 0, 0, 0);
+        moe_gemv_f32(q_a, x, qa, Q, D);
         moe_rmsnorm_f32(qa, q_a_norm, qa, 1e-6f, Q);
         q_in = qa;
     }
-    moe_gemv_f32(q_b, q_in, q, 1, H * (P + R), q_a ? Q : D, 0, 0, 0);
-    moe_gemv_f32(kv_a, x, kv, 1, C + R, D, 0, 0, 0);
+    moe_gemv_f32(q_b, q_in, q, H * (P + R), q_a ? Q : D);
+    moe_gemv_f32(kv_a, x, kv, C + R, D);
     moe_rmsnorm_f32(kv, kv_a_norm, kv, 1e-6f, C);
     mla_decode(q, kv, kv + C, cos, sin, w_kv, cache, slots, att, rest, interleaved, slot, scale, L, H, P, R,
                C, Dv);
-    moe_gemv_f32(o_proj, att, y, 1, D, H * Dv, 0, 0, 0);
+    moe_gemv_f32(o_proj, att, y, D, H * Dv);
 }
 
 void moe_experts_swiglu_f32(const float *gate_up, const float *down, const float *x, const long *ids,
