@@ -7,13 +7,13 @@ started as a subprocess on loopback. Prints TTFT p50/p99, inter-token latency p5
 generated tokens per second for both, and what HTTP costs in throughput (goal: at most 15%).
 Bounded in count (N x R requests) and in time (--time-limit per run).
 
-Reading the numbers: the server runs the engine's step loop in a thread beside its event loop,
-so the per-token work of HTTP (one SSE event per new piece of text) and the engine's own Python
-share one GIL. Where a token costs little compute (a tiny model on the CPU) that work shows in
-throughput; where a step spends its time in torch (larger models, GPUs: the GIL is released) it
-mostly overlaps. The CPU line gives the HTTP layer's own cost per token, which noise from other
-processes on the machine does not move much; TTFT and ITL count visible text (a tokenizer that
-decodes single tokens to nothing shows no ITL).
+Reading the numbers: the server's engine steps in a child process (docs/decisions.md #15), so
+the per-token work of HTTP (one SSE event per new piece of text) runs on the server's own core
+beside the step; in process, the engine shares one GIL with its readers, so HTTP can come out
+ahead. `--no-engine-process` runs the server's engine in a thread beside its event loop instead:
+there that work waits for the step to release the GIL, which a tiny model's step on the CPU holds
+for most of its time. The CPU line counts the server with its engine process. TTFT and ITL count
+visible text (a tokenizer that decodes single tokens to nothing shows no ITL).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Workload:
     device: str = "auto"
     dtype: str = "auto"
     time_limit_s: float = 180.0
+    engine_process: bool = True  # the server's engine in a child process (its default)
 
     def prompt(self, client: int, request: int) -> str:
         text = f"client {client} request {request}: the experts route tokens. "
@@ -107,11 +108,29 @@ def _collect(name: str, wall_s: float, measurements: list) -> RunResult:
 
 
 def process_cpu_s(pid: int | None = None) -> float:
-    """User + system CPU seconds of a process (all its threads); this process when pid is None."""
+    """User + system CPU seconds of a process (all its threads) and of its children (the server's
+    engine process); this process alone when pid is None."""
     if pid is None:
         return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in [Path(f"/proc/{pid}/stat"), *_children_stats(pid)]:
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children_stats(pid: int) -> list[Path]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(stat)
+        except (OSError, ValueError, IndexError):
+            continue
+    return children
 
 
 def _engine_config(workload: Workload, device: str):
@@ -213,6 +232,7 @@ class HttpRunner:
             w.dtype,
             "--log-level",
             "warning",
+            "--engine-process" if w.engine_process else "--no-engine-process",
         ]
         self.proc = subprocess.Popen(
             args, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "POD_IP": ""}
@@ -319,7 +339,8 @@ def table(workload: Workload, engine: RunResult, http: RunResult, rounds: int = 
     lines = [
         f"HTTP load: {workload.model}, {workload.clients} concurrent streaming clients x "
         f"{workload.requests_per_client} requests, {workload.prompt_chars}-char prompts, "
-        f"{workload.max_tokens} tokens each (greedy, EOS ignored); best of {rounds} alternating rounds",
+        f"{workload.max_tokens} tokens each (greedy, EOS ignored); best of {rounds} alternating rounds; "
+        f"the server's engine in {'a child process' if workload.engine_process else 'a thread'}",
         header,
         "-" * len(header),
     ]
@@ -365,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--time-limit", type=float, default=defaults.time_limit_s, help="seconds per run")
     parser.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.engine_process,
+        help="the server's engine in a child process (its default) or in a thread",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=3, help="alternating runs of each; the best is reported"
     )
     args = parser.parse_args(argv)
@@ -377,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         args.device,
         args.dtype,
         args.time_limit,
+        args.engine_process,
     )
     from model_runtime.cli import GIL_SWITCH_INTERVAL_S
 

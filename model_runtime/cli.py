@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from model_runtime.server import ServerConfig, serve
+from model_runtime.server import LOG_FORMAT, ServerConfig, serve
 
 GIL_SWITCH_INTERVAL_S = 0.02
 
@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="fault injection: fraction of requests failed with an injected error",
     )
+    s.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine's step loop in a child process, so that serving never waits on it for "
+        "Python's GIL (--no-engine-process: in a thread of the server's process)",
+    )
     s.add_argument("--seed", type=int, default=None, help="seed of unseeded sampling (default: random)")
     s.add_argument(
         "--log-level",
@@ -173,6 +180,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         inject_latency_ms=args.inject_latency_ms,
         inject_error_rate=args.inject_error_rate,
         seed=args.seed,
+        engine_process=args.engine_process,
     )
 
 
@@ -180,15 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
         stream=sys.stderr,
     )
     config = config_from_args(args)
-    # The engine steps in a thread beside the event loop; with CPython's default 5 ms switch
-    # interval the two hand the GIL back and forth so often that streaming HTTP halves the
-    # engine's throughput. A longer interval (the engine thread still yields the GIL on every
-    # torch op) measured about 2x more streamed tokens/s (model_runtime.bench_http).
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    if not config.engine_process:
+        # The engine steps in a thread beside the event loop; with CPython's default 5 ms switch
+        # interval the two hand the GIL back and forth so often that streaming HTTP halves the
+        # engine's throughput. A longer interval (the engine thread still yields the GIL on every
+        # torch op) measured about 2x more streamed tokens/s (model_runtime.bench_http).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         code = asyncio.run(serve(config, pod_ip=os.environ.get("POD_IP") or None))
     except OSError as e:  # a port in use, an address not on this machine

@@ -4,8 +4,9 @@
 forward pass over the tokens the scheduler picked (decodes first, then prefill chunks) and
 returns a `RequestOutput` for every request that produced a token or finished.
 
-`AsyncEngine` runs that step loop in a background thread, off the event loop, and streams each
-request's outputs into an outbox on the caller's loop; the HTTP and gRPC servers use it.
+`EngineFront` streams each request's outputs into an outbox on the caller's event loop while the
+step loop runs elsewhere: `AsyncEngine` runs it in a background thread of this process;
+`model_runtime.engine_process.EngineProcess` (what `moe-runtime serve` uses) in a child process.
 
 Length policy: a prompt must be shorter than the model length (`max_model_len`: the model's
 `max_position_embeddings`, or less if configured), else the request is refused with EngineError.
@@ -36,12 +37,14 @@ from model_runtime.scheduler import ScheduledSeq, Scheduler, Sequence
 
 __all__ = [
     "AsyncEngine",
+    "EngineFront",
     "EngineConfig",
     "EngineError",
     "EngineOverloaded",
     "EngineStats",
     "LLMEngine",
     "RequestOutput",
+    "RequestValidator",
     "SamplingParams",
 ]
 
@@ -136,40 +139,15 @@ def _token_set(x) -> set[int]:
     return {int(t) for t in x}
 
 
-class LLMEngine:
-    """Synchronous core. Not thread-safe: one thread calls add_request/abort_request/step."""
+@dataclass
+class RequestValidator:
+    """Checks a request against an engine's limits; the engine and a server in front of an engine
+    process (which knows those limits but not the engine) share it."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer=None, config: EngineConfig | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = config = config or EngineConfig()
-        self.device = torch.device(config.device)
-        if self.device.type == "cpu" and isinstance(model, Transformer) and not use_cpu_decode_kernels(model):
-            use_decode_layout(model)  # no C decode kernels: column-major helps BLAS's gemv
-        self.kv_dtype = _float_dtype(model)
-        mcfg = model.config
-        self.vocab_size: int = mcfg.vocab_size
-        self.max_model_len: int = min(mcfg.max_position_embeddings, config.max_model_len or 1 << 62)
-        self.eos_token_ids = _token_set(getattr(mcfg, "eos_token_id", None)) | _token_set(
-            getattr(tokenizer, "eos_token_ids", None)
-        )
-
-        num_blocks = config.num_kv_blocks
-        if num_blocks is None:
-            per_block = model.kv_cache_bytes_per_token(self.kv_dtype) * config.block_size
-            num_blocks = max(1, config.kv_cache_memory_bytes // per_block)
-        self.kv_cache = model.allocate_kv_cache(num_blocks, config.block_size, self.kv_dtype, self.device)
-        self.blocks = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.requests: dict[str, _Request] = {}
-        self.generator = torch.Generator(device=self.device)
-        if config.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(config.seed)
-        self.num_preemptions = 0
-
-    # -- requests -------------------------------------------------------------------------------
+    tokenizer: object | None
+    vocab_size: int
+    max_model_len: int
+    kv_capacity_tokens: int
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """The prompt's token ids, or EngineError saying what is wrong with the request."""
@@ -202,12 +180,55 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens but the model length is {self.max_model_len}: "
                 f"shorten the prompt to at most {self.max_model_len - 1} tokens"
             )
-        if len(ids) + 1 > self.blocks.capacity_tokens:
+        if len(ids) + 1 > self.kv_capacity_tokens:
             raise EngineError(
                 f"the prompt has {len(ids)} tokens but the KV cache holds only "
-                f"{self.blocks.capacity_tokens}: shorten the prompt"
+                f"{self.kv_capacity_tokens}: shorten the prompt"
             )
         return ids
+
+
+class LLMEngine:
+    """Synchronous core. Not thread-safe: one thread calls add_request/abort_request/step."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, config: EngineConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        self.device = torch.device(config.device)
+        if self.device.type == "cpu" and isinstance(model, Transformer) and not use_cpu_decode_kernels(model):
+            use_decode_layout(model)  # no C decode kernels: column-major helps BLAS's gemv
+        self.kv_dtype = _float_dtype(model)
+        mcfg = model.config
+        self.vocab_size: int = mcfg.vocab_size
+        self.max_model_len: int = min(mcfg.max_position_embeddings, config.max_model_len or 1 << 62)
+        self.eos_token_ids = _token_set(getattr(mcfg, "eos_token_id", None)) | _token_set(
+            getattr(tokenizer, "eos_token_ids", None)
+        )
+
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None:
+            per_block = model.kv_cache_bytes_per_token(self.kv_dtype) * config.block_size
+            num_blocks = max(1, config.kv_cache_memory_bytes // per_block)
+        self.kv_cache = model.allocate_kv_cache(num_blocks, config.block_size, self.kv_dtype, self.device)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.validator = RequestValidator(
+            tokenizer, self.vocab_size, self.max_model_len, self.blocks.capacity_tokens
+        )
+        self.requests: dict[str, _Request] = {}
+        self.generator = torch.Generator(device=self.device)
+        if config.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(config.seed)
+        self.num_preemptions = 0
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, or EngineError saying what is wrong with the request."""
+        return self.validator.validate(prompt, params)
 
     def add_request(
         self,
@@ -411,59 +432,51 @@ class _EngineFailed(RuntimeError):
     pass
 
 
-class AsyncEngine:
-    """An LLMEngine stepping in a background thread; `generate()` streams a request's outputs.
+class EngineFront:
+    """What a server holds: `generate()` streams a request's outputs on the caller's event loop
+    while the engine steps elsewhere. AsyncEngine steps in a thread of this process;
+    `model_runtime.engine_process.EngineProcess` in a process of its own. Subclasses set
+    tokenizer, config, max_model_len, model_name and validator, and implement `_submit()` (hand
+    ("add", request_id, ids, params, arrival) or ("abort", request_id) to the engine), `is_running`,
+    `stats()` and `_shutdown()`; outputs come back through `_deliver()`."""
 
-    All engine state is touched by the engine thread only; the event loop hands it commands
-    (add, abort) through a locked list and receives outputs through `loop.call_soon_threadsafe`.
-    """
+    tokenizer: object | None
+    config: EngineConfig
+    max_model_len: int
+    model_name: str
+    validator: RequestValidator
 
-    def __init__(self, model, tokenizer, config: EngineConfig | None = None, model_name: str | None = None):
-        self.engine = LLMEngine(model, tokenizer, config)
-        self.config = self.engine.config
-        self.tokenizer = tokenizer
-        self.max_model_len = self.engine.max_model_len
-        self.model_name = model_name or getattr(model.config, "name", None) or type(model).__name__
-        self._cond = threading.Condition()
-        self._commands: list[tuple] = []  # ("add", request_id, ids, params, arrival) | ("abort", request_id)
-        self._num_pending_adds = 0
+    def __init__(self) -> None:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, _Outbox]] = {}
-        self._thread: threading.Thread | None = None
-        self._shutdown = False  # the thread exits once the commands are processed
         self._accepting = True
-        self._idle = threading.Event()
-        self._idle.set()
-        self.error: BaseException | None = None  # the last step failure, for health checks
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        raise NotImplementedError
 
     async def start(self) -> None:
-        if self.is_running:
-            return
-        self._shutdown = False
-        self._accepting = True
-        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
-        self._thread.start()
+        raise NotImplementedError
+
+    def _busy(self) -> bool:
+        """Work the engine still has that no stream is waiting for (commands not yet applied)."""
+        return False
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, let those in flight finish for up to `drain_timeout` seconds, abort
-        the rest (their streams end with finish_reason "abort"), and join the step thread."""
+        the rest (their streams end with finish_reason "abort"), and stop the engine."""
         self._accepting = False
         if not self.is_running:
             return
         deadline = time.monotonic() + drain_timeout
-        while (self._streams or not self._idle.is_set()) and time.monotonic() < deadline:
+        while (self._streams or self._busy()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)  # polled with a deadline
-        with self._cond:
-            self._commands.extend(("abort", rid) for rid in list(self._streams))
-            self._shutdown = True
-            self._cond.notify()
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
+        await self._shutdown(list(self._streams))
+
+    async def _shutdown(self, abort: list[str]) -> None:
+        """Abort these requests, then stop the engine and wait for it."""
+        raise NotImplementedError
 
     async def warmup(self) -> None:
         """One short generation through the whole path; the server is ready only after it."""
@@ -484,26 +497,31 @@ class AsyncEngine:
         (break, aclose, task cancellation) aborts it and frees its blocks.
         """
         request_id = request_id or uuid.uuid4().hex
-        ids = self.engine.validate(prompt, params)
+        if self.validator is None:  # an engine process not started yet: its limits are unknown
+            raise EngineOverloaded("the engine is not running (call start())")
+        ids = self.validator.validate(prompt, params)
         if not self._accepting:
             raise EngineOverloaded("the engine is shutting down")
         if not self.is_running:
             raise EngineOverloaded("the engine is not running (call start())")
         if request_id in self._streams:
             raise EngineError(f"request id {request_id!r} is already in use")
-        if self.engine.num_waiting + self._num_pending_adds >= self.config.max_waiting:
+        if self._num_waiting() >= self.config.max_waiting:
             raise EngineOverloaded(f"{self.config.max_waiting} requests are waiting: retry later")
         return self._stream(request_id, ids, params)
+
+    def _num_waiting(self) -> int:
+        return self.stats().num_waiting
 
     async def _stream(self, request_id: str, ids: list[int], params: SamplingParams):
         if request_id in self._streams:
             raise EngineError(f"request id {request_id!r} is already in use")
         outbox = _Outbox()
         self._streams[request_id] = (asyncio.get_running_loop(), outbox)
-        self._submit(("add", request_id, ids, params, time.monotonic()))
         finished = False
         pending = None  # an item taken while merging, handed out next
         try:
+            self._submit(("add", request_id, ids, params, time.monotonic()))
             while True:
                 item = pending if pending is not None else await outbox.get()
                 pending = None
@@ -524,17 +542,95 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
+            self._stream_closed(request_id)
             if not finished:
                 self.abort(request_id)
 
+    def _stream_closed(self, request_id: str) -> None:
+        pass
+
     def abort(self, request_id: str) -> None:
-        """Abort a request (thread-safe); its stream, if still read, ends with reason "abort"."""
+        """Abort a request; its stream, if still read, ends with reason "abort"."""
         self._submit(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        raise NotImplementedError
+
+    def _submit(self, command: tuple) -> None:
+        raise NotImplementedError
+
+    def _deliver(self, outputs: list) -> None:
+        """Hand outputs (RequestOutput, or (request_id, exception)) to their streams' outboxes;
+        callable from any thread."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            rid = out[0] if isinstance(out, tuple) else out.request_id
+            stream = self._streams.get(rid)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append(
+                    (stream[1], out[1] if isinstance(out, tuple) else out)
+                )
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening
+                pass
+
+
+class AsyncEngine(EngineFront):
+    """An LLMEngine stepping in a background thread of this process.
+
+    All engine state is touched by the engine thread only; the event loop hands it commands
+    (add, abort) through a locked list and receives outputs through `loop.call_soon_threadsafe`.
+    """
+
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, model_name: str | None = None):
+        super().__init__()
+        self.engine = LLMEngine(model, tokenizer, config)
+        self.config = self.engine.config
+        self.tokenizer = tokenizer
+        self.validator = self.engine.validator
+        self.max_model_len = self.engine.max_model_len
+        self.model_name = model_name or getattr(model.config, "name", None) or type(model).__name__
+        self._cond = threading.Condition()
+        self._commands: list[tuple] = []  # ("add", request_id, ids, params, arrival) | ("abort", request_id)
+        self._num_pending_adds = 0
+        self._thread: threading.Thread | None = None
+        self._shutdown_requested = False  # the thread exits once the commands are processed
+        self._idle = threading.Event()
+        self._idle.set()
+        self.error: BaseException | None = None  # the last step failure, for health checks
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def start(self) -> None:
+        if self.is_running:
+            return
+        self._shutdown_requested = False
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    def _busy(self) -> bool:
+        return not self._idle.is_set()
+
+    async def _shutdown(self, abort: list[str]) -> None:
+        with self._cond:
+            self._commands.extend(("abort", rid) for rid in abort)
+            self._shutdown_requested = True
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
 
     def stats(self) -> EngineStats:
         s = self.engine.stats()
         s.num_waiting += self._num_pending_adds
         return s
+
+    def _num_waiting(self) -> int:
+        return self.engine.num_waiting + self._num_pending_adds
 
     def _submit(self, command: tuple) -> None:
         with self._cond:
@@ -550,63 +646,61 @@ class AsyncEngine:
         engine = self.engine
         while True:
             with self._cond:
-                while not self._commands and not engine.has_unfinished() and not self._shutdown:
+                while not self._commands and not engine.has_unfinished() and not self._shutdown_requested:
                     self._idle.set()
                     self._cond.wait()
                 commands, self._commands = self._commands, []
                 self._num_pending_adds = 0
             outputs: list = []
             for command in commands:
-                outputs.extend(self._apply(command))
-            if self._shutdown and not self._commands:
+                outputs.extend(apply_command(engine, command, self._streams.__contains__))
+            if self._shutdown_requested and not self._commands:
                 self._deliver(outputs)
                 self._idle.set()
                 return
             if engine.has_unfinished():
-                try:
-                    outputs.extend(engine.step())
-                    self.error = None
-                except Exception as e:  # a failed step fails its requests, not the server
-                    log.exception("engine step failed")
-                    self.error = e
-                    for rid in list(engine.requests):
-                        engine.abort_request(rid)
-                        outputs.append(
-                            (rid, _EngineFailed(f"the engine failed while running this request: {e}"))
-                        )
+                outputs.extend(self._step())
             self._deliver(outputs)
 
-    def _apply(self, command: tuple) -> list:
-        if command[0] == "abort":
-            out = self.engine.abort_request(command[1])
-            return [out] if out is not None else []
-        _, request_id, ids, params, arrival = command
-        if request_id not in self._streams:  # the caller went away before its request started
-            return []
+    def _step(self) -> list:
         try:
-            self.engine.add_request(request_id, ids, params, arrival_time=arrival, prompt_token_ids=ids)
-        except (EngineError, EngineOverloaded) as e:
-            return [(request_id, e)]
-        except Exception as e:  # never let one request take the step thread down
-            log.exception("adding request %s failed", request_id)
-            self.engine.abort_request(request_id)
-            return [(request_id, _EngineFailed(f"the engine could not start this request: {e}"))]
-        return []
+            out = self.engine.step()
+            self.error = None
+            return out
+        except Exception as e:  # a failed step fails its requests, not the server
+            log.exception("engine step failed")
+            self.error = e
+            return fail_all(self.engine, e)
 
-    def _deliver(self, outputs: list) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for out in outputs:
-            rid = out[0] if isinstance(out, tuple) else out.request_id
-            stream = self._streams.get(rid)
-            if stream is not None:
-                by_loop.setdefault(stream[0], []).append(
-                    (stream[1], out[1] if isinstance(out, tuple) else out)
-                )
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that loop is closed: nobody is listening
-                pass
+
+def fail_all(engine: LLMEngine, error: Exception) -> list[tuple[str, Exception]]:
+    """After a failed step: abort every request; each stream gets an error saying why."""
+    failed = []
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+        failed.append((rid, _EngineFailed(f"the engine failed while running this request: {error}")))
+    return failed
+
+
+def apply_command(engine: LLMEngine, command: tuple, wanted=None) -> list:
+    """Apply ("add", request_id, ids, params, arrival) or ("abort", request_id) to the engine; the
+    outputs it makes (an aborted request's last one, (request_id, error) for a refused add).
+    `wanted(request_id)`, when given, skips adds whose caller has already gone away."""
+    if command[0] == "abort":
+        out = engine.abort_request(command[1])
+        return [out] if out is not None else []
+    _, request_id, ids, params, arrival = command
+    if wanted is not None and not wanted(request_id):
+        return []
+    try:
+        engine.add_request(request_id, ids, params, arrival_time=arrival, prompt_token_ids=ids)
+    except (EngineError, EngineOverloaded) as e:
+        return [(request_id, e)]
+    except Exception as e:  # never let one request take the step loop down
+        log.exception("adding request %s failed", request_id)
+        engine.abort_request(request_id)
+        return [(request_id, _EngineFailed(f"the engine could not start this request: {e}"))]
+    return []
 
 
 class _Outbox:

@@ -1,10 +1,12 @@
-"""`moe-runtime serve`: one process, one asyncio loop, HTTP and gRPC in front of one engine.
+"""`moe-runtime serve`: one asyncio loop serving HTTP and gRPC in front of one engine, which steps
+in a child process (model_runtime.engine_process; `--no-engine-process`: in a thread).
 
 `InferenceService` is what both front ends call: it loads the model (the servers answer
 live-but-not-ready meanwhile), admits requests (503 while loading or draining), wraps each
 generation with the request timeout and the injected faults, records the metrics, and counts
 what is in flight so that SIGTERM can drain: ready goes false at once, new requests are refused,
-running requests and streams finish (up to --drain-timeout), then the process exits 0.
+running requests and streams finish (up to --drain-timeout), then the engine stops and the
+process exits 0. An engine that dies makes the server not live (and 503 to requests): restart it.
 
 Errors a client can cause are `ServiceError`s, each with its HTTP status, gRPC code and the
 failure reason the metrics count it under.
@@ -31,6 +33,7 @@ from model_runtime.protocol import MODEL_VERSION
 log = logging.getLogger("model_runtime.server")
 
 VERSION = "0.1.0"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -57,6 +60,7 @@ class ServerConfig:
     inject_latency_ms: float = 0.0
     inject_error_rate: float = 0.0
     seed: int | None = None
+    engine_process: bool = True  # the engine steps in a child process (else in a thread of this one)
 
     @property
     def model_name(self) -> str:
@@ -97,7 +101,9 @@ def bind_sockets(hosts: list[tuple[str, bool]], port: int) -> list[socket.socket
     sockets = []
     for host, required in hosts:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on TCP sockets that say so, and without
+        # it a stream's first event waits ~40 ms behind the response headers (Nagle + delayed ACK)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -200,37 +206,53 @@ class InferenceService:
         dtype_name = (
             cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
         )
-        dtype = getattr(torch, dtype_name)
-        if device == "cpu":
-            torch.set_num_threads(engine_cpu_threads())
         started = time.monotonic()
         log.info("loading %s (%s on %s)", cfg.model, dtype_name, device)
-
-        def build():
-            model = load_model(cfg.model, dtype=dtype, device=device)
-            if cfg.quantization == "int8":
-                from model_runtime.quant import quantize_int8
-
-                model = quantize_int8(model)
-            return model, load_tokenizer(cfg.model)
-
-        model, tokenizer = await asyncio.to_thread(build)
-        engine = AsyncEngine(
-            model,
-            tokenizer,
-            model_name=self.model_name,
-            config=EngineConfig(
-                max_num_seqs=cfg.max_num_seqs,
-                max_num_batched_tokens=cfg.max_num_batched_tokens,
-                kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
-                max_waiting=cfg.max_waiting,
-                device=device,
-                max_model_len=cfg.max_model_len,
-                seed=cfg.seed,
-            ),
+        engine_config = EngineConfig(
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+            max_waiting=cfg.max_waiting,
+            device=device,
+            max_model_len=cfg.max_model_len,
+            seed=cfg.seed,
         )
-        await engine.start()
-        await engine.warmup()
+        if cfg.engine_process:
+            from model_runtime.engine_process import EngineProcess, EngineSpec
+
+            spec = EngineSpec(
+                model=cfg.model,
+                dtype=dtype_name,
+                device=device,
+                config=engine_config,
+                quantization=cfg.quantization,
+                num_threads=engine_cpu_threads() if device == "cpu" else None,
+                log_level=logging.getLogger().getEffectiveLevel(),
+                log_format=LOG_FORMAT,
+            )
+            tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
+            engine = EngineProcess(spec, tokenizer, model_name=self.model_name)
+        else:
+            dtype = getattr(torch, dtype_name)
+            if device == "cpu":
+                torch.set_num_threads(engine_cpu_threads())
+
+            def build():
+                model = load_model(cfg.model, dtype=dtype, device=device)
+                if cfg.quantization == "int8":
+                    from model_runtime.quant import quantize_int8
+
+                    model = quantize_int8(model)
+                return model, load_tokenizer(cfg.model)
+
+            model, tokenizer = await asyncio.to_thread(build)
+            engine = AsyncEngine(model, tokenizer, model_name=self.model_name, config=engine_config)
+        try:
+            await engine.start()
+            await engine.warmup()
+        except BaseException:
+            await engine.stop(drain_timeout=0)
+            raise
         self.engine = engine
         if self.state == "loading":
             self.state = "ready"
@@ -297,6 +319,8 @@ class InferenceService:
             raise Unavailable("the server is shutting down; retry on another replica")
         if self.state != "ready":
             raise Unavailable("the server is not ready")
+        if not self.engine.is_running:
+            raise Unavailable("the engine has stopped: this server reports not live and is to be restarted")
 
     @property
     def max_model_len(self) -> int:

@@ -1,4 +1,5 @@
-"""AsyncEngine: streaming from a background step thread, concurrency, cancellation, shutdown."""
+"""The engine fronts: streaming from a step loop in a background thread (AsyncEngine) or in a child
+process (EngineProcess); concurrency, cancellation, shutdown. Each test runs against both."""
 
 import asyncio
 
@@ -7,6 +8,7 @@ import torch
 
 from model_runtime import load_model, load_tokenizer
 from model_runtime.engine import AsyncEngine, EngineConfig, EngineError, EngineOverloaded, SamplingParams
+from model_runtime.engine_process import EngineProcess, EngineSpec
 
 pytestmark = pytest.mark.runtime
 
@@ -31,9 +33,21 @@ def tokenizer():
     return load_tokenizer(SRC)
 
 
+@pytest.fixture(params=["thread", "process"])
+def make_engine(request, model, tokenizer):
+    """An engine front of each kind over the same model and settings (not started)."""
+
+    def make(config: EngineConfig):
+        if request.param == "thread":
+            return AsyncEngine(model, tokenizer, config)
+        return EngineProcess(EngineSpec(SRC, "float32", "cpu", config, num_threads=1), tokenizer)
+
+    return make
+
+
 @pytest.fixture
-async def engine(model, tokenizer):
-    eng = AsyncEngine(model, tokenizer, EngineConfig(max_num_seqs=8, block_size=4, num_kv_blocks=128))
+async def engine(make_engine):
+    eng = make_engine(EngineConfig(max_num_seqs=8, block_size=4, num_kv_blocks=128))
     await eng.start()
     yield eng
     await eng.stop(drain_timeout=0)
@@ -130,8 +144,8 @@ async def test_stats_and_expert_counts(engine):
     assert s.expert_tokens and all(sum(c) > 0 for c in s.expert_tokens.values())
 
 
-async def test_overload_stop_and_warmup(model, tokenizer):
-    eng = AsyncEngine(model, tokenizer, EngineConfig(max_num_seqs=1, max_waiting=1, num_kv_blocks=64))
+async def test_overload_stop_and_warmup(make_engine):
+    eng = make_engine(EngineConfig(max_num_seqs=1, max_waiting=1, num_kv_blocks=64))
     with pytest.raises(EngineOverloaded, match="not running"):
         eng.generate("x", SamplingParams())
     await eng.warmup()  # starts the engine
@@ -151,8 +165,8 @@ async def test_overload_stop_and_warmup(model, tokenizer):
     assert not eng.is_running
 
 
-async def test_stop_drains_requests_in_flight(model, tokenizer):
-    eng = AsyncEngine(model, tokenizer, EngineConfig(num_kv_blocks=64))
+async def test_stop_drains_requests_in_flight(make_engine):
+    eng = make_engine(EngineConfig(num_kv_blocks=64))
     await eng.start()
     task = asyncio.create_task(collect(eng, "drain me", SamplingParams(max_tokens=6, ignore_eos=True)))
     await _until(lambda: eng.stats().num_running + eng.stats().num_waiting > 0 or task.done())
@@ -169,14 +183,10 @@ async def _until(predicate, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_many_streams_with_random_aborts_leave_no_blocks_behind(model, tokenizer):
+async def test_many_streams_with_random_aborts_leave_no_blocks_behind(make_engine):
     import random
 
-    eng = AsyncEngine(
-        model,
-        tokenizer,
-        EngineConfig(max_num_seqs=8, block_size=4, num_kv_blocks=48, max_num_batched_tokens=32),
-    )
+    eng = make_engine(EngineConfig(max_num_seqs=8, block_size=4, num_kv_blocks=48, max_num_batched_tokens=32))
     await eng.start()
     rng = random.Random(3)
 
@@ -198,5 +208,7 @@ async def test_many_streams_with_random_aborts_leave_no_blocks_behind(model, tok
     counts = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(48))), 120)
     assert all(n >= 1 for n in counts)
     await _until(lambda: eng.stats().kv_cache_usage == 0 and eng.stats().num_running == 0)
-    assert eng.stats().num_waiting == 0 and not eng.engine.requests
+    assert eng.stats().num_waiting == 0
+    if isinstance(eng, AsyncEngine):
+        assert not eng.engine.requests
     await eng.stop(drain_timeout=0)
