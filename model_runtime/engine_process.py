@@ -120,6 +120,10 @@ def run_engine_process(conn, spec: EngineSpec) -> None:
         step_loop(conn, engine)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the server is gone: nothing left to serve
+    # Nothing is left to clean up; the interpreter's teardown of torch would take the server's
+    # shutdown a second or more.
+    logging.shutdown()
+    os._exit(0)
 
 
 def build_engine(spec: EngineSpec) -> LLMEngine:
@@ -346,7 +350,9 @@ class EngineProcess(EngineFront):
 
     def _on_readable(self) -> None:
         try:
-            while self._conn.poll():
+            for _ in range(64):  # then back to the loop; the reader fires again for the rest
+                if not self._conn.poll():
+                    break
                 _, outputs, counts, stats = self._conn.recv()
                 if stats is not None:
                     self._stats = stats
