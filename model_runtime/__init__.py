@@ -1,7 +1,16 @@
 """model_runtime: the project's PyTorch MoE runtime (models, loading, engine, servers)."""
 
 from .config import ModelConfig
-from .loading import CheckpointError, load_model
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["CheckpointError", "ModelConfig", "Tokenizer", "load_model", "load_tokenizer"]
+
+
+def __getattr__(name: str):
+    # torch is imported on first use of the loader, not with the package: the server process starts
+    # its engine process before it imports torch itself, so the two imports overlap
+    if name in ("CheckpointError", "load_model"):
+        from . import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib
 import logging
 import os
 import random
@@ -194,59 +195,48 @@ class InferenceService:
 
     async def load(self) -> None:
         """Load weights and tokenizer off the loop, start the engine, warm up; then ready."""
-        import torch
-
-        from model_runtime import load_model, load_tokenizer
-        from model_runtime.engine import AsyncEngine, EngineConfig
+        from model_runtime import load_tokenizer
+        from model_runtime.engine_config import EngineConfig
 
         cfg = self.config
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype_name = (
-            cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-        )
         started = time.monotonic()
-        log.info("loading %s (%s on %s)", cfg.model, dtype_name, device)
         engine_config = EngineConfig(
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
             max_waiting=cfg.max_waiting,
-            device=device,
+            device=cfg.device,
             max_model_len=cfg.max_model_len,
             seed=cfg.seed,
         )
         if cfg.engine_process:
-            from model_runtime.engine_process import EngineProcess, EngineSpec
+            from model_runtime.engine_worker import EngineSpec, spawn_engine
 
             spec = EngineSpec(
                 model=cfg.model,
-                dtype=dtype_name,
-                device=device,
+                dtype=cfg.dtype,  # "auto" and the device are resolved by the engine process
+                device=cfg.device,
                 config=engine_config,
                 quantization=cfg.quantization,
-                num_threads=engine_cpu_threads() if device == "cpu" else None,
+                num_threads=engine_cpu_threads(),  # on the CPU
                 log_level=logging.getLogger().getEffectiveLevel(),
                 log_format=LOG_FORMAT,
             )
-            tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
-            engine = EngineProcess(spec, tokenizer, model_name=self.model_name)
+            log.info("loading %s in an engine process", cfg.model)
+            # Started before this process imports torch (in a thread, off the loop), so that the
+            # two imports overlap; a second or two of startup.
+            spawned = spawn_engine(spec)
+            try:
+                await asyncio.to_thread(importlib.import_module, "model_runtime.engine_process")
+                tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
+            except BaseException:
+                spawned[0].kill()
+                raise
+            from model_runtime.engine_process import EngineProcess
+
+            engine = EngineProcess(spec, tokenizer, model_name=self.model_name, spawned=spawned)
         else:
-            dtype = getattr(torch, dtype_name)
-            if device == "cpu":
-                torch.set_num_threads(engine_cpu_threads())
-
-            def build():
-                model = load_model(cfg.model, dtype=dtype, device=device)
-                if cfg.quantization == "int8":
-                    from model_runtime.quant import quantize_int8
-
-                    model = quantize_int8(model)
-                return model, load_tokenizer(cfg.model)
-
-            model, tokenizer = await asyncio.to_thread(build)
-            engine = AsyncEngine(model, tokenizer, model_name=self.model_name, config=engine_config)
+            engine = await self._thread_engine(engine_config)
         try:
             await engine.start()
             await engine.warmup()
@@ -262,6 +252,36 @@ class InferenceService:
             time.monotonic() - started,
             engine.max_model_len,
         )
+
+    async def _thread_engine(self, engine_config):
+        """The engine in a thread of this process (--no-engine-process)."""
+        torch = await asyncio.to_thread(importlib.import_module, "torch")  # seconds: off the loop
+
+        from model_runtime import load_model, load_tokenizer
+        from model_runtime.engine import AsyncEngine
+
+        cfg = self.config
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype_name = cfg.dtype
+        if dtype_name == "auto":
+            dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
+        engine_config.device = device
+        log.info("loading %s (%s on %s)", cfg.model, dtype_name, device)
+        if device == "cpu":
+            torch.set_num_threads(engine_cpu_threads())
+
+        def build():
+            model = load_model(cfg.model, dtype=getattr(torch, dtype_name), device=device)
+            if cfg.quantization == "int8":
+                from model_runtime.quant import quantize_int8
+
+                model = quantize_int8(model)
+            return model, load_tokenizer(cfg.model)
+
+        model, tokenizer = await asyncio.to_thread(build)
+        return AsyncEngine(model, tokenizer, model_name=self.model_name, config=engine_config)
 
     async def stop(self, drain_timeout_s: float = 0.0) -> None:
         if self.engine is not None:
