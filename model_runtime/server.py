@@ -231,6 +231,7 @@ class InferenceService:
                 tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
             except BaseException:
                 spawned[0].kill()
+                spawned[1].close()
                 raise
             from model_runtime.engine_process import EngineProcess
 
