@@ -2,13 +2,7 @@
 model_runtime.engine_process, is the server's side). No torch at import: the server starts this
 process before it imports torch itself, so that the two imports overlap.
 
-The engine runs in a process of its own so that HTTP and gRPC never wait on the step for the GIL.
-
-`moe-runtime serve` runs the engine this way by default (as vLLM V1 runs its EngineCore): the
-server process keeps the event loop, tokenizes and validates requests, and streams outputs; the
-engine process loads the model and runs `LLMEngine`'s step loop. With the engine in a thread
-beside the loop, every token's Python work in the server (SSE events, gRPC responses) waits for the
-step to release the GIL, and a small model's step holds it for most of its time.
+Why the engine has a process of its own: docs/decisions.md #15.
 
 The two talk over a duplex `multiprocessing` pipe, in pickled tuples:
 
@@ -120,10 +114,18 @@ def run_engine_process(conn, spec: EngineSpec) -> None:
 
 
 def build_engine(spec: EngineSpec):
+    from model_runtime.engine import LLMEngine
+
+    model, tokenizer, config = load_for_engine(spec)
+    return LLMEngine(model, tokenizer, config)
+
+
+def load_for_engine(spec: EngineSpec):
+    """(model, tokenizer, engine config) for `spec`, with "auto" device and dtype resolved and the
+    CPU's torch threads set; what an engine, in this process or the server's, is built from."""
     import torch
 
     from model_runtime import load_model, load_tokenizer
-    from model_runtime.engine import LLMEngine
 
     device = spec.device
     if device == "auto":
@@ -133,12 +135,13 @@ def build_engine(spec: EngineSpec):
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if spec.num_threads and device == "cpu":
         torch.set_num_threads(spec.num_threads)
+    log.info("loading %s (%s on %s)", spec.model, dtype, device)
     model = load_model(spec.model, dtype=getattr(torch, dtype), device=device)
     if spec.quantization == "int8":
         from model_runtime.quant import quantize_int8
 
         model = quantize_int8(model)
-    return LLMEngine(model, load_tokenizer(spec.model), dataclasses.replace(spec.config, device=device))
+    return model, load_tokenizer(spec.model), dataclasses.replace(spec.config, device=device)
 
 
 def step_loop(conn, engine) -> None:

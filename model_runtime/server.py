@@ -209,22 +209,21 @@ class InferenceService:
             max_model_len=cfg.max_model_len,
             seed=cfg.seed,
         )
-        if cfg.engine_process:
-            from model_runtime.engine_worker import EngineSpec, spawn_engine
+        from model_runtime.engine_worker import EngineSpec, spawn_engine
 
-            spec = EngineSpec(
-                model=cfg.model,
-                dtype=cfg.dtype,  # "auto" and the device are resolved by the engine process
-                device=cfg.device,
-                config=engine_config,
-                quantization=cfg.quantization,
-                num_threads=engine_cpu_threads(),  # on the CPU
-                log_level=logging.getLogger().getEffectiveLevel(),
-                log_format=LOG_FORMAT,
-            )
-            log.info("loading %s in an engine process", cfg.model)
+        spec = EngineSpec(
+            model=cfg.model,
+            dtype=cfg.dtype,  # "auto" and the device are resolved where the model loads
+            device=cfg.device,
+            config=engine_config,
+            quantization=cfg.quantization,
+            num_threads=engine_cpu_threads(),  # on the CPU
+            log_level=logging.getLogger().getEffectiveLevel(),
+            log_format=LOG_FORMAT,
+        )
+        if cfg.engine_process:
             # Started before this process imports torch (in a thread, off the loop), so that the
-            # two imports overlap; a second or two of startup.
+            # two imports overlap: a second or two of startup.
             spawned = spawn_engine(spec)
             try:
                 await asyncio.to_thread(importlib.import_module, "model_runtime.engine_process")
@@ -237,7 +236,7 @@ class InferenceService:
 
             engine = EngineProcess(spec, tokenizer, model_name=self.model_name, spawned=spawned)
         else:
-            engine = await self._thread_engine(engine_config)
+            engine = await self._thread_engine(spec)
         try:
             await engine.start()
             await engine.warmup()
@@ -254,34 +253,13 @@ class InferenceService:
             engine.max_model_len,
         )
 
-    async def _thread_engine(self, engine_config):
+    async def _thread_engine(self, spec):
         """The engine in a thread of this process (--no-engine-process)."""
-        torch = await asyncio.to_thread(importlib.import_module, "torch")  # seconds: off the loop
+        from model_runtime.engine_worker import load_for_engine
 
-        from model_runtime import load_model, load_tokenizer
-        from model_runtime.engine import AsyncEngine
+        model, tokenizer, engine_config = await asyncio.to_thread(load_for_engine, spec)
+        from model_runtime.engine import AsyncEngine  # imported (torch) by now
 
-        cfg = self.config
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype_name = cfg.dtype
-        if dtype_name == "auto":
-            dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
-        engine_config.device = device
-        log.info("loading %s (%s on %s)", cfg.model, dtype_name, device)
-        if device == "cpu":
-            torch.set_num_threads(engine_cpu_threads())
-
-        def build():
-            model = load_model(cfg.model, dtype=getattr(torch, dtype_name), device=device)
-            if cfg.quantization == "int8":
-                from model_runtime.quant import quantize_int8
-
-                model = quantize_int8(model)
-            return model, load_tokenizer(cfg.model)
-
-        model, tokenizer = await asyncio.to_thread(build)
         return AsyncEngine(model, tokenizer, model_name=self.model_name, config=engine_config)
 
     async def stop(self, drain_timeout_s: float = 0.0) -> None:
