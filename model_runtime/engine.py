@@ -419,13 +419,13 @@ class EngineFront:
     `model_runtime.engine_process.EngineProcess` in a process of its own. Subclasses set
     tokenizer, config, max_model_len, model_name and validator, and implement `_submit()` (hand
     ("add", request_id, ids, params, arrival) or ("abort", request_id) to the engine), `is_running`,
-    `stats()` and `_shutdown()`; outputs come back through `_deliver()`."""
+    `stats()`, `_num_waiting()` and `_shutdown()`; outputs come back through `_deliver()`."""
 
     tokenizer: object | None
     config: EngineConfig
     max_model_len: int
     model_name: str
-    validator: RequestValidator
+    validator: RequestValidator | None  # None until the engine's limits are known
 
     def __init__(self) -> None:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, _Outbox]] = {}
@@ -492,7 +492,8 @@ class EngineFront:
         return self._stream(request_id, ids, params)
 
     def _num_waiting(self) -> int:
-        return self.stats().num_waiting
+        """Requests waiting for a slot, counting those handed over but not yet taken in."""
+        raise NotImplementedError
 
     async def _stream(self, request_id: str, ids: list[int], params: SamplingParams):
         if request_id in self._streams:

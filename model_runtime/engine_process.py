@@ -224,22 +224,18 @@ class EngineProcess(EngineFront):
     def _deliver_wire(self, outputs: list[tuple]) -> None:
         for wire in outputs:
             rid = wire[0]
-            stream = self._streams.get(rid)
-            state = self._state.get(rid)
-            if stream is None or state is None:
+            state = self._state.get(rid)  # dropped with its stream (_stream_closed)
+            if state is None:
                 continue  # the caller went away (its abort is on the way)
-            outbox = stream[1]
+            outbox = self._streams[rid][1]
             if len(wire) == 3:
                 _, kind, message = wire
-                self._state.pop(rid, None)
                 outbox.put(_ERRORS[kind](message))
                 continue
             _, new_ids, new_text, finish_reason, logprobs, first_token_time = wire
             state.token_ids.extend(new_ids)
             state.text += new_text
             finished = finish_reason is not None
-            if finished:
-                self._state.pop(rid, None)
             outbox.put(
                 RequestOutput(
                     request_id=rid,

@@ -197,6 +197,7 @@ class InferenceService:
         """Load weights and tokenizer off the loop, start the engine, warm up; then ready."""
         from model_runtime import load_tokenizer
         from model_runtime.engine_config import EngineConfig
+        from model_runtime.engine_worker import EngineSpec, spawn_engine
 
         cfg = self.config
         started = time.monotonic()
@@ -209,8 +210,6 @@ class InferenceService:
             max_model_len=cfg.max_model_len,
             seed=cfg.seed,
         )
-        from model_runtime.engine_worker import EngineSpec, spawn_engine
-
         spec = EngineSpec(
             model=cfg.model,
             dtype=cfg.dtype,  # "auto" and the device are resolved where the model loads
