@@ -166,6 +166,50 @@ class BudgetWatch:
         self._thread.join(10)
 
 
+class StatusHistory:
+    """Watches one ModelDeployment and keeps every status the API server stored (a watch sees each
+    write, where polling can miss one that lasts a few milliseconds)."""
+
+    def __init__(self, cluster, ns, name):
+        from kubernetes import client, config
+        self.api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+        self.ns, self.name = ns, name
+        self.statuses: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        from kubernetes import watch
+        group, version = names.API_VERSION.split("/")
+        deadline = time.monotonic() + 600
+        resource_version = None
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            w = watch.Watch()
+            try:
+                for event in w.stream(self.api.list_namespaced_custom_object, group, version, self.ns,
+                                      names.PLURAL, field_selector=f"metadata.name={self.name}",
+                                      resource_version=resource_version, timeout_seconds=5,
+                                      _request_timeout=30):
+                    obj = event["object"]
+                    resource_version = obj["metadata"]["resourceVersion"]
+                    self.statuses.append(obj.get("status") or {})
+                    if self._stop.is_set():
+                        break
+            except Exception:      # an expired resourceVersion or a dropped stream: list again
+                resource_version = None
+                self._stop.wait(0.1)
+            finally:
+                w.stop()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self._stop.set()
+        self._thread.join(40)
+
+
 # --- simulated pods: state machine, budget, webhook, restarts ------------------------------------
 
 def test_good_revision_goes_through_every_step_to_promoted_within_the_gpu_budget(cluster, ns, operator):
@@ -174,26 +218,25 @@ def test_good_revision_goes_through_every_step_to_promoted_within_the_gpu_budget
              {"setWeight": 75}]
     cluster.apply(md(name, ns, replicas=4, gpus=2, surge=2, steps=steps))
     stable = stable_revision(cluster, ns, name, 4)
-    with BudgetWatch(cluster, ns, name, budget=4 * 2 + 2, gpus_per_pod=2) as watch:
+    with BudgetWatch(cluster, ns, name, budget=4 * 2 + 2, gpus_per_pod=2) as watch, \
+            StatusHistory(cluster, ns, name) as history:
         cluster.apply(md(name, ns, replicas=4, gpus=2, surge=2, steps=steps, env="1"))
-        seen = []
-
-        def promoted():
-            s = status(cluster, ns, name)
-            state = s.get("rollout") or {}
-            if state.get("revision") and state.get("revision") != stable:
-                point = (state.get("stepIndex"), s.get("canaryWeight"))
-                if not seen or seen[-1] != point:
-                    seen.append(point)
-            return s.get("stableRevision") not in (None, stable) and s.get("stableRevision")
-
-        new = wait_for("the new revision to be promoted", promoted, 180, 0.1)
+        new = wait_for("the new revision to be promoted", lambda: (lambda s: s.get("stableRevision")
+                       if s.get("stableRevision") not in (None, stable) else None)(status(cluster, ns, name)),
+                       180, 0.1)
         canary_uids = {p["metadata"]["uid"] for p in live_pods(cluster, ns, name)
                        if p["metadata"]["labels"][names.LABEL_REVISION] == new}
         wait_for("the old revision to go", lambda: all(
             p["metadata"]["labels"][names.LABEL_REVISION] == new for p in live_pods(cluster, ns, name)), 120, 0.2)
     assert watch.violations == [] and watch.lists > 20, (watch.violations[:3], watch.lists)
     assert watch.max_seen <= 10
+    seen = []
+    for s in history.statuses:
+        state = s.get("rollout") or {}
+        if state.get("revision") and state.get("revision") != stable:
+            point = (state.get("stepIndex"), s.get("canaryWeight"))
+            if not seen or seen[-1] != point:
+                seen.append(point)
     # Every step was visited in order (weights as groups: 25% = 1 of 4, 50% = 2, 75% = 3).
     steps_seen = [i for i, _ in seen if i is not None]
     assert steps_seen == sorted(steps_seen) and {1, 3}.issubset(steps_seen), seen
