@@ -129,7 +129,29 @@ def alert_payload(ns, name, revision=None, status="firing"):
                                    "startsAt": "2026-01-01T00:00:00Z"}]}).encode()
 
 
-class BudgetWatch:
+class Background:
+    """A daemon thread running `self._run` for the length of a `with` block; `_run` checks
+    `self._stop` and ends within `join_seconds` of it being set."""
+
+    join_seconds = 10
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_):
+        self._stop.set()
+        self._thread.join(self.join_seconds)
+
+
+class BudgetWatch(Background):
     """Lists the ModelDeployment's pods continuously and checks every list against the GPU budget."""
 
     def __init__(self, cluster, ns, name, budget, gpus_per_pod):
@@ -137,8 +159,7 @@ class BudgetWatch:
         self.core = client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
         self.ns, self.name, self.budget, self.gpus = ns, name, budget, gpus_per_pod
         self.lists, self.max_seen, self.violations, self.errors = 0, 0, [], 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self):
         deadline = time.monotonic() + 600
@@ -157,26 +178,19 @@ class BudgetWatch:
                 self.violations.append((used, sorted(p.metadata.name for p in pods)))
             self._stop.wait(0.05)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
 
-    def __exit__(self, *_):
-        self._stop.set()
-        self._thread.join(10)
-
-
-class StatusHistory:
+class StatusHistory(Background):
     """Watches one ModelDeployment and keeps every status the API server stored (a watch sees each
     write, where polling can miss one that lasts a few milliseconds)."""
+
+    join_seconds = 40      # a watch request returns within its 5 s timeout
 
     def __init__(self, cluster, ns, name):
         from kubernetes import client, config
         self.api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
         self.ns, self.name = ns, name
         self.statuses: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _run(self):
         from kubernetes import watch
@@ -200,14 +214,6 @@ class StatusHistory:
                 self._stop.wait(0.1)
             finally:
                 w.stop()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_):
-        self._stop.set()
-        self._thread.join(40)
 
 
 # --- simulated pods: state machine, budget, webhook, restarts ------------------------------------
