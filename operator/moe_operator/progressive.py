@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import rollout
-from .analysis import Context, Provider, analyse, provider_for
+from .analysis import BASELINES, Baselines, Context, Provider, analyse, provider_for
 from .observe import Observed
 from .plan import Plan
 from .spec import AnalysisSpec, ModelDeployment
@@ -46,7 +46,8 @@ def _templates(body: Mapping[str, Any], revision: str, state: Mapping[str, Any],
 
 
 def next_plan(md: ModelDeployment, body: Mapping[str, Any], observed: Observed, revision: str, now: float,
-              provider: Callable[[AnalysisSpec], Provider] = provider_for) -> Plan:
+              provider: Callable[[AnalysisSpec], Provider] = provider_for,
+              baselines: Baselines = BASELINES) -> Plan:
     meta = body.get("metadata") or {}
     requests = rollout.requests_from(meta.get("annotations"), spec_paused=md.rollout.paused)
     state = md.status.get("rollout") or {}
@@ -57,8 +58,10 @@ def next_plan(md: ModelDeployment, body: Mapping[str, Any], observed: Observed, 
     if running and not abort_pending:           # an abort is acted on first: no scrape delays it
         config = md.rollout.analysis
         prior = state.get("analysis") if state.get("revision") == revision else None
-        verdict, analysis_state = analyse(Context(md, observed, revision, stable, now, config), prior,
-                                          provider(config))
+        key = (md.namespace, md.name, revision)     # per-pod baselines stay in memory, not in status
+        verdict, analysis_state, memo = analyse(Context(md, observed, revision, stable, now, config), prior,
+                                                provider(config), baselines.get(key))
+        baselines.put(key, memo, now)
     plan = rollout.next_step(md, observed, revision, now, verdict, requests)
     new_state = dict(plan.rollout_state)
     if analysis_state and new_state.get("revision") == revision:
@@ -88,12 +91,12 @@ def after_write(md: ModelDeployment, plan: Plan, now: float) -> Report:
     return report
 
 
-def due_in(md: ModelDeployment, plan: Plan, now: float) -> float | None:
+def due_in(md: ModelDeployment, plan: Plan, now: float, baselines: Baselines = BASELINES) -> float | None:
     """Seconds until the next timed decision: a pause, a delay, a deadline or an analysis interval."""
     times = [rollout.requeue_after(md, plan, now)]
-    analysis = plan.rollout_state.get("analysis") or {}
-    if plan.rolling and analysis.get("lastAt") is not None:
-        times.append(max(0.05, float(analysis["lastAt"]) + md.rollout.analysis.interval_seconds - now))
+    memo = baselines.get((md.namespace, md.name, plan.revision)) or {}
+    if plan.rolling and not plan.rollout_state.get("aborted") and memo.get("lastAt") is not None:
+        times.append(max(0.05, float(memo["lastAt"]) + md.rollout.analysis.interval_seconds - now))
     times = [t for t in times if t is not None]
     return min(times) if times else None
 

@@ -21,9 +21,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import names
+from .analysis import AnalysisConfigError
 from .analysis.builtin import http_get
 from .analysis.metrics_text import TIME_TO_FIRST_TOKEN, delta, merge, quantile, snapshot
-from .analysis.prometheus import http_get_json, scalar
+from .analysis.prometheus import QueryRejected, fill_selector, http_get_json, scalar
 from .autoscaling import KV_CACHE_USAGE, PROMQL, REQUESTS_WAITING, TTFT_P99, Settings, Signal
 from .observe import Observed, ObservedPod
 
@@ -147,9 +148,15 @@ def from_prometheus(settings: Settings, namespace: str, name: str, ready_groups:
                 return Signal(metric, groups=ready_groups, source="prometheus",
                               error=f"the query returned no data: {settings.query}")
             return Signal(metric, value=value, total=value, groups=ready_groups, source="prometheus")
-        sel = (selector or DEFAULT_SELECTOR).format(namespace=namespace, name=name)
+        # The operator's placeholders only: a selector's own braces (`.{3}`) are PromQL's.
+        sel = fill_selector(selector or DEFAULT_SELECTOR, "the autoscaler's selector",
+                            namespace=namespace, name=name)
         window = f"{max(10, math.ceil(settings.interval * 2))}s"
         values = {k: ask(q) for k, q in prometheus_queries(metric, sel, window).items()}
+    except AnalysisConfigError as error:
+        return Signal(metric, source="prometheus", error=str(error))
+    except QueryRejected as error:
+        return Signal(metric, source="prometheus", error=f"Prometheus at {url} refused the query: {error}")
     except Exception as error:
         return Signal(metric, source="prometheus", error=f"Prometheus at {url} did not answer: {error}")
     groups = int(values.get("groups") or 0)

@@ -149,3 +149,14 @@ def test_prometheus_down_is_no_signal():
     s = Settings(metric="kvCacheUsage", prometheus_url="http://127.0.0.1:1")
     sig = signals.from_prometheus(s, "ns", "chat", 1, fetch_json=down)
     assert not sig.usable and "did not answer" in sig.error
+
+
+def test_a_selector_keeps_its_own_braces():
+    fetch_json, asked = prometheus({"count(": 2, "sum(moe_num_requests_running": 4, "sum(moe_num_requests_waiting": 6})
+    s = Settings(metric="requestsWaiting", prometheus_url="http://127.0.0.1:9090")
+    sig = signals.from_prometheus(s, "ns", "chat", 2, fetch_json=fetch_json,
+                                  selector='namespace="{namespace}",model_name=~"{name}-.{3}"')
+    assert sig.usable and sig.value == 3 and len(asked) == 3
+    assert all('{namespace="ns",model_name=~"chat-.{3}"}' in q for q in asked)
+    sig = signals.from_prometheus(s, "ns", "chat", 2, fetch_json=fetch_json, selector='model_name="{nmae}"')
+    assert not sig.usable and "unknown placeholder {nmae}" in sig.error and len(asked) == 3

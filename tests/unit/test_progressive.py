@@ -1,11 +1,14 @@
 """The I/O edge of rollouts: analysis only when a rollout runs (and never before acting on an abort),
-templates kept for undo, the moment the canary left rotation noted once, the next timed decision."""
+its baselines in memory and not in status, templates kept for undo, the moment the canary left
+rotation noted once, the next timed decision."""
 
 import copy
+import urllib.parse
 
 import pytest
 from moe_operator import progressive, rollout
-from moe_operator.analysis import Measurement
+from moe_operator.analysis import Baselines, Measurement
+from moe_operator.analysis.prometheus import PrometheusProvider
 from moe_operator.desired import changes, desired_objects
 from moe_operator.observe import observed_from
 from moe_operator.pods import revision_of
@@ -39,13 +42,15 @@ class World:
                      "status": {}}
         self.pods = {}
         self.provider = provider
+        self.baselines = Baselines()
         self.now = T0
         self.reports = []
 
     def step(self):
         md = ModelDeployment.from_body(self.body)
         observed = observed_from(copy.deepcopy(list(self.pods.values())), [], 1)
-        plan = progressive.next_plan(md, self.body, observed, revision_of(md), self.now, lambda cfg: self.provider)
+        plan = progressive.next_plan(md, self.body, observed, revision_of(md), self.now, lambda cfg: self.provider,
+                                     self.baselines)
         todo = changes(desired_objects(md, plan, observed), observed)
         for b in todo.apply:
             if b["kind"] == "Pod":
@@ -74,7 +79,7 @@ def test_analysis_runs_only_during_a_rollout_and_not_before_an_abort():
     for _ in range(3):
         w.step()
     new = w.body["status"]["currentRevision"]
-    assert provider.calls == 1 and w.body["status"]["rollout"]["analysis"]["passes"] == 1
+    assert provider.calls == 1 and w.body["status"]["rollout"]["analysis"]["measurements"][-1]["result"] == "pass"
     w.now += 10
     w.body["metadata"]["annotations"][rollout.ANNOTATION_ABORT] = rollout.AbortRequest(
         new, "AlertFiring", "slow", w.now - 0.5, "alert").to_json()
@@ -97,7 +102,7 @@ def test_promotion_is_reported_with_its_duration_and_due_in_follows_the_interval
     w.body["spec"]["model"]["dtype"] = "float16"
     plan = w.step()
     plan = w.step()
-    assert progressive.due_in(ModelDeployment.from_body(w.body), plan, w.now) == pytest.approx(10)
+    assert progressive.due_in(ModelDeployment.from_body(w.body), plan, w.now, w.baselines) == pytest.approx(10)
     w.now += 30
     w.body["metadata"]["annotations"][rollout.ANNOTATION_PROMOTE] = "go"
     for _ in range(4):
@@ -105,6 +110,58 @@ def test_promotion_is_reported_with_its_duration_and_due_in_follows_the_interval
         w.step()
     completed = [r.completed for r in w.reports if r.completed]
     assert len(completed) == 1 and completed[0][0] == "Canary" and 40 < completed[0][1] < 80
+
+
+def test_at_a_pause_an_interval_with_the_same_verdict_writes_nothing_to_status():
+    provider = CountingProvider()
+    w = World(provider)
+    w.step()
+    w.step()
+    w.body["spec"]["model"]["dtype"] = "float16"
+    for _ in range(3):
+        w.now += 1
+        w.step()
+    assert w.body["status"]["rollout"]["stepIndex"] == 1, "waiting at the pause for promote"
+    before, calls = copy.deepcopy(w.body["status"]["rollout"]["analysis"]), provider.calls
+    for _ in range(3):
+        w.now += 10
+        plan = w.step()
+        assert w.body["status"]["rollout"]["analysis"] == before
+        assert progressive.due_in(ModelDeployment.from_body(w.body), plan, w.now, w.baselines) == pytest.approx(10)
+    assert provider.calls == calls + 3, "measured every interval all the same"
+    assert "memory" not in before and "lastAt" not in before       # the memo is in memory, not in status
+    assert w.baselines.get(("ns", "chat", w.body["status"]["currentRevision"]))["memory"] == {"n": provider.calls}
+
+
+def prometheus_world(selector):
+    def fetch(url):
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)["query"][0]
+        seen.append(query)
+        value = 0.1 if query.startswith("histogram_quantile") else 0.0 if " / " in query else 120
+        return {"status": "success", "data": {"resultType": "vector", "result": [
+            {"metric": {}, "value": [T0, str(value)]}]}}
+
+    seen = []
+    w = World(PrometheusProvider(fetch=fetch))
+    w.body["spec"]["rollout"]["analysis"]["prometheus"] = {"url": "http://127.0.0.1:9090", "selector": selector}
+    w.step()
+    w.step()
+    w.body["spec"]["model"]["dtype"] = "float16"
+    for _ in range(3):
+        w.now += 10
+        w.step()
+    return w, seen
+
+
+def test_a_promql_selector_with_braces_works_and_a_broken_one_pauses_the_rollout_saying_why():
+    w, seen = prometheus_world('serving_moe_dev_revision="{revision}",model_name=~"chat-.{3}"')
+    new = w.body["status"]["currentRevision"]
+    assert seen and all(f'serving_moe_dev_revision="{new}",model_name=~"chat-.{{3}}"' in q for q in seen)
+    assert w.body["status"]["rollout"]["analysis"]["measurements"][-1]["result"] == "pass"
+    w, seen = prometheus_world('serving_moe_dev_revision="{revison}"')
+    paused = w.body["status"]["rollout"]["paused"]
+    assert seen == [] and paused["reason"] == "AnalysisInconclusive"
+    assert "spec.rollout.analysis.prometheus.selector: unknown placeholder {revison}" in paused["message"]
 
 
 def test_conditions_say_why_a_rollout_stopped():

@@ -44,16 +44,22 @@ class ScrapeProvider:
     def _interval(self, now: Mapping[str, Any], before: Mapping[str, Any]):
         return merge(delta(snap, before.get(uid)) for uid, snap in now.items())
 
-    def measure(self, ctx: Context, memory: Mapping[str, Any]) -> tuple[Measurement | None, dict[str, Any]]:
+    def measure(self, ctx: Context, memory: Mapping[str, Any] | None
+                ) -> tuple[Measurement | None, dict[str, Any] | None]:
         canary_pods = serving_pods(ctx, ctx.revision)
         if not canary_pods:
-            return None, dict(memory)           # nothing of the new revision serves yet
+            return None, dict(memory) if memory is not None else None   # nothing of it serves yet
         cfg = ctx.config
         canary = self._scrape(canary_pods)
         stable = self._scrape(serving_pods(ctx, ctx.stable_revision)) if cfg.stable_ratio else {}
         new_memory = {"canary": canary, "stable": stable}
         if not canary:
-            return Measurement("inconclusive", "no new-revision pod answered on /metrics", {"samples": 0}), new_memory
+            return Measurement("inconclusive", "no new-revision pod answered on /metrics", {"samples": 0}), \
+                dict(memory) if memory is not None else None
+        if memory is None:
+            # The baselines were lost (an operator restart): the counters' whole life is not one
+            # interval, so this scrape is only the next interval's baseline.
+            return None, new_memory
         # A pod seen for the first time counts from its start (its counters began with it).
         d = self._interval(canary, memory.get("canary") or {})
         p99, ttft = quantile(0.99, d["e2e"]), quantile(0.99, d["ttft"])
