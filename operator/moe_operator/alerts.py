@@ -11,6 +11,11 @@ Alertmanager posts (webhook_config, payload version 4) a group of alerts:
 - Matching: a firing alert whose labels carry `namespace` and `modeldeployment` names that object;
   optional `revision` (must be the revision being rolled out) and `track` (`canary` or `preview`;
   an alert on the `stable` track does not abort a rollout).
+- Scope: an alert aborts only when it is about the new revision: its `revision` label is the
+  rollout's, or its `track` is canary/preview, or it started (`startsAt`) after the rollout began
+  (status.rollout.startedAt, or retriedAt after a retry). An alert that names only the object and
+  was already firing before (about the old stable, say) would otherwise abort every new rollout, and
+  again after each retry, for as long as it fires. The reply's `ignored` entries say why.
 - Effect: the annotation `serving.moe.dev/abort` on the ModelDeployment (JSON: revision, reason,
   message, labels, when the alert arrived). It is durable before the reply: a SIGKILLed operator
   finds it on restart, and Alertmanager retries on 5xx until it is written. Repeats are harmless (an
@@ -34,7 +39,7 @@ from typing import Any
 from aiohttp import web
 
 from . import names
-from .rollout import ABORT_ALERT, ANNOTATION_ABORT, ANNOTATION_RETRY, AbortRequest, epoch
+from .rollout import ABORT_ALERT, ANNOTATION_ABORT, ANNOTATION_RETRY, AbortRequest, epoch, iso
 
 log = logging.getLogger("moe_operator.alerts")
 
@@ -163,6 +168,9 @@ def abort_request(target: Target, body: Mapping[str, Any], now: float) -> tuple[
     state = (body.get("status") or {}).get("rollout") or {}
     if state.get("aborted") and state.get("revision") == revision:
         return None, f"revision {revision} is already aborted"
+    not_about_it = _not_about(target, revision, state)
+    if not_about_it:
+        return None, not_about_it
     annotations = (body.get("metadata") or {}).get("annotations") or {}
     existing = AbortRequest.from_json(annotations.get(ANNOTATION_ABORT))
     retry_at = epoch(annotations.get(ANNOTATION_RETRY)) or epoch(state.get("retriedAt")) or 0.0
@@ -171,6 +179,28 @@ def abort_request(target: Target, body: Mapping[str, Any], now: float) -> tuple[
         return None, f"an abort of revision {revision} is already recorded"
     labels = dict(target.alert.labels)
     return AbortRequest(revision, ABORT_ALERT, target.alert.message, now, "alert", labels), "abort"
+
+
+def _not_about(target: Target, revision: str, state: Mapping[str, Any]) -> str | None:
+    """Why the alert is not about the rollout of `revision` (None when it is): it names that revision
+    or the canary/preview track, or it started after the rollout began (or was retried)."""
+    if target.revision == revision or target.track in (names.TRACK_CANARY, names.TRACK_PREVIEW):
+        return None
+    began = None
+    if state.get("revision") == revision:
+        times = [t for t in (epoch(state.get("startedAt")), epoch(state.get("retriedAt"))) if t is not None]
+        began = max(times, default=None)
+    starts = epoch(target.alert.starts_at)
+    if began is not None and starts is not None and starts >= began - 1e-3:
+        return None
+    names_neither = (f"the alert names neither revision {revision} (label {LABEL_REVISION}) nor the canary or "
+                     f"preview track (label {LABEL_TRACK})")
+    if began is None:
+        return f"{names_neither}, and the rollout of {revision} has not begun yet"
+    if starts is None:
+        return f"{names_neither}, and it has no startsAt to show that it started after the rollout began at {iso(began)}"
+    return (f"{names_neither}, and it started at {iso(starts)}, before the rollout began at {iso(began)}: "
+            f"it is about what ran before")
 
 
 # --- tokens --------------------------------------------------------------------------------------

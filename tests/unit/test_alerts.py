@@ -1,5 +1,6 @@
 """The Alertmanager webhook: parsing, matching alerts to ModelDeployments, tokens, and the endpoint
-(401 and 400 without any effect, repeats harmless, resolved alerts never resume)."""
+(401 and 400 without any effect, repeats harmless, resolved alerts never resume, an alert about what
+ran before the rollout does not abort it)."""
 
 import base64
 import copy
@@ -23,13 +24,15 @@ from moe_operator.rollout import ANNOTATION_ABORT, ANNOTATION_RETRY, AbortReques
 pytestmark = pytest.mark.unit
 
 NOW = 1_800_000_100.0
+STARTED = NOW - 60                  # when md_body's rollout began
+AFTER_START = iso(NOW - 30)         # an alert that started firing during the rollout
 
 
-def alert(status="firing", **labels):
+def alert(status="firing", starts_at=AFTER_START, **labels):
     base = {"alertname": "MoECanaryLatencyHigh", "namespace": "ns", "modeldeployment": "chat"}
     return {"status": status, "labels": {**base, **labels},
             "annotations": {"summary": "p99 latency 0.9s > 0.5s"},
-            "startsAt": "2026-11-22T06:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+            "startsAt": starts_at, "endsAt": "0001-01-01T00:00:00Z",
             "generatorURL": "http://127.0.0.1:9090/graph", "fingerprint": "c6eadffa33fcdf37"}
 
 
@@ -42,7 +45,7 @@ def payload(*alerts, status="firing"):
 def md_body(rolling="rev-b", stable="rev-a", **state):
     status = {"stableRevision": stable, "currentRevision": rolling}
     if rolling != stable:
-        status["rollout"] = {"revision": rolling, "startedAt": iso(NOW - 60), **state}
+        status["rollout"] = {"revision": rolling, "startedAt": iso(STARTED), **state}
     return {"metadata": {"name": "chat", "namespace": "ns", "annotations": {}},
             "spec": {"rollout": {"analysis": {}}}, "status": status}
 
@@ -89,8 +92,9 @@ def promoted(body):
 
 # --- matching ------------------------------------------------------------------------------------
 
-def target(**labels):
-    return targets([Alert("firing", {"namespace": "ns", "modeldeployment": "chat", "alertname": "A", **labels})])[0]
+def target(starts_at=AFTER_START, **labels):
+    return targets([Alert("firing", {"namespace": "ns", "modeldeployment": "chat", "alertname": "A", **labels},
+                          starts_at=starts_at)])[0]
 
 
 def test_abort_request_for_the_running_rollout():
@@ -111,6 +115,35 @@ def test_abort_request_for_the_running_rollout():
 def test_alerts_that_do_not_abort(labels, body, why):
     request, reason = abort_request(target(**labels), body, NOW)
     assert request is None and why in reason
+
+
+@pytest.mark.parametrize("labels,starts_at,aborts", [
+    ({}, iso(STARTED - 3600), False),               # firing since before the rollout: about the old stable
+    ({}, "", False),                                # no startsAt: nothing shows it is about the new revision
+    ({}, iso(STARTED + 1), True),                   # started after the rollout began
+    ({"revision": "rev-b"}, iso(STARTED - 3600), True),
+    ({"track": "canary"}, iso(STARTED - 3600), True),
+    ({"track": "preview"}, "", True),
+])
+def test_an_alert_aborts_only_a_rollout_it_is_about(labels, starts_at, aborts):
+    request, why = abort_request(target(starts_at, **labels), md_body(), NOW)
+    assert (request is not None) == aborts, why
+    if not aborts:
+        assert "names neither revision rev-b" in why and "canary or preview track" in why
+        assert ("before the rollout began at " + iso(STARTED)) in why if starts_at else "no startsAt" in why
+
+
+def test_an_old_alert_does_not_abort_again_after_a_retry():
+    # The same alert, firing all along: the rollout it started during was aborted, then retried.
+    body = md_body(startedAt=iso(NOW - 20), retriedAt=iso(NOW - 20))
+    request, why = abort_request(target(iso(NOW - 30)), body, NOW)
+    assert request is None and "before the rollout began at " + iso(NOW - 20) in why
+    assert abort_request(target(iso(NOW - 10)), body, NOW)[0] is not None     # a new one does
+    # A rollout status has not recorded yet (the spec just changed): only a targeted alert aborts.
+    fresh = {**md_body(), "status": {"stableRevision": "rev-a", "currentRevision": "rev-b"}}
+    request, why = abort_request(target(iso(NOW - 1)), fresh, NOW)
+    assert request is None and "has not begun yet" in why
+    assert abort_request(target(iso(NOW - 1), track="canary"), fresh, NOW)[0].revision == "rev-b"
 
 
 def test_abort_allowed_while_the_old_revision_is_warm_after_a_switch():
@@ -232,6 +265,16 @@ async def test_endpoint_records_one_abort_and_repeats_are_harmless(webhook):
     # Unknown objects are ignored, with the reason in the reply.
     response = await client.post("/alerts", data=payload(alert(modeldeployment="ghost")), headers=auth)
     assert (await response.json())["ignored"][0]["why"] == "no such ModelDeployment"
+
+
+async def test_endpoint_says_why_an_alert_from_before_the_rollout_does_not_abort(webhook):
+    client, store, aborted, results, _ = webhook
+    old = alert(starts_at=iso(STARTED - 3600), alertname="MoEStableLatencyHigh")
+    response = await client.post("/alerts", data=payload(old), headers={"Authorization": "Bearer tok"})
+    reply = await response.json()
+    assert response.status == 200 and reply["aborted"] == [] and store.writes == [] and aborted == []
+    assert reply["ignored"][0]["alertname"] == "MoEStableLatencyHigh"
+    assert "before the rollout began" in reply["ignored"][0]["why"]
 
 
 async def test_endpoint_answers_503_when_the_abort_cannot_be_written(webhook):
