@@ -26,6 +26,7 @@ _UNITS = {
     "GI": 2**30,
     "TI": 2**40,
 }
+_REVISION = re.compile(r"^[\x21-\x7e]{1,253}$")
 
 
 def parse_size(text: str) -> int:
@@ -66,6 +67,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
+
+
+def _revision(text: str) -> str | None:
+    """A revision name, or None for "" (no revision). It goes out in an HTTP header and in gRPC
+    metadata, so it is visible ASCII with no spaces (every Kubernetes label value is)."""
+    if not text:
+        return None
+    if not _REVISION.match(text):
+        raise argparse.ArgumentTypeError(
+            f"not a revision: {text!r} (1 to 253 visible ASCII characters, no spaces; e.g. a revision label)"
+        )
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the engine's step loop in a child process, so that serving never waits on it for "
         "Python's GIL (--no-engine-process: in a thread of the server's process)",
     )
+    s.add_argument(
+        "--revision",
+        type=_revision,
+        default=os.environ.get("MOE_REVISION"),
+        help="the ModelDeployment revision this pod serves (default: $MOE_REVISION, which the operator "
+        "sets): the x-moe-revision header of every HTTP answer and gRPC call, and the model's version "
+        "in its metadata",
+    )
     s.add_argument("--seed", type=int, default=None, help="seed of unseeded sampling (default: random)")
     s.add_argument(
         "--log-level",
@@ -181,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         inject_error_rate=args.inject_error_rate,
         seed=args.seed,
         engine_process=args.engine_process,
+        revision=args.revision,
     )
 
 

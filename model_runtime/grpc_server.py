@@ -6,7 +6,8 @@ per new piece of text (or one with the whole text when the request's `stream` in
 the last one flagged `triton_final_response`, and reports a failed request as the response's
 `error_message` while the stream stays open. Unary calls fail with the status code of the error
 (unknown model NOT_FOUND, bad input INVALID_ARGUMENT, full queue RESOURCE_EXHAUSTED, draining
-UNAVAILABLE, request timeout DEADLINE_EXCEEDED).
+UNAVAILABLE, request timeout DEADLINE_EXCEEDED). Every call's initial metadata carries
+`x-moe-revision` where the pod has a revision.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -92,11 +94,13 @@ def decode_request(
 
 
 def encode_response(
-    model_name: str, request_id: str, outputs: list[tuple[Tensor, bool]], final: bool | None = None
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    outputs: list[tuple[Tensor, bool]],
+    final: bool | None = None,
 ) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(
-        model_name=model_name, model_version=protocol.MODEL_VERSION, id=request_id
-    )
+    response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id)
     for tensor, _ in outputs:
         response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         response.raw_output_contents.append(protocol.encode_tensor_binary(tensor))
@@ -141,7 +145,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         await self._check_model(request, context)
-        meta = protocol.model_metadata(self.service.model_name)
+        meta = protocol.model_metadata(self.service.model_name, self.service.model_version)
         return pb.ModelMetadataResponse(
             name=meta["name"],
             versions=meta["versions"],
@@ -174,7 +178,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             gen, text, final.finish_reason, len(final.prompt_token_ids), len(final.token_ids)
         )
         return encode_response(
-            self.service.model_name, request.id, protocol.select_outputs(tensors, requested, True)
+            self.service.model_name,
+            self.service.model_version,
+            request.id,
+            protocol.select_outputs(tensors, requested, True),
         )
 
     async def _stream_one(self, request: pb.ModelInferRequest, send) -> None:
@@ -189,6 +196,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
                 response = encode_response(
                     self.service.model_name,
+                    self.service.model_version,
                     request.id,
                     protocol.select_outputs(tensors, requested, True),
                     final=output.finished,
@@ -235,16 +243,56 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 log.warning("stream reader failed: %s", reader.exception())
 
 
+class InitialMetadata(grpc.aio.ServerInterceptor):
+    """Sends `metadata` first on every call (the revision, as HTTP sends it in every response's
+    headers), before the handler's answer or error."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]):
+        self.metadata = tuple(metadata)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        metadata = self.metadata
+
+        def unary(behavior):
+            async def call(request, context):
+                await context.send_initial_metadata(metadata)
+                return await behavior(request, context)
+
+            return call
+
+        def streaming(behavior):
+            async def call(request, context):
+                await context.send_initial_metadata(metadata)
+                async for response in behavior(request, context):
+                    yield response
+
+            return call
+
+        serializers = (handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), *serializers)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), *serializers)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), *serializers)
+        return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), *serializers)
+
+
 async def start_grpc_server(
     service: InferenceService, hosts: list[tuple[str, bool]], port: int, max_message_bytes: int
 ) -> tuple[grpc.aio.Server, int]:
     """A started grpc.aio server on `hosts` (port 0: one free port for all); returns it and the port."""
+    revision_headers = service.config.revision_headers
     server = grpc.aio.server(
+        interceptors=[InitialMetadata(revision_headers)] if revision_headers else None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", 64 * 2**20),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
-        ]
+        ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
     for host, required in hosts:

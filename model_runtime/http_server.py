@@ -201,6 +201,7 @@ def create_app(service: InferenceService) -> BodyLimit:
         "in front of one Mixture-of-Experts model.",
     )
     model_name = service.model_name
+    model_version = service.model_version
     limit = service.config.max_body_bytes
 
     @app.exception_handler(ServiceError)
@@ -262,7 +263,7 @@ def create_app(service: InferenceService) -> BodyLimit:
     @app.get("/v2/models/{model_name}/versions/{version}", tags=["kserve"])
     async def model_metadata(model_name: str, version: str | None = None):
         service.check_model(model_name, version)
-        return protocol.model_metadata(model_name)
+        return protocol.model_metadata(model_name, model_version)
 
     @app.get("/v2/models/{model_name}/config", tags=["kserve"])
     @app.get("/v2/models/{model_name}/versions/{version}/config", tags=["kserve"])
@@ -306,7 +307,9 @@ def create_app(service: InferenceService) -> BodyLimit:
         outputs = protocol.select_outputs(
             tensors, infer_request.outputs or protocol.default_outputs(gen), infer_request.binary_data_output
         )
-        content, header_length = protocol.encode_infer_response(model_name, infer_request.id, outputs)
+        content, header_length = protocol.encode_infer_response(
+            model_name, infer_request.id, outputs, model_version
+        )
         if header_length is None:
             return Response(content, media_type="application/json")
         return Response(
@@ -328,7 +331,7 @@ def create_app(service: InferenceService) -> BodyLimit:
     def generate_body(gen, request_id, text, finish_reason, input_tokens, output_tokens) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model_name": model_name,
-            "model_version": protocol.MODEL_VERSION,
+            "model_version": model_version,
             "text_output": text,
         }
         if request_id:
@@ -408,7 +411,7 @@ def create_app(service: InferenceService) -> BodyLimit:
                         if parameter.get("name") == "model_name":
                             parameter["schema"] = {"type": "string", "enum": [model_name]}
                         if parameter.get("name") == "version":
-                            parameter["schema"] = {"type": "string", "enum": [protocol.MODEL_VERSION]}
+                            parameter["schema"] = {"type": "string", "enum": [model_version]}
             app.openapi_schema = schema
         return app.openapi_schema
 

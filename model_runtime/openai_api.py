@@ -216,6 +216,8 @@ def create_openai_router(service: InferenceService) -> APIRouter:
     @router.get("/models")
     async def list_models():
         model = {"id": model_name, "object": "model", "created": 0, "owned_by": "moe-runtime"}
+        if service.config.revision:
+            model["revision"] = service.config.revision  # the ModelDeployment revision serving it
         if service.engine is not None:
             model["max_model_len"] = service.max_model_len
         return {"object": "list", "data": [model]}

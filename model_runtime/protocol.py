@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-MODEL_VERSION = "1"
+MODEL_VERSION = "1"  # the model's version where the pod has no revision (server.ServerConfig)
 PLATFORM = "moe_runtime"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "generate"]
 
@@ -427,7 +427,7 @@ def select_outputs(
 
 
 def encode_infer_response(
-    model_name: str, request_id: str, outputs: list[tuple[Tensor, bool]]
+    model_name: str, request_id: str, outputs: list[tuple[Tensor, bool]], model_version: str = MODEL_VERSION
 ) -> tuple[bytes, int | None]:
     """The HTTP infer response body, and the JSON header's length when binary data follows."""
     json_outputs, blobs = [], []
@@ -442,7 +442,7 @@ def encode_infer_response(
         json_outputs.append(entry)
     response: dict[str, Any] = {
         "model_name": model_name,
-        "model_version": MODEL_VERSION,
+        "model_version": model_version,
         "outputs": json_outputs,
     }
     if request_id:
@@ -635,13 +635,13 @@ def server_metadata(version: str) -> dict[str, Any]:
     return {"name": "moe-runtime", "version": version, "extensions": EXTENSIONS}
 
 
-def model_metadata(model_name: str) -> dict[str, Any]:
+def model_metadata(model_name: str, model_version: str = MODEL_VERSION) -> dict[str, Any]:
     def entry(spec: TensorSpec) -> dict[str, Any]:
         return {"name": spec.name, "datatype": spec.datatype, "shape": spec.shape}
 
     return {
         "name": model_name,
-        "versions": [MODEL_VERSION],
+        "versions": [model_version],
         "platform": PLATFORM,
         "inputs": [entry(s) for s in MODEL_INPUTS.values()],
         "outputs": [entry(s) for s in MODEL_OUTPUTS.values()],

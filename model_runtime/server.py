@@ -10,6 +10,11 @@ process exits 0. An engine that dies makes the server not live (and 503 to reque
 
 Errors a client can cause are `ServiceError`s, each with its HTTP status, gRPC code and the
 failure reason the metrics count it under.
+
+A pod's ModelDeployment revision (--revision, $MOE_REVISION) is the served model's one version
+(KServe metadata, `model_version` of answers) and goes out with every answer: the `x-moe-revision`
+header of each HTTP response (uvicorn's default headers, so 4xx/5xx, streams and uvicorn's own
+errors carry it too) and the initial metadata of each gRPC call (grpc_server.InitialMetadata).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from model_runtime.protocol import MODEL_VERSION
 log = logging.getLogger("model_runtime.server")
 
 VERSION = "0.1.0"
+REVISION_HEADER = "x-moe-revision"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -62,10 +68,21 @@ class ServerConfig:
     inject_error_rate: float = 0.0
     seed: int | None = None
     engine_process: bool = True  # the engine steps in a child process (else in a thread of this one)
+    revision: str | None = None  # the ModelDeployment revision this pod serves ($MOE_REVISION)
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or default_model_name(self.model)
+
+    @property
+    def model_version(self) -> str:
+        """The served model's one KServe version: the revision, where the pod has one."""
+        return self.revision or MODEL_VERSION
+
+    @property
+    def revision_headers(self) -> list[tuple[str, str]]:
+        """Headers (and gRPC metadata) every answer carries: `x-moe-revision`, where set."""
+        return [(REVISION_HEADER, self.revision)] if self.revision else []
 
 
 def default_model_name(source: str) -> str:
@@ -183,6 +200,7 @@ class InferenceService:
     def __init__(self, config: ServerConfig, engine=None):
         self.config = config
         self.model_name = config.model_name
+        self.model_version = config.model_version
         self.engine = engine  # set by load(), or given (benchmarks, tests of a built engine)
         self.metrics = RuntimeMetrics(self.model_name, self._engine_stats)
         self.state = "ready" if engine is not None else "loading"  # loading|ready|draining|failed
@@ -306,8 +324,8 @@ class InferenceService:
         """`version`: the KServe model version a request names ("" or None: any)."""
         if name != self.model_name:
             raise ModelNotFound(f"unknown model '{name}'; this server serves '{self.model_name}'")
-        if version not in (None, "", MODEL_VERSION):
-            raise ModelNotFound(f"model '{name}' has no version '{version}'; it has {MODEL_VERSION}")
+        if version not in (None, "", self.model_version):
+            raise ModelNotFound(f"model '{name}' has no version '{version}'; it has {self.model_version}")
 
     def admit(self) -> None:
         """Refuse at once what cannot be served now."""
@@ -515,6 +533,7 @@ async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            headers=config.revision_headers,  # on every response uvicorn sends, errors included
             timeout_graceful_shutdown=5,
             timeout_keep_alive=5,
         )
@@ -522,7 +541,12 @@ async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
     http_task = asyncio.create_task(http_server.serve(sockets=http_sockets), name="http")
     addresses = ", ".join(f"{h}" for h, _ in hosts)
     log.info(
-        "serving %s: HTTP on %s port %d, gRPC port %d", service.model_name, addresses, http_port, grpc_port
+        "serving %s%s: HTTP on %s port %d, gRPC port %d",
+        service.model_name,
+        f" revision {config.revision}" if config.revision else "",
+        addresses,
+        http_port,
+        grpc_port,
     )
 
     stop = asyncio.Event()

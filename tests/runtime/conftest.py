@@ -1,7 +1,8 @@
 """Runtime-tier fixtures: `moe-runtime serve` as a subprocess on loopback with a tiny builtin model.
 
-`runtime_server` (session-scoped) is the shared, default-configured server; tests that need other
-flags or kill their server start their own with `ServerProcess`.
+`runtime_server` (session-scoped) is the shared, default-configured server, with a revision in
+$MOE_REVISION as the operator sets it on a pod; tests that need other flags or kill their server
+start their own with `ServerProcess`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 MODEL = "builtin:tiny-mixtral"
 MODEL_NAME = "tiny-mixtral"
+REVISION = "3f2a9c1b7e"  # runtime_server's revision (the operator's revision names are 10 hex digits)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,10 +39,12 @@ class ServerProcess:
         *extra_args: str,
         model: str = MODEL,
         pod_ip: str | None = None,
+        env: dict[str, str] | None = None,
         startup_timeout_s: float | None = 120.0,
     ):
         """Start the server; wait until it is ready unless `startup_timeout_s` is None. With
-        `pod_ip`, the server gets no --host but POD_IP in its environment, as in a pod."""
+        `pod_ip`, the server gets no --host but POD_IP in its environment, as in a pod. `env` is
+        added to its environment; this process's POD_IP and MOE_REVISION are not passed on."""
         self.http_port, self.grpc_port = free_port(), free_port()
         host = pod_ip or "127.0.0.1"
         self.base_url = f"http://{host}:{self.http_port}"
@@ -48,14 +52,16 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile(prefix="moe-runtime-", suffix=".log", delete=False)
         args = [sys.executable, "-m", "model_runtime.cli", "serve", "--model", model]
         args += ["--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("POD_IP", None)
+        environ = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        environ.pop("POD_IP", None)
+        environ.pop("MOE_REVISION", None)
+        environ.update(env or {})
         if pod_ip:
-            env["POD_IP"] = pod_ip
+            environ["POD_IP"] = pod_ip
         else:
             args += ["--host", "127.0.0.1"]
         self.proc = subprocess.Popen(
-            [*args, *extra_args], stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env
+            [*args, *extra_args], stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=environ
         )
         if startup_timeout_s is not None:
             self.wait_ready(startup_timeout_s)
@@ -100,7 +106,9 @@ def server_process():
 
 @pytest.fixture(scope="session")
 def runtime_server():
-    server = ServerProcess("--max-model-len", "256", "--max-body-bytes", "1Mi", "--seed", "0")
+    server = ServerProcess(
+        "--max-model-len", "256", "--max-body-bytes", "1Mi", "--seed", "0", env={"MOE_REVISION": REVISION}
+    )
     yield server
     assert server.stop() == 0, server.logs()
 

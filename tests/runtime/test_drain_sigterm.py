@@ -20,6 +20,7 @@ pytestmark = pytest.mark.runtime
 
 MODEL_NAME = "tiny-mixtral"  # the served name of builtin:tiny-mixtral, conftest's model
 
+REVISION = "5e1d0c4b2a"  # given with --revision: a refusal while draining names it too
 LONG = 160  # tokens per stream: long enough to be mid-stream when SIGTERM lands
 
 
@@ -49,7 +50,9 @@ def sse_stream(url: str, body: dict, started: threading.Event, sink: dict, key: 
 
 
 def test_ready_only_after_load_and_sigterm_loses_no_stream(server_process):
-    server = server_process("--max-model-len", "512", "--drain-timeout", "60", startup_timeout_s=None)
+    server = server_process(
+        "--max-model-len", "512", "--drain-timeout", "60", "--revision", REVISION, startup_timeout_s=None
+    )
     try:
         _check_startup_and_drain(server)
     finally:
@@ -126,6 +129,7 @@ def _check_startup_and_drain(server) -> None:
     poll(lambda: status("/v2/health/ready") == 503, 5, "not ready after SIGTERM")
     refused = httpx.post(f"{base}/v1/completions", json={"model": MODEL_NAME, "prompt": "late"}, timeout=10)
     assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+    assert refused.headers["x-moe-revision"] == REVISION
     with grpc.insecure_channel(server.grpc_url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
