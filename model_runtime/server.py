@@ -574,6 +574,9 @@ async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
             await load_task
     drained = await service.drain(config.drain_timeout_s)
     await grpc_server.stop(grace=1.0 if drained else 0)
+    # After a drain that ran out, uvicorn must not wait its own graceful period again for the
+    # connections still open: --drain-timeout is what the pod's grace period was sized for.
+    http_server.force_exit = not drained
     http_server.should_exit = True
     with contextlib.suppress(BaseException):
         await http_task
