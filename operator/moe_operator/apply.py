@@ -1,6 +1,7 @@
-"""The one writer: server-side apply of new pods, Services and PrometheusRules (field manager `moe-operator`),
-label patches of existing pods (in and out of rotation, track changes), deletes of what is no longer
-wanted, merge patches of `.status`, and Events. Nothing else in the operator writes.
+"""The one writer: server-side apply of revision records (ControllerRevisions), new pods, Services and
+PrometheusRules (field manager `moe-operator`), label and annotation patches of existing pods (in and
+out of rotation, track changes), deletes of what is no longer wanted, merge patches of `.status`, and
+Events. Nothing else in the operator writes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from kubernetes.dynamic.exceptions import (
     UnprocessibleEntityError,
 )
 
-from . import names, prometheus_rule
+from . import names, prometheus_rule, revisions
 from .desired import Changes
 
 
@@ -50,6 +51,7 @@ class Writer:
             "Pod": dynamic_client.resources.get(api_version="v1", kind="Pod"),
             "Service": dynamic_client.resources.get(api_version="v1", kind="Service"),
             "Event": dynamic_client.resources.get(api_version="v1", kind="Event"),
+            revisions.KIND: dynamic_client.resources.get(api_version=revisions.API_VERSION, kind=revisions.KIND),
         }
         self._md = dynamic_client.resources.get(api_version=names.API_VERSION, kind=names.KIND)
 
@@ -74,11 +76,11 @@ class Writer:
         except (BadRequestError, UnprocessibleEntityError) as error:
             raise _refusal(error, f"{body['kind']} {body['metadata']['name']}") from error
 
-    def relabel(self, namespace: str, name: str, labels: Mapping[str, str]) -> None:
-        """Merge-patch the labels of an existing pod (its spec is immutable and may be of an older
-        revision than the current spec, so it is never re-applied)."""
+    def relabel(self, namespace: str, name: str, metadata: Mapping[str, Any]) -> None:
+        """Merge-patch the labels (and annotations) of an existing pod: its spec is immutable and was
+        built from its own revision's template, so it is never re-applied."""
         self.dyn.patch(self._resources["Pod"], name=name, namespace=namespace,
-                       body={"metadata": {"labels": dict(labels)}},
+                       body={"metadata": dict(metadata)},
                        content_type="application/merge-patch+json", field_manager=names.FIELD_MANAGER)
 
     def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
@@ -92,8 +94,8 @@ class Writer:
     def write(self, namespace: str, changes: Changes) -> None:
         # Relabels first: they move traffic (in the plan's order: new groups into rotation before old
         # ones leave; an aborted canary out at once), and no new pod or Service is needed for that.
-        for name, labels in changes.relabels:
-            self.relabel(namespace, name, labels)
+        for name, metadata in changes.relabels:
+            self.relabel(namespace, name, metadata)
             self._count("Pod", "relabel")
         for body in changes.applies:
             self.apply(body)

@@ -1,21 +1,26 @@
 """From a plan to the objects that should exist, and from those to the writes that are needed.
 
-Both functions are pure: `desired_objects(md, plan, observed)` builds every pod and Service;
-`changes(desired, observed)` says what to apply and what to delete, and is empty when the world
-already matches (converged means quiet: no write at all).
+All pure: `with_templates(observed, templates)` tells each group's size and whether its pods run
+their revision's template; `desired_objects(md, plan, observed, templates, records, now)` builds the
+revision records, every pod (from its own revision's template) and Service; `changes(desired,
+observed)` says what to apply and what to delete, and is empty when the world already matches
+(converged means quiet: no write at all).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
+from . import names
 from .observe import Observed
 from .plan import Plan
-from .pods import PodSlot, desired_pod, pod_name
+from .pods import PodSlot, desired_pod, owner_reference, pod_labels, pod_name, template_fingerprint
 from .prometheus_rule import KIND as RULE_KIND
 from .prometheus_rule import desired_rule
+from .revisions import KIND as RECORD_KIND
+from .rollout import iso
 from .services import desired_service
 from .spec import ModelDeployment
 
@@ -39,9 +44,11 @@ class Changes:
         return [b for b in self.apply if not (b["kind"] == "Pod" and b["metadata"]["name"] in self.existing_pods)]
 
     @property
-    def relabels(self) -> list[tuple[str, Mapping[str, str]]]:
-        return [(b["metadata"]["name"], b["metadata"]["labels"]) for b in self.apply
-                if b["kind"] == "Pod" and b["metadata"]["name"] in self.existing_pods]
+    def relabels(self) -> list[tuple[str, Mapping[str, Any]]]:
+        """(pod name, metadata patch: its labels and annotations) for each existing pod to change."""
+        return [(b["metadata"]["name"], {k: b["metadata"][k] for k in ("labels", "annotations")
+                                         if k in b["metadata"]})
+                for b in self.apply if b["kind"] == "Pod" and b["metadata"]["name"] in self.existing_pods]
 
     @property
     def created_pods(self) -> int:
@@ -54,27 +61,72 @@ class Changes:
         return Changes(moves, (), self.existing_pods), Changes(rest, self.delete, self.existing_pods)
 
 
-def pod_slots(md: ModelDeployment, plan: Plan, observed: Observed) -> list[PodSlot]:
+def with_templates(observed: Observed, templates: Mapping[str, ModelDeployment]) -> Observed:
+    """The observation with each revision's group size and GPUs per pod from its own template, and
+    every live pod marked `stale` when its spec is not what its revision's template builds (a pod
+    made by an older operator from the wrong spec, or edited by hand)."""
+    def stale(pod) -> bool:
+        view = templates.get(pod.revision)
+        if view is None or not pod.live or not (pod.body or {}).get("spec"):
+            return False
+        slot = PodSlot(pod.revision, pod.replica, pod.rank, pod.track, pod.in_rotation, pod.name)
+        return template_fingerprint(pod.body) != template_fingerprint(desired_pod(view, slot))
+
+    return replace(observed,
+                   pods=tuple(replace(p, stale=stale(p)) for p in observed.pods),
+                   sizes={rev: view.pods_per_replica for rev, view in templates.items()},
+                   gpus={rev: view.resources.gpus for rev, view in templates.items()})
+
+
+def pod_slots(plan: Plan, observed: Observed, md_name: str) -> list[PodSlot]:
     """Every pod the plan wants, named: a live pod keeps its name; a missing one gets the first name
     not taken by any observed pod (a terminating predecessor keeps its name until it is gone)."""
     live = {(p.revision, p.replica, p.rank): p.name for p in observed.pods if p.live}
     taken = {p.name for p in observed.pods}
     slots = []
     for g in plan.groups:
-        for rank in range(md.pods_per_replica):
+        for rank in range(observed.size_of(g.revision)):
             name = live.get((g.revision, g.replica, rank))
             if name is None:
                 incarnation = 0
-                while (name := pod_name(md.name, g.revision, g.replica, rank, incarnation)) in taken:
+                while (name := pod_name(md_name, g.revision, g.replica, rank, incarnation)) in taken:
                     incarnation += 1
             slots.append(PodSlot(g.revision, g.replica, rank, g.track, g.in_rotation, name))
     return slots
 
 
-def desired_objects(md: ModelDeployment, plan: Plan, observed: Observed) -> list[dict[str, Any]]:
-    """Pods of every planned group, the traffic Service, one Service per planned track and, where the
-    PrometheusRule CRD exists, the latency alerts of the spec's slo."""
-    objects: list[dict[str, Any]] = [desired_pod(md, slot) for slot in pod_slots(md, plan, observed)]
+def _out_of_rotation_since(observed: Observed, slot: PodSlot, now: float) -> str | None:
+    """The annotation a pod out of rotation carries: when it left (now, for one leaving now)."""
+    pod = next((p for p in observed.pods if p.name == slot.name), None)
+    if slot.in_rotation or pod is None:
+        return None
+    if pod.in_rotation:
+        return iso(now)
+    return (pod.body.get("metadata", {}).get("annotations") or {}).get(names.ANNOTATION_OUT_OF_ROTATION)
+
+
+def desired_objects(md: ModelDeployment, plan: Plan, observed: Observed,
+                    templates: Mapping[str, ModelDeployment] | None = None,
+                    records: Sequence[Mapping[str, Any]] = (), now: float = 0.0) -> list[dict[str, Any]]:
+    """The revision records first (a revision is recorded before its first pod), pods of every
+    planned group built from their revision's template, the traffic Service, one Service per
+    planned track and, where the PrometheusRule CRD exists, the latency alerts of the spec's slo.
+    A planned group whose revision has no template (no record, not the spec's) gets no new pod."""
+    templates = templates if templates is not None else {plan.revision: md}
+    objects: list[dict[str, Any]] = [dict(r) for r in records]
+    existing = {p.name for p in observed.pods}
+    for slot in pod_slots(plan, observed, md.name):
+        view = templates.get(slot.revision)
+        if view is None:
+            if slot.name in existing:    # still relabelled (in and out of rotation), never rebuilt
+                pod = next(p for p in observed.pods if p.name == slot.name)
+                objects.append(_relabelled(md, pod.body, slot, observed, now))
+            continue
+        pod = desired_pod(view, slot)
+        since = _out_of_rotation_since(observed, slot, now)
+        if since:
+            pod["metadata"]["annotations"] = {names.ANNOTATION_OUT_OF_ROTATION: since}
+        objects.append(pod)
     objects.append(desired_service(md))
     objects.extend(desired_service(md, track) for track in plan.service_tracks)
     if observed.rules is not None and (rule := desired_rule(md)) is not None:
@@ -98,7 +150,12 @@ def _up_to_date(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
             and is_subset(wm.get("ownerReferences", []), hm.get("ownerReferences") or [])):
         return False
     if want["kind"] == "Pod":
-        return True          # the name carries the revision; a pod's spec never changes in place
+        # The name carries the revision; a pod's spec never changes in place (a stale one is replaced).
+        return is_subset(wm.get("annotations", {}), hm.get("annotations") or {})
+    if want["kind"] == RECORD_KIND:
+        # A record's data never changes; its number (a revision that comes back) and result may.
+        return want["revision"] == have.get("revision") and is_subset(wm.get("annotations", {}),
+                                                                      hm.get("annotations") or {})
     if want["kind"] == RULE_KIND:
         return is_subset(want["spec"], have.get("spec") or {})
     spec, hspec = want["spec"], have.get("spec") or {}
@@ -109,6 +166,7 @@ def changes(desired: list[Mapping[str, Any]], observed: Observed) -> Changes:
     existing: dict[tuple[str, str], Mapping[str, Any]] = {("Pod", p.name): p.body for p in observed.pods}
     existing.update({("Service", name): body for name, body in observed.services.items()})
     existing.update({(RULE_KIND, name): body for name, body in (observed.rules or {}).items()})
+    existing.update({(RECORD_KIND, rec.name): rec.body for rec in observed.revisions.values() if rec.body})
     wanted = {(d["kind"], d["metadata"]["name"]) for d in desired}
     stale = tuple(d for d in desired if (key := (d["kind"], d["metadata"]["name"])) not in existing
                   or not _up_to_date(d, existing[key]))
@@ -118,3 +176,16 @@ def changes(desired: list[Mapping[str, Any]], observed: Observed) -> Changes:
         if (kind, name) not in wanted and not (body.get("metadata") or {}).get("deletionTimestamp")
     )
     return Changes(stale, delete, frozenset(p.name for p in observed.pods))
+
+
+def _relabelled(md: ModelDeployment, body: Mapping[str, Any], slot: PodSlot, observed: Observed,
+                now: float) -> dict[str, Any]:
+    """An existing pod of a revision with no known template, as the plan labels it (only its
+    labels and annotations are ever written)."""
+    out: dict[str, Any] = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": slot.name, "namespace": md.namespace, "labels": pod_labels(md, slot),
+        "ownerReferences": [owner_reference(md)]}, "spec": body.get("spec") or {}}
+    since = _out_of_rotation_since(observed, slot, now)
+    if since:
+        out["metadata"]["annotations"] = {names.ANNOTATION_OUT_OF_ROTATION: since}
+    return out

@@ -4,12 +4,15 @@
     kubectl moe promote NAME [--full]           skip the current step (--full: every remaining one)
     kubectl moe abort NAME                      stop the rollout: the new revision leaves rotation
     kubectl moe retry NAME                      roll an aborted revision out again
-    kubectl moe undo NAME                       back to the stable revision (or the one before it)
+    kubectl moe history NAME                    every kept revision: number, hash, when, change, result
+    kubectl moe undo NAME [--to-revision N]     back to the stable revision (or the one before it), or to N
     kubectl moe pause NAME / resume NAME        hold / continue the steps (analysis keeps running)
 
-One-off actions are annotations with a timestamp (the operator acts once per value and keeps what it
-handled in status, so a repeat or a restart never acts twice); `undo` edits the spec. GitOps users
-express lasting intent in Git instead: see docs/rollouts.md.
+One-off actions are annotations with a unique value (the operator acts once per value and keeps what
+it handled in status, so a repeat or a restart never acts twice, and no client clock is compared with
+the operator's); an abort names the revision it stops. `undo` edits the spec from the revision's
+recorded template (its ControllerRevision). GitOps users express lasting intent in Git instead: see
+docs/rollouts.md.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import argparse
 import json
 import sys
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import names
+from . import names, revisions
 from .rollout import (
     ABORT_USER,
     ANNOTATION_ABORT,
@@ -35,14 +39,12 @@ from .rollout import (
     iso,
 )
 
-TEMPLATE_FIELDS = ("model", "runtime", "resources", "topology", "scheduling")
-
-
 # --- pure: what to write -------------------------------------------------------------------------
 
 def annotation_patch(action: str, body: Mapping[str, Any], now: float, full: bool = False) -> dict[str, Any]:
-    """The merge patch of metadata.annotations for a one-off action."""
-    stamp = iso(now)
+    """The merge patch of metadata.annotations for a one-off action. Values are unique (the client's
+    time plus a random suffix): the operator compares them only for equality with what it handled."""
+    stamp = f"{iso(now)}/{uuid.uuid4().hex[:8]}"
     if action == "promote":
         return {ANNOTATION_PROMOTE_FULL if full else ANNOTATION_PROMOTE: stamp}
     if action == "retry":
@@ -61,23 +63,55 @@ def annotation_patch(action: str, body: Mapping[str, Any], now: float, full: boo
     raise ValueError(action)
 
 
-def undo_patch(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The spec patch that goes back: to the stable revision while a rollout runs, else to the
-    revision before the stable one (the operator keeps both templates in status.rollout.templates)."""
+def _records(items: Sequence[Mapping[str, Any]]) -> list[revisions.Recorded]:
+    recs = [r for r in (revisions.recorded_from(b) for b in items) if r is not None]
+    return sorted(recs, key=lambda r: r.number)
+
+
+def undo_patch(body: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
+               to_revision: int | None = None) -> dict[str, Any]:
+    """The spec patch that goes back, as `kubectl rollout undo` does: to revision number
+    `to_revision`, else to the stable revision while a rollout runs, else to the newest revision
+    before the current one. The template comes from the revision's ControllerRevision."""
     status = body.get("status") or {}
-    state = status.get("rollout") or {}
-    templates = state.get("templates") or {}
     stable, current = status.get("stableRevision"), status.get("currentRevision")
-    target = stable if current and stable and current != stable else state.get("previousRevision") \
-        or state.get("fromRevision")
-    if not target or target == current:
-        raise SystemExit("nothing to undo: no earlier revision is known")
-    template = templates.get(target)
-    if not template:
-        raise SystemExit(f"the spec of revision {target} is not kept in status; revert the spec "
-                         "(e.g. in Git) instead")
+    recs = _records(records)
+    if to_revision is not None:
+        target = next((r for r in recs if r.number == to_revision), None)
+        if target is None:
+            kept = ", ".join(str(r.number) for r in recs) or "none"
+            raise SystemExit(f"revision {to_revision} is not kept (kept: {kept}); see kubectl moe history")
+    elif current and stable and current != stable:
+        target = next((r for r in recs if r.revision == stable), None)
+    else:
+        earlier = [r for r in recs if r.revision != current]
+        target = earlier[-1] if earlier else None
+    if target is None:
+        raise SystemExit("nothing to undo: no earlier revision is kept")
+    if target.revision == current:
+        raise SystemExit(f"revision {target.number} ({target.revision}) is already the current one")
     # Fields the old template did not set are removed (null in a merge patch).
-    return {"spec": {k: template.get(k) for k in TEMPLATE_FIELDS}}
+    return {"spec": {k: target.template.get(k) for k in revisions.TEMPLATE_FIELDS}}
+
+
+def render_history(body: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> str:
+    """`kubectl moe history`: one line per kept revision, oldest first."""
+    status = body.get("status") or {}
+    rows = [("REVISION", "HASH", "CREATED", "RESULT", "CHANGE")]
+    for r in _records(records):
+        result = r.result
+        text = result.get("result", "")
+        if result.get("reason"):
+            text += f" ({result['reason']}" + (f": {result['message']}" if result.get("message") else "") + ")"
+        marks = [m for m, rev in (("current", status.get("currentRevision")),
+                                  ("stable", status.get("stableRevision"))) if rev == r.revision]
+        if marks:
+            text = f"{text} [{', '.join(marks)}]".strip()
+        change = r.annotations.get(revisions.ANNOTATION_CHANGE_CAUSE) or r.annotations.get(revisions.ANNOTATION_CHANGE, "")
+        rows.append((str(r.number), r.revision, r.created, text or "-", change))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+                     for row in rows)
 
 
 # --- pure: what to show --------------------------------------------------------------------------
@@ -144,7 +178,7 @@ def render_status(body: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], no
     if analysis.get("measurements"):
         last = analysis["measurements"][-1]
         lines.append(f"  analysis    {last['result']} ({analysis.get('provider')}): {_figures(last.get('figures') or {})}"
-                     f"   [{analysis.get('passes', 0)} pass / {analysis.get('failures', 0)} fail]")
+                     f"   [{analysis.get('failures', 0)} failed / {analysis.get('inconclusive', 0)} inconclusive]")
         if last.get("message") and last["result"] != "pass":
             lines.append(f"              {last['message']}")
     if state.get("aborted"):
@@ -219,6 +253,11 @@ class Cluster:
     def patch(self, ns: str, name: str, body: dict[str, Any]) -> None:
         self.dyn.patch(self.md, name=name, namespace=ns, body=body, content_type="application/merge-patch+json")
 
+    def records(self, ns: str, name: str) -> list[dict[str, Any]]:
+        resource = self.dyn.resources.get(api_version=revisions.API_VERSION, kind=revisions.KIND)
+        selector = names.selector_string(names.owned_selector(name))
+        return self.dyn.get(resource, namespace=ns, label_selector=selector).to_dict().get("items") or []
+
     def pods(self, ns: str, name: str) -> list[dict[str, Any]]:
         selector = names.selector_string(names.owned_selector(name))
         items = self.core.list_namespaced_pod(ns, label_selector=selector).items
@@ -232,8 +271,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for cmd, text in (("status", "show the rollout"), ("promote", "skip the current step"),
                       ("abort", "abort the rollout"), ("retry", "retry an aborted revision"),
-                      ("undo", "go back to the stable (or previous) revision"), ("pause", "hold the steps"),
-                      ("resume", "continue the steps")):
+                      ("history", "list the kept revisions"),
+                      ("undo", "go back to the stable (or previous) revision, or to --to-revision N"),
+                      ("pause", "hold the steps"), ("resume", "continue the steps")):
         s = sub.add_parser(cmd, help=text)
         s.add_argument("name")
         s.add_argument("-n", "--namespace")
@@ -243,6 +283,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--timeout", type=float, default=0, help="stop watching after this many seconds")
         if cmd == "promote":
             s.add_argument("--full", action="store_true", help="skip every remaining step")
+        if cmd == "undo":
+            s.add_argument("--to-revision", type=int, help="the revision number (kubectl moe history)")
     return p
 
 
@@ -267,9 +309,14 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 return 0
     body = cluster.get(ns, args.name)
+    if args.command == "history":
+        print(render_history(body, cluster.records(ns, args.name)))
+        return 0
     if args.command == "undo":
-        cluster.patch(ns, args.name, undo_patch(body))
-        print(f"modeldeployment {ns}/{args.name}: spec set back")
+        patch = undo_patch(body, cluster.records(ns, args.name), args.to_revision)
+        cluster.patch(ns, args.name, patch)
+        print(f"modeldeployment {ns}/{args.name}: spec set back"
+              + (f" to revision {args.to_revision}" if args.to_revision is not None else ""))
         return 0
     patch = annotation_patch(args.command, body, time.time(), full=getattr(args, "full", False))
     cluster.patch(ns, args.name, {"metadata": {"annotations": patch}})

@@ -24,6 +24,8 @@ LABEL_TRACK = f"{GROUP}/track"
 LABEL_REPLICA = f"{GROUP}/replica"
 LABEL_RANK = f"{GROUP}/rank"
 LABEL_IN_ROTATION = f"{GROUP}/in-rotation"
+# When the operator took a pod out of rotation (RFC 3339, its own clock): deleted after the drain.
+ANNOTATION_OUT_OF_ROTATION = f"{GROUP}/out-of-rotation-since"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"

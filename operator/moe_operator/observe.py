@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from typing import Any
 
@@ -20,6 +21,7 @@ from kubernetes.dynamic.exceptions import (
 )
 
 from . import names
+from .revisions import Recorded, recorded_from
 
 RULES_RECHECK_SECONDS = 60.0   # how often discovery is asked whether the PrometheusRule CRD exists
 
@@ -45,6 +47,8 @@ class ObservedPod:
     ready: bool
     unschedulable: str | None = None          # the scheduler's message when PodScheduled=False/Unschedulable
     failure: tuple[str, str] | None = None     # (reason, message) when the pod is failing
+    out_of_rotation_since: float | None = None   # when the operator took it out of rotation (its own clock)
+    stale: bool = False                        # its spec is not what its revision's template builds
     body: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -81,6 +85,19 @@ class Group:
         return any(p.in_rotation for p in self.pods.values())
 
     @property
+    def stale(self) -> bool:
+        """A pod of the group does not run its revision's template: the group is replaced."""
+        return any(p.stale for p in self.pods.values())
+
+    @property
+    def out_of_rotation_since(self) -> float | None:
+        """When the group left rotation (None: it never was in rotation, or is in it now)."""
+        if self.in_rotation:
+            return None
+        times = [p.out_of_rotation_since for p in self.pods.values() if p.out_of_rotation_since is not None]
+        return max(times) if times else None
+
+    @property
     def track(self) -> str:
         leader = self.pods.get(0) or next(iter(self.pods.values()))
         return leader.track
@@ -90,18 +107,24 @@ class Group:
 class Observed:
     pods: tuple[ObservedPod, ...] = ()
     services: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    pods_per_replica: int = 1
+    pods_per_replica: int = 1                  # group size of a revision with no known template
     # The ModelDeployment's PrometheusRules by name; None where there is no PrometheusRule CRD (or
     # the operator may not list them): then none is rendered.
     rules: Mapping[str, Mapping[str, Any]] | None = None
+    revisions: Mapping[str, Recorded] = field(default_factory=dict)   # recorded templates by revision
+    sizes: Mapping[str, int] = field(default_factory=dict)            # pods per group, by revision
+    gpus: Mapping[str, int] = field(default_factory=dict)             # GPUs per pod, by revision
+
+    def size_of(self, revision: str) -> int:
+        return self.sizes.get(revision, self.pods_per_replica)
 
     @cached_property
     def groups(self) -> dict[tuple[str, int], Group]:
         by_key: dict[tuple[str, int], dict[int, ObservedPod]] = {}
         for pod in self.pods:
-            if pod.live and pod.rank < self.pods_per_replica:
+            if pod.live and pod.rank < self.size_of(pod.revision):
                 by_key.setdefault((pod.revision, pod.replica), {})[pod.rank] = pod
-        return {key: Group(key[0], key[1], self.pods_per_replica, ranks) for key, ranks in sorted(by_key.items())}
+        return {key: Group(key[0], key[1], self.size_of(key[0]), ranks) for key, ranks in sorted(by_key.items())}
 
     def groups_of(self, revision: str) -> list[Group]:
         return [g for g in self.groups.values() if g.revision == revision]
@@ -163,18 +186,30 @@ def observed_pod(body: Mapping[str, Any]) -> ObservedPod:
         ready=bool(ready and ready.get("status") == "True"),
         unschedulable=unschedulable,
         failure=_failure(body),
+        out_of_rotation_since=_epoch((meta.get("annotations") or {}).get(names.ANNOTATION_OUT_OF_ROTATION)),
         body=body,
     )
 
 
+def _epoch(text: str | None) -> float | None:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() if text else None
+    except ValueError:
+        return None
+
+
 def observed_from(pods: Iterable[Mapping[str, Any]], services: Iterable[Mapping[str, Any]],
-                  pods_per_replica: int, rules: Iterable[Mapping[str, Any]] | None = None) -> Observed:
-    """Pure: the observation from pod, Service and PrometheusRule bodies (as the API returns them)."""
+                  pods_per_replica: int = 1, rules: Iterable[Mapping[str, Any]] | None = None,
+                  revisions: Iterable[Mapping[str, Any]] = ()) -> Observed:
+    """Pure: the observation from pod, Service, PrometheusRule and ControllerRevision bodies (as the
+    API returns them)."""
+    recorded = [r for r in (recorded_from(b) for b in revisions) if r is not None]
     return Observed(
         pods=tuple(sorted((observed_pod(p) for p in pods), key=lambda p: p.name)),
         services={s["metadata"]["name"]: s for s in services},
         pods_per_replica=pods_per_replica,
         rules=None if rules is None else {r["metadata"]["name"]: r for r in rules},
+        revisions={r.revision: r for r in sorted(recorded, key=lambda r: r.number)},
     )
 
 
@@ -186,6 +221,7 @@ class Reader:
         self.dyn = dynamic_client
         self._pods = dynamic_client.resources.get(api_version="v1", kind="Pod")
         self._services = dynamic_client.resources.get(api_version="v1", kind="Service")
+        self._revisions = dynamic_client.resources.get(api_version="apps/v1", kind="ControllerRevision")
         self.clock = clock
         self._rules: Any = None
         self._rules_checked: float | None = None
@@ -207,6 +243,7 @@ class Reader:
         selector = names.selector_string(names.owned_selector(name))
         pods = self.dyn.get(self._pods, namespace=namespace, label_selector=selector).to_dict()
         services = self.dyn.get(self._services, namespace=namespace, label_selector=selector).to_dict()
+        revisions = self.dyn.get(self._revisions, namespace=namespace, label_selector=selector).to_dict()
         rules = None
         resource = self.rules_resource()
         if resource is not None:
@@ -218,4 +255,5 @@ class Reader:
                 self.dyn.resources.invalidate_cache()
             except ForbiddenError:              # no RBAC for them: render none, look again later
                 self._rules, rules = None, None
-        return observed_from(pods.get("items") or [], services.get("items") or [], pods_per_replica, rules)
+        return observed_from(pods.get("items") or [], services.get("items") or [], pods_per_replica, rules,
+                             revisions.get("items") or [])

@@ -53,9 +53,16 @@ RULES: tuple[Rule, ...] = (
     Rule(names.GROUP, ("modeldeployments/status",), ("patch",), "the operator's status (merge patch)"),
     Rule(names.GROUP, ("modeldeployments/scale",), ("patch",),
          "the built-in autoscaler sets the replica count (the same door as `kubectl scale`)"),
+    Rule(names.GROUP, ("modeldeployments/finalizers",), ("update",),
+         "pods, Services and PrometheusRules carry an ownerReference with `blockOwnerDeletion: true`, "
+         "which the OwnerReferencesPermissionEnforcement admission plugin (OpenShift, hardened clusters) "
+         "allows only to whoever may update the owner's finalizers"),
     Rule("", ("pods", "services"), ("list", "watch", "create", "patch", "delete"),
          "observed by label; written by server-side apply (`create` is checked when the object is new), "
          "relabelled, deleted"),
+    Rule("apps", ("controllerrevisions",), ("list", "create", "patch", "delete"),
+         "each revision's pod template (`<name>-<revision>`), recorded when the revision first appears: "
+         "observed by label, server-side applied, pruned to spec.revisionHistoryLimit"),
     Rule("", ("events",), ("create",), "Events on ModelDeployments"),
     Rule("monitoring.coreos.com", ("prometheusrules",), ("list", "create", "patch", "delete"),
          "each ModelDeployment's latency alerts (`<name>-latency`), where prometheus-operator's CRD exists: "

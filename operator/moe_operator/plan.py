@@ -3,8 +3,9 @@
 `rollout.next_step(...)` makes it (steady state, scaling, canary and blue-green rollouts).
 
 Removing a group is two-phase: a group that is in rotation is first planned out of rotation
-(`draining`), and only deleted once observed out of rotation, so Services stop sending it traffic
-before its pods get SIGTERM.
+(`draining`), and only deleted once it has been out of rotation for the drain period
+(`spec.runtime.drainSeconds`), so every proxy has stopped sending it traffic before its pods get
+SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class GroupPlan:
     track: str
     in_rotation: bool
     draining: bool = False
+    drain_until: float | None = None       # a draining group is deleted from then on (operator's clock)
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,7 @@ def runtime_args(md: ModelDeployment, model_arg: str) -> list[str]:
         "--http-port", str(names.HTTP_PORT),
         "--grpc-port", str(names.GRPC_PORT),
         "--dtype", md.model.dtype,
+        "--drain-timeout", str(md.runtime.drain_timeout_seconds),
         *md.runtime.args,
     ]
 
@@ -185,7 +186,7 @@ def _resources(md: ModelDeployment) -> dict[str, Any]:
     return out
 
 
-def _env(md: ModelDeployment, rank: int) -> list[dict[str, Any]]:
+def _env(md: ModelDeployment, revision: str, rank: int) -> list[dict[str, Any]]:
     def field_ref(path: str) -> dict[str, Any]:
         return {"valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
@@ -195,12 +196,14 @@ def _env(md: ModelDeployment, rank: int) -> list[dict[str, Any]]:
         {"name": "POD_NAMESPACE", **field_ref("metadata.namespace")},
         {"name": "MOE_RANK", "value": str(rank)},
         {"name": "MOE_WORLD_SIZE", "value": str(md.pods_per_replica)},
+        {"name": "MOE_REVISION", "value": revision},
         *(dict(e) for e in md.runtime.env),
     ]
 
 
 def desired_pod(md: ModelDeployment, slot: PodSlot) -> dict[str, Any]:
-    """The full pod for one slot of the plan (pure)."""
+    """The full pod for one slot of the plan (pure). `md` must carry the template of the slot's
+    revision (`ModelDeployment.with_template`), not necessarily the current spec's."""
     model_arg, volumes, mounts, inits = _model_volume(md)
     allowance = startup_allowance_seconds(md)
     http_probe = {"path": names.READY_PATH, "port": names.HTTP_PORT}
@@ -210,7 +213,7 @@ def desired_pod(md: ModelDeployment, slot: PodSlot) -> dict[str, Any]:
         "imagePullPolicy": md.runtime.image_pull_policy,
         "command": ["moe-runtime"],
         "args": runtime_args(md, model_arg),
-        "env": _env(md, slot.rank),
+        "env": _env(md, slot.revision, slot.rank),
         "ports": [
             {"name": "http", "containerPort": names.HTTP_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": names.GRPC_PORT, "protocol": "TCP"},
@@ -270,3 +273,22 @@ def desired_pod(md: ModelDeployment, slot: PodSlot) -> dict[str, Any]:
         },
         "spec": spec,
     }
+
+
+def _container_identity(c: Any) -> dict[str, Any]:
+    return {k: c.get(k) for k in ("name", "image", "command", "args", "env")}
+
+
+def template_fingerprint(pod: Any) -> str:
+    """A hash of what makes a pod run a given model: its containers' images, commands, arguments and
+    environment, node selector and priority class. These are stored as written (the API server
+    defaults none of them), so a pod built from a revision's template has the same fingerprint as
+    the pod the template builds now, and one built from another template does not."""
+    spec = pod.get("spec") or {}
+    text = json.dumps({
+        "containers": [_container_identity(c) for c in spec.get("containers") or ()],
+        "initContainers": [_container_identity(c) for c in spec.get("initContainers") or ()],
+        "nodeSelector": spec.get("nodeSelector") or {},
+        "priorityClassName": spec.get("priorityClassName"),
+    }, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

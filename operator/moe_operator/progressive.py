@@ -1,15 +1,14 @@
 """Progressive delivery at the I/O edge of the reconcile.
 
 `next_plan()` runs the analysis when an interval is due (the one I/O: scraping pods or querying
-Prometheus), then the pure rollout state machine, and keeps the spec templates `kubectl moe undo`
-needs. `after_write()` notes, once the pod writes of an abort are done, when the new revision left
+Prometheus), then the pure rollout state machine (revision templates are ControllerRevisions:
+see revisions.py). `after_write()` notes, once the pod writes of an abort are done, when the new revision left
 rotation (status, and the rollback latency the operator reports). `due_in()` says when the next
 timed decision is, so the reconcile is scheduled then instead of waiting for the resync.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,8 +19,6 @@ from .observe import Observed
 from .plan import Plan
 from .spec import AnalysisSpec, ModelDeployment
 
-TEMPLATE_FIELDS = ("model", "runtime", "resources", "topology", "scheduling")
-
 
 @dataclass(frozen=True)
 class Report:
@@ -29,20 +26,6 @@ class Report:
 
     rollback: tuple[str, float | None] | None = None    # (reason, seconds from the request) on the abort
     completed: tuple[str, float | None] | None = None   # (strategy, rollout duration) on promotion
-
-
-def template_of(body: Mapping[str, Any]) -> dict[str, Any]:
-    spec = body.get("spec") or {}
-    return {k: copy.deepcopy(spec[k]) for k in TEMPLATE_FIELDS if k in spec}
-
-
-def _templates(body: Mapping[str, Any], revision: str, state: Mapping[str, Any],
-               status: Mapping[str, Any]) -> dict[str, Any]:
-    """Templates of the revisions undo can go back to (stable, the one before) and the current one."""
-    kept = dict((status.get("rollout") or {}).get("templates") or {})
-    kept[revision] = template_of(body)
-    wanted = {revision, status.get("stableRevision"), state.get("previousRevision"), state.get("fromRevision")}
-    return {rev: t for rev, t in kept.items() if rev in wanted}
 
 
 def next_plan(md: ModelDeployment, body: Mapping[str, Any], observed: Observed, revision: str, now: float,
@@ -66,7 +49,6 @@ def next_plan(md: ModelDeployment, body: Mapping[str, Any], observed: Observed, 
     new_state = dict(plan.rollout_state)
     if analysis_state and new_state.get("revision") == revision:
         new_state["analysis"] = analysis_state
-    new_state["templates"] = _templates(body, revision, new_state, md.status)
     return replace(plan, rollout_state=new_state)
 
 
@@ -104,6 +86,7 @@ def due_in(md: ModelDeployment, plan: Plan, now: float, baselines: Baselines = B
 # --- what status says about a rollout ------------------------------------------------------------
 
 ROLLOUT_ABORTED = "RolloutAborted"
+ROLLING_BACK = "RollingBack"             # aborted after promotion; the old revision is being restored
 ROLLOUT_PAUSED = "RolloutPaused"
 ROLLING_OUT = "RollingOut"
 
@@ -121,6 +104,17 @@ def rollout_conditions(md: ModelDeployment, plan: Plan) -> dict[str, tuple[bool,
         figures = aborted.get("figures") or {}
         if figures:
             detail += " (" + ", ".join(f"{k} {v}" for k, v in sorted(figures.items())) + ")"
+        restoring = state.get("restoring")
+        if restoring:
+            # The abort came after the promotion, when the old revision was no longer whole: it is
+            # brought back as fast as the GPU budget allows, and status says so until it is.
+            who = (f"{plan.revision} keeps serving until a group of {plan.stable_revision} is ready"
+                   if restoring.get("abortedServing") else f"{plan.stable_revision} serves")
+            message = (f"revision {plan.revision} aborted after its promotion: {aborted.get('reason')}: "
+                       f"{aborted.get('message', '')}{detail}; the rollback is not instant: "
+                       f"{restoring.get('readyGroups', 0)}/{restoring.get('replicas', 0)} groups of "
+                       f"{plan.stable_revision} ready, the rest restored within maxSurgeGPUs; {who}")
+            return {"Degraded": (True, ROLLING_BACK, message), "Progressing": (True, ROLLING_BACK, message)}
         message = (f"revision {plan.revision} aborted, {plan.stable_revision} serves: {aborted.get('reason')}: "
                    f"{aborted.get('message', '')}{detail}; it is not tried again until the spec changes "
                    f"or `kubectl moe retry {md.name}`")

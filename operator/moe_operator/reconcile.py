@@ -1,6 +1,6 @@
 """One level-based reconcile of one ModelDeployment, reading like the data flow.
 
-spec -> observe -> plan -> desired -> changes -> apply -> status. It never branches on create vs
+spec -> observe (+ each revision's recorded template) -> plan -> desired -> changes -> apply -> status. It never branches on create vs
 update, holds no state between calls, and writes nothing when the world already matches.
 """
 
@@ -12,10 +12,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from . import autoscaling, progressive, signals
+from . import autoscaling, progressive, revisions, signals
 from .analysis import provider_for
 from .apply import WriteRefused
-from .desired import Changes, changes, desired_objects
+from .desired import Changes, changes, desired_objects, with_templates
 from .observe import Observed
 from .plan import Plan
 from .pods import revision_of
@@ -68,6 +68,9 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
         return _finish(namespace, name, old_status, new_status, writer, emit)
 
     observed = reader.observe(md.namespace, md.name, md.pods_per_replica)
+    legacy = (old_status.get("rollout") or {}).get("templates") or {}   # kept by operators before 0.2
+    templates = revisions.templates(md, observed.revisions, legacy)
+    observed = with_templates(observed, templates)
     scaling = autoscaling.step(md, observed, clock(), collect_signal)
     if scaling and scaling.desired != md.replicas:
         # Through the scale subresource, like kubectl scale or an HPA; this pass plans with it already.
@@ -75,8 +78,13 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
         emit("Normal", "SuccessfulRescale", f"New size: {scaling.desired} (was {md.replicas}); "
                                            f"{scaling.decision.reason}: {scaling.decision.message}")
         md = replace(md, replicas=scaling.desired)
-    plan = progressive.next_plan(md, body, observed, revision_of(md), clock(), analysis_provider)
-    todo = changes(desired_objects(md, plan, observed), observed)
+    revision = revision_of(md)
+    plan = progressive.next_plan(md, body, observed, revision, clock(), analysis_provider)
+    in_use = {p.revision for p in observed.pods if p.live} | {g.revision for g in plan.groups}
+    records = revisions.desired_records(md, body.get("spec") or {}, meta.get("annotations") or {}, revision,
+                                        plan.stable_revision, plan.rollout_state, observed.revisions, in_use,
+                                        now(), legacy)
+    todo = changes(desired_objects(md, plan, observed, templates, records, clock()), observed)
     moved_at = None
     try:
         # Traffic moves first (relabels: a canary out of rotation at once), then the rest (new pods,

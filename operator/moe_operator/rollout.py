@@ -29,6 +29,7 @@ go after a short delay, and the revision is remembered as aborted until the spec
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -93,30 +94,50 @@ class Verdict:
 
 @dataclass(frozen=True)
 class AbortRequest:
+    """An abort of one revision, acted on once (by `id`). `at` is when it was asked on the clock of
+    whoever wrote it: the operator's own for alerts (its webhook), the client's for `kubectl moe
+    abort`, so it is only reported, never compared with the operator's times; the operator stamps
+    the abort with its own clock when it acts."""
+
     revision: str
     reason: str
     message: str
-    at: float                     # when the alert arrived / the user asked (epoch seconds)
+    at: float | None = None       # when the alert arrived / the user asked (epoch seconds)
     source: str = "user"          # alert | user
     labels: Mapping[str, str] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)   # unique per request ("" in older ones: `at`)
+
+    @property
+    def key(self) -> str:
+        return self.id or (iso(self.at) if self.at is not None else "")
 
     def to_json(self) -> str:
-        return json.dumps({"revision": self.revision, "reason": self.reason, "message": self.message,
-                           "at": iso(self.at), "source": self.source, "labels": dict(self.labels)},
-                          sort_keys=True)
+        data = {"revision": self.revision, "reason": self.reason, "message": self.message,
+                "source": self.source, "labels": dict(self.labels), "id": self.id}
+        if self.at is not None:
+            data["at"] = iso(self.at)
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | None) -> AbortRequest | None:
         try:
             data = json.loads(text or "")
-            at = epoch(data["at"])
-            if not isinstance(data.get("revision"), str) or at is None:
+            at = epoch(data.get("at"))
+            request_id = str(data.get("id") or "")
+            if not isinstance(data.get("revision"), str) or (at is None and not request_id):
                 return None
             return cls(data["revision"], str(data.get("reason") or ABORT_USER), str(data.get("message") or ""),
                        at, str(data.get("source") or "user"),
-                       {str(k): str(v) for k, v in (data.get("labels") or {}).items()})
+                       {str(k): str(v) for k, v in (data.get("labels") or {}).items()}, request_id)
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
+
+    def record(self, now: float) -> dict[str, Any]:
+        """What status.rollout.aborted keeps: stamped with the operator's clock (`at`), except an
+        alert's arrival, which the operator's own webhook stamped."""
+        at = self.at if self.source == "alert" and self.at is not None else now
+        return {"reason": self.reason, "message": self.message, "source": self.source, "at": iso(at),
+                "labels": dict(self.labels)}
 
 
 @dataclass(frozen=True)
@@ -182,7 +203,7 @@ def achieved_weight(groups: Iterable[GroupPlan], new_revision: str) -> int | Non
 
 
 def pod_gpus(pod: ObservedPod, md: ModelDeployment) -> int:
-    """GPUs a pod holds (its containers' limits; the spec's value when the body has none)."""
+    """GPUs a pod holds (its containers' limits; its revision's value when the body has none)."""
     spec = (pod.body or {}).get("spec")
     if not spec:
         return md.resources.gpus
@@ -191,6 +212,13 @@ def pod_gpus(pod: ObservedPod, md: ModelDeployment) -> int:
         limits = (c.get("resources") or {}).get("limits") or {}
         total += int(limits.get(md.resources.gpu_resource, 0) or 0)
     return total
+
+
+def group_gpus(md: ModelDeployment, observed: Observed, revision: str | None) -> int:
+    """GPUs one group of `revision` takes, by its own template (the spec's for an unknown one)."""
+    if revision is None:
+        return md.gpus_per_group
+    return observed.size_of(revision) * observed.gpus.get(revision, md.resources.gpus)
 
 
 def gpu_budget(md: ModelDeployment) -> int:
@@ -205,8 +233,8 @@ def gpus_in_use(md: ModelDeployment, observed: Observed) -> int:
 # --- layout: from counts to groups ---------------------------------------------------------------
 
 def _rank(groups: Iterable[Group]) -> list[Group]:
-    """Ready groups first, then complete ones, then low replica indices."""
-    return sorted(groups, key=lambda g: (not g.ready, not g.complete, g.replica))
+    """Ready groups first, then complete ones, then those in rotation, then low replica indices."""
+    return sorted(groups, key=lambda g: (not g.ready, not g.complete, not g.in_rotation, g.replica))
 
 
 def _free_indices(used: Iterable[int], count: int) -> list[int]:
@@ -223,11 +251,12 @@ class _Layout:
     md: ModelDeployment
     observed: Observed
     free: int                                  # GPUs that may still be taken now
+    now: float = 0.0
     groups: list[GroupPlan] = field(default_factory=list)
     blocked: bool = False                      # something wanted could not be created for lack of GPUs
 
     def keep(self, g: Group, track: str, in_rotation: bool) -> None:
-        cost = (g.size - len(g.pods)) * self.md.resources.gpus
+        cost = (g.size - len(g.pods)) * self.observed.gpus.get(g.revision, self.md.resources.gpus)
         if cost > self.free:
             # An incomplete group whose missing pods do not fit: it cannot serve, so it goes (and is
             # made again, whole, when GPUs are free) rather than waiting half-made.
@@ -238,7 +267,7 @@ class _Layout:
         self.groups.append(GroupPlan(g.revision, g.replica, track, in_rotation and g.ready))
 
     def create(self, revision: str, replica: int, track: str) -> bool:
-        cost = self.md.gpus_per_group
+        cost = group_gpus(self.md, self.observed, revision)
         if cost > self.free:
             self.blocked = True
             return False
@@ -247,9 +276,13 @@ class _Layout:
         return True
 
     def remove(self, g: Group) -> None:
-        """Out of rotation first; deleted (left out of the plan) once observed out of rotation."""
-        if g.in_rotation:
-            self.groups.append(GroupPlan(g.revision, g.replica, g.track, in_rotation=False, draining=True))
+        """Out of rotation first; deleted (left out of the plan) once it has been out of rotation for
+        the drain period, so that every proxy has dropped it before its pods get SIGTERM."""
+        since = self.now if g.in_rotation else g.out_of_rotation_since
+        until = None if since is None else since + self.md.runtime.drain_seconds
+        if g.in_rotation or (until is not None and self.now < until):
+            self.groups.append(GroupPlan(g.revision, g.replica, g.track, in_rotation=False, draining=True,
+                                         drain_until=until))
 
     def linger(self, g: Group) -> None:
         """Kept, warm, out of rotation (an old revision after a switch, an aborted canary)."""
@@ -257,7 +290,7 @@ class _Layout:
                                      draining=g.in_rotation))
 
 
-def _layout(md: ModelDeployment, observed: Observed, *, stable: str, stable_track: str,
+def _layout(md: ModelDeployment, observed: Observed, now: float, *, stable: str, stable_track: str,
             stable_floor: int, stable_rotate: int | None = None,
             new: str | None = None, new_track: str = names.TRACK_CANARY, new_target: int = 0,
             new_rotate: int = 0, linger: Mapping[str, bool] | None = None) -> tuple[list[GroupPlan], bool]:
@@ -266,14 +299,15 @@ def _layout(md: ModelDeployment, observed: Observed, *, stable: str, stable_trac
     ready ones are in rotation, revisions in `linger` kept warm (True) while GPUs allow, every other
     revision removed. Returns the groups and whether something was blocked for lack of GPUs."""
     n = md.replicas
-    g_gpus = md.gpus_per_group
     budget = gpu_budget(md)
-    layout = _Layout(md, observed, free=budget - gpus_in_use(md, observed))
+    layout = _Layout(md, observed, free=budget - gpus_in_use(md, observed), now=now)
     by_revision: dict[str, list[Group]] = {}
+    stale: dict[str, list[Group]] = {}
     for g in observed.groups.values():
-        by_revision.setdefault(g.revision, []).append(g)
+        (stale if g.stale else by_revision).setdefault(g.revision, []).append(g)
     new_groups = _rank(by_revision.get(new, [])) if new and new != stable else []
     stable_groups = _rank(by_revision.get(stable, []))
+    g_new, g_stable = group_gpus(md, observed, new), group_gpus(md, observed, stable)
 
     new_kept = new_groups[:new_target]
     new_in = min(sum(g.ready for g in new_kept), new_rotate)
@@ -282,26 +316,36 @@ def _layout(md: ModelDeployment, observed: Observed, *, stable: str, stable_trac
     # budget cannot hold even one more new group (and none is loading) does one more stable group
     # make room ahead of time, never below the floor the current weight needs.
     want_stable = min(n, max(stable_floor, n - new_in)) if stable_rotate is None else stable_rotate
-    if g_gpus:
-        want_stable = min(want_stable, max(stable_floor, (budget - len(new_kept) * g_gpus) // g_gpus))
+    if g_stable:
+        want_stable = min(want_stable, max(stable_floor, (budget - len(new_kept) * g_new) // g_stable))
         missing = new_target - len(new_kept)
         loading = any(not g.ready for g in new_kept)
-        room_for_one = (budget - (len(new_kept) + 1) * g_gpus) // g_gpus
+        room_for_one = (budget - (len(new_kept) + 1) * g_new) // g_stable
         if missing > 0 and not loading and want_stable > room_for_one:
             want_stable = max(stable_floor, room_for_one)
     stable_kept = stable_groups[:want_stable]
 
-    # Stable first (capacity), then the new revision.
+    # Stable first (capacity), then the new revision. A stable group whose pods do not run its
+    # revision's template keeps serving only while its replacement loads (never below one ready
+    # group in rotation), and gives way first when the budget has no room for the replacement.
     for g in stable_kept:
         layout.keep(g, stable_track, in_rotation=True)
-    for replica in _free_indices((g.replica for g in stable_groups), want_stable - len(stable_kept)):
+    ready_kept = sum(g.ready for g in stable_kept)
+    covering = [g for g in _rank(stale.get(stable, [])) if g.ready][:max(0, want_stable - ready_kept)]
+    for g in covering:
+        layout.keep(g, stable_track, in_rotation=True)
+    used = [g.replica for g in observed.groups.values() if g.revision == stable]
+    for replica in _free_indices(used, want_stable - len(stable_kept)):
         layout.create(stable, replica, stable_track)
+    if layout.blocked and covering and ready_kept + len(covering) > 1:
+        layout.groups = [p for p in layout.groups if (p.revision, p.replica) != (stable, covering[-1].replica)]
     rotating_new = 0
     for g in new_kept:
         rotate = g.ready and rotating_new < new_rotate
         rotating_new += rotate
         layout.keep(g, new_track, in_rotation=rotate)
-    for replica in _free_indices((g.replica for g in new_groups), new_target - len(new_kept)):
+    used_new = [g.replica for g in observed.groups.values() if g.revision == new]
+    for replica in _free_indices(used_new, new_target - len(new_kept)):
         layout.create(new, replica, new_track)
 
     kept = {(p.revision, p.replica) for p in layout.groups}
@@ -309,7 +353,7 @@ def _layout(md: ModelDeployment, observed: Observed, *, stable: str, stable_trac
     for g in observed.groups.values():
         if (g.revision, g.replica) in kept:
             continue
-        if (linger or {}).get(g.revision):
+        if (linger or {}).get(g.revision) and not g.stale:
             lingering.append(g)
         else:
             layout.remove(g)
@@ -382,6 +426,8 @@ def next_step(md: ModelDeployment, observed: Observed, revision: str, now: float
                            ("promoteFull", requests.promote_full), ("resume", requests.resume)):
             _mark(state, key, value)
     if state.get("aborted"):
+        if requests.abort and requests.abort.revision == revision:
+            _mark(state, "abort", requests.abort.key)   # moot now: a retry must not meet it again
         if _is_new(requests.retry, state, "retry"):
             state = _fresh(revision, stable, md.rollout.strategy, now, state.get("handled") or {})
             state["retriedAt"] = iso(now)
@@ -403,17 +449,16 @@ def next_step(md: ModelDeployment, observed: Observed, revision: str, now: float
 def _abort_reason(md: ModelDeployment, state: dict, verdict: Verdict | None, requests: Requests,
                   now: float, options: Options) -> dict | None:
     req = requests.abort
-    started = epoch(state.get("startedAt")) or 0.0
-    if req and req.revision == state["revision"] and req.at >= started - 1e-3:
-        return {"reason": req.reason, "message": req.message, "source": req.source, "at": iso(req.at),
-                "labels": dict(req.labels)}
+    if req and req.revision == state["revision"] and _is_new(req.key, state, "abort"):
+        _mark(state, "abort", req.key)
+        return req.record(now)
     if verdict and verdict.result == FAIL:
         return {"reason": ABORT_ANALYSIS, "message": verdict.message, "source": "analysis", "at": iso(now),
                 "figures": dict(verdict.figures)}
     if verdict and verdict.result == INCONCLUSIVE and options.on_inconclusive == "Abort":
         return {"reason": ABORT_INCONCLUSIVE, "message": verdict.message, "source": "analysis", "at": iso(now)}
     last = epoch(state.get("lastProgressAt")) or now
-    if (options.progress_deadline_abort and not state.get("paused")
+    if (options.progress_deadline_abort and not state.get("paused") and not state.get("holdingSince")
             and now - last > md.rollout.progress_deadline_seconds):
         return {"reason": ABORT_DEADLINE, "source": "deadline", "at": iso(now),
                 "message": f"no progress for {md.rollout.progress_deadline_seconds}s"}
@@ -430,15 +475,22 @@ def _pause_bookkeeping(md: ModelDeployment, state: dict, verdict: Verdict | None
         _mark(state, "resume", requests.resume)
     if verdict and verdict.result == INCONCLUSIVE and not state.get("paused"):
         state["paused"] = {"reason": ABORT_INCONCLUSIVE, "message": verdict.message, "at": iso(now)}
+    holding = bool(requests.paused or state.get("paused") or waiting_by_design)
+    if holding:
+        # The deadline does not run while paused: the hold's start is written once, and the clock
+        # restarts when it ends (no status write on every resync while a rollout waits).
+        state.setdefault("holdingSince", iso(now))
+        return bool(requests.paused or state.get("paused"))
+    if state.pop("holdingSince", None) is not None:
+        state["lastProgressAt"] = iso(now)
     last = epoch(state.get("lastProgressAt")) or now
     deadline = md.rollout.progress_deadline_seconds
-    if not state.get("paused") and not requests.paused and not waiting_by_design and now - last > deadline:
+    if now - last > deadline:
         state["paused"] = {"reason": ABORT_DEADLINE, "at": iso(now),
                            "message": f"no progress for {deadline}s (e.g. no GPUs for the new groups); "
                                       "kubectl moe resume to keep waiting, abort to give up"}
-    if requests.paused or state.get("paused") or waiting_by_design:
-        state["lastProgressAt"] = iso(now)    # the deadline does not run while paused
-    return bool(requests.paused or state.get("paused"))
+        state["holdingSince"] = iso(now)
+    return bool(state.get("paused"))
 
 
 def _progress(state: dict, ready_new: int, now: float) -> None:
@@ -502,7 +554,7 @@ def _canary(md: ModelDeployment, observed: Observed, revision: str, stable: str,
     weight = _weight_at(md, index)
     canary_target, stable_floor = canary_groups_for(weight, n)
     state["weight"] = weight
-    groups, blocked = _layout(md, observed, stable=stable, stable_track=names.TRACK_STABLE,
+    groups, blocked = _layout(md, observed, now, stable=stable, stable_track=names.TRACK_STABLE,
                               stable_floor=stable_floor, new=revision, new_track=names.TRACK_CANARY,
                               new_target=canary_target, new_rotate=canary_target)
     state["blockedOnGPUs"] = blocked
@@ -544,7 +596,7 @@ def _blue_green(md: ModelDeployment, observed: Observed, revision: str, stable: 
     if promoting and not paused and ready_new >= max(full, 1 if n else 0):
         return _complete(md, observed, revision, stable, state, now, float(bg.scale_down_delay_seconds))
     target = full if promoting else preview
-    groups, blocked = _layout(md, observed, stable=stable, stable_track=names.TRACK_STABLE,
+    groups, blocked = _layout(md, observed, now, stable=stable, stable_track=names.TRACK_STABLE,
                               stable_floor=floor, stable_rotate=n, new=revision,
                               new_track=names.TRACK_PREVIEW, new_target=target, new_rotate=0)
     state["blockedOnGPUs"] = blocked
@@ -578,14 +630,13 @@ def _steady(md: ModelDeployment, observed: Observed, revision: str, state: dict,
     warm = bool(previous and previous != revision and warm_until and now < warm_until)
     if warm and state.get("revision") == revision:
         req = requests.abort
-        completed = epoch(state.get("completedAt")) or now
-        previous_ready = sum(g.ready for g in observed.groups_of(previous))
-        if req and req.revision == revision and req.at >= completed - 1e-3 and previous_ready >= n:
-            # Instant rollback: the old revision is still warm, put it back.
-            state = {**state, "revision": revision, "fromRevision": previous,
-                     "aborted": {"reason": req.reason, "message": req.message, "source": req.source,
-                                 "at": iso(req.at), "labels": dict(req.labels)},
-                     "abortedAt": iso(now)}
+        if req and req.revision == revision and _is_new(req.key, state, "abort"):
+            # Rollback of the revision just promoted: the old one is put back, at once where it is
+            # still whole and warm, else as fast as the GPU budget allows (status says which).
+            previous_ready = sum(g.ready for g in observed.groups_of(previous) if not g.stale)
+            _mark(state, "abort", req.key)
+            state = {**state, "revision": revision, "fromRevision": previous, "aborted": req.record(now),
+                     "abortedAt": iso(now), "rollbackInstant": previous_ready >= n}
             for key in ("completedAt", "previousRevision", "scaleDownAt"):
                 state.pop(key, None)
             return _aborted(_with_status(md, {**md.status, "stableRevision": previous}), observed, revision,
@@ -593,7 +644,7 @@ def _steady(md: ModelDeployment, observed: Observed, revision: str, state: dict,
     if previous and not warm:
         for key in ("previousRevision", "scaleDownAt"):
             state.pop(key, None)
-    groups, _ = _layout(md, observed, stable=revision, stable_track=names.TRACK_STABLE, stable_floor=n,
+    groups, _ = _layout(md, observed, now, stable=revision, stable_track=names.TRACK_STABLE, stable_floor=n,
                         stable_rotate=n, linger={previous: True} if warm else None)
     live = observed.groups_of(revision)
     done = len(live) >= n and sum(g.ready for g in live) >= n
@@ -605,14 +656,36 @@ def _steady(md: ModelDeployment, observed: Observed, revision: str, state: dict,
 def _aborted(md: ModelDeployment, observed: Observed, revision: str, stable: str, state: dict, now: float,
              options: Options) -> Plan:
     """The new revision out of rotation at once, its pods kept (warm, for a look) for a short delay
-    unless stable needs their GPUs; the stable revision back at full size."""
+    unless stable needs their GPUs; the stable revision back at full size. Only while no group of
+    the stable revision is ready (a rollback after a promotion that had already let it go) do the
+    aborted revision's ready groups keep serving, giving way one by one as stable groups come back."""
     n = md.replicas
-    for key in ("promoting", "weight", "paused", "blockedOnGPUs"):
+    for key in ("promoting", "weight", "paused", "blockedOnGPUs", "holdingSince"):
         state.pop(key, None)
     aborted_at = epoch(state.get("abortedAt")) or now
     linger = now < aborted_at + options.abort_scale_down_delay
-    groups, _ = _layout(md, observed, stable=stable, stable_track=names.TRACK_STABLE, stable_floor=n,
-                        stable_rotate=n, linger={revision: linger})
+    stable_ready = sum(g.ready for g in observed.groups_of(stable) if not g.stale)
+    ready_new = [g for g in observed.groups_of(revision) if g.ready and not g.stale]
+    serving = [g for g in ready_new if g.in_rotation]
+    if state.get("rollbackInstant") is False and stable_ready == 0 and serving:
+        def layout_keeping(count: int) -> tuple[list[GroupPlan], bool]:
+            return _layout(md, observed, now, stable=stable, stable_track=names.TRACK_STABLE, stable_floor=n,
+                           stable_rotate=n, new=revision, new_track=names.TRACK_CANARY, new_target=count,
+                           new_rotate=count)
+        groups, blocked = layout_keeping(len(serving))
+        if blocked and len(serving) > 1 and len(ready_new) == len(serving):
+            # No room for the stable revision: one aborted group leaves (never the last one, and one
+            # at a time: the next when this one's GPUs are free).
+            groups, _ = layout_keeping(len(serving) - 1)
+    else:
+        groups, _ = _layout(md, observed, now, stable=stable, stable_track=names.TRACK_STABLE, stable_floor=n,
+                            stable_rotate=n, linger={revision: linger})
+    if state.get("rollbackInstant") is False and stable_ready < n:
+        # Said in status (a condition reason, and so an Event) until the old revision is whole again.
+        state["restoring"] = {"readyGroups": stable_ready, "replicas": n,
+                              "abortedServing": bool(stable_ready == 0 and serving)}
+    else:
+        state.pop("restoring", None)
     state["achievedWeight"] = 0
     tracks = (names.TRACK_STABLE,)
     return Plan(revision=revision, stable_revision=stable, groups=tuple(groups), service_tracks=tracks,
@@ -639,6 +712,7 @@ def requeue_after(md: ModelDeployment, plan: Plan, now: float) -> float | None:
             due.append(t + plus)
 
     at(state.get("scaleDownAt"))
+    due.extend(g.drain_until for g in plan.groups if g.drain_until is not None)
     if state.get("abortedAt"):
         at(state["abortedAt"], ABORT_SCALE_DOWN_DELAY_SECONDS)
     steps = md.rollout.steps

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .names import MAX_NAME_LENGTH
@@ -26,11 +26,15 @@ DEFAULT_IMAGE = "ghcr.io/moe-operator/runtime:0.1.0"
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 DEFAULT_GRACE_SECONDS = 60
 DEFAULT_PROGRESS_DEADLINE_SECONDS = 600
+DEFAULT_REVISION_HISTORY_LIMIT = 10
+DEFAULT_DRAIN_SECONDS = 5          # out of rotation this long before SIGTERM (kube-proxy's sync period)
+DRAIN_EXIT_MARGIN_SECONDS = 5      # of the grace period, left to the process to exit after its drain
 
 # Flags the operator sets itself; runtime.args may not repeat them (the CRD refuses them too).
-RESERVED_FLAGS = ("--model", "--served-model-name", "--http-port", "--grpc-port", "--dtype", "--host")
+RESERVED_FLAGS = ("--model", "--served-model-name", "--http-port", "--grpc-port", "--dtype", "--host",
+                  "--drain-timeout")
 # Env names the operator sets itself (downward API and rank).
-RESERVED_ENV = ("POD_IP", "POD_NAME", "POD_NAMESPACE", "MOE_RANK", "MOE_WORLD_SIZE")
+RESERVED_ENV = ("POD_IP", "POD_NAME", "POD_NAMESPACE", "MOE_RANK", "MOE_WORLD_SIZE", "MOE_REVISION")
 
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -116,6 +120,22 @@ class RuntimeSpec:
     env: tuple[Mapping[str, Any], ...] = ()
     startup_timeout_seconds: int | None = None   # None: sized from the model source (pods.py)
     termination_grace_period_seconds: int = DEFAULT_GRACE_SECONDS
+    drain_seconds_set: int | None = None         # runtime.drainSeconds as written (None: derived)
+
+    @property
+    def drain_seconds(self) -> int:
+        """How long a group stays out of rotation before its pods get SIGTERM, so that every proxy
+        (kube-proxy syncs its rules about once a second, cloud load balancers slower) has dropped it."""
+        if self.drain_seconds_set is not None:
+            return self.drain_seconds_set
+        return min(DEFAULT_DRAIN_SECONDS, self.termination_grace_period_seconds)
+
+    @property
+    def drain_timeout_seconds(self) -> int:
+        """The runtime's --drain-timeout: after SIGTERM, how long requests in flight may still take,
+        inside the grace period (a margin is left for the process to exit before SIGKILL)."""
+        grace = self.termination_grace_period_seconds
+        return max(1, grace - DRAIN_EXIT_MARGIN_SECONDS) if grace > DRAIN_EXIT_MARGIN_SECONDS else max(grace, 1)
 
 
 @dataclass(frozen=True)
@@ -225,6 +245,7 @@ class ModelDeployment:
     scheduling: SchedulingSpec = SchedulingSpec()
     rollout: RolloutSpec = RolloutSpec()
     autoscaling: AutoscalingSpec | None = None
+    revision_history_limit: int = DEFAULT_REVISION_HISTORY_LIMIT
     status: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -250,24 +271,39 @@ class ModelDeployment:
                 "so that <name>-stable, <name>-canary and <name>-preview are valid Service names",
             )
         replicas = _int(spec, "replicas", 1, "spec.replicas", minimum=0)
-        model = _model(spec.get("model"), name)
-        resources = _resources(spec.get("resources") or {})
-        topology = spec.get("topology") or {}
-        pods_per_replica = _int(topology, "podsPerReplica", 1, "spec.topology.podsPerReplica", minimum=1)
-        return cls(
+        rollout = _rollout(spec.get("rollout") or {})
+        md = cls(
             name=name,
             namespace=meta.get("namespace", "default"),
             uid=meta.get("uid", ""),
             generation=int(meta.get("generation") or 0),
             replicas=replicas,
-            model=model,
-            runtime=_runtime(spec.get("runtime") or {}),
-            resources=resources,
-            pods_per_replica=pods_per_replica,
-            scheduling=_scheduling(spec.get("scheduling") or {}),
-            rollout=_rollout(spec.get("rollout") or {}),
+            model=_model(spec.get("model"), name),
+            rollout=rollout,
             autoscaling=_autoscaling(spec.get("autoscaling")),
+            revision_history_limit=_int(spec, "revisionHistoryLimit", DEFAULT_REVISION_HISTORY_LIMIT,
+                                        "spec.revisionHistoryLimit", minimum=0),
             status=dict(body.get("status") or {}),
+        )
+        md = md.with_template(spec)
+        if rollout.max_surge_gpus is None and rollout.strategy == "BlueGreen":
+            # Blue-green switches back at once only while the whole old revision is still there:
+            # by default its budget holds a second copy (as Argo Rollouts scales a full preview).
+            md = replace(md, rollout=replace(rollout, max_surge_gpus=replicas * md.gpus_per_group))
+        return md
+
+    def with_template(self, template: Mapping[str, Any]) -> ModelDeployment:
+        """This ModelDeployment with the pod-template fields (model, runtime, resources, topology,
+        scheduling) of `template`: a spec, or the template a revision was recorded with. Pods of a
+        revision are built from its own template, whatever the spec says now."""
+        topology = template.get("topology") or {}
+        return replace(
+            self,
+            model=_model(template.get("model"), self.name),
+            runtime=_runtime(template.get("runtime") or {}),
+            resources=_resources(template.get("resources") or {}),
+            pods_per_replica=_int(topology, "podsPerReplica", 1, "spec.topology.podsPerReplica", minimum=1),
+            scheduling=_scheduling(template.get("scheduling") or {}),
         )
 
 
@@ -317,6 +353,7 @@ def _runtime(rt: Mapping) -> RuntimeSpec:
         termination_grace_period_seconds=_int(
             rt, "terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS,
             "spec.runtime.terminationGracePeriodSeconds", minimum=0),
+        drain_seconds_set=_int(rt, "drainSeconds", None, "spec.runtime.drainSeconds", minimum=0),
     )
 
 

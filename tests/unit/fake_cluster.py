@@ -11,6 +11,7 @@ from moe_operator.reconcile import reconcile
 from moe_operator.rollout import iso
 
 T0 = 1_800_000_000.0          # the rollout and autoscaling clock starts here
+DRAIN = 5.0                   # spec.runtime.drainSeconds' default
 
 
 def merge(target, patch):
@@ -45,7 +46,8 @@ class FakeCluster:
     def observe(self, namespace, name, pods_per_replica):
         pods = [copy.deepcopy(b) for (k, _), b in self.objects.items() if k == "Pod"]
         services = [copy.deepcopy(b) for (k, _), b in self.objects.items() if k == "Service"]
-        return observed_from(pods, services, pods_per_replica)
+        revisions = [copy.deepcopy(b) for (k, _), b in self.objects.items() if k == "ControllerRevision"]
+        return observed_from(pods, services, pods_per_replica, revisions=revisions)
 
     def collect_signal(self, settings, namespace, name, observed, memory):
         raise AssertionError("this cluster has no autoscaling signal")
@@ -57,14 +59,16 @@ class FakeCluster:
             self.writes.append(("apply", key))
             old = self.objects.get(key)
             assert not (old and body["kind"] == "Pod"), f"re-applied existing pod {key}: pod specs are immutable"
+            assert not (old and body["kind"] == "ControllerRevision" and old["data"] != body["data"]), \
+                f"{key}: a ControllerRevision's data is immutable"
             new = copy.deepcopy(body)
             new["metadata"]["uid"] = old["metadata"]["uid"] if old else f"uid-{next(self.uids)}"
             new["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"] if old else iso(self.time)
             new["status"] = old.get("status", {}) if old else {"phase": "Pending"}
             self.objects[key] = new
-        for name, labels in changes.relabels:
+        for name, patch in changes.relabels:
             self.writes.append(("relabel", ("Pod", name)))
-            self.objects[("Pod", name)]["metadata"]["labels"].update(labels)
+            self.objects[("Pod", name)]["metadata"] = merge(self.objects[("Pod", name)]["metadata"], patch)
         for kind, name, uid in changes.delete:
             self.writes.append(("delete", (kind, name)))
             if self.objects.get((kind, name), {}).get("metadata", {}).get("uid") == uid:
@@ -86,13 +90,34 @@ class FakeCluster:
                          now=lambda: f"t{next(self.clock)}", clock=lambda: self.time,
                          collect_signal=self.collect_signal)
 
-    def converge(self, ready=True, rounds=10):
+    def converge(self, ready=True, rounds=10, drain=True):
+        """Reconcile until nothing is written; with `drain`, the clock moves on to the end of a
+        drain period the reconcile waits for (a group out of rotation, deleted once drained)."""
         for _ in range(rounds):
             if ready:
                 self.set_ready()
-            if not self.reconcile().wrote:
+            out = self.reconcile()
+            if not out.wrote:
+                if drain and self.draining() and out.requeue_after is not None and out.requeue_after <= DRAIN:
+                    self.time += out.requeue_after
+                    continue
                 return
         raise AssertionError("did not converge")
+
+    def advance(self):
+        """One reconcile; when it writes nothing because groups are draining, the clock moves to the
+        end of the drain and it reconciles again (what the operator's requeue does)."""
+        out = self.reconcile()
+        if not out.wrote and self.draining() and out.requeue_after is not None and out.requeue_after <= DRAIN:
+            self.time += out.requeue_after
+            out = self.reconcile()
+        return out
+
+    def draining(self):
+        """Pods out of rotation that wait for their drain period to end."""
+        return [n for n, p in self.pods().items()
+                if names.ANNOTATION_OUT_OF_ROTATION in (p["metadata"].get("annotations") or {})
+                and p["metadata"]["labels"].get(names.LABEL_IN_ROTATION) == "false"]
 
     # The kubelet and scheduler.
     def pods(self):

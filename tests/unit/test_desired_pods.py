@@ -56,12 +56,14 @@ def test_runtime_command_and_env():
     c = container(pod)
     assert c["command"] == ["moe-runtime"]
     assert c["args"] == ["serve", "--model", "builtin:tiny-deepseek-v3", "--served-model-name", "chat",
-                         "--http-port", "8000", "--grpc-port", "8001", "--dtype", "float32", "--max-num-seqs", "8"]
+                         "--http-port", "8000", "--grpc-port", "8001", "--dtype", "float32",
+                         "--drain-timeout", "55", "--max-num-seqs", "8"]
     e = env(pod)
     assert e["POD_IP"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}
     assert e["POD_NAME"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert e["POD_NAMESPACE"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert (e["MOE_RANK"], e["MOE_WORLD_SIZE"], e["X"]) == ("2", "4", "1")
+    assert e["MOE_REVISION"] == pod["metadata"]["labels"]["serving.moe.dev/revision"]
     assert [p["containerPort"] for p in c["ports"]] == [8000, 8001]
 
 

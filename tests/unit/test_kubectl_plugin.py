@@ -1,8 +1,10 @@
 """`kubectl moe`: the patches each action writes and the status view (pure parts)."""
 
+import json
+
 import pytest
-from moe_operator import names
-from moe_operator.kubectl_plugin import annotation_patch, parser, render_status, undo_patch
+from moe_operator import names, revisions
+from moe_operator.kubectl_plugin import annotation_patch, parser, render_history, render_status, undo_patch
 from moe_operator.rollout import (
     ANNOTATION_ABORT,
     ANNOTATION_PAUSED,
@@ -31,25 +33,60 @@ def body(**state):
                                    **state}}}
 
 
-def test_one_off_actions_are_timestamped_annotations():
-    assert annotation_patch("promote", body(), NOW) == {ANNOTATION_PROMOTE: iso(NOW)}
-    assert annotation_patch("promote", body(), NOW, full=True) == {ANNOTATION_PROMOTE_FULL: iso(NOW)}
-    assert annotation_patch("retry", body(), NOW) == {ANNOTATION_RETRY: iso(NOW)}
+def test_one_off_actions_are_unique_annotations():
+    promote = annotation_patch("promote", body(), NOW)[ANNOTATION_PROMOTE]
+    assert promote.startswith(iso(NOW)) and promote != annotation_patch("promote", body(), NOW)[ANNOTATION_PROMOTE]
+    assert set(annotation_patch("promote", body(), NOW, full=True)) == {ANNOTATION_PROMOTE_FULL}
+    assert set(annotation_patch("retry", body(), NOW)) == {ANNOTATION_RETRY}
     assert annotation_patch("pause", body(), NOW) == {ANNOTATION_PAUSED: "true"}
-    assert annotation_patch("resume", body(), NOW) == {ANNOTATION_PAUSED: None, ANNOTATION_RESUME: iso(NOW)}
+    resume = annotation_patch("resume", body(), NOW)
+    assert resume[ANNOTATION_PAUSED] is None and resume[ANNOTATION_RESUME].startswith(iso(NOW))
     request = AbortRequest.from_json(annotation_patch("abort", body(), NOW)[ANNOTATION_ABORT])
     assert (request.revision, request.reason, request.source, request.at) == ("rev-b", "AbortedByUser", "user", NOW)
+    again = AbortRequest.from_json(annotation_patch("abort", body(), NOW)[ANNOTATION_ABORT])
+    assert request.id and again.id != request.id, "every abort is its own request, whatever the clock"
 
 
-def test_undo_goes_back_to_stable_during_a_rollout_and_to_the_previous_one_after():
-    templates = {"rev-a": {"model": {"source": "builtin:tiny-deepseek-v3", "dtype": "bfloat16"}, "resources": {"gpus": 1}}}
-    patch = undo_patch(body(templates=templates))
-    assert patch["spec"]["model"]["dtype"] == "bfloat16" and patch["spec"]["runtime"] is None
-    promoted = body(templates=templates, previousRevision="rev-a")
+def record(number, rev, source, result=None, change="created"):
+    annotations = {revisions.ANNOTATION_CHANGE: change}
+    if result:
+        annotations[revisions.ANNOTATION_RESULT] = json.dumps(result)
+    return {"metadata": {"name": f"chat-{rev}", "labels": {names.LABEL_REVISION: rev}, "annotations": annotations,
+                         "creationTimestamp": "2026-12-05T10:00:00Z"},
+            "data": {"spec": {"model": {"source": source, "dtype": "bfloat16"}, "resources": {"gpus": 1}}},
+            "revision": number}
+
+
+RECORDS = [record(1, "rev-0", "builtin:tiny-mixtral", {"result": "promoted"}),
+           record(2, "rev-a", "builtin:tiny-deepseek-v3", {"result": "promoted"},
+                  "model.source: builtin:tiny-mixtral -> builtin:tiny-deepseek-v3"),
+           record(3, "rev-b", "builtin:tiny-qwen3-moe", {"result": "aborted", "reason": "AlertFiring",
+                                                         "message": "p99 over 500ms"},
+                  "model.source: builtin:tiny-deepseek-v3 -> builtin:tiny-qwen3-moe")]
+
+
+def test_undo_goes_back_to_stable_during_a_rollout_to_the_previous_one_after_or_to_a_number():
+    patch = undo_patch(body(), RECORDS)             # rev-b rolling out, rev-a stable
+    assert patch["spec"]["model"] == {"source": "builtin:tiny-deepseek-v3", "dtype": "bfloat16"}
+    assert patch["spec"]["runtime"] is None         # a field the old template did not set is removed
+    promoted = body()
     promoted["status"]["stableRevision"] = "rev-b"
-    assert undo_patch(promoted)["spec"]["resources"] == {"gpus": 1}
-    with pytest.raises(SystemExit, match="not kept"):
-        undo_patch(body())
+    assert undo_patch(promoted, RECORDS)["spec"]["model"]["source"] == "builtin:tiny-deepseek-v3"
+    assert undo_patch(body(), RECORDS, to_revision=1)["spec"]["model"]["source"] == "builtin:tiny-mixtral"
+    with pytest.raises(SystemExit, match="revision 7 is not kept"):
+        undo_patch(body(), RECORDS, to_revision=7)
+    with pytest.raises(SystemExit, match="already the current one"):
+        undo_patch(body(), RECORDS, to_revision=3)
+    with pytest.raises(SystemExit, match="nothing to undo"):
+        undo_patch(body(), [])
+
+
+def test_history_lists_number_hash_change_and_result():
+    text = render_history(body(), RECORDS).splitlines()
+    assert text[0].split() == ["REVISION", "HASH", "CREATED", "RESULT", "CHANGE"]
+    assert text[1].split()[:2] == ["1", "rev-0"]
+    assert "promoted [stable]" in text[2] and "builtin:tiny-mixtral -> builtin:tiny-deepseek-v3" in text[2]
+    assert "aborted (AlertFiring: p99 over 500ms) [current]" in text[3]
 
 
 def test_status_view_shows_step_weights_analysis_and_pods():
@@ -62,7 +99,7 @@ def test_status_view_shows_step_weights_analysis_and_pods():
         "status": {"conditions": [{"type": "Ready", "status": "True"}]}} for r, i in (("a", 0), ("a", 1), ("b", 0))]
     text = render_status(body(analysis=analysis), pods, NOW)
     assert "step        2/4 pause 30s   weight 25% (achieved 25%)" in text
-    assert "p99 212ms, ttft p99 40ms, errors 0.0%, 128 requests" in text and "[3 pass / 0 fail]" in text
+    assert "p99 212ms, ttft p99 40ms, errors 0.0%, 128 requests" in text and "[0 failed / 0 inconclusive]" in text
     assert "started     42s ago" in text
     assert text.count("chat-rev-") == 3 and "canary" in text
     aborted = render_status(body(aborted={"reason": "AlertFiring", "message": "MoELatencyHigh", "source": "alert",

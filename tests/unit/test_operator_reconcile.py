@@ -17,7 +17,8 @@ def test_create_ready_available_then_quiet():
     c = FakeCluster(copy.deepcopy(SPEC))
     out = c.reconcile()
     assert sorted(out.changes.apply[i]["kind"] for i in range(len(out.changes.apply))) == \
-        ["Pod", "Pod", "Service", "Service"]
+        ["ControllerRevision", "Pod", "Pod", "Service", "Service"]
+    assert out.changes.apply[0]["kind"] == "ControllerRevision"      # recorded before its first pod
     assert out.changes.created_pods == 2
     assert c.conditions()["Available"] == ("False", "ModelLoading")
     # Not ready yet: pods stay out of rotation.
@@ -69,9 +70,15 @@ def test_scale_down_drains_before_deleting():
     out_of_rotation = [n for n in c.pods() if c.labels(n)[names.LABEL_IN_ROTATION] == "false"]
     assert len(out_of_rotation) == 1
     assert c.conditions()["Progressing"] == ("True", "ScalingDown")
-    # ...then it is deleted.
+    # ...stays for the drain period (spec.runtime.drainSeconds, 5 s by default)...
+    c.time += 4.5
     c.reconcile()
+    assert len(c.pods()) == 2
+    # ...then it is deleted.
+    c.time += 0.5
+    out = c.reconcile()
     assert list(c.pods()) == [n for n in c.pods() if n not in out_of_rotation]
+    assert out.requeue_after is None or out.requeue_after > 0
     c.converge()
     assert c.conditions()["Available"] == ("True", "AllReplicasReady")
 
@@ -132,7 +139,7 @@ def test_new_revision_replaces_groups_one_at_a_time():
     c.set_spec(model={"source": "builtin:tiny-mixtral"})
     seen_max = 0
     for _ in range(30):
-        out = c.reconcile()
+        out = c.advance()
         revs = [c.labels(n)[names.LABEL_REVISION] for n in c.pods()]
         seen_max = max(seen_max, len(revs))
         # Never more than one new group loading at a time, never above replicas + 1 group.
@@ -158,7 +165,7 @@ def test_rollout_without_surge_budget_removes_first():
     c.converge()
     c.set_spec(model={"source": "builtin:tiny-mixtral"})
     for _ in range(30):
-        out = c.reconcile()
+        out = c.advance()
         assert len(c.pods()) <= 2                 # one GPU per pod: never above the steady state
         if not out.wrote:
             break

@@ -60,7 +60,8 @@ def test_namespaced_scope_checks_each_namespace_and_nothing_cluster_wide():
     assert not any(c.cluster_scoped for c in checks)
     assert ("list", "pods", "a") in triples(checks) and ("patch", "modeldeployments/status", "b") in triples(checks)
     assert ("create", "events", "b") in triples(checks)
-    assert len(checks) == 2 * 17
+    assert ("update", "modeldeployments/finalizers", "a") in triples(checks)   # blockOwnerDeletion
+    assert len(checks) == 2 * 22
 
 
 def test_cluster_scope_checks_all_namespaces_and_the_crds():

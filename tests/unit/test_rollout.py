@@ -10,8 +10,8 @@ import json
 import random
 
 import pytest
-from moe_operator import names, rollout
-from moe_operator.desired import changes, desired_objects
+from moe_operator import names, revisions, rollout
+from moe_operator.desired import changes, desired_objects, with_templates
 from moe_operator.observe import observed_from
 from moe_operator.pods import revision_of
 from moe_operator.rollout import (
@@ -48,6 +48,7 @@ class Sim:
                                   "annotations": {}},
                      "spec": copy.deepcopy(spec), "status": {}}
         self.pods = {}               # name -> body
+        self.records = {}            # ControllerRevision name -> body
         self.terminating = {}        # name -> reconciles left before it is gone
         self.now = T0
         self.options = options
@@ -62,7 +63,9 @@ class Sim:
 
     def observe(self):
         md = self.md
-        observed = observed_from(copy.deepcopy(list(self.pods.values())), [], md.pods_per_replica)
+        observed = observed_from(copy.deepcopy(list(self.pods.values())), [], md.pods_per_replica,
+                                 revisions=copy.deepcopy(list(self.records.values())))
+        observed = with_templates(observed, revisions.templates(md, observed.revisions))
         used = rollout.gpus_in_use(md, observed)
         self.max_gpus_seen = max(self.max_gpus_seen, used)
         if not self.scaled_down:
@@ -74,28 +77,38 @@ class Sim:
         observed = self.observe()
         used_before = rollout.gpus_in_use(md, observed)
         reqs = requests_from(self.body["metadata"]["annotations"])
-        plan = rollout.next_step(md, observed, revision_of(md), self.now, self.verdict, reqs, self.options)
+        revision = revision_of(md)
+        plan = rollout.next_step(md, observed, revision, self.now, self.verdict, reqs, self.options)
         self.plans.append(plan)
+        in_use = {p.revision for p in observed.pods if p.live} | {g.revision for g in plan.groups}
+        records = revisions.desired_records(md, self.body["spec"], {}, revision, plan.stable_revision,
+                                            plan.rollout_state, observed.revisions, in_use, rollout.iso(self.now))
         # Whatever is in rotation is whole and ready.
         groups = observed.groups
         for g in plan.groups:
             if g.in_rotation:
                 assert groups[(g.revision, g.replica)].ready
-        todo = changes(desired_objects(md, plan, observed), observed)
+        templates = revisions.templates(md, observed.revisions)
+        todo = changes(desired_objects(md, plan, observed, templates, records, self.now), observed)
         for body in todo.apply:
             name = body["metadata"]["name"]
+            if body["kind"] == revisions.KIND:
+                self.records[name] = copy.deepcopy(body)
             old = self.pods.get(name) if body["kind"] == "Pod" else None
             if body["kind"] != "Pod":
                 continue
             new = copy.deepcopy(body)
             new["metadata"]["uid"] = name
             new["status"] = old["status"] if old else {"phase": "Pending"}
+            if old:
+                assert old["spec"] == new["spec"], f"pod {name} re-applied with another spec"
             if old and old["metadata"].get("deletionTimestamp"):
                 new["metadata"]["deletionTimestamp"] = old["metadata"]["deletionTimestamp"]
             self.pods[name] = new
         for name, labels in getattr(todo, "relabel", ()):     # label patches of existing pods
             self.pods[name]["metadata"]["labels"] = {**self.pods[name]["metadata"]["labels"], **labels}
         for kind, name, _uid in todo.delete:
+            self.records.pop(name, None) if kind == revisions.KIND else None
             if kind == "Pod" and name in self.pods:
                 self.pods[name]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
                 self.terminating[name] = terminate_for
@@ -122,8 +135,12 @@ class Sim:
         for _ in range(rounds):
             self.kubelet(ready)
             before = copy.deepcopy((self.pods, self.body["status"]))
-            self.reconcile()
+            plan = self.reconcile()
             if copy.deepcopy((self.pods, self.body["status"])) == before and not self.terminating:
+                drains = [g.drain_until for g in plan.groups if g.drain_until is not None and g.drain_until > self.now]
+                if drains:                    # a group waits out its drain period: the requeue
+                    self.now = min(drains)
+                    continue
                 return
         raise AssertionError("did not converge")
 
@@ -276,6 +293,10 @@ def test_without_surge_stable_groups_go_first_but_not_below_the_weight():
     sim.reconcile()
     # No GPU to spare: one stable group (not more: weight 25 needs 3) leaves rotation...
     assert sim.rotating() == {stable: 3} and sim.names_of(new) == set()
+    sim.kubelet()
+    sim.reconcile()
+    assert len(sim.names_of(stable)) == 4, "out of rotation, it drains before it is deleted"
+    sim.tick(5)
     sim.kubelet()
     sim.reconcile()
     sim.kubelet()
@@ -464,7 +485,8 @@ def test_requeue_after_names_the_next_timed_decision():
     sim.new_revision()
     sim.converge()
     plan = sim.plans[-1]
-    assert rollout.requeue_after(sim.md, plan, sim.now) == pytest.approx(30, abs=0.01)
+    pause_ends = rollout.epoch(sim.state["stepStartedAt"]) + 30
+    assert rollout.requeue_after(sim.md, plan, sim.now) == pytest.approx(pause_ends - sim.now, abs=0.01)
 
 
 # --- blue-green ----------------------------------------------------------------------------------
@@ -556,6 +578,7 @@ def test_blue_green_within_a_small_budget_keeps_one_stable_group_serving():
     for _ in range(40):
         sim.kubelet()
         sim.reconcile()
+        sim.tick(1)
         assert sim.rotating(), "something always serves"
     assert sim.body["status"]["stableRevision"] == new and sim.rotating() == {new: 3}
     assert sim.max_gpus_seen <= 4
