@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import inspect
 import json
 import logging
 import time
@@ -39,7 +40,7 @@ from typing import Any
 from aiohttp import web
 
 from . import names
-from .rollout import ABORT_ALERT, ANNOTATION_ABORT, ANNOTATION_RETRY, AbortRequest, epoch, iso
+from .rollout import ABORT_ALERT, ANNOTATION_ABORT, AbortRequest, epoch, iso
 
 log = logging.getLogger("moe_operator.alerts")
 
@@ -173,9 +174,8 @@ def abort_request(target: Target, body: Mapping[str, Any], now: float) -> tuple[
         return None, not_about_it
     annotations = (body.get("metadata") or {}).get("annotations") or {}
     existing = AbortRequest.from_json(annotations.get(ANNOTATION_ABORT))
-    retry_at = epoch(annotations.get(ANNOTATION_RETRY)) or epoch(state.get("retriedAt")) or 0.0
-    started_at = epoch(state.get("startedAt")) or 0.0
-    if existing and existing.revision == revision and existing.at >= max(retry_at, started_at) - 1e-3:
+    # An abort the operator has not acted on yet (it marks each one handled, by id: no clocks compared).
+    if existing and existing.revision == revision and (state.get("handled") or {}).get("abort") != existing.key:
         return None, f"an abort of revision {revision} is already recorded"
     labels = dict(target.alert.labels)
     return AbortRequest(revision, ABORT_ALERT, target.alert.message, now, "alert", labels), "abort"
@@ -302,7 +302,8 @@ def alerts_routes(token: TokenSource, store, *,
                   on_result: Callable[[str], None] | None = None,
                   clock: Callable[[], float] = time.time) -> list[web.RouteDef]:
     """`POST /alerts` for the operator's HTTP server. `on_abort(body, received_at)` runs after an
-    abort is recorded, with the object as written (the operator reconciles it at once);
+    abort is recorded, with the object as written (the operator reconciles it at once); what it
+    returns (or its awaitable gives), a word on how the rollback went, goes into the reply;
     `on_result(result)` counts posts (ok, unauthorized, bad_request, error)."""
 
     def count(result: str) -> None:
@@ -335,8 +336,12 @@ def alerts_routes(token: TokenSource, store, *,
             log.warning("alert %s aborts %s/%s revision %s", entry["alertname"], entry["namespace"],
                         entry["modeldeployment"], entry["revision"])
         if on_abort:
-            for body in written:
-                on_abort(body, received)
+            for body, entry in zip(written, result["aborted"], strict=False):
+                rollback = on_abort(body, received)
+                if inspect.isawaitable(rollback):
+                    rollback = await rollback
+                if rollback:
+                    entry["rollback"] = rollback
         return web.json_response(result)
 
     return [web.post("/alerts", post_alerts)]

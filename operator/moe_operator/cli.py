@@ -22,6 +22,7 @@ from .handlers import configure, registry
 from .metrics import OperatorMetrics
 from .observe import Reader
 from .permissions import RECHECK_SECONDS, RETRY_SECONDS, Access, KopfRetries, Readiness, one_line
+from .progressive import rollback_word
 from .server import build_app, serve
 
 log = logging.getLogger("moe_operator")
@@ -94,14 +95,22 @@ async def resync(controller: Controller, interval: float) -> None:
                 log.warning("resync of %s/%s failed: %s", *key, result)
 
 
+ROLLBACK_REPLY_WAIT_SECONDS = 5.0   # how long /alerts waits for the abort's reconcile to tell how it went
+
+
 def alert_routes(controller: Controller, metrics: OperatorMetrics, token: TokenSource, store: AbortStore):
     """/alerts: a recorded abort is reconciled at once, from the object as written (not waiting for
-    its watch event), off the event loop."""
+    its watch event), off the event loop; the reply says whether the rollback was instant."""
     loop = asyncio.get_running_loop()
 
-    def reconcile_now(body, _received: float) -> None:
+    async def reconcile_now(body, _received: float) -> str | None:
         controller.remember(body)
-        loop.run_in_executor(None, controller.run, key_of(body))
+        run = loop.run_in_executor(None, controller.run, key_of(body))
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(run), ROLLBACK_REPLY_WAIT_SECONDS)
+        except TimeoutError:
+            return "recorded; the operator is acting on it"
+        return rollback_word(outcome.plan) if outcome and outcome.plan else "recorded; the operator is acting on it"
 
     return alerts_routes(token, store, on_abort=reconcile_now,
                          on_result=lambda result: metrics.alerts.labels(result).inc())

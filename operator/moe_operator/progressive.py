@@ -85,6 +85,18 @@ def due_in(md: ModelDeployment, plan: Plan, now: float, baselines: Baselines = B
 
 # --- what status says about a rollout ------------------------------------------------------------
 
+def rollback_word(plan: Plan) -> str:
+    """How an abort went, in the words of the /alerts reply: instant, or not (and what happens)."""
+    state = plan.rollout_state
+    if not state.get("aborted"):
+        return "recorded; the operator is acting on it"
+    restoring = state.get("restoring")
+    if restoring:
+        return (f"not instant: {restoring.get('readyGroups', 0)}/{restoring.get('replicas', 0)} groups of "
+                f"{plan.stable_revision} are ready; the rest are restored as fast as maxSurgeGPUs allows")
+    return f"instant: {plan.revision} left rotation, {plan.stable_revision} serves"
+
+
 ROLLOUT_ABORTED = "RolloutAborted"
 ROLLING_BACK = "RollingBack"             # aborted after promotion; the old revision is being restored
 ROLLOUT_PAUSED = "RolloutPaused"

@@ -163,10 +163,13 @@ def test_repeats_keep_the_first_arrival_and_retry_allows_a_new_abort():
     first, _ = abort_request(target(), body, NOW)
     body["metadata"]["annotations"][ANNOTATION_ABORT] = first.to_json()
     again, why = abort_request(target(), body, NOW + 30)
-    assert again is None and "already recorded" in why
+    assert again is None and "already recorded" in why, "pending: the operator has not acted on it yet"
+    # The operator acts on it (marks it handled, by id), then a retry starts the rollout afresh.
+    body["status"]["rollout"]["handled"] = {"abort": first.key}
     body["metadata"]["annotations"][ANNOTATION_RETRY] = iso(NOW + 40)
-    after_retry, _ = abort_request(target(), body, NOW + 50)
-    assert after_retry.at == NOW + 50
+    body["status"]["rollout"]["retriedAt"] = iso(NOW + 40)
+    after_retry, _ = abort_request(target(revision="rev-b"), body, NOW + 50)
+    assert after_retry.at == NOW + 50 and after_retry.id != first.id
 
 
 # --- tokens --------------------------------------------------------------------------------------

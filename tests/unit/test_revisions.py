@@ -9,6 +9,7 @@ import pytest
 from fake_cluster import FakeCluster
 from moe_operator import names, revisions
 from moe_operator.pods import PodSlot, desired_pod, revision_of, template_fingerprint
+from moe_operator.progressive import rollback_word
 from moe_operator.rollout import ANNOTATION_ABORT, AbortRequest
 from moe_operator.spec import ModelDeployment
 
@@ -229,8 +230,9 @@ def test_blue_green_keeps_the_whole_old_revision_until_the_delay_and_switches_ba
     assert sorted(runs(c).values()).count((rev_a, A)) == 2, "the old revision stays whole, warm"
     c.time += 20                                        # inside scaleDownDelaySeconds
     abort(c, rev_b)
-    c.reconcile()
+    out = c.reconcile()
     assert in_rotation(c) == [(rev_a, A)] * 2, "instant: back in the same reconcile"
+    assert rollback_word(out.plan).startswith("instant")
     assert c.conditions()["Degraded"] == ("True", "RolloutAborted")
 
 
@@ -238,7 +240,8 @@ def test_a_rollback_that_cannot_be_instant_says_so_and_restores_the_old_revision
     c, rev_a, rev_b = promoted_blue_green(blue_green(maxSurgeGPUs=1))
     assert sorted(runs(c).values()).count((rev_a, A)) < 2, "the small budget let part of A go"
     abort(c, rev_b)
-    c.reconcile()
+    out = c.reconcile()
+    assert rollback_word(out.plan).startswith("not instant"), "the /alerts reply says so"
     assert c.conditions()["Degraded"] == ("True", "RollingBack")
     assert "not instant" in c.md["status"]["message"]
     assert ("Warning", "RollingBack") in {(e[0], e[1]) for e in c.events} or \

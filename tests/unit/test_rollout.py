@@ -471,13 +471,32 @@ def test_killed_before_the_status_write_resumes_without_a_duplicate_step():
     assert sim.state["stepIndex"] == 3 and sim.rotating() == {stable: 2, new: 2}
 
 
-def test_idempotent_reconcile_writes_nothing_more():
-    sim, stable = started(spec())
+def test_idempotent_reconcile_writes_nothing_more_as_the_clock_runs():
+    """Converged at a step, a pause without a duration, a user's pause and a finished rollout: later
+    reconciles (resyncs, seconds and minutes later) write nothing, neither pods nor status."""
+    sim, stable = started(spec(steps=[{"setWeight": 25}, {"pause": {}}]))
     sim.new_revision()
     sim.converge()
-    pods, status = copy.deepcopy(sim.pods), copy.deepcopy(sim.body["status"])
-    sim.reconcile()
-    assert (sim.pods, sim.body["status"]) == (pods, status)
+    assert sim.state["stepIndex"] == 1, "waiting at the pause for promote"
+
+    def quiet(after):
+        for seconds in (0.5, 10, 60, 600):
+            pods, status = copy.deepcopy(sim.pods), copy.deepcopy(sim.body["status"])
+            sim.tick(seconds)
+            sim.reconcile()
+            assert (sim.pods, sim.body["status"]) == (pods, status), f"{after}: wrote {seconds}s later"
+
+    quiet("at a pause")
+    sim.annotate(ANNOTATION_PAUSED, "true")
+    sim.converge()
+    quiet("paused by hand")
+    sim.body["metadata"]["annotations"].pop(ANNOTATION_PAUSED)
+    sim.annotate(ANNOTATION_PROMOTE_FULL, "go")
+    sim.converge()
+    sim.tick(rollout.CANARY_SCALE_DOWN_DELAY_SECONDS + 1)
+    sim.converge()
+    assert sim.body["status"]["stableRevision"] != stable
+    quiet("promoted")
 
 
 def test_requeue_after_names_the_next_timed_decision():
