@@ -1,4 +1,4 @@
-"""The devcluster's service proxy: a local port per Service port, spread over its ready pods.
+"""The devcluster's service proxy: a local port per Service port, spread over its endpoints as kube-proxy would.
 
     python -m devcluster.proxy --kubeconfig K --state-file .devcluster/services.json
 
@@ -8,16 +8,21 @@ those, so the endpoint controllers are off and this proxy computes endpoints its
 - It watches Services and Pods in all namespaces. Every Service with a selector gets, for each TCP
   port, a listener on 127.0.0.1:<free port>, kept for the Service's lifetime (and, when the proxy
   restarts, the port it had before if that is still free).
-- A connection goes to the next endpoint round-robin. Endpoints are the pods in the Service's
-  namespace whose labels match its selector, whose Ready condition is True, that are not being
-  deleted and whose podIP is in 127.0.0.0/8 (nothing else is ever connected to); the port is the
-  targetPort, a number or a name looked up in the pod's containerPorts. Endpoints are computed from
-  the watch cache when a connection arrives, so readiness changes count as soon as the watch
-  delivers them (well under a second).
-- Bytes are forwarded as they are (HTTP/1.1, HTTP/2, gRPC, anything over TCP). A refused endpoint is
-  skipped for the next one (a simulated kwok pod is "Ready" with no process behind it). When no
-  endpoint is ready or none accepts, the client's connection is closed at once (kube-proxy rejects
-  such connections), so callers see a fast failure rather than a hang.
+- Endpoints are what the EndpointSlice controller would publish: every pod in the Service's namespace
+  whose labels match its selector, that has a pod IP and has not finished (phase Succeeded or Failed),
+  with the port its targetPort names (a number, or a name looked up in the pod's containerPorts), and
+  the three conditions of an EndpointSlice endpoint: `serving` (the pod's Ready condition is True),
+  `terminating` (the pod has a deletionTimestamp) and `ready` (serving and not terminating; always true
+  for a Service with `publishNotReadyAddresses`). Only pod IPs in 127.0.0.0/8 are ever connected to.
+- Which endpoints take new connections is kube-proxy's choice: the ready ones; when a Service has no
+  ready endpoint, those that are serving and terminating (its terminating-endpoint fallback, KEP-1669);
+  never one that is neither. Endpoints are computed from the watch cache when a connection arrives, so
+  readiness and deletions count as soon as the watch delivers them (well under a second).
+- Each connection goes to one endpoint, round-robin (IPVS's default scheduler). It is not retried on
+  another: when that endpoint refuses, or there is no endpoint, the client's connection is reset at
+  once, as a client of iptables or IPVS kube-proxy sees a refused or reset connection. Established
+  connections are left alone when their endpoint stops being ready or goes (kube-proxy keeps their
+  conntrack entries); bytes are forwarded as they are (HTTP/1.1, HTTP/2, gRPC, anything over TCP).
 - The state file `{"<namespace>/<name>": {"<port name or number>": local_port}}` is rewritten
   atomically whenever a listener is opened or closed; `python -m devcluster services` prints it.
 """
@@ -30,6 +35,8 @@ import contextlib
 import json
 import logging
 import signal
+import socket
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +49,22 @@ LISTEN_HOST = "127.0.0.1"
 CONNECT_TIMEOUT_SECONDS = 2.0
 MAX_CONNECTIONS_PER_PORT = 1024
 CHUNK = 64 * 1024
+TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
-# --- pure: which pods serve a Service port --------------------------------------------------------
+# --- pure: a Service port's endpoints, and those that take new connections ------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One pod behind a Service port, with the conditions an EndpointSlice endpoint carries."""
+
+    pod: str
+    ip: str
+    port: int
+    ready: bool
+    serving: bool
+    terminating: bool
 
 
 def port_key(port: dict) -> str:
@@ -57,14 +77,17 @@ def selects(selector: dict[str, str], labels: dict[str, str] | None) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def pod_is_ready(pod: dict) -> bool:
-    """Ready condition True, not being deleted, and on a loopback address."""
-    if pod["metadata"].get("deletionTimestamp"):
-        return False
+def pod_is_serving(pod: dict) -> bool:
+    """The pod's Ready condition is True (whether or not it is being deleted)."""
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def in_endpoints(pod: dict) -> bool:
+    """Whether the pod is an endpoint at all, ready or not: it has a loopback pod IP and has not finished
+    (the EndpointSlice controller keeps terminating and unready pods, with their conditions)."""
     status = pod.get("status") or {}
-    if status.get("phase") not in (None, "Running") or not is_loopback(status.get("podIP")):
-        return False
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return status.get("phase") not in TERMINAL_PHASES and is_loopback(status.get("podIP"))
 
 
 def target_port(service_port: dict, pod: dict) -> int | None:
@@ -81,20 +104,36 @@ def target_port(service_port: dict, pod: dict) -> int | None:
     return None
 
 
-def ready_endpoints(service: dict, service_port: dict, pods: list[dict]) -> list[tuple[str, int]]:
-    """(podIP, port) of every ready pod the Service selects, in a stable order (by pod name)."""
-    selector = (service.get("spec") or {}).get("selector") or {}
+def endpoint_of(pod: dict, port: int, publish_not_ready: bool) -> Endpoint:
+    """The pod as the EndpointSlice controller publishes it (its podToEndpoint)."""
+    serving = pod_is_serving(pod)
+    terminating = bool(pod["metadata"].get("deletionTimestamp"))
+    return Endpoint(pod=pod["metadata"]["name"], ip=pod["status"]["podIP"], port=port,
+                    ready=publish_not_ready or (serving and not terminating),
+                    serving=serving, terminating=terminating)
+
+
+def service_endpoints(service: dict, service_port: dict, pods: list[dict]) -> list[Endpoint]:
+    """Every endpoint of a Service port, ready or not, in a stable order (by pod name)."""
+    spec = service.get("spec") or {}
+    selector = spec.get("selector") or {}
     namespace = service["metadata"].get("namespace")
+    publish_not_ready = bool(spec.get("publishNotReadyAddresses"))
     endpoints = []
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         if pod["metadata"].get("namespace") != namespace or not selects(selector, pod["metadata"].get("labels")):
             continue
-        if not pod_is_ready(pod):
-            continue
-        port = target_port(service_port, pod)
+        port = target_port(service_port, pod) if in_endpoints(pod) else None
         if port is not None:
-            endpoints.append((pod["status"]["podIP"], port))
+            endpoints.append(endpoint_of(pod, port, publish_not_ready))
     return endpoints
+
+
+def routable(endpoints: list[Endpoint]) -> list[Endpoint]:
+    """The endpoints new connections go to, as kube-proxy chooses them: the ready ones; with none ready,
+    the serving terminating ones (so a Service whose pods are all being replaced keeps answering)."""
+    ready = [e for e in endpoints if e.ready]
+    return ready or [e for e in endpoints if e.serving and e.terminating]
 
 
 def proxied_ports(service: dict) -> dict[str, dict]:
@@ -120,6 +159,14 @@ class PortListener:
     next_index: int = 0
     connections: set[asyncio.Task] = field(default_factory=set)
 
+    def pick(self, endpoints: list[Endpoint]) -> Endpoint | None:
+        """The next endpoint, round-robin; None when there is none."""
+        if not endpoints:
+            return None
+        chosen = endpoints[self.next_index % len(endpoints)]
+        self.next_index += 1
+        return chosen
+
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
@@ -132,6 +179,16 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     except (ConnectionError, OSError):
         with contextlib.suppress(Exception):
             writer.transport.abort()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Closes the client's connection with a TCP reset (SO_LINGER 0): what a client of kube-proxy sees
+    when its endpoint refuses, and as near as a proxy that has already accepted can come to a refusal."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 class ServiceProxy:
@@ -162,13 +219,14 @@ class ServiceProxy:
         else:
             pods[pod["metadata"]["uid"]] = pod
 
-    def endpoints(self, listener: PortListener) -> list[tuple[str, int]]:
+    def endpoints(self, listener: PortListener) -> list[Endpoint]:
+        """Every endpoint of the listener's Service port now (ready or not)."""
         service = self.services.get(listener.service_key)
         if service is None:
             return []
         namespace = service["metadata"]["namespace"]
         service_port = proxied_ports(service).get(listener.key, listener.service_port)
-        return ready_endpoints(service, service_port, list(self.pods.get(namespace, {}).values()))
+        return service_endpoints(service, service_port, list(self.pods.get(namespace, {}).values()))
 
     async def run_sync(self) -> None:
         while True:
@@ -218,6 +276,8 @@ class ServiceProxy:
             listener.connections.add(task)
             try:
                 await self._forward(listener, reader, writer)
+            except asyncio.CancelledError:
+                pass  # the proxy is stopping (Python 3.11's stream callback would log a cancelled task)
             finally:
                 listener.connections.discard(task)
 
@@ -233,29 +293,38 @@ class ServiceProxy:
         log.info("%s port %s -> 127.0.0.1:%d", listener.service_key, listener.key, listener.port)
 
     async def _close(self, listener: PortListener) -> None:
+        # Only the listening socket: established connections go on (kube-proxy keeps conntrack entries).
         if listener.server is not None:
             listener.server.close()
         log.info("%s port %s closed", listener.service_key, listener.key)
+
+    async def _connect(self, listener: PortListener) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """One endpoint for a new connection, connected; None (nothing tried after it) when there is none
+        or it does not accept."""
+        endpoint = listener.pick(routable(self.endpoints(listener)))
+        if endpoint is None:
+            log.debug("%s port %s: no endpoint", listener.service_key, listener.key)
+            return None
+        if not is_loopback(endpoint.ip):  # never leave the machine
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.open_connection(endpoint.ip, endpoint.port),
+                                          CONNECT_TIMEOUT_SECONDS)
+        except (OSError, TimeoutError) as e:
+            log.debug("%s port %s: endpoint %s (%s:%d) did not accept: %s", listener.service_key, listener.key,
+                      endpoint.pod, endpoint.ip, endpoint.port, e)
+            return None
 
     async def _forward(self, listener: PortListener, client_reader: asyncio.StreamReader,
                        client_writer: asyncio.StreamWriter) -> None:
         upstream = None
         try:
             if len(listener.connections) > MAX_CONNECTIONS_PER_PORT:
+                _reset(client_writer)
                 return
-            endpoints = self.endpoints(listener)
-            for _ in range(len(endpoints)):
-                ip, port = endpoints[listener.next_index % len(endpoints)]
-                listener.next_index += 1
-                if not is_loopback(ip):  # never leave the machine
-                    continue
-                try:
-                    upstream = await asyncio.wait_for(asyncio.open_connection(ip, port), CONNECT_TIMEOUT_SECONDS)
-                    break
-                except (OSError, TimeoutError) as e:
-                    log.debug("%s: endpoint %s:%d refused: %s", listener.service_key, ip, port, e)
+            upstream = await self._connect(listener)
             if upstream is None:
-                log.debug("%s port %s: no ready endpoint", listener.service_key, listener.key)
+                _reset(client_writer)
                 return
             upstream_reader, upstream_writer = upstream
             await asyncio.gather(_pump(client_reader, upstream_writer), _pump(upstream_reader, client_writer))

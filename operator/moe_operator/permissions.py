@@ -54,9 +54,9 @@ RULES: tuple[Rule, ...] = (
     Rule(names.GROUP, ("modeldeployments/scale",), ("patch",),
          "the built-in autoscaler sets the replica count (the same door as `kubectl scale`)"),
     Rule(names.GROUP, ("modeldeployments/finalizers",), ("update",),
-         "pods, Services and PrometheusRules carry an ownerReference with `blockOwnerDeletion: true`, "
-         "which the OwnerReferencesPermissionEnforcement admission plugin (OpenShift, hardened clusters) "
-         "allows only to whoever may update the owner's finalizers"),
+         "pods, Services, ControllerRevisions and PrometheusRules carry an ownerReference with "
+         "`blockOwnerDeletion: true`, which the OwnerReferencesPermissionEnforcement admission plugin "
+         "(OpenShift, hardened clusters) allows only to whoever may update the owner's finalizers"),
     Rule("", ("pods", "services"), ("list", "watch", "create", "patch", "delete"),
          "observed by label; written by server-side apply (`create` is checked when the object is new), "
          "relabelled, deleted"),

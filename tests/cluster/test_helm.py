@@ -137,7 +137,8 @@ def rules_of(objects: list[dict]) -> dict[str, set[tuple[str, str, str]]]:
 
 NAMESPACED_RULES = {
     (names.GROUP, "modeldeployments", verb) for verb in ("get", "list", "watch", "patch")
-} | {(names.GROUP, "modeldeployments/status", "patch"), (names.GROUP, "modeldeployments/scale", "patch")} | {
+} | {(names.GROUP, "modeldeployments/status", "patch"), (names.GROUP, "modeldeployments/scale", "patch"),
+     (names.GROUP, "modeldeployments/finalizers", "update")} | {
     ("", resource, verb) for resource in ("pods", "services") for verb in ("list", "watch", "create", "patch", "delete")
 } | {("", "events", "create")}
 PROMETHEUS_RULES = {("monitoring.coreos.com", "prometheusrules", v) for v in ("list", "create", "patch", "delete")}
@@ -321,6 +322,7 @@ def test_a_cluster_scoped_install_grants_exactly_the_operators_rules(cluster, na
                    ("create", "pods", "-n", "kube-public"), ("delete", "services", "-n", "default"),
                    ("patch", "modeldeployments.serving.moe.dev", "-n", "default"),
                    ("patch", "modeldeployments.serving.moe.dev", "--subresource=status", "-n", "default"),
+                   ("update", "modeldeployments.serving.moe.dev", "--subresource=finalizers", "-n", "default"),
                    ("create", "events", "-n", "default"),
                    ("watch", "customresourcedefinitions.apiextensions.k8s.io")]
         refused = [("get", "secrets", "-n", namespace), ("list", "secrets", "--all-namespaces"),
@@ -371,6 +373,9 @@ def test_installed_operator_brings_an_example_to_available(cluster, release):
     md = wait_available(cluster, "models", "deepseek-v3")
     pods = cluster.get_json("pods", "-n", "models", "-l", f"{names.LABEL_DEPLOYMENT}=deepseek-v3")["items"]
     assert pods and all(p["metadata"]["ownerReferences"][0]["kind"] == names.KIND for p in pods)
+    # The devcluster enforces OwnerReferencesPermissionEnforcement: blockOwnerDeletion was allowed by the
+    # chart's `update` on modeldeployments/finalizers.
+    assert all(p["metadata"]["ownerReferences"][0]["blockOwnerDeletion"] is True for p in pods)
     # Runtime pods never get an API token: the chart's RBAC is for the operator alone.
     assert all(p["spec"]["automountServiceAccountToken"] is False for p in pods)
     assert argocd_health(md) == {"status": "Healthy", "message": md["status"]["message"]}
