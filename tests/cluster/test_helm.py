@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -140,7 +141,8 @@ NAMESPACED_RULES = {
 } | {(names.GROUP, "modeldeployments/status", "patch"), (names.GROUP, "modeldeployments/scale", "patch"),
      (names.GROUP, "modeldeployments/finalizers", "update")} | {
     ("", resource, verb) for resource in ("pods", "services") for verb in ("list", "watch", "create", "patch", "delete")
-} | {("", "events", "create")}
+} | {("", "events", "create")} | {
+    ("apps", "controllerrevisions", verb) for verb in ("list", "create", "patch", "delete")}
 PROMETHEUS_RULES = {("monitoring.coreos.com", "prometheusrules", v) for v in ("list", "create", "patch", "delete")}
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 NAMESPACE_DISCOVERY = {("", "namespaces", v) for v in ("list", "watch")}
@@ -387,6 +389,8 @@ def post_alerts(port: int, token: str | None, modeldeployment: str = "deepseek-v
     payload = {"version": "4", "status": "firing", "alerts": [
         {"status": "firing", "labels": {"alertname": "MoECanaryLatencyHigh", "namespace": "models",
                                         "modeldeployment": modeldeployment},
+         # Started now, after the rollout began: an alert naming only the object counts only then.
+         "startsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
          "annotations": {"summary": "canary p99 latency 3s above 2s"}}]}
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     request = urllib.request.Request(f"http://127.0.0.1:{port}/alerts", json.dumps(payload).encode(), headers)
