@@ -22,6 +22,7 @@ from .pods import revision_of
 from .spec import ModelDeployment, SpecError
 from .status import INVALID_SPEC, events_for, invalid_status, status_of, status_patch, with_autoscaling
 
+FORBIDDEN_RETRY_SECONDS = 5.0
 Emit = Callable[[str, str, str], None]   # (type, reason, message) -> an Event on the ModelDeployment
 
 
@@ -97,7 +98,10 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
         new_status = invalid_status(old_status, generation, refused.reason, refused.message, now())
         outcome = _finish(namespace, name, old_status, new_status, writer, emit)
         # Nothing counts as applied: the refusal is in status (Degraded) and in the operator's log.
-        return Outcome(Changes(), outcome.status_patch, plan, outcome.written)
+        # A Forbidden can clear by itself (a quota freed, RBAC fixed, or an API server that has not yet
+        # refreshed its RESTMapper after the CRD was installed): try again soon, not at the resync.
+        retry = FORBIDDEN_RETRY_SECONDS if refused.reason == "Forbidden" else None
+        return Outcome(Changes(), outcome.status_patch, plan, outcome.written, requeue_after=retry)
     report = progressive.after_write(md, plan, moved_at or clock())
     new_status = with_autoscaling(status_of(md, observed, plan, now()), md, scaling and scaling.state, now())
     outcome = _finish(namespace, name, old_status, new_status, writer, emit)

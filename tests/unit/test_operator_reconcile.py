@@ -269,3 +269,23 @@ def test_objects_the_api_refuses_are_reported_not_retried_blindly():
     assert c.conditions()["Degraded"] == ("True", "InvalidSpec")
     assert "env[5].valueFrom" in c.md["status"]["message"]
     assert any(e[:2] == ("Warning", "InvalidSpec") for e in c.events)
+    assert out.requeue_after is None, "an invalid object waits for a spec change"
+
+
+def test_a_forbidden_write_is_tried_again_soon():
+    """Forbidden can clear by itself: a quota freed, RBAC fixed, or an API server whose RESTMapper has
+    not seen a fresh CRD yet (OwnerReferencesPermissionEnforcement refuses ownerReferences to it)."""
+    from moe_operator.apply import WriteRefused
+
+    c = FakeCluster(copy.deepcopy(SPEC))
+
+    def refuse(namespace, changes):
+        raise WriteRefused("Forbidden", "Pod chat-x was refused: cannot set blockOwnerDeletion (cannot find "
+                                        "RESTMapping for APIVersion serving.moe.dev/v1alpha1 ModelDeployment)")
+
+    writer, c.write = c.write, refuse
+    out = c.reconcile()
+    assert c.conditions()["Degraded"] == ("True", "Forbidden") and out.requeue_after == 5.0
+    c.write = writer
+    c.converge()
+    assert c.conditions()["Degraded"] == ("False", "Healthy")
