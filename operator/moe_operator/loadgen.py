@@ -3,7 +3,8 @@ the end-to-end tests and the rollback benchmark.
 
 Each request opens its own connection, so the Service (kube-proxy, or the devcluster's proxy, which
 balances connections) spreads requests over the replica groups in rotation as a real client fleet
-would. Every loop is bounded in count and time.
+would. Every loop is bounded in count and time. Each result keeps the revision that answered it
+(the runtime's `x-moe-revision` response header), so a test can tell which revision served when.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+REVISION_HEADER = "x-moe-revision"   # = model_runtime.server.REVISION_HEADER (the operator image has no runtime)
+
 
 @dataclass
 class Result:
@@ -23,6 +26,7 @@ class Result:
     ok: bool
     seconds: float
     error: str = ""
+    revision: str = ""   # the answering pod's x-moe-revision header ("" when none came back)
 
 
 @dataclass
@@ -59,17 +63,29 @@ class Load:
     def one(self) -> Result:
         import tritonclient.http as httpclient
         started = time.monotonic()
+        revision = ""
         try:
             client = httpclient.InferenceServerClient(self.url, connection_timeout=self.timeout,
                                                       network_timeout=self.timeout)
+            post = client._post
+
+            def post_keeping_revision(*args, **kwargs):
+                # InferResult keeps the body only; the header is read off the raw response here.
+                nonlocal revision
+                response = post(*args, **kwargs)
+                revision = response.get(REVISION_HEADER) or ""
+                return response
+
+            client._post = post_keeping_revision
             try:
                 response = client.infer(self.model, self._inputs())
                 response.as_numpy("text_output")
             finally:
                 client.close()
-            return Result(time.time(), True, time.monotonic() - started)
+            return Result(time.time(), True, time.monotonic() - started, revision=revision)
         except Exception as error:     # every failure a client would see counts
-            return Result(time.time(), False, time.monotonic() - started, f"{type(error).__name__}: {error}"[:200])
+            return Result(time.time(), False, time.monotonic() - started, f"{type(error).__name__}: {error}"[:200],
+                          revision)
 
     def _worker(self, index: int) -> None:
         period = self.workers / self.rate
@@ -120,6 +136,11 @@ class Load:
             done = [r for r in self.results if r.at >= now - seconds]
         ok = sorted(r.seconds for r in done if r.ok)
         return sum(not r.ok for r in done), len(done), (ok[len(ok) // 2] if ok else None)
+
+    def served(self, since: float = 0.0) -> list[Result]:
+        """The results that finished after `since` (time.time()), in order: each with its revision."""
+        with self._lock:
+            return [r for r in self.results if r.at >= since]
 
     def errors(self, limit: int = 5) -> list[str]:
         with self._lock:
