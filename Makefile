@@ -71,12 +71,12 @@ run: setup tools
 bench: setup tools
 	$(PY) -m model_runtime.bench
 	$(PY) -m model_runtime.bench_http
-	$(PY) -m moe_operator.bench_rollback --trials 12
+	$(PY) -m benchmarks.rollback --trials 12
 
 # The demo (README): cluster with monitoring, operator, load, a bad canary rolled back on a latency
 # alert, a good revision promoted; ends with one summary line and leaves the cluster running.
 demo: setup tools
-	$(PY) -m moe_operator.demo
+	$(PY) -m devtools.demo
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 

@@ -20,8 +20,10 @@ from kubernetes.dynamic.exceptions import (
     UnprocessibleEntityError,
 )
 
-from . import names, prometheus_rule, revisions
-from .desired import Changes
+from .api import names
+from .desired import rules as prometheus_rule
+from .desired.diff import Changes
+from .world import revisions
 
 
 class WriteRefused(Exception):

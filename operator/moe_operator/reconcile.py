@@ -12,15 +12,18 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from . import autoscaling, progressive, revisions, signals
 from .analysis import provider_for
+from .api.spec import ModelDeployment, SpecError
 from .apply import WriteRefused
-from .desired import Changes, changes, desired_objects, with_templates
-from .observe import Observed
-from .plan import Plan
-from .pods import revision_of
-from .spec import ModelDeployment, SpecError
+from .autoscaling import decision as autoscaling
+from .autoscaling import signals
+from .desired.diff import Changes, changes, desired_objects, with_templates
+from .desired.pods import revision_of
+from .rollout import progressive
 from .status import INVALID_SPEC, events_for, invalid_status, status_of, status_patch, with_autoscaling
+from .world import revisions
+from .world.observe import Observed
+from .world.plan import Plan
 
 FORBIDDEN_RETRY_SECONDS = 5.0
 Emit = Callable[[str, str, str], None]   # (type, reason, message) -> an Event on the ModelDeployment

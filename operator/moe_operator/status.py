@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .autoscaling import limited_condition
-from .observe import Observed
-from .plan import Plan
-from .progressive import rollout_conditions
-from .services import pods_selector
-from .spec import ModelDeployment
+from .api.spec import ModelDeployment
+from .autoscaling.decision import limited_condition
+from .desired.services import pods_selector
+from .rollout.progressive import rollout_conditions
+from .world.observe import Observed
+from .world.plan import Plan
 
 AVAILABLE, PROGRESSING, DEGRADED = "Available", "Progressing", "Degraded"
 SCALING_LIMITED = "ScalingLimited"     # only with spec.autoscaling

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from moe_operator.testing import install_crd
 
 from devcluster.testing import running_cluster
+from devtools.harness import install_crd
 
 pytestmark = pytest.mark.cluster
 

@@ -6,11 +6,11 @@ import ipaddress
 import json
 
 import pytest
-from moe_operator import names
-from moe_operator.permissions import RULES
-from moe_operator.testing import install_crd
+from moe_operator.api import names
+from moe_operator.app.permissions import RULES
 
 from devcluster.control_plane import poll
+from devtools.harness import install_crd
 
 pytestmark = pytest.mark.cluster
 

@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 import yaml
 from lupa import LuaRuntime
-from moe_operator import names
-from moe_operator.loadgen import service_port
-from moe_operator.testing import wait_for
+from moe_operator.api import names
 
 from devcluster.testing import running_cluster
+from devtools.harness import wait_for
+from devtools.loadgen import service_port
 
 pytestmark = pytest.mark.cluster
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from moe_operator import names
-from moe_operator.testing import install_crd, running_operator, wait_for
+from moe_operator.api import names
 
 from devcluster.testing import running_cluster
+from devtools.harness import install_crd, running_operator, wait_for
 
 pytestmark = pytest.mark.cluster
 

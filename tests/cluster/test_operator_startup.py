@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from moe_operator import names
-from moe_operator.permissions import RULES
-from moe_operator.testing import RunningOperator, free_port, install_crd, wait_for
+from moe_operator.api import names
+from moe_operator.app.permissions import RULES
 
 from devcluster.testing import running_cluster
+from devtools.harness import RunningOperator, free_port, install_crd, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -79,7 +79,7 @@ def started_operator(cluster, kubeconfig: Path, ns: str) -> Iterator[RunningOper
     port = free_port()
     log_path = Path(cluster.state_dir) / "logs" / f"moe-operator-startup-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "moe_operator.cli", "run", "--kubeconfig", str(kubeconfig), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "moe_operator.app.cli", "run", "--kubeconfig", str(kubeconfig), "--host", "127.0.0.1",
            "--port", str(port), "--namespace", ns, "--resync-seconds", "5"]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,

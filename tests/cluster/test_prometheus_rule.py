@@ -8,10 +8,11 @@ import json
 import uuid
 
 import pytest
-from moe_operator import alerts, names
-from moe_operator.testing import install_crd, running_operator, wait_for
+from moe_operator.api import names
+from moe_operator.app import alerts
 
 from devcluster.testing import running_cluster
+from devtools.harness import install_crd, running_operator, wait_for
 
 pytestmark = pytest.mark.cluster
 

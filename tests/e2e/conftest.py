@@ -36,7 +36,7 @@ def operator_processes() -> dict[int, list[str]]:
             continue
         run_at = argv.index("run")
         program = argv[:run_at]
-        if any(Path(a).name in ("moe-operator", "moe_operator") or a in ("moe_operator.cli", "moe_operator")
+        if any(Path(a).name in ("moe-operator", "moe_operator") or a in ("moe_operator.app.cli", "moe_operator")
                for a in program):
             found[int(pid)] = argv
     return found

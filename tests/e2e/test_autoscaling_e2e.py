@@ -17,11 +17,11 @@ import time
 import uuid
 
 import pytest
-from moe_operator import names
-from moe_operator.loadgen import Load, service_port
-from moe_operator.testing import install_crd, running_operator, wait_for
+from moe_operator.api import names
 
 from devcluster.testing import running_cluster
+from devtools.harness import install_crd, running_operator, wait_for
+from devtools.loadgen import Load, service_port
 
 pytestmark = pytest.mark.e2e
 

@@ -21,13 +21,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from moe_operator import names
-from moe_operator.loadgen import Load, service_port
-from moe_operator.pods import PodSlot, desired_pod, template_fingerprint
-from moe_operator.spec import ModelDeployment
-from moe_operator.testing import install_crd, running_operator, wait_for
+from moe_operator.api import names
+from moe_operator.api.spec import ModelDeployment
+from moe_operator.desired.pods import PodSlot, desired_pod, template_fingerprint
 
 from devcluster.testing import running_cluster
+from devtools.harness import install_crd, running_operator, wait_for
+from devtools.loadgen import Load, service_port
 
 pytestmark = pytest.mark.e2e
 
@@ -194,7 +194,7 @@ def assert_runs_its_template(cluster, ns, pod, model):
 def moe(cluster, *args, check=True):
     """`kubectl moe ...` as a user runs it (the installed kubectl-moe entry point)."""
     plugin = Path(sys.executable).with_name("kubectl-moe")
-    cmd = [str(plugin)] if plugin.exists() else [sys.executable, "-m", "moe_operator.kubectl_plugin"]
+    cmd = [str(plugin)] if plugin.exists() else [sys.executable, "-m", "moe_operator.app.kubectl_plugin"]
     done = subprocess.run([*cmd, "--kubeconfig", str(cluster.kubeconfig), *args], capture_output=True,
                           text=True, timeout=60)
     if check:

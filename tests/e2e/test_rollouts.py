@@ -16,11 +16,12 @@ import urllib.request
 import uuid
 
 import pytest
-from moe_operator import names, rollout
-from moe_operator.loadgen import Load, service_port
-from moe_operator.testing import install_crd, running_operator, wait_for
+from moe_operator.api import names
+from moe_operator.rollout import machine as rollout
 
 from devcluster.testing import running_cluster
+from devtools.harness import install_crd, running_operator, wait_for
+from devtools.loadgen import Load, service_port
 
 pytestmark = pytest.mark.e2e
 

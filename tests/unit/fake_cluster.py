@@ -5,10 +5,10 @@ and tests play kubelet and scheduler by setting pod status."""
 import copy
 import itertools
 
-from moe_operator import names
-from moe_operator.observe import observed_from
+from moe_operator.api import names
 from moe_operator.reconcile import reconcile
-from moe_operator.rollout import iso
+from moe_operator.rollout.machine import iso
+from moe_operator.world.observe import observed_from
 
 T0 = 1_800_000_000.0          # the rollout and autoscaling clock starts here
 DRAIN = 5.0                   # spec.runtime.drainSeconds' default

@@ -9,7 +9,7 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web import Application
-from moe_operator.alerts import (
+from moe_operator.app.alerts import (
     Alert,
     PayloadError,
     TokenSource,
@@ -19,7 +19,7 @@ from moe_operator.alerts import (
     parse_payload,
     targets,
 )
-from moe_operator.rollout import ANNOTATION_ABORT, ANNOTATION_RETRY, AbortRequest, iso
+from moe_operator.rollout.machine import ANNOTATION_ABORT, ANNOTATION_RETRY, AbortRequest, iso
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""The autoscaler's decision (moe_operator.autoscaling) over simulated time: pressure per metric,
+"""The autoscaler's decision (moe_operator.autoscaling.decision) over simulated time: pressure per metric,
 hysteresis, stabilisation windows, cold start, GPU shortage, bounds, rollouts (proportions, aborted
 canary, freeze), and no flapping under steady noisy load. No cluster, no I/O."""
 
@@ -7,11 +7,11 @@ import math
 import random
 
 import pytest
-from moe_operator import autoscaling as a
-from moe_operator.autoscaling import Capacity, RolloutView, Settings, Signal, decide
-from moe_operator.observe import observed_from
-from moe_operator.rollout import canary_groups_for, iso
-from moe_operator.spec import ModelDeployment
+from moe_operator.api.spec import ModelDeployment
+from moe_operator.autoscaling import decision as a
+from moe_operator.autoscaling.decision import Capacity, RolloutView, Settings, Signal, decide
+from moe_operator.rollout.machine import canary_groups_for, iso
+from moe_operator.world.observe import observed_from
 
 pytestmark = pytest.mark.unit
 
@@ -413,8 +413,8 @@ def test_freeze_during_a_rollout_holds_the_count_follow_does_not():
 def test_the_rollout_plans_the_autoscaled_count_in_proportion_within_the_gpu_budget():
     """The count the autoscaler decides is the rollout's steady-state size: the canary planner keeps
     the weight's proportion and the GPU budget grows with it, by one group's surge only."""
-    from moe_operator import rollout
-    from moe_operator.pods import revision_of
+    from moe_operator.desired.pods import revision_of
+    from moe_operator.rollout import machine as rollout
 
     body = {"apiVersion": "serving.moe.dev/v1alpha1", "kind": "ModelDeployment",
             "metadata": {"name": "chat", "namespace": "ns", "uid": "u", "generation": 2},

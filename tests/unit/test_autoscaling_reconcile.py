@@ -7,8 +7,8 @@ import copy
 
 import pytest
 from fake_cluster import FakeCluster
-from moe_operator import autoscaling
-from moe_operator.autoscaling import Signal
+from moe_operator.autoscaling import decision as autoscaling
+from moe_operator.autoscaling.decision import Signal
 
 pytestmark = pytest.mark.unit
 
@@ -103,7 +103,7 @@ def test_turning_autoscaling_off_removes_its_status():
 
 
 def test_kubectl_moe_status_shows_the_autoscaler():
-    from moe_operator.kubectl_plugin import render_status
+    from moe_operator.app.kubectl_plugin import render_status
 
     c = Cluster(copy.deepcopy(SPEC))
     c.settle()

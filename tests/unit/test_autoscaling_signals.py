@@ -1,4 +1,4 @@
-"""The autoscaler's signal (moe_operator.signals) from real runtime metrics text (model_runtime.metrics
+"""The autoscaler's signal (moe_operator.autoscaling.signals) from real runtime metrics text (model_runtime.metrics
 produces it) and from Prometheus API answers; which pods are scraped."""
 
 import json
@@ -6,9 +6,9 @@ import urllib.parse
 from types import SimpleNamespace
 
 import pytest
-from moe_operator import signals
-from moe_operator.autoscaling import Settings
-from moe_operator.observe import observed_from
+from moe_operator.autoscaling import signals
+from moe_operator.autoscaling.decision import Settings
+from moe_operator.world.observe import observed_from
 
 from model_runtime import metrics as runtime_metrics
 from model_runtime.metrics import RuntimeMetrics

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from lupa import LuaRuntime
-from moe_operator import progressive, status
+from moe_operator import status
+from moe_operator.rollout import progressive
 
 pytestmark = pytest.mark.unit
 

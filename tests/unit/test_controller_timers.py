@@ -3,10 +3,10 @@
 import threading
 
 import pytest
-from moe_operator.controller import Controller
-from moe_operator.metrics import OperatorMetrics
-from moe_operator.progressive import Report
+from moe_operator.app.controller import Controller
+from moe_operator.app.metrics import OperatorMetrics
 from moe_operator.reconcile import Outcome
+from moe_operator.rollout.progressive import Report
 
 pytestmark = pytest.mark.unit
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from moe_operator import names
-from moe_operator.spec import ModelDeployment
+from moe_operator.api import names
+from moe_operator.api.spec import ModelDeployment
 
 pytestmark = pytest.mark.unit
 

@@ -1,10 +1,10 @@
 """The pods and Services the operator builds, and the revision hash."""
 
 import pytest
-from moe_operator import names
-from moe_operator.pods import PodSlot, desired_pod, pod_name, revision_of, startup_allowance_seconds
-from moe_operator.services import desired_service, pods_selector
-from moe_operator.spec import ModelDeployment
+from moe_operator.api import names
+from moe_operator.api.spec import ModelDeployment
+from moe_operator.desired.pods import PodSlot, desired_pod, pod_name, revision_of, startup_allowance_seconds
+from moe_operator.desired.services import desired_service, pods_selector
 
 pytestmark = pytest.mark.unit
 

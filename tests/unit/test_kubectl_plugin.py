@@ -3,9 +3,15 @@
 import json
 
 import pytest
-from moe_operator import names, revisions
-from moe_operator.kubectl_plugin import annotation_patch, parser, render_history, render_status, undo_patch
-from moe_operator.rollout import (
+from moe_operator.api import names
+from moe_operator.app.kubectl_plugin import (
+    annotation_patch,
+    parser,
+    render_history,
+    render_status,
+    undo_patch,
+)
+from moe_operator.rollout.machine import (
     ANNOTATION_ABORT,
     ANNOTATION_PAUSED,
     ANNOTATION_PROMOTE,
@@ -15,6 +21,7 @@ from moe_operator.rollout import (
     AbortRequest,
     iso,
 )
+from moe_operator.world import revisions
 
 pytestmark = pytest.mark.unit
 

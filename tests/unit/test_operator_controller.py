@@ -5,13 +5,13 @@ import threading
 import kopf
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from moe_operator import names
-from moe_operator.cli import parser
-from moe_operator.controller import Controller
-from moe_operator.handlers import configure
-from moe_operator.metrics import OperatorMetrics
-from moe_operator.observe import Observed
-from moe_operator.server import build_app
+from moe_operator.api import names
+from moe_operator.app.cli import parser
+from moe_operator.app.controller import Controller
+from moe_operator.app.handlers import configure
+from moe_operator.app.metrics import OperatorMetrics
+from moe_operator.app.server import build_app
+from moe_operator.world.observe import Observed
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 from fake_cluster import FakeCluster
-from moe_operator import names
+from moe_operator.api import names
 
 pytestmark = pytest.mark.unit
 
@@ -237,10 +237,10 @@ def test_services_follow_the_plan():
 
 
 def test_existing_pods_are_relabelled_never_reapplied():
-    from moe_operator.desired import changes, desired_objects
-    from moe_operator.pods import revision_of
-    from moe_operator.rollout import next_step
-    from moe_operator.spec import ModelDeployment
+    from moe_operator.api.spec import ModelDeployment
+    from moe_operator.desired.diff import changes, desired_objects
+    from moe_operator.desired.pods import revision_of
+    from moe_operator.rollout.machine import next_step
 
     c = FakeCluster(copy.deepcopy(SPEC))
     c.converge()

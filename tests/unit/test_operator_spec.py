@@ -1,7 +1,7 @@
 """Reading a ModelDeployment: defaults, model sources, and the refusals the CRD cannot express."""
 
 import pytest
-from moe_operator.spec import ModelDeployment, ModelSource, SpecError, parse_duration
+from moe_operator.api.spec import ModelDeployment, ModelSource, SpecError, parse_duration
 
 pytestmark = pytest.mark.unit
 

@@ -11,10 +11,11 @@ import kopf
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from moe_operator import cli, names
-from moe_operator.handlers import configure
-from moe_operator.metrics import OperatorMetrics
-from moe_operator.permissions import (
+from moe_operator.api import names
+from moe_operator.app import cli
+from moe_operator.app.handlers import configure
+from moe_operator.app.metrics import OperatorMetrics
+from moe_operator.app.permissions import (
     RULES,
     Check,
     KopfRetries,
@@ -26,7 +27,7 @@ from moe_operator.permissions import (
     scans_namespaces,
     subject,
 )
-from moe_operator.server import build_app
+from moe_operator.app.server import build_app
 
 pytestmark = pytest.mark.unit
 

@@ -6,14 +6,15 @@ import copy
 import urllib.parse
 
 import pytest
-from moe_operator import progressive, rollout
 from moe_operator.analysis import Baselines, Measurement
 from moe_operator.analysis.prometheus import PrometheusProvider
-from moe_operator.desired import changes, desired_objects
-from moe_operator.observe import observed_from
-from moe_operator.pods import revision_of
-from moe_operator.spec import ModelDeployment
+from moe_operator.api.spec import ModelDeployment
+from moe_operator.desired.diff import changes, desired_objects
+from moe_operator.desired.pods import revision_of
+from moe_operator.rollout import machine as rollout
+from moe_operator.rollout import progressive
 from moe_operator.status import status_of
+from moe_operator.world.observe import observed_from
 
 pytestmark = pytest.mark.unit
 
@@ -198,7 +199,7 @@ def test_status_patch_removes_nested_keys_that_went_away():
 
 
 def test_rollout_knobs_from_the_spec():
-    from moe_operator.spec import SpecError
+    from moe_operator.api.spec import SpecError
     spec = {"model": {"source": "builtin:x"}, "rollout": {
         "paused": True, "progressDeadlineAbort": True,
         "analysis": {"failureLimit": 0, "inconclusiveLimit": 2, "minSamples": 50, "inconclusive": "Abort",

@@ -4,12 +4,13 @@ matches, the analysis' PromQL, and written only when it differs (converged means
 import copy
 
 import pytest
-from moe_operator import alerts, names
 from moe_operator.analysis.prometheus import queries
-from moe_operator.desired import changes
-from moe_operator.observe import Observed
-from moe_operator.prometheus_rule import ALERT_ERRORS, ALERT_P99, ALERT_TTFT, BY, desired_rule, selector
-from moe_operator.spec import ModelDeployment
+from moe_operator.api import names
+from moe_operator.api.spec import ModelDeployment
+from moe_operator.app import alerts
+from moe_operator.desired.diff import changes
+from moe_operator.desired.rules import ALERT_ERRORS, ALERT_P99, ALERT_TTFT, BY, desired_rule, selector
+from moe_operator.world.observe import Observed
 
 pytestmark = pytest.mark.unit
 
@@ -96,7 +97,7 @@ def test_no_crd_no_rule():
 
 
 def test_the_permission_is_optional_in_the_startup_check():
-    from moe_operator.permissions import OPTIONAL, RULES, markdown_table, required
+    from moe_operator.app.permissions import OPTIONAL, RULES, markdown_table, required
     (rule,) = [r for r in RULES if "prometheusrules" in r.resources]
     assert rule.group == "monitoring.coreos.com" and rule.needed == OPTIONAL
     assert set(rule.verbs) == {"list", "create", "patch", "delete"}

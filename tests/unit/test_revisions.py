@@ -7,11 +7,12 @@ import json
 
 import pytest
 from fake_cluster import FakeCluster
-from moe_operator import names, revisions
-from moe_operator.pods import PodSlot, desired_pod, revision_of, template_fingerprint
-from moe_operator.progressive import rollback_word
-from moe_operator.rollout import ANNOTATION_ABORT, AbortRequest
-from moe_operator.spec import ModelDeployment
+from moe_operator.api import names
+from moe_operator.api.spec import ModelDeployment
+from moe_operator.desired.pods import PodSlot, desired_pod, revision_of, template_fingerprint
+from moe_operator.rollout.machine import ANNOTATION_ABORT, AbortRequest
+from moe_operator.rollout.progressive import rollback_word
+from moe_operator.world import revisions
 
 pytestmark = pytest.mark.unit
 

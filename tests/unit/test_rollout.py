@@ -1,4 +1,4 @@
-"""Canary and blue-green state machines (moe_operator.rollout) against a simulated cluster.
+"""Canary and blue-green state machines (moe_operator.rollout.machine) against a simulated cluster.
 
 The simulation uses the operator's own pure pieces (spec, observe, desired objects, changes, status),
 plays kubelet and scheduler (pods become ready when told, deleted pods terminate for a while and
@@ -10,11 +10,12 @@ import json
 import random
 
 import pytest
-from moe_operator import names, revisions, rollout
-from moe_operator.desired import changes, desired_objects, with_templates
-from moe_operator.observe import observed_from
-from moe_operator.pods import revision_of
-from moe_operator.rollout import (
+from moe_operator.api import names
+from moe_operator.api.spec import ModelDeployment
+from moe_operator.desired.diff import changes, desired_objects, with_templates
+from moe_operator.desired.pods import revision_of
+from moe_operator.rollout import machine as rollout
+from moe_operator.rollout.machine import (
     ANNOTATION_ABORT,
     ANNOTATION_PAUSED,
     ANNOTATION_PROMOTE,
@@ -31,8 +32,9 @@ from moe_operator.rollout import (
     canary_groups_for,
     requests_from,
 )
-from moe_operator.spec import ModelDeployment
 from moe_operator.status import status_of
+from moe_operator.world import revisions
+from moe_operator.world.observe import observed_from
 
 pytestmark = pytest.mark.unit
 

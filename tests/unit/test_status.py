@@ -1,11 +1,11 @@
 """status_of / status_patch / events_for: what users read in `kubectl get md` and `kubectl describe`."""
 
 import pytest
-from moe_operator import rollout
-from moe_operator.observe import observed_from
-from moe_operator.pods import revision_of
-from moe_operator.spec import ModelDeployment, SpecError
+from moe_operator.api.spec import ModelDeployment, SpecError
+from moe_operator.desired.pods import revision_of
+from moe_operator.rollout import machine as rollout
 from moe_operator.status import condition, events_for, invalid_status, status_of, status_patch
+from moe_operator.world.observe import observed_from
 
 pytestmark = pytest.mark.unit
 

@@ -1,7 +1,7 @@
 """Analysis: is the new revision healthy? Three sources, one verdict.
 
 1. Alerts (push): Alertmanager posts to the operator's `/alerts`; a firing alert that names the
-   ModelDeployment becomes an abort request (moe_operator.alerts) that the rollout acts on at once.
+   ModelDeployment becomes an abort request (moe_operator.app.alerts) that the rollout acts on at once.
    It needs no polling, so it is not a `Provider` here: it is the fast path.
 2. PromQL (pull, `analysis.prometheus.url`): `PrometheusProvider` queries latency quantiles, error
    rate and sample counts of the new revision every `interval`.
@@ -30,9 +30,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..observe import Observed
-from ..rollout import FAIL, INCONCLUSIVE, PASS, PENDING, Verdict, iso
-from ..spec import AnalysisSpec, ModelDeployment, SLOSpec
+from ..api.spec import AnalysisSpec, ModelDeployment, SLOSpec
+from ..rollout.machine import FAIL, INCONCLUSIVE, PASS, PENDING, Verdict, iso
+from ..world.observe import Observed
 
 MEASURE_PASS, MEASURE_FAIL, MEASURE_INCONCLUSIVE = "pass", "fail", "inconclusive"
 KEEP_MEASUREMENTS = 5

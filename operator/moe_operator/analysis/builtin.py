@@ -7,8 +7,8 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .. import names
-from ..observe import ObservedPod
+from ..api import names
+from ..world.observe import ObservedPod
 from . import MEASURE_FAIL, Context, Measurement, judge_slo
 from .metrics_text import delta, error_rate, merge, quantile, requests, snapshot
 

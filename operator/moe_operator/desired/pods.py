@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import names
-from .spec import ModelDeployment
+from ..api import names
+from ..api.spec import ModelDeployment
 
 MODEL_MOUNT = "/models"
 MODEL_CACHE_MOUNT = "/model-cache"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from kubernetes import client
 
-from . import names
+from ..api import names
 
 RECHECK_SECONDS = 30.0      # permissions granted: look again this often (a Role may be narrowed)
 RETRY_SECONDS = 5.0         # something missing or failing: look again this soon

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import kopf
 
-from . import names
+from ..api import names
 from .permissions import scans_namespaces
 
 registry = kopf.OperatorRegistry()

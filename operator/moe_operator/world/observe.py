@@ -20,7 +20,7 @@ from kubernetes.dynamic.exceptions import (
     ResourceNotUniqueError,
 )
 
-from . import names
+from ..api import names
 from .revisions import Recorded, recorded_from
 
 RULES_RECHECK_SECONDS = 60.0   # how often discovery is asked whether the PrometheusRule CRD exists

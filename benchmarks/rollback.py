@@ -1,4 +1,4 @@
-"""`python -m moe_operator.bench_rollback [--trials 12]`: rollback latency, from an alert's arrival at
+"""`python -m benchmarks.rollback [--trials 12]`: rollback latency, from an alert's arrival at
 the operator's /alerts to the last canary pod out of rotation, over repeated canaries.
 
 Each trial rolls a new revision out as a canary (pods on the devcluster's simulated GPU nodes, so the
@@ -18,8 +18,9 @@ import urllib.request
 import uuid
 from typing import Any
 
-from . import names
-from .testing import install_crd, running_operator, wait_for
+from moe_operator.api import names
+
+from devtools.harness import install_crd, running_operator, wait_for
 
 NAMESPACE = "moe-bench"
 NAME = "bench"
@@ -53,7 +54,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moe_operator.bench_rollback")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.rollback")
     p.add_argument("--trials", type=int, default=12)
     args = p.parse_args(argv)
 

@@ -94,7 +94,7 @@ def running_operator(cluster, namespaces: list[str] | None = None, resync_second
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"moe-operator-{port}.log"
     scope = [a for ns in namespaces for a in ("--namespace", ns)] if namespaces else ["--all-namespaces"]
-    cmd = [sys.executable, "-m", "moe_operator.cli", "run", "--kubeconfig", str(kubeconfig),
+    cmd = [sys.executable, "-m", "moe_operator.app.cli", "run", "--kubeconfig", str(kubeconfig),
            "--host", "127.0.0.1", "--port", str(port), "--resync-seconds", str(resync_seconds), *scope,
            *extra_args]
     env = {**os.environ, **cluster.env, "KUBECONFIG": str(kubeconfig)}

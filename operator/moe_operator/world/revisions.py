@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import names
-from .pods import common_labels, owner_reference, revision_of
-from .spec import ModelDeployment, SpecError
+from ..api import names
+from ..api.spec import ModelDeployment, SpecError
+from ..desired.pods import common_labels, owner_reference, revision_of
 
 API_VERSION = "apps/v1"
 KIND = "ControllerRevision"

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import names
+from ..api import names
 
 
 @dataclass(frozen=True)

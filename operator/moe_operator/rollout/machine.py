@@ -35,10 +35,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from . import names
-from .observe import Group, Observed, ObservedPod
-from .plan import GroupPlan, Plan
-from .spec import ModelDeployment
+from ..api import names
+from ..api.spec import ModelDeployment
+from ..world.observe import Group, Observed, ObservedPod
+from ..world.plan import GroupPlan, Plan
 
 # How long an aborted canary's pods stay (out of rotation) before they are deleted, and how long the
 # old revision stays warm after a canary promotion (blue-green uses scaleDownDelaySeconds).

@@ -15,14 +15,14 @@ from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
+from ..apply import Writer
+from ..rollout.progressive import rollback_word
+from ..world.observe import Reader
 from .alerts import AbortStore, TokenSource, alerts_routes
-from .apply import Writer
 from .controller import Controller, key_of
 from .handlers import configure, registry
 from .metrics import OperatorMetrics
-from .observe import Reader
 from .permissions import RECHECK_SECONDS, RETRY_SECONDS, Access, KopfRetries, Readiness, one_line
-from .progressive import rollback_word
 from .server import build_app, serve
 
 log = logging.getLogger("moe_operator")

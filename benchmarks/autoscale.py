@@ -1,7 +1,7 @@
 """Benchmark: time from a load step to the built-in autoscaler's scale-up decision, and to the new
 replica group ready, on the devcluster with real runtime pods on the local node.
 
-    python -m moe_operator.bench_autoscale [--trials 3] [--interval 1s] [--down-window 10s]
+    python -m benchmarks.autoscale [--trials 3] [--interval 1s] [--down-window 10s]
 
 Each trial: one group serving, idle; a step of bounded load (closed loop, `--clients` requests in
 flight against runtime pods that run one sequence at a time, so requests queue in the engine); the
@@ -18,10 +18,11 @@ import sys
 import time
 import uuid
 
-from . import names
-from .loadgen import Load, service_port
-from .rollout import epoch
-from .testing import install_crd, running_operator, wait_for
+from moe_operator.api import names
+from moe_operator.rollout.machine import epoch
+
+from devtools.harness import install_crd, running_operator, wait_for
+from devtools.loadgen import Load, service_port
 
 LOCAL = {"devcluster.serving.moe.dev/local": "true"}
 
@@ -39,7 +40,7 @@ def manifest(name: str, namespace: str, interval: str, down_window: str) -> dict
 def main(argv: list[str] | None = None) -> int:
     from devcluster.testing import running_cluster
 
-    parser = argparse.ArgumentParser(prog="python -m moe_operator.bench_autoscale", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.autoscale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--interval", default="1s", help="spec.autoscaling.interval")
     parser.add_argument("--down-window", default="10s", help="spec.autoscaling.scaleDownStabilization")

@@ -1,6 +1,6 @@
 """The built-in autoscaler of replica groups as one pure function: `decide(...) -> Decision`.
 
-Inputs: the autoscaling settings, the signal measured now (moe_operator.signals), the capacity as
+Inputs: the autoscaling settings, the signal measured now (moe_operator.autoscaling.signals), the capacity as
 the autoscaler sees it (`capacity_of(md, observed, now)`: ready groups in rotation, groups still
 loading, groups the scheduler cannot place), the rollout as it stands, the autoscaler's previous
 state (`status.autoscaling`, JSON-able) and the time. Output: the replica count to ask for, why,
@@ -40,9 +40,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import names
-from .observe import Observed
-from .rollout import canary_groups_for, epoch, iso
+from ..api import names
+from ..rollout.machine import canary_groups_for, epoch, iso
+from ..world.observe import Observed
 
 # Metrics (spec.autoscaling.metric).
 REQUESTS_WAITING, KV_CACHE_USAGE, TTFT_P99, PROMQL = "requestsWaiting", "kvCacheUsage", "ttftP99", "PromQL"
@@ -118,7 +118,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class Signal:
-    """One measurement (moe_operator.signals). `value` is what status shows against the target: waiting
+    """One measurement (moe_operator.autoscaling.signals). `value` is what status shows against the target: waiting
     requests per group, mean KV-cache use (0..1), p99 TTFT in ms, or the PromQL query's value.
     `groups` is how many ready groups it covers; `running`/`waiting` are totals over them."""
 

@@ -13,16 +13,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import names
-from .observe import Observed
-from .plan import Plan
+from ..api import names
+from ..api.spec import ModelDeployment
+from ..rollout.machine import iso
+from ..world.observe import Observed
+from ..world.plan import Plan
+from ..world.revisions import KIND as RECORD_KIND
 from .pods import PodSlot, desired_pod, owner_reference, pod_labels, pod_name, template_fingerprint
-from .prometheus_rule import KIND as RULE_KIND
-from .prometheus_rule import desired_rule
-from .revisions import KIND as RECORD_KIND
-from .rollout import iso
+from .rules import KIND as RULE_KIND
+from .rules import desired_rule
 from .services import desired_service
-from .spec import ModelDeployment
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import names
-from .analysis import AnalysisConfigError
-from .analysis.builtin import http_get
-from .analysis.metrics_text import TIME_TO_FIRST_TOKEN, delta, merge, quantile, snapshot
-from .analysis.prometheus import QueryRejected, fill_selector, http_get_json, scalar
-from .autoscaling import KV_CACHE_USAGE, PROMQL, REQUESTS_WAITING, TTFT_P99, Settings, Signal
-from .observe import Observed, ObservedPod
+from ..analysis import AnalysisConfigError
+from ..analysis.builtin import http_get
+from ..analysis.metrics_text import TIME_TO_FIRST_TOKEN, delta, merge, quantile, snapshot
+from ..analysis.prometheus import QueryRejected, fill_selector, http_get_json, scalar
+from ..api import names
+from ..world.observe import Observed, ObservedPod
+from .decision import KV_CACHE_USAGE, PROMQL, REQUESTS_WAITING, TTFT_P99, Settings, Signal
 
 # Gauges of model_runtime.metrics (the operator does not import the runtime; a unit test checks
 # that the names agree).

@@ -25,8 +25,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import names, revisions
-from .rollout import (
+from ..api import names
+from ..rollout.machine import (
     ABORT_USER,
     ANNOTATION_ABORT,
     ANNOTATION_PAUSED,
@@ -38,6 +38,7 @@ from .rollout import (
     epoch,
     iso,
 )
+from ..world import revisions
 
 # --- pure: what to write -------------------------------------------------------------------------
 

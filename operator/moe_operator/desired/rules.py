@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import names
-from .analysis.prometheus import queries
+from ..analysis.prometheus import queries
+from ..api import names
+from ..api.spec import ModelDeployment
 from .pods import common_labels, owner_reference
-from .spec import ModelDeployment
 
 API_VERSION = names.RULE_API_VERSION
 KIND = names.RULE_KIND

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import names
+from ..api import names
+from ..api.spec import ModelDeployment
 from .pods import common_labels, owner_reference
-from .spec import ModelDeployment
 
 
 def service_selector(md: ModelDeployment, track: str | None) -> dict[str, str]:

@@ -14,9 +14,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ..api.spec import AUTOSCALING_METRICS
+from ..reconcile import Outcome, Reads, reconcile
 from .metrics import OperatorMetrics
-from .reconcile import Outcome, Reads, reconcile
-from .spec import AUTOSCALING_METRICS
 
 Key = tuple[str, str]   # (namespace, name)
 

@@ -39,10 +39,10 @@ from typing import Any
 
 from aiohttp import web
 
-from . import names
-from .rollout import ABORT_ALERT, ANNOTATION_ABORT, AbortRequest, epoch, iso
+from ..api import names
+from ..rollout.machine import ABORT_ALERT, ANNOTATION_ABORT, AbortRequest, epoch, iso
 
-log = logging.getLogger("moe_operator.alerts")
+log = logging.getLogger("moe_operator.app.alerts")
 
 LABEL_NAMESPACE = "namespace"
 LABEL_MODELDEPLOYMENT = "modeldeployment"

@@ -1,4 +1,4 @@
-"""`python -m moe_operator.demo` (`make demo`): a bad revision rolled back on a latency alert, then a
+"""`python -m devtools.demo` (`make demo`): a bad revision rolled back on a latency alert, then a
 good one promoted through its canary steps, on the local cluster, under steady load.
 
 devcluster up --monitoring -> the operator (alerts token in a Secret, Alertmanager's webhook pointed at
@@ -22,10 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 import yaml
+from moe_operator.api import names
 
-from . import names
-from .loadgen import Load, service_port
-from .testing import CRD_FILE, ROOT, free_port
+from devtools.harness import CRD_FILE, ROOT, free_port
+from devtools.loadgen import Load, service_port
 
 NAMESPACE = "moe-demo"
 EXAMPLE = ROOT / "examples" / "rollout-canary.yaml"
@@ -128,7 +128,7 @@ class Demo:
         port = free_port()
         log = state / "logs" / "moe-operator.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "moe_operator.cli", "run", "--kubeconfig", str(self.cluster.kubeconfig),
+        cmd = [sys.executable, "-m", "moe_operator.app.cli", "run", "--kubeconfig", str(self.cluster.kubeconfig),
                "--host", "127.0.0.1", "--port", str(port), "--namespace", NAMESPACE, "--resync-seconds", "10",
                "--alerts-token-secret", f"{NAMESPACE}/{TOKEN_SECRET}"]
         with open(log, "ab") as f:
@@ -217,7 +217,7 @@ class Demo:
 
         state = self.wait("the alert to roll the canary back", aborted, 600, show=lambda: self.progress_line(load))
         a = state["aborted"]
-        from .rollout import epoch
+        from moe_operator.rollout.machine import epoch
         seconds = epoch(state["outOfRotationAt"]) - epoch(a["at"])
         after = "the alert arrived" if a.get("source") == "alert" else f"the {a.get('source')} asked"
         self.say(f"ROLLED BACK: {a['reason']} ({a.get('message')}); the canary left rotation {seconds:.2f}s "

@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import rollout
-from .analysis import BASELINES, Baselines, Context, Provider, analyse, provider_for
-from .observe import Observed
-from .plan import Plan
-from .spec import AnalysisSpec, ModelDeployment
+from ..analysis import BASELINES, Baselines, Context, Provider, analyse, provider_for
+from ..api.spec import AnalysisSpec, ModelDeployment
+from ..world.observe import Observed
+from ..world.plan import Plan
+from . import machine as rollout
 
 
 @dataclass(frozen=True)

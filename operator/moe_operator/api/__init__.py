@@ -1,0 +1,1 @@
+"""The API the operator serves and reads: the contract's names, the typed spec, condition reasons."""

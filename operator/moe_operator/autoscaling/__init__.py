@@ -1,0 +1,1 @@
+"""The built-in autoscaler: the pure decision and the signals it samples."""

@@ -1,0 +1,1 @@
+"""What is there: the observation (pods, Services, recorded revisions), the plan, the rollout state."""
