@@ -19,7 +19,7 @@ import time
 import uuid
 
 from moe_operator.api import names
-from moe_operator.rollout.machine import epoch
+from moe_operator.api.timestamps import epoch
 
 from devtools.harness import install_crd, running_operator, wait_for
 from devtools.loadgen import Load, service_port

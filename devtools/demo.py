@@ -217,7 +217,7 @@ class Demo:
 
         state = self.wait("the alert to roll the canary back", aborted, 600, show=lambda: self.progress_line(load))
         a = state["aborted"]
-        from moe_operator.rollout.machine import epoch
+        from moe_operator.api.timestamps import epoch
         seconds = epoch(state["outOfRotationAt"]) - epoch(a["at"])
         after = "the alert arrived" if a.get("source") == "alert" else f"the {a.get('source')} asked"
         self.say(f"ROLLED BACK: {a['reason']} ({a.get('message')}); the canary left rotation {seconds:.2f}s "

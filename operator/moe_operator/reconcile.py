@@ -13,14 +13,16 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .analysis import provider_for
+from .api.reasons import INVALID_SPEC
 from .api.spec import ModelDeployment, SpecError
 from .apply import WriteRefused
 from .autoscaling import decision as autoscaling
 from .autoscaling import signals
 from .desired.diff import Changes, changes, desired_objects, with_templates
 from .desired.pods import revision_of
+from .desired.records import desired_records
 from .rollout import progressive
-from .status import INVALID_SPEC, events_for, invalid_status, status_of, status_patch, with_autoscaling
+from .status import events_for, invalid_status, status_of, status_patch, with_autoscaling
 from .world import revisions
 from .world.observe import Observed
 from .world.plan import Plan
@@ -85,7 +87,7 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
     revision = revision_of(md)
     plan = progressive.next_plan(md, body, observed, revision, clock(), analysis_provider)
     in_use = {p.revision for p in observed.pods if p.live} | {g.revision for g in plan.groups}
-    records = revisions.desired_records(md, body.get("spec") or {}, meta.get("annotations") or {}, revision,
+    records = desired_records(md, body.get("spec") or {}, meta.get("annotations") or {}, revision,
                                         plan.stable_revision, plan.rollout_state, observed.revisions, in_use,
                                         now(), legacy)
     todo = changes(desired_objects(md, plan, observed, templates, records, clock()), observed)

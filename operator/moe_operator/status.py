@@ -8,6 +8,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .api.reasons import (
+    ALL_REPLICAS_READY,
+    CONVERGED,
+    HEALTHY,
+    INSUFFICIENT_GPU,
+    MODEL_LOADING,
+    PODS_FAILING,
+    ROLLING_OUT,
+    SCALED_TO_ZERO,
+    SCALING_DOWN,
+    SCALING_LIMITED,
+    SCALING_UP,
+    UNSCHEDULABLE,
+)
 from .api.spec import ModelDeployment
 from .autoscaling.decision import limited_condition
 from .desired.services import pods_selector
@@ -16,22 +30,9 @@ from .world.observe import Observed
 from .world.plan import Plan
 
 AVAILABLE, PROGRESSING, DEGRADED = "Available", "Progressing", "Degraded"
-SCALING_LIMITED = "ScalingLimited"     # only with spec.autoscaling
 CONDITION_TYPES = (AVAILABLE, PROGRESSING, DEGRADED)
 
 # Reasons (CamelCase, as Kubernetes conditions use them).
-ALL_REPLICAS_READY = "AllReplicasReady"
-SCALED_TO_ZERO = "ScaledToZero"
-MODEL_LOADING = "ModelLoading"
-INSUFFICIENT_GPU = "InsufficientGPUCapacity"
-UNSCHEDULABLE = "Unschedulable"
-PODS_FAILING = "PodsFailing"
-INVALID_SPEC = "InvalidSpec"
-ROLLING_OUT = "RollingOut"
-SCALING_UP = "ScalingUp"
-SCALING_DOWN = "ScalingDown"
-CONVERGED = "Converged"
-HEALTHY = "Healthy"
 
 # The status keys this module owns; others (e.g. `autoscaling`) belong to other parts of the operator.
 OWNED_KEYS = ("observedGeneration", "replicas", "readyReplicas", "updatedReplicas", "selector",

@@ -17,7 +17,8 @@ import uuid
 
 import pytest
 from moe_operator.api import names
-from moe_operator.rollout import machine as rollout
+from moe_operator.api.timestamps import epoch, iso
+from moe_operator.rollout.requests import ANNOTATION_ABORT, ANNOTATION_PROMOTE, AbortRequest
 
 from devcluster.testing import running_cluster
 from devtools.harness import install_crd, running_operator, wait_for
@@ -101,7 +102,7 @@ def holds(what, check, seconds, interval=0.2):
 
 def promote(cluster, ns, name):
     cluster.kubectl("annotate", "md", name, "-n", ns, "--overwrite",
-                    f"{rollout.ANNOTATION_PROMOTE}={rollout.iso(time.time())}")
+                    f"{ANNOTATION_PROMOTE}={iso(time.time())}")
 
 
 def post(op, token, body: bytes):
@@ -272,7 +273,7 @@ def test_webhook_refuses_bad_tokens_and_payloads_without_effect_then_aborts(clus
     assert code == 400 and "alerts must be a list" in body["error"]
     assert post(operator, good, b"not json")[0] == 400
     after = get(cluster, "md", name, "-n", ns)
-    assert after["metadata"].get("annotations", {}).get(rollout.ANNOTATION_ABORT) is None
+    assert after["metadata"].get("annotations", {}).get(ANNOTATION_ABORT) is None
     # The refused posts wrote nothing (kopf's own bookkeeping of the spec change it handled may land
     # meanwhile: it is not the webhook's doing).
     assert user_annotations(after) == user_annotations(before)
@@ -347,7 +348,7 @@ def test_operator_killed_mid_rollout_resumes(cluster, own_namespace, token, sole
             status(cluster, ns, name).get("rollout") or {}), 120, 0.1)
         sigkill(op, sole_operator, ns)                       # SIGKILL in the middle of a timed pause
     # The pause ends while no operator runs (nothing may move meanwhile).
-    pause_end = rollout.epoch(state["stepStartedAt"]) + pause
+    pause_end = epoch(state["stepStartedAt"]) + pause
     wait_for("the pause to end with no operator running", lambda: time.time() > pause_end + 1, 60, 0.1)
     dead = status(cluster, ns, name).get("rollout") or {}
     assert (dead.get("stepIndex"), dead.get("stepStartedAt")) == (1, state["stepStartedAt"]), dead
@@ -468,7 +469,7 @@ def test_alert_path_and_builtin_scrape_roll_back_under_load(cluster, ns, operato
                              240, 0.5)
             assert state["aborted"]["reason"] == "AlertFiring", state["aborted"]
             assert state["aborted"]["labels"]["alertname"] == "MoECanaryLatencyHigh"
-            rollback = rollout.epoch(state["outOfRotationAt"]) - rollout.epoch(state["aborted"]["at"])
+            rollback = epoch(state["outOfRotationAt"]) - epoch(state["aborted"]["at"])
             # The 2 s goal is the benchmark's (bench_rollback, p95 over trials); here, on a shared and
             # loaded machine, one sample only has to show the alert acted at once, not at a resync.
             assert 0 <= rollback < 5.0, rollback
@@ -502,14 +503,14 @@ def test_blue_green_switch_and_instant_rollback_under_load_without_failures(clus
                  300, 0.5)
         assert {p["metadata"]["labels"][names.LABEL_IN_ROTATION] for p in live_pods(cluster, ns, name)
                 if p["metadata"]["labels"][names.LABEL_TRACK] == "preview"} == {"false"}
-        cluster.kubectl("annotate", "md", name, "-n", ns, "--overwrite", f"{rollout.ANNOTATION_PROMOTE}=now")
+        cluster.kubectl("annotate", "md", name, "-n", ns, "--overwrite", f"{ANNOTATION_PROMOTE}=now")
         new = wait_for("the switch", lambda: (lambda s: s.get("stableRevision") if s.get("stableRevision") != stable
                        else None)(status(cluster, ns, name)), 120, 0.2)
         switched = time.time()
         wait_for("traffic on the new revision", lambda: load.counts(since=switched + 1)[1] >= 8, 60, 0.2)
         # The old revision is warm: an abort switches straight back.
-        abort = rollout.AbortRequest(new, "AbortedByUser", "e2e", time.time(), "user").to_json()
-        cluster.kubectl("annotate", "md", name, "-n", ns, "--overwrite", f"{rollout.ANNOTATION_ABORT}={abort}")
+        abort = AbortRequest(new, "AbortedByUser", "e2e", time.time(), "user").to_json()
+        cluster.kubectl("annotate", "md", name, "-n", ns, "--overwrite", f"{ANNOTATION_ABORT}={abort}")
         wait_for("the switch back", lambda: status(cluster, ns, name).get("stableRevision") == stable, 60, 0.1)
         back = time.time()
         wait_for("traffic back on the old revision", lambda: load.counts(since=back + 1)[1] >= 8, 60, 0.2)

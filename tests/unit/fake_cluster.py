@@ -6,8 +6,8 @@ import copy
 import itertools
 
 from moe_operator.api import names
+from moe_operator.api.timestamps import iso
 from moe_operator.reconcile import reconcile
-from moe_operator.rollout.machine import iso
 from moe_operator.world.observe import observed_from
 
 T0 = 1_800_000_000.0          # the rollout and autoscaling clock starts here

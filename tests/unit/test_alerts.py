@@ -9,6 +9,7 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web import Application
+from moe_operator.api.timestamps import iso
 from moe_operator.app.alerts import (
     Alert,
     PayloadError,
@@ -19,7 +20,7 @@ from moe_operator.app.alerts import (
     parse_payload,
     targets,
 )
-from moe_operator.rollout.machine import ANNOTATION_ABORT, ANNOTATION_RETRY, AbortRequest, iso
+from moe_operator.rollout.requests import ANNOTATION_ABORT, ANNOTATION_RETRY, AbortRequest
 
 pytestmark = pytest.mark.unit
 

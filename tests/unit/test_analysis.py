@@ -12,13 +12,13 @@ from moe_operator.analysis import STATE_KEYS, Baselines, Context, analyse, judge
 from moe_operator.analysis import metrics_text as mt
 from moe_operator.analysis.builtin import ScrapeProvider
 from moe_operator.analysis.prometheus import PrometheusProvider, fill_selector, queries
+from moe_operator.analysis.verdict import FAIL, INCONCLUSIVE, PASS, PENDING
 from moe_operator.api import names
 from moe_operator.api.spec import AnalysisSpec, ModelDeployment, SLOSpec
-from moe_operator.rollout.machine import FAIL, INCONCLUSIVE, PASS, PENDING
 from moe_operator.world.observe import observed_from
 
-from model_runtime import metrics as runtime_metrics
-from model_runtime.metrics import RuntimeMetrics
+from model_runtime.serving import metrics as runtime_metrics
+from model_runtime.serving.metrics import RuntimeMetrics
 
 pytestmark = pytest.mark.unit
 

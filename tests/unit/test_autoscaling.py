@@ -8,9 +8,10 @@ import random
 
 import pytest
 from moe_operator.api.spec import ModelDeployment
+from moe_operator.api.timestamps import iso
 from moe_operator.autoscaling import decision as a
 from moe_operator.autoscaling.decision import Capacity, RolloutView, Settings, Signal, decide
-from moe_operator.rollout.machine import canary_groups_for, iso
+from moe_operator.rollout.layout import canary_groups_for
 from moe_operator.world.observe import observed_from
 
 pytestmark = pytest.mark.unit
@@ -415,6 +416,7 @@ def test_the_rollout_plans_the_autoscaled_count_in_proportion_within_the_gpu_bud
     the weight's proportion and the GPU budget grows with it, by one group's surge only."""
     from moe_operator.desired.pods import revision_of
     from moe_operator.rollout import machine as rollout
+    from moe_operator.rollout.layout import gpu_budget
 
     body = {"apiVersion": "serving.moe.dev/v1alpha1", "kind": "ModelDeployment",
             "metadata": {"name": "chat", "namespace": "ns", "uid": "u", "generation": 2},
@@ -440,7 +442,7 @@ def test_the_rollout_plans_the_autoscaled_count_in_proportion_within_the_gpu_bud
     for i in range(30):
         scaled = ModelDeployment.from_body({**body, "status": status})
         observed = observed_from(list(groups.values()), [], 1)
-        assert len(groups) <= rollout.gpu_budget(scaled) == 6 + 1      # one GPU per group
+        assert len(groups) <= gpu_budget(scaled) == 6 + 1      # one GPU per group
         plan = rollout.next_step(scaled, observed, new, T0 + 1 + i)
         status = {**status, "rollout": dict(plan.rollout_state)}
         # Pods that existed are ready now; draining groups are gone by the next pass.

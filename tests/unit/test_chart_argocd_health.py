@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 from lupa import LuaRuntime
-from moe_operator import status
-from moe_operator.rollout import progressive
+from moe_operator.api import reasons
 
 pytestmark = pytest.mark.unit
 
@@ -45,13 +44,13 @@ def md(conditions=None, generation=1, observed=1, rollout=None, annotations=None
     return body
 
 
-SETTLED = [cond("Available", True, status.ALL_REPLICAS_READY, "3/3 replica groups ready"),
-           cond("Progressing", False, status.CONVERGED), cond("Degraded", False, status.HEALTHY)]
+SETTLED = [cond("Available", True, reasons.ALL_REPLICAS_READY, "3/3 replica groups ready"),
+           cond("Progressing", False, reasons.CONVERGED), cond("Degraded", False, reasons.HEALTHY)]
 
 
-def rolling(reason=progressive.ROLLING_OUT, message="canary bbb: step 1/4, weight 34% (achieved 33%)"):
-    return [cond("Available", True, status.ALL_REPLICAS_READY), cond("Progressing", True, reason, message),
-            cond("Degraded", False, status.HEALTHY)]
+def rolling(reason=reasons.ROLLING_OUT, message="canary bbb: step 1/4, weight 34% (achieved 33%)"):
+    return [cond("Available", True, reasons.ALL_REPLICAS_READY), cond("Progressing", True, reason, message),
+            cond("Degraded", False, reasons.HEALTHY)]
 
 
 def rollout_state(step_index, **extra):
@@ -66,23 +65,23 @@ def test_new_and_unobserved_objects_are_progressing():
 
 def test_settled_and_scaled_to_zero_are_healthy():
     assert health(md(SETTLED, message="3/3 replica groups ready")) == ("Healthy", "3/3 replica groups ready")
-    zero = [cond("Available", True, status.SCALED_TO_ZERO, "0/0 replica groups ready"),
-            cond("Progressing", False, status.CONVERGED), cond("Degraded", False, status.HEALTHY)]
+    zero = [cond("Available", True, reasons.SCALED_TO_ZERO, "0/0 replica groups ready"),
+            cond("Progressing", False, reasons.CONVERGED), cond("Degraded", False, reasons.HEALTHY)]
     assert health(md(zero))[0] == "Healthy"
 
 
 def test_loading_and_scaling_are_progressing():
-    loading = [cond("Available", False, status.MODEL_LOADING, "0/3 replica groups ready; 3 pods starting"),
-               cond("Progressing", True, status.MODEL_LOADING, "0/3 replica groups ready"),
-               cond("Degraded", False, status.HEALTHY)]
+    loading = [cond("Available", False, reasons.MODEL_LOADING, "0/3 replica groups ready; 3 pods starting"),
+               cond("Progressing", True, reasons.MODEL_LOADING, "0/3 replica groups ready"),
+               cond("Degraded", False, reasons.HEALTHY)]
     assert health(md(loading)) == ("Progressing", "0/3 replica groups ready")
-    scaling = [cond("Available", True, status.ALL_REPLICAS_READY),
-               cond("Progressing", True, status.SCALING_UP, "2 replica groups, scaling up to 3"),
-               cond("Degraded", False, status.HEALTHY)]
+    scaling = [cond("Available", True, reasons.ALL_REPLICAS_READY),
+               cond("Progressing", True, reasons.SCALING_UP, "2 replica groups, scaling up to 3"),
+               cond("Degraded", False, reasons.HEALTHY)]
     assert health(md(scaling))[0] == "Progressing"
 
 
-@pytest.mark.parametrize("reason", [status.INSUFFICIENT_GPU, status.PODS_FAILING, status.INVALID_SPEC, "Forbidden"])
+@pytest.mark.parametrize("reason", [reasons.INSUFFICIENT_GPU, reasons.PODS_FAILING, reasons.INVALID_SPEC, "Forbidden"])
 def test_what_needs_a_person_is_degraded_with_the_operators_message(reason):
     conditions = [cond("Available", False, reason), cond("Progressing", False, reason),
                   cond("Degraded", True, reason, f"{reason}: what to do")]
@@ -91,9 +90,9 @@ def test_what_needs_a_person_is_degraded_with_the_operators_message(reason):
 
 def test_an_aborted_rollout_is_degraded_though_the_stable_revision_serves():
     message = "revision bbb aborted, aaa serves: AlertFiring: MoECanaryLatencyHigh"
-    conditions = [cond("Available", True, status.ALL_REPLICAS_READY),
-                  cond("Progressing", False, progressive.ROLLOUT_ABORTED, message),
-                  cond("Degraded", True, progressive.ROLLOUT_ABORTED, message)]
+    conditions = [cond("Available", True, reasons.ALL_REPLICAS_READY),
+                  cond("Progressing", False, reasons.ROLLOUT_ABORTED, message),
+                  cond("Degraded", True, reasons.ROLLOUT_ABORTED, message)]
     aborted = rollout_state(1, aborted={"reason": "AlertFiring", "message": "MoECanaryLatencyHigh", "source": "alert"})
     assert health(md(conditions, rollout=aborted)) == ("Degraded", message)
 
@@ -110,7 +109,7 @@ def test_a_canary_at_a_pause_without_duration_is_suspended():
 
 def test_pauses_of_the_operator_and_of_users_are_suspended():
     paused = rollout_state(0, paused={"reason": "AnalysisInconclusive", "message": "no samples", "at": "t"})
-    assert health(md(rolling(progressive.ROLLOUT_PAUSED, "AnalysisInconclusive: no samples"), rollout=paused)) == (
+    assert health(md(rolling(reasons.ROLLOUT_PAUSED, "AnalysisInconclusive: no samples"), rollout=paused)) == (
         "Suspended", "AnalysisInconclusive: no samples")
     by_hand = md(rolling(), rollout=rollout_state(0), annotations={"serving.moe.dev/paused": "true"})
     assert health(by_hand)[0] == "Suspended"

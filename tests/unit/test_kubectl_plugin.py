@@ -4,6 +4,7 @@ import json
 
 import pytest
 from moe_operator.api import names
+from moe_operator.api.timestamps import iso
 from moe_operator.app.kubectl_plugin import (
     annotation_patch,
     parser,
@@ -11,7 +12,7 @@ from moe_operator.app.kubectl_plugin import (
     render_status,
     undo_patch,
 )
-from moe_operator.rollout.machine import (
+from moe_operator.rollout.requests import (
     ANNOTATION_ABORT,
     ANNOTATION_PAUSED,
     ANNOTATION_PROMOTE,
@@ -19,7 +20,6 @@ from moe_operator.rollout.machine import (
     ANNOTATION_RESUME,
     ANNOTATION_RETRY,
     AbortRequest,
-    iso,
 )
 from moe_operator.world import revisions
 

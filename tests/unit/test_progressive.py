@@ -9,10 +9,12 @@ import pytest
 from moe_operator.analysis import Baselines, Measurement
 from moe_operator.analysis.prometheus import PrometheusProvider
 from moe_operator.api.spec import ModelDeployment
+from moe_operator.api.timestamps import iso
 from moe_operator.desired.diff import changes, desired_objects
 from moe_operator.desired.pods import revision_of
 from moe_operator.rollout import machine as rollout
 from moe_operator.rollout import progressive
+from moe_operator.rollout.requests import ANNOTATION_ABORT, ANNOTATION_PROMOTE, AbortRequest
 from moe_operator.status import status_of
 from moe_operator.world.observe import observed_from
 
@@ -64,7 +66,7 @@ class World:
         for _kind, name, _ in todo.delete:
             self.pods.pop(name, None)
         self.reports.append(progressive.after_write(md, plan, self.now + 0.25))
-        self.body["status"] = {k: v for k, v in status_of(md, observed, plan, rollout.iso(self.now)).items()
+        self.body["status"] = {k: v for k, v in status_of(md, observed, plan, iso(self.now)).items()
                                if v is not None}
         return plan
 
@@ -82,12 +84,12 @@ def test_analysis_runs_only_during_a_rollout_and_not_before_an_abort():
     new = w.body["status"]["currentRevision"]
     assert provider.calls == 1 and w.body["status"]["rollout"]["analysis"]["measurements"][-1]["result"] == "pass"
     w.now += 10
-    w.body["metadata"]["annotations"][rollout.ANNOTATION_ABORT] = rollout.AbortRequest(
+    w.body["metadata"]["annotations"][ANNOTATION_ABORT] = AbortRequest(
         new, "AlertFiring", "slow", w.now - 0.5, "alert").to_json()
     plan = w.step()
     assert provider.calls == 1, "the abort is acted on without scraping first"
     state = w.body["status"]["rollout"]
-    assert state["aborted"]["reason"] == "AlertFiring" and state["outOfRotationAt"] == rollout.iso(w.now + 0.25)
+    assert state["aborted"]["reason"] == "AlertFiring" and state["outOfRotationAt"] == iso(w.now + 0.25)
     assert w.reports[-1].rollback == ("AlertFiring", pytest.approx(0.75))
     assert not rollout.new_revision_in_rotation(plan)
     w.step()
@@ -111,7 +113,7 @@ def test_promotion_is_reported_with_its_duration_and_due_in_follows_the_interval
     plan = w.step()
     assert progressive.due_in(ModelDeployment.from_body(w.body), plan, w.now, w.baselines) == pytest.approx(5)
     w.now += 30
-    w.body["metadata"]["annotations"][rollout.ANNOTATION_PROMOTE] = "go"
+    w.body["metadata"]["annotations"][ANNOTATION_PROMOTE] = "go"
     for _ in range(4):
         w.now += 10
         w.step()
@@ -181,7 +183,7 @@ def test_conditions_say_why_a_rollout_stopped():
     assert progressive.rollout_conditions(md, plan)["Progressing"][1] == "RollingOut"
     assert "step 1/2" in progressive.rollout_conditions(md, plan)["Progressing"][2]
     new = w.body["status"]["currentRevision"]
-    w.body["metadata"]["annotations"][rollout.ANNOTATION_ABORT] = rollout.AbortRequest(
+    w.body["metadata"]["annotations"][ANNOTATION_ABORT] = AbortRequest(
         new, "AlertFiring", "p99 too high", w.now, "alert", {"alertname": "MoELatency"}).to_json()
     plan = w.step()
     conds = progressive.rollout_conditions(ModelDeployment.from_body(w.body), plan)

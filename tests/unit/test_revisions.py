@@ -9,9 +9,10 @@ import pytest
 from fake_cluster import FakeCluster
 from moe_operator.api import names
 from moe_operator.api.spec import ModelDeployment
+from moe_operator.desired import records
 from moe_operator.desired.pods import PodSlot, desired_pod, revision_of, template_fingerprint
-from moe_operator.rollout.machine import ANNOTATION_ABORT, AbortRequest
 from moe_operator.rollout.progressive import rollback_word
+from moe_operator.rollout.requests import ANNOTATION_ABORT, AbortRequest
 from moe_operator.world import revisions
 
 pytestmark = pytest.mark.unit
@@ -192,8 +193,8 @@ def test_history_is_pruned_to_the_limit_and_a_revision_that_comes_back_gets_the_
 def test_change_summary_names_each_changed_field():
     before = {"model": {"source": A}, "resources": {"gpus": 1}}
     after = {"model": {"source": B}, "resources": {"gpus": 2}, "runtime": {"args": ["--max-num-seqs", "8"]}}
-    assert revisions.change_summary(None, after) == "created"
-    assert revisions.change_summary(before, after) == (
+    assert records.change_summary(None, after) == "created"
+    assert records.change_summary(before, after) == (
         f'model.source: {A} -> {B}; resources.gpus: 1 -> 2; runtime.args: (unset) -> ["--max-num-seqs","8"]')
 
 

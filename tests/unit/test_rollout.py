@@ -10,26 +10,24 @@ import json
 import random
 
 import pytest
+from moe_operator.analysis.verdict import FAIL, INCONCLUSIVE, PASS, PENDING, Verdict
 from moe_operator.api import names
 from moe_operator.api.spec import ModelDeployment
+from moe_operator.api.timestamps import epoch, iso
 from moe_operator.desired.diff import changes, desired_objects, with_templates
 from moe_operator.desired.pods import revision_of
+from moe_operator.desired.records import desired_records
 from moe_operator.rollout import machine as rollout
-from moe_operator.rollout.machine import (
+from moe_operator.rollout.layout import canary_groups_for, gpu_budget, gpus_in_use
+from moe_operator.rollout.machine import Options
+from moe_operator.rollout.requests import (
     ANNOTATION_ABORT,
     ANNOTATION_PAUSED,
     ANNOTATION_PROMOTE,
     ANNOTATION_PROMOTE_FULL,
     ANNOTATION_RESUME,
     ANNOTATION_RETRY,
-    FAIL,
-    INCONCLUSIVE,
-    PASS,
-    PENDING,
     AbortRequest,
-    Options,
-    Verdict,
-    canary_groups_for,
     requests_from,
 )
 from moe_operator.status import status_of
@@ -68,23 +66,23 @@ class Sim:
         observed = observed_from(copy.deepcopy(list(self.pods.values())), [], md.pods_per_replica,
                                  revisions=copy.deepcopy(list(self.records.values())))
         observed = with_templates(observed, revisions.templates(md, observed.revisions))
-        used = rollout.gpus_in_use(md, observed)
+        used = gpus_in_use(md, observed)
         self.max_gpus_seen = max(self.max_gpus_seen, used)
         if not self.scaled_down:
-            assert used <= rollout.gpu_budget(md), f"{used} GPUs in use, budget {rollout.gpu_budget(md)}"
+            assert used <= gpu_budget(md), f"{used} GPUs in use, budget {gpu_budget(md)}"
         return observed
 
     def reconcile(self, write_status=True, terminate_for=1):
         md = self.md
         observed = self.observe()
-        used_before = rollout.gpus_in_use(md, observed)
+        used_before = gpus_in_use(md, observed)
         reqs = requests_from(self.body["metadata"]["annotations"])
         revision = revision_of(md)
         plan = rollout.next_step(md, observed, revision, self.now, self.verdict, reqs, self.options)
         self.plans.append(plan)
         in_use = {p.revision for p in observed.pods if p.live} | {g.revision for g in plan.groups}
-        records = revisions.desired_records(md, self.body["spec"], {}, revision, plan.stable_revision,
-                                            plan.rollout_state, observed.revisions, in_use, rollout.iso(self.now))
+        records = desired_records(md, self.body["spec"], {}, revision, plan.stable_revision,
+                                            plan.rollout_state, observed.revisions, in_use, iso(self.now))
         # Whatever is in rotation is whole and ready.
         groups = observed.groups
         for g in plan.groups:
@@ -114,10 +112,10 @@ class Sim:
             if kind == "Pod" and name in self.pods:
                 self.pods[name]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
                 self.terminating[name] = terminate_for
-        after = rollout.gpus_in_use(md, self.observe())   # the pod list right after the writes
-        assert after <= max(rollout.gpu_budget(md), used_before), "a write took GPUs beyond the budget"
+        after = gpus_in_use(md, self.observe())   # the pod list right after the writes
+        assert after <= max(gpu_budget(md), used_before), "a write took GPUs beyond the budget"
         if write_status:
-            status = status_of(md, observed, plan, rollout.iso(self.now))
+            status = status_of(md, observed, plan, iso(self.now))
             self.body["status"] = {k: v for k, v in status.items() if v is not None}
         return plan
 
@@ -343,7 +341,7 @@ def test_alert_abort_takes_the_canary_out_of_rotation_at_once_and_is_remembered(
     assert sim.names_of(new) == set() and sim.rotating() == {stable: 4}
     # Retry rolls it out again (the old abort request is older than the retry).
     sim.tick(1)
-    sim.annotate(ANNOTATION_RETRY, rollout.iso(sim.now))
+    sim.annotate(ANNOTATION_RETRY, iso(sim.now))
     sim.converge()
     assert "aborted" not in sim.state and sim.rotating() == {stable: 3, new: 1}
     assert sim.state["retriedAt"]
@@ -506,7 +504,7 @@ def test_requeue_after_names_the_next_timed_decision():
     sim.new_revision()
     sim.converge()
     plan = sim.plans[-1]
-    pause_ends = rollout.epoch(sim.state["stepStartedAt"]) + 30
+    pause_ends = epoch(sim.state["stepStartedAt"]) + 30
     assert rollout.requeue_after(sim.md, plan, sim.now) == pytest.approx(pause_ends - sim.now, abs=0.01)
 
 
@@ -658,7 +656,7 @@ def test_gpu_budget_is_never_exceeded_in_random_histories(seed):
         sim.kubelet()
         sim.reconcile()
     md = sim.md
-    assert rollout.gpus_in_use(md, sim.observe()) <= rollout.gpu_budget(md)
+    assert gpus_in_use(md, sim.observe()) <= gpu_budget(md)
     serving = sim.rotating()
     assert sum(serving.values()) >= 1
 

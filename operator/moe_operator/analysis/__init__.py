@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..api.spec import AnalysisSpec, ModelDeployment, SLOSpec
-from ..rollout.machine import FAIL, INCONCLUSIVE, PASS, PENDING, Verdict, iso
+from ..api.timestamps import iso
 from ..world.observe import Observed
+from .verdict import FAIL, INCONCLUSIVE, PASS, PENDING, Verdict
 
 MEASURE_PASS, MEASURE_FAIL, MEASURE_INCONCLUSIVE = "pass", "fail", "inconclusive"
 KEEP_MEASUREMENTS = 5

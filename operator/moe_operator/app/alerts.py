@@ -40,7 +40,9 @@ from typing import Any
 from aiohttp import web
 
 from ..api import names
-from ..rollout.machine import ABORT_ALERT, ANNOTATION_ABORT, AbortRequest, epoch, iso
+from ..api.reasons import ABORT_ALERT
+from ..api.timestamps import epoch, iso
+from ..rollout.requests import ANNOTATION_ABORT, AbortRequest
 
 log = logging.getLogger("moe_operator.app.alerts")
 

@@ -26,8 +26,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..api import names
-from ..rollout.machine import (
-    ABORT_USER,
+from ..api.reasons import ABORT_USER
+from ..api.timestamps import epoch, iso
+from ..rollout.requests import (
     ANNOTATION_ABORT,
     ANNOTATION_PAUSED,
     ANNOTATION_PROMOTE,
@@ -35,8 +36,6 @@ from ..rollout.machine import (
     ANNOTATION_RESUME,
     ANNOTATION_RETRY,
     AbortRequest,
-    epoch,
-    iso,
 )
 from ..world import revisions
 

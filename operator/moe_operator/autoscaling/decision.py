@@ -41,7 +41,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..api import names
-from ..rollout.machine import canary_groups_for, epoch, iso
+from ..api.reasons import (
+    ABOVE_MAX,
+    BELOW_MIN,
+    DOWN_STABILIZING,
+    FROZEN,
+    INSUFFICIENT_GPU,
+    NO_SIGNAL,
+    SCALE_DOWN,
+    SCALE_UP,
+    TOO_FEW,
+    TOO_MANY,
+    UNSCHEDULABLE,
+    UP_STABILIZING,
+    WAITING_FOR_LOADING,
+    WITHIN_RANGE,
+    WITHIN_TOLERANCE,
+)
+from ..api.timestamps import epoch, iso
+from ..rollout.layout import canary_groups_for
 from ..world.observe import Observed
 
 # Metrics (spec.autoscaling.metric).
@@ -49,23 +67,8 @@ REQUESTS_WAITING, KV_CACHE_USAGE, TTFT_P99, PROMQL = "requestsWaiting", "kvCache
 FOLLOW, FREEZE = "Follow", "Freeze"
 
 # Decision reasons (status.autoscaling.lastDecision.reason, the operator's decision metric label).
-SCALE_UP = "ScaleUp"
-SCALE_DOWN = "ScaleDown"
-WITHIN_TOLERANCE = "WithinTolerance"
-UP_STABILIZING = "ScaleUpStabilizing"
-DOWN_STABILIZING = "ScaleDownStabilizing"
-WAITING_FOR_LOADING = "WaitingForLoadingGroups"
-NO_SIGNAL = "NoSignal"
-FROZEN = "FrozenDuringRollout"
-BELOW_MIN = "BelowMinReplicas"
-ABOVE_MAX = "AboveMaxReplicas"
-INSUFFICIENT_GPU = "InsufficientGPUCapacity"
-UNSCHEDULABLE = "Unschedulable"
 
 # ScalingLimited reasons (HPA's, plus the GPU ones).
-TOO_MANY = "TooManyReplicas"
-TOO_FEW = "TooFewReplicas"
-WITHIN_RANGE = "DesiredWithinRange"
 
 DEFAULT_INTERVAL_SECONDS = 15.0
 DEFAULT_TOLERANCE = 0.1
@@ -453,7 +456,6 @@ def decide(settings: Settings, signal: Signal, capacity: Capacity, state: Mappin
 
 # --- at the reconcile's edge ---------------------------------------------------------------------
 
-SCALING_LIMITED = "ScalingLimited"
 
 
 @dataclass(frozen=True)

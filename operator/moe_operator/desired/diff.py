@@ -15,7 +15,7 @@ from typing import Any
 
 from ..api import names
 from ..api.spec import ModelDeployment
-from ..rollout.machine import iso
+from ..api.timestamps import iso
 from ..world.observe import Observed
 from ..world.plan import Plan
 from ..world.revisions import KIND as RECORD_KIND

@@ -7,14 +7,8 @@ operator's `Plan` (which groups exist, of which revision and track, which are in
 the next `status.rollout`. Nothing here does I/O, so every decision is unit-tested, and because all
 state is in status an operator killed at any moment resumes where it was.
 
-Rules every plan keeps:
-- GPUs: a pod is created only if the GPUs of every pod that exists (terminating ones included, they
-  still hold theirs) plus the new one stay within `replicas * gpus per group + maxSurgeGPUs`.
-  When that blocks the canary, stable groups leave rotation and go first, but never below what the
-  current weight needs; groups kept warm (old revision after a switch, an aborted canary) go early.
-- Rotation: a new group enters rotation only when all its pods are ready; a group leaves rotation
-  before it is deleted (two-phase, so Services stop sending before SIGTERM).
-- Promotion relabels the new groups `stable` (same pods: no restart, no model reload).
+The GPU budget and rotation rules every plan keeps are layout.py's. Promotion relabels the new
+groups `stable` (same pods: no restart, no model reload).
 
 Canary: steps of setWeight (realised as canary vs stable groups in rotation; the achieved weight is
 reported) and pause (with a duration, or until `promote`); after the last step the canary grows to
@@ -28,141 +22,24 @@ go after a short delay, and the revision is remembered as aborted until the spec
 
 from __future__ import annotations
 
-import json
-import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
+from ..analysis.verdict import FAIL, INCONCLUSIVE, PASS, Verdict
 from ..api import names
+from ..api.reasons import ABORT_ANALYSIS, ABORT_DEADLINE, ABORT_INCONCLUSIVE
 from ..api.spec import ModelDeployment
-from ..world.observe import Group, Observed, ObservedPod
+from ..api.timestamps import epoch, iso
+from ..world.observe import Observed
 from ..world.plan import GroupPlan, Plan
+from .layout import _layout, achieved_weight, canary_groups_for, gpu_budget
+from .requests import Requests
 
 # How long an aborted canary's pods stay (out of rotation) before they are deleted, and how long the
 # old revision stays warm after a canary promotion (blue-green uses scaleDownDelaySeconds).
 ABORT_SCALE_DOWN_DELAY_SECONDS = 10.0
 CANARY_SCALE_DOWN_DELAY_SECONDS = 10.0
-
-# Analysis results.
-PASS, FAIL, INCONCLUSIVE, PENDING = "Pass", "Fail", "Inconclusive", "Pending"
-
-# Annotations users (kubectl moe) and the /alerts webhook write; the operator never removes them and
-# acts on each value once (it remembers handled values in status.rollout.handled).
-ANNOTATION_ABORT = f"{names.PREFIX}/abort"            # JSON: revision, reason, message, at, source, labels
-ANNOTATION_PROMOTE = f"{names.PREFIX}/promote"        # timestamp: skip the current step / promote preview
-ANNOTATION_PROMOTE_FULL = f"{names.PREFIX}/promote-full"   # timestamp: skip every remaining step
-ANNOTATION_RETRY = f"{names.PREFIX}/retry"            # timestamp: roll the aborted revision out again
-ANNOTATION_PAUSED = f"{names.PREFIX}/paused"          # "true" while paused by hand
-ANNOTATION_RESUME = f"{names.PREFIX}/resume"          # timestamp: clears a pause the operator made
-
-# Why a rollout was aborted or paused (status.rollout.aborted.reason / .paused.reason).
-ABORT_ALERT = "AlertFiring"
-ABORT_ANALYSIS = "AnalysisFailed"
-ABORT_INCONCLUSIVE = "AnalysisInconclusive"
-ABORT_USER = "AbortedByUser"
-ABORT_DEADLINE = "ProgressDeadlineExceeded"
-
-
-# --- time ----------------------------------------------------------------------------------------
-
-def iso(t: float) -> str:
-    """RFC 3339 UTC with milliseconds (what status.rollout stores)."""
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def epoch(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-# --- inputs --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Verdict:
-    """The analysis' verdict on the new revision now (see moe_operator.analysis)."""
-
-    result: str = PENDING
-    message: str = ""
-    figures: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AbortRequest:
-    """An abort of one revision, acted on once (by `id`). `at` is when it was asked on the clock of
-    whoever wrote it: the operator's own for alerts (its webhook), the client's for `kubectl moe
-    abort`, so it is only reported, never compared with the operator's times; the operator stamps
-    the abort with its own clock when it acts."""
-
-    revision: str
-    reason: str
-    message: str
-    at: float | None = None       # when the alert arrived / the user asked (epoch seconds)
-    source: str = "user"          # alert | user
-    labels: Mapping[str, str] = field(default_factory=dict)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)   # unique per request ("" in older ones: `at`)
-
-    @property
-    def key(self) -> str:
-        return self.id or (iso(self.at) if self.at is not None else "")
-
-    def to_json(self) -> str:
-        data = {"revision": self.revision, "reason": self.reason, "message": self.message,
-                "source": self.source, "labels": dict(self.labels), "id": self.id}
-        if self.at is not None:
-            data["at"] = iso(self.at)
-        return json.dumps(data, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | None) -> AbortRequest | None:
-        try:
-            data = json.loads(text or "")
-            at = epoch(data.get("at"))
-            request_id = str(data.get("id") or "")
-            if not isinstance(data.get("revision"), str) or (at is None and not request_id):
-                return None
-            return cls(data["revision"], str(data.get("reason") or ABORT_USER), str(data.get("message") or ""),
-                       at, str(data.get("source") or "user"),
-                       {str(k): str(v) for k, v in (data.get("labels") or {}).items()}, request_id)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-
-    def record(self, now: float) -> dict[str, Any]:
-        """What status.rollout.aborted keeps: stamped with the operator's clock (`at`), except an
-        alert's arrival, which the operator's own webhook stamped."""
-        at = self.at if self.source == "alert" and self.at is not None else now
-        return {"reason": self.reason, "message": self.message, "source": self.source, "at": iso(at),
-                "labels": dict(self.labels)}
-
-
-@dataclass(frozen=True)
-class Requests:
-    """What users and alerts ask for, read from the ModelDeployment's annotations (and spec)."""
-
-    abort: AbortRequest | None = None
-    promote: str | None = None
-    promote_full: str | None = None
-    retry: str | None = None
-    resume: str | None = None
-    paused: bool = False
-
-
-def requests_from(annotations: Mapping[str, str] | None, spec_paused: bool = False) -> Requests:
-    a = annotations or {}
-    return Requests(
-        abort=AbortRequest.from_json(a.get(ANNOTATION_ABORT)),
-        promote=a.get(ANNOTATION_PROMOTE) or None,
-        promote_full=a.get(ANNOTATION_PROMOTE_FULL) or None,
-        retry=a.get(ANNOTATION_RETRY) or None,
-        resume=a.get(ANNOTATION_RESUME) or None,
-        paused=spec_paused or str(a.get(ANNOTATION_PAUSED, "")).lower() == "true",
-    )
-
 
 @dataclass(frozen=True)
 class Options:
@@ -177,195 +54,6 @@ class Options:
     def of(cls, md: ModelDeployment) -> Options:
         return cls(on_inconclusive=md.rollout.analysis.on_inconclusive,
                    progress_deadline_abort=md.rollout.progress_deadline_abort)
-
-
-# --- arithmetic of weights and GPUs --------------------------------------------------------------
-
-def canary_groups_for(weight: int, replicas: int) -> tuple[int, int]:
-    """(canary groups, stable groups) in rotation for a weight. Coarse with few replicas: a weight
-    above 0 gets at least one canary group, a weight below 100 keeps at least one stable group."""
-    n = replicas
-    if weight <= 0 or n == 0:
-        return 0, n
-    if weight >= 100:
-        return n, 0
-    canary = max(1, round(weight * n / 100))
-    if n > 1:
-        canary = min(canary, n - 1)
-    return canary, max(n - canary, 1)
-
-
-def achieved_weight(groups: Iterable[GroupPlan], new_revision: str) -> int | None:
-    rotating = [g for g in groups if g.in_rotation]
-    if not rotating:
-        return 0
-    return round(100 * sum(g.revision == new_revision for g in rotating) / len(rotating))
-
-
-def pod_gpus(pod: ObservedPod, md: ModelDeployment) -> int:
-    """GPUs a pod holds (its containers' limits; its revision's value when the body has none)."""
-    spec = (pod.body or {}).get("spec")
-    if not spec:
-        return md.resources.gpus
-    total = 0
-    for c in spec.get("containers") or ():
-        limits = (c.get("resources") or {}).get("limits") or {}
-        total += int(limits.get(md.resources.gpu_resource, 0) or 0)
-    return total
-
-
-def group_gpus(md: ModelDeployment, observed: Observed, revision: str | None) -> int:
-    """GPUs one group of `revision` takes, by its own template (the spec's for an unknown one)."""
-    if revision is None:
-        return md.gpus_per_group
-    return observed.size_of(revision) * observed.gpus.get(revision, md.resources.gpus)
-
-
-def gpu_budget(md: ModelDeployment) -> int:
-    return md.replicas * md.gpus_per_group + md.surge_gpus
-
-
-def gpus_in_use(md: ModelDeployment, observed: Observed) -> int:
-    """Every pod that holds GPUs: live and terminating (a terminating pod has not released its GPUs)."""
-    return sum(pod_gpus(p, md) for p in observed.pods if p.phase not in ("Failed", "Succeeded"))
-
-
-# --- layout: from counts to groups ---------------------------------------------------------------
-
-def _rank(groups: Iterable[Group]) -> list[Group]:
-    """Ready groups first, then complete ones, then those in rotation, then low replica indices."""
-    return sorted(groups, key=lambda g: (not g.ready, not g.complete, not g.in_rotation, g.replica))
-
-
-def _free_indices(used: Iterable[int], count: int) -> list[int]:
-    taken, out, i = set(used), [], 0
-    while len(out) < count:
-        if i not in taken:
-            out.append(i)
-        i += 1
-    return out
-
-
-@dataclass
-class _Layout:
-    md: ModelDeployment
-    observed: Observed
-    free: int                                  # GPUs that may still be taken now
-    now: float = 0.0
-    groups: list[GroupPlan] = field(default_factory=list)
-    blocked: bool = False                      # something wanted could not be created for lack of GPUs
-
-    def keep(self, g: Group, track: str, in_rotation: bool) -> None:
-        cost = (g.size - len(g.pods)) * self.observed.gpus.get(g.revision, self.md.resources.gpus)
-        if cost > self.free:
-            # An incomplete group whose missing pods do not fit: it cannot serve, so it goes (and is
-            # made again, whole, when GPUs are free) rather than waiting half-made.
-            self.blocked = True
-            self.remove(g)
-            return
-        self.free -= cost
-        self.groups.append(GroupPlan(g.revision, g.replica, track, in_rotation and g.ready))
-
-    def create(self, revision: str, replica: int, track: str) -> bool:
-        cost = group_gpus(self.md, self.observed, revision)
-        if cost > self.free:
-            self.blocked = True
-            return False
-        self.free -= cost
-        self.groups.append(GroupPlan(revision, replica, track, in_rotation=False))
-        return True
-
-    def remove(self, g: Group) -> None:
-        """Out of rotation first; deleted (left out of the plan) once it has been out of rotation for
-        the drain period, so that every proxy has dropped it before its pods get SIGTERM."""
-        since = self.now if g.in_rotation else g.out_of_rotation_since
-        until = None if since is None else since + self.md.runtime.drain_seconds
-        if g.in_rotation or (until is not None and self.now < until):
-            self.groups.append(GroupPlan(g.revision, g.replica, g.track, in_rotation=False, draining=True,
-                                         drain_until=until))
-
-    def linger(self, g: Group) -> None:
-        """Kept, warm, out of rotation (an old revision after a switch, an aborted canary)."""
-        self.groups.append(GroupPlan(g.revision, g.replica, g.track, in_rotation=False,
-                                     draining=g.in_rotation))
-
-
-def _layout(md: ModelDeployment, observed: Observed, now: float, *, stable: str, stable_track: str,
-            stable_floor: int, stable_rotate: int | None = None,
-            new: str | None = None, new_track: str = names.TRACK_CANARY, new_target: int = 0,
-            new_rotate: int = 0, linger: Mapping[str, bool] | None = None) -> tuple[list[GroupPlan], bool]:
-    """Groups for: `stable` serving with at least `stable_floor` groups in rotation (up to
-    `replicas - new groups in rotation`), `new` at `new_target` groups of which up to `new_rotate`
-    ready ones are in rotation, revisions in `linger` kept warm (True) while GPUs allow, every other
-    revision removed. Returns the groups and whether something was blocked for lack of GPUs."""
-    n = md.replicas
-    budget = gpu_budget(md)
-    layout = _Layout(md, observed, free=budget - gpus_in_use(md, observed), now=now)
-    by_revision: dict[str, list[Group]] = {}
-    stale: dict[str, list[Group]] = {}
-    for g in observed.groups.values():
-        (stale if g.stale else by_revision).setdefault(g.revision, []).append(g)
-    new_groups = _rank(by_revision.get(new, [])) if new and new != stable else []
-    stable_groups = _rank(by_revision.get(stable, []))
-    g_new, g_stable = group_gpus(md, observed, new), group_gpus(md, observed, stable)
-
-    new_kept = new_groups[:new_target]
-    new_in = min(sum(g.ready for g in new_kept), new_rotate)
-    # Stable groups wanted in rotation: keep capacity (replicas - new groups in rotation), so stable
-    # groups go as new ones become ready and the surge budget carries the progress. Only when the
-    # budget cannot hold even one more new group (and none is loading) does one more stable group
-    # make room ahead of time, never below the floor the current weight needs.
-    want_stable = min(n, max(stable_floor, n - new_in)) if stable_rotate is None else stable_rotate
-    if g_stable:
-        want_stable = min(want_stable, max(stable_floor, (budget - len(new_kept) * g_new) // g_stable))
-        missing = new_target - len(new_kept)
-        loading = any(not g.ready for g in new_kept)
-        room_for_one = (budget - (len(new_kept) + 1) * g_new) // g_stable
-        if missing > 0 and not loading and want_stable > room_for_one:
-            want_stable = max(stable_floor, room_for_one)
-    stable_kept = stable_groups[:want_stable]
-
-    # Stable first (capacity), then the new revision. A stable group whose pods do not run its
-    # revision's template keeps serving only while its replacement loads (never below one ready
-    # group in rotation), and gives way first when the budget has no room for the replacement.
-    for g in stable_kept:
-        layout.keep(g, stable_track, in_rotation=True)
-    ready_kept = sum(g.ready for g in stable_kept)
-    covering = [g for g in _rank(stale.get(stable, [])) if g.ready][:max(0, want_stable - ready_kept)]
-    for g in covering:
-        layout.keep(g, stable_track, in_rotation=True)
-    used = [g.replica for g in observed.groups.values() if g.revision == stable]
-    for replica in _free_indices(used, want_stable - len(stable_kept)):
-        layout.create(stable, replica, stable_track)
-    if layout.blocked and covering and ready_kept + len(covering) > 1:
-        layout.groups = [p for p in layout.groups if (p.revision, p.replica) != (stable, covering[-1].replica)]
-    rotating_new = 0
-    for g in new_kept:
-        rotate = g.ready and rotating_new < new_rotate
-        rotating_new += rotate
-        layout.keep(g, new_track, in_rotation=rotate)
-    used_new = [g.replica for g in observed.groups.values() if g.revision == new]
-    for replica in _free_indices(used_new, new_target - len(new_kept)):
-        layout.create(new, replica, new_track)
-
-    kept = {(p.revision, p.replica) for p in layout.groups}
-    lingering = []
-    for g in observed.groups.values():
-        if (g.revision, g.replica) in kept:
-            continue
-        if (linger or {}).get(g.revision) and not g.stale:
-            lingering.append(g)
-        else:
-            layout.remove(g)
-    for g in lingering:
-        # Warm groups give way as soon as something else needs their GPUs.
-        if layout.blocked:
-            layout.remove(g)
-        else:
-            layout.linger(g)
-    # Draining groups are listed last, so the new in-rotation labels are written before old ones go.
-    ordered = sorted(layout.groups, key=lambda p: (not p.in_rotation, p.draining))
-    return ordered, layout.blocked
 
 
 # --- the state machine ---------------------------------------------------------------------------
@@ -410,9 +98,10 @@ def _plan(md: ModelDeployment, revision: str, stable: str | None, groups: list[G
 
 
 def next_step(md: ModelDeployment, observed: Observed, revision: str, now: float,
-              verdict: Verdict | None = None, requests: Requests = Requests(),
+              verdict: Verdict | None = None, requests: Requests | None = None,
               options: Options | None = None) -> Plan:
     """The plan for this moment of the rollout of `revision` (pure)."""
+    requests = requests or Requests()
     options = options or Options.of(md)
     state = dict(md.status.get("rollout") or {})
     stable = md.status.get("stableRevision") or _infer_stable(observed, revision)
@@ -726,4 +415,3 @@ def requeue_after(md: ModelDeployment, plan: Plan, now: float) -> float | None:
         at(state["lastProgressAt"], md.rollout.progress_deadline_seconds + 0.5)
     future = [t - now for t in due if t > now]
     return max(0.05, min(future)) if future else None
-

@@ -14,10 +14,18 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..analysis import BASELINES, Baselines, Context, Provider, analyse, provider_for
+from ..api.reasons import (
+    ROLLING_BACK,
+    ROLLING_OUT,
+    ROLLOUT_ABORTED,
+    ROLLOUT_PAUSED,
+)
 from ..api.spec import AnalysisSpec, ModelDeployment
+from ..api.timestamps import epoch, iso
 from ..world.observe import Observed
 from ..world.plan import Plan
 from . import machine as rollout
+from .requests import requests_from
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,7 @@ def next_plan(md: ModelDeployment, body: Mapping[str, Any], observed: Observed, 
               provider: Callable[[AnalysisSpec], Provider] = provider_for,
               baselines: Baselines = BASELINES) -> Plan:
     meta = body.get("metadata") or {}
-    requests = rollout.requests_from(meta.get("annotations"), spec_paused=md.rollout.paused)
+    requests = requests_from(meta.get("annotations"), spec_paused=md.rollout.paused)
     state = md.status.get("rollout") or {}
     stable = md.status.get("stableRevision")
     running = bool(stable) and stable != revision and not (state.get("revision") == revision and state.get("aborted"))
@@ -62,13 +70,13 @@ def after_write(md: ModelDeployment, plan: Plan, now: float) -> Report:
         if old.get("outOfRotationAt") and old.get("revision") == state.get("revision"):
             state["outOfRotationAt"] = old["outOfRotationAt"]      # noted before a restart
         else:
-            state["outOfRotationAt"] = rollout.iso(now)
-            requested = rollout.epoch(aborted.get("at"))
+            state["outOfRotationAt"] = iso(now)
+            requested = epoch(aborted.get("at"))
             report = replace(report, rollback=(aborted.get("reason", "Unknown"),
                                                now - requested if requested else None))
     if state.get("completedAt") and state.get("completedAt") != old.get("completedAt") \
             and md.status.get("stableRevision") != plan.stable_revision:
-        started = rollout.epoch(state.get("startedAt"))
+        started = epoch(state.get("startedAt"))
         report = replace(report, completed=(md.rollout.strategy, now - started if started else None))
     return report
 
@@ -97,10 +105,6 @@ def rollback_word(plan: Plan) -> str:
     return f"instant: {plan.revision} left rotation, {plan.stable_revision} serves"
 
 
-ROLLOUT_ABORTED = "RolloutAborted"
-ROLLING_BACK = "RollingBack"             # aborted after promotion; the old revision is being restored
-ROLLOUT_PAUSED = "RolloutPaused"
-ROLLING_OUT = "RollingOut"
 
 
 def rollout_conditions(md: ModelDeployment, plan: Plan) -> dict[str, tuple[bool, str, str]]:
