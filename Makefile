@@ -69,8 +69,8 @@ run: setup tools
 
 # Benchmarks print their tables; their targets are checked here, never in timed tests.
 bench: setup tools
-	$(PY) -m model_runtime.bench
-	$(PY) -m model_runtime.bench_http
+	$(PY) -m benchmarks.runtime_decode
+	$(PY) -m benchmarks.runtime_http
 	$(PY) -m benchmarks.rollback --trials 12
 
 # The demo (README): cluster with monitoring, operator, load, a bad canary rolled back on a latency

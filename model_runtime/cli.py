@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from model_runtime.server import LOG_FORMAT, ServerConfig, serve
+from model_runtime.serving.service import LOG_FORMAT, ServerConfig, serve
 
 GIL_SWITCH_INTERVAL_S = 0.02
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         # The engine steps in a thread beside the event loop; with CPython's default 5 ms switch
         # interval the two hand the GIL back and forth so often that streaming HTTP halves the
         # engine's throughput. A longer interval (the engine thread still yields the GIL on every
-        # torch op) measured about 2x more streamed tokens/s (model_runtime.bench_http).
+        # torch op) measured about 2x more streamed tokens/s (benchmarks.runtime_http).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         code = asyncio.run(serve(config, pod_ip=os.environ.get("POD_IP") or None))

@@ -15,11 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_runtime import cpu_decode, load_model
-from model_runtime.config import ModelConfig
-from model_runtime.engine import EngineConfig, LLMEngine, SamplingParams
-from model_runtime.model import MLAttention, MoE, PagedContext, use_cpu_decode_kernels
-from model_runtime.paged import PagedBatch
+from model_runtime import load_model
+from model_runtime.engine.core import EngineConfig, LLMEngine, SamplingParams
+from model_runtime.kernels import cpu_decode
+from model_runtime.models.config import ModelConfig
+from model_runtime.models.model import MLAttention, MoE, PagedContext, use_cpu_decode_kernels
+from model_runtime.models.paged import PagedBatch
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler or no AVX2 here")
 
@@ -194,8 +195,8 @@ def test_without_kernels_torch_runs_and_says_why(env, expect, tmp_path):
     code = (
         "import logging, torch; logging.basicConfig(level=logging.INFO)\n"
         "torch.set_num_threads(1)\n"
-        "from model_runtime import cpu_decode\n"
-        "from model_runtime.model import linear\n"
+        "from model_runtime.kernels import cpu_decode\n"
+        "from model_runtime.models.model import linear\n"
         "assert not cpu_decode.available()\n"
         "x, w = torch.randn(1, 8), torch.randn(4, 8)\n"
         "assert torch.allclose(linear(x, w), x @ w.T)\n"

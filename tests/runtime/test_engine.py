@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model_runtime import load_model, load_tokenizer
-from model_runtime.engine import EngineConfig, EngineError, LLMEngine, SamplingParams
+from model_runtime.engine.core import EngineConfig, EngineError, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.runtime
 

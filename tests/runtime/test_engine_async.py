@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model_runtime import load_model, load_tokenizer
-from model_runtime.engine import AsyncEngine, EngineConfig, EngineError, EngineOverloaded, SamplingParams
-from model_runtime.engine_process import EngineProcess, EngineSpec
+from model_runtime.engine.core import AsyncEngine, EngineConfig, EngineError, EngineOverloaded, SamplingParams
+from model_runtime.engine.process import EngineProcess, EngineSpec
 
 pytestmark = pytest.mark.runtime
 

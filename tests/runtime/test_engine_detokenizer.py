@@ -6,7 +6,7 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model_runtime.detokenizer import IncrementalDetokenizer
+from model_runtime.engine.detokenizer import IncrementalDetokenizer
 
 pytestmark = pytest.mark.runtime
 

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from model_runtime import load_tokenizer
-from model_runtime.engine import EngineConfig, EngineOverloaded, SamplingParams
-from model_runtime.engine_process import EngineProcess, EngineProcessError, EngineSpec
+from model_runtime.engine.core import EngineConfig, EngineOverloaded, SamplingParams
+from model_runtime.engine.process import EngineProcess, EngineProcessError, EngineSpec
 
 pytestmark = pytest.mark.runtime
 

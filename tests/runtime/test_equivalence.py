@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model_runtime import load_model
-from model_runtime.paged import build_paged_batch
+from model_runtime.models.paged import build_paged_batch
 
 pytestmark = pytest.mark.runtime
 transformers = pytest.importorskip("transformers")
@@ -199,7 +199,7 @@ def test_greedy_tokens_match_transformers_generate(pair):
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen3-moe", "tiny-deepseek-v3"])
 def test_transformers_reads_exported_builtins(name, tmp_path):
     """The builtins are real instances of their architectures: transformers computes the same."""
-    from model_runtime.loading import save_checkpoint
+    from model_runtime.models.loading import save_checkpoint
 
     ours = load_model(f"builtin:{name}")
     save_checkpoint(ours, tmp_path)

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model_runtime import CheckpointError, load_model
-from model_runtime.config import UnsupportedModelError
-from model_runtime.loading import save_checkpoint
+from model_runtime.models.config import UnsupportedModelError
+from model_runtime.models.loading import save_checkpoint
 
 pytestmark = pytest.mark.runtime
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from model_runtime import load_tokenizer
-from model_runtime.tokenizer import ByteTokenizer
+from model_runtime.models.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.runtime
 

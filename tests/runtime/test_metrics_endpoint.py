@@ -7,7 +7,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from model_runtime import metrics
+from model_runtime.serving import metrics
 
 pytestmark = pytest.mark.runtime
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model_runtime import load_model
-from model_runtime.paged import build_paged_batch
+from model_runtime.models.paged import build_paged_batch
 
 pytestmark = pytest.mark.runtime
 

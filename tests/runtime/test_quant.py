@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from model_runtime import load_model
-from model_runtime.paged import build_paged_batch
-from model_runtime.quant import Int8Experts, Int8Linear, int8_report, quantize_int8, quantize_per_channel
+from model_runtime.kernels.quant import (
+    Int8Experts,
+    Int8Linear,
+    int8_report,
+    quantize_int8,
+    quantize_per_channel,
+)
+from model_runtime.models.paged import build_paged_batch
 
 pytestmark = pytest.mark.runtime
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model_runtime.sampling import SampleRow, SamplingParams, make_generator, sample
+from model_runtime.engine.sampling import SampleRow, SamplingParams, make_generator, sample
 
 pytestmark = pytest.mark.runtime
 

@@ -10,8 +10,8 @@ from moe_operator.autoscaling import signals
 from moe_operator.autoscaling.decision import Settings
 from moe_operator.world.observe import observed_from
 
-from model_runtime import metrics as runtime_metrics
-from model_runtime.metrics import RuntimeMetrics
+from model_runtime.serving import metrics as runtime_metrics
+from model_runtime.serving.metrics import RuntimeMetrics
 
 pytestmark = pytest.mark.unit
 

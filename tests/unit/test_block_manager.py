@@ -2,7 +2,7 @@
 
 import pytest
 
-from model_runtime.block_manager import BlockManager
+from model_runtime.engine.block_manager import BlockManager
 
 pytestmark = pytest.mark.unit
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from model_runtime.config import PRESETS, ModelConfig, UnsupportedModelError
+from model_runtime.models.config import PRESETS, ModelConfig, UnsupportedModelError
 
 pytestmark = pytest.mark.unit
 

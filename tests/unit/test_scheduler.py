@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from model_runtime.block_manager import BlockManager
-from model_runtime.engine import EngineConfig, EngineError, EngineOverloaded, LLMEngine, SamplingParams
-from model_runtime.scheduler import Scheduler, Sequence
+from model_runtime.engine.block_manager import BlockManager
+from model_runtime.engine.core import EngineConfig, EngineError, EngineOverloaded, LLMEngine, SamplingParams
+from model_runtime.engine.scheduler import Scheduler, Sequence
 
 pytestmark = pytest.mark.unit
 

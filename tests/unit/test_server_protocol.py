@@ -13,10 +13,10 @@ import tritonclient.http as httpclient
 from tritonclient.http import InferResult
 from tritonclient.http._utils import _get_inference_request
 
-from model_runtime import metrics, protocol
 from model_runtime.cli import parse_size
-from model_runtime.protocol import ProtocolError, Tensor
-from model_runtime.server import default_model_name, listen_hosts
+from model_runtime.serving import metrics, protocol
+from model_runtime.serving.protocol import ProtocolError, Tensor
+from model_runtime.serving.service import default_model_name, listen_hosts
 
 pytestmark = pytest.mark.unit
 

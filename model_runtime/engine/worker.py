@@ -1,5 +1,5 @@
 """The engine process's side: what it builds and its step loop (EngineProcess, in
-model_runtime.engine_process, is the server's side). No torch at import: the server starts this
+model_runtime.engine.process, is the server's side). No torch at import: the server starts this
 process before it imports torch itself, so that the two imports overlap.
 
 Why the engine has a process of its own: docs/decisions.md #15.
@@ -31,7 +31,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from model_runtime.engine_config import EngineConfig
+from model_runtime.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def run_engine_process(conn, spec: EngineSpec) -> None:
 
 
 def build_engine(spec: EngineSpec):
-    from model_runtime.engine import LLMEngine
+    from model_runtime.engine.core import LLMEngine
 
     model, tokenizer, config = load_for_engine(spec)
     return LLMEngine(model, tokenizer, config)
@@ -138,7 +138,7 @@ def load_for_engine(spec: EngineSpec):
     log.info("loading %s (%s on %s)", spec.model, dtype, device)
     model = load_model(spec.model, dtype=getattr(torch, dtype), device=device)
     if spec.quantization == "int8":
-        from model_runtime.quant import quantize_int8
+        from model_runtime.kernels.quant import quantize_int8
 
         model = quantize_int8(model)
     return model, load_tokenizer(spec.model), dataclasses.replace(spec.config, device=device)
@@ -146,7 +146,7 @@ def load_for_engine(spec: EngineSpec):
 
 def step_loop(conn, engine) -> None:
     """Apply the server's commands, step while there is work, send each step's outputs."""
-    from model_runtime.engine import apply_command, fail_all
+    from model_runtime.engine.core import apply_command, fail_all
 
     last_stats = 0.0
     applied_adds = 0
@@ -186,7 +186,7 @@ def step_loop(conn, engine) -> None:
 
 
 def _wire(output) -> tuple:
-    from model_runtime.engine import EngineError, EngineOverloaded
+    from model_runtime.engine.core import EngineError, EngineOverloaded
 
     if isinstance(output, tuple):  # (request_id, error)
         rid, error = output

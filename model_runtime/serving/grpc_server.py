@@ -24,9 +24,9 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from model_runtime import protocol
-from model_runtime.protocol import ProtocolError, Tensor
-from model_runtime.server import VERSION, InferenceService, ServiceError
+from model_runtime.serving import protocol
+from model_runtime.serving.protocol import ProtocolError, Tensor
+from model_runtime.serving.service import VERSION, InferenceService, ServiceError
 
 log = logging.getLogger("model_runtime.grpc")
 

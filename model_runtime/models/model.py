@@ -4,7 +4,7 @@ What differs between them is a small part chosen by ModelConfig: GQA or MLA atte
 router's scoring and top-k, shared experts, dense layers.
 
 Every layer works on a flat list of N tokens. `forward(input_ids)` flattens a [B, T] batch and
-attends causally without a cache; `forward_paged` takes one engine step (model_runtime.paged) and
+attends causally without a cache; `forward_paged` takes one engine step (model_runtime.models.paged) and
 attends through each sequence's block table over a paged KV cache.
 
 Legend
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_decode
-from .config import ModelConfig
-from .paged import PagedBatch
+from model_runtime.kernels import cpu_decode
+from model_runtime.models.config import ModelConfig
+from model_runtime.models.paged import PagedBatch
 
 ACTIVATIONS = {
     "silu": F.silu,

@@ -18,7 +18,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from model_runtime.server import InferenceService, InvalidRequest, ServiceError, first_and_rest
+from model_runtime.serving.service import InferenceService, InvalidRequest, ServiceError, first_and_rest
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_LOGPROBS = 20

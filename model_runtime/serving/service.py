@@ -1,5 +1,5 @@
 """`moe-runtime serve`: one asyncio loop serving HTTP and gRPC in front of one engine, which steps
-in a child process (model_runtime.engine_process; `--no-engine-process`: in a thread).
+in a child process (model_runtime.engine.process; `--no-engine-process`: in a thread).
 
 `InferenceService` is what both front ends call: it loads the model (the servers answer
 live-but-not-ready meanwhile), admits requests (503 while loading or draining), wraps each
@@ -33,8 +33,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from model_runtime.metrics import RuntimeMetrics
-from model_runtime.protocol import MODEL_VERSION
+from model_runtime.serving.metrics import RuntimeMetrics
+from model_runtime.serving.protocol import MODEL_VERSION
 
 log = logging.getLogger("model_runtime.server")
 
@@ -214,8 +214,8 @@ class InferenceService:
     async def load(self) -> None:
         """Load weights and tokenizer off the loop, start the engine, warm up; then ready."""
         from model_runtime import load_tokenizer
-        from model_runtime.engine_config import EngineConfig
-        from model_runtime.engine_worker import EngineSpec, spawn_engine
+        from model_runtime.engine.config import EngineConfig
+        from model_runtime.engine.worker import EngineSpec, spawn_engine
 
         cfg = self.config
         started = time.monotonic()
@@ -243,13 +243,13 @@ class InferenceService:
             # two imports overlap: a second or two of startup.
             spawned = spawn_engine(spec)
             try:
-                await asyncio.to_thread(importlib.import_module, "model_runtime.engine_process")
+                await asyncio.to_thread(importlib.import_module, "model_runtime.engine.process")
                 tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
             except BaseException:
                 spawned[0].kill()
                 spawned[1].close()
                 raise
-            from model_runtime.engine_process import EngineProcess
+            from model_runtime.engine.process import EngineProcess
 
             engine = EngineProcess(spec, tokenizer, model_name=self.model_name, spawned=spawned)
         else:
@@ -272,10 +272,10 @@ class InferenceService:
 
     async def _thread_engine(self, spec):
         """The engine in a thread of this process (--no-engine-process)."""
-        from model_runtime.engine_worker import load_for_engine
+        from model_runtime.engine.worker import load_for_engine
 
         model, tokenizer, engine_config = await asyncio.to_thread(load_for_engine, spec)
-        from model_runtime.engine import AsyncEngine  # imported (torch) by now
+        from model_runtime.engine.core import AsyncEngine  # imported (torch) by now
 
         return AsyncEngine(model, tokenizer, model_name=self.model_name, config=engine_config)
 
@@ -348,7 +348,7 @@ class InferenceService:
 
     def sampling_params(self, **kwargs):
         """SamplingParams from keyword arguments, or InvalidRequest saying which one is wrong."""
-        from model_runtime.engine import SamplingParams
+        from model_runtime.engine.core import SamplingParams
 
         try:
             params = SamplingParams(**kwargs)
@@ -388,7 +388,7 @@ class InferenceService:
                 self._idle.set()
 
     async def _generate(self, prompt, params, request_id: str, arrival: float) -> AsyncIterator:
-        from model_runtime.engine import EngineError, EngineOverloaded
+        from model_runtime.engine.core import EngineError, EngineOverloaded
 
         cfg = self.config
         loop = asyncio.get_running_loop()
@@ -512,8 +512,8 @@ async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain and return the exit code."""
     import uvicorn
 
-    from model_runtime.grpc_server import start_grpc_server
-    from model_runtime.http_server import create_app
+    from model_runtime.serving.grpc_server import start_grpc_server
+    from model_runtime.serving.http_server import create_app
 
     log_fault_injection(config)
     service = InferenceService(config)

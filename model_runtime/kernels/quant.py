@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Experts, Transformer
+from model_runtime.models.model import Experts, Transformer
 
 KEEP_FULL_PRECISION = ("kv_b_proj", "shared_expert_gate")
 

@@ -22,11 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model_runtime import protocol
-from model_runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from model_runtime.openai_api import create_openai_router, event_stream, sse
-from model_runtime.protocol import ProtocolError
-from model_runtime.server import VERSION, InferenceService, ServiceError, first_and_rest
+from model_runtime.serving import protocol
+from model_runtime.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from model_runtime.serving.openai_api import create_openai_router, event_stream, sse
+from model_runtime.serving.protocol import ProtocolError
+from model_runtime.serving.service import VERSION, InferenceService, ServiceError, first_and_rest
 
 log = logging.getLogger("model_runtime.http")
 

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tokenizer import BYTE_SPECIALS
+from model_runtime.models.tokenizer import BYTE_SPECIALS
 
 SUPPORTED_ARCHITECTURES = (
     "MixtralForCausalLM",

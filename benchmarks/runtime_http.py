@@ -1,4 +1,4 @@
-"""HTTP load benchmark: `python -m model_runtime.bench_http` (part of `make bench`).
+"""HTTP load benchmark: `python -m benchmarks.runtime_http` (part of `make bench`).
 
 One workload, run twice in the same process's lifetime: N concurrent clients, each sending R
 greedy requests one after another (fixed prompt and output lengths, EOS ignored), first straight
@@ -134,7 +134,7 @@ def _children_stats(pid: int) -> list[Path]:
 
 
 def _engine_config(workload: Workload, device: str):
-    from model_runtime.engine import EngineConfig
+    from model_runtime.engine.core import EngineConfig
 
     return EngineConfig(max_num_seqs=max(workload.clients, 1), device=device)
 
@@ -150,8 +150,8 @@ class EngineRunner:
         import torch
 
         from model_runtime import load_model, load_tokenizer
-        from model_runtime.engine import AsyncEngine
-        from model_runtime.server import engine_cpu_threads
+        from model_runtime.engine.core import AsyncEngine
+        from model_runtime.serving.service import engine_cpu_threads
 
         w = self.workload
         device = w.device if w.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,7 +167,7 @@ class EngineRunner:
         await self.engine.stop()
 
     async def run(self) -> RunResult:
-        from model_runtime.engine import SamplingParams
+        from model_runtime.engine.core import SamplingParams
 
         engine = self.engine
         params = SamplingParams(max_tokens=self.workload.max_tokens, temperature=0, ignore_eos=True)
@@ -374,7 +374,7 @@ def table(workload: Workload, engine: RunResult, http: RunResult, rounds: int = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m model_runtime.bench_http", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.runtime_http", description=__doc__.split("\n")[0]
     )
     defaults = Workload()
     parser.add_argument("--model", default=defaults.model)

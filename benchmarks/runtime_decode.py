@@ -1,4 +1,4 @@
-"""Runtime benchmark: `python -m model_runtime.bench` (what `make bench` runs).
+"""Runtime benchmark: `python -m benchmarks.runtime_decode` (what `make bench` runs).
 
 On one ~100M-parameter DeepSeek-V3-style checkpoint written by transformers (random weights,
 cached under .bench/), in one run, prints a table of:
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from model_runtime.engine import EngineConfig, LLMEngine, SamplingParams
+from model_runtime.engine.core import EngineConfig, LLMEngine, SamplingParams
 
 CHECKPOINT_VERSION = 1  # bump when the checkpoint's config changes
 
@@ -232,9 +232,9 @@ def moe_layer_times(model, hf_model, layer: int, tokens: int) -> dict[str, float
 
 def int8_rows(model, prompt_len: int) -> list[Row]:
     try:
-        from model_runtime.quant import quantize_int8
+        from model_runtime.kernels.quant import quantize_int8
     except ImportError:
-        return [Row("int8 quantization", "n/a (model_runtime.quant.quantize_int8 missing)")]
+        return [Row("int8 quantization", "n/a (model_runtime.kernels.quant.quantize_int8 missing)")]
     ids = torch.randint(
         2, model.config.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(3)
     )
@@ -370,7 +370,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model_runtime.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.runtime_decode", description=__doc__.split("\n")[0])
     parser.add_argument("--cache-dir", default=os.environ.get("MOE_BENCH_DIR", ".bench"))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--prompt-len", type=int, default=32)

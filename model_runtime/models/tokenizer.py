@@ -152,7 +152,7 @@ def load_tokenizer(src: str | os.PathLike) -> Tokenizer:
     """The tokenizer for a model source (a checkpoint directory, hostpath:///PATH or builtin:NAME)."""
     src = str(src)
     if src.startswith("builtin:"):
-        from .config import ModelConfig
+        from model_runtime.models.config import ModelConfig
 
         cfg = ModelConfig.from_name(src.removeprefix("builtin:"))
         return ByteTokenizer(cfg.vocab_size, cfg.eos_token_ids)

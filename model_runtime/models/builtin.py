@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from .config import ModelConfig
-from .model import Transformer
+from model_runtime.models.config import ModelConfig
+from model_runtime.models.model import Transformer
 
 BUILTIN_MODELS = ("tiny-mixtral", "tiny-qwen3-moe", "tiny-deepseek-v3")
 

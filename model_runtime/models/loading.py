@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .model import Transformer
+from model_runtime.models.config import ModelConfig
+from model_runtime.models.model import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PART_ROWS = {"gate": 0, "up": 1}  # gate_up_proj holds the gate rows, then the up rows
@@ -49,7 +49,7 @@ def load_model(
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     src = str(src)
     if src.startswith("builtin:"):
-        from .builtin import build_builtin
+        from model_runtime.models.builtin import build_builtin
 
         return build_builtin(src.removeprefix("builtin:"), dtype=dtype, device=device)
     path = checkpoint_dir(src)

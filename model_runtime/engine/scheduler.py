@@ -19,7 +19,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from model_runtime.block_manager import BlockManager
+from model_runtime.engine.block_manager import BlockManager
 
 
 class SeqStatus(enum.Enum):

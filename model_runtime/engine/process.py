@@ -5,7 +5,7 @@ server process keeps the event loop, tokenizes and validates requests, and strea
 engine process loads the model and runs `LLMEngine`'s step loop. With the engine in a thread
 beside the loop, every token's Python work in the server (SSE events, gRPC responses) waits for the
 step to release the GIL, and a small model's step holds it for most of its time. The wire format
-is described in model_runtime.engine_worker.
+is described in model_runtime.engine.worker.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 
-from model_runtime.engine import (
+from model_runtime.engine.core import (
     EngineError,
     EngineFront,
     EngineOverloaded,
@@ -25,7 +25,7 @@ from model_runtime.engine import (
     RequestValidator,
     _EngineFailed,
 )
-from model_runtime.engine_worker import EngineInfo, EngineSpec, spawn_engine
+from model_runtime.engine.worker import EngineInfo, EngineSpec, spawn_engine
 
 __all__ = ["EngineInfo", "EngineProcess", "EngineProcessError", "EngineSpec", "spawn_engine"]
 

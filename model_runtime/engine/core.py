@@ -6,7 +6,7 @@ returns a `RequestOutput` for every request that produced a token or finished.
 
 `EngineFront` streams each request's outputs into an outbox on the caller's event loop while the
 step loop runs elsewhere: `AsyncEngine` runs it in a background thread of this process;
-`model_runtime.engine_process.EngineProcess` (what `moe-runtime serve` uses) in a child process.
+`model_runtime.engine.process.EngineProcess` (what `moe-runtime serve` uses) in a child process.
 
 Length policy: a prompt must be shorter than the model length (`max_model_len`: the model's
 `max_position_embeddings`, or less if configured), else the request is refused with EngineError.
@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model_runtime.block_manager import BlockManager
-from model_runtime.detokenizer import IncrementalDetokenizer
-from model_runtime.engine_config import EngineConfig
-from model_runtime.model import Transformer, use_cpu_decode_kernels, use_decode_layout
-from model_runtime.paged import PagedBatch
-from model_runtime.sampling import SampleRow, SamplingParams, make_generator, sample
-from model_runtime.scheduler import ScheduledSeq, Scheduler, Sequence
+from model_runtime.engine.block_manager import BlockManager
+from model_runtime.engine.config import EngineConfig
+from model_runtime.engine.detokenizer import IncrementalDetokenizer
+from model_runtime.engine.sampling import SampleRow, SamplingParams, make_generator, sample
+from model_runtime.engine.scheduler import ScheduledSeq, Scheduler, Sequence
+from model_runtime.models.model import Transformer, use_cpu_decode_kernels, use_decode_layout
+from model_runtime.models.paged import PagedBatch
 
 __all__ = [
     "AsyncEngine",
@@ -416,7 +416,7 @@ class _EngineFailed(RuntimeError):
 class EngineFront:
     """What a server holds: `generate()` streams a request's outputs on the caller's event loop
     while the engine steps elsewhere. AsyncEngine steps in a thread of this process;
-    `model_runtime.engine_process.EngineProcess` in a process of its own. Subclasses set
+    `model_runtime.engine.process.EngineProcess` in a process of its own. Subclasses set
     tokenizer, config, max_model_len, model_name and validator, and implement `_submit()` (hand
     ("add", request_id, ids, params, arrival) or ("abort", request_id) to the engine), `is_running`,
     `stats()`, `_num_waiting()` and `_shutdown()`; outputs come back through `_deliver()`."""
