@@ -107,7 +107,7 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
         # refreshed its RESTMapper after the CRD was installed): try again soon, not at the resync.
         retry = FORBIDDEN_RETRY_SECONDS if refused.reason == "Forbidden" else None
         return Outcome(Changes(), outcome.status_patch, plan, outcome.written, requeue_after=retry)
-    report = progressive.after_write(md, plan, moved_at or clock())
+    report, plan = progressive.after_write(md, plan, moved_at or clock())
     new_status = with_autoscaling(status_of(md, observed, plan, now()), md, scaling and scaling.state, now())
     outcome = _finish(namespace, name, old_status, new_status, writer, emit)
     due = [t for t in (progressive.due_in(md, plan, clock()), scaling and scaling.next_in) if t is not None]

@@ -130,7 +130,7 @@ def status_of(md: ModelDeployment, observed: Observed, plan: Plan, now: str) -> 
         "conditions": conditions,
     }
     optional = {"stableRevision": plan.stable_revision, "canaryWeight": plan.canary_weight,
-                "currentStepIndex": plan.step_index, "rollout": dict(plan.rollout_state) or None}
+                "currentStepIndex": plan.step_index, "rollout": plan.rollout_state.to_json() or None}
     status.update({k: v for k, v in optional.items() if v is not None})
     return status
 

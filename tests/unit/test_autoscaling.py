@@ -444,7 +444,7 @@ def test_the_rollout_plans_the_autoscaled_count_in_proportion_within_the_gpu_bud
         observed = observed_from(list(groups.values()), [], 1)
         assert len(groups) <= gpu_budget(scaled) == 6 + 1      # one GPU per group
         plan = rollout.next_step(scaled, observed, new, T0 + 1 + i)
-        status = {**status, "rollout": dict(plan.rollout_state)}
+        status = {**status, "rollout": plan.rollout_state.to_json()}
         # Pods that existed are ready now; draining groups are gone by the next pass.
         groups = {(g.revision, g.replica): _pod("chat", g.revision, g.replica, in_rotation=g.in_rotation,
                                                 track=g.track, ready=(g.revision, g.replica) in groups)

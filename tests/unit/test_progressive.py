@@ -65,7 +65,8 @@ class World:
             self.pods[name]["metadata"]["labels"] = {**self.pods[name]["metadata"]["labels"], **labels}
         for _kind, name, _ in todo.delete:
             self.pods.pop(name, None)
-        self.reports.append(progressive.after_write(md, plan, self.now + 0.25))
+        report, plan = progressive.after_write(md, plan, self.now + 0.25)
+        self.reports.append(report)
         self.body["status"] = {k: v for k, v in status_of(md, observed, plan, iso(self.now)).items()
                                if v is not None}
         return plan

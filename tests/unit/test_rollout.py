@@ -669,3 +669,14 @@ def test_status_rollout_is_plain_json():
     sim.tick(2)
     sim.converge()
     assert json.loads(json.dumps(sim.body["status"])) == sim.body["status"]
+
+
+def test_the_typed_rollout_state_writes_the_same_json_it_reads():
+    from moe_operator.world.state import RolloutState
+    data = {"revision": "b", "fromRevision": "a", "strategy": "Canary", "stepIndex": 2, "blockedOnGPUs": False,
+            "aborted": {"reason": "AlertFiring", "labels": {"x": "y"}}, "handled": {"abort": "id-1"},
+            "outOfRotationAt": "2026-12-05T10:00:00.000Z", "restoring": {"readyGroups": 1, "replicas": 2}}
+    state = RolloutState.from_json({**data, "templates": {"old": {}}})      # a key this version dropped
+    assert state.blocked_on_gpus is False and state.out_of_rotation_at == data["outOfRotationAt"]
+    assert state.to_json() == data and RolloutState.from_json(state.to_json()) == state
+    assert not RolloutState() and RolloutState().to_json() == {}

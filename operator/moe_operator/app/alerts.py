@@ -43,6 +43,7 @@ from ..api import names
 from ..api.reasons import ABORT_ALERT
 from ..api.timestamps import epoch, iso
 from ..rollout.requests import ANNOTATION_ABORT, AbortRequest
+from ..world.state import RolloutState
 
 log = logging.getLogger("moe_operator.app.alerts")
 
@@ -141,13 +142,13 @@ def rollout_revision(body: Mapping[str, Any], now: float) -> str | None:
     """The revision an abort would stop: the one being rolled out, or one just promoted whose
     predecessor is still warm (then an abort switches back at once). None when nothing runs."""
     status = body.get("status") or {}
-    state = status.get("rollout") or {}
-    revision = state.get("revision")
+    state = RolloutState.from_json(status.get("rollout"))
+    revision = state.revision
     if revision:
-        if not state.get("completedAt"):
+        if not state.completed_at:
             return revision
-        warm_until = epoch(state.get("scaleDownAt"))
-        if warm_until and now < warm_until and state.get("previousRevision"):
+        warm_until = epoch(state.scale_down_at)
+        if warm_until and now < warm_until and state.previous_revision:
             return revision
     current = status.get("currentRevision")
     if current and status.get("stableRevision") and current != status["stableRevision"]:
@@ -168,8 +169,8 @@ def abort_request(target: Target, body: Mapping[str, Any], now: float) -> tuple[
         return None, f"the alert names revision {target.revision}, the rollout is of {revision}"
     if target.track == names.TRACK_STABLE:
         return None, "the alert is on the stable track"
-    state = (body.get("status") or {}).get("rollout") or {}
-    if state.get("aborted") and state.get("revision") == revision:
+    state = RolloutState.from_json((body.get("status") or {}).get("rollout"))
+    if state.aborted and state.revision == revision:
         return None, f"revision {revision} is already aborted"
     not_about_it = _not_about(target, revision, state)
     if not_about_it:
@@ -177,20 +178,20 @@ def abort_request(target: Target, body: Mapping[str, Any], now: float) -> tuple[
     annotations = (body.get("metadata") or {}).get("annotations") or {}
     existing = AbortRequest.from_json(annotations.get(ANNOTATION_ABORT))
     # An abort the operator has not acted on yet (it marks each one handled, by id: no clocks compared).
-    if existing and existing.revision == revision and (state.get("handled") or {}).get("abort") != existing.key:
+    if existing and existing.revision == revision and (state.handled or {}).get("abort") != existing.key:
         return None, f"an abort of revision {revision} is already recorded"
     labels = dict(target.alert.labels)
     return AbortRequest(revision, ABORT_ALERT, target.alert.message, now, "alert", labels), "abort"
 
 
-def _not_about(target: Target, revision: str, state: Mapping[str, Any]) -> str | None:
+def _not_about(target: Target, revision: str, state: RolloutState) -> str | None:
     """Why the alert is not about the rollout of `revision` (None when it is): it names that revision
     or the canary/preview track, or it started after the rollout began (or was retried)."""
     if target.revision == revision or target.track in (names.TRACK_CANARY, names.TRACK_PREVIEW):
         return None
     began = None
-    if state.get("revision") == revision:
-        times = [t for t in (epoch(state.get("startedAt")), epoch(state.get("retriedAt"))) if t is not None]
+    if state.revision == revision:
+        times = [t for t in (epoch(state.started_at), epoch(state.retried_at)) if t is not None]
         began = max(times, default=None)
     starts = epoch(target.alert.starts_at)
     if began is not None and starts is not None and starts >= began - 1e-3:

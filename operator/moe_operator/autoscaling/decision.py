@@ -61,6 +61,7 @@ from ..api.reasons import (
 from ..api.timestamps import epoch, iso
 from ..rollout.layout import canary_groups_for
 from ..world.observe import Observed
+from ..world.state import RolloutState
 
 # Metrics (spec.autoscaling.metric).
 REQUESTS_WAITING, KV_CACHE_USAGE, TTFT_P99, PROMQL = "requestsWaiting", "kvCacheUsage", "ttftP99", "PromQL"
@@ -169,12 +170,12 @@ class RolloutView:
 
     @classmethod
     def of(cls, status: Mapping[str, Any], strategy: str = "Canary") -> RolloutView:
-        state = status.get("rollout") or {}
-        revision = state.get("revision")
-        aborted = bool(state.get("aborted"))
-        active = bool(revision) and not aborted and not state.get("completedAt") \
+        state = RolloutState.from_json(status.get("rollout"))
+        revision = state.revision
+        aborted = bool(state.aborted)
+        active = bool(revision) and not aborted and not state.completed_at \
             and revision != status.get("stableRevision")
-        weight = state.get("weight") if strategy == "Canary" and active else None
+        weight = state.weight if strategy == "Canary" and active else None
         return cls(active=active, weight=int(weight) if weight is not None else None, aborted=aborted)
 
 
@@ -479,8 +480,8 @@ def step(md, observed: Observed, now: float, collect: Collect) -> Step | None:
     prev = dict(md.status.get("autoscaling") or {})
     if not due(settings, prev, now):
         return Step(md.replicas, prev, next_sample_in(settings, prev, now))
-    rollout_state = md.status.get("rollout") or {}
-    aborted = [rollout_state["revision"]] if rollout_state.get("aborted") and rollout_state.get("revision") else []
+    rollout_state = RolloutState.from_json(md.status.get("rollout"))
+    aborted = [rollout_state.revision] if rollout_state.aborted and rollout_state.revision else []
     capacity = capacity_of(md.replicas, observed, now, md.resources.gpu_resource, settings.cold_start_allowance,
                            exclude_revisions=aborted)
     signal, memory = collect(settings, md.namespace, md.name, observed, prev.get("signalMemory"))

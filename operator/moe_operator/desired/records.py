@@ -23,6 +23,7 @@ from ..world.revisions import (
     record_name,
     template_of,
 )
+from ..world.state import RolloutState
 from .pods import common_labels, owner_reference
 
 # --- the one-line change -------------------------------------------------------------------------
@@ -58,23 +59,23 @@ def change_summary(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -
 
 # --- what should be recorded ---------------------------------------------------------------------
 
-def _result_for(revision: str, state: Mapping[str, Any], stable_revision: str | None,
+def _result_for(revision: str, state: RolloutState, stable_revision: str | None,
                 rec: Recorded | None, now: str) -> dict[str, Any] | None:
     """The result annotation to record now for `revision`, or None to keep what is there."""
     current = rec.result if rec else {}
-    aborted = state.get("aborted") if state.get("revision") == revision else None
+    aborted = state.aborted if state.revision == revision else None
     if aborted:
         want = {"result": ABORTED, "reason": aborted.get("reason", ""), "message": aborted.get("message", ""),
-                "at": state.get("abortedAt") or aborted.get("at") or now}
+                "at": state.aborted_at or aborted.get("at") or now}
         same = current.get("result") == ABORTED and current.get("at") == want["at"]
         return None if same else want
     if stable_revision == revision and current.get("result") != PROMOTED:
-        return {"result": PROMOTED, "at": state.get("completedAt") or now}
+        return {"result": PROMOTED, "at": state.completed_at or now}
     return None
 
 
 def desired_records(md: ModelDeployment, spec: Mapping[str, Any], annotations: Mapping[str, str],
-                    revision: str, stable_revision: str | None, state: Mapping[str, Any],
+                    revision: str, stable_revision: str | None, state: RolloutState,
                     records: Mapping[str, Recorded], in_use: set[str], now: str,
                     legacy: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The ControllerRevisions that should exist: the spec's revision (recorded, or renumbered when

@@ -33,6 +33,7 @@ from ..api.spec import ModelDeployment
 from ..api.timestamps import epoch, iso
 from ..world.observe import Observed
 from ..world.plan import GroupPlan, Plan
+from ..world.state import RolloutState
 from .layout import _layout, achieved_weight, canary_groups_for, gpu_budget
 from .requests import Requests
 
@@ -70,27 +71,27 @@ def _infer_stable(observed: Observed, revision: str) -> str | None:
     return max(sorted(counts), key=lambda r: counts[r])
 
 
-def _fresh(revision: str, stable: str, strategy: str, now: float, handled: Mapping[str, Any]) -> dict:
+def _fresh(revision: str, stable: str, strategy: str, now: float, handled: Mapping[str, Any]) -> RolloutState:
     t = iso(now)
-    return {"revision": revision, "fromRevision": stable, "strategy": strategy, "stepIndex": 0,
-            "startedAt": t, "stepStartedAt": t, "lastProgressAt": t, "readyGroups": 0,
-            "handled": dict(handled)}
+    return RolloutState(revision=revision, from_revision=stable, strategy=strategy, step_index=0,
+                        started_at=t, step_started_at=t, last_progress_at=t, ready_groups=0,
+                        handled=dict(handled))
 
 
-def _is_new(value: str | None, state: Mapping[str, Any], key: str) -> bool:
-    return bool(value) and (state.get("handled") or {}).get(key) != value
+def _is_new(value: str | None, state: RolloutState, key: str) -> bool:
+    return bool(value) and (state.handled or {}).get(key) != value
 
 
-def _mark(state: dict, key: str, value: str | None) -> None:
+def _mark(state: RolloutState, key: str, value: str | None) -> None:
     if value:
-        state["handled"] = {**(state.get("handled") or {}), key: value}
+        state.handled = {**(state.handled or {}), key: value}
 
 
-def _plan(md: ModelDeployment, revision: str, stable: str | None, groups: list[GroupPlan], state: dict,
+def _plan(md: ModelDeployment, revision: str, stable: str | None, groups: list[GroupPlan], state: RolloutState,
           *, rolling: bool, track: str | None, step_index: int | None = None) -> Plan:
     achieved = achieved_weight(groups, revision) if rolling else None
     if rolling:
-        state["achievedWeight"] = achieved
+        state.achieved_weight = achieved
     tracks = (names.TRACK_STABLE, track) if rolling and track else (names.TRACK_STABLE,)
     return Plan(revision=revision, stable_revision=stable, groups=tuple(groups), service_tracks=tracks,
                 rolling=rolling, canary_weight=achieved if track == names.TRACK_CANARY else None,
@@ -103,42 +104,42 @@ def next_step(md: ModelDeployment, observed: Observed, revision: str, now: float
     """The plan for this moment of the rollout of `revision` (pure)."""
     requests = requests or Requests()
     options = options or Options.of(md)
-    state = dict(md.status.get("rollout") or {})
+    state = RolloutState.from_json(md.status.get("rollout"))
     stable = md.status.get("stableRevision") or _infer_stable(observed, revision)
 
     if stable is None or stable == revision:
         return _steady(md, observed, revision, state, requests, now, options)
-    if state.get("revision") != revision:
+    if state.revision != revision:
         # A new rollout (the spec changed, perhaps in the middle of another one: that canary goes).
-        state = _fresh(revision, stable, md.rollout.strategy, now, state.get("handled") or {})
+        state = _fresh(revision, stable, md.rollout.strategy, now, state.handled or {})
         for key, value in (("retry", requests.retry), ("promote", requests.promote),
                            ("promoteFull", requests.promote_full), ("resume", requests.resume)):
             _mark(state, key, value)
-    if state.get("aborted"):
+    if state.aborted:
         if requests.abort and requests.abort.revision == revision:
             _mark(state, "abort", requests.abort.key)   # moot now: a retry must not meet it again
         if _is_new(requests.retry, state, "retry"):
-            state = _fresh(revision, stable, md.rollout.strategy, now, state.get("handled") or {})
-            state["retriedAt"] = iso(now)
+            state = _fresh(revision, stable, md.rollout.strategy, now, state.handled or {})
+            state.retried_at = iso(now)
             _mark(state, "retry", requests.retry)
         else:
             return _aborted(md, observed, revision, stable, state, now, options)
 
     abort = _abort_reason(md, state, verdict, requests, now, options)
     if abort:
-        state["aborted"] = abort
-        state["abortedAt"] = iso(now)
-        state.pop("paused", None)
+        state.aborted = abort
+        state.aborted_at = iso(now)
+        state.paused = None
         return _aborted(md, observed, revision, stable, state, now, options)
     if md.rollout.strategy == "BlueGreen":
         return _blue_green(md, observed, revision, stable, state, verdict, requests, now, options)
     return _canary(md, observed, revision, stable, state, verdict, requests, now, options)
 
 
-def _abort_reason(md: ModelDeployment, state: dict, verdict: Verdict | None, requests: Requests,
+def _abort_reason(md: ModelDeployment, state: RolloutState, verdict: Verdict | None, requests: Requests,
                   now: float, options: Options) -> dict | None:
     req = requests.abort
-    if req and req.revision == state["revision"] and _is_new(req.key, state, "abort"):
+    if req and req.revision == state.revision and _is_new(req.key, state, "abort"):
         _mark(state, "abort", req.key)
         return req.record(now)
     if verdict and verdict.result == FAIL:
@@ -146,46 +147,47 @@ def _abort_reason(md: ModelDeployment, state: dict, verdict: Verdict | None, req
                 "figures": dict(verdict.figures)}
     if verdict and verdict.result == INCONCLUSIVE and options.on_inconclusive == "Abort":
         return {"reason": ABORT_INCONCLUSIVE, "message": verdict.message, "source": "analysis", "at": iso(now)}
-    last = epoch(state.get("lastProgressAt")) or now
-    if (options.progress_deadline_abort and not state.get("paused") and not state.get("holdingSince")
+    last = epoch(state.last_progress_at) or now
+    if (options.progress_deadline_abort and not state.paused and not state.holding_since
             and now - last > md.rollout.progress_deadline_seconds):
         return {"reason": ABORT_DEADLINE, "source": "deadline", "at": iso(now),
                 "message": f"no progress for {md.rollout.progress_deadline_seconds}s"}
     return None
 
 
-def _pause_bookkeeping(md: ModelDeployment, state: dict, verdict: Verdict | None, requests: Requests,
+def _pause_bookkeeping(md: ModelDeployment, state: RolloutState, verdict: Verdict | None, requests: Requests,
                        now: float, options: Options, waiting_by_design: bool) -> bool:
     """Update pauses the operator makes (inconclusive analysis, progress deadline) and the deadline
     clock; True when the rollout must not advance now."""
     if _is_new(requests.resume, state, "resume"):
-        state.pop("paused", None)
-        state["lastProgressAt"] = iso(now)
+        state.paused = None
+        state.last_progress_at = iso(now)
         _mark(state, "resume", requests.resume)
-    if verdict and verdict.result == INCONCLUSIVE and not state.get("paused"):
-        state["paused"] = {"reason": ABORT_INCONCLUSIVE, "message": verdict.message, "at": iso(now)}
-    holding = bool(requests.paused or state.get("paused") or waiting_by_design)
+    if verdict and verdict.result == INCONCLUSIVE and not state.paused:
+        state.paused = {"reason": ABORT_INCONCLUSIVE, "message": verdict.message, "at": iso(now)}
+    holding = bool(requests.paused or state.paused or waiting_by_design)
     if holding:
         # The deadline does not run while paused: the hold's start is written once, and the clock
         # restarts when it ends (no status write on every resync while a rollout waits).
-        state.setdefault("holdingSince", iso(now))
-        return bool(requests.paused or state.get("paused"))
-    if state.pop("holdingSince", None) is not None:
-        state["lastProgressAt"] = iso(now)
-    last = epoch(state.get("lastProgressAt")) or now
+        state.holding_since = state.holding_since or iso(now)
+        return bool(requests.paused or state.paused)
+    if state.holding_since is not None:
+        state.holding_since = None
+        state.last_progress_at = iso(now)
+    last = epoch(state.last_progress_at) or now
     deadline = md.rollout.progress_deadline_seconds
     if now - last > deadline:
-        state["paused"] = {"reason": ABORT_DEADLINE, "at": iso(now),
+        state.paused = {"reason": ABORT_DEADLINE, "at": iso(now),
                            "message": f"no progress for {deadline}s (e.g. no GPUs for the new groups); "
                                       "kubectl moe resume to keep waiting, abort to give up"}
-        state["holdingSince"] = iso(now)
-    return bool(state.get("paused"))
+        state.holding_since = iso(now)
+    return bool(state.paused)
 
 
-def _progress(state: dict, ready_new: int, now: float) -> None:
-    if ready_new > int(state.get("readyGroups") or 0):
-        state["lastProgressAt"] = iso(now)
-    state["readyGroups"] = ready_new
+def _progress(state: RolloutState, ready_new: int, now: float) -> None:
+    if ready_new > int(state.ready_groups or 0):
+        state.last_progress_at = iso(now)
+    state.ready_groups = ready_new
 
 
 def _weight_at(md: ModelDeployment, index: int) -> int:
@@ -196,7 +198,7 @@ def _weight_at(md: ModelDeployment, index: int) -> int:
     return weights[-1] if weights else 0
 
 
-def _canary(md: ModelDeployment, observed: Observed, revision: str, stable: str, state: dict,
+def _canary(md: ModelDeployment, observed: Observed, revision: str, stable: str, state: RolloutState,
             verdict: Verdict | None, requests: Requests, now: float, options: Options) -> Plan:
     steps = md.rollout.steps
     n = md.replicas
@@ -204,19 +206,19 @@ def _canary(md: ModelDeployment, observed: Observed, revision: str, stable: str,
     _progress(state, ready_new, now)
 
     # Skip steps the user promoted past.
-    index = min(int(state.get("stepIndex") or 0), len(steps))
+    index = min(int(state.step_index or 0), len(steps))
     if _is_new(requests.promote_full, state, "promoteFull"):
         index = len(steps)
         _mark(state, "promoteFull", requests.promote_full)
     if _is_new(requests.promote, state, "promote"):
         index = min(index + 1, len(steps))
         _mark(state, "promote", requests.promote)
-        state.pop("paused", None)
-    if index != int(state.get("stepIndex") or 0):
-        state.update(stepIndex=index, stepStartedAt=iso(now), lastProgressAt=iso(now))
+        state.paused = None
+    if index != int(state.step_index or 0):
+        state.step_index, state.step_started_at, state.last_progress_at = index, iso(now), iso(now)
 
     # Advance through completed steps (several in one pass when nothing needs waiting).
-    step_started = epoch(state.get("stepStartedAt")) or now
+    step_started = epoch(state.step_started_at) or now
     while True:
         canary_target = canary_groups_for(_weight_at(md, index), n)[0]
         rotating = min(ready_new, canary_target)
@@ -233,25 +235,25 @@ def _canary(md: ModelDeployment, observed: Observed, revision: str, stable: str,
             break
         index += 1
         step_started = now
-        state.update(stepIndex=index, stepStartedAt=iso(now), lastProgressAt=iso(now))
+        state.step_index, state.step_started_at, state.last_progress_at = index, iso(now), iso(now)
 
     analysis_passes = verdict is None or verdict.result == PASS    # no data is never a pass
-    if index >= len(steps) and ready_new >= n and analysis_passes and not (requests.paused or state.get("paused")):
+    if index >= len(steps) and ready_new >= n and analysis_passes and not (requests.paused or state.paused):
         # Every replica runs the new revision, is ready and judged healthy: promote (relabel, no restart).
         return _complete(md, observed, revision, stable, state, now, options.canary_scale_down_delay)
 
     weight = _weight_at(md, index)
     canary_target, stable_floor = canary_groups_for(weight, n)
-    state["weight"] = weight
+    state.weight = weight
     groups, blocked = _layout(md, observed, now, stable=stable, stable_track=names.TRACK_STABLE,
                               stable_floor=stable_floor, new=revision, new_track=names.TRACK_CANARY,
                               new_target=canary_target, new_rotate=canary_target)
-    state["blockedOnGPUs"] = blocked
+    state.blocked_on_gpus = blocked
     return _plan(md, revision, stable, groups, state, rolling=True, track=names.TRACK_CANARY,
                  step_index=index)
 
 
-def _blue_green(md: ModelDeployment, observed: Observed, revision: str, stable: str, state: dict,
+def _blue_green(md: ModelDeployment, observed: Observed, revision: str, stable: str, state: RolloutState,
                 verdict: Verdict | None, requests: Requests, now: float, options: Options) -> Plan:
     bg, n = md.rollout.blue_green, md.replicas
     g_gpus = md.gpus_per_group
@@ -263,24 +265,24 @@ def _blue_green(md: ModelDeployment, observed: Observed, revision: str, stable: 
     fits = n if not g_gpus else max(0, (gpu_budget(md) // g_gpus) - floor)
     full = min(n, fits)
 
-    promoting = bool(state.get("promoting"))
-    if not promoting and ready_new >= preview and not state.get("previewReadyAt"):
-        state["previewReadyAt"] = iso(now)
+    promoting = bool(state.promoting)
+    if not promoting and ready_new >= preview and not state.preview_ready_at:
+        state.preview_ready_at = iso(now)
     paused = _pause_bookkeeping(md, state, verdict, requests, now, options,
-                                waiting_by_design=bool(state.get("previewReadyAt")) and not promoting)
+                                waiting_by_design=bool(state.preview_ready_at) and not promoting)
     if not promoting:
         if _is_new(requests.promote, state, "promote") or _is_new(requests.promote_full, state, "promoteFull"):
             promoting = True
-        elif (not paused and bg.auto_promotion_seconds is not None and state.get("previewReadyAt")
-              and now >= epoch(state["previewReadyAt"]) + bg.auto_promotion_seconds
+        elif (not paused and bg.auto_promotion_seconds is not None and state.preview_ready_at
+              and now >= epoch(state.preview_ready_at) + bg.auto_promotion_seconds
               and (verdict is None or verdict.result == PASS)):
             promoting = True
         if promoting:
-            state.update(promoting=True, promotedAt=iso(now), lastProgressAt=iso(now))
-            state.pop("paused", None)
+            state.promoting, state.promoted_at, state.last_progress_at = True, iso(now), iso(now)
+            state.paused = None
     _mark(state, "promote", requests.promote)
     _mark(state, "promoteFull", requests.promote_full)
-    paused = bool(requests.paused or state.get("paused"))
+    paused = bool(requests.paused or state.paused)
 
     if promoting and not paused and ready_new >= max(full, 1 if n else 0):
         return _complete(md, observed, revision, stable, state, now, float(bg.scale_down_delay_seconds))
@@ -288,18 +290,17 @@ def _blue_green(md: ModelDeployment, observed: Observed, revision: str, stable: 
     groups, blocked = _layout(md, observed, now, stable=stable, stable_track=names.TRACK_STABLE,
                               stable_floor=floor, stable_rotate=n, new=revision,
                               new_track=names.TRACK_PREVIEW, new_target=target, new_rotate=0)
-    state["blockedOnGPUs"] = blocked
+    state.blocked_on_gpus = blocked
     return _plan(md, revision, stable, groups, state, rolling=True, track=names.TRACK_PREVIEW)
 
 
-def _complete(md: ModelDeployment, observed: Observed, revision: str, stable: str, state: dict, now: float,
+def _complete(md: ModelDeployment, observed: Observed, revision: str, stable: str, state: RolloutState, now: float,
               delay: float) -> Plan:
     """Promotion: the new revision becomes stable; the old one stays warm for `delay` seconds."""
-    for key in ("paused", "promoting", "blockedOnGPUs", "weight", "achievedWeight"):
-        state.pop(key, None)
-    state.update(completedAt=iso(now), previousRevision=stable, scaleDownAt=iso(now + delay),
-                 stepIndex=len(md.rollout.steps) if md.rollout.strategy == "Canary" else state.get("stepIndex", 0))
-    md_status = {**md.status, "stableRevision": revision, "rollout": state}
+    state.clear("paused", "promoting", "blocked_on_gpus", "weight", "achieved_weight")
+    state.completed_at, state.previous_revision, state.scale_down_at = iso(now), stable, iso(now + delay)
+    state.step_index = len(md.rollout.steps) if md.rollout.strategy == "Canary" else (state.step_index or 0)
+    md_status = {**md.status, "stableRevision": revision, "rollout": state.to_json()}
     return _steady(_with_status(md, md_status), observed, revision, state, Requests(), now, Options.of(md))
 
 
@@ -307,32 +308,30 @@ def _with_status(md: ModelDeployment, status: Mapping[str, Any]) -> ModelDeploym
     return replace(md, status=dict(status))
 
 
-def _steady(md: ModelDeployment, observed: Observed, revision: str, state: dict, requests: Requests,
+def _steady(md: ModelDeployment, observed: Observed, revision: str, state: RolloutState, requests: Requests,
             now: float, options: Options) -> Plan:
     """No rollout running: the spec's revision serves; a just-replaced revision stays warm until its
     scale-down time (and an abort of the new revision in that window switches back at once)."""
     n = md.replicas
-    if state.get("revision") not in (None, revision) and not state.get("completedAt"):
-        state = {"handled": state.get("handled") or {}}      # the spec went back: that rollout is over
-    previous = state.get("previousRevision")
-    warm_until = epoch(state.get("scaleDownAt"))
+    if state.revision not in (None, revision) and not state.completed_at:
+        state = RolloutState(handled=state.handled or {})      # the spec went back: that rollout is over
+    previous = state.previous_revision
+    warm_until = epoch(state.scale_down_at)
     warm = bool(previous and previous != revision and warm_until and now < warm_until)
-    if warm and state.get("revision") == revision:
+    if warm and state.revision == revision:
         req = requests.abort
         if req and req.revision == revision and _is_new(req.key, state, "abort"):
             # Rollback of the revision just promoted: the old one is put back, at once where it is
             # still whole and warm, else as fast as the GPU budget allows (status says which).
             previous_ready = sum(g.ready for g in observed.groups_of(previous) if not g.stale)
             _mark(state, "abort", req.key)
-            state = {**state, "revision": revision, "fromRevision": previous, "aborted": req.record(now),
-                     "abortedAt": iso(now), "rollbackInstant": previous_ready >= n}
-            for key in ("completedAt", "previousRevision", "scaleDownAt"):
-                state.pop(key, None)
+            state = replace(state, revision=revision, from_revision=previous, aborted=req.record(now),
+                            aborted_at=iso(now), rollback_instant=previous_ready >= n)
+            state.clear("completed_at", "previous_revision", "scale_down_at")
             return _aborted(_with_status(md, {**md.status, "stableRevision": previous}), observed, revision,
                             previous, state, now, options)
     if previous and not warm:
-        for key in ("previousRevision", "scaleDownAt"):
-            state.pop(key, None)
+        state.clear("previous_revision", "scale_down_at")
     groups, _ = _layout(md, observed, now, stable=revision, stable_track=names.TRACK_STABLE, stable_floor=n,
                         stable_rotate=n, linger={previous: True} if warm else None)
     live = observed.groups_of(revision)
@@ -342,21 +341,20 @@ def _steady(md: ModelDeployment, observed: Observed, revision: str, state: dict,
     return _plan(md, revision, stable, groups, state, rolling=False, track=None)
 
 
-def _aborted(md: ModelDeployment, observed: Observed, revision: str, stable: str, state: dict, now: float,
+def _aborted(md: ModelDeployment, observed: Observed, revision: str, stable: str, state: RolloutState, now: float,
              options: Options) -> Plan:
     """The new revision out of rotation at once, its pods kept (warm, for a look) for a short delay
     unless stable needs their GPUs; the stable revision back at full size. Only while no group of
     the stable revision is ready (a rollback after a promotion that had already let it go) do the
     aborted revision's ready groups keep serving, giving way one by one as stable groups come back."""
     n = md.replicas
-    for key in ("promoting", "weight", "paused", "blockedOnGPUs", "holdingSince"):
-        state.pop(key, None)
-    aborted_at = epoch(state.get("abortedAt")) or now
+    state.clear("promoting", "weight", "paused", "blocked_on_gpus", "holding_since")
+    aborted_at = epoch(state.aborted_at) or now
     linger = now < aborted_at + options.abort_scale_down_delay
     stable_ready = sum(g.ready for g in observed.groups_of(stable) if not g.stale)
     ready_new = [g for g in observed.groups_of(revision) if g.ready and not g.stale]
     serving = [g for g in ready_new if g.in_rotation]
-    if state.get("rollbackInstant") is False and stable_ready == 0 and serving:
+    if state.rollback_instant is False and stable_ready == 0 and serving:
         def layout_keeping(count: int) -> tuple[list[GroupPlan], bool]:
             return _layout(md, observed, now, stable=stable, stable_track=names.TRACK_STABLE, stable_floor=n,
                            stable_rotate=n, new=revision, new_track=names.TRACK_CANARY, new_target=count,
@@ -369,17 +367,17 @@ def _aborted(md: ModelDeployment, observed: Observed, revision: str, stable: str
     else:
         groups, _ = _layout(md, observed, now, stable=stable, stable_track=names.TRACK_STABLE, stable_floor=n,
                             stable_rotate=n, linger={revision: linger})
-    if state.get("rollbackInstant") is False and stable_ready < n:
+    if state.rollback_instant is False and stable_ready < n:
         # Said in status (a condition reason, and so an Event) until the old revision is whole again.
-        state["restoring"] = {"readyGroups": stable_ready, "replicas": n,
+        state.restoring = {"readyGroups": stable_ready, "replicas": n,
                               "abortedServing": bool(stable_ready == 0 and serving)}
     else:
-        state.pop("restoring", None)
-    state["achievedWeight"] = 0
+        state.restoring = None
+    state.achieved_weight = 0
     tracks = (names.TRACK_STABLE,)
     return Plan(revision=revision, stable_revision=stable, groups=tuple(groups), service_tracks=tracks,
                 rolling=False, canary_weight=0 if md.rollout.strategy == "Canary" else None,
-                step_index=state.get("stepIndex"), rollout_state=state)
+                step_index=state.step_index, rollout_state=state)
 
 
 # --- what status and the reconcile need to know --------------------------------------------------
@@ -400,18 +398,18 @@ def requeue_after(md: ModelDeployment, plan: Plan, now: float) -> float | None:
         if t is not None:
             due.append(t + plus)
 
-    at(state.get("scaleDownAt"))
+    at(state.scale_down_at)
     due.extend(g.drain_until for g in plan.groups if g.drain_until is not None)
-    if state.get("abortedAt"):
-        at(state["abortedAt"], ABORT_SCALE_DOWN_DELAY_SECONDS)
+    if state.aborted_at:
+        at(state.aborted_at, ABORT_SCALE_DOWN_DELAY_SECONDS)
     steps = md.rollout.steps
-    idx = state.get("stepIndex")
+    idx = state.step_index
     if plan.rolling and idx is not None and idx < len(steps) and steps[idx].is_pause \
             and steps[idx].pause_seconds is not None:
-        at(state.get("stepStartedAt"), steps[idx].pause_seconds)
-    if plan.rolling and state.get("previewReadyAt") and md.rollout.blue_green.auto_promotion_seconds is not None:
-        at(state["previewReadyAt"], md.rollout.blue_green.auto_promotion_seconds)
-    if plan.rolling and state.get("lastProgressAt"):
-        at(state["lastProgressAt"], md.rollout.progress_deadline_seconds + 0.5)
+        at(state.step_started_at, steps[idx].pause_seconds)
+    if plan.rolling and state.preview_ready_at and md.rollout.blue_green.auto_promotion_seconds is not None:
+        at(state.preview_ready_at, md.rollout.blue_green.auto_promotion_seconds)
+    if plan.rolling and state.last_progress_at:
+        at(state.last_progress_at, md.rollout.progress_deadline_seconds + 0.5)
     future = [t - now for t in due if t > now]
     return max(0.05, min(future)) if future else None

@@ -10,11 +10,10 @@ SIGTERM.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..api import names
+from .state import RolloutState
 
 
 @dataclass(frozen=True)
@@ -36,4 +35,4 @@ class Plan:
     rolling: bool = False                  # old-revision groups are being replaced
     canary_weight: int | None = None       # percent of in-rotation groups on a canary track
     step_index: int | None = None          # canary step
-    rollout_state: Mapping[str, Any] = field(default_factory=dict)   # status.rollout
+    rollout_state: RolloutState = field(default_factory=RolloutState)   # status.rollout
