@@ -18,13 +18,6 @@ def http_get(url: str, timeout: float = 2.0) -> str:
         return response.read().decode("utf-8", "replace")
 
 
-def serving_pods(ctx: Context, revision: str | None) -> list[ObservedPod]:
-    """Ready group leaders (rank 0: the pod the Services send to) of a revision, with a pod IP."""
-    return [p for p in ctx.observed.pods
-            if revision and p.revision == revision and p.rank == 0 and p.ready and p.live
-            and (p.body.get("status") or {}).get("podIP")]
-
-
 class ScrapeProvider:
     name = "scrape"
 
@@ -46,12 +39,12 @@ class ScrapeProvider:
 
     def measure(self, ctx: Context, memory: Mapping[str, Any] | None
                 ) -> tuple[Measurement | None, dict[str, Any] | None]:
-        canary_pods = serving_pods(ctx, ctx.revision)
+        canary_pods = (ctx.observed.serving_leaders(ctx.revision) if ctx.revision else [])
         if not canary_pods:
             return None, dict(memory) if memory is not None else None   # nothing of it serves yet
         cfg = ctx.config
         canary = self._scrape(canary_pods)
-        stable = self._scrape(serving_pods(ctx, ctx.stable_revision)) if cfg.stable_ratio else {}
+        stable = self._scrape(ctx.observed.serving_leaders(ctx.stable_revision) if ctx.stable_revision else []) if cfg.stable_ratio else {}
         new_memory = {"canary": canary, "stable": stable}
         if not canary:
             return Measurement("inconclusive", "no new-revision pod answered on /metrics", {"samples": 0}), \

@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import AnalysisConfigError, Context, Measurement, judge_slo
-from .builtin import serving_pods
 from .metrics_text import (
     E2E_REQUEST_LATENCY,
     REQUEST_FAILURE,
@@ -110,7 +109,7 @@ class PrometheusProvider:
                 ) -> tuple[Measurement | None, dict[str, Any] | None]:
         # Prometheus keeps the window itself: no baselines here, so a restart loses nothing.
         memory = memory or {}
-        if not serving_pods(ctx, ctx.revision):
+        if not (ctx.revision and ctx.observed.serving_leaders(ctx.revision)):
             return None, dict(memory)
         cfg = ctx.config
         selector = fill_selector(cfg.prometheus_selector or DEFAULT_SELECTOR, SELECTOR_FIELD,

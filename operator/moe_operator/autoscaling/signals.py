@@ -58,12 +58,6 @@ def gauges(text: str) -> dict[str, float]:
     return out
 
 
-def serving_leaders(observed: Observed) -> list[ObservedPod]:
-    """Ready, in-rotation group leaders with a pod IP: the pods that take traffic."""
-    return [p for p in observed.pods
-            if p.rank == 0 and p.ready and p.live and p.in_rotation and (p.body.get("status") or {}).get("podIP")]
-
-
 def from_scrapes(metric: str, texts: Mapping[str, str], memory: Mapping[str, Any]
                  ) -> tuple[Signal, dict[str, Any]]:
     """Pure: the signal from the /metrics texts of the serving leaders (pod uid -> text)."""
@@ -179,7 +173,7 @@ def collect(settings: Settings, namespace: str, name: str, observed: Observed, m
             fetch: Callable[[str], str] = lambda url: http_get(url, timeout=SCRAPE_TIMEOUT_SECONDS),
             fetch_json: Callable[[str], Any] = http_get_json) -> tuple[Signal, dict[str, Any]]:
     """The signal now, and the memory to pass to the next call (scrape: the last snapshot per pod)."""
-    leaders = serving_leaders(observed)
+    leaders = observed.serving_leaders(in_rotation_only=True)
     if settings.metric == PROMQL or settings.prometheus_url:
         return from_prometheus(settings, namespace, name, len(leaders), fetch_json), {}
     return from_scrapes(settings.metric, scrape(leaders, fetch), memory or {})

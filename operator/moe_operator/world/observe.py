@@ -129,6 +129,13 @@ class Observed:
     def groups_of(self, revision: str) -> list[Group]:
         return [g for g in self.groups.values() if g.revision == revision]
 
+    def serving_leaders(self, revision: str | None = None, in_rotation_only: bool = False) -> list[ObservedPod]:
+        """Ready group leaders (rank 0: the pod the Services send to) with a pod IP, of `revision`
+        if given, and only those in rotation if asked: the pods whose /metrics tell how serving goes."""
+        return [p for p in self.pods
+                if p.rank == 0 and p.ready and p.live and (p.body.get("status") or {}).get("podIP")
+                and (revision is None or p.revision == revision) and (p.in_rotation or not in_rotation_only)]
+
 
 def _int_label(labels: Mapping[str, str], key: str) -> int | None:
     try:
