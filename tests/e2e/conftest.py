@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from devcluster.testing import running_cluster
+from devtools.harness import install_crd, running_operator
+
 
 def _cmdline(pid: str) -> list[str]:
     try:
@@ -125,3 +128,40 @@ def sole_operator(cluster):
     """`sole_operator(ns, allowed_pids=())`: fail when any other operator process watches ns of
     this cluster."""
     return lambda namespace, allowed=(): assert_sole_operator(namespace, cluster.api_server_url, allowed)
+
+
+# --- the fixtures every e2e module uses ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The devcluster with Prometheus and Alertmanager, the CRD installed (shared by the modules)."""
+    with running_cluster(monitoring=True) as running:
+        install_crd(running)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def ns(cluster, request):
+    """A namespace of this module's own, named after it, deleted (without waiting) after it."""
+    prefix = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")[:8].replace("_", "-").strip("-")
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def token(cluster):
+    """The /alerts bearer token: (value, path of the file the operator reads)."""
+    value = uuid.uuid4().hex
+    path = cluster.state_dir / f"alerts-token-{value[:6]}"
+    path.write_text(value)
+    return value, path
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, ns, token):
+    """The operator for this module's namespace (resync every 2 s, /alerts with `token`)."""
+    with running_operator(cluster, namespaces=[ns], resync_seconds=2.0,
+                          extra_args=("--alerts-token-file", str(token[1]))) as op:
+        yield op

@@ -14,40 +14,17 @@ runtime pods on the local node under bounded load.
 
 import json
 import time
-import uuid
 
 import pytest
 from moe_operator.api import names
 
-from devcluster.testing import running_cluster
-from devtools.harness import install_crd, running_operator, wait_for
+from devtools.harness import wait_for
 from devtools.loadgen import Load, service_port
 
 pytestmark = pytest.mark.e2e
 
 SIMULATED = {"devcluster.serving.moe.dev/simulated": "true"}
 LOCAL = {"devcluster.serving.moe.dev/local": "true"}
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with running_cluster(monitoring=True) as running:
-        install_crd(running)
-        yield running
-
-
-@pytest.fixture(scope="module")
-def ns(cluster):
-    name = f"as-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@pytest.fixture(scope="module")
-def operator(cluster, ns):
-    with running_operator(cluster, namespaces=[ns], resync_seconds=2.0) as op:
-        yield op
 
 
 def md(name, ns, replicas=None, node=SIMULATED, gpus=1, autoscaling=None, args=(), **spec):

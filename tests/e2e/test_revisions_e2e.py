@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,7 @@ from moe_operator.api import names
 from moe_operator.api.spec import ModelDeployment
 from moe_operator.desired.pods import PodSlot, desired_pod, template_fingerprint
 
-from devcluster.testing import running_cluster
-from devtools.harness import install_crd, running_operator, wait_for
+from devtools.harness import wait_for
 from devtools.loadgen import Load, service_port
 
 pytestmark = pytest.mark.e2e
@@ -40,27 +38,6 @@ MODEL_C = "builtin:tiny-mixtral"
 CANARY = {"strategy": "Canary", "maxSurgeGPUs": 1, "analysis": {"slo": {}},
           "canary": {"steps": [{"setWeight": 50}, {"pause": {}}]}}
 LOADS = 240                           # seconds: a runtime pod loading and warming up on a shared CPU
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with running_cluster() as running:
-        install_crd(running)
-        yield running
-
-
-@pytest.fixture(scope="module")
-def ns(cluster):
-    name = f"rev-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@pytest.fixture(scope="module")
-def operator(cluster, ns):
-    with running_operator(cluster, namespaces=[ns], resync_seconds=2.0) as op:
-        yield op
 
 
 @pytest.fixture(autouse=True)

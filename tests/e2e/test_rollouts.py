@@ -13,51 +13,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 
 import pytest
 from moe_operator.api import names
 from moe_operator.api.timestamps import epoch, iso
 from moe_operator.rollout.requests import ANNOTATION_ABORT, ANNOTATION_PROMOTE, AbortRequest
 
-from devcluster.testing import running_cluster
-from devtools.harness import install_crd, running_operator, wait_for
+from devtools.harness import running_operator, wait_for
 from devtools.loadgen import Load, service_port
 
 pytestmark = pytest.mark.e2e
 
 SIMULATED = {"devcluster.serving.moe.dev/simulated": "true"}
 LOCAL = {"devcluster.serving.moe.dev/local": "true"}
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with running_cluster(monitoring=True) as running:
-        install_crd(running)
-        yield running
-
-
-@pytest.fixture(scope="module")
-def ns(cluster):
-    name = f"ro-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@pytest.fixture(scope="module")
-def token(cluster):
-    value = uuid.uuid4().hex
-    path = cluster.state_dir / f"alerts-token-{value[:6]}"
-    path.write_text(value)
-    return value, path
-
-
-@pytest.fixture(scope="module")
-def operator(cluster, ns, token):
-    with running_operator(cluster, namespaces=[ns], resync_seconds=2.0,
-                          extra_args=("--alerts-token-file", str(token[1]))) as op:
-        yield op
 
 
 def md(name, ns, replicas=4, gpus=1, surge=1, steps=None, analysis=None, strategy="Canary", env="0",
