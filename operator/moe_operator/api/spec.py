@@ -159,6 +159,12 @@ class CanaryStep:
     pause_seconds: float | None = None   # for a pause step: None = until promoted
     is_pause: bool = False
 
+    def describe(self) -> str:
+        """`setWeight 25`, `pause 30s` or `pause (until promoted)`, as `kubectl moe status` shows it."""
+        if not self.is_pause:
+            return f"setWeight {self.set_weight}"
+        return f"pause {self.pause_seconds:g}s" if self.pause_seconds is not None else "pause (until promoted)"
+
 
 @dataclass(frozen=True)
 class BlueGreenSpec:

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..api import names
 from ..api.reasons import ABORT_USER
+from ..api.spec import ModelDeployment, SpecError
 from ..api.timestamps import epoch, iso
 from ..rollout.requests import (
     ANNOTATION_ABORT,
@@ -126,19 +127,17 @@ def _age(ts: str | None, now: float) -> str:
     return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
 
 
-def _steps_text(spec: Mapping[str, Any], index: int | None) -> str:
-    steps = ((spec.get("rollout") or {}).get("canary") or {}).get("steps") or []
+def _steps_text(body: Mapping[str, Any], index: int | None) -> str:
+    """The current step, read with the operator's own parser (one reading of the spec)."""
+    try:
+        steps = ModelDeployment.from_body(body).rollout.steps
+    except SpecError as error:
+        return f"(spec not readable: {error})"
     if index is None:
         return ""
     if index >= len(steps):
         return f"{len(steps)}/{len(steps)} (promoting)"
-    step = steps[index]
-    if "setWeight" in step:
-        what = f"setWeight {step['setWeight']}"
-    else:
-        duration = (step.get("pause") or {}).get("duration")
-        what = f"pause {duration}" if duration else "pause (until promoted)"
-    return f"{index + 1}/{len(steps)} {what}"
+    return f"{index + 1}/{len(steps)} {steps[index].describe()}"
 
 
 def _figures(figures: Mapping[str, Any]) -> str:
@@ -167,7 +166,7 @@ def render_status(body: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], no
                                                       "   (stable)"))
     if state.get("revision") == current and current != stable:
         if strategy == "Canary":
-            lines.append(f"  step        {_steps_text(spec, state.get('stepIndex'))}   weight "
+            lines.append(f"  step        {_steps_text(body, state.get('stepIndex'))}   weight "
                          f"{state.get('weight', 0)}% (achieved {status.get('canaryWeight', 0)}%)")
         else:
             phase = "promoting (scaling to full size)" if state.get("promoting") else "preview"
