@@ -13,10 +13,12 @@ canary's pause), C (tiny Mixtral, a scale-up at the pause, then undone), D (Qwen
 flags, blue-green) and E (A's model, two pods per group).
 """
 
+import json
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -378,8 +380,8 @@ def test_scale_up_at_the_canary_pause_adds_stable_groups_of_the_stable_template(
 
 # --- 3. blue-green under load: over and back at once ---------------------------------------------
 
-def test_blue_green_serves_the_new_revision_after_the_switch_and_the_old_one_at_once_after_an_abort(
-        cluster, ns, operator):
+def test_blue_green_serves_the_new_revision_after_the_switch_and_the_old_one_at_once_after_an_alert(
+        cluster, ns, operator, token):
     blue_green = {"strategy": "BlueGreen", "analysis": {"slo": {}},     # maxSurgeGPUs: the default
                   "blueGreen": {"previewReplicas": 1, "scaleDownDelaySeconds": 60}}
     a = settle_on_a(cluster, ns, rollout=blue_green)
@@ -400,9 +402,12 @@ def test_blue_green_serves_the_new_revision_after_the_switch_and_the_old_one_at_
             == a_pods
         wait_for("answers after the switch", lambda: len(
             [r for r in load.served(switched + 1) if r.at - r.seconds >= switched + 1]) >= 10, 60, 0.2)
+        # An Alertmanager alert about the new revision, posted as Alertmanager posts it.
         aborted = time.time()
-        moe(cluster, "abort", NAME, "-n", ns)
-        written = time.time()          # the annotation is written by now (the CLI itself takes a second or so)
+        code, reply = post_alert(operator, token, ns, d)
+        written = time.time()          # the abort is recorded (the reply waits up to 5 s for its reconcile)
+        assert code == 200 and [e["revision"] for e in reply["aborted"]] == [d], reply
+        assert reply["aborted"][0]["rollback"].startswith("instant"), reply
         wait_for("the switch back", lambda: status(cluster, ns).get("stableRevision") == a, 30, 0.1)
         back = time.time()
         wait_for("answers after the switch back", lambda: len(
@@ -431,9 +436,9 @@ def test_blue_green_serves_the_new_revision_after_the_switch_and_the_old_one_at_
     assert set(after_switch) == {d} and after_switch[d] >= 10, after_switch
     assert set(after_abort) == {a} and after_abort[a] >= 10, after_abort
     # Switched back at once: no answer from the aborted revision started later than a few seconds
-    # after `kubectl moe abort` returned, and no old pod was re-created (none had to load).
+    # after the alert was answered, and no old pod was re-created (none had to load).
     last_d = max((r.at - r.seconds for r in results if r.revision == d), default=aborted)
-    print(f"switch back: `kubectl moe abort` took {written - aborted:.2f}s; status switched back "
+    print(f"switch back: the /alerts post took {written - aborted:.2f}s; status switched back "
           f"{back - written:+.2f}s after it returned; the last request served by the aborted revision started "
           f"{last_d - written:+.2f}s after it returned")
     assert back - written < 5.0 and last_d - written < 5.0, (back - written, last_d - written)
@@ -472,3 +477,15 @@ def test_pods_per_replica_change_under_load_keeps_serving_groups_whole_without_f
     for p in all_pods(cluster, ns):
         assert_runs_its_template(cluster, ns, p, MODEL_A)
         assert group_size(p) == 2
+
+
+def post_alert(operator, token, ns, revision):
+    """POST an Alertmanager webhook payload (one firing alert about `revision`) to the operator's /alerts."""
+    starts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    body = json.dumps({"version": "4", "status": "firing", "receiver": "moe", "groupKey": "{}:{}", "alerts": [{
+        "status": "firing", "startsAt": starts, "annotations": {"summary": "p99 latency above the SLO"},
+        "labels": {"alertname": "MoELatencyHigh", "namespace": ns, "modeldeployment": NAME, "revision": revision}}]})
+    request = urllib.request.Request(f"http://127.0.0.1:{operator.port}/alerts", data=body.encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token[0]}"})
+    with urllib.request.urlopen(request, timeout=15) as response:
+        return response.status, json.loads(response.read())
