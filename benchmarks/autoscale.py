@@ -21,6 +21,7 @@ import uuid
 from moe_operator.api import names
 from moe_operator.api.timestamps import epoch
 
+from devcluster.testing import running_cluster
 from devtools.harness import install_crd, running_operator, wait_for
 from devtools.loadgen import Load, service_port
 
@@ -38,8 +39,6 @@ def manifest(name: str, namespace: str, interval: str, down_window: str) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    from devcluster.testing import running_cluster
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.autoscale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--interval", default="1s", help="spec.autoscaling.interval")

@@ -18,8 +18,10 @@ import urllib.request
 import uuid
 from typing import Any
 
+from kubernetes import client, config
 from moe_operator.api import names
 
+from devcluster.testing import running_cluster
 from devtools.harness import install_crd, running_operator, wait_for
 
 NAMESPACE = "moe-bench"
@@ -58,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=12)
     args = p.parse_args(argv)
 
-    from devcluster.testing import running_cluster
     with running_cluster(monitoring=False) as cluster:
         install_crd(cluster)
         cluster.kubectl("create", "namespace", NAMESPACE, check=False)
@@ -72,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         def status() -> dict[str, Any]:
             return get("md", NAME, "-n", NAMESPACE).get("status") or {}
 
-        from kubernetes import client, config
         core = client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
 
         def canary_rotating(revision: str) -> int:

@@ -23,7 +23,9 @@ from typing import Any
 
 import yaml
 from moe_operator.api import names
+from moe_operator.api.timestamps import epoch
 
+from devcluster.control_plane import DEFAULT_STATE_DIR, DevCluster
 from devtools.harness import CRD_FILE, ROOT, free_port
 from devtools.loadgen import Load, service_port
 
@@ -53,7 +55,6 @@ def alert_rules() -> dict[str, Any]:
 
 class Demo:
     def __init__(self, out=sys.stdout):
-        from devcluster.control_plane import DEFAULT_STATE_DIR, DevCluster
         self.cluster = DevCluster(DEFAULT_STATE_DIR)
         self.out = out
         self.started = time.monotonic()
@@ -217,7 +218,6 @@ class Demo:
 
         state = self.wait("the alert to roll the canary back", aborted, 600, show=lambda: self.progress_line(load))
         a = state["aborted"]
-        from moe_operator.api.timestamps import epoch
         seconds = epoch(state["outOfRotationAt"]) - epoch(a["at"])
         after = "the alert arrived" if a.get("source") == "alert" else f"the {a.get('source')} asked"
         self.say(f"ROLLED BACK: {a['reason']} ({a.get('message')}); the canary left rotation {seconds:.2f}s "

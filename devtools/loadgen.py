@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tritonclient.http as httpclient
 
 REVISION_HEADER = "x-moe-revision"   # = model_runtime.server.REVISION_HEADER (the operator image has no runtime)
 
@@ -50,7 +51,6 @@ class Load:
 
     # --- the requests --------------------------------------------------------------------------
     def _inputs(self):
-        import tritonclient.http as httpclient
         text = httpclient.InferInput("text_input", [1], "BYTES")
         text.set_data_from_numpy(np.array([self.prompt.encode()], dtype=np.object_))
         params = httpclient.InferInput("sampling_parameters", [1], "BYTES")
@@ -61,7 +61,6 @@ class Load:
         return [text, params, stream]
 
     def one(self) -> Result:
-        import tritonclient.http as httpclient
         started = time.monotonic()
         revision = ""
         try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from .analysis import provider_for
+from .analysis import Baselines, provider_for
 from .api.reasons import INVALID_SPEC
 from .api.spec import ModelDeployment, SpecError
 from .apply import WriteRefused
@@ -60,9 +60,11 @@ def utcnow() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit,
+def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit, baselines: Baselines,
               now: Callable[[], str] = utcnow, clock: Callable[[], float] = time.time,
               analysis_provider=provider_for, collect_signal=signals.collect) -> Outcome:
+    """One pass for one ModelDeployment. `baselines`: the analysis memos of this operator process
+    (the controller owns them; they live as long as it does)."""
     meta = body.get("metadata") or {}
     namespace, name = meta.get("namespace", "default"), meta.get("name", "")
     old_status = body.get("status") or {}
@@ -85,7 +87,7 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
                                            f"{scaling.decision.reason}: {scaling.decision.message}")
         md = replace(md, replicas=scaling.desired)
     revision = revision_of(md)
-    plan = progressive.next_plan(md, body, observed, revision, clock(), analysis_provider)
+    plan = progressive.next_plan(md, body, observed, revision, clock(), analysis_provider, baselines)
     in_use = {p.revision for p in observed.pods if p.live} | {g.revision for g in plan.groups}
     records = desired_records(md, body.get("spec") or {}, meta.get("annotations") or {}, revision,
                                         plan.stable_revision, plan.rollout_state, observed.revisions, in_use,
@@ -110,7 +112,7 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
     report, plan = progressive.after_write(md, plan, moved_at or clock())
     new_status = with_autoscaling(status_of(md, observed, plan, now()), md, scaling and scaling.state, now())
     outcome = _finish(namespace, name, old_status, new_status, writer, emit)
-    due = [t for t in (progressive.due_in(md, plan, clock()), scaling and scaling.next_in) if t is not None]
+    due = [t for t in (progressive.due_in(md, plan, clock(), baselines), scaling and scaling.next_in) if t is not None]
     return Outcome(todo, outcome.status_patch, plan, outcome.written, report, min(due) if due else None,
                    scaling and scaling.decision)
 

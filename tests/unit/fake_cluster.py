@@ -5,6 +5,7 @@ and tests play kubelet and scheduler by setting pod status."""
 import copy
 import itertools
 
+from moe_operator.analysis import Baselines
 from moe_operator.api import names
 from moe_operator.api.timestamps import iso
 from moe_operator.reconcile import reconcile
@@ -41,6 +42,7 @@ class FakeCluster:
         self.uids = itertools.count()
         self.clock = itertools.count()
         self.time = T0
+        self.baselines = Baselines()
 
     # Reads
     def observe(self, namespace, name, pods_per_replica):
@@ -86,7 +88,7 @@ class FakeCluster:
 
     def reconcile(self):
         self.writes.clear()
-        return reconcile(copy.deepcopy(self.md), self, self, lambda *e: self.events.append(e),
+        return reconcile(copy.deepcopy(self.md), self, self, lambda *e: self.events.append(e), self.baselines,
                          now=lambda: f"t{next(self.clock)}", clock=lambda: self.time,
                          collect_signal=self.collect_signal)
 

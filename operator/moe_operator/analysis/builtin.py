@@ -9,7 +9,7 @@ from typing import Any
 
 from ..api import names
 from ..world.observe import ObservedPod
-from . import MEASURE_FAIL, Context, Measurement, judge_slo
+from .measure import MEASURE_FAIL, Context, Measurement, judge_slo
 from .metrics_text import delta, error_rate, merge, quantile, requests, snapshot
 
 

@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import AnalysisConfigError, Context, Measurement, judge_slo
+from .measure import AnalysisConfigError, Context, Measurement, judge_slo
 from .metrics_text import (
     E2E_REQUEST_LATENCY,
     REQUEST_FAILURE,

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from kubernetes.dynamic.exceptions import NotFoundError
 
 from ..api import names
 from ..api.reasons import ABORT_ALERT
@@ -265,7 +266,6 @@ class AbortStore:
         self._md = dynamic_client.resources.get(api_version=names.API_VERSION, kind=names.KIND)
 
     def get(self, namespace: str, name: str) -> Mapping[str, Any] | None:
-        from kubernetes.dynamic.exceptions import NotFoundError
         try:
             return self.dyn.get(self._md, name=name, namespace=namespace).to_dict()
         except NotFoundError:

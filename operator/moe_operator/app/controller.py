@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ..analysis import Baselines
 from ..api.spec import AUTOSCALING_METRICS
 from ..reconcile import Outcome, Reads, reconcile
 from .metrics import OperatorMetrics
@@ -43,6 +44,7 @@ class Controller:
         self._bodies: dict[Key, Mapping[str, Any]] = {}
         self._running: dict[Key, list[bool]] = {}   # key -> [dirty]
         self._timers: dict[Key, tuple[float, threading.Timer]] = {}   # key -> (due, timer)
+        self.baselines = Baselines()       # the analysis' per-pod baselines, this process' memory
 
     # The store of ModelDeployment bodies.
     def remember(self, body: Mapping[str, Any]) -> None:
@@ -108,7 +110,7 @@ class Controller:
                 self.log.warning("could not post event %s on %s: %s", reason, key_of(body), error)
 
         try:
-            outcome = reconcile(body, self.reader, self.writer, emit)
+            outcome = reconcile(body, self.reader, self.writer, emit, self.baselines)
         except Exception:
             self.metrics.reconciles.labels("error").inc()
             raise

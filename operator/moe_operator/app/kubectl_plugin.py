@@ -230,6 +230,8 @@ def render_status(body: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], no
 
 class Cluster:
     def __init__(self, kubeconfig: str | None, context: str | None):
+        # Deferred on purpose: the kubernetes client takes about a second to import, and `kubectl moe
+        # --help`, a usage error or the pure parts (tested without a cluster) do not need it.
         from kubernetes import client, config
         from kubernetes.dynamic import DynamicClient
         api = config.new_client_from_config(config_file=kubeconfig, context=context)
@@ -243,7 +245,7 @@ class Cluster:
             self.default_namespace = "default"
 
     def get(self, ns: str, name: str) -> dict[str, Any]:
-        from kubernetes.dynamic.exceptions import NotFoundError
+        from kubernetes.dynamic.exceptions import NotFoundError   # deferred with the client (above)
         try:
             return self.dyn.get(self.md, name=name, namespace=ns).to_dict()
         except NotFoundError:

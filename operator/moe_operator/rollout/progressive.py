@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..analysis import BASELINES, Baselines, Context, Provider, analyse, provider_for
+from ..analysis import Baselines, Context, Provider, analyse
 from ..api.reasons import (
     ROLLING_BACK,
     ROLLING_OUT,
@@ -38,8 +38,7 @@ class Report:
 
 
 def next_plan(md: ModelDeployment, body: Mapping[str, Any], observed: Observed, revision: str, now: float,
-              provider: Callable[[AnalysisSpec], Provider] = provider_for,
-              baselines: Baselines = BASELINES) -> Plan:
+              provider: Callable[[AnalysisSpec], Provider], baselines: Baselines) -> Plan:
     meta = body.get("metadata") or {}
     requests = requests_from(meta.get("annotations"), spec_paused=md.rollout.paused)
     state = RolloutState.from_json(md.status.get("rollout"))
@@ -83,7 +82,7 @@ def after_write(md: ModelDeployment, plan: Plan, now: float) -> tuple[Report, Pl
     return report, plan
 
 
-def due_in(md: ModelDeployment, plan: Plan, now: float, baselines: Baselines = BASELINES) -> float | None:
+def due_in(md: ModelDeployment, plan: Plan, now: float, baselines: Baselines) -> float | None:
     """Seconds until the next timed decision: a pause, a delay, a deadline or an analysis interval."""
     times = [rollout.requeue_after(md, plan, now)]
     memo = baselines.get((md.namespace, md.name, plan.revision)) or {}
