@@ -33,8 +33,9 @@ from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.detokenizer import IncrementalDetokenizer
 from model_runtime.engine.sampling import SampleRow, SamplingParams, make_generator, sample
 from model_runtime.engine.scheduler import ScheduledSeq, Scheduler, Sequence
-from model_runtime.models.model import Transformer, use_cpu_decode_kernels, use_decode_layout
-from model_runtime.models.paged import PagedBatch
+from model_runtime.kernels.cpu_layers import use_cpu_decode_kernels, use_decode_layout
+from model_runtime.models.model import Transformer
+from model_runtime.models.paged import PagedBatch, build_paged_batch
 
 __all__ = [
     "AsyncEngine",
@@ -319,43 +320,16 @@ class LLMEngine:
 
     def _prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, PagedBatch]:
         """The step's new tokens [N] and their PagedBatch."""
-        bs = self.blocks.block_size
         tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        context_lens: list[int] = []
-        query_start = [0]
-        tables = []
         for s in scheduled:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_new_tokens
-            table = seq.block_table
-            tokens.extend(seq.token_ids[start:end])
-            if s.num_new_tokens == 1:
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                positions.extend(range(start, end))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            context_lens.append(end)
-            query_start.append(query_start[-1] + s.num_new_tokens)
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        tables = [t + [0] * (width - len(t)) for t in tables]
-
-        def t(x):
-            return torch.tensor(x, dtype=torch.long, device=self.device)
-
-        batch = PagedBatch(
-            positions=t(positions),
-            slot_mapping=t(slots),
-            block_tables=t(tables),
-            context_lens=t(context_lens),
-            query_start=t(query_start),
-            logits_indices=t([q - 1 for q in query_start[1:]]),
-            block_size=bs,
+            start = s.seq.num_computed_tokens
+            tokens.extend(s.seq.token_ids[start : start + s.num_new_tokens])
+        batch = build_paged_batch(
+            [(s.seq.block_table, s.seq.num_computed_tokens, s.num_new_tokens) for s in scheduled],
+            self.blocks.block_size,
+            self.device,
         )
-        return t(tokens), batch
+        return torch.tensor(tokens, dtype=torch.long, device=self.device), batch
 
     def _append_token(self, req: _Request, token: int, logprob: dict | None) -> None:
         seq, params = req.seq, req.params

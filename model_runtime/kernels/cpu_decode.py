@@ -9,10 +9,11 @@ spends as long again in per-op overhead (a few microseconds each, ~25 ops per Mo
 `csrc/cpu_decode.c` has the batch-1 pieces of the model as plain C (AVX2 + FMA): a gemv that
 walks the rows front to back (one sequential stream, read at the speed of a sum), a SwiGLU MLP,
 RMSNorm, MLA's absorbed attention with its rope and cache write, and a whole MoE layer (router,
-experts, shared expert). model.py's torch code stays the reference and serves every batch; the
-kernels take over only for one float32 row on the CPU with torch on one thread (the runtime's
+experts, shared expert). models/model.py's torch code stays the reference and serves every batch;
+the kernels take over only for one float32 row on the CPU with torch on one thread (the runtime's
 default on small machines; more threads stay with torch, which spreads over cores) and outside
-autograd. tests/runtime/test_cpu_decode.py checks each against the torch code.
+autograd, in the layers that cpu_layers.use_cpu_decode_kernels swaps in after the model is built.
+tests/runtime/test_cpu_decode.py checks each against the torch code.
 
 The C is compiled once with the system's compiler (gcc, cc or $CC) into a cache directory keyed
 by the source's hash, and called through ctypes. Without a compiler or AVX2, or with
@@ -32,6 +33,7 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,7 @@ def _load():
 
 def available() -> bool:
     """Whether the kernels are compiled and loaded (a given call may still not qualify); compiles
-    them the first time. model.use_cpu_decode_kernels calls it when an engine starts, so no
+    them the first time. cpu_layers.use_cpu_decode_kernels calls it when an engine starts, so no
     forward pass ever waits for the compiler."""
     return _load() is not None
 
@@ -161,6 +163,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; one float32 row on the CPU (batch-1 decode) takes the streaming gemv kernel."""
+    if one_row(x) and f32_rows(w):
+        y = gemv(x, w)
+        return y if bias is None else y + bias
+    return F.linear(x, w, bias)
+
+
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """w * x / sqrt(mean(x^2) + eps) for one row x [..., D]."""
     x = x.contiguous()
@@ -169,7 +179,7 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-# ---- whole layers, prepared once (model.use_cpu_decode_kernels) ------------------------------
+# ---- whole layers, prepared once (cpu_layers.use_cpu_decode_kernels) ------------------------------
 # Each holds its weights (keeping them alive) and their addresses, so a decode step pays one
 # check and one C call per layer instead of a module lookup per weight.
 
@@ -194,10 +204,10 @@ ROUTE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
 
 class MoE:
-    """model.MoE for one token x [1, D]: route (cfg's scoring, top-k method, groups, scaling),
-    the A chosen experts (gate_up [E, 2I, D], down [E, D, I]), the shared expert (gate, up [Is, D],
-    down [D, Is]) scaled by sigmoid(shared_scale . x) when given; the choice is counted into
-    tokens_per_expert [E] (int64, updated in place)."""
+    """models.model.MoE for one token x [1, D]: route (cfg's scoring, top-k method, groups,
+    scaling), the A chosen experts (gate_up [E, 2I, D], down [E, D, I]), the shared expert (gate,
+    up [Is, D], down [D, Is]) scaled by sigmoid(shared_scale . x) when given; the choice is
+    counted into tokens_per_expert [E] (int64, updated in place)."""
 
     def __init__(
         self,
@@ -235,9 +245,9 @@ class MoE:
 
 
 class MLAttention:
-    """model.MLAttention for one new token x [1, D] over the paged cache: q_a [Q, D] and its norm
-    [Q] with q_b [H (P + R), Q] (or q_a None and q_b the full q_proj [H (P + R), D]); kv_a [C + R, D]
-    (kv_a_proj_with_mqa), kv_a_norm [C]; w_kv [H, P + Dv, C] (kv_b_proj); o_proj [D, H Dv]."""
+    """models.model.MLAttention for one new token x [1, D] over the paged cache: q_a [Q, D] and its
+    norm [Q] with q_b [H (P + R), Q] (or q_a None and q_b the full q_proj [H (P + R), D]); kv_a
+    [C + R, D] (kv_a_proj_with_mqa), kv_a_norm [C]; w_kv [H, P + Dv, C] (kv_b_proj); o_proj [D, H Dv]."""
 
     def __init__(
         self,

@@ -8,6 +8,9 @@ The architectures differ only in small parts, each a field here:
   factor and a score-correction bias;
 - shared experts (DeepSeek) or one gated shared expert (Qwen2-MoE);
 - which layers are dense MLPs instead of MoE (`dense_layers`).
+
+How each architecture's config.json spells those (and how its checkpoint names the weights) is its
+entry in models/architectures.py; this module reads and writes the fields all of them share.
 """
 
 from __future__ import annotations
@@ -16,21 +19,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_runtime.models.tokenizer import BYTE_SPECIALS
+from model_runtime.models.architectures import UnsupportedModelError, architecture, architecture_of_hf
 
-SUPPORTED_ARCHITECTURES = (
-    "MixtralForCausalLM",
-    "Qwen2MoeForCausalLM",
-    "Qwen3MoeForCausalLM",
-    "DeepseekV2ForCausalLM",
-    "DeepseekV3ForCausalLM",
-)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
-
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture or one of its options is not implemented by this runtime."""
 
 
 @dataclass
@@ -87,10 +79,7 @@ class ModelConfig:
     dense_layers: tuple[int, ...] = field(default_factory=tuple)  # layers with a dense MLP, not MoE
 
     def __post_init__(self):
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"architecture {self.architecture!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        architecture(self.architecture)  # UnsupportedModelError for one not in the table
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.dense_layers = tuple(sorted(set(self.dense_layers)))
@@ -160,13 +149,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Read a Hugging Face config.json (transformers 4.x or 5.x layout)."""
-        archs = hf.get("architectures") or []
-        arch = archs[0] if archs else _ARCH_OF_MODEL_TYPE.get(hf.get("model_type", ""), "")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"{source}: architecture {arch or hf.get('model_type')!r} is not supported; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        arch = architecture_of_hf(hf, source)
         quant = hf.get("quantization_config")
         if quant:
             raise UnsupportedModelError(
@@ -176,7 +159,7 @@ class ModelConfig:
         n_layers = hf["num_hidden_layers"]
         heads = hf["num_attention_heads"]
         common: dict[str, Any] = dict(
-            architecture=arch,
+            architecture=arch.name,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             num_hidden_layers=n_layers,
@@ -192,79 +175,9 @@ class ModelConfig:
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
         )
-        rope_theta, rope_scaling = _rope_from_hf(hf, 1e6 if arch == "MixtralForCausalLM" else 10000.0)
+        rope_theta, rope_scaling = _rope_from_hf(hf, arch.default_rope_theta)
         common.update(rope_theta=rope_theta, rope_scaling=rope_scaling)
-
-        if arch == "MixtralForCausalLM":
-            return cls(
-                **common,
-                sliding_window=hf.get("sliding_window"),
-                num_experts=hf["num_local_experts"],
-                num_experts_per_tok=hf["num_experts_per_tok"],
-                moe_intermediate_size=hf["intermediate_size"],
-                norm_topk_prob=True,
-            )
-
-        if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
-            qwen2 = arch == "Qwen2MoeForCausalLM"
-            sliding = None
-            if hf.get("use_sliding_window"):
-                if qwen2:
-                    raise UnsupportedModelError(
-                        f"{source}: Qwen2-MoE sliding-window layers are not supported"
-                    )
-                sliding = hf.get("sliding_window")
-            num_experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
-            step = hf.get("decoder_sparse_step", 1) or 1
-            mlp_only = set(hf.get("mlp_only_layers") or [])
-            dense = tuple(i for i in range(n_layers) if i in mlp_only or num_experts == 0 or (i + 1) % step)
-            return cls(
-                **common,
-                qkv_bias=bool(hf.get("qkv_bias", True) if qwen2 else hf.get("attention_bias", False)),
-                o_bias=False if qwen2 else bool(hf.get("attention_bias", False)),
-                qk_norm=not qwen2,
-                sliding_window=sliding,
-                num_experts=num_experts,
-                num_experts_per_tok=hf["num_experts_per_tok"],
-                moe_intermediate_size=hf["moe_intermediate_size"],
-                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0) if qwen2 else 0,
-                shared_expert_gate=qwen2,
-                dense_layers=dense,
-            )
-
-        # DeepSeek-V2 / V3
-        v3 = arch == "DeepseekV3ForCausalLM"
-        num_experts = hf.get("n_routed_experts") or 0
-        first_dense = hf.get("first_k_dense_replace") or 0
-        freq = hf.get("moe_layer_freq", 1) or 1
-        dense = tuple(i for i in range(n_layers) if num_experts == 0 or i < first_dense or i % freq)
-        n_shared = hf.get("n_shared_experts") or 0
-        rope_dim = hf["qk_rope_head_dim"]
-        return cls(
-            **{**common, "head_dim": rope_dim},
-            attention="mla",
-            qkv_bias=bool(hf.get("attention_bias", False)),
-            o_bias=bool(hf.get("attention_bias", False)),
-            q_lora_rank=hf.get("q_lora_rank"),
-            kv_lora_rank=hf["kv_lora_rank"],
-            qk_nope_head_dim=hf["qk_nope_head_dim"],
-            qk_rope_head_dim=rope_dim,
-            v_head_dim=hf["v_head_dim"],
-            rope_interleave=bool(hf.get("rope_interleave", True)) if v3 else True,
-            num_experts=num_experts,
-            num_experts_per_tok=hf.get("num_experts_per_tok") or 0,
-            moe_intermediate_size=hf["moe_intermediate_size"],
-            scoring_func="sigmoid" if v3 else "softmax",
-            topk_method="noaux_tc" if v3 else (hf.get("topk_method") or "greedy"),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", v3)),
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0) or 1.0),
-            n_group=hf.get("n_group") or 1,
-            topk_group=hf.get("topk_group") or 1,
-            shared_expert_intermediate_size=hf["moe_intermediate_size"] * n_shared,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            dense_layers=dense,
-        )
+        return cls(**{**common, **arch.fields_from_hf(hf, source)})
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json that transformers (and `from_hf`) reads back as this model."""
@@ -287,76 +200,8 @@ class ModelConfig:
         )
         if c.rope_scaling:
             hf["rope_scaling"] = dict(c.rope_scaling)
-        moe_layers = [i for i in range(c.num_hidden_layers) if c.is_moe_layer(i)]
-        if c.architecture == "MixtralForCausalLM":
-            hf.update(
-                model_type="mixtral",
-                num_key_value_heads=c.num_key_value_heads,
-                head_dim=c.head_dim,
-                num_local_experts=c.num_experts,
-                num_experts_per_tok=c.num_experts_per_tok,
-                sliding_window=c.sliding_window,
-            )
-        elif c.architecture in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
-            qwen2 = c.architecture == "Qwen2MoeForCausalLM"
-            hf.update(
-                model_type="qwen2_moe" if qwen2 else "qwen3_moe",
-                num_key_value_heads=c.num_key_value_heads,
-                head_dim=c.head_dim,
-                num_experts=c.num_experts,
-                num_experts_per_tok=c.num_experts_per_tok,
-                moe_intermediate_size=c.moe_intermediate_size,
-                norm_topk_prob=c.norm_topk_prob,
-                decoder_sparse_step=1,
-                mlp_only_layers=list(c.dense_layers),
-                use_sliding_window=c.sliding_window is not None,
-                sliding_window=c.sliding_window,
-            )
-            if qwen2:
-                hf.update(
-                    qkv_bias=c.qkv_bias, shared_expert_intermediate_size=c.shared_expert_intermediate_size
-                )
-            else:
-                hf.update(attention_bias=c.qkv_bias)
-        else:
-            first_dense = moe_layers[0] if moe_layers else c.num_hidden_layers
-            if c.dense_layers != tuple(range(first_dense)):
-                raise ValueError("DeepSeek checkpoints express dense layers only as the first k layers")
-            hf.update(
-                model_type="deepseek_v3" if c.architecture == "DeepseekV3ForCausalLM" else "deepseek_v2",
-                num_key_value_heads=c.num_attention_heads,
-                attention_bias=c.qkv_bias,
-                q_lora_rank=c.q_lora_rank,
-                kv_lora_rank=c.kv_lora_rank,
-                qk_nope_head_dim=c.qk_nope_head_dim,
-                qk_rope_head_dim=c.qk_rope_head_dim,
-                v_head_dim=c.v_head_dim,
-                n_routed_experts=c.num_experts,
-                num_experts_per_tok=c.num_experts_per_tok,
-                moe_intermediate_size=c.moe_intermediate_size,
-                n_shared_experts=c.shared_expert_intermediate_size // max(c.moe_intermediate_size, 1),
-                first_k_dense_replace=first_dense,
-                moe_layer_freq=1,
-                n_group=c.n_group,
-                topk_group=c.topk_group,
-                norm_topk_prob=c.norm_topk_prob,
-                routed_scaling_factor=c.routed_scaling_factor,
-                topk_method=c.topk_method,
-                scoring_func=c.scoring_func,
-                mlp_bias=c.mlp_bias,
-            )
-            if c.architecture == "DeepseekV3ForCausalLM":
-                hf.update(rope_interleave=c.rope_interleave, num_nextn_predict_layers=0)
+        hf.update(architecture(c.architecture).fields_to_hf(c))
         return hf
-
-
-_ARCH_OF_MODEL_TYPE = {
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "deepseek_v2": "DeepseekV2ForCausalLM",
-    "deepseek_v3": "DeepseekV3ForCausalLM",
-}
 
 
 def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:
@@ -373,7 +218,17 @@ def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, dict
     return float(theta), params
 
 
-# The byte-level tokenizer's ids (tokenizer.BYTE_SPECIALS), which the tiny presets use.
+# The byte-level vocabulary of the builtin models (and of checkpoints that ship no tokenizer): ids
+# 0..255 are bytes, then these specials (models/tokenizer.py's ByteTokenizer encodes with them).
+BYTE_SPECIALS = {
+    "<|begin_of_text|>": 256,
+    "<|end_of_text|>": 257,
+    "<|pad|>": 258,
+    "<|im_start|>": 259,
+    "<|im_end|>": 260,
+}
+
+# The tiny presets' token ids, in that vocabulary.
 _BYTE_TOKENS: dict[str, Any] = dict(
     vocab_size=320,
     bos_token_id=BYTE_SPECIALS["<|begin_of_text|>"],

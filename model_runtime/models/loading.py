@@ -2,7 +2,8 @@
 
 The model is built on the meta device (no memory, no init), the safetensors files are memory-mapped
 and each tensor is read once, converted to the target dtype and device, and assigned in place.
-`checkpoint_key_to_param` is the one place that maps checkpoint names to ours.
+`checkpoint_key_to_param` maps checkpoint names to ours (and `_param_to_checkpoint` back) by the
+renames of each architecture's entry in models/architectures.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,11 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from model_runtime.models.architectures import architecture
+from model_runtime.models.builtin import build_builtin
 from model_runtime.models.config import ModelConfig
 from model_runtime.models.model import Transformer
 
@@ -49,8 +54,6 @@ def load_model(
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     src = str(src)
     if src.startswith("builtin:"):
-        from model_runtime.models.builtin import build_builtin
-
         return build_builtin(src.removeprefix("builtin:"), dtype=dtype, device=device)
     path = checkpoint_dir(src)
     cfg = load_config(path)
@@ -99,22 +102,15 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
-_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
-_EXPERT_PART = {
-    "w1": "gate",
-    "gate_proj": "gate",
-    "w3": "up",
-    "up_proj": "up",
-    "w2": "down",
-    "down_proj": "down",
-}
+_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
 def checkpoint_key_to_param(key: str, cfg: ModelConfig) -> tuple[str, int | None, str | None] | None:
     """Our parameter for a checkpoint tensor: (name, expert, part) or None for tensors we don't use.
 
-    Per-expert tensors (Mixtral w1/w3/w2, Qwen/DeepSeek gate/up/down_proj) go into the stacked
-    `experts.gate_up_proj` [E, 2I, D] (part "gate" or "up") and `experts.down_proj` [E, D, I].
+    Names follow the architecture's entry in models/architectures.py. Per-expert tensors go into
+    the stacked `experts.gate_up_proj` [E, 2I, D] (part "gate" or "up") and `experts.down_proj`
+    [E, D, I].
     """
     name = key.removeprefix("model.")
     layer = _LAYER.match(name)
@@ -122,10 +118,11 @@ def checkpoint_key_to_param(key: str, cfg: ModelConfig) -> tuple[str, int | None
         return None  # e.g. DeepSeek-V3's multi-token-prediction layer
     if name.endswith("rotary_emb.inv_freq"):
         return None
-    name = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.shared_expert.", ".mlp.shared_experts.")
+    arch = architecture(cfg.architecture)
+    name = arch.param_name(name)
     expert = _EXPERT.match(name)
-    if expert:
-        part = _EXPERT_PART[expert.group(3)]
+    part = arch.expert_part(expert.group(3)) if expert else None
+    if part is not None:
         target = "gate_up_proj" if part in PART_ROWS else "down_proj"
         return f"{expert.group(1)}.{target}", int(expert.group(2)), part
     return name, None, None
@@ -133,8 +130,6 @@ def checkpoint_key_to_param(key: str, cfg: ModelConfig) -> tuple[str, int | None
 
 def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: torch.device) -> dict:
     """Every tensor the model needs, read from the checkpoint, as `dtype` on `device`."""
-    from safetensors import safe_open
-
     cfg = model.config
     expected = model.state_dict()  # meta tensors: names and shapes
     keep_fp32 = {n for n in expected if n.endswith("e_score_correction_bias")}
@@ -197,29 +192,19 @@ def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: 
 def _checkpoint_name(param: str, cfg: ModelConfig) -> str:
     """The checkpoint key a missing parameter would have had (for error messages)."""
     m = re.match(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)\[expert (\d+), (\w+)\]$", param)
-    mixtral = cfg.architecture == "MixtralForCausalLM"
+    arch = architecture(cfg.architecture)
     if m:
         prefix, _, e, part = m.groups()
-        if mixtral:
-            prefix = prefix.replace(".mlp.", ".block_sparse_moe.")
-            leaf = {"gate": "w1", "up": "w3", "down": "w2"}[part]
-        else:
-            leaf = f"{part}_proj"
-        return f"'model.{prefix}.{e}.{leaf}.weight'"
+        return f"'model.{arch.checkpoint_name(prefix)}.{e}.{arch.expert_names[part]}.weight'"
     if param.endswith("gate_up_proj") or param.endswith("experts.down_proj"):
         return f"'model.{param}' (all experts)"
-    if mixtral:
-        param = param.replace(".mlp.", ".block_sparse_moe.")
-    elif cfg.shared_expert_gate:
-        param = param.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+    param = arch.checkpoint_name(param)
     return repr(param if param.startswith("lm_head") else f"model.{param}")
 
 
 def save_checkpoint(model: Transformer, path: str | os.PathLike, max_shard_bytes: int | None = None) -> Path:
     """Write `model` as a Hugging Face checkpoint (config.json + safetensors, per-expert tensors
     named as the architecture names them), which `load_model` and transformers read back."""
-    from safetensors.torch import save_file
-
     cfg, path = model.config, Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -256,15 +241,12 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike, max_shard_bytes
 
 def _param_to_checkpoint(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one of our parameters (the inverse of checkpoint_key_to_param)."""
-    mixtral = cfg.architecture == "MixtralForCausalLM"
-    if mixtral:
-        name = name.replace(".mlp.", ".block_sparse_moe.")
-    elif cfg.shared_expert_gate:
-        name = name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
+    arch = architecture(cfg.architecture)
+    name = arch.checkpoint_name(name)
     key = name if name.startswith("lm_head") else f"model.{name}"
     if name.endswith("experts.gate_up_proj"):
         prefix, rows = key.removesuffix(".gate_up_proj"), tensor.shape[1] // 2
-        gate, up = ("w1", "w3") if mixtral else ("gate_proj", "up_proj")
+        gate, up = arch.expert_names["gate"], arch.expert_names["up"]
         out = {}
         for e in range(tensor.shape[0]):
             out[f"{prefix}.{e}.{gate}.weight"] = tensor[e, :rows].clone()
@@ -272,6 +254,6 @@ def _param_to_checkpoint(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> d
         return out
     if name.endswith("experts.down_proj"):
         prefix = key.removesuffix(".down_proj")
-        down = "w2" if mixtral else "down_proj"
+        down = arch.expert_names["down"]
         return {f"{prefix}.{e}.{down}.weight": tensor[e].clone() for e in range(tensor.shape[0])}
     return {key: tensor}

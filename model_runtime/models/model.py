@@ -4,8 +4,11 @@ What differs between them is a small part chosen by ModelConfig: GQA or MLA atte
 router's scoring and top-k, shared experts, dense layers.
 
 Every layer works on a flat list of N tokens. `forward(input_ids)` flattens a [B, T] batch and
-attends causally without a cache; `forward_paged` takes one engine step (model_runtime.models.paged) and
+attends causally without a cache; `forward_paged` takes one engine step (models/paged.py) and
 attends through each sequence's block table over a paged KV cache.
+
+The CPU's batch-1 decode kernels and int8 quantization are transforms applied to a built model
+(model_runtime.kernels); nothing here knows them.
 
 Legend
     B batch          T tokens per sequence       N tokens in the step (flattened)
@@ -24,28 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_runtime.kernels import cpu_decode
 from model_runtime.models.config import ModelConfig
-from model_runtime.models.paged import PagedBatch
+from model_runtime.models.paged import PagedBatch, PagedContext, gather_slots, paged_attention
 
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; one float32 row on the CPU (batch-1 decode) takes the streaming gemv kernel."""
-    if cpu_decode.one_row(x) and cpu_decode.f32_rows(w):
-        y = cpu_decode.gemv(x, w)
-        return y if bias is None else y + bias
-    return F.linear(x, w, bias)
-
-
-class Linear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -55,8 +44,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_decode.one_row(x) and cpu_decode.f32_rows(self.weight):
-            return cpu_decode.rmsnorm(x, self.weight, self.eps)
         # normalised in float32, cast back before the weight (as transformers does); one fused op
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
@@ -118,7 +105,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)  # [N, H, R]
 
 
-# ---- how a step attends: no cache (whole sequences) or through the paged cache ---------------
+# ---- attention without a cache (whole sequences; through the cache: models/paged.py) --------
 
 
 @dataclass
@@ -127,58 +114,6 @@ class DenseContext:
 
     batch: int  # B
     seq_len: int  # T
-
-
-@dataclass
-class PagedContext:
-    """forward_paged(): index tensors shared by every layer of one step."""
-
-    slot_mapping: torch.Tensor  # [N] cache slot each new token writes
-    context_slots: torch.Tensor  # [S, L] cache slot of each context position
-    mask: torch.Tensor  # [S, 1, Q, L] bool: query may attend key
-    token_seq: torch.Tensor | None  # [N] sequence of each new token (None: every sequence has Q new tokens)
-    token_offset: torch.Tensor | None  # [N] index of each new token among its sequence's new tokens
-    num_seqs: int  # S
-    max_new: int  # Q
-
-    @classmethod
-    def build(cls, batch: PagedBatch, sliding_window: int | None) -> PagedContext:
-        S = batch.context_lens.shape[0]
-        N = batch.positions.shape[0]
-        new_lens = batch.query_start[1:] - batch.query_start[:-1]  # [S]
-        Q, L = torch.stack([new_lens.max(), batch.context_lens.max()]).tolist()  # one host sync per step
-        device = batch.positions.device
-        pos = torch.arange(L, device=device)  # [L]
-        bs = batch.block_size
-        context_slots = batch.block_tables[:, pos // bs] * bs + pos % bs  # [S, L]
-        if N == S * Q:  # every sequence brings Q new tokens (decode: Q == 1): a plain view
-            token_seq = token_offset = None
-            q_pos = batch.positions.view(S, Q)  # [S, Q]
-        else:
-            token_seq = torch.repeat_interleave(
-                torch.arange(S, device=device), new_lens, output_size=N
-            )  # [N]
-            token_offset = torch.arange(N, device=device) - batch.query_start[token_seq]  # [N]
-            q_pos = torch.zeros(S, Q, dtype=torch.long, device=device)  # padding queries see key 0 only
-            q_pos[token_seq, token_offset] = batch.positions
-        mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, Q, L] causal; also hides other sequences' tails
-        if sliding_window is not None:
-            mask &= pos[None, None, :] > q_pos[:, :, None] - sliding_window
-        return cls(batch.slot_mapping, context_slots, mask[:, None], token_seq, token_offset, S, Q)
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, ...] new-token rows -> [S, Q, ...] per sequence (zeros where padded)."""
-        if self.token_seq is None:
-            return x.view(self.num_seqs, self.max_new, *x.shape[1:])
-        out = x.new_zeros(self.num_seqs, self.max_new, *x.shape[1:])
-        out[self.token_seq, self.token_offset] = x
-        return out
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """[S, Q, ...] -> [N, ...]"""
-        if self.token_seq is None:
-            return x.reshape(-1, *x.shape[2:])
-        return x[self.token_seq, self.token_offset]
 
 
 def dense_attention(
@@ -197,52 +132,6 @@ def dense_attention(
     return out.transpose(1, 2).reshape(B * T, q.shape[1], v.shape[-1])  # [N, H, Ev]
 
 
-def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache [slots, ...] rows at slots [S, L] -> [S, L, ...].
-
-    index_select on the flattened slots: ~2.5x faster on the CPU than advanced indexing.
-    """
-    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
-
-
-def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: PagedContext, scale: float
-) -> torch.Tensor:
-    """New tokens attend their sequence's cached context.
-
-    q [N, H, E]; k [S, L, K, E] and v [S, L, K, Ev] gathered through the block tables -> [N, H, Ev].
-    """
-    qs = ctx.pad(q)  # [S, Q, H, E]
-    if ctx.max_new == 1 or k.shape[2] == 1:  # decode, or MLA's one latent head: no expanded copies
-        return ctx.unpad(grouped_attention(qs, k, v, ctx.mask, scale))
-    qs, k, v = qs.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [S, H|K, Q|L, E]
-    out = F.scaled_dot_product_attention(
-        qs, k, v, attn_mask=ctx.mask, scale=scale, enable_gqa=qs.shape[1] != k.shape[1]
-    )  # [S, H, Q, Ev]
-    return ctx.unpad(out.transpose(1, 2))  # [N, H, Ev]
-
-
-def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Attention as two batched matmuls, the Q new tokens and the G = H / K query heads of each kv
-    head stacked into one matrix: every cached key and value is read once, never expanded per
-    head (scaled_dot_product_attention copies them for GQA, and its CPU dispatch is far slower
-    for single-query shapes). With one kv head (MLA) or one new token the stacking is a view.
-
-    q [S, Q, H, E]; k [S, L, K, E]; v [S, L, K, Ev]; mask [S, 1, Q, L] -> [S, Q, H, Ev]
-    """
-    S, Q, H, E = q.shape
-    K = k.shape[2]
-    G = H // K  # query head h reads kv head h // G
-    qg = q.view(S, Q, K, G, E).transpose(1, 2).reshape(S, K, Q * G, E)  # [S, K, Q*G, E]
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [S, K, Q*G, L]
-    scores = scores.view(S, K, Q, G, -1).masked_fill(~mask[:, :, :, None], float("-inf"))  # [S, K, Q, G, L]
-    probs = scores.softmax(dim=-1).to(v.dtype).view(S, K, Q * G, -1)  # [S, K, Q*G, L]
-    out = torch.matmul(probs, v.transpose(1, 2))  # [S, K, Q*G, Ev]
-    return out.view(S, K, Q, G, -1).transpose(1, 2).reshape(S, Q, H, -1)  # [S, Q, H, Ev]
-
-
 # ---- attention variants ------------------------------------------------------------------------
 
 
@@ -253,10 +142,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         H, K, Dh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
-        self.q_proj = Linear(D, H * Dh, bias=cfg.qkv_bias)
-        self.k_proj = Linear(D, K * Dh, bias=cfg.qkv_bias)
-        self.v_proj = Linear(D, K * Dh, bias=cfg.qkv_bias)
-        self.o_proj = Linear(H * Dh, D, bias=cfg.o_bias)
+        self.q_proj = nn.Linear(D, H * Dh, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, K * Dh, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, K * Dh, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
@@ -291,23 +180,21 @@ class MLAttention(nn.Module):
     cached latent is attended directly.
     """
 
-    decode = None  # cpu_decode.MLAttention, set by use_cpu_decode_kernels
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         D, H = cfg.hidden_size, cfg.num_attention_heads
         P, R, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(D, H * (P + R), bias=False)
+            self.q_proj = nn.Linear(D, H * (P + R), bias=False)
         else:
-            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.qkv_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
-            self.q_b_proj = Linear(cfg.q_lora_rank, H * (P + R), bias=False)
-        self.kv_a_proj_with_mqa = Linear(D, C + R, bias=cfg.qkv_bias)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * (P + R), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, C + R, bias=cfg.qkv_bias)
         self.kv_a_layernorm = RMSNorm(C, 1e-6)
-        self.kv_b_proj = Linear(C, H * (P + Dv), bias=False)
-        self.o_proj = Linear(H * Dv, D, bias=cfg.o_bias)
+        self.kv_b_proj = nn.Linear(C, H * (P + Dv), bias=False)
+        self.o_proj = nn.Linear(H * Dv, D, bias=cfg.o_bias)
         self.scale = (P + R) ** -0.5
         # Attention over the cache either absorbs kv_b_proj into q and the output (per query and
         # context token: 2C + R multiply-adds per head) or expands the context's latents into keys
@@ -322,9 +209,6 @@ class MLAttention(nn.Module):
         cfg = self.cfg
         N, H = x.shape[0], cfg.num_attention_heads
         P, R, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
-        # batch-1 decode on the CPU: what follows, in one C call (cpu_decode.MLAttention)
-        if self.decode is not None and cache is not None and cache.dtype == x.dtype and cpu_decode.one_row(x):
-            return self.decode(x, cos[0], sin[0], cache, int(ctx.slot_mapping[0]), ctx.context_slots[0])
         if cfg.q_lora_rank is None:
             q = self.q_proj(x)
         else:
@@ -365,18 +249,14 @@ class MLAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    decode = None  # cpu_decode.SwiGLU, set by use_cpu_decode_kernels
-
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = False):
         super().__init__()
-        self.gate_proj = Linear(dim, hidden, bias=bias)
-        self.up_proj = Linear(dim, hidden, bias=bias)
-        self.down_proj = Linear(hidden, dim, bias=bias)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x):
-        if self.decode is not None and cpu_decode.one_row(x):  # batch-1 decode: one C call
-            return self.decode(x)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -435,9 +315,10 @@ class Experts(nn.Module):
         self.num_experts = E
 
     def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its tokens x [n, D] -> [n, D] (int8 quantization overrides this)."""
-        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-        return linear(self.act(gate).mul_(up), self.down_proj[e])
+        """Expert e on its tokens x [n, D] -> [n, D] (int8 quantization and the CPU decode kernels
+        override this)."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+        return F.linear(self.act(gate).mul_(up), self.down_proj[e])
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
@@ -466,8 +347,6 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    decode = None  # cpu_decode.MoE, set by use_cpu_decode_kernels
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = Router(cfg)
@@ -477,14 +356,12 @@ class MoE(nn.Module):
                 cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act, cfg.mlp_bias
             )
         if cfg.shared_expert_gate:
-            self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         self.register_buffer(
             "tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.decode is not None and cpu_decode.one_row(x):  # batch-1 decode: one C call
-            return self.decode(x)
         weights, ids = self.gate(x)  # [N, A]
         out, counts = self.experts(x, weights, ids)  # [N, D]
         self.tokens_per_expert += counts
@@ -512,108 +389,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def column_major(w: torch.Tensor) -> torch.Tensor:
-    """The same [..., out, in] values stored in-major (strides swapped on the last two dims)."""
-    return w.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
-def use_decode_layout(model: Transformer) -> Transformer:
-    """Store in place, column-major, the weights whose BLAS matrix-vector product that makes faster.
-
-    For when the C decode kernels (cpu_decode) are not available; they read row-major weights.
-    A decode step multiplies one row per sequence by every weight, so it is bound by how fast the
-    weights stream from memory. On the CPU, MKL's gemv for x @ W.T over a row-major W [out, in]
-    reads about 12 GB/s on one thread; over the same W stored column-major (x @ Wt with Wt [in, out]
-    contiguous) it reads 13-20 GB/s when out >= in, and less when out < in; for bfloat16 it is
-    ~5x slower, so only float32 weights move. Values, names and shapes are unchanged (only
-    strides), and larger matmuls (prefill, 32 sequences) run alike.
-    kv_b_proj stays row-major: MLA views it per head for the absorbed attention.
-    """
-    keep = {id(m.kv_b_proj) for m in model.modules() if isinstance(m, MLAttention)}
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.out_features >= m.in_features and id(m) not in keep:
-                if m.weight.dtype == torch.float32:  # bf16/fp16 column-major gemv is ~5x slower
-                    m.weight.data = column_major(m.weight.data)
-            elif type(m) is Experts and m.gate_up_proj.dtype == torch.float32:  # not int8 or bf16
-                m.gate_up_proj.data = column_major(m.gate_up_proj.data)  # [E, 2I, D]: 2I >= D typically
-                m.down_proj.data = column_major(m.down_proj.data)  # [E, D, I]
-    return model
-
-
-def use_cpu_decode_kernels(model: Transformer) -> bool:
-    """Hand the batch-1 decode step of every layer the C kernels can compute to them (cpu_decode).
-
-    A transform applied after the others (int8 quantization swaps in modules whose weights the
-    kernels do not read): MLA attention, MoE layers and SwiGLU MLPs with float32 weights and no
-    biases get a prepared `decode` callable, which their forward takes for one float32 row with
-    torch on one thread; every other case runs the torch code. Returns whether the kernels exist.
-    """
-    for m in model.modules():
-        if isinstance(m, (MLAttention, MLP, MoE)):
-            m.decode = None  # a second call (after another transform) starts afresh
-    if not cpu_decode.available():
-        return False
-
-    def rows(*ws) -> bool:
-        return all(w is None or cpu_decode.f32_rows(w) for w in ws)
-
-    def no_bias(*linears) -> bool:
-        return all(type(m) is Linear and m.bias is None for m in linears)
-
-    def swiglu(mlp: MLP) -> cpu_decode.SwiGLU | None:
-        ok = mlp.act is F.silu and no_bias(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        return (
-            cpu_decode.SwiGLU(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-            if ok and rows(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-            else None
-        )
-
-    for m in model.modules():
-        if type(m) is MLAttention:
-            cfg = m.cfg
-            lora = cfg.q_lora_rank is not None
-            q = [m.q_a_proj, m.q_b_proj] if lora else [m.q_proj]
-            if cfg.sliding_window is not None or not no_bias(*q, m.kv_a_proj_with_mqa, m.kv_b_proj, m.o_proj):
-                continue
-            H, P, C, Dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
-            weights = [
-                m.q_a_proj.weight if lora else None,
-                m.q_a_layernorm.weight if lora else None,
-                q[-1].weight,
-                m.kv_a_proj_with_mqa.weight,
-                m.kv_a_layernorm.weight,
-                m.kv_b_proj.weight.view(H, P + Dv, C),
-                m.o_proj.weight,
-            ]
-            if rows(*weights):
-                m.decode = cpu_decode.MLAttention(*weights, cfg.rope_interleave, m.scale)
-        elif type(m) is MLP:
-            m.decode = swiglu(m)
-        elif (
-            type(m) is MoE
-            and type(m.experts) is Experts
-            and m.experts.act is F.silu
-            and m.gate.cfg.num_experts_per_tok <= 64
-        ):
-            shared = getattr(m, "shared_experts", None)
-            shared_decode = swiglu(shared) if shared is not None else None
-            if shared is not None and shared_decode is None:
-                continue
-            gate = getattr(m, "shared_expert_gate", None)
-            bias = getattr(m.gate, "e_score_correction_bias", None)
-            weights = [m.gate.weight, bias, m.experts.gate_up_proj, m.experts.down_proj]
-            if (gate is None or no_bias(gate)) and rows(*weights, gate.weight if gate is not None else None):
-                m.decode = cpu_decode.MoE(
-                    m.gate.cfg,
-                    *weights,
-                    shared_decode.weights if shared_decode is not None else None,
-                    gate.weight if gate is not None else None,
-                    m.tokens_per_expert,
-                )
-    return True
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -621,7 +396,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(cfg.rope_dim // 2), persistent=False)
         self.rope_attention_factor = 1.0
         self.init_buffers()

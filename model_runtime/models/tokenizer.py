@@ -19,15 +19,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as FastTokenizer
 
-BYTE_SPECIALS = {
-    "<|begin_of_text|>": 256,
-    "<|end_of_text|>": 257,
-    "<|pad|>": 258,
-    "<|im_start|>": 259,
-    "<|im_end|>": 260,
-}
+from model_runtime.models.config import BYTE_SPECIALS, ModelConfig
+
+log = logging.getLogger(__name__)
 BYTE_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message.role }}\n"
     "{{ message.content }}<|im_end|>\n{% endfor %}"
@@ -124,8 +122,6 @@ class HFTokenizer(Tokenizer):
     """A checkpoint's tokenizer.json, with specials and chat template from tokenizer_config.json."""
 
     def __init__(self, path: Path, eos_token_ids: set[int] | None = None):
-        from tokenizers import Tokenizer as FastTokenizer
-
         self._tok = FastTokenizer.from_file(str(path / "tokenizer.json"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         cfg = _read_json(path / "tokenizer_config.json")
@@ -152,8 +148,6 @@ def load_tokenizer(src: str | os.PathLike) -> Tokenizer:
     """The tokenizer for a model source (a checkpoint directory, hostpath:///PATH or builtin:NAME)."""
     src = str(src)
     if src.startswith("builtin:"):
-        from model_runtime.models.config import ModelConfig
-
         cfg = ModelConfig.from_name(src.removeprefix("builtin:"))
         return ByteTokenizer(cfg.vocab_size, cfg.eos_token_ids)
     path = Path(src.removeprefix("hostpath://"))
@@ -168,9 +162,6 @@ def load_tokenizer(src: str | os.PathLike) -> Tokenizer:
 
 
 def render_chat_template(template: str, **context: Any) -> str:
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 

@@ -1,4 +1,4 @@
-"""The CPU decode kernels (model_runtime/csrc/cpu_decode.c) against torch's own ops.
+"""The CPU decode kernels (model_runtime/kernels/csrc/cpu_decode.c) against torch's own ops.
 
 Each kernel computes what the model's torch code computes for one row; the model decodes the
 same tokens with the kernels on and off; and without a compiler or with the switch off the
@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from model_runtime import load_model
 from model_runtime.engine.core import EngineConfig, LLMEngine, SamplingParams
 from model_runtime.kernels import cpu_decode
+from model_runtime.kernels.cpu_layers import use_cpu_decode_kernels
 from model_runtime.models.config import ModelConfig
-from model_runtime.models.model import MLAttention, MoE, PagedContext, use_cpu_decode_kernels
-from model_runtime.models.paged import PagedBatch
+from model_runtime.models.model import MLAttention, MoE
+from model_runtime.models.paged import PagedBatch, PagedContext
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler or no AVX2 here")
 
@@ -196,7 +197,7 @@ def test_without_kernels_torch_runs_and_says_why(env, expect, tmp_path):
         "import logging, torch; logging.basicConfig(level=logging.INFO)\n"
         "torch.set_num_threads(1)\n"
         "from model_runtime.kernels import cpu_decode\n"
-        "from model_runtime.models.model import linear\n"
+        "from model_runtime.kernels.cpu_decode import linear\n"
         "assert not cpu_decode.available()\n"
         "x, w = torch.randn(1, 8), torch.randn(4, 8)\n"
         "assert torch.allclose(linear(x, w), x @ w.T)\n"
