@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from devcluster.files import write_atomic
+
 VALIDITY = datetime.timedelta(days=365)
 CLUSTER_NAME = "devcluster"
 
@@ -167,9 +169,7 @@ class Pki:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    write_atomic(path, data, 0o600 if private else 0o644)
 
 
 def write_pki(pki_dir: Path, service_cluster_ip: str) -> Pki:
@@ -199,7 +199,4 @@ def write_kubeconfig(path: Path, server: str, pki: Pki, identity_name: str) -> P
     identity = next(c for c in CLIENTS if c.name == identity_name)
     config = kubeconfig(server, pki.ca_cert.read_bytes(), identity.user,
                         pki.client_cert(identity_name).read_bytes(), pki.client_key(identity_name).read_bytes())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    path.chmod(0o600)
-    return path
+    return write_atomic(path, yaml.safe_dump(config, sort_keys=False), 0o600)

@@ -34,8 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devcluster import build, certs, kwok, monitoring, processes, versions
-from devcluster.kubeapi import ApiError, KubeApi, node_ready, urlopen
+from devcluster.files import write_atomic
+from devcluster.kubeapi import ApiError, KubeApi, node_ready
+from devcluster.loopback import free_port, urlopen
 from devcluster.processes import ProcessRecord
+from devcluster.wait import DevClusterError, poll, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = REPO_ROOT / ".devcluster"
@@ -70,10 +73,6 @@ def local_pod_cidr(state_dir: Path) -> str:
     of both, binding the same ports on their own IPs, do not collide."""
     digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).digest()
     return f"127.{100 + digest[0] % LOCAL_POD_CIDRS}.0.0/16"
-
-
-class DevClusterError(RuntimeError):
-    """Something a user can act on: the message says what failed and where its log is."""
 
 
 @dataclass
@@ -137,19 +136,6 @@ def _insecure_context() -> ssl.SSLContext:
     return context
 
 
-def poll(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.1,
-         on_timeout: Callable[[], str] | None = None) -> None:
-    """Call check until it returns True; raise DevClusterError naming `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if check():
-            return
-        if time.monotonic() > deadline:
-            hint = on_timeout() if on_timeout else ""
-            raise DevClusterError(f"timed out after {timeout:.0f}s waiting for {what}{hint}")
-        time.sleep(interval)
-
-
 @dataclass
 class DevCluster:
     """A devcluster rooted at state_dir. Cheap to construct; nothing runs until `up`."""
@@ -203,9 +189,7 @@ class DevCluster:
             return None
 
     def _write_state(self, state: ClusterState) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state.to_json(), indent=2) + "\n")
-        os.replace(tmp, self.state_file)
+        write_atomic(self.state_file, json.dumps(state.to_json(), indent=2) + "\n")
 
     @property
     def api_server_url(self) -> str | None:
@@ -286,13 +270,15 @@ class DevCluster:
     def _healthy_soon(self, state: ClusterState, grace: float = 20.0) -> bool:
         """Healthy now or within `grace` seconds while every process runs: a busy machine can make
         one probe fail, and restarting a shared cluster for that would wipe everyone's objects."""
-        deadline = time.monotonic() + grace
-        while True:
-            if self.healthy():
-                return True
-            if not all(processes.is_alive(p) for p in state.processes) or time.monotonic() > deadline:
-                return False
-            time.sleep(0.5)
+        healthy = False
+
+        def settled() -> bool:
+            nonlocal healthy
+            healthy = self.healthy()
+            return healthy or not all(processes.is_alive(p) for p in state.processes)
+
+        wait_until(settled, grace, interval=0.5)
+        return healthy
 
     def _probe(self, name: str, state: ClusterState) -> tuple[bool, str]:
         """One health check of a running component: (ok, detail)."""
@@ -409,7 +395,7 @@ class DevCluster:
         bin_path = build.binary_path
         ports = state.ports
         for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"):
-            ports[name] = processes.free_port()
+            ports[name] = free_port()
         server = f"https://127.0.0.1:{ports['apiserver']}"
 
         pki = certs.write_pki(self.state_dir / "pki", SERVICE_CLUSTER_IP)
@@ -560,12 +546,11 @@ class DevCluster:
         token_file = self.monitoring_dir / "prometheus.token"
         self.rules_dir.mkdir(parents=True, exist_ok=True)
         self.targets_dir.mkdir(parents=True, exist_ok=True)
-        token_file.write_text(token)
-        token_file.chmod(0o600)
+        write_atomic(token_file, token, 0o600)
         ports = state.ports
-        ports["prometheus"] = processes.free_port(monitoring.PROMETHEUS_PORT)
-        ports["alertmanager"] = processes.free_port(monitoring.ALERTMANAGER_PORT)
-        ports["pod-discovery"] = processes.free_port()
+        ports["prometheus"] = free_port(monitoring.PROMETHEUS_PORT)
+        ports["alertmanager"] = free_port(monitoring.ALERTMANAGER_PORT)
+        ports["pod-discovery"] = free_port()
         self._spawn(state, "pod-discovery", monitoring.pod_discovery_args(
             f"https://127.0.0.1:{ports['apiserver']}", self.pki.ca_cert, token_file, ports["pod-discovery"]))
         prometheus_yml = monitoring.write_yaml(self.monitoring_dir / "prometheus.yml", monitoring.prometheus_config(

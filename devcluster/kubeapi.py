@@ -13,6 +13,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from devcluster.loopback import urlopen
+
 FIELD_MANAGER = "devcluster"
 
 # kind -> (API prefix, plural, namespaced) for the kinds `up` applies.
@@ -23,15 +25,6 @@ KINDS = {
     "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
     "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
 }
-
-
-def urlopen(request, *, context: ssl.SSLContext | None = None, timeout: float = 10.0):
-    """urllib's urlopen without proxies: every devcluster address is on loopback, and an
-    HTTP(S)_PROXY in the environment must not send loopback requests elsewhere."""
-    handlers = [urllib.request.ProxyHandler({})]
-    if context is not None:
-        handlers.append(urllib.request.HTTPSHandler(context=context))
-    return urllib.request.build_opener(*handlers).open(request, timeout=timeout)
 
 
 class ApiError(RuntimeError):

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import yaml
 
-from devcluster.kubeapi import urlopen
+from devcluster.files import write_atomic
+from devcluster.loopback import urlopen
 
 PROMETHEUS_PORT = 9090
 ALERTMANAGER_PORT = 9093
@@ -149,11 +150,7 @@ def rbac_objects() -> list[dict]:
 
 
 def write_yaml(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def binaries_missing() -> list[str]:

@@ -62,7 +62,6 @@ import shutil
 import signal
 import ssl
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -70,6 +69,10 @@ from typing import Any
 
 import aiohttp
 import yaml
+
+from devcluster import processes
+from devcluster.files import write_atomic
+from devcluster.loopback import is_loopback
 
 log = logging.getLogger("devcluster.node")
 
@@ -307,13 +310,6 @@ def parse_time(value: str | None) -> float | None:
     if not value:
         return None
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-
-
-def is_loopback(ip: str | None) -> bool:
-    try:
-        return ip is not None and ipaddress.ip_address(ip) in ipaddress.ip_network("127.0.0.0/8")
-    except ValueError:
-        return False
 
 
 class IpAllocator:
@@ -778,24 +774,6 @@ def service_account_kubeconfig(server: str, ca_file: str, token_file: str, names
     }
 
 
-def pod_key(pod: dict) -> str:
-    return f"{pod['metadata'].get('namespace', 'default')}/{pod['metadata']['name']}"
-
-
-def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def object_bytes(obj: dict) -> dict[str, bytes]:
     """A ConfigMap's or Secret's data as the bytes its volume files hold."""
     if obj.get("kind") == "Secret":
@@ -831,15 +809,6 @@ def safe_join(root: Path, relative: str) -> Path:
     return target
 
 
-def proc_start_ticks(pid: int) -> int | None:
-    """The start time of a process (clock ticks since boot), to tell a pid from a reused one."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 class ProcessTable:
     """The pids this agent started, kept in a file so a later run (or --cleanup) can kill the ones a
     crashed agent left behind."""
@@ -849,7 +818,7 @@ class ProcessTable:
         self.entries: dict[str, dict] = {}
 
     def add(self, pid: int, pod: str, container: str) -> None:
-        self.entries[str(pid)] = {"start": proc_start_ticks(pid), "pod": pod, "container": container}
+        self.entries[str(pid)] = {"start": processes.proc_start_time(pid), "pod": pod, "container": container}
         self._save()
 
     def remove(self, pid: int) -> None:
@@ -865,20 +834,11 @@ class ProcessTable:
             recorded = json.loads(self.path.read_text())
         except (OSError, ValueError):
             recorded = {}
-        alive = [int(pid) for pid, entry in recorded.items()
-                 if entry.get("start") is not None and proc_start_ticks(int(pid)) == entry["start"]]
-        for pid in alive:
-            log.info("killing leftover process group %s (%s)", pid, recorded[str(pid)].get("pod"))
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while alive and time.monotonic() < deadline:
-            alive = [pid for pid in alive if proc_start_ticks(pid) == recorded[str(pid)]["start"]]
-            if alive:
-                time.sleep(0.1)  # a bounded poll for the processes to exit
-        for pid in alive:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
+        leftovers = [processes.ProcessRecord(entry.get("pod", ""), int(pid), entry["start"], [], "")
+                     for pid, entry in recorded.items() if entry.get("start") is not None]
+        for record in filter(processes.is_alive, leftovers):
+            log.info("killing leftover process group %s (%s)", record.pid, record.name)
+        processes.stop(leftovers, timeout=grace, group=True)
         self.entries = {}
         self._save()
         return len(recorded)
@@ -1236,7 +1196,6 @@ class PodWorker:
         self._status_task: asyncio.Task | None = None
         self._stopped: asyncio.Future | None = None
         self._deleting = False
-        self.pids: set[int] = set()
 
     def _restore_restart_counts(self, status: dict) -> None:
         previous = {s["name"]: s for s in (status.get("containerStatuses") or []) +
@@ -1553,7 +1512,6 @@ class PodWorker:
                     stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
             except OSError as e:
                 raise StartFailure("RunContainerError", f"cannot start {argv[0]!r}: {e.strerror or e}") from e
-        self.pids.add(process.pid)
         self.agent.processes.add(process.pid, self.key, container_name)
         return process
 
@@ -1562,7 +1520,6 @@ class PodWorker:
         the whole container) and forget the pid."""
         with contextlib.suppress(OSError):
             os.killpg(process.pid, signal.SIGKILL)
-        self.pids.discard(process.pid)
         self.agent.processes.remove(process.pid)
 
     async def stop(self, grace: float, delete_object: bool) -> None:

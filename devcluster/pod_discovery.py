@@ -23,7 +23,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from devcluster.kubeapi import urlopen
+from devcluster.loopback import urlopen
 
 META = "__meta_kubernetes_"
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from devcluster.wait import wait_until
 
 MAX_LOG_BYTES = 50 * 1024 * 1024  # a longer log is moved to <log>.1 when its process next starts
 
@@ -85,33 +86,37 @@ def _reap(pid: int) -> None:
         pass
 
 
-def stop(records: list[ProcessRecord], timeout: float = 10.0) -> list[str]:
-    """SIGTERM each live record, SIGKILL what is left after timeout. Returns the names killed."""
+def _signal(record: ProcessRecord, sig: signal.Signals, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(record.pid, sig)
+        else:
+            os.kill(record.pid, sig)
+    except (ProcessLookupError, PermissionError):  # gone, or no longer ours
+        pass
+
+
+def stop(records: list[ProcessRecord], timeout: float = 10.0, *, group: bool = False) -> list[str]:
+    """SIGTERM each live record (with `group`, its whole process group), SIGKILL what is left after
+    timeout. Returns the names killed."""
     live = [r for r in records if is_alive(r)]
     for record in live:
-        try:
-            os.kill(record.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+        _signal(record, signal.SIGTERM, group)
+
+    def exited() -> bool:
+        nonlocal live
         for record in live:
             _reap(record.pid)
         live = [r for r in live if is_alive(r)]
-        if not live:
-            return []
-        time.sleep(0.05)
-    for record in live:
-        try:
-            os.kill(record.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    kill_deadline = time.monotonic() + 5
-    while any(is_alive(r) for r in live) and time.monotonic() < kill_deadline:
-        for record in live:
-            _reap(record.pid)
-        time.sleep(0.05)
-    return [r.name for r in live]
+        return not live
+
+    if wait_until(exited, timeout, interval=0.05):
+        return []
+    killed = list(live)
+    for record in killed:
+        _signal(record, signal.SIGKILL, group)
+    wait_until(exited, 5, interval=0.05)
+    return [r.name for r in killed]
 
 
 def log_tail(path: str | Path, lines: int = 20) -> str:
@@ -119,15 +124,3 @@ def log_tail(path: str | Path, lines: int = 20) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def free_port(preferred: int | None = None) -> int:
-    """A TCP port free on 127.0.0.1: preferred if it is free, else one the kernel picks."""
-    for port in ([preferred] if preferred else []) + [0]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("no free port on 127.0.0.1")

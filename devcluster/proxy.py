@@ -41,7 +41,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devcluster.node import ApiClient, ClusterAccess, Informer, is_loopback, write_atomic
+from devcluster.files import write_atomic
+from devcluster.loopback import is_loopback
+from devcluster.node import ApiClient, ClusterAccess, Informer
 
 log = logging.getLogger("devcluster.proxy")
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import yaml
 
 from devcluster import processes
-from devcluster.control_plane import DevCluster, poll
-from devcluster.kubeapi import urlopen
+from devcluster.control_plane import DevCluster
+from devcluster.loopback import urlopen
+from devcluster.wait import poll
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 from moe_operator.api import names
 from moe_operator.app.permissions import RULES
 
-from devcluster.control_plane import poll
+from devcluster.wait import poll
 from devtools.harness import install_crd
 
 pytestmark = pytest.mark.cluster

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from devcluster import DevCluster, processes
-from devcluster.control_plane import poll
+from devcluster.wait import poll
 
 pytestmark = pytest.mark.cluster
 

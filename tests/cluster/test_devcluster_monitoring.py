@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from devcluster.control_plane import poll
+from devcluster.wait import poll
 
 pytestmark = pytest.mark.cluster
 

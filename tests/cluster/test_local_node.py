@@ -6,7 +6,8 @@ import urllib.request
 
 import pytest
 
-from devcluster.control_plane import local_pod_cidr, poll
+from devcluster.control_plane import local_pod_cidr
+from devcluster.wait import poll
 
 pytestmark = pytest.mark.cluster
 

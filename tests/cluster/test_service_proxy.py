@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from devcluster.control_plane import poll
+from devcluster.wait import poll
 
 pytestmark = pytest.mark.cluster
 
