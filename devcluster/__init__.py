@@ -1,9 +1,17 @@
 """The local Kubernetes cluster the project's demo and tests run on (see docs/devcluster.md).
 
 `DevCluster` is the Python API (tests/cluster/conftest.py and tests/e2e use it); `python -m
-devcluster` is the command line.
+devcluster` is the command line. Layout, in the order things start:
+
+    cluster/     the control plane: build, versions, certificates, kwok's simulated GPU nodes,
+                 monitoring, and `DevCluster` (control_plane.py), which starts and stops it all
+    node.py      the local node agent: runs the pods bound to it as processes
+    proxy.py     the service proxy: a local port per Service port, as kube-proxy
+    kubeapi.py   the API calls `up` makes
+    processes.py, wait.py, files.py, loopback.py   what they all share
+    cli.py       `python -m devcluster`; testing.py: `running_cluster` for test fixtures
 """
 
-from devcluster.control_plane import DevCluster, DevClusterError
+from devcluster.cluster.control_plane import DEFAULT_STATE_DIR, DevCluster, DevClusterError
 
-__all__ = ["DevCluster", "DevClusterError"]
+__all__ = ["DEFAULT_STATE_DIR", "DevCluster", "DevClusterError"]

@@ -8,8 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from devcluster import build, monitoring
-from devcluster.control_plane import (
+from devcluster.cluster import build, monitoring
+from devcluster.cluster.control_plane import (
     DEFAULT_GPU_NODES,
     DEFAULT_STATE_DIR,
     STATE_DIR_ENV,

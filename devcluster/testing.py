@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from devcluster import processes
-from devcluster.control_plane import DevCluster
+from devcluster.cluster.control_plane import DevCluster
 from devcluster.loopback import urlopen
 from devcluster.wait import poll
 

@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from devcluster.control_plane import local_pod_cidr
+from devcluster.cluster.control_plane import local_pod_cidr
 from devcluster.wait import poll
 
 pytestmark = pytest.mark.cluster

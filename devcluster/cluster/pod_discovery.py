@@ -8,7 +8,7 @@ with the target groups kubernetes_sd would produce: one target per declared cont
 `__meta_kubernetes_*` labels. The relabelling in monitoring.py is therefore the one a real cluster
 would use with kubernetes_sd. Init containers are left out.
 
-    python -m devcluster.pod_discovery --api-server URL --ca-file CA --token-file TOKEN --port PORT
+    python -m devcluster.cluster.pod_discovery --api-server URL --ca-file CA --token-file TOKEN --port PORT
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def serve(lister: PodLister, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m devcluster.pod_discovery", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m devcluster.cluster.pod_discovery", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--api-server", required=True)
     parser.add_argument("--ca-file", type=Path, required=True)

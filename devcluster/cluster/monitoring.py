@@ -2,7 +2,7 @@
 
 Which pods Prometheus scrapes. Pods are discovered through the local API server with a read-only
 ServiceAccount token. Debian builds Prometheus without `kubernetes_sd_configs`, so
-devcluster.pod_discovery serves the same targets and `__meta_kubernetes_pod_*` labels over
+devcluster.cluster.pod_discovery serves the same targets and `__meta_kubernetes_pod_*` labels over
 `http_sd_configs` (refreshed every second); the relabelling below is what a real cluster would use
 with kubernetes_sd, role pod:
 
@@ -121,7 +121,7 @@ def prometheus_args(config: Path, data_dir: Path, port: int) -> list[str]:
 
 
 def pod_discovery_args(api_server: str, ca_file: Path, token_file: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "devcluster.pod_discovery", f"--api-server={api_server}",
+    return [sys.executable, "-m", "devcluster.cluster.pod_discovery", f"--api-server={api_server}",
             f"--ca-file={ca_file}", f"--token-file={token_file}", f"--port={port}"]
 
 

@@ -33,14 +33,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devcluster import build, certs, kwok, monitoring, processes, versions
+from devcluster import processes
+from devcluster.cluster import build, certs, kwok, monitoring, versions
 from devcluster.files import write_atomic
 from devcluster.kubeapi import ApiError, KubeApi, node_ready
 from devcluster.loopback import free_port, urlopen
 from devcluster.processes import ProcessRecord
 from devcluster.wait import DevClusterError, poll, wait_until
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # devcluster/
+REPO_ROOT = PACKAGE_DIR.parent
 DEFAULT_STATE_DIR = REPO_ROOT / ".devcluster"
 STATE_DIR_ENV = "DEVCLUSTER_STATE_DIR"  # overrides DEFAULT_STATE_DIR (e.g. a second cluster)
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
@@ -487,7 +489,7 @@ class DevCluster:
 
     def _start_node_and_proxy(self, state: ClusterState) -> None:
         """The local node agent and service proxy (devcluster/node.py, proxy.py), where present."""
-        here = Path(__file__).parent
+        here = PACKAGE_DIR
         env = dict(os.environ, PATH=self.env()["PATH"], KUBECONFIG=str(self.kubeconfig))
         if (here / "node.py").exists():
             self._spawn(state, "node", [

@@ -13,7 +13,6 @@ from pathlib import Path
 import yaml
 
 SIMULATED_LABEL = "devcluster.serving.moe.dev/simulated"
-LOCAL_LABEL = "devcluster.serving.moe.dev/local"
 POD_CIDR = "127.200.0.0/16"
 NODE_IP = "127.0.0.1"
 NODE_LEASE_SECONDS = 40
