@@ -63,15 +63,24 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import yaml
 
 from devcluster import processes
 from devcluster.files import write_atomic
+from devcluster.kubeapi import (
+    ApiClient,
+    ApiError,
+    ClusterAccess,
+    Informer,
+    kubeconfig,
+    micro_time,
+    parse_time,
+    rfc3339,
+)
 from devcluster.loopback import is_loopback
 
 log = logging.getLogger("devcluster.node")
@@ -93,223 +102,6 @@ LOG_ROTATE_BYTES = 64 * 1024 * 1024
 PASS_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR", "XDG_CACHE_HOME",
             "HF_*", "HUGGINGFACE_*", "TRANSFORMERS_*", "TORCH_*", "OMP_NUM_THREADS")
 SA_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
-
-
-# ---------------------------------------------------------------------------------------------------
-# API access: a small async client (aiohttp) and a list+watch cache. The proxy uses them too.
-# ---------------------------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """A non-2xx answer from the API server."""
-
-    def __init__(self, status: int, message: str, body: dict | None = None):
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.body = body or {}
-
-
-@dataclasses.dataclass
-class ClusterAccess:
-    """Where the API server is and how to authenticate, read from a kubeconfig."""
-
-    server: str
-    ssl_context: ssl.SSLContext | bool
-    token: str | None = None
-    ca_file: str | None = None
-
-    @classmethod
-    def from_kubeconfig(cls, path: str | os.PathLike, scratch_dir: str | os.PathLike) -> ClusterAccess:
-        """Reads the current context; inline certificate data is written to private files in
-        `scratch_dir` because `ssl` only loads client certificates from files."""
-        path = Path(path)
-        config = yaml.safe_load(path.read_text())
-        contexts = {c["name"]: c["context"] for c in config.get("contexts") or []}
-        clusters = {c["name"]: c["cluster"] for c in config.get("clusters") or []}
-        users = {u["name"]: u.get("user") or {} for u in config.get("users") or []}
-        context = contexts[config.get("current-context") or next(iter(contexts))]
-        cluster, user = clusters[context["cluster"]], users.get(context.get("user"), {})
-        base = path.parent
-
-        def material(file_key: str, data_key: str, section: dict, name: str) -> str | None:
-            if section.get(data_key):
-                scratch = Path(scratch_dir)
-                scratch.mkdir(parents=True, exist_ok=True)
-                target = scratch / name
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(base64.b64decode(section[data_key]))
-                return str(target)
-            if section.get(file_key):
-                return str(base / section[file_key])
-            return None
-
-        ca_file = material("certificate-authority", "certificate-authority-data", cluster, "ca.crt")
-        if cluster.get("insecure-skip-tls-verify"):
-            context_ssl: ssl.SSLContext | bool = False
-        else:
-            context_ssl = ssl.create_default_context(cafile=ca_file)
-            cert = material("client-certificate", "client-certificate-data", user, "client.crt")
-            key = material("client-key", "client-key-data", user, "client.key")
-            if cert:
-                context_ssl.load_cert_chain(cert, key)
-        token = user.get("token")
-        if not token and user.get("tokenFile"):
-            token = (base / user["tokenFile"]).read_text().strip()
-        return cls(server=cluster["server"].rstrip("/"), ssl_context=context_ssl, token=token, ca_file=ca_file)
-
-
-class ApiClient:
-    """Just enough of the Kubernetes REST API, async. Paths are API paths (`/api/v1/...`)."""
-
-    def __init__(self, access: ClusterAccess, user_agent: str = "devcluster"):
-        self.access = access
-        headers = {"User-Agent": user_agent, "Accept": "application/json"}
-        if access.token:
-            headers["Authorization"] = f"Bearer {access.token}"
-        self._session = aiohttp.ClientSession(
-            headers=headers, connector=aiohttp.TCPConnector(ssl=access.ssl_context, limit=64))
-
-    async def close(self) -> None:
-        await self._session.close()
-
-    async def request(self, method: str, path: str, *, params: dict | None = None, body: Any = None,
-                      content_type: str = "application/json", timeout: float = 30) -> dict:
-        data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type} if body is not None else {}
-        async with self._session.request(
-                method, self.access.server + path, params=params, data=data, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5)) as resp:
-            text = await resp.text()
-            try:
-                payload = json.loads(text) if text else {}
-            except ValueError:
-                payload = {"message": text[:500]}
-            if resp.status >= 400:
-                raise ApiError(resp.status, payload.get("message") or resp.reason or "", payload)
-            return payload
-
-    async def get(self, path: str, **params) -> dict:
-        return await self.request("GET", path, params=params or None)
-
-    async def post(self, path: str, body: dict) -> dict:
-        return await self.request("POST", path, body=body)
-
-    async def patch(self, path: str, body: dict, kind: str = "strategic-merge-patch") -> dict:
-        return await self.request("PATCH", path, body=body, content_type=f"application/{kind}+json")
-
-    async def delete(self, path: str, body: dict | None = None) -> dict:
-        return await self.request("DELETE", path, body=body)
-
-    async def watch(self, path: str, params: dict, timeout_seconds: int = 290) -> AsyncIterator[dict]:
-        """Yields watch events; raises ApiError(410) when the resourceVersion is too old."""
-        query = {**params, "watch": "1", "allowWatchBookmarks": "true",
-                 "timeoutSeconds": str(timeout_seconds)}
-        async with self._session.get(
-                self.access.server + path, params=query,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5,
-                                              sock_read=timeout_seconds + 30)) as resp:
-            if resp.status >= 400:
-                raise ApiError(resp.status, (await resp.text())[:500])
-            buffer = b""
-            # Events can be longer than aiohttp's line limit, so lines are split here.
-            async for chunk in resp.content.iter_any():
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
-                        event = json.loads(line)
-                        if event.get("type") == "ERROR":
-                            status = event.get("object") or {}
-                            raise ApiError(status.get("code") or 500, status.get("message", ""))
-                        yield event
-
-
-class Informer:
-    """A list+watch cache of one collection. `on_event(type, obj)` is called, synchronously and in
-    order, with ADDED/MODIFIED/DELETED; a re-list after a broken watch reports what changed meanwhile
-    (objects that vanished as DELETED)."""
-
-    def __init__(self, client: ApiClient, path: str, on_event: Callable[[str, dict], None],
-                 params: dict | None = None, name: str = ""):
-        self.client, self.path, self.on_event = client, path, on_event
-        self.params = params or {}
-        self.name = name or path
-        self.objects: dict[str, dict] = {}  # by uid
-        self.synced = asyncio.Event()
-
-    async def run(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                version = await self._relist()
-                delay = 0.5
-                while True:
-                    async for event in self.client.watch(self.path, {**self.params,
-                                                                     "resourceVersion": version}):
-                        obj = event["object"]
-                        version = obj.get("metadata", {}).get("resourceVersion", version)
-                        if event["type"] == "BOOKMARK":
-                            continue
-                        self._apply(event["type"], obj)
-            except asyncio.CancelledError:
-                raise
-            except ApiError as e:
-                if e.status != 410:
-                    log.warning("%s: watch failed: %s", self.name, e)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10)
-            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
-                log.warning("%s: watch broken: %r; re-listing in %.1fs", self.name, e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
-
-    async def _relist(self) -> str:
-        listing = await self.client.get(self.path, **self.params)
-        fresh = {item["metadata"]["uid"]: item for item in listing.get("items") or []}
-        for uid in list(self.objects):
-            if uid not in fresh:
-                self._apply("DELETED", self.objects[uid])
-        for uid, obj in fresh.items():
-            old = self.objects.get(uid)
-            if old is None:
-                self._apply("ADDED", obj)
-            elif old["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):
-                self._apply("MODIFIED", obj)
-        self.synced.set()
-        return listing["metadata"]["resourceVersion"]
-
-    def _apply(self, kind: str, obj: dict) -> None:
-        uid = obj["metadata"]["uid"]
-        if kind == "DELETED":
-            self.objects.pop(uid, None)
-        else:
-            self.objects[uid] = obj
-        try:
-            self.on_event(kind, obj)
-        except Exception:  # a bug in one handler must not stop the watch
-            log.exception("%s: handler failed for %s %s", self.name, kind, obj["metadata"].get("name"))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Pure helpers: time, IPs, environment, probes, back-off, status.
-# ---------------------------------------------------------------------------------------------------
-
-
-def rfc3339(ts: float | None = None) -> str:
-    return dt.datetime.fromtimestamp(time.time() if ts is None else ts, dt.UTC).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
-
-
-def micro_time(ts: float | None = None) -> str:
-    return dt.datetime.fromtimestamp(time.time() if ts is None else ts, dt.UTC).strftime(
-        "%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(value: str | None) -> float | None:
-    if not value:
-        return None
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 class IpAllocator:
@@ -762,16 +554,6 @@ def base_environment(parent_env: dict[str, str], python_bin_dir: str,
     path = parent_env.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     env["PATH"] = python_bin_dir + os.pathsep + path if python_bin_dir not in path.split(os.pathsep) else path
     return env
-
-
-def service_account_kubeconfig(server: str, ca_file: str, token_file: str, namespace: str) -> dict:
-    return {
-        "apiVersion": "v1", "kind": "Config", "current-context": "devcluster",
-        "clusters": [{"name": "devcluster", "cluster": {"server": server, "certificate-authority": ca_file}}],
-        "users": [{"name": "serviceaccount", "user": {"tokenFile": token_file}}],
-        "contexts": [{"name": "devcluster", "context": {"cluster": "devcluster", "user": "serviceaccount",
-                                                        "namespace": namespace}}],
-    }
 
 
 def object_bytes(obj: dict) -> dict[str, bytes]:
@@ -1325,25 +1107,20 @@ class PodWorker:
         write_atomic(sa_dir / "ca.crt", ca)
         write_atomic(sa_dir / "namespace", self.namespace)
         server = f"https://{self.agent.config.api_host}:{self.agent.config.api_port}"
-        kubeconfig = service_account_kubeconfig(server, str(sa_dir / "ca.crt"), str(token_file), self.namespace)
-        write_atomic(sa_dir / "kubeconfig", yaml.safe_dump(kubeconfig), 0o600)
+        config = kubeconfig(server, {"certificate-authority": str(sa_dir / "ca.crt")}, "serviceaccount",
+                            {"tokenFile": str(token_file)}, namespace=self.namespace)
+        write_atomic(sa_dir / "kubeconfig", yaml.safe_dump(config), 0o600)
         self.sa_env = {"KUBECONFIG": str(sa_dir / "kubeconfig"), "DEVCLUSTER_SERVICEACCOUNT_DIR": str(sa_dir)}
 
     async def _write_token(self, audience: str, expiration: int, files: list[Path]) -> float:
         """Requests a token bound to this pod; returns its lifetime in seconds."""
         sa_name = self.pod["spec"].get("serviceAccountName") or "default"
-        spec: dict[str, Any] = {"expirationSeconds": expiration,
-                                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.name,
-                                                   "uid": self.uid}}
-        if audience:
-            spec["audiences"] = [audience]
-        answer = await self.agent.client.post(
-            f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{sa_name}/token",
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
-        token = answer["status"]["token"]
+        answer = await self.agent.client.request_token(
+            self.namespace, sa_name, expiration, audience=audience,
+            bound_to={"apiVersion": "v1", "kind": "Pod", "name": self.name, "uid": self.uid})
         for path in files:
-            write_atomic(path, token, 0o600)
-        expires = parse_time(answer["status"].get("expirationTimestamp"))
+            write_atomic(path, answer["token"], 0o600)
+        expires = parse_time(answer.get("expirationTimestamp"))
         return min(float(expiration), (expires - time.time()) if expires else float(expiration))
 
     async def _refresh_tokens(self) -> None:
@@ -1358,18 +1135,10 @@ class PodWorker:
                 except (TimeoutError, ApiError, aiohttp.ClientError, OSError) as e:
                     log.warning("%s: token refresh failed: %s", self.key, e)
 
-    async def _get_optional(self, path: str) -> dict | None:
-        try:
-            return await self.agent.client.get(path)
-        except ApiError as e:
-            if e.status == 404:
-                return None
-            raise
-
     async def _source_files(self, kind: str, ref: dict) -> dict[str, bytes] | None:
         name = ref.get("name") or ref.get("secretName")
         plural = "configmaps" if kind == "configmap" else "secrets"
-        obj = await self._get_optional(f"/api/v1/namespaces/{self.namespace}/{plural}/{name}")
+        obj = await self.agent.client.get_optional(f"/api/v1/namespaces/{self.namespace}/{plural}/{name}")
         if obj is None:
             if ref.get("optional"):
                 return {}
@@ -1453,7 +1222,7 @@ class PodWorker:
             self.volume_dirs[name] = str(target)
 
     async def _claim_path(self, claim: str) -> str:
-        pvc = await self._get_optional(f"/api/v1/namespaces/{self.namespace}/persistentvolumeclaims/{claim}")
+        pvc = await self.agent.client.get_optional(f"/api/v1/namespaces/{self.namespace}/persistentvolumeclaims/{claim}")
         if pvc is None or not (pvc.get("spec") or {}).get("volumeName"):
             raise ConfigError(f"persistentVolumeClaim {claim!r} is not bound")
         pv = await self.agent.client.get(f"/api/v1/persistentvolumes/{pvc['spec']['volumeName']}")
@@ -1473,7 +1242,7 @@ class PodWorker:
         sources = {}
         for kind, name in env_sources(container):
             plural = "configmaps" if kind == "configmap" else "secrets"
-            obj = await self._get_optional(f"/api/v1/namespaces/{self.namespace}/{plural}/{name}")
+            obj = await self.agent.client.get_optional(f"/api/v1/namespaces/{self.namespace}/{plural}/{name}")
             if obj is not None:
                 obj.setdefault("kind", "ConfigMap" if kind == "configmap" else "Secret")
             sources[(kind, name)] = object_data(obj)

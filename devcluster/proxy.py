@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devcluster.files import write_atomic
+from devcluster.kubeapi import ApiClient, ClusterAccess, Informer, condition_true
 from devcluster.loopback import is_loopback
-from devcluster.node import ApiClient, ClusterAccess, Informer
 
 log = logging.getLogger("devcluster.proxy")
 
@@ -81,8 +81,7 @@ def selects(selector: dict[str, str], labels: dict[str, str] | None) -> bool:
 
 def pod_is_serving(pod: dict) -> bool:
     """The pod's Ready condition is True (whether or not it is being deleted)."""
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    return condition_true(pod, "Ready")
 
 
 def in_endpoints(pod: dict) -> bool:

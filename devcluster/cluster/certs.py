@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from devcluster import kubeapi
 from devcluster.files import write_atomic
 
 VALIDITY = datetime.timedelta(days=365)
-CLUSTER_NAME = "devcluster"
 
 
 @dataclass(frozen=True)
@@ -119,16 +119,8 @@ def make_service_account_keys() -> tuple[bytes, bytes]:
 def kubeconfig(server: str, ca_cert_pem: bytes, user: str, cert_pem: bytes, key_pem: bytes) -> dict:
     """A kubeconfig with everything embedded (it stays valid if the pki dir moves)."""
     b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
-    return {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": CLUSTER_NAME,
-                      "cluster": {"server": server, "certificate-authority-data": b64(ca_cert_pem)}}],
-        "users": [{"name": user, "user": {"client-certificate-data": b64(cert_pem),
-                                          "client-key-data": b64(key_pem)}}],
-        "contexts": [{"name": CLUSTER_NAME, "context": {"cluster": CLUSTER_NAME, "user": user}}],
-        "current-context": CLUSTER_NAME,
-    }
+    return kubeapi.kubeconfig(server, {"certificate-authority-data": b64(ca_cert_pem)}, user,
+                              {"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)})
 
 
 @dataclass(frozen=True)

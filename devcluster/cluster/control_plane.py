@@ -28,18 +28,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
-from devcluster import processes
+from devcluster import kubeapi, processes
 from devcluster.cluster import build, certs, kwok, monitoring, versions
 from devcluster.files import write_atomic
-from devcluster.kubeapi import ApiError, KubeApi, node_ready
+from devcluster.kubeapi import CONNECTION_ERRORS, ApiClient, ApiError, ClusterAccess, condition_true
 from devcluster.loopback import free_port, urlopen
 from devcluster.processes import ProcessRecord
 from devcluster.wait import DevClusterError, poll, wait_until
+
+T = TypeVar("T")
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # devcluster/
 REPO_ROOT = PACKAGE_DIR.parent
@@ -67,6 +70,13 @@ STOP_ORDER = (("prometheus", "alertmanager", "pod-discovery", "proxy", "node"),
               ("kwok", "kube-scheduler", "kube-controller-manager"),
               ("kube-apiserver",),
               ("etcd",))
+
+
+def node_ready(node: dict | None) -> bool:
+    """Ready=True and no longer tainted not-ready (so the scheduler will place pods on it)."""
+    taints = ((node or {}).get("spec") or {}).get("taints") or []
+    not_ready_taint = any(t.get("key") == "node.kubernetes.io/not-ready" for t in taints)
+    return condition_true(node, "Ready") and not not_ready_taint
 
 
 def local_pod_cidr(state_dir: Path) -> str:
@@ -208,13 +218,22 @@ class DevCluster:
         state = self.read_state()
         return f"http://127.0.0.1:{state.ports['alertmanager']}" if state and state.monitoring else None
 
-    def api(self, state: ClusterState | None = None) -> KubeApi:
+    def api(self, work: Callable[[ApiClient], Awaitable[T]], state: ClusterState | None = None) -> T:
+        """Run `work` with an admin API client (system:masters), in an event loop of its own."""
         state = state or self.read_state()
         if state is None:
             raise DevClusterError(f"no devcluster in {self.state_dir}: run `python -m devcluster up`")
         pki = self.pki
-        return KubeApi(f"https://127.0.0.1:{state.ports['apiserver']}", pki.ca_cert,
-                       pki.client_cert("admin"), pki.client_key("admin"))
+        access = ClusterAccess.from_certificates(f"https://127.0.0.1:{state.ports['apiserver']}", pki.ca_cert,
+                                                 pki.client_cert("admin"), pki.client_key("admin"))
+        return kubeapi.call(access, work)
+
+    def _apply(self, state: ClusterState, objects: list[dict]) -> None:
+        async def apply_each(api: ApiClient) -> None:
+            for obj in objects:
+                await api.apply(obj)
+
+        self.api(apply_each, state)
 
     def env(self) -> dict[str, str]:
         """KUBECONFIG, PATH (cluster binaries and this Python's scripts first) and monitoring URLs."""
@@ -302,9 +321,10 @@ class DevCluster:
             return ok, f"{state.gpu_nodes} simulated GPU nodes" if ok else body
         if name == "node":
             try:
-                ready = node_ready(self.api(state).get(f"/api/v1/nodes/{LOCAL_NODE_NAME}"))
-            except (ApiError, OSError) as e:
+                node = self.api(lambda api: api.get_optional(f"/api/v1/nodes/{LOCAL_NODE_NAME}"), state)
+            except (ApiError, *CONNECTION_ERRORS) as e:
                 return False, str(e)
+            ready = node_ready(node)
             return ready, f"node {LOCAL_NODE_NAME} " + ("Ready" if ready else "not Ready")
         if name == "proxy":
             return True, str(self.services_file)
@@ -474,17 +494,15 @@ class DevCluster:
         self._spawn(state, "kwok", [str(bin_path("kwok")),
                                     *kwok.kwok_args(kubeconfigs["kwok"], kwok_config, ports["kwok"])])
 
-        api = self.api(state)
-        for node in kwok.simulated_nodes(state.gpu_nodes):
-            api.apply(node)
+        self._apply(state, kwok.simulated_nodes(state.gpu_nodes))
         self._start_node_and_proxy(state)
         if monitoring_enabled:
             self._start_monitoring(state, alert_webhook, alert_webhook_token_file)
         self._wait_healthy(state, tuple(p.name for p in state.processes), deadline)
         self._wait_nodes(state, deadline)
         # ServiceAccount admission rejects pods until the namespace's `default` account exists.
-        poll("the default ServiceAccount", lambda: api.get(
-            "/api/v1/namespaces/default/serviceaccounts/default") is not None,
+        poll("the default ServiceAccount", lambda: self.api(lambda api: api.get_optional(
+            "/api/v1/namespaces/default/serviceaccounts/default"), state) is not None,
             max(deadline - time.monotonic(), 1.0))
 
     def _start_node_and_proxy(self, state: ClusterState) -> None:
@@ -514,16 +532,15 @@ class DevCluster:
         self._write_state(state)
 
     def _wait_nodes(self, state: ClusterState, deadline: float) -> None:
-        api = self.api(state)
         names = [kwok.node_name(i) for i in range(state.gpu_nodes)]
         if state.local_node:
             names.append(LOCAL_NODE_NAME)
         pending = list(names)
 
         def check() -> bool:
-            for name in list(pending):
-                if node_ready(api.get(f"/api/v1/nodes/{name}")):
-                    pending.remove(name)
+            nodes = self.api(lambda api: api.get("/api/v1/nodes"), state)["items"]
+            ready = {node["metadata"]["name"] for node in nodes if node_ready(node)}
+            pending[:] = [name for name in pending if name not in ready]
             return not pending
 
         poll(f"nodes {', '.join(names)} to be Ready", check, max(deadline - time.monotonic(), 1.0),
@@ -539,12 +556,16 @@ class DevCluster:
     def _start_monitoring(self, state: ClusterState, alert_webhook: str | None,
                           alert_webhook_token_file: str | None) -> None:
         monitoring.ensure_installed()
-        api = self.api(state)
-        for obj in monitoring.rbac_objects():
-            api.apply(obj)
-        # The token controller is not needed for a TokenRequest; the ServiceAccount is.
-        token = api.create_token(monitoring.SERVICE_ACCOUNT_NAMESPACE, monitoring.SERVICE_ACCOUNT,
-                                 PROMETHEUS_TOKEN_SECONDS)
+
+        async def bootstrap(api: ApiClient) -> str:
+            for obj in monitoring.rbac_objects():
+                await api.apply(obj)
+            # The token controller is not needed for a TokenRequest; the ServiceAccount is.
+            answer = await api.request_token(monitoring.SERVICE_ACCOUNT_NAMESPACE, monitoring.SERVICE_ACCOUNT,
+                                             PROMETHEUS_TOKEN_SECONDS)
+            return answer["token"]
+
+        token = self.api(bootstrap, state)
         token_file = self.monitoring_dir / "prometheus.token"
         self.rules_dir.mkdir(parents=True, exist_ok=True)
         self.targets_dir.mkdir(parents=True, exist_ok=True)
@@ -589,9 +610,7 @@ class DevCluster:
         """Add to a healthy running cluster what this `up` asks for and it lacks."""
         deadline = time.monotonic() + timeout
         if gpu_nodes > state.gpu_nodes:
-            api = self.api(state)
-            for node in kwok.simulated_nodes(gpu_nodes)[state.gpu_nodes:]:
-                api.apply(node)
+            self._apply(state, kwok.simulated_nodes(gpu_nodes)[state.gpu_nodes:])
             state.gpu_nodes = gpu_nodes
             self._write_state(state)
             self._wait_nodes(state, deadline)

@@ -14,16 +14,15 @@ would use with kubernetes_sd. Init containers are left out.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import ssl
 import sys
-import urllib.error
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from devcluster.loopback import urlopen
+import aiohttp
+from aiohttp import web
+
+from devcluster.kubeapi import ApiClient, ApiError, ClusterAccess, condition_true
 
 META = "__meta_kubernetes_"
 
@@ -39,8 +38,7 @@ def _pod_labels(pod: dict) -> dict[str, str]:
         f"{META}namespace": meta.get("namespace", ""),
         f"{META}pod_name": meta.get("name", ""),
         f"{META}pod_ip": status.get("podIP", ""),
-        f"{META}pod_ready": str(any(c.get("type") == "Ready" and c.get("status") == "True"
-                                    for c in status.get("conditions", []))).lower(),
+        f"{META}pod_ready": str(condition_true(pod, "Ready")).lower(),
         f"{META}pod_phase": status.get("phase", ""),
         f"{META}pod_node_name": spec.get("nodeName", ""),
         f"{META}pod_host_ip": status.get("hostIP", ""),
@@ -91,38 +89,27 @@ class PodLister:
         self.api_server, self.token_file = api_server.rstrip("/"), token_file
         self.context = ssl.create_default_context(cafile=str(ca_file))
 
-    def list_pods(self) -> list[dict]:
-        # Only Running pods: the relabelling keeps no others, and kwok can hold many.
-        url = f"{self.api_server}/api/v1/pods?fieldSelector=status.phase%3DRunning"
-        request = urllib.request.Request(url, headers={
-            "Authorization": f"Bearer {self.token_file.read_text().strip()}", "Accept": "application/json"})
-        with urlopen(request, context=self.context, timeout=5) as response:
-            return json.loads(response.read())["items"]
+    async def list_pods(self) -> list[dict]:
+        access = ClusterAccess(self.api_server, self.context, token=self.token_file.read_text().strip())
+        async with ApiClient(access, user_agent="devcluster-pod-discovery", timeout=5) as client:
+            # Only Running pods: the relabelling keeps no others, and kwok can hold many.
+            return (await client.get("/api/v1/pods", fieldSelector="status.phase=Running"))["items"]
 
 
 def serve(lister: PodLister, port: int) -> None:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/healthz":
-                body, status = b"ok", 200
-            else:
-                try:
-                    body, status = json.dumps(target_groups(lister.list_pods())).encode(), 200
-                except (OSError, ValueError, urllib.error.URLError) as e:
-                    # Prometheus keeps the last good targets when a refresh fails.
-                    body, status = json.dumps({"error": str(e)}).encode(), 503
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    async def targets(request: web.Request) -> web.Response:
+        if request.path == "/healthz":
+            return web.Response(body=b"ok", content_type="application/json")
+        try:
+            return web.json_response(target_groups(await lister.list_pods()))
+        except (ApiError, aiohttp.ClientError, OSError, ValueError) as e:
+            # Prometheus keeps the last good targets when a refresh fails.
+            return web.json_response({"error": str(e)}, status=503)
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    app = web.Application()
+    app.router.add_get("/{path:.*}", targets)
     print(f"pod discovery for Prometheus on http://127.0.0.1:{port}/ (API {lister.api_server})", flush=True)
-    server.serve_forever()
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
 def main(argv: list[str] | None = None) -> int:
