@@ -5,7 +5,7 @@ devcluster` is the command line. Layout, in the order things start:
 
     cluster/     the control plane: build, versions, certificates, kwok's simulated GPU nodes,
                  monitoring, and `DevCluster` (control_plane.py), which starts and stops it all
-    node.py      the local node agent: runs the pods bound to it as processes
+    node/        the local node agent: runs the pods bound to it as processes
     proxy.py     the service proxy: a local port per Service port, as kube-proxy
     kubeapi.py   the one Kubernetes API client (the node, the proxy, pod discovery and `up` use it)
     processes.py, wait.py, files.py, loopback.py   what they all share

@@ -6,6 +6,7 @@ the kernel has since reused for something else is never signalled.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -117,6 +118,16 @@ def stop(records: list[ProcessRecord], timeout: float = 10.0, *, group: bool = F
         _signal(record, signal.SIGKILL, group)
     wait_until(exited, 5, interval=0.05)
     return [r.name for r in killed]
+
+
+def stop_event() -> asyncio.Event:
+    """An event of the running loop that SIGTERM (what `down` sends) or SIGINT sets: how the
+    devcluster's own agents (node, proxy) learn that they are to stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def log_tail(path: str | Path, lines: int = 20) -> str:

@@ -34,13 +34,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import socket
 import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devcluster import processes
 from devcluster.files import write_atomic
 from devcluster.kubeapi import ApiClient, ClusterAccess, Informer, condition_true
 from devcluster.loopback import is_loopback
@@ -357,10 +357,7 @@ async def amain(args: argparse.Namespace) -> int:
     access = ClusterAccess.from_kubeconfig(args.kubeconfig, state_file.parent / "proxy-credentials")
     client = ApiClient(access, user_agent="devcluster-proxy")
     proxy = ServiceProxy(state_file, remembered=read_state(state_file))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = processes.stop_event()
     pods = Informer(client, "/api/v1/pods", proxy.on_pod, name="pods")
     services = Informer(client, "/api/v1/services", proxy.on_service, name="services")
     tasks = [asyncio.create_task(t) for t in (pods.run(), services.run(), proxy.run_sync())]

@@ -63,11 +63,18 @@ def _name(common_name: str, organizations: tuple[str, ...] = ()) -> x509.Name:
     return x509.Name(attrs + [x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
+def _builder(subject: x509.Name, issuer: x509.Name, public_key,
+             validity: datetime.timedelta = VALIDITY) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + VALIDITY))
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + validity))
+
+
+def _with_sans(builder: x509.CertificateBuilder, dns_names: tuple[str, ...],
+               ip_addresses: tuple[str, ...]) -> x509.CertificateBuilder:
+    sans = [x509.DNSName(d) for d in dns_names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ip_addresses]
+    return builder.add_extension(x509.SubjectAlternativeName(sans), critical=False) if sans else builder
 
 
 def make_ca() -> tuple[bytes, bytes]:
@@ -102,10 +109,17 @@ def sign(ca_cert_pem: bytes, ca_key_pem: bytes, common_name: str, *, organizatio
                .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                               critical=False))
-    sans = [x509.DNSName(d) for d in dns_names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ip_addresses]
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    builder = _with_sans(builder, dns_names, ip_addresses)
     return _cert_pem(builder.sign(ca_key, hashes.SHA256())), _key_pem(key)
+
+
+def self_signed(common_name: str, *, dns_names: tuple[str, ...] = (), ip_addresses: tuple[str, ...] = (),
+                validity: datetime.timedelta = VALIDITY) -> tuple[bytes, bytes]:
+    """A self-signed serving certificate without extensions but its names: (cert PEM, key PEM)."""
+    key = _key()
+    name = _name(common_name)
+    builder = _with_sans(_builder(name, name, key.public_key(), validity), dns_names, ip_addresses)
+    return _cert_pem(builder.sign(key, hashes.SHA256())), _key_pem(key)
 
 
 def make_service_account_keys() -> tuple[bytes, bytes]:

@@ -460,15 +460,18 @@ class DevCluster:
         ])
         self._wait_healthy(state, ("etcd", "kube-apiserver"), deadline)
 
-        common = ["--bind-address=127.0.0.1", "--leader-elect=false",
-                  f"--authorization-always-allow-paths={HEALTH_PATHS}"]
-        cm_kubeconfig = kubeconfigs["controller-manager"]
+        def served_with_own_identity(name: str) -> list[str]:
+            """What kube-controller-manager and kube-scheduler share: loopback serving of their
+            health, no leader election, their own kubeconfig for every API call."""
+            kubeconfig = kubeconfigs[name]
+            return ["--bind-address=127.0.0.1", "--leader-elect=false",
+                    f"--authorization-always-allow-paths={HEALTH_PATHS}", f"--secure-port={ports[name]}",
+                    f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
+                    f"--authorization-kubeconfig={kubeconfig}",
+                    f"--cert-dir={self.state_dir / 'pki' / f'{name}-generated'}"]
+
         self._spawn(state, "kube-controller-manager", [
-            str(bin_path("kube-controller-manager")), *common,
-            f"--secure-port={ports['controller-manager']}",
-            f"--kubeconfig={cm_kubeconfig}", f"--authentication-kubeconfig={cm_kubeconfig}",
-            f"--authorization-kubeconfig={cm_kubeconfig}",
-            f"--cert-dir={self.state_dir / 'pki' / 'controller-manager-generated'}",
+            str(bin_path("kube-controller-manager")), *served_with_own_identity("controller-manager"),
             "--controllers=*," + ",".join(f"-{c}" for c in DISABLED_CONTROLLERS),
             "--allocate-node-cidrs=false",
             # Each controller acts as its own ServiceAccount (system:controller:*), as in kubeadm;
@@ -479,14 +482,7 @@ class DevCluster:
             f"--cluster-signing-cert-file={pki.ca_cert}", f"--cluster-signing-key-file={pki.ca_key}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
         ])
-        sched_kubeconfig = kubeconfigs["scheduler"]
-        self._spawn(state, "kube-scheduler", [
-            str(bin_path("kube-scheduler")), *common,
-            f"--secure-port={ports['scheduler']}",
-            f"--kubeconfig={sched_kubeconfig}", f"--authentication-kubeconfig={sched_kubeconfig}",
-            f"--authorization-kubeconfig={sched_kubeconfig}",
-            f"--cert-dir={self.state_dir / 'pki' / 'scheduler-generated'}",
-        ])
+        self._spawn(state, "kube-scheduler", [str(bin_path("kube-scheduler")), *served_with_own_identity("scheduler")])
         kwok_config = self.state_dir / "kwok" / "kwok.yaml"
         kwok_config.parent.mkdir(parents=True, exist_ok=True)
         kwok_component = next(c for c in versions.COMPONENTS if c.name == "kwok")
@@ -506,10 +502,10 @@ class DevCluster:
             max(deadline - time.monotonic(), 1.0))
 
     def _start_node_and_proxy(self, state: ClusterState) -> None:
-        """The local node agent and service proxy (devcluster/node.py, proxy.py), where present."""
+        """The local node agent and service proxy (devcluster/node/, proxy.py), where present."""
         here = PACKAGE_DIR
         env = dict(os.environ, PATH=self.env()["PATH"], KUBECONFIG=str(self.kubeconfig))
-        if (here / "node.py").exists():
+        if (here / "node" / "__main__.py").exists():
             self._spawn(state, "node", [
                 sys.executable, "-m", "devcluster.node", "--kubeconfig", str(self.kubeconfig),
                 "--node-name", LOCAL_NODE_NAME, "--state-dir", str(self.state_dir / "node"),
@@ -519,7 +515,7 @@ class DevCluster:
             ], env=env)
             state.local_node = True
         else:
-            self.log("devcluster: WARNING devcluster/node.py is missing: no local node (pods can only "
+            self.log("devcluster: WARNING devcluster/node/ is missing: no local node (pods can only "
                      "run on simulated nodes)")
         if (here / "proxy.py").exists():
             self._spawn(state, "proxy", [

@@ -4,33 +4,25 @@ import base64
 
 import pytest
 
-from devcluster.node import (
+from devcluster.node.containers import crash_backoff, should_restart
+from devcluster.node.context import IpAllocator
+from devcluster.node.env import (
     ConfigError,
-    ContainerRecord,
-    IpAllocator,
-    ProbeTracker,
     base_environment,
     container_env,
-    container_runs,
-    crash_backoff,
     env_sources,
     expand_vars,
     field_ref_value,
     find_executable,
-    log_slice,
-    log_tail,
     mount_env,
     mount_env_name,
     object_data,
-    pod_phase,
-    pod_status,
-    probe_port,
     resource_field_value,
-    rotate_log,
-    should_restart,
-    terminated_state,
-    volume_files,
 )
+from devcluster.node.logs import container_runs, log_slice, log_tail, rotate_log
+from devcluster.node.probes import ProbeTracker, probe_port
+from devcluster.node.status import ContainerRecord, pod_phase, pod_status, terminated_state
+from devcluster.node.volumes import volume_files
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,5 @@
+import sys
+
+from devcluster.node.agent import main
+
+sys.exit(main())
