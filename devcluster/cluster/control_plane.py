@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from devcluster import kubeapi, processes
-from devcluster.cluster import build, certs, kwok, monitoring, versions
+from devcluster.cluster import build, certs, commands, kwok, monitoring, versions
+from devcluster.cluster.state import DEFAULT_GPU_NODES, ClusterState
 from devcluster.files import write_atomic
 from devcluster.kubeapi import CONNECTION_ERRORS, ApiClient, ApiError, ClusterAccess, condition_true
 from devcluster.loopback import free_port, urlopen
-from devcluster.processes import ProcessRecord
 from devcluster.wait import DevClusterError, poll, wait_until
 
 T = TypeVar("T")
@@ -48,21 +48,11 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent  # devcluster/
 REPO_ROOT = PACKAGE_DIR.parent
 DEFAULT_STATE_DIR = REPO_ROOT / ".devcluster"
 STATE_DIR_ENV = "DEVCLUSTER_STATE_DIR"  # overrides DEFAULT_STATE_DIR (e.g. a second cluster)
-SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
-SERVICE_CLUSTER_IP = "10.96.0.1"  # the `kubernetes` Service's ClusterIP (a SAN of the serving cert)
 LOCAL_NODE_NAME = "devcluster-local"
 LOCAL_NODE_GPUS = 4
 LOCAL_POD_CIDRS = 48  # local pods of a cluster get 127.(100..147).0.0/16, one /16 per state dir
-DEFAULT_GPU_NODES = 4
 UP_TIMEOUT = 120.0
 PROMETHEUS_TOKEN_SECONDS = 30 * 24 * 3600
-
-# Loopback pod IPs cannot be EndpointSlice addresses: the endpoint controllers only log errors
-# here, and the service proxy computes endpoints itself. No node CIDRs are allocated (kwok and
-# the local node hand out loopback pod IPs).
-DISABLED_CONTROLLERS = ("endpoints-controller", "endpointslice-controller",
-                        "endpointslice-mirroring-controller", "node-ipam-controller")
-HEALTH_PATHS = "/healthz,/readyz,/livez,/metrics"
 
 # Stop order: what depends on the API server first (the node agent stops its pods on SIGTERM and
 # needs the API to report it), etcd last.
@@ -92,40 +82,6 @@ class ComponentStatus:
     name: str
     healthy: bool
     detail: str
-
-
-@dataclass
-class ClusterState:
-    """What state.json holds."""
-
-    ports: dict[str, int] = field(default_factory=dict)
-    processes: list[ProcessRecord] = field(default_factory=list)
-    gpu_nodes: int = DEFAULT_GPU_NODES
-    monitoring: bool = False
-    alert_webhook: str | None = None
-    alert_webhook_token_file: str | None = None
-    local_node: bool = False
-    proxy: bool = False
-    kubernetes_version: str = versions.KUBERNETES_VERSION
-    # Set by devcluster.testing: a test session started the cluster / added its monitoring, so the
-    # last test session to leave takes it down again.
-    started_by_test: bool = False
-    monitoring_added_by_test: bool = False
-
-    def to_json(self) -> dict:
-        data = dict(self.__dict__)
-        data["processes"] = [p.to_json() for p in self.processes]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict) -> ClusterState:
-        data = dict(data)
-        data["processes"] = [ProcessRecord.from_json(p) for p in data.get("processes", [])]
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def process(self, name: str) -> ProcessRecord | None:
-        return next((p for p in self.processes if p.name == name), None)
 
 
 def _http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 5.0) -> tuple[bool, str]:
@@ -420,69 +376,26 @@ class DevCluster:
             ports[name] = free_port()
         server = f"https://127.0.0.1:{ports['apiserver']}"
 
-        pki = certs.write_pki(self.state_dir / "pki", SERVICE_CLUSTER_IP)
+        pki = certs.write_pki(self.state_dir / "pki", commands.SERVICE_CLUSTER_IP)
         certs.write_kubeconfig(self.kubeconfig, server, pki, "admin")
         kubeconfigs = {name: certs.write_kubeconfig(self.state_dir / "kubeconfigs" / f"{name}.kubeconfig",
                                                     server, pki, name)
                        for name in ("controller-manager", "scheduler", "kwok")}
 
-        etcd_url = f"http://127.0.0.1:{ports['etcd']}"
-        peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
-        self._spawn(state, "etcd", [
-            str(bin_path("etcd")), "--name=devcluster", f"--data-dir={self.state_dir / 'etcd'}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=devcluster={peer_url}", "--unsafe-no-fsync", "--log-level=warn",
-            "--quota-backend-bytes=2147483648",
-        ])
-        self._spawn(state, "kube-apiserver", [
-            str(bin_path("kube-apiserver")),
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
-            f"--cert-dir={self.state_dir / 'pki' / 'apiserver-generated'}",
-            f"--tls-cert-file={pki.apiserver_cert}", f"--tls-private-key-file={pki.apiserver_key}",
-            f"--client-ca-file={pki.ca_cert}",
-            "--authorization-mode=Node,RBAC",
-            # OwnerReferencesPermissionEnforcement (on in OpenShift and other hardened clusters): setting
-            # blockOwnerDeletion on an ownerReference needs `update` on the owner's finalizers.
-            "--enable-admission-plugins=NodeRestriction,OwnerReferencesPermissionEnforcement",
-            f"--service-account-issuer={server}",
-            f"--service-account-key-file={pki.sa_public}",
-            f"--service-account-signing-key-file={pki.sa_private}",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            "--endpoint-reconciler-type=none",
-            "--allow-privileged=true",
-            f"--kubelet-client-certificate={pki.client_cert('apiserver-kubelet-client')}",
-            f"--kubelet-client-key={pki.client_key('apiserver-kubelet-client')}",
-            "--kubelet-preferred-address-types=InternalIP,Hostname",
-            "--profiling=false",
-            "--event-ttl=30m",
-        ])
+        generated = self.state_dir / "pki"  # where each component keeps the certificates it makes
+        self._spawn(state, "etcd", commands.etcd(bin_path("etcd"), self.state_dir / "etcd", ports["etcd"],
+                                                 ports["etcd-peer"]))
+        self._spawn(state, "kube-apiserver", commands.kube_apiserver(
+            bin_path("kube-apiserver"), pki, port=ports["apiserver"], etcd_port=ports["etcd"],
+            cert_dir=generated / "apiserver-generated"))
         self._wait_healthy(state, ("etcd", "kube-apiserver"), deadline)
-
-        def served_with_own_identity(name: str) -> list[str]:
-            """What kube-controller-manager and kube-scheduler share: loopback serving of their
-            health, no leader election, their own kubeconfig for every API call."""
-            kubeconfig = kubeconfigs[name]
-            return ["--bind-address=127.0.0.1", "--leader-elect=false",
-                    f"--authorization-always-allow-paths={HEALTH_PATHS}", f"--secure-port={ports[name]}",
-                    f"--kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
-                    f"--authorization-kubeconfig={kubeconfig}",
-                    f"--cert-dir={self.state_dir / 'pki' / f'{name}-generated'}"]
-
-        self._spawn(state, "kube-controller-manager", [
-            str(bin_path("kube-controller-manager")), *served_with_own_identity("controller-manager"),
-            "--controllers=*," + ",".join(f"-{c}" for c in DISABLED_CONTROLLERS),
-            "--allocate-node-cidrs=false",
-            # Each controller acts as its own ServiceAccount (system:controller:*), as in kubeadm;
-            # the system:kube-controller-manager user alone may not touch nodes or configmaps.
-            "--use-service-account-credentials=true",
-            f"--root-ca-file={pki.ca_cert}",
-            f"--service-account-private-key-file={pki.sa_private}",
-            f"--cluster-signing-cert-file={pki.ca_cert}", f"--cluster-signing-key-file={pki.ca_key}",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-        ])
-        self._spawn(state, "kube-scheduler", [str(bin_path("kube-scheduler")), *served_with_own_identity("scheduler")])
+        self._spawn(state, "kube-controller-manager", commands.kube_controller_manager(
+            bin_path("kube-controller-manager"), pki, port=ports["controller-manager"],
+            kubeconfig=kubeconfigs["controller-manager"],
+            cert_dir=generated / "controller-manager-generated"))
+        self._spawn(state, "kube-scheduler", commands.kube_scheduler(
+            bin_path("kube-scheduler"), port=ports["scheduler"], kubeconfig=kubeconfigs["scheduler"],
+            cert_dir=generated / "scheduler-generated"))
         kwok_config = self.state_dir / "kwok" / "kwok.yaml"
         kwok_config.parent.mkdir(parents=True, exist_ok=True)
         kwok_component = next(c for c in versions.COMPONENTS if c.name == "kwok")
