@@ -37,7 +37,9 @@ from pathlib import Path
 
 import torch
 
-from model_runtime.engine.core import EngineConfig, LLMEngine, SamplingParams
+from model_runtime.engine.config import EngineConfig
+from model_runtime.engine.core import LLMEngine
+from model_runtime.engine.requests import SamplingParams
 
 CHECKPOINT_VERSION = 1  # bump when the checkpoint's config changes
 

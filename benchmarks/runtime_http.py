@@ -134,7 +134,7 @@ def _children_stats(pid: int) -> list[Path]:
 
 
 def _engine_config(workload: Workload, device: str):
-    from model_runtime.engine.core import EngineConfig
+    from model_runtime.engine.config import EngineConfig
 
     return EngineConfig(max_num_seqs=max(workload.clients, 1), device=device)
 
@@ -150,7 +150,7 @@ class EngineRunner:
         import torch
 
         from model_runtime import load_model, load_tokenizer
-        from model_runtime.engine.core import AsyncEngine
+        from model_runtime.engine.async_engine import AsyncEngine
         from model_runtime.serving.service import engine_cpu_threads
 
         w = self.workload
@@ -167,7 +167,7 @@ class EngineRunner:
         await self.engine.stop()
 
     async def run(self) -> RunResult:
-        from model_runtime.engine.core import SamplingParams
+        from model_runtime.engine.requests import SamplingParams
 
         engine = self.engine
         params = SamplingParams(max_tokens=self.workload.max_tokens, temperature=0, ignore_eos=True)

@@ -1,11 +1,11 @@
-"""The server's side of an engine in a process of its own (the engine's side: engine_worker.py).
+"""The server's side of an engine in a process of its own (the engine's side: engine/worker.py).
 
 `moe-runtime serve` runs the engine this way by default (as vLLM V1 runs its EngineCore): the
 server process keeps the event loop, tokenizes and validates requests, and streams outputs; the
 engine process loads the model and runs `LLMEngine`'s step loop. With the engine in a thread
 beside the loop, every token's Python work in the server (SSE events, gRPC responses) waits for the
-step to release the GIL, and a small model's step holds it for most of its time. The wire format
-is described in model_runtime.engine.worker.
+step to release the GIL, and a small model's step holds it for most of its time. What crosses
+the pipe: engine/messages.py. No torch here: the server process never loads the model.
 """
 
 from __future__ import annotations
@@ -16,27 +16,26 @@ import logging
 import os
 import signal
 
-from model_runtime.engine.core import (
-    EngineError,
-    EngineFront,
-    EngineOverloaded,
-    EngineStats,
-    RequestOutput,
-    RequestValidator,
-    _EngineFailed,
+from model_runtime.engine.front import EngineFront
+from model_runtime.engine.messages import (
+    AbortRequest,
+    AddRequest,
+    EngineReady,
+    EngineSpec,
+    OutputDelta,
+    RequestFailed,
+    StartFailed,
+    StepOutputs,
+    StopEngine,
 )
-from model_runtime.engine.worker import EngineInfo, EngineSpec, spawn_engine
-
-__all__ = ["EngineInfo", "EngineProcess", "EngineProcessError", "EngineSpec", "spawn_engine"]
+from model_runtime.engine.requests import EngineFailed, EngineStats, RequestOutput, RequestValidator
+from model_runtime.engine.worker import spawn_engine
 
 log = logging.getLogger(__name__)
 
 
 class EngineProcessError(RuntimeError):
     """The engine process failed to start, or exited."""
-
-
-_ERRORS = {"invalid": EngineError, "overloaded": EngineOverloaded, "failed": _EngineFailed}
 
 
 # -- the server's side ----------------------------------------------------------------------------
@@ -100,14 +99,13 @@ class EngineProcess(EngineFront):
         self._accepting = True
         self._stopping = False
         try:
-            message = await asyncio.to_thread(self._wait_for_start)
+            info = await asyncio.to_thread(self._wait_for_start)
         except BaseException:
             self._kill()
             raise
-        if message[0] != "ready":
+        if not isinstance(info, EngineReady):
             self._kill()
-            raise EngineProcessError(f"the engine process could not load {self.spec.model}: {message[1]}")
-        info: EngineInfo = message[1]
+            raise EngineProcessError(f"the engine process could not load {self.spec.model}: {info.message}")
         self.max_model_len = info.max_model_len
         self.validator = RequestValidator(
             self.tokenizer, info.vocab_size, info.max_model_len, info.kv_capacity_tokens
@@ -122,21 +120,21 @@ class EngineProcess(EngineFront):
             info.device,
         )
 
-    def _wait_for_start(self) -> tuple:
+    def _wait_for_start(self) -> EngineReady | StartFailed:
         while not self._conn.poll(0.2):
             if not self._process.is_alive():
-                return ("failed", f"it exited with code {self._process.exitcode}")
+                return StartFailed(f"it exited with code {self._process.exitcode}")
         try:
             return self._conn.recv()
         except EOFError:
             self._process.join(5)
-            return ("failed", f"it exited with code {self._process.exitcode}")
+            return StartFailed(f"it exited with code {self._process.exitcode}")
 
     async def _shutdown(self, abort: list[str]) -> None:
         self._stopping = True
         for rid in abort:
-            self._submit(("abort", rid))
-        self._submit(("stop",))
+            self._submit(AbortRequest(rid))
+        self._submit(StopEngine())
         await asyncio.to_thread(self._process.join, 30)
         if self._process.is_alive():
             log.warning("the engine process did not stop in 30s: killing it")
@@ -162,7 +160,7 @@ class EngineProcess(EngineFront):
             self._conn.close()
         if self._process is not None and not self._process.is_alive():
             self._process.join(0)
-        self._deliver([(rid, _EngineFailed(f"{reason} while running this request")) for rid in self._streams])
+        self._deliver([RequestFailed(rid, EngineFailed(f"{reason} while running this request")) for rid in self._streams])
         self._state.clear()
 
     def __del__(self):  # a process left running by a caller that never stopped it
@@ -182,14 +180,13 @@ class EngineProcess(EngineFront):
     def _num_waiting(self) -> int:
         return self._stats.num_waiting + self._adds_sent - self._adds_applied
 
-    def _submit(self, command: tuple) -> None:
-        if command[0] == "add":
-            _, rid, ids, _, arrival = command
-            self._state[rid] = _Stream(ids, arrival)
+    def _submit(self, command: AddRequest | AbortRequest | StopEngine) -> None:
+        if isinstance(command, AddRequest):
+            self._state[command.request_id] = _Stream(command.prompt_token_ids, command.arrival_time)
             self._adds_sent += 1
         if self._conn is None or self._conn.closed:
-            if command[0] == "add":
-                self._deliver([(command[1], _EngineFailed("the engine process is not running"))])
+            if isinstance(command, AddRequest):
+                self._deliver([RequestFailed(command.request_id, EngineFailed("the engine process is not running"))])
             return
         try:
             self._conn.send(command)
@@ -204,12 +201,14 @@ class EngineProcess(EngineFront):
             for _ in range(64):  # then back to the loop; the reader fires again for the rest
                 if not self._conn.poll():
                     break
-                _, outputs, counts, stats = self._conn.recv()
-                if stats is not None:
-                    self._stats = stats
-                self._adds_applied = counts[0]
-                self._stats.num_running, self._stats.num_waiting, self._stats.kv_cache_usage = counts[1:]
-                self._deliver_wire(outputs)
+                message: StepOutputs = self._conn.recv()
+                if message.stats is not None:
+                    self._stats = message.stats
+                counts = message.counts
+                self._adds_applied = counts.adds_applied
+                self._stats.num_running, self._stats.num_waiting = counts.num_running, counts.num_waiting
+                self._stats.kv_cache_usage = counts.kv_cache_usage
+                self._deliver_step(message.outputs)
         except (EOFError, OSError):
             self._lost("the engine process exited")
 
@@ -221,33 +220,30 @@ class EngineProcess(EngineFront):
             log.error("%s (exit code %s): failing its requests", reason, code)
         self._close(reason)
 
-    def _deliver_wire(self, outputs: list[tuple]) -> None:
-        for wire in outputs:
-            rid = wire[0]
-            state = self._state.get(rid)  # dropped with its stream (_stream_closed)
+    def _deliver_step(self, outputs: list[OutputDelta | RequestFailed]) -> None:
+        """Each delta as its stream's next RequestOutput (this side keeps the stream's tokens and text)."""
+        for out in outputs:
+            state = self._state.get(out.request_id)  # dropped with its stream (_stream_closed)
             if state is None:
                 continue  # the caller went away (its abort is on the way)
-            outbox = self._streams[rid][1]
-            if len(wire) == 3:
-                _, kind, message = wire
-                outbox.put(_ERRORS[kind](message))
+            outbox = self._streams[out.request_id][1]
+            if isinstance(out, RequestFailed):
+                outbox.put(out.error)
                 continue
-            _, new_ids, new_text, finish_reason, logprobs, first_token_time = wire
-            state.token_ids.extend(new_ids)
-            state.text += new_text
-            finished = finish_reason is not None
+            state.token_ids.extend(out.new_token_ids)
+            state.text += out.new_text
             outbox.put(
                 RequestOutput(
-                    request_id=rid,
+                    request_id=out.request_id,
                     prompt_token_ids=state.prompt_token_ids,
-                    new_token_ids=new_ids,
-                    new_text=new_text,
+                    new_token_ids=out.new_token_ids,
+                    new_text=out.new_text,
                     token_ids=list(state.token_ids),
                     text=state.text,
-                    finished=finished,
-                    finish_reason=finish_reason,
-                    logprobs=logprobs,
-                    first_token_time=first_token_time,
+                    finished=out.finish_reason is not None,
+                    finish_reason=out.finish_reason,
+                    logprobs=out.logprobs,
+                    first_token_time=out.first_token_time,
                     arrival_time=state.arrival_time,
                 )
             )

@@ -1,4 +1,4 @@
-"""Sampling parameters of a request and the batched sampler of one engine step.
+"""The batched sampler of one engine step (a request's parameters: engine/requests.py).
 
 Legend: S sequences sampled in this step, V vocabulary size.
 
@@ -10,69 +10,9 @@ its batch (and across preemption, which never re-samples a token).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-
-MAX_LOGPROBS = 20
-
-
-@dataclass
-class SamplingParams:
-    """How one request picks its tokens and when it stops."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 => greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 (or -1) => off
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None  # top-n logprobs per generated token (0 = only the chosen token)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):  # OpenAI accepts a single string
-            self.stop = [self.stop]
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def validate(self, max_model_len: int) -> None:
-        """Raise ValueError naming the first invalid field and the accepted range."""
-
-        def is_int(x) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        def is_num(x) -> bool:
-            return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.max_tokens > max_model_len:
-            raise ValueError(
-                f"max_tokens ({self.max_tokens}) exceeds the model length ({max_model_len} tokens)"
-            )
-        if not is_num(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= 0 (0 or -1 = off), got {self.top_k!r}")
-        if self.seed is not None and not is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if not isinstance(self.stop_token_ids, list) or not all(is_int(t) for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
-        if self.logprobs is not None and (
-            not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
 
 @dataclass

@@ -18,10 +18,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from model_runtime.engine.requests import MAX_LOGPROBS
 from model_runtime.serving.service import InferenceService, InvalidRequest, ServiceError, first_and_rest
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-MAX_LOGPROBS = 20
 
 
 class StreamOptions(BaseModel):

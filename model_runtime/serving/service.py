@@ -33,6 +33,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from model_runtime.engine.config import EngineConfig
+from model_runtime.engine.messages import EngineSpec
+from model_runtime.engine.process import EngineProcess
+from model_runtime.engine.requests import EngineError, EngineOverloaded, SamplingParams
+from model_runtime.engine.worker import spawn_engine
+from model_runtime.models.tokenizer import load_tokenizer
 from model_runtime.serving.metrics import RuntimeMetrics
 from model_runtime.serving.protocol import MODEL_VERSION
 
@@ -213,10 +219,6 @@ class InferenceService:
 
     async def load(self) -> None:
         """Load weights and tokenizer off the loop, start the engine, warm up; then ready."""
-        from model_runtime import load_tokenizer
-        from model_runtime.engine.config import EngineConfig
-        from model_runtime.engine.worker import EngineSpec, spawn_engine
-
         cfg = self.config
         started = time.monotonic()
         engine_config = EngineConfig(
@@ -239,18 +241,15 @@ class InferenceService:
             log_format=LOG_FORMAT,
         )
         if cfg.engine_process:
-            # Started before this process imports torch (in a thread, off the loop), so that the
-            # two imports overlap: a second or two of startup.
+            # Started first, so that the tokenizer loads here (off the loop) while the engine
+            # process imports torch and loads the model. This process never imports torch.
             spawned = spawn_engine(spec)
             try:
-                await asyncio.to_thread(importlib.import_module, "model_runtime.engine.process")
                 tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
             except BaseException:
                 spawned[0].kill()
                 spawned[1].close()
                 raise
-            from model_runtime.engine.process import EngineProcess
-
             engine = EngineProcess(spec, tokenizer, model_name=self.model_name, spawned=spawned)
         else:
             engine = await self._thread_engine(spec)
@@ -272,11 +271,13 @@ class InferenceService:
 
     async def _thread_engine(self, spec):
         """The engine in a thread of this process (--no-engine-process)."""
-        from model_runtime.engine.worker import load_for_engine
+        # torch and the model stack: imported only when the engine runs in this process (in a
+        # thread, off the loop, by the first import)
+        await asyncio.to_thread(importlib.import_module, "model_runtime.engine.build")
+        from model_runtime.engine.async_engine import AsyncEngine
+        from model_runtime.engine.build import load_for_engine
 
         model, tokenizer, engine_config = await asyncio.to_thread(load_for_engine, spec)
-        from model_runtime.engine.core import AsyncEngine  # imported (torch) by now
-
         return AsyncEngine(model, tokenizer, model_name=self.model_name, config=engine_config)
 
     async def stop(self, drain_timeout_s: float = 0.0) -> None:
@@ -348,8 +349,6 @@ class InferenceService:
 
     def sampling_params(self, **kwargs):
         """SamplingParams from keyword arguments, or InvalidRequest saying which one is wrong."""
-        from model_runtime.engine.core import SamplingParams
-
         try:
             params = SamplingParams(**kwargs)
             params.validate(self.max_model_len)
@@ -388,8 +387,6 @@ class InferenceService:
                 self._idle.set()
 
     async def _generate(self, prompt, params, request_id: str, arrival: float) -> AsyncIterator:
-        from model_runtime.engine.core import EngineError, EngineOverloaded
-
         cfg = self.config
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.request_timeout_s

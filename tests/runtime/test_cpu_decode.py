@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from model_runtime import load_model
-from model_runtime.engine.core import EngineConfig, LLMEngine, SamplingParams
+from model_runtime.engine.config import EngineConfig
+from model_runtime.engine.core import LLMEngine
+from model_runtime.engine.requests import SamplingParams
 from model_runtime.kernels import cpu_decode
 from model_runtime.kernels.cpu_layers import use_cpu_decode_kernels
 from model_runtime.models.config import ModelConfig

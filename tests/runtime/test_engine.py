@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from model_runtime import load_model, load_tokenizer
-from model_runtime.engine.core import EngineConfig, EngineError, LLMEngine, SamplingParams
+from model_runtime.engine.config import EngineConfig
+from model_runtime.engine.core import LLMEngine
+from model_runtime.engine.requests import EngineError, SamplingParams
 
 pytestmark = pytest.mark.runtime
 

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from model_runtime import load_model, load_tokenizer
-from model_runtime.engine.core import AsyncEngine, EngineConfig, EngineError, EngineOverloaded, SamplingParams
-from model_runtime.engine.process import EngineProcess, EngineSpec
+from model_runtime.engine.async_engine import AsyncEngine
+from model_runtime.engine.config import EngineConfig
+from model_runtime.engine.messages import EngineSpec
+from model_runtime.engine.process import EngineProcess
+from model_runtime.engine.requests import EngineError, EngineOverloaded, SamplingParams
 
 pytestmark = pytest.mark.runtime
 

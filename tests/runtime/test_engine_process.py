@@ -12,8 +12,10 @@ import httpx
 import pytest
 
 from model_runtime import load_tokenizer
-from model_runtime.engine.core import EngineConfig, EngineOverloaded, SamplingParams
-from model_runtime.engine.process import EngineProcess, EngineProcessError, EngineSpec
+from model_runtime.engine.config import EngineConfig
+from model_runtime.engine.messages import EngineSpec
+from model_runtime.engine.process import EngineProcess, EngineProcessError
+from model_runtime.engine.requests import EngineOverloaded, SamplingParams
 
 pytestmark = pytest.mark.runtime
 

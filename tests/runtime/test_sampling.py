@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from model_runtime.engine.sampling import SampleRow, SamplingParams, make_generator, sample
+from model_runtime.engine.requests import SamplingParams
+from model_runtime.engine.sampling import SampleRow, make_generator, sample
 
 pytestmark = pytest.mark.runtime
 

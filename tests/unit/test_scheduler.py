@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from model_runtime.engine.block_manager import BlockManager
-from model_runtime.engine.core import EngineConfig, EngineError, EngineOverloaded, LLMEngine, SamplingParams
+from model_runtime.engine.config import EngineConfig
+from model_runtime.engine.core import LLMEngine
+from model_runtime.engine.requests import EngineError, EngineOverloaded, SamplingParams
 from model_runtime.engine.scheduler import Scheduler, Sequence
 
 pytestmark = pytest.mark.unit

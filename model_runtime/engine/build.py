@@ -1,0 +1,46 @@
+"""An engine built from an EngineSpec: the model loaded (and quantized) on the device it names, its
+tokenizer, and the engine's settings with "auto" device and dtype resolved.
+
+What the engine process runs first (engine/worker.py), and what the server runs in a thread for
+`--no-engine-process`; the one place the server's engine stage meets torch and the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from model_runtime.engine.config import EngineConfig
+from model_runtime.engine.core import LLMEngine
+from model_runtime.engine.messages import EngineSpec
+from model_runtime.kernels.quant import quantize_int8
+from model_runtime.models.loading import load_model
+from model_runtime.models.model import Transformer
+from model_runtime.models.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(spec: EngineSpec) -> LLMEngine:
+    model, tokenizer, config = load_for_engine(spec)
+    return LLMEngine(model, tokenizer, config)
+
+
+def load_for_engine(spec: EngineSpec) -> tuple[Transformer, Tokenizer, EngineConfig]:
+    """(model, tokenizer, engine config) for `spec`, with "auto" device and dtype resolved and the
+    CPU's torch threads set; what an engine, in the engine process or the server's, is built from."""
+    device = spec.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = spec.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if spec.num_threads and device == "cpu":
+        torch.set_num_threads(spec.num_threads)
+    log.info("loading %s (%s on %s)", spec.model, dtype, device)
+    model = load_model(spec.model, dtype=getattr(torch, dtype), device=device)
+    if spec.quantization == "int8":
+        model = quantize_int8(model)
+    return model, load_tokenizer(spec.model), dataclasses.replace(spec.config, device=device)

@@ -1,0 +1,171 @@
+"""A request as the engine sees it, on either side of the engine process's pipe: its sampling
+parameters, the checks against the engine's limits, its outputs, the engine's stats and errors.
+
+No torch here: the server process (decision 15) holds all of these without loading a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20  # top logprobs a request may ask for per token
+
+
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens and when it stops."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 => greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) => off
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-n logprobs per generated token (0 = only the chosen token)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # OpenAI accepts a single string
+            self.stop = [self.stop]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self, max_model_len: int) -> None:
+        """Raise ValueError naming the first invalid field and the accepted range."""
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.max_tokens > max_model_len:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) exceeds the model length ({max_model_len} tokens)"
+            )
+        if not is_num(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not is_num(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= 0 (0 or -1 = off), got {self.top_k!r}")
+        if self.seed is not None and not is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, list) or not all(is_int(t) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+        if self.logprobs is not None and (
+            not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+
+class EngineError(ValueError):
+    """A bad request (prompt too long, invalid parameters); the message is meant for the user."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full (or the engine is shutting down): retry later."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine failed while running a request (a step raised, or the engine process is gone)."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    new_token_ids: list[int]  # tokens produced since the previous output of this request
+    new_text: str  # text since the previous output (stop strings trimmed; never splits a UTF-8 char)
+    token_ids: list[int]  # all generated tokens so far
+    text: str  # all generated text so far
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    logprobs: list[dict] | None  # per new token: {"token_id", "logprob", "top": {token_id: logprob}}
+    first_token_time: float | None  # time.monotonic()
+    arrival_time: float  # time.monotonic()
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+    expert_tokens: dict[int, list[int]]  # MoE layer -> cumulative tokens routed to each expert
+    num_kv_blocks: int = 0
+    block_size: int = 0
+    num_preemptions: int = 0  # cumulative
+    max_model_len: int = 0
+
+
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: the later state, the new parts of both."""
+    logprobs = None
+    if earlier.logprobs is not None or later.logprobs is not None:
+        logprobs = (earlier.logprobs or []) + (later.logprobs or [])
+    return dataclasses.replace(
+        later,
+        new_token_ids=earlier.new_token_ids + later.new_token_ids,
+        new_text=earlier.new_text + later.new_text,
+        logprobs=logprobs,
+    )
+
+
+@dataclass
+class RequestValidator:
+    """Checks a request against an engine's limits; the engine and a server in front of an engine
+    process (which knows those limits but not the engine) share it."""
+
+    tokenizer: object | None
+    vocab_size: int
+    max_model_len: int
+    kv_capacity_tokens: int
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, or EngineError saying what is wrong with the request."""
+        if not isinstance(params, SamplingParams):
+            raise EngineError(f"sampling parameters must be SamplingParams, got {type(params).__name__}")
+        try:
+            params.validate(self.max_model_len)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        if bad := [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]:
+            raise EngineError(f"stop_token_ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise EngineError("the prompt is empty")
+            if self.tokenizer is None:
+                raise EngineError("this engine has no tokenizer: pass the prompt as token ids")
+            ids = list(self.tokenizer.encode(prompt))
+        elif isinstance(prompt, list | tuple) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            ids = list(prompt)
+        else:
+            raise EngineError("the prompt must be a string or a list of token ids")
+        if not ids:
+            raise EngineError("the prompt is empty")
+        if bad := [t for t in ids if not 0 <= t < self.vocab_size][:5]:
+            raise EngineError(f"prompt token ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if len(ids) >= self.max_model_len:
+            raise EngineError(
+                f"the prompt has {len(ids)} tokens but the model length is {self.max_model_len}: "
+                f"shorten the prompt to at most {self.max_model_len - 1} tokens"
+            )
+        if len(ids) + 1 > self.kv_capacity_tokens:
+            raise EngineError(
+                f"the prompt has {len(ids)} tokens but the KV cache holds only "
+                f"{self.kv_capacity_tokens}: shorten the prompt"
+            )
+        return ids
