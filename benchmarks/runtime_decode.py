@@ -40,6 +40,8 @@ import torch
 from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.core import LLMEngine
 from model_runtime.engine.requests import SamplingParams
+from model_runtime.kernels.quant import quantize_int8
+from model_runtime.models.loading import load_model
 
 CHECKPOINT_VERSION = 1  # bump when the checkpoint's config changes
 
@@ -84,7 +86,7 @@ def ensure_checkpoint(cache_dir: Path) -> Path:
     path = cache_dir / f"deepseek-v3-bench-v{CHECKPOINT_VERSION}"
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):
         return path
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # a test extra, heavy: only to write it
 
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**BENCH_CONFIG))
@@ -233,10 +235,6 @@ def moe_layer_times(model, hf_model, layer: int, tokens: int) -> dict[str, float
 
 
 def int8_rows(model, prompt_len: int) -> list[Row]:
-    try:
-        from model_runtime.kernels.quant import quantize_int8
-    except ImportError:
-        return [Row("int8 quantization", "n/a (model_runtime.kernels.quant.quantize_int8 missing)")]
     ids = torch.randint(
         2, model.config.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(3)
     )
@@ -266,9 +264,7 @@ def int8_rows(model, prompt_len: int) -> list[Row]:
 
 
 def run(args) -> list[Row]:
-    from transformers import AutoModelForCausalLM
-
-    from model_runtime import load_model
+    from transformers import AutoModelForCausalLM  # a test extra, heavy: imported only to run
 
     torch.manual_seed(0)
     ckpt = ensure_checkpoint(Path(args.cache_dir))

@@ -31,6 +31,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
+
+from model_runtime.cli import GIL_SWITCH_INTERVAL_S
+from model_runtime.engine.config import EngineConfig
+from model_runtime.engine.messages import EngineSpec
+from model_runtime.engine.requests import SamplingParams
+from model_runtime.serving.service import engine_cpu_threads
+
 GOAL_MAX_OVERHEAD = 0.15
 
 
@@ -133,12 +141,6 @@ def _children_stats(pid: int) -> list[Path]:
     return children
 
 
-def _engine_config(workload: Workload, device: str):
-    from model_runtime.engine.config import EngineConfig
-
-    return EngineConfig(max_num_seqs=max(workload.clients, 1), device=device)
-
-
 class EngineRunner:
     """The workload straight through an in-process AsyncEngine (no server in between)."""
 
@@ -147,19 +149,21 @@ class EngineRunner:
         self.engine = None
 
     async def start(self) -> None:
-        import torch
-
-        from model_runtime import load_model, load_tokenizer
+        # torch and the model stack, imported here: the server subprocess is launched first and
+        # loads its model meanwhile (compare)
         from model_runtime.engine.async_engine import AsyncEngine
-        from model_runtime.serving.service import engine_cpu_threads
+        from model_runtime.engine.build import load_for_engine
 
         w = self.workload
-        device = w.device if w.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = w.dtype if w.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-        if device == "cpu":
-            torch.set_num_threads(engine_cpu_threads())  # as the server does: like against like
-        model = await asyncio.to_thread(load_model, w.model, dtype=getattr(torch, dtype), device=device)
-        self.engine = AsyncEngine(model, load_tokenizer(w.model), _engine_config(w, device))
+        spec = EngineSpec(  # the engine as the server builds it (threads, dtype): like against like
+            model=w.model,
+            dtype=w.dtype,
+            device=w.device,
+            config=EngineConfig(max_num_seqs=max(w.clients, 1)),
+            num_threads=engine_cpu_threads(),
+        )
+        model, tokenizer, config = await asyncio.to_thread(load_for_engine, spec)
+        self.engine = AsyncEngine(model, tokenizer, config)
         await self.engine.start()
         await self.engine.warmup()
 
@@ -167,8 +171,6 @@ class EngineRunner:
         await self.engine.stop()
 
     async def run(self) -> RunResult:
-        from model_runtime.engine.requests import SamplingParams
-
         engine = self.engine
         params = SamplingParams(max_tokens=self.workload.max_tokens, temperature=0, ignore_eos=True)
 
@@ -239,8 +241,6 @@ class HttpRunner:
         )
 
     async def start(self) -> None:
-        import aiohttp
-
         connector = aiohttp.TCPConnector(limit=self.workload.clients + 4)
         self.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600))
         deadline = time.monotonic() + 300
@@ -406,8 +406,6 @@ def main(argv: list[str] | None = None) -> int:
         args.time_limit,
         args.engine_process,
     )
-    from model_runtime.cli import GIL_SWITCH_INTERVAL_S
-
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as the server sets it: like against like
     engine, http = asyncio.run(compare(workload, args.rounds))
     print(table(workload, engine, http, args.rounds), flush=True)

@@ -1,4 +1,7 @@
-"""model_runtime: the project's PyTorch MoE runtime (models, loading, engine, servers)."""
+"""model_runtime: the project's PyTorch MoE runtime, in packages by stage, each importing only the
+ones before it: models (config, architectures, model, loading, tokenizers) <- kernels (transforms
+of a built model) <- engine (batching, the engine process) <- serving (HTTP, gRPC, metrics) <- cli.
+"""
 
 from model_runtime.models.config import ModelConfig
 from model_runtime.models.tokenizer import Tokenizer, load_tokenizer
@@ -7,8 +10,8 @@ __all__ = ["CheckpointError", "ModelConfig", "Tokenizer", "load_model", "load_to
 
 
 def __getattr__(name: str):
-    # torch is imported on first use of the loader, not with the package: the server process starts
-    # its engine process before it imports torch itself, so the two imports overlap
+    # torch is imported on first use of the loader, not with the package: the server process, which
+    # imports this package, never loads a model (the engine process does)
     if name in ("CheckpointError", "load_model"):
         from model_runtime.models import loading
 

@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from model_runtime.serving.service import LOG_FORMAT, ServerConfig, serve
+from model_runtime.serving.config import LOG_FORMAT, ServerConfig
 
 GIL_SWITCH_INTERVAL_S = 0.02
 
@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         # engine's throughput. A longer interval (the engine thread still yields the GIL on every
         # torch op) measured about 2x more streamed tokens/s (benchmarks.runtime_http).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    # Imported here, not with this module: the engine process (multiprocessing's spawn) runs this
+    # module's imports again before it imports torch, and needs none of the web stack (FastAPI,
+    # gRPC, uvicorn: most of a second).
+    from model_runtime.serving.server import serve
+
     try:
         code = asyncio.run(serve(config, pod_ip=os.environ.get("POD_IP") or None))
     except OSError as e:  # a port in use, an address not on this machine

@@ -37,6 +37,7 @@ from model_runtime.engine.requests import (
 from model_runtime.engine.sampling import SampleRow, make_generator, sample
 from model_runtime.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from model_runtime.kernels.cpu_layers import use_cpu_decode_kernels, use_decode_layout
+from model_runtime.models.config import token_ids
 from model_runtime.models.model import Transformer
 from model_runtime.models.paged import PagedBatch, build_paged_batch
 
@@ -68,14 +69,6 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _token_set(x) -> set[int]:
-    if x is None:
-        return set()
-    if isinstance(x, int):
-        return {x}
-    return {int(t) for t in x}
-
-
 class LLMEngine:
     """Synchronous core. Not thread-safe: one thread calls add_request/abort_request/step."""
 
@@ -90,7 +83,7 @@ class LLMEngine:
         mcfg = model.config
         self.vocab_size: int = mcfg.vocab_size
         self.max_model_len: int = min(mcfg.max_position_embeddings, config.max_model_len or 1 << 62)
-        self.eos_token_ids = _token_set(getattr(mcfg, "eos_token_id", None)) | _token_set(
+        self.eos_token_ids = token_ids(getattr(mcfg, "eos_token_id", None)) | token_ids(
             getattr(tokenizer, "eos_token_ids", None)
         )
 

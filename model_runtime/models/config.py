@@ -116,10 +116,7 @@ class ModelConfig:
 
     @property
     def eos_token_ids(self) -> set[int]:
-        eos = self.eos_token_id
-        if eos is None:
-            return set()
-        return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+        return token_ids(self.eos_token_id)
 
     @property
     def qk_head_dim(self) -> int:
@@ -202,6 +199,13 @@ class ModelConfig:
             hf["rope_scaling"] = dict(c.rope_scaling)
         hf.update(architecture(c.architecture).fields_to_hf(c))
         return hf
+
+
+def token_ids(value: Any) -> set[int]:
+    """Token ids as config.json files write them (none, one id, or a list) as a set."""
+    if value is None:
+        return set()
+    return {int(value)} if isinstance(value, int) else {int(v) for v in value}
 
 
 def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:

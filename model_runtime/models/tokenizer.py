@@ -23,7 +23,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as FastTokenizer
 
-from model_runtime.models.config import BYTE_SPECIALS, ModelConfig
+from model_runtime.models.config import BYTE_SPECIALS, ModelConfig, token_ids
 
 log = logging.getLogger(__name__)
 BYTE_CHAT_TEMPLATE = (
@@ -152,7 +152,7 @@ def load_tokenizer(src: str | os.PathLike) -> Tokenizer:
         return ByteTokenizer(cfg.vocab_size, cfg.eos_token_ids)
     path = Path(src.removeprefix("hostpath://"))
     config = _read_json(path / "config.json")
-    eos = _eos_ids(config.get("eos_token_id")) | _eos_ids(
+    eos = token_ids(config.get("eos_token_id")) | token_ids(
         _read_json(path / "generation_config.json").get("eos_token_id")
     )
     if (path / "tokenizer.json").is_file():
@@ -201,12 +201,6 @@ def _token_text(token: Any) -> str | None:
     if isinstance(token, dict):
         return token.get("content")
     return token
-
-
-def _eos_ids(value: Any) -> set[int]:
-    if value is None:
-        return set()
-    return {int(value)} if isinstance(value, int) else {int(v) for v in value}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

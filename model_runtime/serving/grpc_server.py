@@ -24,9 +24,10 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from model_runtime.serving import protocol
+from model_runtime.serving import protocol, signature
+from model_runtime.serving.config import VERSION
 from model_runtime.serving.protocol import ProtocolError, Tensor
-from model_runtime.serving.service import VERSION, InferenceService, ServiceError
+from model_runtime.serving.service import InferenceService, ServiceError
 
 log = logging.getLogger("model_runtime.grpc")
 
@@ -138,14 +139,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.service.ready)
 
     async def ServerMetadata(self, request, context):
-        meta = protocol.server_metadata(VERSION)
+        meta = signature.server_metadata(VERSION)
         return pb.ServerMetadataResponse(
             name=meta["name"], version=meta["version"], extensions=meta["extensions"]
         )
 
     async def ModelMetadata(self, request, context):
         await self._check_model(request, context)
-        meta = protocol.model_metadata(self.service.model_name, self.service.model_version)
+        meta = signature.model_metadata(self.service.model_name, self.service.model_version)
         return pb.ModelMetadataResponse(
             name=meta["name"],
             versions=meta["versions"],
@@ -157,7 +158,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):
         await self._check_model(request, context)
         config = json_format.ParseDict(
-            protocol.model_config(self.service.model_name), model_config_pb2.ModelConfig()
+            signature.model_config(self.service.model_name), model_config_pb2.ModelConfig()
         )
         return pb.ModelConfigResponse(config=config)
 

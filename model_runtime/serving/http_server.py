@@ -12,93 +12,26 @@ before they are read in full.
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model_runtime.serving import protocol
+from model_runtime.serving import protocol, signature
+from model_runtime.serving.config import VERSION
 from model_runtime.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from model_runtime.serving.openai_api import create_openai_router, event_stream, sse
+from model_runtime.serving.openai_api import create_openai_router
 from model_runtime.serving.protocol import ProtocolError
-from model_runtime.serving.service import VERSION, InferenceService, ServiceError, first_and_rest
+from model_runtime.serving.service import InferenceService, ServiceError, first_and_rest
+from model_runtime.serving.signature import GENERATE_REQUEST_SCHEMA, INFER_REQUEST_SCHEMA
+from model_runtime.serving.sse import event_stream, sse
 
 log = logging.getLogger("model_runtime.http")
-
-
-# OpenAPI schemas of the bodies the handlers read raw (binary extension, generate's free keys).
-def _input_schema(spec: protocol.TensorSpec) -> dict[str, Any]:
-    item = {"type": "string"} if spec.datatype == "BYTES" else {"type": "boolean"}
-    return {
-        "type": "object",
-        "required": ["name", "datatype", "shape", "data"],
-        "properties": {
-            "name": {"type": "string", "enum": [spec.name]},
-            "datatype": {"type": "string", "enum": [spec.datatype]},
-            "shape": {
-                "type": "array",
-                "items": {"type": "integer", "enum": [1]},
-                "minItems": 1,
-                "maxItems": 1,
-            },
-            "parameters": {
-                "type": "object",
-                "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
-            },
-            "data": {"type": "array", "items": item, "minItems": 1, "maxItems": 1},
-        },
-    }
-
-
-INFER_REQUEST_SCHEMA = {
-    "type": "object",
-    "required": ["inputs"],
-    "properties": {
-        "id": {"type": "string"},
-        "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
-        "inputs": {
-            "type": "array",
-            "minItems": 1,
-            "items": {"oneOf": [_input_schema(spec) for spec in protocol.MODEL_INPUTS.values()]},
-        },
-        "outputs": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["name"],
-                "properties": {
-                    "name": {"type": "string", "enum": list(protocol.MODEL_OUTPUTS)},
-                    "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
-                },
-            },
-        },
-    },
-}
-GENERATE_REQUEST_SCHEMA = {
-    "type": "object",
-    "required": ["text_input"],
-    "properties": {
-        "id": {"type": "string"},
-        "text_input": {"type": "string"},
-        "stream": {"type": "boolean"},
-        "exclude_input_in_output": {"type": "boolean"},
-        "sampling_parameters": {"type": "string", "description": "JSON object of sampling parameters"},
-        "parameters": {"type": "object"},
-        "max_tokens": {"type": "integer", "minimum": 1},
-        "temperature": {"type": "number", "minimum": 0},
-        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "top_k": {"type": "integer", "minimum": -1},
-        "seed": {"type": "integer"},
-        "stop": {"type": "array", "items": {"type": "string", "minLength": 1}},
-        "ignore_eos": {"type": "boolean"},
-    },
-    "additionalProperties": False,
-}
 
 
 def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -183,13 +116,7 @@ def _header_length(request: Request) -> int | None:
 
 
 async def _json(request: Request, limit: int) -> Any:
-    body = _decompress(await request.body(), request.headers.get("content-encoding"), limit)
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise ProtocolError("request body is nested too deeply") from None
+    return protocol.parse_json(_decompress(await request.body(), request.headers.get("content-encoding"), limit))
 
 
 def create_app(service: InferenceService) -> BodyLimit:
@@ -257,19 +184,19 @@ def create_app(service: InferenceService) -> BodyLimit:
 
     @app.get("/v2", tags=["kserve"])
     async def server_metadata():
-        return protocol.server_metadata(VERSION)
+        return signature.server_metadata(VERSION)
 
     @app.get("/v2/models/{model_name}", tags=["kserve"])
     @app.get("/v2/models/{model_name}/versions/{version}", tags=["kserve"])
     async def model_metadata(model_name: str, version: str | None = None):
         service.check_model(model_name, version)
-        return protocol.model_metadata(model_name, model_version)
+        return signature.model_metadata(model_name, model_version)
 
     @app.get("/v2/models/{model_name}/config", tags=["kserve"])
     @app.get("/v2/models/{model_name}/versions/{version}/config", tags=["kserve"])
     async def model_config(model_name: str, version: str | None = None):
         service.check_model(model_name, version)
-        return protocol.model_config(model_name)
+        return signature.model_config(model_name)
 
     @app.get("/v2/models/{model_name}/ready", tags=["kserve"])
     @app.get("/v2/models/{model_name}/versions/{version}/ready", tags=["kserve"])
@@ -396,8 +323,6 @@ def create_app(service: InferenceService) -> BodyLimit:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            from fastapi.openapi.utils import get_openapi
-
             schema = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )

@@ -3,7 +3,7 @@
 Every series carries the label `model_name` (the served model name). Request-level series
 (latencies, token counts, outcomes) are recorded by the server as requests finish; engine-level
 series (running / waiting requests, KV cache use, tokens routed to each expert) are read from
-`AsyncEngine.stats()` at scrape time, so they are never stale and cost nothing between scrapes.
+the engine front's `stats()` at scrape time, so they are never stale and cost nothing between scrapes.
 
 Failures: `moe_request_failure_total{reason}` counts requests that did not finish, with `reason`
 one of FAILURE_REASONS. A rollout's error rate is failures with a server-side reason

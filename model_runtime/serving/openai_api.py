@@ -15,13 +15,12 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from model_runtime.engine.requests import MAX_LOGPROBS
 from model_runtime.serving.service import InferenceService, InvalidRequest, ServiceError, first_and_rest
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+from model_runtime.serving.sse import DONE, event_stream, sse
 
 
 class StreamOptions(BaseModel):
@@ -162,19 +161,6 @@ def chat_logprobs(tokenizer, entries: list[dict]) -> dict[str, Any]:
             }
         )
     return {"content": content}
-
-
-def sse(data: Any) -> bytes:
-    """One server-sent event carrying `data` as JSON."""
-    return b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8", "replace") + b"\n\n"
-
-
-def event_stream(events) -> StreamingResponse:
-    """A response streaming `events` (bytes) as server-sent events, unbuffered by proxies."""
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-
-
-DONE = b"data: [DONE]\n\n"
 
 
 def _envelope(request_id: str, created: int, model_name: str):

@@ -5,7 +5,8 @@ The model's tensors follow Triton's vLLM backend: inputs `text_input` (BYTES), `
 `return_*` flags; outputs `text_output` (BYTES), `finish_reason` (BYTES) and the token counts.
 Requests arrive over HTTP as JSON (optionally followed by binary tensor data, the
 `binary_tensor_data` extension), over HTTP as the flat JSON of Triton's generate extension, or
-over gRPC; all three end up as one `GenerateRequest`.
+over gRPC; all three end up as one `GenerateRequest`. The model's signature and the documents
+that describe it: serving/signature.py.
 
 Every function here raises `ProtocolError` (a user-facing message, answered 400 /
 INVALID_ARGUMENT) for bad input and never anything else for anything a client can send.
@@ -22,9 +23,7 @@ from typing import Any
 
 import numpy as np
 
-MODEL_VERSION = "1"  # the model's version where the pod has no revision (server.ServerConfig)
-PLATFORM = "moe_runtime"
-EXTENSIONS = ["binary_tensor_data", "model_configuration", "generate"]
+from model_runtime.serving.signature import DEFAULT_OUTPUTS, MODEL_INPUTS, MODEL_OUTPUTS, MODEL_VERSION
 
 # Request parameters the protocol itself uses; never taken as sampling parameters.
 RESERVED_PARAMETERS = {
@@ -57,40 +56,6 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 }
 DATATYPES = set(NUMPY_DTYPES) | {"BYTES", "BF16"}
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: list[int]
-    optional: bool = False
-
-
-# Triton's vLLM backend signature (max_batch_size 0: no batch dimension).
-MODEL_INPUTS: dict[str, TensorSpec] = {
-    spec.name: spec
-    for spec in (
-        TensorSpec("text_input", "BYTES", [1]),
-        TensorSpec("stream", "BOOL", [1], optional=True),
-        TensorSpec("sampling_parameters", "BYTES", [1], optional=True),
-        TensorSpec("exclude_input_in_output", "BOOL", [1], optional=True),
-        TensorSpec("return_finish_reason", "BOOL", [1], optional=True),
-        TensorSpec("return_num_input_tokens", "BOOL", [1], optional=True),
-        TensorSpec("return_num_output_tokens", "BOOL", [1], optional=True),
-    )
-}
-MODEL_OUTPUTS: dict[str, TensorSpec] = {
-    spec.name: spec
-    for spec in (
-        TensorSpec("text_output", "BYTES", [-1]),
-        TensorSpec("finish_reason", "BYTES", [-1]),
-        TensorSpec("num_input_tokens", "UINT32", [1]),
-        TensorSpec("num_output_tokens", "UINT32", [-1]),
-    )
-}
-# Outputs sent when a request names none (finish_reason always: `return_finish_reason` is
-# accepted for compatibility and changes nothing).
-DEFAULT_OUTPUTS = ("text_output", "finish_reason")
 
 # Sampling parameters a request may set (names as in vLLM), and the type each one takes.
 SAMPLING_PARAMETER_TYPES: dict[str, type] = {
@@ -335,6 +300,16 @@ def _bool_parameter(parameters: dict[str, Any], key: str, default: bool = False)
     return value
 
 
+def parse_json(body: bytes) -> Any:
+    """A request body's JSON (ProtocolError for one that is not valid JSON, or nested too deeply)."""
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("request body is nested too deeply") from None
+
+
 def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     """An HTTP infer request body: JSON, or JSON of `header_length` bytes followed by the binary
     data of the inputs that declare `binary_data_size`, in order."""
@@ -344,12 +319,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         raise ProtocolError(
             f"Inference-Header-Content-Length {header_length} does not fit the {len(body)}-byte body"
         )
-    try:
-        request = json.loads(body[:header_length])
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise ProtocolError("request body is nested too deeply") from None
+    request = parse_json(body[:header_length])
     if not isinstance(request, dict):
         raise ProtocolError("request body must be a JSON object")
     request_id = request.get("id", "")
@@ -626,41 +596,3 @@ def default_outputs(request: GenerateRequest) -> list[RequestedOutput]:
     if request.return_num_output_tokens:
         names.append("num_output_tokens")
     return [RequestedOutput(name) for name in names]
-
-
-# --- metadata --------------------------------------------------------------------------------
-
-
-def server_metadata(version: str) -> dict[str, Any]:
-    return {"name": "moe-runtime", "version": version, "extensions": EXTENSIONS}
-
-
-def model_metadata(model_name: str, model_version: str = MODEL_VERSION) -> dict[str, Any]:
-    def entry(spec: TensorSpec) -> dict[str, Any]:
-        return {"name": spec.name, "datatype": spec.datatype, "shape": spec.shape}
-
-    return {
-        "name": model_name,
-        "versions": [model_version],
-        "platform": PLATFORM,
-        "inputs": [entry(s) for s in MODEL_INPUTS.values()],
-        "outputs": [entry(s) for s in MODEL_OUTPUTS.values()],
-    }
-
-
-def model_config(model_name: str) -> dict[str, Any]:
-    """The model's configuration in Triton's JSON form (`/config`, gRPC ModelConfig): what
-    perf_analyzer and genai-perf read. Decoupled: one request may get many responses (streams)."""
-
-    def entry(spec: TensorSpec) -> dict[str, Any]:
-        data_type = "TYPE_STRING" if spec.datatype == "BYTES" else f"TYPE_{spec.datatype}"
-        return {"name": spec.name, "data_type": data_type, "dims": spec.shape, "optional": spec.optional}
-
-    return {
-        "name": model_name,
-        "backend": PLATFORM,
-        "max_batch_size": 0,
-        "input": [entry(s) for s in MODEL_INPUTS.values()],
-        "output": [{k: v for k, v in entry(s).items() if k != "optional"} for s in MODEL_OUTPUTS.values()],
-        "model_transaction_policy": {"decoupled": True},
-    }

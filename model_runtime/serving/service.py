@@ -1,12 +1,10 @@
-"""`moe-runtime serve`: one asyncio loop serving HTTP and gRPC in front of one engine, which steps
-in a child process (model_runtime.engine.process; `--no-engine-process`: in a thread).
+"""InferenceService: what the HTTP and gRPC front ends call, in front of one engine (which steps
+in a child process, engine/process.py; `--no-engine-process`: in a thread).
 
-`InferenceService` is what both front ends call: it loads the model (the servers answer
-live-but-not-ready meanwhile), admits requests (503 while loading or draining), wraps each
-generation with the request timeout and the injected faults, records the metrics, and counts
-what is in flight so that SIGTERM can drain: ready goes false at once, new requests are refused,
-running requests and streams finish (up to --drain-timeout), then the engine stops and the
-process exits 0. An engine that dies makes the server not live (and 503 to requests): restart it.
+It loads the model (the servers answer live-but-not-ready meanwhile), admits requests (503 while
+loading or draining), wraps each generation with the request timeout and the injected faults,
+records the metrics, and counts what is in flight so that SIGTERM can drain (serving/server.py).
+An engine that dies makes the server not live (and 503 to requests): restart it.
 
 Errors a client can cause are `ServiceError`s, each with its HTTP status, gRPC code and the
 failure reason the metrics count it under.
@@ -20,18 +18,13 @@ errors carry it too) and the initial metadata of each gRPC call (grpc_server.Ini
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import importlib
 import logging
 import os
 import random
-import signal
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.messages import EngineSpec
@@ -39,63 +32,10 @@ from model_runtime.engine.process import EngineProcess
 from model_runtime.engine.requests import EngineError, EngineOverloaded, SamplingParams
 from model_runtime.engine.worker import spawn_engine
 from model_runtime.models.tokenizer import load_tokenizer
+from model_runtime.serving.config import LOG_FORMAT, ServerConfig
 from model_runtime.serving.metrics import RuntimeMetrics
-from model_runtime.serving.protocol import MODEL_VERSION
 
 log = logging.getLogger("model_runtime.server")
-
-VERSION = "0.1.0"
-REVISION_HEADER = "x-moe-revision"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-# --- configuration ---------------------------------------------------------------------------
-
-
-@dataclass
-class ServerConfig:
-    model: str
-    served_model_name: str | None = None
-    host: str | None = None  # None: $POD_IP (plus 127.0.0.1) when set, else 0.0.0.0
-    http_port: int = 8000
-    grpc_port: int = 8001
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
-    device: str = "auto"
-    quantization: str | None = None  # "int8": weight-only int8
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None
-    max_waiting: int = 256
-    kv_cache_memory_bytes: int = 256 * 2**20
-    request_timeout_s: float = 600.0
-    drain_timeout_s: float = 25.0
-    max_body_bytes: int = 4 * 2**20
-    inject_latency_ms: float = 0.0
-    inject_error_rate: float = 0.0
-    seed: int | None = None
-    engine_process: bool = True  # the engine steps in a child process (else in a thread of this one)
-    revision: str | None = None  # the ModelDeployment revision this pod serves ($MOE_REVISION)
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or default_model_name(self.model)
-
-    @property
-    def model_version(self) -> str:
-        """The served model's one KServe version: the revision, where the pod has one."""
-        return self.revision or MODEL_VERSION
-
-    @property
-    def revision_headers(self) -> list[tuple[str, str]]:
-        """Headers (and gRPC metadata) every answer carries: `x-moe-revision`, where set."""
-        return [(REVISION_HEADER, self.revision)] if self.revision else []
-
-
-def default_model_name(source: str) -> str:
-    """`builtin:tiny-mixtral` -> `tiny-mixtral`; `hf://org/name@rev` -> `name`; a path -> its last part."""
-    name = source.split(":", 1)[1] if source.startswith("builtin:") else source
-    name = name.split("@", 1)[0].rstrip("/")
-    return name.rsplit("/", 1)[-1] or "model"
 
 
 def engine_cpu_threads() -> int:
@@ -105,42 +45,6 @@ def engine_cpu_threads() -> int:
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     return max(1, len(os.sched_getaffinity(0)) - 1)
-
-
-def listen_hosts(host: str | None, pod_ip: str | None) -> list[tuple[str, bool]]:
-    """Addresses to bind and whether each is required. In a pod the server binds its pod IP
-    (local pods share one network stack) and loopback too where that port is free."""
-    if host:
-        return [(host, True)]
-    if pod_ip:
-        hosts = [(pod_ip, True)]
-        if pod_ip != "127.0.0.1":
-            hosts.append(("127.0.0.1", False))
-        return hosts
-    return [("0.0.0.0", True)]
-
-
-def bind_sockets(hosts: list[tuple[str, bool]], port: int) -> list[socket.socket]:
-    """TCP sockets bound to each host on one port (port 0: the first bind picks it)."""
-    sockets = []
-    for host, required in hosts:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on TCP sockets that say so, and without
-        # it a stream's first event waits ~40 ms behind the response headers (Nagle + delayed ACK)
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as e:
-            sock.close()
-            if required or e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
-                raise
-            log.info("not listening on %s:%d as well (%s)", host, port, e.strerror)
-            continue
-        port = sock.getsockname()[1]
-        sock.set_inheritable(True)
-        sockets.append(sock)
-    return sockets
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -191,6 +95,10 @@ class Overloaded(ServiceError):
 
 class RequestTimeout(ServiceError):
     http_status, grpc_code, failure_reason, openai_type = 408, "DEADLINE_EXCEEDED", "timeout", "timeout_error"
+
+    @classmethod
+    def after(cls, seconds: float) -> RequestTimeout:
+        return cls(f"request timed out after {seconds:g}s (--request-timeout)")
 
 
 class InjectedFault(ServiceError):
@@ -394,9 +302,7 @@ class InferenceService:
             latency = cfg.inject_latency_ms / 1000
             if loop.time() + latency >= deadline:
                 await asyncio.sleep(max(0.0, deadline - loop.time()))
-                raise RequestTimeout(
-                    f"request timed out after {cfg.request_timeout_s:g}s (--request-timeout)"
-                )
+                raise RequestTimeout.after(cfg.request_timeout_s)
             await asyncio.sleep(latency)
         if cfg.inject_error_rate > 0 and self._random.random() < cfg.inject_error_rate:
             raise InjectedFault("injected error (--inject-error-rate)")
@@ -433,9 +339,7 @@ class InferenceService:
                 if output.finished:
                     if output.finish_reason == "abort":
                         if timed_out:
-                            raise RequestTimeout(
-                                f"request timed out after {cfg.request_timeout_s:g}s (--request-timeout)"
-                            )
+                            raise RequestTimeout.after(cfg.request_timeout_s)
                         raise Unavailable("the request was aborted: the engine is shutting down")
                     metrics.e2e.observe(time.monotonic() - arrival)
                     metrics.prompt_tokens.inc(len(output.prompt_token_ids))
@@ -489,94 +393,3 @@ async def first_and_rest(outputs: AsyncIterator) -> AsyncIterator:
     return rest()
 
 
-# --- running it ------------------------------------------------------------------------------
-
-
-def log_fault_injection(config: ServerConfig) -> None:
-    if config.inject_latency_ms > 0:
-        log.warning(
-            "FAULT INJECTION ON: %.0f ms added before the first token of every request",
-            config.inject_latency_ms,
-        )
-    if config.inject_error_rate > 0:
-        log.warning(
-            "FAULT INJECTION ON: %.1f%% of requests fail with an injected error",
-            100 * config.inject_error_rate,
-        )
-
-
-async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then drain and return the exit code."""
-    import uvicorn
-
-    from model_runtime.serving.grpc_server import start_grpc_server
-    from model_runtime.serving.http_server import create_app
-
-    log_fault_injection(config)
-    service = InferenceService(config)
-    hosts = listen_hosts(config.host, pod_ip)
-    http_sockets = bind_sockets(hosts, config.http_port)
-    http_port = http_sockets[0].getsockname()[1]
-    grpc_server, grpc_port = await start_grpc_server(service, hosts, config.grpc_port, config.max_body_bytes)
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):  # SIGTERM drains first (below), then stops uvicorn
-            yield
-
-    http_server = Server(
-        uvicorn.Config(
-            create_app(service),
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            headers=config.revision_headers,  # on every response uvicorn sends, errors included
-            timeout_graceful_shutdown=5,
-            timeout_keep_alive=5,
-        )
-    )
-    http_task = asyncio.create_task(http_server.serve(sockets=http_sockets), name="http")
-    addresses = ", ".join(f"{h}" for h, _ in hosts)
-    log.info(
-        "serving %s%s: HTTP on %s port %d, gRPC port %d",
-        service.model_name,
-        f" revision {config.revision}" if config.revision else "",
-        addresses,
-        http_port,
-        grpc_port,
-    )
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    load_task = asyncio.create_task(service.load(), name="load")
-    stop_task = asyncio.create_task(stop.wait())
-    await asyncio.wait([load_task, stop_task, http_task], return_when=asyncio.FIRST_COMPLETED)
-    exit_code = 0
-    if load_task.done() and load_task.exception() is not None:
-        log.error("loading %s failed: %s", config.model, load_task.exception())
-        service.state = "failed"
-        exit_code = 1
-    elif http_task.done():
-        exit_code = 1
-    else:
-        await stop_task
-    log.info("shutting down")
-    service.begin_drain()
-    if not load_task.done():
-        load_task.cancel()
-        with contextlib.suppress(BaseException):
-            await load_task
-    drained = await service.drain(config.drain_timeout_s)
-    await grpc_server.stop(grace=1.0 if drained else 0)
-    # After a drain that ran out, uvicorn must not wait its own graceful period again for the
-    # connections still open: --drain-timeout is what the pod's grace period was sized for.
-    http_server.force_exit = not drained
-    http_server.should_exit = True
-    with contextlib.suppress(BaseException):
-        await http_task
-    await service.stop(drain_timeout_s=1.0 if drained else 0.0)
-    log.info("stopped")
-    return exit_code

@@ -15,8 +15,9 @@ from tritonclient.http._utils import _get_inference_request
 
 from model_runtime.cli import parse_size
 from model_runtime.serving import metrics, protocol
+from model_runtime.serving.config import default_model_name
 from model_runtime.serving.protocol import ProtocolError, Tensor
-from model_runtime.serving.service import default_model_name, listen_hosts
+from model_runtime.serving.server import listen_hosts
 
 pytestmark = pytest.mark.unit
 

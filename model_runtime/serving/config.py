@@ -1,0 +1,57 @@
+"""The server's settings (what `moe-runtime serve`'s flags set), and the names its answers carry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model_runtime.serving.signature import MODEL_VERSION
+
+VERSION = "0.1.0"
+REVISION_HEADER = "x-moe-revision"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    served_model_name: str | None = None
+    host: str | None = None  # None: $POD_IP (plus 127.0.0.1) when set, else 0.0.0.0
+    http_port: int = 8000
+    grpc_port: int = 8001
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    device: str = "auto"
+    quantization: str | None = None  # "int8": weight-only int8
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    max_waiting: int = 256
+    kv_cache_memory_bytes: int = 256 * 2**20
+    request_timeout_s: float = 600.0
+    drain_timeout_s: float = 25.0
+    max_body_bytes: int = 4 * 2**20
+    inject_latency_ms: float = 0.0
+    inject_error_rate: float = 0.0
+    seed: int | None = None
+    engine_process: bool = True  # the engine steps in a child process (else in a thread of this one)
+    revision: str | None = None  # the ModelDeployment revision this pod serves ($MOE_REVISION)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or default_model_name(self.model)
+
+    @property
+    def model_version(self) -> str:
+        """The served model's one KServe version: the revision, where the pod has one."""
+        return self.revision or MODEL_VERSION
+
+    @property
+    def revision_headers(self) -> list[tuple[str, str]]:
+        """Headers (and gRPC metadata) every answer carries: `x-moe-revision`, where set."""
+        return [(REVISION_HEADER, self.revision)] if self.revision else []
+
+
+def default_model_name(source: str) -> str:
+    """`builtin:tiny-mixtral` -> `tiny-mixtral`; `hf://org/name@rev` -> `name`; a path -> its last part."""
+    name = source.split(":", 1)[1] if source.startswith("builtin:") else source
+    name = name.split("@", 1)[0].rstrip("/")
+    return name.rsplit("/", 1)[-1] or "model"
