@@ -34,7 +34,7 @@ class Architecture:
     name: str  # config.json `architectures[0]`
     model_type: str  # config.json `model_type` (transformers 5 may give only this)
     fields_from_hf: Callable[[dict[str, Any], str], dict[str, Any]]  # (config.json, source) -> fields
-    fields_to_hf: Callable[[Any], dict[str, Any]]  # ModelConfig -> config.json entries
+    fields_to_hf: Callable[[Any], dict[str, Any]]  # ModelConfig -> config.json entries (after model_type)
     default_rope_theta: float = 10000.0
     renames: tuple[tuple[str, str], ...] = ()  # (checkpoint, ours) parts of tensor names
     # part ("gate", "up", "down") -> the checkpoint's leaf name of that expert matrix
@@ -72,7 +72,6 @@ def _mixtral_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _mixtral_to_hf(c) -> dict[str, Any]:
     return dict(
-        model_type="mixtral",
         num_key_value_heads=c.num_key_value_heads,
         head_dim=c.head_dim,
         num_local_experts=c.num_experts,
@@ -116,7 +115,6 @@ def _qwen_from_hf(qwen2: bool) -> Callable[[dict[str, Any], str], dict[str, Any]
 def _qwen_to_hf(qwen2: bool) -> Callable[[Any], dict[str, Any]]:
     def entries(c) -> dict[str, Any]:
         hf = dict(
-            model_type="qwen2_moe" if qwen2 else "qwen3_moe",
             num_key_value_heads=c.num_key_value_heads,
             head_dim=c.head_dim,
             num_experts=c.num_experts,
@@ -184,7 +182,6 @@ def _deepseek_to_hf(v3: bool) -> Callable[[Any], dict[str, Any]]:
         if c.dense_layers != tuple(range(first_dense)):
             raise ValueError("DeepSeek checkpoints express dense layers only as the first k layers")
         hf = dict(
-            model_type="deepseek_v3" if v3 else "deepseek_v2",
             num_key_value_heads=c.num_attention_heads,
             attention_bias=c.qkv_bias,
             q_lora_rank=c.q_lora_rank,

@@ -197,7 +197,8 @@ class ModelConfig:
         )
         if c.rope_scaling:
             hf["rope_scaling"] = dict(c.rope_scaling)
-        hf.update(architecture(c.architecture).fields_to_hf(c))
+        arch = architecture(c.architecture)
+        hf.update(model_type=arch.model_type, **arch.fields_to_hf(c))
         return hf
 
 

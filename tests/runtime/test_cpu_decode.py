@@ -22,8 +22,8 @@ from model_runtime.engine.requests import SamplingParams
 from model_runtime.kernels import cpu_decode
 from model_runtime.kernels.cpu_layers import use_cpu_decode_kernels
 from model_runtime.models.config import ModelConfig
-from model_runtime.models.model import MLAttention, MoE
-from model_runtime.models.paged import PagedBatch, PagedContext
+from model_runtime.models.model import MLAttention, MoE, PagedContext
+from model_runtime.models.paged import PagedBatch
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler or no AVX2 here")
 
