@@ -36,7 +36,7 @@ from model_runtime.engine.requests import (
 )
 from model_runtime.engine.sampling import SampleRow, make_generator, sample
 from model_runtime.engine.scheduler import ScheduledSeq, Scheduler, Sequence
-from model_runtime.kernels.cpu_layers import use_cpu_decode_kernels, use_decode_layout
+from model_runtime.kernels.cpu_decode import use_cpu_decode_kernels, use_decode_layout
 from model_runtime.models.config import token_ids
 from model_runtime.models.model import Transformer
 from model_runtime.models.paged import PagedBatch, build_paged_batch

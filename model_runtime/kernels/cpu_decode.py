@@ -12,8 +12,14 @@ RMSNorm, MLA's absorbed attention with its rope and cache write, and a whole MoE
 experts, shared expert). models/model.py's torch code stays the reference and serves every batch;
 the kernels take over only for one float32 row on the CPU with torch on one thread (the runtime's
 default on small machines; more threads stay with torch, which spreads over cores) and outside
-autograd, in the layers that cpu_layers.use_cpu_decode_kernels swaps in after the model is built.
-tests/runtime/test_cpu_decode.py checks each against the torch code.
+autograd. tests/runtime/test_cpu_decode.py checks each against the torch code.
+
+They are a transform applied to a built model, not hooks in it: `use_cpu_decode_kernels` changes
+each layer they can compute, in place, to a subclass (Decode*) whose forward calls the kernel for
+one row and otherwise runs the layer's own torch code (super().forward). Parameters, buffers,
+names and module identity are unchanged, so state dicts, checkpoints and the engine's references
+to the model are unaffected; a second call starts afresh. The engine applies it to a model on the
+CPU after the other transforms, else `use_decode_layout` (a weight layout BLAS's gemv reads faster).
 
 The C is compiled once with the system's compiler (gcc, cc or $CC) into a cache directory keyed
 by the source's hash, and called through ctypes. Without a compiler or AVX2, or with
@@ -34,6 +40,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from model_runtime.models import model as layers
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +139,7 @@ def _load():
 
 def available() -> bool:
     """Whether the kernels are compiled and loaded (a given call may still not qualify); compiles
-    them the first time. cpu_layers.use_cpu_decode_kernels calls it when an engine starts, so no
+    them the first time. use_cpu_decode_kernels calls it when an engine starts, so no
     forward pass ever waits for the compiler."""
     return _load() is not None
 
@@ -179,7 +188,7 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-# ---- whole layers, prepared once (cpu_layers.use_cpu_decode_kernels) ------------------------------
+# ---- whole layers, prepared once (use_cpu_decode_kernels, below) ------------------------------
 # Each holds its weights (keeping them alive) and their addresses, so a decode step pays one
 # check and one C call per layer instead of a module lookup per weight.
 
@@ -292,3 +301,183 @@ class MLAttention:
             y.data_ptr(), scratch.data_ptr(), self.interleaved, slot, self.scale, L, *self.dims,
         )  # fmt: skip
         return y
+
+
+# ---- the transform: layers whose batch-1 decode takes the kernels ---------------------------------
+
+
+class DecodeLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class DecodeRMSNorm(layers.RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if one_row(x) and f32_rows(self.weight):
+            return rmsnorm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class DecodeExperts(layers.Experts):
+    def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+        return linear(self.act(gate).mul_(up), self.down_proj[e])
+
+
+class DecodeMLP(layers.MLP):
+    decode: SwiGLU
+
+    def forward(self, x):
+        if one_row(x):  # batch-1 decode: one C call
+            return self.decode(x)
+        return super().forward(x)
+
+
+class DecodeMoE(layers.MoE):
+    decode: MoE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if one_row(x):  # batch-1 decode: router, experts and shared expert in one C call
+            return self.decode(x)
+        return super().forward(x)
+
+
+class DecodeMLAttention(layers.MLAttention):
+    decode: MLAttention
+
+    def forward(self, x, cos, sin, ctx, cache):
+        if cache is not None and cache.dtype == x.dtype and one_row(x):  # one C call
+            return self.decode(x, cos[0], sin[0], cache, int(ctx.slot_mapping[0]), ctx.context_slots[0])
+        return super().forward(x, cos, sin, ctx, cache)
+
+
+# Every layer whose batch-1 decode the kernels take (with or without a prepared `decode`).
+DECODE_CLASS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: DecodeLinear,
+    layers.RMSNorm: DecodeRMSNorm,
+    layers.Experts: DecodeExperts,
+    layers.MLP: DecodeMLP,
+    layers.MoE: DecodeMoE,
+    layers.MLAttention: DecodeMLAttention,
+}
+TORCH_CLASS = {decode: torch_class for torch_class, decode in DECODE_CLASS.items()}
+LEAVES = (nn.Linear, layers.RMSNorm, layers.Experts)  # need nothing prepared: their forward checks each call
+
+
+def use_cpu_decode_kernels(model: nn.Module) -> bool:
+    """Hand the batch-1 decode step of every layer the C kernels can compute to them.
+
+    A transform applied after the others (int8 quantization swaps in modules whose weights the
+    kernels do not read): linear layers, RMSNorm and the experts' matmuls take the kernels' gemv
+    and norm for one float32 row; MLA attention, MoE layers and SwiGLU MLPs with float32 weights
+    and no biases get a prepared `decode` callable (one C call per layer). Every other case runs
+    the torch code. Returns whether the kernels exist (False: the model is left as built).
+    """
+    for m in model.modules():
+        if type(m) in TORCH_CLASS:  # a second call (after another transform) starts afresh
+            m.__class__ = TORCH_CLASS[type(m)]
+            m.__dict__.pop("decode", None)
+    if not available():
+        return False
+    prepared = [(m, decode) for m in model.modules() if (decode := _layer_kernel(m)) is not None]
+    for m in model.modules():
+        if type(m) in LEAVES:
+            m.__class__ = DECODE_CLASS[type(m)]
+    for m, decode in prepared:
+        m.__class__ = DECODE_CLASS[type(m)]
+        m.decode = decode
+    return True
+
+
+def _layer_kernel(m: nn.Module):
+    """The prepared kernel for one MLA attention, MoE or MLP layer, or None (torch runs it)."""
+    if type(m) is layers.MLAttention:
+        cfg = m.cfg
+        lora = cfg.q_lora_rank is not None
+        q = [m.q_a_proj, m.q_b_proj] if lora else [m.q_proj]
+        if cfg.sliding_window is not None or not _no_bias(*q, m.kv_a_proj_with_mqa, m.kv_b_proj, m.o_proj):
+            return None
+        H, P, C, Dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        weights = [
+            m.q_a_proj.weight if lora else None,
+            m.q_a_layernorm.weight if lora else None,
+            q[-1].weight,
+            m.kv_a_proj_with_mqa.weight,
+            m.kv_a_layernorm.weight,
+            m.kv_b_proj.weight.view(H, P + Dv, C),
+            m.o_proj.weight,
+        ]
+        return MLAttention(*weights, cfg.rope_interleave, m.scale) if _rows(*weights) else None
+    if type(m) is layers.MLP:
+        return _swiglu(m)
+    if (
+        type(m) is layers.MoE
+        and type(m.experts) is layers.Experts
+        and m.experts.act is F.silu
+        and m.gate.cfg.num_experts_per_tok <= 64
+    ):
+        shared = getattr(m, "shared_experts", None)
+        shared_decode = _swiglu(shared) if shared is not None else None
+        if shared is not None and shared_decode is None:
+            return None
+        gate = getattr(m, "shared_expert_gate", None)
+        bias = getattr(m.gate, "e_score_correction_bias", None)
+        weights = [m.gate.weight, bias, m.experts.gate_up_proj, m.experts.down_proj]
+        if (gate is None or _no_bias(gate)) and _rows(*weights, gate.weight if gate is not None else None):
+            return MoE(
+                m.gate.cfg,
+                *weights,
+                shared_decode.weights if shared_decode is not None else None,
+                gate.weight if gate is not None else None,
+                m.tokens_per_expert,
+            )
+    return None
+
+
+def _rows(*ws) -> bool:
+    return all(w is None or f32_rows(w) for w in ws)
+
+
+def _no_bias(*linears) -> bool:
+    return all(type(m) is nn.Linear and m.bias is None for m in linears)
+
+
+def _swiglu(mlp: layers.MLP) -> SwiGLU | None:
+    ok = mlp.act is F.silu and _no_bias(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    return (
+        SwiGLU(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        if ok and _rows(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        else None
+    )
+
+
+# ---- without the kernels -----------------------------------------------------------------------
+
+
+def column_major(w: torch.Tensor) -> torch.Tensor:
+    """The same [..., out, in] values stored in-major (strides swapped on the last two dims)."""
+    return w.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def use_decode_layout(model: nn.Module) -> nn.Module:
+    """Store in place, column-major, the weights whose BLAS matrix-vector product that makes faster.
+
+    For when the C decode kernels are not available; they read row-major weights.
+    A decode step multiplies one row per sequence by every weight, so it is bound by how fast the
+    weights stream from memory. On the CPU, MKL's gemv for x @ W.T over a row-major W [out, in]
+    reads about 12 GB/s on one thread; over the same W stored column-major (x @ Wt with Wt [in, out]
+    contiguous) it reads 13-20 GB/s when out >= in, and less when out < in; for bfloat16 it is
+    ~5x slower, so only float32 weights move. Values, names and shapes are unchanged (only
+    strides), and larger matmuls (prefill, 32 sequences) run alike.
+    kv_b_proj stays row-major: MLA views it per head for the absorbed attention.
+    """
+    keep = {id(m.kv_b_proj) for m in model.modules() if isinstance(m, layers.MLAttention)}
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.out_features >= m.in_features and id(m) not in keep:
+                if m.weight.dtype == torch.float32:  # bf16/fp16 column-major gemv is ~5x slower
+                    m.weight.data = column_major(m.weight.data)
+            elif type(m) is layers.Experts and m.gate_up_proj.dtype == torch.float32:  # not int8 or bf16
+                m.gate_up_proj.data = column_major(m.gate_up_proj.data)  # [E, 2I, D]: 2I >= D typically
+                m.down_proj.data = column_major(m.down_proj.data)  # [E, D, I]
+    return model

@@ -20,7 +20,7 @@ from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.core import LLMEngine
 from model_runtime.engine.requests import SamplingParams
 from model_runtime.kernels import cpu_decode
-from model_runtime.kernels.cpu_layers import use_cpu_decode_kernels
+from model_runtime.kernels.cpu_decode import use_cpu_decode_kernels
 from model_runtime.models.config import ModelConfig
 from model_runtime.models.model import MLAttention, MoE, PagedContext
 from model_runtime.models.paged import PagedBatch
