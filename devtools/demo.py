@@ -25,7 +25,7 @@ import yaml
 from moe_operator.api import names
 from moe_operator.api.timestamps import epoch
 
-from devcluster.control_plane import DEFAULT_STATE_DIR, DevCluster
+from devcluster import DEFAULT_STATE_DIR, DevCluster
 from devtools.harness import CRD_FILE, ROOT, free_port
 from devtools.loadgen import Load, service_port
 

@@ -81,9 +81,12 @@ class Writer:
     def relabel(self, namespace: str, name: str, metadata: Mapping[str, Any]) -> None:
         """Merge-patch the labels (and annotations) of an existing pod: its spec is immutable and was
         built from its own revision's template, so it is never re-applied."""
-        self.dyn.patch(self._resources["Pod"], name=name, namespace=namespace,
-                       body={"metadata": dict(metadata)},
-                       content_type="application/merge-patch+json", field_manager=names.FIELD_MANAGER)
+        try:
+            self.dyn.patch(self._resources["Pod"], name=name, namespace=namespace,
+                           body={"metadata": dict(metadata)},
+                           content_type="application/merge-patch+json", field_manager=names.FIELD_MANAGER)
+        except NotFoundError:
+            pass   # gone since it was observed (deleted, or collected): the next observation plans without it
 
     def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
         """Delete one object, only if it is still the one observed (uid precondition)."""

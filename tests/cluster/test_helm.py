@@ -19,9 +19,9 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -390,7 +390,7 @@ def post_alerts(port: int, token: str | None, modeldeployment: str = "deepseek-v
         {"status": "firing", "labels": {"alertname": "MoECanaryLatencyHigh", "namespace": "models",
                                         "modeldeployment": modeldeployment},
          # Started now, after the rollout began: an alert naming only the object counts only then.
-         "startsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+         "startsAt": datetime.now(UTC).isoformat(timespec="milliseconds"),
          "annotations": {"summary": "canary p99 latency 3s above 2s"}}]}
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     request = urllib.request.Request(f"http://127.0.0.1:{port}/alerts", json.dumps(payload).encode(), headers)

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.e2e
 
 NAME = "revs"
 LOCAL = {"devcluster.serving.moe.dev/local": "true"}
-LOCAL_NODE_GPUS = 4                   # devcluster.control_plane.LOCAL_NODE_GPUS
+LOCAL_NODE_GPUS = 4                   # devcluster.cluster.control_plane.LOCAL_NODE_GPUS
 MODEL_A = "builtin:tiny-deepseek-v3"
 MODEL_B = "builtin:tiny-qwen3-moe"
 MODEL_C = "builtin:tiny-mixtral"
