@@ -14,7 +14,7 @@ cached under .bench/), in one run, prints a table of:
   convention: bytes read + written per second) is measured too, and the bound takes the higher
   of the two (the stricter bound); the step is the median decode step of a 1-request engine run,
   the best of 2 x --repeat runs (noise from other processes only ever slows a run); goal >= 60%
-  of the bound. On the CPU the step runs model_runtime/csrc/cpu_decode.c (see cpu_decode.py);
+  of the bound. On the CPU the step runs model_runtime/kernels/csrc/cpu_decode.c (kernels/cpu_decode.py);
   `MOE_RUNTIME_CPU_KERNELS=0` measures torch's ops instead;
 - int8 weight-only quantization: weight memory saved and logit drift against float32.
 

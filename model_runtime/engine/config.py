@@ -1,5 +1,5 @@
-"""The engine's settings, in a module without torch: the server process builds them (and starts
-its engine process) before it imports torch."""
+"""The engine's settings, in a module without torch: the server process builds them for its engine
+process and never imports torch itself."""
 
 from __future__ import annotations
 
