@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.http as httpclient
 
-REVISION_HEADER = "x-moe-revision"   # = model_runtime.server.REVISION_HEADER (the operator image has no runtime)
+REVISION_HEADER = "x-moe-revision"   # = model_runtime.serving.config.REVISION_HEADER (the operator image has no runtime)
 
 
 @dataclass

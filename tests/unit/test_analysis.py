@@ -1,4 +1,4 @@
-"""Analysis providers against real runtime metrics text (model_runtime.metrics produces it) and
+"""Analysis providers against real runtime metrics text (model_runtime.serving.metrics produces it) and
 Prometheus API answers; the verdict's counting; the state survives a JSON round trip (restart), holds
 no per-pod snapshots and does not change when an interval reaches the same verdict; selectors keep
 their own braces; a configuration error is a verdict naming the field, not an exception."""

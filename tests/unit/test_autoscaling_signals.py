@@ -1,4 +1,4 @@
-"""The autoscaler's signal (moe_operator.autoscaling.signals) from real runtime metrics text (model_runtime.metrics
+"""The autoscaler's signal (moe_operator.autoscaling.signals) from real runtime metrics text (model_runtime.serving.metrics
 produces it) and from Prometheus API answers; which pods are scraped."""
 
 import json

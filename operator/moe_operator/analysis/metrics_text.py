@@ -1,7 +1,7 @@
 """The runtime's metrics as the operator reads them: names, a snapshot of one pod's `/metrics` text
 (parsed with prometheus_client's parser), deltas between snapshots and quantiles of bucket deltas.
 
-The names mirror model_runtime.metrics (the operator does not import the runtime, which needs torch);
+The names mirror model_runtime.serving.metrics (the operator does not import the runtime, which needs torch);
 a unit test checks that both agree.
 """
 

@@ -245,7 +245,7 @@ class Cluster:
             self.default_namespace = "default"
 
     def get(self, ns: str, name: str) -> dict[str, Any]:
-        from kubernetes.dynamic.exceptions import NotFoundError   # deferred with the client (above)
+        from kubernetes.dynamic.exceptions import NotFoundError  # deferred with the client (above)
         try:
             return self.dyn.get(self.md, name=name, namespace=ns).to_dict()
         except NotFoundError:

@@ -28,7 +28,7 @@ from ..api import names
 from ..world.observe import Observed, ObservedPod
 from .decision import KV_CACHE_USAGE, PROMQL, REQUESTS_WAITING, TTFT_P99, Settings, Signal
 
-# Gauges of model_runtime.metrics (the operator does not import the runtime; a unit test checks
+# Gauges of model_runtime.serving.metrics (the operator does not import the runtime; a unit test checks
 # that the names agree).
 NUM_REQUESTS_RUNNING = "moe_num_requests_running"
 NUM_REQUESTS_WAITING = "moe_num_requests_waiting"
