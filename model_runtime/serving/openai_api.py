@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_runtime.engine.requests import MAX_LOGPROBS
 from model_runtime.serving.service import InferenceService, InvalidRequest, ServiceError, first_and_rest
@@ -27,8 +27,44 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI (and vLLM) request fields this server does not implement: a request that sets one to
+# anything but its no-op value is refused with 400 naming it, never served as if it were not there.
+# docs/openai.md keeps the table of what is supported and what is refused.
+NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "logit_bias": (None, {}),
+    "min_p": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "prompt_logprobs": (None, 0),
+    "min_tokens": (None, 0),
+    "length_penalty": (None, 1, 1.0),
+    "use_beam_search": (None, False),
+    "logits_processors": (None, []),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+# Fields that change nothing a server computes (who asked, for their own bookkeeping): accepted.
+NO_EFFECT = ("user", "metadata", "store", "service_tier")
+
+
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="null", allow_inf_nan=False)
+    # Unknown fields are refused (400 naming them): a field accepted and ignored would serve the
+    # client something it did not ask for.
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="null", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -45,6 +81,23 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _refuse_what_is_not_implemented(self):
+        for name, value in (self.model_extra or {}).items():
+            if name in NO_EFFECT:
+                continue
+            if name not in NOT_IMPLEMENTED:
+                raise ValueError(f"{name}: unknown field (see docs/openai.md for the fields this server takes)")
+            if value not in NOT_IMPLEMENTED[name]:
+                raise ValueError(f"{name}: not supported by this server (only {_no_op(name)}); "
+                                 "leave it out or see docs/openai.md")
+        return self
+
+
+def _no_op(name: str) -> str:
+    values = [v for v in NOT_IMPLEMENTED[name] if v is not None]
+    return "unset" + "".join(f" or {json.dumps(v)}" for v in values)
 
 
 class CompletionRequest(_SamplingFields):

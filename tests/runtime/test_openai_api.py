@@ -114,6 +114,31 @@ def test_errors_are_openai_shaped(client, runtime_server):
     assert set(error) == {"message", "type", "param", "code"} and "messages" in error["message"]
 
 
+def test_fields_not_implemented_are_refused_by_name_not_ignored(client):
+    """A client asking for JSON, tools, penalties or a field this server does not know gets a 400
+    that names the field, never a 200 with free text as if it had not asked."""
+    chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    refused = [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"n": 2}, "n"),
+        ({"extra_body": {"min_p": 0.1}}, "min_p"),
+        ({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+        ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
+    ]
+    for extra, field in refused:
+        with pytest.raises(openai.BadRequestError, match=field):
+            client.chat.completions.create(**chat, **extra)
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=2, best_of=3)
+    # Their no-op values, and fields that change nothing computed, are served.
+    ok = client.chat.completions.create(**chat, response_format={"type": "text"}, logit_bias={}, user="u1",
+                                        extra_body={"repetition_penalty": 1.0, "min_p": 0})
+    assert ok.choices[0].message.content is not None
+
+
 def test_unicode_prompt_round_trips(client):
     prompt = "Ünïcödé ✓ 混合专家 🚀"
     result = client.completions.create(
