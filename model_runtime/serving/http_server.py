@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model_runtime.serving import protocol, signature
 from model_runtime.serving.config import VERSION
 from model_runtime.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from model_runtime.serving.openai_api import create_openai_router
+from model_runtime.serving.openai_api import create_openai_router, create_tokenizer_router
 from model_runtime.serving.protocol import ProtocolError
 from model_runtime.serving.service import InferenceService, ServiceError, first_and_rest
 from model_runtime.serving.signature import GENERATE_REQUEST_SCHEMA, INFER_REQUEST_SCHEMA
@@ -320,6 +320,7 @@ def create_app(service: InferenceService) -> BodyLimit:
         return event_stream(events())
 
     app.include_router(create_openai_router(service))
+    app.include_router(create_tokenizer_router(service))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -248,6 +248,69 @@ def _chunk_template(request_id: str, kind: str, created: int, model_name: str, b
     return build
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the model's template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None      # default: True for a prompt, False for messages
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+def create_tokenizer_router(service: InferenceService) -> APIRouter:
+    """`/tokenize` and `/detokenize` with vLLM's request and response shapes (at the root, as vLLM)."""
+    router = APIRouter(tags=["openai"])
+
+    @router.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        if req.model is not None:
+            service.check_model(req.model)
+        service.admit()
+        tokenizer = service.tokenizer
+        if req.messages is not None:
+            messages = [{"role": m.role, "content": message_text(m)} for m in req.messages]
+            try:
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            except Exception as e:  # a template may reject a conversation (roles out of order, ...)
+                raise InvalidRequest(f"the chat template rejected the messages: {e}") from None
+            special = bool(req.add_special_tokens)
+        else:
+            text, special = req.prompt, req.add_special_tokens is not False
+        tokens = tokenizer.encode(text, add_special_tokens=special)
+        return {"count": len(tokens), "max_model_len": service.max_model_len, "tokens": tokens,
+                "token_strs": [_token_text(tokenizer, t) for t in tokens] if req.return_token_strs else None}
+
+    @router.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        if req.model is not None:
+            service.check_model(req.model)
+        service.admit()
+        vocab = service.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"tokens {bad[:8]} are outside the vocabulary (0..{vocab - 1})")
+        return {"prompt": service.tokenizer.decode(req.tokens)}
+
+    return router
+
+
 def create_openai_router(service: InferenceService) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai"])
     model_name = service.model_name

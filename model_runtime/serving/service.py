@@ -255,6 +255,10 @@ class InferenceService:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.validator.vocab_size
+
     def sampling_params(self, **kwargs):
         """SamplingParams from keyword arguments, or InvalidRequest saying which one is wrong."""
         try:

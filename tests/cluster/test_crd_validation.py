@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from devcluster.testing import running_cluster
 from devtools.harness import install_crd
 
 pytestmark = pytest.mark.cluster
@@ -17,11 +16,9 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 @pytest.fixture(scope="session")
-def cluster():
-    """The devcluster, without adding Prometheus and Alertmanager: these tests need neither (a running
-    cluster, with or without them, is reused; one started here stays up for the session)."""
-    with running_cluster(monitoring=False) as running:
-        yield running
+def cluster(plain_cluster):
+    """These tests need no Prometheus or Alertmanager."""
+    return plain_cluster
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import pytest
 import yaml
 from moe_operator.api import names
 
-from devcluster.testing import running_cluster
 from devtools.harness import install_crd, running_operator, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -36,11 +35,9 @@ def md(name, namespace, replicas=1, gpus=1, **spec):
 
 
 @pytest.fixture(scope="session")
-def cluster():
-    """The devcluster, without adding Prometheus and Alertmanager: these tests need neither (a running
-    cluster, with or without them, is reused; one started here stays up for the session)."""
-    with running_cluster(monitoring=False) as running:
-        yield running
+def cluster(plain_cluster):
+    """These tests need no Prometheus or Alertmanager."""
+    return plain_cluster
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import yaml
 from moe_operator.api import names
 from moe_operator.app.permissions import RULES
 
-from devcluster.testing import running_cluster
 from devtools.harness import RunningOperator, free_port, install_crd, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -30,9 +29,9 @@ SA = "moe-op"
 
 
 @pytest.fixture(scope="session")
-def cluster():
-    with running_cluster(monitoring=False) as running:
-        yield running
+def cluster(plain_cluster):
+    """These tests need no Prometheus or Alertmanager."""
+    return plain_cluster
 
 
 @pytest.fixture

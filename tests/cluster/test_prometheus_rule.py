@@ -11,7 +11,6 @@ import pytest
 from moe_operator.api import names
 from moe_operator.app import alerts
 
-from devcluster.testing import running_cluster
 from devtools.harness import install_crd, running_operator, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -35,10 +34,10 @@ CRD = {
 SIMULATED = {"devcluster.serving.moe.dev/simulated": "true"}
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with running_cluster(monitoring=False) as running:
-        yield running
+@pytest.fixture(scope="session")
+def cluster(plain_cluster):
+    """These tests need no Prometheus or Alertmanager."""
+    return plain_cluster
 
 
 def md(name, ns, slo):

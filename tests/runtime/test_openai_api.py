@@ -139,6 +139,27 @@ def test_fields_not_implemented_are_refused_by_name_not_ignored(client):
     assert ok.choices[0].message.content is not None
 
 
+def test_tokenize_and_detokenize_take_vllms_shapes(runtime_server):
+    base = runtime_server.base_url
+    r = httpx.post(f"{base}/tokenize", json={"model": MODEL_NAME, "prompt": "hello world", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"count", "max_model_len", "tokens", "token_strs"}
+    assert body["count"] == len(body["tokens"]) > 0 and body["max_model_len"] > 0
+    assert "".join(body["token_strs"]).strip().endswith("world")
+    back = httpx.post(f"{base}/detokenize", json={"model": MODEL_NAME, "tokens": body["tokens"]}).json()
+    assert back["prompt"].strip().endswith("hello world")
+    chat = httpx.post(f"{base}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 1
+    for bad, field in (({"model": MODEL_NAME}, "prompt or messages"),
+                       ({"prompt": "x", "nope": 1}, "nope"),
+                       ({"model": "gpt-4", "prompt": "x"}, "unknown model")):
+        r = httpx.post(f"{base}/tokenize", json=bad)
+        assert r.status_code in (400, 404) and field in r.text, (bad, r.text)
+    r = httpx.post(f"{base}/detokenize", json={"tokens": [10**7]})
+    assert r.status_code == 400 and "vocabulary" in r.text
+
+
 def test_unicode_prompt_round_trips(client):
     prompt = "Ünïcödé ✓ 混合专家 🚀"
     result = client.completions.create(
