@@ -171,6 +171,16 @@ def message_text(message: ChatMessage) -> str:
     return "".join(part.text for part in message.content)
 
 
+def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+    """The prompt text of a chat, rendered with the model's template (what /chat/completions serves
+    and /tokenize counts); InvalidRequest when the template rejects the conversation."""
+    plain = [{"role": m.role, "content": message_text(m)} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # a template may reject a conversation (roles out of order, ...)
+        raise InvalidRequest(f"the chat template rejected the messages: {e}") from None
+
+
 def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([int(token_id)])
 
@@ -285,11 +295,7 @@ def create_tokenizer_router(service: InferenceService) -> APIRouter:
         service.admit()
         tokenizer = service.tokenizer
         if req.messages is not None:
-            messages = [{"role": m.role, "content": message_text(m)} for m in req.messages]
-            try:
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
-            except Exception as e:  # a template may reject a conversation (roles out of order, ...)
-                raise InvalidRequest(f"the chat template rejected the messages: {e}") from None
+            text = chat_prompt(tokenizer, req.messages, req.add_generation_prompt)
             special = bool(req.add_special_tokens)
         else:
             text, special = req.prompt, req.add_special_tokens is not False
@@ -406,11 +412,7 @@ def create_openai_router(service: InferenceService) -> APIRouter:
         service.check_model(req.model)
         service.admit()
         tokenizer = service.tokenizer
-        messages = [{"role": m.role, "content": message_text(m)} for m in req.messages]
-        try:
-            prompt = tokenizer.apply_chat_template(messages)
-        except Exception as e:  # a template may reject a conversation (roles out of order, ...)
-            raise InvalidRequest(f"the chat template rejected the messages: {e}") from None
+        prompt = chat_prompt(tokenizer, req.messages)
         logprobs_n = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = service.sampling_params(
