@@ -84,20 +84,20 @@ def desired_records(md: ModelDeployment, spec: Mapping[str, Any], annotations: M
     kept. `legacy`: templates an older operator kept in status.rollout.templates, recorded once."""
     latest = max((r.number for r in records.values()), default=0)
     numbers = {rev: rec.number for rev, rec in records.items()}
-    bodies_template = {rev: rec.template for rev, rec in records.items()}
+    templates = {rev: rec.template for rev, rec in records.items()}
     for rev, template in (legacy or {}).items():
         if rev not in numbers and rev != revision:
             latest += 1
             numbers[rev] = latest
-            bodies_template[rev] = dict(template)
+            templates[rev] = dict(template)
     own = records.get(revision)
     arriving = md.status.get("currentRevision") != revision
     if own is None or (arriving and own.number < latest):
         latest += 1
         numbers[revision] = latest
-    bodies_template[revision] = own.template if own else template_of(spec)
+    templates[revision] = own.template if own else template_of(spec)
 
-    keep = {revision, *(in_use or ()), *([stable_revision] if stable_revision else [])}
+    keep = {revision, *in_use, *([stable_revision] if stable_revision else [])}
     by_age = sorted(numbers, key=lambda r: numbers[r], reverse=True)
     others = [r for r in by_age if r not in keep]
     keep.update(others[:md.revision_history_limit])
@@ -108,9 +108,9 @@ def desired_records(md: ModelDeployment, spec: Mapping[str, Any], annotations: M
         rec = records.get(rev)
         meta_annotations = dict(rec.annotations) if rec else {}
         if rec is None:
-            before = bodies_template.get(previous) if previous and previous != rev else None
+            before = templates.get(previous) if previous and previous != rev else None
             cause = annotations.get(ANNOTATION_CHANGE_CAUSE)
-            meta_annotations[ANNOTATION_CHANGE] = change_summary(before, bodies_template[rev])
+            meta_annotations[ANNOTATION_CHANGE] = change_summary(before, templates[rev])
             if cause and rev == revision:
                 meta_annotations[ANNOTATION_CHANGE_CAUSE] = cause
         result = _result_for(rev, state, stable_revision, rec, now)
@@ -126,7 +126,7 @@ def desired_records(md: ModelDeployment, spec: Mapping[str, Any], annotations: M
                 "annotations": meta_annotations,
                 "ownerReferences": [owner_reference(md)],
             },
-            "data": {"spec": bodies_template[rev]},
+            "data": {"spec": templates[rev]},
             "revision": numbers[rev],
         })
     return out

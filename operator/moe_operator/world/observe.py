@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import cached_property
 from typing import Any
 
@@ -21,6 +20,7 @@ from kubernetes.dynamic.exceptions import (
 )
 
 from ..api import names
+from ..api.timestamps import epoch
 from .revisions import Recorded, recorded_from
 
 RULES_RECHECK_SECONDS = 60.0   # how often discovery is asked whether the PrometheusRule CRD exists
@@ -193,16 +193,9 @@ def observed_pod(body: Mapping[str, Any]) -> ObservedPod:
         ready=bool(ready and ready.get("status") == "True"),
         unschedulable=unschedulable,
         failure=_failure(body),
-        out_of_rotation_since=_epoch((meta.get("annotations") or {}).get(names.ANNOTATION_OUT_OF_ROTATION)),
+        out_of_rotation_since=epoch((meta.get("annotations") or {}).get(names.ANNOTATION_OUT_OF_ROTATION)),
         body=body,
     )
-
-
-def _epoch(text: str | None) -> float | None:
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() if text else None
-    except ValueError:
-        return None
 
 
 def observed_from(pods: Iterable[Mapping[str, Any]], services: Iterable[Mapping[str, Any]],
