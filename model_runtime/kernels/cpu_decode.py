@@ -372,12 +372,15 @@ def use_cpu_decode_kernels(model: nn.Module) -> bool:
     and norm for one float32 row; MLA attention, MoE layers and SwiGLU MLPs with float32 weights
     and no biases get a prepared `decode` callable (one C call per layer). Every other case runs
     the torch code. Returns whether the kernels exist (False: the model is left as built).
+    One rank's part of a tensor / expert parallel model is left to torch too: the layer kernels
+    route and attend over the whole model's experts and heads.
     """
     for m in model.modules():
         if type(m) in TORCH_CLASS:  # a second call (after another transform) starts afresh
             m.__class__ = TORCH_CLASS[type(m)]
             m.__dict__.pop("decode", None)
-    if not available():
+    shard = getattr(model, "shard", None)
+    if not available() or (shard is not None and shard.sharded):
         return False
     prepared = [(m, decode) for m in model.modules() if (decode := _layer_kernel(m)) is not None]
     for m in model.modules():

@@ -63,6 +63,7 @@ class Int8Experts(Experts):
         nn.Module.__init__(self)
         dtype = experts.gate_up_proj.dtype
         self.act, self.num_experts = experts.act, experts.num_experts
+        self.first_expert, self.num_local_experts = experts.first_expert, experts.num_local_experts
         gate_up, gate_up_scale = quantize_per_channel(experts.gate_up_proj.detach())
         down, down_scale = quantize_per_channel(experts.down_proj.detach())
         self.register_buffer("gate_up_proj", gate_up)

@@ -4,6 +4,13 @@ The model is built on the meta device (no memory, no init), the safetensors file
 and each tensor is read once, converted to the target dtype and device, and assigned in place.
 `checkpoint_key_to_param` maps checkpoint names to ours (and `_param_to_checkpoint` back) by the
 renames of each architecture's entry in models/architectures.py.
+
+One rank of a tensor / expert parallel replica (`shard`) reads only its slices (models/sharding.py)
+through safetensors' `get_slice`, and never touches another rank's experts: its host and device
+memory hold its share of the weights, not the whole model.
+
+A checkpoint tensor this runtime does not know (a quantization scale, a renamed weight) or of a
+dtype it does not load (integers, FP8) is refused with a message naming it, never dropped or cast.
 """
 
 from __future__ import annotations
@@ -17,13 +24,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model_runtime.distributed.shard import Shard
 from model_runtime.models.architectures import architecture
 from model_runtime.models.builtin import build_builtin
 from model_runtime.models.config import ModelConfig
-from model_runtime.models.model import Transformer
+from model_runtime.models.model import SINGLE, Transformer
+from model_runtime.models.sharding import cut, expert_cut, shard_state, take
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PART_ROWS = {"gate": 0, "up": 1}  # gate_up_proj holds the gate rows, then the up rows
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # safetensors' names of what loads (cast to --dtype)
 
 
 class CheckpointError(ValueError):
@@ -48,18 +58,32 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 def load_model(
-    src: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"
+    src: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    shard: Shard = SINGLE,
+    comm=None,
 ) -> Transformer:
-    """A ready-to-run model (eval mode, no grad) from a checkpoint directory or `builtin:NAME`."""
+    """A ready-to-run model (eval mode, no grad) from a checkpoint directory or `builtin:NAME`;
+    with `shard` (and the replica's `comm`), one rank's part of it."""
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     src = str(src)
     if src.startswith("builtin:"):
-        return build_builtin(src.removeprefix("builtin:"), dtype=dtype, device=device)
-    path = checkpoint_dir(src)
-    cfg = load_config(path)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    state = read_state_dict(path, model, dtype, device)
+        whole = build_builtin(src.removeprefix("builtin:"), dtype=dtype, device="cpu")
+        cfg, state = whole.config, whole.state_dict()
+        if shard.sharded:
+            state = shard_state(state, cfg, shard)
+        if not shard.sharded and comm is None:
+            return whole.to(device)
+        with torch.device("meta"):
+            model = Transformer(cfg, shard, comm)
+        state = {k: v.to(device) for k, v in state.items()}
+    else:
+        path = checkpoint_dir(src)
+        cfg = load_config(path)
+        with torch.device("meta"):
+            model = Transformer(cfg, shard, comm)
+        state = read_state_dict(path, model, dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers()  # rope frequencies etc. were left on the meta device
     return model.eval().requires_grad_(False)
@@ -129,12 +153,17 @@ def checkpoint_key_to_param(key: str, cfg: ModelConfig) -> tuple[str, int | None
 
 
 def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: torch.device) -> dict:
-    """Every tensor the model needs, read from the checkpoint, as `dtype` on `device`."""
-    cfg = model.config
-    expected = model.state_dict()  # meta tensors: names and shapes
+    """Every tensor the model (one rank's part, if sharded) needs, read from the checkpoint, as
+    `dtype` on `device`. Reads only this rank's slices and experts."""
+    cfg, shard = model.config, model.shard
+    expected = model.state_dict()  # meta tensors: names and this rank's shapes
+    with torch.device("meta"):
+        whole = Transformer(cfg).state_dict()  # every tensor the model has, whole shapes
     keep_fp32 = {n for n in expected if n.endswith("e_score_correction_bias")}
     state: dict[str, torch.Tensor] = {}
     expert_parts: dict[str, set[tuple[int, str]]] = {}
+    unknown: list[str] = []
+    e0, e1 = shard.experts(cfg.num_experts)
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
@@ -142,44 +171,60 @@ def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: 
                 if mapped is None:
                     continue
                 name, expert, part = mapped
-                if name not in expected:
-                    continue  # tensors this architecture does not use
-                target = torch.float32 if name in keep_fp32 else dtype
-                want = expected[name].shape
-                if expert is None:
-                    tensor = f.get_tensor(key)
-                    if tensor.shape != want:
-                        raise CheckpointError(
-                            f"{file}: tensor {key!r} has shape {list(tensor.shape)}, expected {list(want)}"
-                        )
-                    state[name] = tensor.to(device=device, dtype=target)
+                if name not in whole:
+                    unknown.append(key)
                     continue
+                if name not in expected:
+                    continue  # a bias another rank holds
+                target = torch.float32 if name in keep_fp32 else dtype
+                if expert is None:
+                    tensor = f.get_slice(key)
+                    _check_dtype(file, key, tensor)
+                    full = tuple(whole[name].shape)
+                    if tuple(tensor.get_shape()) != full:
+                        raise CheckpointError(
+                            f"{file}: tensor {key!r} has shape {tensor.get_shape()}, expected {list(full)}"
+                        )
+                    state[name] = take(tensor, cut(name, full, cfg, shard)).to(device=device, dtype=target)
+                    continue
+                if expert >= cfg.num_experts:
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r}: expert {expert} but the config has {cfg.num_experts}"
+                    )
+                if not e0 <= expert < e1:
+                    continue  # another rank's expert: not read
+                full_rows = whole[name].shape[1] // 2 if part in PART_ROWS else whole[name].shape[1]
+                part_shape = [full_rows, whole[name].shape[2]]
+                tensor = f.get_slice(key)
+                _check_dtype(file, key, tensor)
+                if list(tensor.get_shape()) != part_shape:
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r} has shape {tensor.get_shape()}, expected {part_shape}"
+                    )
                 stacked = state.get(name)
                 if stacked is None:
-                    stacked = state[name] = torch.empty(want, dtype=target, device=device)
-                rows = want[1] // 2 if part in PART_ROWS else want[1]
-                part_shape = [rows, want[2]]
-                if expert >= want[0]:
-                    raise CheckpointError(
-                        f"{file}: tensor {key!r}: expert {expert} but the config has {want[0]}"
-                    )
-                tensor = f.get_tensor(key)
-                if list(tensor.shape) != part_shape:
-                    raise CheckpointError(
-                        f"{file}: tensor {key!r} has shape {list(tensor.shape)}, expected {part_shape}"
-                    )
+                    stacked = state[name] = torch.empty(expected[name].shape, dtype=target, device=device)
+                rows = expected[name].shape[1] // 2 if part in PART_ROWS else expected[name].shape[1]
                 start = PART_ROWS.get(part, 0) * rows
-                stacked[expert, start : start + rows].copy_(tensor)
+                stacked[expert - e0, start : start + rows].copy_(take(tensor, expert_cut(part, part_shape, shard)))
                 expert_parts.setdefault(name, set()).add((expert, part))
 
+    if unknown:
+        shown = ", ".join(repr(k) for k in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        hint = ""
+        if any(k.endswith(("_scale_inv", "_scale", ".qweight", ".scales")) for k in unknown):
+            hint = " (quantization scales: this checkpoint is quantized in a format this runtime does not load)"
+        raise CheckpointError(
+            f"{path}: tensor(s) {shown}{more} are not part of {cfg.architecture} as this runtime builds it{hint}; "
+            "refusing to load rather than dropping them"
+        )
     if cfg.tie_word_embeddings and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     missing = [n for n in expected if n not in state]
     for name, got in expert_parts.items():
         parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
-        missing += [
-            f"{name}[expert {e}, {p}]" for e in range(cfg.num_experts) for p in parts if (e, p) not in got
-        ]
+        missing += [f"{name}[expert {e}, {p}]" for e in range(e0, e1) for p in parts if (e, p) not in got]
     if missing:
         where = path / "model.safetensors.index.json"
         where = where if where.is_file() else path
@@ -187,6 +232,16 @@ def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: 
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{where}: missing tensor(s) {shown}{more}")
     return state
+
+
+def _check_dtype(file: Path, key: str, tensor) -> None:
+    dtype = tensor.get_dtype()
+    if dtype not in FLOAT_DTYPES:
+        what = "FP8 weights" if dtype.startswith("F8") else "not a floating-point tensor"
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has dtype {dtype} ({what}); this runtime loads {', '.join(sorted(FLOAT_DTYPES))} "
+            "weights and will not cast it"
+        )
 
 
 def _checkpoint_name(param: str, cfg: ModelConfig) -> str:

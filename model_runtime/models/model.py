@@ -10,6 +10,11 @@ attends through each sequence's block table over a paged KV cache.
 The CPU's batch-1 decode kernels and int8 quantization are transforms applied to a built model
 (model_runtime.kernels); nothing here knows them.
 
+Built with a `Shard` (model_runtime.distributed), a model is one rank's part of a tensor / expert
+parallel replica: each layer holds only its heads, rows and experts, its attention and feed-forward
+outputs are partial sums, and the block completes each with one all-reduce (`comm`). Embedding,
+norms, routers and lm_head are replicated. Without a shard (world 1) nothing is reduced.
+
 Legend
     B batch          T tokens per sequence       N tokens in the step (flattened)
     S sequences      Q new tokens per sequence (padded)      L context length (padded)
@@ -27,8 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_runtime.distributed.shard import Shard
 from model_runtime.models.config import ModelConfig
 from model_runtime.models.paged import PagedBatch
+
+SINGLE = Shard()
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -236,14 +244,17 @@ def grouped_attention(
 class Attention(nn.Module):
     """Grouped-query attention (Mixtral, Qwen-MoE), optional q/k RMSNorm (Qwen3) and qkv bias."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE):
         super().__init__()
         self.cfg = cfg
-        H, K, Dh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        h0, h1 = shard.heads(cfg.num_attention_heads)
+        k0, k1 = shard.kv_heads(cfg.num_attention_heads, cfg.num_key_value_heads)
+        self.num_heads, self.num_kv_heads = H, K = h1 - h0, k1 - k0  # this rank's
+        Dh, D = cfg.head_dim, cfg.hidden_size
         self.q_proj = nn.Linear(D, H * Dh, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(D, K * Dh, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, K * Dh, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.o_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=cfg.o_bias and shard.holds_bias_of_reduced_output)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(Dh, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(Dh, cfg.rms_norm_eps)
@@ -252,9 +263,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, ctx, cache):
         cfg = self.cfg
         N = x.shape[0]
-        q = self.q_proj(x).view(N, cfg.num_attention_heads, cfg.head_dim)  # [N, H, Dh]
-        k = self.k_proj(x).view(N, cfg.num_key_value_heads, cfg.head_dim)  # [N, K, Dh]
-        v = self.v_proj(x).view(N, cfg.num_key_value_heads, cfg.head_dim)  # [N, K, Dh]
+        q = self.q_proj(x).view(N, self.num_heads, cfg.head_dim)  # [N, H, Dh]
+        k = self.k_proj(x).view(N, self.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
+        v = self.v_proj(x).view(N, self.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, cfg.rope_interleave), apply_rope(k, cos, sin, cfg.rope_interleave)
@@ -278,10 +289,12 @@ class MLAttention(nn.Module):
     cached latent is attended directly.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE):
         super().__init__()
         self.cfg = cfg
-        D, H = cfg.hidden_size, cfg.num_attention_heads
+        h0, h1 = shard.heads(cfg.num_attention_heads)
+        D, H = cfg.hidden_size, h1 - h0  # this rank's heads
+        self.num_heads = H
         P, R, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(D, H * (P + R), bias=False)
@@ -292,7 +305,7 @@ class MLAttention(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(D, C + R, bias=cfg.qkv_bias)
         self.kv_a_layernorm = RMSNorm(C, 1e-6)
         self.kv_b_proj = nn.Linear(C, H * (P + Dv), bias=False)
-        self.o_proj = nn.Linear(H * Dv, D, bias=cfg.o_bias)
+        self.o_proj = nn.Linear(H * Dv, D, bias=cfg.o_bias and shard.holds_bias_of_reduced_output)
         self.scale = (P + R) ** -0.5
         # Attention over the cache either absorbs kv_b_proj into q and the output (per query and
         # context token: 2C + R multiply-adds per head) or expands the context's latents into keys
@@ -305,7 +318,7 @@ class MLAttention(nn.Module):
 
     def forward(self, x, cos, sin, ctx, cache):
         cfg = self.cfg
-        N, H = x.shape[0], cfg.num_attention_heads
+        N, H = x.shape[0], self.num_heads
         P, R, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
         if cfg.q_lora_rank is None:
             q = self.q_proj(x)
@@ -347,11 +360,15 @@ class MLAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str, bias: bool = False):
+    """SwiGLU; sharded, this rank's rows of the hidden layer (its output a partial sum)."""
+
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = False, shard: Shard = SINGLE):
         super().__init__()
+        r0, r1 = shard.rows(hidden)
+        hidden = r1 - r0
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias and shard.holds_bias_of_reduced_output)
         self.act = ACTIVATIONS[act]
 
     def forward(self, x):
@@ -402,56 +419,75 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E expert MLPs with stacked weights; tokens grouped by expert, one matmul pair per expert."""
+    """The routed experts this rank runs, with stacked weights; tokens grouped by expert, one matmul
+    pair per expert.
 
-    def __init__(self, cfg: ModelConfig):
+    Expert parallel: experts [first, first + E_local) whole. Tensor parallel (or one rank): all E
+    experts, this rank's rows of each one's intermediate layer. Either way the output is this
+    rank's partial sum.
+    """
+
+    def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE):
         super().__init__()
-        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size  # noqa: E741 (legend)
+        e0, e1 = shard.experts(cfg.num_experts)
+        r0, r1 = shard.expert_rows(cfg.moe_intermediate_size)
+        E, D, I = e1 - e0, cfg.hidden_size, r1 - r0  # noqa: E741 (legend)
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # gate rows then up rows
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.act = ACTIVATIONS[cfg.hidden_act]
-        self.num_experts = E
+        self.num_experts = cfg.num_experts  # routed experts in the model
+        self.first_expert, self.num_local_experts = e0, E
 
     def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert e on its tokens x [n, D] -> [n, D] (int8 quantization and the CPU decode kernels
-        override this)."""
+        """Local expert e (global first_expert + e) on its tokens x [n, D] -> [n, D] (int8
+        quantization and the CPU decode kernels override this)."""
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
         return F.linear(self.act(gate).mul_(up), self.down_proj[e])
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D], weights/ids [N, A] -> (output [N, D], tokens per expert [E])"""
+        """x [N, D], weights/ids [N, A] -> (this rank's output [N, D], tokens per expert [E], all
+        experts: the router is replicated)"""
         N, A = ids.shape
-        E = self.num_experts
+        E, e0, e1 = self.num_experts, self.first_expert, self.first_expert + self.num_local_experts
         flat_ids = ids.reshape(-1)  # [N * A]
         counts = torch.bincount(flat_ids, minlength=E)  # [E]
         if N == 1:  # one token (batch-1 decode): its A experts in turn, nothing to group
-            ys = torch.cat([self.expert_mlp(e, x) for e in flat_ids.tolist()])  # [A, D]
-            return (ys * weights.reshape(A, 1).to(ys.dtype)).sum(0, keepdim=True), counts
+            picked = [(i, e) for i, e in enumerate(flat_ids.tolist()) if e0 <= e < e1]
+            if not picked:
+                return torch.zeros_like(x), counts
+            ys = torch.cat([self.expert_mlp(e - e0, x) for _, e in picked])  # [a, D]
+            w = weights.reshape(A)[[i for i, _ in picked]].reshape(-1, 1).to(ys.dtype)
+            return (ys * w).sum(0, keepdim=True), counts
         order = flat_ids.argsort(stable=True)  # [N * A] assignments grouped by expert
-        token = order // A  # [N * A] token of each grouped assignment
-        xs = x.index_select(0, token)  # [N * A, D] (index_select: faster than indexing on the CPU)
-        w = weights.reshape(-1)[order, None].to(x.dtype)  # [N * A, 1]
+        local = counts.tolist()
+        start = sum(local[:e0])  # this rank's experts' assignments are one contiguous run of `order`
+        stop = start + sum(local[e0:e1])
+        order = order[start:stop]
+        token = order // A  # [n] token of each grouped assignment
+        xs = x.index_select(0, token)  # [n, D] (index_select: faster than indexing on the CPU)
+        w = weights.reshape(-1)[order, None].to(x.dtype)  # [n, 1]
         out = torch.zeros_like(x)
         start = 0
-        for e, n in enumerate(counts.tolist()):  # only the experts that got tokens are read
+        for e in range(e0, e1):  # only the experts that got tokens are read
+            n = local[e]
             if n:
                 end = start + n
-                ys = self.expert_mlp(e, xs[start:end]).mul_(w[start:end])  # [n, D]
+                ys = self.expert_mlp(e - e0, xs[start:end]).mul_(w[start:end])  # [n, D]
                 out.index_add_(0, token[start:end], ys)
                 start = end
         return out, counts
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = Experts(cfg)
-        if cfg.shared_expert_intermediate_size:
+        self.experts = Experts(cfg, shard)
+        if cfg.shared_expert_intermediate_size:  # tensor-split, with or without expert parallelism
             self.shared_experts = MLP(
-                cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act, cfg.mlp_bias
+                cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act, cfg.mlp_bias, shard
             )
         if cfg.shared_expert_gate:
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
@@ -465,34 +501,44 @@ class MoE(nn.Module):
         self.tokens_per_expert += counts
         if hasattr(self, "shared_experts"):
             shared = self.shared_experts(x)  # [N, D]
-            if hasattr(self, "shared_expert_gate"):
+            if hasattr(self, "shared_expert_gate"):  # a per-token scalar: it scales partial sums too
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, shard: Shard = SINGLE, comm=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
+        attention = MLAttention if cfg.attention == "mla" else Attention
+        self.self_attn = attention(cfg, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_moe_layer(layer):
-            self.mlp = MoE(cfg)
+            self.mlp = MoE(cfg, shard)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, shard)
+        self.comm = comm  # sums the ranks' partial outputs (None: one rank)
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial if self.comm is None else self.comm.all_reduce(partial)
 
     def forward(self, x, cos, sin, ctx, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.reduce(self.self_attn(self.input_layernorm(x), cos, sin, ctx, cache))
+        return x + self.reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE, comm=None):
+        """The whole model, or with `shard` one rank's part of it (`comm` sums the ranks' partial
+        outputs; it must be given when the shard has more than one rank)."""
         super().__init__()
+        if shard.sharded and comm is None:
+            raise ValueError("a sharded Transformer needs the replica's comm to sum partial outputs")
         self.config = cfg
+        self.shard = shard
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, i, shard, comm) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(cfg.rope_dim // 2), persistent=False)
@@ -556,17 +602,37 @@ class Transformer(nn.Module):
         self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None, device=None
     ) -> list[torch.Tensor]:
         """One tensor per layer: GQA [2, slots, K, Dh]; MLA [slots, C + R] (latent and rope key)."""
-        cfg, slots = self.config, num_blocks * block_size
+        slots = num_blocks * block_size
         dtype, device = dtype or self.dtype, device or self.device
+        return [
+            torch.zeros((slots, *shape) if len(shape) == 1 else (2, slots, *shape[1:]), dtype=dtype, device=device)
+            for shape in self._kv_shapes()
+        ]
+
+    def _kv_shapes(self) -> list[tuple[int, ...]]:
+        """Per layer, one token's cache entry: MLA (C + R,), replicated on every rank; GQA
+        (2, K_local, Dh), this rank's key/value heads."""
+        cfg = self.config
         if cfg.attention == "mla":
-            shape: tuple[int, ...] = (slots, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        else:
-            shape = (2, slots, cfg.num_key_value_heads, cfg.head_dim)
-        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+            return [(cfg.kv_lora_rank + cfg.qk_rope_head_dim,)] * cfg.num_hidden_layers
+        return [(2, layer.self_attn.num_kv_heads, cfg.head_dim) for layer in self.layers]
 
     def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes one token takes in this rank's KV cache (all layers)."""
         itemsize = torch.empty((), dtype=dtype or self.dtype).element_size()
-        return self.config.kv_cache_elems_per_token_per_layer() * self.config.num_hidden_layers * itemsize
+        return sum(math.prod(shape) for shape in self._kv_shapes()) * itemsize
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this rank holds (parameters and persistent buffers; a tied lm_head
+        counted once)."""
+        seen: set[int] = set()
+        total = 0
+        persistent = self.state_dict(keep_vars=True)
+        for t in [*self.parameters(), *(b for n, b in self.named_buffers() if n in persistent)]:
+            if id(t) not in seen and t.device.type != "meta":
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
 
     # ---- expert load ------------------------------------------------------------------------
     def expert_token_counts(self) -> dict[int, list[int]]:
