@@ -9,6 +9,7 @@ import os
 import re
 import sys
 
+from model_runtime.distributed.config import ParallelConfig
 from model_runtime.serving.config import LOG_FORMAT, ServerConfig
 
 GIL_SWITCH_INTERVAL_S = 0.02
@@ -53,6 +54,13 @@ def _non_negative(kind):
         return value
 
     return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -171,6 +179,47 @@ def build_parser() -> argparse.ArgumentParser:
         "sets): the x-moe-revision header of every HTTP answer and gRPC call, and the model's version "
         "in its metadata",
     )
+    p = s.add_argument_group(
+        "distributed (one replica over several devices and pods; vLLM's names)",
+        "N ranks serve one replica, spread over K pods with N/K processes each (one per device; "
+        "gloo with --device cpu). Rank 0's pod serves HTTP/gRPC; the others answer health and /metrics.",
+    )
+    p.add_argument(
+        "--tensor-parallel-size", type=_positive_int, default=1, help="ranks of one replica (N)"
+    )
+    p.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="each rank runs its own range of the routed experts (else every expert is tensor-split)",
+    )
+    p.add_argument(
+        "--nnodes",
+        type=_positive_int,
+        default=None,
+        help="pods the ranks are spread over (K; default with N > 1: $MOE_WORLD_SIZE, else 1)",
+    )
+    p.add_argument(
+        "--node-rank",
+        type=_non_negative(int),
+        default=None,
+        help="this pod's index among the K (default with N > 1: $MOE_RANK, else 0); pod 0 holds rank 0",
+    )
+    p.add_argument(
+        "--master-addr", default="127.0.0.1", help="rank 0's pod address, where the ranks meet"
+    )
+    p.add_argument(
+        "--master-port",
+        type=_port,
+        default=None,
+        help="the port the ranks meet on at --master-addr (default with one pod: a free one)",
+    )
+    p.add_argument(
+        "--distributed-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds a collective may wait: a rank that stops answering for longer is lost, and the "
+        "replica stops (not live) and exits",
+    )
     s.add_argument("--seed", type=int, default=None, help="seed of unseeded sampling (default: random)")
     s.add_argument(
         "--log-level",
@@ -178,6 +227,45 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
     )
     return parser
+
+
+def parallel_from_args(args: argparse.Namespace, environ=os.environ) -> ParallelConfig:
+    """The replica's layout from the flags; with N > 1 ranks, the operator's $MOE_WORLD_SIZE (pods
+    per replica) and $MOE_RANK (this pod's index) stand in for --nnodes and --node-rank.
+    ValueError saying what is inconsistent."""
+    n = args.tensor_parallel_size
+    nnodes, node_rank = args.nnodes, args.node_rank
+    if n > 1:
+        nnodes = nnodes if nnodes is not None else _env_int(environ, "MOE_WORLD_SIZE", 1)
+        node_rank = node_rank if node_rank is not None else _env_int(environ, "MOE_RANK", 0)
+    nnodes, node_rank = nnodes or 1, node_rank or 0
+    if n == 1 and nnodes > 1:
+        raise ValueError(f"--nnodes {nnodes} needs --tensor-parallel-size N, a multiple of it (N ranks over the pods)")
+    if n > 1 and not args.engine_process:
+        raise ValueError("--tensor-parallel-size > 1 needs the engine process (drop --no-engine-process)")
+    master_port = args.master_port
+    if master_port is None and nnodes == 1 and n > 1:
+        from model_runtime.distributed.ranks import free_port
+
+        master_port = free_port(args.master_addr)
+    return ParallelConfig(
+        tensor_parallel_size=n,
+        enable_expert_parallel=args.enable_expert_parallel,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=args.master_addr,
+        master_port=master_port,
+        timeout_s=args.distributed_timeout,
+    )
+
+
+def _env_int(environ, name: str, default: int) -> int:
+    value = environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit():
+        raise ValueError(f"${name} is {value!r}, not a number")
+    return int(value)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -203,17 +291,22 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         seed=args.seed,
         engine_process=args.engine_process,
         revision=args.revision,
+        parallel=parallel_from_args(args),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format=LOG_FORMAT,
         stream=sys.stderr,
     )
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     if not config.engine_process:
         # The engine steps in a thread beside the event loop; with CPython's default 5 ms switch
         # interval the two hand the GIL back and forth so often that streaming HTTP halves the

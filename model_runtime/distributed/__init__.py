@@ -9,7 +9,7 @@ dense layers, expert parallel (or tensor parallel) MoE layers, one scheduler on 
 docs/decisions.md #18 says why the layout is TP attention + EP experts with one scheduler.
 """
 
-from model_runtime.distributed.config import ParallelConfig
+from model_runtime.distributed.config import ParallelConfig, ReplicaLost
 from model_runtime.distributed.shard import Shard, split_range
 
-__all__ = ["ParallelConfig", "Shard", "split_range"]
+__all__ = ["ParallelConfig", "ReplicaLost", "Shard", "split_range"]

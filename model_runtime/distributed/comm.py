@@ -21,7 +21,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from model_runtime.distributed.config import ParallelConfig
+from model_runtime.distributed.config import ParallelConfig, ReplicaLost
 from model_runtime.distributed.shard import Shard
 from model_runtime.models.paged import PagedBatch
 
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 STEP, HEARTBEAT, STOP = 1, 2, 3
 _HEADER = 6  # kind, N tokens, S sequences, B_max blocks per sequence, block size, spare
-
-
-class ReplicaLost(RuntimeError):
-    """A collective failed or timed out: a rank of this replica is gone."""
 
 
 class Comm:

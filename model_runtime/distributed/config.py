@@ -5,6 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+REPLICA_LOST_EXIT = 3  # a rank's exit code when the replica lost another rank
+
+
+class ReplicaLost(RuntimeError):
+    """A collective failed or timed out: a rank of this replica is gone. The replica cannot compute
+    a step without every rank, so the rank that sees this stops serving and exits."""
+
 
 @dataclass(frozen=True)
 class ParallelConfig:
@@ -28,7 +35,9 @@ class ParallelConfig:
         if k < 1:
             raise ValueError(f"--nnodes must be >= 1, got {k}")
         if n % k:
-            raise ValueError(f"--tensor-parallel-size {n} is not divisible by --nnodes {k}: each pod runs N / K ranks")
+            raise ValueError(
+                f"--tensor-parallel-size {n} is not divisible by --nnodes {k}: each pod runs N / K ranks"
+            )
         if not 0 <= self.node_rank < k:
             raise ValueError(f"--node-rank {self.node_rank} is not in 0..{k - 1} (--nnodes {k})")
         if k > 1 and self.master_port is None:

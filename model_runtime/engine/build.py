@@ -17,7 +17,7 @@ from model_runtime.engine.core import LLMEngine
 from model_runtime.engine.messages import EngineSpec
 from model_runtime.kernels.quant import quantize_int8
 from model_runtime.models.loading import load_model
-from model_runtime.models.model import Transformer
+from model_runtime.models.model import SINGLE, Transformer
 from model_runtime.models.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,13 @@ def build_engine(spec: EngineSpec) -> LLMEngine:
 def load_for_engine(spec: EngineSpec) -> tuple[Transformer, Tokenizer, EngineConfig]:
     """(model, tokenizer, engine config) for `spec`, with "auto" device and dtype resolved and the
     CPU's torch threads set; what an engine, in the engine process or the server's, is built from."""
+    model, config = load_rank(spec)
+    return model, load_tokenizer(spec.model), config
+
+
+def load_rank(spec: EngineSpec) -> tuple[Transformer, EngineConfig]:
+    """This process's model: the whole model, or (spec.parallel distributed) rank spec.rank's part
+    of it on the device of its local rank, joined to the replica's process group (`model.comm`)."""
     device = spec.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,8 +46,17 @@ def load_for_engine(spec: EngineSpec) -> tuple[Transformer, Tokenizer, EngineCon
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if spec.num_threads and device == "cpu":
         torch.set_num_threads(spec.num_threads)
-    log.info("loading %s (%s on %s)", spec.model, dtype, device)
-    model = load_model(spec.model, dtype=getattr(torch, dtype), device=device)
+    parallel, shard, comm = spec.parallel, SINGLE, None
+    if parallel.distributed:
+        from model_runtime.distributed.comm import device_for, init_comm
+
+        torch_device = device_for(device, parallel.local_rank(spec.rank))
+        comm = init_comm(parallel, spec.rank, torch_device)
+        shard, device = comm.shard(parallel.enable_expert_parallel), str(torch_device)
+        log.info("rank %d of %d: loading %s (%s on %s)", spec.rank, parallel.world_size, spec.model, dtype, device)
+    else:
+        log.info("loading %s (%s on %s)", spec.model, dtype, device)
+    model = load_model(spec.model, dtype=getattr(torch, dtype), device=device, shard=shard, comm=comm)
     if spec.quantization == "int8":
         model = quantize_int8(model)
-    return model, load_tokenizer(spec.model), dataclasses.replace(spec.config, device=device)
+    return model, dataclasses.replace(spec.config, device=device)

@@ -10,6 +10,11 @@ Length policy: a prompt must be shorter than the model length (`max_model_len`: 
 `max_position_embeddings`, or less if configured), else the request is refused with EngineError.
 `max_tokens` is clamped so that prompt + output fit the model length; a request cut short that way
 finishes with reason "length".
+
+Distributed (a model built with a comm: model_runtime.distributed): this engine is rank 0's. It
+schedules, samples and detokenizes alone; each step it broadcasts the plan (token ids, positions,
+slot mapping, block tables) to the other ranks, which run the same forward pass on their part of
+the model (distributed/follower.py). KV layouts stay identical because block ids come from here.
 """
 
 from __future__ import annotations
@@ -69,6 +74,21 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def join_replica(model: torch.nn.Module, config: EngineConfig, kv_dtype: torch.dtype) -> tuple[dict[int, int], int]:
+    """(weight bytes per rank, KV blocks): every rank of a replica calls this once its part is
+    loaded (rank 0 from LLMEngine, the others from their follower loop), in the same order, so the
+    ranks agree on one block count: the fewest any of them can hold."""
+    num_blocks = config.num_kv_blocks
+    if num_blocks is None:
+        per_block = model.kv_cache_bytes_per_token(kv_dtype) * config.block_size
+        num_blocks = max(1, config.kv_cache_memory_bytes // per_block)
+    weights = model.weight_bytes() if hasattr(model, "weight_bytes") else 0
+    comm = getattr(model, "comm", None)
+    if comm is None:
+        return {0: weights}, num_blocks
+    return dict(enumerate(comm.gather_ints(weights))), comm.agree_min(num_blocks)
+
+
 class LLMEngine:
     """Synchronous core. Not thread-safe: one thread calls add_request/abort_request/step."""
 
@@ -87,10 +107,8 @@ class LLMEngine:
             getattr(tokenizer, "eos_token_ids", None)
         )
 
-        num_blocks = config.num_kv_blocks
-        if num_blocks is None:
-            per_block = model.kv_cache_bytes_per_token(self.kv_dtype) * config.block_size
-            num_blocks = max(1, config.kv_cache_memory_bytes // per_block)
+        self.comm = getattr(model, "comm", None)  # the replica's other ranks (None: one process)
+        self.weight_bytes, num_blocks = join_replica(model, config, self.kv_dtype)
         self.kv_cache = model.allocate_kv_cache(num_blocks, config.block_size, self.kv_dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
@@ -204,7 +222,22 @@ class LLMEngine:
             block_size=self.blocks.block_size,
             num_preemptions=self.num_preemptions,
             max_model_len=self.max_model_len,
+            weight_bytes=self.weight_bytes,
         )
+
+    # -- the other ranks ------------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        """While idle: prove every rank is still there (ReplicaLost if one is not)."""
+        if self.comm is not None:
+            self.comm.send_heartbeat()
+
+    def shutdown(self) -> None:
+        """Tell the other ranks to exit (they exit 0)."""
+        if self.comm is not None:
+            self.comm.send_stop()
+            self.comm.close()
+            self.comm = None
 
     # -- one step -------------------------------------------------------------------------------
 
@@ -214,6 +247,8 @@ class LLMEngine:
         if not plan.scheduled:
             return []
         tokens, batch = self._prepare(plan.scheduled)
+        if self.comm is not None:
+            self.comm.send_step(tokens, batch)
         with torch.inference_mode():
             logits = self.model.forward_paged(tokens, batch, self.kv_cache)  # [S, V]
         for s in plan.scheduled:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from model_runtime.distributed.config import ParallelConfig
 from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.requests import (
     EngineError,
@@ -42,9 +43,11 @@ class EngineSpec:
     device: str  # auto (CUDA when there is one) | cpu | cuda | cuda:N
     config: EngineConfig  # its device is set to the one the engine process picks
     quantization: str | None = None
-    num_threads: int | None = None  # torch threads (CPU)
+    num_threads: int | None = None  # torch threads (CPU), for each of this pod's ranks
     log_level: int = logging.INFO
     log_format: str = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    parallel: ParallelConfig = ParallelConfig()  # the replica's ranks (one: not distributed)
+    rank: int = 0  # the global rank this process runs (0: the scheduler's)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class EngineReady:
     kv_capacity_tokens: int
     device: str
     dtype: str
+    weight_bytes: dict[int, int]  # rank -> bytes of weights, for every rank of the replica
 
 
 @dataclass

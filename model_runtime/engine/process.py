@@ -55,11 +55,14 @@ class EngineProcess(EngineFront):
     """An engine in a child process, with AsyncEngine's interface. Streams must be read on the
     event loop that called `start()` (outputs arrive through that loop's reader on the pipe)."""
 
-    def __init__(self, spec: EngineSpec, tokenizer, model_name: str | None = None, spawned=None):
+    def __init__(self, spec: EngineSpec, tokenizer, model_name: str | None = None, spawned=None, ranks=None):
         """`spawned`: what `spawn_engine(spec)` returned, where the caller started the process
-        early (before importing torch itself); else `start()` starts it."""
+        early (before importing torch itself); else `start()` starts it. `ranks`: this pod's
+        other ranks (distributed/ranks.LocalRanks, started) when the engine is rank 0 of several."""
         super().__init__()
         self._spawned = spawned
+        self.ranks = ranks
+        self.weight_bytes: dict[int, int] = {}  # this pod's ranks -> bytes of weights
         self.spec = spec
         self.config = spec.config
         self.tokenizer = tokenizer
@@ -80,7 +83,22 @@ class EngineProcess(EngineFront):
 
     @property
     def is_running(self) -> bool:
-        return self._process is not None and self.error is None and self._process.is_alive()
+        return (
+            self._process is not None
+            and self.error is None
+            and self._process.is_alive()
+            and (self.ranks is None or self.ranks.alive)
+        )
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why this engine is not running (None while it is)."""
+        if self.is_running:
+            return None
+        if self.ranks is not None and not self.ranks.alive:
+            codes = {rank: code for rank, code in self.ranks.exit_codes().items() if code is not None}
+            return f"rank(s) {', '.join(f'{r} exited with code {c}' for r, c in codes.items())}"
+        return self.error or "the engine process is not running"
 
     @property
     def pid(self) -> int | None:
@@ -107,6 +125,8 @@ class EngineProcess(EngineFront):
             self._kill()
             raise EngineProcessError(f"the engine process could not load {self.spec.model}: {info.message}")
         self.max_model_len = info.max_model_len
+        local = set(self.spec.parallel.global_ranks())
+        self.weight_bytes = {rank: n for rank, n in info.weight_bytes.items() if rank in local}
         self.validator = RequestValidator(
             self.tokenizer, info.vocab_size, info.max_model_len, info.kv_capacity_tokens
         )
@@ -124,6 +144,11 @@ class EngineProcess(EngineFront):
         while not self._conn.poll(0.2):
             if not self._process.is_alive():
                 return StartFailed(f"it exited with code {self._process.exitcode}")
+            if self.ranks is not None:  # rank 0 would wait for a rank that failed until its join timeout
+                self.ranks.poll()
+                if self.ranks.failed:
+                    rank, message = next(iter(self.ranks.failed.items()))
+                    return StartFailed(f"rank {rank} could not start: {message}")
         try:
             return self._conn.recv()
         except EOFError:
@@ -142,12 +167,16 @@ class EngineProcess(EngineFront):
             await asyncio.to_thread(self._process.join, 10)
         if self._conn is not None and not self._conn.closed:
             self._on_readable()  # the last outputs (aborted requests), if not read yet
+        if self.ranks is not None:  # rank 0 told them to stop on its way out
+            await asyncio.to_thread(self.ranks.stop, 10.0)
         self._close("the engine stopped")
 
     def _kill(self) -> None:
         if self._process is not None and self._process.is_alive():
             self._process.kill()
             self._process.join(10)
+        if self.ranks is not None:
+            self.ranks.stop(0.0)
         self._close("the engine process was stopped")
 
     def _close(self, reason: str) -> None:
@@ -174,8 +203,9 @@ class EngineProcess(EngineFront):
     # -- requests ---------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        """As of the engine's last message; requests sent but not yet taken in count as waiting."""
-        return dataclasses.replace(self._stats, num_waiting=self._num_waiting())
+        """As of the engine's last message; requests sent but not yet taken in count as waiting.
+        Weight bytes: this pod's ranks only (the other pods report theirs)."""
+        return dataclasses.replace(self._stats, num_waiting=self._num_waiting(), weight_bytes=self.weight_bytes)
 
     def _num_waiting(self) -> int:
         return self._stats.num_waiting + self._adds_sent - self._adds_applied

@@ -107,6 +107,7 @@ class EngineStats:
     block_size: int = 0
     num_preemptions: int = 0  # cumulative
     max_model_len: int = 0
+    weight_bytes: dict[int, int] = dataclasses.field(default_factory=dict)  # rank -> bytes (this pod's ranks)
 
 
 def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:

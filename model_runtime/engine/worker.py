@@ -8,16 +8,22 @@ itself; torch is imported in the engine process, by `run_engine_process`, once i
 
 The engine process ignores SIGINT and SIGTERM: the server decides when it stops (after the drain),
 and it exits by itself once the server is gone (its end of the pipe closes).
+
+Distributed, this process is rank 0: while idle it sends the other ranks a heartbeat every second,
+on stop it tells them to exit, and when a rank is lost (ReplicaLost) it fails every request and
+exits with REPLICA_LOST_EXIT, so the server reports not live.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import time
 
+from model_runtime.distributed.config import REPLICA_LOST_EXIT, ReplicaLost
 from model_runtime.engine.messages import (
     AddRequest,
     EngineReady,
@@ -33,6 +39,7 @@ from model_runtime.engine.messages import (
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.05
+HEARTBEAT_S = 1.0  # idle rank 0 checks on the other ranks this often
 
 
 # -- the engine process ---------------------------------------------------------------------------
@@ -72,17 +79,27 @@ def run_engine_process(conn, spec: EngineSpec) -> None:
             kv_capacity_tokens=engine.blocks.capacity_tokens,
             device=str(engine.device),
             dtype=str(engine.kv_dtype).removeprefix("torch."),
+            weight_bytes=engine.weight_bytes,
         )
     )
+    code = 0
     try:
         conn.send(StepOutputs([], QueueCounts(0, 0, 0, 0.0), engine.stats()))
         step_loop(conn, engine)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the server is gone: nothing left to serve
+    except ReplicaLost as e:
+        log.error("%s: this replica cannot serve without it; exiting", e)
+        code = REPLICA_LOST_EXIT
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(StepOutputs(engine.fail_all(e), QueueCounts(0, 0, 0, 0.0), None))
+    if code == 0:
+        with contextlib.suppress(Exception):  # the other ranks may be gone already
+            engine.shutdown()
     # Nothing is left to clean up; the interpreter's teardown of torch would take the server's
     # shutdown a second or more.
     logging.shutdown()
-    os._exit(0)
+    os._exit(code)
 
 
 def step_loop(conn, engine) -> None:
@@ -91,10 +108,14 @@ def step_loop(conn, engine) -> None:
     applied_adds = 0
     while True:
         commands = []
-        timeout = None if not engine.has_unfinished() else 0  # idle: block until told something
+        distributed = engine.comm is not None
+        timeout = 0 if engine.has_unfinished() else (HEARTBEAT_S if distributed else None)  # idle: wait
         while conn.poll(timeout):
             commands.append(conn.recv())
             timeout = 0
+        if not commands and not engine.has_unfinished():
+            engine.heartbeat()  # distributed and idle for a second: are the other ranks there?
+            continue
         outputs = []
         stopping = False
         for command in commands:
@@ -109,7 +130,11 @@ def step_loop(conn, engine) -> None:
         elif engine.has_unfinished():
             try:
                 outputs.extend(engine.step())
+            except ReplicaLost:
+                raise
             except Exception as e:  # a failed step fails its requests, not the engine
+                if distributed:  # ... unless the other ranks may be left inside its collectives
+                    raise ReplicaLost(f"rank 0: a step failed midway ({type(e).__name__}: {e})") from e
                 log.exception("engine step failed")
                 outputs.extend(engine.fail_all(e))
         now = time.monotonic()

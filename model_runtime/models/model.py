@@ -537,6 +537,7 @@ class Transformer(nn.Module):
             raise ValueError("a sharded Transformer needs the replica's comm to sum partial outputs")
         self.config = cfg
         self.shard = shard
+        self.comm = comm
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i, shard, comm) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from model_runtime.distributed.config import ParallelConfig
 from model_runtime.serving.signature import MODEL_VERSION
 
 VERSION = "0.1.0"
@@ -34,6 +35,7 @@ class ServerConfig:
     seed: int | None = None
     engine_process: bool = True  # the engine steps in a child process (else in a thread of this one)
     revision: str | None = None  # the ModelDeployment revision this pod serves ($MOE_REVISION)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # the replica's ranks and pods
 
     @property
     def model_name(self) -> str:

@@ -39,6 +39,7 @@ GENERATION_TOKENS = "moe_generation_tokens_total"
 REQUEST_SUCCESS = "moe_request_success_total"
 REQUEST_FAILURE = "moe_request_failure_total"
 EXPERT_TOKENS = "moe_expert_tokens_total"
+WEIGHT_BYTES = "moe_weight_bytes"
 
 # Why a request failed. `invalid_request` and `cancelled` are the client's doing.
 FAILURE_REASONS = (
@@ -151,7 +152,10 @@ class EngineStatsCollector(Collector):
             "Tokens routed to each expert of each MoE layer.",
             labels=["model_name", "layer", "expert"],
         )
+        weights = weight_bytes_family()
         if stats is not None:
+            for rank, n in sorted((getattr(stats, "weight_bytes", None) or {}).items()):
+                weights.add_metric([self.model_name, str(rank)], n)
             running.add_metric([self.model_name], stats.num_running)
             waiting.add_metric([self.model_name], stats.num_waiting)
             kv.add_metric([self.model_name], stats.kv_cache_usage)
@@ -161,7 +165,43 @@ class EngineStatsCollector(Collector):
         else:
             for family in (running, waiting, kv):
                 family.add_metric([self.model_name], 0)
-        yield from (running, waiting, kv, experts)
+        yield from (running, waiting, kv, experts, weights)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+def weight_bytes_family() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        WEIGHT_BYTES,
+        "Bytes of model weights each of this pod's ranks holds (a tensor/expert parallel rank: its share).",
+        labels=["model_name", "rank"],
+    )
+
+
+class RankMetrics:
+    """A follower pod's /metrics: its ranks' weight bytes and the process's own series (it serves
+    no requests: rank 0's pod reports those)."""
+
+    def __init__(self, model_name: str, weight_bytes: Callable[[], dict[int, int]]):
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.registry.register(_WeightBytes(model_name, weight_bytes))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _WeightBytes(Collector):
+    def __init__(self, model_name: str, weight_bytes: Callable[[], dict[int, int]]):
+        self.model_name, self.weight_bytes = model_name, weight_bytes
+
+    def collect(self) -> Iterator[Metric]:
+        family = weight_bytes_family()
+        for rank, n in sorted(self.weight_bytes().items()):
+            family.add_metric([self.model_name, str(rank)], n)
+        yield family
 
     def describe(self) -> list[Metric]:
         return []

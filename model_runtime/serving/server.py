@@ -77,7 +77,12 @@ def log_fault_injection(config: ServerConfig) -> None:
 
 
 async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
-    """Run until SIGTERM/SIGINT, then drain and return the exit code."""
+    """Run until SIGTERM/SIGINT, then drain and return the exit code. A pod without rank 0 of a
+    distributed replica runs its ranks and answers health only (serving/rank_server.py)."""
+    if not config.parallel.is_leader:
+        from model_runtime.serving.rank_server import serve_ranks
+
+        return await serve_ranks(config, pod_ip)
     log_fault_injection(config)
     service = InferenceService(config)
     hosts = listen_hosts(config.host, pod_ip)
@@ -127,6 +132,14 @@ async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
         exit_code = 1
     elif http_task.done():
         exit_code = 1
+    elif config.parallel.distributed:
+        # one replica over several ranks: a lost rank (its engine process exits, or this pod's
+        # ranks die) leaves nothing to serve with; stop (not live meanwhile), the group restarts
+        lost_task = asyncio.create_task(_replica_lost(service))
+        await asyncio.wait([stop_task, lost_task, http_task], return_when=asyncio.FIRST_COMPLETED)
+        if not stop_task.done():
+            exit_code = 1
+        lost_task.cancel()
     else:
         await stop_task
     log.info("shutting down")
@@ -146,3 +159,11 @@ async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
     await service.stop(drain_timeout_s=1.0 if drained else 0.0)
     log.info("stopped")
     return exit_code
+
+
+async def _replica_lost(service: InferenceService, poll_s: float = 0.2) -> None:
+    """Return once the replica has lost a rank (the service is no longer live)."""
+    while service.live:
+        await asyncio.sleep(poll_s)
+    reason = getattr(service.engine, "lost_reason", None) if service.engine is not None else None
+    log.error("the replica lost a rank (%s): not live; exiting", reason)

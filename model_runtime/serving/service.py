@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from model_runtime.distributed.ranks import LocalRanks
 from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.messages import EngineSpec
 from model_runtime.engine.process import EngineProcess
@@ -38,13 +39,41 @@ from model_runtime.serving.metrics import RuntimeMetrics
 log = logging.getLogger("model_runtime.server")
 
 
-def engine_cpu_threads() -> int:
-    """Torch threads for an engine on the CPU: one core is left to the event loop (HTTP, gRPC),
-    else torch's spinning workers and the loop fight over cores and streamed throughput drops.
-    OMP_NUM_THREADS, when set, decides."""
+def engine_cpu_threads(ranks: int = 1) -> int:
+    """Torch threads for each of a pod's `ranks` engine processes on the CPU: one core is left to
+    the event loop (HTTP, gRPC), else torch's spinning workers and the loop fight over cores and
+    streamed throughput drops; the rest are shared by the ranks. OMP_NUM_THREADS, when set, decides."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    return max(1, (len(os.sched_getaffinity(0)) - 1) // ranks)
+
+
+def engine_config_of(cfg: ServerConfig) -> EngineConfig:
+    return EngineConfig(
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+        max_waiting=cfg.max_waiting,
+        device=cfg.device,
+        max_model_len=cfg.max_model_len,
+        seed=cfg.seed,
+    )
+
+
+def engine_spec(cfg: ServerConfig, engine_config: EngineConfig) -> EngineSpec:
+    """What this pod's engine processes (rank 0, or every rank of a follower pod) are built from."""
+    return EngineSpec(
+        model=cfg.model,
+        dtype=cfg.dtype,  # "auto" and the device are resolved where the model loads
+        device=cfg.device,
+        config=engine_config,
+        quantization=cfg.quantization,
+        num_threads=engine_cpu_threads(cfg.parallel.ranks_per_node),  # on the CPU
+        log_level=logging.getLogger().getEffectiveLevel(),
+        log_format=LOG_FORMAT,
+        parallel=cfg.parallel,
+        rank=cfg.parallel.global_ranks()[0],
+    )
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -129,36 +158,24 @@ class InferenceService:
         """Load weights and tokenizer off the loop, start the engine, warm up; then ready."""
         cfg = self.config
         started = time.monotonic()
-        engine_config = EngineConfig(
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
-            max_waiting=cfg.max_waiting,
-            device=cfg.device,
-            max_model_len=cfg.max_model_len,
-            seed=cfg.seed,
-        )
-        spec = EngineSpec(
-            model=cfg.model,
-            dtype=cfg.dtype,  # "auto" and the device are resolved where the model loads
-            device=cfg.device,
-            config=engine_config,
-            quantization=cfg.quantization,
-            num_threads=engine_cpu_threads(),  # on the CPU
-            log_level=logging.getLogger().getEffectiveLevel(),
-            log_format=LOG_FORMAT,
-        )
+        spec = engine_spec(cfg, engine_config_of(cfg))
         if cfg.engine_process:
             # Started first, so that the tokenizer loads here (off the loop) while the engine
             # process imports torch and loads the model. This process never imports torch.
             spawned = spawn_engine(spec)
+            ranks = None
+            if cfg.parallel.distributed:  # this pod's other ranks follow rank 0 (the engine process)
+                ranks = LocalRanks(spec, cfg.parallel.global_ranks()[1:])
+                ranks.start()
             try:
                 tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
             except BaseException:
                 spawned[0].kill()
                 spawned[1].close()
+                if ranks is not None:
+                    ranks.stop()
                 raise
-            engine = EngineProcess(spec, tokenizer, model_name=self.model_name, spawned=spawned)
+            engine = EngineProcess(spec, tokenizer, model_name=self.model_name, spawned=spawned, ranks=ranks)
         else:
             engine = await self._thread_engine(spec)
         try:
