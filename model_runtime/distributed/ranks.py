@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ def run_rank(conn, spec) -> None:
     logging.basicConfig(
         level=spec.log_level, format=f"%(asctime)s %(levelname)s rank {spec.rank} %(name)s: %(message)s"
     )
+    _exit_with_parent(os.getppid())
     try:
         from model_runtime.distributed.follower import Follower
 
@@ -73,6 +75,17 @@ def run_rank(conn, spec) -> None:
         code = REPLICA_LOST_EXIT
     logging.shutdown()
     os._exit(code)
+
+
+def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """Exit once the pod's server is gone (a rank must not outlive it, holding a device)."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(REPLICA_LOST_EXIT)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class LocalRanks:
