@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: help setup tools test test-unit test-runtime test-cluster test-e2e demo run bench lint \
-        cluster-up cluster-down images chart-crds
+        cluster-up cluster-down images chart-crds gpu-check
 
 help:
 	@echo "make demo    local cluster + operator + a canary rolled back on a latency alert"
@@ -42,6 +42,11 @@ test-unit: setup
 test-runtime: setup
 	$(PY) -m pytest -m runtime $(PYTEST_ARGS)
 
+# The runtime on CUDA (placement per local rank, bf16 against fp32, NCCL ranks); needs a GPU.
+gpu-check: setup
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device here')"
+	$(PY) -m pytest -m gpu -v tests/gpu $(PYTEST_ARGS)
+
 test-cluster: setup tools
 	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
 
@@ -71,6 +76,7 @@ run: setup tools
 bench: setup tools
 	$(PY) -m benchmarks.runtime_decode
 	$(PY) -m benchmarks.runtime_http
+	$(PY) -m benchmarks.runtime_parallel
 	$(PY) -m benchmarks.rollback --trials 12
 
 # The demo (README): cluster with monitoring, operator, load, a bad canary rolled back on a latency
