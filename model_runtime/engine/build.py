@@ -58,5 +58,10 @@ def load_rank(spec: EngineSpec) -> tuple[Transformer, EngineConfig]:
         log.info("loading %s (%s on %s)", spec.model, dtype, device)
     model = load_model(spec.model, dtype=getattr(torch, dtype), device=device, shard=shard, comm=comm)
     if spec.quantization == "int8":
+        if model.config.quant_method:
+            raise ValueError(
+                f"--quantization int8: {spec.model} is already quantized ({model.config.quant_method}); "
+                "drop --quantization"
+            )
         model = quantize_int8(model)
     return model, dataclasses.replace(spec.config, device=device)

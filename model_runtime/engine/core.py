@@ -11,6 +11,19 @@ Length policy: a prompt must be shorter than the model length (`max_model_len`: 
 `max_tokens` is clamped so that prompt + output fit the model length; a request cut short that way
 finishes with reason "length".
 
+Memory (engine/memory.py): the KV cache is sized at start (`join_replica`: --kv-cache-memory, or
+from the device's memory after a profiling pass, or the host's) and reported in a log line and in
+EngineStats.kv_capacity_tokens. Each step's attention memory is kept under
+`max_step_attention_bytes` by the scheduler; a request whose context alone cannot fit is refused
+(EngineError: its prompt, at validation) or fails (a RequestFailed from `step()`), and its
+`max_tokens` is clamped so that prompt + output fit, as for the model length.
+
+Out of memory in a step (one process): the step's sequences are run again in halves, down to one
+sequence; only a sequence that cannot run alone fails (RequestFailed, EngineFailed saying out of
+memory), and every other sequence goes on as if nothing happened (KV writes to the same slots are
+idempotent, and no sequence advances before its forward pass succeeded). Distributed, a failed step
+stays fatal: the other ranks are inside that step's collectives (engine/worker.py).
+
 Distributed (a model built with a comm: model_runtime.distributed): this engine is rank 0's. It
 schedules, samples and detokenizes alone; each step it broadcasts the plan (token ids, positions,
 slot mapping, block tables) to the other ranks, which run the same forward pass on their part of
@@ -27,8 +40,9 @@ from dataclasses import dataclass, field
 import torch
 
 from model_runtime.engine.block_manager import BlockManager
-from model_runtime.engine.config import EngineConfig
+from model_runtime.engine.config import EngineConfig, format_bytes
 from model_runtime.engine.detokenizer import IncrementalDetokenizer
+from model_runtime.engine.memory import StepMemory, is_out_of_memory, size_kv_cache
 from model_runtime.engine.messages import AbortRequest, AddRequest, RequestFailed
 from model_runtime.engine.requests import (
     EngineError,
@@ -68,25 +82,40 @@ class _Request:
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the model computes in (its KV cache's): its first float parameter's, FP8 weights
+    (which are dequantized per matmul) aside."""
     for p in model.parameters():
-        if p.is_floating_point():
+        if p.is_floating_point() and p.element_size() > 1:
             return p.dtype
     return torch.float32
 
 
-def join_replica(model: torch.nn.Module, config: EngineConfig, kv_dtype: torch.dtype) -> tuple[dict[int, int], int]:
-    """(weight bytes per rank, KV blocks): every rank of a replica calls this once its part is
-    loaded (rank 0 from LLMEngine, the others from their follower loop), in the same order, so the
-    ranks agree on one block count: the fewest any of them can hold."""
+def join_replica(
+    model: torch.nn.Module, config: EngineConfig, kv_dtype: torch.dtype
+) -> tuple[dict[int, int], int, str]:
+    """(weight bytes per rank, KV blocks, how they were sized): every rank of a replica calls this
+    once its part is loaded (rank 0 from LLMEngine, the others from their follower loop), in the
+    same order, so the ranks agree on one block count: the fewest any of them can hold. Each rank
+    sizes its own cache (engine/memory.size_kv_cache; on CUDA after a profiling pass, which runs the
+    layers' collectives on every rank alike)."""
     num_blocks = config.num_kv_blocks
-    if num_blocks is None:
-        per_block = model.kv_cache_bytes_per_token(kv_dtype) * config.block_size
-        num_blocks = max(1, config.kv_cache_memory_bytes // per_block)
-    weights = model.weight_bytes() if hasattr(model, "weight_bytes") else 0
     comm = getattr(model, "comm", None)
+    rank = f"rank {comm.rank}: " if comm is not None else ""
+    if num_blocks is not None:
+        how = "num_kv_blocks"
+    else:
+        per_block = model.kv_cache_bytes_per_token(kv_dtype) * config.block_size
+        budget, how = size_kv_cache(model, config, kv_dtype)
+        num_blocks = max(1, budget // per_block)
+        if comm is not None:
+            log.info("%sroom for %d KV blocks (%s)", rank, num_blocks, how)
+    weights = model.weight_bytes() if hasattr(model, "weight_bytes") else 0
     if comm is None:
-        return {0: weights}, num_blocks
-    return dict(enumerate(comm.gather_ints(weights))), comm.agree_min(num_blocks)
+        return {0: weights}, num_blocks, how
+    agreed = comm.agree_min(num_blocks)
+    if agreed < num_blocks:
+        how = f"the fewest blocks of the replica's ranks; this rank's: {num_blocks} ({how})"
+    return dict(enumerate(comm.gather_ints(weights))), agreed, how
 
 
 class LLMEngine:
@@ -108,12 +137,49 @@ class LLMEngine:
         )
 
         self.comm = getattr(model, "comm", None)  # the replica's other ranks (None: one process)
-        self.weight_bytes, num_blocks = join_replica(model, config, self.kv_dtype)
+        self.weight_bytes, num_blocks, sizing = join_replica(model, config, self.kv_dtype)
         self.kv_cache = model.allocate_kv_cache(num_blocks, config.block_size, self.kv_dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.kv_cache_bytes = sum(t.numel() * t.element_size() for t in self.kv_cache)
+        log.info(
+            "KV cache: %d blocks of %d tokens = %d tokens, %s (%s)",
+            num_blocks,
+            config.block_size,
+            self.blocks.capacity_tokens,
+            format_bytes(self.kv_cache_bytes),
+            sizing,
+        )
+        # one step's attention memory: the scheduler keeps each step under the budget
+        self.step_memory = StepMemory(model, self.kv_dtype)
+        budget = config.max_step_attention_bytes
+        # the longest context one sequence may have (None: the model length)
+        self.max_context_tokens: int | None = None
+        if self.step_memory.known:
+            fits = self.step_memory.max_context(budget, self.max_model_len)
+            if fits < self.max_model_len:
+                self.max_context_tokens = fits
+                log.warning(
+                    "one sequence's context fits the step attention budget (%s, --max-step-attention-memory) "
+                    "up to %d tokens, less than the model length %d: longer prompts are refused",
+                    format_bytes(budget),
+                    fits,
+                    self.max_model_len,
+                )
+        self.scheduler = Scheduler(
+            self.blocks,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            step_bytes=self.step_memory.attention_bytes if self.step_memory.known else None,
+            max_step_bytes=budget,
+            max_context_tokens=self.max_context_tokens,
+        )
         self.validator = RequestValidator(
-            tokenizer, self.vocab_size, self.max_model_len, self.blocks.capacity_tokens
+            tokenizer,
+            self.vocab_size,
+            self.max_model_len,
+            self.blocks.capacity_tokens,
+            max_context_tokens=self.max_context_tokens,
+            max_step_attention_bytes=budget,
         )
         self.requests: dict[str, _Request] = {}
         self.generator = torch.Generator(device=self.device)
@@ -143,9 +209,12 @@ class LLMEngine:
         ids = prompt_token_ids if prompt_token_ids is not None else self.validate(prompt, params)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are waiting: retry later")
-        # the whole sequence must fit the model length and, alone, the KV pool
+        # the whole sequence must fit the model length and, alone, the KV pool and the step's attention
         max_tokens = min(
-            params.max_tokens, self.max_model_len - len(ids), self.blocks.capacity_tokens - len(ids)
+            params.max_tokens,
+            self.max_model_len - len(ids),
+            self.blocks.capacity_tokens - len(ids),
+            (self.max_context_tokens or self.max_model_len) - len(ids),
         )
         seq = Sequence(request_id, list(ids), len(ids), max_tokens)
         req = _Request(
@@ -223,6 +292,7 @@ class LLMEngine:
             num_preemptions=self.num_preemptions,
             max_model_len=self.max_model_len,
             weight_bytes=self.weight_bytes,
+            kv_capacity_tokens=self.blocks.capacity_tokens,
         )
 
     # -- the other ranks ------------------------------------------------------------------------
@@ -241,25 +311,31 @@ class LLMEngine:
 
     # -- one step -------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | RequestFailed]:
+        """One forward pass over what the scheduler picked; the outputs of the requests that got a
+        token or finished, and a RequestFailed for each request that cannot run (too long for the
+        step's attention budget, or out of memory even alone)."""
         plan = self.scheduler.schedule()
         self.num_preemptions += len(plan.preempted)
+        failures: list[RequestFailed] = []
+        for seq, reason in plan.rejected:  # the scheduler has finished them
+            self.requests.pop(seq.request_id, None)
+            failures.append(RequestFailed(seq.request_id, EngineError(reason)))
         if not plan.scheduled:
-            return []
-        tokens, batch = self._prepare(plan.scheduled)
-        if self.comm is not None:
-            self.comm.send_step(tokens, batch)
-        with torch.inference_mode():
-            logits = self.model.forward_paged(tokens, batch, self.kv_cache)  # [S, V]
-        for s in plan.scheduled:
+            return failures
+        scheduled, logits, out_of_memory = self._run(plan.scheduled)
+        for s, reason in out_of_memory:
+            self.abort_request(s.seq.request_id)
+            failures.append(RequestFailed(s.seq.request_id, EngineFailed(reason)))
+        for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
 
-        rows = [i for i, s in enumerate(plan.scheduled) if s.seq.num_uncomputed_tokens == 0]
+        rows = [i for i, s in enumerate(scheduled) if s.seq.num_uncomputed_tokens == 0]
         if not rows:
-            return []
-        if len(rows) < len(plan.scheduled):
+            return failures
+        if len(rows) < len(scheduled):
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        reqs = [self.requests[plan.scheduled[i].seq.request_id] for i in rows]
+        reqs = [self.requests[scheduled[i].seq.request_id] for i in rows]
         result = sample(
             logits.float(),
             [
@@ -271,7 +347,7 @@ class LLMEngine:
             self.generator,
         )
         now = time.monotonic()
-        outputs = []
+        outputs: list[RequestOutput | RequestFailed] = failures
         for req, token, lp in zip(reqs, result.token_ids, result.logprobs, strict=True):
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -283,6 +359,53 @@ class LLMEngine:
                 self.scheduler.finish(req.seq)
                 del self.requests[req.request_id]
         return outputs
+
+    def _run(
+        self, scheduled: list[ScheduledSeq]
+    ) -> tuple[list[ScheduledSeq], torch.Tensor | None, list[tuple[ScheduledSeq, str]]]:
+        """The forward pass over `scheduled`: (the sequences that ran, their logits [S, V] in that
+        order, the sequences that ran out of memory even alone with why). Out of memory, the
+        sequences run again in halves (one process only; distributed, it is raised)."""
+        try:
+            return scheduled, self._forward(scheduled), []
+        except Exception as e:
+            if self.comm is not None or not is_out_of_memory(e):
+                raise
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        # out of the except block: the failed pass's frames (and their tensors) are freed by now
+        self._release_cached_memory()
+        if len(scheduled) == 1:
+            s = scheduled[0]
+            ctx = s.seq.num_computed_tokens + s.num_new_tokens
+            log.warning(
+                "request %s: out of memory alone (%d new tokens, context %d): failing it",
+                s.seq.request_id,
+                s.num_new_tokens,
+                ctx,
+            )
+            reason = (
+                f"out of memory: a step of this request alone ({s.num_new_tokens} new tokens, a context of "
+                f"{ctx} tokens) did not fit in the device's memory ({error})"
+            )
+            return [], None, [(s, reason)]
+        half = len(scheduled) // 2
+        log.warning("out of memory in a step of %d sequences: running them again in halves", len(scheduled))
+        ran_a, logits_a, failed_a = self._run(scheduled[:half])
+        ran_b, logits_b, failed_b = self._run(scheduled[half:])
+        parts = [t for t in (logits_a, logits_b) if t is not None]
+        logits = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
+        return ran_a + ran_b, logits, failed_a + failed_b
+
+    def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        tokens, batch = self._prepare(scheduled)
+        if self.comm is not None:
+            self.comm.send_step(tokens, batch)
+        with torch.inference_mode():
+            return self.model.forward_paged(tokens, batch, self.kv_cache)  # [S, V]
+
+    def _release_cached_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, PagedBatch]:
         """The step's new tokens [N] and their PagedBatch."""

@@ -78,6 +78,11 @@ class ModelConfig:
     mlp_bias: bool = False  # DeepSeek-V2 dense MLP / shared experts
     dense_layers: tuple[int, ...] = field(default_factory=tuple)  # layers with a dense MLP, not MoE
 
+    # pre-quantized checkpoints (quantization_config): only FP8 with block scales (DeepSeek-V3's
+    # published format: float8_e4m3fn weights, float32 `weight_scale_inv` per block)
+    quant_method: str | None = None  # None | "fp8"
+    weight_block_size: tuple[int, int] | None = None  # (rows, columns) of one scale's block
+
     def __post_init__(self):
         architecture(self.architecture)  # UnsupportedModelError for one not in the table
         if self.head_dim is None:
@@ -147,12 +152,7 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Read a Hugging Face config.json (transformers 4.x or 5.x layout)."""
         arch = architecture_of_hf(hf, source)
-        quant = hf.get("quantization_config")
-        if quant:
-            raise UnsupportedModelError(
-                f"{source}: pre-quantized checkpoints ({quant.get('quant_method', 'unknown')}) are not supported; "
-                "use a bfloat16/float16/float32 checkpoint (weight-only int8 is available with --quantization int8)"
-            )
+        quantization = _quantization_from_hf(hf.get("quantization_config"), source)
         n_layers = hf["num_hidden_layers"]
         heads = hf["num_attention_heads"]
         common: dict[str, Any] = dict(
@@ -173,7 +173,7 @@ class ModelConfig:
             pad_token_id=hf.get("pad_token_id"),
         )
         rope_theta, rope_scaling = _rope_from_hf(hf, arch.default_rope_theta)
-        common.update(rope_theta=rope_theta, rope_scaling=rope_scaling)
+        common.update(rope_theta=rope_theta, rope_scaling=rope_scaling, **quantization)
         return cls(**{**common, **arch.fields_from_hf(hf, source)})
 
     def to_hf(self) -> dict[str, Any]:
@@ -199,6 +199,13 @@ class ModelConfig:
             hf["rope_scaling"] = dict(c.rope_scaling)
         arch = architecture(c.architecture)
         hf.update(model_type=arch.model_type, **arch.fields_to_hf(c))
+        if c.quant_method == "fp8":
+            hf["quantization_config"] = {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": list(c.weight_block_size),
+            }
         return hf
 
 
@@ -207,6 +214,40 @@ def token_ids(value: Any) -> set[int]:
     if value is None:
         return set()
     return {int(value)} if isinstance(value, int) else {int(v) for v in value}
+
+
+def _quantization_from_hf(quant: dict[str, Any] | None, source: str) -> dict[str, Any]:
+    """ModelConfig's quantization fields from a config.json's `quantization_config`: FP8 with block
+    scales loads; anything else is refused naming what it is."""
+    if not quant:
+        return {}
+    method = quant.get("quant_method")
+    if method != "fp8":
+        raise UnsupportedModelError(
+            f"{source}: quantization_config.quant_method {method!r} is not supported; this runtime loads "
+            "'fp8' with weight_block_size (DeepSeek-V3's format) and bfloat16/float16/float32 checkpoints "
+            "(weight-only int8 is available with --quantization int8)"
+        )
+    fmt = quant.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise UnsupportedModelError(f"{source}: quantization_config.fmt {fmt!r} is not supported; only 'e4m3'")
+    scheme = quant.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise UnsupportedModelError(
+            f"{source}: quantization_config.activation_scheme {scheme!r} is not supported; only 'dynamic'"
+        )
+    block = quant.get("weight_block_size")
+    if not (isinstance(block, list | tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise UnsupportedModelError(
+            f"{source}: quantization_config.weight_block_size {block!r}: FP8 loads with block scales "
+            "([rows, columns], e.g. [128, 128]); per-tensor FP8 scales are not supported"
+        )
+    unknown = set(quant) - {"quant_method", "fmt", "activation_scheme", "weight_block_size", "modules_to_not_convert"}
+    if unknown:
+        raise UnsupportedModelError(
+            f"{source}: quantization_config has {', '.join(sorted(unknown))}, which this runtime does not implement"
+        )
+    return {"quant_method": "fp8", "weight_block_size": (block[0], block[1])}
 
 
 def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:

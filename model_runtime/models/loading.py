@@ -25,11 +25,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model_runtime.distributed.shard import Shard
+from model_runtime.kernels.fp8 import FP8, scale_shape, use_fp8
 from model_runtime.models.architectures import architecture
 from model_runtime.models.builtin import build_builtin
 from model_runtime.models.config import ModelConfig
 from model_runtime.models.model import SINGLE, Transformer
-from model_runtime.models.sharding import cut, expert_cut, shard_state, take
+from model_runtime.models.sharding import block_cut, cut, expert_cut, shard_state, take
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PART_ROWS = {"gate": 0, "up": 1}  # gate_up_proj holds the gate rows, then the up rows
@@ -81,8 +82,7 @@ def load_model(
     else:
         path = checkpoint_dir(src)
         cfg = load_config(path)
-        with torch.device("meta"):
-            model = Transformer(cfg, shard, comm)
+        model = build_meta(cfg, path, shard, comm)
         state = read_state_dict(path, model, dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers()  # rope frequencies etc. were left on the meta device
@@ -108,6 +108,30 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
         return ModelConfig.from_hf(json.load(f), source=str(config_file))
 
 
+def build_meta(cfg: ModelConfig, path: Path, shard: Shard = SINGLE, comm=None) -> Transformer:
+    """The model (one rank's part) on the meta device, with FP8 layers where the checkpoint's
+    weights are FP8 (they have a `weight_scale_inv`)."""
+    with torch.device("meta"):
+        model = Transformer(cfg, shard, comm)
+    if cfg.quant_method == "fp8":
+        fp8 = fp8_params(path, cfg)
+        if not fp8:
+            raise CheckpointError(f"{path}: quantization_config says fp8 but no tensor has a weight_scale_inv")
+        use_fp8(model, fp8, cfg.weight_block_size)
+    return model
+
+
+def fp8_params(path: Path, cfg: ModelConfig) -> set[str]:
+    """Our names of the weights the checkpoint stores as FP8 (those with a `weight_scale_inv`)."""
+    names = set()
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith(SCALE_SUFFIX) and (mapped := checkpoint_key_to_param(key, cfg)) is not None:
+                    names.add(mapped[0].removesuffix(SCALE_SUFFIX))  # the weight's (or stacked experts') name
+    return names
+
+
 def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: from model.safetensors.index.json, else all *.safetensors."""
     index = path / "model.safetensors.index.json"
@@ -126,7 +150,8 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
-_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$")
+_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight(_scale_inv)?$")
+SCALE_SUFFIX = "_scale_inv"  # FP8 block scales: `X.weight_scale_inv` beside `X.weight`
 
 
 def checkpoint_key_to_param(key: str, cfg: ModelConfig) -> tuple[str, int | None, str | None] | None:
@@ -148,18 +173,21 @@ def checkpoint_key_to_param(key: str, cfg: ModelConfig) -> tuple[str, int | None
     part = arch.expert_part(expert.group(3)) if expert else None
     if part is not None:
         target = "gate_up_proj" if part in PART_ROWS else "down_proj"
-        return f"{expert.group(1)}.{target}", int(expert.group(2)), part
+        return f"{expert.group(1)}.{target}{expert.group(4) or ''}", int(expert.group(2)), part
     return name, None, None
 
 
 def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: torch.device) -> dict:
     """Every tensor the model (one rank's part, if sharded) needs, read from the checkpoint, as
-    `dtype` on `device`. Reads only this rank's slices and experts."""
+    `dtype` on `device` (FP8 weights stay FP8, their scales float32). Reads only this rank's slices
+    and experts."""
     cfg, shard = model.config, model.shard
-    expected = model.state_dict()  # meta tensors: names and this rank's shapes
-    with torch.device("meta"):
-        whole = Transformer(cfg).state_dict()  # every tensor the model has, whole shapes
-    keep_fp32 = {n for n in expected if n.endswith("e_score_correction_bias")}
+    expected = model.state_dict()  # meta tensors: names, this rank's shapes, FP8 where the checkpoint is
+    whole = build_meta(cfg, path).state_dict() if cfg.quant_method else None
+    if whole is None:
+        with torch.device("meta"):
+            whole = Transformer(cfg).state_dict()  # every tensor the model has, whole shapes
+    block = cfg.weight_block_size
     state: dict[str, torch.Tensor] = {}
     expert_parts: dict[str, set[tuple[int, str]]] = {}
     unknown: list[str] = []
@@ -176,16 +204,23 @@ def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: 
                     continue
                 if name not in expected:
                     continue  # a bias another rank holds
-                target = torch.float32 if name in keep_fp32 else dtype
+                want = expected[name].dtype
+                target = want if want in (FP8, torch.float32) and _stored_as_is(name, want) else dtype
+                is_scale = name.endswith(SCALE_SUFFIX)
                 if expert is None:
                     tensor = f.get_slice(key)
-                    _check_dtype(file, key, tensor)
+                    _check_dtype(file, key, tensor, want)
                     full = tuple(whole[name].shape)
                     if tuple(tensor.get_shape()) != full:
                         raise CheckpointError(
                             f"{file}: tensor {key!r} has shape {tensor.get_shape()}, expected {list(full)}"
                         )
-                    state[name] = take(tensor, cut(name, full, cfg, shard)).to(device=device, dtype=target)
+                    if is_scale:  # the weight's slice, in blocks
+                        weight = name.removesuffix(SCALE_SUFFIX)
+                        c = block_cut(cut(weight, tuple(whole[weight].shape), cfg, shard), tuple(whole[weight].shape), block, key)
+                    else:
+                        c = cut(name, full, cfg, shard)
+                    state[name] = take(tensor, c).to(device=device, dtype=target)
                     continue
                 if expert >= cfg.num_experts:
                     raise CheckpointError(
@@ -193,20 +228,24 @@ def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: 
                     )
                 if not e0 <= expert < e1:
                     continue  # another rank's expert: not read
-                full_rows = whole[name].shape[1] // 2 if part in PART_ROWS else whole[name].shape[1]
-                part_shape = [full_rows, whole[name].shape[2]]
+                stacked_whole = whole[name.removesuffix(SCALE_SUFFIX)].shape  # [E, 2I, D] or [E, D, I]
+                weight_part = [stacked_whole[1] // 2 if part in PART_ROWS else stacked_whole[1], stacked_whole[2]]
+                part_shape = list(scale_shape(*weight_part, block)) if is_scale else weight_part
                 tensor = f.get_slice(key)
-                _check_dtype(file, key, tensor)
+                _check_dtype(file, key, tensor, want)
                 if list(tensor.get_shape()) != part_shape:
                     raise CheckpointError(
                         f"{file}: tensor {key!r} has shape {tensor.get_shape()}, expected {part_shape}"
                     )
+                c = expert_cut(part, tuple(weight_part), shard)
+                if is_scale:
+                    c = block_cut(c, tuple(weight_part), block, key)
                 stacked = state.get(name)
                 if stacked is None:
                     stacked = state[name] = torch.empty(expected[name].shape, dtype=target, device=device)
                 rows = expected[name].shape[1] // 2 if part in PART_ROWS else expected[name].shape[1]
                 start = PART_ROWS.get(part, 0) * rows
-                stacked[expert - e0, start : start + rows].copy_(take(tensor, expert_cut(part, part_shape, shard)))
+                stacked[expert - e0, start : start + rows].copy_(take(tensor, c))
                 expert_parts.setdefault(name, set()).add((expert, part))
 
     if unknown:
@@ -223,7 +262,7 @@ def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: 
         state["lm_head.weight"] = state["embed_tokens.weight"]
     missing = [n for n in expected if n not in state]
     for name, got in expert_parts.items():
-        parts = ("gate", "up") if name.endswith("gate_up_proj") else ("down",)
+        parts = ("gate", "up") if name.removesuffix(SCALE_SUFFIX).endswith("gate_up_proj") else ("down",)
         missing += [f"{name}[expert {e}, {p}]" for e in range(e0, e1) for p in parts if (e, p) not in got]
     if missing:
         where = path / "model.safetensors.index.json"
@@ -234,13 +273,27 @@ def read_state_dict(path: Path, model: Transformer, dtype: torch.dtype, device: 
     return state
 
 
-def _check_dtype(file: Path, key: str, tensor) -> None:
+def _stored_as_is(name: str, dtype: torch.dtype) -> bool:
+    """FP8 weights stay FP8; their scales and the routers' score-correction bias stay float32."""
+    return dtype == FP8 or name.endswith(SCALE_SUFFIX) or name.endswith("e_score_correction_bias")
+
+
+def _check_dtype(file: Path, key: str, tensor, want: torch.dtype) -> None:
+    """Float weights load (cast to --dtype); FP8 only where the model holds an FP8 weight (a
+    checkpoint with `quantization_config` fp8 and this tensor's `weight_scale_inv`)."""
     dtype = tensor.get_dtype()
+    if want == FP8:
+        if dtype != "F8_E4M3":
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {dtype}; its weight_scale_inv says F8_E4M3")
+        return
     if dtype not in FLOAT_DTYPES:
-        what = "FP8 weights" if dtype.startswith("F8") else "not a floating-point tensor"
+        if dtype.startswith("F8"):
+            what = "FP8 without a weight_scale_inv, or without quantization_config fp8"
+        else:
+            what = "not a floating-point tensor"
         raise CheckpointError(
             f"{file}: tensor {key!r} has dtype {dtype} ({what}); this runtime loads {', '.join(sorted(FLOAT_DTYPES))} "
-            "weights and will not cast it"
+            "weights, and FP8 with block scales, and will not cast it"
         )
 
 

@@ -345,7 +345,7 @@ class MLAttention(nn.Module):
             k = torch.cat([k_nope, kv_ctx[:, :, None, C:].expand(S, L, H, R)], dim=-1)  # [S, L, H, P + R]
             out = paged_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale)  # [N, H, Dv]
             return self.o_proj(out.reshape(N, H * Dv))
-        w_kv = self.kv_b_proj.weight.view(H, P + Dv, C)
+        w_kv = linear_weight(self.kv_b_proj, x.dtype).view(H, P + Dv, C)
         w_uk, w_uv = w_kv[:, :P], w_kv[:, P:]  # [H, P, C], [H, Dv, C]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, C]
         q_abs = torch.cat([q_latent, q_rope], dim=-1)  # [N, H, C + R]
@@ -354,6 +354,12 @@ class MLAttention(nn.Module):
         # w_uv [H, Dv, C] @ out_latent [H, C, N]: MKL's batched gemm reads w_uv faster this way round
         out = torch.bmm(w_uv, out_latent.permute(1, 2, 0)).permute(2, 0, 1)  # [N, H, Dv]
         return self.o_proj(out.reshape(N, H * Dv).contiguous())  # row-major rows (int8 kernels need them)
+
+
+def linear_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's weight as a float matrix (an FP8 layer's dequantized)."""
+    dequantized = getattr(linear, "dequantized", None)
+    return dequantized(dtype) if dequantized is not None else linear.weight
 
 
 # ---- feed-forward variants -----------------------------------------------------------------------

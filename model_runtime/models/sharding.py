@@ -100,3 +100,19 @@ def shard_state(state: dict[str, torch.Tensor], cfg: ModelConfig, shard: Shard) 
             continue
         out[name] = take(t, cut(name, tuple(t.shape), cfg, shard)).contiguous()
     return out
+
+
+def block_cut(c: Cut | None, shape: tuple[int, ...], block: tuple[int, int], key: str) -> Cut | None:
+    """The scales' slice for a weight slice `c` of an FP8 weight of `shape` (block scales): the
+    slice must start on a block edge and end on one or at the weight's end."""
+    if c is None:
+        return None
+    dim, start, stop = c
+    b = block[dim]
+    if start % b or (stop % b and stop != shape[dim]):
+        raise ValueError(
+            f"tensor {key!r}: this rank's slice [{start}, {stop}) of dimension {dim} (size {shape[dim]}) does "
+            f"not fall on the FP8 scale blocks of {b}: use a --tensor-parallel-size that splits it on block "
+            "edges (or --enable-expert-parallel for expert weights)"
+        )
+    return dim, start // b, -(-stop // b)

@@ -123,11 +123,17 @@ def test_unsupported_architecture_is_named(checkpoint):
         load_model(checkpoint)
 
 
-def test_prequantized_checkpoint_is_refused(checkpoint):
+@pytest.mark.parametrize(
+    "quant, named",
+    [({"quant_method": "fp8"}, "weight_block_size"), ({"quant_method": "awq", "bits": 4}, "'awq'")],
+    ids=["fp8-per-tensor", "awq"],
+)
+def test_unsupported_prequantized_checkpoints_are_refused_naming_why(checkpoint, quant, named):
+    """FP8 with block scales loads (tests/runtime/test_fp8.py); other formats are refused."""
     config = json.loads((checkpoint / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8"}
+    config["quantization_config"] = quant
     (checkpoint / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedModelError, match="fp8"):
+    with pytest.raises(UnsupportedModelError, match=named):
         load_model(checkpoint)
 
 
