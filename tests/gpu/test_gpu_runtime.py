@@ -118,3 +118,22 @@ def test_serve_on_cuda_answers(server_process):
         assert "cuda" in server.logs()
     finally:
         assert server.stop() == 0, server.logs()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="needs FP8 tensor cores (Hopper)",
+)
+def test_native_fp8_matmul_agrees_with_dequantization_on_hopper():
+    from model_runtime.kernels.fp8 import Fp8Linear, quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(512, 384) / 384**0.5
+    layer = Fp8Linear(384, 512, bias=False, block=(128, 128)).cuda()
+    q, scale_inv = quantize(w, (128, 128))
+    layer.weight.data, layer.weight_scale_inv.data = q.cuda(), scale_inv.cuda()
+    x = torch.randn(64, 384, device="cuda", dtype=torch.bfloat16)
+    got = layer(x)  # the first call checks the native path against dequantization
+    assert layer.native is True, "torch._scaled_mm with block scales was not used on this Hopper GPU"
+    want = torch.nn.functional.linear(x, layer.dequantized(torch.bfloat16))
+    assert (got.float() - want.float()).abs().max().item() < 0.05 * want.float().abs().max().item()
