@@ -46,6 +46,23 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _utilization(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (a fraction of the device's memory), got {text}")
+    return value
+
+
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be > 0 bytes, got {text}")
+    return value
+
+
 def _non_negative(kind):
     def parse(text: str):
         value = kind(text)
@@ -133,8 +150,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="queued requests beyond which new ones get 429 / RESOURCE_EXHAUSTED",
     )
-    s.add_argument(
-        "--kv-cache-memory", type=parse_size, default=256 * 2**20, help="KV cache size (e.g. 256Mi, 8Gi)"
+    m = s.add_argument_group(
+        "memory",
+        "The KV cache is sized at start and reported in a log line and in moe_kv_cache_capacity_tokens. "
+        "One step's attention (each sequence's whole context gathered, padded to the longest, and the "
+        "scores) is budgeted per layer; a step that still runs out of memory is retried in halves and "
+        "fails only the requests that cannot run alone (one process; a replica over several ranks exits).",
+    )
+    m.add_argument(
+        "--gpu-memory-utilization",
+        type=_utilization,
+        default=None,
+        help="fraction of the device's memory the engine may use, as vLLM (None: 0.9 on CUDA): after a "
+        "profiling pass the KV cache gets util x total memory less this process's peak (weights and a "
+        "full step), less what is used outside torch and the step attention budget, and never more than "
+        "is free. On the CPU the KV cache stays 256Mi unless this is given; then util x (the host's "
+        "available memory (MemAvailable, or what the cgroup's limit leaves) + the weights) less the "
+        "weights and an estimate of a step's peak, at most 64Gi",
+    )
+    m.add_argument(
+        "--kv-cache-memory",
+        type=parse_size,
+        default=None,
+        help="the KV cache's size (e.g. 256Mi, 8Gi); given, it wins over --gpu-memory-utilization "
+        "(None: sized from the device's memory on CUDA, 256Mi on the CPU)",
+    )
+    m.add_argument(
+        "--max-step-attention-memory",
+        type=_positive_size,
+        default="1Gi",
+        help="the most one layer's attention may take in one step (gathered contexts and scores, "
+        "estimated): the scheduler fits each step's sequences and prefill chunks under it, and refuses "
+        "a request whose context alone exceeds it (400); on CUDA it is reserved beside the KV cache",
     )
     s.add_argument(
         "--request-timeout",
@@ -283,6 +330,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_model_len=args.max_model_len,
         max_waiting=args.max_waiting,
         kv_cache_memory_bytes=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_step_attention_bytes=args.max_step_attention_memory,
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
         max_body_bytes=args.max_body_bytes,

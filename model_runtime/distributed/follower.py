@@ -29,7 +29,7 @@ class Follower:
         self.comm = self.model.comm
         self.rank = spec.rank
         kv_dtype = _float_dtype(self.model)
-        self.weight_bytes, num_blocks = join_replica(self.model, self.config, kv_dtype)
+        self.weight_bytes, num_blocks, _ = join_replica(self.model, self.config, kv_dtype)
         self.kv_cache = self.model.allocate_kv_cache(
             num_blocks, self.config.block_size, kv_dtype, torch.device(self.config.device)
         )

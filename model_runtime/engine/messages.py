@@ -60,6 +60,8 @@ class EngineReady:
     device: str
     dtype: str
     weight_bytes: dict[int, int]  # rank -> bytes of weights, for every rank of the replica
+    max_context_tokens: int | None = None  # the step attention budget's limit on one context (None: none)
+    max_step_attention_bytes: int = 0
 
 
 @dataclass

@@ -63,6 +63,7 @@ class EngineProcess(EngineFront):
         self._spawned = spawned
         self.ranks = ranks
         self.weight_bytes: dict[int, int] = {}  # this pod's ranks -> bytes of weights
+        self.kv_capacity_tokens = 0  # as the engine reported when ready
         self.spec = spec
         self.config = spec.config
         self.tokenizer = tokenizer
@@ -127,8 +128,14 @@ class EngineProcess(EngineFront):
         self.max_model_len = info.max_model_len
         local = set(self.spec.parallel.global_ranks())
         self.weight_bytes = {rank: n for rank, n in info.weight_bytes.items() if rank in local}
+        self.kv_capacity_tokens = info.kv_capacity_tokens
         self.validator = RequestValidator(
-            self.tokenizer, info.vocab_size, info.max_model_len, info.kv_capacity_tokens
+            self.tokenizer,
+            info.vocab_size,
+            info.max_model_len,
+            info.kv_capacity_tokens,
+            max_context_tokens=info.max_context_tokens,
+            max_step_attention_bytes=info.max_step_attention_bytes,
         )
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._conn.fileno(), self._on_readable)
@@ -205,7 +212,12 @@ class EngineProcess(EngineFront):
     def stats(self) -> EngineStats:
         """As of the engine's last message; requests sent but not yet taken in count as waiting.
         Weight bytes: this pod's ranks only (the other pods report theirs)."""
-        return dataclasses.replace(self._stats, num_waiting=self._num_waiting(), weight_bytes=self.weight_bytes)
+        return dataclasses.replace(
+            self._stats,
+            num_waiting=self._num_waiting(),
+            weight_bytes=self.weight_bytes,
+            kv_capacity_tokens=self.kv_capacity_tokens,
+        )
 
     def _num_waiting(self) -> int:
         return self._stats.num_waiting + self._adds_sent - self._adds_applied

@@ -10,6 +10,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from model_runtime.engine.config import format_bytes
+
 MAX_LOGPROBS = 20  # top logprobs a request may ask for per token
 
 
@@ -108,6 +110,7 @@ class EngineStats:
     num_preemptions: int = 0  # cumulative
     max_model_len: int = 0
     weight_bytes: dict[int, int] = dataclasses.field(default_factory=dict)  # rank -> bytes (this pod's ranks)
+    kv_capacity_tokens: int = 0  # tokens the KV cache holds (blocks x block size), as sized at start
 
 
 def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -132,6 +135,8 @@ class RequestValidator:
     vocab_size: int
     max_model_len: int
     kv_capacity_tokens: int
+    max_context_tokens: int | None = None  # the step attention budget's limit on one context (None: none)
+    max_step_attention_bytes: int = 0  # that budget, for the message
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """The prompt's token ids, or EngineError saying what is wrong with the request."""
@@ -168,5 +173,12 @@ class RequestValidator:
             raise EngineError(
                 f"the prompt has {len(ids)} tokens but the KV cache holds only "
                 f"{self.kv_capacity_tokens}: shorten the prompt"
+            )
+        if self.max_context_tokens is not None and len(ids) + 1 > self.max_context_tokens:
+            raise EngineError(
+                f"the prompt has {len(ids)} tokens, but one step's attention memory budget "
+                f"({format_bytes(self.max_step_attention_bytes)}, --max-step-attention-memory) holds the "
+                f"context of at most {self.max_context_tokens} tokens per sequence: shorten the prompt to "
+                f"at most {self.max_context_tokens - 1} tokens"
             )
         return ids

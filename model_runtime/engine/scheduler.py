@@ -11,15 +11,25 @@ When the KV pool cannot hold the next token of a running sequence, the youngest 
 is preempted by recompute: its blocks are freed and it goes back to the front of the queue with
 its prompt and the tokens generated so far, which are prefilled again when it resumes. Sampling
 never redraws a generated token, so a resumed sequence continues exactly as it would have.
+
+Step memory: with `step_bytes` (one layer's attention memory for a step of S sequences, the most
+new tokens of one Q and the longest context L: engine/memory.StepMemory) and `max_step_bytes`, a
+step stays within the budget. Sequences are added in the order above while the step fits; a
+prefill chunk is shortened until it fits; the first sequence that does not fit ends the step (it
+and those after it wait for the next one). A sequence whose context alone is longer than
+`max_context_tokens` (what one sequence with one new token fits in the budget) can never run: it is
+taken out and reported in `SchedulerOutput.rejected`, and the others go on.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from model_runtime.engine.block_manager import BlockManager
+from model_runtime.engine.config import format_bytes
 
 
 class SeqStatus(enum.Enum):
@@ -69,6 +79,7 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]
     preempted: list[Sequence]
+    rejected: list[tuple[Sequence, str]] = field(default_factory=list)  # finished: too long to ever run
 
     @property
     def num_tokens(self) -> int:
@@ -76,12 +87,23 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        step_bytes: Callable[[int, int, int], int] | None = None,
+        max_step_bytes: int | None = None,
+        max_context_tokens: int | None = None,
+    ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.step_bytes = step_bytes if max_step_bytes is not None else None
+        self.max_step_bytes = max_step_bytes
+        self.max_context_tokens = max_context_tokens  # None: no limit besides the model's
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in order of admission: the last one is the youngest
 
@@ -106,39 +128,99 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
+        rejected: list[tuple[Sequence, str]] = []
+        shape = _Shape()
         decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
         prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
 
+        full = False  # the step's memory budget is reached: no one else this step
         for seq in decoding + prefilling:
             if budget == 0:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted below to make room for an older one
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            if (reason := self._too_long(seq)) is not None:
+                self.finish(seq)
+                rejected.append((seq, reason))
+                continue
+            n = self._fit(shape, seq, min(seq.num_uncomputed_tokens, budget))
+            if n == 0:
+                full = True
+                break
             while not self.blocks.grow(seq.block_table, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
-                scheduled = [s for s in scheduled if s.seq is not victim]
+                if any(s.seq is victim for s in scheduled):
+                    scheduled = [s for s in scheduled if s.seq is not victim]
+                    shape = _Shape.of(scheduled)
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
                 scheduled.append(ScheduledSeq(seq, n))
+                shape.add(seq, n)
                 budget -= n
         budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in scheduled)
 
         # after a preemption the pool is tight: admit no one new until it eases
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (
+            not preempted
+            and not full
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+        ):
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
+            if (reason := self._too_long(seq)) is not None:
+                self.finish(seq)
+                rejected.append((seq, reason))
+                continue
+            n = self._fit(shape, seq, min(seq.num_uncomputed_tokens, budget))
+            if n == 0:
+                break  # the step is full; the head of the queue goes first next time
             if not self.blocks.grow(seq.block_table, seq.num_computed_tokens + n):
                 break  # first come first served: no one overtakes the head of the queue
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))
+            shape.add(seq, n)
             budget -= n
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(scheduled, preempted, rejected)
+
+    def _too_long(self, seq: Sequence) -> str | None:
+        """Why `seq` can never run within the step memory budget, or None."""
+        limit = self.max_context_tokens
+        if limit is None or seq.num_tokens <= limit:
+            return None
+        need = self.step_bytes(1, 1, seq.num_tokens) if self.step_bytes is not None else 0
+        return (
+            f"the request has {seq.num_tokens} tokens, but attending to that context alone takes "
+            f"{format_bytes(need)} per layer, more than the step attention budget of "
+            f"{format_bytes(self.max_step_bytes or 0)} (--max-step-attention-memory): one sequence "
+            f"fits at most {limit} tokens of context"
+        )
+
+    def _fit(self, shape: _Shape, seq: Sequence, n: int) -> int:
+        """The most of `seq`'s next `n` tokens this step can take within the memory budget (0: none)."""
+        if self.step_bytes is None:
+            return n
+
+        def fits(k: int) -> bool:
+            return self.step_bytes(*shape.with_seq(seq, k)) <= self.max_step_bytes
+
+        if fits(n):
+            return n
+        if n == 1 or not fits(1):
+            return 0
+        lo, hi = 1, n  # fits(lo), not fits(hi): shorten the prefill chunk
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -147,3 +229,25 @@ class Scheduler:
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
+
+
+@dataclass
+class _Shape:
+    """A step's shape for its attention memory: sequences, most new tokens, longest context."""
+
+    num_seqs: int = 0
+    max_new: int = 0
+    max_context: int = 0
+
+    @classmethod
+    def of(cls, scheduled: list[ScheduledSeq]) -> _Shape:
+        shape = cls()
+        for s in scheduled:
+            shape.add(s.seq, s.num_new_tokens)
+        return shape
+
+    def with_seq(self, seq: Sequence, n: int) -> tuple[int, int, int]:
+        return self.num_seqs + 1, max(self.max_new, n), max(self.max_context, seq.num_computed_tokens + n)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.num_seqs, self.max_new, self.max_context = self.with_seq(seq, n)

@@ -12,6 +12,13 @@ and it exits by itself once the server is gone (its end of the pipe closes).
 Distributed, this process is rank 0: while idle it sends the other ranks a heartbeat every second,
 on stop it tells them to exit, and when a rank is lost (ReplicaLost) it fails every request and
 exits with REPLICA_LOST_EXIT, so the server reports not live.
+
+A step that fails: out of memory, one process, LLMEngine.step itself retries the step's sequences
+in halves and fails only those that cannot run alone (the engine serves on). Any other failure
+fails every request in flight (the engine's state may be off) and the engine serves on. Distributed,
+any failed step, out of memory included, is fatal (ReplicaLost): the other ranks may be left inside
+that step's collectives, and a rank that ran out of memory may have stopped in the middle of one,
+so no rank can know where the others are; the replica exits and is restarted.
 """
 
 from __future__ import annotations
@@ -80,6 +87,8 @@ def run_engine_process(conn, spec: EngineSpec) -> None:
             device=str(engine.device),
             dtype=str(engine.kv_dtype).removeprefix("torch."),
             weight_bytes=engine.weight_bytes,
+            max_context_tokens=engine.max_context_tokens,
+            max_step_attention_bytes=engine.config.max_step_attention_bytes,
         )
     )
     code = 0

@@ -2,7 +2,7 @@
 
 Every series carries the label `model_name` (the served model name). Request-level series
 (latencies, token counts, outcomes) are recorded by the server as requests finish; engine-level
-series (running / waiting requests, KV cache use, tokens routed to each expert) are read from
+series (running / waiting requests, KV cache use and capacity, tokens routed to each expert) are read from
 the engine front's `stats()` at scrape time, so they are never stale and cost nothing between scrapes.
 
 Failures: `moe_request_failure_total{reason}` counts requests that did not finish, with `reason`
@@ -40,6 +40,7 @@ REQUEST_SUCCESS = "moe_request_success_total"
 REQUEST_FAILURE = "moe_request_failure_total"
 EXPERT_TOKENS = "moe_expert_tokens_total"
 WEIGHT_BYTES = "moe_weight_bytes"
+KV_CACHE_CAPACITY_TOKENS = "moe_kv_cache_capacity_tokens"
 
 # Why a request failed. `invalid_request` and `cancelled` are the client's doing.
 FAILURE_REASONS = (
@@ -153,7 +154,14 @@ class EngineStatsCollector(Collector):
             labels=["model_name", "layer", "expert"],
         )
         weights = weight_bytes_family()
+        capacity = GaugeMetricFamily(
+            KV_CACHE_CAPACITY_TOKENS,
+            "Tokens the KV cache holds (blocks x block size), as sized at start.",
+            labels=["model_name"],
+        )
         if stats is not None:
+            if getattr(stats, "kv_capacity_tokens", 0):
+                capacity.add_metric([self.model_name], stats.kv_capacity_tokens)
             for rank, n in sorted((getattr(stats, "weight_bytes", None) or {}).items()):
                 weights.add_metric([self.model_name, str(rank)], n)
             running.add_metric([self.model_name], stats.num_running)
@@ -165,7 +173,7 @@ class EngineStatsCollector(Collector):
         else:
             for family in (running, waiting, kv):
                 family.add_metric([self.model_name], 0)
-        yield from (running, waiting, kv, experts, weights)
+        yield from (running, waiting, kv, experts, weights, capacity)
 
     def describe(self) -> list[Metric]:
         return []

@@ -30,7 +30,7 @@ from model_runtime.distributed.ranks import LocalRanks
 from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.messages import EngineSpec
 from model_runtime.engine.process import EngineProcess
-from model_runtime.engine.requests import EngineError, EngineOverloaded, SamplingParams
+from model_runtime.engine.requests import EngineError, EngineFailed, EngineOverloaded, SamplingParams
 from model_runtime.engine.worker import spawn_engine
 from model_runtime.models.tokenizer import load_tokenizer
 from model_runtime.serving.config import LOG_FORMAT, ServerConfig
@@ -53,6 +53,9 @@ def engine_config_of(cfg: ServerConfig) -> EngineConfig:
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_step_attention_bytes=cfg.max_step_attention_bytes,
+        memory_shared_by=cfg.parallel.ranks_per_node,  # this pod's ranks (on the CPU: one host's memory)
         max_waiting=cfg.max_waiting,
         device=cfg.device,
         max_model_len=cfg.max_model_len,
@@ -369,10 +372,12 @@ class InferenceService:
                 yield output
                 if output.finished:
                     return
-        except EngineError as e:  # refused when the engine thread picks the request up
+        except EngineError as e:  # refused when the engine picks it up (too long for a step's memory)
             raise InvalidRequest(str(e)) from None
         except EngineOverloaded as e:
             raise Overloaded(f"server overloaded: {e}") from None
+        except EngineFailed as e:  # its step failed (out of memory even alone; the engine is gone): 500
+            raise ServiceError(str(e)) from None
         finally:
             timer.cancel()
             await outputs.aclose()
