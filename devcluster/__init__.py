@@ -7,7 +7,8 @@ devcluster` is the command line. Layout, in the order things start:
                  monitoring, and `DevCluster` (control_plane.py), which starts and stops it all
     node/        the local node agent: runs the pods bound to it as processes
     proxy.py     the service proxy: a local port per Service port, as kube-proxy
-    kubeapi.py   the one Kubernetes API client (the node, the proxy, pod discovery and `up` use it)
+    dns.py       the cluster DNS: headless Services, pod hostnames and pod names on loopback, as CoreDNS
+    kubeapi.py   the one Kubernetes API client (the node, the proxy, the DNS, pod discovery and `up`)
     processes.py, wait.py, files.py, loopback.py   what they all share
     cli.py       `python -m devcluster`; testing.py: `running_cluster` for test fixtures
 """

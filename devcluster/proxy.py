@@ -105,13 +105,20 @@ def target_port(service_port: dict, pod: dict) -> int | None:
     return None
 
 
-def endpoint_of(pod: dict, port: int, publish_not_ready: bool) -> Endpoint:
-    """The pod as the EndpointSlice controller publishes it (its podToEndpoint)."""
+def endpoint_conditions(pod: dict, publish_not_ready: bool) -> tuple[bool, bool, bool]:
+    """(ready, serving, terminating) of the pod's endpoint, as the EndpointSlice controller sets them
+    (its podToEndpoint): ready is never true for a terminating pod, unless the Service publishes
+    not-ready addresses."""
     serving = pod_is_serving(pod)
     terminating = bool(pod["metadata"].get("deletionTimestamp"))
+    return publish_not_ready or (serving and not terminating), serving, terminating
+
+
+def endpoint_of(pod: dict, port: int, publish_not_ready: bool) -> Endpoint:
+    """The pod as the EndpointSlice controller publishes it."""
+    ready, serving, terminating = endpoint_conditions(pod, publish_not_ready)
     return Endpoint(pod=pod["metadata"]["name"], ip=pod["status"]["podIP"], port=port,
-                    ready=publish_not_ready or (serving and not terminating),
-                    serving=serving, terminating=terminating)
+                    ready=ready, serving=serving, terminating=terminating)
 
 
 def service_endpoints(service: dict, service_port: dict, pods: list[dict]) -> list[Endpoint]:

@@ -9,7 +9,8 @@ exactly those processes and nothing else. Layout of the state dir (default `<rep
     pki/                  CA, serving and client certificates, service-account key pair
     etcd/                 etcd's data
     kwok/kwok.yaml        kwok's stages
-    node/                 the local node agent's state; services.json: the service proxy's ports
+    node/                 the local node agent's state (pods/<ns>_<name>/resolv.conf among it);
+                          services.json: the service proxy's ports
     monitoring/           prometheus.yml, alertmanager.yml, rules/*.yml, data
     logs/<name>.log       every process's output
     state.json            ports, processes, options of the running cluster
@@ -17,11 +18,13 @@ exactly those processes and nothing else. Layout of the state dir (default `<rep
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -57,7 +60,7 @@ PROMETHEUS_TOKEN_SECONDS = 30 * 24 * 3600
 # Stop order: what depends on the API server first (the node agent stops its pods on SIGTERM and
 # needs the API to report it), etcd last.
 STOP_ORDER = (("prometheus", "alertmanager", "pod-discovery", "proxy", "node"),
-              ("kwok", "kube-scheduler", "kube-controller-manager"),
+              ("kwok", "kube-scheduler", "kube-controller-manager", "dns"),
               ("kube-apiserver",),
               ("etcd",))
 
@@ -75,6 +78,33 @@ def local_pod_cidr(state_dir: Path) -> str:
     of both, binding the same ports on their own IPs, do not collide."""
     digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).digest()
     return f"127.{100 + digest[0] % LOCAL_POD_CIDRS}.0.0/16"
+
+
+def cluster_dns_candidates(state_dir: Path) -> list[str]:
+    """Addresses for the cluster DNS server, in the order `up` tries them: 127.53.N.10, N picked by the
+    state dir first (as local_pod_cidr picks the pod range), so two clusters on one machine get two
+    servers. 127.53.0.0/16 is outside every pod range (local 127.100-147.x.x, kwok 127.200.x.x) and
+    away from 127.0.0.1 and systemd-resolved's 127.0.0.53."""
+    first = hashlib.sha256(str(Path(state_dir).resolve()).encode()).digest()[0]
+    return [f"127.53.{(first + i) % 256}.10" for i in range(256)]
+
+
+def dns_port_free(ip: str, port: int = 53) -> bool | None:
+    """Whether UDP and TCP `port` are free on ip: True, False (taken), or None when this user may not
+    bind a port below 1024 at all (not root)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            if kind == socket.SOCK_STREAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((ip, port))
+            except PermissionError:
+                return None
+            except OSError as e:
+                if e.errno == errno.EACCES:
+                    return None
+                return False
+    return True
 
 
 @dataclass
@@ -284,6 +314,10 @@ class DevCluster:
             return ready, f"node {LOCAL_NODE_NAME} " + ("Ready" if ready else "not Ready")
         if name == "proxy":
             return True, str(self.services_file)
+        if name == "dns":
+            from devcluster import dns  # not at import: `python -m devcluster.dns` runs it as __main__
+
+            return dns.query_zone(state.cluster_dns or "")
         if name == "pod-discovery":
             ok, body = _http_ok(f"http://127.0.0.1:{ports[name]}/healthz")
             return ok, "" if ok else body
@@ -404,6 +438,7 @@ class DevCluster:
                                     *kwok.kwok_args(kubeconfigs["kwok"], kwok_config, ports["kwok"])])
 
         self._apply(state, kwok.simulated_nodes(state.gpu_nodes))
+        self._start_dns(state)
         self._start_node_and_proxy(state)
         if monitoring_enabled:
             self._start_monitoring(state, alert_webhook, alert_webhook_token_file)
@@ -413,6 +448,29 @@ class DevCluster:
         poll("the default ServiceAccount", lambda: self.api(lambda api: api.get_optional(
             "/api/v1/namespaces/default/serviceaccounts/default"), state) is not None,
             max(deadline - time.monotonic(), 1.0))
+
+    def _start_dns(self, state: ClusterState) -> None:
+        """The cluster DNS (devcluster/dns.py) on port 53 of a loopback address of its own, where this
+        user may bind port 53 (root); the node agent then points each pod's resolv.conf at it."""
+        from devcluster import dns  # not at import: `python -m devcluster.dns` runs it as __main__
+
+        for ip in cluster_dns_candidates(self.state_dir):
+            free = dns_port_free(ip, dns.DNS_PORT)
+            if free is None:
+                self.log("devcluster: WARNING no cluster DNS (binding port 53 needs root): cluster names "
+                         "(<svc>.<ns>.svc.cluster.local) do not resolve in pods")
+                return
+            if free:
+                break
+        else:
+            self.log("devcluster: WARNING no cluster DNS: port 53 is taken on every 127.53.N.10")
+            return
+        self._spawn(state, "dns", [
+            sys.executable, "-m", "devcluster.dns", "--kubeconfig", str(self.kubeconfig), "--listen", ip,
+            "--port", str(dns.DNS_PORT), "--cluster-domain", dns.CLUSTER_DOMAIN,
+        ], env=dict(os.environ, KUBECONFIG=str(self.kubeconfig)))
+        state.cluster_dns = ip
+        self._write_state(state)
 
     def _start_node_and_proxy(self, state: ClusterState) -> None:
         """The local node agent and service proxy (devcluster/node/, proxy.py), where present."""
@@ -425,6 +483,7 @@ class DevCluster:
                 "--gpus", str(LOCAL_NODE_GPUS), "--pod-cidr", local_pod_cidr(self.state_dir),
                 "--api-host", "127.0.0.1", "--api-port", str(state.ports["apiserver"]),
                 "--ca-file", str(self.pki.ca_cert),
+                *(["--cluster-dns", state.cluster_dns] if state.cluster_dns else []),
             ], env=env)
             state.local_node = True
         else:
@@ -518,6 +577,10 @@ class DevCluster:
                   alert_webhook: str | None, alert_webhook_token_file: str | None, timeout: float) -> None:
         """Add to a healthy running cluster what this `up` asks for and it lacks."""
         deadline = time.monotonic() + timeout
+        if state.cluster_dns is None and state.local_node and os.geteuid() == 0:
+            self.log("devcluster: WARNING this cluster was started without the cluster DNS, so names such "
+                     "as <svc>.<ns>.svc.cluster.local do not resolve in its pods; "
+                     "`python -m devcluster down && python -m devcluster up` restarts it with one")
         if gpu_nodes > state.gpu_nodes:
             self._apply(state, kwok.simulated_nodes(gpu_nodes)[state.gpu_nodes:])
             state.gpu_nodes = gpu_nodes

@@ -23,6 +23,7 @@ class ClusterState:
     alert_webhook_token_file: str | None = None
     local_node: bool = False
     proxy: bool = False
+    cluster_dns: str | None = None  # the DNS server's address (port 53), when it runs
     kubernetes_version: str = versions.KUBERNETES_VERSION
     # Set by devcluster.testing: a test session started the cluster / added its monitoring, so the
     # last test session to leave takes it down again.

@@ -9,14 +9,20 @@ What a pod sees, compared with a real kubelet (docs/devcluster-node.md has the u
   routes all of 127.0.0.0/8 to ``lo``), but pods share the machine's network stack: a process must
   bind to its pod IP (downward API ``status.podIP``), not 0.0.0.0, for two pods to use one port.
   ``hostNetwork`` pods get 127.0.0.1.
+- DNS: with ``--cluster-dns`` (``up`` passes the devcluster's DNS server, devcluster/dns.py), each
+  container process starts in a mount namespace of its own with the pod's resolv.conf, as the kubelet
+  writes it (``search <ns>.svc.<domain> svc.<domain> <domain>``, ``options ndots:5``), bound over
+  /etc/resolv.conf; ``dnsPolicy: Default`` and hostNetwork pods keep the machine's (resolv.py). This
+  needs root; without it the agent warns and pods use the machine's file.
 - Image: ignored. ``command`` + ``args`` run as a local process (``command`` is required; the first
   word is looked up in the container's ``PATH``, whose first entry is the directory of the Python
   running this agent, so the project's ``.venv`` console scripts resolve). The process starts in
   its own session/process group with a minimal environment (PATH, HOME, LANG and a few caches; never
   this agent's KUBECONFIG), plus env/envFrom as in Kubernetes (downward API fieldRef and
   resourceFieldRef, configMapKeyRef/secretKeyRef read from the API, ``$(VAR)`` expansion).
-  ``KUBERNETES_SERVICE_HOST=127.0.0.1`` and ``KUBERNETES_SERVICE_PORT=<api port>`` are injected.
-- Volumes: no mount namespaces (no root tricks), so a container's volumeMounts become environment
+  ``KUBERNETES_SERVICE_HOST=127.0.0.1`` and ``KUBERNETES_SERVICE_PORT=<api port>`` are injected;
+  ``HOSTNAME`` is ``spec.hostname``, else the pod's name.
+- Volumes: not mounted (the mount namespace only covers /etc/resolv.conf), so a container's volumeMounts become environment
   variables ``DEVCLUSTER_MOUNT_<PATH>=<host dir>`` where ``<PATH>`` is the mount path upper-cased with
   every run of other characters replaced by ``_`` (``/models`` -> ``DEVCLUSTER_MOUNT_MODELS``). emptyDir
   is a per-pod directory; hostPath is the host path itself; configMap, secret, downwardAPI and
@@ -49,6 +55,7 @@ Modules, in the order a pod meets them:
     env.py         a container's environment (downward API, ConfigMap/Secret keys, $(VAR)) and the
                    service account's token and kubeconfig (TokenRequest)
     volumes.py     the pod's volumes as directories and files on this machine
+    resolv.py      the pod's resolv.conf (the kubelet's dnsPolicy rules) and its mount namespace
     containers.py  one container's process: start, restarts with back-off, SIGTERM with grace
     probes.py      probes and lifecycle handlers
     status.py      what the node reports: pod status, events, Node status, Lease

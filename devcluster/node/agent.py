@@ -24,10 +24,12 @@ from pathlib import Path
 import aiohttp
 
 from devcluster import processes
+from devcluster.dns import CLUSTER_DOMAIN
 from devcluster.kubeapi import ApiClient, ApiError, ClusterAccess, Informer, rfc3339
 from devcluster.node.context import BACKOFF_BASE_SECONDS, IpAllocator, NodeConfig, NodeContext, ProcessTable
 from devcluster.node.env import base_environment
 from devcluster.node.logs import LOG_ROTATE_BYTES, LogServer, rotate_log
+from devcluster.node.resolv import mount_namespaces_work
 from devcluster.node.status import EventRecorder, node_capacity, node_labels, node_status, renew_lease
 from devcluster.node.worker import DEFAULT_GRACE_SECONDS, PodWorker
 
@@ -52,6 +54,14 @@ class NodeAgent:
             # Pod processes die with the agent (SIGKILL on the parent's death) if setpriv is at hand.
             setpriv_prefix=[setpriv, "--pdeathsig", "KILL", "--"] if setpriv else [],
             events=EventRecorder(config.node_name))
+        works, why = mount_namespaces_work(config.state_dir)
+        self.node.mount_namespaces = works
+        if config.cluster_dns and not works:
+            log.warning("pods cannot get their own /etc/resolv.conf (no mount namespace: %s); they resolve "
+                        "through this machine's, and cluster names (%s) do not resolve in them",
+                        why, config.cluster_domain)
+        elif config.cluster_dns:
+            log.info("pods resolve through the cluster DNS at %s (%s)", config.cluster_dns, config.cluster_domain)
         self.workers: dict[str, PodWorker] = {}
         self._worker_tasks: dict[str, asyncio.Task] = {}
         self._stopping_tasks: set[asyncio.Task] = set()
@@ -230,6 +240,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the API server's port (default: the kubeconfig server's port)")
     parser.add_argument("--ca-file", default=None,
                         help="the API server's CA certificate (default: the kubeconfig's)")
+    parser.add_argument("--cluster-dns", default=None,
+                        help="the cluster DNS server's address, written into each pod's resolv.conf "
+                             "(default: none; pods use this machine's resolv.conf)")
+    parser.add_argument("--cluster-domain", default=CLUSTER_DOMAIN)
     parser.add_argument("--backoff-base-seconds", type=float, default=BACKOFF_BASE_SECONDS,
                         help="first crash-loop back-off (doubles up to 300 s)")
     parser.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
@@ -249,6 +263,7 @@ async def amain(args: argparse.Namespace) -> int:
         raise SystemExit("--ca-file is needed: the kubeconfig names no certificate authority")
     config = NodeConfig(node_name=args.node_name, state_dir=state_dir, gpus=args.gpus, pod_cidr=args.pod_cidr,
                         api_host=args.api_host, api_port=port, ca_file=str(Path(ca_file).resolve()),
+                        cluster_dns=args.cluster_dns, cluster_domain=args.cluster_domain,
                         backoff_base=args.backoff_base_seconds, shutdown_grace=args.shutdown_grace_seconds)
     agent_processes = ProcessTable(state_dir / "processes.json")
     agent_processes.kill_leftovers()

@@ -60,13 +60,13 @@ def command_line(words: list[str], env: dict[str, str], cwd: str) -> list[str]:
 
 
 async def spawn(node: NodeContext, pod_key: str, log_path: Path, container_name: str, argv: list[str],
-                env: dict[str, str], cwd: str) -> asyncio.subprocess.Process:
-    """Starts a container's process in a session of its own, output appended to its log, recorded in
-    the node's process table."""
+                env: dict[str, str], cwd: str, prefix: list[str] | None = None) -> asyncio.subprocess.Process:
+    """Starts a container's process in a session of its own (behind `prefix`: the pod's mount
+    namespace wrapper, resolv.py), output appended to its log, recorded in the node's process table."""
     with open_for_run(log_path, argv) as log_file:
         try:
             process = await asyncio.create_subprocess_exec(
-                *node.setpriv_prefix, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
+                *node.setpriv_prefix, *(prefix or []), *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
         except OSError as e:
             raise StartFailure("RunContainerError", f"cannot start {argv[0]!r}: {e.strerror or e}") from e
@@ -93,6 +93,7 @@ class RunnerPod(Protocol):
     key: str
     dir: Path
     pod_ip: str | None
+    launch_prefix: list[str]
     has_init: bool
     stopping: bool
 
@@ -149,7 +150,8 @@ class ContainerRunner:
                 config_retries = 0
                 started_at = time.time()
                 log_path = worker.dir / f"{self.name}.log"
-                self.process = await spawn(worker.node, worker.key, log_path, self.name, argv, self.env, self.cwd)
+                self.process = await spawn(worker.node, worker.key, log_path, self.name, argv, self.env, self.cwd,
+                                           worker.launch_prefix)
             except ConfigError as e:
                 # The kubelet retries these on every sync; the pod stays Pending meanwhile.
                 self._set(state={"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}})
@@ -259,7 +261,7 @@ class ContainerRunner:
         while process.returncode is None:
             ok, message = await run_handler(probe, pod_ip=self.worker.pod_ip or "", container=self.container,
                                             env=self.env, cwd=self.cwd, timeout=timeout,
-                                            http=self.worker.node.http)
+                                            http=self.worker.node.http, prefix=self.worker.launch_prefix)
             changed = tracker.observe(ok)
             if not ok:
                 log.debug("%s/%s: %s probe failed: %s", self.worker.key, self.name, kind, message)

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from devcluster import processes
+from devcluster.dns import CLUSTER_DOMAIN
 from devcluster.files import write_atomic
 from devcluster.kubeapi import ApiClient
 from devcluster.node.status import EventRecorder
@@ -31,6 +32,8 @@ class NodeConfig:
     api_port: int
     ca_file: str
     host_ip: str = "127.0.0.1"
+    cluster_dns: str | None = None  # the cluster DNS server's address (the kubelet's --cluster-dns)
+    cluster_domain: str = CLUSTER_DOMAIN
     backoff_base: float = BACKOFF_BASE_SECONDS
     shutdown_grace: float = 10.0
 
@@ -125,4 +128,6 @@ class NodeContext:
     base_env: dict[str, str]  # what every pod process inherits (env.base_environment)
     setpriv_prefix: list[str]  # argv prefix that makes a pod process die with the agent, if available
     events: EventRecorder
+    # Pod processes can get their own mount namespace (resolv.py): needs root and util-linux.
+    mount_namespaces: bool = False
     http: aiohttp.ClientSession | None = None  # for probes; made once the event loop runs

@@ -65,14 +65,15 @@ def _probe_host(handler: dict, pod_ip: str) -> str:
     return host
 
 
-async def _exec_handler(command: list[str], env: dict[str, str], cwd: str, timeout: float) -> tuple[bool, str]:
+async def _exec_handler(command: list[str], env: dict[str, str], cwd: str, timeout: float,
+                        prefix: list[str]) -> tuple[bool, str]:
     if not command:
         return False, "exec: empty command"
     exe = find_executable(command[0], env.get("PATH", ""), cwd)
     if exe is None:
         return False, f'exec: "{command[0]}": executable file not found in $PATH'
     proc = await asyncio.create_subprocess_exec(
-        exe, *command[1:], stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        *prefix, exe, *command[1:], stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     try:
         output, _ = await asyncio.wait_for(proc.communicate(), timeout)
@@ -103,11 +104,14 @@ async def _grpc_health(host: str, port: int, service: str, timeout: float) -> tu
 
 
 async def run_handler(handler: dict, *, pod_ip: str, container: dict, env: dict[str, str], cwd: str,
-                      timeout: float, http: aiohttp.ClientSession) -> tuple[bool, str]:
-    """Runs one probe or lifecycle handler (exec, httpGet, tcpSocket, grpc, sleep); (ok, message)."""
+                      timeout: float, http: aiohttp.ClientSession,
+                      prefix: list[str] | None = None) -> tuple[bool, str]:
+    """Runs one probe or lifecycle handler (exec, httpGet, tcpSocket, grpc, sleep); (ok, message).
+    An exec command starts behind `prefix` (the pod's mount namespace wrapper), as it would run in
+    the container."""
     try:
         if "exec" in handler:
-            return await _exec_handler(handler["exec"].get("command") or [], env, cwd, timeout)
+            return await _exec_handler(handler["exec"].get("command") or [], env, cwd, timeout, prefix or [])
         if "httpGet" in handler:
             get = handler["httpGet"]
             host = _probe_host(get, pod_ip)

@@ -25,6 +25,7 @@ from devcluster.node.env import (
     mount_env,
 )
 from devcluster.node.probes import run_handler
+from devcluster.node.resolv import HOST_RESOLV_CONF, namespace_prefix, resolv_conf
 from devcluster.node.status import pod_status
 from devcluster.node.volumes import make_volumes
 
@@ -69,6 +70,7 @@ class PodWorker:
         self._terminal_before = status.get("phase") in ("Succeeded", "Failed")
         self.sa_env: dict[str, str] = {}
         self.volume_dirs: dict[str, str] = {}
+        self.launch_prefix: list[str] = []  # what starts a container process in the pod's mount namespace
         self._tasks: list[asyncio.Task] = []
         self._status_task: asyncio.Task | None = None
         self._stopped: asyncio.Future | None = None
@@ -163,6 +165,7 @@ class PodWorker:
                 self.volume_dirs = await make_volumes(
                     self.pod, self.dir / "volumes", client=self.node.client, tokens=tokens,
                     pod_ip=self.pod_ip or "", host_ip=config.host_ip, allocatable=self.node.allocatable)
+                self._write_resolv_conf()
                 self.message = ""
                 self.changed()
                 if tokens.tokens:
@@ -176,6 +179,22 @@ class PodWorker:
                 await self.wait_stopping(delay)
                 delay = min(delay * 2, 10)
         return False
+
+    def _write_resolv_conf(self) -> None:
+        """The pod's resolv.conf, bound over /etc/resolv.conf in its processes' mount namespace; none
+        where it is the machine's own file, or where this node cannot make mount namespaces."""
+        config = self.node.config
+        try:
+            host_text = HOST_RESOLV_CONF.read_text()
+        except OSError:
+            host_text = ""
+        text = resolv_conf(self.pod, config.cluster_dns, config.cluster_domain, host_text)
+        if text is None or not self.node.mount_namespaces:
+            self.launch_prefix = []
+            return
+        path = self.dir / "resolv.conf"
+        path.write_text(text)
+        self.launch_prefix = namespace_prefix(path)
 
     def _prepare_dir(self) -> None:
         marker = self.dir / ".uid"
@@ -194,7 +213,9 @@ class PodWorker:
                 "command and args as a local process; set spec.containers[].command")
         config = self.node.config
         sources = await env_source_data(self.node.client, self.namespace, container)
-        base = {**self.node.base_env, "HOSTNAME": self.name,
+        # The container's hostname, as the runtime sets it: spec.hostname, else the pod's name.
+        hostname = (self.pod.get("spec") or {}).get("hostname") or self.name
+        base = {**self.node.base_env, "HOSTNAME": hostname,
                 **kubernetes_service_env(config.api_host, config.api_port), **self.sa_env}
         env = container_env(self.pod, container, pod_ip=self.pod_ip or "", host_ip=config.host_ip,
                             base=base, sources=sources, node_allocatable=self.node.allocatable)
@@ -269,7 +290,8 @@ class PodWorker:
         if not handler or grace <= 0:
             return
         ok, message = await run_handler(handler, pod_ip=self.pod_ip or "", container=runner.container,
-                                        env=runner.env, cwd=runner.cwd, timeout=grace, http=self.node.http)
+                                        env=runner.env, cwd=runner.cwd, timeout=grace, http=self.node.http,
+                                        prefix=self.launch_prefix)
         if not ok:
             log.info("%s/%s: preStop hook failed: %s", self.key, runner.name, message)
 
