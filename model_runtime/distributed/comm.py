@@ -17,6 +17,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -168,8 +170,11 @@ def init_comm(parallel: ParallelConfig, rank: int, device: torch.device) -> Comm
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    # gloo on loopback: never let it pick an interface by the hostname's address
-    if parallel.master_addr.startswith("127.") or parallel.master_addr == "localhost":
+    # rank 0's pod may not have its address (or DNS name) yet when another pod starts
+    address = wait_for_address(parallel.master_addr, parallel.join_timeout_s)
+    # rank 0 on loopback (one machine, the devcluster's pods): gloo must listen there too, never on
+    # an interface it picks by the hostname's address
+    if address.startswith("127."):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     log.info(
         "rank %d of %d: joining %s:%d (%s)",
@@ -193,10 +198,22 @@ def init_comm(parallel: ParallelConfig, rank: int, device: torch.device) -> Comm
     return Comm(rank, parallel.world_size, device, cpu_group, device_group)
 
 
+def wait_for_address(host: str, timeout_s: float, poll_s: float = 0.5) -> str:
+    """`host`'s IPv4 address, waiting (up to timeout_s) while it does not resolve yet: a group's
+    leader gets its DNS record only once its pod has an IP."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return socket.gethostbyname(host)
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise ReplicaLost(f"rank 0's address {host!r} did not resolve in {timeout_s:.0f}s: {e}") from e
+            log.info("waiting for %s to resolve (%s)", host, e)
+            time.sleep(poll_s)
+
+
 def _loopback_interface() -> str:
     try:
-        import socket
-
         for _, name in socket.if_nameindex():
             if name == "lo" or name.startswith("lo"):
                 return name

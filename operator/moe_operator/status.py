@@ -11,6 +11,7 @@ from typing import Any
 from .api.reasons import (
     ALL_REPLICAS_READY,
     CONVERGED,
+    GROUP_RESTARTING,
     HEALTHY,
     INSUFFICIENT_GPU,
     MODEL_LOADING,
@@ -67,6 +68,11 @@ def _degraded(md: ModelDeployment, observed: Observed) -> tuple[str, str] | None
                                   f"{short[0].unschedulable}")
     if unschedulable:
         return UNSCHEDULABLE, f"{_plural(len(unschedulable), 'pod')} cannot be scheduled: {unschedulable[0].unschedulable}"
+    broken = [(g, *g.broken) for g in observed.groups.values() if g.broken]
+    if broken:
+        g, rank, why = broken[0]
+        return GROUP_RESTARTING, (f"replica group {g.replica} of revision {g.revision} lost rank {rank} ({why}): "
+                                  "re-creating the whole group")
     failing = [p for p in current if p.failure]
     if failing:
         reason, message = failing[0].failure

@@ -42,6 +42,7 @@ def test_labels_follow_the_contract():
         "app.kubernetes.io/name": "moe-model-server",
         "app.kubernetes.io/instance": "chat-moe",
         "app.kubernetes.io/managed-by": "moe-operator",
+        "serving.moe.dev/group": f"chat-moe-{revision_of(md)}-3",
     }
     assert pod["metadata"]["name"] == f"chat-moe-{revision_of(md)}-3-1"
     (owner,) = pod["metadata"]["ownerReferences"]
@@ -57,14 +58,17 @@ def test_runtime_command_and_env():
     assert c["command"] == ["moe-runtime"]
     assert c["args"] == ["serve", "--model", "builtin:tiny-deepseek-v3", "--served-model-name", "chat",
                          "--http-port", "8000", "--grpc-port", "8001", "--dtype", "float32",
-                         "--drain-timeout", "55", "--max-num-seqs", "8"]
+                         "--drain-timeout", "55", "--tensor-parallel-size", "4", "--nnodes", "4",
+                         "--node-rank", "2", "--master-addr", "$(MOE_LEADER_ADDRESS)",
+                         "--master-port", "$(MOE_MASTER_PORT)", "--max-num-seqs", "8"]
     e = env(pod)
     assert e["POD_IP"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}
     assert e["POD_NAME"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert e["POD_NAMESPACE"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert (e["MOE_RANK"], e["MOE_WORLD_SIZE"], e["X"]) == ("2", "4", "1")
     assert e["MOE_REVISION"] == pod["metadata"]["labels"]["serving.moe.dev/revision"]
-    assert [p["containerPort"] for p in c["ports"]] == [8000, 8001]
+    assert [p["containerPort"] for p in c["ports"]] == [8000, 8001, int(e["MOE_MASTER_PORT"])]
+    assert e["MOE_LEADER_ADDRESS"] == f"rank-0.chat-moe-{revision_of(md)}-0.ns"
 
 
 def test_gpu_limits_and_requests():
@@ -160,3 +164,115 @@ def test_services():
         assert names.LABEL_IN_ROTATION not in svc["spec"]["selector"]
     assert traffic["metadata"]["ownerReferences"][0]["uid"] == "u-1"
     assert pods_selector(md) == "serving.moe.dev/deployment=chat-moe,serving.moe.dev/rank=0"
+
+
+def test_a_multi_pod_group_is_one_server_whose_ranks_meet_at_the_leaders_name():
+    md = md_of({"resources": {"gpus": 8}, "topology": {"podsPerReplica": 2},
+                "runtime": {"args": ["--enable-expert-parallel"]}})
+    rev = revision_of(md)
+    leader, follower = pod_of(md, rank=0, replica=1), pod_of(md, rank=1, replica=1)
+    for rank, pod in enumerate((leader, follower)):
+        spec, c, e = pod["spec"], container(pod), env(pod)
+        assert spec["hostname"] == f"rank-{rank}" and spec["subdomain"] == f"chat-moe-{rev}-1"
+        assert e["MOE_LEADER_ADDRESS"] == f"rank-0.chat-moe-{rev}-1.ns"
+        args = c["args"]
+        flag = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+        assert flag["--tensor-parallel-size"] == "16" and flag["--nnodes"] == "2"
+        assert flag["--node-rank"] == str(rank) and flag["--master-addr"] == "$(MOE_LEADER_ADDRESS)"
+        assert args[-1] == "--enable-expert-parallel"
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+        assert {"name": "dist", "containerPort": int(e["MOE_MASTER_PORT"]), "protocol": "TCP"} in c["ports"]
+    # every group its own rendezvous port (groups may share a network stack), stable per group
+    assert env(leader)["MOE_MASTER_PORT"] == env(follower)["MOE_MASTER_PORT"]
+    assert env(pod_of(md, replica=2))["MOE_MASTER_PORT"] != env(leader)["MOE_MASTER_PORT"]
+
+
+def test_a_single_pod_over_several_gpus_runs_one_rank_per_gpu_and_no_rendezvous():
+    pod = pod_of(md_of({"resources": {"gpus": 4}}))
+    args = container(pod)["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "4" and "--nnodes" not in args
+    assert "hostname" not in pod["spec"] and "MOE_LEADER_ADDRESS" not in env(pod)
+    one = pod_of(md_of({"resources": {"gpus": 1}}))
+    assert "--tensor-parallel-size" not in container(one)["args"]
+    assert "dshm" not in str(one["spec"].get("volumes"))
+
+
+def test_the_group_service_is_headless_and_publishes_ranks_before_they_are_ready():
+    from moe_operator.desired.services import desired_group_service
+
+    md = md_of({"topology": {"podsPerReplica": 2}})
+    rev = revision_of(md)
+    svc = desired_group_service(md, rev, 1)
+    assert svc["metadata"]["name"] == f"chat-moe-{rev}-1" == pod_of(md, replica=1)["spec"]["subdomain"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"serving.moe.dev/deployment": "chat-moe", "serving.moe.dev/revision": rev,
+                                       "serving.moe.dev/replica": "1"}
+    assert svc["spec"]["ports"][0]["port"] == int(env(pod_of(md, replica=1))["MOE_MASTER_PORT"])
+    long = md_of({"topology": {"podsPerReplica": 2}}, name="m" * 55)
+    name = desired_group_service(long, revision_of(long), 12)["metadata"]["name"]
+    assert len(name) <= 63 and name.endswith(f"-{revision_of(long)}-12")
+
+
+def test_placement_passes_through_and_group_domain_keeps_a_group_in_one_domain():
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}}
+    spread = [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway",
+               "labelSelector": {"matchLabels": {"serving.moe.dev/deployment": "chat-moe"}}}]
+    md = md_of({"scheduling": {"affinity": affinity, "topologySpreadConstraints": spread},
+                "topology": {"podsPerReplica": 2, "groupDomain": "nvidia.com/nvlink-domain"}})
+    pod = pod_of(md, rank=1, replica=0)
+    spec = pod["spec"]
+    assert spec["affinity"]["nodeAffinity"] == affinity["nodeAffinity"]
+    assert spec["topologySpreadConstraints"] == spread
+    (same,) = spec["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert same["topologyKey"] == "nvidia.com/nvlink-domain"
+    assert same["labelSelector"]["matchLabels"] == {"serving.moe.dev/deployment": "chat-moe",
+                                                    "serving.moe.dev/revision": revision_of(md),
+                                                    "serving.moe.dev/replica": "0"}
+    (other,) = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert {"key": "serving.moe.dev/group", "operator": "NotIn",
+            "values": [pod["metadata"]["labels"]["serving.moe.dev/group"]]} in other["labelSelector"]["matchExpressions"]
+    # placement is part of the template: changing it is a new revision; absent, hashes stay as they were
+    assert revision_of(md) != revision_of(md_of({"topology": {"podsPerReplica": 2}}))
+    with pytest.raises(Exception, match="groupDomain"):
+        md_of({"topology": {"groupDomain": "not a label"}})
+
+
+def test_a_group_that_lost_a_rank_is_recreated_whole_and_says_which_rank():
+    from moe_operator.rollout.layout import _layout
+    from moe_operator.status import status_of
+    from moe_operator.world.observe import observed_from
+    from moe_operator.world.plan import Plan
+
+    md = md_of({"replicas": 1, "topology": {"podsPerReplica": 2}, "resources": {"gpus": 1}})
+    rev = revision_of(md)
+
+    def body(rank, ready=True, restarts=0):
+        pod = pod_of(md, rank=rank)
+        pod["status"] = {"phase": "Running", "podIP": f"127.0.0.{rank + 2}",
+                         "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                         "containerStatuses": [{"name": "runtime", "ready": ready, "restartCount": restarts,
+                                                **({"lastState": {"terminated": {"exitCode": 3}}} if restarts else {})}]}
+        return pod
+
+    healthy = observed_from([body(0), body(1)], [], 2)
+    assert healthy.groups[(rev, 0)].broken is None
+    groups, _ = _layout(md, healthy, 0.0, stable=rev, stable_track="stable", stable_floor=1)
+    assert [(g.replica, g.in_rotation) for g in groups] == [(0, True)]
+
+    # rank 0's runtime exited when rank 1 went away, and was restarted in place: the group cannot
+    # serve; it leaves rotation at once and a new group (another replica index) is made
+    restarted = observed_from([body(0, ready=False, restarts=1), body(1)], [], 2)
+    assert restarted.groups[(rev, 0)].broken == (0, f"pod {body(0)['metadata']['name']} restarted "
+                                                    "(container runtime exited with code 3)")
+    groups, _ = _layout(md, restarted, 0.0, stable=rev, stable_track="stable", stable_floor=1)
+    planned = {(g.replica, g.in_rotation, g.draining) for g in groups}
+    assert (0, False, True) in planned and (1, False, False) in planned
+    status = status_of(md, restarted, Plan(rev, rev, tuple(groups)), "2026-01-01T00:00:00Z")
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "GroupRestarting" and "lost rank 0" in degraded["message"]
+
+    lost = observed_from([body(0)], [], 2)   # rank 1's pod is gone while rank 0 is ready
+    assert lost.groups[(rev, 0)].broken == (1, "its pod is gone")
+    starting = observed_from([body(0, ready=False)], [], 2)   # a group being made is not broken
+    assert starting.groups[(rev, 0)].broken is None

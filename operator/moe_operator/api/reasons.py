@@ -18,6 +18,7 @@ MODEL_LOADING = "ModelLoading"
 INSUFFICIENT_GPU = "InsufficientGPUCapacity"
 UNSCHEDULABLE = "Unschedulable"
 PODS_FAILING = "PodsFailing"
+GROUP_RESTARTING = "GroupRestarting"  # a rank of a multi-pod group failed: the whole group is re-created
 INVALID_SPEC = "InvalidSpec"
 ROLLING_OUT = "RollingOut"
 SCALING_UP = "ScalingUp"

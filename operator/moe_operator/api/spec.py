@@ -151,6 +151,8 @@ class SchedulingSpec:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
     priority_class_name: str | None = None
+    affinity: Mapping[str, Any] | None = None             # the pod's affinity, as written
+    topology_spread_constraints: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,7 @@ class ModelDeployment:
     runtime: RuntimeSpec = RuntimeSpec()
     resources: ResourcesSpec = ResourcesSpec()
     pods_per_replica: int = 1
+    group_domain: str | None = None        # a node label: every pod of one group in one of its domains
     scheduling: SchedulingSpec = SchedulingSpec()
     rollout: RolloutSpec = RolloutSpec()
     autoscaling: AutoscalingSpec | None = None
@@ -309,8 +312,14 @@ class ModelDeployment:
             runtime=_runtime(template.get("runtime") or {}),
             resources=_resources(template.get("resources") or {}),
             pods_per_replica=_int(topology, "podsPerReplica", 1, "spec.topology.podsPerReplica", minimum=1),
+            group_domain=_label_key(topology.get("groupDomain"), "spec.topology.groupDomain"),
             scheduling=_scheduling(template.get("scheduling") or {}),
         )
+
+    @property
+    def ranks_per_group(self) -> int:
+        """Runtime ranks of one replica: one per GPU (one per pod without GPUs), over its pods."""
+        return self.pods_per_replica * max(self.resources.gpus, 1)
 
 
 def _int(obj: Mapping, key: str, default: int | None, field_name: str, minimum: int | None = None,
@@ -373,11 +382,31 @@ def _resources(res: Mapping) -> ResourcesSpec:
 
 
 def _scheduling(sch: Mapping) -> SchedulingSpec:
+    affinity = sch.get("affinity")
+    if affinity is not None and not isinstance(affinity, Mapping):
+        raise SpecError("spec.scheduling.affinity", "must be an object (a pod's affinity)")
+    spread = sch.get("topologySpreadConstraints") or ()
+    if not isinstance(spread, list | tuple) or not all(isinstance(c, Mapping) for c in spread):
+        raise SpecError("spec.scheduling.topologySpreadConstraints", "must be a list of objects")
     return SchedulingSpec(
         node_selector={str(k): str(v) for k, v in (sch.get("nodeSelector") or {}).items()},
         tolerations=tuple(dict(t) for t in sch.get("tolerations") or ()),
         priority_class_name=sch.get("priorityClassName"),
+        affinity=dict(affinity) if affinity else None,
+        topology_spread_constraints=tuple(dict(c) for c in spread),
     )
+
+
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+def _label_key(value: Any, field_name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 316 or not _LABEL_KEY.match(value):
+        raise SpecError(field_name, f"{value!r} is not a node label key (e.g. topology.kubernetes.io/zone)")
+    return value
 
 
 def _rollout(ro: Mapping) -> RolloutSpec:

@@ -22,7 +22,7 @@ from ..world.revisions import KIND as RECORD_KIND
 from .pods import PodSlot, desired_pod, owner_reference, pod_labels, pod_name, template_fingerprint
 from .rules import KIND as RULE_KIND
 from .rules import desired_rule
-from .services import desired_service
+from .services import desired_group_service, desired_service
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,10 @@ def desired_objects(md: ModelDeployment, plan: Plan, observed: Observed,
         if since:
             pod["metadata"]["annotations"] = {names.ANNOTATION_OUT_OF_ROTATION: since}
         objects.append(pod)
+    for g in plan.groups:   # each multi-pod group's headless Service: its ranks' names
+        view = templates.get(g.revision)
+        if view is not None and view.pods_per_replica > 1:
+            objects.append(desired_group_service(view, g.revision, g.replica))
     objects.append(desired_service(md))
     objects.extend(desired_service(md, track) for track in plan.service_tracks)
     if observed.rules is not None and (rule := desired_rule(md)) is not None:

@@ -4,6 +4,14 @@ A replica group is `pods_per_replica` pods of one revision, ranks 0..n-1. Everyt
 of comes from `pod_template_inputs(md)`; its hash is the revision, so changing `replicas`, rollout or
 autoscaling settings makes no new revision, and a pod's spec never needs an update in place (pod
 specs are immutable): a new revision means new pods.
+
+A replica of several ranks (pods x GPUs per pod, or several pods) is one runtime server: each pod
+runs `moe-runtime serve --tensor-parallel-size N --nnodes K --node-rank R --master-addr ADDR
+--master-port P`, as LeaderWorkerSet's pods run vLLM. Across pods the ranks meet at the leader's
+stable name, `rank-0.<group Service>.<namespace>`: every pod of the group has `hostname`
+`rank-<rank>` and `subdomain` its group's headless Service (services.desired_group_service), and
+gets the name in `MOE_LEADER_ADDRESS` (LeaderWorkerSet's LWS_LEADER_ADDRESS), with `MOE_RANK`,
+`MOE_WORLD_SIZE` and `MOE_MASTER_PORT`.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 from ..api import names
 from ..api.spec import ModelDeployment
 
+DSHM_SIZE = "16Gi"   # /dev/shm for NCCL between a pod's GPUs (containers get 64 MiB by default)
 MODEL_MOUNT = "/models"
 MODEL_CACHE_MOUNT = "/model-cache"
 STARTUP_PERIOD_SECONDS = 5
@@ -55,6 +64,11 @@ def pod_template_inputs(md: ModelDeployment) -> dict[str, Any]:
             "nodeSelector": dict(md.scheduling.node_selector),
             "tolerations": [dict(t) for t in md.scheduling.tolerations],
             "priorityClassName": md.scheduling.priority_class_name,
+            # placement fields enter the hash only when set: revisions made before they existed keep theirs
+            **({"affinity": dict(md.scheduling.affinity)} if md.scheduling.affinity else {}),
+            **({"topologySpreadConstraints": [dict(c) for c in md.scheduling.topology_spread_constraints]}
+               if md.scheduling.topology_spread_constraints else {}),
+            **({"groupDomain": md.group_domain} if md.group_domain else {}),
         },
     }
 
@@ -100,7 +114,7 @@ def common_labels(md: ModelDeployment) -> dict[str, str]:
 
 
 def pod_labels(md: ModelDeployment, slot: PodSlot) -> dict[str, str]:
-    return {
+    labels = {
         **common_labels(md),
         names.LABEL_REVISION: slot.revision,
         names.LABEL_TRACK: slot.track,
@@ -108,6 +122,9 @@ def pod_labels(md: ModelDeployment, slot: PodSlot) -> dict[str, str]:
         names.LABEL_RANK: str(slot.rank),
         names.LABEL_IN_ROTATION: "true" if slot.in_rotation else "false",
     }
+    if md.pods_per_replica > 1:
+        labels[names.LABEL_GROUP] = group_key(md, slot)
+    return labels
 
 
 def _model_volume(md: ModelDeployment) -> tuple[str, list[dict], list[dict], list[dict]]:
@@ -155,8 +172,11 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
-def runtime_args(md: ModelDeployment, model_arg: str) -> list[str]:
-    return [
+def runtime_args(md: ModelDeployment, model_arg: str, slot: PodSlot | None = None) -> list[str]:
+    """The runtime's flags: the model and ports; for a replica of several ranks its layout and
+    rendezvous (the user's `runtime.args` come last, so they may add to it, e.g.
+    --enable-expert-parallel)."""
+    args = [
         "serve",
         "--model", model_arg,
         "--served-model-name", md.model.served_name,
@@ -164,8 +184,18 @@ def runtime_args(md: ModelDeployment, model_arg: str) -> list[str]:
         "--grpc-port", str(names.GRPC_PORT),
         "--dtype", md.model.dtype,
         "--drain-timeout", str(md.runtime.drain_timeout_seconds),
-        *md.runtime.args,
     ]
+    if md.ranks_per_group > 1:
+        args += ["--tensor-parallel-size", str(md.ranks_per_group)]
+    if md.pods_per_replica > 1 and slot is not None:
+        args += ["--nnodes", str(md.pods_per_replica), "--node-rank", str(slot.rank),
+                 "--master-addr", "$(MOE_LEADER_ADDRESS)", "--master-port", "$(MOE_MASTER_PORT)"]
+    return [*args, *md.runtime.args]
+
+
+def leader_address(md: ModelDeployment, revision: str, replica: int) -> str:
+    """The group leader's stable DNS name, relative to the cluster domain (as LeaderWorkerSet's)."""
+    return f"{names.rank_hostname(0)}.{names.group_service_name(md.name, revision, replica)}.{md.namespace}"
 
 
 def _resources(md: ModelDeployment) -> dict[str, Any]:
@@ -186,19 +216,56 @@ def _resources(md: ModelDeployment) -> dict[str, Any]:
     return out
 
 
-def _env(md: ModelDeployment, revision: str, rank: int) -> list[dict[str, Any]]:
+def _env(md: ModelDeployment, slot: PodSlot) -> list[dict[str, Any]]:
     def field_ref(path: str) -> dict[str, Any]:
         return {"valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
+    group = []
+    if md.pods_per_replica > 1:
+        group = [
+            {"name": "MOE_LEADER_ADDRESS", "value": leader_address(md, slot.revision, slot.replica)},
+            {"name": "MOE_MASTER_PORT", "value": str(names.dist_port(md.name, slot.revision, slot.replica))},
+        ]
     return [
         {"name": "POD_IP", **field_ref("status.podIP")},
         {"name": "POD_NAME", **field_ref("metadata.name")},
         {"name": "POD_NAMESPACE", **field_ref("metadata.namespace")},
-        {"name": "MOE_RANK", "value": str(rank)},
+        {"name": "MOE_RANK", "value": str(slot.rank)},
         {"name": "MOE_WORLD_SIZE", "value": str(md.pods_per_replica)},
-        {"name": "MOE_REVISION", "value": revision},
+        {"name": "MOE_REVISION", "value": slot.revision},
+        *group,
         *(dict(e) for e in md.runtime.env),
     ]
+
+
+def group_labels(md: ModelDeployment, revision: str, replica: int) -> dict[str, str]:
+    """The labels that pick out one replica group's pods."""
+    return {names.LABEL_DEPLOYMENT: md.name, names.LABEL_REVISION: revision, names.LABEL_REPLICA: str(replica)}
+
+
+def _affinity(md: ModelDeployment, slot: PodSlot) -> dict[str, Any] | None:
+    """The user's affinity, plus for `topology.groupDomain` LeaderWorkerSet's exclusive placement:
+    every pod of a group in the domain of its peers (podAffinity on the group's labels; the first
+    pod matches itself), and no two groups in one domain (podAntiAffinity on other groups)."""
+    affinity = {k: dict(v) for k, v in (md.scheduling.affinity or {}).items()}
+    if md.group_domain and md.pods_per_replica > 1:
+        own = group_labels(md, slot.revision, slot.replica)
+        same_group = {"labelSelector": {"matchLabels": own}, "topologyKey": md.group_domain}
+        other_groups = {"labelSelector": {"matchExpressions": [
+            {"key": names.LABEL_DEPLOYMENT, "operator": "Exists"},
+            {"key": names.LABEL_RANK, "operator": "Exists"},
+            {"key": names.LABEL_GROUP, "operator": "NotIn", "values": [group_key(md, slot)]},
+        ]}, "topologyKey": md.group_domain}
+        for kind, term in (("podAffinity", same_group), ("podAntiAffinity", other_groups)):
+            section = affinity.setdefault(kind, {})
+            required = list(section.get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+            section["requiredDuringSchedulingIgnoredDuringExecution"] = [*required, term]
+    return affinity or None
+
+
+def group_key(md: ModelDeployment, slot: PodSlot) -> str:
+    """One value per replica group in the cluster (the `group` label's value)."""
+    return names.group_service_name(md.name, slot.revision, slot.replica)
 
 
 def desired_pod(md: ModelDeployment, slot: PodSlot) -> dict[str, Any]:
@@ -212,8 +279,8 @@ def desired_pod(md: ModelDeployment, slot: PodSlot) -> dict[str, Any]:
         "image": md.runtime.image,
         "imagePullPolicy": md.runtime.image_pull_policy,
         "command": ["moe-runtime"],
-        "args": runtime_args(md, model_arg),
-        "env": _env(md, slot.revision, slot.rank),
+        "args": runtime_args(md, model_arg, slot),
+        "env": _env(md, slot),
         "ports": [
             {"name": "http", "containerPort": names.HTTP_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": names.GRPC_PORT, "protocol": "TCP"},
@@ -236,6 +303,12 @@ def desired_pod(md: ModelDeployment, slot: PodSlot) -> dict[str, Any]:
     }
     if not container["resources"]:
         del container["resources"]
+    if md.pods_per_replica > 1:
+        port = names.dist_port(md.name, slot.revision, slot.replica)
+        container["ports"].append({"name": "dist", "containerPort": port, "protocol": "TCP"})
+    if md.ranks_per_group > 1 and md.resources.gpus > 0:  # NCCL's shared memory between the pod's GPUs
+        volumes = [*volumes, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": DSHM_SIZE}}]
+        mounts = [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}]
     if mounts:
         container["volumeMounts"] = mounts
     spec: dict[str, Any] = {
@@ -262,6 +335,13 @@ def desired_pod(md: ModelDeployment, slot: PodSlot) -> dict[str, Any]:
         spec["tolerations"] = [dict(t) for t in md.scheduling.tolerations]
     if md.scheduling.priority_class_name:
         spec["priorityClassName"] = md.scheduling.priority_class_name
+    if (affinity := _affinity(md, slot)) is not None:
+        spec["affinity"] = affinity
+    if md.scheduling.topology_spread_constraints:
+        spec["topologySpreadConstraints"] = [dict(c) for c in md.scheduling.topology_spread_constraints]
+    if md.pods_per_replica > 1:   # a stable name per rank: rank-<r>.<group Service>.<namespace>
+        spec["hostname"] = names.rank_hostname(slot.rank)
+        spec["subdomain"] = names.group_service_name(md.name, slot.revision, slot.replica)
     return {
         "apiVersion": "v1",
         "kind": "Pod",

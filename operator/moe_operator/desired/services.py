@@ -4,6 +4,10 @@
 `in-rotation` label, which the operator flips per replica group). `<name>-stable` selects the stable
 track, `<name>-canary` / `<name>-preview` the new revision while a rollout runs. Each selects the
 group leader (rank 0): one endpoint per replica group, so traffic splits by groups.
+
+A replica group of several pods also gets a headless Service of its own, `<name>-<revision>-<replica>`
+(`publishNotReadyAddresses`: its ranks must find each other before any is ready), which gives each
+of its pods the DNS name `rank-<r>.<that Service>.<namespace>`: the leader's is where the ranks meet.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 
 from ..api import names
 from ..api.spec import ModelDeployment
-from .pods import common_labels, owner_reference
+from .pods import common_labels, group_labels, owner_reference
 
 
 def service_selector(md: ModelDeployment, track: str | None) -> dict[str, str]:
@@ -46,6 +50,27 @@ def desired_service(md: ModelDeployment, track: str | None = None) -> dict[str, 
                 {"name": "grpc", "port": names.GRPC_PORT, "targetPort": names.GRPC_PORT, "protocol": "TCP",
                  "appProtocol": "grpc"},
             ],
+        },
+    }
+
+
+def desired_group_service(md: ModelDeployment, revision: str, replica: int) -> dict[str, Any]:
+    """The headless Service of one multi-pod replica group (`md` carries the revision's template)."""
+    port = names.dist_port(md.name, revision, replica)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": names.group_service_name(md.name, revision, replica),
+            "namespace": md.namespace,
+            "labels": {**common_labels(md), names.LABEL_REVISION: revision, names.LABEL_REPLICA: str(replica)},
+            "ownerReferences": [owner_reference(md)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": group_labels(md, revision, replica),
+            "ports": [{"name": "dist", "port": port, "targetPort": port, "protocol": "TCP"}],
         },
     }
 

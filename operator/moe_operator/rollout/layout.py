@@ -9,6 +9,8 @@ in rotation) to the groups of a plan, within `replicas x GPUs per group + maxSur
   and is deleted only after the drain period (so proxies stop sending before SIGTERM).
 - A group whose pods do not run its revision's template is replaced, never taking away the last
   ready group in rotation.
+- A multi-pod group that lost a rank (`Group.broken`) cannot serve: it leaves rotation at once and
+  is deleted, and a new group takes its place (LeaderWorkerSet's RecreateGroupOnPodRestart).
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ def _layout(md: ModelDeployment, observed: Observed, now: float, *, stable: str,
     by_revision: dict[str, list[Group]] = {}
     stale: dict[str, list[Group]] = {}
     for g in observed.groups.values():
+        if g.broken:
+            continue   # removed below, whole; a new group is made in its place
         (stale if g.stale else by_revision).setdefault(g.revision, []).append(g)
     new_groups = _rank(by_revision.get(new, [])) if new and new != stable else []
     stable_groups = _rank(by_revision.get(stable, []))
@@ -195,7 +199,7 @@ def _layout(md: ModelDeployment, observed: Observed, now: float, *, stable: str,
     for g in observed.groups.values():
         if (g.revision, g.replica) in kept:
             continue
-        if (linger or {}).get(g.revision) and not g.stale:
+        if (linger or {}).get(g.revision) and not g.stale and not g.broken:
             lingering.append(g)
         else:
             layout.remove(g)

@@ -49,6 +49,8 @@ class ObservedPod:
     failure: tuple[str, str] | None = None     # (reason, message) when the pod is failing
     out_of_rotation_since: float | None = None   # when the operator took it out of rotation (its own clock)
     stale: bool = False                        # its spec is not what its revision's template builds
+    restarts: int = 0                          # container restarts (sum over its containers)
+    last_exit: str | None = None               # how its container last ended, when it restarted
     body: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -88,6 +90,24 @@ class Group:
     def stale(self) -> bool:
         """A pod of the group does not run its revision's template: the group is replaced."""
         return any(p.stale for p in self.pods.values())
+
+    @property
+    def broken(self) -> tuple[int, str] | None:
+        """(rank, why) when a group of several pods has lost a rank: a container that restarted, or
+        a rank missing while its peers are ready. Its ranks share collectives, so it cannot recover
+        in place: it leaves rotation and is re-created whole (LeaderWorkerSet's
+        RecreateGroupOnPodRestart). A pod that cannot start at all (an image that cannot be pulled,
+        a bad config) is not: re-creating would not help, and it stays Degraded for the user.
+        None for a healthy (or single-pod) group."""
+        if self.size < 2:
+            return None
+        for rank, pod in sorted(self.pods.items()):
+            if pod.restarts:
+                return rank, f"pod {pod.name} restarted ({pod.last_exit or 'its container exited'})"
+        missing = [rank for rank in range(self.size) if rank not in self.pods]
+        if missing and any(p.ready for p in self.pods.values()):
+            return missing[0], "its pod is gone"
+        return None
 
     @property
     def out_of_rotation_since(self) -> float | None:
@@ -172,6 +192,19 @@ def _failure(pod: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _restarts(pod: Mapping[str, Any]) -> int:
+    return sum(int(cs.get("restartCount") or 0) for cs in (pod.get("status") or {}).get("containerStatuses") or ())
+
+
+def _last_exit(pod: Mapping[str, Any]) -> str | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or ():
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        if last:
+            return f"container {cs.get('name')} exited with code {last.get('exitCode')}" + (
+                f" ({last['reason']})" if last.get("reason") else "")
+    return None
+
+
 def observed_pod(body: Mapping[str, Any]) -> ObservedPod:
     meta = body.get("metadata") or {}
     labels = meta.get("labels") or {}
@@ -193,6 +226,8 @@ def observed_pod(body: Mapping[str, Any]) -> ObservedPod:
         ready=bool(ready and ready.get("status") == "True"),
         unschedulable=unschedulable,
         failure=_failure(body),
+        restarts=_restarts(body),
+        last_exit=_last_exit(body),
         out_of_rotation_since=epoch((meta.get("annotations") or {}).get(names.ANNOTATION_OUT_OF_ROTATION)),
         body=body,
     )
