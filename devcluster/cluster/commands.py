@@ -17,6 +17,11 @@ SERVICE_CLUSTER_IP = "10.96.0.1"  # the `kubernetes` Service's ClusterIP (a SAN 
 DISABLED_CONTROLLERS = ("endpoints-controller", "endpointslice-controller",
                         "endpointslice-mirroring-controller", "node-ipam-controller")
 HEALTH_PATHS = "/healthz,/readyz,/livez,/metrics"
+# Kubernetes' own gang scheduling (KEP-4671): the Workload/PodGroup API (scheduling.k8s.io/v1alpha2)
+# and the scheduler's GangScheduling and topology-aware plugins, alpha and off by default in 1.36.
+# The operator uses them where a cluster serves the API (docs/operator.md, "Replica groups").
+FEATURE_GATES = "GenericWorkload=true,GangScheduling=true,TopologyAwareWorkloadScheduling=true"
+RUNTIME_CONFIG = "scheduling.k8s.io/v1alpha2=true"
 
 
 def etcd(binary: Path, data_dir: Path, client_port: int, peer_port: int) -> list[str]:
@@ -53,6 +58,8 @@ def kube_apiserver(binary: Path, pki: Pki, *, port: int, etcd_port: int, cert_di
         "--kubelet-preferred-address-types=InternalIP,Hostname",
         "--profiling=false",
         "--event-ttl=30m",
+        f"--feature-gates={FEATURE_GATES}",
+        f"--runtime-config={RUNTIME_CONFIG}",
     ]
 
 
@@ -78,8 +85,9 @@ def kube_controller_manager(binary: Path, pki: Pki, *, port: int, kubeconfig: Pa
         f"--service-account-private-key-file={pki.sa_private}",
         f"--cluster-signing-cert-file={pki.ca_cert}", f"--cluster-signing-key-file={pki.ca_key}",
         f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+        f"--feature-gates={FEATURE_GATES}",
     ]
 
 
 def kube_scheduler(binary: Path, *, port: int, kubeconfig: Path, cert_dir: Path) -> list[str]:
-    return [str(binary), *_served_with_own_identity(port, kubeconfig, cert_dir)]
+    return [str(binary), *_served_with_own_identity(port, kubeconfig, cert_dir), f"--feature-gates={FEATURE_GATES}"]

@@ -21,6 +21,7 @@ from kubernetes.dynamic.exceptions import (
 )
 
 from .api import names
+from .desired import gang
 from .desired import rules as prometheus_rule
 from .desired.diff import Changes
 from .world import revisions
@@ -60,6 +61,8 @@ class Writer:
     def _resource(self, kind: str):
         if kind == prometheus_rule.KIND:   # looked up when first written: only where the CRD exists
             return self.dyn.resources.get(api_version=prometheus_rule.API_VERSION, kind=kind)
+        if kind == gang.KIND:              # likewise: only where the cluster serves the gang API
+            return self.dyn.resources.get(api_version=gang.API_VERSION, kind=kind)
         return self._resources[kind]
 
     def apply(self, body: Mapping[str, Any]) -> None:

@@ -276,3 +276,32 @@ def test_a_group_that_lost_a_rank_is_recreated_whole_and_says_which_rank():
     assert lost.groups[(rev, 0)].broken == (1, "its pod is gone")
     starting = observed_from([body(0, ready=False)], [], 2)   # a group being made is not broken
     assert starting.groups[(rev, 0)].broken is None
+
+
+def test_where_the_cluster_gang_schedules_each_group_gets_a_pod_group_its_pods_name():
+    from moe_operator.desired.diff import changes, desired_objects, with_templates
+    from moe_operator.world.observe import Observed
+    from moe_operator.world.plan import GroupPlan, Plan
+
+    md = md_of({"replicas": 2, "topology": {"podsPerReplica": 2, "groupDomain": "rack"}})
+    rev = revision_of(md)
+    plan = Plan(rev, rev, (GroupPlan(rev, 0, "stable", False), GroupPlan(rev, 1, "stable", False)))
+    gang = desired_objects(md, plan, with_templates(Observed(pod_groups={}), {rev: md}))
+    groups = [o for o in gang if o["kind"] == "PodGroup"]
+    assert [g["metadata"]["name"] for g in groups] == [f"chat-moe-{rev}-0", f"chat-moe-{rev}-1"]
+    assert groups[0]["apiVersion"] == "scheduling.k8s.io/v1alpha2"
+    assert groups[0]["spec"] == {"schedulingPolicy": {"gang": {"minCount": 2}},
+                                 "schedulingConstraints": {"topology": [{"key": "rack"}]}}
+    pods = [o for o in gang if o["kind"] == "Pod"]
+    assert len(pods) == 4
+    assert {p["spec"]["schedulingGroup"]["podGroupName"] for p in pods} == {g["metadata"]["name"] for g in groups}
+    # a stale PodGroup (its group gone) is deleted; one that is there is never rewritten (immutable)
+    there = {groups[0]["metadata"]["name"]: {**groups[0], "metadata": {**groups[0]["metadata"], "uid": "1"}},
+             "chat-moe-gone-0": {"metadata": {"name": "chat-moe-gone-0", "uid": "2"}}}
+    todo = changes(gang, with_templates(Observed(pod_groups=there), {rev: md}))
+    assert ("PodGroup", "chat-moe-gone-0", "2") in todo.delete
+    assert [o["metadata"]["name"] for o in todo.apply if o["kind"] == "PodGroup"] == [f"chat-moe-{rev}-1"]
+    # without the API: no PodGroup, no scheduling group
+    plain = desired_objects(md, plan, with_templates(Observed(), {rev: md}))
+    assert not [o for o in plain if o["kind"] == "PodGroup"]
+    assert not [o for o in plain if o["kind"] == "Pod" and "schedulingGroup" in o["spec"]]

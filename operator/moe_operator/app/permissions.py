@@ -67,6 +67,9 @@ RULES: tuple[Rule, ...] = (
     Rule("monitoring.coreos.com", ("prometheusrules",), ("list", "create", "patch", "delete"),
          "each ModelDeployment's latency alerts (`<name>-latency`), where prometheus-operator's CRD exists: "
          "observed by label, server-side applied, deleted when no slo is set", needed=OPTIONAL),
+    Rule("scheduling.k8s.io", ("podgroups",), ("list", "create", "patch", "delete"),
+         "each multi-pod replica group's PodGroup (gang scheduling: its pods bound all together or none), "
+         "where the cluster serves scheduling.k8s.io/v1alpha2", needed=OPTIONAL),
     Rule("apiextensions.k8s.io", ("customresourcedefinitions",), ("list", "watch"),
          "kopf notices the CRD being (re)installed", cluster_scoped=True, needed=CLUSTER_WIDE),
     Rule("", ("namespaces",), ("list", "watch"),
@@ -74,7 +77,7 @@ RULES: tuple[Rule, ...] = (
 )
 
 _SCOPE_NOTE = {CLUSTER_WIDE: "cluster, `--all-namespaces` only", NAMESPACE_GLOBS: "cluster, namespace globs only",
-               OPTIONAL: "optional: without it no PrometheusRule is rendered"}
+               OPTIONAL: "optional: without it the feature is off"}
 
 
 def markdown_table(rules: Iterable[Rule] = RULES) -> str:

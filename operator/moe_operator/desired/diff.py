@@ -19,6 +19,8 @@ from ..api.timestamps import iso
 from ..world.observe import Observed
 from ..world.plan import Plan
 from ..world.revisions import KIND as RECORD_KIND
+from .gang import KIND as POD_GROUP_KIND
+from .gang import desired_pod_group
 from .pods import PodSlot, desired_pod, owner_reference, pod_labels, pod_name, template_fingerprint
 from .rules import KIND as RULE_KIND
 from .rules import desired_rule
@@ -122,15 +124,17 @@ def desired_objects(md: ModelDeployment, plan: Plan, observed: Observed,
                 pod = next(p for p in observed.pods if p.name == slot.name)
                 objects.append(_relabelled(md, pod.body, slot, observed, now))
             continue
-        pod = desired_pod(view, slot)
+        pod = desired_pod(view, slot, gang=observed.pod_groups is not None)
         since = _out_of_rotation_since(observed, slot, now)
         if since:
             pod["metadata"]["annotations"] = {names.ANNOTATION_OUT_OF_ROTATION: since}
         objects.append(pod)
-    for g in plan.groups:   # each multi-pod group's headless Service: its ranks' names
+    for g in plan.groups:   # each multi-pod group's headless Service (its ranks' names) and PodGroup
         view = templates.get(g.revision)
         if view is not None and view.pods_per_replica > 1:
             objects.append(desired_group_service(view, g.revision, g.replica))
+            if observed.pod_groups is not None:
+                objects.append(desired_pod_group(view, g.revision, g.replica))
     objects.append(desired_service(md))
     objects.extend(desired_service(md, track) for track in plan.service_tracks)
     if observed.rules is not None and (rule := desired_rule(md)) is not None:
@@ -162,6 +166,8 @@ def _up_to_date(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
                                                                       hm.get("annotations") or {})
     if want["kind"] == RULE_KIND:
         return is_subset(want["spec"], have.get("spec") or {})
+    if want["kind"] == POD_GROUP_KIND:   # immutable: one per group, never rewritten
+        return True
     spec, hspec = want["spec"], have.get("spec") or {}
     return spec["selector"] == hspec.get("selector") and is_subset(spec, hspec)
 
@@ -170,6 +176,7 @@ def changes(desired: list[Mapping[str, Any]], observed: Observed) -> Changes:
     existing: dict[tuple[str, str], Mapping[str, Any]] = {("Pod", p.name): p.body for p in observed.pods}
     existing.update({("Service", name): body for name, body in observed.services.items()})
     existing.update({(RULE_KIND, name): body for name, body in (observed.rules or {}).items()})
+    existing.update({(POD_GROUP_KIND, name): body for name, body in (observed.pod_groups or {}).items()})
     existing.update({(RECORD_KIND, rec.name): rec.body for rec in observed.revisions.values() if rec.body})
     wanted = {(d["kind"], d["metadata"]["name"]) for d in desired}
     stale = tuple(d for d in desired if (key := (d["kind"], d["metadata"]["name"])) not in existing

@@ -268,9 +268,10 @@ def group_key(md: ModelDeployment, slot: PodSlot) -> str:
     return names.group_service_name(md.name, slot.revision, slot.replica)
 
 
-def desired_pod(md: ModelDeployment, slot: PodSlot) -> dict[str, Any]:
+def desired_pod(md: ModelDeployment, slot: PodSlot, gang: bool = False) -> dict[str, Any]:
     """The full pod for one slot of the plan (pure). `md` must carry the template of the slot's
-    revision (`ModelDeployment.with_template`), not necessarily the current spec's."""
+    revision (`ModelDeployment.with_template`), not necessarily the current spec's. `gang`: the
+    cluster gang-schedules PodGroups (desired/gang.py), so a multi-pod group's pods name theirs."""
     model_arg, volumes, mounts, inits = _model_volume(md)
     allowance = startup_allowance_seconds(md)
     http_probe = {"path": names.READY_PATH, "port": names.HTTP_PORT}
@@ -342,6 +343,8 @@ def desired_pod(md: ModelDeployment, slot: PodSlot) -> dict[str, Any]:
     if md.pods_per_replica > 1:   # a stable name per rank: rank-<r>.<group Service>.<namespace>
         spec["hostname"] = names.rank_hostname(slot.rank)
         spec["subdomain"] = names.group_service_name(md.name, slot.revision, slot.replica)
+        if gang:   # the group's PodGroup (named as its Service): bound all together or not at all
+            spec["schedulingGroup"] = {"podGroupName": spec["subdomain"]}
     return {
         "apiVersion": "v1",
         "kind": "Pod",

@@ -23,7 +23,8 @@ from ..api import names
 from ..api.timestamps import epoch
 from .revisions import Recorded, recorded_from
 
-RULES_RECHECK_SECONDS = 60.0   # how often discovery is asked whether the PrometheusRule CRD exists
+RULES_RECHECK_SECONDS = 60.0   # how often discovery is asked whether an optional API (a CRD) is served
+POD_GROUP_API_VERSION, POD_GROUP_KIND = "scheduling.k8s.io/v1alpha2", "PodGroup"   # desired/gang.py
 
 # Container states that will not get better by waiting: the user must change something.
 FAILING_WAITING_REASONS = frozenset({
@@ -132,6 +133,9 @@ class Observed:
     # the operator may not list them): then none is rendered.
     rules: Mapping[str, Mapping[str, Any]] | None = None
     revisions: Mapping[str, Recorded] = field(default_factory=dict)   # recorded templates by revision
+    # The ModelDeployment's PodGroups by name; None where the cluster does not serve the gang
+    # scheduling API (scheduling.k8s.io/v1alpha2): then pods get no scheduling group.
+    pod_groups: Mapping[str, Mapping[str, Any]] | None = None
     sizes: Mapping[str, int] = field(default_factory=dict)            # pods per group, by revision
     gpus: Mapping[str, int] = field(default_factory=dict)             # GPUs per pod, by revision
 
@@ -235,7 +239,8 @@ def observed_pod(body: Mapping[str, Any]) -> ObservedPod:
 
 def observed_from(pods: Iterable[Mapping[str, Any]], services: Iterable[Mapping[str, Any]],
                   pods_per_replica: int = 1, rules: Iterable[Mapping[str, Any]] | None = None,
-                  revisions: Iterable[Mapping[str, Any]] = ()) -> Observed:
+                  revisions: Iterable[Mapping[str, Any]] = (),
+                  pod_groups: Iterable[Mapping[str, Any]] | None = None) -> Observed:
     """Pure: the observation from pod, Service, PrometheusRule and ControllerRevision bodies (as the
     API returns them)."""
     recorded = [r for r in (recorded_from(b) for b in revisions) if r is not None]
@@ -245,6 +250,7 @@ def observed_from(pods: Iterable[Mapping[str, Any]], services: Iterable[Mapping[
         pods_per_replica=pods_per_replica,
         rules=None if rules is None else {r["metadata"]["name"]: r for r in rules},
         revisions={r.revision: r for r in sorted(recorded, key=lambda r: r.number)},
+        pod_groups=None if pod_groups is None else {g["metadata"]["name"]: g for g in pod_groups},
     )
 
 
@@ -258,37 +264,53 @@ class Reader:
         self._services = dynamic_client.resources.get(api_version="v1", kind="Service")
         self._revisions = dynamic_client.resources.get(api_version="apps/v1", kind="ControllerRevision")
         self.clock = clock
-        self._rules: Any = None
-        self._rules_checked: float | None = None
+        self._optional: dict[tuple[str, str], tuple[Any, float]] = {}   # (api, kind) -> (resource, checked)
+
+    def _optional_resource(self, api_version: str, kind: str) -> Any:
+        """A resource the cluster may or may not serve (a CRD, an alpha API), or None. Discovery is
+        asked again every RULES_RECHECK_SECONDS (it may be installed or removed while the operator runs)."""
+        now = self.clock()
+        resource, checked = self._optional.get((api_version, kind), (None, None))
+        if checked is None or now - checked >= RULES_RECHECK_SECONDS:
+            try:   # a miss refreshes the discovery cache (the client does), a hit costs nothing
+                resource = self.dyn.resources.get(api_version=api_version, kind=kind)
+            except (ResourceNotFoundError, ResourceNotUniqueError, ApiException):
+                resource = None
+            self._optional[(api_version, kind)] = (resource, now)
+        return resource
+
+    def _forget(self, api_version: str, kind: str) -> None:
+        self._optional[(api_version, kind)] = (None, self.clock())
 
     def rules_resource(self) -> Any:
-        """The PrometheusRule resource, or None without the CRD. Discovery is asked again every
-        RULES_RECHECK_SECONDS (the CRD may be installed or removed while the operator runs)."""
-        now = self.clock()
-        if self._rules_checked is None or now - self._rules_checked >= RULES_RECHECK_SECONDS:
-            self._rules_checked = now
-            try:   # a miss refreshes the discovery cache (the client does), a hit costs nothing
-                self._rules = self.dyn.resources.get(api_version=names.RULE_API_VERSION,
-                                                     kind=names.RULE_KIND)
-            except (ResourceNotFoundError, ResourceNotUniqueError, ApiException):
-                self._rules = None
-        return self._rules
+        """The PrometheusRule resource, or None without the CRD."""
+        return self._optional_resource(names.RULE_API_VERSION, names.RULE_KIND)
+
+    def pod_groups_resource(self) -> Any:
+        """The PodGroup resource (gang scheduling), or None where the cluster does not serve it."""
+        return self._optional_resource(POD_GROUP_API_VERSION, POD_GROUP_KIND)
+
+    def _list_optional(self, resource: Any, api_version: str, kind: str, namespace: str, selector: str):
+        """The items of an optional resource, or None (gone since discovery, or no RBAC for it)."""
+        if resource is None:
+            return None
+        try:
+            return self.dyn.get(resource, namespace=namespace, label_selector=selector).to_dict().get("items") or []
+        except NotFoundError:               # the CRD / API went away: forget it, ask discovery afresh
+            self._forget(api_version, kind)
+            self.dyn.resources.invalidate_cache()
+        except ForbiddenError:              # no RBAC for them: none, look again later
+            self._forget(api_version, kind)
+        return None
 
     def observe(self, namespace: str, name: str, pods_per_replica: int) -> Observed:
         selector = names.selector_string(names.owned_selector(name))
         pods = self.dyn.get(self._pods, namespace=namespace, label_selector=selector).to_dict()
         services = self.dyn.get(self._services, namespace=namespace, label_selector=selector).to_dict()
         revisions = self.dyn.get(self._revisions, namespace=namespace, label_selector=selector).to_dict()
-        rules = None
-        resource = self.rules_resource()
-        if resource is not None:
-            try:
-                rules = self.dyn.get(resource, namespace=namespace, label_selector=selector).to_dict()
-                rules = rules.get("items") or []
-            except NotFoundError:               # the CRD went away: forget it, ask discovery afresh
-                self._rules, rules = None, None
-                self.dyn.resources.invalidate_cache()
-            except ForbiddenError:              # no RBAC for them: render none, look again later
-                self._rules, rules = None, None
+        rules = self._list_optional(self.rules_resource(), names.RULE_API_VERSION, names.RULE_KIND,
+                                    namespace, selector)
+        pod_groups = self._list_optional(self.pod_groups_resource(), POD_GROUP_API_VERSION, POD_GROUP_KIND,
+                                         namespace, selector)
         return observed_from(pods.get("items") or [], services.get("items") or [], pods_per_replica, rules,
-                             revisions.get("items") or [])
+                             revisions.get("items") or [], pod_groups)
