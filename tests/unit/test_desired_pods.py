@@ -117,9 +117,9 @@ def test_volumes_per_source():
 
     pod = pod_of(md_of({"model": {"source": "hf://deepseek-ai/DeepSeek-V3@abc123"}}))
     (init,) = pod["spec"]["initContainers"]
-    assert init["command"][-3:] == ["deepseek-ai/DeepSeek-V3", "abc123", "/model-cache/deepseek-ai/DeepSeek-V3"]
+    assert init["command"][-3:] == ["deepseek-ai/DeepSeek-V3", "abc123", "/model-cache/deepseek-ai/DeepSeek-V3@abc123"]
     assert pod["spec"]["volumes"] == [{"name": "model-cache", "emptyDir": {}}]
-    assert container(pod)["args"][2] == "/model-cache/deepseek-ai/DeepSeek-V3"
+    assert container(pod)["args"][2] == "/model-cache/deepseek-ai/DeepSeek-V3@abc123"
     assert init["securityContext"]["allowPrivilegeEscalation"] is False
 
     pod = pod_of(md_of())
@@ -305,3 +305,20 @@ def test_where_the_cluster_gang_schedules_each_group_gets_a_pod_group_its_pods_n
     plain = desired_objects(md, plan, with_templates(Observed(), {rev: md}))
     assert not [o for o in plain if o["kind"] == "PodGroup"]
     assert not [o for o in plain if o["kind"] == "Pod" and "schedulingGroup" in o["spec"]]
+
+
+def test_hf_models_download_once_into_the_model_cache_claim():
+    plain = pod_of(md_of({"model": {"source": "hf://deepseek-ai/DeepSeek-V3@abc", "servedName": "ds"}}))
+    (init,) = plain["spec"]["initContainers"]
+    assert init["command"] == ["python", "-m", "model_runtime.fetch", "deepseek-ai/DeepSeek-V3", "abc",
+                               "/model-cache/deepseek-ai/DeepSeek-V3@abc"]
+    assert plain["spec"]["volumes"] == [{"name": "model-cache", "emptyDir": {}}]
+    spec = {"model": {"source": "hf://deepseek-ai/DeepSeek-V3", "servedName": "ds", "cache": {"claimName": "models"}}}
+    cached = pod_of(md_of(spec))
+    assert cached["spec"]["volumes"] == [{"name": "model-cache", "persistentVolumeClaim": {"claimName": "models"}}]
+    c = container(cached)
+    assert c["args"][c["args"].index("--model") + 1] == "/model-cache/deepseek-ai/DeepSeek-V3@main"
+    assert {"name": "model-cache", "mountPath": "/model-cache", "readOnly": True} in c["volumeMounts"]
+    assert revision_of(md_of(spec)) != revision_of(md_of({"model": {**spec["model"], "cache": None}}))
+    with pytest.raises(Exception, match="spec.model.cache"):
+        md_of({"model": {"source": "builtin:tiny-mixtral", "cache": {"claimName": "models"}}})

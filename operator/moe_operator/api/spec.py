@@ -37,6 +37,7 @@ RESERVED_FLAGS = ("--model", "--served-model-name", "--http-port", "--grpc-port"
 RESERVED_ENV = ("POD_IP", "POD_NAME", "POD_NAMESPACE", "MOE_RANK", "MOE_WORLD_SIZE", "MOE_REVISION")
 
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS_1123 = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PVC = re.compile(r"^pvc://([a-z0-9]([-a-z0-9.]*[a-z0-9])?)(/.*)?$")
@@ -110,6 +111,7 @@ class ModelSpec:
     source: ModelSource
     served_name: str
     dtype: str = "bfloat16"
+    cache_claim: str | None = None   # hf:// downloads kept in this PVC, shared by pods and revisions
 
 
 @dataclass(frozen=True)
@@ -346,7 +348,16 @@ def _model(model: Mapping | None, name: str) -> ModelSpec:
     dtype = model.get("dtype", "bfloat16")
     if dtype not in DTYPES:
         raise SpecError("spec.model.dtype", f"{dtype!r} must be one of {', '.join(DTYPES)}")
-    return ModelSpec(ModelSource.parse(model["source"]), model.get("servedName") or name, dtype)
+    source = ModelSource.parse(model["source"])
+    cache = model.get("cache")
+    claim = None
+    if cache is not None:
+        claim = (cache or {}).get("claimName") if isinstance(cache, Mapping) else None
+        if not isinstance(claim, str) or not _DNS_1123.match(claim):
+            raise SpecError("spec.model.cache.claimName", f"{claim!r} is not a PersistentVolumeClaim name")
+        if source.scheme != "hf":
+            raise SpecError("spec.model.cache", f"caches hf:// downloads; {source.uri} is not downloaded")
+    return ModelSpec(source, model.get("servedName") or name, dtype, claim)
 
 
 def _runtime(rt: Mapping) -> RuntimeSpec:

@@ -49,7 +49,8 @@ def pod_template_inputs(md: ModelDeployment) -> dict[str, Any]:
     """What goes into the pod template (and nothing else): the revision is the hash of this."""
     rt, res = md.runtime, md.resources
     return {
-        "model": {"source": md.model.source.uri, "servedName": md.model.served_name, "dtype": md.model.dtype},
+        "model": {"source": md.model.source.uri, "servedName": md.model.served_name, "dtype": md.model.dtype,
+                  **({"cache": {"claimName": md.model.cache_claim}} if md.model.cache_claim else {})},
         "runtime": {
             "image": rt.image,
             "imagePullPolicy": rt.image_pull_policy,
@@ -143,17 +144,19 @@ def _model_volume(md: ModelDeployment) -> tuple[str, list[dict], list[dict], lis
         volume = {"name": "model", "hostPath": {"path": src.path, "type": "Directory"}}
         mount = {"name": "model", "mountPath": src.path, "readOnly": True}
         return src.path, [volume], [mount], []
-    # hf://ORG/NAME[@REV]: an init container downloads into a cache volume shared with the runtime.
-    target = f"{MODEL_CACHE_MOUNT}/{src.repo}"
-    volume = {"name": "model-cache", "emptyDir": {}}
+    # hf://ORG/NAME[@REV]: an init container downloads into a cache volume shared with the runtime:
+    # the pod's own emptyDir, or the model cache PVC (spec.model.cache), where one download per
+    # model and revision serves every pod, restart, rank and revision after it (model_runtime.fetch).
+    target = f"{MODEL_CACHE_MOUNT}/{src.repo}@{src.revision or 'main'}"
+    if md.model.cache_claim:
+        volume = {"name": "model-cache", "persistentVolumeClaim": {"claimName": md.model.cache_claim}}
+    else:
+        volume = {"name": "model-cache", "emptyDir": {}}
     init = {
         "name": "fetch-model",
         "image": md.runtime.image,
         "imagePullPolicy": md.runtime.image_pull_policy,
-        "command": ["python", "-c",
-                    "import sys, huggingface_hub as h; "
-                    "h.snapshot_download(repo_id=sys.argv[1], revision=sys.argv[2] or None, local_dir=sys.argv[3])",
-                    src.repo, src.revision or "", target],
+        "command": ["python", "-m", "model_runtime.fetch", src.repo, src.revision or "", target],
         "env": [{"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}, *(dict(e) for e in md.runtime.env)],
         "volumeMounts": [{"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT}],
         "securityContext": container_security_context(),
