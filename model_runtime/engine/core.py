@@ -19,10 +19,12 @@ EngineStats.kv_capacity_tokens. Each step's attention memory is kept under
 `max_tokens` is clamped so that prompt + output fit, as for the model length.
 
 Out of memory in a step (one process): the step's sequences are run again in halves, down to one
-sequence; only a sequence that cannot run alone fails (RequestFailed, EngineFailed saying out of
-memory), and every other sequence goes on as if nothing happened (KV writes to the same slots are
-idempotent, and no sequence advances before its forward pass succeeded). Distributed, a failed step
-stays fatal: the other ranks are inside that step's collectives (engine/worker.py).
+sequence, and a prefill chunk alone in halves down to one token; only a sequence that cannot run
+one token alone fails (RequestFailed, EngineFailed saying out of memory), and every other sequence
+goes on as if nothing happened (KV writes to the same slots are idempotent, and no sequence
+advances before its forward pass succeeded; a shortened chunk goes on in the next step).
+Distributed, a failed step stays fatal: the other ranks are inside that step's collectives
+(engine/worker.py).
 
 Distributed (a model built with a comm: model_runtime.distributed): this engine is rank 0's. It
 schedules, samples and detokenizes alone; each step it broadcasts the plan (token ids, positions,
@@ -374,18 +376,21 @@ class LLMEngine:
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         # out of the except block: the failed pass's frames (and their tensors) are freed by now
         self._release_cached_memory()
+        if len(scheduled) == 1 and scheduled[0].num_new_tokens > 1:  # a prefill chunk: a shorter one
+            s = scheduled[0]
+            log.warning(
+                "request %s: out of memory in a chunk of %d tokens: trying half", s.seq.request_id, s.num_new_tokens
+            )
+            return self._run([ScheduledSeq(s.seq, s.num_new_tokens // 2)])
         if len(scheduled) == 1:
             s = scheduled[0]
             ctx = s.seq.num_computed_tokens + s.num_new_tokens
             log.warning(
-                "request %s: out of memory alone (%d new tokens, context %d): failing it",
-                s.seq.request_id,
-                s.num_new_tokens,
-                ctx,
+                "request %s: out of memory alone (one token, context %d): failing it", s.seq.request_id, ctx
             )
             reason = (
-                f"out of memory: a step of this request alone ({s.num_new_tokens} new tokens, a context of "
-                f"{ctx} tokens) did not fit in the device's memory ({error})"
+                f"out of memory: one token of this request alone, over a context of {ctx} tokens, did not "
+                f"fit in the device's memory ({error})"
             )
             return [], None, [(s, reason)]
         half = len(scheduled) // 2

@@ -193,7 +193,7 @@ def test_the_flags(capsys):
 
 # -- one step's attention --------------------------------------------------------------------------
 
-BUDGET = 256 * 2**10  # tiny-mixtral: one sequence alone fits 464 tokens of context in it
+BUDGET = 256 * 2**10  # tiny-mixtral: one sequence alone fits 378 tokens of context in it
 
 
 def test_steps_stay_within_the_attention_budget(model, restore_forward):
@@ -213,7 +213,7 @@ def test_steps_stay_within_the_attention_budget(model, restore_forward):
     free = LLMEngine(model, None, EngineConfig(**config))
     want, free_shapes = run(free)
     engine = LLMEngine(model, None, EngineConfig(**config, max_step_attention_bytes=BUDGET))
-    assert engine.max_context_tokens == 464
+    assert engine.max_context_tokens == 378
     got, shapes = run(engine)
     assert got == want  # every request finished, with the tokens it gets unbudgeted
 
@@ -229,11 +229,13 @@ def test_steps_stay_within_the_attention_budget(model, restore_forward):
 def test_a_request_too_long_for_the_budget_fails_alone(model):
     vocab = model.config.vocab_size
     engine = LLMEngine(
-        model, None, EngineConfig(max_num_batched_tokens=64, num_kv_blocks=1024, max_step_attention_bytes=BUDGET)
+        model,
+        None,
+        EngineConfig(max_num_batched_tokens=64, num_kv_blocks=1024, max_step_attention_bytes=BUDGET),
     )
     long, short = prompts(2, [500, 40], vocab)
     params = SamplingParams(max_tokens=6, **GREEDY)
-    with pytest.raises(EngineError, match=r"the prompt has 500 tokens.*256 KiB.*at most 464 tokens"):
+    with pytest.raises(EngineError, match=r"the prompt has 500 tokens.*256 KiB.*at most 378 tokens"):
         engine.add_request("long", long, params)
     # a request handed over already validated (as the server does) is failed by the scheduler
     for i in range(3):
@@ -243,14 +245,14 @@ def test_a_request_too_long_for_the_budget_fails_alone(model):
     failed = outs["long"][-1]
     assert isinstance(failed, RequestFailed) and isinstance(failed.error, EngineError)
     assert "the request has 500 tokens" in str(failed.error) and "256 KiB" in str(failed.error)
-    assert "at most 464 tokens" in str(failed.error)
+    assert "at most 378 tokens" in str(failed.error)
     for i in range(3):
         assert outs[f"short-{i}"][-1].finish_reason == "length"
         assert len(outs[f"short-{i}"][-1].token_ids) == 6
     # a prompt that fits, but not with all its output: cut short ("length"), as at the model length
-    engine.add_request("edge", prompts(1, [460], vocab)[0], SamplingParams(max_tokens=50, **GREEDY))
+    engine.add_request("edge", prompts(1, [370], vocab)[0], SamplingParams(max_tokens=50, **GREEDY))
     out = run_all(engine)["edge"][-1]
-    assert out.finish_reason == "length" and len(out.token_ids) == 464 - 460
+    assert out.finish_reason == "length" and len(out.token_ids) == 378 - 370
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
@@ -276,7 +278,9 @@ def out_of_memory_above(engine: LLMEngine, num_seqs: int, error: Exception) -> l
     "error",
     [
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
-        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried"
+        ),
     ],
     ids=["cuda", "cpu"],
 )
@@ -299,6 +303,33 @@ def test_out_of_memory_runs_the_step_again_in_halves(model, restore_forward, err
     assert tokens_of(outs) == want  # nobody failed, nothing changed
     assert max(calls) == 7 and "running them again in halves" in caplog.text
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_out_of_memory_in_a_long_prefill_chunk_runs_shorter_chunks(model, restore_forward):
+    vocab = model.config.vocab_size
+    ids = prompts(3, [90, 40, 70], vocab)
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    config = EngineConfig(max_num_seqs=4, block_size=4, num_kv_blocks=256)
+    free = LLMEngine(model, None, config)
+    for i, p in enumerate(ids):
+        free.add_request(str(i), p, params)
+    want = tokens_of(run_all(free))
+
+    engine = LLMEngine(model, None, config)
+    forward = model.forward_paged
+    sizes = []
+
+    def oom_above_16_tokens(tokens, batch, cache):
+        if batch.num_tokens > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        sizes.append(batch.num_tokens)
+        return forward(tokens, batch, cache)
+
+    model.forward_paged = oom_above_16_tokens
+    for i, p in enumerate(ids):
+        engine.add_request(str(i), p, params)
+    assert tokens_of(run_all(engine)) == want
+    assert max(sizes) <= 16
 
 
 def test_out_of_memory_alone_fails_only_that_request(model, restore_forward):
@@ -336,7 +367,8 @@ def test_out_of_memory_alone_fails_only_that_request(model, restore_forward):
 
     (failed, *served), after = asyncio.run(main())
     assert isinstance(failed, EngineFailed), failed
-    assert "out of memory" in str(failed) and "context of 120 tokens" in str(failed)
+    # its prefill ran in shorter chunks until one token over 101 did not fit
+    assert "out of memory" in str(failed) and "context of 101 tokens" in str(failed)
     assert all(out.finish_reason == "length" and len(out.token_ids) == 12 for out in served), served
     assert after.finish_reason == "length" and after.token_ids == served[0].token_ids
     assert engine.engine.blocks.num_free_blocks == engine.engine.blocks.num_blocks
@@ -360,9 +392,7 @@ def test_out_of_memory_stays_fatal_in_a_distributed_replica(model, restore_forwa
 
 
 def test_server_refuses_a_prompt_too_long_for_the_budget_and_serves_the_rest(server_process):
-    server = server_process(
-        "--max-step-attention-memory", "256Ki", "--kv-cache-memory", "4Mi", "--seed", "0"
-    )
+    server = server_process("--max-step-attention-memory", "256Ki", "--kv-cache-memory", "4Mi", "--seed", "0")
     base = server.base_url
     try:
         results = {}
@@ -378,7 +408,7 @@ def test_server_refuses_a_prompt_too_long_for_the_budget_and_serves_the_rest(ser
         thread.join(60)
         assert r.status_code == 400, r.text
         message = r.json()["error"]["message"]
-        assert "601 tokens" in message and "--max-step-attention-memory" in message and "464" in message
+        assert "601 tokens" in message and "--max-step-attention-memory" in message and "378" in message
         r = httpx.post(f"{base}/v2/models/{MODEL_NAME}/generate", json={"text_input": "x" * 600}, timeout=60)
         assert r.status_code == 400 and "601 tokens" in r.text
         assert results["short"].status_code == 200, results["short"].text
@@ -391,4 +421,31 @@ def test_server_refuses_a_prompt_too_long_for_the_budget_and_serves_the_rest(ser
         assert server.stop() == 0
     logs = server.logs()
     assert "KV cache: 512 blocks of 16 tokens = 8192 tokens, 4 MiB (--kv-cache-memory 4 MiB)" in logs
-    assert "up to 464 tokens" in logs
+    assert "up to 378 tokens" in logs
+
+
+def test_two_cpu_ranks_in_one_pod_size_from_their_share_and_agree(server_process):
+    """Each rank sizes its cache from half the host's available memory (1% of it, so that this
+    costs at most 2% of the host), after every rank has loaded; rank 0 takes the fewest blocks."""
+    server = server_process(
+        *("--device", "cpu", "--tensor-parallel-size", "2", "--max-model-len", "256"),
+        *("--gpu-memory-utilization", "0.01", "--max-step-attention-memory", "1Mi"),
+        model="builtin:tiny-deepseek-v3",
+    )
+    try:
+        body = {"model": "tiny-deepseek-v3", "prompt": "Hello", "max_tokens": 4, "ignore_eos": True}
+        r = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+        line = next(x for x in metrics.splitlines() if x.startswith("moe_kv_cache_capacity_tokens{"))
+        capacity = int(float(line.rsplit(" ", 1)[1]))
+    finally:
+        assert server.stop() == 0, server.logs()
+    logs = server.logs()
+    rooms = {}
+    for rank in (0, 1):
+        line = next(x for x in logs.splitlines() if f"rank {rank}: room for" in x)
+        assert "0.01 x (" in line and "/ 2 ranks" in line, line
+        rooms[rank] = int(line.split("room for ")[1].split()[0])
+    assert capacity == min(rooms.values()) * 16 > 0
+    assert f"KV cache: {min(rooms.values())} blocks of 16 tokens = {capacity} tokens" in logs
