@@ -77,6 +77,7 @@ bench: setup tools
 	$(PY) -m benchmarks.runtime_decode
 	$(PY) -m benchmarks.runtime_http
 	$(PY) -m benchmarks.runtime_parallel
+	$(PY) -m benchmarks.runtime_fp8
 	$(PY) -m benchmarks.rollback --trials 12
 
 # The demo (README): cluster with monitoring, operator, load, a bad canary rolled back on a latency

@@ -121,7 +121,9 @@ def _load():
                 lib.moe_rmsnorm_f32.argtypes = [ptr] * 3 + [f32, long]
                 lib.moe_mla_attention_f32.argtypes = [ptr] * 14 + [ctypes.c_int, long, f32] + [long] * 8
                 lib.moe_moe_decode_f32.argtypes = [ptr] * 12 + [ctypes.c_int] * 3 + [f32] + [long] * 7
+                lib.moe_fp8_dequant.argtypes = [ptr] * 3 + [long] * 5 + [ctypes.c_int]
                 for fn in (
+                    lib.moe_fp8_dequant,
                     lib.moe_gemv_f32,
                     lib.moe_swiglu_f32,
                     lib.moe_rmsnorm_f32,

@@ -28,6 +28,13 @@ from model_runtime.models.model import Experts
 
 log = logging.getLogger(__name__)
 
+
+def cpu_kernels():
+    """The C kernels' library (kernels/csrc/cpu_decode.c has moe_fp8_dequant), or None."""
+    from model_runtime.kernels.cpu_decode import _load
+
+    return _load()
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
@@ -39,8 +46,19 @@ def scale_shape(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int]
 def dequantize(
     w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
 ) -> torch.Tensor:
-    """W [rows, cols] (FP8) times its block scales [ceil(rows / b0), ceil(cols / b1)] -> `dtype`."""
+    """W [rows, cols] (FP8) times its block scales [ceil(rows / b0), ceil(cols / b1)] -> `dtype`.
+    On the CPU the C kernel does it (moe_fp8_dequant: the same bits, several times faster)."""
+    if w.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and (lib := cpu_kernels()) is not None:
+        w, scale_inv = w.contiguous(), scale_inv.to(torch.float32).contiguous()
+        out = torch.empty(w.shape, dtype=dtype)
+        lib.moe_fp8_dequant(w.data_ptr(), scale_inv.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1],
+                            block[0], block[1], scale_inv.shape[1], int(dtype == torch.bfloat16))
+        return out
     rows, cols = w.shape
+    r, c = scale_inv.shape
+    if rows == r * block[0] and cols == c * block[1]:  # whole blocks: the scales broadcast over a view
+        blocks = w.view(r, block[0], c, block[1]).to(torch.float32)
+        return blocks.mul_(scale_inv[:, None, :, None]).view(rows, cols).to(dtype)
     s = scale_inv.repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
     return (w.to(torch.float32) * s).to(dtype)
 

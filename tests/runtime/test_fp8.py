@@ -218,3 +218,23 @@ def test_an_fp8_checkpoint_serves_what_its_dequantized_model_does(checkpoints, s
             assert server.stop() == 0, server.logs()
     assert texts[0] == texts[1] and len(texts[0]) > 0
     assert weight_bytes[0] < 0.7 * weight_bytes[1]  # FP8 in memory, not bf16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_c_dequantization_gives_torchs_bits(dtype, monkeypatch):
+    """kernels/csrc/cpu_decode.c's moe_fp8_dequant against torch's own float8 conversion, for every
+    FP8 value and for blocks cut at the edges."""
+    from model_runtime.kernels import fp8
+
+    if fp8.cpu_kernels() is None:
+        pytest.skip("no C kernels on this machine")
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(300, 200, generator=gen) * 40).to(FP8)
+    w.view(torch.uint8)[0, :256 - 56] = torch.arange(200, dtype=torch.uint8)  # every byte value shows up
+    w.view(torch.uint8)[1, :56] = torch.arange(200, 256, dtype=torch.uint8)
+    scale = torch.rand(3, 2, generator=gen) + 0.01
+    with_c = fp8.dequantize(w, scale, BLOCK, dtype)
+    monkeypatch.setattr(fp8, "cpu_kernels", lambda: None)
+    with_torch = fp8.dequantize(w, scale, BLOCK, dtype)
+    assert torch.equal(with_c.nan_to_num(7.0), with_torch.nan_to_num(7.0))
+    assert with_c.isnan().sum() == with_torch.isnan().sum() > 0
