@@ -40,6 +40,9 @@ def listen_hosts(host: str | None, pod_ip: str | None) -> list[tuple[str, bool]]
     return [("0.0.0.0", True)]
 
 
+LISTEN_BACKLOG = 2048   # uvicorn's default; it listens again on these sockets with its own
+
+
 def bind_sockets(hosts: list[tuple[str, bool]], port: int) -> list[socket.socket]:
     """TCP sockets bound to each host on one port (port 0: the first bind picks it)."""
     sockets = []
@@ -51,6 +54,10 @@ def bind_sockets(hosts: list[tuple[str, bool]], port: int) -> list[socket.socket
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
+            # Listen now: with SO_REUSEADDR two processes may both bind one address and port until
+            # one listens (local pods starting together both bind 127.0.0.1), and the other's
+            # listen, inside uvicorn, would fail the whole server instead of skipping this socket.
+            sock.listen(LISTEN_BACKLOG)
         except OSError as e:
             sock.close()
             if required or e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
@@ -131,6 +138,8 @@ async def serve(config: ServerConfig, pod_ip: str | None = None) -> int:
         service.state = "failed"
         exit_code = 1
     elif http_task.done():
+        failure = None if http_task.cancelled() else http_task.exception()
+        log.error("the HTTP server stopped on its own (%s): exiting", failure or "it could not start")
         exit_code = 1
     elif config.parallel.distributed:
         # one replica over several ranks: a lost rank (its engine process exits, or this pod's

@@ -17,7 +17,7 @@ from model_runtime.cli import parse_size
 from model_runtime.serving import metrics, protocol
 from model_runtime.serving.config import default_model_name
 from model_runtime.serving.protocol import ProtocolError, Tensor
-from model_runtime.serving.server import listen_hosts
+from model_runtime.serving.server import bind_sockets, listen_hosts
 
 pytestmark = pytest.mark.unit
 
@@ -171,6 +171,18 @@ def test_listen_hosts_follow_the_pod_ip():
     assert listen_hosts(None, "127.100.0.7") == [("127.100.0.7", True), ("127.0.0.1", False)]
     assert listen_hosts(None, "127.0.0.1") == [("127.0.0.1", True)]
     assert listen_hosts("10.0.0.1", "127.100.0.7") == [("10.0.0.1", True)]
+
+
+def test_pods_starting_together_share_loopback_without_failing():
+    """Two local pods' servers that bind 127.0.0.1 as well at the same moment: the first holds it, the
+    second skips it (SO_REUSEADDR lets both bind until one listens; a listen failing later, inside
+    uvicorn, stopped the second server)."""
+    first = bind_sockets([("127.0.0.1", False)], 0)
+    port = first[0].getsockname()[1]
+    try:
+        assert bind_sockets([("127.0.0.1", False)], port) == []
+    finally:
+        first[0].close()
 
 
 def test_names_and_sizes():
