@@ -70,6 +70,14 @@ def _degraded(md: ModelDeployment, observed: Observed) -> tuple[str, str] | None
         return UNSCHEDULABLE, f"{_plural(len(unschedulable), 'pod')} cannot be scheduled: {unschedulable[0].unschedulable}"
     broken = [(g, *g.broken) for g in observed.groups.values() if g.broken]
     if broken:
+        # The first diagnosis of a group stands while it is re-created: its other ranks fail in turn
+        # once they lose the first (rank 0 exits when rank 1 is killed), and would be named instead.
+        said = next((c.get("message") or "" for c in md.status.get("conditions") or ()
+                     if c.get("type") == DEGRADED and c.get("status") == "True"
+                     and c.get("reason") == GROUP_RESTARTING), "")
+        for g, _, _ in broken:
+            if said.startswith(f"replica group {g.replica} of revision {g.revision} lost rank "):
+                return GROUP_RESTARTING, said
         g, rank, why = broken[0]
         return GROUP_RESTARTING, (f"replica group {g.replica} of revision {g.revision} lost rank {rank} ({why}): "
                                   "re-creating the whole group")

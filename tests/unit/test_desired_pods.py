@@ -1,5 +1,7 @@
 """The pods and Services the operator builds, and the revision hash."""
 
+import dataclasses
+
 import pytest
 from moe_operator.api import names
 from moe_operator.api.spec import ModelDeployment
@@ -247,11 +249,12 @@ def test_a_group_that_lost_a_rank_is_recreated_whole_and_says_which_rank():
     md = md_of({"replicas": 1, "topology": {"podsPerReplica": 2}, "resources": {"gpus": 1}})
     rev = revision_of(md)
 
-    def body(rank, ready=True, restarts=0):
+    def body(rank, ready=True, restarts=0, started=None):
         pod = pod_of(md, rank=rank)
         pod["status"] = {"phase": "Running", "podIP": f"127.0.0.{rank + 2}",
                          "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
                          "containerStatuses": [{"name": "runtime", "ready": ready, "restartCount": restarts,
+                                                "started": ready if started is None else started,
                                                 **({"lastState": {"terminated": {"exitCode": 3}}} if restarts else {})}]}
         return pod
 
@@ -274,6 +277,16 @@ def test_a_group_that_lost_a_rank_is_recreated_whole_and_says_which_rank():
 
     lost = observed_from([body(0)], [], 2)   # rank 1's pod is gone while rank 0 is ready
     assert lost.groups[(rev, 0)].broken == (1, "its pod is gone")
+    # rank 0 then goes unready (it lost its peer): still broken, nothing of the group is made again
+    unready = observed_from([body(0, ready=False, started=True)], [], 2)
+    assert unready.groups[(rev, 0)].broken == (1, "its pod is gone")
+    # and exits and restarts: the status still names rank 1
+    said = status_of(md, lost, Plan(rev, rev, ()), "2026-01-01T00:00:00Z")
+    seen = dataclasses.replace(md, status=said)
+    after = status_of(seen, observed_from([body(0, ready=False, restarts=1)], [], 2), Plan(rev, rev, ()),
+                      "2026-01-01T00:00:01Z")
+    assert [c["message"] for c in after["conditions"] if c["type"] == "Degraded"] == [
+        f"replica group 0 of revision {rev} lost rank 1 (its pod is gone): re-creating the whole group"]
     starting = observed_from([body(0, ready=False)], [], 2)   # a group being made is not broken
     assert starting.groups[(rev, 0)].broken is None
 

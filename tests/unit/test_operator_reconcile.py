@@ -97,17 +97,18 @@ def test_multi_pod_group_is_ready_only_when_every_pod_is():
     assert c.md["status"]["readyReplicas"] == 1
 
 
-def test_lost_pod_is_recreated_and_its_group_leaves_rotation():
+def test_lost_pod_takes_its_group_out_of_rotation_and_the_group_is_re_created_whole():
     c = FakeCluster({**copy.deepcopy(SPEC), "replicas": 1, "topology": {"podsPerReplica": 2}})
     c.converge()
-    lost = sorted(c.pods())[1]
+    survivor, lost = sorted(c.pods())
     del c.objects[("Pod", lost)]
     c.reconcile()
-    assert lost in c.pods()                               # recreated under the same name
-    survivor = sorted(c.pods())[0]
     assert c.labels(survivor)[names.LABEL_IN_ROTATION] == "false"
+    assert lost not in c.pods()                           # never patched back into the broken group
     c.converge()
-    assert c.labels(survivor)[names.LABEL_IN_ROTATION] == "true"
+    assert survivor not in c.pods() and lost not in c.pods()
+    assert len(c.pods()) == 2 and {c.labels(n)[names.LABEL_REPLICA] for n in c.pods()} == {"1"}
+    assert all(c.labels(n)[names.LABEL_IN_ROTATION] == "true" for n in c.pods())
 
 
 def test_terminating_pod_gets_a_replacement_with_a_new_name():

@@ -82,13 +82,17 @@ def with_templates(observed: Observed, templates: Mapping[str, ModelDeployment])
 
 def pod_slots(plan: Plan, observed: Observed, md_name: str) -> list[PodSlot]:
     """Every pod the plan wants, named: a live pod keeps its name; a missing one gets the first name
-    not taken by any observed pod (a terminating predecessor keeps its name until it is gone)."""
+    not taken by any observed pod (a terminating predecessor keeps its name until it is gone). A
+    group leaving rotation (`draining`) gets no new pod: one that lost a rank would look whole
+    again, and be kept instead of re-created."""
     live = {(p.revision, p.replica, p.rank): p.name for p in observed.pods if p.live}
     taken = {p.name for p in observed.pods}
     slots = []
     for g in plan.groups:
         for rank in range(observed.size_of(g.revision)):
             name = live.get((g.revision, g.replica, rank))
+            if name is None and g.draining:
+                continue
             if name is None:
                 incarnation = 0
                 while (name := pod_name(md_name, g.revision, g.replica, rank, incarnation)) in taken:

@@ -51,6 +51,7 @@ class ObservedPod:
     out_of_rotation_since: float | None = None   # when the operator took it out of rotation (its own clock)
     stale: bool = False                        # its spec is not what its revision's template builds
     restarts: int = 0                          # container restarts (sum over its containers)
+    started: bool = False                      # its containers passed their startup probes (since their last start)
     last_exit: str | None = None               # how its container last ended, when it restarted
     body: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -106,7 +107,9 @@ class Group:
             if pod.restarts:
                 return rank, f"pod {pod.name} restarted ({pod.last_exit or 'its container exited'})"
         missing = [rank for rank in range(self.size) if rank not in self.pods]
-        if missing and any(p.ready for p in self.pods.values()):
+        # A peer that started (its ranks met the missing one's) has lost it, ready or not: it goes
+        # unready before it exits; a group still being made has no started pod.
+        if missing and any(p.ready or p.started for p in self.pods.values()):
             return missing[0], "its pod is gone"
         return None
 
@@ -200,6 +203,11 @@ def _restarts(pod: Mapping[str, Any]) -> int:
     return sum(int(cs.get("restartCount") or 0) for cs in (pod.get("status") or {}).get("containerStatuses") or ())
 
 
+def _started(pod: Mapping[str, Any]) -> bool:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or ()
+    return bool(statuses) and all(cs.get("started") for cs in statuses)
+
+
 def _last_exit(pod: Mapping[str, Any]) -> str | None:
     for cs in (pod.get("status") or {}).get("containerStatuses") or ():
         last = (cs.get("lastState") or {}).get("terminated") or {}
@@ -231,6 +239,7 @@ def observed_pod(body: Mapping[str, Any]) -> ObservedPod:
         unschedulable=unschedulable,
         failure=_failure(body),
         restarts=_restarts(body),
+        started=_started(body),
         last_exit=_last_exit(body),
         out_of_rotation_since=epoch((meta.get("annotations") or {}).get(names.ANNOTATION_OUT_OF_ROTATION)),
         body=body,
