@@ -142,7 +142,8 @@ NAMESPACED_RULES = {
      (names.GROUP, "modeldeployments/finalizers", "update")} | {
     ("", resource, verb) for resource in ("pods", "services") for verb in ("list", "watch", "create", "patch", "delete")
 } | {("", "events", "create")} | {
-    ("apps", "controllerrevisions", verb) for verb in ("list", "create", "patch", "delete")}
+    ("apps", "controllerrevisions", verb) for verb in ("list", "create", "patch", "delete")} | {
+    ("scheduling.k8s.io", "podgroups", verb) for verb in ("list", "create", "patch", "delete")}
 PROMETHEUS_RULES = {("monitoring.coreos.com", "prometheusrules", v) for v in ("list", "create", "patch", "delete")}
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 NAMESPACE_DISCOVERY = {("", "namespaces", v) for v in ("list", "watch")}
@@ -264,7 +265,7 @@ def argocd_health(obj: dict) -> dict:
 
 
 def example(ns: str, name: str | None = None) -> dict:
-    """examples/gpu-deepseek.yaml with one replica (one simulated 8-GPU pod) in namespace `ns`."""
+    """examples/gpu-deepseek.yaml with one replica (two simulated 8-GPU pods) in namespace `ns`."""
     body = yaml.safe_load((ROOT / "examples" / "gpu-deepseek.yaml").read_text())
     body["metadata"].update(namespace=ns, **({"name": name} if name else {}))
     body["spec"]["replicas"] = 1

@@ -93,11 +93,11 @@ def world(cluster, ns, name):
 
 
 def test_gpu_example_becomes_available_with_the_contracts_pods_and_services(cluster, ns, operator):
-    body = example("gpu-deepseek")
+    body = example("gpu-deepseek")   # one replica: DeepSeek-V3 over two pods of 8 simulated H100s
     body["metadata"]["namespace"] = ns
     cluster.apply(body)
     status = wait_available(cluster, ns, "deepseek-v3")["status"]
-    assert status["readyReplicas"] == 2 and status["replicas"] == 2 and status["updatedReplicas"] == 2
+    assert status["readyReplicas"] == 1 and status["replicas"] == 1 and status["updatedReplicas"] == 1
     assert status["stableRevision"] == status["currentRevision"]
     assert status["observedGeneration"] == 1
     assert status["selector"] == "serving.moe.dev/deployment=deepseek-v3,serving.moe.dev/rank=0"
@@ -106,15 +106,17 @@ def test_gpu_example_becomes_available_with_the_contracts_pods_and_services(clus
     for pod in running:
         labels = pod["metadata"]["labels"]
         assert labels[names.LABEL_REVISION] == status["currentRevision"]
-        assert labels[names.LABEL_TRACK] == "stable" and labels[names.LABEL_RANK] == "0"
+        assert labels[names.LABEL_TRACK] == "stable" and labels[names.LABEL_REPLICA] == "0"
         assert labels[names.LABEL_IN_ROTATION] == "true"
         assert labels["app.kubernetes.io/managed-by"] == "moe-operator"
         (container,) = pod["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+        args = container["args"]
+        assert args[args.index("--tensor-parallel-size") + 1] == "16" and "--enable-expert-parallel" in args
         assert pod["spec"]["initContainers"][0]["name"] == "fetch-model"
         assert pod["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
         assert pod["spec"]["nodeName"].startswith("devcluster-gpu-")
-    assert sorted({p["metadata"]["labels"][names.LABEL_REPLICA] for p in running}) == ["0", "1"]
+    assert sorted(p["metadata"]["labels"][names.LABEL_RANK] for p in running) == ["0", "1"]
     services = {s["metadata"]["name"]: s for s in get(cluster, "services", "-n", ns)["items"]}
     assert services["deepseek-v3"]["spec"]["selector"][names.LABEL_IN_ROTATION] == "true"
     assert services["deepseek-v3-stable"]["spec"]["selector"][names.LABEL_TRACK] == "stable"
@@ -127,7 +129,7 @@ def test_gpu_example_becomes_available_with_the_contracts_pods_and_services(clus
     events = get(cluster, "events", "-n", ns, "--field-selector", "involvedObject.name=deepseek-v3")["items"]
     assert "Available" in {e["reason"] for e in events}
     row = cluster.kubectl("get", "md", "deepseek-v3", "-n", ns, "--no-headers").stdout.split()
-    assert row[:6] == ["deepseek-v3", "hf://deepseek-ai/DeepSeek-V3", "2", "2", "Canary", "Available"]
+    assert row[:6] == ["deepseek-v3", "hf://deepseek-ai/DeepSeek-V3", "1", "1", "Canary", "Available"]
 
 
 def test_four_replicas_all_pods_created_fast(cluster, ns, operator, record_property):
@@ -197,16 +199,29 @@ def test_deleted_pod_is_recreated(cluster, ns, operator):
              and get(cluster, "md", "phoenix", "-n", ns)["status"]["readyReplicas"] == 2, 30)
 
 
-def test_multi_pod_groups(cluster, ns, operator):
+def test_multi_pod_example_applies_and_its_group_serves(cluster, ns, operator):
+    """examples/multi-pod.yaml: two real runtime pods on the local node, one server."""
     body = example("multi-pod")
     body["metadata"]["namespace"] = ns
     cluster.apply(body)
-    wait_available(cluster, ns, "deepseek-ep")
+    wait_available(cluster, ns, "tiny-ep", timeout=180)
+    running = pods(cluster, ns, "tiny-ep")
     ranks = sorted((p["metadata"]["labels"][names.LABEL_REPLICA], p["metadata"]["labels"][names.LABEL_RANK])
-                   for p in pods(cluster, ns, "deepseek-ep"))
+                   for p in running)
     assert ranks == [("0", "0"), ("0", "1")]
-    env = {e["name"]: e.get("value") for e in pods(cluster, ns, "deepseek-ep")[0]["spec"]["containers"][0]["env"]}
-    assert env["MOE_WORLD_SIZE"] == "2"
+    for pod in running:
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["MOE_WORLD_SIZE"] == "2" and env["MOE_LEADER_ADDRESS"].startswith("rank-0.tiny-ep-")
+    by_rank = {p["metadata"]["labels"][names.LABEL_RANK]: p for p in running}
+    follower = f"http://{by_rank['1']['status']['podIP']}:8000"
+    metrics = urllib.request.urlopen(f"{follower}/metrics", timeout=10).read().decode()
+    assert 'moe_weight_bytes{model_name="tiny-ep",rank="1"}' in metrics
+    leader = f"http://{by_rank['0']['status']['podIP']}:8000"
+    request = urllib.request.Request(f"{leader}/v1/completions", method="POST",
+                                     data=json.dumps({"model": "tiny-ep", "prompt": "hi", "max_tokens": 4}).encode(),
+                                     headers={"content-type": "application/json"})
+    reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    assert reply["usage"]["completion_tokens"] == 4
 
 
 def test_new_model_source_rolls_in_a_new_revision(cluster, ns, operator):
