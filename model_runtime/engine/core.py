@@ -342,7 +342,15 @@ class LLMEngine:
             logits.float(),
             [
                 SampleRow(
-                    r.params.temperature, r.params.top_p, r.params.top_k, r.generator, r.params.logprobs
+                    r.params.temperature,
+                    r.params.top_p,
+                    r.params.top_k,
+                    r.generator,
+                    r.params.logprobs,
+                    min_p=r.params.min_p,
+                    params=r.params if r.params.adjusts_logits else None,
+                    prompt_ids=r.prompt_token_ids if r.params.repetition_penalty != 1.0 else None,
+                    output_ids=r.seq.token_ids[r.seq.num_prompt_tokens :] if r.params.adjusts_logits else None,
                 )
                 for r in reqs
             ],

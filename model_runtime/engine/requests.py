@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from model_runtime.engine.config import format_bytes
 
 MAX_LOGPROBS = 20  # top logprobs a request may ask for per token
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI allows 300)
 
 
 @dataclass
@@ -28,10 +29,26 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the chosen token)
+    # Penalties and biases (vLLM's and OpenAI's meanings): see engine/sampling.py `adjust_logits`.
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # prompt and generated tokens: logit / p if > 0, else logit * p
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (sampling only)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # OpenAI accepts a single string
             self.stop = [self.stop]
+        if isinstance(self.logit_bias, dict):  # JSON object keys are strings
+            try:
+                self.logit_bias = {int(k): v for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias keys must be token ids, got {list(self.logit_bias)!r}") from None
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +87,22 @@ class SamplingParams:
             not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_num(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not is_num(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition_penalty must be in (0, 10] (1 = off), got {self.repetition_penalty!r}")
+        if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids")
+            for token, bias in self.logit_bias.items():
+                if not is_int(token) or token < 0:
+                    raise ValueError(f"logit_bias: {token!r} is not a token id")
+                if not is_num(bias) or not -100 <= bias <= 100:
+                    raise ValueError(f"logit_bias[{token}] must be a number in [-100, 100], got {bias!r}")
 
 
 class EngineError(ValueError):
@@ -148,6 +181,8 @@ class RequestValidator:
             raise EngineError(str(e)) from None
         if bad := [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]:
             raise EngineError(f"stop_token_ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if bad := [t for t in params.logit_bias or () if not 0 <= t < self.vocab_size][:5]:
+            raise EngineError(f"logit_bias token ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})")
         if isinstance(prompt, str):
             if not prompt:
                 raise EngineError("the prompt is empty")

@@ -24,6 +24,10 @@ class SampleRow:
     top_k: int
     generator: torch.Generator | None  # per-request generator of a seeded request
     logprobs: int | None
+    min_p: float = 0.0
+    params: object | None = None  # SamplingParams, when it adjusts logits (penalties, logit_bias)
+    prompt_ids: list[int] | None = None  # for repetition_penalty
+    output_ids: list[int] | None = None  # for the presence, frequency and repetition penalties
 
 
 @dataclass
@@ -48,12 +52,48 @@ def sample(
     """
     S, V = logits.shape
     temps = [r.temperature for r in rows]
+    adjusted = adjust_logits(logits, rows)
     if all(t == 0 for t in temps):
-        chosen = logits.argmax(dim=-1)  # [S]
+        chosen = adjusted.argmax(dim=-1)  # [S]
     else:
-        chosen = _sample_random(logits, rows, temps, generator)
+        chosen = _sample_random(adjusted, rows, temps, generator)
     token_ids = chosen.tolist()
     return SampleResult(token_ids, _logprobs(logits, rows, chosen, token_ids))
+
+
+def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """The logits with each row's penalties and biases applied (a copy; `logits` as it was when no
+    row has any), in vLLM's order and meanings:
+
+    - repetition_penalty p (prompt and generated tokens, as transformers and vLLM): a logit > 0
+      is divided by p, one <= 0 multiplied by p;
+    - frequency_penalty f and presence_penalty r (generated tokens only, as OpenAI):
+      logit -= f x count + r x (count > 0);
+    - logit_bias: added to the named tokens' logits.
+    """
+    if not any(r.params is not None for r in rows):
+        return logits
+    out = logits.clone()
+    V = logits.shape[1]
+    for i, row in enumerate(rows):
+        params = row.params
+        if params is None:
+            continue
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(V, dtype=torch.bool, device=logits.device)
+            seen[torch.tensor((row.prompt_ids or []) + (row.output_ids or []), dtype=torch.long,
+                              device=logits.device)] = True
+            x = out[i]
+            p = params.repetition_penalty
+            out[i] = torch.where(seen, torch.where(x > 0, x / p, x * p), x)
+        if (params.frequency_penalty or params.presence_penalty) and row.output_ids:
+            counts = torch.bincount(torch.tensor(row.output_ids, dtype=torch.long, device=logits.device),
+                                    minlength=V)[:V].to(out.dtype)
+            out[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(out.dtype)
+        if params.logit_bias:
+            ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
+            out[i, ids] += torch.tensor(list(params.logit_bias.values()), dtype=out.dtype, device=logits.device)
+    return out
 
 
 def _sample_random(
@@ -72,6 +112,10 @@ def _sample_random(
     elif any(k < V for k in top_ks):
         scaled = _mask_top_k(scaled, top_ks)
     probs = scaled.softmax(dim=-1)  # [S, V]
+    min_ps = [r.min_p for r in rows]
+    if any(m > 0 for m in min_ps):  # drop tokens less likely than min_p x the row's most likely one
+        floor = torch.tensor(min_ps, dtype=probs.dtype, device=device)[:, None] * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)
 
     q = torch.empty_like(probs)
     q.exponential_(generator=generator)

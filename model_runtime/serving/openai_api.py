@@ -37,9 +37,6 @@ NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
-    "logit_bias": (None, {}),
-    "min_p": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "guided_json": (None,),
@@ -76,8 +73,11 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="vLLM's: 1 = off")
+    min_p: float = Field(0.0, ge=0, le=1)
+    logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     user: str | None = None
@@ -159,6 +159,11 @@ def sampling_kwargs(
         "stop_token_ids": list(req.stop_token_ids or []),
         "ignore_eos": req.ignore_eos,
         "logprobs": logprobs,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "min_p": req.min_p,
+        "logit_bias": dict(req.logit_bias) if req.logit_bias else None,
     }
     return kwargs
 

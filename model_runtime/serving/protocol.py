@@ -68,6 +68,11 @@ SAMPLING_PARAMETER_TYPES: dict[str, type] = {
     "stop_token_ids": list,
     "ignore_eos": bool,
     "logprobs": int,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "repetition_penalty": float,
+    "min_p": float,
+    "logit_bias": dict,
 }
 
 
@@ -460,6 +465,10 @@ def _coerce(key: str, kind: type, value: Any) -> Any:
         if isinstance(value, list) and all(type(t) is int for t in value):
             return value
         raise ProtocolError("sampling parameter 'stop_token_ids' must be a list of integers")
+    elif key == "logit_bias":
+        if isinstance(value, dict):
+            return value   # token ids and biases are checked with the other parameters
+        raise ProtocolError("sampling parameter 'logit_bias' must be an object of token id -> bias")
     raise ProtocolError(f"sampling parameter '{key}' must be {kind.__name__}, got {value!r}")
 
 

@@ -121,8 +121,10 @@ def test_sampling_parameters_are_typed_and_checked():
     assert protocol.sampling_kwargs(
         {"max_tokens": 5.0, "top_p": "0.5", "ignore_eos": "true", "stop": "\n", "binary_data_output": True}
     ) == {"max_tokens": 5, "top_p": 0.5, "ignore_eos": True, "stop": ["\n"]}
-    with pytest.raises(ProtocolError, match="unsupported sampling parameter 'frequency_penalty'"):
-        protocol.sampling_kwargs({"frequency_penalty": 1})
+    assert protocol.sampling_kwargs({"frequency_penalty": "1", "logit_bias": {"3": -5}}) == {
+        "frequency_penalty": 1.0, "logit_bias": {"3": -5}}
+    with pytest.raises(ProtocolError, match="unsupported sampling parameter 'best_of'"):
+        protocol.sampling_kwargs({"best_of": 2})
     for bad in (
         {"max_tokens": "many"},
         {"max_tokens": True},

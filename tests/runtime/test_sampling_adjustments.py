@@ -1,0 +1,98 @@
+"""Penalties, min_p and logit_bias, with vLLM's and OpenAI's meanings: the sampler's arithmetic
+against transformers' logits processors, and what a client sees through the `openai` SDK and the
+KServe generate endpoint."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import torch
+
+from model_runtime.engine.requests import SamplingParams
+from model_runtime.engine.sampling import SampleRow, adjust_logits, sample
+
+pytestmark = pytest.mark.runtime
+transformers = pytest.importorskip("transformers")
+
+MODEL_NAME = "tiny-mixtral"
+
+
+def row(params: SamplingParams, prompt=(), output=(), temperature=0.0) -> SampleRow:
+    return SampleRow(temperature, 1.0, 0, None, None, min_p=params.min_p, params=params,
+                     prompt_ids=list(prompt), output_ids=list(output))
+
+
+def test_repetition_penalty_is_transformers_and_vllms():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+    prompt, output = [3, 7, 7, 11], [20, 3]
+    got = adjust_logits(logits, [row(SamplingParams(repetition_penalty=1.3), prompt, output)])
+    want = transformers.RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + output]), logits.clone())
+    torch.testing.assert_close(got, want)
+
+
+def test_frequency_and_presence_penalties_count_generated_tokens_only():
+    logits = torch.zeros(1, 10)
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
+    got = adjust_logits(logits, [row(params, prompt=[1, 1, 1], output=[4, 4, 4, 6])])[0]
+    assert got[4].item() == pytest.approx(-(0.5 * 3 + 0.25))
+    assert got[6].item() == pytest.approx(-(0.5 + 0.25))
+    assert got[1].item() == 0.0  # a prompt token is not penalised (OpenAI's definition)
+    assert logits.abs().sum() == 0  # the model's logits are not changed (logprobs report them)
+
+
+def test_logit_bias_min_p_and_a_batch_of_mixed_rows():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
+    biased = SamplingParams(temperature=0, logit_bias={3: 100.0})
+    plain = SamplingParams(temperature=0)
+    result = sample(logits, [row(biased), SampleRow(0.0, 1.0, 0, None, None)])
+    assert result.token_ids == [3, 0]   # only the biased row moves
+    # min_p 0.5: only tokens at least half as likely as the best survive (0 and 1), for any seed
+    seen = set()
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        r = SampleRow(1.0, 1.0, 0, g, None, min_p=0.5)
+        seen.add(sample(logits[:1], [r]).token_ids[0])
+    assert seen == {0, 1}
+    assert plain.adjusts_logits is False and biased.adjusts_logits is True
+
+
+@pytest.fixture(scope="module")
+def client(runtime_server):
+    return openai.OpenAI(base_url=f"{runtime_server.base_url}/v1", api_key="none", max_retries=0)
+
+
+def test_logit_bias_through_the_openai_sdk_forces_and_bans_tokens(client, runtime_server):
+    def text_of(ids):
+        return httpx.post(f"{runtime_server.base_url}/detokenize", json={"tokens": ids}).json()["prompt"]
+
+    def greedy(bias):
+        out = client.completions.create(model=MODEL_NAME, prompt="hello", max_tokens=6, temperature=0,
+                                        logit_bias=bias, extra_body={"ignore_eos": True})
+        return out.choices[0].text
+
+    assert greedy({"42": 100, "43": 99}) == text_of([42] * 6)   # forced
+    assert greedy({"42": -100, "43": 100}) == text_of([43] * 6)  # 42 banned, 43 forced
+
+
+def test_a_frequency_penalty_makes_greedy_text_repeat_less(client):
+    def distinct(**extra):
+        out = client.completions.create(model=MODEL_NAME, prompt="abc", max_tokens=40, temperature=0,
+                                        extra_body={"ignore_eos": True, **extra}, logprobs=0)
+        ids = [t for t in out.choices[0].logprobs.tokens]
+        return len(set(ids)), len(ids)
+
+    plain, n = distinct()
+    penalised, m = distinct(frequency_penalty=2.0)
+    assert n == m == 40 and penalised > plain
+
+
+def test_penalties_through_kserve_generate(runtime_server):
+    body = {"text_input": "abc", "sampling_parameters": {"max_tokens": 8, "temperature": 0,
+                                                          "repetition_penalty": 1.5, "logit_bias": {"42": 100},
+                                                          "ignore_eos": True}}
+    r = httpx.post(f"{runtime_server.base_url}/v2/models/{MODEL_NAME}/generate", json=body)
+    assert r.status_code == 200, r.text
+    bad = httpx.post(f"{runtime_server.base_url}/v2/models/{MODEL_NAME}/generate",
+                     json={"text_input": "abc", "sampling_parameters": {"min_p": 2}})
+    assert bad.status_code == 400 and "min_p" in bad.text
