@@ -9,18 +9,30 @@ request. vLLM's extensions `top_k`, `ignore_eos` and `stop_token_ids` are accept
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import time
 import uuid
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_runtime.engine.requests import MAX_LOGPROBS
 from model_runtime.serving.service import InferenceService, InvalidRequest, ServiceError, first_and_rest
 from model_runtime.serving.sse import DONE, event_stream, sse
+
+MAX_N = 16  # choices one request may ask for
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away before its answer: its requests were aborted (counted as cancelled
+    where they ran; nobody reads this answer)."""
+
+    http_status, grpc_code, failure_reason, openai_type = 499, "CANCELLED", None, "client_closed_request"
 
 
 class StreamOptions(BaseModel):
@@ -68,7 +80,7 @@ class _SamplingFields(BaseModel):
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices to generate (without stream)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -81,6 +93,12 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _n_without_stream(self):
+        if self.n > 1 and self.stream:
+            raise ValueError("n: more than one choice is served without stream only (set stream to false)")
+        return self
 
     @model_validator(mode="after")
     def _refuse_what_is_not_implemented(self):
@@ -125,6 +143,42 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+
+
+async def until_disconnected(request: Request, work):
+    """Await `work` (a coroutine) unless the client goes away first: then cancel it, which aborts
+    its requests in the engine at once (their blocks are freed; counted as cancelled)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ClientDisconnected("the client disconnected: its request was aborted")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def complete_n(service: InferenceService, prompt, params, n: int) -> list:
+    """`n` completions of one prompt: the i-th with seed + i when the request is seeded (each
+    reproducible), else each with its own noise."""
+    if n == 1:
+        return [await service.complete(prompt, params)]
+    runs = [
+        service.complete(prompt, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
+        for i in range(n)
+    ]
+    return list(await asyncio.gather(*runs))
+
+
+def usage_of(finals: list) -> dict[str, int]:
+    """One prompt's tokens (counted once, as vLLM and OpenAI count them) and every choice's."""
+    return usage(len(finals[0].prompt_token_ids), sum(len(f.token_ids) for f in finals))
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -354,7 +408,7 @@ def create_openai_router(service: InferenceService) -> APIRouter:
         yield DONE
 
     @router.post("/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         service.check_model(req.model)
         service.admit()
         prompt = single_prompt(req.prompt)
@@ -370,17 +424,19 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
 
         if not req.stream:
-            final = await service.complete(prompt, params)
-            logprobs = None
-            if req.logprobs is not None:
-                logprobs = completion_logprobs(tokenizer, final.logprobs or [], len(echo_text))
-            choice = {
-                "index": 0,
-                "text": echo_text + final.text,
-                "logprobs": logprobs,
-                "finish_reason": final.finish_reason,
-            }
-            return JSONResponse(answer("text_completion", [choice], final))
+            finals = await until_disconnected(request, complete_n(service, prompt, params, req.n))
+            choices = []
+            for i, final in enumerate(finals):
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = completion_logprobs(tokenizer, final.logprobs or [], len(echo_text))
+                choices.append({
+                    "index": i,
+                    "text": echo_text + final.text,
+                    "logprobs": logprobs,
+                    "finish_reason": final.finish_reason,
+                })
+            return JSONResponse({**answer("text_completion", choices), "usage": usage_of(finals)})
 
         outputs = await first_and_rest(service.generate(prompt, params))
         state = {"echo": echo_text, "offset": len(echo_text)}
@@ -413,7 +469,7 @@ def create_openai_router(service: InferenceService) -> APIRouter:
         )
 
     @router.post("/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         service.check_model(req.model)
         service.admit()
         tokenizer = service.tokenizer
@@ -428,14 +484,17 @@ def create_openai_router(service: InferenceService) -> APIRouter:
         answer = _envelope(request_id, created, model_name)
 
         if not req.stream:
-            final = await service.complete(prompt, params)
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": final.text},
-                "logprobs": chat_logprobs(tokenizer, final.logprobs or []) if req.logprobs else None,
-                "finish_reason": final.finish_reason,
-            }
-            return JSONResponse(answer("chat.completion", [choice], final))
+            finals = await until_disconnected(request, complete_n(service, prompt, params, req.n))
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": final.text},
+                    "logprobs": chat_logprobs(tokenizer, final.logprobs or []) if req.logprobs else None,
+                    "finish_reason": final.finish_reason,
+                }
+                for i, final in enumerate(finals)
+            ]
+            return JSONResponse({**answer("chat.completion", choices), "usage": usage_of(finals)})
 
         outputs = await first_and_rest(service.generate(prompt, params))
         state = {"first": True}

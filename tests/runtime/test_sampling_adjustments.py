@@ -4,6 +4,8 @@ KServe generate endpoint."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -96,3 +98,54 @@ def test_penalties_through_kserve_generate(runtime_server):
     bad = httpx.post(f"{runtime_server.base_url}/v2/models/{MODEL_NAME}/generate",
                      json={"text_input": "abc", "sampling_parameters": {"min_p": 2}})
     assert bad.status_code == 400 and "min_p" in bad.text
+
+
+def test_n_choices_each_seeded_and_counted(client):
+    out = client.completions.create(model=MODEL_NAME, prompt="once", max_tokens=8, temperature=1.0, seed=7, n=3,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    texts = [c.text for c in out.choices]
+    assert len(set(texts)) > 1  # three different draws
+    again = client.completions.create(model=MODEL_NAME, prompt="once", max_tokens=8, temperature=1.0, seed=7, n=3,
+                                      extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == texts  # and each reproducible
+    assert out.usage.completion_tokens == 24 and out.usage.total_tokens == out.usage.prompt_tokens + 24
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, n=2, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same
+
+
+def test_a_client_that_disconnects_frees_its_slot_at_once(runtime_server):
+    """A non-streaming request whose client goes away is aborted in the engine (counted as
+    cancelled), not run to its max_tokens for nobody."""
+    import socket
+    import time
+
+    def metric(prefix):
+        text = httpx.get(f"{runtime_server.base_url}/metrics").text
+        return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(prefix))
+
+    def running():
+        return metric("moe_num_requests_running{")
+
+    succeeded = metric("moe_request_success_total{")
+    cancelled = metric('moe_request_failure_total{model_name="tiny-mixtral",reason="cancelled"}')
+    body = json.dumps({"model": MODEL_NAME, "prompt": "go", "max_tokens": 240, "ignore_eos": True,
+                       "temperature": 0}).encode()
+    host, port = runtime_server.base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.monotonic() + 10
+    while running() < 1:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
+    sock.close()  # the client goes away without reading its answer
+    started = time.monotonic()
+    while running() > 0:
+        assert time.monotonic() - started < 2.0, "the engine kept running a request nobody will read"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert metric("moe_request_success_total{") == succeeded  # it did not run to its 240 tokens
+    assert metric('moe_request_failure_total{model_name="tiny-mixtral",reason="cancelled"}') == cancelled + 1
