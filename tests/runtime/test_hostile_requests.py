@@ -186,10 +186,10 @@ CORPUS = [
     ),
     ("infinite top_p", "POST", GENERATE, b'{"text_input": "a", "top_p": 1e999}', {}, 400),
     (
-        "n above one",
+        "n above the limit",
         "POST",
         "/v1/completions",
-        json.dumps({"model": MODEL_NAME, "prompt": "a", "n": 3}).encode(),
+        json.dumps({"model": MODEL_NAME, "prompt": "a", "n": 1000}).encode(),
         {},
         400,
     ),
