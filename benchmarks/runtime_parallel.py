@@ -1,6 +1,6 @@
 """Tensor + expert parallel benchmark: `python -m benchmarks.runtime_parallel` (in `make bench`).
 
-Prints three tables:
+Prints four tables:
 1. Memory per rank at 1, 2 and 4 ranks (expert parallel, and tensor parallel experts without it):
    the weight bytes each rank holds (`Transformer.weight_bytes()` of the part `load_model` loads for
    that rank) and the tokens its KV cache holds in the engine's default KV budget
@@ -18,6 +18,14 @@ Prints three tables:
    `Transformer(cfg, Shard(rank, world, expert_parallel=True))`; weights per rank are its
    parameters' and persistent buffers' elements times bytes per element. DeepSeek-V3 is counted as
    its published FP8 checkpoint stores it (which does not load yet: the next issue).
+4. Serving throughput at 1 vs 2 ranks (`--serving`, on by default; `--no-serving` skips it):
+   `moe-runtime serve --device cpu` subprocesses on 127.0.0.1, one at a time (each started afresh
+   for its run, stopped before the next starts), for builtin:tiny-deepseek-v3 and the checkpoint
+   above, at 1 rank and at `--tensor-parallel-size 2 --enable-expert-parallel`; each run sends
+   streaming OpenAI completions (greedy, `ignore_eos`): one client's requests one after another,
+   then a number of requests all at once; output tokens per second and TTFT p50 of each, in
+   alternating rounds (1 rank, 2 ranks, 1 rank, 2 ranks, ...), the best round of each kept.
+   Every request has a timeout and the section a time limit; requests it cuts short count as failed.
 
 On a CPU the parallel step times say what the collectives cost against the compute they split,
 not what GPUs would gain; the memory tables hold on any device.
@@ -26,10 +34,15 @@ not what GPUs would gain; the memory tables hold on any device.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
 import math
 import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -590,6 +603,313 @@ def layout_rows(names: list[str]) -> tuple[list[list[str]], list[list[str]]]:
     return models, rows
 
 
+# -- 4. serving throughput at 1 vs 2 ranks ----------------------------------------------------------
+
+SERVING_LAYOUTS = ((1, False), (2, True))  # (ranks, expert parallel), alternated in every round
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    sequential: int  # requests one client sends one after another
+    concurrent: int  # requests sent all at once
+    max_tokens: int  # output tokens of each request (greedy, EOS ignored)
+    prompt_chars: int
+    rounds: int
+    request_timeout_s: float  # each request (and the server's --request-timeout)
+    start_timeout_s: float  # a server's start until ready
+    time_limit_s: float  # the whole section: no run starts after it, and it cuts requests short
+
+    def prompt(self, kind: str, i: int) -> str:
+        text = f"{kind} request {i}: the experts route tokens. "
+        return (text * (self.prompt_chars // len(text) + 1))[: self.prompt_chars]
+
+
+def serving_plan(quick: bool, rounds: int | None) -> ServingPlan:
+    if quick:
+        return ServingPlan(4, 32, 32, 64, rounds or 1, 60.0, 180.0, 300.0)
+    return ServingPlan(8, 32, 64, 64, rounds or 3, 120.0, 240.0, 1500.0)
+
+
+@dataclass
+class Load:
+    """One load pattern of one run: completion tokens over its wall time, and each request's TTFT."""
+
+    tokens: int = 0
+    wall_s: float = 0.0
+    failures: int = 0
+    ttft_s: list[float] | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def ttft_p50_s(self) -> float:
+        return statistics.median(self.ttft_s) if self.ttft_s else float("nan")
+
+
+@dataclass
+class ServingRun:
+    ready_s: float  # from starting the server to ready
+    single: Load  # one client, requests one after another
+    concurrent: Load  # all requests at once
+    other_cores: float  # CPU cores other processes kept busy while the loads ran
+
+
+def tree_cpu_s(root: int) -> float:
+    """User + system CPU seconds of a process and all its live descendants (the server, its engine
+    process and rank processes)."""
+    ppid, cpu = {}, {}
+    clock = os.sysconf("SC_CLK_TCK")
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # it exited meanwhile
+            continue
+        ppid[int(name)] = int(fields[1])
+        cpu[int(name)] = (int(fields[11]) + int(fields[12])) / clock
+    tree, total, grew = {root}, 0.0, True
+    while grew:
+        grew = False
+        for pid, parent in ppid.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    for pid in tree:
+        total += cpu.get(pid, 0.0)
+    return total
+
+
+class ServeProcess:
+    """One `moe-runtime serve` subprocess on 127.0.0.1 (a free port, no gRPC), in its own process
+    group; its output in a temporary file, shown when it fails."""
+
+    def __init__(self, model: str, ranks: int, ep: bool, plan: ServingPlan):
+        self.base = f"http://127.0.0.1:{free_port()}"
+        args = [sys.executable, "-m", "model_runtime.cli", "serve", "--model", model, "--host", "127.0.0.1"]
+        args += ["--http-port", self.base.rsplit(":", 1)[1], "--grpc-port", "0", "--device", "cpu"]
+        args += [
+            "--max-num-seqs",
+            str(max(plan.concurrent, 1)),
+            "--request-timeout",
+            str(plan.request_timeout_s),
+        ]
+        args += ["--log-level", "warning", "--tensor-parallel-size", str(ranks)]
+        if ep:
+            args.append("--enable-expert-parallel")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("POD_IP", None)
+        env.pop("MOE_REVISION", None)
+        self.log = tempfile.TemporaryFile()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            args, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env, start_new_session=True
+        )
+
+    def logs(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        """SIGTERM (nothing is in flight: it drains at once), then SIGKILL to its process group."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # rank processes left behind, if any
+        self.proc.wait()
+        self.log.close()
+
+
+async def _serving_run(server: ServeProcess, plan: ServingPlan, deadline: float) -> ServingRun:
+    """Wait for the server, warm it up, then time one client's requests and then all at once."""
+    import aiohttp
+
+    def timeout() -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=max(1.0, min(plan.request_timeout_s, deadline - time.monotonic())))
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=plan.concurrent + 4)) as session:
+        ready_by = min(server.started + plan.start_timeout_s, deadline)
+        while True:
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.logs()}")
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                async with session.get(
+                    f"{server.base}/v2/health/ready", timeout=aiohttp.ClientTimeout(total=2)
+                ) as r:
+                    if r.status == 200:
+                        break
+            if time.monotonic() > ready_by:
+                raise TimeoutError(
+                    f"server not ready after {time.monotonic() - server.started:.0f}s:\n{server.logs()}"
+                )
+            await asyncio.sleep(0.1)  # polling with a deadline
+        ready_s = time.monotonic() - server.started
+        async with session.get(f"{server.base}/v1/models", timeout=timeout()) as r:
+            model_name = (await r.json())["data"][0]["id"]
+
+        async def one(prompt: str, max_tokens: int) -> tuple[float, int] | None:
+            """(TTFT: the first streamed chunk, i.e. token, completion tokens), or None if it failed."""
+            body = {
+                "model": model_name,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,  # vLLM's extension, as extra_body={"ignore_eos": True} sends it
+                # a chunk for every token, its text empty or not: a random checkpoint's tokens past
+                # the byte-level tokenizer's 261 decode to nothing, and would stream no chunk
+                "logprobs": 0,
+                "stream": True,
+            }
+            start, ttft, tokens = time.monotonic(), None, 0
+            try:
+                async with session.post(f"{server.base}/v1/completions", json=body, timeout=timeout()) as r:
+                    if r.status != 200:
+                        await r.read()
+                        return None
+                    async for line in r.content:
+                        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                            continue
+                        chunk = json.loads(line[6:])
+                        if ttft is None and chunk.get("choices"):
+                            ttft = time.monotonic() - start
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+            except (TimeoutError, aiohttp.ClientError):
+                return None
+            return (ttft, tokens) if ttft is not None and tokens == max_tokens else None
+
+        def load(results: list, wall_s: float) -> Load:
+            done = [x for x in results if x is not None]
+            return Load(sum(t for _, t in done), wall_s, len(results) - len(done), [f for f, _ in done])
+
+        # warm-up: one whole request and a short burst of all at once (the batch's shapes)
+        await one(plan.prompt("warm-up", 0), plan.max_tokens)
+        await asyncio.gather(*(one(plan.prompt("warm-up", i), 4) for i in range(plan.concurrent)))
+
+        own0, tree0, busy0, t0 = (
+            time.process_time(),
+            tree_cpu_s(server.proc.pid),
+            OtherLoad._busy(),
+            time.monotonic(),
+        )
+        results = []
+        for i in range(plan.sequential):
+            if time.monotonic() > deadline:
+                results.append(None)
+                continue
+            results.append(await one(plan.prompt("single", i), plan.max_tokens))
+        single = load(results, time.monotonic() - t0)
+        t1 = time.monotonic()
+        results = await asyncio.gather(
+            *(one(plan.prompt("batch", i), plan.max_tokens) for i in range(plan.concurrent))
+        )
+        concurrent = load(results, time.monotonic() - t1)
+        wall = time.monotonic() - t0
+        others = (
+            (OtherLoad._busy() - busy0) - (tree_cpu_s(server.proc.pid) - tree0) - (time.process_time() - own0)
+        )
+        return ServingRun(ready_s, single, concurrent, max(0.0, others / wall))
+
+
+def serving_runs(models: list[tuple[str, str]], plan: ServingPlan) -> tuple[dict, list[str]]:
+    """{(model label, layout): [ServingRun per round]} and the errors; the layouts alternate within
+    every round, one server at a time."""
+    deadline = time.monotonic() + plan.time_limit_s
+    runs: dict[tuple[str, tuple[int, bool]], list[ServingRun]] = {}
+    errors: list[str] = []
+    for rnd in range(plan.rounds):
+        for label, src in models:
+            for ranks, ep in SERVING_LAYOUTS:
+                name = f"round {rnd + 1}/{plan.rounds}, {label}, {layout_name(ranks, ep)}"
+                if time.monotonic() > deadline:
+                    errors.append(f"{name}: not run, the {plan.time_limit_s:.0f} s time limit had passed")
+                    continue
+                server = ServeProcess(src, ranks, ep, plan)
+                try:
+                    run = asyncio.run(_serving_run(server, plan, deadline))
+                except Exception as e:  # noqa: BLE001 - reported with the table, the other runs go on
+                    errors.append(f"{name}: {type(e).__name__}: {e}")
+                    print(f"serving {name}: failed: {e}", file=sys.stderr, flush=True)
+                    continue
+                finally:
+                    server.stop()
+                runs.setdefault((label, (ranks, ep)), []).append(run)
+                print(
+                    f"serving {name}: ready {run.ready_s:.1f} s, "
+                    f"1 client {run.single.tokens_per_s:.1f} tok/s, "
+                    f"{plan.concurrent} at once {run.concurrent.tokens_per_s:.1f} tok/s, "
+                    f"other work {run.other_cores:.2f} cores",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return runs, errors
+
+
+def _best(runs: list[ServingRun], pick) -> Load | None:
+    """The round with the most tokens/s among those with no failed request (else among all)."""
+    loads = [pick(r) for r in runs]
+    clean = [x for x in loads if not x.failures] or loads
+    return max(clean, key=lambda x: x.tokens_per_s) if clean else None
+
+
+def serving_rows(models: list[tuple[str, str]], runs: dict, plan: ServingPlan) -> list[list[str]]:
+    def ms(x: float) -> str:
+        return "-" if math.isnan(x) else f"{x * 1e3:.0f}"
+
+    rows = []
+    for label, _ in models:
+        best = {}
+        for layout in SERVING_LAYOUTS:
+            rs = runs.get((label, layout), [])
+            if not rs:
+                rows.append([label, layout_name(*layout), "-", "no run", "-", "no run", "-", "-", "-"])
+                continue
+            single = _best(rs, lambda r: r.single)
+            batch = _best(rs, lambda r: r.concurrent)
+            best[layout] = (single, batch)
+            rows.append(
+                [
+                    label,
+                    layout_name(*layout),
+                    f"{min(r.ready_s for r in rs):.1f}",
+                    f"{single.tokens_per_s:.1f} ({', '.join(f'{r.single.tokens_per_s:.0f}' for r in rs)})",
+                    ms(single.ttft_p50_s),
+                    f"{batch.tokens_per_s:.1f} ({', '.join(f'{r.concurrent.tokens_per_s:.0f}' for r in rs)})",
+                    ms(batch.ttft_p50_s),
+                    str(sum(r.single.failures + r.concurrent.failures for r in rs)),
+                    ", ".join(f"{r.other_cores:.2f}" for r in rs),
+                ]
+            )
+        if len(best) == 2:
+            (s1, b1), (s2, b2) = best[SERVING_LAYOUTS[0]], best[SERVING_LAYOUTS[1]]
+
+            def ratio(a: float, b: float) -> str:
+                return f"{a / b:.2f}x" if b and not math.isnan(a / b) else "-"
+
+            rows.append(
+                [
+                    label,
+                    "2 ranks / 1 rank",
+                    "",
+                    ratio(s2.tokens_per_s, s1.tokens_per_s),
+                    ratio(s2.ttft_p50_s, s1.ttft_p50_s),
+                    ratio(b2.tokens_per_s, b1.tokens_per_s),
+                    ratio(b2.ttft_p50_s, b1.ttft_p50_s),
+                    "",
+                    "",
+                ]
+            )
+    return rows
+
+
 # -- the run ----------------------------------------------------------------------------------------
 
 
@@ -617,9 +937,25 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="alternating rounds of the step timings (default 2, --quick 1)",
     )
+    parser.add_argument(
+        "--serving",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="table 4: serving throughput at 1 vs 2 ranks through `moe-runtime serve` (~5 min; "
+        "--quick: tiny-deepseek-v3 only, one round, ~1 min)",
+    )
+    parser.add_argument(
+        "--serving-rounds",
+        type=int,
+        default=None,
+        help="alternating rounds of the serving runs (default 3, --quick 1)",
+    )
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 2
+    plan4 = serving_plan(args.quick, args.serving_rounds)
+    models4 = [("tiny-deepseek-v3 (builtin)", "builtin:tiny-deepseek-v3")]
+    serving = None
     t0 = time.perf_counter()
     max_ranks = 2 if args.quick else 4
     torch.set_num_threads(CORES)
@@ -686,6 +1022,11 @@ def main(argv: list[str] | None = None) -> int:
             "other work: CPU cores other processes on the host kept busy during the run (slows every figure)"
         )
 
+        if args.serving:  # while the checkpoint is on disk; printed as table 4
+            if not args.quick:
+                models4.append((synthetic, src))
+            serving = serving_runs(models4, plan4)
+
     print(
         f"\n3. Models and GPU layouts: weights per rank, expert parallel, built on the meta device from "
         f"the published config.json (fits: weights <= {GPU_UTILIZATION:.0%} of the GPU's memory, the rest "
@@ -706,6 +1047,39 @@ def main(argv: list[str] | None = None) -> int:
         "runtime refuses FP8 checkpoints today. Largest rank shown; memory as nvidia-smi reports it "
         f"({', '.join(f'{k}: {v / GiB:.1f} GiB' for k, v in GPUS.items())})."
     )
+    if serving is not None:
+        runs, errors = serving
+        print(
+            f"\n4. Serving throughput: `moe-runtime serve --device cpu` (float32, the CPU default; torch "
+            f"threads per rank the server's max(1, ({CORES} - 1) // ranks)) at 1 rank and at "
+            f"--tensor-parallel-size 2 --enable-expert-parallel, one server at a time, each started afresh "
+            f"per run; streaming OpenAI completions of {plan4.prompt_chars}-char prompts and "
+            f"{plan4.max_tokens} tokens (greedy, ignore_eos, logprobs 0: a chunk per token) from this "
+            f"process: 1 client x {plan4.sequential} requests one after another, then {plan4.concurrent} "
+            f"requests at once; after a warm-up; the best of {plan4.rounds} alternating "
+            f"round(s) (1 rank, 2 ranks, ...), every round's figure in brackets\n"
+        )
+        header = [
+            "model",
+            "layout",
+            "ready s",
+            "1 client tok/s (rounds)",
+            "TTFT p50 ms",
+            f"{plan4.concurrent} at once tok/s (rounds)",
+            "TTFT p50 ms",
+            "failed",
+            "other work",
+        ]
+        print(format_table(header, serving_rows(models4, runs, plan4), right={2, 3, 4, 5, 6, 7}))
+        print(
+            "tok/s: completion tokens over the wall time of the load; TTFT: to the first streamed chunk "
+            "(token); "
+            "ready s: start to ready, the fastest round; failed: requests that failed or ran out of time "
+            f"(timeout {plan4.request_timeout_s:.0f} s each, {plan4.time_limit_s:.0f} s for the section); "
+            "other work: CPU cores other processes on the host kept busy during each round's loads"
+        )
+        for error in errors:
+            print(f"  {error}")
     print(
         f"\nbenchmark wall time {time.perf_counter() - t0:.0f} s (load average now {os.getloadavg()[0]:.1f})"
     )
