@@ -6,7 +6,7 @@ and brings an example ModelDeployment to Available), upgrade with changed values
 /alerts webhook with the chart's token, a narrowed ClusterRole reported in a ModelDeployment's status,
 and `helm uninstall` leaving only the CRD.
 
-These tests bring up a devcluster of their own (two simulated GPU nodes; about 15 s): the chart installs a
+These tests bring up a devcluster of their own (three simulated GPU nodes; about 15 s): the chart installs a
 cluster-wide operator, and on the shared devcluster other operators (`make demo` leaves one running)
 would reconcile the same ModelDeployments and hide what this one does.
 """
@@ -83,7 +83,7 @@ def values_file(tmp_path: Path, values: dict) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A devcluster of this module's own (see the module docstring), without monitoring."""
-    with running_cluster(monitoring=False, gpu_nodes=2, state_dir=tmp_path_factory.mktemp("devcluster")) as running:
+    with running_cluster(monitoring=False, gpu_nodes=3, state_dir=tmp_path_factory.mktemp("devcluster")) as running:
         yield running
 
 
@@ -93,7 +93,9 @@ def test_chart_lints_strictly_with_defaults_and_every_option(cluster, tmp_path):
     helm(cluster, "lint", "--strict", str(CHART))
     everything = {
         "scope": {"mode": "Namespaced", "watchNamespaces": ["a", "b"]},
-        "alertsWebhook": {"existingSecret": "my-token"},
+        "alertsWebhook": {"existingSecret": "my-token", "namespaceTokens": {"enabled": True}},
+        "webhook": {"tls": {"enabled": True, "certManager": True}},
+        "tenancy": {"allowHostPath": True, "allowedPriorityClasses": ["serving"], "allowedSecrets": ["*"]},
         "monitoring": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
                        "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
         "image": {"digest": "sha256:" + "0" * 64},
@@ -105,7 +107,9 @@ def test_chart_lints_strictly_with_defaults_and_every_option(cluster, tmp_path):
 def test_schema_refuses_unknown_keys_and_wrong_values(cluster):
     for bad, what in ((("--set", "replicas=2"), "replicas"), (("--set", "scope.mode=Everywhere"), "scope/mode"),
                       (("--set", "operator.port=0"), "operator/port"),
-                      (("--set", "networkPolicy.enabled=true"), "networkPolicy.from must name")):
+                      (("--set", "networkPolicy.from=null"), "networkPolicy.from must name"),
+                      (("--set", "webhook.tls.certManager=true"), "set both"),
+                      (("--set", "tenancy.admissionPolicy.validationActions={Block}"), "validationActions")):
         result = helm(cluster, "template", RELEASE, str(CHART), *bad, check=False)
         assert result.returncode != 0 and what in result.stderr, result.stderr
 
@@ -121,10 +125,16 @@ def test_rendered_chart_passes_a_server_side_dry_run_in_both_scopes(cluster, nam
         assert "customresourcedefinition.apiextensions.k8s.io/modeldeployments.serving.moe.dev" in result.stdout
 
 
+def aggregated(role: dict) -> bool:
+    """A ClusterRole for namespace users (aggregated into admin/edit/view): tests/cluster/test_tenancy.py."""
+    return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in role["metadata"].get("labels", {}))
+
+
 def rules_of(objects: list[dict]) -> dict[str, set[tuple[str, str, str]]]:
-    """(Cluster)Role name -> {(apiGroup, resource, verb)} (with resourceNames it would be refused below)."""
+    """The operator's (Cluster)Role name -> {(apiGroup, resource, verb)} (with resourceNames it would be
+    refused below)."""
     out = {}
-    for role in by_kind(objects, "ClusterRole") + by_kind(objects, "Role"):
+    for role in [r for r in by_kind(objects, "ClusterRole") if not aggregated(r)] + by_kind(objects, "Role"):
         key = f"{role['kind']}/{role['metadata'].get('namespace', '')}/{role['metadata']['name']}"
         triples = out.setdefault(key, set())
         for rule in role["rules"]:
@@ -167,7 +177,12 @@ def test_rbac_grants_exactly_what_the_operator_uses(cluster):
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
     strict = render(cluster, "--set", "scope.mode=Namespaced", "--set", "scope.discoveryClusterRole=false")
-    assert not by_kind(strict, "ClusterRole") and not by_kind(strict, "ClusterRoleBinding")
+    assert not [r for r in by_kind(strict, "ClusterRole") if not aggregated(r)] and not by_kind(strict, "ClusterRoleBinding")
+    nothing_cluster_wide = render(cluster, "--set", "scope.mode=Namespaced", "--set", "scope.discoveryClusterRole=false",
+                                  "--set", "crds.enabled=false", "--set", "rbac.aggregatedRoles=false",
+                                  "--set", "tenancy.admissionPolicy.enabled=false")
+    assert {o["kind"] for o in nothing_cluster_wide} <= {"Deployment", "Service", "ServiceAccount", "Secret", "Role",
+                                                         "RoleBinding", "NetworkPolicy", "Pod"}
     for objects in (cluster_wide, rules_of(strict)):
         assert not any("*" in triple for triples in objects.values() for triple in triples)
         assert not any(triple[1] == "secrets" for triples in objects.values() for triple in triples)
@@ -189,7 +204,7 @@ def test_operator_pod_is_restricted_and_single(cluster):
     # Alive while the process runs; ready only with every permission and the watches up (a missing
     # permission must not get the pod killed: it recovers once the Role is fixed).
     for probe, path in (("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/healthz")):
-        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
+        assert container[probe]["httpGet"] == {"path": path, "port": "http", "scheme": "HTTP"}
     (service,) = by_kind(objects, "Service")
     assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
     (secret,) = by_kind(objects, "Secret")

@@ -42,7 +42,7 @@ def test_docs_rbac_table_is_the_operators_table():
 def test_the_chart_grants_every_namespaced_rule():
     """The chart's namespaced rules, as written in its template, are the table's (no more, no less)."""
     template = (ROOT / "charts" / "moe-operator" / "templates" / "rbac.yaml").read_text()
-    block = template.split('define "moe-operator.namespacedRules"')[1].split("{{- end")[0]
+    block = template.split('define "moe-operator.namespacedRules"')[1].split("{{- end -}}")[0]
     granted = set()
     for group, resources, verbs in re.findall(r"apiGroups: \[(.*?)\]\s+resources: \[(.*?)\]\s+verbs: \[(.*?)\]", block):
         group = group.strip('"')

@@ -49,6 +49,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{- define "moe-operator.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "moe-operator.fullname" .)) .Values.webhook.tls.secretName -}}
+{{- end -}}
+
+{{/* http or https: the scheme of the operator's port. */}}
+{{- define "moe-operator.scheme" -}}
+{{- ternary "https" "http" (and .Values.webhook.tls.enabled true) -}}
+{{- end -}}
+
 {{- define "moe-operator.alertsSecretName" -}}
 {{- default (printf "%s-alerts" (include "moe-operator.fullname" .)) .Values.alertsWebhook.existingSecret -}}
 {{- end -}}

@@ -8,6 +8,9 @@ Alertmanager posts (webhook_config, payload version 4) a group of alerts:
 
 - Auth: `Authorization: Bearer <token>`, compared in constant time with the token from a Secret
   (or a file). Missing or wrong: 401. Malformed payload: 400 with a message. Neither has any effect.
+  Optionally (NamespaceTokens) a tenant's token: the one in a fixed-name Secret of a namespace
+  authorizes alerts naming that namespace only (those naming another are ignored, and say why); a
+  post no token authorizes is 401, a malformed one too (nothing is told to a caller without a token).
 - Matching: a firing alert whose labels carry `namespace` and `modeldeployment` names that object;
   optional `revision` (must be the revision being rolled out) and `track` (`canary` or `preview`;
   an alert on the `stable` track does not abort a rollout).
@@ -31,6 +34,7 @@ import hmac
 import inspect
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +58,8 @@ LABEL_REVISION = "revision"
 LABEL_TRACK = "track"
 MAX_ALERTS = 1000
 MAX_BODY_BYTES = 1 << 20
+MAX_TOKEN_NAMESPACES = 10      # namespaces whose Secret one post without the global token may make us read
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 class PayloadError(ValueError):
@@ -256,6 +262,45 @@ class TokenSource:
         return token
 
 
+class NamespaceTokens:
+    """Tenants' tokens: the Secret `name` (key `key`) in a namespace holds a token that authorizes
+    alerts naming that namespace, and no other. Read with `read_secret(namespace, name)` (the Secret's
+    `data`, base64 values; the operator needs `get` on Secrets of that one name) and cached per
+    namespace for `ttl` seconds, a missing or unreadable Secret too (no token: nothing authorized)."""
+
+    def __init__(self, name: str, key: str, read_secret: Callable[[str, str], Mapping[str, str]],
+                 ttl: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.name, self.key, self.read_secret = name, key, read_secret
+        self.ttl, self.clock = ttl, clock
+        self._cache: dict[str, tuple[float, str | None]] = {}
+
+    def token(self, namespace: str) -> str | None:
+        cached = self._cache.get(namespace)
+        if cached and self.clock() - cached[0] < self.ttl:
+            return cached[1]
+        token = None
+        try:
+            raw = (self.read_secret(namespace, self.name) or {}).get(self.key)
+            if raw:
+                token = base64.b64decode(raw).decode().strip() or None
+        except Exception as error:     # 404: the namespace has no token; 403: the Role lacks it
+            if getattr(error, "status", None) != 404:
+                log.warning("cannot read the alerts token from Secret %s/%s: %s", namespace, self.name,
+                            str(error).splitlines()[0] if str(error) else type(error).__name__)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[namespace] = (self.clock(), token)
+        return token
+
+    def authorized(self, header: str | None, namespaces: Iterable[str]) -> set[str]:
+        """The namespaces (of those named, valid names only, at most MAX_TOKEN_NAMESPACES) whose token
+        the bearer header carries."""
+        if not header or header.partition(" ")[0].lower() != "bearer":
+            return set()
+        names_ = sorted({ns for ns in namespaces if isinstance(ns, str) and _NAMESPACE.match(ns)})
+        return {ns for ns in names_[:MAX_TOKEN_NAMESPACES] if bearer_matches(header, self.token(ns))}
+
+
 # --- the endpoint --------------------------------------------------------------------------------
 
 class AbortStore:
@@ -279,13 +324,18 @@ class AbortStore:
 
 
 def handle_alerts(alerts: list[Alert], store, now: float,
-                  written: list[Mapping[str, Any]] | None = None) -> dict[str, list[dict[str, str]]]:
+                  written: list[Mapping[str, Any]] | None = None,
+                  namespaces: set[str] | None = None) -> dict[str, list[dict[str, str]]]:
     """Apply the alerts of one post; returns what was aborted and what was ignored (and why).
-    The objects as written (with their abort annotation) are appended to `written`."""
+    The objects as written (with their abort annotation) are appended to `written`. `namespaces`: the
+    only namespaces the post's token may act on (None: every one, the global token)."""
     result: dict[str, list[dict[str, str]]] = {"aborted": [], "ignored": []}
     for target in targets(alerts):
-        body = store.get(target.namespace, target.name)
         entry = {"namespace": target.namespace, "modeldeployment": target.name, "alertname": target.alert.name}
+        if namespaces is not None and target.namespace not in namespaces:
+            result["ignored"].append({**entry, "why": f"the bearer token is not namespace {target.namespace}'s"})
+            continue
+        body = store.get(target.namespace, target.name)
         if body is None:
             result["ignored"].append({**entry, "why": "no such ModelDeployment"})
             continue
@@ -303,33 +353,50 @@ def handle_alerts(alerts: list[Alert], store, now: float,
 def alerts_routes(token: TokenSource, store, *,
                   on_abort: Callable[[Mapping[str, Any], float], None] | None = None,
                   on_result: Callable[[str], None] | None = None,
+                  namespace_tokens: NamespaceTokens | None = None,
                   clock: Callable[[], float] = time.time) -> list[web.RouteDef]:
     """`POST /alerts` for the operator's HTTP server. `on_abort(body, received_at)` runs after an
     abort is recorded, with the object as written (the operator reconciles it at once); what it
     returns (or its awaitable gives), a word on how the rollback went, goes into the reply;
-    `on_result(result)` counts posts (ok, unauthorized, bad_request, error)."""
+    `on_result(result)` counts posts (ok, unauthorized, bad_request, error). With `namespace_tokens`,
+    a post without the global token may still act on the namespaces whose own token it carries."""
 
     def count(result: str) -> None:
         if on_result:
             on_result(result)
 
+    def unauthorized() -> web.Response:
+        count("unauthorized")
+        return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                 headers={"WWW-Authenticate": 'Bearer realm="moe-operator"'})
+
     async def post_alerts(request: web.Request) -> web.Response:
         received = clock()
-        if not bearer_matches(request.headers.get("Authorization"), token.current()):
-            count("unauthorized")
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
-                                     headers={"WWW-Authenticate": 'Bearer realm="moe-operator"'})
-        try:
-            alerts = parse_payload(await request.read())
-        except PayloadError as error:
-            count("bad_request")
-            return web.json_response({"error": str(error)}, status=400)
-        except web.HTTPRequestEntityTooLarge:
-            count("bad_request")
-            return web.json_response({"error": "payload too large"}, status=413)
+        header = request.headers.get("Authorization")
+        scope: set[str] | None = None       # the namespaces a tenant's token authorizes; None: all
+        if not bearer_matches(header, token.current()):
+            if namespace_tokens is None or header is None:
+                return unauthorized()
+            try:
+                alerts = parse_payload(await request.read())
+            except (PayloadError, web.HTTPRequestEntityTooLarge):
+                return unauthorized()
+            named = {a.labels.get(LABEL_NAMESPACE) for a in alerts} - {None}
+            scope = await asyncio.to_thread(namespace_tokens.authorized, header, named)
+            if not scope:
+                return unauthorized()
+        else:
+            try:
+                alerts = parse_payload(await request.read())
+            except PayloadError as error:
+                count("bad_request")
+                return web.json_response({"error": str(error)}, status=400)
+            except web.HTTPRequestEntityTooLarge:
+                count("bad_request")
+                return web.json_response({"error": "payload too large"}, status=413)
         written: list[Mapping[str, Any]] = []
         try:
-            result = await asyncio.to_thread(handle_alerts, alerts, store, received, written)
+            result = await asyncio.to_thread(handle_alerts, alerts, store, received, written, scope)
         except Exception as error:     # Alertmanager retries a 5xx: the abort is not lost
             log.exception("could not record the alerts")
             count("error")

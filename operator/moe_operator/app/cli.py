@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
 import sys
 
 import kopf
@@ -18,12 +19,12 @@ from kubernetes.dynamic.exceptions import ResourceNotFoundError
 from ..apply import Writer
 from ..rollout.progressive import rollback_word
 from ..world.observe import Reader
-from .alerts import AbortStore, TokenSource, alerts_routes
+from .alerts import AbortStore, NamespaceTokens, TokenSource, alerts_routes
 from .controller import Controller, key_of
 from .handlers import configure, registry
 from .metrics import OperatorMetrics
 from .permissions import RECHECK_SECONDS, RETRY_SECONDS, Access, KopfRetries, Readiness, one_line
-from .server import build_app, serve
+from .server import TLSFiles, build_app, serve
 
 log = logging.getLogger("moe_operator")
 
@@ -51,8 +52,46 @@ def parser() -> argparse.ArgumentParser:
     alerts.add_argument("--alerts-token-file", metavar="PATH",
                         default=os.environ.get("MOE_OPERATOR_ALERTS_TOKEN_FILE"),
                         help="file holding that token instead (e.g. a mounted Secret)")
+    run.add_argument("--alerts-namespace-token-secret", metavar="NAME[:KEY]",
+                     default=os.environ.get("MOE_OPERATOR_ALERTS_NAMESPACE_TOKEN_SECRET"),
+                     help="also accept on /alerts the token in the Secret NAME (key `token` unless given) of "
+                          "an alert's namespace, for alerts naming that namespace only (a tenant's "
+                          "Alertmanager); needs `get` on Secrets of that name")
+    run.add_argument("--tls-cert-file", metavar="PATH", default=os.environ.get("MOE_OPERATOR_TLS_CERT_FILE"),
+                     help="serve HTTPS with this PEM certificate (chain); re-read when it changes")
+    run.add_argument("--tls-private-key-file", metavar="PATH",
+                     default=os.environ.get("MOE_OPERATOR_TLS_PRIVATE_KEY_FILE"),
+                     help="the certificate's PEM private key (with --tls-cert-file)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot say: the TLS flags come as a pair."""
+    if args.command == "run" and bool(args.tls_cert_file) != bool(args.tls_private_key_file):
+        p.error("--tls-cert-file and --tls-private-key-file go together")
+
+
+def tls_files(args: argparse.Namespace) -> TLSFiles | None:
+    """The serving certificate, or None for plain HTTP; SystemExit with the reason when it cannot load."""
+    if not args.tls_cert_file:
+        return None
+    try:
+        return TLSFiles(args.tls_cert_file, args.tls_private_key_file)
+    except (OSError, ssl.SSLError) as error:
+        raise SystemExit(f"moe-operator: cannot load the TLS certificate {args.tls_cert_file} and key "
+                         f"{args.tls_private_key_file}: {error}") from None
+
+
+def namespace_tokens(args: argparse.Namespace, api: client.ApiClient) -> NamespaceTokens | None:
+    """Per-namespace /alerts tokens (--alerts-namespace-token-secret), or None."""
+    if not args.alerts_namespace_token_secret:
+        return None
+    name, _, key = args.alerts_namespace_token_secret.partition(":")
+    if not name:
+        raise SystemExit("--alerts-namespace-token-secret takes NAME[:KEY]")
+    core = client.CoreV1Api(api)
+    return NamespaceTokens(name, key or "token", read_secret=lambda ns, n: core.read_namespaced_secret(n, ns).data or {})
 
 
 def token_source(args: argparse.Namespace, api: client.ApiClient) -> TokenSource:
@@ -67,7 +106,8 @@ def token_source(args: argparse.Namespace, api: client.ApiClient) -> TokenSource
         core = client.CoreV1Api(api)
         return TokenSource(secret=(namespace, name, key or "token"),
                            read_secret=lambda ns, n: core.read_namespaced_secret(n, ns).data or {})
-    log.warning("no --alerts-token-secret or --alerts-token-file: /alerts refuses every post")
+    if not args.alerts_namespace_token_secret:
+        log.warning("no --alerts-token-secret or --alerts-token-file: /alerts refuses every post")
     return TokenSource()
 
 
@@ -98,7 +138,8 @@ async def resync(controller: Controller, interval: float) -> None:
 ROLLBACK_REPLY_WAIT_SECONDS = 5.0   # how long /alerts waits for the abort's reconcile to tell how it went
 
 
-def alert_routes(controller: Controller, metrics: OperatorMetrics, token: TokenSource, store: AbortStore):
+def alert_routes(controller: Controller, metrics: OperatorMetrics, token: TokenSource, store: AbortStore,
+                 tenants: NamespaceTokens | None = None):
     """/alerts: a recorded abort is reconciled at once, from the object as written (not waiting for
     its watch event), off the event loop; the reply says whether the rollback was instant."""
     loop = asyncio.get_running_loop()
@@ -112,7 +153,7 @@ def alert_routes(controller: Controller, metrics: OperatorMetrics, token: TokenS
             return "recorded; the operator is acting on it"
         return rollback_word(outcome.plan) if outcome and outcome.plan else "recorded; the operator is acting on it"
 
-    return alerts_routes(token, store, on_abort=reconcile_now,
+    return alerts_routes(token, store, on_abort=reconcile_now, namespace_tokens=tenants,
                          on_result=lambda result: metrics.alerts.labels(result).inc())
 
 
@@ -146,6 +187,16 @@ async def keep_readiness(readiness: Readiness, access: Access, kopf_started: asy
         await asyncio.sleep(RECHECK_SECONDS if readiness.ok() else RETRY_SECONDS)
 
 
+TLS_RELOAD_SECONDS = 30.0
+
+
+async def keep_tls(tls: TLSFiles) -> None:
+    """A renewed certificate (a rotated Secret) is served within TLS_RELOAD_SECONDS, without a restart."""
+    while True:
+        await asyncio.sleep(TLS_RELOAD_SECONDS)
+        tls.reload_if_changed()
+
+
 async def livez(_request: web.Request) -> web.Response:
     """/livez: the process serves; for a liveness probe (a missing permission makes /healthz 503, and
     a restart would not cure it)."""
@@ -165,16 +216,19 @@ def healthz_with_reason(readiness: Readiness):
 
 
 async def operate(args: argparse.Namespace, controller: Controller, metrics: OperatorMetrics,
-                  token: TokenSource, store: AbortStore, access: Access) -> None:
+                  token: TokenSource, store: AbortStore, access: Access,
+                  tenants: NamespaceTokens | None = None, tls: TLSFiles | None = None) -> None:
     kopf_started = asyncio.Event()
     kopf_retries = KopfRetries()
     logging.getLogger("kopf").addHandler(kopf_retries)
     readiness = Readiness(kopf_retries)
-    routes = [*alert_routes(controller, metrics, token, store), web.get("/livez", livez)]
+    routes = [*alert_routes(controller, metrics, token, store, tenants), web.get("/livez", livez)]
     app = build_app(metrics, readiness.ok, routes)
     app.middlewares.append(healthz_with_reason(readiness))
-    runner = await serve(app, args.host, args.port)
-    log.info("serving /healthz, /livez, /metrics and /alerts on %s:%d", args.host, args.port)
+    runner = await serve(app, args.host, args.port, tls.context if tls else None)
+    log.info("serving /healthz, /livez, /metrics and /alerts on %s:%d (%s)", args.host, args.port,
+             f"HTTPS, certificate {tls.cert_file}" if tls else "HTTP")
+    tls_task = asyncio.create_task(keep_tls(tls)) if tls else None
     resync_task = asyncio.create_task(resync(controller, args.resync_seconds))
     readiness_task = asyncio.create_task(keep_readiness(readiness, access, kopf_started))
     try:
@@ -190,6 +244,8 @@ async def operate(args: argparse.Namespace, controller: Controller, metrics: Ope
     finally:
         resync_task.cancel()
         readiness_task.cancel()
+        if tls_task:
+            tls_task.cancel()
         logging.getLogger("kopf").removeHandler(kopf_retries)
         await runner.cleanup()
 
@@ -216,15 +272,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"moe-operator: cannot reach the Kubernetes API ({error}); pass --kubeconfig or set KUBECONFIG",
               file=sys.stderr)
         return 1
+    tls = tls_files(args)
     try:
-        asyncio.run(operate(args, controller, metrics, token_source(args, api), store, access))
+        asyncio.run(operate(args, controller, metrics, token_source(args, api), store, access,
+                            namespace_tokens(args, api), tls))
     except KeyboardInterrupt:
         pass
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
     if args.command == "run":
         return run(args)
     return 2

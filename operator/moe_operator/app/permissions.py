@@ -70,6 +70,9 @@ RULES: tuple[Rule, ...] = (
     Rule("scheduling.k8s.io", ("podgroups",), ("list", "create", "patch", "delete"),
          "each multi-pod replica group's PodGroup (gang scheduling: its pods bound all together or none), "
          "where the cluster serves scheduling.k8s.io/v1alpha2", needed=OPTIONAL),
+    Rule("", ("secrets",), ("get",),
+         "with per-namespace alerts tokens only (`--alerts-namespace-token-secret`): the Secret of that one "
+         "name (`resourceNames`) in an alert's namespace, whose token may abort rollouts there", needed=OPTIONAL),
     Rule("apiextensions.k8s.io", ("customresourcedefinitions",), ("list", "watch"),
          "kopf notices the CRD being (re)installed", cluster_scoped=True, needed=CLUSTER_WIDE),
     Rule("", ("namespaces",), ("list", "watch"),
