@@ -108,3 +108,35 @@ async def test_healthz_and_metrics():
         text = await (await http.get("/metrics")).text()
         assert 'moe_operator_reconcile_total{result="ok"} 1.0' in text
         assert "moe_operator_reconcile_duration_seconds_bucket" in text
+
+
+def test_work_queue_depth_and_reconcile_latency_by_result():
+    import time as _time
+
+    from moe_operator.app.controller import Controller
+
+    started, release = threading.Event(), threading.Event()
+
+    class SlowReader:
+        def observe(self, *args):
+            started.set()
+            release.wait(5)
+            raise RuntimeError("the API server is down")
+
+    metrics = OperatorMetrics()
+    controller = Controller(SlowReader(), writer=None, metrics=metrics)
+    body = {"metadata": {"name": "a", "namespace": "ns", "resourceVersion": "1"},
+            "spec": {"model": {"source": "builtin:tiny-mixtral"}}}
+    controller.remember(body)
+    worker = threading.Thread(target=lambda: pytest.raises(RuntimeError, controller.run, ("ns", "a")))
+    worker.start()
+    assert started.wait(5)
+    controller.run(("ns", "a"))   # a trigger while it runs: one more pass is due
+    assert metrics.workqueue_depth._value.get() == 2
+    release.set()
+    worker.join(5)
+    deadline = _time.monotonic() + 5
+    while metrics.workqueue_depth._value.get() and _time.monotonic() < deadline:
+        _time.sleep(0.01)
+    assert metrics.workqueue_depth._value.get() == 0
+    assert metrics.reconcile_seconds.labels("error")._sum.get() > 0

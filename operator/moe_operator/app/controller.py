@@ -81,8 +81,10 @@ class Controller:
         with self._lock:
             if key in self._running:
                 self._running[key][0] = True
+                self._depth()
                 return None
             state = self._running[key] = [False]
+            self._depth()
         outcome = None
         try:
             while True:
@@ -95,10 +97,17 @@ class Controller:
                     if not state[0]:
                         break
                     state[0] = False
+                    self._depth()
         finally:
             with self._lock:
                 del self._running[key]
+                self._depth()
         return outcome
+
+    def _depth(self) -> None:
+        """The work-queue gauges (callers hold the lock)."""
+        self.metrics.workqueue_depth.set(len(self._running) + sum(d for d, in self._running.values()))
+        self.metrics.workqueue_timers.set(len(self._timers))
 
     def _reconcile_once(self, body: Mapping[str, Any]) -> Outcome:
         started = time.perf_counter()
@@ -113,9 +122,10 @@ class Controller:
             outcome = reconcile(body, self.reader, self.writer, emit, self.baselines)
         except Exception:
             self.metrics.reconciles.labels("error").inc()
+            self.metrics.reconcile_seconds.labels("error").observe(time.perf_counter() - started)
             raise
-        finally:
-            self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+        result = "requeue" if outcome.requeue_after is not None else "ok"
+        self.metrics.reconcile_seconds.labels(result).observe(time.perf_counter() - started)
         self.metrics.reconciles.labels("ok").inc()
         if outcome.written is not None:
             self.remember(outcome.written)
@@ -168,12 +178,14 @@ class Controller:
             timer = threading.Timer(seconds, self._timer_fired, args=(key, due))
             timer.daemon = True
             self._timers[key] = (due, timer)
+            self._depth()
         timer.start()
 
     def _timer_fired(self, key: Key, due: float) -> None:
         with self._lock:
             if self._timers.get(key, (None,))[0] == due:
                 del self._timers[key]
+                self._depth()
         try:
             self.run(key)
         except Exception as error:     # the resync retries; a timer never dies loudly

@@ -12,8 +12,22 @@ class OperatorMetrics:
             "moe_operator_reconcile_total", "Reconciles of ModelDeployments, by result (ok, error).",
             ["result"], registry=self.registry)
         self.reconcile_seconds = Histogram(
-            "moe_operator_reconcile_duration_seconds", "Duration of one reconcile.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry)
+            "moe_operator_reconcile_duration_seconds",
+            "Duration of one reconcile, by result (ok; requeue: ok, and asked to run again soon; error).",
+            ["result"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry)
+        for result in ("ok", "requeue", "error"):   # every series from the start
+            self.reconcile_seconds.labels(result)
+        self.workqueue_depth = Gauge(
+            "moe_operator_workqueue_depth",
+            "ModelDeployments being reconciled or due to be reconciled again at once (a trigger arrived "
+            "while their reconcile ran), as controller-runtime's workqueue_depth.", registry=self.registry)
+        self.workqueue_timers = Gauge(
+            "moe_operator_workqueue_delayed", "ModelDeployments with a reconcile scheduled later (a pause, an "
+            "analysis interval, a drain).", registry=self.registry)
+        self.client_throttled = Counter(
+            "moe_operator_client_throttled_seconds_total",
+            "Time API requests waited for the client-side rate limit (--kube-api-qps, --kube-api-burst).",
+            registry=self.registry)
         self.writes = Counter(
             "moe_operator_writes_total", "API writes, by kind of object and verb (apply, delete, status).",
             ["kind", "verb"], registry=self.registry)
