@@ -22,8 +22,10 @@ from ..world.observe import Reader
 from .alerts import AbortStore, NamespaceTokens, TokenSource, alerts_routes
 from .controller import Controller, key_of
 from .handlers import configure, registry
+from .leader import LEASE_NAME, LeaderElector
 from .metrics import OperatorMetrics
 from .permissions import RECHECK_SECONDS, RETRY_SECONDS, Access, KopfRetries, Readiness, one_line
+from .ratelimit import DEFAULT_BURST, DEFAULT_QPS, TokenBucket, limit_api_client
 from .server import TLSFiles, build_app, serve
 
 log = logging.getLogger("moe_operator")
@@ -62,14 +64,51 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-private-key-file", metavar="PATH",
                      default=os.environ.get("MOE_OPERATOR_TLS_PRIVATE_KEY_FILE"),
                      help="the certificate's PEM private key (with --tls-cert-file)")
+    ha = run.add_argument_group("high availability and API load")
+    ha.add_argument("--leader-elect", action=argparse.BooleanOptionalAction,
+                    default=os.environ.get("MOE_OPERATOR_LEADER_ELECT", "") in ("1", "true"),
+                    help="run as one of several replicas: only the holder of a coordination.k8s.io Lease "
+                         "reconciles, watches and scrapes; the others serve /healthz and /alerts (an abort "
+                         "is written to its ModelDeployment, and the leader acts on it)")
+    ha.add_argument("--leader-election-namespace", default=os.environ.get("POD_NAMESPACE") or "default",
+                    help="namespace of the Lease (default: $POD_NAMESPACE, else default)")
+    ha.add_argument("--leader-election-id", default=LEASE_NAME, help="name of the Lease")
+    ha.add_argument("--leader-election-lease-seconds", type=float, default=10.0,
+                    help="how long a leader that stopped renewing keeps the Lease (the failover time)")
+    ha.add_argument("--kube-api-qps", type=float, default=DEFAULT_QPS,
+                    help="sustained API requests per second of the reconciles (0: no limit)")
+    ha.add_argument("--kube-api-burst", type=int, default=DEFAULT_BURST,
+                    help="API requests the reconciles may make at once after a quiet spell")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """What argparse cannot say: the TLS flags come as a pair."""
-    if args.command == "run" and bool(args.tls_cert_file) != bool(args.tls_private_key_file):
+    """What argparse cannot say: the TLS flags come as a pair; limits and lease times that work."""
+    if args.command != "run":
+        return
+    if bool(args.tls_cert_file) != bool(args.tls_private_key_file):
         p.error("--tls-cert-file and --tls-private-key-file go together")
+    if args.kube_api_burst < 1:
+        p.error(f"--kube-api-burst must be >= 1, got {args.kube_api_burst}")
+    if args.leader_election_lease_seconds < 3:
+        p.error(f"--leader-election-lease-seconds must be >= 3, got {args.leader_election_lease_seconds}")
+
+
+def elector_for(args: argparse.Namespace, api: client.ApiClient) -> LeaderElector | None:
+    """The Lease loop, with --leader-elect; None runs as the only replica."""
+    if not args.leader_elect:
+        return None
+    lease = args.leader_election_lease_seconds
+
+    def lost() -> None:   # as controller-runtime's managers: stop at once, restart as a candidate
+        log.error("leadership lost: exiting so that only one replica reconciles")
+        logging.shutdown()
+        os._exit(1)
+
+    return LeaderElector(client.CoordinationV1Api(api), args.leader_election_namespace, args.leader_election_id,
+                         lease_duration=lease, renew_deadline=0.7 * lease, retry_period=max(1.0, lease / 5),
+                         on_lost=lost)
 
 
 def tls_files(args: argparse.Namespace) -> TLSFiles | None:
@@ -139,12 +178,15 @@ ROLLBACK_REPLY_WAIT_SECONDS = 5.0   # how long /alerts waits for the abort's rec
 
 
 def alert_routes(controller: Controller, metrics: OperatorMetrics, token: TokenSource, store: AbortStore,
-                 tenants: NamespaceTokens | None = None):
+                 tenants: NamespaceTokens | None = None, elector: LeaderElector | None = None):
     """/alerts: a recorded abort is reconciled at once, from the object as written (not waiting for
-    its watch event), off the event loop; the reply says whether the rollback was instant."""
+    its watch event), off the event loop; the reply says whether the rollback was instant. On a
+    standby replica the abort is recorded (the annotation is written) and the leader acts on it."""
     loop = asyncio.get_running_loop()
 
     async def reconcile_now(body, _received: float) -> str | None:
+        if elector is not None and not elector.leading:
+            return "recorded; the leading replica acts on it"
         controller.remember(body)
         run = loop.run_in_executor(None, controller.run, key_of(body))
         try:
@@ -222,16 +264,26 @@ async def operate(args: argparse.Namespace, controller: Controller, metrics: Ope
     kopf_retries = KopfRetries()
     logging.getLogger("kopf").addHandler(kopf_retries)
     readiness = Readiness(kopf_retries)
-    routes = [*alert_routes(controller, metrics, token, store, tenants), web.get("/livez", livez)]
+    elector = elector_for(args, access.api) if args.leader_elect else None
+    routes = [*alert_routes(controller, metrics, token, store, tenants, elector), web.get("/livez", livez)]
     app = build_app(metrics, readiness.ok, routes)
     app.middlewares.append(healthz_with_reason(readiness))
     runner = await serve(app, args.host, args.port, tls.context if tls else None)
     log.info("serving /healthz, /livez, /metrics and /alerts on %s:%d (%s)", args.host, args.port,
              f"HTTPS, certificate {tls.cert_file}" if tls else "HTTP")
     tls_task = asyncio.create_task(keep_tls(tls)) if tls else None
-    resync_task = asyncio.create_task(resync(controller, args.resync_seconds))
     readiness_task = asyncio.create_task(keep_readiness(readiness, access, kopf_started))
+    resync_task = None
     try:
+        if elector is not None:
+            readiness.standby = True
+            elector.start()
+            log.info("waiting for the lease %s/%s as %s", elector.namespace, elector.name, elector.identity)
+            while not await asyncio.to_thread(elector.wait_until_leading, 1.0):
+                pass
+            readiness.standby = False
+            log.info("leading: starting the watches and reconciles")
+        resync_task = asyncio.create_task(resync(controller, args.resync_seconds))
         await kopf.operator(
             registry=registry,
             settings=configure(kopf.OperatorSettings(), args.namespace),
@@ -242,7 +294,10 @@ async def operate(args: argparse.Namespace, controller: Controller, metrics: Ope
             ready_flag=kopf_started,
         )
     finally:
-        resync_task.cancel()
+        if resync_task is not None:
+            resync_task.cancel()
+        if elector is not None:
+            await asyncio.to_thread(elector.stop)   # a clean stop hands the Lease over at once
         readiness_task.cancel()
         if tls_task:
             tls_task.cancel()
@@ -258,9 +313,10 @@ def run(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig     # kopf's own login reads it
     try:
-        api = api_client(args.kubeconfig)
-        dyn = DynamicClient(api)
         metrics = OperatorMetrics()
+        api = limit_api_client(api_client(args.kubeconfig), TokenBucket(args.kube_api_qps, args.kube_api_burst),
+                               on_wait=metrics.client_throttled.inc)
+        dyn = DynamicClient(api)
         controller = Controller(Reader(dyn), Writer(dyn, metrics), metrics, log)
         store = AbortStore(dyn)
         access = Access(api, dyn, args.namespace, log)

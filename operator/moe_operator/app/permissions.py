@@ -195,6 +195,7 @@ class Readiness:
         self.listed = False
         self.list_error: str | None = None
         self.kopf_retries = kopf_retries
+        self.standby = False   # a replica waiting for the leader Lease: ready once its permissions are
 
     def reason(self) -> str | None:
         if self.check_error:
@@ -204,6 +205,8 @@ class Readiness:
         if self.missing:
             more = f" (and {len(self.missing) - 1} more missing; see the log)" if len(self.missing) > 1 else ""
             return self.missing[0] + more
+        if self.standby:   # it serves /alerts (abort annotations, durable) while another replica leads
+            return None
         retrying = self.kopf_retries and self.kopf_retries.retrying()
         if retrying:
             return f"starting: a watch is retrying: {retrying}"
@@ -220,6 +223,7 @@ class Access:
 
     def __init__(self, api: client.ApiClient, dynamic_client, namespaces: Sequence[str],
                  logger: logging.Logger | None = None):
+        self.api = api   # the operator's own client (also the leader election's)
         self.authorization = client.AuthorizationV1Api(api)
         self.authentication = client.AuthenticationV1Api(api)
         self.dyn = dynamic_client
