@@ -100,6 +100,7 @@ def test_chart_lints_strictly_with_defaults_and_every_option(cluster, tmp_path):
                        "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
         "image": {"digest": "sha256:" + "0" * 64},
         "networkPolicy": {"enabled": True, "from": [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]},
+        "highAvailability": {"enabled": True, "replicas": 3, "leaseSeconds": 15},
     }
     helm(cluster, "lint", "--strict", str(CHART), "-f", values_file(tmp_path, everything))
 
@@ -117,7 +118,7 @@ def test_schema_refuses_unknown_keys_and_wrong_values(cluster):
 def test_rendered_chart_passes_a_server_side_dry_run_in_both_scopes(cluster, namespace):
     for scope in ("Cluster", "Namespaced"):
         out = helm(cluster, "template", RELEASE, str(CHART), "-n", namespace, "--set", f"scope.mode={scope}",
-                   "--set", "networkPolicy.enabled=true",
+                   "--set", "networkPolicy.enabled=true", "--set", "highAvailability.enabled=true",
                    "--set-string", "networkPolicy.from[0].podSelector.matchLabels.app=alertmanager").stdout
         result = cluster.kubectl("apply", "--server-side", "--force-conflicts", "--dry-run=server", "-f", "-",
                                  input=out, check=False)
