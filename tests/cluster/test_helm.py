@@ -153,9 +153,10 @@ NAMESPACED_RULES = {
      (names.GROUP, "modeldeployments/finalizers", "update")} | {
     ("", resource, verb) for resource in ("pods", "services") for verb in ("list", "watch", "create", "patch", "delete")
 } | {("", "events", "create")} | {
-    ("apps", "controllerrevisions", verb) for verb in ("list", "create", "patch", "delete")} | {
-    ("scheduling.k8s.io", "podgroups", verb) for verb in ("list", "create", "patch", "delete")}
-PROMETHEUS_RULES = {("monitoring.coreos.com", "prometheusrules", v) for v in ("list", "create", "patch", "delete")}
+    ("apps", "controllerrevisions", verb) for verb in ("list", "watch", "create", "patch", "delete")} | {
+    ("scheduling.k8s.io", "podgroups", verb) for verb in ("list", "watch", "create", "patch", "delete")}
+PROMETHEUS_RULES = {("monitoring.coreos.com", "prometheusrules", v)
+                    for v in ("list", "watch", "create", "patch", "delete")}
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 NAMESPACE_DISCOVERY = {("", "namespaces", v) for v in ("list", "watch")}
 

@@ -100,7 +100,7 @@ def test_the_permission_is_optional_in_the_startup_check():
     from moe_operator.app.permissions import OPTIONAL, RULES, markdown_table, required
     (rule,) = [r for r in RULES if "prometheusrules" in r.resources]
     assert rule.group == "monitoring.coreos.com" and rule.needed == OPTIONAL
-    assert set(rule.verbs) == {"list", "create", "patch", "delete"}
+    assert set(rule.verbs) == {"list", "watch", "create", "patch", "delete"}
     for scope in ([], ["a"], ["team-*"]):
         assert not any(c.resource == "prometheusrules" for c in required(scope))
     assert "`prometheusrules` (optional" in markdown_table()

@@ -8,6 +8,7 @@ import logging
 import os
 import ssl
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 import urllib3
@@ -175,6 +176,15 @@ async def resync(controller: Controller, interval: float) -> None:
 
 
 ROLLBACK_REPLY_WAIT_SECONDS = 5.0   # how long /alerts waits for the abort's reconcile to tell how it went
+TRIGGER_WORKERS = 16                # reconciles the caches' change events may run at once (as kopf's)
+
+
+def run_quietly(controller: Controller, key) -> None:
+    """A reconcile triggered by a change of an owned object (the resync retries what fails)."""
+    try:
+        controller.run(key)
+    except Exception as error:
+        log.warning("reconcile of %s/%s after a change failed: %s", *key, error)
 
 
 def alert_routes(controller: Controller, metrics: OperatorMetrics, token: TokenSource, store: AbortStore,
@@ -284,6 +294,10 @@ async def operate(args: argparse.Namespace, controller: Controller, metrics: Ope
             readiness.standby = False
             log.info("leading: starting the watches and reconciles")
         resync_task = asyncio.create_task(resync(controller, args.resync_seconds))
+        triggers = ThreadPoolExecutor(max_workers=TRIGGER_WORKERS, thread_name_prefix="owned-change")
+        caches = controller.reader.use_caches(args.namespace, on_change=lambda key: triggers.submit(
+            run_quietly, controller, key))
+        log.info("watching %s through caches (server-side selector)", ", ".join(c.kind for c in caches))
         await kopf.operator(
             registry=registry,
             settings=configure(kopf.OperatorSettings(), args.namespace),

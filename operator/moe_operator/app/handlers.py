@@ -1,5 +1,9 @@
 """kopf wiring only: every trigger becomes `controller.run(key)`; the controller lives in `memo`.
 
+kopf watches the ModelDeployments. The pods, Services and other owned objects are watched by the
+operator's own caches (world/cache.py: server-side label selectors, the same events reconcile
+their owner), started by the CLI once this replica leads.
+
 No timers or daemons (kopf would add a finalizer for them): the periodic resync is the CLI's own loop,
 and owner references let the garbage collector remove pods and Services, so no finalizer is needed.
 """
@@ -17,7 +21,6 @@ from ..api import names
 from .permissions import scans_namespaces
 
 registry = kopf.OperatorRegistry()
-OWNED = {names.LABEL_MANAGED_BY: names.MANAGED_BY, names.LABEL_DEPLOYMENT: kopf.PRESENT}
 
 
 class RetryForever:
@@ -68,8 +71,3 @@ def reconcile_deployment(body, memo, **_):
     memo.controller.remember(copy.deepcopy(dict(body)))
     memo.controller.run((body["metadata"]["namespace"], body["metadata"]["name"]))
 
-
-@kopf.on.event("", "v1", "pods", labels=OWNED, registry=registry)
-@kopf.on.event("", "v1", "services", labels=OWNED, registry=registry)
-def reconcile_owner(namespace, labels, memo, **_):
-    memo.controller.run((namespace, labels[names.LABEL_DEPLOYMENT]))

@@ -58,16 +58,16 @@ RULES: tuple[Rule, ...] = (
          "`blockOwnerDeletion: true`, which the OwnerReferencesPermissionEnforcement admission plugin "
          "(OpenShift, hardened clusters) allows only to whoever may update the owner's finalizers"),
     Rule("", ("pods", "services"), ("list", "watch", "create", "patch", "delete"),
-         "observed by label; written by server-side apply (`create` is checked when the object is new), "
-         "relabelled, deleted"),
-    Rule("apps", ("controllerrevisions",), ("list", "create", "patch", "delete"),
+         "observed by label (watch-fed caches, server-side selector); written by server-side apply "
+         "(`create` is checked when the object is new), relabelled, deleted"),
+    Rule("apps", ("controllerrevisions",), ("list", "watch", "create", "patch", "delete"),
          "each revision's pod template (`<name>-<revision>`), recorded when the revision first appears: "
-         "observed by label, server-side applied, pruned to spec.revisionHistoryLimit"),
+         "observed by label (a watch-fed cache), server-side applied, pruned to spec.revisionHistoryLimit"),
     Rule("", ("events",), ("create",), "Events on ModelDeployments"),
-    Rule("monitoring.coreos.com", ("prometheusrules",), ("list", "create", "patch", "delete"),
+    Rule("monitoring.coreos.com", ("prometheusrules",), ("list", "watch", "create", "patch", "delete"),
          "each ModelDeployment's latency alerts (`<name>-latency`), where prometheus-operator's CRD exists: "
          "observed by label, server-side applied, deleted when no slo is set", needed=OPTIONAL),
-    Rule("scheduling.k8s.io", ("podgroups",), ("list", "create", "patch", "delete"),
+    Rule("scheduling.k8s.io", ("podgroups",), ("list", "watch", "create", "patch", "delete"),
          "each multi-pod replica group's PodGroup (gang scheduling: its pods bound all together or none), "
          "where the cluster serves scheduling.k8s.io/v1alpha2", needed=OPTIONAL),
     Rule("", ("secrets",), ("get",),

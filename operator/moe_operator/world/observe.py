@@ -21,6 +21,7 @@ from kubernetes.dynamic.exceptions import (
 
 from ..api import names
 from ..api.timestamps import epoch
+from .cache import KindCache
 from .revisions import Recorded, recorded_from
 
 RULES_RECHECK_SECONDS = 60.0   # how often discovery is asked whether an optional API (a CRD) is served
@@ -264,8 +265,9 @@ def observed_from(pods: Iterable[Mapping[str, Any]], services: Iterable[Mapping[
 
 
 class Reader:
-    """The one reader: lists a ModelDeployment's pods, Services and (where the CRD exists)
-    PrometheusRules by label."""
+    """The one reader of a ModelDeployment's pods, Services, ControllerRevisions and (where served)
+    PodGroups and PrometheusRules: from the watch-fed caches once `use_caches` has started them and
+    they are synced (world/cache.py), else by label from the API."""
 
     def __init__(self, dynamic_client, clock: Callable[[], float] = time.monotonic):
         self.dyn = dynamic_client
@@ -274,6 +276,35 @@ class Reader:
         self._revisions = dynamic_client.resources.get(api_version="apps/v1", kind="ControllerRevision")
         self.clock = clock
         self._optional: dict[tuple[str, str], tuple[Any, float]] = {}   # (api, kind) -> (resource, checked)
+        self._caches: dict[str, KindCache] = {}
+        self._cache_scope: list[str] | None = None
+        self._on_change = None
+        self.caching = False
+
+    def use_caches(self, namespaces: list[str] | None, on_change=None) -> list[KindCache]:
+        """Start the caches (every namespace when `namespaces` is empty); `on_change(key)` is called
+        for the owner of every object that changes. Observations read from them once synced."""
+        self.caching, self._cache_scope, self._on_change = True, list(namespaces or []), on_change
+        for kind, resource in (("Pod", self._pods), ("Service", self._services),
+                               ("ControllerRevision", self._revisions)):
+            self._cache(kind, resource)
+        return list(self._caches.values())
+
+    def _cache(self, kind: str, resource: Any) -> KindCache | None:
+        if not self.caching or resource is None:
+            return None
+        cache = self._caches.get(kind)
+        if cache is None:
+            cache = self._caches[kind] = KindCache(self.dyn, resource, self._cache_scope, self._on_change)
+            cache.start()
+        return cache
+
+    def _items(self, kind: str, resource: Any, namespace: str, name: str, selector: str) -> list:
+        cache = self._cache(kind, resource)
+        items = cache.items(namespace, name) if cache is not None else None
+        if items is None:   # no cache, or not synced yet: ask the API server
+            items = self.dyn.get(resource, namespace=namespace, label_selector=selector).to_dict().get("items") or []
+        return items
 
     def _optional_resource(self, api_version: str, kind: str) -> Any:
         """A resource the cluster may or may not serve (a CRD, an alpha API), or None. Discovery is
@@ -299,12 +330,13 @@ class Reader:
         """The PodGroup resource (gang scheduling), or None where the cluster does not serve it."""
         return self._optional_resource(POD_GROUP_API_VERSION, POD_GROUP_KIND)
 
-    def _list_optional(self, resource: Any, api_version: str, kind: str, namespace: str, selector: str):
+    def _list_optional(self, resource: Any, api_version: str, kind: str, namespace: str, selector: str,
+                       name: str = ""):
         """The items of an optional resource, or None (gone since discovery, or no RBAC for it)."""
         if resource is None:
             return None
         try:
-            return self.dyn.get(resource, namespace=namespace, label_selector=selector).to_dict().get("items") or []
+            return self._items(kind, resource, namespace, name, selector)
         except NotFoundError:               # the CRD / API went away: forget it, ask discovery afresh
             self._forget(api_version, kind)
             self.dyn.resources.invalidate_cache()
@@ -314,12 +346,11 @@ class Reader:
 
     def observe(self, namespace: str, name: str, pods_per_replica: int) -> Observed:
         selector = names.selector_string(names.owned_selector(name))
-        pods = self.dyn.get(self._pods, namespace=namespace, label_selector=selector).to_dict()
-        services = self.dyn.get(self._services, namespace=namespace, label_selector=selector).to_dict()
-        revisions = self.dyn.get(self._revisions, namespace=namespace, label_selector=selector).to_dict()
+        pods = self._items("Pod", self._pods, namespace, name, selector)
+        services = self._items("Service", self._services, namespace, name, selector)
+        revisions = self._items("ControllerRevision", self._revisions, namespace, name, selector)
         rules = self._list_optional(self.rules_resource(), names.RULE_API_VERSION, names.RULE_KIND,
-                                    namespace, selector)
+                                    namespace, selector, name)
         pod_groups = self._list_optional(self.pod_groups_resource(), POD_GROUP_API_VERSION, POD_GROUP_KIND,
-                                         namespace, selector)
-        return observed_from(pods.get("items") or [], services.get("items") or [], pods_per_replica, rules,
-                             revisions.get("items") or [], pod_groups)
+                                         namespace, selector, name)
+        return observed_from(pods, services, pods_per_replica, rules, revisions, pod_groups)

@@ -1,0 +1,144 @@
+"""Watch-fed caches of what the operator owns, so that a reconcile makes no API read.
+
+One `KindCache` per kind (Pods, Services, ControllerRevisions, and PodGroups and PrometheusRules
+where the cluster serves them) lists and then watches, with the server-side label selector
+`app.kubernetes.io/managed-by=moe-operator`, every namespace the operator watches, and keeps the
+objects by (namespace, ModelDeployment). A change calls `on_change((namespace, name))`, which
+reconciles the owner: these watches are also the operator's triggers for its pods and Services.
+
+A cache answers only once its first list is in (`synced`); until then, and after a watch breaks
+until its relist is in, `Reader.observe` lists from the API as it always did. A watch that expires
+(410 Gone) or fails is relisted. Reading a moment behind the API server is safe here: pod names are
+deterministic, so a pod created by the previous pass and not yet seen is applied again as the same
+object (a no-op), deletes carry the uid they were computed from, and relabels are idempotent.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from ..api import names
+
+log = logging.getLogger("moe_operator.cache")
+
+SELECTOR = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
+WATCH_TIMEOUT_SECONDS = 300
+RETRY_SECONDS = 2.0
+
+Key = tuple[str, str]   # (namespace, ModelDeployment name)
+
+
+def owner_of(obj: Mapping[str, Any]) -> Key | None:
+    meta = obj.get("metadata") or {}
+    name = (meta.get("labels") or {}).get(names.LABEL_DEPLOYMENT)
+    return (meta.get("namespace", ""), name) if name else None
+
+
+class KindCache:
+    """One kind's owned objects, by owner, fed by list + watch in a thread per namespace scope."""
+
+    def __init__(self, dynamic_client, resource, namespaces: Iterable[str] | None = None,
+                 on_change: Callable[[Key], None] | None = None):
+        self.dyn, self.resource = dynamic_client, resource
+        self.kind = getattr(resource, "kind", str(resource))
+        self.scopes: list[str | None] = list(namespaces) if namespaces else [None]   # None: all namespaces
+        self.on_change = on_change
+        self._lock = threading.Lock()
+        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}   # scope -> (ns, name) -> obj
+        self._synced: dict[str | None, bool] = dict.fromkeys(self.scopes, False)
+        self._stop = threading.Event()
+        self.relists = 0
+
+    @property
+    def synced(self) -> bool:
+        return all(self._synced.values())
+
+    def items(self, namespace: str, deployment: str) -> list[dict[str, Any]] | None:
+        """Copies of the owned objects of one ModelDeployment, or None while not synced."""
+        with self._lock:
+            if not self.synced:
+                return None
+            return [copy.deepcopy(obj) for objects in self._objects.values() for obj in objects.values()
+                    if owner_of(obj) == (namespace, deployment)]
+
+    def start(self) -> None:
+        for scope in self.scopes:
+            threading.Thread(target=self._run, args=(scope,), name=f"cache-{self.kind}-{scope or 'all'}",
+                             daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- list + watch ---------------------------------------------------------------------------
+
+    def _run(self, scope: str | None) -> None:
+        while not self._stop.is_set():
+            try:
+                version = self._list(scope)
+                self._watch(scope, version)
+            except Exception as error:   # the API server away, RBAC, a broken stream: relist
+                log.warning("%s cache (%s): %s; relisting", self.kind, scope or "all namespaces", error)
+            with self._lock:
+                self._synced[scope] = False
+            self._stop.wait(RETRY_SECONDS)
+
+    def _list(self, scope: str | None) -> str:
+        listed = self.dyn.get(self.resource, namespace=scope, label_selector=SELECTOR).to_dict()
+        objects = {_key(o): o for o in listed.get("items") or []}
+        with self._lock:
+            before = self._objects.get(scope or "", {})
+            self._objects[scope or ""] = objects
+            self._synced[scope] = True
+            self.relists += 1
+        changed = {owner_of(o) for k, o in objects.items() if before.get(k) != o}
+        changed |= {owner_of(o) for k, o in before.items() if k not in objects}
+        self._notify(changed)
+        return (listed.get("metadata") or {}).get("resourceVersion") or ""
+
+    def _watch(self, scope: str | None, version: str) -> None:
+        while not self._stop.is_set():
+            stream = self.dyn.watch(self.resource, namespace=scope, label_selector=SELECTOR,
+                                    resource_version=version, timeout=WATCH_TIMEOUT_SECONDS)
+            for event in stream:
+                kind, obj = event.get("type"), event.get("raw_object") or {}
+                if kind == "ERROR":
+                    raise RuntimeError(f"watch error: {obj.get('message') or obj}")
+                version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                if kind == "BOOKMARK":
+                    continue
+                with self._lock:
+                    objects = self._objects.setdefault(scope or "", {})
+                    if kind == "DELETED":
+                        objects.pop(_key(obj), None)
+                    else:
+                        objects[_key(obj)] = obj
+                self._notify({owner_of(obj)})
+                if self._stop.is_set():
+                    return
+
+    def _notify(self, owners: set[Key | None]) -> None:
+        if self.on_change is None:
+            return
+        for owner in owners:
+            if owner is not None:
+                self.on_change(owner)
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace", ""), meta.get("name", "")
+
+
+def wait_synced(caches: Iterable[KindCache], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    caches = list(caches)
+    while time.monotonic() < deadline:
+        if all(c.synced for c in caches):
+            return True
+        time.sleep(0.05)
+    return False
