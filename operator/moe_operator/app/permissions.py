@@ -25,7 +25,7 @@ from kubernetes import client
 
 from ..api import names
 
-RECHECK_SECONDS = 30.0      # permissions granted: look again this often (a Role may be narrowed)
+RECHECK_SECONDS = 300.0     # permissions granted: look again this often (a narrowed Role; writes it forbids fail at once anyway, into status)
 RETRY_SECONDS = 5.0         # something missing or failing: look again this soon
 KOPF_RETRY_WINDOW = 11.0    # kopf retries a failed request at least every 10 s (handlers.RetryForever)
 
