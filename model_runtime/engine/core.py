@@ -218,7 +218,7 @@ class LLMEngine:
             self.blocks.capacity_tokens - len(ids),
             (self.max_context_tokens or self.max_model_len) - len(ids),
         )
-        seq = Sequence(request_id, list(ids), len(ids), max_tokens)
+        seq = Sequence(request_id, list(ids), len(ids), max_tokens, priority=params.priority)
         req = _Request(
             seq=seq,
             params=params,

@@ -35,6 +35,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # prompt and generated tokens: logit / p if > 0, else logit * p
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (sampling only)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    priority: int = 0  # scheduling (vLLM's request priority): lower first; equal: first come first served
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # OpenAI accepts a single string
@@ -93,6 +94,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
         if not is_num(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
             raise ValueError(f"repetition_penalty must be in (0, 10] (1 = off), got {self.repetition_penalty!r}")
+        if not is_int(self.priority) or not -(2**31) <= self.priority < 2**31:
+            raise ValueError(f"priority must be a 32-bit integer (lower runs first), got {self.priority!r}")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.logit_bias is not None:

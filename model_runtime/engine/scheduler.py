@@ -5,11 +5,14 @@ Every step is planned afresh under a token budget (`max_num_batched_tokens`) and
 
 1. running sequences that decode (one new token each), oldest first;
 2. running sequences still in prefill, a chunk each within what is left of the budget;
-3. waiting sequences, first come first served, a prefill chunk each, while blocks and budget last.
+3. waiting sequences, by priority (lower first; vLLM's request `priority`), then first come first
+   served, a prefill chunk each, while blocks and budget last.
 
-When the KV pool cannot hold the next token of a running sequence, the youngest running sequence
-is preempted by recompute: its blocks are freed and it goes back to the front of the queue with
-its prompt and the tokens generated so far, which are prefilled again when it resumes. Sampling
+When the KV pool cannot hold the next token of a running sequence, the lowest-priority running
+sequence (of those, the youngest) is preempted by recompute: its blocks are freed and it goes back
+to the front of its priority in the queue with its prompt and the tokens generated so far, which
+are prefilled again when it resumes. With every priority equal (the default, 0) this is plain
+first come first served with the youngest preempted. Sampling
 never redraws a generated token, so a resumed sequence continues exactly as it would have.
 
 Step memory: with `step_bytes` (one layer's attention memory for a step of S sequences, the most
@@ -50,6 +53,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
+    priority: int = 0  # lower runs first
+    arrival: int = 0  # admission order (set by the scheduler)
 
     @property
     def num_tokens(self) -> int:
@@ -106,6 +111,7 @@ class Scheduler:
         self.max_context_tokens = max_context_tokens  # None: no limit besides the model's
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in order of admission: the last one is the youngest
+        self._arrivals = 0
 
     @property
     def num_unfinished(self) -> int:
@@ -113,7 +119,11 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        self._arrivals += 1
+        seq.arrival = self._arrivals
+        # behind every waiting sequence of the same or a higher priority (lower number)
+        index = next((i for i, w in enumerate(self.waiting) if w.priority > seq.priority), len(self.waiting))
+        self.waiting.insert(index, seq)
 
     def finish(self, seq: Sequence) -> None:
         """Drop a sequence (done or aborted) wherever it is and free its blocks at once."""
@@ -148,7 +158,7 @@ class Scheduler:
                 full = True
                 break
             while not self.blocks.grow(seq.block_table, seq.num_computed_tokens + n):
-                victim = self.running[-1]
+                victim = max(reversed(self.running), key=lambda s: s.priority)  # lowest priority, youngest
                 self._preempt(victim)
                 preempted.append(victim)
                 if any(s.seq is victim for s in scheduled):
@@ -228,7 +238,9 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        # at the front of its priority: ahead of everyone waiting with the same or a lower priority
+        index = next((i for i, w in enumerate(self.waiting) if w.priority >= seq.priority), len(self.waiting))
+        self.waiting.insert(index, seq)
 
 
 @dataclass

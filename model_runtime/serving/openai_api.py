@@ -90,6 +90,7 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="vLLM's: 1 = off")
     min_p: float = Field(0.0, ge=0, le=1)
     logit_bias: dict[str, float] | None = None
+    priority: int = Field(0, ge=-(2**31), lt=2**31, description="vLLM's: lower runs first")
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     user: str | None = None
@@ -218,6 +219,7 @@ def sampling_kwargs(
         "repetition_penalty": req.repetition_penalty,
         "min_p": req.min_p,
         "logit_bias": dict(req.logit_bias) if req.logit_bias else None,
+        "priority": req.priority,
     }
     return kwargs
 

@@ -73,6 +73,7 @@ SAMPLING_PARAMETER_TYPES: dict[str, type] = {
     "repetition_penalty": float,
     "min_p": float,
     "logit_bias": dict,
+    "priority": int,
 }
 
 
