@@ -96,12 +96,6 @@ class _SamplingFields(BaseModel):
     user: str | None = None
 
     @model_validator(mode="after")
-    def _n_without_stream(self):
-        if self.n > 1 and self.stream:
-            raise ValueError("n: more than one choice is served without stream only (set stream to false)")
-        return self
-
-    @model_validator(mode="after")
     def _refuse_what_is_not_implemented(self):
         for name, value in (self.model_extra or {}).items():
             if name in NO_EFFECT:
@@ -165,16 +159,62 @@ async def until_disconnected(request: Request, work):
             task.cancel()
 
 
+def params_of_choice(params, i: int):
+    """The i-th of n choices: seed + i when the request is seeded (each reproducible), else its own noise."""
+    return params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+
+
 async def complete_n(service: InferenceService, prompt, params, n: int) -> list:
-    """`n` completions of one prompt: the i-th with seed + i when the request is seeded (each
-    reproducible), else each with its own noise."""
+    """`n` completions of one prompt (choice i with `params_of_choice`)."""
     if n == 1:
         return [await service.complete(prompt, params)]
-    runs = [
-        service.complete(prompt, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
-        for i in range(n)
-    ]
-    return list(await asyncio.gather(*runs))
+    return list(await asyncio.gather(*(service.complete(prompt, params_of_choice(params, i)) for i in range(n))))
+
+
+async def stream_n(service: InferenceService, prompt, params, n: int):
+    """The outputs of `n` streamed choices as (choice index, output), in the order they come; each
+    choice's first output is awaited first (a request that cannot run fails before any header).
+    Closing it aborts every choice still running."""
+    streams = []
+    try:
+        for i in range(n):
+            streams.append(await first_and_rest(service.generate(prompt, params_of_choice(params, i))))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()
+        raise
+
+    async def merged():
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(i, stream):
+            try:
+                async for output in stream:
+                    await queue.put((i, output))
+            except BaseException as error:   # noqa: BLE001 (handed to the reader)
+                await queue.put((i, error))
+            finally:
+                await queue.put((i, done))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            left = len(tasks)
+            while left:
+                i, item = await queue.get()
+                if item is done:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for stream in streams:
+                await stream.aclose()
+
+    return merged()
 
 
 def usage_of(finals: list) -> dict[str, int]:
@@ -305,11 +345,12 @@ def _envelope(request_id: str, created: int, model_name: str):
     return body
 
 
-def _chunk_template(request_id: str, kind: str, created: int, model_name: str, before: str, after: str):
+def _chunk_template(request_id: str, kind: str, created: int, model_name: str, before: str, after: str,
+                    index: int = 0):
     """An SSE event builder for the per-token chunk of a stream, which differs only in its text."""
     head = (
         f'data: {{"id": {json.dumps(request_id)}, "object": "{kind}", "created": {created}, '
-        f'"model": {json.dumps(model_name)}, "choices": [{{"index": 0, {before}'
+        f'"model": {json.dumps(model_name)}, "choices": [{{"index": {index}, {before}'
     ).encode()
     tail = f'{after}, "logprobs": null, "finish_reason": null}}]}}\n\n'.encode()
 
@@ -409,6 +450,23 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             )
         yield DONE
 
+    def streamed_choices(merged, n: int, chunker, kind: str, answer, stream_options):
+        """The SSE stream of n choices: each chunk names its choice; the usage chunk (when asked for)
+        counts the prompt once and every choice's tokens."""
+        chunkers = [chunker(i) for i in range(n)]
+        finals: dict[int, Any] = {}
+
+        def chunk(item):
+            i, output = item
+            if output.finished:
+                finals[i] = output
+            return chunkers[i](output)
+
+        def usage_chunk(_last):
+            return {**answer(kind, []), "usage": usage_of([finals[i] for i in sorted(finals)])}
+
+        return event_stream(stream_events(merged, chunk, stream_options, usage_chunk))
+
     @router.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
         service.check_model(req.model)
@@ -440,35 +498,41 @@ def create_openai_router(service: InferenceService) -> APIRouter:
                 })
             return JSONResponse({**answer("text_completion", choices), "usage": usage_of(finals)})
 
-        outputs = await first_and_rest(service.generate(prompt, params))
-        state = {"echo": echo_text, "offset": len(echo_text)}
-        text_chunk = _chunk_template(request_id, "text_completion", created, model_name, '"text": ', "")
+        def chunker(index: int):
+            state = {"echo": echo_text, "offset": len(echo_text)}
+            text_chunk = _chunk_template(request_id, "text_completion", created, model_name, '"text": ', "", index)
 
-        def chunk(output) -> dict | bytes | None:
-            text = state["echo"] + output.new_text
-            state["echo"] = ""
-            if not text and not output.finished and not output.logprobs:
-                return None
-            if not output.finished and req.logprobs is None:  # the common case, per token: no dict, one dumps
+            def chunk(output) -> dict | bytes | None:
+                text = state["echo"] + output.new_text
+                state["echo"] = ""
+                if not text and not output.finished and not output.logprobs:
+                    return None
+                if not output.finished and req.logprobs is None:  # the common case, per token: one dumps
+                    state["offset"] += len(text)
+                    return text_chunk(text)
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = completion_logprobs(tokenizer, output.logprobs or [], state["offset"])
                 state["offset"] += len(text)
-                return text_chunk(text)
-            logprobs = None
-            if req.logprobs is not None:
-                logprobs = completion_logprobs(tokenizer, output.logprobs or [], state["offset"])
-            state["offset"] += len(text)
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": logprobs,
-                "finish_reason": output.finish_reason if output.finished else None,
-            }
-            return answer("text_completion", [choice], output if output.finished else None)
+                choice = {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": output.finish_reason if output.finished else None,
+                }
+                return answer("text_completion", [choice], output if output.finished and req.n == 1 else None)
 
-        return event_stream(
-            stream_events(
-                outputs, chunk, req.stream_options, lambda final: answer("text_completion", [], final)
+            return chunk
+
+        if req.n == 1:
+            outputs = await first_and_rest(service.generate(prompt, params))
+            return event_stream(
+                stream_events(
+                    outputs, chunker(0), req.stream_options, lambda final: answer("text_completion", [], final)
+                )
             )
-        )
+        return streamed_choices(await stream_n(service, prompt, params, req.n), req.n, chunker, "text_completion",
+                                answer, req.stream_options)
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -498,35 +562,41 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             ]
             return JSONResponse({**answer("chat.completion", choices), "usage": usage_of(finals)})
 
-        outputs = await first_and_rest(service.generate(prompt, params))
-        state = {"first": True}
-        content_chunk = _chunk_template(
-            request_id, "chat.completion.chunk", created, model_name, '"delta": {"content": ', "}"
-        )
-
-        def chunk(output) -> dict | bytes | None:
-            if not state["first"] and not output.finished and not req.logprobs:
-                return content_chunk(output.new_text) if output.new_text else None
-            delta: dict[str, Any] = {}
-            if state["first"]:
-                delta["role"] = "assistant"
-                state["first"] = False
-            if output.new_text or (delta and not output.finished):
-                delta["content"] = output.new_text
-            if not delta and not output.finished and not output.logprobs:
-                return None
-            choice = {
-                "index": 0,
-                "delta": delta,
-                "logprobs": chat_logprobs(tokenizer, output.logprobs or []) if req.logprobs else None,
-                "finish_reason": output.finish_reason if output.finished else None,
-            }
-            return answer("chat.completion.chunk", [choice], output if output.finished else None)
-
-        return event_stream(
-            stream_events(
-                outputs, chunk, req.stream_options, lambda final: answer("chat.completion.chunk", [], final)
+        def chunker(index: int):
+            state = {"first": True}
+            content_chunk = _chunk_template(
+                request_id, "chat.completion.chunk", created, model_name, '"delta": {"content": ', "}", index
             )
-        )
+
+            def chunk(output) -> dict | bytes | None:
+                if not state["first"] and not output.finished and not req.logprobs:
+                    return content_chunk(output.new_text) if output.new_text else None
+                delta: dict[str, Any] = {}
+                if state["first"]:
+                    delta["role"] = "assistant"
+                    state["first"] = False
+                if output.new_text or (delta and not output.finished):
+                    delta["content"] = output.new_text
+                if not delta and not output.finished and not output.logprobs:
+                    return None
+                choice = {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": chat_logprobs(tokenizer, output.logprobs or []) if req.logprobs else None,
+                    "finish_reason": output.finish_reason if output.finished else None,
+                }
+                return answer("chat.completion.chunk", [choice], output if output.finished and req.n == 1 else None)
+
+            return chunk
+
+        if req.n == 1:
+            outputs = await first_and_rest(service.generate(prompt, params))
+            return event_stream(
+                stream_events(
+                    outputs, chunker(0), req.stream_options, lambda final: answer("chat.completion.chunk", [], final)
+                )
+            )
+        return streamed_choices(await stream_n(service, prompt, params, req.n), req.n, chunker,
+                                "chat.completion.chunk", answer, req.stream_options)
 
     return router

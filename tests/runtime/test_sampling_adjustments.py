@@ -149,3 +149,22 @@ def test_a_client_that_disconnects_frees_its_slot_at_once(runtime_server):
     time.sleep(0.2)
     assert metric("moe_request_success_total{") == succeeded  # it did not run to its 240 tokens
     assert metric('moe_request_failure_total{model_name="tiny-mixtral",reason="cancelled"}') == cancelled + 1
+
+
+def test_streamed_n_choices_are_the_unstreamed_ones(client):
+    kwargs = dict(model=MODEL_NAME, prompt="once", max_tokens=8, temperature=1.0, seed=11, n=3,
+                  extra_body={"ignore_eos": True})
+    whole = [c.text for c in client.completions.create(**kwargs).choices]
+    texts, finished, usage = {}, set(), None
+    for chunk in client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finished.add(choice.index)
+        usage = chunk.usage or usage
+    assert [texts[i] for i in range(3)] == whole and finished == {0, 1, 2}
+    assert usage.completion_tokens == 24
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, n=2, temperature=0, stream=True)
+    indices = {c.index for chunk in chat for c in chunk.choices}
+    assert indices == {0, 1}
