@@ -79,6 +79,7 @@ bench: setup tools
 	$(PY) -m benchmarks.runtime_parallel
 	$(PY) -m benchmarks.runtime_fp8
 	$(PY) -m benchmarks.rollback --trials 12
+	$(PY) -m benchmarks.operator_scale
 
 # The demo (README): cluster with monitoring, operator, load, a bad canary rolled back on a latency
 # alert, a good revision promoted; ends with one summary line and leaves the cluster running.
