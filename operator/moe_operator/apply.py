@@ -7,6 +7,7 @@ Events. Nothing else in the operator writes.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -46,6 +47,9 @@ def _refusal(error: Exception, what: str) -> WriteRefused:
     return WriteRefused(reason, f"{what} was refused: {message}")
 
 
+_DISCOVERY = threading.Lock()
+
+
 class Writer:
     def __init__(self, dynamic_client, metrics=None):
         self.dyn = dynamic_client
@@ -59,10 +63,10 @@ class Writer:
         self._md = dynamic_client.resources.get(api_version=names.API_VERSION, kind=names.KIND)
 
     def _resource(self, kind: str):
-        if kind == prometheus_rule.KIND:   # looked up when first written: only where the CRD exists
-            return self.dyn.resources.get(api_version=prometheus_rule.API_VERSION, kind=kind)
-        if kind == gang.KIND:              # likewise: only where the cluster serves the gang API
-            return self.dyn.resources.get(api_version=gang.API_VERSION, kind=kind)
+        optional = {prometheus_rule.KIND: prometheus_rule.API_VERSION, gang.KIND: gang.API_VERSION}
+        if kind in optional:   # looked up when first written: only where the CRD / API is served
+            with _DISCOVERY:   # the client's discovery cache is not safe to refresh from many threads
+                return self.dyn.resources.get(api_version=optional[kind], kind=kind)
         return self._resources[kind]
 
     def apply(self, body: Mapping[str, Any]) -> None:

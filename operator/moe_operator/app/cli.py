@@ -151,15 +151,20 @@ def token_source(args: argparse.Namespace, api: client.ApiClient) -> TokenSource
     return TokenSource()
 
 
+API_CONNECTIONS = 32   # the client's connection pool: reconciles run on up to 16 + 16 threads (kopf's, the caches')
+
+
 def api_client(kubeconfig: str | None) -> client.ApiClient:
+    cfg = client.Configuration()
     if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    try:
-        cfg = client.Configuration()
-        config.load_incluster_config(client_configuration=cfg)
-        return client.ApiClient(cfg)
-    except config.ConfigException:
-        return config.new_client_from_config()
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=cfg)
+    cfg.connection_pool_maxsize = API_CONNECTIONS
+    return client.ApiClient(cfg)
 
 
 async def resync(controller: Controller, interval: float) -> None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -276,6 +277,7 @@ class Reader:
         self._revisions = dynamic_client.resources.get(api_version="apps/v1", kind="ControllerRevision")
         self.clock = clock
         self._optional: dict[tuple[str, str], tuple[Any, float]] = {}   # (api, kind) -> (resource, checked)
+        self._discovery = threading.Lock()   # the client's discovery cache is not safe to refresh concurrently
         self._caches: dict[str, KindCache] = {}
         self._cache_scope: list[str] | None = None
         self._on_change = None
@@ -312,11 +314,14 @@ class Reader:
         now = self.clock()
         resource, checked = self._optional.get((api_version, kind), (None, None))
         if checked is None or now - checked >= RULES_RECHECK_SECONDS:
-            try:   # a miss refreshes the discovery cache (the client does), a hit costs nothing
-                resource = self.dyn.resources.get(api_version=api_version, kind=kind)
-            except (ResourceNotFoundError, ResourceNotUniqueError, ApiException):
-                resource = None
-            self._optional[(api_version, kind)] = (resource, now)
+            with self._discovery:   # reconciles on many threads: one asks, the others take its answer
+                resource, checked = self._optional.get((api_version, kind), (None, None))
+                if checked is None or now - checked >= RULES_RECHECK_SECONDS:
+                    try:   # a miss refreshes the discovery cache (the client does), a hit costs nothing
+                        resource = self.dyn.resources.get(api_version=api_version, kind=kind)
+                    except (ResourceNotFoundError, ResourceNotUniqueError, ApiException):
+                        resource = None
+                    self._optional[(api_version, kind)] = (resource, now)
         return resource
 
     def _forget(self, api_version: str, kind: str) -> None:
