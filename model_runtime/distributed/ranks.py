@@ -130,24 +130,6 @@ class LocalRanks:
                     f"rank {rank} exited with code {self.processes[rank].exitcode} while starting"
                 )
 
-    def wait_ready(self, timeout_s: float, rank0=None) -> None:
-        """Block until every rank has loaded and joined (RuntimeError naming the rank that failed).
-        `rank0`: rank 0's process, where this pod has it: its death ends the wait too."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.poll()
-            if self.failed:
-                rank, message = next(iter(self.failed.items()))
-                raise RuntimeError(f"rank {rank} could not start: {message}")
-            if len(self.ready) == len(self.ranks):
-                return
-            if rank0 is not None and not rank0.is_alive():
-                raise RuntimeError(f"rank 0 exited with code {rank0.exitcode} while the ranks were starting")
-            if time.monotonic() > deadline:
-                missing = sorted(set(self.ranks) - set(self.ready))
-                raise RuntimeError(f"ranks {missing} did not start in {timeout_s:.0f}s")
-            time.sleep(0.1)
-
     @property
     def all_ready(self) -> bool:
         self.poll()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -132,13 +131,3 @@ class KindCache:
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
     meta = obj.get("metadata") or {}
     return meta.get("namespace", ""), meta.get("name", "")
-
-
-def wait_synced(caches: Iterable[KindCache], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    caches = list(caches)
-    while time.monotonic() < deadline:
-        if all(c.synced for c in caches):
-            return True
-        time.sleep(0.05)
-    return False
