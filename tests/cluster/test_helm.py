@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import urllib.request
 import uuid
 from datetime import UTC, datetime
@@ -159,22 +160,24 @@ PROMETHEUS_RULES = {("monitoring.coreos.com", "prometheusrules", v)
                     for v in ("list", "watch", "create", "patch", "delete")}
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 NAMESPACE_DISCOVERY = {("", "namespaces", v) for v in ("list", "watch")}
+LEADER_ELECTION = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
 
 
 def test_rbac_grants_exactly_what_the_operator_uses(cluster):
+    lease = {f"Role/moe-system/{FULLNAME}-leader-election": LEADER_ELECTION}
     cluster_wide = rules_of(render(cluster, "-n", "moe-system"))
-    assert cluster_wide == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | PROMETHEUS_RULES | CRD_DISCOVERY}
+    assert cluster_wide == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | PROMETHEUS_RULES | CRD_DISCOVERY, **lease}
     without_rules = rules_of(render(cluster, "-n", "moe-system", "--set", "prometheusRules.render=false"))
-    assert without_rules == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | CRD_DISCOVERY}
+    assert without_rules == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | CRD_DISCOVERY, **lease}
     namespaced = render(cluster, "-n", "moe-system", "--set", "scope.mode=Namespaced",
                         "--set", "scope.watchNamespaces={team-a,team-b}")
     assert rules_of(namespaced) == {
         f"Role/team-a/{FULLNAME}": NAMESPACED_RULES | PROMETHEUS_RULES,
         f"Role/team-b/{FULLNAME}": NAMESPACED_RULES | PROMETHEUS_RULES,
-        f"ClusterRole//{FULLNAME}-discovery": CRD_DISCOVERY | NAMESPACE_DISCOVERY,
+        f"ClusterRole//{FULLNAME}-discovery": CRD_DISCOVERY | NAMESPACE_DISCOVERY, **lease,
     }
     assert {(b["metadata"]["namespace"], b["subjects"][0]["namespace"]) for b in by_kind(namespaced, "RoleBinding")} \
-        == {("team-a", "moe-system"), ("team-b", "moe-system")}
+        == {("team-a", "moe-system"), ("team-b", "moe-system"), ("moe-system", "moe-system")}
     (deployment,) = by_kind(namespaced, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args and "--all-namespaces" not in args
@@ -184,17 +187,36 @@ def test_rbac_grants_exactly_what_the_operator_uses(cluster):
                                   "--set", "crds.enabled=false", "--set", "rbac.aggregatedRoles=false",
                                   "--set", "tenancy.admissionPolicy.enabled=false")
     assert {o["kind"] for o in nothing_cluster_wide} <= {"Deployment", "Service", "ServiceAccount", "Secret", "Role",
-                                                         "RoleBinding", "NetworkPolicy", "Pod"}
+                                                         "RoleBinding", "NetworkPolicy", "Pod",
+                                                         "PodDisruptionBudget"}
     for objects in (cluster_wide, rules_of(strict)):
         assert not any("*" in triple for triples in objects.values() for triple in triples)
         assert not any(triple[1] == "secrets" for triples in objects.values() for triple in triples)
 
 
-def test_operator_pod_is_restricted_and_single(cluster):
+def test_operator_runs_two_replicas_electing_a_leader_by_default(cluster):
     objects = render(cluster)
     (deployment,) = by_kind(objects, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    args = spec["template"]["spec"]["containers"][0]["args"]
+    assert "--leader-elect" in args and "--leader-election-namespace=default" in args
+    (pdb,) = by_kind(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    (lease_role,) = [r for r in by_kind(objects, "Role") if any("leases" in rule["resources"] for rule in r["rules"])]
+    assert {v for rule in lease_role["rules"] for v in rule["verbs"]} == {"get", "create", "update"}
+    single = render(cluster, "--set", "highAvailability.enabled=false")
+    (deployment,) = by_kind(single, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert not any(a.startswith("--leader-elect") for a in deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert not by_kind(single, "PodDisruptionBudget")
+
+
+def test_operator_pod_is_restricted(cluster):
+    objects = render(cluster)
+    (deployment,) = by_kind(objects, "Deployment")
+    spec = deployment["spec"]
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/moe-operator/operator:0.1.0"
@@ -259,12 +281,29 @@ def test_monitoring_objects_are_valid_and_alerts_carry_the_webhooks_labels(clust
 
 # --- installs -------------------------------------------------------------------------------------
 
-def operator_pod(cluster, name: str, ns: str) -> dict:
-    pods = cluster.get_json("pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name},"
-                                                      "app.kubernetes.io/component=operator")["items"]
-    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    assert len(live) == 1, [p["metadata"]["name"] for p in pods]
-    return live[0]
+def operator_pods(cluster, name: str, ns: str, count: int = 2) -> list[dict]:
+    """The release's live operator pods (two by default: a leader and a standby)."""
+    deadline = time.monotonic() + 60
+    while True:
+        pods = cluster.get_json("pods", "-n", ns, "-l", f"app.kubernetes.io/instance={name},"
+                                                          "app.kubernetes.io/component=operator")["items"]
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        if len(live) == count or time.monotonic() > deadline:
+            assert len(live) == count, [p["metadata"]["name"] for p in pods]
+            return live
+        time.sleep(1)
+
+
+def leader_pod(cluster, ns: str, pods: list[dict]) -> str:
+    """The name of the operator pod holding the release's Lease, once one of `pods` holds it (after an
+    upgrade the old leader releases it on its way out and a new pod takes it)."""
+    names_ = {p["metadata"]["name"] for p in pods}
+    deadline = time.monotonic() + 30
+    while True:
+        holder = cluster.get_json("lease", "moe-operator-leader", "-n", ns)["spec"].get("holderIdentity") or ""
+        if holder.rpartition("_")[0] in names_ or time.monotonic() > deadline:
+            return holder.rpartition("_")[0]
+        time.sleep(0.5)
 
 
 def operator_log(cluster, pod: dict) -> str:
@@ -317,7 +356,8 @@ def test_a_namespaced_install_serves_only_its_namespaces(cluster, tmp_path):
         assert argocd_health(md) == {"status": "Healthy", "message": md["status"]["message"]}
         assert "status" not in cluster.get_json("md", "elsewhere", "-n", "team-b")
         # the discovery ClusterRole spares kopf its 403 retries (a minute without reconciling)
-        assert "forbidden" not in operator_log(cluster, operator_pod(cluster, "tenant", "team-a")).lower()
+        for pod in operator_pods(cluster, "tenant", "team-a"):
+            assert "forbidden" not in operator_log(cluster, pod).lower()
         assert not by_kind(cluster.get_json("roles", "-n", "team-b")["items"], "Role")
     finally:
         for ns in ("team-a", "team-b"):
@@ -376,12 +416,15 @@ def release(cluster, tmp_path_factory):
 
 def test_operator_runs_on_the_local_node_as_the_charts_service_account(cluster, release):
     ns = release["namespace"]
-    pod = operator_pod(cluster, release["name"], ns)
-    assert pod["spec"]["nodeName"] == "devcluster-local"
-    assert pod["spec"]["serviceAccountName"] == FULLNAME
-    assert pod["status"]["phase"] == "Running"
-    args = pod["spec"]["containers"][0]["args"]
-    assert "--all-namespaces" in args
+    pods = operator_pods(cluster, release["name"], ns)
+    for pod in pods:
+        assert pod["spec"]["nodeName"] == "devcluster-local"
+        assert pod["spec"]["serviceAccountName"] == FULLNAME
+        assert pod["status"]["phase"] == "Running"
+        args = pod["spec"]["containers"][0]["args"]
+        assert "--all-namespaces" in args and "--leader-elect" in args
+    # one of them leads (the other stands by, ready)
+    assert leader_pod(cluster, ns, pods) in {p["metadata"]["name"] for p in pods}
     assert len(base64.b64decode(cluster.get_json("secret", f"{FULLNAME}-alerts", "-n", ns)["data"]["token"])) == 40
     port = service_port(cluster.state_dir, ns, FULLNAME)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
@@ -400,7 +443,8 @@ def test_installed_operator_brings_an_example_to_available(cluster, release):
     assert all(p["spec"]["automountServiceAccountToken"] is False for p in pods)
     assert argocd_health(md) == {"status": "Healthy", "message": md["status"]["message"]}
     # the chart's rules cover everything the operator did: not one request was refused
-    assert "forbidden" not in operator_log(cluster, operator_pod(cluster, release["name"], release["namespace"])).lower()
+    for pod in operator_pods(cluster, release["name"], release["namespace"]):
+        assert "forbidden" not in operator_log(cluster, pod).lower()
 
 
 def post_alerts(port: int, token: str | None, modeldeployment: str = "deepseek-v3") -> int:
@@ -430,16 +474,18 @@ def test_alerts_webhook_takes_the_charts_token_only(cluster, release):
 
 def test_upgrade_with_changed_values_rolls_the_operator_and_keeps_the_token(cluster, release):
     ns = release["namespace"]
-    before = operator_pod(cluster, release["name"], ns)
+    before = {p["metadata"]["uid"] for p in operator_pods(cluster, release["name"], ns)}
     token = cluster.get_json("secret", f"{FULLNAME}-alerts", "-n", ns)["data"]
     port = service_port(cluster.state_dir, ns, FULLNAME)
     helm(cluster, "upgrade", release["name"], str(CHART), "-n", ns, "--force-conflicts", "-f", release["values"],
          "--set", "operator.resyncSeconds=7", "--set", "podLabels.team=serving",
          "--set", f"tests.url=http://127.0.0.1:{port}/healthz", "--wait", "--timeout", "120s")
-    after = operator_pod(cluster, release["name"], ns)
-    assert after["metadata"]["uid"] != before["metadata"]["uid"]
-    assert after["metadata"]["labels"]["team"] == "serving"
-    assert "--resync-seconds=7" in after["spec"]["containers"][0]["args"]
+    after = operator_pods(cluster, release["name"], ns)
+    assert not before & {p["metadata"]["uid"] for p in after}
+    for pod in after:
+        assert pod["metadata"]["labels"]["team"] == "serving"
+        assert "--resync-seconds=7" in pod["spec"]["containers"][0]["args"]
+    assert leader_pod(cluster, ns, after) in {p["metadata"]["name"] for p in after}
     assert cluster.get_json("secret", f"{FULLNAME}-alerts", "-n", ns)["data"] == token
     history = json.loads(helm(cluster, "history", release["name"], "-n", ns, "-o", "json").stdout)
     assert [h["status"] for h in history] == ["superseded", "deployed"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
 import threading
 import time
@@ -38,7 +39,9 @@ def _now() -> datetime.datetime:
 
 
 def default_identity() -> str:
-    return f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    """The pod's name (POD_NAME from the downward API, as the chart sets it) or the host name, with a
+    suffix so that a restarted container never mistakes the Lease for its own."""
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
 
 
 @dataclass
