@@ -5,8 +5,10 @@ import json
 import pytest
 from moe_operator.api import names
 from moe_operator.api.timestamps import iso
+from moe_operator.app import kubectl_plugin
 from moe_operator.app.kubectl_plugin import (
     annotation_patch,
+    gitops_manager,
     parser,
     render_history,
     render_status,
@@ -86,6 +88,59 @@ def test_undo_goes_back_to_stable_during_a_rollout_to_the_previous_one_after_or_
         undo_patch(body(), RECORDS, to_revision=3)
     with pytest.raises(SystemExit, match="nothing to undo"):
         undo_patch(body(), [])
+
+
+def test_gitops_managers_are_recognised_by_their_marks():
+    flux = body()
+    flux["metadata"]["labels"] = {"kustomize.toolkit.fluxcd.io/name": "apps",
+                                  "kustomize.toolkit.fluxcd.io/namespace": "flux-system"}
+    assert gitops_manager(flux) == "Flux Kustomization flux-system/apps"
+    argo = body()
+    argo["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": "team-a:serving.moe.dev/ModelDeployment:ns/chat"}
+    assert gitops_manager(argo) == "Argo CD Application team-a"
+    by_fields = body()
+    by_fields["metadata"]["managedFields"] = [
+        {"manager": "moe-operator-autoscaler", "fieldsV1": {"f:spec": {"f:replicas": {}}}},
+        {"manager": "argocd-controller", "operation": "Apply", "fieldsV1": {"f:spec": {"f:model": {}}}}]
+    assert gitops_manager(by_fields) == "Argo CD (field manager argocd-controller)"
+    assert gitops_manager(body()) is None
+
+
+class FakeCluster:
+    default_namespace = "ns"
+
+    def __init__(self, obj):
+        self.obj, self.patches = obj, []
+
+    def get(self, ns, name):
+        return self.obj
+
+    def records(self, ns, name):
+        return RECORDS
+
+    def patch(self, ns, name, patch):
+        self.patches.append(patch)
+
+
+@pytest.mark.parametrize("managed", [True, False])
+def test_undo_of_a_flux_managed_object_says_revert_the_commit_and_writes_only_with_force(monkeypatch, capsys,
+                                                                                          managed):
+    obj = body()
+    if managed:
+        obj["metadata"]["labels"] = {"kustomize.toolkit.fluxcd.io/name": "apps",
+                                     "kustomize.toolkit.fluxcd.io/namespace": "flux-system"}
+    fake = FakeCluster(obj)
+    monkeypatch.setattr(kubectl_plugin, "Cluster", lambda *_: fake)
+    code = kubectl_plugin.main(["undo", "chat"])
+    err = capsys.readouterr().err
+    if managed:
+        assert code == 1 and not fake.patches
+        assert "managed by Flux Kustomization flux-system/apps" in err and "Revert the commit in Git" in err
+        assert kubectl_plugin.main(["undo", "chat", "--force"]) == 0
+        assert "warning" in capsys.readouterr().err
+    else:
+        assert code == 0 and not err
+    assert fake.patches[0]["spec"]["model"]["source"] == "builtin:tiny-deepseek-v3"
 
 
 def test_history_lists_number_hash_change_and_result():

@@ -12,7 +12,8 @@ One-off actions are annotations with a unique value (the operator acts once per 
 it handled in status, so a repeat or a restart never acts twice, and no client clock is compared with
 the operator's); an abort names the revision it stops. `undo` edits the spec from the revision's
 recorded template (its ControllerRevision). GitOps users express lasting intent in Git instead: see
-docs/rollouts.md.
+docs/rollouts.md; `undo` refuses an object that Flux or Argo CD manages (they would put the spec back
+at their next sync) and says to revert the commit, unless given --force.
 """
 
 from __future__ import annotations
@@ -93,6 +94,41 @@ def undo_patch(body: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
         raise SystemExit(f"revision {target.number} ({target.revision}) is already the current one")
     # Fields the old template did not set are removed (null in a merge patch).
     return {"spec": {k: target.template.get(k) for k in revisions.TEMPLATE_FIELDS}}
+
+
+# Marks a GitOps engine leaves on what it applies: Flux's kustomize-controller and helm-controller
+# label each object with their object's name and namespace; Argo CD tracks by annotation (its default
+# since 3.0) or by its instance label; either applies server-side under its own field manager.
+FLUX_LABELS = (("kustomize.toolkit.fluxcd.io/name", "kustomize.toolkit.fluxcd.io/namespace", "Kustomization"),
+               ("helm.toolkit.fluxcd.io/name", "helm.toolkit.fluxcd.io/namespace", "HelmRelease"))
+ARGOCD_TRACKING_ANNOTATION = "argocd.argoproj.io/tracking-id"
+GITOPS_MANAGERS = {"kustomize-controller": "Flux", "helm-controller": "Flux",
+                   "argocd-controller": "Argo CD", "argocd-application-controller": "Argo CD"}
+
+
+def gitops_manager(body: Mapping[str, Any]) -> str | None:
+    """Who keeps this object's spec as Git says: "Flux Kustomization flux-system/apps",
+    "Argo CD Application team-a:chat-moe", or None when no GitOps engine's mark is on it."""
+    meta = body.get("metadata") or {}
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    for name_label, ns_label, kind in FLUX_LABELS:
+        if labels.get(name_label):
+            return f"Flux {kind} {labels.get(ns_label, '?')}/{labels[name_label]}"
+    tracking = annotations.get(ARGOCD_TRACKING_ANNOTATION)
+    if tracking:
+        return f"Argo CD Application {tracking.split(':', 1)[0]}"
+    for entry in meta.get("managedFields") or ():
+        engine = GITOPS_MANAGERS.get(entry.get("manager", ""))
+        if engine and "f:spec" in (entry.get("fieldsV1") or {}):
+            return f"{engine} (field manager {entry['manager']})"
+    return None
+
+
+def undo_gitops_hint(manager: str) -> str:
+    return (f"this ModelDeployment is managed by {manager}: an undo here would be set back to what Git "
+            "says at its next sync. Revert the commit in Git instead (`git revert <commit> && git push`); "
+            "the operator rolls the reverted spec out (a revision it still runs as stable is taken back "
+            "at once, with no new rollout). --force writes the spec anyway (say, with the sync suspended).")
 
 
 def render_history(body: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> str:
@@ -286,6 +322,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--full", action="store_true", help="skip every remaining step")
         if cmd == "undo":
             s.add_argument("--to-revision", type=int, help="the revision number (kubectl moe history)")
+            s.add_argument("--force", action="store_true",
+                           help="write the spec even when Flux or Argo CD manages the object")
     return p
 
 
@@ -315,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "undo":
         patch = undo_patch(body, cluster.records(ns, args.name), args.to_revision)
+        manager = gitops_manager(body)
+        if manager and not args.force:
+            print(f"kubectl moe undo: {undo_gitops_hint(manager)}", file=sys.stderr)
+            return 1
+        if manager:
+            print(f"kubectl moe undo: warning: {manager} manages this object; unless its sync is suspended, "
+                  "it will set the spec back: revert the commit in Git for a lasting undo", file=sys.stderr)
         cluster.patch(ns, args.name, patch)
         print(f"modeldeployment {ns}/{args.name}: spec set back"
               + (f" to revision {args.to_revision}" if args.to_revision is not None else ""))
