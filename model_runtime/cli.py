@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="queued requests beyond which new ones get 429 / RESOURCE_EXHAUSTED",
     )
+    s.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache blocks of prompt prefixes earlier requests computed (vLLM's automatic "
+        "prefix caching; on by default, as in vLLM v1); moe_prefix_cache_queries_total and "
+        "moe_prefix_cache_hits_total count the prompt tokens looked up and found",
+    )
     m = s.add_argument_group(
         "memory",
         "The KV cache is sized at start and reported in a log line and in moe_kv_cache_capacity_tokens. "
@@ -329,6 +337,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         max_waiting=args.max_waiting,
+        enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_memory_bytes=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_step_attention_bytes=args.max_step_attention_memory,

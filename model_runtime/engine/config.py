@@ -32,6 +32,9 @@ class EngineConfig:
     device: str = "cpu"
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int | None = None  # seeds the noise of unseeded sampled requests (None: random)
+    # Reuse the KV blocks of earlier requests' common prefixes (engine/block_manager.py); on by
+    # default, as in vLLM v1.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in (

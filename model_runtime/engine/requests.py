@@ -29,6 +29,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the chosen token)
+    # top-n logprobs per prompt token (vLLM's prompt_logprobs; 0 = only the prompt token's own): the
+    # prefill computes the logits of every prompt position, so it takes no prefix-cache hits
+    prompt_logprobs: int | None = None
     # Penalties and biases (vLLM's and OpenAI's meanings): see engine/sampling.py `adjust_logits`.
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
@@ -36,6 +39,9 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (sampling only)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     priority: int = 0  # scheduling (vLLM's request priority): lower first; equal: first come first served
+    # Compute every prompt token: take no KV blocks from the prefix cache (vLLM's name; what a
+    # request for prompt logprobs needs, since cached positions are not computed again).
+    skip_reading_prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # OpenAI accepts a single string
@@ -88,6 +94,12 @@ class SamplingParams:
             not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            not is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(
+                f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not is_num(value) or not -2 <= value <= 2:
@@ -96,6 +108,10 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be in (0, 10] (1 = off), got {self.repetition_penalty!r}")
         if not is_int(self.priority) or not -(2**31) <= self.priority < 2**31:
             raise ValueError(f"priority must be a 32-bit integer (lower runs first), got {self.priority!r}")
+        if not isinstance(self.skip_reading_prefix_cache, bool):
+            raise ValueError(
+                f"skip_reading_prefix_cache must be a boolean, got {self.skip_reading_prefix_cache!r}"
+            )
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.logit_bias is not None:
@@ -133,6 +149,10 @@ class RequestOutput:
     logprobs: list[dict] | None  # per new token: {"token_id", "logprob", "top": {token_id: logprob}}
     first_token_time: float | None  # time.monotonic()
     arrival_time: float  # time.monotonic()
+    # With SamplingParams.prompt_logprobs, on the request's first output: one entry per prompt token,
+    # None for the first (nothing precedes it), else {"token_id", "logprob", "rank", "top"} (rank: 1
+    # for the most likely token given the prefix)
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclass
@@ -147,6 +167,8 @@ class EngineStats:
     max_model_len: int = 0
     weight_bytes: dict[int, int] = dataclasses.field(default_factory=dict)  # rank -> bytes (this pod's ranks)
     kv_capacity_tokens: int = 0  # tokens the KV cache holds (blocks x block size), as sized at start
+    prefix_cache_queries: int = 0  # cumulative: prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # cumulative: of those, tokens found cached
 
 
 def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
@@ -159,6 +181,7 @@ def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput
         new_token_ids=earlier.new_token_ids + later.new_token_ids,
         new_text=earlier.new_text + later.new_text,
         logprobs=logprobs,
+        prompt_logprobs=later.prompt_logprobs if later.prompt_logprobs is not None else earlier.prompt_logprobs,
     )
 
 

@@ -8,10 +8,21 @@ Every step is planned afresh under a token budget (`max_num_batched_tokens`) and
 3. waiting sequences, by priority (lower first; vLLM's request `priority`), then first come first
    served, a prefill chunk each, while blocks and budget last.
 
+Prefix caching (engine/block_manager.py): a sequence admitted from the queue first takes the
+longest run of cached full blocks that starts its tokens, at most all but its last token (whose
+logits pick the next token, so it is always computed), and its prefill starts after them; only
+the new tokens count against the step's budget. `prefix_cache_queries` and `prefix_cache_hits`
+count, in tokens, what admitted sequences asked for and found (vLLM's counters); a sequence with
+`skip_prefix_cache` (whose every prompt position must be computed, e.g. for prompt logprobs) takes
+no cached blocks and is not counted, but its blocks are cached for others. Each running
+sequence's full blocks are registered in the cache once computed (at the next step's planning,
+and before its blocks are released when it finishes or is preempted).
+
 When the KV pool cannot hold the next token of a running sequence, the lowest-priority running
 sequence (of those, the youngest) is preempted by recompute: its blocks are freed and it goes back
 to the front of its priority in the queue with its prompt and the tokens generated so far, which
-are prefilled again when it resumes. With every priority equal (the default, 0) this is plain
+are prefilled again when it resumes (with prefix caching, from its own full blocks where they
+have not been evicted meanwhile). With every priority equal (the default, 0) this is plain
 first come first served with the youngest preempted. Sampling
 never redraws a generated token, so a resumed sequence continues exactly as it would have.
 
@@ -31,7 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from model_runtime.engine.block_manager import BlockManager
+from model_runtime.engine.block_manager import BlockManager, hash_blocks
 from model_runtime.engine.config import format_bytes
 
 
@@ -55,6 +66,9 @@ class Sequence:
     num_preemptions: int = 0
     priority: int = 0  # lower runs first
     arrival: int = 0  # admission order (set by the scheduler)
+    skip_prefix_cache: bool = False  # compute every token: take no cached blocks (still caches its own)
+    block_hashes: list[bytes] = field(default_factory=list)  # of token_ids' full blocks (prefix caching)
+    num_cached_blocks: int = 0  # leading blocks of block_table that are in the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -112,6 +126,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in order of admission: the last one is the youngest
         self._arrivals = 0
+        self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, tokens found there (not computed again)
 
     @property
     def num_unfinished(self) -> int:
@@ -132,6 +148,7 @@ class Scheduler:
         elif seq.status is SeqStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
+        self._cache_computed(seq)
         self.blocks.release(seq.block_table)
 
     def schedule(self) -> SchedulerOutput:
@@ -140,6 +157,8 @@ class Scheduler:
         preempted: list[Sequence] = []
         rejected: list[tuple[Sequence, str]] = []
         shape = _Shape()
+        for seq in self.running:
+            self._cache_computed(seq)
         decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
         prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
 
@@ -185,11 +204,18 @@ class Scheduler:
                 self.finish(seq)
                 rejected.append((seq, reason))
                 continue
+            cached = self._cached_prefix(seq)
+            seq.num_computed_tokens = len(cached) * self.blocks.block_size
             n = self._fit(shape, seq, min(seq.num_uncomputed_tokens, budget))
-            if n == 0:
-                break  # the step is full; the head of the queue goes first next time
-            if not self.blocks.grow(seq.block_table, seq.num_computed_tokens + n):
-                break  # first come first served: no one overtakes the head of the queue
+            if n == 0 or not self.blocks.grow(seq.block_table, seq.num_computed_tokens + n, cached=cached):
+                # the step is full, or the pool: the head of the queue goes first next time (first
+                # come first served: no one overtakes it)
+                seq.num_computed_tokens = 0
+                break
+            seq.num_cached_blocks = len(cached)
+            if self.blocks.enable_prefix_caching and not seq.skip_prefix_cache:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += seq.num_computed_tokens
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
@@ -232,10 +258,30 @@ class Scheduler:
                 hi = mid
         return lo
 
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a sequence leaving the queue can start from: the longest cached prefix
+        of its tokens, short of its last token."""
+        if not self.blocks.enable_prefix_caching or seq.skip_prefix_cache:
+            return []
+        hash_blocks(seq.token_ids, self.blocks.block_size, seq.block_hashes)
+        return self.blocks.cached_prefix(seq.block_hashes, (seq.num_tokens - 1) // self.blocks.block_size)
+
+    def _cache_computed(self, seq: Sequence) -> None:
+        """Register `seq`'s full blocks computed since the last time in the prefix cache."""
+        if not self.blocks.enable_prefix_caching:
+            return
+        full = min(seq.num_computed_tokens // self.blocks.block_size, len(seq.block_table))
+        if full > seq.num_cached_blocks:
+            hash_blocks(seq.token_ids, self.blocks.block_size, seq.block_hashes)
+            self.blocks.cache_full_blocks(seq.block_table, seq.block_hashes, seq.num_cached_blocks, full)
+            seq.num_cached_blocks = full
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._cache_computed(seq)
         self.blocks.release(seq.block_table)
         seq.num_computed_tokens = 0
+        seq.num_cached_blocks = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         # at the front of its priority: ahead of everyone waiting with the same or a lower priority

@@ -26,6 +26,7 @@ class ServerConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
     max_waiting: int = 256
+    enable_prefix_caching: bool = True  # reuse KV blocks of common prompt prefixes (engine/block_manager.py)
     kv_cache_memory_bytes: int | None = None  # None: from the device's memory (CUDA) or 256 MiB (CPU)
     gpu_memory_utilization: float | None = None  # None: 0.9 on CUDA; on the CPU, the fixed size
     max_step_attention_bytes: int = 2**30  # one layer's attention memory in one step

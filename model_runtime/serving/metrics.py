@@ -2,8 +2,9 @@
 
 Every series carries the label `model_name` (the served model name). Request-level series
 (latencies, token counts, outcomes) are recorded by the server as requests finish; engine-level
-series (running / waiting requests, KV cache use and capacity, tokens routed to each expert) are read from
-the engine front's `stats()` at scrape time, so they are never stale and cost nothing between scrapes.
+series (running / waiting requests, KV cache use and capacity, prefix cache lookups and hits in
+tokens, tokens routed to each expert) are read from the engine front's `stats()` at scrape time,
+so they are never stale and cost nothing between scrapes.
 
 Failures: `moe_request_failure_total{reason}` counts requests that did not finish, with `reason`
 one of FAILURE_REASONS. A rollout's error rate is failures with a server-side reason
@@ -41,6 +42,8 @@ REQUEST_FAILURE = "moe_request_failure_total"
 EXPERT_TOKENS = "moe_expert_tokens_total"
 WEIGHT_BYTES = "moe_weight_bytes"
 KV_CACHE_CAPACITY_TOKENS = "moe_kv_cache_capacity_tokens"
+PREFIX_CACHE_QUERIES = "moe_prefix_cache_queries_total"
+PREFIX_CACHE_HITS = "moe_prefix_cache_hits_total"
 
 # Why a request failed. `invalid_request` and `cancelled` are the client's doing.
 FAILURE_REASONS = (
@@ -159,7 +162,19 @@ class EngineStatsCollector(Collector):
             "Tokens the KV cache holds (blocks x block size), as sized at start.",
             labels=["model_name"],
         )
+        prefix_queries = CounterMetricFamily(
+            PREFIX_CACHE_QUERIES,
+            "Prompt tokens looked up in the prefix cache (vLLM's prefix_cache_queries).",
+            labels=["model_name"],
+        )
+        prefix_hits = CounterMetricFamily(
+            PREFIX_CACHE_HITS,
+            "Prompt tokens found in the prefix cache, whose keys/values were not computed again.",
+            labels=["model_name"],
+        )
         if stats is not None:
+            prefix_queries.add_metric([self.model_name], getattr(stats, "prefix_cache_queries", 0))
+            prefix_hits.add_metric([self.model_name], getattr(stats, "prefix_cache_hits", 0))
             if getattr(stats, "kv_capacity_tokens", 0):
                 capacity.add_metric([self.model_name], stats.kv_capacity_tokens)
             for rank, n in sorted((getattr(stats, "weight_bytes", None) or {}).items()):
@@ -171,9 +186,9 @@ class EngineStatsCollector(Collector):
                 for expert, count in enumerate(counts):
                     experts.add_metric([self.model_name, str(layer), str(expert)], count)
         else:
-            for family in (running, waiting, kv):
+            for family in (running, waiting, kv, prefix_queries, prefix_hits):
                 family.add_metric([self.model_name], 0)
-        yield from (running, waiting, kv, experts, weights, capacity)
+        yield from (running, waiting, kv, experts, weights, capacity, prefix_queries, prefix_hits)
 
     def describe(self) -> list[Metric]:
         return []

@@ -57,6 +57,7 @@ def engine_config_of(cfg: ServerConfig) -> EngineConfig:
         max_step_attention_bytes=cfg.max_step_attention_bytes,
         memory_shared_by=cfg.parallel.ranks_per_node,  # this pod's ranks (on the CPU: one host's memory)
         max_waiting=cfg.max_waiting,
+        enable_prefix_caching=cfg.enable_prefix_caching,
         device=cfg.device,
         max_model_len=cfg.max_model_len,
         seed=cfg.seed,
@@ -383,16 +384,20 @@ class InferenceService:
             await outputs.aclose()
 
     async def complete(self, prompt, params, request_id: str | None = None):
-        """The final output of a request (all text, all token ids; logprobs gathered)."""
+        """The final output of a request (all text, all token ids; logprobs and prompt logprobs
+        gathered)."""
         logprobs = [] if params.logprobs is not None else None
+        prompt_logprobs = None
         final = None
         async for output in self.generate(prompt, params, request_id):
             if logprobs is not None and output.logprobs:
                 logprobs.extend(output.logprobs)
+            prompt_logprobs = output.prompt_logprobs or prompt_logprobs
             final = output
         if final is None:
             raise ServiceError("the engine returned no output")
         final.logprobs = logprobs
+        final.prompt_logprobs = prompt_logprobs
         return final
 
 
