@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -57,7 +57,7 @@ from model_runtime.engine.requests import (
     RequestValidator,
     SamplingParams,
 )
-from model_runtime.engine.sampling import SampleRow, make_generator, sample
+from model_runtime.engine.sampling import SampleRow, make_generator, prompt_logprobs, sample
 from model_runtime.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from model_runtime.kernels.cpu_decode import use_cpu_decode_kernels, use_decode_layout
 from model_runtime.models.config import token_ids
@@ -79,6 +79,10 @@ class _Request:
     emitted_tokens: int = 0  # generated tokens already reported
     pending_logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
+    # with SamplingParams.prompt_logprobs: one entry per prompt position computed so far (None for
+    # the first token), handed out once, with the request's first output
+    prompt_logprobs: list[dict | None] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def request_id(self) -> str:
@@ -235,7 +239,10 @@ class LLMEngine:
             generator=make_generator(params.seed, self.device) if params.seed is not None else None,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             prompt_token_ids=list(ids),
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
+        if params.prompt_logprobs is not None:
+            seq.skip_prefix_cache = True  # every prompt position's logits: no cached blocks
         self.requests[request_id] = req
         self.scheduler.add(seq)
 
@@ -421,11 +428,46 @@ class LLMEngine:
         return ran_a + ran_b, logits, failed_a + failed_b
 
     def _forward(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """The logits [S, V] that pick each scheduled sequence's next token. The prompt positions
+        whose logprobs a request asked for get logits too, in the same pass (rank 0's lm_head only:
+        the other ranks are sent the plain plan, and their logits are not used anyway)."""
         tokens, batch = self._prepare(scheduled)
         if self.comm is not None:
             self.comm.send_step(tokens, batch)
+        wanted = self._prompt_positions(scheduled)
+        if wanted:
+            extra = torch.tensor([i for _, _, rows in wanted for i in rows], dtype=torch.long, device=self.device)
+            batch = replace(batch, logits_indices=torch.cat([batch.logits_indices, extra]))
         with torch.inference_mode():
-            return self.model.forward_paged(tokens, batch, self.kv_cache)  # [S, V]
+            logits = self.model.forward_paged(tokens, batch, self.kv_cache)  # [S (+ M), V]
+            if not wanted:
+                return logits
+            S = len(scheduled)
+            at = S
+            for req, targets, rows in wanted:
+                entries = prompt_logprobs(logits[at : at + len(rows)], targets, req.params.prompt_logprobs)
+                req.prompt_logprobs.extend(entries)
+                at += len(rows)
+            return logits[:S]
+
+    def _prompt_positions(self, scheduled: list[ScheduledSeq]) -> list[tuple[_Request, list[int], list[int]]]:
+        """For each request that wants prompt logprobs and computes prompt positions in this step not
+        yet recorded: (the request, the prompt tokens those positions predict, their indices among
+        the step's new tokens). Positions recorded before a preemption are not taken again."""
+        wanted = []
+        offset = 0
+        for s in scheduled:
+            req = self.requests[s.seq.request_id]
+            start, n = s.seq.num_computed_tokens, s.num_new_tokens
+            if req.prompt_logprobs is not None:
+                # the logits at position p predict prompt token p + 1; p = P - 1 predicts the first output
+                done = len(req.prompt_logprobs) - 1
+                lo, hi = max(start, done), min(start + n, s.seq.num_prompt_tokens - 1)
+                if lo == done and lo < hi:
+                    rows = list(range(offset + lo - start, offset + hi - start))
+                    wanted.append((req, s.seq.token_ids[lo + 1 : hi + 1], rows))
+            offset += n
+        return wanted
 
     def _release_cached_memory(self) -> None:
         if self.device.type == "cuda":
@@ -465,6 +507,13 @@ class LLMEngine:
         logprobs = None
         if req.params.logprobs is not None:
             logprobs, req.pending_logprobs = req.pending_logprobs, []
+        prompt_entries = None
+        if (
+            req.prompt_logprobs is not None
+            and not req.prompt_logprobs_sent
+            and len(req.prompt_logprobs) == seq.num_prompt_tokens
+        ):
+            prompt_entries, req.prompt_logprobs_sent = req.prompt_logprobs, True
         return RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
@@ -477,4 +526,5 @@ class LLMEngine:
             logprobs=logprobs,
             first_token_time=req.first_token_time,
             arrival_time=req.arrival_time,
+            prompt_logprobs=prompt_entries,
         )

@@ -107,6 +107,7 @@ class OutputDelta:
     finish_reason: str | None  # set when the request finished
     logprobs: list[dict] | None
     first_token_time: float | None
+    prompt_logprobs: list[dict | None] | None = None  # on the request's first output, when asked for
 
     @classmethod
     def of(cls, output: RequestOutput) -> OutputDelta:
@@ -117,6 +118,7 @@ class OutputDelta:
             output.finish_reason if output.finished else None,
             output.logprobs,
             output.first_token_time,
+            output.prompt_logprobs,
         )
 
 

@@ -287,5 +287,6 @@ class EngineProcess(EngineFront):
                     logprobs=out.logprobs,
                     first_token_time=out.first_token_time,
                     arrival_time=state.arrival_time,
+                    prompt_logprobs=out.prompt_logprobs,
                 )
             )

@@ -29,6 +29,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token (0 = only the chosen token)
+    # top-n logprobs per prompt token (vLLM's prompt_logprobs; 0 = only the prompt token's own): the
+    # prefill computes the logits of every prompt position, so it takes no prefix-cache hits
+    prompt_logprobs: int | None = None
     # Penalties and biases (vLLM's and OpenAI's meanings): see engine/sampling.py `adjust_logits`.
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
@@ -91,6 +94,12 @@ class SamplingParams:
             not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (
+            not is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(
+                f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not is_num(value) or not -2 <= value <= 2:
@@ -140,6 +149,10 @@ class RequestOutput:
     logprobs: list[dict] | None  # per new token: {"token_id", "logprob", "top": {token_id: logprob}}
     first_token_time: float | None  # time.monotonic()
     arrival_time: float  # time.monotonic()
+    # With SamplingParams.prompt_logprobs, on the request's first output: one entry per prompt token,
+    # None for the first (nothing precedes it), else {"token_id", "logprob", "rank", "top"} (rank: 1
+    # for the most likely token given the prefix)
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclass
@@ -168,6 +181,7 @@ def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput
         new_token_ids=earlier.new_token_ids + later.new_token_ids,
         new_text=earlier.new_text + later.new_text,
         logprobs=logprobs,
+        prompt_logprobs=later.prompt_logprobs if later.prompt_logprobs is not None else earlier.prompt_logprobs,
     )
 
 

@@ -170,3 +170,23 @@ def _logprobs(logits: torch.Tensor, rows: list[SampleRow], chosen: torch.Tensor,
             "top": dict(zip(top_ids[j][:k], top_lp[j][:k], strict=True)),
         }
     return out
+
+
+def prompt_logprobs(logits: torch.Tensor, token_ids: list[int], k: int, rows_per_pass: int = 512) -> list[dict]:
+    """The logprob of each of `token_ids` [M] under the logits [M, V] that predict it (log-softmax
+    of the raw logits, as generated tokens' logprobs), its rank (1: the most likely) and the top
+    `k`: {"token_id", "logprob", "rank", "top": {token_id: logprob}} per row. Rows are taken
+    `rows_per_pass` at a time, so a long prompt's log-softmax never holds more than that many
+    vocabulary-wide rows at once."""
+    out: list[dict] = []
+    for start in range(0, len(token_ids), rows_per_pass):
+        logp = logits[start : start + rows_per_pass].float().log_softmax(dim=-1)  # [R, V]
+        ids = torch.tensor(token_ids[start : start + rows_per_pass], dtype=torch.long, device=logits.device)
+        chosen = logp.gather(1, ids[:, None])  # [R, 1]
+        ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()  # [R]
+        top_lp, top_ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        for j, (token, lp) in enumerate(zip(ids.tolist(), chosen[:, 0].tolist(), strict=True)):
+            out.append({"token_id": token, "logprob": lp, "rank": ranks[j],
+                        "top": dict(zip(top_ids[j], top_lp[j], strict=True))})
+    return out

@@ -384,16 +384,20 @@ class InferenceService:
             await outputs.aclose()
 
     async def complete(self, prompt, params, request_id: str | None = None):
-        """The final output of a request (all text, all token ids; logprobs gathered)."""
+        """The final output of a request (all text, all token ids; logprobs and prompt logprobs
+        gathered)."""
         logprobs = [] if params.logprobs is not None else None
+        prompt_logprobs = None
         final = None
         async for output in self.generate(prompt, params, request_id):
             if logprobs is not None and output.logprobs:
                 logprobs.extend(output.logprobs)
+            prompt_logprobs = output.prompt_logprobs or prompt_logprobs
             final = output
         if final is None:
             raise ServiceError("the engine returned no output")
         final.logprobs = logprobs
+        final.prompt_logprobs = prompt_logprobs
         return final
 
 
