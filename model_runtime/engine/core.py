@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -57,8 +58,9 @@ from model_runtime.engine.requests import (
     RequestValidator,
     SamplingParams,
 )
-from model_runtime.engine.sampling import SampleRow, make_generator, prompt_logprobs, sample
+from model_runtime.engine.sampling import SampleRow, allowed_tokens, make_generator, prompt_logprobs, sample
 from model_runtime.engine.scheduler import ScheduledSeq, Scheduler, Sequence
+from model_runtime.engine.structured import Grammars
 from model_runtime.kernels.cpu_decode import use_cpu_decode_kernels, use_decode_layout
 from model_runtime.models.config import token_ids
 from model_runtime.models.model import Transformer
@@ -83,6 +85,7 @@ class _Request:
     # the first token), handed out once, with the request's first output
     prompt_logprobs: list[dict | None] | None = None
     prompt_logprobs_sent: bool = False
+    matcher: object | None = None  # structured output: its grammar's state (llguidance.LLMatcher)
 
     @property
     def request_id(self) -> str:
@@ -181,6 +184,10 @@ class LLMEngine:
             max_step_bytes=budget,
             max_context_tokens=self.max_context_tokens,
         )
+        # structured output: grammars over the model's vocabulary; their masks are computed in a
+        # thread of their own while the step's forward pass runs
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_token_ids) if tokenizer is not None else None
+        self._mask_thread: ThreadPoolExecutor | None = None
         self.validator = RequestValidator(
             tokenizer,
             self.vocab_size,
@@ -188,6 +195,7 @@ class LLMEngine:
             self.blocks.capacity_tokens,
             max_context_tokens=self.max_context_tokens,
             max_step_attention_bytes=budget,
+            grammars=self.grammars,
         )
         self.requests: dict[str, _Request] = {}
         self.generator = torch.Generator(device=self.device)
@@ -217,6 +225,14 @@ class LLMEngine:
         ids = prompt_token_ids if prompt_token_ids is not None else self.validate(prompt, params)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are waiting: retry later")
+        matcher = None
+        if params.structured is not None:
+            if self.grammars is None:
+                raise EngineError(f"{params.structured.field}: this engine has no tokenizer to hold output to it")
+            try:
+                matcher = self.grammars.matcher(params.structured)
+            except ValueError as e:
+                raise EngineError(str(e)) from None
         # the whole sequence must fit the model length and, alone, the KV pool and the step's attention
         max_tokens = min(
             params.max_tokens,
@@ -240,6 +256,7 @@ class LLMEngine:
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
             prompt_token_ids=list(ids),
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            matcher=matcher,
         )
         if params.prompt_logprobs is not None:
             seq.skip_prefix_cache = True  # every prompt position's logits: no cached blocks
@@ -343,7 +360,11 @@ class LLMEngine:
             failures.append(RequestFailed(seq.request_id, EngineError(reason)))
         if not plan.scheduled:
             return failures
-        scheduled, logits, out_of_memory = self._run(plan.scheduled)
+        masks = self._start_grammar_masks(plan.scheduled)
+        try:
+            scheduled, logits, out_of_memory = self._run(plan.scheduled)
+        finally:  # never leave the thread computing on a matcher this thread may advance next
+            allowed = self._grammar_masks(masks)
         for s, reason in out_of_memory:
             self.abort_request(s.seq.request_id)
             failures.append(RequestFailed(s.seq.request_id, EngineFailed(reason)))
@@ -369,6 +390,7 @@ class LLMEngine:
                     params=r.params if r.params.adjusts_logits else None,
                     prompt_ids=r.prompt_token_ids if r.params.repetition_penalty != 1.0 else None,
                     output_ids=r.seq.token_ids[r.seq.num_prompt_tokens :] if r.params.adjusts_logits else None,
+                    allowed=allowed.get(r),
                 )
                 for r in reqs
             ],
@@ -379,7 +401,11 @@ class LLMEngine:
         for req, token, lp in zip(reqs, result.token_ids, result.logprobs, strict=True):
             if req.first_token_time is None:
                 req.first_token_time = now
-            self._append_token(req, token, lp)
+            error = self._append_token(req, token, lp)
+            if error is not None:
+                self.abort_request(req.request_id)
+                outputs.append(RequestFailed(req.request_id, EngineFailed(error)))
+                continue
             outputs.append(
                 self._output(req, req.seq.token_ids[req.seq.num_prompt_tokens + req.emitted_tokens :])
             )
@@ -486,19 +512,50 @@ class LLMEngine:
         )
         return torch.tensor(tokens, dtype=torch.long, device=self.device), batch
 
-    def _append_token(self, req: _Request, token: int, logprob: dict | None) -> None:
+    def _start_grammar_masks(self, scheduled: list[ScheduledSeq]) -> tuple[list[_Request], Future] | None:
+        """Start computing, in the mask thread (llguidance releases the GIL), the next-token masks
+        of the structured-output requests that may sample in this step, so that they are ready
+        when the forward pass is; None when there are none (requests without a grammar pay nothing)."""
+        reqs = [
+            r
+            for s in scheduled
+            if s.num_new_tokens == s.seq.num_uncomputed_tokens
+            and (r := self.requests[s.seq.request_id]).matcher is not None
+        ]
+        if not reqs:
+            return None
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        return reqs, self._mask_thread.submit(self.grammars.bitmasks, [r.matcher for r in reqs])
+
+    def _grammar_masks(self, started: tuple[list[_Request], Future] | None) -> dict[_Request, torch.Tensor]:
+        """Each structured-output request's allowed tokens ([V] bool, on the device), once computed."""
+        if started is None:
+            return {}
+        reqs, future = started
+        masks = allowed_tokens(future.result(), self.vocab_size, self.device)  # [G, V]
+        return {r: masks[j] for j, r in enumerate(reqs)}
+
+    def _append_token(self, req: _Request, token: int, logprob: dict | None) -> str | None:
+        """Add a sampled token to its request and decide whether the request has finished; why the
+        request cannot go on, if its grammar refuses the token (which the mask should prevent)."""
         seq, params = req.seq, req.params
         seq.token_ids.append(token)
         if logprob is not None:
             req.pending_logprobs.append(logprob)
+        if req.matcher is not None and not req.matcher.consume_token(token):
+            return f"structured output: the grammar refused token {token}: {req.matcher.get_error()}"
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             req.finish_reason = "stop"  # the stop token counts as generated, its text is not shown
         elif req.detok.add(token) is not None:
             req.finish_reason = "stop"
+        elif req.matcher is not None and req.matcher.is_stopped():
+            req.finish_reason = "stop"  # the grammar is complete and allows nothing more
         elif seq.num_output_tokens >= seq.max_tokens:
             req.finish_reason = "length"
         if req.finish_reason is not None and req.detok.flush() is not None:
             req.finish_reason = "stop"
+        return None
 
     def _output(self, req: _Request, new_token_ids: list[int]) -> RequestOutput:
         finished = req.finish_reason is not None

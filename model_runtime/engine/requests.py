@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from model_runtime.engine.config import format_bytes
+from model_runtime.engine.structured import Grammars, StructuredOutput
 
 MAX_LOGPROBS = 20  # top logprobs a request may ask for per token
 MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI allows 300)
@@ -39,6 +40,7 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (sampling only)
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     priority: int = 0  # scheduling (vLLM's request priority): lower first; equal: first come first served
+    structured: StructuredOutput | None = None  # the output must match it (engine/structured.py)
     # Compute every prompt token: take no KV blocks from the prefix cache (vLLM's name; what a
     # request for prompt logprobs needs, since cached positions are not computed again).
     skip_reading_prefix_cache: bool = False
@@ -114,6 +116,8 @@ class SamplingParams:
             )
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(f"structured must be a StructuredOutput, got {type(self.structured).__name__}")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids")
@@ -196,6 +200,7 @@ class RequestValidator:
     kv_capacity_tokens: int
     max_context_tokens: int | None = None  # the step attention budget's limit on one context (None: none)
     max_step_attention_bytes: int = 0  # that budget, for the message
+    grammars: Grammars | None = None  # checks structured output (None: made on first use)
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """The prompt's token ids, or EngineError saying what is wrong with the request."""
@@ -205,6 +210,15 @@ class RequestValidator:
             params.validate(self.max_model_len)
         except ValueError as e:
             raise EngineError(str(e)) from None
+        if params.structured is not None:
+            if self.grammars is None:
+                if self.tokenizer is None:
+                    raise EngineError(f"{params.structured.field}: this engine has no tokenizer to hold output to it")
+                self.grammars = Grammars(self.tokenizer, self.vocab_size, getattr(self.tokenizer, "eos_token_ids", ()))
+            try:
+                self.grammars.check(params.structured)
+            except ValueError as e:
+                raise EngineError(str(e)) from None
         if bad := [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]:
             raise EngineError(f"stop_token_ids {bad} are outside the vocabulary (0..{self.vocab_size - 1})")
         if bad := [t for t in params.logit_bias or () if not 0 <= t < self.vocab_size][:5]:

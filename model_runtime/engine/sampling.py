@@ -28,6 +28,7 @@ class SampleRow:
     params: object | None = None  # SamplingParams, when it adjusts logits (penalties, logit_bias)
     prompt_ids: list[int] | None = None  # for repetition_penalty
     output_ids: list[int] | None = None  # for the presence, frequency and repetition penalties
+    allowed: torch.Tensor | None = None  # [V] bool: the only tokens a grammar allows next (structured output)
 
 
 @dataclass
@@ -69,13 +70,18 @@ def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
       is divided by p, one <= 0 multiplied by p;
     - frequency_penalty f and presence_penalty r (generated tokens only, as OpenAI):
       logit -= f x count + r x (count > 0);
-    - logit_bias: added to the named tokens' logits.
+    - logit_bias: added to the named tokens' logits;
+
+    and a structured-output row's tokens that its grammar does not allow are set to -inf (so neither
+    greedy nor sampling, top-k, top-p nor min_p can pick them, whatever the bias).
     """
-    if not any(r.params is not None for r in rows):
+    if not any(r.params is not None or r.allowed is not None for r in rows):
         return logits
     out = logits.clone()
     V = logits.shape[1]
     for i, row in enumerate(rows):
+        if row.allowed is not None:
+            out[i].masked_fill_(~row.allowed, float("-inf"))
         params = row.params
         if params is None:
             continue
@@ -94,6 +100,13 @@ def adjust_logits(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
             ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
             out[i, ids] += torch.tensor(list(params.logit_bias.values()), dtype=out.dtype, device=logits.device)
     return out
+
+
+def allowed_tokens(bitmasks, vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """[G, V] bool from grammar bitmasks (numpy int32 [G, W]: bit i of word w allows token 32 w + i)."""
+    words = torch.from_numpy(bitmasks).to(device)  # [G, W]
+    bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1  # [G, W, 32]
+    return bits.reshape(words.shape[0], -1)[:, :vocab_size].bool()  # [G, V]
 
 
 def _sample_random(

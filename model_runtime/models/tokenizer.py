@@ -136,6 +136,11 @@ class HFTokenizer(Tokenizer):
         self.eos_token_ids = eos
         self.chat_template = _chat_template(path, cfg) or PLAIN_CHAT_TEMPLATE
 
+    @property
+    def backend(self) -> FastTokenizer:
+        """The `tokenizers` tokenizer (whose JSON a grammar library builds its token trie from)."""
+        return self._tok
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)
         return self._tok.encode(text, add_special_tokens=add_special_tokens and not starts_with_bos).ids

@@ -4,7 +4,8 @@ Shapes follow OpenAI's API reference: `usage` in every answer (for streams, on t
 carries `finish_reason`, and also in a trailing choice-less chunk when
 `stream_options.include_usage` asks for it), streams end with `data: [DONE]`, errors come as
 `{"error": {"message", "type", "param", "code"}}`. One prompt and one choice (`n` = 1) per
-request. vLLM's extensions `top_k`, `ignore_eos` and `stop_token_ids` are accepted.
+request. vLLM's extensions `top_k`, `ignore_eos` and `stop_token_ids` are accepted. Structured
+output and tool calls: serving/openai_structured.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_runtime.engine.requests import MAX_LOGPROBS
+from model_runtime.serving.openai_structured import (
+    GuidedFields,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    forced_tool_calls,
+    structured_output_of,
+    template_message,
+    tool_call,
+    tool_calls_of,
+)
 from model_runtime.serving.service import InferenceService, InvalidRequest, ServiceError, first_and_rest
 from model_runtime.serving.sse import DONE, event_stream, sse
 
@@ -43,18 +55,13 @@ class StreamOptions(BaseModel):
 # anything but its no-op value is refused with 400 naming it, never served as if it were not there.
 # docs/openai.md keeps the table of what is supported and what is refused.
 NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "response_format": (None, {"type": "text"}),
-    "tools": (None, []),
+    "tools": (None, []),  # completions (chat takes tools)
     "tool_choice": (None, "none", "auto"),
     "parallel_tool_calls": (None, True, False),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
     "prompt_logprobs": (None, 0),
     "min_tokens": (None, 0),
     "length_penalty": (None, 1, 1.0),
@@ -70,7 +77,7 @@ NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
 NO_EFFECT = ("user", "metadata", "store", "service_tier")
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(GuidedFields):
     # Unknown fields are refused (400 naming them): a field accepted and ignored would serve the
     # client something it did not ask for.
     model_config = ConfigDict(extra="allow", ser_json_inf_nan="null", allow_inf_nan=False)
@@ -131,6 +138,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -138,6 +147,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # with "required": false allows one call only
 
 
 
@@ -260,6 +272,7 @@ def sampling_kwargs(
         "min_p": req.min_p,
         "logit_bias": dict(req.logit_bias) if req.logit_bias else None,
         "priority": req.priority,
+        "structured": structured_output_of(req),
     }
     return kwargs
 
@@ -272,14 +285,29 @@ def message_text(message: ChatMessage) -> str:
     return "".join(part.text for part in message.content)
 
 
-def chat_prompt(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+def chat_prompt(
+    tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True, tools: list[Tool] | None = None
+) -> str:
     """The prompt text of a chat, rendered with the model's template (what /chat/completions serves
-    and /tokenize counts); InvalidRequest when the template rejects the conversation."""
-    plain = [{"role": m.role, "content": message_text(m)} for m in messages]
+    and /tokenize counts), with the request's tools where given; InvalidRequest when the template
+    rejects the conversation."""
+    template = tokenizer.chat_template
+    plain = [template_message(m.role, message_text(m), m.tool_calls, m.tool_call_id, template) for m in messages]
+    extra = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
     try:
-        return tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, **extra)
     except Exception as e:  # a template may reject a conversation (roles out of order, ...)
         raise InvalidRequest(f"the chat template rejected the messages: {e}") from None
+
+
+def chat_answer(final, function: str | None) -> tuple[dict[str, Any], str | None]:
+    """The assistant message of a finished choice and its finish reason. `function`: the tool
+    call its output was held to (a name, "" for any of the tools; None: none): a whole call is
+    returned as `tool_calls` with reason "tool_calls"; one cut short (max_tokens) as text."""
+    calls = tool_calls_of(final.text, function) if function is not None and final.finish_reason == "stop" else None
+    if calls is None:
+        return {"role": "assistant", "content": final.text}, final.finish_reason
+    return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -539,30 +567,72 @@ def create_openai_router(service: InferenceService) -> APIRouter:
         service.check_model(req.model)
         service.admit()
         tokenizer = service.tokenizer
-        prompt = chat_prompt(tokenizer, req.messages)
+        prompt = chat_prompt(tokenizer, req.messages, tools=req.tools)
         logprobs_n = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
-        params = service.sampling_params(
-            **sampling_kwargs(req, max_tokens, logprobs_n, service.max_model_len)
-        )
+        kwargs = sampling_kwargs(req, max_tokens, logprobs_n, service.max_model_len)
+        call_schema, function = forced_tool_calls(req.tools, req.tool_choice, req.parallel_tool_calls)
+        if call_schema is not None:
+            if kwargs["structured"] is not None:
+                raise InvalidRequest(f"tool_choice and {kwargs['structured'].field}: a request can ask for one "
+                                     "structured output only")
+            kwargs["structured"] = call_schema
+        params = service.sampling_params(**kwargs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         answer = _envelope(request_id, created, model_name)
 
         if not req.stream:
             finals = await until_disconnected(request, complete_n(service, prompt, params, req.n))
-            choices = [
-                {
+            choices = []
+            for i, final in enumerate(finals):
+                message, finish_reason = chat_answer(final, function)
+                choices.append({
                     "index": i,
-                    "message": {"role": "assistant", "content": final.text},
+                    "message": message,
                     "logprobs": chat_logprobs(tokenizer, final.logprobs or []) if req.logprobs else None,
-                    "finish_reason": final.finish_reason,
-                }
-                for i, final in enumerate(finals)
-            ]
+                    "finish_reason": finish_reason,
+                })
             return JSONResponse({**answer("chat.completion", choices), "usage": usage_of(finals)})
 
+        def tool_chunker(index: int):
+            """Chunks of a choice held to a tool call: a named function's arguments as they come
+            (in `tool_calls` deltas), "required"'s calls once the list is whole."""
+            state: dict[str, Any] = {"first": True, "text": ""}
+
+            def chunk(output) -> dict | None:
+                delta: dict[str, Any] = {"role": "assistant"} if state["first"] else {}
+                state["text"] += output.new_text
+                finish_reason = output.finish_reason
+                if function:
+                    if state["first"]:
+                        delta["tool_calls"] = [{"index": 0, **tool_call(function, output.new_text)}]
+                    elif output.new_text:
+                        delta["tool_calls"] = [{"index": 0, "function": {"arguments": output.new_text}}]
+                    if finish_reason == "stop":
+                        finish_reason = "tool_calls"
+                elif output.finished:
+                    message, finish_reason = chat_answer(output, function)
+                    if "tool_calls" in message:
+                        delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+                    else:
+                        delta["content"] = state["text"]
+                state["first"] = False
+                if not delta and not output.finished and not output.logprobs:
+                    return None
+                choice = {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": chat_logprobs(tokenizer, output.logprobs or []) if req.logprobs else None,
+                    "finish_reason": finish_reason if output.finished else None,
+                }
+                return answer("chat.completion.chunk", [choice], output if output.finished and req.n == 1 else None)
+
+            return chunk
+
         def chunker(index: int):
+            if function is not None:
+                return tool_chunker(index)
             state = {"first": True}
             content_chunk = _chunk_template(
                 request_id, "chat.completion.chunk", created, model_name, '"delta": {"content": ', "}", index

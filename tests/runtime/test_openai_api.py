@@ -115,12 +115,13 @@ def test_errors_are_openai_shaped(client, runtime_server):
 
 
 def test_fields_not_implemented_are_refused_by_name_not_ignored(client):
-    """A client asking for JSON, tools or a field this server does not know gets a 400 that names the
-    field, never a 200 with free text as if it had not asked."""
+    """A client asking for a feature or a field this server does not know gets a 400 that names the
+    field, never a 200 with free text as if it had not asked (structured output and tools:
+    test_openai_structured.py)."""
     chat = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     refused = [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"extra_body": {"functions": [{"name": "f", "parameters": {}}]}}, "functions"),  # legacy: use tools
+        ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
         ({"n": 17}, "n"),
         ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
         # implemented, but out of range: the 400 names the field

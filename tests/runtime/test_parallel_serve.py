@@ -1,13 +1,15 @@
 """`moe-runtime serve` as one replica over several ranks: in one pod (--tensor-parallel-size 2) and
 over two "pods" (--nnodes 2, --node-rank 0/1, --master-addr 127.0.0.1), on the CPU with gloo.
 
-What a user sees: the same seeded OpenAI text as one process; the second pod answering health and
+What a user sees: the same seeded OpenAI text as one process (prefix-cache hits included: the
+other ranks' caches hold their share of every block rank 0 reuses); the second pod answering health and
 /metrics only; a lost rank making rank 0 not live and exiting; SIGTERM stopping every rank with 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 
@@ -22,6 +24,8 @@ pytestmark = pytest.mark.runtime
 MODEL, NAME = "builtin:tiny-deepseek-v3", "tiny-deepseek-v3"
 COMMON = ("--seed", "0", "--max-model-len", "256", "--device", "cpu")
 PROMPTS = ["The capital of", "Once upon a time", "1 2 3 4", "experts route tokens", "a", "zz top"]
+# asked twice after the others: the second time its first blocks come from the prefix cache
+SHARED_PREFIX = "Mixture-of-experts layers send each token to a few experts that a router picks. "
 
 
 def completions(base_url: str) -> list[str]:
@@ -40,7 +44,13 @@ def completions(base_url: str) -> list[str]:
                 model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=10, seed=7
             )
             outs = await asyncio.gather(*jobs, chat)
-        return [o.choices[0].text for o in outs[:-1]] + [outs[-1].choices[0].message.content]
+            again = [
+                await client.completions.create(model=NAME, prompt=SHARED_PREFIX + end, max_tokens=8, temperature=0)
+                for end in ("Then", "Next")
+            ]
+        return [o.choices[0].text for o in outs[:-1]] + [outs[-1].choices[0].message.content] + [
+            o.choices[0].text for o in again
+        ]
 
     return asyncio.run(run())
 
@@ -96,6 +106,8 @@ def test_two_ranks_in_one_pod_serve_what_one_process_does(server_process, one_pr
         metrics = httpx.get(f"{server.base_url}/metrics").text
         assert f'moe_weight_bytes{{model_name="{NAME}",rank="0"}}' in metrics
         assert f'moe_weight_bytes{{model_name="{NAME}",rank="1"}}' in metrics
+        hits = re.search(rf'^moe_prefix_cache_hits_total{{model_name="{NAME}"}} (\S+)$', metrics, re.M)
+        assert hits and float(hits[1]) >= 64, metrics  # at least the shared prefix's 4 blocks of 16
     finally:
         assert server.stop() == 0, server.logs()
 
