@@ -38,6 +38,11 @@ class WriteRefused(Exception):
         self.message = message
 
 
+class StatusConflict(Exception):
+    """The ModelDeployment changed after the status was computed (its resourceVersion moved on: a
+    user's edit, an alert's abort annotation, or a second operator): the status was not written."""
+
+
 def _refusal(error: Exception, what: str) -> WriteRefused:
     try:
         message = json.loads(error.body)["message"]
@@ -120,34 +125,45 @@ class Writer:
         if self.metrics is not None:
             self.metrics.writes.labels(kind, verb).inc()
 
-    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any],
+                     resource_version: str | None = None) -> Mapping[str, Any] | None:
         """Merge-patch `.status` (the status subresource); returns the updated object, or None when
-        the ModelDeployment is gone (deleted while it was being reconciled)."""
+        the ModelDeployment is gone (deleted while it was being reconciled). With `resource_version`
+        (the version the status was computed from) the API server refuses the patch if the object
+        changed since: StatusConflict, so a stale pass never overwrites a newer one's status."""
+        body: dict[str, Any] = {"status": dict(patch)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
             result = self.dyn.request(
                 "patch",
                 self._md.path(name=name, namespace=namespace) + "/status",
-                body={"status": dict(patch)},
+                body=body,
                 content_type="application/merge-patch+json",
             )
         except NotFoundError:
             return None
+        except ConflictError as error:
+            raise StatusConflict(f"{namespace}/{name} changed since resourceVersion {resource_version}") from error
         self._count(names.KIND, "status")
         return result.to_dict()
 
-    def scale(self, namespace: str, name: str, replicas: int) -> None:
+    def scale(self, namespace: str, name: str, replicas: int) -> str | None:
         """Set the replica count through the scale subresource, the door `kubectl scale`, HPA and KEDA
         use (field manager `moe-operator-autoscaler`). Where the operator may not write it (RBAC
-        without modeldeployments/scale), a merge patch of spec.replicas, the same field."""
+        without modeldeployments/scale), a merge patch of spec.replicas, the same field. Returns the
+        object's new resourceVersion."""
         body = {"spec": {"replicas": int(replicas)}}
         path = self._md.path(name=name, namespace=namespace)
         try:
-            self.dyn.request("patch", path + "/scale", body=body, content_type="application/merge-patch+json",
-                             field_manager=names.AUTOSCALER_FIELD_MANAGER)
+            result = self.dyn.request("patch", path + "/scale", body=body, content_type="application/merge-patch+json",
+                                      field_manager=names.AUTOSCALER_FIELD_MANAGER)
         except ForbiddenError:
-            self.dyn.request("patch", path, body=body, content_type="application/merge-patch+json",
-                             field_manager=names.AUTOSCALER_FIELD_MANAGER)
+            result = self.dyn.request("patch", path, body=body, content_type="application/merge-patch+json",
+                                      field_manager=names.AUTOSCALER_FIELD_MANAGER)
         self._count(names.KIND, "scale")
+        # The Scale's resourceVersion is the ModelDeployment's: the version this pass now works from.
+        return (result.to_dict().get("metadata") or {}).get("resourceVersion")
 
     def event(self, md: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on the ModelDeployment (what `kubectl describe md` shows)."""

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from .analysis import Baselines, provider_for
 from .api.reasons import INVALID_SPEC
 from .api.spec import ModelDeployment, SpecError
-from .apply import WriteRefused
+from .apply import StatusConflict, WriteRefused
 from .autoscaling import decision as autoscaling
 from .autoscaling import signals
 from .desired.diff import Changes, changes, desired_objects, with_templates
@@ -28,6 +28,7 @@ from .world.observe import Observed
 from .world.plan import Plan
 
 FORBIDDEN_RETRY_SECONDS = 5.0
+CONFLICT_RETRY_SECONDS = 0.5   # the status was computed from an old version: again once the watch has the new one
 Emit = Callable[[str, str, str], None]   # (type, reason, message) -> an Event on the ModelDeployment
 
 
@@ -37,8 +38,9 @@ class Reads(Protocol):
 
 class Writes(Protocol):
     def write(self, namespace: str, changes: Changes) -> None: ...
-    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Mapping[str, Any] | None: ...
-    def scale(self, namespace: str, name: str, replicas: int) -> None: ...
+    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any],
+                     resource_version: str | None = None) -> Mapping[str, Any] | None: ...
+    def scale(self, namespace: str, name: str, replicas: int) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,12 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
     namespace, name = meta.get("namespace", "default"), meta.get("name", "")
     old_status = body.get("status") or {}
     generation = int(meta.get("generation") or 0)
+    version = meta.get("resourceVersion")    # the status below is computed from this version of the object
     try:
         md = ModelDeployment.from_body(body)
     except SpecError as error:
         new_status = invalid_status(old_status, generation, INVALID_SPEC, str(error), now())
-        return _finish(namespace, name, old_status, new_status, writer, emit)
+        return _finish(namespace, name, old_status, new_status, writer, emit, version)
 
     observed = reader.observe(md.namespace, md.name, md.pods_per_replica)
     legacy = (old_status.get("rollout") or {}).get("templates") or {}   # kept by operators before 0.2
@@ -82,7 +85,7 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
     scaling = autoscaling.step(md, observed, clock(), collect_signal)
     if scaling and scaling.desired != md.replicas:
         # Through the scale subresource, like kubectl scale or an HPA; this pass plans with it already.
-        writer.scale(md.namespace, md.name, scaling.desired)
+        version = writer.scale(md.namespace, md.name, scaling.desired) or version
         emit("Normal", "SuccessfulRescale", f"New size: {scaling.desired} (was {md.replicas}); "
                                            f"{scaling.decision.reason}: {scaling.decision.message}")
         md = replace(md, replicas=scaling.desired)
@@ -103,24 +106,31 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
             moved_at = moved_at or clock()
     except WriteRefused as refused:
         new_status = invalid_status(old_status, generation, refused.reason, refused.message, now())
-        outcome = _finish(namespace, name, old_status, new_status, writer, emit)
+        outcome = _finish(namespace, name, old_status, new_status, writer, emit, version)
         # Nothing counts as applied: the refusal is in status (Degraded) and in the operator's log.
         # A Forbidden can clear by itself (a quota freed, RBAC fixed, or an API server that has not yet
         # refreshed its RESTMapper after the CRD was installed): try again soon, not at the resync.
-        retry = FORBIDDEN_RETRY_SECONDS if refused.reason == "Forbidden" else None
+        retry = FORBIDDEN_RETRY_SECONDS if refused.reason == "Forbidden" else outcome.requeue_after
         return Outcome(Changes(), outcome.status_patch, plan, outcome.written, requeue_after=retry)
     report, plan = progressive.after_write(md, plan, moved_at or clock())
     new_status = with_autoscaling(status_of(md, observed, plan, now()), md, scaling and scaling.state, now())
-    outcome = _finish(namespace, name, old_status, new_status, writer, emit)
-    due = [t for t in (progressive.due_in(md, plan, clock(), baselines), scaling and scaling.next_in) if t is not None]
+    outcome = _finish(namespace, name, old_status, new_status, writer, emit, version)
+    due = [t for t in (progressive.due_in(md, plan, clock(), baselines), scaling and scaling.next_in,
+                       outcome.requeue_after) if t is not None]
     return Outcome(todo, outcome.status_patch, plan, outcome.written, report, min(due) if due else None,
                    scaling and scaling.decision)
 
 
 def _finish(namespace: str, name: str, old_status: Mapping[str, Any], new_status: Mapping[str, Any],
-            writer: Writes, emit: Emit) -> Outcome:
+            writer: Writes, emit: Emit, version: str | None) -> Outcome:
+    """Write the status, only onto the version of the object it was computed from (a second writer,
+    or a change that arrived meanwhile, makes it a conflict: nothing is written, and the pass is run
+    again on the newer object); then the Events of its transitions."""
     patch = status_patch(old_status, new_status)
-    written = writer.patch_status(namespace, name, patch) if patch else None
+    try:
+        written = writer.patch_status(namespace, name, patch, version) if patch else None
+    except StatusConflict:
+        return Outcome(requeue_after=CONFLICT_RETRY_SECONDS)
     for event in events_for(old_status, new_status):
         emit(*event)
     return Outcome(status_patch=patch, written=written)

@@ -72,3 +72,20 @@ def test_one_replica_leads_and_the_other_takes_over_when_it_dies(cluster, ns):
             print(f"failover: leader after {failover:.1f} s, reconciling after {reconciled:.1f} s "
                   f"(lease {LEASE_SECONDS:g} s)")
             assert failover <= LEASE_SECONDS + 8
+
+
+def test_a_status_computed_from_an_old_version_is_refused_by_the_api_server(cluster, ns):
+    """The second-writer guard is the API server's: a status merge patch carrying the
+    resourceVersion it was computed from fails once the object moved on (no operator runs here)."""
+    from kubernetes import config, dynamic
+    from moe_operator.apply import StatusConflict, Writer
+
+    writer = Writer(dynamic.DynamicClient(config.new_client_from_config(config_file=str(cluster.kubeconfig))))
+    cluster.apply(md("cas", ns, replicas=0))
+    version = json.loads(cluster.kubectl("get", "md", "cas", "-n", ns, "-o", "json").stdout)["metadata"]["resourceVersion"]
+    written = writer.patch_status(ns, "cas", {"message": "computed from the current version"}, version)
+    assert written["status"]["message"] == "computed from the current version"
+    with pytest.raises(StatusConflict):
+        writer.patch_status(ns, "cas", {"message": "computed from an old version"}, version)
+    stored = json.loads(cluster.kubectl("get", "md", "cas", "-n", ns, "-o", "json").stdout)
+    assert stored["status"]["message"] == "computed from the current version"

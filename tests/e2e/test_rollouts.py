@@ -397,6 +397,59 @@ def test_operator_killed_again_and_again_through_a_rollout_completes_within_the_
     assert "aborted" not in status(cluster, ns, name)["rollout"]
 
 
+def test_leader_killed_mid_canary_right_after_an_alert_reaches_the_standby(cluster, own_namespace, token,
+                                                                          sole_operator):
+    """Two replicas with --leader-elect (as the chart runs them). Mid-canary an alert reaches the
+    standby, which records the abort on the object; the leader is SIGKILLed at once. The standby
+    takes over within 15 s and aborts; no step runs twice; every pod list stays within the budget."""
+    ns, name, lease = own_namespace, "ha", 6
+    steps = [{"setWeight": 25}, {"pause": {"duration": "2s"}}, {"setWeight": 50}, {"pause": {}}]
+    args = ("--alerts-token-file", str(token[1]), "--leader-elect", "--leader-election-namespace", ns,
+            "--leader-election-lease-seconds", str(lease))
+    sole_operator(ns)
+    with running_operator(cluster, namespaces=[ns], resync_seconds=1.0, extra_args=args) as leader:
+        wait_for("the first replica to lead", lambda: "leading:" in leader.log(), 30, 0.2)
+        with running_operator(cluster, namespaces=[ns], resync_seconds=1.0, extra_args=args) as standby:
+            cluster.apply(md(name, ns, replicas=4, steps=steps))
+            stable = stable_revision(cluster, ns, name, 4)
+            with BudgetWatch(cluster, ns, name, budget=5, gpus_per_pod=1) as budget, \
+                    StatusHistory(cluster, ns, name) as history:
+                cluster.apply(md(name, ns, replicas=4, steps=steps, env="ha"))
+                state = wait_for("the canary at its pause", lambda: (lambda s: s if s.get("stepIndex") == 3 else None)(
+                    status(cluster, ns, name).get("rollout") or {}), 120, 0.1)
+                new = state["revision"]
+                canary_pods = {p["metadata"]["uid"] for p in live_pods(cluster, ns, name)
+                               if p["metadata"]["labels"][names.LABEL_REVISION] == new}
+                code, reply = post(standby, f"Bearer {token[0]}", alert_payload(ns, name, revision=new))
+                leader.process.kill()                          # SIGKILL right after: no Lease release
+                killed = time.monotonic()
+                assert code == 200 and "leading:" not in standby.log(), reply
+                aborted = wait_for("the abort by the new leader", lambda: (lambda s: s if s.get("aborted") else None)(
+                    status(cluster, ns, name).get("rollout") or {}), 30, 0.1)
+                took = time.monotonic() - killed
+                assert "leading:" in standby.log()
+                assert aborted["aborted"]["reason"] == "AlertFiring" and aborted["revision"] == new
+                wait_for("stable back at full size", lambda: sorted(
+                    (p["metadata"]["labels"][names.LABEL_REVISION], p["metadata"]["labels"][names.LABEL_IN_ROTATION])
+                    for p in live_pods(cluster, ns, name)) == [(stable, "true")] * 4, 120, 0.2)
+                wait_for("the status to settle", lambda: history.statuses and
+                         (history.statuses[-1].get("rollout") or {}).get("aborted"), 10, 0.1)
+    print(f"failover: aborted {took:.1f} s after the leader was killed (lease {lease} s)")
+    assert took <= 15, took
+    assert budget.violations == [] and budget.lists > 20, (budget.violations[:3], budget.lists, budget.errors)
+    # No step ran twice: the step index only moved forward and each step started once.
+    steps_seen = [((s.get("rollout") or {}).get("stepIndex"), (s.get("rollout") or {}).get("stepStartedAt"))
+                  for s in history.statuses if (s.get("rollout") or {}).get("revision") == new]
+    indexes = [i for i, _ in steps_seen if i is not None]
+    assert indexes == sorted(indexes), steps_seen
+    starts = {}
+    for index, started in steps_seen:
+        if index is not None and started:
+            starts.setdefault(index, set()).add(started)
+    assert all(len(v) == 1 for v in starts.values()), starts
+    assert len(canary_pods) == 2, canary_pods            # weight 50 of 4 replicas
+
+
 # --- real runtime pods under load: the alert path and the built-in scrape ------------------------
 
 def serving_md(ns, args=(), analysis=None):

@@ -8,6 +8,7 @@ import itertools
 from moe_operator.analysis import Baselines
 from moe_operator.api import names
 from moe_operator.api.timestamps import iso
+from moe_operator.apply import StatusConflict
 from moe_operator.reconcile import reconcile
 from moe_operator.world.observe import observed_from
 
@@ -33,7 +34,8 @@ class FakeCluster:
 
     def __init__(self, spec):
         self.md = {"apiVersion": names.API_VERSION, "kind": names.KIND,
-                   "metadata": {"name": "chat", "namespace": "ns", "uid": "md-uid", "generation": 1},
+                   "metadata": {"name": "chat", "namespace": "ns", "uid": "md-uid", "generation": 1,
+                                "resourceVersion": "1"},
                    "spec": spec, "status": {}}
         self.objects = {}          # (kind, name) -> body
         self.writes = []
@@ -76,15 +78,25 @@ class FakeCluster:
             if self.objects.get((kind, name), {}).get("metadata", {}).get("uid") == uid:
                 del self.objects[(kind, name)]
 
-    def patch_status(self, namespace, name, patch):
+    def patch_status(self, namespace, name, patch, resource_version=None):
+        if resource_version is not None and resource_version != self.md["metadata"].get("resourceVersion"):
+            raise StatusConflict(f"{name}: {resource_version} is stale")
         self.writes.append(("status", tuple(sorted(patch))))
         self.md["status"] = merge(self.md["status"], patch)
+        self._bump()
         return self.md
 
     def scale(self, namespace, name, replicas):
         self.scales.append(replicas)
         self.md["spec"]["replicas"] = replicas
         self.md["metadata"]["generation"] += 1
+        return self._bump()
+
+    def _bump(self) -> str:
+        """A write moves the ModelDeployment's resourceVersion on, as the API server does."""
+        version = str(int(self.md["metadata"].get("resourceVersion") or 0) + 1)
+        self.md["metadata"]["resourceVersion"] = version
+        return version
 
     def reconcile(self):
         self.writes.clear()

@@ -45,7 +45,7 @@ class RecordingWriter:
     def write(self, namespace, changes):
         pass
 
-    def patch_status(self, namespace, name, patch):
+    def patch_status(self, namespace, name, patch, resource_version=None):
         self.status.append(patch)
         body = md_body(rv="100")
         body["status"] = dict(patch)

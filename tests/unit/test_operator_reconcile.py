@@ -290,3 +290,35 @@ def test_a_forbidden_write_is_tried_again_soon():
     c.write = writer
     c.converge()
     assert c.conditions()["Degraded"] == ("False", "Healthy")
+
+
+def test_a_status_computed_from_an_old_version_is_not_written():
+    """Two writers (a partitioned leader beside its successor, or a pass that read the object before
+    an alert's abort annotation landed): the status patch carries the resourceVersion it was computed
+    from, so the stale pass writes nothing, posts no Event, and runs again on the newer object."""
+    from moe_operator.reconcile import CONFLICT_RETRY_SECONDS, reconcile
+
+    c = FakeCluster(copy.deepcopy(SPEC))
+    c.reconcile()
+    stale = copy.deepcopy(c.md)           # read while the pods were loading
+    c.set_ready()
+    c.md["spec"]["replicas"] = 3          # a user's edit, written after the stale pass read the object
+    c.md["metadata"]["generation"] += 1
+    c._bump()
+    status, events = copy.deepcopy(c.md["status"]), list(c.events)
+    c.writes.clear()
+    out = reconcile(stale, c, c, lambda *e: c.events.append(e), c.baselines,
+                    now=lambda: "t-stale", clock=lambda: c.time)
+    assert not out.status_patch and out.requeue_after == CONFLICT_RETRY_SECONDS
+    assert c.md["status"] == status and c.events == events
+    assert not any(w[0] == "status" for w in c.writes)
+    c.converge()                          # on the current object: written, and the third group is there
+    assert c.md["status"]["observedGeneration"] == 2 and c.md["status"]["readyReplicas"] == 3
+
+
+def test_the_autoscalers_scale_write_moves_the_version_the_status_is_written_on():
+    c = FakeCluster(copy.deepcopy(SPEC))
+    version = c.md["metadata"]["resourceVersion"]
+    assert c.scale("ns", "chat", 3) != version
+    out = c.reconcile()                   # a pass that scaled would patch the status on the new version
+    assert out.status_patch and c.md["status"]["observedGeneration"] == 2
