@@ -73,11 +73,14 @@ run: setup tools
 	$(VENV)/bin/moe-operator run --all-namespaces --host 127.0.0.1 --kubeconfig .devcluster/kubeconfig
 
 # Benchmarks print their tables; their targets are checked here, never in timed tests.
+# runtime_vs_vllm runs where the vLLM peer is installed (`$(PY) -m benchmarks.vllm_peer install`)
+# and otherwise prints how to install it.
 bench: setup tools
 	$(PY) -m benchmarks.runtime_decode
 	$(PY) -m benchmarks.runtime_http
 	$(PY) -m benchmarks.runtime_parallel
 	$(PY) -m benchmarks.runtime_fp8
+	$(PY) -m benchmarks.runtime_vs_vllm
 	$(PY) -m benchmarks.rollback --trials 12
 	$(PY) -m benchmarks.operator_scale
 

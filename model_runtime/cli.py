@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
-        help="weights and KV cache (auto: bfloat16 on CUDA, float32 on the CPU)",
+        help="weights and KV cache (auto: bfloat16 on CUDA and on CPUs with native bfloat16 matmul (AMX, "
+        "AVX512-BF16, Arm BF16), float32 on other CPUs; the engine logs which and why)",
     )
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--quantization", choices=["int8"], default=None, help="weight-only quantization")

