@@ -80,6 +80,7 @@ bench: setup tools
 	$(PY) -m benchmarks.runtime_http
 	$(PY) -m benchmarks.runtime_parallel
 	$(PY) -m benchmarks.runtime_fp8
+	$(PY) -m benchmarks.runtime_prefix_cache
 	$(PY) -m benchmarks.runtime_vs_vllm
 	$(PY) -m benchmarks.rollback --trials 12
 	$(PY) -m benchmarks.operator_scale
