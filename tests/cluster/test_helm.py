@@ -160,15 +160,17 @@ PROMETHEUS_RULES = {("monitoring.coreos.com", "prometheusrules", v)
                     for v in ("list", "watch", "create", "patch", "delete")}
 CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 NAMESPACE_DISCOVERY = {("", "namespaces", v) for v in ("list", "watch")}
+NODES = {("", "nodes", v) for v in ("list", "watch")}     # gang admission by scheduling gates
 LEADER_ELECTION = {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
 
 
 def test_rbac_grants_exactly_what_the_operator_uses(cluster):
     lease = {f"Role/moe-system/{FULLNAME}-leader-election": LEADER_ELECTION}
     cluster_wide = rules_of(render(cluster, "-n", "moe-system"))
-    assert cluster_wide == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | PROMETHEUS_RULES | CRD_DISCOVERY, **lease}
+    assert cluster_wide == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | PROMETHEUS_RULES | CRD_DISCOVERY | NODES,
+                            **lease}
     without_rules = rules_of(render(cluster, "-n", "moe-system", "--set", "prometheusRules.render=false"))
-    assert without_rules == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | CRD_DISCOVERY, **lease}
+    assert without_rules == {f"ClusterRole//{FULLNAME}": NAMESPACED_RULES | CRD_DISCOVERY | NODES, **lease}
     namespaced = render(cluster, "-n", "moe-system", "--set", "scope.mode=Namespaced",
                         "--set", "scope.watchNamespaces={team-a,team-b}")
     assert rules_of(namespaced) == {

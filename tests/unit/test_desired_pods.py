@@ -318,6 +318,16 @@ def test_where_the_cluster_gang_schedules_each_group_gets_a_pod_group_its_pods_n
     plain = desired_objects(md, plan, with_templates(Observed(), {rev: md}))
     assert not [o for o in plain if o["kind"] == "PodGroup"]
     assert not [o for o in plain if o["kind"] == "Pod" and "schedulingGroup" in o["spec"]]
+    assert not [o for o in plain if o["kind"] == "Pod" and "schedulingGates" in o["spec"]]
+    # without the API, with the operator's own gang admission: every pod of a group behind the gate
+    gated = desired_objects(md, plan, with_templates(Observed(gates=True), {rev: md}))
+    assert [o["spec"]["schedulingGates"] for o in gated if o["kind"] == "Pod"] == [[{"name": names.GANG_GATE}]] * 4
+    assert not [o for o in gated if o["kind"] == "PodGroup"]
+    single = md_of({"replicas": 1})
+    one = desired_objects(single, Plan(revision_of(single), revision_of(single),
+                                       (GroupPlan(revision_of(single), 0, "stable", False),)),
+                          with_templates(Observed(gates=True), {revision_of(single): single}))
+    assert not [o for o in one if o["kind"] == "Pod" and "schedulingGates" in o["spec"]]   # one pod: nothing to gang
 
 
 def test_hf_models_download_once_into_the_model_cache_claim():

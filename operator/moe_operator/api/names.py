@@ -25,6 +25,7 @@ LABEL_REVISION = f"{GROUP}/revision"
 LABEL_TRACK = f"{GROUP}/track"
 LABEL_REPLICA = f"{GROUP}/replica"
 LABEL_RANK = f"{GROUP}/rank"
+GANG_GATE = f"{GROUP}/gang"   # scheduling gate of a group waiting for room (app/gates.py)
 LABEL_IN_ROTATION = f"{GROUP}/in-rotation"
 LABEL_GROUP = f"{GROUP}/group"   # pods of a multi-pod replica group: the group's Service name
 # When the operator took a pod out of rotation (RFC 3339, its own clock): deleted after the drain.

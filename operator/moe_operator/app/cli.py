@@ -22,6 +22,7 @@ from ..rollout.progressive import rollback_word
 from ..world.observe import Reader
 from .alerts import AbortStore, NamespaceTokens, TokenSource, alerts_routes
 from .controller import Controller, key_of
+from .gates import GateKeeper
 from .handlers import configure, registry
 from .leader import LEASE_NAME, LeaderElector
 from .metrics import OperatorMetrics
@@ -80,6 +81,13 @@ def parser() -> argparse.ArgumentParser:
                     help="sustained API requests per second of the reconciles (0: no limit)")
     ha.add_argument("--kube-api-burst", type=int, default=DEFAULT_BURST,
                     help="API requests the reconciles may make at once after a quiet spell")
+    run.add_argument("--gang-scheduling", choices=("auto", "workload", "gates", "none"),
+                     default=os.environ.get("MOE_OPERATOR_GANG_SCHEDULING") or "auto",
+                     help="how a multi-pod group's pods are bound all together or not at all: `workload`, "
+                          "Kubernetes' PodGroups (scheduling.k8s.io/v1alpha2) where served; `gates`, the "
+                          "operator's own admission (pods behind a scheduling gate, lifted together when the "
+                          "group fits; needs list/watch on nodes and on pods cluster-wide); `auto`, the first "
+                          "where served, else the second; `none`, pod by pod (e.g. under Kueue or Volcano)")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -289,6 +297,7 @@ async def operate(args: argparse.Namespace, controller: Controller, metrics: Ope
     tls_task = asyncio.create_task(keep_tls(tls)) if tls else None
     readiness_task = asyncio.create_task(keep_readiness(readiness, access, kopf_started))
     resync_task = None
+    gate_keeper = None
     try:
         if elector is not None:
             readiness.standby = True
@@ -303,6 +312,12 @@ async def operate(args: argparse.Namespace, controller: Controller, metrics: Ope
         caches = controller.reader.use_caches(args.namespace, on_change=lambda key: triggers.submit(
             run_quietly, controller, key))
         log.info("watching %s through caches (server-side selector)", ", ".join(c.kind for c in caches))
+        controller.reader.gang_mode = args.gang_scheduling
+        if args.gang_scheduling in ("auto", "gates"):
+            gate_keeper = GateKeeper(controller.reader.dyn, controller.reader.owned_pods,
+                                     on_wait=metrics.gang_waiting_groups.set)
+            await asyncio.to_thread(gate_keeper.start)
+            controller.reader.gates_active = gate_keeper.active
         await kopf.operator(
             registry=registry,
             settings=configure(kopf.OperatorSettings(), args.namespace),
@@ -315,6 +330,8 @@ async def operate(args: argparse.Namespace, controller: Controller, metrics: Ope
     finally:
         if resync_task is not None:
             resync_task.cancel()
+        if gate_keeper is not None:
+            gate_keeper.stop()
         if elector is not None:
             await asyncio.to_thread(elector.stop)   # a clean stop hands the Lease over at once
         readiness_task.cancel()

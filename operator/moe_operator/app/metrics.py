@@ -21,6 +21,9 @@ class OperatorMetrics:
             "moe_operator_workqueue_depth",
             "ModelDeployments being reconciled or due to be reconciled again at once (a trigger arrived "
             "while their reconcile ran), as controller-runtime's workqueue_depth.", registry=self.registry)
+        self.gang_waiting_groups = Gauge(
+            "moe_operator_gang_waiting_groups", "Replica groups whose pods wait behind the gang scheduling gate "
+            "because not all of them fit now (--gang-scheduling gates).", registry=self.registry)
         self.workqueue_timers = Gauge(
             "moe_operator_workqueue_delayed", "ModelDeployments with a reconcile scheduled later (a pause, an "
             "analysis interval, a drain).", registry=self.registry)

@@ -70,6 +70,10 @@ RULES: tuple[Rule, ...] = (
     Rule("scheduling.k8s.io", ("podgroups",), ("list", "watch", "create", "patch", "delete"),
          "each multi-pod replica group's PodGroup (gang scheduling: its pods bound all together or none), "
          "where the cluster serves scheduling.k8s.io/v1alpha2", needed=OPTIONAL),
+    Rule("", ("nodes",), ("list", "watch"),
+         "gang admission by scheduling gates where the cluster serves no PodGroups: a multi-pod group is "
+         "released when all its pods fit the nodes' free accelerators (with `list`/`watch` on pods in every "
+         "namespace, which a cluster-wide install has)", cluster_scoped=True, needed=OPTIONAL),
     Rule("", ("secrets",), ("get",),
          "with per-namespace alerts tokens only (`--alerts-namespace-token-secret`): the Secret of that one "
          "name (`resourceNames`) in an alert's namespace, whose token may abort rollouts there", needed=OPTIONAL),

@@ -128,7 +128,7 @@ def desired_objects(md: ModelDeployment, plan: Plan, observed: Observed,
                 pod = next(p for p in observed.pods if p.name == slot.name)
                 objects.append(_relabelled(md, pod.body, slot, observed, now))
             continue
-        pod = desired_pod(view, slot, gang=observed.pod_groups is not None)
+        pod = desired_pod(view, slot, gang=observed.pod_groups is not None, gate=observed.gates)
         since = _out_of_rotation_since(observed, slot, now)
         if since:
             pod["metadata"]["annotations"] = {names.ANNOTATION_OUT_OF_ROTATION: since}

@@ -271,10 +271,12 @@ def group_key(md: ModelDeployment, slot: PodSlot) -> str:
     return names.group_service_name(md.name, slot.revision, slot.replica)
 
 
-def desired_pod(md: ModelDeployment, slot: PodSlot, gang: bool = False) -> dict[str, Any]:
+def desired_pod(md: ModelDeployment, slot: PodSlot, gang: bool = False, gate: bool = False) -> dict[str, Any]:
     """The full pod for one slot of the plan (pure). `md` must carry the template of the slot's
     revision (`ModelDeployment.with_template`), not necessarily the current spec's. `gang`: the
-    cluster gang-schedules PodGroups (desired/gang.py), so a multi-pod group's pods name theirs."""
+    cluster gang-schedules PodGroups (desired/gang.py), so a multi-pod group's pods name theirs.
+    `gate`: no PodGroups, the operator admits groups itself (app/gates.py): a multi-pod group's pods
+    start behind a scheduling gate, lifted for all of them at once when the group fits."""
     model_arg, volumes, mounts, inits = _model_volume(md)
     allowance = startup_allowance_seconds(md)
     http_probe = {"path": names.READY_PATH, "port": names.HTTP_PORT}
@@ -348,6 +350,8 @@ def desired_pod(md: ModelDeployment, slot: PodSlot, gang: bool = False) -> dict[
         spec["subdomain"] = names.group_service_name(md.name, slot.revision, slot.replica)
         if gang:   # the group's PodGroup (named as its Service): bound all together or not at all
             spec["schedulingGroup"] = {"podGroupName": spec["subdomain"]}
+        elif gate:
+            spec["schedulingGates"] = [{"name": names.GANG_GATE}]
     return {
         "apiVersion": "v1",
         "kind": "Pod",

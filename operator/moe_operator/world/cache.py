@@ -42,8 +42,13 @@ class KindCache:
     """One kind's owned objects, by owner, fed by list + watch in a thread per namespace scope."""
 
     def __init__(self, dynamic_client, resource, namespaces: Iterable[str] | None = None,
-                 on_change: Callable[[Key], None] | None = None):
+                 on_change: Callable[[Key], None] | None = None, selector: str | None = SELECTOR,
+                 field_selector: str | None = None,
+                 slim: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+        """`selector`/`field_selector`: the watch's server-side selectors (owned objects by default);
+        `slim`: what to keep of each object (all of it by default)."""
         self.dyn, self.resource = dynamic_client, resource
+        self.selector, self.field_selector, self.slim = selector, field_selector, slim or (lambda obj: obj)
         self.kind = getattr(resource, "kind", str(resource))
         self.scopes: list[str | None] = list(namespaces) if namespaces else [None]   # None: all namespaces
         self.on_change = on_change
@@ -64,6 +69,13 @@ class KindCache:
                 return None
             return [copy.deepcopy(obj) for objects in self._objects.values() for obj in objects.values()
                     if owner_of(obj) == (namespace, deployment)]
+
+    def everything(self) -> list[dict[str, Any]] | None:
+        """Copies of every object in the cache, or None while not synced."""
+        with self._lock:
+            if not self.synced:
+                return None
+            return [copy.deepcopy(obj) for objects in self._objects.values() for obj in objects.values()]
 
     def start(self) -> None:
         for scope in self.scopes:
@@ -87,8 +99,8 @@ class KindCache:
             self._stop.wait(RETRY_SECONDS)
 
     def _list(self, scope: str | None) -> str:
-        listed = self.dyn.get(self.resource, namespace=scope, label_selector=SELECTOR).to_dict()
-        objects = {_key(o): o for o in listed.get("items") or []}
+        listed = self.dyn.get(self.resource, namespace=scope, **self._selectors()).to_dict()
+        objects = {_key(o): self.slim(o) for o in listed.get("items") or []}
         with self._lock:
             before = self._objects.get(scope or "", {})
             self._objects[scope or ""] = objects
@@ -101,8 +113,8 @@ class KindCache:
 
     def _watch(self, scope: str | None, version: str) -> None:
         while not self._stop.is_set():
-            stream = self.dyn.watch(self.resource, namespace=scope, label_selector=SELECTOR,
-                                    resource_version=version, timeout=WATCH_TIMEOUT_SECONDS)
+            stream = self.dyn.watch(self.resource, namespace=scope, resource_version=version,
+                                    timeout=WATCH_TIMEOUT_SECONDS, **self._selectors())
             for event in stream:
                 kind, obj = event.get("type"), event.get("raw_object") or {}
                 if kind == "ERROR":
@@ -115,10 +127,13 @@ class KindCache:
                     if kind == "DELETED":
                         objects.pop(_key(obj), None)
                     else:
-                        objects[_key(obj)] = obj
+                        objects[_key(obj)] = self.slim(obj)
                 self._notify({owner_of(obj)})
                 if self._stop.is_set():
                     return
+
+    def _selectors(self) -> dict[str, str]:
+        return {k: v for k, v in (("label_selector", self.selector), ("field_selector", self.field_selector)) if v}
 
     def _notify(self, owners: set[Key | None]) -> None:
         if self.on_change is None:

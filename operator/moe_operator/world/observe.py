@@ -141,6 +141,9 @@ class Observed:
     # The ModelDeployment's PodGroups by name; None where the cluster does not serve the gang
     # scheduling API (scheduling.k8s.io/v1alpha2): then pods get no scheduling group.
     pod_groups: Mapping[str, Mapping[str, Any]] | None = None
+    # No PodGroups, and the operator's own gang admission runs (app/gates.py): a multi-pod group's
+    # pods are created behind a scheduling gate, lifted together when the group fits.
+    gates: bool = False
     sizes: Mapping[str, int] = field(default_factory=dict)            # pods per group, by revision
     gpus: Mapping[str, int] = field(default_factory=dict)             # GPUs per pod, by revision
 
@@ -251,7 +254,7 @@ def observed_pod(body: Mapping[str, Any]) -> ObservedPod:
 def observed_from(pods: Iterable[Mapping[str, Any]], services: Iterable[Mapping[str, Any]],
                   pods_per_replica: int = 1, rules: Iterable[Mapping[str, Any]] | None = None,
                   revisions: Iterable[Mapping[str, Any]] = (),
-                  pod_groups: Iterable[Mapping[str, Any]] | None = None) -> Observed:
+                  pod_groups: Iterable[Mapping[str, Any]] | None = None, gates: bool = False) -> Observed:
     """Pure: the observation from pod, Service, PrometheusRule and ControllerRevision bodies (as the
     API returns them)."""
     recorded = [r for r in (recorded_from(b) for b in revisions) if r is not None]
@@ -262,6 +265,7 @@ def observed_from(pods: Iterable[Mapping[str, Any]], services: Iterable[Mapping[
         rules=None if rules is None else {r["metadata"]["name"]: r for r in rules},
         revisions={r.revision: r for r in sorted(recorded, key=lambda r: r.number)},
         pod_groups=None if pod_groups is None else {g["metadata"]["name"]: g for g in pod_groups},
+        gates=gates and pod_groups is None,
     )
 
 
@@ -282,6 +286,10 @@ class Reader:
         self._cache_scope: list[str] | None = None
         self._on_change = None
         self.caching = False
+        # --gang-scheduling: "auto" (PodGroups where served, else scheduling gates when the gate
+        # keeper runs), "workload" (PodGroups only), "gates" (scheduling gates only), "none".
+        self.gang_mode = "auto"
+        self.gates_active: Callable[[], bool] = lambda: False   # the gate keeper can see the cluster's capacity
 
     def use_caches(self, namespaces: list[str] | None, on_change=None) -> list[KindCache]:
         """Start the caches (every namespace when `namespaces` is empty); `on_change(key)` is called
@@ -356,6 +364,14 @@ class Reader:
         revisions = self._items("ControllerRevision", self._revisions, namespace, name, selector)
         rules = self._list_optional(self.rules_resource(), names.RULE_API_VERSION, names.RULE_KIND,
                                     namespace, selector, name)
-        pod_groups = self._list_optional(self.pod_groups_resource(), POD_GROUP_API_VERSION, POD_GROUP_KIND,
-                                         namespace, selector, name)
-        return observed_from(pods, services, pods_per_replica, rules, revisions, pod_groups)
+        pod_groups = None
+        if self.gang_mode in ("auto", "workload"):
+            pod_groups = self._list_optional(self.pod_groups_resource(), POD_GROUP_API_VERSION, POD_GROUP_KIND,
+                                             namespace, selector, name)
+        gates = self.gang_mode in ("auto", "gates") and self.gates_active()
+        return observed_from(pods, services, pods_per_replica, rules, revisions, pod_groups, gates)
+
+    def owned_pods(self) -> list[dict[str, Any]] | None:
+        """Every pod the operator owns, from the pod cache (None without caches or until synced)."""
+        cache = self._caches.get("Pod")
+        return cache.everything() if cache is not None else None
