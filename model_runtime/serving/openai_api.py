@@ -3,7 +3,8 @@
 Shapes follow OpenAI's API reference: `usage` in every answer (for streams, on the chunk that
 carries `finish_reason`, and also in a trailing choice-less chunk when
 `stream_options.include_usage` asks for it), streams end with `data: [DONE]`, errors come as
-`{"error": {"message", "type", "param", "code"}}`. One prompt and one choice (`n` = 1) per
+`{"error": {"message", "type", "param", "code"}}`. `n` choices per prompt; a completions request's
+batch of prompts answers prompt p's i-th choice as choice p x n + i, each choice its own
 request. vLLM's extensions `top_k`, `ignore_eos` and `stop_token_ids` are accepted. Structured
 output and tool calls: serving/openai_structured.py.
 """
@@ -37,6 +38,7 @@ from model_runtime.serving.service import InferenceService, InvalidRequest, Serv
 from model_runtime.serving.sse import DONE, event_stream, sse
 
 MAX_N = 16  # choices one request may ask for
+MAX_CHOICES = 256  # prompts x n in one completions request (a batch of prompts)
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
 
 
@@ -62,7 +64,6 @@ NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
     "function_call": (None, "none", "auto"),
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "prompt_logprobs": (None, 0),
     "min_tokens": (None, 0),
     "length_penalty": (None, 1, 1.0),
     "use_beam_search": (None, False),
@@ -100,7 +101,15 @@ class _SamplingFields(GuidedFields):
     priority: int = Field(0, ge=-(2**31), lt=2**31, description="vLLM's: lower runs first")
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                        description="vLLM's: top-n logprobs of every prompt token (not streamed)")
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_not_streamed(self):
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs: not available with stream: true (as vLLM)")
+        return self
 
     @model_validator(mode="after")
     def _refuse_what_is_not_implemented(self):
@@ -122,9 +131,15 @@ def _no_op(name: str) -> str:
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="0: only with echo (the prompt and its logprobs)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+
+    @model_validator(mode="after")
+    def _max_tokens_0_echoes(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 generates nothing; it is allowed only with echo: true")
+        return self
 
 
 class TextPart(BaseModel):
@@ -176,21 +191,41 @@ def params_of_choice(params, i: int):
     return params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
 
 
+def choices_of(prompts: list, params, n: int) -> list[tuple[Any, Any]]:
+    """(prompt, params) of each choice: prompt p's i-th choice is choice p x n + i (OpenAI's order)."""
+    return [(prompt, params_of_choice(params, i)) for prompt in prompts for i in range(n)]
+
+
 async def complete_n(service: InferenceService, prompt, params, n: int) -> list:
     """`n` completions of one prompt (choice i with `params_of_choice`)."""
-    if n == 1:
-        return [await service.complete(prompt, params)]
-    return list(await asyncio.gather(*(service.complete(prompt, params_of_choice(params, i)) for i in range(n))))
+    return await complete_all(service, choices_of([prompt], params, n))
+
+
+async def complete_all(service: InferenceService, jobs: list[tuple[Any, Any]]) -> list:
+    """The final output of each (prompt, params), run together; one that fails aborts the others."""
+    if len(jobs) == 1:
+        return [await service.complete(*jobs[0])]
+    tasks = [asyncio.ensure_future(service.complete(prompt, params)) for prompt, params in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:  # done ones ignore it
+            task.cancel()
 
 
 async def stream_n(service: InferenceService, prompt, params, n: int):
-    """The outputs of `n` streamed choices as (choice index, output), in the order they come; each
-    choice's first output is awaited first (a request that cannot run fails before any header).
-    Closing it aborts every choice still running."""
+    """The outputs of `n` streamed choices of one prompt: `stream_all`."""
+    return await stream_all(service, choices_of([prompt], params, n))
+
+
+async def stream_all(service: InferenceService, jobs: list[tuple[Any, Any]]):
+    """The outputs of streamed choices, one per (prompt, params), as (choice index, output) in the
+    order they come; each choice's first output is awaited first (a request that cannot run fails
+    before any header). Closing it aborts every choice still running."""
     streams = []
     try:
-        for i in range(n):
-            streams.append(await first_and_rest(service.generate(prompt, params_of_choice(params, i))))
+        for prompt, params in jobs:
+            streams.append(await first_and_rest(service.generate(prompt, params)))
     except BaseException:
         for stream in streams:
             await stream.aclose()
@@ -242,15 +277,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
-    """The one prompt of a completion request (text or token ids)."""
+def prompts_of(prompt: str | list[int] | list[str] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a completion request: one (a string, or token ids) or a batch (a list of
+    either)."""
     if isinstance(prompt, str):
-        return prompt
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return list(prompt)
-    if len(prompt) == 1:
-        return prompt[0]
-    raise InvalidRequest("exactly one prompt per request is supported (a string or a list of token ids)")
+        return [prompt]
+    if not prompt:
+        raise InvalidRequest("prompt: empty")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [p if isinstance(p, str) else list(p) for p in prompt]
 
 
 def sampling_kwargs(
@@ -266,6 +302,7 @@ def sampling_kwargs(
         "stop_token_ids": list(req.stop_token_ids or []),
         "ignore_eos": req.ignore_eos,
         "logprobs": logprobs,
+        "prompt_logprobs": req.prompt_logprobs,
         "presence_penalty": req.presence_penalty,
         "frequency_penalty": req.frequency_penalty,
         "repetition_penalty": req.repetition_penalty,
@@ -314,22 +351,46 @@ def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([int(token_id)])
 
 
-def completion_logprobs(tokenizer, entries: list[dict], text_offset: int) -> dict[str, Any]:
-    """Legacy completions' logprobs: parallel lists of tokens, their logprobs and top-n maps."""
+def completion_logprobs(tokenizer, entries: list[dict], text_offset: int = 0) -> tuple[dict[str, Any], int]:
+    """Legacy completions' logprobs: parallel lists of tokens, their logprobs (null for an echoed
+    prompt's first token), top-n maps and text offsets (each token's start in the text of the
+    tokens before it, from `text_offset`); and the offset after the last token."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     for entry in entries:
         token = _token_text(tokenizer, entry["token_id"])
         tokens.append(token)
         token_logprobs.append(entry["logprob"])
-        top_logprobs.append({_token_text(tokenizer, t): lp for t, lp in (entry.get("top") or {}).items()})
+        top = entry.get("top")
+        top_logprobs.append(None if top is None else {_token_text(tokenizer, t): lp for t, lp in top.items()})
         offsets.append(text_offset)
         text_offset += len(token)
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top_logprobs,
-        "text_offset": offsets,
-    }
+    logprobs = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": offsets}
+    return logprobs, text_offset
+
+
+def echoed_prompt_entries(output, k: int) -> list[dict]:
+    """An echoed prompt's tokens as logprob entries (the first with none), with the top k of each."""
+    ids, entries = output.prompt_token_ids, output.prompt_logprobs or []
+    first = {"token_id": ids[0], "logprob": None, "top": None}
+    return [first] + [{**e, "top": dict(list(e["top"].items())[:k])} for e in entries[1:]]
+
+
+def vllm_prompt_logprobs(tokenizer, entries: list[dict | None] | None) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token, null for the first, else {token id: {"logprob",
+    "rank", "decoded_token"}} for the prompt token and the top n."""
+    if entries is None:
+        return None
+    out: list[dict | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        ranked = {t: (lp, r) for r, (t, lp) in enumerate(e["top"].items(), start=1)}
+        ranked[e["token_id"]] = (e["logprob"], e["rank"])
+        out.append({str(t): {"logprob": lp, "rank": r, "decoded_token": _token_text(tokenizer, t)}
+                    for t, (lp, r) in ranked.items()})
+    return out
 
 
 def chat_logprobs(tokenizer, entries: list[dict]) -> dict[str, Any]:
@@ -478,9 +539,9 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             )
         yield DONE
 
-    def streamed_choices(merged, n: int, chunker, kind: str, answer, stream_options):
+    def streamed_choices(merged, n: int, chunker, kind: str, answer, stream_options, count=usage_of):
         """The SSE stream of n choices: each chunk names its choice; the usage chunk (when asked for)
-        counts the prompt once and every choice's tokens."""
+        counts the prompt once and every choice's tokens (`count` of the finals, in choice order)."""
         chunkers = [chunker(i) for i in range(n)]
         finals: dict[int, Any] = {}
 
@@ -491,7 +552,7 @@ def create_openai_router(service: InferenceService) -> APIRouter:
             return chunkers[i](output)
 
         def usage_chunk(_last):
-            return {**answer(kind, []), "usage": usage_of([finals[i] for i in sorted(finals)])}
+            return {**answer(kind, []), "usage": count([finals[i] for i in sorted(finals)])}
 
         return event_stream(stream_events(merged, chunk, stream_options, usage_chunk))
 
@@ -499,68 +560,92 @@ def create_openai_router(service: InferenceService) -> APIRouter:
     async def completions(req: CompletionRequest, request: Request):
         service.check_model(req.model)
         service.admit()
-        prompt = single_prompt(req.prompt)
-        params = service.sampling_params(
-            **sampling_kwargs(req, req.max_tokens, req.logprobs, service.max_model_len)
-        )
+        prompts = prompts_of(req.prompt)
+        n = req.n
+        if len(prompts) * n > MAX_CHOICES:
+            raise InvalidRequest(f"prompt: {len(prompts)} prompts x n {n} choices: at most {MAX_CHOICES} in all")
+        # max_tokens 0 with echo (lm-eval's log-likelihoods): one token is generated and dropped, as vLLM
+        echo_only = req.echo and req.max_tokens == 0
+        kwargs = sampling_kwargs(req, 1 if echo_only else req.max_tokens, req.logprobs, service.max_model_len)
+        if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too
+            kwargs["prompt_logprobs"] = max(req.logprobs, req.prompt_logprobs or 0)
+        params = service.sampling_params(**kwargs)
         tokenizer = service.tokenizer
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         answer = _envelope(request_id, created, model_name)
-        echo_text = ""
-        if req.echo:
-            echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+        echo_texts = [(p if isinstance(p, str) else tokenizer.decode(p)) if req.echo else "" for p in prompts]
+        jobs = choices_of(prompts, params, n)
+
+        def count(finals: list) -> dict[str, int]:
+            """Each prompt's tokens once (its choices are n consecutive finals), every choice's output."""
+            prompt_tokens = sum(len(f.prompt_token_ids) for f in finals[::n])
+            return usage(prompt_tokens, 0 if echo_only else sum(len(f.token_ids) for f in finals))
+
+        def choice_parts(output, text: str, first: bool, echo_text: str) -> tuple[str, list[dict]]:
+            """The text and logprob entries an output (its `text`) adds to its choice: the echoed
+            prompt (and its tokens' logprobs) before the first output's, none of a dropped token."""
+            text = "" if echo_only else text
+            entries = [] if echo_only else list(output.logprobs or [])
+            if first and req.echo:
+                text = echo_text + text
+                if req.logprobs is not None:
+                    entries = echoed_prompt_entries(output, req.logprobs) + entries
+            return text, entries
 
         if not req.stream:
-            finals = await until_disconnected(request, complete_n(service, prompt, params, req.n))
+            finals = await until_disconnected(request, complete_all(service, jobs))
             choices = []
             for i, final in enumerate(finals):
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs = completion_logprobs(tokenizer, final.logprobs or [], len(echo_text))
-                choices.append({
+                text, entries = choice_parts(final, final.text, True, echo_texts[i // n])
+                choice = {
                     "index": i,
-                    "text": echo_text + final.text,
-                    "logprobs": logprobs,
-                    "finish_reason": final.finish_reason,
-                })
-            return JSONResponse({**answer("text_completion", choices), "usage": usage_of(finals)})
+                    "text": text,
+                    "logprobs": completion_logprobs(tokenizer, entries)[0] if req.logprobs is not None else None,
+                    "finish_reason": "length" if echo_only else final.finish_reason,
+                }
+                if req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = vllm_prompt_logprobs(tokenizer, final.prompt_logprobs)
+                choices.append(choice)
+            return JSONResponse({**answer("text_completion", choices), "usage": count(finals)})
 
         def chunker(index: int):
-            state = {"echo": echo_text, "offset": len(echo_text)}
+            state = {"first": True, "offset": 0}
             text_chunk = _chunk_template(request_id, "text_completion", created, model_name, '"text": ', "", index)
 
             def chunk(output) -> dict | bytes | None:
-                text = state["echo"] + output.new_text
-                state["echo"] = ""
-                if not text and not output.finished and not output.logprobs:
+                text, entries = choice_parts(output, output.new_text, state["first"], echo_texts[index // n])
+                state["first"] = False
+                if not text and not output.finished and not entries:
                     return None
                 if not output.finished and req.logprobs is None:  # the common case, per token: one dumps
-                    state["offset"] += len(text)
                     return text_chunk(text)
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = completion_logprobs(tokenizer, output.logprobs or [], state["offset"])
-                state["offset"] += len(text)
+                    logprobs, state["offset"] = completion_logprobs(tokenizer, entries, state["offset"])
                 choice = {
                     "index": index,
                     "text": text,
                     "logprobs": logprobs,
-                    "finish_reason": output.finish_reason if output.finished else None,
+                    "finish_reason": ("length" if echo_only else output.finish_reason) if output.finished else None,
                 }
-                return answer("text_completion", [choice], output if output.finished and req.n == 1 else None)
+                body = answer("text_completion", [choice])
+                if output.finished and len(jobs) == 1:
+                    body["usage"] = count([output])
+                return body
 
             return chunk
 
-        if req.n == 1:
-            outputs = await first_and_rest(service.generate(prompt, params))
+        if len(jobs) == 1:
+            outputs = await first_and_rest(service.generate(*jobs[0]))
             return event_stream(
                 stream_events(
-                    outputs, chunker(0), req.stream_options, lambda final: answer("text_completion", [], final)
+                    outputs, chunker(0), req.stream_options,
+                    lambda final: {**answer("text_completion", []), "usage": count([final])},
                 )
             )
-        return streamed_choices(await stream_n(service, prompt, params, req.n), req.n, chunker, "text_completion",
-                                answer, req.stream_options)
+        return streamed_choices(await stream_all(service, jobs), len(jobs), chunker, "text_completion",
+                                answer, req.stream_options, count)
 
     @router.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -593,7 +678,10 @@ def create_openai_router(service: InferenceService) -> APIRouter:
                     "logprobs": chat_logprobs(tokenizer, final.logprobs or []) if req.logprobs else None,
                     "finish_reason": finish_reason,
                 })
-            return JSONResponse({**answer("chat.completion", choices), "usage": usage_of(finals)})
+            body = {**answer("chat.completion", choices), "usage": usage_of(finals)}
+            if req.prompt_logprobs is not None:  # vLLM's: of the one prompt, beside the choices
+                body["prompt_logprobs"] = vllm_prompt_logprobs(tokenizer, finals[0].prompt_logprobs)
+            return JSONResponse(body)
 
         def tool_chunker(index: int):
             """Chunks of a choice held to a tool call: a named function's arguments as they come

@@ -52,9 +52,12 @@ def test_completion_from_token_ids_with_logprobs_and_echo(client):
     choice = result.choices[0]
     assert result.usage.prompt_tokens == 3
     assert choice.text.startswith("Hi!")
-    assert len(choice.logprobs.tokens) == 10 == len(choice.logprobs.token_logprobs)
-    assert all(len(top) >= 1 for top in choice.logprobs.top_logprobs)
-    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    # echoed: the prompt's 3 tokens (the first without a logprob) then the 10 generated
+    assert choice.logprobs.tokens[:3] == ["H", "i", "!"]
+    assert len(choice.logprobs.tokens) == 13 == len(choice.logprobs.token_logprobs)
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert all(1 <= len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])  # keyed by text: may collide
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
 
 
 def test_seed_makes_sampling_repeatable(client):
