@@ -83,3 +83,27 @@ def test_a_synced_cache_answers_without_reading_and_a_change_triggers_its_owner(
         dyn.stop.set()
         for cache in reader._caches.values():
             cache.stop()
+
+
+def test_caches_and_the_controller_keep_objects_without_managed_fields():
+    """At 2,000 ModelDeployments memory is the limit: managedFields (and kopf's copy of the spec) are
+    never read and are dropped from what is kept."""
+    from moe_operator.app.controller import Controller
+    from moe_operator.world.cache import KOPF_DIFFBASE, KindCache
+
+    dyn = FakeDynamic()
+    pod = owned("Pod", "m-a-0-0")
+    pod["metadata"]["managedFields"] = [{"manager": "moe-operator", "fieldsV1": {"f:spec": {}}}]
+    dyn.objects["Pod"] = [pod]
+    cache = KindCache(dyn, type("Resource", (), {"kind": "Pod"})())
+    cache._list(None)
+    (kept,) = cache.items("ns", "m")
+    assert "managedFields" not in kept["metadata"] and kept["metadata"]["name"] == "m-a-0-0"
+    controller = Controller(reader=None, writer=None)
+    md = {"metadata": {"name": "m", "namespace": "ns", "resourceVersion": "5",
+                       "annotations": {KOPF_DIFFBASE: '{"spec": {}}', "keep": "me"},
+                       "managedFields": [{"manager": "kubectl"}]}, "spec": {"replicas": 1}}
+    controller.remember(md)
+    stored = controller._bodies[("ns", "m")]
+    assert "managedFields" not in stored["metadata"] and stored["metadata"]["annotations"] == {"keep": "me"}
+    assert stored["spec"] == {"replicas": 1}

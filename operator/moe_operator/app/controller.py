@@ -17,6 +17,7 @@ from typing import Any
 from ..analysis import Baselines
 from ..api.spec import AUTOSCALING_METRICS
 from ..reconcile import Outcome, Reads, reconcile
+from ..world.cache import lean
 from .metrics import OperatorMetrics
 
 Key = tuple[str, str]   # (namespace, name)
@@ -50,6 +51,7 @@ class Controller:
     def remember(self, body: Mapping[str, Any]) -> None:
         """Keep the newer of the stored and the given body (resourceVersions are etcd revisions)."""
         key = key_of(body)
+        body = lean(body)
         with self._lock:
             old = self._bodies.get(key)
             if old is None or _resource_version(body) >= _resource_version(old):

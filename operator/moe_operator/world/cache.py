@@ -26,10 +26,24 @@ from ..api import names
 log = logging.getLogger("moe_operator.cache")
 
 SELECTOR = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
+KOPF_DIFFBASE = f"{names.PREFIX}/last-handled-configuration"   # app/handlers.py
 WATCH_TIMEOUT_SECONDS = 300
 RETRY_SECONDS = 2.0
 
 Key = tuple[str, str]   # (namespace, ModelDeployment name)
+
+
+def lean(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object without what the operator never reads and that weighs most at scale: its
+    managedFields (every field's owner, often as large as the object) and kopf's copy of the last
+    handled spec. Caches and the controller keep objects this way."""
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+        annotations = meta.get("annotations")
+        if isinstance(annotations, dict):
+            annotations.pop(KOPF_DIFFBASE, None)
+    return obj
 
 
 def owner_of(obj: Mapping[str, Any]) -> Key | None:
@@ -46,9 +60,9 @@ class KindCache:
                  field_selector: str | None = None,
                  slim: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
         """`selector`/`field_selector`: the watch's server-side selectors (owned objects by default);
-        `slim`: what to keep of each object (all of it by default)."""
+        `slim`: what to keep of each object (all but its managedFields by default: `lean`)."""
         self.dyn, self.resource = dynamic_client, resource
-        self.selector, self.field_selector, self.slim = selector, field_selector, slim or (lambda obj: obj)
+        self.selector, self.field_selector, self.slim = selector, field_selector, slim or lean
         self.kind = getattr(resource, "kind", str(resource))
         self.scopes: list[str | None] = list(namespaces) if namespaces else [None]   # None: all namespaces
         self.on_change = on_change
