@@ -24,13 +24,18 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"where the cluster keeps its state (default: ${STATE_DIR_ENV}, else {DEFAULT_STATE_DIR})")
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build", help="build (or verify) the cluster binaries and install Prometheus")
-    b.add_argument("components", nargs="*", help="default: all")
+    b.add_argument("components", nargs="*",
+                   help="default: all but flux (built when `up --gitops` first needs it); "
+                        "`flux` builds Flux's source-controller and kustomize-controller")
     b.add_argument("--no-monitoring", action="store_true", help="skip the Debian monitoring packages")
     up = commands.add_parser("up", help="start the cluster (idempotent)")
     up.add_argument("--gpu-nodes", type=int, default=DEFAULT_GPU_NODES, help="simulated 8-GPU nodes")
     up.add_argument("--monitoring", action="store_true", help="also start Prometheus and Alertmanager")
     up.add_argument("--alert-webhook", metavar="URL", help="Alertmanager's webhook receiver (implies --monitoring)")
     up.add_argument("--alert-webhook-token-file", metavar="FILE", help="bearer token for the webhook")
+    up.add_argument("--gitops", action="store_true",
+                    help="also run Flux (source-controller, kustomize-controller; built the first time) "
+                         "and a Git server whose repository's deploy/ folder Flux keeps applied")
     commands.add_parser("down", help="stop every process `up` started")
     commands.add_parser("status", help="health of each component; exit 0 only when all are healthy")
     commands.add_parser("env", help="shell exports: eval \"$(python -m devcluster env)\"")
@@ -64,18 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     cluster = DevCluster(args.state_dir)
     try:
         if args.command == "build":
-            unknown = set(args.components) - {c.name for c in build.versions.COMPONENTS}
+            flux = build.versions.FLUX_COMPONENTS
+            known = {c.name for c in build.versions.COMPONENTS + flux} | {"flux"}
+            unknown = set(args.components) - known
             if unknown:
-                print(f"unknown components: {sorted(unknown)}", file=sys.stderr)
+                print(f"unknown components: {sorted(unknown)} (known: {', '.join(sorted(known))})", file=sys.stderr)
                 return 2
-            build.ensure_built(tuple(c for c in build.versions.COMPONENTS
-                                     if not args.components or c.name in args.components))
+            wanted = set(args.components) | ({c.name for c in flux} if "flux" in args.components else set())
+            build.ensure_built(tuple(c for c in build.versions.COMPONENTS + flux
+                                     if c.name in wanted or (not args.components and c not in flux)))
             if not args.no_monitoring and not args.components:
                 monitoring.ensure_installed()
             return 0
         if args.command == "up":
             monitoring_wanted = args.monitoring or bool(args.alert_webhook)  # a webhook needs Alertmanager
-            cluster.up(args.gpu_nodes, monitoring_wanted, args.alert_webhook, args.alert_webhook_token_file)
+            cluster.up(args.gpu_nodes, monitoring_wanted, args.alert_webhook, args.alert_webhook_token_file,
+                       gitops_enabled=args.gitops)
             if not cluster.healthy():
                 raise DevClusterError("the cluster is up but not healthy: see `python -m devcluster status`")
             return 0
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix = env["PATH"].split(":")[:2]
             print(f"export KUBECONFIG={shlex.quote(env['KUBECONFIG'])}")
             print(f"export PATH={':'.join(shlex.quote(p) for p in prefix)}:\"$PATH\"")
-            for key in ("PROMETHEUS_URL", "ALERTMANAGER_URL"):
+            for key in ("PROMETHEUS_URL", "ALERTMANAGER_URL", "GITOPS_REPO_URL"):
                 if key in env:
                     print(f"export {key}={shlex.quote(env[key])}")
             return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from devcluster import processes
-from devcluster.cluster.control_plane import DevCluster
+from devcluster.cluster.control_plane import GITOPS_PROCESSES, DevCluster
 from devcluster.loopback import urlopen
 from devcluster.wait import poll
 
@@ -41,11 +41,13 @@ class RunningCluster:
     api_server_url: str
     prometheus_url: str | None
     alertmanager_url: str | None
+    gitops_repo_url: str | None = None  # with `gitops=True`: the repository Flux syncs (deploy/)
 
     @classmethod
     def of(cls, devcluster: DevCluster) -> RunningCluster:
         return cls(devcluster, devcluster.kubeconfig, devcluster.env(), devcluster.state_dir,
-                   devcluster.api_server_url, devcluster.prometheus_url, devcluster.alertmanager_url)
+                   devcluster.api_server_url, devcluster.prometheus_url, devcluster.alertmanager_url,
+                   devcluster.gitops_repo_url)
 
     @property
     def rules_dir(self) -> Path:
@@ -117,23 +119,29 @@ def _other_live_users(devcluster: DevCluster, me: Path) -> list[str]:
 
 
 @contextmanager
-def running_cluster(*, monitoring: bool = True, gpu_nodes: int = 4,
+def running_cluster(*, monitoring: bool = True, gpu_nodes: int = 4, gitops: bool = False,
                     state_dir: Path | None = None) -> Iterator[RunningCluster]:
-    """Yield a RunningCluster, bringing it up if needed. On exit, the last test session using the
-    cluster stops what test sessions started (all of it, or the monitoring they added); a cluster
-    started with `python -m devcluster up` is left running. DEVCLUSTER_KEEP=1 leaves everything."""
+    """Yield a RunningCluster, bringing it up if needed (`gitops`: with Flux, built the first time).
+    On exit, the last test session using the cluster stops what test sessions started (all of it, or
+    the monitoring or GitOps they added); a cluster started with `python -m devcluster up` is left
+    running. DEVCLUSTER_KEEP=1 leaves everything."""
     devcluster = DevCluster(state_dir)
     me = _register_user(devcluster)
     try:
         state = devcluster.read_state()
-        had_monitoring = bool(state and state.monitoring and devcluster.healthy())
+        healthy = bool(state and devcluster.healthy())
+        had_monitoring = bool(state and state.monitoring and healthy)
+        had_gitops = bool(state and state.gitops and healthy)
         started_at = time.monotonic()
-        started = devcluster.up(gpu_nodes=gpu_nodes, monitoring_enabled=monitoring)
+        started = devcluster.up(gpu_nodes=gpu_nodes, monitoring_enabled=monitoring, gitops_enabled=gitops)
         devcluster.log(f"devcluster: {'started' if started else 'reused'} in {time.monotonic() - started_at:.1f}s")
         if started:
             devcluster.update_state(started_by_test=True)
-        elif monitoring and not had_monitoring:
-            devcluster.update_state(monitoring_added_by_test=True)
+        else:
+            if monitoring and not had_monitoring:
+                devcluster.update_state(monitoring_added_by_test=True)
+            if gitops and not had_gitops:
+                devcluster.update_state(gitops_added_by_test=True)
         yield RunningCluster.of(devcluster)
     finally:
         me.unlink(missing_ok=True)
@@ -142,5 +150,8 @@ def running_cluster(*, monitoring: bool = True, gpu_nodes: int = 4,
             pass
         elif state.started_by_test:
             devcluster.down()
-        elif state.monitoring_added_by_test:
-            devcluster.stop_components(MONITORING_PROCESSES)
+        else:
+            if state.monitoring_added_by_test:
+                devcluster.stop_components(MONITORING_PROCESSES)
+            if state.gitops_added_by_test:
+                devcluster.stop_components(GITOPS_PROCESSES)

@@ -6,6 +6,12 @@ every staging module with its v0.x release (k8s.io/kubernetes' own go.mod points
 ./staging, which `go install ...@version` cannot follow). Kubernetes' four commands link into one
 multicall binary `kube` that dispatches on its program name; the bin dir holds symlinks to it.
 
+Flux's controllers (versions.FLUX_COMPONENTS, built only when `up --gitops` first needs them) carry
+replace directives too, one of them to a nested `./api` module that the module zip lacks: their
+recipe copies the released module out of the module cache and builds it as the main module, with
+that replace dropped (the published `<module>/api` at the same version required instead) and the
+pins of versions.FLUX_MODULE_PINS applied.
+
 Layout under `cache_root()` (default `~/.cache/moe-operator`, override with MOE_OPERATOR_CACHE):
 
     <component>-<version>/src/            generated wrapper module (go.mod, main.go)
@@ -117,6 +123,10 @@ class Recipe:
     ldflags: tuple[str, ...]
     # Files copied from the upstream module into <component>-<version>/data/ (name -> module path).
     data_files: dict[str, str] = field(default_factory=dict)
+    # True: src/ is a copy of the upstream module itself (go_mod unused), edited by `go mod edit`
+    # with these arguments before the build.
+    from_module: bool = False
+    mod_edits: tuple[str, ...] = ()
 
 
 def cache_root() -> Path:
@@ -222,7 +232,36 @@ def recipe(component: Component, build_date: str) -> Recipe:
             ldflags=(f"-X {component.module}/internal/version.version={v}",
                      f"-X {component.module}/internal/version.gitTreeState=clean"),
         )
+    if component in versions.FLUX_COMPONENTS:
+        return flux_recipe(component)
     raise ValueError(f"no build recipe for component {component.name!r}")
+
+
+# Each Flux controller's CRDs (config/crd/bases/ of its module), installed by `up --gitops`.
+FLUX_CRDS = {
+    "source-controller": ("buckets", "externalartifacts", "gitrepositories", "helmcharts",
+                          "helmrepositories", "ocirepositories"),
+    "kustomize-controller": ("kustomizations",),
+}
+
+
+def flux_recipe(component: Component) -> Recipe:
+    """A Flux controller built as the main module (see the module docstring)."""
+    group = "source" if component.name == "source-controller" else "kustomize"
+    api = f"{component.module}/api"
+    pins = versions.FLUX_MODULE_PINS.get(component.name, {})
+    return Recipe(
+        go_mod="",
+        main_go=None,
+        targets={component.name: "."},
+        ldflags=(),
+        data_files={f"crds/{group}.toolkit.fluxcd.io_{kind}.yaml":
+                    f"config/crd/bases/{group}.toolkit.fluxcd.io_{kind}.yaml"
+                    for kind in FLUX_CRDS[component.name]},
+        from_module=True,
+        mod_edits=(f"-dropreplace={api}", f"-require={api}@{component.version}",
+                   *(f"-require={module}@{version}" for module, version in pins.items())),
+    )
 
 
 def go_env() -> dict[str, str]:
@@ -319,6 +358,18 @@ def module_time(module: str, version: str) -> str:
     return json.loads(Path(info["Info"]).read_text())["Time"]
 
 
+def copy_module(component: Component, dest: Path) -> None:
+    """The released module's files (from the module cache, downloaded if needed) into dest, writable
+    (the cache's copies are read-only)."""
+    out = subprocess.run(["go", "mod", "download", "-json", f"{component.module}@{component.version}"],
+                         env=go_env(), capture_output=True, text=True, check=True, cwd=cache_root()).stdout
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(json.loads(out)["Dir"], dest)
+    for path in (dest, *dest.rglob("*")):
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | 0o200)
+
+
 def check_staging_modules(version: str = versions.KUBERNETES_VERSION) -> None:
     """Fail loudly when the release's go.mod names staging modules versions.py does not."""
     out = subprocess.run(["go", "mod", "download", "-json", f"k8s.io/kubernetes@{version}"], env=go_env(),
@@ -341,8 +392,12 @@ def build_component(component: Component) -> dict:
         check_staging_modules(component.version)
     started = time.monotonic()
     spec = recipe(component, module_time(component.module, component.version))
-    (src / "go.mod").write_text(spec.go_mod)
-    (src / "go.sum").unlink(missing_ok=True)
+    if spec.from_module:
+        copy_module(component, src)
+        _run_go(["mod", "edit", *spec.mod_edits], src, progress, "editing go.mod")
+    else:
+        (src / "go.mod").write_text(spec.go_mod)
+        (src / "go.sum").unlink(missing_ok=True)
     if spec.main_go is not None:
         (src / "main.go").write_text(spec.main_go)
     shutil.rmtree(out, ignore_errors=True)
@@ -357,8 +412,8 @@ def build_component(component: Component) -> dict:
     binaries = {name: sha256_file(out / name) for name in spec.targets}
     data = {}
     if spec.data_files:
-        module_dir = Path(_run_go(["list", "-m", "-f", "{{.Dir}}", component.module], src, progress,
-                                  "locating module")[-1])
+        module_dir = src if spec.from_module else Path(_run_go(
+            ["list", "-m", "-f", "{{.Dir}}", component.module], src, progress, "locating module")[-1])
         shutil.rmtree(cdir / "data", ignore_errors=True)
         for dest, source in spec.data_files.items():
             (cdir / "data" / dest).parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,8 @@ exactly those processes and nothing else. Layout of the state dir (default `<rep
     node/                 the local node agent's state (pods/<ns>_<name>/resolv.conf among it);
                           services.json: the service proxy's ports
     monitoring/           prometheus.yml, alertmanager.yml, rules/*.yml, data
+    gitops/               (`up --gitops`) repos/*.git served by the Git server, the Flux
+                          controllers' kubeconfigs and source-controller's artifact storage
     logs/<name>.log       every process's output
     state.json            ports, processes, options of the running cluster
 """
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from devcluster import kubeapi, processes
-from devcluster.cluster import build, certs, commands, kwok, monitoring, versions
+from devcluster.cluster import build, certs, commands, gitops, kwok, monitoring, versions
 from devcluster.cluster.state import DEFAULT_GPU_NODES, ClusterState
 from devcluster.files import write_atomic
 from devcluster.kubeapi import CONNECTION_ERRORS, ApiClient, ApiError, ClusterAccess, condition_true
@@ -56,10 +58,12 @@ LOCAL_NODE_GPUS = 4
 LOCAL_POD_CIDRS = 48  # local pods of a cluster get 127.(100..147).0.0/16, one /16 per state dir
 UP_TIMEOUT = 120.0
 PROMETHEUS_TOKEN_SECONDS = 30 * 24 * 3600
+GITOPS_PROCESSES = ("git-server", "source-controller", "kustomize-controller")
 
 # Stop order: what depends on the API server first (the node agent stops its pods on SIGTERM and
 # needs the API to report it), etcd last.
-STOP_ORDER = (("prometheus", "alertmanager", "pod-discovery", "proxy", "node"),
+STOP_ORDER = (("kustomize-controller", "source-controller", "git-server"),
+              ("prometheus", "alertmanager", "pod-discovery", "proxy", "node"),
               ("kwok", "kube-scheduler", "kube-controller-manager", "dns"),
               ("kube-apiserver",),
               ("etcd",))
@@ -177,6 +181,21 @@ class DevCluster:
         return self.monitoring_dir / "targets"
 
     @property
+    def gitops_dir(self) -> Path:
+        return self.state_dir / "gitops"
+
+    @property
+    def gitops_repos_dir(self) -> Path:
+        """Bare repositories the Git server serves as http://127.0.0.1:PORT/<name>.git."""
+        return self.gitops_dir / "repos"
+
+    @property
+    def gitops_repo_url(self) -> str | None:
+        """The repository Flux syncs into the cluster (its deploy/ folder), when `--gitops` runs."""
+        state = self.read_state()
+        return gitops.repository_url(state.ports["git-server"]) if state and state.gitops else None
+
+    @property
     def services_file(self) -> Path:
         return self.state_dir / "services.json"
 
@@ -229,6 +248,8 @@ class DevCluster:
         if self.prometheus_url:
             env["PROMETHEUS_URL"] = self.prometheus_url
             env["ALERTMANAGER_URL"] = self.alertmanager_url
+        if self.gitops_repo_url:
+            env["GITOPS_REPO_URL"] = self.gitops_repo_url
         return env
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None,
@@ -325,21 +346,31 @@ class DevCluster:
             url = f"http://127.0.0.1:{ports[name]}"
             ok, body = _http_ok(f"{url}/-/ready")
             return ok, url if ok else body
+        if name in gitops.CONTROLLERS:
+            ok, body = _http_ok(f"http://127.0.0.1:{ports[name + '-health']}/readyz")
+            return ok, f"Flux {versions.FLUX_VERSION}" if ok else body
+        if name == "git-server":
+            ok, body = _http_ok(f"http://127.0.0.1:{ports[name]}/healthz")
+            return ok, gitops.repository_url(ports[name]) if ok else body
         return True, ""
 
     # ---- up -------------------------------------------------------------------------------------
 
     def up(self, gpu_nodes: int = DEFAULT_GPU_NODES, monitoring_enabled: bool = False,
            alert_webhook: str | None = None, alert_webhook_token_file: str | None = None,
-           timeout: float = UP_TIMEOUT) -> bool:
+           timeout: float = UP_TIMEOUT, gitops_enabled: bool = False) -> bool:
         """Bring the cluster up, or complete a running one. Returns True when it started the
         control plane, False when one was already running (then it only adds what was asked for:
-        monitoring, more simulated nodes, a new webhook URL)."""
+        monitoring, GitOps, more simulated nodes, a new webhook URL)."""
+        if gitops_enabled:
+            self._build_flux()  # before the lock: the first build takes minutes
         with self._locked():
             state = self.read_state()
             if state is not None and self._healthy_soon(state):
                 self._complete(state, gpu_nodes, monitoring_enabled, alert_webhook, alert_webhook_token_file,
                                timeout)
+                if gitops_enabled and not state.gitops:
+                    self._start_gitops(state, time.monotonic() + timeout)
                 return False
             if state is not None:
                 self.log("devcluster: the recorded cluster is not healthy; restarting it")
@@ -349,13 +380,15 @@ class DevCluster:
             state = ClusterState(gpu_nodes=gpu_nodes)
             try:
                 self._start(state, monitoring_enabled, alert_webhook, alert_webhook_token_file, timeout)
+                if gitops_enabled:
+                    self._start_gitops(state, time.monotonic() + timeout)
             except BaseException:
                 self._stop_all(state)
                 self.state_file.unlink(missing_ok=True)
                 raise
             self.log(f"devcluster: up in {time.monotonic() - started:.1f}s "
                      f"(Kubernetes {versions.KUBERNETES_VERSION}, {gpu_nodes} simulated GPU nodes"
-                     f"{', monitoring' if monitoring_enabled else ''}); "
+                     f"{', monitoring' if monitoring_enabled else ''}{', GitOps (Flux)' if gitops_enabled else ''}); "
                      f"export KUBECONFIG={self.kubeconfig}")
             return True
 
@@ -556,6 +589,87 @@ class DevCluster:
         state.monitoring = True
         self._write_state(state)
 
+    # ---- GitOps (Flux) ---------------------------------------------------------------------------
+
+    def _build_flux(self) -> None:
+        if build.missing_components(versions.FLUX_COMPONENTS):
+            self.log(f"devcluster: building Flux {versions.FLUX_VERSION} (source-controller, kustomize-controller) "
+                     f"first: once, about 13 minutes on 2 cores; cached in {build.cache_root()}")
+        build.ensure_built(versions.FLUX_COMPONENTS, quiet=True)
+
+    def _start_gitops(self, state: ClusterState, deadline: float) -> None:
+        """Flux's CRDs, its controllers' ServiceAccounts and tokens, the Git server with the
+        `devcluster` repository, the two controllers, and the GitRepository + Kustomization that
+        sync the repository's deploy/ folder (see gitops.py)."""
+        from devcluster import gitserver  # not at import: `-m devcluster.gitserver` runs it as __main__
+
+        self._build_flux()
+        crds = sorted(path for component in versions.FLUX_COMPONENTS
+                      for path in (build.data_dir(component) / "crds").glob("*.yaml"))
+        self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=devcluster",
+                     *(f"--filename={p}" for p in crds))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                     *(f"crd/{p.name.split('_', 1)[1].removesuffix('.yaml')}."
+                       f"{p.name.split('_', 1)[0]}" for p in crds))
+        self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=devcluster", "-f", "-",
+                     input="\n---\n".join(json.dumps(o) for o in gitops.rbac_objects()))
+        server = f"https://127.0.0.1:{state.ports['apiserver']}"
+        kubeconfigs = {}
+        for name in gitops.CONTROLLERS:
+            token = self.api(lambda api, n=name: api.request_token(gitops.NAMESPACE, n, gitops.TOKEN_SECONDS),
+                             state)["token"]
+            kubeconfigs[name] = write_atomic(
+                self.gitops_dir / f"{name}.kubeconfig",
+                json.dumps(gitops.token_kubeconfig(server, self.pki.ca_cert,
+                                                   f"system:serviceaccount:{gitops.NAMESPACE}:{name}", token)), 0o600)
+        gitserver.init_repository(gitops.repository_path(self.gitops_repos_dir, gitops.DEFAULT_REPOSITORY),
+                                  gitops.INITIAL_FILES)
+        ports = state.ports
+        ports["git-server"] = free_port()
+        for name in gitops.CONTROLLERS:
+            ports[f"{name}-health"], ports[f"{name}-metrics"] = free_port(), free_port()
+        ports["source-controller-storage"] = free_port()
+        self._spawn(state, "git-server", [sys.executable, "-m", "devcluster.gitserver", "--root",
+                                          str(self.gitops_repos_dir), "--port", str(ports["git-server"])])
+        storage = self.gitops_dir / "artifacts"
+        storage.mkdir(parents=True, exist_ok=True)
+        self._spawn(state, "source-controller", gitops.source_controller_args(
+            build.binary_path("source-controller"), metrics_port=ports["source-controller-metrics"],
+            health_port=ports["source-controller-health"], storage_port=ports["source-controller-storage"],
+            storage_path=storage), env=gitops.controller_env(dict(os.environ), kubeconfigs["source-controller"]))
+        self._spawn(state, "kustomize-controller", gitops.kustomize_controller_args(
+            build.binary_path("kustomize-controller"), metrics_port=ports["kustomize-controller-metrics"],
+            health_port=ports["kustomize-controller-health"]),
+            env=gitops.controller_env(dict(os.environ), kubeconfigs["kustomize-controller"]))
+        state.gitops = True
+        self._write_state(state)
+        self._wait_healthy(state, GITOPS_PROCESSES, deadline)
+        self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=devcluster", "-f", "-",
+                     input="\n---\n".join(json.dumps(o) for o in gitops.repository_objects(
+                         gitops.DEFAULT_REPOSITORY, gitops.repository_url(ports["git-server"]))))
+
+    def add_gitops_repository(self, name: str, **options) -> str:
+        """A bare repository `<name>.git` (one commit with a README and an empty deploy/) and the
+        GitRepository + Kustomization `flux-system/<name>` that sync its deploy/ folder; `options`
+        go to gitops.repository_objects (wait, health_check_exprs, ignore, timeout). Returns its URL."""
+        from devcluster import gitserver
+
+        state = self.read_state()
+        if state is None or not state.gitops:
+            raise DevClusterError("GitOps is not running: `python -m devcluster up --gitops`")
+        gitserver.init_repository(gitops.repository_path(self.gitops_repos_dir, name), gitops.INITIAL_FILES)
+        url = gitops.repository_url(state.ports["git-server"], name)
+        self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=devcluster", "-f", "-",
+                     input="\n---\n".join(json.dumps(o) for o in gitops.repository_objects(name, url, **options)))
+        return url
+
+    def remove_gitops_repository(self, name: str) -> None:
+        """Delete the Kustomization (pruning what it applied), the GitRepository and the repository."""
+        for kind in ("kustomizations.kustomize.toolkit.fluxcd.io", "gitrepositories.source.toolkit.fluxcd.io"):
+            self.kubectl("delete", kind, name, "-n", gitops.NAMESPACE, "--ignore-not-found", "--wait=true",
+                         "--timeout=60s", check=False)
+        shutil.rmtree(gitops.repository_path(self.gitops_repos_dir, name), ignore_errors=True)
+
     def set_alert_webhook(self, url: str | None, token_file: str | None = None) -> None:
         """Point Alertmanager's webhook receiver at url (None: no receiver) and reload it."""
         with self._locked():
@@ -632,6 +746,8 @@ class DevCluster:
             state.processes = [p for p in state.processes if p.name not in names]
             if "prometheus" in names or "alertmanager" in names:
                 state.monitoring = state.monitoring_added_by_test = False
+            if set(names) & set(GITOPS_PROCESSES):
+                state.gitops = state.gitops_added_by_test = False
             self._write_state(state)
 
     def down(self) -> bool:

@@ -19,6 +19,7 @@ class ClusterState:
     processes: list[ProcessRecord] = field(default_factory=list)
     gpu_nodes: int = DEFAULT_GPU_NODES
     monitoring: bool = False
+    gitops: bool = False  # Flux's controllers and the Git server (`up --gitops`)
     alert_webhook: str | None = None
     alert_webhook_token_file: str | None = None
     local_node: bool = False
@@ -29,6 +30,7 @@ class ClusterState:
     # last test session to leave takes it down again.
     started_by_test: bool = False
     monitoring_added_by_test: bool = False
+    gitops_added_by_test: bool = False
 
     def to_json(self) -> dict:
         data = dict(self.__dict__)
