@@ -174,6 +174,8 @@ def test_a_batch_of_prompts_answers_each_choice_in_order(client, checkpoint):
     # one bad prompt fails the batch with a 400 naming the problem
     with pytest.raises(openai.BadRequestError, match="model length"):
         client.completions.create(model=NAME, prompt=[TEXT[0], TEXT[0] * 30], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="at most 256"):
+        client.completions.create(model=NAME, prompt=["a"] * 129, n=2, max_tokens=1)
 
 
 def test_vllm_prompt_logprobs_in_completions_and_chat(client, server, checkpoint):
