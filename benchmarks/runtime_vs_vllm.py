@@ -43,7 +43,7 @@ from pathlib import Path
 from benchmarks import vllm_peer
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINT_VERSION = 1  # bump when a config below changes
+CHECKPOINT_VERSION = 3  # bump when a config below changes
 START_TIMEOUT_S = 600.0
 
 COMMON = dict(
@@ -79,12 +79,17 @@ CHECKPOINTS = {
             topk_group=2,
             first_k_dense_replace=1,
             q_lora_rank=128,
-            kv_lora_rank=128,
+            # DeepSeek-V3's own latent: vLLM's CPU MLA kernels take only kv_lora_rank + rope = 576
+            kv_lora_rank=512,
             qk_nope_head_dim=32,
-            qk_rope_head_dim=32,
+            qk_rope_head_dim=64,
             v_head_dim=32,
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
+            # what DeepSeek-V3's published config.json says and transformers' config leaves out;
+            # vLLM builds the score-correction bias only when topk_method says noaux_tc
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
         ),
     ),
 }
