@@ -49,6 +49,7 @@ class Workload:
     rounds: int = 5
     device: str = "cpu"
     timeout_s: float = 120.0
+    dtype: str = "float32"  # the servers' and the in-process engine's (like against like)
 
     def system(self, conversation: int) -> str:
         text = f"Conversation {conversation}. You are a helpful assistant who knows mixture-of-experts models. "
@@ -88,7 +89,7 @@ class Server:
         w = self.workload
         args = [sys.executable, "-m", "model_runtime.cli", "serve", "--model", w.model]
         args += ["--host", "127.0.0.1", "--http-port", str(self.port), "--grpc-port", "0"]
-        args += ["--device", w.device, "--log-level", "warning"]
+        args += ["--device", w.device, "--dtype", w.dtype, "--log-level", "warning"]
         args += ["--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching"]
         self.proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "POD_IP": ""})
 
@@ -221,7 +222,7 @@ def engine_runs(workload: Workload) -> dict[bool, list[list[Turn]]]:
     from model_runtime import load_model
 
     torch.set_num_threads(1)
-    model = load_model(workload.model, dtype=torch.float32, device=workload.device).eval()
+    model = load_model(workload.model, dtype=getattr(torch, workload.dtype), device=workload.device).eval()
     engine_conversation(model, workload, True, 2000)  # warm-up
     runs: dict[bool, list[list[Turn]]] = {True: [], False: []}
     for r in range(workload.rounds):
@@ -232,7 +233,7 @@ def engine_runs(workload: Workload) -> dict[bool, list[list[Turn]]]:
 
 def table(workload: Workload, runs: dict[bool, list[list[Turn]]], counters) -> str:
     lines = [
-        f"Multi-turn chat, {workload.model} on {workload.device}: a {workload.system_chars}-char system prompt, "
+        f"Multi-turn chat, {workload.model} on {workload.device} ({workload.dtype}): a {workload.system_chars}-char system prompt, "
         f"{workload.turns} turns of a {workload.question_chars}-char question and a {workload.max_tokens}-token "
         f"answer (greedy), streamed; median TTFT of {workload.rounds} conversations per server, alternating",
         f"{'turn':>4}  {'prompt tokens':>13}  {'TTFT off (ms)':>13}  {'TTFT on (ms)':>12}  {'speedup':>7}",
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=d.rounds, help="conversations per server")
     parser.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     parser.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per request")
+    parser.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     workload = Workload(
         args.model,
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds,
         args.device,
         args.timeout,
+        args.dtype,
     )
     runs, counters = run(workload)
     print(table(workload, runs, counters), flush=True)
