@@ -349,7 +349,8 @@ class DecodeMLAttention(layers.MLAttention):
 
     def forward(self, x, cos, sin, ctx, cache):
         if cache is not None and cache.dtype == x.dtype and one_row(x):  # one C call
-            return self.decode(x, cos[0], sin[0], cache, int(ctx.slot_mapping[0]), ctx.context_slots[0])
+            slots = ctx.context_slots[0, : ctx.max_context]  # the one sequence's context, unpadded
+            return self.decode(x, cos[0], sin[0], cache, int(ctx.slot_mapping[0]), slots)
         return super().forward(x, cos, sin, ctx, cache)
 
 
@@ -391,6 +392,7 @@ def use_cpu_decode_kernels(model: nn.Module) -> bool:
     for m, decode in prepared:
         m.__class__ = DECODE_CLASS[type(m)]
         m.decode = decode
+    grouped_experts_layout(model)
     return True
 
 
@@ -484,5 +486,23 @@ def use_decode_layout(model: nn.Module) -> nn.Module:
                     m.weight.data = column_major(m.weight.data)
             elif type(m) is layers.Experts and m.gate_up_proj.dtype == torch.float32:  # not int8 or bf16
                 m.gate_up_proj.data = column_major(m.gate_up_proj.data)  # [E, 2I, D]: 2I >= D typically
+                m.down_proj.data = column_major(m.down_proj.data)  # [E, D, I]
+    return grouped_experts_layout(model)
+
+
+def grouped_experts_layout(model: nn.Module) -> nn.Module:
+    """Store in place, column-major, the bfloat16 / float16 expert weights that run as grouped
+    GEMMs (layers.Experts.grouped): F.grouped_mm multiplies by each expert's transposed weight,
+    which this makes row-major, and torch's CPU grouped GEMM reads that about twice as fast
+    (32 tokens x top-2 of 8 experts, D 256, I 512, one thread: 0.6 ms against 1.2 ms). Values,
+    names and shapes are unchanged (only strides)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if (
+                isinstance(m, layers.Experts)
+                and m.plain_weights
+                and m.gate_up_proj.dtype in (torch.bfloat16, torch.float16)
+            ):
+                m.gate_up_proj.data = column_major(m.gate_up_proj.data)  # [E, 2I, D]
                 m.down_proj.data = column_major(m.down_proj.data)  # [E, D, I]
     return model

@@ -160,6 +160,8 @@ class Fp8Experts(Experts):
     """Routed experts with FP8 stacked weights: gate_up [E, 2I, D] and down [E, D, I], each expert's
     gate, up and down keeping their own block scales (gate's scale rows, then up's)."""
 
+    plain_weights = False
+
     def __init__(self, experts: Experts, block: tuple[int, int]):
         nn.Module.__init__(self)
         self.act, self.num_experts = experts.act, experts.num_experts

@@ -59,6 +59,8 @@ class Int8Linear(nn.Module):
 class Int8Experts(Experts):
     """Experts with int8 stacked weights: gate_up [E, 2I, D], down [E, D, I], scales per row."""
 
+    plain_weights = False
+
     def __init__(self, experts: Experts):
         nn.Module.__init__(self)
         dtype = experts.gate_up_proj.dtype

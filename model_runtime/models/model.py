@@ -135,6 +135,7 @@ class PagedContext:
     token_offset: torch.Tensor | None  # [N] index of each new token among its sequence's new tokens
     num_seqs: int  # S
     max_new: int  # Q
+    max_context: int  # the longest sequence's context (L is this padded to whole blocks)
 
     @classmethod
     def build(cls, batch: PagedBatch, sliding_window: int | None) -> PagedContext:
@@ -143,8 +144,13 @@ class PagedContext:
         new_lens = batch.query_start[1:] - batch.query_start[:-1]  # [S]
         Q, L = torch.stack([new_lens.max(), batch.context_lens.max()]).tolist()  # one host sync per step
         device = batch.positions.device
-        pos = torch.arange(L, device=device)  # [L]
         bs = batch.block_size
+        # The context padded to whole blocks (the mask hides the tail; the longest sequence holds
+        # those blocks): attention's shapes then change once per block_size decode steps, not at
+        # every step, and oneDNN's bfloat16 matmuls on the CPU, which build a kernel per shape
+        # (~0.25 ms each), hit their cache.
+        max_context, L = L, -(-L // bs) * bs
+        pos = torch.arange(L, device=device)  # [L]
         context_slots = batch.block_tables[:, pos // bs] * bs + pos % bs  # [S, L]
         if N == S * Q:  # every sequence brings Q new tokens (decode: Q == 1): a plain view
             token_seq = token_offset = None
@@ -159,7 +165,7 @@ class PagedContext:
         mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, Q, L] causal; also hides other sequences' tails
         if sliding_window is not None:
             mask &= pos[None, None, :] > q_pos[:, :, None] - sliding_window
-        return cls(batch.slot_mapping, context_slots, mask[:, None], token_seq, token_offset, S, Q)
+        return cls(batch.slot_mapping, context_slots, mask[:, None], token_seq, token_offset, S, Q, max_context)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[N, ...] new-token rows -> [S, Q, ...] per sequence (zeros where padded)."""
@@ -316,6 +322,30 @@ class MLAttention(nn.Module):
         if scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):  # softmax mscale
             self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
 
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's key and value halves per head, w_uk [H, P, C] and w_uv [H, Dv, C], each
+        contiguous. As views of the weight they are strided across heads, and bmm copies such an
+        operand at every call (for bfloat16 on the CPU ~0.2 ms a layer). Kept while the weight is
+        the same tensor at the same address and version; an FP8 layer's dequantized weight is a
+        new tensor at every call and is split afresh, as before."""
+        cfg = self.cfg
+        P, Dv, C = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        derived = getattr(self.kv_b_proj, "dequantized", None) is not None
+        w = linear_weight(self.kv_b_proj, dtype)
+        try:
+            version = w._version
+        except RuntimeError:  # an inference-mode tensor: no version counter
+            version = None
+        key = (w.data_ptr(), w.dtype, w.device, version)
+        cached = self.__dict__.get("_absorbed")  # (weight, key, halves); not a buffer: never saved
+        if derived or cached is None or cached[0] is not w or cached[1] != key:
+            w_kv = w.view(self.num_heads, P + Dv, C)
+            halves = w_kv[:, :P].contiguous(), w_kv[:, P:].contiguous()
+            if derived:
+                return halves
+            cached = self.__dict__["_absorbed"] = (w, key, halves)
+        return cached[2]
+
     def forward(self, x, cos, sin, ctx, cache):
         cfg = self.cfg
         N, H = x.shape[0], self.num_heads
@@ -345,12 +375,14 @@ class MLAttention(nn.Module):
             k = torch.cat([k_nope, kv_ctx[:, :, None, C:].expand(S, L, H, R)], dim=-1)  # [S, L, H, P + R]
             out = paged_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale)  # [N, H, Dv]
             return self.o_proj(out.reshape(N, H * Dv))
-        w_kv = linear_weight(self.kv_b_proj, x.dtype).view(H, P + Dv, C)
-        w_uk, w_uv = w_kv[:, :P], w_kv[:, P:]  # [H, P, C], [H, Dv, C]
+        w_uk, w_uv = self.absorbed_weights(x.dtype)  # [H, P, C], [H, Dv, C]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, C]
         q_abs = torch.cat([q_latent, q_rope], dim=-1)  # [N, H, C + R]
         kv_ctx = kv_ctx[:, :, None, :]  # [S, L, 1, C + R]
-        out_latent = paged_attention(q_abs, kv_ctx, kv_ctx[..., :C], ctx, self.scale)  # [N, H, C]
+        # the values are the latent: the whole cached row is passed and the rope columns of the
+        # output dropped, since a [..., :C] view of the context would be copied into a dense tensor
+        # (for bfloat16 on the CPU the larger cost of the step's attention)
+        out_latent = paged_attention(q_abs, kv_ctx, kv_ctx, ctx, self.scale)[..., :C]  # [N, H, C]
         # w_uv [H, Dv, C] @ out_latent [H, C, N]: MKL's batched gemm reads w_uv faster this way round
         out = torch.bmm(w_uv, out_latent.permute(1, 2, 0)).permute(2, 0, 1)  # [N, H, Dv]
         return self.o_proj(out.reshape(N, H * Dv).contiguous())  # row-major rows (int8 kernels need them)
@@ -425,13 +457,15 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts this rank runs, with stacked weights; tokens grouped by expert, one matmul
-    pair per expert.
+    """The routed experts this rank runs, with stacked weights; tokens grouped by expert, then two
+    grouped GEMMs over all experts (`grouped`) or one matmul pair per expert.
 
     Expert parallel: experts [first, first + E_local) whole. Tensor parallel (or one rank): all E
     experts, this rank's rows of each one's intermediate layer. Either way the output is this
     rank's partial sum.
     """
+
+    plain_weights = True  # gate_up_proj / down_proj are the float matrices (int8 and FP8 subclasses: no)
 
     def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE):
         super().__init__()
@@ -450,6 +484,35 @@ class Experts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
         return F.linear(self.act(gate).mul_(up), self.down_proj[e])
 
+    def grouped(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs as two grouped GEMMs (torch's F.grouped_mm: one call per
+        projection over every expert, no Python loop, no host sync) rather than a matmul pair per
+        expert: when this rank holds every expert (one rank, or tensor parallel), the experts are
+        plain float weights (not int8 / FP8 / the CPU's float32 decode kernels, which override
+        expert_mlp), and the device has the kernel (the CPU; CUDA: bfloat16 on sm80+). On the CPU the
+        engine stores bfloat16 / float16 expert weights column-major (kernels/cpu_decode.py:
+        grouped_experts_layout): each expert's transposed weight is then row-major, which torch's
+        CPU grouped GEMM reads about twice as fast."""
+        if self.num_local_experts != self.num_experts or not self.plain_weights:
+            return False
+        if x.device.type == "cpu":
+            return x.dtype in (torch.bfloat16, torch.float16)  # float32 keeps MKL's per-expert sgemm
+        if x.device.type == "cuda":
+            return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        return False
+
+    def grouped_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor):
+        """All N * A assignments sorted by expert, each projection one grouped GEMM over the runs of
+        the sorted rows (offsets from the counts, on the device), then unsorted and weighted."""
+        N, A = ids.shape
+        order = ids.reshape(-1).argsort(stable=True)  # [N * A] assignments grouped by expert
+        offs = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's run
+        xs = x.index_select(0, order // A)  # [N * A, D]
+        gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [N * A, I]
+        ys = F.grouped_mm(self.act(gate).mul_(up), self.down_proj.transpose(-2, -1), offs=offs)  # [N * A, D]
+        ys = torch.empty_like(ys).index_copy_(0, order, ys)  # [N * A, D] back in token order
+        return (ys.view(N, A, -1) * weights.to(ys.dtype)[:, :, None]).sum(dim=1)  # [N, D]
+
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,6 +522,8 @@ class Experts(nn.Module):
         E, e0, e1 = self.num_experts, self.first_expert, self.first_expert + self.num_local_experts
         flat_ids = ids.reshape(-1)  # [N * A]
         counts = torch.bincount(flat_ids, minlength=E)  # [E]
+        if self.grouped(x):
+            return self.grouped_forward(x, weights, ids, counts), counts
         if N == 1:  # one token (batch-1 decode): its A experts in turn, nothing to group
             picked = [(i, e) for i, e in enumerate(flat_ids.tolist()) if e0 <= e < e1]
             if not picked:
