@@ -8,11 +8,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup tools test test-unit test-runtime test-cluster test-e2e demo run bench lint \
+.PHONY: help setup tools test test-unit test-runtime test-cluster test-e2e demo demo-gitops run bench lint \
         cluster-up cluster-down images chart-crds gpu-check
 
 help:
 	@echo "make demo    local cluster + operator + a canary rolled back on a latency alert"
+	@echo "make demo-gitops   the same story driven from Git, synced by Flux on the local cluster"
 	@echo "make test    the whole suite (unit, runtime, cluster, e2e)"
 	@echo "make run     local cluster, CRDs, operator in the foreground"
 	@echo "make bench   runtime and rollout benchmarks (prints tables)"
@@ -80,8 +81,8 @@ bench: setup tools
 	$(PY) -m benchmarks.runtime_http
 	$(PY) -m benchmarks.runtime_parallel
 	$(PY) -m benchmarks.runtime_fp8
-	$(PY) -m benchmarks.runtime_prefix_cache
 	$(PY) -m benchmarks.runtime_vs_vllm
+	$(PY) -m benchmarks.runtime_prefix_cache
 	$(PY) -m benchmarks.rollback --trials 12
 	$(PY) -m benchmarks.operator_scale
 
@@ -89,6 +90,11 @@ bench: setup tools
 # alert, a good revision promoted; ends with one summary line and leaves the cluster running.
 demo: setup tools
 	$(PY) -m devtools.demo
+
+# The demo driven from Git: the cluster with Flux (built the first time, ~13 min on 2 cores) and a Git
+# server on loopback; each change is a commit that Flux applies (docs/gitops.md).
+demo-gitops: setup tools
+	$(PY) -m devtools.demo --gitops
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 

@@ -10,6 +10,7 @@ the operator keep running afterwards for a look around.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
@@ -37,12 +38,12 @@ ALERT_THRESHOLD_SECONDS = 2.5
 ALERT_NAME = "MoECanaryLatencyHigh"
 
 
-def alert_rules() -> dict[str, Any]:
+def alert_rules(namespace: str = NAMESPACE) -> dict[str, Any]:
     """The latency alert: the canary's p99 end-to-end latency over the last 10 s above the threshold,
     labelled so the operator knows which ModelDeployment and revision it names."""
     by = "namespace, serving_moe_dev_deployment, serving_moe_dev_revision, le"
     expr = (f"histogram_quantile(0.99, sum by ({by}) (rate(moe_e2e_request_latency_seconds_bucket"
-            f"{{namespace=\"{NAMESPACE}\",serving_moe_dev_track=\"canary\"}}[10s]))) > {ALERT_THRESHOLD_SECONDS}")
+            f"{{namespace=\"{namespace}\",serving_moe_dev_track=\"canary\"}}[10s]))) > {ALERT_THRESHOLD_SECONDS}")
     return {"groups": [{"name": "moe-rollouts", "rules": [{
         "alert": ALERT_NAME, "expr": expr,
         "labels": {"severity": "page", "track": "canary",
@@ -54,6 +55,8 @@ def alert_rules() -> dict[str, Any]:
 
 
 class Demo:
+    namespace = NAMESPACE
+
     def __init__(self, out=sys.stdout):
         self.cluster = DevCluster(DEFAULT_STATE_DIR)
         self.out = out
@@ -62,6 +65,11 @@ class Demo:
         self.name = self.manifest["metadata"]["name"]
         self.model = self.manifest["spec"]["model"]["servedName"]
         self.base_args = list(self.manifest["spec"]["runtime"]["args"])
+
+    @property
+    def operator_file(self) -> str:
+        """Where the demo's operator is recorded (and its scrape target): one per demo namespace."""
+        return "moe-operator.json" if self.namespace == NAMESPACE else f"moe-operator-{self.namespace}.json"
 
     # --- output ----------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -72,16 +80,16 @@ class Demo:
         return self.cluster.kubectl(*args, input=input, check=check).stdout
 
     def md(self) -> dict[str, Any]:
-        return json.loads(self.kubectl("get", "md", self.name, "-n", NAMESPACE, "-o", "json"))
+        return json.loads(self.kubectl("get", "md", self.name, "-n", self.namespace, "-o", "json"))
 
     def pods(self) -> list[dict[str, Any]]:
-        out = json.loads(self.kubectl("get", "pods", "-n", NAMESPACE, "-o", "json", "-l",
+        out = json.loads(self.kubectl("get", "pods", "-n", self.namespace, "-o", "json", "-l",
                                       f"{names.LABEL_DEPLOYMENT}={self.name}"))
         return [p for p in out["items"] if not p["metadata"].get("deletionTimestamp")]
 
     def set_args(self, args: list[str]) -> None:
         patch = {"spec": {"runtime": {"args": args}}}
-        self.kubectl("patch", "md", self.name, "-n", NAMESPACE, "--type", "merge", "-p", json.dumps(patch))
+        self.kubectl("patch", "md", self.name, "-n", self.namespace, "--type", "merge", "-p", json.dumps(patch))
 
     def wait(self, what: str, check: Callable[[], Any], timeout: float, every: float = 1.0,
              show: Callable[[], str] | None = None) -> Any:
@@ -99,20 +107,21 @@ class Demo:
             time.sleep(every)
 
     # --- steps -----------------------------------------------------------------------------------
-    def cluster_up(self) -> None:
-        self.say("local cluster (API server, scheduler, kwok GPU nodes, local node) with Prometheus and Alertmanager")
-        self.cluster.up(gpu_nodes=2, monitoring_enabled=True)
+    def cluster_up(self, gitops: bool = False) -> None:
+        self.say("local cluster (API server, scheduler, kwok GPU nodes, local node) with Prometheus and Alertmanager"
+                 + (", Flux (source-controller, kustomize-controller) and a Git server" if gitops else ""))
+        self.cluster.up(gpu_nodes=2, monitoring_enabled=True, gitops_enabled=gitops)
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
         self.kubectl("wait", "--for=condition=Established", "crd/modeldeployments.serving.moe.dev", "--timeout=60s")
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump(
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}))
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}}))
 
     def operator_up(self) -> int:
         """The operator as a background process (left running, watching only the demo's namespace so
         it never competes with another operator, e.g. a test suite's), its alerts token in a Secret
         that Alertmanager's webhook config also reads (as a file)."""
         state = self.cluster.state_dir
-        record = state / "moe-operator.json"
+        record = state / self.operator_file
         if record.exists():
             try:
                 os.kill(json.loads(record.read_text())["pid"], signal.SIGTERM)   # the previous demo's
@@ -124,14 +133,14 @@ class Demo:
         token_file.write_text(token)
         token_file.chmod(0o600)
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": TOKEN_SECRET, "namespace": NAMESPACE},
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": TOKEN_SECRET, "namespace": self.namespace},
             "stringData": {"token": token}}))
         port = free_port()
         log = state / "logs" / "moe-operator.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "moe_operator.app.cli", "run", "--kubeconfig", str(self.cluster.kubeconfig),
-               "--host", "127.0.0.1", "--port", str(port), "--namespace", NAMESPACE, "--resync-seconds", "10",
-               "--alerts-token-secret", f"{NAMESPACE}/{TOKEN_SECRET}"]
+               "--host", "127.0.0.1", "--port", str(port), "--namespace", self.namespace, "--resync-seconds", "10",
+               "--alerts-token-secret", f"{self.namespace}/{TOKEN_SECRET}"]
         with open(log, "ab") as f:
             process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
                                        env={**os.environ, **self.cluster.env()})
@@ -150,21 +159,29 @@ class Demo:
         self.cluster.set_alert_webhook(f"http://127.0.0.1:{port}/alerts", str(token_file))
         targets = self.cluster.targets_dir
         targets.mkdir(parents=True, exist_ok=True)
-        (targets / "moe-operator.json").write_text(json.dumps(
+        (targets / self.operator_file).write_text(json.dumps(
             [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": "moe-operator"}}]))
-        (self.cluster.rules_dir / "moe-demo.yml").write_text(yaml.safe_dump(alert_rules(), sort_keys=False))
+        (self.cluster.rules_dir / f"{self.namespace}.yml").write_text(
+            yaml.safe_dump(alert_rules(self.namespace), sort_keys=False))
         self.cluster.reload_prometheus()
         self.say(f"operator running (pid {process.pid}, http://127.0.0.1:{port}: /alerts /metrics /healthz; "
                  f"log {log}); Alertmanager posts to it; alert rule {ALERT_NAME} loaded")
         return process.pid
 
+    def manifest_with(self, args: list[str]) -> dict[str, Any]:
+        """The example's ModelDeployment in the demo's namespace with these runtime args."""
+        body = {**self.manifest, "metadata": {**self.manifest["metadata"], "namespace": self.namespace}}
+        body["spec"] = {**body["spec"], "runtime": {**body["spec"]["runtime"], "args": list(args)}}
+        return body
+
     def deploy(self) -> None:
-        body = {**self.manifest, "metadata": {**self.manifest["metadata"], "namespace": NAMESPACE}}
-        body["spec"] = {**body["spec"], "runtime": {**body["spec"]["runtime"], "args": self.base_args}}
+        body = self.manifest_with(self.base_args)
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump(body))
         self.say(f"applied {EXAMPLE.relative_to(ROOT)}: {body['spec']['replicas']} replica groups of "
                  f"{body['spec']['model']['source']} on the local node")
+        self.wait_available()
 
+    def wait_available(self) -> None:
         def available():
             conds = {c["type"]: c for c in (self.md().get("status") or {}).get("conditions") or []}
             return conds.get("Available", {}).get("status") == "True" and conds.get(
@@ -242,8 +259,8 @@ class Demo:
         self.cluster_up()
         pid = self.operator_up()
         self.deploy()
-        port = service_port(self.cluster.state_dir, NAMESPACE, self.name)
-        self.say(f"steady load: KServe v2 infer with tritonclient through Service {NAMESPACE}/{self.name} "
+        port = service_port(self.cluster.state_dir, self.namespace, self.name)
+        self.say(f"steady load: KServe v2 infer with tritonclient through Service {self.namespace}/{self.name} "
                  f"(127.0.0.1:{port})")
         load = Load(f"127.0.0.1:{port}", self.model, rate=6.0, workers=8, max_seconds=1500, max_requests=10_000)
         with load:
@@ -258,12 +275,20 @@ class Demo:
         kubeconfig = self.cluster.kubeconfig
         print(f"the cluster and the operator (pid {pid}) keep running; look around with: "
               f"export KUBECONFIG={kubeconfig} PATH={ROOT / '.venv' / 'bin'}:$PATH; "
-              f"kubectl moe status {self.name} -n {NAMESPACE} --watch   "
+              f"kubectl moe status {self.name} -n {self.namespace} --watch   "
               f"(stop: kill {pid}; python -m devcluster down)", flush=True)
         return 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__.split("\n")[0])
+    args.add_argument("--gitops", action="store_true",
+                      help="drive the story from Git: Flux syncs the ModelDeployment from the devcluster's "
+                           "repository (make demo-gitops; devtools/demo_gitops.py)")
+    if args.parse_args(argv).gitops:
+        from devtools.demo_gitops import GitOpsDemo
+
+        return GitOpsDemo().run()
     return Demo().run()
 
 
