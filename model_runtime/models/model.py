@@ -497,8 +497,10 @@ class Experts(nn.Module):
             return False
         if x.device.type == "cpu":
             return x.dtype in (torch.bfloat16, torch.float16)  # float32 keeps MKL's per-expert sgemm
-        if x.device.type == "cuda":
-            return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        if x.device.type == "cuda":  # its kernel wants 16-byte aligned rows
+            D, I = self.down_proj.shape[1:]  # noqa: E741 (legend)
+            aligned = D % 8 == 0 and I % 8 == 0
+            return x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(x.device) >= (8, 0)
         return False
 
     def grouped_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor):
