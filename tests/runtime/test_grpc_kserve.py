@@ -156,3 +156,44 @@ def test_typed_contents_and_wrong_datatypes(runtime_server):
             stub.ModelInfer(request, timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "text_input" in e.value.details()
+
+
+def _metric(base_url: str, name: str, **labels: str) -> float:
+    import httpx
+
+    total = 0.0
+    for line in httpx.get(f"{base_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_cancelled_call_is_aborted_in_the_engine_at_once(runtime_server):
+    """A unary ModelInfer the client cancels (a deadline, a closed channel, `call.cancel()`) frees its
+    batch slot and KV blocks at once, counted as cancelled, not run to its max_tokens for nobody."""
+    import time
+
+    base = runtime_server.base_url
+    cancelled = _metric(base, "moe_request_failure_total", reason="cancelled")
+    succeeded = _metric(base, "moe_request_success_total")
+    with grpc.insecure_channel(runtime_server.grpc_url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name=MODEL_NAME)
+        request.inputs.add(name="text_input", datatype="BYTES", shape=[1],
+                           contents=pb.InferTensorContents(bytes_contents=[b"keep going"]))
+        request.parameters["max_tokens"].int64_param = 240   # seconds of decoding here
+        request.parameters["ignore_eos"].bool_param = True
+        call = stub.ModelInfer.future(request, timeout=120)
+        deadline = time.monotonic() + 30
+        while _metric(base, "moe_num_requests_running") < 1:   # polling with a deadline
+            assert not call.done(), call.exception()
+            assert time.monotonic() < deadline, "the request never ran"
+            time.sleep(0.05)
+        call.cancel()
+        cancelled_at = time.monotonic()
+        while _metric(base, "moe_num_requests_running") > 0:
+            assert time.monotonic() < cancelled_at + 2, "the engine kept running a cancelled call"
+            time.sleep(0.02)
+    assert call.cancelled()
+    assert _metric(base, "moe_request_failure_total", reason="cancelled") == cancelled + 1
+    assert _metric(base, "moe_request_success_total") == succeeded
