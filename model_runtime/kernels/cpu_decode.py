@@ -6,13 +6,15 @@ this was measured on, BLAS's gemv (MKL) walks several rows at once, which makes 
 streams, and reads 12-14 GB/s against 21-26 GB/s for a plain sum; and a decode step of torch ops
 spends as long again in per-op overhead (a few microseconds each, ~25 ops per MoE layer).
 
-`csrc/cpu_decode.c` has the batch-1 pieces of the model as plain C (AVX2 + FMA): a gemv that
-walks the rows front to back (one sequential stream, read at the speed of a sum), a SwiGLU MLP,
-RMSNorm, MLA's absorbed attention with its rope and cache write, and a whole MoE layer (router,
-experts, shared expert). models/model.py's torch code stays the reference and serves every batch;
-the kernels take over only for one float32 row on the CPU with torch on one thread (the runtime's
-default on small machines; more threads stay with torch, which spreads over cores) and outside
-autograd. tests/runtime/test_cpu_decode.py checks each against the torch code.
+`csrc/cpu_decode.c` has the batch-1 pieces of the model as plain C (AVX2 + FMA, and AVX-512F for
+bfloat16 weights where the CPU has it): a gemv that walks the rows front to back (one sequential
+stream, read at the speed of a sum), a SwiGLU MLP, RMSNorm, MLA's absorbed attention with its rope
+and cache write, and a whole MoE layer (router, experts, shared expert). models/model.py's torch code
+stays the reference and serves every batch; the kernels take over only for one float32 or bfloat16
+row on the CPU (weights and cache of the same dtype; bfloat16 is widened to float32 as it is read
+and the sums are float32) with torch on one thread (the runtime's default on small machines; more
+threads stay with torch, which spreads over cores) and outside autograd.
+tests/runtime/test_cpu_decode.py checks each against the torch code.
 
 They are a transform applied to a built model, not hooks in it: `use_cpu_decode_kernels` changes
 each layer they can compute, in place, to a subclass (Decode*) whose forward calls the kernel for
@@ -116,22 +118,25 @@ def _load():
                 path = _build()
                 lib = ctypes.CDLL(str(path))
                 ptr, long, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-                lib.moe_gemv_f32.argtypes = [ptr] * 3 + [long] * 2
-                lib.moe_swiglu_f32.argtypes = [ptr] * 6 + [f32, ctypes.c_int, long, long]
-                lib.moe_rmsnorm_f32.argtypes = [ptr] * 3 + [f32, long]
-                lib.moe_mla_attention_f32.argtypes = [ptr] * 14 + [ctypes.c_int, long, f32] + [long] * 8
-                lib.moe_moe_decode_f32.argtypes = [ptr] * 12 + [ctypes.c_int] * 3 + [f32] + [long] * 7
-                lib.moe_fp8_dequant.argtypes = [ptr] * 3 + [long] * 5 + [ctypes.c_int]
+                i32 = ctypes.c_int
+                lib.moe_gemv.argtypes = [ptr] * 4 + [long] * 2 + [i32]
+                lib.moe_swiglu.argtypes = [ptr] * 6 + [long, long, i32]
+                lib.moe_rmsnorm.argtypes = [ptr] * 4 + [f32, long, i32]
+                lib.moe_mla_attention.argtypes = [ptr] * 14 + [i32, long, f32] + [long] * 8 + [i32]
+                lib.moe_moe_decode.argtypes = [ptr] * 12 + [i32] * 3 + [f32] + [long] * 7 + [i32] * 2
+                lib.moe_fp8_dequant.argtypes = [ptr] * 3 + [long] * 5 + [i32]
+                lib.moe_simd_select.argtypes, lib.moe_simd_select.restype = [i32], i32
                 for fn in (
                     lib.moe_fp8_dequant,
-                    lib.moe_gemv_f32,
-                    lib.moe_swiglu_f32,
-                    lib.moe_rmsnorm_f32,
-                    lib.moe_mla_attention_f32,
-                    lib.moe_moe_decode_f32,
+                    lib.moe_gemv,
+                    lib.moe_swiglu,
+                    lib.moe_rmsnorm,
+                    lib.moe_mla_attention,
+                    lib.moe_moe_decode,
                 ):
                     fn.restype = None
-                log.info("cpu decode kernels: %s", path)
+                simd = "AVX-512F" if lib.moe_simd_select(1) else "AVX2"
+                log.info("cpu decode kernels: %s (bfloat16 weights read with %s)", path, simd)
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
                 lib = None
                 log.warning("cpu decode kernels: off (%s); torch's ops are used", e)
@@ -146,13 +151,16 @@ def available() -> bool:
     return _load() is not None
 
 
+DTYPES = (torch.float32, torch.bfloat16)  # the kernels' dtypes; the C's `bf` flag picks one
+
+
 def one_row(x: torch.Tensor) -> bool:
-    """Whether x [..., D] is one float32 row on the CPU, outside autograd, with torch on one
-    thread and the kernels loaded (by `available`): the calls below then apply (weights float32,
-    rows contiguous)."""
+    """Whether x [..., D] is one float32 or bfloat16 row on the CPU, outside autograd, with torch on
+    one thread and the kernels loaded (by `available`): the calls below then apply (weights of x's
+    dtype, rows contiguous)."""
     return (
         x.numel() == x.shape[-1]
-        and x.dtype == torch.float32
+        and x.dtype in DTYPES
         and x.device.type == "cpu"
         and not (torch.is_grad_enabled() and x.requires_grad)
         and torch.get_num_threads() == 1
@@ -160,33 +168,44 @@ def one_row(x: torch.Tensor) -> bool:
     )
 
 
-def f32_rows(*ws: torch.Tensor) -> bool:
-    """Whether weights are float32 with contiguous rows, as the kernels read them."""
-    return all(w.dtype == torch.float32 and w.is_contiguous() for w in ws)
+def kernel_rows(dtype: torch.dtype, *ws: torch.Tensor) -> bool:
+    """Whether weights are of `dtype` (float32 or bfloat16) with contiguous rows, as the kernels
+    read them."""
+    return dtype in DTYPES and all(w.dtype == dtype and w.is_contiguous() for w in ws)
+
+
+def is_bf16(x: torch.Tensor) -> int:
+    """The C's `bf` flag for x's dtype."""
+    return int(x.dtype == torch.bfloat16)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., in] (one row) @ w [out, in].T -> [..., out]."""
+    """x [..., in] (one row) @ w [out, in].T -> [..., out], in x's dtype (w's too)."""
     out, inn = w.shape
     x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], out)
-    _lib.moe_gemv_f32(w.data_ptr(), x.data_ptr(), y.data_ptr(), out, inn)
+    y = torch.empty(*x.shape[:-1], out, dtype=x.dtype)
+    scratch = torch.empty(inn + out)
+    _lib.moe_gemv(w.data_ptr(), x.data_ptr(), y.data_ptr(), scratch.data_ptr(), out, inn, is_bf16(x))
     return y
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; one float32 row on the CPU (batch-1 decode) takes the streaming gemv kernel."""
-    if one_row(x) and f32_rows(w):
+    """F.linear; one float32 or bfloat16 row on the CPU (batch-1 decode) takes the streaming gemv
+    kernel."""
+    if one_row(x) and kernel_rows(x.dtype, w):
         y = gemv(x, w)
         return y if bias is None else y + bias
     return F.linear(x, w, bias)
 
 
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """w * x / sqrt(mean(x^2) + eps) for one row x [..., D]."""
+    """w * x / sqrt(mean(x^2) + eps) for one row x [..., D] (w of x's dtype)."""
     x = x.contiguous()
     y = torch.empty_like(x)
-    _lib.moe_rmsnorm_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), eps, x.shape[-1])
+    scratch = torch.empty(x.shape[-1])
+    _lib.moe_rmsnorm(
+        x.data_ptr(), w.data_ptr(), y.data_ptr(), scratch.data_ptr(), eps, x.shape[-1], is_bf16(x)
+    )
     return y
 
 
@@ -200,14 +219,17 @@ class SwiGLU:
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
         self.weights = (gate, up, down)
+        self.dtype = gate.dtype  # the rows it takes (one_row's dtypes)
         self.ptrs = tuple(w.data_ptr() for w in self.weights)
         self.I, self.D = gate.shape  # noqa: E741 (legend)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        y = torch.empty(1, self.D)
-        h = torch.empty(self.I)
-        _lib.moe_swiglu_f32(*self.ptrs, x.data_ptr(), y.data_ptr(), h.data_ptr(), 1.0, 0, self.D, self.I)
+        y = torch.empty(1, self.D, dtype=self.dtype)
+        scratch = torch.empty(2 * self.D + self.I)
+        _lib.moe_swiglu(
+            *self.ptrs, x.data_ptr(), y.data_ptr(), scratch.data_ptr(), self.D, self.I, is_bf16(y)
+        )  # fmt: skip
         return y
 
 
@@ -216,9 +238,11 @@ ROUTE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
 class MoE:
     """models.model.MoE for one token x [1, D]: route (cfg's scoring, top-k method, groups,
-    scaling), the A chosen experts (gate_up [E, 2I, D], down [E, D, I]), the shared expert (gate,
+    scaling), the A chosen experts (gate_up [E, 2I, D], down [E, D, I], row-major or each expert's
+    matrix column-major as grouped_experts_layout stores bfloat16 experts), the shared expert (gate,
     up [Is, D], down [D, Is]) scaled by sigmoid(shared_scale . x) when given; the choice is
-    counted into tokens_per_expert [E] (int64, updated in place)."""
+    counted into tokens_per_expert [E] (int64, updated in place). `bias` (noaux_tc's) is read as
+    float32 (a float32 copy is kept if it is not)."""
 
     def __init__(
         self,
@@ -232,12 +256,15 @@ class MoE:
         tokens_per_expert: torch.Tensor,
     ):
         assert cfg.num_experts_per_tok <= 64  # the kernel's fixed-size choice arrays (callers check)
+        bias = bias.float() if bias is not None else None
         self.weights = (router, bias, gate_up, down, *(shared or (None, None, None)), shared_scale)
+        self.dtype = router.dtype
         self.counts = tokens_per_expert
         E, D = router.shape
         I = down.shape[-1]  # noqa: E741 (legend)
         Is = shared[0].shape[0] if shared is not None else 0
-        self.D, self.scratch_size = D, max(I, Is) + 2 * E + cfg.n_group + E // 4 + 1  # last E bytes: flags
+        self.D = D
+        self.scratch_size = 2 * D + max(2 * I, Is) + 2 * E + cfg.n_group + E // 4 + 1  # last E bytes: flags
         self.args = (
             *(None if w is None else w.data_ptr() for w in self.weights),
             tokens_per_expert.data_ptr(),
@@ -245,13 +272,14 @@ class MoE:
         self.config = (
             cfg.scoring_func == "sigmoid", ROUTE_METHODS[cfg.topk_method], cfg.norm_topk_prob,
             cfg.routed_scaling_factor, D, E, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, I, Is,
+            int(self.dtype == torch.bfloat16), int(not gate_up.is_contiguous()),
         )  # fmt: skip
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        y = torch.empty(1, self.D)
+        y = torch.empty(1, self.D, dtype=self.dtype)
         scratch = torch.empty(self.scratch_size)
-        _lib.moe_moe_decode_f32(x.data_ptr(), *self.args, y.data_ptr(), scratch.data_ptr(), *self.config)
+        _lib.moe_moe_decode(x.data_ptr(), *self.args, y.data_ptr(), scratch.data_ptr(), *self.config)
         return y
 
 
@@ -273,6 +301,7 @@ class MLAttention:
         scale: float,
     ):
         self.weights = (q_a, q_a_norm, q_b, kv_a, kv_a_norm, w_kv, o_proj)
+        self.dtype = q_b.dtype
         self.ptrs = tuple(None if w is None else w.data_ptr() for w in self.weights)
         H, P_Dv, C = w_kv.shape
         R = kv_a.shape[0] - C
@@ -281,7 +310,7 @@ class MLAttention:
         self.D = o_proj.shape[0]
         self.interleaved, self.scale = interleaved, scale
         self.dims = (self.D, Q, H, P, R, C, P_Dv - P)
-        self.scratch_size = Q + H * (P + R) + 3 * C + 2 * R + H * (P_Dv - P)
+        self.scratch_size = 2 * self.D + Q + H * (P + R) + 3 * C + 4 * R + H * (P_Dv - P)
 
     def __call__(
         self,
@@ -293,14 +322,15 @@ class MLAttention:
         slots: torch.Tensor,
     ) -> torch.Tensor:
         """x [1, D]; cos/sin [R/2] of its position; the new cache row at `slot` of cache
-        [slots, C + R] (float32); the context's rows `slots` [L] (the new one last) -> [1, D]."""
+        [slots, C + R]; the context's rows `slots` [L] (int64, the new one last) -> [1, D]. x,
+        cos, sin and the cache are of the weights' dtype."""
         x, slots, cos, sin = x.contiguous(), slots.contiguous(), cos.contiguous(), sin.contiguous()
         L = slots.shape[0]
-        y = torch.empty(1, self.D)
+        y = torch.empty(1, self.D, dtype=self.dtype)
         scratch = torch.empty(self.scratch_size + L)
-        _lib.moe_mla_attention_f32(
+        _lib.moe_mla_attention(
             x.data_ptr(), *self.ptrs, cos.data_ptr(), sin.data_ptr(), cache.data_ptr(), slots.data_ptr(),
-            y.data_ptr(), scratch.data_ptr(), self.interleaved, slot, self.scale, L, *self.dims,
+            y.data_ptr(), scratch.data_ptr(), self.interleaved, slot, self.scale, L, *self.dims, is_bf16(y),
         )  # fmt: skip
         return y
 
@@ -315,7 +345,7 @@ class DecodeLinear(nn.Linear):
 
 class DecodeRMSNorm(layers.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if one_row(x) and f32_rows(self.weight):
+        if one_row(x) and kernel_rows(x.dtype, self.weight):
             return rmsnorm(x, self.weight, self.eps)
         return super().forward(x)
 
@@ -330,7 +360,7 @@ class DecodeMLP(layers.MLP):
     decode: SwiGLU
 
     def forward(self, x):
-        if one_row(x):  # batch-1 decode: one C call
+        if one_row(x) and x.dtype == self.decode.dtype:  # batch-1 decode: one C call
             return self.decode(x)
         return super().forward(x)
 
@@ -339,7 +369,7 @@ class DecodeMoE(layers.MoE):
     decode: MoE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if one_row(x):  # batch-1 decode: router, experts and shared expert in one C call
+        if one_row(x) and x.dtype == self.decode.dtype:  # router, experts and shared expert: one C call
             return self.decode(x)
         return super().forward(x)
 
@@ -348,7 +378,8 @@ class DecodeMLAttention(layers.MLAttention):
     decode: MLAttention
 
     def forward(self, x, cos, sin, ctx, cache):
-        if cache is not None and cache.dtype == x.dtype and one_row(x):  # one C call
+        if one_row(x) and x.dtype == self.decode.dtype and cache is not None and cache.dtype == x.dtype:
+            # one C call
             slots = ctx.context_slots[0, : ctx.max_context]  # the one sequence's context, unpadded
             return self.decode(x, cos[0], sin[0], cache, int(ctx.slot_mapping[0]), slots)
         return super().forward(x, cos, sin, ctx, cache)
@@ -372,8 +403,9 @@ def use_cpu_decode_kernels(model: nn.Module) -> bool:
 
     A transform applied after the others (int8 quantization swaps in modules whose weights the
     kernels do not read): linear layers, RMSNorm and the experts' matmuls take the kernels' gemv
-    and norm for one float32 row; MLA attention, MoE layers and SwiGLU MLPs with float32 weights
-    and no biases get a prepared `decode` callable (one C call per layer). Every other case runs
+    and norm for one float32 or bfloat16 row; MLA attention, MoE layers and SwiGLU MLPs with float32
+    or bfloat16 weights (one dtype per layer) and no biases get a prepared `decode` callable (one C
+    call per layer). Every other case runs
     the torch code. Returns whether the kernels exist (False: the model is left as built).
     One rank's part of a tensor / expert parallel model is left to torch too: the layer kernels
     route and attend over the whole model's experts and heads.
@@ -385,6 +417,7 @@ def use_cpu_decode_kernels(model: nn.Module) -> bool:
     shard = getattr(model, "shard", None)
     if not available() or (shard is not None and shard.sharded):
         return False
+    grouped_experts_layout(model)  # before the kernels take the expert weights' addresses
     prepared = [(m, decode) for m in model.modules() if (decode := _layer_kernel(m)) is not None]
     for m in model.modules():
         if type(m) in LEAVES:
@@ -392,7 +425,6 @@ def use_cpu_decode_kernels(model: nn.Module) -> bool:
     for m, decode in prepared:
         m.__class__ = DECODE_CLASS[type(m)]
         m.decode = decode
-    grouped_experts_layout(model)
     return True
 
 
@@ -430,7 +462,13 @@ def _layer_kernel(m: nn.Module):
         gate = getattr(m, "shared_expert_gate", None)
         bias = getattr(m.gate, "e_score_correction_bias", None)
         weights = [m.gate.weight, bias, m.experts.gate_up_proj, m.experts.down_proj]
-        if (gate is None or _no_bias(gate)) and _rows(*weights, gate.weight if gate is not None else None):
+        dtype = m.gate.weight.dtype
+        if (
+            (gate is None or _no_bias(gate))
+            and _rows(m.gate.weight, gate.weight if gate is not None else None)
+            and _experts_rows(m.experts.gate_up_proj, m.experts.down_proj, dtype)
+            and (shared_decode is None or shared_decode.dtype == dtype)
+        ):
             return MoE(
                 m.gate.cfg,
                 *weights,
@@ -442,7 +480,18 @@ def _layer_kernel(m: nn.Module):
 
 
 def _rows(*ws) -> bool:
-    return all(w is None or f32_rows(w) for w in ws)
+    """Whether the given weights (None: absent) are of one kernel dtype with contiguous rows."""
+    given = [w for w in ws if w is not None]
+    return kernel_rows(given[0].dtype, *given)
+
+
+def _experts_rows(gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether stacked expert weights are of `dtype`, all row-major or all column-major per expert."""
+    if gate_up.dtype != dtype or down.dtype != dtype or dtype not in DTYPES:
+        return False
+    if gate_up.is_contiguous() and down.is_contiguous():
+        return True
+    return gate_up.transpose(-1, -2).is_contiguous() and down.transpose(-1, -2).is_contiguous()
 
 
 def _no_bias(*linears) -> bool:

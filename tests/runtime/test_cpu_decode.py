@@ -210,3 +210,160 @@ def test_without_kernels_torch_runs_and_says_why(env, expect, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "cpu decode kernels: " + expect in proc.stderr, proc.stderr
+
+
+# ---- bfloat16: weights, cache and rows in bfloat16, float32 sums ---------------------------------
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def simd(request):
+    """Each bfloat16 test on both loops: AVX-512F (where this CPU has it) and AVX2."""
+    used = cpu_decode._lib.moe_simd_select(int(request.param == "avx512"))
+    if request.param == "avx512" and not used:
+        pytest.skip("this CPU has no AVX-512F")
+    yield request.param
+    cpu_decode._lib.moe_simd_select(1)
+
+
+def bf16_close(got: torch.Tensor, want: torch.Tensor, ulps: float = 2.0) -> bool:
+    """Equal within a few bfloat16 roundings of the output's scale (torch rounds some intermediate
+    values to bfloat16 that the kernels keep in float32)."""
+    assert got.dtype == want.dtype == torch.bfloat16, (got.dtype, want.dtype)
+    tol = ulps * 2.0**-8 * want.float().abs().max().item()
+    return got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("out,inn", [(1, 1), (7, 13), (64, 768), (288, 768), (1000, 63), (129, 200)])
+def test_bf16_gemv_matches_linear(out, inn, simd):
+    g = torch.Generator().manual_seed(out * inn)
+    w, x = torch.randn(out, inn, generator=g).bfloat16(), torch.randn(1, inn, generator=g).bfloat16()
+    got = cpu_decode.linear(x, w)
+    # the float32 product of the same bfloat16 values, rounded once: what the kernel computes
+    assert torch.allclose(
+        got.float(), F.linear(x.float(), w.float()).bfloat16().float(), rtol=1e-2, atol=1e-3
+    )
+    assert bf16_close(got, F.linear(x, w), ulps=1)
+
+
+def test_bf16_rmsnorm_matches_the_torch_layer(simd):
+    from model_runtime.models.model import RMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    norm = RMSNorm(300, 1e-6).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(300, generator=g))
+    x = (torch.randn(1, 300, generator=g) * 5).bfloat16()
+    want = norm(x)
+    got = cpu_decode.rmsnorm(x, norm.weight, 1e-6)
+    assert bf16_close(got, want, ulps=1)
+
+
+def test_bf16_swiglu_matches_the_torch_expression(simd):
+    g = torch.Generator().manual_seed(2)
+    D, I = 40, 24  # noqa: E741 (legend)
+    gate, up, down = (torch.randn(*s, generator=g).bfloat16() for s in ((I, D), (I, D), (D, I)))
+    x = torch.randn(1, D, generator=g).bfloat16()
+    want = F.linear(F.silu(x @ gate.T) * (x @ up.T), down)
+    assert bf16_close(cpu_decode.SwiGLU(gate, up, down)(x), want, ulps=4)
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 12])
+def test_bf16_mla_attention_kernel_matches_the_torch_layer(q_lora_rank, simd):
+    cfg = ModelConfig(
+        architecture="DeepseekV3ForCausalLM",
+        attention="mla",
+        hidden_size=64,
+        num_attention_heads=3,
+        q_lora_rank=q_lora_rank,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        rope_interleave=True,
+    )
+    attn = random_(MLAttention(cfg), 4).bfloat16()
+    bs, L = 4, 11
+    table = [5, 2, 7]
+    slot = table[(L - 1) // bs] * bs + (L - 1) % bs
+    batch = PagedBatch(
+        positions=torch.tensor([L - 1]),
+        slot_mapping=torch.tensor([slot]),
+        block_tables=torch.tensor([table]),
+        context_lens=torch.tensor([L]),
+        query_start=torch.tensor([0, 1]),
+        logits_indices=torch.tensor([0]),
+        block_size=bs,
+    )
+    ctx = PagedContext.build(batch, None)
+    g = torch.Generator().manual_seed(5)
+    cache = torch.randn(8 * bs, cfg.kv_lora_rank + cfg.qk_rope_head_dim, generator=g).bfloat16()
+    x = torch.randn(1, 64, generator=g).bfloat16()
+    angle = torch.randn(1, 4, generator=g)
+    cos, sin = angle.cos().bfloat16(), angle.sin().bfloat16()
+    with torch.inference_mode():
+        want_cache = cache.clone()
+        want = attn(x, cos, sin, ctx, want_cache)  # the torch code, in bfloat16
+        assert use_cpu_decode_kernels(attn) and attn.decode is not None
+        got = attn(x, cos, sin, ctx, cache)
+    assert cache.dtype == torch.bfloat16
+    assert bf16_close(cache, want_cache, ulps=2)
+    assert bf16_close(got, want, ulps=6)
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
+def test_bf16_moe_kernel_matches_the_torch_layer(name, layout, simd):
+    cfg = ModelConfig(
+        hidden_size=64, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, **ROUTERS[name]
+    )
+    moe = random_(MoE(cfg), 6).bfloat16()
+    if layout == "column-major":  # as the engine keeps bfloat16 experts (grouped_experts_layout)
+        cpu_decode.grouped_experts_layout(moe)
+        assert not moe.experts.gate_up_proj.is_contiguous()
+    xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(20)]
+    with torch.inference_mode():
+        want = [moe(x.expand(2, 64))[:1] for x in xs]
+        torch_counts = moe.tokens_per_expert.clone()
+        moe.tokens_per_expert.zero_()
+        assert use_cpu_decode_kernels(moe) and moe.decode is not None
+        got = [moe(x) for x in xs]
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert bf16_close(a, b, ulps=6), (name, i)
+    assert torch.equal(moe.tokens_per_expert, torch_counts // 2)
+
+
+@pytest.mark.parametrize("builtin", ["tiny-deepseek-v3", "tiny-mixtral"])
+def test_a_bf16_model_decodes_with_the_kernels_as_closely_as_torch(builtin, monkeypatch):
+    """A bfloat16 model's decode steps take the kernels (one C call per MoE / MLA layer), and its
+    logits are as close to the float32 model's (same bfloat16 weights) as torch's own bfloat16 run.
+    (Greedy tokens of these random tiny models part ways after a few steps under any change of
+    rounding, torch's bfloat16 against float32 too, so the logits are compared.)"""
+    model = load_model(f"builtin:{builtin}", dtype=torch.bfloat16).eval()
+    reference = load_model(f"builtin:{builtin}", dtype=torch.bfloat16).eval().float()
+    layer = cpu_decode.MLAttention if builtin == "tiny-deepseek-v3" else cpu_decode.MoE
+    calls = {"n": 0}
+    real = layer.__call__
+
+    def counting(self, *args):
+        calls["n"] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(layer, "__call__", counting)
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=1, num_kv_blocks=64, block_size=4))
+    engine.add_request("r", list(range(3, 40)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+    assert len(tokens) == 8 and calls["n"] >= 7 * model.config.num_hidden_layers - 2  # every decode step
+    assert type(model.lm_head) is cpu_decode.DecodeLinear
+    with torch.inference_mode():  # one token each (a decode step without context): the kernels run
+        ids = [torch.tensor([[t]]) for t in range(3, 13)]
+        want = torch.cat([reference(i) for i in ids])
+        got = torch.cat([model(i) for i in ids])
+        monkeypatch.setattr(cpu_decode, "_lib", None)
+        torch_bf16 = torch.cat([model(i) for i in ids])
+    # per token; a router's near-tie (top scores 0.003 apart) can pick another expert for one token
+    err, torch_err = (got - want).abs().amax(-1), (torch_bf16 - want).abs().amax(-1).max()
+    assert (err <= 1.5 * torch_err).sum() >= 9, (err, torch_err)
+    assert (got.argmax(-1) == want.argmax(-1)).sum() >= 9

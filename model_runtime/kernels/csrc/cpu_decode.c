@@ -1,20 +1,74 @@
-/* Batch-1 decode on the CPU (AVX2 + FMA, float32, one thread): model_runtime/cpu_decode.py.
+/* Batch-1 decode on the CPU (one thread, fp32 accumulation): model_runtime/kernels/cpu_decode.py.
  *
- * moe_gemv_f32:          y[o] = sum_i W[o, i] * x[i]   for o < out, i < in
- * moe_swiglu_f32:        y (+)= scale * down @ (silu(gate @ x) * (up @ x)), one expert or MLP
- * moe_rmsnorm_f32:       y = w * x / sqrt(mean(x^2) + eps)
- * moe_mla_attention_f32: a whole MLA attention layer for one new token (model.MLAttention)
- * moe_moe_decode_f32:    a whole MoE layer for one token (model.MoE)
+ * moe_gemv:          y[o] = sum_i W[o, i] * x[i]   for o < out, i < in
+ * moe_swiglu:        y = down @ (silu(gate @ x) * (up @ x)), a dense MLP or a shared expert
+ * moe_rmsnorm:       y = w * x / sqrt(mean(x^2) + eps)
+ * moe_mla_attention: a whole MLA attention layer for one new token (model.MLAttention)
+ * moe_moe_decode:    a whole MoE layer for one token (model.MoE)
  *
- * Every W is row-major with contiguous rows ([out, in], row stride `in`). A decode step reads
- * every weight once, so its speed is the speed at which one core streams weights from memory.
- * The rows are taken one at a time, front to back, so the whole matrix is a single sequential
- * stream that the hardware prefetcher follows; eight independent accumulators keep enough loads
- * in flight. Taking several rows at once (what BLAS gemv does) makes several streams and reads at
- * about half the speed on the machines this was measured on. See model_runtime/cpu_decode.py.
+ * Each takes `bf`: 0 when the weights, the cache and the layer's input and output are float32, 1 when
+ * they are bfloat16. Either way the arithmetic is float32: bfloat16 values are widened as they are
+ * read (a bfloat16 is the top half of a float32: a 16-bit shift) and results rounded to nearest even
+ * when stored. Vectors the caller makes for the kernel (the router's bias, slots) are float32 / int64.
+ *
+ * Every W is row-major with contiguous rows ([out, in], row stride `in`), except the routed experts
+ * of moe_moe_decode with `experts_t` (each expert's matrix stored transposed, as the engine keeps
+ * bfloat16 experts for torch's grouped GEMM). A decode step reads every weight once, so its speed is
+ * the speed at which one core streams weights from memory. The rows are taken one at a time, front
+ * to back, so the whole matrix is a single sequential stream that the hardware prefetcher follows;
+ * eight independent accumulators keep enough loads in flight. Taking several rows at once (what
+ * BLAS gemv does) makes several streams and reads at about half the speed on the machines this was
+ * measured on. A transposed matrix is read the same way, a row at a time, each row scaled into an
+ * accumulator of its `out` outputs (axpy). See model_runtime/kernels/cpu_decode.py.
+ *
+ * The file is compiled for AVX2 + FMA; the bfloat16 loops also have an AVX-512F version, chosen at
+ * load time when the CPU has it (__builtin_cpu_supports), so one build runs on both.
  */
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
+
+typedef uint16_t bf16;
+
+static inline float bf2f(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f2bf(float f) {
+    /* round to nearest even; NaN stays NaN */
+    uint32_t bits;
+    __builtin_memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u)
+        return (bf16)((bits >> 16) | 0x40);
+    return (bf16)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* element i of a float32 (bf = 0) or bfloat16 (bf = 1) array, and the address of row r of n */
+static inline float get(const void *p, long i, int bf) {
+    return bf ? bf2f(((const bf16 *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline const void *row(const void *p, long r, long n, int bf) {
+    return (const char *)p + r * n * (bf ? 2 : 4);
+}
+
+static void load(float *dst, const void *src, long n, int bf) {
+    for (long i = 0; i < n; i++)
+        dst[i] = get(src, i, bf);
+}
+
+static void store(void *dst, const float *src, long n, int bf) {
+    if (bf) {
+        for (long i = 0; i < n; i++)
+            ((bf16 *)dst)[i] = f2bf(src[i]);
+    } else {
+        for (long i = 0; i < n; i++)
+            ((float *)dst)[i] = src[i];
+    }
+}
 
 static inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -24,7 +78,7 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-static float dot(const float *w, const float *x, long in) {
+static float dot_f32(const float *w, const float *x, long in) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     long i = 0;
     for (; i + 64 <= in; i += 64) {
@@ -47,36 +101,7 @@ static float dot(const float *w, const float *x, long in) {
     return s;
 }
 
-void moe_gemv_f32(const float *W, const float *x, float *y, long out, long in) {
-    for (long o = 0; o < out; o++)
-        y[o] = dot(W + o * in, x, in);
-}
-
-void moe_swiglu_f32(const float *gate, const float *up, const float *down, const float *x, float *y,
-                    float *h, float scale, int accumulate, long D, long I) {
-    /* gate, up [I, D] and down [D, I] row-major; h [I] scratch. Each matrix is read front to back. */
-    for (long i = 0; i < I; i++)
-        h[i] = dot(gate + i * D, x, D);
-    for (long i = 0; i < I; i++) {
-        float g = h[i];
-        h[i] = g / (1.0f + expf(-g)) * dot(up + i * D, x, D);
-    }
-    for (long o = 0; o < D; o++) {
-        float v = scale * dot(down + o * I, h, I);
-        y[o] = accumulate ? y[o] + v : v;
-    }
-}
-
-void moe_rmsnorm_f32(const float *x, const float *w, float *y, float eps, long D) {
-    double ss = 0.0;
-    for (long i = 0; i < D; i++)
-        ss += (double)x[i] * x[i];
-    float r = 1.0f / sqrtf((float)(ss / D) + eps);
-    for (long i = 0; i < D; i++)
-        y[i] = w[i] * (x[i] * r);
-}
-
-static void axpy(float *y, float a, const float *x, long n) {
+static void axpy_f32(float *y, float a, const float *x, long n) {
     /* y += a * x */
     __m256 av = _mm256_set1_ps(a);
     long i = 0;
@@ -84,6 +109,183 @@ static void axpy(float *y, float a, const float *x, long n) {
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++)
         y[i] += a * x[i];
+}
+
+/* bfloat16 weights, AVX2: 8 values widened per load */
+static inline __m256 widen8(const bf16 *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static float dot_bf16_avx2(const bf16 *w, const float *x, long in) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    long i = 0;
+    for (; i + 64 <= in; i += 64) {
+        a0 = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(widen8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(widen8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(widen8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+        a4 = _mm256_fmadd_ps(widen8(w + i + 32), _mm256_loadu_ps(x + i + 32), a4);
+        a5 = _mm256_fmadd_ps(widen8(w + i + 40), _mm256_loadu_ps(x + i + 40), a5);
+        a6 = _mm256_fmadd_ps(widen8(w + i + 48), _mm256_loadu_ps(x + i + 48), a6);
+        a7 = _mm256_fmadd_ps(widen8(w + i + 56), _mm256_loadu_ps(x + i + 56), a7);
+    }
+    for (; i + 8 <= in; i += 8)
+        a0 = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a0);
+    a0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                       _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
+    float s = hsum256(a0);
+    for (; i < in; i++)
+        s += bf2f(w[i]) * x[i];
+    return s;
+}
+
+static void axpy_bf16_avx2(float *y, float a, const bf16 *x, long n) {
+    __m256 av = _mm256_set1_ps(a);
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, widen8(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] += a * bf2f(x[i]);
+}
+
+/* bfloat16 weights, AVX-512F: 16 values widened per load */
+#define AVX512 __attribute__((target("avx512f")))
+
+AVX512 static inline __m512 widen16(const bf16 *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+AVX512 static float dot_bf16_avx512(const bf16 *w, const float *x, long in) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    long i = 0;
+    for (; i + 128 <= in; i += 128) {
+        a0 = _mm512_fmadd_ps(widen16(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(widen16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(widen16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(widen16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+        a4 = _mm512_fmadd_ps(widen16(w + i + 64), _mm512_loadu_ps(x + i + 64), a4);
+        a5 = _mm512_fmadd_ps(widen16(w + i + 80), _mm512_loadu_ps(x + i + 80), a5);
+        a6 = _mm512_fmadd_ps(widen16(w + i + 96), _mm512_loadu_ps(x + i + 96), a6);
+        a7 = _mm512_fmadd_ps(widen16(w + i + 112), _mm512_loadu_ps(x + i + 112), a7);
+    }
+    for (; i + 16 <= in; i += 16)
+        a0 = _mm512_fmadd_ps(widen16(w + i), _mm512_loadu_ps(x + i), a0);
+    a0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
+                       _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
+    float s = _mm512_reduce_add_ps(a0);
+    for (; i < in; i++)
+        s += bf2f(w[i]) * x[i];
+    return s;
+}
+
+AVX512 static void axpy_bf16_avx512(float *y, float a, const bf16 *x, long n) {
+    __m512 av = _mm512_set1_ps(a);
+    long i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, widen16(x + i), _mm512_loadu_ps(y + i)));
+    for (; i < n; i++)
+        y[i] += a * bf2f(x[i]);
+}
+
+static float (*dot_bf16)(const bf16 *, const float *, long) = dot_bf16_avx2;
+static void (*axpy_bf16)(float *, float, const bf16 *, long) = axpy_bf16_avx2;
+
+int moe_simd_select(int avx512) {
+    /* the bfloat16 loops as AVX-512 when asked for (avx512 = 1) and the CPU has it, else AVX2;
+     * returns which (1: AVX-512). Loading picks AVX-512 where it can; the tests call it to check
+     * both. */
+    __builtin_cpu_init();
+    int use = avx512 && __builtin_cpu_supports("avx512f");
+    dot_bf16 = use ? dot_bf16_avx512 : dot_bf16_avx2;
+    axpy_bf16 = use ? axpy_bf16_avx512 : axpy_bf16_avx2;
+    return use;
+}
+
+__attribute__((constructor)) static void choose_simd(void) {
+    moe_simd_select(1);
+}
+
+static inline float dot(const void *w, const float *x, long in, int bf) {
+    return bf ? dot_bf16((const bf16 *)w, x, in) : dot_f32((const float *)w, x, in);
+}
+
+static inline void axpy(float *y, float a, const void *x, long n, int bf) {
+    if (bf)
+        axpy_bf16(y, a, (const bf16 *)x, n);
+    else
+        axpy_f32(y, a, (const float *)x, n);
+}
+
+static void gemv(const void *W, const float *x, float *y, long out, long in, int bf) {
+    for (long o = 0; o < out; o++)
+        y[o] = dot(row(W, o, in, bf), x, in, bf);
+}
+
+static void swiglu(const void *gate, const void *up, const void *down, const float *x, float *y, float *h,
+                   float scale, long D, long I, int bf) {
+    /* y += scale * down @ (silu(gate @ x) * (up @ x)): gate, up [I, D] and down [D, I] row-major;
+     * h [I] scratch. Each matrix is read front to back. */
+    for (long i = 0; i < I; i++)
+        h[i] = dot(row(gate, i, D, bf), x, D, bf);
+    for (long i = 0; i < I; i++) {
+        float g = h[i];
+        h[i] = g / (1.0f + expf(-g)) * dot(row(up, i, D, bf), x, D, bf);
+    }
+    for (long o = 0; o < D; o++)
+        y[o] += scale * dot(row(down, o, I, bf), h, I, bf);
+}
+
+static void swiglu_t(const void *gate_up_t, const void *down_t, const float *x, float *y, float *h, float scale,
+                     long D, long I, int bf) {
+    /* the same with transposed weights: gate_up_t [D, 2I] (gate columns, then up columns), down_t
+     * [I, D]; h [2I] scratch. Each row scaled into the outputs: one stream per matrix. */
+    for (long j = 0; j < 2 * I; j++)
+        h[j] = 0.0f;
+    for (long d = 0; d < D; d++)
+        axpy(h, x[d], row(gate_up_t, d, 2 * I, bf), 2 * I, bf);
+    for (long i = 0; i < I; i++)
+        h[i] = scale * h[i] / (1.0f + expf(-h[i])) * h[I + i];
+    for (long i = 0; i < I; i++)
+        axpy(y, h[i], row(down_t, i, D, bf), D, bf);
+}
+
+static void rmsnorm(const float *x, const void *w, float *y, float eps, long D, int bf) {
+    /* y = w * x / sqrt(mean(x^2) + eps); for bfloat16 the normalised x is rounded before the
+     * weight, as model.RMSNorm does */
+    double ss = 0.0;
+    for (long i = 0; i < D; i++)
+        ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / D) + eps);
+    for (long i = 0; i < D; i++)
+        y[i] = get(w, i, bf) * (bf ? bf2f(f2bf(x[i] * r)) : x[i] * r);
+}
+
+/* ---- the entry points: the layer's input and output in its dtype, float32 scratch --------------- */
+
+void moe_gemv(const void *W, const void *x, void *y, float *scratch, long out, long in, int bf) {
+    /* scratch [in + out] */
+    float *x32 = scratch, *y32 = scratch + in;
+    load(x32, x, in, bf);
+    gemv(W, x32, y32, out, in, bf);
+    store(y, y32, out, bf);
+}
+
+void moe_swiglu(const void *gate, const void *up, const void *down, const void *x, void *y, float *scratch,
+                long D, long I, int bf) {
+    /* scratch [2D + I] */
+    float *x32 = scratch, *y32 = scratch + D, *h = y32 + D;
+    load(x32, x, D, bf);
+    for (long o = 0; o < D; o++)
+        y32[o] = 0.0f;
+    swiglu(gate, up, down, x32, y32, h, 1.0f, D, I, bf);
+    store(y, y32, D, bf);
+}
+
+void moe_rmsnorm(const void *x, const void *w, void *y, float *scratch, float eps, long D, int bf) {
+    /* scratch [D] */
+    load(scratch, x, D, bf);
+    rmsnorm(scratch, w, scratch, eps, D, bf);
+    store(y, scratch, D, bf);
 }
 
 static void rope(float *out, const float *x, const float *cos, const float *sin, long R, int interleaved) {
@@ -97,36 +299,37 @@ static void rope(float *out, const float *x, const float *cos, const float *sin,
 }
 
 static void mla_decode(const float *q, const float *c, const float *k_rope, const float *cos,
-                        const float *sin, const float *w_kv, float *cache, const long *slots, float *out,
-                        float *scratch, int interleaved, long slot, float scale, long L, long H, long P,
-                        long R, long C, long Dv) {
+                       const float *sin, const void *w_kv, void *cache, const long *slots, float *out,
+                       float *scratch, int interleaved, long slot, float scale, long L, long H, long P,
+                       long R, long C, long Dv, int bf) {
     /* Multi-head latent attention of one new token, as model.MLAttention computes it with kv_b_proj
      * absorbed (that code serves any batch; this is its batch-1 decode step in one call):
      *   q [H, P + R] (no-rope, then rope part), c [C] (normed latent), k_rope [R], cos/sin [R/2]:
      *   the new token's; w_kv [H, P + Dv, C]: per head, P rows mapping the latent to keys, then Dv
-     *   rows to values; cache [slots, C + R] rows (latent, roped key); slot: the row this token
-     *   writes; slots [L]: its context's rows in order, itself last; out [H, Dv];
-     *   scratch [2C + L + R].
+     *   rows to values; cache [slots, C + R] rows (latent, roped key) in the layer's dtype; slot: the
+     *   row this token writes; slots [L]: its context's rows in order, itself last; out [H, Dv];
+     *   scratch [2C + L + 2R].
      * The new row is written first: cache[slot] = (c, rope(k_rope)). Per head: q_latent =
      * q_nope @ W_uk [C]; s_l = scale (q_latent . c_l + rope(q_rope) . k_l); p = softmax(s);
      * o_latent = sum_l p_l c_l [C]; out = W_uv @ o_latent [Dv]. No mask: one new token sees its
      * whole context (MLA models use no sliding window). */
-    float *row = cache + slot * (C + R);
-    for (long i = 0; i < C; i++)
-        row[i] = c[i];
-    rope(row + C, k_rope, cos, sin, R, interleaved);
-    float *ql = scratch, *ol = scratch + C, *qr = scratch + 2 * C, *s = scratch + 2 * C + R;
+    float *ql = scratch, *ol = scratch + C, *qr = scratch + 2 * C, *kr = qr + R, *s = kr + R;
+    void *new_row = (void *)row(cache, slot, C + R, bf);
+    store(new_row, c, C, bf);
+    rope(kr, k_rope, cos, sin, R, interleaved);
+    store((char *)new_row + C * (bf ? 2 : 4), kr, R, bf);
     for (long h = 0; h < H; h++) {
-        const float *qh = q + h * (P + R), *wk = w_kv + h * (P + Dv) * C, *wv = wk + P * C;
+        const float *qh = q + h * (P + R);
+        const void *wk = row(w_kv, h, (P + Dv) * C, bf), *wv = row(wk, P, C, bf);
         rope(qr, qh + P, cos, sin, R, interleaved);
         for (long i = 0; i < C; i++)
             ql[i] = 0.0f;
         for (long p = 0; p < P; p++)
-            axpy(ql, qh[p], wk + p * C, C);
+            axpy(ql, qh[p], row(wk, p, C, bf), C, bf);
         float m = -INFINITY;
         for (long l = 0; l < L; l++) {
-            const float *cl = cache + slots[l] * (C + R);
-            s[l] = scale * (dot(cl, ql, C) + dot(cl + C, qr, R));
+            const void *cl = row(cache, slots[l], C + R, bf);
+            s[l] = scale * (dot(cl, ql, C, bf) + dot(row(cl, C, 1, bf), qr, R, bf));
             if (s[l] > m)
                 m = s[l];
         }
@@ -138,45 +341,40 @@ static void mla_decode(const float *q, const float *c, const float *k_rope, cons
         for (long i = 0; i < C; i++)
             ol[i] = 0.0f;
         for (long l = 0; l < L; l++)
-            axpy(ol, s[l] / total, cache + slots[l] * (C + R), C);
+            axpy(ol, s[l] / total, row(cache, slots[l], C + R, bf), C, bf);
         for (long d = 0; d < Dv; d++)
-            out[h * Dv + d] = dot(wv + d * C, ol, C);
+            out[h * Dv + d] = dot(row(wv, d, C, bf), ol, C, bf);
     }
 }
 
-void moe_mla_attention_f32(const float *x, const float *q_a, const float *q_a_norm, const float *q_b,
-                           const float *kv_a, const float *kv_a_norm, const float *w_kv, const float *o_proj,
-                           const float *cos, const float *sin, float *cache, const long *slots, float *y,
-                           float *scratch, int interleaved, long slot, float scale, long L, long D, long Q,
-                           long H, long P, long R, long C, long Dv) {
+void moe_mla_attention(const void *x, const void *q_a, const void *q_a_norm, const void *q_b, const void *kv_a,
+                       const void *kv_a_norm, const void *w_kv, const void *o_proj, const void *cos,
+                       const void *sin, void *cache, const long *slots, void *y, float *scratch, int interleaved,
+                       long slot, float scale, long L, long D, long Q, long H, long P, long R, long C, long Dv,
+                       int bf) {
     /* model.MLAttention.forward for one new token with the paged cache (no biases): x [D] (normed
      * hidden state) -> y [D]. q_a [Q, D] and q_a_norm [Q] with q_b [H (P + R), Q], or q_a NULL and
      * q_b the full q_proj [H (P + R), D]; kv_a [C + R, D], kv_a_norm [C]; w_kv [H, P + Dv, C];
-     * o_proj [D, H Dv]; the rest as in mla_decode. scratch [Q + H (P + R) + 3C + 2R + H Dv + L].
-     * Norm epsilon 1e-6 (model.MLAttention's). */
-    float *qa = scratch, *q = qa + Q, *kv = q + H * (P + R), *att = kv + C + R, *rest = att + H * Dv;
-    const float *q_in = x;
+     * o_proj [D, H Dv]; cos/sin [R/2]; the rest as in mla_decode. Norm epsilon 1e-6
+     * (model.MLAttention's). scratch [2D + R + Q + H (P + R) + 3C + 3R + H Dv + L]. */
+    float *x32 = scratch, *y32 = x32 + D, *cs = y32 + D, *qa = cs + R, *q = qa + Q, *kv = q + H * (P + R),
+          *att = kv + C + R, *rest = att + H * Dv;
+    load(x32, x, D, bf);
+    load(cs, cos, R / 2, bf);
+    load(cs + R / 2, sin, R / 2, bf);
+    const float *q_in = x32;
     if (q_a) {
-        moe_gemv_f32(q_a, x, qa, Q, D);
-        moe_rmsnorm_f32(qa, q_a_norm, qa, 1e-6f, Q);
+        gemv(q_a, x32, qa, Q, D, bf);
+        rmsnorm(qa, q_a_norm, qa, 1e-6f, Q, bf);
         q_in = qa;
     }
-    moe_gemv_f32(q_b, q_in, q, H * (P + R), q_a ? Q : D);
-    moe_gemv_f32(kv_a, x, kv, C + R, D);
-    moe_rmsnorm_f32(kv, kv_a_norm, kv, 1e-6f, C);
-    mla_decode(q, kv, kv + C, cos, sin, w_kv, cache, slots, att, rest, interleaved, slot, scale, L, H, P, R,
-               C, Dv);
-    moe_gemv_f32(o_proj, att, y, D, H * Dv);
-}
-
-void moe_experts_swiglu_f32(const float *gate_up, const float *down, const float *x, const long *ids,
-                            const float *weights, float *y, float *h, long A, long D, long I) {
-    /* y = sum_a weights[a] * expert ids[a](x): gate_up [E, 2I, D] (gate rows, then up rows) and
-     * down [E, D, I]; one token's A chosen experts, each read once, front to back. */
-    for (long a = 0; a < A; a++) {
-        const float *gu = gate_up + ids[a] * 2 * I * D;
-        moe_swiglu_f32(gu, gu + I * D, down + ids[a] * D * I, x, y, h, weights[a], a > 0, D, I);
-    }
+    gemv(q_b, q_in, q, H * (P + R), q_a ? Q : D, bf);
+    gemv(kv_a, x32, kv, C + R, D, bf);
+    rmsnorm(kv, kv_a_norm, kv, 1e-6f, C, bf);
+    mla_decode(q, kv, kv + C, cs, cs + R / 2, w_kv, cache, slots, att, rest, interleaved, slot, scale, L, H, P,
+               R, C, Dv, bf);
+    gemv(o_proj, att, y32, D, H * Dv, bf);
+    store(y, y32, D, bf);
 }
 
 enum { ROUTE_GREEDY = 0, ROUTE_GROUP_LIMITED_GREEDY = 1, ROUTE_NOAUX_TC = 2 };
@@ -190,27 +388,30 @@ static long argmax_unpicked(const float *v, const char *picked, long n) {
     return best;
 }
 
-void moe_moe_decode_f32(const float *x, const float *router, const float *bias, const float *gate_up,
-                        const float *down, const float *shared_gate, const float *shared_up,
-                        const float *shared_down, const float *shared_scale, long *tokens_per_expert,
-                        float *y, float *scratch, int sigmoid_scores, int method, int norm_topk,
-                        float scaling, long D, long E, long A, long G, long topk_group, long I, long Is) {
+void moe_moe_decode(const void *x, const void *router, const float *bias, const void *gate_up, const void *down,
+                    const void *shared_gate, const void *shared_up, const void *shared_down,
+                    const void *shared_scale, long *tokens_per_expert, void *y, float *scratch,
+                    int sigmoid_scores, int method, int norm_topk, float scaling, long D, long E, long A, long G,
+                    long topk_group, long I, long Is, int bf, int experts_t) {
     /* model.MoE for one token (router, A routed experts, shared experts), the batch-1 decode step
      * in one call; the torch code in model.py is the reference and serves any batch.
-     *   router [E, D]; bias [E] or NULL (noaux_tc's e_score_correction_bias); experts gate_up
-     *   [E, 2I, D], down [E, D, I]; shared expert gate/up [Is, D], down [D, Is] or NULL; shared_scale
-     *   [D] or NULL (Qwen2-MoE's sigmoid gate row); tokens_per_expert [E] counts the choice;
-     *   y [D]; scratch [max(I, Is) + 2E + G + E bytes].
+     *   router [E, D]; bias [E] (float32) or NULL (noaux_tc's e_score_correction_bias); experts
+     *   gate_up [E, 2I, D], down [E, D, I], or with experts_t each expert's matrix transposed
+     *   (gate_up [E, D, 2I], down [E, I, D] in memory); shared expert gate/up [Is, D], down [D, Is]
+     *   or NULL; shared_scale [D] or NULL (Qwen2-MoE's sigmoid gate row); tokens_per_expert [E]
+     *   counts the choice; y [D]; scratch [2D + max(2I, Is) + 2E + G + E bytes].
      * Routing: scores = softmax(logits) or sigmoid(logits); choice = scores (+ bias); with groups,
      * only the topk_group best groups (group max, or noaux_tc's sum of its top two) stay
      * eligible; the A best choices win; weights = their scores, renormalised if norm_topk, times
      * scaling. Ties go to the lower index (torch.topk leaves them unspecified). */
-    long Ih = I > Is ? I : Is;
-    float *h = scratch, *scores = scratch + Ih, *choice = scores + E, *group = choice + E;
+    long Ih = 2 * I > Is ? 2 * I : Is;
+    float *x32 = scratch, *y32 = x32 + D, *h = y32 + D, *scores = h + Ih, *choice = scores + E,
+          *group = choice + E;
     char *picked = (char *)(group + G);
+    load(x32, x, D, bf);
     float m = -INFINITY;
     for (long e = 0; e < E; e++) {
-        scores[e] = dot(router + e * D, x, D);
+        scores[e] = dot(row(router, e, D, bf), x32, D, bf);
         if (scores[e] > m)
             m = scores[e];
     }
@@ -262,13 +463,23 @@ void moe_moe_decode_f32(const float *x, const float *router, const float *bias, 
     }
     for (long a = 0; a < A; a++)
         weights[a] = (norm_topk ? weights[a] / (total + (sigmoid_scores ? 1e-20f : 0.0f)) : weights[a]) * scaling;
-    moe_experts_swiglu_f32(gate_up, down, x, ids, weights, y, h, A, D, I);
+    for (long o = 0; o < D; o++)
+        y32[o] = 0.0f;
+    for (long a = 0; a < A; a++) {
+        /* each chosen expert read once, front to back */
+        const void *gu = row(gate_up, ids[a], 2 * I * D, bf), *dn = row(down, ids[a], D * I, bf);
+        if (experts_t)
+            swiglu_t(gu, dn, x32, y32, h, weights[a], D, I, bf);
+        else
+            swiglu(gu, row(gu, I, D, bf), dn, x32, y32, h, weights[a], D, I, bf);
+    }
     if (shared_gate) {
         float s = 1.0f;
         if (shared_scale)
-            s = 1.0f / (1.0f + expf(-dot(shared_scale, x, D)));
-        moe_swiglu_f32(shared_gate, shared_up, shared_down, x, y, h, s, 1, D, Is);
+            s = 1.0f / (1.0f + expf(-dot(shared_scale, x32, D, bf)));
+        swiglu(shared_gate, shared_up, shared_down, x32, y32, h, s, D, Is, bf);
     }
+    store(y, y32, D, bf);
 }
 
 /* moe_fp8_dequant: an FP8 (e4m3fn) block-quantized weight to float32 (out_bf16 = 0) or bfloat16
