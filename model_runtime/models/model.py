@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_runtime.distributed.shard import Shard
+from model_runtime.kernels import paged_attention as paged_kernel
 from model_runtime.models.config import ModelConfig
 from model_runtime.models.paged import PagedBatch
 
@@ -136,6 +137,10 @@ class PagedContext:
     num_seqs: int  # S
     max_new: int  # Q
     max_context: int  # the longest sequence's context (L is this padded to whole blocks)
+    block_tables: torch.Tensor  # [S, B] physical blocks of each sequence (decode reads them in place)
+    context_lens: torch.Tensor  # [S] tokens in the cache per sequence, this step's included
+    block_size: int
+    sliding_window: int | None
 
     @classmethod
     def build(cls, batch: PagedBatch, sliding_window: int | None) -> PagedContext:
@@ -165,7 +170,31 @@ class PagedContext:
         mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, Q, L] causal; also hides other sequences' tails
         if sliding_window is not None:
             mask &= pos[None, None, :] > q_pos[:, :, None] - sliding_window
-        return cls(batch.slot_mapping, context_slots, mask[:, None], token_seq, token_offset, S, Q, max_context)
+        return cls(
+            batch.slot_mapping,
+            context_slots,
+            mask[:, None],
+            token_seq,
+            token_offset,
+            S,
+            Q,
+            max_context,
+            batch.block_tables,
+            batch.context_lens,
+            bs,
+            sliding_window,
+        )
+
+    def in_place_decode(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
+        """Whether this step's attention reads the cache in place (kernels/paged_attention.py):
+        one new token per sequence, bfloat16 on the CPU, the kernel loaded."""
+        return paged_kernel.applies(q, cache, self.max_new, self.token_seq is None)
+
+    def decode_in_place(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):
+        """q [S, H, E]; keys [slots, K, E], values [slots, K, Ev] views of the cache -> [S, H, Ev]."""
+        return paged_kernel.decode(
+            q, keys, values, self.block_tables, self.context_lens, self.block_size, scale, self.sliding_window
+        )
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[N, ...] new-token rows -> [S, Q, ...] per sequence (zeros where padded)."""
@@ -280,6 +309,8 @@ class Attention(nn.Module):
         else:
             cache[0][ctx.slot_mapping] = k.to(cache.dtype)  # cache: [2, slots, K, Dh]
             cache[1][ctx.slot_mapping] = v.to(cache.dtype)
+            if ctx.in_place_decode(q, cache):
+                return self.o_proj(ctx.decode_in_place(q, cache[0], cache[1], self.scale).reshape(N, -1))
             k_ctx = gather_slots(cache[0], ctx.context_slots).to(q.dtype)  # [S, L, K, Dh]
             v_ctx = gather_slots(cache[1], ctx.context_slots).to(q.dtype)
             out = paged_attention(q, k_ctx, v_ctx, ctx, self.scale)  # [N, H, Dh]
@@ -368,21 +399,27 @@ class MLAttention(nn.Module):
 
         latent = torch.cat([c, k_rope[:, 0]], dim=-1)  # [N, C + R]
         cache[ctx.slot_mapping] = latent.to(cache.dtype)  # cache: [slots, C + R]
-        kv_ctx = gather_slots(cache, ctx.context_slots).to(x.dtype)  # [S, L, C + R]
-        if ctx.max_new > self.expand_above:  # long prefill chunk: expanding the context is cheaper
-            S, L = kv_ctx.shape[:2]
-            k_nope, v = self.kv_b_proj(kv_ctx[..., :C]).view(S, L, H, P + Dv).split([P, Dv], dim=-1)
-            k = torch.cat([k_nope, kv_ctx[:, :, None, C:].expand(S, L, H, R)], dim=-1)  # [S, L, H, P + R]
-            out = paged_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale)  # [N, H, Dv]
-            return self.o_proj(out.reshape(N, H * Dv))
+        in_place = ctx.in_place_decode(x, cache)  # one new token each: the cache read in place
+        if not in_place:
+            kv_ctx = gather_slots(cache, ctx.context_slots).to(x.dtype)  # [S, L, C + R]
+            if ctx.max_new > self.expand_above:  # long prefill chunk: expanding the context is cheaper
+                S, L = kv_ctx.shape[:2]
+                k_nope, v = self.kv_b_proj(kv_ctx[..., :C]).view(S, L, H, P + Dv).split([P, Dv], dim=-1)
+                k = torch.cat([k_nope, kv_ctx[:, :, None, C:].expand(S, L, H, R)], dim=-1)  # [S, L, H, P + R]
+                out = paged_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale)  # [N, H, Dv]
+                return self.o_proj(out.reshape(N, H * Dv))
         w_uk, w_uv = self.absorbed_weights(x.dtype)  # [H, P, C], [H, Dv, C]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, C]
         q_abs = torch.cat([q_latent, q_rope], dim=-1)  # [N, H, C + R]
-        kv_ctx = kv_ctx[:, :, None, :]  # [S, L, 1, C + R]
-        # the values are the latent: the whole cached row is passed and the rope columns of the
-        # output dropped, since a [..., :C] view of the context would be copied into a dense tensor
-        # (for bfloat16 on the CPU the larger cost of the step's attention)
-        out_latent = paged_attention(q_abs, kv_ctx, kv_ctx, ctx, self.scale)[..., :C]  # [N, H, C]
+        if in_place:
+            rows = cache[:, None, :]  # [slots, 1, C + R]: the keys are whole rows, the values their latent
+            out_latent = ctx.decode_in_place(q_abs, rows, rows[..., :C], self.scale)  # [N, H, C]
+        else:
+            kv_ctx = kv_ctx[:, :, None, :]  # [S, L, 1, C + R]
+            # the values are the latent: the whole cached row is passed and the rope columns of the
+            # output dropped, since a [..., :C] view of the context would be copied into a dense
+            # tensor (for bfloat16 on the CPU the larger cost of the step's attention)
+            out_latent = paged_attention(q_abs, kv_ctx, kv_ctx, ctx, self.scale)[..., :C]  # [N, H, C]
         # w_uv [H, Dv, C] @ out_latent [H, C, N]: MKL's batched gemm reads w_uv faster this way round
         out = torch.bmm(w_uv, out_latent.permute(1, 2, 0)).permute(2, 0, 1)  # [N, H, Dv]
         return self.o_proj(out.reshape(N, H * Dv).contiguous())  # row-major rows (int8 kernels need them)

@@ -1,0 +1,195 @@
+"""Decode attention that reads the paged KV cache in place (bfloat16 on the CPU).
+
+The torch path (models/model.py: `gather_slots` + `paged_attention`) copies every sequence's whole
+context out of the cache into a dense [S, L, ...] tensor at every layer and step, then attends it
+with two batched matmuls over a [S, ..., L] score tensor padded to the longest context. For a
+decode step (one new token per sequence) `csrc/paged_attention.c` instead walks each sequence's
+block table and reads each cached key and value row once, where it lies, for all the query heads
+that share it, with an online softmax: nothing of the context's length is materialized and a
+short sequence costs only its own context, not the longest one's. This is what vLLM's and SGLang's
+CPU decode kernels do; decision 27 in docs/decisions.md says why this one is ours.
+
+It serves grouped-query attention (cache [2, slots, K, Dh]) and MLA's absorbed decode (cache
+[slots, C + R]: the keys are whole rows, the values their first C columns, read in place, no copy
+of a strided view). It applies to bfloat16 queries and cache on the CPU, one new token per
+sequence, outside autograd, with torch on one thread (the runtime's setting on small machines;
+more threads stay with torch's ops, which spread over cores), on CPUs with AVX512-BF16. Anywhere
+else, or with MOE_RUNTIME_CPU_KERNELS=0, the torch path runs, and it stays the reference:
+tests/runtime/test_paged_attention_kernel.py checks one against the other.
+
+The C is compiled once, like csrc/cpu_decode.c (decision 14), into the same cache directory, keyed
+by the source's hash, and called through ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
+CFLAGS = ["-O3", "-shared", "-fPIC"]  # the kernel's own function carries its AVX-512 target
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernel lives, as cpu_decode's: $MOE_RUNTIME_KERNEL_CACHE, else the user's
+    cache, else tmp."""
+    if os.environ.get("MOE_RUNTIME_KERNEL_CACHE"):
+        return Path(os.environ["MOE_RUNTIME_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "moe-runtime" / "kernels"
+
+
+_lock = threading.Lock()
+_lib = None  # the loaded library (None: not loaded, or not usable here)
+_decided = False
+
+
+def _build() -> Path:
+    """The shared library for SOURCE, compiled once per source and flags (atomic rename)."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not compiler:
+        raise RuntimeError("no C compiler (gcc, cc or $CC) on PATH")
+    last_error: Exception | None = None
+    for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"moe-runtime-kernels-{os.getuid()}"):
+        lib = directory / f"paged_attention-{key}.so"
+        if lib.exists():
+            return lib
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
+            os.close(fd)
+            try:
+                subprocess.run(
+                    [compiler, *CFLAGS, "-o", tmp, str(SOURCE)],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
+                os.replace(tmp, lib)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return lib
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"{compiler} failed on {SOURCE}: {e.stderr.strip()[-500:]}") from e
+        except OSError as e:  # an unwritable cache: try the next place
+            last_error = e
+    raise RuntimeError(f"no writable kernel cache directory: {last_error}")
+
+
+def _load():
+    """The kernel's library, or None (with the reason logged once)."""
+    global _lib, _decided
+    if _decided:
+        return _lib
+    with _lock:
+        if _decided:
+            return _lib
+        lib = None
+        if os.environ.get("MOE_RUNTIME_CPU_KERNELS", "1") == "0":
+            log.info("paged attention kernel: off (MOE_RUNTIME_CPU_KERNELS=0)")
+        elif torch.backends.cpu.get_cpu_capability() != "AVX512":
+            log.info("paged attention kernel: off (this CPU has no AVX-512)")
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                lib.moe_paged_supported.restype = ctypes.c_int
+                if not lib.moe_paged_supported():
+                    log.info("paged attention kernel: off (this CPU has no AVX512-BF16)")
+                    lib = None
+                else:
+                    ptr, long = ctypes.c_void_p, ctypes.c_long
+                    lib.moe_paged_decode_bf16.argtypes = (
+                        [ptr, ptr, long, long, ptr, long, long, ptr, long, ptr, ptr]
+                        + [long] * 7
+                        + [ctypes.c_float]
+                    )
+                    lib.moe_paged_decode_bf16.restype = None
+            except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
+                lib = None
+                log.warning("paged attention kernel: off (%s); torch's ops are used", e)
+        _lib, _decided = lib, True
+        return lib
+
+
+def available() -> bool:
+    """Whether the kernel is compiled and loaded (a given call may still not qualify)."""
+    return _load() is not None
+
+
+def applies(q: torch.Tensor, cache: torch.Tensor, max_new: int, uniform: bool) -> bool:
+    """Whether decode() serves this step: bfloat16 q and cache on the CPU, one new token per
+    sequence (max_new 1, no padding), outside autograd, torch on one thread, kernel loaded."""
+    return (
+        max_new == 1
+        and uniform
+        and q.dtype == torch.bfloat16
+        and cache.dtype == torch.bfloat16
+        and q.device.type == "cpu"
+        and not (torch.is_grad_enabled() and q.requires_grad)
+        and torch.get_num_threads() == 1
+        and _load() is not None
+    )
+
+
+def decode(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """One new token per sequence attends its cached context, read in place.
+
+    q [S, H, E] bfloat16; keys [slots, K, E] and values [slots, K, Ev], views of the cache whose
+    rows are contiguous (any slot and head strides); block_tables [S, B] and context_lens [S] as in
+    PagedBatch (the new token already written, at position context_len - 1); window: keep the last
+    `window` positions only. -> [S, H, Ev] bfloat16.
+    """
+    S, H, E = q.shape
+    K, Ev = keys.shape[1], values.shape[2]
+    if keys.shape[2] != E or H % K or keys.stride(2) != 1 or values.stride(2) != 1:
+        raise ValueError(f"paged decode: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
+    q = q.contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
+    lens = context_lens.to(torch.int64).contiguous()
+    out = torch.empty(S, H, Ev, dtype=torch.bfloat16)
+    _lib.moe_paged_decode_bf16(
+        q.data_ptr(),
+        keys.data_ptr(),
+        keys.stride(0),
+        keys.stride(1),
+        values.data_ptr(),
+        values.stride(0),
+        values.stride(1),
+        tables.data_ptr(),
+        tables.stride(0),
+        lens.data_ptr(),
+        out.data_ptr(),
+        S,
+        K,
+        H // K,
+        E,
+        Ev,
+        block_size,
+        window or 0,
+        scale,
+    )
+    return out

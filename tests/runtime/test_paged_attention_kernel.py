@@ -1,0 +1,153 @@
+"""The decode kernel that reads the paged KV cache in place (kernels/paged_attention.py) against the
+torch path it replaces (gather the context, then attend): GQA and MLA shapes, ragged contexts that
+end on, before and after block boundaries, scattered blocks, a sliding window, and whole bfloat16
+models decoding after a cached prefix."""
+
+import pytest
+import torch
+
+from model_runtime import load_model
+from model_runtime.kernels import paged_attention as paged_kernel
+from model_runtime.models import model as layers
+from model_runtime.models.paged import build_paged_batch
+
+pytestmark = [
+    pytest.mark.runtime,
+    pytest.mark.skipif(not paged_kernel.available(), reason="needs AVX512-BF16 and a C compiler"),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The kernel serves torch on one thread (the runtime's setting on small machines)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def decode_batch(lens, block_size, num_blocks, seed):
+    """A decode step: sequence s has lens[s] tokens cached, its last one new, in scattered blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    seqs, used = [], 0
+    for n in lens:
+        nb = -(-n // block_size)
+        seqs.append((perm[used : used + nb], n - 1, 1))
+        used += nb
+    return build_paged_batch(seqs, block_size)
+
+
+def gathered(q, keys, values, batch, scale, window):
+    """The torch path: gather each sequence's context, attend it (in q's dtype)."""
+    ctx = layers.PagedContext.build(batch, window)
+    k = layers.gather_slots(keys, ctx.context_slots).to(q.dtype)
+    v = layers.gather_slots(values, ctx.context_slots).to(q.dtype)
+    return layers.paged_attention(q, k, v, ctx, scale)
+
+
+LENS = [1, 15, 16, 17, 33, 70, 2, 48]  # on, before and after block boundaries (16), one token, ragged
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "window", "block_size"),
+    [
+        (8, 4, 32, None, 16),  # Mixtral-style GQA
+        (8, 8, 64, None, 16),  # one query head per kv head
+        (6, 2, 40, None, 16),  # head_dim not a multiple of 32 (masked loads)
+        (8, 4, 32, 20, 16),  # sliding window shorter than some contexts
+        (8, 4, 32, None, 5),  # odd block size
+    ],
+)
+def test_gqa_decode_matches_gathered_attention(heads, kv_heads, dim, window, block_size):
+    gen = torch.Generator().manual_seed(heads * dim + (window or 0) + block_size)
+    num_blocks = 64
+    batch = decode_batch(LENS, block_size, num_blocks, seed=block_size)
+    cache = torch.randn(2, num_blocks * block_size, kv_heads, dim, generator=gen).to(torch.bfloat16)
+    q = torch.randn(len(LENS), heads, dim, generator=gen).to(torch.bfloat16)
+    scale = dim**-0.5
+    got = paged_kernel.decode(
+        q, cache[0], cache[1], batch.block_tables, batch.context_lens, block_size, scale, window
+    )
+    exact = gathered(q.float(), cache[0].float(), cache[1].float(), batch, scale, window)
+    ref = gathered(q, cache[0], cache[1], batch, scale, window)
+    assert got.shape == ref.shape == (len(LENS), heads, dim) and got.dtype == torch.bfloat16
+    # float32 scores and softmax: at least as close to the exact result as the bfloat16 torch path
+    torch.testing.assert_close(got.float(), exact, atol=8e-3, rtol=8e-3)
+    assert (got.float() - exact).abs().max() <= (ref.float() - exact).abs().max() + 4e-3
+    torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
+
+
+def test_mla_decode_reads_latent_rows_in_place():
+    """MLA's absorbed decode: one kv head whose keys are whole [C + R] rows and whose values are
+    their first C columns (a strided view of the cache, not copied)."""
+    C, R, H, bs = 512, 64, 8, 16
+    gen = torch.Generator().manual_seed(7)
+    batch = decode_batch(LENS, bs, 64, seed=3)
+    cache = torch.randn(64 * bs, C + R, generator=gen).to(torch.bfloat16)
+    q = torch.randn(len(LENS), H, C + R, generator=gen).to(torch.bfloat16)
+    rows = cache[:, None, :]
+    scale = 0.07
+    got = paged_kernel.decode(q, rows, rows[..., :C], batch.block_tables, batch.context_lens, bs, scale, None)
+    exact = gathered(q.float(), rows.float(), rows.float(), batch, scale, None)[..., :C]
+    assert got.shape == (len(LENS), H, C)
+    torch.testing.assert_close(got.float(), exact, atol=8e-3, rtol=8e-3)
+
+
+def test_mismatched_shapes_are_refused():
+    cache = torch.zeros(2, 64, 4, 32, dtype=torch.bfloat16)
+    q = torch.zeros(2, 6, 32, dtype=torch.bfloat16)  # 6 heads over 4 kv heads
+    tables, lens = torch.zeros(2, 1, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="does not fit"):
+        paged_kernel.decode(q, cache[0], cache[1], tables, lens, 16, 1.0, None)
+
+
+@pytest.fixture(scope="module", params=["builtin:tiny-mixtral", "builtin:tiny-deepseek-v3"])
+def bf16_model(request):
+    return load_model(request.param).to(torch.bfloat16)
+
+
+def decode_logits(model, prompts, follow, use_kernel, monkeypatch):
+    """Prefill each prompt (the second one after a cached prefix: its first 8 tokens written by an
+    earlier step), then decode the tokens of `follow` [steps, 2] one step at a time (the same
+    inputs whichever path runs); the logits of every decode step [steps, 2, V]."""
+    if not use_kernel:
+        monkeypatch.setattr(paged_kernel, "applies", lambda *a: False)
+    bs = 4
+    cache = model.allocate_kv_cache(96, bs)
+    tables = [list(range(0, 40, 2)), list(range(1, 41, 2))]  # interleaved blocks
+    done, out = [0, 0], []
+    with torch.no_grad():
+        prefix = build_paged_batch([(tables[1], 0, 8)], bs)
+        model.forward_paged(torch.tensor(prompts[1][:8]), prefix, cache)
+        done[1] = 8
+        batch = build_paged_batch([(tables[0], 0, len(prompts[0])), (tables[1], 8, len(prompts[1]) - 8)], bs)
+        tokens = torch.tensor(prompts[0] + prompts[1][8:])
+        logits = model.forward_paged(tokens, batch, cache)
+        done = [len(p) for p in prompts]
+        for nxt in follow:
+            batch = build_paged_batch([(tables[s], done[s], 1) for s in range(2)], bs)
+            logits = model.forward_paged(nxt, batch, cache)
+            out.append(logits)
+            done = [d + 1 for d in done]
+    monkeypatch.undo()
+    return torch.stack(out)
+
+
+def test_bf16_model_decode_matches_gathered_path(bf16_model, monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (7, 13)]
+    follow = torch.randint(0, 256, (12, 2), generator=gen)  # contexts cross several 4-token blocks
+    calls = []
+    real = paged_kernel.decode
+    monkeypatch.setattr(paged_kernel, "decode", lambda *a: calls.append(1) or real(*a))
+    got = decode_logits(bf16_model, prompts, follow, True, monkeypatch)
+    assert len(calls) == 12 * bf16_model.config.num_hidden_layers, (
+        "the in-place kernel did not serve every decode step"
+    )
+    ref = decode_logits(bf16_model, prompts, follow, False, monkeypatch)
+    exact = decode_logits(bf16_model.float(), prompts, follow, True, monkeypatch)  # float32: torch path
+    bf16_model.to(torch.bfloat16)
+    # within bfloat16's noise of the gathered path, and no further from float32 than it is
+    torch.testing.assert_close(got, ref, atol=6e-2, rtol=6e-2)
+    assert (got - exact).abs().mean() <= 1.1 * (ref - exact).abs().mean()
