@@ -111,7 +111,12 @@ static void axpy_f32(float *y, float a, const float *x, long n) {
         y[i] += a * x[i];
 }
 
-/* bfloat16 weights, AVX2: 8 values widened per load */
+/* bfloat16 weights, AVX2: 8 values widened per load. The loops ask for the lines 4 KiB ahead
+ * (PREFETCH values): the widening leaves fewer loads in flight than the float32 loop, and the
+ * prefetch takes a bfloat16 gemv on this project's machine from 26 to 29 GB/s (best of 60, 8192 x
+ * 4096). Past a row's end is the next row; past the matrix's end a prefetch is harmless. */
+#define PREFETCH 2048
+#define PREFETCH_LINE(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 static inline __m256 widen8(const bf16 *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
@@ -120,6 +125,8 @@ static float dot_bf16_avx2(const bf16 *w, const float *x, long in) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     long i = 0;
     for (; i + 64 <= in; i += 64) {
+        PREFETCH_LINE(w + i + PREFETCH);
+        PREFETCH_LINE(w + i + PREFETCH + 32);
         a0 = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a0);
         a1 = _mm256_fmadd_ps(widen8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
         a2 = _mm256_fmadd_ps(widen8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
@@ -142,8 +149,11 @@ static float dot_bf16_avx2(const bf16 *w, const float *x, long in) {
 static void axpy_bf16_avx2(float *y, float a, const bf16 *x, long n) {
     __m256 av = _mm256_set1_ps(a);
     long i = 0;
-    for (; i + 8 <= n; i += 8)
+    for (; i + 8 <= n; i += 8) {
+        if (!(i & 31))
+            PREFETCH_LINE(x + i + PREFETCH);
         _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, widen8(x + i), _mm256_loadu_ps(y + i)));
+    }
     for (; i < n; i++)
         y[i] += a * bf2f(x[i]);
 }
@@ -159,6 +169,10 @@ AVX512 static float dot_bf16_avx512(const bf16 *w, const float *x, long in) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     long i = 0;
     for (; i + 128 <= in; i += 128) {
+        PREFETCH_LINE(w + i + PREFETCH);
+        PREFETCH_LINE(w + i + PREFETCH + 32);
+        PREFETCH_LINE(w + i + PREFETCH + 64);
+        PREFETCH_LINE(w + i + PREFETCH + 96);
         a0 = _mm512_fmadd_ps(widen16(w + i), _mm512_loadu_ps(x + i), a0);
         a1 = _mm512_fmadd_ps(widen16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
         a2 = _mm512_fmadd_ps(widen16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
@@ -181,8 +195,11 @@ AVX512 static float dot_bf16_avx512(const bf16 *w, const float *x, long in) {
 AVX512 static void axpy_bf16_avx512(float *y, float a, const bf16 *x, long n) {
     __m512 av = _mm512_set1_ps(a);
     long i = 0;
-    for (; i + 16 <= n; i += 16)
+    for (; i + 16 <= n; i += 16) {
+        if (!(i & 31))
+            PREFETCH_LINE(x + i + PREFETCH);
         _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, widen16(x + i), _mm512_loadu_ps(y + i)));
+    }
     for (; i < n; i++)
         y[i] += a * bf2f(x[i]);
 }
