@@ -314,7 +314,7 @@ async def operate(args: argparse.Namespace, controller: Controller, metrics: Ope
         log.info("watching %s through caches (server-side selector)", ", ".join(c.kind for c in caches))
         controller.reader.gang_mode = args.gang_scheduling
         if args.gang_scheduling in ("auto", "gates"):
-            gate_keeper = GateKeeper(controller.reader.dyn, controller.reader.owned_pods,
+            gate_keeper = GateKeeper(controller.reader.dyn, controller.reader.gang_pods,
                                      on_wait=metrics.gang_waiting_groups.set)
             await asyncio.to_thread(gate_keeper.start)
             controller.reader.gates_active = gate_keeper.active

@@ -52,8 +52,7 @@ def slim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
             "status": {"phase": (pod.get("status") or {}).get("phase")}}
 
 
-def gated(pod: Mapping[str, Any]) -> bool:
-    return any(g.get("name") == names.GANG_GATE for g in (pod.get("spec") or {}).get("schedulingGates") or ())
+gated = capacity.gated
 
 
 def _live(pod: Mapping[str, Any]) -> bool:
@@ -123,9 +122,9 @@ def waiting_groups(owned: list[Mapping[str, Any]]) -> tuple[list[capacity.GatedG
 class GateKeeper:
     """Lifts the gang gates of groups that fit, in a thread of the leading operator."""
 
-    def __init__(self, dynamic_client, owned_pods: Callable[[], list[dict[str, Any]] | None],
+    def __init__(self, dynamic_client, gang_pods: Callable[[], list[dict[str, Any]] | None],
                  interval: float = INTERVAL_SECONDS, on_wait: Callable[[int], None] | None = None):
-        self.dyn, self.owned_pods, self.interval, self.on_wait = dynamic_client, owned_pods, interval, on_wait
+        self.dyn, self.gang_pods, self.interval, self.on_wait = dynamic_client, gang_pods, interval, on_wait
         self._pods = dynamic_client.resources.get(api_version="v1", kind="Pod")
         self._nodes_resource = dynamic_client.resources.get(api_version="v1", kind="Node")
         self.nodes = KindCache(dynamic_client, self._nodes_resource, selector=None, slim=slim_node)
@@ -171,7 +170,7 @@ class GateKeeper:
 
     def run_once(self) -> list[tuple[str, str]]:
         """One round; returns the groups released."""
-        owned = self.owned_pods()
+        owned = self.gang_pods()
         if owned is None:
             return []
         groups, stragglers = waiting_groups(owned)

@@ -15,10 +15,11 @@ object (a no-op), deletes carry the uid they were computed from, and relabels ar
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..api import names
@@ -52,22 +53,43 @@ def owner_of(obj: Mapping[str, Any]) -> Key | None:
     return (meta.get("namespace", ""), name) if name else None
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One cached object, kept as compact JSON (a pod as Python dicts weighs about 8x its JSON: at
+    thousands of objects the difference is most of the operator's memory); decoded when read, which
+    is also a fresh copy for the reader."""
+    owner: Key | None
+    packed: bytes
+    marked: bool = False
+
+    def decode(self) -> dict[str, Any]:
+        return json.loads(self.packed)
+
+
+def _pack(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 class KindCache:
     """One kind's owned objects, by owner, fed by list + watch in a thread per namespace scope."""
 
     def __init__(self, dynamic_client, resource, namespaces: Iterable[str] | None = None,
                  on_change: Callable[[Key], None] | None = None, selector: str | None = SELECTOR,
                  field_selector: str | None = None,
-                 slim: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+                 slim: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 mark: Callable[[Mapping[str, Any]], bool] | None = None):
         """`selector`/`field_selector`: the watch's server-side selectors (owned objects by default);
-        `slim`: what to keep of each object (all but its managedFields by default: `lean`)."""
+        `slim`: what to keep of each object (all but its managedFields by default: `lean`); `mark`:
+        objects `marked()` returns without decoding the rest."""
         self.dyn, self.resource = dynamic_client, resource
         self.selector, self.field_selector, self.slim = selector, field_selector, slim or lean
+        self.mark = mark
         self.kind = getattr(resource, "kind", str(resource))
         self.scopes: list[str | None] = list(namespaces) if namespaces else [None]   # None: all namespaces
         self.on_change = on_change
         self._lock = threading.Lock()
-        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}   # scope -> (ns, name) -> obj
+        self._objects: dict[str, dict[tuple[str, str], _Entry]] = {}   # scope -> (ns, name) -> entry
+        self._owned: dict[Key, set[tuple[str, tuple[str, str]]]] = {}     # owner -> {(scope, key)}
         self._synced: dict[str | None, bool] = dict.fromkeys(self.scopes, False)
         self._stop = threading.Event()
         self.relists = 0
@@ -81,15 +103,24 @@ class KindCache:
         with self._lock:
             if not self.synced:
                 return None
-            return [copy.deepcopy(obj) for objects in self._objects.values() for obj in objects.values()
-                    if owner_of(obj) == (namespace, deployment)]
+            entries = [self._objects[scope][key] for scope, key in self._owned.get((namespace, deployment), ())]
+        return [e.decode() for e in entries]
 
     def everything(self) -> list[dict[str, Any]] | None:
         """Copies of every object in the cache, or None while not synced."""
         with self._lock:
             if not self.synced:
                 return None
-            return [copy.deepcopy(obj) for objects in self._objects.values() for obj in objects.values()]
+            entries = [e for objects in self._objects.values() for e in objects.values()]
+        return [e.decode() for e in entries]
+
+    def marked(self) -> list[dict[str, Any]] | None:
+        """Copies of the objects `mark` picked, or None while not synced."""
+        with self._lock:
+            if not self.synced:
+                return None
+            entries = [e for objects in self._objects.values() for e in objects.values() if e.marked]
+        return [e.decode() for e in entries]
 
     def start(self) -> None:
         for scope in self.scopes:
@@ -112,16 +143,38 @@ class KindCache:
                 self._synced[scope] = False
             self._stop.wait(RETRY_SECONDS)
 
+    def _entry(self, obj: dict[str, Any]) -> _Entry:
+        kept = self.slim(obj)
+        return _Entry(owner_of(kept), _pack(kept), bool(self.mark and self.mark(kept)))
+
+    def _put(self, scope: str, key: tuple[str, str], entry: _Entry | None) -> None:
+        """Store (or with None remove) one entry and its owner index (callers hold the lock)."""
+        objects = self._objects.setdefault(scope, {})
+        old = objects.pop(key, None)
+        if old is not None and old.owner is not None:
+            owned = self._owned.get(old.owner)
+            if owned is not None:
+                owned.discard((scope, key))
+                if not owned:
+                    del self._owned[old.owner]
+        if entry is not None:
+            objects[key] = entry
+            if entry.owner is not None:
+                self._owned.setdefault(entry.owner, set()).add((scope, key))
+
     def _list(self, scope: str | None) -> str:
         listed = self.dyn.get(self.resource, namespace=scope, **self._selectors()).to_dict()
-        objects = {_key(o): self.slim(o) for o in listed.get("items") or []}
+        fresh = {_key(o): self._entry(o) for o in listed.get("items") or []}
         with self._lock:
-            before = self._objects.get(scope or "", {})
-            self._objects[scope or ""] = objects
+            before = dict(self._objects.get(scope or "", {}))
+            for key in before:
+                self._put(scope or "", key, None)
+            for key, entry in fresh.items():
+                self._put(scope or "", key, entry)
             self._synced[scope] = True
             self.relists += 1
-        changed = {owner_of(o) for k, o in objects.items() if before.get(k) != o}
-        changed |= {owner_of(o) for k, o in before.items() if k not in objects}
+        changed = {e.owner for k, e in fresh.items() if before.get(k) != e}
+        changed |= {e.owner for k, e in before.items() if k not in fresh}
         self._notify(changed)
         return (listed.get("metadata") or {}).get("resourceVersion") or ""
 
@@ -136,12 +189,9 @@ class KindCache:
                 version = (obj.get("metadata") or {}).get("resourceVersion") or version
                 if kind == "BOOKMARK":
                     continue
+                entry = None if kind == "DELETED" else self._entry(obj)
                 with self._lock:
-                    objects = self._objects.setdefault(scope or "", {})
-                    if kind == "DELETED":
-                        objects.pop(_key(obj), None)
-                    else:
-                        objects[_key(obj)] = self.slim(obj)
+                    self._put(scope or "", _key(obj), entry)
                 self._notify({owner_of(obj)})
                 if self._stop.is_set():
                     return

@@ -27,6 +27,18 @@ from ..api import names
 GATE = names.GANG_GATE
 
 
+def gated(pod: Mapping[str, Any]) -> bool:
+    """The pod waits behind the gang gate."""
+    return any(g.get("name") == GATE for g in (pod.get("spec") or {}).get("schedulingGates") or ())
+
+
+def gang_relevant(pod: Mapping[str, Any]) -> bool:
+    """A pod of a multi-pod group that is gated or not bound yet: what gang admission looks at (the
+    operator's pod cache marks these, so a round decodes only them)."""
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    return bool((meta.get("labels") or {}).get(names.LABEL_GROUP)) and (gated(pod) or not spec.get("nodeName"))
+
+
 def extended(resources: Mapping[str, Any] | None) -> Counter:
     """The extended resources (`vendor/name`, e.g. nvidia.com/gpu) of a resource list, as integers."""
     out: Counter = Counter()

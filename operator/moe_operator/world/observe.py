@@ -22,7 +22,8 @@ from kubernetes.dynamic.exceptions import (
 
 from ..api import names
 from ..api.timestamps import epoch
-from .cache import KindCache
+from . import capacity
+from .cache import KindCache, owner_of
 from .revisions import Recorded, recorded_from
 
 RULES_RECHECK_SECONDS = 60.0   # how often discovery is asked whether an optional API (a CRD) is served
@@ -305,7 +306,8 @@ class Reader:
             return None
         cache = self._caches.get(kind)
         if cache is None:
-            cache = self._caches[kind] = KindCache(self.dyn, resource, self._cache_scope, self._on_change)
+            mark = capacity.gang_relevant if kind == "Pod" else None
+            cache = self._caches[kind] = KindCache(self.dyn, resource, self._cache_scope, self._on_change, mark=mark)
             cache.start()
         return cache
 
@@ -371,7 +373,16 @@ class Reader:
         gates = self.gang_mode in ("auto", "gates") and self.gates_active()
         return observed_from(pods, services, pods_per_replica, rules, revisions, pod_groups, gates)
 
-    def owned_pods(self) -> list[dict[str, Any]] | None:
-        """Every pod the operator owns, from the pod cache (None without caches or until synced)."""
+    def gang_pods(self) -> list[dict[str, Any]] | None:
+        """What gang admission looks at, from the pod cache (None without caches or until synced):
+        the operator's group pods that are gated or not bound yet, and all the pods of the
+        ModelDeployments that have a gated one (a group half released is finished)."""
         cache = self._caches.get("Pod")
-        return cache.everything() if cache is not None else None
+        relevant = cache.marked() if cache is not None else None
+        if relevant is None:
+            return None
+        pods = {(p["metadata"].get("namespace"), p["metadata"].get("name")): p for p in relevant}
+        for owner in sorted({owner_of(p) for p in relevant if capacity.gated(p)} - {None}):
+            for p in cache.items(*owner) or ():
+                pods.setdefault((p["metadata"].get("namespace"), p["metadata"].get("name")), p)
+        return list(pods.values())
