@@ -163,6 +163,9 @@ def decode(
     PagedBatch (the new token already written, at position context_len - 1); window: keep the last
     `window` positions only. -> [S, H, Ev] bfloat16.
     """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("paged attention kernel: not available here (see available())")
     S, H, E = q.shape
     K, Ev = keys.shape[1], values.shape[2]
     if keys.shape[2] != E or H % K or keys.stride(2) != 1 or values.stride(2) != 1:
@@ -171,7 +174,7 @@ def decode(
     tables = block_tables.to(torch.int64).contiguous()
     lens = context_lens.to(torch.int64).contiguous()
     out = torch.empty(S, H, Ev, dtype=torch.bfloat16)
-    _lib.moe_paged_decode_bf16(
+    lib.moe_paged_decode_bf16(
         q.data_ptr(),
         keys.data_ptr(),
         keys.stride(0),

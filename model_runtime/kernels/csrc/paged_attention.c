@@ -35,6 +35,27 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+static inline __mmask16 lanes(long left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1u); }
+
+// exp(x) for 16 floats: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (relative
+// error < 1e-8 there), scaled by 2^n; exp(-inf) = 0
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // below: 0 (a denormal at most)
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.0f / 5040);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 720));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
 // q [S, K*G, E] bf16 contiguous; key row of (slot, kv head k) at kc + slot*ks + k*kh, value row at
 // vc + slot*vs + k*vh (E and Ev elements, contiguous); block_tables [S, bt_stride] int64;
 // context_lens [S] int64 (the new token included, its position context_len - 1); window > 0 keeps
@@ -43,10 +64,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
     const uint16_t *q, const uint16_t *kc, long ks, long kh, const uint16_t *vc, long vs, long vh,
     const int64_t *block_tables, long bt_stride, const int64_t *context_lens, uint16_t *out, long S,
     long K, long G, long E, long Ev, long block_size, long window, float scale) {
-    float *acc = aligned_alloc(64, (size_t)G * (((Ev + 15) / 16) * 16) * sizeof(float) + 64);
+    float *acc = aligned_alloc(64, (size_t)G * (((Ev + 31) / 32) * 32) * sizeof(float) + 64);
     float *p = malloc((size_t)G * CHUNK * sizeof(float));
+    uint32_t *pp = malloc((size_t)G * (CHUNK / 2) * sizeof(uint32_t));  // bfloat16 pairs of p
     float *m = malloc((size_t)G * sizeof(float)), *l = malloc((size_t)G * sizeof(float));
-    long evp = ((Ev + 15) / 16) * 16;  // acc row stride
+    long evp = ((Ev + 31) / 32) * 32;  // acc row stride
     const uint16_t **vrows = malloc(CHUNK * sizeof(*vrows));
     for (long s = 0; s < S; s++) {
         long n = context_lens[s];
@@ -80,16 +102,30 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                             p[(g0 + gg) * CHUNK + j] = _mm512_reduce_add_ps(a[gg]) * scale;
                     }
                 }
-                // online softmax: rescale what was summed so far to the new running max
+                // online softmax, 16 scores at a time: rescale what was summed so far to the new
+                // running max; the probabilities are then rounded to bfloat16 (as torch's path rounds
+                // them too) for the weighted sum of values below, which takes them in pairs of
+                // tokens: one 32-bit word (tokens j, j + 1) at pp[g * CHUNK / 2 + j / 2], a zero after
+                // an odd last token. The two value rows of a pair are interleaved by unpacklo/hi_epi16,
+                // which permutes columns within 128-bit lanes: acc keeps that order, undone at the end.
+                long cp = (cn + 1) / 2;
                 for (long g = 0; g < G; g++) {
                     float *pg = p + g * CHUNK;
-                    float mx = m[g];
-                    for (long j = 0; j < cn; j++) mx = pg[j] > mx ? pg[j] : mx;
+                    __m512 vmx = _mm512_set1_ps(m[g]);
+                    for (long j = 0; j < cn; j += 16)
+                        vmx = _mm512_mask_max_ps(vmx, lanes(cn - j), vmx, _mm512_loadu_ps(pg + j));
+                    float mx = _mm512_reduce_max_ps(vmx);
                     float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - mx);
-                    float sum = 0.0f;
-                    for (long j = 0; j < cn; j++) sum += (pg[j] = expf(pg[j] - mx));
+                    __m512 vsum = _mm512_setzero_ps(), vm = _mm512_set1_ps(mx);
+                    uint16_t *pb = (uint16_t *)(pp + g * (CHUNK / 2));
+                    for (long j = 0; j < cn; j += 16) {
+                        __mmask16 mj = lanes(cn - j);
+                        __m512 e = _mm512_maskz_mov_ps(mj, exp16(_mm512_sub_ps(_mm512_loadu_ps(pg + j), vm)));
+                        vsum = _mm512_add_ps(vsum, e);
+                        _mm256_storeu_si256((__m256i *)(pb + j), (__m256i)_mm512_cvtneps_pbh(e));
+                    }
                     m[g] = mx;
-                    l[g] = l[g] * alpha + sum;
+                    l[g] = l[g] * alpha + _mm512_reduce_add_ps(vsum);
                     if (alpha != 1.0f) {
                         __m512 av = _mm512_set1_ps(alpha);
                         float *ag = acc + g * evp;
@@ -97,16 +133,31 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                             _mm512_store_ps(ag + c, _mm512_mul_ps(_mm512_load_ps(ag + c), av));
                     }
                 }
-                // acc[g] += p[g, j] * v[j]: each value row converted once for all G heads
-                for (long j = 0; j < cn; j++) {
-                    const uint16_t *vr = vrows[j];
-                    for (long c = 0; c < Ev; c += 16) {
-                        __mmask16 mv = Ev - c >= 16 ? 0xffff : (__mmask16)((1u << (Ev - c)) - 1u);
-                        __m512 v = load_bf16x16(vr + c, mv);
-                        for (long g = 0; g < G; g++) {
-                            float *ag = acc + g * evp + c;
-                            _mm512_store_ps(ag, _mm512_fmadd_ps(_mm512_set1_ps(p[g * CHUNK + j]), v,
-                                                                _mm512_load_ps(ag)));
+                // acc[g] += p[g, j] * v[j]: per 32 columns, GROUP heads' sums stay in registers over
+                // the chunk's token pairs
+                for (long c = 0; c < Ev; c += 32) {
+                    __mmask32 mv = Ev - c >= 32 ? 0xffffffffu : ((1u << (Ev - c)) - 1u);
+                    for (long g0 = 0; g0 < G; g0 += GROUP) {
+                        long gn = G - g0 < GROUP ? G - g0 : GROUP;
+                        __m512 lo[GROUP], hi[GROUP];
+                        for (long gg = 0; gg < gn; gg++) {
+                            lo[gg] = _mm512_load_ps(acc + (g0 + gg) * evp + c);
+                            hi[gg] = _mm512_load_ps(acc + (g0 + gg) * evp + c + 16);
+                        }
+                        for (long jj = 0; jj < cp; jj++) {
+                            __m512i v0 = _mm512_maskz_loadu_epi16(mv, vrows[2 * jj] + c);
+                            __m512i v1 = 2 * jj + 1 < cn ? _mm512_maskz_loadu_epi16(mv, vrows[2 * jj + 1] + c) : v0;
+                            __m512bh vl = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
+                            __m512bh vh = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+                            for (long gg = 0; gg < gn; gg++) {
+                                __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pp[(g0 + gg) * (CHUNK / 2) + jj]);
+                                lo[gg] = _mm512_dpbf16_ps(lo[gg], pv, vl);
+                                hi[gg] = _mm512_dpbf16_ps(hi[gg], pv, vh);
+                            }
+                        }
+                        for (long gg = 0; gg < gn; gg++) {
+                            _mm512_store_ps(acc + (g0 + gg) * evp + c, lo[gg]);
+                            _mm512_store_ps(acc + (g0 + gg) * evp + c + 16, hi[gg]);
                         }
                     }
                 }
@@ -114,13 +165,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
             for (long g = 0; g < G; g++) {
                 uint16_t *o = out + (s * K * G + k * G + g) * Ev;
                 float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-                for (long c = 0; c < Ev; c++) o[c] = to_bf16(acc[g * evp + c] * inv);
+                for (long c = 0; c < Ev; c++) {  // column c sits at acc index b + 16 h + 4 lane + t
+                    long b = c & ~31L, r = c & 31, lane = r >> 3, h = (r >> 2) & 1, t = r & 3;
+                    o[c] = to_bf16(acc[g * evp + b + 16 * h + 4 * lane + t] * inv);
+                }
             }
         }
     }
     free(vrows);
     free(l);
     free(m);
+    free(pp);
     free(p);
     free(acc);
 }
