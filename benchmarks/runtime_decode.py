@@ -207,7 +207,8 @@ def moe_layer_times(model, hf_model, layer: int, tokens: int) -> dict[str, float
     other processes hits them alike.
     """
     D = model.config.hidden_size
-    x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(tokens)) * 0.5
+    x = (torch.randn(tokens, D, generator=torch.Generator().manual_seed(tokens)) * 0.5).to(model.dtype)
+    tol = 1e-3 if model.dtype == torch.float32 else 5e-2  # bfloat16: a few roundings of 2^-8 apart
     ours = model.layers[layer].mlp
     theirs = hf_model.model.layers[layer].mlp
     candidates = {"ours": (None, lambda: ours(x))}
@@ -219,8 +220,12 @@ def moe_layer_times(model, hf_model, layer: int, tokens: int) -> dict[str, float
                 out = theirs(x[None])[0]
             except Exception:  # an implementation this torch / device lacks
                 continue
-            if not torch.allclose(out, ref, atol=1e-3, rtol=1e-3):
-                raise AssertionError(f"MoE layer output differs from transformers ({impl})")
+            # bfloat16: a router near-tie rounded differently picks another expert for a few tokens
+            same = torch.isclose(out, ref, atol=tol, rtol=tol).all(dim=-1).float().mean().item()
+            if same < (1.0 if model.dtype == torch.float32 else 0.9):
+                raise AssertionError(
+                    f"MoE layer output differs from transformers ({impl}): {same:.0%} of tokens agree"
+                )
             candidates[f"transformers {impl}"] = (impl, lambda: theirs(x[None]))
         times = {name: float("inf") for name in candidates}
         for _ in range(10 if tokens <= 32 else 6):
@@ -368,7 +373,9 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.runtime_decode", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.runtime_decode", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--cache-dir", default=os.environ.get("MOE_BENCH_DIR", ".bench"))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--prompt-len", type=int, default=32)
