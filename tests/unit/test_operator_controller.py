@@ -75,7 +75,7 @@ def test_store_keeps_the_newest_body_and_forgets_deleted():
     controller = Controller(SlowReader(), RecordingWriter())
     controller.remember(md_body(rv="5"))
     controller.remember(md_body(rv="3"))
-    assert controller._bodies[("ns", "m")]["metadata"]["resourceVersion"] == "5"
+    assert controller.body(("ns", "m"))["metadata"]["resourceVersion"] == "5"
     controller.forget(("ns", "m"))
     assert controller.keys() == []
     assert controller.run(("ns", "m")) is None

@@ -104,6 +104,6 @@ def test_caches_and_the_controller_keep_objects_without_managed_fields():
                        "annotations": {KOPF_DIFFBASE: '{"spec": {}}', "keep": "me"},
                        "managedFields": [{"manager": "kubectl"}]}, "spec": {"replicas": 1}}
     controller.remember(md)
-    stored = controller._bodies[("ns", "m")]
+    stored = controller.body(("ns", "m"))
     assert "managedFields" not in stored["metadata"] and stored["metadata"]["annotations"] == {"keep": "me"}
     assert stored["spec"] == {"replicas": 1}

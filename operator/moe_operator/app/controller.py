@@ -8,6 +8,7 @@ events and by the operator's own status writes, so a pod event can reconcile its
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from typing import Any
 from ..analysis import Baselines
 from ..api.spec import AUTOSCALING_METRICS
 from ..reconcile import Outcome, Reads, reconcile
-from ..world.cache import lean
+from ..world.cache import pack, lean
 from .metrics import OperatorMetrics
 
 Key = tuple[str, str]   # (namespace, name)
@@ -42,7 +43,7 @@ class Controller:
         self.metrics = metrics or OperatorMetrics()
         self.log = logger or logging.getLogger("moe_operator")
         self._lock = threading.Lock()
-        self._bodies: dict[Key, Mapping[str, Any]] = {}
+        self._bodies: dict[Key, tuple[int, bytes]] = {}   # key -> (resourceVersion, the body as compact JSON)
         self._running: dict[Key, list[bool]] = {}   # key -> [dirty]
         self._timers: dict[Key, tuple[float, threading.Timer]] = {}   # key -> (due, timer)
         self.baselines = Baselines()       # the analysis' per-pod baselines, this process' memory
@@ -51,12 +52,18 @@ class Controller:
     def remember(self, body: Mapping[str, Any]) -> None:
         """Keep the newer of the stored and the given body (resourceVersions are etcd revisions)."""
         key = key_of(body)
-        body = lean(body)
+        version, packed = _resource_version(body), pack(lean(dict(body)))
         with self._lock:
             old = self._bodies.get(key)
-            if old is None or _resource_version(body) >= _resource_version(old):
-                self._bodies[key] = body
+            if old is None or version >= old[0]:
+                self._bodies[key] = (version, packed)
             self.metrics.deployments.set(len(self._bodies))
+
+    def body(self, key: Key) -> dict[str, Any] | None:
+        """The newest body of `key` (a fresh copy), or None."""
+        with self._lock:
+            stored = self._bodies.get(key)
+        return json.loads(stored[1]) if stored is not None else None
 
     def forget(self, key: Key) -> None:
         with self._lock:
@@ -90,8 +97,7 @@ class Controller:
         outcome = None
         try:
             while True:
-                with self._lock:
-                    body = self._bodies.get(key)
+                body = self.body(key)
                 if body is None:
                     break
                 outcome = self._reconcile_once(body)

@@ -66,7 +66,8 @@ class _Entry:
         return json.loads(self.packed)
 
 
-def _pack(obj: Mapping[str, Any]) -> bytes:
+def pack(obj: Mapping[str, Any]) -> bytes:
+    """An object as compact JSON bytes (how caches and the controller keep objects)."""
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
@@ -145,7 +146,7 @@ class KindCache:
 
     def _entry(self, obj: dict[str, Any]) -> _Entry:
         kept = self.slim(obj)
-        return _Entry(owner_of(kept), _pack(kept), bool(self.mark and self.mark(kept)))
+        return _Entry(owner_of(kept), pack(kept), bool(self.mark and self.mark(kept)))
 
     def _put(self, scope: str, key: tuple[str, str], entry: _Entry | None) -> None:
         """Store (or with None remove) one entry and its owner index (callers hold the lock)."""
