@@ -56,6 +56,60 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __
     return _mm512_scalef_ps(y, n);
 }
 
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define INLINE static inline __attribute__((always_inline))
+// f(gn, ...) with gn a constant 1..GROUP, so that its per-head sums stay in registers
+#define BY_GN(gn, f, ...)                  \
+    switch (gn) {                          \
+        case 1: f(1, __VA_ARGS__); break;  \
+        case 2: f(2, __VA_ARGS__); break;  \
+        case 3: f(3, __VA_ARGS__); break;  \
+        case 4: f(4, __VA_ARGS__); break;  \
+        case 5: f(5, __VA_ARGS__); break;  \
+        case 6: f(6, __VA_ARGS__); break;  \
+        case 7: f(7, __VA_ARGS__); break;  \
+        default: f(8, __VA_ARGS__); break; \
+    }
+
+// p[gg * CHUNK] = scale * q[gg] . key for gn query heads (rows of E at qg) and one cached key row
+TARGET INLINE void score_row(const long gn, const uint16_t *qg, const uint16_t *kr, long E, float scale, float *p) {
+    __m512 a[GROUP];
+    for (long gg = 0; gg < gn; gg++) a[gg] = _mm512_setzero_ps();
+    for (long i = 0; i < E; i += 32) {
+        __mmask32 mk = E - i >= 32 ? 0xffffffffu : ((1u << (E - i)) - 1u);
+        __m512i kv = _mm512_maskz_loadu_epi16(mk, kr + i);
+        for (long gg = 0; gg < gn; gg++)
+            a[gg] = _mm512_dpbf16_ps(a[gg], (__m512bh)_mm512_maskz_loadu_epi16(mk, qg + gg * E + i), (__m512bh)kv);
+    }
+    for (long gg = 0; gg < gn; gg++) p[gg * CHUNK] = _mm512_reduce_add_ps(a[gg]) * scale;
+}
+
+// columns c .. c + 31 of acc[gg] (rows evp apart at accg) += the chunk's cn tokens' probabilities
+// (bfloat16 pairs, rows CHUNK / 2 apart at ppg) times their value rows, for gn heads
+TARGET INLINE void sum_values(const long gn, float *accg, long evp, const uint32_t *ppg, const uint16_t **vrows,
+                              long c, __mmask32 mv, long cn) {
+    __m512 lo[GROUP], hi[GROUP];
+    for (long gg = 0; gg < gn; gg++) {
+        lo[gg] = _mm512_load_ps(accg + gg * evp);
+        hi[gg] = _mm512_load_ps(accg + gg * evp + 16);
+    }
+    for (long jj = 0; jj < (cn + 1) / 2; jj++) {
+        __m512i v0 = _mm512_maskz_loadu_epi16(mv, vrows[2 * jj] + c);
+        __m512i v1 = 2 * jj + 1 < cn ? _mm512_maskz_loadu_epi16(mv, vrows[2 * jj + 1] + c) : v0;
+        __m512bh vl = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
+        __m512bh vh = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+        for (long gg = 0; gg < gn; gg++) {
+            __m512bh pv = (__m512bh)_mm512_set1_epi32((int)ppg[gg * (CHUNK / 2) + jj]);
+            lo[gg] = _mm512_dpbf16_ps(lo[gg], pv, vl);
+            hi[gg] = _mm512_dpbf16_ps(hi[gg], pv, vh);
+        }
+    }
+    for (long gg = 0; gg < gn; gg++) {
+        _mm512_store_ps(accg + gg * evp, lo[gg]);
+        _mm512_store_ps(accg + gg * evp + 16, hi[gg]);
+    }
+}
+
 // q [S, K*G, E] bf16 contiguous; key row of (slot, kv head k) at kc + slot*ks + k*kh, value row at
 // vc + slot*vs + k*vh (E and Ev elements, contiguous); block_tables [S, bt_stride] int64;
 // context_lens [S] int64 (the new token included, its position context_len - 1); window > 0 keeps
@@ -88,18 +142,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                     vrows[j] = vc + slot * vs + k * vh;
                     for (long g0 = 0; g0 < G; g0 += GROUP) {
                         long gn = G - g0 < GROUP ? G - g0 : GROUP;
-                        __m512 a[GROUP];
-                        for (int gg = 0; gg < GROUP; gg++) a[gg] = _mm512_setzero_ps();
-                        for (long i = 0; i < E; i += 32) {
-                            __mmask32 mk = E - i >= 32 ? 0xffffffffu : ((1u << (E - i)) - 1u);
-                            __m512i kv = _mm512_maskz_loadu_epi16(mk, kr + i);
-                            for (long gg = 0; gg < gn; gg++) {
-                                __m512i qv = _mm512_maskz_loadu_epi16(mk, qh + (g0 + gg) * E + i);
-                                a[gg] = _mm512_dpbf16_ps(a[gg], (__m512bh)qv, (__m512bh)kv);
-                            }
-                        }
-                        for (long gg = 0; gg < gn; gg++)
-                            p[(g0 + gg) * CHUNK + j] = _mm512_reduce_add_ps(a[gg]) * scale;
+                        BY_GN(gn, score_row, qh + g0 * E, kr, E, scale, p + g0 * CHUNK + j);
                     }
                 }
                 // online softmax, 16 scores at a time: rescale what was summed so far to the new
@@ -108,7 +151,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                 // tokens: one 32-bit word (tokens j, j + 1) at pp[g * CHUNK / 2 + j / 2], a zero after
                 // an odd last token. The two value rows of a pair are interleaved by unpacklo/hi_epi16,
                 // which permutes columns within 128-bit lanes: acc keeps that order, undone at the end.
-                long cp = (cn + 1) / 2;
                 for (long g = 0; g < G; g++) {
                     float *pg = p + g * CHUNK;
                     __m512 vmx = _mm512_set1_ps(m[g]);
@@ -139,26 +181,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                     __mmask32 mv = Ev - c >= 32 ? 0xffffffffu : ((1u << (Ev - c)) - 1u);
                     for (long g0 = 0; g0 < G; g0 += GROUP) {
                         long gn = G - g0 < GROUP ? G - g0 : GROUP;
-                        __m512 lo[GROUP], hi[GROUP];
-                        for (long gg = 0; gg < gn; gg++) {
-                            lo[gg] = _mm512_load_ps(acc + (g0 + gg) * evp + c);
-                            hi[gg] = _mm512_load_ps(acc + (g0 + gg) * evp + c + 16);
-                        }
-                        for (long jj = 0; jj < cp; jj++) {
-                            __m512i v0 = _mm512_maskz_loadu_epi16(mv, vrows[2 * jj] + c);
-                            __m512i v1 = 2 * jj + 1 < cn ? _mm512_maskz_loadu_epi16(mv, vrows[2 * jj + 1] + c) : v0;
-                            __m512bh vl = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
-                            __m512bh vh = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
-                            for (long gg = 0; gg < gn; gg++) {
-                                __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pp[(g0 + gg) * (CHUNK / 2) + jj]);
-                                lo[gg] = _mm512_dpbf16_ps(lo[gg], pv, vl);
-                                hi[gg] = _mm512_dpbf16_ps(hi[gg], pv, vh);
-                            }
-                        }
-                        for (long gg = 0; gg < gn; gg++) {
-                            _mm512_store_ps(acc + (g0 + gg) * evp + c, lo[gg]);
-                            _mm512_store_ps(acc + (g0 + gg) * evp + c + 16, hi[gg]);
-                        }
+                        BY_GN(gn, sum_values, acc + g0 * evp + c, evp, pp + g0 * (CHUNK / 2), vrows, c, mv, cn);
                     }
                 }
             }
