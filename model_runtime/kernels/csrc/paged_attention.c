@@ -85,23 +85,21 @@ TARGET INLINE void score_row(const long gn, const uint16_t *qg, const uint16_t *
 }
 
 // columns c .. c + 31 of acc[gg] (rows evp apart at accg) += the chunk's cn tokens' probabilities
-// (bfloat16 pairs, rows CHUNK / 2 apart at ppg) times their value rows, for gn heads
-TARGET INLINE void sum_values(const long gn, float *accg, long evp, const uint32_t *ppg, const uint16_t **vrows,
-                              long c, __mmask32 mv, long cn) {
+// (float32, rows CHUNK apart at pg) times their value rows (widened to float32), for gn heads
+TARGET INLINE void sum_values(const long gn, float *accg, long evp, const float *pg, const uint16_t **vrows, long c,
+                              __mmask32 mv, long cn) {
     __m512 lo[GROUP], hi[GROUP];
     for (long gg = 0; gg < gn; gg++) {
         lo[gg] = _mm512_load_ps(accg + gg * evp);
         hi[gg] = _mm512_load_ps(accg + gg * evp + 16);
     }
-    for (long jj = 0; jj < (cn + 1) / 2; jj++) {
-        __m512i v0 = _mm512_maskz_loadu_epi16(mv, vrows[2 * jj] + c);
-        __m512i v1 = 2 * jj + 1 < cn ? _mm512_maskz_loadu_epi16(mv, vrows[2 * jj + 1] + c) : v0;
-        __m512bh vl = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
-        __m512bh vh = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+    for (long j = 0; j < cn; j++) {
+        __m512 v0 = load_bf16x16(vrows[j] + c, (__mmask16)mv);
+        __m512 v1 = load_bf16x16(vrows[j] + c + 16, (__mmask16)(mv >> 16));
         for (long gg = 0; gg < gn; gg++) {
-            __m512bh pv = (__m512bh)_mm512_set1_epi32((int)ppg[gg * (CHUNK / 2) + jj]);
-            lo[gg] = _mm512_dpbf16_ps(lo[gg], pv, vl);
-            hi[gg] = _mm512_dpbf16_ps(hi[gg], pv, vh);
+            __m512 pv = _mm512_set1_ps(pg[gg * CHUNK + j]);
+            lo[gg] = _mm512_fmadd_ps(pv, v0, lo[gg]);
+            hi[gg] = _mm512_fmadd_ps(pv, v1, hi[gg]);
         }
     }
     for (long gg = 0; gg < gn; gg++) {
@@ -120,7 +118,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
     long K, long G, long E, long Ev, long block_size, long window, float scale) {
     float *acc = aligned_alloc(64, (size_t)G * (((Ev + 31) / 32) * 32) * sizeof(float) + 64);
     float *p = malloc((size_t)G * CHUNK * sizeof(float));
-    uint32_t *pp = malloc((size_t)G * (CHUNK / 2) * sizeof(uint32_t));  // bfloat16 pairs of p
     float *m = malloc((size_t)G * sizeof(float)), *l = malloc((size_t)G * sizeof(float));
     long evp = ((Ev + 31) / 32) * 32;  // acc row stride
     const uint16_t **vrows = malloc(CHUNK * sizeof(*vrows));
@@ -146,11 +143,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                     }
                 }
                 // online softmax, 16 scores at a time: rescale what was summed so far to the new
-                // running max; the probabilities are then rounded to bfloat16 (as torch's path rounds
-                // them too) for the weighted sum of values below, which takes them in pairs of
-                // tokens: one 32-bit word (tokens j, j + 1) at pp[g * CHUNK / 2 + j / 2], a zero after
-                // an odd last token. The two value rows of a pair are interleaved by unpacklo/hi_epi16,
-                // which permutes columns within 128-bit lanes: acc keeps that order, undone at the end.
+                // running max; the probabilities stay float32 in p for the weighted sum of values
                 for (long g = 0; g < G; g++) {
                     float *pg = p + g * CHUNK;
                     __m512 vmx = _mm512_set1_ps(m[g]);
@@ -159,12 +152,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                     float mx = _mm512_reduce_max_ps(vmx);
                     float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - mx);
                     __m512 vsum = _mm512_setzero_ps(), vm = _mm512_set1_ps(mx);
-                    uint16_t *pb = (uint16_t *)(pp + g * (CHUNK / 2));
                     for (long j = 0; j < cn; j += 16) {
                         __mmask16 mj = lanes(cn - j);
                         __m512 e = _mm512_maskz_mov_ps(mj, exp16(_mm512_sub_ps(_mm512_loadu_ps(pg + j), vm)));
                         vsum = _mm512_add_ps(vsum, e);
-                        _mm256_storeu_si256((__m256i *)(pb + j), (__m256i)_mm512_cvtneps_pbh(e));
+                        _mm512_mask_storeu_ps(pg + j, mj, e);
                     }
                     m[g] = mx;
                     l[g] = l[g] * alpha + _mm512_reduce_add_ps(vsum);
@@ -176,29 +168,25 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                     }
                 }
                 // acc[g] += p[g, j] * v[j]: per 32 columns, GROUP heads' sums stay in registers over
-                // the chunk's token pairs
+                // the chunk's tokens, each value row widened once for the group
                 for (long c = 0; c < Ev; c += 32) {
                     __mmask32 mv = Ev - c >= 32 ? 0xffffffffu : ((1u << (Ev - c)) - 1u);
                     for (long g0 = 0; g0 < G; g0 += GROUP) {
                         long gn = G - g0 < GROUP ? G - g0 : GROUP;
-                        BY_GN(gn, sum_values, acc + g0 * evp + c, evp, pp + g0 * (CHUNK / 2), vrows, c, mv, cn);
+                        BY_GN(gn, sum_values, acc + g0 * evp + c, evp, p + g0 * CHUNK, vrows, c, mv, cn);
                     }
                 }
             }
             for (long g = 0; g < G; g++) {
                 uint16_t *o = out + (s * K * G + k * G + g) * Ev;
                 float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-                for (long c = 0; c < Ev; c++) {  // column c sits at acc index b + 16 h + 4 lane + t
-                    long b = c & ~31L, r = c & 31, lane = r >> 3, h = (r >> 2) & 1, t = r & 3;
-                    o[c] = to_bf16(acc[g * evp + b + 16 * h + 4 * lane + t] * inv);
-                }
+                for (long c = 0; c < Ev; c++) o[c] = to_bf16(acc[g * evp + c] * inv);
             }
         }
     }
     free(vrows);
     free(l);
     free(m);
-    free(pp);
     free(p);
     free(acc);
 }
