@@ -38,3 +38,25 @@ def test_rollbacks_and_durations_are_recorded():
     assert value("moe_operator_rollback_latency_seconds_count") == 1
     assert value("moe_operator_rollback_latency_seconds_sum") == 0.25
     assert value("moe_operator_rollout_duration_seconds_count", {"strategy": "Canary"}) == 1
+
+
+def test_thousands_of_timers_cost_no_thread_each_and_all_fire():
+    """A delaying queue (controller-runtime's), not a thread per timer: 2,000 ModelDeployments waiting
+    on a pause or a retry must not mean 2,000 sleeping threads that then all reconcile at once."""
+    controller = Controller(reader=None, writer=None, metrics=OperatorMetrics())
+    fired, lock, done = [], threading.Lock(), threading.Event()
+
+    def run(key):
+        with lock:
+            fired.append(key)
+            if len(fired) == 2000:
+                done.set()
+
+    controller.run = run
+    before = threading.active_count()
+    for i in range(2000):
+        controller.run_after(("ns", f"m{i}"), 0.2 + (i % 10) * 0.01)
+    assert threading.active_count() <= before + 1          # the one thread that waits for the earliest
+    assert done.wait(10)
+    assert sorted(fired) == sorted(("ns", f"m{i}") for i in range(2000))
+    assert controller._timers == {} and threading.active_count() <= before + 1 + 16

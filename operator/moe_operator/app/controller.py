@@ -8,20 +8,23 @@ events and by the operator's own status writes, so a pod event can reconcile its
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from typing import Any
 
 from ..analysis import Baselines
 from ..api.spec import AUTOSCALING_METRICS
 from ..reconcile import Outcome, Reads, reconcile
-from ..world.cache import pack, lean
+from ..world.cache import lean, pack
 from .metrics import OperatorMetrics
 
 Key = tuple[str, str]   # (namespace, name)
+TIMED_WORKERS = 16       # timed reconciles that may run at once (as many as kopf's and the caches' triggers)
 
 
 def key_of(body: Mapping[str, Any]) -> Key:
@@ -45,7 +48,14 @@ class Controller:
         self._lock = threading.Lock()
         self._bodies: dict[Key, tuple[int, bytes]] = {}   # key -> (resourceVersion, the body as compact JSON)
         self._running: dict[Key, list[bool]] = {}   # key -> [dirty]
-        self._timers: dict[Key, tuple[float, threading.Timer]] = {}   # key -> (due, timer)
+        # Timed reconciles (controller-runtime's delaying queue): one thread waits for the earliest
+        # due time and hands keys to a bounded pool, so thousands of ModelDeployments waiting on a
+        # pause or a retry cost a heap entry each, not a thread each, and never run all at once.
+        self._timers: dict[Key, float] = {}            # key -> due (monotonic), the earliest wins
+        self._heap: list[tuple[float, Key]] = []
+        self._wake = threading.Condition(self._lock)
+        self._timer_thread: threading.Thread | None = None
+        self._timed = ThreadPoolExecutor(max_workers=TIMED_WORKERS, thread_name_prefix="timed")
         self.baselines = Baselines()       # the analysis' per-pod baselines, this process' memory
 
     # The store of ModelDeployment bodies.
@@ -179,21 +189,32 @@ class Controller:
         due = time.monotonic() + seconds
         with self._lock:
             current = self._timers.get(key)
-            if current and current[0] <= due + 0.01:
+            if current is not None and current <= due + 0.01:
                 return
-            if current:
-                current[1].cancel()
-            timer = threading.Timer(seconds, self._timer_fired, args=(key, due))
-            timer.daemon = True
-            self._timers[key] = (due, timer)
+            self._timers[key] = due
+            heapq.heappush(self._heap, (due, key))
             self._depth()
-        timer.start()
+            if self._timer_thread is None:
+                self._timer_thread = threading.Thread(target=self._timer_loop, name="timers", daemon=True)
+                self._timer_thread.start()
+            self._wake.notify()
 
-    def _timer_fired(self, key: Key, due: float) -> None:
-        with self._lock:
-            if self._timers.get(key, (None,))[0] == due:
-                del self._timers[key]
-                self._depth()
+    def _timer_loop(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    while self._heap and self._timers.get(self._heap[0][1]) != self._heap[0][0]:
+                        heapq.heappop(self._heap)          # replaced by an earlier one, or fired
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        _, key = heapq.heappop(self._heap)
+                        del self._timers[key]
+                        self._depth()
+                        break
+                    self._wake.wait(self._heap[0][0] - now if self._heap else None)
+            self._timed.submit(self._timer_fired, key)
+
+    def _timer_fired(self, key: Key) -> None:
         try:
             self.run(key)
         except Exception as error:     # the resync retries; a timer never dies loudly

@@ -29,6 +29,7 @@ log = logging.getLogger("moe_operator.cache")
 SELECTOR = f"{names.LABEL_MANAGED_BY}={names.MANAGED_BY}"
 KOPF_DIFFBASE = f"{names.PREFIX}/last-handled-configuration"   # app/handlers.py
 WATCH_TIMEOUT_SECONDS = 300
+LIST_PAGE = 250
 RETRY_SECONDS = 2.0
 
 Key = tuple[str, str]   # (namespace, ModelDeployment name)
@@ -164,8 +165,21 @@ class KindCache:
                 self._owned.setdefault(entry.owner, set()).add((scope, key))
 
     def _list(self, scope: str | None) -> str:
-        listed = self.dyn.get(self.resource, namespace=scope, **self._selectors()).to_dict()
-        fresh = {_key(o): self._entry(o) for o in listed.get("items") or []}
+        """List in pages (`LIST_PAGE` objects each), packing each page before the next: a relist of
+        thousands of pods (after a watch's resourceVersion is compacted away) never holds them all
+        as Python objects at once."""
+        fresh: dict[tuple[str, str], _Entry] = {}
+        token, version = None, ""
+        while True:
+            page = self.dyn.get(self.resource, namespace=scope, limit=LIST_PAGE, _continue=token,
+                                **self._selectors()).to_dict()
+            fresh.update((_key(o), self._entry(o)) for o in page.get("items") or [])
+            meta = page.get("metadata") or {}
+            version = meta.get("resourceVersion") or version
+            token = meta.get("continue")
+            del page
+            if not token:
+                break
         with self._lock:
             before = dict(self._objects.get(scope or "", {}))
             for key in before:
@@ -177,12 +191,15 @@ class KindCache:
         changed = {e.owner for k, e in fresh.items() if before.get(k) != e}
         changed |= {e.owner for k, e in before.items() if k not in fresh}
         self._notify(changed)
-        return (listed.get("metadata") or {}).get("resourceVersion") or ""
+        return version
 
     def _watch(self, scope: str | None, version: str) -> None:
         while not self._stop.is_set():
+            # Bookmarks keep `version` recent, so the next watch after a timeout resumes instead of
+            # finding its version compacted away (410) and relisting everything.
             stream = self.dyn.watch(self.resource, namespace=scope, resource_version=version,
-                                    timeout=WATCH_TIMEOUT_SECONDS, **self._selectors())
+                                    timeout=WATCH_TIMEOUT_SECONDS, allow_watch_bookmarks=True,
+                                    **self._selectors())
             for event in stream:
                 kind, obj = event.get("type"), event.get("raw_object") or {}
                 if kind == "ERROR":
