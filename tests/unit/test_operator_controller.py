@@ -87,6 +87,7 @@ def test_kopf_bookkeeping_lives_under_the_project_prefix():
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
     assert settings.persistence.progress_storage.prefix == names.PREFIX
     assert settings.persistence.diffbase_storage.prefix == names.PREFIX
+    assert settings.queueing.worker_limit == 64     # bounded: a relist of thousands must not run all at once
 
 
 def test_cli_flags():

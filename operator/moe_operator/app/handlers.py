@@ -33,6 +33,9 @@ class RetryForever:
         return itertools.chain((1, 1, 2, 3, 5, 8), itertools.repeat(10))
 
 
+KOPF_WORKERS = 64      # per-object event workers at once (4 per handler thread)
+
+
 def configure(settings: kopf.OperatorSettings, namespaces: Sequence[str] = ()) -> kopf.OperatorSettings:
     """kopf's bookkeeping under the project's prefix, in annotations, never in `.status`; with exact
     `namespaces` (no globs), no scanning: kopf then watches those namespaces without listing
@@ -44,6 +47,10 @@ def configure(settings: kopf.OperatorSettings, namespaces: Sequence[str] = ()) -
     settings.persistence.finalizer = f"{names.PREFIX}/finalizer"
     settings.posting.level = logging.WARNING      # Events for failures only; ours say what happened
     settings.execution.max_workers = 16
+    # kopf runs one worker per object with events (unbounded by default): a relist of thousands of
+    # ModelDeployments (a watch whose resourceVersion was compacted away) then holds thousands of
+    # bodies and their handler calls at once, waiting for the 16 threads above.
+    settings.queueing.worker_limit = KOPF_WORKERS
     settings.watching.server_timeout = 300
     settings.networking.error_backoffs = RetryForever()
     settings.scanning.disabled = bool(namespaces) and not scans_namespaces(namespaces)
