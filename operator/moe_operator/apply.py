@@ -148,6 +148,13 @@ class Writer:
         self._count(names.KIND, "status")
         return result.to_dict()
 
+    def read(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        """The ModelDeployment as stored now (after a status conflict only), or None when gone."""
+        try:
+            return self.dyn.get(self._md, name=name, namespace=namespace).to_dict()
+        except NotFoundError:
+            return None
+
     def scale(self, namespace: str, name: str, replicas: int) -> str | None:
         """Set the replica count through the scale subresource, the door `kubectl scale`, HPA and KEDA
         use (field manager `moe-operator-autoscaler`). Where the operator may not write it (RBAC

@@ -41,6 +41,7 @@ class Writes(Protocol):
     def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any],
                      resource_version: str | None = None) -> Mapping[str, Any] | None: ...
     def scale(self, namespace: str, name: str, replicas: int) -> str | None: ...
+    def read(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
         md = ModelDeployment.from_body(body)
     except SpecError as error:
         new_status = invalid_status(old_status, generation, INVALID_SPEC, str(error), now())
-        return _finish(namespace, name, old_status, new_status, writer, emit, version)
+        return _finish(namespace, name, old_status, new_status, writer, emit, version, generation)
 
     observed = reader.observe(md.namespace, md.name, md.pods_per_replica)
     legacy = (old_status.get("rollout") or {}).get("templates") or {}   # kept by operators before 0.2
@@ -86,6 +87,7 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
     if scaling and scaling.desired != md.replicas:
         # Through the scale subresource, like kubectl scale or an HPA; this pass plans with it already.
         version = writer.scale(md.namespace, md.name, scaling.desired) or version
+        generation += 1
         emit("Normal", "SuccessfulRescale", f"New size: {scaling.desired} (was {md.replicas}); "
                                            f"{scaling.decision.reason}: {scaling.decision.message}")
         md = replace(md, replicas=scaling.desired)
@@ -106,7 +108,7 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
             moved_at = moved_at or clock()
     except WriteRefused as refused:
         new_status = invalid_status(old_status, generation, refused.reason, refused.message, now())
-        outcome = _finish(namespace, name, old_status, new_status, writer, emit, version)
+        outcome = _finish(namespace, name, old_status, new_status, writer, emit, version, generation)
         # Nothing counts as applied: the refusal is in status (Degraded) and in the operator's log.
         # A Forbidden can clear by itself (a quota freed, RBAC fixed, or an API server that has not yet
         # refreshed its RESTMapper after the CRD was installed): try again soon, not at the resync.
@@ -114,7 +116,7 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
         return Outcome(Changes(), outcome.status_patch, plan, outcome.written, requeue_after=retry)
     report, plan = progressive.after_write(md, plan, moved_at or clock())
     new_status = with_autoscaling(status_of(md, observed, plan, now()), md, scaling and scaling.state, now())
-    outcome = _finish(namespace, name, old_status, new_status, writer, emit, version)
+    outcome = _finish(namespace, name, old_status, new_status, writer, emit, version, generation)
     due = [t for t in (progressive.due_in(md, plan, clock(), baselines), scaling and scaling.next_in,
                        outcome.requeue_after) if t is not None]
     return Outcome(todo, outcome.status_patch, plan, outcome.written, report, min(due) if due else None,
@@ -122,15 +124,25 @@ def reconcile(body: Mapping[str, Any], reader: Reads, writer: Writes, emit: Emit
 
 
 def _finish(namespace: str, name: str, old_status: Mapping[str, Any], new_status: Mapping[str, Any],
-            writer: Writes, emit: Emit, version: str | None) -> Outcome:
-    """Write the status, only onto the version of the object it was computed from (a second writer,
-    or a change that arrived meanwhile, makes it a conflict: nothing is written, and the pass is run
-    again on the newer object); then the Events of its transitions."""
+            writer: Writes, emit: Emit, version: str | None, generation: int) -> Outcome:
+    """Write the status, only onto the version of the object it was computed from; then the Events
+    of its transitions. On a conflict the object is read once: if only its metadata moved on (kopf's
+    bookkeeping, an annotation; same spec generation, same status) the status still holds and is
+    written onto the new version (the autoscaler's decision must not be lost); if the spec or the
+    status changed (a user's edit, a second writer), nothing is written and the pass runs again on
+    the newer object."""
     patch = status_patch(old_status, new_status)
     try:
         written = writer.patch_status(namespace, name, patch, version) if patch else None
     except StatusConflict:
-        return Outcome(requeue_after=CONFLICT_RETRY_SECONDS)
+        now = writer.read(namespace, name)
+        meta = (now or {}).get("metadata") or {}
+        if now is None or int(meta.get("generation") or 0) != generation or (now.get("status") or {}) != old_status:
+            return Outcome(requeue_after=CONFLICT_RETRY_SECONDS)
+        try:
+            written = writer.patch_status(namespace, name, patch, meta.get("resourceVersion"))
+        except StatusConflict:
+            return Outcome(requeue_after=CONFLICT_RETRY_SECONDS)
     for event in events_for(old_status, new_status):
         emit(*event)
     return Outcome(status_patch=patch, written=written)

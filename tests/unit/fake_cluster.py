@@ -92,6 +92,9 @@ class FakeCluster:
         self.md["metadata"]["generation"] += 1
         return self._bump()
 
+    def read(self, namespace, name):
+        return copy.deepcopy(self.md)
+
     def _bump(self) -> str:
         """A write moves the ModelDeployment's resourceVersion on, as the API server does."""
         version = str(int(self.md["metadata"].get("resourceVersion") or 0) + 1)

@@ -322,3 +322,22 @@ def test_the_autoscalers_scale_write_moves_the_version_the_status_is_written_on(
     assert c.scale("ns", "chat", 3) != version
     out = c.reconcile()                   # a pass that scaled would patch the status on the new version
     assert out.status_patch and c.md["status"]["observedGeneration"] == 2
+
+
+def test_a_status_is_still_written_when_only_metadata_moved_on():
+    """kopf's bookkeeping annotations (or an abort annotation) land between the read and the status
+    write: same spec generation, same status, so the status computed (say, the autoscaler's decision
+    just carried out) is written onto the new version rather than lost."""
+    from moe_operator.reconcile import reconcile
+
+    c = FakeCluster(copy.deepcopy(SPEC))
+    c.reconcile()
+    read = copy.deepcopy(c.md)
+    c.set_ready()
+    c.md["metadata"].setdefault("annotations", {})["kopf.example/last-handled"] = "{}"
+    c._bump()                             # a metadata-only write after the pass read the object
+    c.writes.clear()
+    out = reconcile(read, c, c, lambda *e: c.events.append(e), c.baselines, now=lambda: "t-late", clock=lambda: c.time)
+    assert out.status_patch and out.requeue_after is None
+    assert any(w[0] == "status" for w in c.writes)
+    assert c.md["status"]["readyReplicas"] == 2
