@@ -31,12 +31,8 @@ by the source's hash, and called through ctypes. Without a compiler or AVX2, or 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -44,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_runtime.kernels.build import build_library
 from model_runtime.models import model as layers
 
 log = logging.getLogger(__name__)
@@ -56,48 +53,8 @@ _lib = None  # the loaded library (None: not loaded, or there is none)
 _decided = False  # whether _load() has run
 
 
-def cache_dir() -> Path:
-    """Where the compiled kernel lives: $MOE_RUNTIME_KERNEL_CACHE, else the user's cache, else tmp."""
-    if os.environ.get("MOE_RUNTIME_KERNEL_CACHE"):
-        return Path(os.environ["MOE_RUNTIME_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moe-runtime" / "kernels"
-
-
 def _build() -> Path:
-    """The shared library for SOURCE, compiled once per source and flags (atomic rename)."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not compiler:
-        raise RuntimeError("no C compiler (gcc, cc or $CC) on PATH")
-    last_error: Exception | None = None
-    for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"moe-runtime-kernels-{os.getuid()}"):
-        lib = directory / f"cpu_decode-{key}.so"
-        if lib.exists():
-            return lib
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
-            os.close(fd)
-            try:
-                subprocess.run(
-                    [compiler, *CFLAGS, "-o", tmp, str(SOURCE)],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
-                os.replace(tmp, lib)  # concurrent builders (several pods on one node) race harmlessly
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            return lib
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"{compiler} failed on {SOURCE}: {e.stderr.strip()[-500:]}") from e
-        except OSError as e:  # an unwritable cache: try the next place
-            last_error = e
-    raise RuntimeError(f"no writable kernel cache directory: {last_error}")
+    return build_library(SOURCE, CFLAGS)
 
 
 def _load():

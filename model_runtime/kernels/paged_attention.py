@@ -24,31 +24,19 @@ by the source's hash, and called through ctypes.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
+from model_runtime.kernels.build import build_library
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_attention.c"
 CFLAGS = ["-O3", "-shared", "-fPIC"]  # the kernel's own function carries its AVX-512 target
-
-
-def cache_dir() -> Path:
-    """Where the compiled kernel lives, as cpu_decode's: $MOE_RUNTIME_KERNEL_CACHE, else the user's
-    cache, else tmp."""
-    if os.environ.get("MOE_RUNTIME_KERNEL_CACHE"):
-        return Path(os.environ["MOE_RUNTIME_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moe-runtime" / "kernels"
-
 
 _lock = threading.Lock()
 _lib = None  # the loaded library (None: not loaded, or not usable here)
@@ -56,39 +44,7 @@ _decided = False
 
 
 def _build() -> Path:
-    """The shared library for SOURCE, compiled once per source and flags (atomic rename)."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not compiler:
-        raise RuntimeError("no C compiler (gcc, cc or $CC) on PATH")
-    last_error: Exception | None = None
-    for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"moe-runtime-kernels-{os.getuid()}"):
-        lib = directory / f"paged_attention-{key}.so"
-        if lib.exists():
-            return lib
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.tmp")
-            os.close(fd)
-            try:
-                subprocess.run(
-                    [compiler, *CFLAGS, "-o", tmp, str(SOURCE)],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
-                os.replace(tmp, lib)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            return lib
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"{compiler} failed on {SOURCE}: {e.stderr.strip()[-500:]}") from e
-        except OSError as e:  # an unwritable cache: try the next place
-            last_error = e
-    raise RuntimeError(f"no writable kernel cache directory: {last_error}")
+    return build_library(SOURCE, CFLAGS)
 
 
 def _load():
