@@ -11,7 +11,9 @@ bfloat16 weights where the CPU has it): a gemv that walks the rows front to back
 stream, read at the speed of a sum), a SwiGLU MLP, RMSNorm, MLA's absorbed attention with its rope
 and cache write, and a whole MoE layer (router, experts, shared expert). models/model.py's torch code
 stays the reference and serves every batch; the kernels take over only for one float32 or bfloat16
-row on the CPU (weights and cache of the same dtype; bfloat16 is widened to float32 as it is read
+row on the CPU (and `moe_experts_bf16`, the routed experts of a bfloat16 MoE layer, for up to
+EXPERTS_MAX_TOKENS rows: a decode step of several sequences, where torch's grouped GEMM pays a
+oneDNN matmul's fixed cost per expert) (weights and cache of the same dtype; bfloat16 is widened to float32 as it is read
 and the sums are float32) with torch on one thread (the runtime's default on small machines; more
 threads stay with torch, which spreads over cores) and outside autograd.
 tests/runtime/test_cpu_decode.py checks each against the torch code.
@@ -51,6 +53,7 @@ CFLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 _lock = threading.Lock()
 _lib = None  # the loaded library (None: not loaded, or there is none)
 _decided = False  # whether _load() has run
+_avx512 = False  # whether the CPU runs the AVX-512-only kernels (moe_experts_bf16)
 
 
 def _build() -> Path:
@@ -59,7 +62,7 @@ def _build() -> Path:
 
 def _load():
     """The kernels' library, or None (with the reason logged once)."""
-    global _lib, _decided
+    global _lib, _decided, _avx512
     if _decided:
         return _lib
     with _lock:
@@ -83,6 +86,8 @@ def _load():
                 lib.moe_moe_decode.argtypes = [ptr] * 12 + [i32] * 3 + [f32] + [long] * 7 + [i32] * 2
                 lib.moe_fp8_dequant.argtypes = [ptr] * 3 + [long] * 5 + [i32]
                 lib.moe_simd_select.argtypes, lib.moe_simd_select.restype = [i32], i32
+                lib.moe_experts_supported.argtypes, lib.moe_experts_supported.restype = [], i32
+                lib.moe_experts_bf16.argtypes = [ptr] * 8 + [long] * 5
                 for fn in (
                     lib.moe_fp8_dequant,
                     lib.moe_gemv,
@@ -90,9 +95,11 @@ def _load():
                     lib.moe_rmsnorm,
                     lib.moe_mla_attention,
                     lib.moe_moe_decode,
+                    lib.moe_experts_bf16,
                 ):
                     fn.restype = None
                 simd = "AVX-512F" if lib.moe_simd_select(1) else "AVX2"
+                _avx512 = bool(lib.moe_experts_supported())
                 log.info("cpu decode kernels: %s (bfloat16 weights read with %s)", path, simd)
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
                 lib = None
@@ -240,6 +247,61 @@ class MoE:
         return y
 
 
+# Up to this many tokens the routed experts of a bfloat16 MoE layer take moe_experts_bf16 rather
+# than torch's grouped GEMM (one oneDNN matmul per expert, ~30-60 us each whatever its few rows):
+# benchmarks/runtime_moe_experts.py measured the two on the benchmark checkpoints' layers.
+EXPERTS_MAX_TOKENS = 64
+
+
+def experts_kernel(m: layers.Experts, x: torch.Tensor) -> bool:
+    """Whether moe_experts_bf16 computes m's forward on x [N, D]: bfloat16 on the CPU with AVX-512F,
+    outside autograd, torch on one thread, 2 <= N <= EXPERTS_MAX_TOKENS (one token: moe_moe_decode,
+    or the loop over its experts), every expert on this rank, SiLU, the engine's column-major
+    bfloat16 experts (grouped_experts_layout), D and I multiples of 16."""
+    gate_up, down = m.gate_up_proj, m.down_proj
+    return (
+        x.dtype == torch.bfloat16
+        and x.dim() == 2
+        and 2 <= x.shape[0] <= EXPERTS_MAX_TOKENS
+        and x.device.type == "cpu"
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and torch.get_num_threads() == 1
+        and _lib is not None
+        and _avx512
+        and m.num_local_experts == m.num_experts
+        and m.act is F.silu
+        and gate_up.dtype == down.dtype == torch.bfloat16
+        and gate_up.transpose(-1, -2).is_contiguous()
+        and down.transpose(-1, -2).is_contiguous()
+        and gate_up.shape[-1] % 16 == 0
+        and down.shape[-1] % 16 == 0
+    )
+
+
+def routed_experts(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D] bfloat16, weights / ids [N, A] -> (sum over a of weights[:, a] * expert ids[:, a] on
+    x [N, D] bfloat16, tokens per expert [E]); gate_up [E, 2I, D] and down [E, D, I] bfloat16, each
+    expert's matrix column-major (experts_kernel checks all this)."""
+    N, A = ids.shape
+    E, D, I = down.shape  # noqa: E741 (legend)
+    x = x.contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    y = torch.empty(N, D, dtype=torch.bfloat16)
+    counts = torch.empty(E, dtype=torch.int64)
+    scratch = torch.empty(N * D + N * A + E + 1 + BLOCK_ROWS * (D + 2 * I))
+    _lib.moe_experts_bf16(
+        x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate_up.data_ptr(), down.data_ptr(), y.data_ptr(),
+        counts.data_ptr(), scratch.data_ptr(), N, A, D, E, I,
+    )  # fmt: skip
+    return y, counts
+
+
+BLOCK_ROWS = 6  # csrc/cpu_decode.c's BLOCK_ROWS (tokens per pass over an expert's weights)
+
+
 class MLAttention:
     """models.model.MLAttention for one new token x [1, D] over the paged cache: q_a [Q, D] and its
     norm [Q] with q_b [H (P + R), Q] (or q_a None and q_b the full q_proj [H (P + R), D]); kv_a
@@ -308,6 +370,11 @@ class DecodeRMSNorm(layers.RMSNorm):
 
 
 class DecodeExperts(layers.Experts):
+    def forward(self, x, weights, ids):
+        if experts_kernel(self, x):  # a few tokens: one C call, not a oneDNN matmul per expert
+            return routed_experts(x, weights, ids, self.gate_up_proj, self.down_proj)
+        return super().forward(x, weights, ids)
+
     def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
         return linear(self.act(gate).mul_(up), self.down_proj[e])

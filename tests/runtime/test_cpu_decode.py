@@ -22,7 +22,7 @@ from model_runtime.engine.requests import SamplingParams
 from model_runtime.kernels import cpu_decode
 from model_runtime.kernels.cpu_decode import use_cpu_decode_kernels
 from model_runtime.models.config import ModelConfig
-from model_runtime.models.model import MLAttention, MoE, PagedContext
+from model_runtime.models.model import Experts, MLAttention, MoE, PagedContext
 from model_runtime.models.paged import PagedBatch
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler or no AVX2 here")
@@ -367,3 +367,70 @@ def test_a_bf16_model_decodes_with_the_kernels_as_closely_as_torch(builtin, monk
     err, torch_err = (got - want).abs().amax(-1), (torch_bf16 - want).abs().amax(-1).max()
     assert (err <= 1.5 * torch_err).sum() >= 9, (err, torch_err)
     assert (got.argmax(-1) == want.argmax(-1)).sum() >= 9
+
+
+def routed_experts_case(name: str, tokens: int, seed: int = 7):
+    """A bfloat16 MoE layer as the engine keeps it (column-major experts, the kernels applied) and
+    `tokens` rows with their routing."""
+    cfg = ModelConfig(
+        hidden_size=64, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, **ROUTERS[name]
+    )
+    moe = random_(MoE(cfg), 6).bfloat16()
+    cpu_decode.grouped_experts_layout(moe)
+    assert use_cpu_decode_kernels(moe)
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    with torch.inference_mode():
+        weights, ids = moe.gate(x)
+    return moe.experts, x, weights, ids
+
+
+@pytest.mark.parametrize("tokens", [2, 7, 32, cpu_decode.EXPERTS_MAX_TOKENS])
+@pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
+def test_bf16_routed_experts_kernel_matches_the_grouped_gemm(name, tokens, monkeypatch):
+    """At decode sizes the routed experts of a bfloat16 layer are one C call (moe_experts_bf16),
+    with torch's grouped GEMM's output (within bfloat16 roundings: the kernel keeps the hidden
+    activations and the sum over experts in float32) and its tokens per expert."""
+    if not (cpu_decode.available() and cpu_decode._avx512):
+        pytest.skip("this CPU has no AVX-512F")
+    experts, x, weights, ids = routed_experts_case(name, tokens)
+    calls = {"n": 0}
+    real = cpu_decode.routed_experts
+
+    def counting(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(cpu_decode, "routed_experts", counting)
+    with torch.inference_mode():
+        got, got_counts = experts(x, weights, ids)
+        assert calls["n"] == 1
+        want, want_counts = Experts.forward(experts, x, weights, ids)  # the torch code
+        want32 = torch.zeros(tokens, 64)
+        for n in range(tokens):
+            for a in range(ids.shape[1]):
+                e = int(ids[n, a])
+                gate, up = F.linear(x[n].float(), experts.gate_up_proj[e].float()).chunk(2)
+                want32[n] += weights[n, a] * F.linear(F.silu(gate) * up, experts.down_proj[e].float())
+    assert calls["n"] == 1  # torch's forward did not call it
+    assert torch.equal(got_counts, want_counts)
+    assert bf16_close(got, want, ulps=6)
+    # closer to float32 than torch's bfloat16 (which rounds every intermediate)
+    assert (got.float() - want32).abs().max() <= (want.float() - want32).abs().max()
+
+
+def test_the_routed_experts_kernel_takes_only_decode_sizes_of_the_engine_layout(monkeypatch):
+    """One token (the batch-1 kernels' case), more than EXPERTS_MAX_TOKENS (a prefill: torch's
+    grouped GEMM), row-major experts, float32 or autograd: torch's code runs."""
+    if not (cpu_decode.available() and cpu_decode._avx512):
+        pytest.skip("this CPU has no AVX-512F")
+    experts, x, weights, ids = routed_experts_case("mixtral", cpu_decode.EXPERTS_MAX_TOKENS + 1)
+    with torch.inference_mode():
+        assert cpu_decode.experts_kernel(experts, x[:2])
+        assert not cpu_decode.experts_kernel(experts, x)
+        assert not cpu_decode.experts_kernel(experts, x[:1])
+        assert not cpu_decode.experts_kernel(experts, x[:2].float())
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        assert not cpu_decode.experts_kernel(experts, x[:2])
+        monkeypatch.undo()
+        experts.gate_up_proj.data = experts.gate_up_proj.data.contiguous()
+        assert not cpu_decode.experts_kernel(experts, x[:2])

@@ -5,6 +5,8 @@
  * moe_rmsnorm:       y = w * x / sqrt(mean(x^2) + eps)
  * moe_mla_attention: a whole MLA attention layer for one new token (model.MLAttention)
  * moe_moe_decode:    a whole MoE layer for one token (model.MoE)
+ * moe_experts_bf16:  the routed experts of a MoE layer for a few tokens (a decode step of several
+ *                    sequences), bfloat16, AVX-512F only
  *
  * Each takes `bf`: 0 when the weights, the cache and the layer's input and output are float32, 1 when
  * they are bfloat16. Either way the arithmetic is float32: bfloat16 values are widened as they are
@@ -549,4 +551,153 @@ void moe_fp8_dequant(const unsigned char *w, const float *scale, void *out, long
             }
         }
     }
+}
+
+/* moe_experts_bf16: the routed experts of model.Experts for a few tokens (a decode step of several
+ * sequences), bfloat16, each expert's matrices column-major as the engine stores them for torch's
+ * grouped GEMM: gate_up [E, D, 2I] (gate columns, then up columns) and down [E, I, D] in memory.
+ *   x [N, D] bfloat16; ids [N, A] int64 (expert of each choice), weights [N, A] float32;
+ *   y [N, D] bfloat16 = sum over a of weights[n, a] * expert ids[n, a] on x[n];
+ *   counts [E] int64: tokens routed to each expert (set, not added);
+ *   scratch: N D + N A + E + BLOCK_ROWS (D + 2I) floats.
+ * torch's grouped GEMM runs each expert as its own oneDNN matmul of a few rows, whose fixed cost
+ * (~30-60 us) dwarfs the work at decode sizes. Here each expert's tokens are taken BLOCK_ROWS at a
+ * time; for a block every weight row is read once and multiplied into all the block's tokens, the
+ * sums held in registers (rows x 64 columns per tile); the hidden activations stay float32 and
+ * each token's output is summed over its experts in float32, rounded once. AVX-512F only;
+ * D and I multiples of 16 (the caller checks). */
+#define BLOCK_ROWS 6
+#define PREFETCH_ROWS 24
+
+AVX512 static inline __m512 exp16(__m512 x) {
+    /* exp(x) for 16 floats (as csrc/paged_attention.c's): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by
+     * its Taylor series to r^7, scaled by 2^n; below -104: 0; above ~88: inf */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln2 in two parts */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.0f / 5040);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 720));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+AVX512 __attribute__((always_inline)) static inline void tile_rows(
+    const float *X, long ldx, long K, const bf16 *W, long ldw, float *const *out, long col,
+    const float *alpha, int accumulate, const int rows, const int vecs) {
+    /* out[m][col : col + 16 vecs] (+)= alpha[m] * sum_k X[m, k] * W[k, 0 : 16 vecs] for m < rows */
+    __m512 acc[BLOCK_ROWS][4];
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < vecs; j++)
+            acc[m][j] = _mm512_setzero_ps();
+    for (long k = 0; k < K; k++) {
+        const bf16 *w = W + k * ldw;
+        /* the rows of a tile are ldw apart, which the hardware prefetcher does not follow: fetch
+         * this tile's rows PREFETCH_ROWS ahead, and the next tile's (the next 64 columns) row k */
+        PREFETCH_LINE(w + PREFETCH_ROWS * ldw);
+        if (vecs > 2)
+            PREFETCH_LINE(w + PREFETCH_ROWS * ldw + 32);
+        PREFETCH_LINE(w + 64);
+        PREFETCH_LINE(w + 96);
+        __m512 wv[4];
+        for (int j = 0; j < vecs; j++)
+            wv[j] = widen16(w + 16 * j);
+        for (int m = 0; m < rows; m++) {
+            __m512 xv = _mm512_set1_ps(X[m * ldx + k]);
+            for (int j = 0; j < vecs; j++)
+                acc[m][j] = _mm512_fmadd_ps(xv, wv[j], acc[m][j]);
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < vecs; j++) {
+            float *o = out[m] + col + 16 * j;
+            __m512 v = acc[m][j];
+            if (accumulate)
+                v = _mm512_fmadd_ps(_mm512_set1_ps(alpha[m]), v, _mm512_loadu_ps(o));
+            _mm512_storeu_ps(o, v);
+        }
+}
+
+#define TILE_CASE(R)                                                                                  \
+    case R:                                                                                           \
+        for (; j + 64 <= J; j += 64)                                                                  \
+            tile_rows(X, ldx, K, W + j, J, out, j, alpha, accumulate, R, 4);                          \
+        for (; j < J; j += 16)                                                                        \
+            tile_rows(X, ldx, K, W + j, J, out, j, alpha, accumulate, R, 1);                          \
+        break;
+
+AVX512 static void gemm_rows(const float *X, long ldx, long K, const bf16 *W, long J, float *const *out,
+                             const float *alpha, int accumulate, int rows) {
+    /* out[m][0 : J] (+)= alpha[m] * X[m, :K] @ W[K, J] (W row-major, J a multiple of 16) for m < rows
+     * <= BLOCK_ROWS; the row count is a constant in each case, so the sums stay in registers */
+    long j = 0;
+    switch (rows) {
+        TILE_CASE(1)
+        TILE_CASE(2)
+        TILE_CASE(3)
+        TILE_CASE(4)
+        TILE_CASE(5)
+        TILE_CASE(6)
+    }
+}
+
+int moe_experts_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+
+AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weights, const bf16 *gate_up,
+                             const bf16 *down, bf16 *y, long *counts, float *scratch, long N, long A, long D,
+                             long E, long I) {
+    float *y32 = scratch, *h = y32 + N * D, *x32 = h + BLOCK_ROWS * 2 * I;
+    int *order = (int *)(x32 + BLOCK_ROWS * D), *start = order + N * A; /* start: E + 1 */
+    for (long e = 0; e <= E; e++)
+        start[e] = 0;
+    for (long i = 0; i < N * A; i++)
+        start[ids[i] + 1]++;
+    for (long e = 0; e < E; e++) {
+        counts[e] = start[e + 1];
+        start[e + 1] += start[e];
+    }
+    for (long i = 0; i < N * A; i++) /* choices grouped by expert, in token order within each */
+        order[start[ids[i]]++] = (int)i;
+    for (long e = E; e > 0; e--)
+        start[e] = start[e - 1];
+    start[0] = 0;
+    for (long i = 0; i < N * D; i++)
+        y32[i] = 0.0f;
+    for (long e = 0; e < E; e++) {
+        const bf16 *gu = gate_up + e * D * 2 * I, *dn = down + e * I * D;
+        for (long b = start[e]; b < start[e + 1]; b += BLOCK_ROWS) {
+            int rows = (int)(start[e + 1] - b < BLOCK_ROWS ? start[e + 1] - b : BLOCK_ROWS);
+            float *hrow[BLOCK_ROWS], *yrow[BLOCK_ROWS], alpha[BLOCK_ROWS];
+            for (int m = 0; m < rows; m++) {
+                long choice = order[b + m], n = choice / A;
+                const bf16 *xr = x + n * D;
+                for (long d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(x32 + m * D + d, widen16(xr + d));
+                hrow[m] = h + m * 2 * I;
+                yrow[m] = y32 + n * D;
+                alpha[m] = weights[choice];
+            }
+            gemm_rows(x32, D, D, gu, 2 * I, hrow, alpha, 0, rows); /* [rows, 2I] gate | up */
+            for (int m = 0; m < rows; m++) {
+                float *hm = hrow[m];
+                for (long i = 0; i < I; i += 16) { /* silu(gate) * up */
+                    __m512 g = _mm512_loadu_ps(hm + i);
+                    __m512 s = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+                    _mm512_storeu_ps(hm + i, _mm512_mul_ps(_mm512_div_ps(g, s), _mm512_loadu_ps(hm + I + i)));
+                }
+            }
+            gemm_rows(h, 2 * I, I, dn, D, yrow, alpha, 1, rows); /* y[n] += weight * [rows, D] */
+        }
+    }
+    for (long i = 0; i < N * D; i++)
+        y[i] = f2bf(y32[i]);
 }

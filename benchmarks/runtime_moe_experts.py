@@ -1,0 +1,117 @@
+"""The routed experts of a bfloat16 MoE layer at decode sizes, C kernel against torch's grouped GEMM:
+`python -m benchmarks.runtime_moe_experts` (not part of `make bench`).
+
+On the checkpoints of benchmarks/runtime_vs_vllm.py (bfloat16, torch on one thread, as the server
+runs on 2 cores, the engine's expert layout and kernels: use_cpu_decode_kernels), alternating the
+two paths (kernels/cpu_decode.py's `experts_kernel` forced off for torch's), best of `--rounds`, in
+CPU time of this process (the machine is shared; wall time moves with other sessions' load far
+more):
+- the first MoE layer's routed experts on N tokens (routed by the layer's own router), and how far
+  each path's output is from float32's (largest difference over the largest value);
+- whole engine decode steps (LLMEngine in process: `--batch` requests of 32-token prompts, then
+  decode steps), the median step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.runtime_paged_attention import step_ms
+from benchmarks.runtime_vs_vllm import CHECKPOINTS, REPO, ensure_checkpoint
+from model_runtime.kernels import cpu_decode
+from model_runtime.models.loading import load_model
+from model_runtime.models.model import MoE
+
+PATHS = ("grouped GEMM", "C kernel")
+
+
+def use(path: str, real=cpu_decode.experts_kernel) -> None:
+    cpu_decode.experts_kernel = real if path == "C kernel" else (lambda *a: False)
+
+
+def reference(experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The routed experts in float32, one expert at a time."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for n in range(x.shape[0]):
+        for a in range(ids.shape[1]):
+            e = int(ids[n, a])
+            gate, up = F.linear(x[n].float(), experts.gate_up_proj[e].float()).chunk(2)
+            out[n] += weights[n, a] * F.linear(F.silu(gate) * up, experts.down_proj[e].float())
+    return out
+
+
+def layer(model, tokens: int, calls: int = 30) -> tuple[float, float]:
+    """(CPU ms of the first MoE layer's routed experts on `tokens` tokens, relative distance from
+    float32) under the path set by use()."""
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, model.config.hidden_size, generator=g).to(model.dtype)
+    with torch.no_grad():
+        weights, ids = moe.gate(x)
+        for _ in range(3):
+            out, _ = moe.experts(x, weights, ids)
+        start = time.process_time()
+        for _ in range(calls):
+            moe.experts(x, weights, ids)
+        ms = (time.process_time() - start) / calls * 1e3
+        ref = reference(moe.experts, x, weights, ids)
+    return ms, float((out.float() - ref).abs().max() / ref.abs().max())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoints", nargs="+", default=list(CHECKPOINTS), choices=list(CHECKPOINTS))
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2, 8, 32, 64, 128])
+    parser.add_argument(
+        "--batch", type=int, default=32, help="sequences of the engine decode steps (0: none)"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cache-dir", type=Path, default=REPO / ".bench")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if not cpu_decode.available():
+        print("the C kernels are not available here (needs a C compiler and AVX2)")
+        return 1
+    for name in args.checkpoints:
+        model = load_model(str(ensure_checkpoint(name, args.cache_dir)), dtype=torch.bfloat16)
+        cpu_decode.use_cpu_decode_kernels(model)
+        print(f"{name} (bfloat16, 1 thread, CPU time, best of {args.rounds}):", flush=True)
+        for tokens in args.tokens:
+            best = {p: (float("inf"), 0.0) for p in PATHS}
+            try:
+                for _ in range(args.rounds):
+                    for p in PATHS:
+                        use(p)
+                        ms, err = layer(model, tokens)
+                        best[p] = min(best[p], (ms, err))
+            finally:
+                use("C kernel")
+            (t, te), (k, ke) = best["grouped GEMM"], best["C kernel"]
+            print(
+                f"  routed experts, {tokens:4} tokens: grouped GEMM {t:6.2f} ms  C kernel {k:6.2f} ms "
+                f"({t / k:.2f}x); from float32: {te:.4f} / {ke:.4f}",
+                flush=True,
+            )
+        if args.batch:
+            steps = {p: float("inf") for p in PATHS}
+            try:
+                for _ in range(args.rounds):
+                    for p in PATHS:
+                        use(p)
+                        steps[p] = min(steps[p], step_ms(model, args.batch))
+            finally:
+                use("C kernel")
+            t, k = steps["grouped GEMM"], steps["C kernel"]
+            print(
+                f"  engine decode step, {args.batch} sequences: grouped GEMM {t:6.2f} ms  C kernel {k:6.2f} ms ({t / k:.2f}x)"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
