@@ -70,7 +70,7 @@ def _load():
                 else:
                     ptr, long = ctypes.c_void_p, ctypes.c_long
                     lib.moe_paged_decode_bf16.argtypes = (
-                        [ptr, ptr, long, long, ptr, long, long, ptr, long, ptr, ptr]
+                        [ptr, long, long, ptr, long, long, ptr, long, long, ptr, long, ptr, ptr, long, long]
                         + [long] * 7
                         + [ctypes.c_float]
                     )
@@ -111,13 +111,16 @@ def decode(
     block_size: int,
     scale: float,
     window: int | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per sequence attends its cached context, read in place.
 
-    q [S, H, E] bfloat16; keys [slots, K, E] and values [slots, K, Ev], views of the cache whose
-    rows are contiguous (any slot and head strides); block_tables [S, B] and context_lens [S] as in
-    PagedBatch (the new token already written, at position context_len - 1); window: keep the last
-    `window` positions only. -> [S, H, Ev] bfloat16.
+    q [S, H, E] bfloat16 (rows contiguous, any sequence and head strides); keys [slots, K, E] and
+    values [slots, K, Ev], views of the cache whose rows are contiguous (any slot and head
+    strides); block_tables [S, B] and context_lens [S] as in PagedBatch (the new token already
+    written, at position context_len - 1); window: keep the last `window` positions only.
+    -> [S, H, Ev] bfloat16, written into `out` when given (rows contiguous, any other strides:
+    MLA passes a head-major buffer's transposed view).
     """
     lib = _load()
     if lib is None:
@@ -126,12 +129,18 @@ def decode(
     K, Ev = keys.shape[1], values.shape[2]
     if keys.shape[2] != E or H % K or keys.stride(2) != 1 or values.stride(2) != 1:
         raise ValueError(f"paged decode: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
-    q = q.contiguous()
+    if out is None:
+        out = torch.empty(S, H, Ev, dtype=torch.bfloat16)
+    elif out.shape != (S, H, Ev) or out.dtype != torch.bfloat16 or out.stride(2) != 1:
+        raise ValueError(f"paged decode: out {tuple(out.shape)} {out.dtype} is not [{S}, {H}, {Ev}] bfloat16 rows")
+    if q.stride(2) != 1:
+        q = q.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     lens = context_lens.to(torch.int64).contiguous()
-    out = torch.empty(S, H, Ev, dtype=torch.bfloat16)
     lib.moe_paged_decode_bf16(
         q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
         keys.data_ptr(),
         keys.stride(0),
         keys.stride(1),
@@ -142,6 +151,8 @@ def decode(
         tables.stride(0),
         lens.data_ptr(),
         out.data_ptr(),
+        out.stride(0),
+        out.stride(1),
         S,
         K,
         H // K,

@@ -92,6 +92,17 @@ def test_mla_decode_reads_latent_rows_in_place():
     exact = gathered(q.float(), rows.float(), rows.float(), batch, scale, None)[..., :C]
     assert got.shape == (len(LENS), H, C)
     torch.testing.assert_close(got.float(), exact, atol=8e-3, rtol=8e-3)
+    # q and the output as strided views (MLA's layer passes head-major buffers): the same values
+    q_t = q.transpose(0, 1).contiguous().transpose(0, 1)  # [S, H, E], heads apart by S * E
+    out = torch.full((H, len(LENS), C), float("nan"), dtype=torch.bfloat16)
+    paged_kernel.decode(
+        q_t, rows, rows[..., :C], batch.block_tables, batch.context_lens, bs, scale, None, out=out.transpose(0, 1)
+    )
+    assert torch.equal(out.transpose(0, 1), got)
+    with pytest.raises(ValueError, match="out"):
+        paged_kernel.decode(
+            q, rows, rows[..., :C], batch.block_tables, batch.context_lens, bs, scale, None, out=out[:, :, :16]
+        )
 
 
 def test_mismatched_shapes_are_refused():

@@ -71,15 +71,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __
         default: f(8, __VA_ARGS__); break; \
     }
 
-// p[gg * CHUNK] = scale * q[gg] . key for gn query heads (rows of E at qg) and one cached key row
-TARGET INLINE void score_row(const long gn, const uint16_t *qg, const uint16_t *kr, long E, float scale, float *p) {
+// p[gg * CHUNK] = scale * q[gg] . key for gn query heads (rows of E at qg, qh apart) and one cached key row
+TARGET INLINE void score_row(const long gn, const uint16_t *qg, long qh, const uint16_t *kr, long E, float scale,
+                             float *p) {
     __m512 a[GROUP];
     for (long gg = 0; gg < gn; gg++) a[gg] = _mm512_setzero_ps();
     for (long i = 0; i < E; i += 32) {
         __mmask32 mk = E - i >= 32 ? 0xffffffffu : ((1u << (E - i)) - 1u);
         __m512i kv = _mm512_maskz_loadu_epi16(mk, kr + i);
         for (long gg = 0; gg < gn; gg++)
-            a[gg] = _mm512_dpbf16_ps(a[gg], (__m512bh)_mm512_maskz_loadu_epi16(mk, qg + gg * E + i), (__m512bh)kv);
+            a[gg] = _mm512_dpbf16_ps(a[gg], (__m512bh)_mm512_maskz_loadu_epi16(mk, qg + gg * qh + i), (__m512bh)kv);
     }
     for (long gg = 0; gg < gn; gg++) p[gg * CHUNK] = _mm512_reduce_add_ps(a[gg]) * scale;
 }
@@ -108,13 +109,15 @@ TARGET INLINE void sum_values(const long gn, float *accg, long evp, const float 
     }
 }
 
-// q [S, K*G, E] bf16 contiguous; key row of (slot, kv head k) at kc + slot*ks + k*kh, value row at
+// q [S, K*G, E] bf16, rows of E contiguous, sequences qs and heads qh apart; key row of (slot, kv head
+// k) at kc + slot*ks + k*kh, value row at
 // vc + slot*vs + k*vh (E and Ev elements, contiguous); block_tables [S, bt_stride] int64;
 // context_lens [S] int64 (the new token included, its position context_len - 1); window > 0 keeps
-// the last `window` positions only; out [S, K*G, Ev] bf16.
+// the last `window` positions only; out [S, K*G, Ev] bf16, rows of Ev contiguous, sequences os and heads
+// oh apart (MLA's caller takes it head-major, [K*G, S, Ev], for its next batched matmul).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_decode_bf16(
-    const uint16_t *q, const uint16_t *kc, long ks, long kh, const uint16_t *vc, long vs, long vh,
-    const int64_t *block_tables, long bt_stride, const int64_t *context_lens, uint16_t *out, long S,
+    const uint16_t *q, long qs, long qh, const uint16_t *kc, long ks, long kh, const uint16_t *vc, long vs, long vh,
+    const int64_t *block_tables, long bt_stride, const int64_t *context_lens, uint16_t *out, long os, long oh, long S,
     long K, long G, long E, long Ev, long block_size, long window, float scale) {
     float *acc = aligned_alloc(64, (size_t)G * (((Ev + 31) / 32) * 32) * sizeof(float) + 64);
     float *p = malloc((size_t)G * CHUNK * sizeof(float));
@@ -126,7 +129,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
         long start = (window > 0 && n > window) ? n - window : 0;
         const int64_t *table = block_tables + s * bt_stride;
         for (long k = 0; k < K; k++) {
-            const uint16_t *qh = q + (s * K * G + k * G) * E;
+            const uint16_t *qk = q + s * qs + k * G * qh;
             memset(acc, 0, (size_t)G * evp * sizeof(float));
             for (long g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
             for (long t0 = start; t0 < n; t0 += CHUNK) {
@@ -139,7 +142,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                     vrows[j] = vc + slot * vs + k * vh;
                     for (long g0 = 0; g0 < G; g0 += GROUP) {
                         long gn = G - g0 < GROUP ? G - g0 : GROUP;
-                        BY_GN(gn, score_row, qh + g0 * E, kr, E, scale, p + g0 * CHUNK + j);
+                        BY_GN(gn, score_row, qk + g0 * qh, qh, kr, E, scale, p + g0 * CHUNK + j);
                     }
                 }
                 // online softmax, 16 scores at a time: rescale what was summed so far to the new
@@ -178,7 +181,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                 }
             }
             for (long g = 0; g < G; g++) {
-                uint16_t *o = out + (s * K * G + k * G + g) * Ev;
+                uint16_t *o = out + s * os + (k * G + g) * oh;
                 float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
                 for (long c = 0; c < Ev; c++) o[c] = to_bf16(acc[g * evp + c] * inv);
             }
