@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model_runtime.kernels.cpu_decode import argmax
+
 
 @dataclass
 class SampleRow:
@@ -55,7 +57,7 @@ def sample(
     temps = [r.temperature for r in rows]
     adjusted = adjust_logits(logits, rows)
     if all(t == 0 for t in temps):
-        chosen = adjusted.argmax(dim=-1)  # [S]
+        chosen = argmax(adjusted)  # [S] (on the CPU a C scan: torch's argmax is ~10x slower there)
     else:
         chosen = _sample_random(adjusted, rows, temps, generator)
     token_ids = chosen.tolist()
@@ -135,8 +137,8 @@ def _sample_random(
     for i, r in enumerate(rows):
         if r.generator is not None and temps[i] > 0:
             q[i].exponential_(generator=r.generator)
-    sampled = (probs / q).argmax(dim=-1)  # [S]
-    return torch.where(greedy, logits.argmax(dim=-1), sampled)
+    sampled = argmax(probs / q)  # [S]
+    return torch.where(greedy, argmax(logits), sampled)
 
 
 def _mask_top_k(scaled: torch.Tensor, top_ks: list[int]) -> torch.Tensor:

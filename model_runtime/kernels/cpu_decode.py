@@ -88,6 +88,7 @@ def _load():
                 lib.moe_simd_select.argtypes, lib.moe_simd_select.restype = [i32], i32
                 lib.moe_experts_supported.argtypes, lib.moe_experts_supported.restype = [], i32
                 lib.moe_experts_bf16.argtypes = [ptr] * 8 + [long] * 5
+                lib.moe_argmax_rows.argtypes = [ptr, long, long, long, ptr]
                 for fn in (
                     lib.moe_fp8_dequant,
                     lib.moe_gemv,
@@ -96,6 +97,7 @@ def _load():
                     lib.moe_mla_attention,
                     lib.moe_moe_decode,
                     lib.moe_experts_bf16,
+                    lib.moe_argmax_rows,
                 ):
                     fn.restype = None
                 simd = "AVX-512F" if lib.moe_simd_select(1) else "AVX2"
@@ -300,6 +302,20 @@ def routed_experts(
 
 
 BLOCK_ROWS = 6  # csrc/cpu_decode.c's BLOCK_ROWS (tokens per pass over an expert's weights)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for a [S, V] float32 tensor (the first index on ties, a NaN's if any);
+    on the CPU with AVX-512F and the kernels loaded, moe_argmax_rows (torch's runs ~2 ns an
+    element on one thread: 0.6 ms for 32 x 8192 logits), else torch's."""
+    if not (
+        x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(1) == 1
+        and x.shape[1] > 0 and available() and _avx512
+    ):  # fmt: skip
+        return x.argmax(dim=-1)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _lib.moe_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+    return out
 
 
 class MLAttention:

@@ -434,3 +434,30 @@ def test_the_routed_experts_kernel_takes_only_decode_sizes_of_the_engine_layout(
         monkeypatch.undo()
         experts.gate_up_proj.data = experts.gate_up_proj.data.contiguous()
         assert not cpu_decode.experts_kernel(experts, x[:2])
+
+
+def argmax_cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    nan = torch.randn(4, 50, generator=g)
+    nan[1, 17] = nan[2, 49] = float("nan")  # a NaN wins, as in torch
+    nan[3, 3] = nan[3, 40] = float("inf")  # ties: the first
+    late = torch.full((2, 20), -float("inf"))
+    late[1, 18] = -5.0  # the maximum in the tail after 16 lanes of -inf
+    return [
+        torch.randn(32, 8192, generator=g),
+        torch.randn(3, 7, generator=g),  # shorter than a vector
+        torch.full((2, 40), -float("inf")),
+        torch.zeros(4, 33),  # all tied
+        nan,
+        late,
+        torch.randn(64, 8192, generator=g)[:, :8000],  # rows apart by more than their length
+        torch.randint(0, 3, (8, 1000), generator=g).float(),  # many ties
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(argmax_cases())))
+def test_argmax_is_torchs(case):
+    """Greedy sampling's argmax (a C scan on AVX-512 CPUs) gives torch's indices, ties and NaNs
+    included."""
+    x = argmax_cases()[case]
+    assert torch.equal(cpu_decode.argmax(x), x.argmax(dim=-1))

@@ -701,3 +701,49 @@ AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weight
     for (long i = 0; i < N * D; i++)
         y[i] = f2bf(y32[i]);
 }
+
+/* moe_argmax_rows: out[r] = the index of the largest x[r, :cols] (rows ld apart), the first on ties,
+ * the first NaN if the row has one (torch.argmax's answer). Greedy sampling takes it: torch's argmax
+ * over the last dimension runs ~2 ns an element on one thread here (0.6 ms for 32 x 8192 logits,
+ * 4-6% of a decode step), a vectorized scan ~20x less. AVX-512F only. */
+AVX512 void moe_argmax_rows(const float *x, long rows, long cols, long ld, long *out) {
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * ld;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i at = _mm512_set1_epi32(-1), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                                       14, 15);
+        __mmask16 nan = 0;
+        long c = 0;
+        for (; c + 16 <= cols; c += 16) {
+            __m512 v = _mm512_loadu_ps(xr + c);
+            __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            best = _mm512_mask_mov_ps(best, gt, v);
+            at = _mm512_mask_mov_epi32(at, gt, idx);
+            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+        }
+        float bv[16];
+        int bi[16];
+        _mm512_storeu_ps(bv, best);
+        _mm512_storeu_si512(bi, at);
+        long arg = -1;
+        float m = -INFINITY;
+        for (int l = 0; l < 16; l++) /* each lane holds its first maximum: the lowest index among equals */
+            if (bi[l] >= 0 && (arg < 0 || bv[l] > m || (bv[l] == m && bi[l] < arg)))
+                m = bv[l], arg = bi[l];
+        if (arg < 0 && c > 0) /* the scanned part all -inf: its first */
+            arg = 0;
+        for (; c < cols; c++) {
+            if (xr[c] != xr[c])
+                nan = 1;
+            else if (arg < 0 || xr[c] > m)
+                m = xr[c], arg = c;
+        }
+        if (nan) {
+            for (c = 0; c < cols && xr[c] == xr[c]; c++)
+                ;
+            arg = c;
+        }
+        out[r] = arg < 0 ? 0 : arg; /* no columns: 0 */
+    }
+}
