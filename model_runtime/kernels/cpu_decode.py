@@ -82,6 +82,7 @@ def _load():
                 lib.moe_gemv.argtypes = [ptr] * 4 + [long] * 2 + [i32]
                 lib.moe_swiglu.argtypes = [ptr] * 6 + [long, long, i32]
                 lib.moe_rmsnorm.argtypes = [ptr] * 4 + [f32, long, i32]
+                lib.moe_rmsnorm_rows.argtypes = [ptr, long, ptr, ptr, ptr, f32, long, long, i32]
                 lib.moe_mla_attention.argtypes = [ptr] * 14 + [i32, long, f32] + [long] * 8 + [i32]
                 lib.moe_moe_decode.argtypes = [ptr] * 12 + [i32] * 3 + [f32] + [long] * 7 + [i32] * 2
                 lib.moe_fp8_dequant.argtypes = [ptr] * 3 + [long] * 5 + [i32]
@@ -94,6 +95,7 @@ def _load():
                     lib.moe_gemv,
                     lib.moe_swiglu,
                     lib.moe_rmsnorm,
+                    lib.moe_rmsnorm_rows,
                     lib.moe_mla_attention,
                     lib.moe_moe_decode,
                     lib.moe_experts_bf16,
@@ -378,11 +380,38 @@ class DecodeLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+# Up to this many rows RMSNorm takes moe_rmsnorm_rows (a decode step's rows); beyond, torch's ops.
+NORM_MAX_ROWS = 256
+
+
+def rmsnorm_rows(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """rmsnorm of each row of x [..., D] whose rows are D apart or one row apart (a [N, D] view of
+    a wider matrix), or None (x not such, more than NORM_MAX_ROWS rows, or the kernels do not
+    apply: torch's ops then)."""
+    D = x.shape[-1]
+    if x.dim() == 2 and x.stride(1) == 1:
+        ld = x.stride(0)
+    elif x.is_contiguous():
+        ld = D
+    else:
+        return None
+    rows = x.numel() // D if D else 0
+    if not (0 < rows <= NORM_MAX_ROWS and (rows == 1 or ld >= D)) or not kernel_rows(x.dtype, w):
+        return None
+    if x.dtype not in DTYPES or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    if torch.get_num_threads() != 1 or _lib is None:
+        return None
+    y = torch.empty(x.shape, dtype=x.dtype)
+    scratch = torch.empty(D)
+    _lib.moe_rmsnorm_rows(x.data_ptr(), ld, w.data_ptr(), y.data_ptr(), scratch.data_ptr(), eps, rows, D, is_bf16(x))
+    return y
+
+
 class DecodeRMSNorm(layers.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if one_row(x) and kernel_rows(x.dtype, self.weight):
-            return rmsnorm(x, self.weight, self.eps)
-        return super().forward(x)
+        y = rmsnorm_rows(x, self.weight, self.eps)  # a decode step's rows: one C call, not four ops
+        return y if y is not None else super().forward(x)
 
 
 class DecodeExperts(layers.Experts):

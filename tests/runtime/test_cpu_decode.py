@@ -461,3 +461,29 @@ def test_argmax_is_torchs(case):
     included."""
     x = argmax_cases()[case]
     assert torch.equal(cpu_decode.argmax(x), x.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_of_a_decode_steps_rows_matches_the_torch_layer(dtype):
+    """RMSNorm over a few rows (a decode step of several sequences) is one C call, with torch's
+    values: contiguous rows, a [N, D] view of a wider matrix (MLA's latent) and [N, H, Dh] heads."""
+    from model_runtime.models.model import RMSNorm
+
+    g = torch.Generator().manual_seed(4)
+    norm = RMSNorm(48, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=g))
+    wide = (torch.randn(32, 48 + 16, generator=g) * 5).to(dtype)
+    inputs = [wide[:, :48].contiguous(), wide[:, :48], wide[:, :48].reshape(32, 3, 16).contiguous()]
+    norms = [norm, norm, random_(RMSNorm(16, 1e-6), 1).to(dtype)]
+    for x, layer in zip(inputs, norms, strict=True):
+        with torch.no_grad():
+            want = layer(x)
+            assert use_cpu_decode_kernels(layer) and type(layer) is cpu_decode.DecodeRMSNorm
+            assert cpu_decode.rmsnorm_rows(x, layer.weight, layer.eps) is not None  # the kernel takes it
+            got = layer(x)
+        if dtype == torch.bfloat16:
+            assert bf16_close(got, want, ulps=1)
+        else:
+            assert close(got, want, 1e-5)
+    assert cpu_decode.rmsnorm_rows(wide.t(), norm.weight, 1e-6) is None  # columns: torch's ops

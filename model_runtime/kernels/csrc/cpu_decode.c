@@ -307,6 +307,14 @@ void moe_rmsnorm(const void *x, const void *w, void *y, float *scratch, float ep
     store(y, scratch, D, bf);
 }
 
+void moe_rmsnorm_rows(const void *x, long ldx, const void *w, void *y, float *scratch, float eps, long rows, long D,
+                      int bf) {
+    /* moe_rmsnorm for each of `rows` rows of x, ldx elements apart; y [rows, D] contiguous;
+     * scratch [D] (torch's RMSNorm of a few rows is four ops of ~10-20 us each on one thread) */
+    for (long r = 0; r < rows; r++)
+        moe_rmsnorm(row(x, r, ldx, bf), w, row(y, r, D, bf), scratch, eps, D, bf);
+}
+
 static void rope(float *out, const float *x, const float *cos, const float *sin, long R, int interleaved) {
     /* model.apply_rope for one head: pairs (x0, x1), (x2, x3)... when interleaved, else
      * (x_j, x_{j+R/2}); the result is laid out half-split either way. */
