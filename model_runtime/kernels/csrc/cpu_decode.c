@@ -312,7 +312,7 @@ void moe_rmsnorm_rows(const void *x, long ldx, const void *w, void *y, float *sc
     /* moe_rmsnorm for each of `rows` rows of x, ldx elements apart; y [rows, D] contiguous;
      * scratch [D] (torch's RMSNorm of a few rows is four ops of ~10-20 us each on one thread) */
     for (long r = 0; r < rows; r++)
-        moe_rmsnorm(row(x, r, ldx, bf), w, row(y, r, D, bf), scratch, eps, D, bf);
+        moe_rmsnorm(row(x, r, ldx, bf), w, (void *)row(y, r, D, bf), scratch, eps, D, bf);
 }
 
 static void rope(float *out, const float *x, const float *cos, const float *sin, long R, int interleaved) {
