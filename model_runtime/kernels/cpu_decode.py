@@ -90,6 +90,7 @@ def _load():
                 lib.moe_experts_supported.argtypes, lib.moe_experts_supported.restype = [], i32
                 lib.moe_experts_bf16.argtypes = [ptr] * 8 + [long] * 5
                 lib.moe_argmax_rows.argtypes = [ptr, long, long, long, ptr]
+                lib.moe_route_rows.argtypes = [ptr] * 6 + [long] + [i32] * 3 + [f32] + [long] * 5 + [i32]
                 for fn in (
                     lib.moe_fp8_dequant,
                     lib.moe_gemv,
@@ -100,6 +101,7 @@ def _load():
                     lib.moe_moe_decode,
                     lib.moe_experts_bf16,
                     lib.moe_argmax_rows,
+                    lib.moe_route_rows,
                 ):
                     fn.restype = None
                 simd = "AVX-512F" if lib.moe_simd_select(1) else "AVX2"
@@ -320,6 +322,37 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class Route:
+    """models.model.Router for the rows of x [N, D] (up to EXPERTS_MAX_TOKENS, x's dtype the
+    router weight's): (weights [N, A] float32, ids [N, A] int64), ties to the lower expert. `bias`
+    (noaux_tc's) is read as float32 (a float32 copy is kept if it is not)."""
+
+    def __init__(self, cfg, router: torch.Tensor, bias: torch.Tensor | None):
+        assert cfg.num_experts_per_tok <= 64
+        bias = bias.float() if bias is not None else None
+        self.weights = (router, bias)
+        self.dtype = router.dtype
+        E, D = router.shape
+        self.A = cfg.num_experts_per_tok
+        self.scratch_size = D + 2 * E + cfg.n_group + E // 4 + 1  # last E bytes: flags
+        self.ptrs = (router.data_ptr(), None if bias is None else bias.data_ptr())
+        self.config = (
+            cfg.scoring_func == "sigmoid", ROUTE_METHODS[cfg.topk_method], cfg.norm_topk_prob,
+            cfg.routed_scaling_factor, D, E, self.A, cfg.n_group, cfg.topk_group, int(self.dtype == torch.bfloat16),
+        )  # fmt: skip
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.contiguous()
+        N = x.shape[0]
+        ids = torch.empty(N, self.A, dtype=torch.int64)
+        weights = torch.empty(N, self.A)
+        scratch = torch.empty(self.scratch_size)
+        _lib.moe_route_rows(
+            x.data_ptr(), *self.ptrs, ids.data_ptr(), weights.data_ptr(), scratch.data_ptr(), N, *self.config
+        )
+        return weights, ids
+
+
 class MLAttention:
     """models.model.MLAttention for one new token x [1, D] over the paged cache: q_a [Q, D] and its
     norm [Q] with q_b [H (P + R), Q] (or q_a None and q_b the full q_proj [H (P + R), D]); kv_a
@@ -443,6 +476,19 @@ class DecodeMoE(layers.MoE):
         return super().forward(x)
 
 
+class DecodeRouter(layers.Router):
+    decode: Route
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if (
+            x.dim() == 2 and 2 <= x.shape[0] <= EXPERTS_MAX_TOKENS and x.dtype == self.decode.dtype
+            and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+            and torch.get_num_threads() == 1 and _lib is not None
+        ):  # fmt: skip
+            return self.decode(x)  # a decode step's tokens: one C call, not ~15 small ops
+        return super().forward(x)
+
+
 class DecodeMLAttention(layers.MLAttention):
     decode: MLAttention
 
@@ -462,6 +508,7 @@ DECODE_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     layers.MLP: DecodeMLP,
     layers.MoE: DecodeMoE,
     layers.MLAttention: DecodeMLAttention,
+    layers.Router: DecodeRouter,
 }
 TORCH_CLASS = {decode: torch_class for torch_class, decode in DECODE_CLASS.items()}
 LEAVES = (nn.Linear, layers.RMSNorm, layers.Experts)  # need nothing prepared: their forward checks each call
@@ -518,6 +565,9 @@ def _layer_kernel(m: nn.Module):
         return MLAttention(*weights, cfg.rope_interleave, m.scale) if _rows(*weights) else None
     if type(m) is layers.MLP:
         return _swiglu(m)
+    if type(m) is layers.Router:  # its one-token case is inside the MoE kernel; this one takes a few tokens
+        ok = m.cfg.num_experts_per_tok <= 64 and _rows(m.weight)
+        return Route(m.cfg, m.weight, getattr(m, "e_score_correction_bias", None)) if ok else None
     if (
         type(m) is layers.MoE
         and type(m.experts) is layers.Experts

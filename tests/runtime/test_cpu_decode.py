@@ -487,3 +487,27 @@ def test_rmsnorm_of_a_decode_steps_rows_matches_the_torch_layer(dtype):
         else:
             assert close(got, want, 1e-5)
     assert cpu_decode.rmsnorm_rows(wide.t(), norm.weight, 1e-6) is None  # columns: torch's ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ROUTERS)
+def test_router_of_a_decode_steps_tokens_matches_the_torch_layer(name, dtype):
+    """A decode step's tokens are routed in one C call (moe_route_rows, the batch-1 MoE kernel's
+    routing per token): torch's experts and weights for every routing method."""
+    from model_runtime.models.model import Router
+
+    cfg = ModelConfig(
+        hidden_size=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=12, **ROUTERS[name]
+    )
+    router = random_(Router(cfg), 8).to(dtype)
+    if cfg.topk_method == "noaux_tc":
+        router.e_score_correction_bias.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(9)).to(dtype)
+    with torch.inference_mode():
+        want_w, want_ids = router(x)
+        assert use_cpu_decode_kernels(router) and type(router) is cpu_decode.DecodeRouter
+        got_w, got_ids = router(x)
+        assert torch.equal(router(x[:1])[1], want_ids[:1])  # one token: torch's code (the MoE kernel routes it)
+    assert got_ids.dtype == torch.int64 and got_w.dtype == torch.float32
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)

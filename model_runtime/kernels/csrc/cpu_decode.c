@@ -415,27 +415,15 @@ static long argmax_unpicked(const float *v, const char *picked, long n) {
     return best;
 }
 
-void moe_moe_decode(const void *x, const void *router, const float *bias, const void *gate_up, const void *down,
-                    const void *shared_gate, const void *shared_up, const void *shared_down,
-                    const void *shared_scale, long *tokens_per_expert, void *y, float *scratch,
-                    int sigmoid_scores, int method, int norm_topk, float scaling, long D, long E, long A, long G,
-                    long topk_group, long I, long Is, int bf, int experts_t) {
-    /* model.MoE for one token (router, A routed experts, shared experts), the batch-1 decode step
-     * in one call; the torch code in model.py is the reference and serves any batch.
-     *   router [E, D]; bias [E] (float32) or NULL (noaux_tc's e_score_correction_bias); experts
-     *   gate_up [E, 2I, D], down [E, D, I], or with experts_t each expert's matrix transposed
-     *   (gate_up [E, D, 2I], down [E, I, D] in memory); shared expert gate/up [Is, D], down [D, Is]
-     *   or NULL; shared_scale [D] or NULL (Qwen2-MoE's sigmoid gate row); tokens_per_expert [E]
-     *   counts the choice; y [D]; scratch [2D + max(2I, Is) + 2E + G + E bytes].
+static void route(const float *x32, const void *router, const float *bias, float *scores, float *choice,
+                  float *group, char *picked, long *ids, float *weights, int sigmoid_scores, int method,
+                  int norm_topk, float scaling, long D, long E, long A, long G, long topk_group, int bf) {
+    /* model.Router for one token x32 [D]: its A experts (ids) and their weights; scratch scores,
+     * choice [E], group [G], picked [max(E, G)] bytes.
      * Routing: scores = softmax(logits) or sigmoid(logits); choice = scores (+ bias); with groups,
      * only the topk_group best groups (group max, or noaux_tc's sum of its top two) stay
      * eligible; the A best choices win; weights = their scores, renormalised if norm_topk, times
      * scaling. Ties go to the lower index (torch.topk leaves them unspecified). */
-    long Ih = 2 * I > Is ? 2 * I : Is;
-    float *x32 = scratch, *y32 = x32 + D, *h = y32 + D, *scores = h + Ih, *choice = scores + E,
-          *group = choice + E;
-    char *picked = (char *)(group + G);
-    load(x32, x, D, bf);
     float m = -INFINITY;
     for (long e = 0; e < E; e++) {
         scores[e] = dot(row(router, e, D, bf), x32, D, bf);
@@ -477,8 +465,7 @@ void moe_moe_decode(const void *x, const void *router, const float *bias, const 
             if (!picked[e / per])
                 choice[e] = fill;
     }
-    long ids[64];
-    float weights[64], total = 0.0f;
+    float total = 0.0f;
     for (long e = 0; e < E; e++)
         picked[e] = 0;
     for (long a = 0; a < A; a++) {
@@ -486,10 +473,35 @@ void moe_moe_decode(const void *x, const void *router, const float *bias, const 
         picked[ids[a]] = 1;
         weights[a] = scores[ids[a]];
         total += weights[a];
-        tokens_per_expert[ids[a]] += 1;
     }
     for (long a = 0; a < A; a++)
         weights[a] = (norm_topk ? weights[a] / (total + (sigmoid_scores ? 1e-20f : 0.0f)) : weights[a]) * scaling;
+}
+
+void moe_moe_decode(const void *x, const void *router, const float *bias, const void *gate_up, const void *down,
+                    const void *shared_gate, const void *shared_up, const void *shared_down,
+                    const void *shared_scale, long *tokens_per_expert, void *y, float *scratch,
+                    int sigmoid_scores, int method, int norm_topk, float scaling, long D, long E, long A, long G,
+                    long topk_group, long I, long Is, int bf, int experts_t) {
+    /* model.MoE for one token (router, A routed experts, shared experts), the batch-1 decode step
+     * in one call; the torch code in model.py is the reference and serves any batch.
+     *   router [E, D]; bias [E] (float32) or NULL (noaux_tc's e_score_correction_bias); experts
+     *   gate_up [E, 2I, D], down [E, D, I], or with experts_t each expert's matrix transposed
+     *   (gate_up [E, D, 2I], down [E, I, D] in memory); shared expert gate/up [Is, D], down [D, Is]
+     *   or NULL; shared_scale [D] or NULL (Qwen2-MoE's sigmoid gate row); tokens_per_expert [E]
+     *   counts the choice; y [D]; scratch [2D + max(2I, Is) + 2E + G + E bytes].
+     * Routing as route() above. */
+    long Ih = 2 * I > Is ? 2 * I : Is;
+    float *x32 = scratch, *y32 = x32 + D, *h = y32 + D, *scores = h + Ih, *choice = scores + E,
+          *group = choice + E;
+    char *picked = (char *)(group + G);
+    load(x32, x, D, bf);
+    long ids[64];
+    float weights[64];
+    route(x32, router, bias, scores, choice, group, picked, ids, weights, sigmoid_scores, method, norm_topk,
+          scaling, D, E, A, G, topk_group, bf);
+    for (long a = 0; a < A; a++)
+        tokens_per_expert[ids[a]] += 1;
     for (long o = 0; o < D; o++)
         y32[o] = 0.0f;
     for (long a = 0; a < A; a++) {
@@ -507,6 +519,20 @@ void moe_moe_decode(const void *x, const void *router, const float *bias, const 
         swiglu(shared_gate, shared_up, shared_down, x32, y32, h, s, D, Is, bf);
     }
     store(y, y32, D, bf);
+}
+
+void moe_route_rows(const void *x, const void *router, const float *bias, long *ids, float *weights,
+                    float *scratch, long rows, int sigmoid_scores, int method, int norm_topk, float scaling,
+                    long D, long E, long A, long G, long topk_group, int bf) {
+    /* route() for each of `rows` tokens x [rows, D]: ids [rows, A] int64, weights [rows, A] float32;
+     * scratch [D + 2E + G + max(E, G) bytes]. torch's router for a few tokens is ~15 small ops. */
+    float *x32 = scratch, *scores = x32 + D, *choice = scores + E, *group = choice + E;
+    char *picked = (char *)(group + G);
+    for (long r = 0; r < rows; r++) {
+        load(x32, row(x, r, D, bf), D, bf);
+        route(x32, router, bias, scores, choice, group, picked, ids + r * A, weights + r * A, sigmoid_scores,
+              method, norm_topk, scaling, D, E, A, G, topk_group, bf);
+    }
 }
 
 /* moe_fp8_dequant: an FP8 (e4m3fn) block-quantized weight to float32 (out_bf16 = 0) or bfloat16
