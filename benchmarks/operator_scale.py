@@ -148,6 +148,43 @@ def metric_sum(text: str, name: str, **match: str) -> float:
                if all(dict(labels).get(k) == want for k, want in match.items()))
 
 
+class RssTimeline:
+    """Samples a process's VmRSS every `interval` seconds in a daemon thread (bounded by the process's
+    life): the peak, when it came (seconds since start, and the phase the benchmark was in), so a
+    jump can be tied to what the operator was doing."""
+
+    def __init__(self, pid: int, interval: float = 5.0):
+        import threading
+        self.pid, self.interval, self.t0 = pid, interval, time.monotonic()
+        self.phase = "start"
+        self.samples: list[tuple[float, str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                rss = proc_status(self.pid)["VmRSS"]
+            except (OSError, KeyError):
+                return
+            self.samples.append((time.monotonic() - self.t0, self.phase, rss))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.interval + 1.0)
+
+    def peak(self) -> tuple[float, str, float]:
+        return max(self.samples, key=lambda s: s[2], default=(0.0, self.phase, 0.0))
+
+    def by_phase(self) -> dict[str, float]:
+        """The largest RSS seen in each phase, in the order the phases came."""
+        out: dict[str, float] = {}
+        for _, phase, rss in self.samples:
+            out[phase] = max(out.get(phase, 0.0), rss)
+        return out
+
+
 def proc_status(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM of a process, in MiB."""
     values = {}
@@ -243,6 +280,9 @@ def run(args: argparse.Namespace) -> int:
 
         with running_operator(cluster, namespaces=None, resync_seconds=RESYNC_SECONDS) as op:
             pid = op.process.pid
+            timeline = RssTimeline(pid)
+            results["rss_timeline"] = timeline
+            timeline.phase = "apply"
             log(f"operator pid {pid} on port {op.port}; applying {args.deployments} ModelDeployments")
             _, before_apply = op.get("/metrics")
             t0 = time.monotonic()
@@ -255,9 +295,13 @@ def run(args: argparse.Namespace) -> int:
             _, after_apply = op.get("/metrics")
             results["throttled_s"] = (metric_sum(after_apply, "moe_operator_client_throttled_seconds_total")
                                       - metric_sum(before_apply, "moe_operator_client_throttled_seconds_total"))
+            results["apply_writes"] = delta(samples(before_apply, "moe_operator_writes_total"),
+                                            samples(after_apply, "moe_operator_writes_total"))
 
+            timeline.phase = "settle"
             results["settle_s"] = settle(op, timeout=max(RESYNC_SECONDS * 4, 120.0))
             log(f"settled {results['settle_s']:.0f} s later; converged window of {args.window:.0f} s")
+            timeline.phase = "converged"
             api_before, (_, op_before), w0 = bench.apiserver_requests(), op.get("/metrics"), time.monotonic()
             time.sleep(args.window)
             api_after, (_, op_after), w1 = bench.apiserver_requests(), op.get("/metrics"), time.monotonic()
@@ -286,14 +330,17 @@ def run(args: argparse.Namespace) -> int:
                                      and s.get("stableRevision") == s.get("currentRevision") and available(md))
                 return done, wave_size
 
+            timeline.phase = "wave"
             t0 = time.monotonic()
             cluster.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(wave_objects), timeout=600)
             reached, _, n, of = bench.wait("promoted", promoted, args.timeout)
             results["wave"] = (reached, time.monotonic() - t0, n, of)
             log(f"wave: {n} of {of} promoted {results['wave'][1]:.1f} s after its apply began")
             results["rss_wave"] = proc_status(pid)
+            timeline.phase = "after the wave"
             settle(op, timeout=60.0, quiet=15.0)
             results["rss_end"] = proc_status(pid)
+            timeline.stop()
             _, final = op.get("/metrics")
             results["errors_total"] = metric_sum(final, "moe_operator_reconcile_total", result="error")
             results["reconciles_total"] = metric_sum(final, "moe_operator_reconcile_total")
@@ -390,6 +437,17 @@ def report(args: argparse.Namespace, r: dict[str, Any], up_s: float) -> None:
          hwm < GOAL_RSS_MIB)
     line("reconcile errors (whole run)", f"{r['errors_total']:.0f} of {r['reconciles_total']:.0f}", "0",
          r["errors_total"] == 0)
+    writes = r["apply_writes"]
+    total = sum(writes.values())
+    print(f"  the operator's writes from the apply until all Available: {total:.0f} "
+          f"({total / max(args.deployments, 1):.1f} per ModelDeployment): "
+          + ", ".join(f"{dict(k).get('kind', '?')} {dict(k).get('verb', '?')} {v:.0f}"
+                      for k, v in sorted(writes.items(), key=lambda kv: -kv[1])))
+    timeline = r["rss_timeline"]
+    at, phase, peak = timeline.peak()
+    print(f"  RSS by phase (MiB, sampled every {timeline.interval:.0f} s): "
+          + ", ".join(f"{name} {mib:.0f}" for name, mib in timeline.by_phase().items())
+          + f"; the largest sample {peak:.0f} MiB at {at:.0f} s ({phase})")
     print(flush=True)
 
 
