@@ -70,11 +70,18 @@ def _load():
                 else:
                     ptr, long = ctypes.c_void_p, ctypes.c_long
                     lib.moe_paged_decode_bf16.argtypes = (
-                        [ptr, long, long, ptr, long, long, ptr, long, long, ptr, long, ptr, ptr, long, long]
+                        [ptr, long, long, ptr, long, long, long]
+                        + [ptr, long, long, ptr, long, long, ptr, long, ptr, ptr, long, long]
                         + [long] * 7
                         + [ctypes.c_float]
                     )
                     lib.moe_paged_decode_bf16.restype = None
+                    lib.moe_mla_prepare_bf16.argtypes = (
+                        [ptr, long, long, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, long, ptr]
+                        + [long] * 3
+                        + [ctypes.c_int]
+                    )
+                    lib.moe_mla_prepare_bf16.restype = None
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
                 lib = None
                 log.warning("paged attention kernel: off (%s); torch's ops are used", e)
@@ -112,10 +119,13 @@ def decode(
     scale: float,
     window: int | None,
     out: torch.Tensor | None = None,
+    q_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per sequence attends its cached context, read in place.
 
-    q [S, H, E] bfloat16 (rows contiguous, any sequence and head strides); keys [slots, K, E] and
+    q [S, H, E] bfloat16 (rows contiguous, any sequence and head strides), or with `q_rope` [S, H,
+    E2] its last E2 columns apart (q then [S, H, E - E2], E - E2 a multiple of 16: MLA's latent
+    and rope parts as they lie, not concatenated); keys [slots, K, E] and
     values [slots, K, Ev], views of the cache whose rows are contiguous (any slot and head
     strides); block_tables [S, B] and context_lens [S] as in PagedBatch (the new token already
     written, at position context_len - 1); window: keep the last `window` positions only.
@@ -125,7 +135,11 @@ def decode(
     lib = _load()
     if lib is None:
         raise RuntimeError("paged attention kernel: not available here (see available())")
-    S, H, E = q.shape
+    S, H, E1 = q.shape
+    if q_rope is not None and (E1 % 16 or q_rope.shape[:2] != (S, H) or q_rope.dtype != q.dtype):
+        q, q_rope = torch.cat([q, q_rope], dim=-1), None
+    E1 = q.shape[2]
+    E = E1 + (q_rope.shape[2] if q_rope is not None else 0)
     K, Ev = keys.shape[1], values.shape[2]
     if keys.shape[2] != E or H % K or keys.stride(2) != 1 or values.stride(2) != 1:
         raise ValueError(f"paged decode: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
@@ -135,12 +149,18 @@ def decode(
         raise ValueError(f"paged decode: out {tuple(out.shape)} {out.dtype} is not [{S}, {H}, {Ev}] bfloat16 rows")
     if q.stride(2) != 1:
         q = q.contiguous()
+    if q_rope is not None and q_rope.stride(2) != 1:
+        q_rope = q_rope.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     lens = context_lens.to(torch.int64).contiguous()
     lib.moe_paged_decode_bf16(
         q.data_ptr(),
         q.stride(0),
         q.stride(1),
+        None if q_rope is None else q_rope.data_ptr(),
+        0 if q_rope is None else q_rope.stride(0),
+        0 if q_rope is None else q_rope.stride(1),
+        E1,
         keys.data_ptr(),
         keys.stride(0),
         keys.stride(1),
@@ -163,3 +183,40 @@ def decode(
         scale,
     )
     return out
+
+
+def mla_prepare(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    interleaved: bool,
+) -> bool:
+    """MLA's decode step before attention, in one C call: the latent kv[:, :C] normed (norm_weight,
+    eps: model.RMSNorm) and the rope key kv[:, C:] rotated (model.apply_rope) written to the cache
+    rows at `slots`; q [N, H, P + R]'s rope part rotated in place. All bfloat16 on the CPU, q and kv
+    contiguous, cache [slots, C + R] rows contiguous, cos / sin [N, R / 2]. Returns False (nothing
+    done) when the inputs are not such: the caller then runs torch's ops."""
+    lib = _load()
+    N, H, PR = q.shape
+    C = norm_weight.shape[0]
+    R = kv.shape[1] - C
+    tensors = (q, kv, cos, sin, norm_weight, cache)
+    if (
+        lib is None
+        or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors)
+        or not all(t.is_contiguous() for t in (q, kv, cos, sin, norm_weight))
+        or cache.dim() != 2 or cache.stride(1) != 1 or cache.shape[1] != C + R
+        or kv.shape[0] != N or cos.shape != (N, R // 2) or sin.shape != (N, R // 2) or R % 2 or PR < R
+    ):  # fmt: skip
+        return False
+    slots = slots.to(torch.int64).contiguous()
+    lib.moe_mla_prepare_bf16(
+        q.data_ptr(), H, PR - R, kv.data_ptr(), cos.data_ptr(), sin.data_ptr(), norm_weight.data_ptr(), eps,
+        cache.data_ptr(), cache.stride(0), slots.data_ptr(), N, C, R, int(interleaved),
+    )  # fmt: skip
+    return True

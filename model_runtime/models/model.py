@@ -191,13 +191,21 @@ class PagedContext:
         return paged_kernel.applies(q, cache, self.max_new, self.token_seq is None)
 
     def decode_in_place(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, out: torch.Tensor | None = None
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scale: float,
+        out: torch.Tensor | None = None,
+        q_rope: torch.Tensor | None = None,
     ):
         """q [S, H, E]; keys [slots, K, E], values [slots, K, Ev] views of the cache -> [S, H, Ev]
-        (written into `out` when given, any strides with rows contiguous)."""
+        (written into `out` when given, any strides with rows contiguous; with `q_rope` [S, H, E2]
+        the queries' last E2 columns, apart)."""
         return paged_kernel.decode(
-            q, keys, values, self.block_tables, self.context_lens, self.block_size, scale, self.sliding_window, out
-        )
+            q, keys, values, self.block_tables, self.context_lens, self.block_size, scale, self.sliding_window,
+            out, q_rope,
+        )  # fmt: skip
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[N, ...] new-token rows -> [S, Q, ...] per sequence (zeros where padded)."""
@@ -388,8 +396,12 @@ class MLAttention(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_rope = q.view(N, H, P + R).split([P, R], dim=-1)  # [N, H, P], [N, H, R]
-        c, k_rope = self.kv_a_proj_with_mqa(x).split([C, R], dim=-1)  # [N, C], [N, R]
+        q = q.view(N, H, P + R)  # [N, H, P + R]
+        kv = self.kv_a_proj_with_mqa(x)  # [N, C + R]
+        if cache is not None and ctx.in_place_decode(x, cache):  # one new token each
+            return self.decode_in_place(q, kv, cos, sin, ctx, cache)
+        q_nope, q_rope = q.split([P, R], dim=-1)  # [N, H, P], [N, H, R]
+        c, k_rope = kv.split([C, R], dim=-1)  # [N, C], [N, R]
         c = self.kv_a_layernorm(c)
         q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
         k_rope = apply_rope(k_rope[:, None, :], cos, sin, cfg.rope_interleave)  # [N, 1, R]
@@ -402,35 +414,54 @@ class MLAttention(nn.Module):
 
         latent = torch.cat([c, k_rope[:, 0]], dim=-1)  # [N, C + R]
         cache[ctx.slot_mapping] = latent.to(cache.dtype)  # cache: [slots, C + R]
-        in_place = ctx.in_place_decode(x, cache)  # one new token each: the cache read in place
-        if not in_place:
-            kv_ctx = gather_slots(cache, ctx.context_slots).to(x.dtype)  # [S, L, C + R]
-            if ctx.max_new > self.expand_above:  # long prefill chunk: expanding the context is cheaper
-                S, L = kv_ctx.shape[:2]
-                k_nope, v = self.kv_b_proj(kv_ctx[..., :C]).view(S, L, H, P + Dv).split([P, Dv], dim=-1)
-                k = torch.cat([k_nope, kv_ctx[:, :, None, C:].expand(S, L, H, R)], dim=-1)  # [S, L, H, P + R]
-                out = paged_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale)  # [N, H, Dv]
-                return self.o_proj(out.reshape(N, H * Dv))
+        kv_ctx = gather_slots(cache, ctx.context_slots).to(x.dtype)  # [S, L, C + R]
+        if ctx.max_new > self.expand_above:  # long prefill chunk: expanding the context is cheaper
+            S, L = kv_ctx.shape[:2]
+            k_nope, v = self.kv_b_proj(kv_ctx[..., :C]).view(S, L, H, P + Dv).split([P, Dv], dim=-1)
+            k = torch.cat([k_nope, kv_ctx[:, :, None, C:].expand(S, L, H, R)], dim=-1)  # [S, L, H, P + R]
+            out = paged_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale)  # [N, H, Dv]
+            return self.o_proj(out.reshape(N, H * Dv))
         w_uk, w_uv_t = self.absorbed_weights(x.dtype)  # [H, P, C], [H, C, Dv]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, C]
         q_abs = torch.cat([q_latent, q_rope], dim=-1)  # [N, H, C + R]
-        if in_place:
-            rows = cache[:, None, :]  # [slots, 1, C + R]: the keys are whole rows, the values their latent
-            # written head-major, the layout the next bmm reads without a copy
-            out_latent = q_abs.new_empty(H, N, C)  # [H, N, C]
-            ctx.decode_in_place(q_abs, rows, rows[..., :C], self.scale, out=out_latent.transpose(0, 1))
-        else:
-            kv_ctx = kv_ctx[:, :, None, :]  # [S, L, 1, C + R]
-            # the values are the latent: the whole cached row is passed and the rope columns of the
-            # output dropped, since a [..., :C] view of the context would be copied into a dense
-            # tensor (for bfloat16 on the CPU the larger cost of the step's attention)
-            out_latent = paged_attention(q_abs, kv_ctx, kv_ctx, ctx, self.scale)[..., :C]  # [N, H, C]
-            out_latent = out_latent.transpose(0, 1)  # [H, N, C]
-        # out_latent [H, N, C] @ w_uv_t [H, C, Dv] on the CPU, one thread, 1 to 256 tokens: as fast
-        # as w_uv [H, Dv, C] @ out_latent^T or up to 4x faster (bfloat16, 32 tokens, Dv 32: 0.09
-        # against 0.16 ms), float32 too
+        kv_ctx = kv_ctx[:, :, None, :]  # [S, L, 1, C + R]
+        # the values are the latent: the whole cached row is passed and the rope columns of the
+        # output dropped, since a [..., :C] view of the context would be copied into a dense
+        # tensor (for bfloat16 on the CPU the larger cost of the step's attention)
+        out_latent = paged_attention(q_abs, kv_ctx, kv_ctx, ctx, self.scale)[..., :C]  # [N, H, C]
+        return self.absorbed_output(out_latent.transpose(0, 1), w_uv_t)
+
+    def absorbed_output(self, out_latent: torch.Tensor, w_uv_t: torch.Tensor) -> torch.Tensor:
+        """out_latent [H, N, C] @ w_uv_t [H, C, Dv], then o_proj -> [N, D]. On the CPU, one thread,
+        1 to 256 tokens, this order is as fast as w_uv [H, Dv, C] @ out_latent^T or up to 4x faster
+        (bfloat16, 32 tokens, Dv 32: 0.09 against 0.16 ms), float32 too."""
+        N = out_latent.shape[1]
         out = torch.bmm(out_latent, w_uv_t).transpose(0, 1)  # [N, H, Dv]
-        return self.o_proj(out.reshape(N, H * Dv))  # row-major rows (reshape copies; int8 kernels need them)
+        return self.o_proj(out.reshape(N, -1))  # row-major rows (reshape copies; int8 kernels need them)
+
+    def decode_in_place(self, q, kv, cos, sin, ctx, cache) -> torch.Tensor:
+        """A decode step reading the cache in place (kernels/paged_attention.py): q [N, H, P + R],
+        kv [N, C + R] (kv_a_proj_with_mqa's output) -> [N, D]. One C call norms the latent, rotates
+        the rope key and the queries' rope part (in q) and writes the cache rows (torch's ops for it
+        were ~15 small calls); the kernel then reads the queries' latent part (q_nope @ w_uk) and
+        their rope part where they lie, and writes its output head-major, as the next bmm reads it."""
+        cfg = self.cfg
+        N, H = q.shape[:2]
+        P, R, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        norm, slots = self.kv_a_layernorm, ctx.slot_mapping
+        if not paged_kernel.mla_prepare(q, kv, cos, sin, norm.weight, norm.eps, cache, slots, cfg.rope_interleave):
+            c, k_rope = kv.split([C, R], dim=-1)  # [N, C], [N, R]
+            k_rope = apply_rope(k_rope[:, None, :], cos, sin, cfg.rope_interleave)[:, 0]  # [N, R]
+            cache[slots] = torch.cat([norm(c), k_rope], dim=-1).to(cache.dtype)
+            q[..., P:] = apply_rope(q[..., P:], cos, sin, cfg.rope_interleave)
+        w_uk, w_uv_t = self.absorbed_weights(q.dtype)  # [H, P, C], [H, C, Dv]
+        q_latent = torch.bmm(q[..., :P].transpose(0, 1), w_uk)  # [H, N, C]
+        rows = cache[:, None, :]  # [slots, 1, C + R]: the keys are whole rows, the values their latent
+        out_latent = q.new_empty(H, N, C)  # [H, N, C]
+        ctx.decode_in_place(
+            q_latent.transpose(0, 1), rows, rows[..., :C], self.scale, out=out_latent.transpose(0, 1), q_rope=q[..., P:]
+        )
+        return self.absorbed_output(out_latent, w_uv_t)
 
 
 def linear_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -99,10 +99,44 @@ def test_mla_decode_reads_latent_rows_in_place():
         q_t, rows, rows[..., :C], batch.block_tables, batch.context_lens, bs, scale, None, out=out.transpose(0, 1)
     )
     assert torch.equal(out.transpose(0, 1), got)
+    # the latent and rope parts of q apart (MLA's layer passes them where they lie): the same values
+    latent, rope = q_t[..., :C], q[..., C:].clone()
+    split = paged_kernel.decode(
+        latent, rows, rows[..., :C], batch.block_tables, batch.context_lens, bs, scale, None, q_rope=rope
+    )
+    assert torch.equal(split, got)
     with pytest.raises(ValueError, match="out"):
         paged_kernel.decode(
             q, rows, rows[..., :C], batch.block_tables, batch.context_lens, bs, scale, None, out=out[:, :, :16]
         )
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_mla_prepare_writes_the_bits_torch_writes(interleaved):
+    """MLA's norm, rope and cache write before the in-place decode, one C call: the cache rows and
+    the rotated queries are torch's bit for bit (a different rounding would move a router's
+    near-tie downstream)."""
+    N, H, P, R, C = 5, 4, 16, 32, 64
+    gen = torch.Generator().manual_seed(int(interleaved))
+    q = torch.randn(N, H, P + R, generator=gen).to(torch.bfloat16)
+    kv = (torch.randn(N, C + R, generator=gen) * 3).to(torch.bfloat16)
+    angle = torch.randn(N, R // 2, generator=gen) * 5
+    cos, sin = angle.cos().to(torch.bfloat16), angle.sin().to(torch.bfloat16)
+    norm = layers.RMSNorm(C, 1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(C, generator=gen))
+    slots = torch.tensor([3, 9, 17, 40, 41])
+    cache = torch.zeros(64, C + R, dtype=torch.bfloat16)
+    want_cache, want_q = cache.clone(), q.clone()
+    with torch.no_grad():
+        assert paged_kernel.mla_prepare(q, kv, cos, sin, norm.weight, norm.eps, cache, slots, interleaved)
+        c, k_rope = kv.split([C, R], dim=-1)
+        k_rope = layers.apply_rope(k_rope[:, None, :], cos, sin, interleaved)[:, 0]
+        want_cache[slots] = torch.cat([norm(c), k_rope], dim=-1)
+        want_q[..., P:] = layers.apply_rope(want_q[..., P:], cos, sin, interleaved)
+    assert torch.equal(cache, want_cache)
+    assert torch.equal(q, want_q)
+    assert not paged_kernel.mla_prepare(q.float(), kv, cos, sin, norm.weight, norm.eps, cache, slots, interleaved)
 
 
 def test_mismatched_shapes_are_refused():
