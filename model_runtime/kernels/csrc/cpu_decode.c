@@ -208,6 +208,7 @@ AVX512 static void axpy_bf16_avx512(float *y, float a, const bf16 *x, long n) {
 
 static float (*dot_bf16)(const bf16 *, const float *, long) = dot_bf16_avx2;
 static void (*axpy_bf16)(float *, float, const bf16 *, long) = axpy_bf16_avx2;
+static int avx512_rows; /* moe_rmsnorm_rows' bfloat16 rows as AVX-512 (moe_simd_select) */
 
 int moe_simd_select(int avx512) {
     /* the bfloat16 loops as AVX-512 when asked for (avx512 = 1) and the CPU has it, else AVX2;
@@ -217,6 +218,7 @@ int moe_simd_select(int avx512) {
     int use = avx512 && __builtin_cpu_supports("avx512f");
     dot_bf16 = use ? dot_bf16_avx512 : dot_bf16_avx2;
     axpy_bf16 = use ? axpy_bf16_avx512 : axpy_bf16_avx2;
+    avx512_rows = use;
     return use;
 }
 
@@ -307,10 +309,42 @@ void moe_rmsnorm(const void *x, const void *w, void *y, float *scratch, float ep
     store(y, scratch, D, bf);
 }
 
+AVX512 static inline __m512 round_bf16x16(__m512 v) {
+    /* v rounded to bfloat16 (nearest even), as float32; NaN aside (a norm's inputs are finite) */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+AVX512 static void rmsnorm_rows_bf16(const bf16 *x, long ldx, const bf16 *w, bf16 *y, float eps, long rows, long D) {
+    /* moe_rmsnorm_rows for bfloat16 rows, D a multiple of 16: the sum of squares in float32 (16
+     * lanes), then w * round(x * r) rounded, 16 values a step */
+    for (long r = 0; r < rows; r++) {
+        const bf16 *xr = x + r * ldx;
+        bf16 *yr = y + r * D;
+        __m512 ss = _mm512_setzero_ps();
+        for (long i = 0; i < D; i += 16) {
+            __m512 v = widen16(xr + i);
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        __m512 rv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)D + eps));
+        for (long i = 0; i < D; i += 16) {
+            __m512 v = _mm512_mul_ps(widen16(w + i), round_bf16x16(_mm512_mul_ps(widen16(xr + i), rv)));
+            __m512i u = _mm512_castps_si512(round_bf16x16(v));
+            _mm256_storeu_si256((__m256i *)(yr + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+        }
+    }
+}
+
 void moe_rmsnorm_rows(const void *x, long ldx, const void *w, void *y, float *scratch, float eps, long rows, long D,
                       int bf) {
     /* moe_rmsnorm for each of `rows` rows of x, ldx elements apart; y [rows, D] contiguous;
      * scratch [D] (torch's RMSNorm of a few rows is four ops of ~10-20 us each on one thread) */
+    if (bf && avx512_rows && D % 16 == 0) {
+        rmsnorm_rows_bf16(x, ldx, w, y, eps, rows, D);
+        return;
+    }
     for (long r = 0; r < rows; r++)
         moe_rmsnorm(row(x, r, ldx, bf), w, (void *)row(y, r, D, bf), scratch, eps, D, bf);
 }
