@@ -231,9 +231,73 @@ static void rotate(uint16_t *out, const float *x, const float *cs, const float *
     }
 }
 
+TARGET INLINE __m512 round_bf16x16(__m512 v) {  // v rounded to bfloat16 (nearest even), as float32
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+    return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+TARGET INLINE void store_bf16x16(uint16_t *p, __m512 v) {  // v already a bfloat16 value: its top halves
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+
+// rotate() for R a multiple of 32 up to 256, 16 pairs a step (x and out may be the same row: x is
+// copied first, since an interleaved row's later pairs lie where the first results go)
+TARGET INLINE void rotate16(uint16_t *out, const uint16_t *xin, const uint16_t *cos, const uint16_t *sin, long R,
+                           int interleaved) {
+    uint16_t x[256];
+    memcpy(x, xin, (size_t)R * sizeof(uint16_t));
+    for (long j = 0; j < R / 2; j += 16) {
+        __m512 a, b;
+        if (interleaved) {  // 16 pairs (x[2j], x[2j+1]) in one load: the even values low, the odd high
+            __m512i v = _mm512_loadu_si512((const void *)(x + 2 * j));
+            a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+        } else {
+            a = load_bf16x16(x + j, 0xffff);
+            b = load_bf16x16(x + R / 2 + j, 0xffff);
+        }
+        __m512 c = load_bf16x16(cos + j, 0xffff), s = load_bf16x16(sin + j, 0xffff);
+        __m512 lo = round_bf16x16(_mm512_sub_ps(round_bf16x16(_mm512_mul_ps(a, c)), round_bf16x16(_mm512_mul_ps(b, s))));
+        __m512 hi = round_bf16x16(_mm512_add_ps(round_bf16x16(_mm512_mul_ps(b, c)), round_bf16x16(_mm512_mul_ps(a, s))));
+        store_bf16x16(out + j, lo);
+        store_bf16x16(out + R / 2 + j, hi);
+    }
+}
+
+TARGET static void mla_prepare_avx512(uint16_t *q, long H, long P, const uint16_t *kv, const uint16_t *cos,
+                                      const uint16_t *sin, const uint16_t *norm_w, float eps, uint16_t *cache,
+                                      long cache_stride, const int64_t *slots, long N, long C, long R,
+                                      int interleaved) {
+    for (long n = 0; n < N; n++) {
+        const uint16_t *kr = kv + n * (C + R), *cn = cos + n * (R / 2), *sn = sin + n * (R / 2);
+        uint16_t *row = cache + slots[n] * cache_stride;
+        __m512 ss = _mm512_setzero_ps();
+        for (long i = 0; i < C; i += 16) {
+            __m512 v = load_bf16x16(kr + i, 0xffff);
+            ss = _mm512_fmadd_ps(v, v, ss);
+        }
+        __m512 rv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)C + eps));
+        for (long i = 0; i < C; i += 16) {
+            __m512 v = round_bf16x16(_mm512_mul_ps(load_bf16x16(kr + i, 0xffff), rv));
+            store_bf16x16(row + i, round_bf16x16(_mm512_mul_ps(load_bf16x16(norm_w + i, 0xffff), v)));
+        }
+        rotate16(row + C, kr + C, cn, sn, R, interleaved);
+        for (long h = 0; h < H; h++) {
+            uint16_t *qr = q + (n * H + h) * (P + R) + P;
+            rotate16(qr, qr, cn, sn, R, interleaved);
+        }
+    }
+}
+
 void moe_mla_prepare_bf16(uint16_t *q, long H, long P, const uint16_t *kv, const uint16_t *cos, const uint16_t *sin,
                           const uint16_t *norm_w, float eps, uint16_t *cache, long cache_stride,
                           const int64_t *slots, long N, long C, long R, int interleaved) {
+    if (C % 16 == 0 && R % 32 == 0 && R <= 256) {  // the usual shapes (DeepSeek: C 512, R 64): 16 values a step
+        mla_prepare_avx512(q, H, P, kv, cos, sin, norm_w, eps, cache, cache_stride, slots, N, C, R, interleaved);
+        return;
+    }
     float *x = malloc((size_t)(C + 2 * R) * sizeof(float)), *cs = x + C, *sn = cs + R / 2, *src = sn + R / 2;
     for (long n = 0; n < N; n++) {
         const uint16_t *kr = kv + n * (C + R);
