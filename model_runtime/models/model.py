@@ -398,22 +398,21 @@ class MLAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(N, H, P + R)  # [N, H, P + R]
         kv = self.kv_a_proj_with_mqa(x)  # [N, C + R]
-        if cache is not None and ctx.in_place_decode(x, cache):  # one new token each
-            return self.decode_in_place(q, kv, cos, sin, ctx, cache)
-        q_nope, q_rope = q.split([P, R], dim=-1)  # [N, H, P], [N, H, R]
-        c, k_rope = kv.split([C, R], dim=-1)  # [N, C], [N, R]
-        c = self.kv_a_layernorm(c)
-        q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
-        k_rope = apply_rope(k_rope[:, None, :], cos, sin, cfg.rope_interleave)  # [N, 1, R]
 
         if cache is None:  # expand the latent into per-head keys and values
-            k_nope, v = self.kv_b_proj(c).view(N, H, P + Dv).split([P, Dv], dim=-1)  # [N, H, P], [N, H, Dv]
+            q_nope, q_rope = q.split([P, R], dim=-1)  # [N, H, P], [N, H, R]
+            c, k_rope = kv.split([C, R], dim=-1)  # [N, C], [N, R]
+            q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
+            k_rope = apply_rope(k_rope[:, None, :], cos, sin, cfg.rope_interleave)  # [N, 1, R]
+            k_nope, v = self.kv_b_proj(self.kv_a_layernorm(c)).view(N, H, P + Dv).split([P, Dv], dim=-1)
             k = torch.cat([k_nope, k_rope.expand(N, H, R)], dim=-1)  # [N, H, P + R]
             out = dense_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale, None)  # [N, H, Dv]
             return self.o_proj(out.reshape(N, H * Dv))
 
-        latent = torch.cat([c, k_rope[:, 0]], dim=-1)  # [N, C + R]
-        cache[ctx.slot_mapping] = latent.to(cache.dtype)  # cache: [slots, C + R]
+        self.write_latent(q, kv, cos, sin, ctx.slot_mapping, cache)  # and q's rope part rotated
+        if ctx.in_place_decode(x, cache):  # one new token each
+            return self.decode_in_place(q, ctx, cache)
+        q_nope, q_rope = q.split([P, R], dim=-1)  # [N, H, P], [N, H, R]
         kv_ctx = gather_slots(cache, ctx.context_slots).to(x.dtype)  # [S, L, C + R]
         if ctx.max_new > self.expand_above:  # long prefill chunk: expanding the context is cheaper
             S, L = kv_ctx.shape[:2]
@@ -439,21 +438,29 @@ class MLAttention(nn.Module):
         out = torch.bmm(out_latent, w_uv_t).transpose(0, 1)  # [N, H, Dv]
         return self.o_proj(out.reshape(N, -1))  # row-major rows (reshape copies; int8 kernels need them)
 
-    def decode_in_place(self, q, kv, cos, sin, ctx, cache) -> torch.Tensor:
-        """A decode step reading the cache in place (kernels/paged_attention.py): q [N, H, P + R],
-        kv [N, C + R] (kv_a_proj_with_mqa's output) -> [N, D]. One C call norms the latent, rotates
-        the rope key and the queries' rope part (in q) and writes the cache rows (torch's ops for it
-        were ~15 small calls); the kernel then reads the queries' latent part (q_nope @ w_uk) and
-        their rope part where they lie, and writes its output head-major, as the next bmm reads it."""
+    def write_latent(self, q, kv, cos, sin, slots, cache) -> None:
+        """The new tokens' cache rows, the normed latent and the rotated rope key of kv [N, C + R]
+        (kv_a_proj_with_mqa's output), written at slots [N]; q [N, H, P + R]'s rope part rotated in
+        place. bfloat16 on the CPU: one C call with torch's bits (kernels/paged_attention.py:
+        mla_prepare; torch's ops for it are ~15 small calls, ~0.12 ms at 32 tokens); else torch's."""
+        cfg = self.cfg
+        P, R, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        norm = self.kv_a_layernorm
+        if paged_kernel.mla_prepare(q, kv, cos, sin, norm.weight, norm.eps, cache, slots, cfg.rope_interleave):
+            return
+        c, k_rope = kv.split([C, R], dim=-1)  # [N, C], [N, R]
+        k_rope = apply_rope(k_rope[:, None, :], cos, sin, cfg.rope_interleave)[:, 0]  # [N, R]
+        cache[slots] = torch.cat([norm(c), k_rope], dim=-1).to(cache.dtype)  # cache: [slots, C + R]
+        q[..., P:] = apply_rope(q[..., P:], cos, sin, cfg.rope_interleave)
+
+    def decode_in_place(self, q, ctx, cache) -> torch.Tensor:
+        """A decode step reading the cache in place (kernels/paged_attention.py), after
+        write_latent: q [N, H, P + R] -> [N, D]. The kernel reads the queries' latent part
+        (q_nope @ w_uk) and their rope part where they lie, and writes its output head-major, as
+        the next bmm reads it."""
         cfg = self.cfg
         N, H = q.shape[:2]
-        P, R, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        norm, slots = self.kv_a_layernorm, ctx.slot_mapping
-        if not paged_kernel.mla_prepare(q, kv, cos, sin, norm.weight, norm.eps, cache, slots, cfg.rope_interleave):
-            c, k_rope = kv.split([C, R], dim=-1)  # [N, C], [N, R]
-            k_rope = apply_rope(k_rope[:, None, :], cos, sin, cfg.rope_interleave)[:, 0]  # [N, R]
-            cache[slots] = torch.cat([norm(c), k_rope], dim=-1).to(cache.dtype)
-            q[..., P:] = apply_rope(q[..., P:], cos, sin, cfg.rope_interleave)
+        P, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
         w_uk, w_uv_t = self.absorbed_weights(q.dtype)  # [H, P, C], [H, C, Dv]
         q_latent = torch.bmm(q[..., :P].transpose(0, 1), w_uk)  # [H, N, C]
         rows = cache[:, None, :]  # [slots, 1, C + R]: the keys are whole rows, the values their latent
