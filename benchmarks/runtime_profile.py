@@ -5,8 +5,9 @@ under .bench/), one engine (LLMEngine, in process, one torch thread as the serve
 cores) per checkpoint and batch: S requests of 32-token prompts are prefilled, then decode steps
 run under torch.profiler. Printed per checkpoint and batch: the median decode step, the share of
 it inside torch ops (the rest is Python: scheduling, building the batch, sampling, the model's
-own glue) and the ops that take the most time, grouped by the model part they belong to
-(record_function labels are not used: the model stays as it is; ops are attributed by name).
+own glue; and the C kernels of model_runtime/kernels, which the profiler does not see as ops) and
+the ops that take the most time, grouped by the model part they belong to (record_function labels
+are not used: the model stays as it is; ops are attributed by name).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def report(name: str, batch: int, step_s: float, total_s: float, prof, top: int)
     op_us = sum(e.self_cpu_time_total for e in events)
     lines = [
         f"{name}, {batch} sequence(s): decode step median {1000 * step_s:.2f} ms; torch ops {op_us / 1e3 / (total_s * 1e3) * 100:.0f}% "
-        f"of the steps' wall time, the rest Python around them"
+        f"of the steps' wall time, the rest Python around them and the C kernels (ctypes calls, not torch ops)"
     ]
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     steps = len(prof.profiler.function_events) and max(1, round(total_s / step_s))
