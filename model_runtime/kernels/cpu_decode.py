@@ -443,6 +443,8 @@ def rmsnorm_rows(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor |
 
 class DecodeRMSNorm(layers.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if one_row(x) and kernel_rows(x.dtype, self.weight):  # batch-1 decode: the fewest checks
+            return rmsnorm(x, self.weight, self.eps)
         y = rmsnorm_rows(x, self.weight, self.eps)  # a decode step's rows: one C call, not four ops
         return y if y is not None else super().forward(x)
 
