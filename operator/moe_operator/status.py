@@ -27,6 +27,7 @@ from .api.spec import ModelDeployment
 from .autoscaling.decision import limited_condition
 from .desired.services import pods_selector
 from .rollout.progressive import rollout_conditions
+from .rollout.restarts import to_status
 from .world.observe import Observed
 from .world.plan import Plan
 
@@ -38,7 +39,8 @@ CONDITION_TYPES = (AVAILABLE, PROGRESSING, DEGRADED)
 # The status keys this module owns; others (e.g. `autoscaling`) belong to other parts of the operator.
 OWNED_KEYS = ("observedGeneration", "replicas", "readyReplicas", "updatedReplicas", "selector",
               "currentRevision", "stableRevision", "phase", "currentStepIndex", "canaryWeight",
-              "message", "rollout", "autoscaling", "conditions")
+              "message", "rollout", "autoscaling", "conditions", "groupRestarts")
+BACKOFF = "; back-off: "        # what a GroupRestarting message adds while the next group waits
 
 
 def condition(old: Sequence[Mapping[str, Any]], ctype: str, status: bool, reason: str, message: str,
@@ -56,7 +58,7 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _degraded(md: ModelDeployment, observed: Observed) -> tuple[str, str] | None:
+def _degraded(md: ModelDeployment, observed: Observed, backoff: str | None = None) -> tuple[str, str] | None:
     """(reason, message) when something needs the user: no capacity, or pods that keep failing."""
     current = [p for p in observed.pods if not p.terminating]
     unschedulable = [p for p in current if p.unschedulable]
@@ -69,18 +71,21 @@ def _degraded(md: ModelDeployment, observed: Observed) -> tuple[str, str] | None
     if unschedulable:
         return UNSCHEDULABLE, f"{_plural(len(unschedulable), 'pod')} cannot be scheduled: {unschedulable[0].unschedulable}"
     broken = [(g, *g.broken) for g in observed.groups.values() if g.broken]
+    # The first diagnosis of a group stands while it is re-created: its other ranks fail in turn once
+    # they lose the first (rank 0 exits when rank 1 is killed), and would be named instead.
+    said = next((c.get("message") or "" for c in md.status.get("conditions") or ()
+                 if c.get("type") == DEGRADED and c.get("status") == "True"
+                 and c.get("reason") == GROUP_RESTARTING), "").split(BACKOFF)[0]
+    suffix = f"{BACKOFF}{backoff}" if backoff else ""
     if broken:
-        # The first diagnosis of a group stands while it is re-created: its other ranks fail in turn
-        # once they lose the first (rank 0 exits when rank 1 is killed), and would be named instead.
-        said = next((c.get("message") or "" for c in md.status.get("conditions") or ()
-                     if c.get("type") == DEGRADED and c.get("status") == "True"
-                     and c.get("reason") == GROUP_RESTARTING), "")
         for g, _, _ in broken:
             if said.startswith(f"replica group {g.replica} of revision {g.revision} lost rank "):
-                return GROUP_RESTARTING, said
+                return GROUP_RESTARTING, said + suffix
         g, rank, why = broken[0]
         return GROUP_RESTARTING, (f"replica group {g.replica} of revision {g.revision} lost rank {rank} ({why}): "
-                                  "re-creating the whole group")
+                                  f"re-creating the whole group{suffix}")
+    if backoff:   # the broken group is gone; the next one waits out the back-off
+        return GROUP_RESTARTING, (said or "replica groups keep losing ranks") + suffix
     failing = [p for p in current if p.failure]
     if failing:
         reason, message = failing[0].failure
@@ -95,7 +100,7 @@ def status_of(md: ModelDeployment, observed: Observed, plan: Plan, now: str) -> 
     groups = list(observed.groups.values())
     n, ready = md.replicas, sum(g.ready for g in groups)
     updated = len(observed.groups_of(plan.revision))
-    degraded = _degraded(md, observed)
+    degraded = _degraded(md, observed, plan.backoff)
     loading = sum(p.loading for p in observed.pods)
 
     if ready >= n:
@@ -144,7 +149,8 @@ def status_of(md: ModelDeployment, observed: Observed, plan: Plan, now: str) -> 
         "conditions": conditions,
     }
     optional = {"stableRevision": plan.stable_revision, "canaryWeight": plan.canary_weight,
-                "currentStepIndex": plan.step_index, "rollout": plan.rollout_state.to_json() or None}
+                "currentStepIndex": plan.step_index, "rollout": plan.rollout_state.to_json() or None,
+                "groupRestarts": to_status({r.revision: r for r in plan.restarts})}
     status.update({k: v for k, v in optional.items() if v is not None})
     return status
 

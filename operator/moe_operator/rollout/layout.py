@@ -10,7 +10,8 @@ in rotation) to the groups of a plan, within `replicas x GPUs per group + maxSur
 - A group whose pods do not run its revision's template is replaced, never taking away the last
   ready group in rotation.
 - A multi-pod group that lost a rank (`Group.broken`) cannot serve: it leaves rotation at once and
-  is deleted, and a new group takes its place (LeaderWorkerSet's RecreateGroupOnPodRestart).
+  is deleted, and a new group takes its place (LeaderWorkerSet's RecreateGroupOnPodRestart); from the
+  second re-creation in a row on, new groups of that revision wait out a back-off (restarts.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..api import names
 from ..api.spec import ModelDeployment
 from ..world.observe import Group, Observed, ObservedPod
 from ..world.plan import GroupPlan
+from .restarts import held, restarts_now
 
 # --- arithmetic of weights and GPUs --------------------------------------------------------------
 
@@ -98,6 +100,7 @@ class _Layout:
     now: float = 0.0
     groups: list[GroupPlan] = field(default_factory=list)
     blocked: bool = False                      # something wanted could not be created for lack of GPUs
+    held: Mapping[str, float] = field(default_factory=dict)   # revisions in back-off: {revision: until}
 
     def keep(self, g: Group, track: str, in_rotation: bool) -> None:
         cost = (g.size - len(g.pods)) * self.observed.gpus.get(g.revision, self.md.resources.gpus)
@@ -111,6 +114,8 @@ class _Layout:
         self.groups.append(GroupPlan(g.revision, g.replica, track, in_rotation and g.ready))
 
     def create(self, revision: str, replica: int, track: str) -> bool:
+        if revision in self.held:              # its groups keep failing: made when the back-off ends
+            return False
         cost = group_gpus(self.md, self.observed, revision)
         if cost > self.free:
             self.blocked = True
@@ -144,7 +149,8 @@ def _layout(md: ModelDeployment, observed: Observed, now: float, *, stable: str,
     revision removed. Returns the groups and whether something was blocked for lack of GPUs."""
     n = md.replicas
     budget = gpu_budget(md)
-    layout = _Layout(md, observed, free=budget - gpus_in_use(md, observed), now=now)
+    layout = _Layout(md, observed, free=budget - gpus_in_use(md, observed), now=now,
+                     held=held(restarts_now(md.status, observed, now), now))
     by_revision: dict[str, list[Group]] = {}
     stale: dict[str, list[Group]] = {}
     for g in observed.groups.values():

@@ -400,6 +400,7 @@ def requeue_after(md: ModelDeployment, plan: Plan, now: float) -> float | None:
 
     at(state.scale_down_at)
     due.extend(g.drain_until for g in plan.groups if g.drain_until is not None)
+    due.extend(r.until for r in plan.restarts)           # a group re-created when its back-off ends
     if state.aborted_at:
         at(state.aborted_at, ABORT_SCALE_DOWN_DELAY_SECONDS)
     steps = md.rollout.steps

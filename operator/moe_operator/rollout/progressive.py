@@ -27,6 +27,7 @@ from ..world.plan import Plan
 from ..world.state import RolloutState
 from . import machine as rollout
 from .requests import requests_from
+from .restarts import backoff_note, restarts_now
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ def next_plan(md: ModelDeployment, body: Mapping[str, Any], observed: Observed, 
     plan = rollout.next_step(md, observed, revision, now, verdict, requests)
     if analysis_state and plan.rollout_state.revision == revision:
         plan = replace(plan, rollout_state=replace(plan.rollout_state, analysis=analysis_state))
-    return plan
+    restarts = tuple(r for _, r in sorted(restarts_now(md.status, observed, now).items()))
+    return replace(plan, restarts=restarts, backoff=backoff_note(restarts, now))
 
 
 def after_write(md: ModelDeployment, plan: Plan, now: float) -> tuple[Report, Plan]:

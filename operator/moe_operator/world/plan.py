@@ -11,6 +11,7 @@ SIGTERM.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..api import names
 from .state import RolloutState
@@ -36,3 +37,6 @@ class Plan:
     canary_weight: int | None = None       # percent of in-rotation groups on a canary track
     step_index: int | None = None          # canary step
     rollout_state: RolloutState = field(default_factory=RolloutState)   # status.rollout
+    # status.groupRestarts: re-creations in a row of a revision's groups (rollout/restarts.py)
+    restarts: tuple[Any, ...] = ()
+    backoff: str | None = None             # what waits out a back-off now, for Degraded
