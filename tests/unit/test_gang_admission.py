@@ -16,7 +16,7 @@ GPU = "nvidia.com/gpu"
 def node(name, gpus=8, labels=None, taints=(), ready=True, unschedulable=False):
     return capacity.node_of({
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
-        "spec": {"taints": [dict(zip(("key", "value", "effect"), t)) for t in taints], "unschedulable": unschedulable},
+        "spec": {"taints": [dict(zip(("key", "value", "effect"), t, strict=True)) for t in taints], "unschedulable": unschedulable},
         "status": {"allocatable": {GPU: str(gpus), "cpu": "64"},
                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}})
 
@@ -144,7 +144,7 @@ def test_the_keeper_lifts_every_gate_of_a_released_group_and_nothing_else():
     owned = [pod("g-0"), pod("g-1"), pod("h-0", group="h", created="2026-12-05T10:00:05Z"),
              pod("h-1", group="h", created="2026-12-05T10:00:05Z")]
     keeper = gates.GateKeeper(dyn, lambda: owned)
-    keeper.permitted = True
+    keeper.permitted = keeper.watching = True
     nodes = [{"metadata": {"name": n, "labels": {}}, "spec": {},
               "status": {"allocatable": {GPU: "8"}, "conditions": [{"type": "Ready", "status": "True"}]}}
              for n in ("a", "b")]
@@ -159,3 +159,27 @@ def test_the_keeper_lifts_every_gate_of_a_released_group_and_nothing_else():
     # without the capacity view the keeper never leaves a gate behind
     keeper.permitted = False
     assert keeper.run_once() == [("ns", "h")]
+
+
+def test_with_pod_groups_served_auto_watches_no_node_and_no_pod_and_gates_nothing():
+    """`--gang-scheduling auto` where the cluster serves PodGroups: the capacity view (every node,
+    every bound pod) is not watched, new pods are not gated, and a gate found is lifted; once the
+    Workload API goes away (asked again a minute later) the watches start and gating resumes."""
+    dyn = FakeDynamic()
+    served = [True]
+    owned = [pod("g-0"), pod("g-1")]
+    keeper = gates.GateKeeper(dyn, lambda: owned, needed=lambda: not served[0])
+    started = []
+    keeper.nodes.start = lambda: started.append("nodes")
+    keeper.bound.start = lambda: started.append("pods")
+    keeper._can_see_capacity = lambda: True
+    keeper._run = lambda: None
+    keeper.start()
+    assert keeper.permitted and not keeper.active() and started == []
+    assert keeper.run_once() == [("ns", "g")]          # never left behind a gate
+    served[0] = False
+    keeper._watch_if_needed()
+    assert started == [], "discovery is not asked again within the minute"
+    keeper._asked -= gates.NEEDED_RECHECK_SECONDS
+    keeper._watch_if_needed()
+    assert started == ["nodes", "pods"] and keeper.active()

@@ -317,8 +317,10 @@ async def operate(args: argparse.Namespace, controller: Controller, metrics: Ope
         log.info("watching %s through caches (server-side selector)", ", ".join(c.kind for c in caches))
         controller.reader.gang_mode = args.gang_scheduling
         if args.gang_scheduling in ("auto", "gates"):
+            auto = args.gang_scheduling == "auto"
             gate_keeper = GateKeeper(controller.reader.dyn, controller.reader.gang_pods,
-                                     on_wait=metrics.gang_waiting_groups.set)
+                                     on_wait=metrics.gang_waiting_groups.set,
+                                     needed=lambda: not auto or controller.reader.pod_groups_resource() is None)
             await asyncio.to_thread(gate_keeper.start)
             controller.reader.gates_active = gate_keeper.active
         await kopf.operator(

@@ -10,13 +10,17 @@ else is released, so two releases never count the same free GPUs.
 
 It needs to see the cluster's capacity: `list`/`watch` on nodes, and on pods in every namespace
 (the chart's cluster-wide install grants both). Without them the operator does not gate (pods are
-created ungated, as before) and lifts any gate it finds, so no pod is ever left behind one.
+created ungated, as before) and lifts any gate it finds, so no pod is ever left behind one. With
+`auto` on a cluster that serves PodGroups the view is not needed, and its watches (every node, every
+bound pod) are not started: discovery is asked again every NEEDED_RECHECK_SECONDS, and they start if
+the Workload API goes away.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,7 +33,7 @@ from ..world.cache import KindCache
 log = logging.getLogger("moe_operator.gates")
 
 INTERVAL_SECONDS = 1.0
-RECHECK_SECONDS = 300.0       # permissions: look again this often
+NEEDED_RECHECK_SECONDS = 60.0   # auto: whether the cluster still serves PodGroups, asked this often
 BOUND = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"
 
 
@@ -123,8 +127,12 @@ class GateKeeper:
     """Lifts the gang gates of groups that fit, in a thread of the leading operator."""
 
     def __init__(self, dynamic_client, gang_pods: Callable[[], list[dict[str, Any]] | None],
-                 interval: float = INTERVAL_SECONDS, on_wait: Callable[[int], None] | None = None):
+                 interval: float = INTERVAL_SECONDS, on_wait: Callable[[int], None] | None = None,
+                 needed: Callable[[], bool] = lambda: True):
         self.dyn, self.gang_pods, self.interval, self.on_wait = dynamic_client, gang_pods, interval, on_wait
+        self.needed = needed        # gates are in use (auto: the cluster serves no PodGroups)
+        self.watching = False
+        self._asked: float | None = None
         self._pods = dynamic_client.resources.get(api_version="v1", kind="Pod")
         self._nodes_resource = dynamic_client.resources.get(api_version="v1", kind="Node")
         self.nodes = KindCache(dynamic_client, self._nodes_resource, selector=None, slim=slim_node)
@@ -134,15 +142,14 @@ class GateKeeper:
         self._announced: set[tuple[str, str]] = set()
 
     def active(self) -> bool:
-        """New groups are gated only while their gates can be lifted: the capacity view is readable."""
-        return self.permitted
+        """New groups are gated only while their gates can be lifted: the capacity view is readable
+        and watched (so only while gates are in use)."""
+        return self.permitted and self.watching
 
     def start(self) -> None:
         self.permitted = self._can_see_capacity()
         if self.permitted:
-            self.nodes.start()
-            self.bound.start()
-            log.info("gang admission by scheduling gates: groups are released when they fit")
+            self._watch_if_needed()
         else:
             log.warning("gang admission by scheduling gates is off: no list/watch on nodes and on pods in "
                         "every namespace; multi-pod groups are scheduled pod by pod (docs/operator.md)")
@@ -161,9 +168,25 @@ class GateKeeper:
         except ForbiddenError:
             return False
 
+    def _watch_if_needed(self) -> None:
+        """Start watching nodes and bound pods the first time gates are needed (asked again every
+        NEEDED_RECHECK_SECONDS until then)."""
+        if self.watching or not self.permitted:
+            return
+        now = time.monotonic()
+        if self._asked is not None and now - self._asked < NEEDED_RECHECK_SECONDS:
+            return
+        self._asked = now
+        if self.needed():
+            self.nodes.start()
+            self.bound.start()
+            self.watching = True
+            log.info("gang admission by scheduling gates: groups are released when they fit")
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
+                self._watch_if_needed()
                 self.run_once()
             except Exception as error:    # the API server away: the next round
                 log.warning("gate keeper: %s", error)
@@ -178,7 +201,7 @@ class GateKeeper:
             self._lift(pod["metadata"]["namespace"], pod["metadata"]["name"])
         if not groups:
             return []
-        if not self.permitted:     # gated by an operator that could see more (or by hand): never stuck
+        if not self.active():      # gated by an operator that could see more, or by hand: never stuck
             return self._release([(g, {}) for g in groups])
         nodes, bound = self.nodes.everything(), self.bound.everything()
         if nodes is None or bound is None or any(in_flight(p) for p in owned):
