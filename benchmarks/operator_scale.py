@@ -29,6 +29,7 @@ import signal
 import ssl
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -154,7 +155,6 @@ class RssTimeline:
     jump can be tied to what the operator was doing."""
 
     def __init__(self, pid: int, interval: float = 5.0):
-        import threading
         self.pid, self.interval, self.t0 = pid, interval, time.monotonic()
         self.phase = "start"
         self.samples: list[tuple[float, str, float]] = []

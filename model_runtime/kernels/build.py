@@ -20,9 +20,13 @@ def cache_dir() -> Path:
 
 
 def build_library(source: Path, cflags: list[str]) -> Path:
-    """The shared library for `source`, compiled once per source and flags (atomic rename), named
-    `<source stem>-<hash>.so`."""
-    key = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode()).hexdigest()[:16]
+    """The shared library for `source`, compiled once per source, the headers beside it and flags
+    (atomic rename), named `<source stem>-<hash>.so`."""
+    digest = hashlib.sha256(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):   # what the sources include ("simd_exp.h")
+        digest.update(header.name.encode() + header.read_bytes())
+    digest.update(" ".join(cflags).encode())
+    key = digest.hexdigest()[:16]
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not compiler:
         raise RuntimeError("no C compiler (gcc, cc or $CC) on PATH")

@@ -150,7 +150,7 @@ def status_of(md: ModelDeployment, observed: Observed, plan: Plan, now: str) -> 
     }
     optional = {"stableRevision": plan.stable_revision, "canaryWeight": plan.canary_weight,
                 "currentStepIndex": plan.step_index, "rollout": plan.rollout_state.to_json() or None,
-                "groupRestarts": to_status({r.revision: r for r in plan.restarts})}
+                "groupRestarts": to_status(plan.restarts)}
     status.update({k: v for k, v in optional.items() if v is not None})
     return status
 

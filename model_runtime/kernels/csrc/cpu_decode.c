@@ -30,6 +30,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "simd_exp.h"
+
 typedef uint16_t bf16;
 
 static inline float bf2f(bf16 v) {
@@ -636,25 +638,6 @@ void moe_fp8_dequant(const unsigned char *w, const float *scale, void *out, long
  * D and I multiples of 16 (the caller checks). */
 #define BLOCK_ROWS 6
 #define PREFETCH_ROWS 24
-
-AVX512 static inline __m512 exp16(__m512 x) {
-    /* exp(x) for 16 floats (as csrc/paged_attention.c's): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by
-     * its Taylor series to r^7, scaled by 2^n; below -104: 0; above ~88: inf */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* ln2 in two parts */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.0f / 5040);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 720));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
-}
 
 AVX512 __attribute__((always_inline)) static inline void tile_rows(
     const float *X, long ldx, long K, const bf16 *W, long ldw, float *const *out, long col,

@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd_exp.h"
+
 #define GROUP 8  // query heads scored together per pass over a cached key row
 #define CHUNK 64  // cached tokens scored before their values are summed
 
@@ -37,25 +39,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __
 }
 
 static inline __mmask16 lanes(long left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1u); }
-
-// exp(x) for 16 floats: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (relative
-// error < 1e-8 there), scaled by 2^n; exp(-inf) = 0
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // below: 0 (a denormal at most)
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.0f / 5040);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 720));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
-}
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define INLINE static inline __attribute__((always_inline))

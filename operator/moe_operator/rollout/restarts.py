@@ -17,7 +17,7 @@ used again); the group on record stays broken, and observed, until its pods are 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,9 +92,7 @@ def restarts_now(status: Mapping[str, Any], observed: Observed, now: float) -> d
         if record is None:
             out[revision] = Restarts(revision, 1, now, replicas)
             continue
-        new = [g for g in groups if g.replica not in record.groups
-               or (_created(g) is not None and _created(g) > record.last)]
-        if new:
+        if any(g.replica not in record.groups or (_created(g) or 0.0) > record.last for g in groups):
             out[revision] = Restarts(revision, record.count + 1, now, replicas)
     return out
 
@@ -104,8 +102,8 @@ def held(restarts: Mapping[str, Restarts], now: float) -> dict[str, float]:
     return {r.revision: r.until for r in restarts.values() if now < r.until}
 
 
-def to_status(restarts: Mapping[str, Restarts]) -> list[dict[str, Any]] | None:
-    return [restarts[r].to_json() for r in sorted(restarts)] or None
+def to_status(restarts: Iterable[Restarts]) -> list[dict[str, Any]] | None:
+    return [r.to_json() for r in sorted(restarts, key=lambda r: r.revision)] or None
 
 
 def ordinal(n: int) -> str:
