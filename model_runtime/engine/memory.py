@@ -103,11 +103,13 @@ class StepMemory:
             (), dtype=dtype if isinstance(dtype, torch.dtype) else kv_dtype
         ).element_size()
         self.mla = getattr(cfg, "attention", "gqa") == "mla"
-        self.expand_above = getattr(attn, "expand_above", None) if self.mla else None
+        self.expands = getattr(attn, "expands", None) if self.mla else None  # MLAttention.expands
         self.expanded_bytes = 0  # MLA, long prefill chunk: per context token, keys and values per head
         if self.mla:
             P, R, Dv = (getattr(cfg, f, 0) for f in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
-            self.expanded_bytes = self.num_heads * (2 * P + R + 2 * Dv) * self.itemsize
+            # + the values padded to the keys' width for the fused CPU kernel (models/model.py: sdpa)
+            padded = max(P + R - Dv, 0)
+            self.expanded_bytes = self.num_heads * (2 * P + R + 2 * Dv + padded) * self.itemsize
         # On the CPU a GQA prefill's attention (equal head dims, a mask, enable_gqa) runs fused and
         # keeps no scores (measured: 29 MiB where the scores would take 216); on CUDA with a mask and
         # GQA it may fall back to the math kernel, which does: counted there.
@@ -125,7 +127,10 @@ class StepMemory:
         per_context = self.context_bytes * CONTEXT_COPIES
         per_pair = self.num_heads * SCORE_BYTES + MASK_BYTES  # per query and context token
         if self.mla:
-            if self.expand_above is not None and max_new > self.expand_above:
+            # expanded or not as the model decides it with every sequence bringing max_new tokens
+            # (the most absorbed work; fewer new tokens absorb sooner, and the absorbed path
+            # keeps no copy beyond the scores counted per pair)
+            if self.expands is not None and self.expands(num_seqs, max_new, max_context, num_seqs * max_new):
                 per_context += self.expanded_bytes
         elif max_new > 1 and self.num_kv_heads > 1:  # a GQA prefill: scaled_dot_product_attention
             per_context += self.context_bytes * (self.num_heads // self.num_kv_heads)  # expanded kv heads

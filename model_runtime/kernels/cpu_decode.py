@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_runtime.kernels import shapes
 from model_runtime.kernels.build import build_library
 from model_runtime.models import model as layers
 
@@ -161,11 +162,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; one float32 or bfloat16 row on the CPU (batch-1 decode) takes the streaming gemv
-    kernel."""
+    kernel, more rows oneDNN's matmul with the rows padded to a bucket (kernels/shapes.py)."""
     if one_row(x) and kernel_rows(x.dtype, w):
         y = gemv(x, w)
         return y if bias is None else y + bias
-    return F.linear(x, w, bias)
+    return shapes.linear(x, w, bias)
 
 
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch import nn
 
 from model_runtime.distributed.shard import Shard
 from model_runtime.kernels import paged_attention as paged_kernel
+from model_runtime.kernels import shapes
 from model_runtime.models.config import ModelConfig
 from model_runtime.models.paged import PagedBatch
 
@@ -141,6 +142,10 @@ class PagedContext:
     context_lens: torch.Tensor  # [S] tokens in the cache per sequence, this step's included
     block_size: int
     sliding_window: int | None
+    # A mixed step (decodes first, then prefill chunks, as the scheduler orders them): the
+    # decodes' context and the prefill chunks' context, for attention that reads the decodes'
+    # cache in place rather than padding every sequence to the longest chunk (None: not mixed).
+    split: tuple[PagedContext, PagedContext] | None = None
 
     @classmethod
     def build(cls, batch: PagedBatch, sliding_window: int | None) -> PagedContext:
@@ -170,6 +175,14 @@ class PagedContext:
         mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, Q, L] causal; also hides other sequences' tails
         if sliding_window is not None:
             mask &= pos[None, None, :] > q_pos[:, :, None] - sliding_window
+        split = None
+        if token_seq is not None:  # mixed: the leading one-token sequences are the decodes
+            decodes = next((i for i, n in enumerate(new_lens.tolist()) if n != 1), S)
+            if 0 < decodes < S:
+                split = (
+                    cls.build(_seqs_of(batch, 0, decodes), sliding_window),
+                    cls.build(_seqs_of(batch, decodes, S), sliding_window),
+                )
         return cls(
             batch.slot_mapping,
             context_slots,
@@ -183,7 +196,16 @@ class PagedContext:
             batch.context_lens,
             bs,
             sliding_window,
+            split,
         )
+
+    def split_in_place(self, q: torch.Tensor, cache: torch.Tensor) -> tuple[PagedContext, PagedContext] | None:
+        """(the decodes' context, the prefill chunks' context) when this is a mixed step whose
+        decodes read the cache in place (the first decodes.num_seqs rows of q are theirs), else
+        None: attention then runs once over the whole step."""
+        if self.split is None or not self.split[0].in_place_decode(q, cache):
+            return None
+        return self.split
 
     def in_place_decode(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
         """Whether this step's attention reads the cache in place (kernels/paged_attention.py):
@@ -222,6 +244,21 @@ class PagedContext:
         return x[self.token_seq, self.token_offset]
 
 
+def _seqs_of(batch: PagedBatch, first: int, stop: int) -> PagedBatch:
+    """Sequences first .. stop - 1 of a step, as a step of their own (their new tokens are rows
+    query_start[first] .. query_start[stop] - 1 of the step's)."""
+    t0, t1 = batch.query_start[first], batch.query_start[stop]
+    return PagedBatch(
+        positions=batch.positions[t0:t1],
+        slot_mapping=batch.slot_mapping[t0:t1],
+        block_tables=batch.block_tables[first:stop],
+        context_lens=batch.context_lens[first:stop],
+        query_start=batch.query_start[first : stop + 1] - t0,
+        logits_indices=batch.logits_indices[first:stop] - t0,
+        block_size=batch.block_size,
+    )
+
+
 def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: DenseContext, scale: float, window: int | None
 ) -> torch.Tensor:
@@ -236,6 +273,21 @@ def dense_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )  # [B, H, T, Ev]
     return out.transpose(1, 2).reshape(B * T, q.shape[1], v.shape[-1])  # [N, H, Ev]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.scaled_dot_product_attention, q [B, H, Q, E], k [B, K, L, E], v [B, K, L, Ev] -> [B, H, Q,
+    Ev], GQA when K < H. On the CPU values narrower than the keys (MLA expanded: Ev 128 against
+    E 192 in DeepSeek-V3) are padded with zeros to E: torch's fused CPU kernel takes only equal
+    head dims, and its fallback (the math kernel: scores, mask, softmax as separate ops and copies)
+    took 6.8 ms where the padded fused call takes 1.2 (32 sequences x 32 tokens, 8 heads, E 96,
+    Ev 32, bfloat16, one thread)."""
+    E, Ev = q.shape[-1], v.shape[-1]
+    pad = E - Ev if q.device.type == "cpu" and Ev < E else 0
+    out = F.scaled_dot_product_attention(
+        q, k, F.pad(v, (0, pad)) if pad else v, enable_gqa=q.shape[1] != k.shape[1], **kwargs
+    )
+    return out[..., :Ev] if pad else out
 
 
 def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -257,9 +309,7 @@ def paged_attention(
     if ctx.max_new == 1 or k.shape[2] == 1:  # decode, or MLA's one latent head: no expanded copies
         return ctx.unpad(grouped_attention(qs, k, v, ctx.mask, scale))
     qs, k, v = qs.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [S, H|K, Q|L, E]
-    out = F.scaled_dot_product_attention(
-        qs, k, v, attn_mask=ctx.mask, scale=scale, enable_gqa=qs.shape[1] != k.shape[1]
-    )  # [S, H, Q, Ev]
+    out = sdpa(qs, k, v, attn_mask=ctx.mask, scale=scale)  # [S, H, Q, Ev]
     return ctx.unpad(out.transpose(1, 2))  # [N, H, Ev]
 
 
@@ -320,12 +370,20 @@ class Attention(nn.Module):
         else:
             cache[0][ctx.slot_mapping] = k.to(cache.dtype)  # cache: [2, slots, K, Dh]
             cache[1][ctx.slot_mapping] = v.to(cache.dtype)
-            if ctx.in_place_decode(q, cache):
-                return self.o_proj(ctx.decode_in_place(q, cache[0], cache[1], self.scale).reshape(N, -1))
-            k_ctx = gather_slots(cache[0], ctx.context_slots).to(q.dtype)  # [S, L, K, Dh]
-            v_ctx = gather_slots(cache[1], ctx.context_slots).to(q.dtype)
-            out = paged_attention(q, k_ctx, v_ctx, ctx, self.scale)  # [N, H, Dh]
+            if split := ctx.split_in_place(q, cache):  # a mixed step: the decodes in place, then the chunks
+                n = split[0].num_seqs
+                out = torch.cat([self.attend(q[:n], split[0], cache), self.attend(q[n:], split[1], cache)])
+            else:
+                out = self.attend(q, ctx, cache)
         return self.o_proj(out.reshape(N, -1))  # [N, D]
+
+    def attend(self, q: torch.Tensor, ctx: PagedContext, cache: torch.Tensor) -> torch.Tensor:
+        """q [N, H, Dh] (rotated) over the cache holding this step's keys and values -> [N, H, Dh]."""
+        if ctx.in_place_decode(q, cache):
+            return ctx.decode_in_place(q, cache[0], cache[1], self.scale)
+        k_ctx = gather_slots(cache[0], ctx.context_slots).to(q.dtype)  # [S, L, K, Dh]
+        v_ctx = gather_slots(cache[1], ctx.context_slots).to(q.dtype)
+        return paged_attention(q, k_ctx, v_ctx, ctx, self.scale)  # [N, H, Dh]
 
 
 class MLAttention(nn.Module):
@@ -355,14 +413,25 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(C, H * (P + Dv), bias=False)
         self.o_proj = nn.Linear(H * Dv, D, bias=cfg.o_bias and shard.holds_bias_of_reduced_output)
         self.scale = (P + R) ** -0.5
-        # Attention over the cache either absorbs kv_b_proj into q and the output (per query and
-        # context token: 2C + R multiply-adds per head) or expands the context's latents into keys
-        # and values (C (P + Dv) per context token and head, then P + R + Dv per pair). Expanding
-        # wins when a sequence brings more new tokens than this:
-        self.expand_above = C * (P + Dv) // max(2 * C + R - (P + R + Dv), 1)
         scaling = cfg.rope_scaling or {}
         if scaling.get("rope_type") == "yarn" and scaling.get("mscale_all_dim"):  # softmax mscale
             self.scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+
+    def expands(self, num_seqs: int, max_new: int, context: int, new_tokens: int) -> bool:
+        """Whether a step's attention over the cache (not a decode step's: that reads the cache in
+        place) expands the context's latents into per-head keys and values rather than absorbing
+        kv_b_proj into the queries and the output: whichever takes fewer multiply-adds on the
+        padded shapes, S sequences of Q new tokens over L context tokens, N new tokens in all.
+        Absorbed: each new token's query and output through kv_b_proj's halves (C (P + Dv) per
+        head), then 2 (C + R) per query and context token and head (the latent row is both key and
+        value). Expanded: C (P + Dv) per context token and head, then P + R + Dv per pair. A prefill
+        (Q = L) always expands; a decode (Q = 1) over more than a few tokens absorbs."""
+        cfg = self.cfg
+        P, R, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        S, Q, L, N = num_seqs, max_new, context, new_tokens
+        absorbed = N * C * (P + Dv) + S * Q * L * 2 * (C + R)
+        expanded = S * L * C * (P + Dv) + S * Q * L * (P + R + Dv)
+        return expanded < absorbed
 
     def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj's key and value halves per head, w_uk [H, P, C] and w_uv transposed, w_uv_t
@@ -410,17 +479,28 @@ class MLAttention(nn.Module):
             return self.o_proj(out.reshape(N, H * Dv))
 
         self.write_latent(q, kv, cos, sin, ctx.slot_mapping, cache)  # and q's rope part rotated
-        if ctx.in_place_decode(x, cache):  # one new token each
+        if split := ctx.split_in_place(q, cache):  # a mixed step: the decodes in place, then the chunks
+            n = split[0].num_seqs
+            return torch.cat([self.attend(q[:n], split[0], cache), self.attend(q[n:], split[1], cache)])
+        return self.attend(q, ctx, cache)
+
+    def attend(self, q: torch.Tensor, ctx: PagedContext, cache: torch.Tensor) -> torch.Tensor:
+        """q [N, H, P + R] (its rope part rotated) over the cache holding this step's latents, then
+        o_proj -> [N, D]."""
+        cfg = self.cfg
+        N, H = q.shape[:2]
+        P, R, C, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        if ctx.in_place_decode(q, cache):  # one new token each
             return self.decode_in_place(q, ctx, cache)
         q_nope, q_rope = q.split([P, R], dim=-1)  # [N, H, P], [N, H, R]
-        kv_ctx = gather_slots(cache, ctx.context_slots).to(x.dtype)  # [S, L, C + R]
-        if ctx.max_new > self.expand_above:  # long prefill chunk: expanding the context is cheaper
-            S, L = kv_ctx.shape[:2]
+        kv_ctx = gather_slots(cache, ctx.context_slots).to(q.dtype)  # [S, L, C + R]
+        S, L = kv_ctx.shape[:2]
+        if self.expands(S, ctx.max_new, L, N):  # a prefill: expanding the context is cheaper
             k_nope, v = self.kv_b_proj(kv_ctx[..., :C]).view(S, L, H, P + Dv).split([P, Dv], dim=-1)
             k = torch.cat([k_nope, kv_ctx[:, :, None, C:].expand(S, L, H, R)], dim=-1)  # [S, L, H, P + R]
             out = paged_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale)  # [N, H, Dv]
             return self.o_proj(out.reshape(N, H * Dv))
-        w_uk, w_uv_t = self.absorbed_weights(x.dtype)  # [H, P, C], [H, C, Dv]
+        w_uk, w_uv_t = self.absorbed_weights(q.dtype)  # [H, P, C], [H, C, Dv]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, C]
         q_abs = torch.cat([q_latent, q_rope], dim=-1)  # [N, H, C + R]
         kv_ctx = kv_ctx[:, :, None, :]  # [S, L, 1, C + R]
@@ -591,11 +671,32 @@ class Experts(nn.Module):
         the sorted rows (offsets from the counts, on the device), then unsorted and weighted."""
         N, A = ids.shape
         order = ids.reshape(-1).argsort(stable=True)  # [N * A] assignments grouped by expert
+        if shapes.buckets(x):  # each expert's run padded to a bucket: oneDNN builds its kernels once
+            return self.padded_grouped_forward(x, weights, order, counts)
         offs = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's run
         xs = x.index_select(0, order // A)  # [N * A, D]
         gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [N * A, I]
         ys = F.grouped_mm(self.act(gate).mul_(up), self.down_proj.transpose(-2, -1), offs=offs)  # [N * A, D]
         ys = torch.empty_like(ys).index_copy_(0, order, ys)  # [N * A, D] back in token order
+        return (ys.view(N, A, -1) * weights.to(ys.dtype)[:, :, None]).sum(dim=1)  # [N, D]
+
+    def padded_grouped_forward(self, x, weights, order, counts):
+        """grouped_forward on the CPU in bfloat16 / float16, each expert's run of rows padded with
+        zero rows to its bucket (kernels/shapes.py): the grouped GEMM runs one oneDNN matmul per
+        expert, and a row count it has not seen costs a kernel build (~1 ms) that a prefill's
+        fresh counts would pay for nearly every expert."""
+        N, A = weights.shape
+        sizes = counts.tolist()  # on the CPU: no device sync
+        padded = [shapes.padded_rows(n) if n else 0 for n in sizes]
+        starts = torch.tensor([0] + sizes[:-1]).cumsum(0)  # [E] first sorted row of each expert
+        pstarts = torch.tensor([0] + padded[:-1]).cumsum(0)  # [E] its first padded row
+        shift = torch.repeat_interleave(pstarts - starts, counts, output_size=N * A)  # [N * A]
+        at = torch.empty_like(order).index_copy_(0, order, torch.arange(N * A) + shift)  # [N * A] padded row of each assignment
+        xs = x.new_zeros(sum(padded), x.shape[1]).index_copy_(0, at, x.repeat_interleave(A, dim=0))  # [P, D]
+        offs = torch.tensor(padded).cumsum(0).to(torch.int32)  # [E] end of each expert's padded run
+        gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [P, I]
+        ys = F.grouped_mm(self.act(gate).mul_(up), self.down_proj.transpose(-2, -1), offs=offs)  # [P, D]
+        ys = ys.index_select(0, at)  # [N * A, D] in token order
         return (ys.view(N, A, -1) * weights.to(ys.dtype)[:, :, None]).sum(dim=1)  # [N, D]
 
     def forward(

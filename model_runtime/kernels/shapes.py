@@ -1,0 +1,63 @@
+"""Matmul row counts in buckets, so that oneDNN's kernels for them are built once.
+
+On the CPU torch runs bfloat16 and float16 matmuls through oneDNN, which builds (JIT-compiles) a
+kernel for each new shape and keeps it in a cache of recent shapes. Building one costs about 1 ms
+here (one thread, a [M, 256] x [256, 384] bfloat16 product takes 0.09 ms once built), and in
+serving the row count M is new all the time: a step's token count, and in a prefill each routed
+expert's share of the tokens. A 32 x 32-token prefill of the benchmark's Mixtral took 170-200 ms
+with fresh expert row counts against 51 ms when the same counts came again.
+
+So the rows are padded to a few sizes: exact up to 16 (a decode step's sequences, whose count
+changes rarely), then multiples of 16 up to 256, and above that 8 sizes per doubling (at most
+1/8 more rows; AMX works on 16-row tiles, so the padding up to 256 is mostly free). Up to 4096
+rows that is 63 sizes per weight shape, within oneDNN's default cache of 1024 kernels for
+these models' dozen weight shapes. float32 runs MKL's sgemm, which builds nothing, and is left
+as it is (vLLM's CPU backend avoids the rebuilds with oneDNN kernels whose M is a runtime value,
+which torch does not expose).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+JIT_DTYPES = (torch.bfloat16, torch.float16)  # the CPU dtypes whose matmuls oneDNN builds per shape
+EXACT_ROWS = 16  # up to this many rows: no padding
+
+
+def padded_rows(n: int) -> int:
+    """The bucket of n rows: n up to 16; multiples of 16 up to 256; then multiples of 1/8 of the
+    power of two below n (256 -> 32 apart, 512 -> 64, ...)."""
+    if n <= EXACT_ROWS:
+        return n
+    step = max(16, (1 << (n.bit_length() - 1)) // 8)
+    return -(-n // step) * step
+
+
+def buckets(x: torch.Tensor) -> bool:
+    """Whether matmuls on x pay oneDNN's per-shape build (bfloat16 or float16 on the CPU)."""
+    return x.dtype in JIT_DTYPES and x.device.type == "cpu"
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [n, ...] with zero rows appended up to `rows`."""
+    n = x.shape[0]
+    if rows == n:
+        return x
+    out = x.new_empty(rows, *x.shape[1:])
+    out[:n] = x
+    out[n:].zero_()
+    return out
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) with x's rows (all but the last dimension) padded to their bucket
+    on the CPU in bfloat16 / float16; the result has x's rows only."""
+    if not buckets(x) or x.dim() < 2:
+        return F.linear(x, w, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    m = padded_rows(n)
+    if m == n:
+        return F.linear(x, w, bias)
+    return F.linear(pad_rows(rows, m), w, bias)[:n].view(*x.shape[:-1], w.shape[0])
