@@ -16,7 +16,7 @@ import torch
 
 from model_runtime.distributed.comm import HEARTBEAT, STEP, STOP
 from model_runtime.distributed.config import ReplicaLost
-from model_runtime.engine.build import load_rank
+from model_runtime.engine.build import load_rank, warm_up
 from model_runtime.engine.core import _float_dtype, join_replica
 from model_runtime.engine.messages import EngineSpec
 
@@ -33,6 +33,7 @@ class Follower:
         self.kv_cache = self.model.allocate_kv_cache(
             num_blocks, self.config.block_size, kv_dtype, torch.device(self.config.device)
         )
+        warm_up(self.model, self.config)
         self.steps = 0
 
     def run(self) -> int:

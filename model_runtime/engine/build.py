@@ -15,6 +15,7 @@ import torch
 from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.core import LLMEngine
 from model_runtime.engine.messages import EngineSpec
+from model_runtime.kernels import shapes
 from model_runtime.kernels.quant import quantize_int8
 from model_runtime.models.loading import load_model
 from model_runtime.models.model import SINGLE, Transformer
@@ -25,7 +26,19 @@ log = logging.getLogger(__name__)
 
 def build_engine(spec: EngineSpec) -> LLMEngine:
     model, tokenizer, config = load_for_engine(spec)
-    return LLMEngine(model, tokenizer, config)
+    engine = LLMEngine(model, tokenizer, config)  # its CPU transforms first: they set the weights' layout
+    warm_up(engine.model, config)
+    return engine
+
+
+def warm_up(model: torch.nn.Module, config: EngineConfig) -> None:
+    """On the CPU in bfloat16 / float16, oneDNN's matmul kernels for every row count a step can
+    bring, built before the first request rather than during it (kernels/shapes.py)."""
+    if torch.device(config.device).type != "cpu":
+        return
+    built, seconds = shapes.warm_up(model, config.max_num_batched_tokens, config.max_num_seqs)
+    if built:
+        log.info("built %d matmul kernels for row counts up to %d in %.2f s", built, config.max_num_batched_tokens, seconds)
 
 
 def load_for_engine(spec: EngineSpec) -> tuple[Transformer, Tokenizer, EngineConfig]:

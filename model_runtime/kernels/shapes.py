@@ -18,6 +18,8 @@ which torch does not expose).
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -61,3 +63,52 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     if m == n:
         return F.linear(x, w, bias)
     return F.linear(pad_rows(rows, m), w, bias)[:n].view(*x.shape[:-1], w.shape[0])
+
+
+def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple[int, float]:
+    """Build, at start-up, oneDNN's kernels for every bucket up to `max_rows` rows (a step's new
+    tokens) of the model's bfloat16 / float16 linears on the CPU, the routed experts' grouped GEMM
+    (one expert's run is at most a step's tokens) included, and up to `max_logit_rows` (a step's
+    sequences) of the output head, so that no request pays a build later (~1 ms each; at 512 rows
+    the benchmark's Mixtral has 173 of them, 0.25 s, its DeepSeek-V3 446, 0.7 s). (kernels built, seconds); none built where
+    matmuls build nothing (float32, other devices)."""
+    from torch import nn
+
+    from model_runtime.models import model as layers
+
+    start = time.perf_counter()
+    seen: set[tuple] = set()
+    built = 0
+    head = getattr(model, "lm_head", None)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and type(m.weight) is torch.nn.Parameter:
+                w = m.weight
+                if not buckets(w):
+                    continue
+                limit = max_logit_rows if m is head else max_rows
+                key = (tuple(w.shape), w.stride(), w.dtype, m.bias is not None, limit)
+                if key in seen:
+                    continue
+                seen.add(key)
+                for rows in row_buckets(limit):
+                    F.linear(w.new_zeros(rows, w.shape[1]), w, m.bias)
+                    built += 1
+            elif isinstance(m, layers.Experts) and m.plain_weights and buckets(m.gate_up_proj):
+                gate_up, down = m.gate_up_proj.transpose(-2, -1), m.down_proj.transpose(-2, -1)
+                key = (tuple(gate_up.shape), gate_up.stride(), tuple(down.shape), down.stride(), gate_up.dtype)
+                if key in seen:
+                    continue
+                seen.add(key)
+                E = gate_up.shape[0]
+                for rows in row_buckets(max_rows):  # every row to the first expert: its kernels are every expert's
+                    offs = torch.full((E,), rows, dtype=torch.int32)
+                    F.grouped_mm(gate_up.new_zeros(rows, gate_up.shape[1]), gate_up, offs=offs)
+                    F.grouped_mm(down.new_zeros(rows, down.shape[1]), down, offs=offs)
+                    built += 2
+    return built, time.perf_counter() - start
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """Every bucket of 1 .. max_rows rows (padded_rows), the largest covering max_rows."""
+    return sorted({padded_rows(n) for n in range(1, max_rows + 1)})

@@ -161,3 +161,33 @@ def test_a_mixed_step_reads_the_decodes_in_place(name, monkeypatch):
     for a, b in zip(split, whole, strict=True):
         assert (a - b).abs().mean() < 5e-2 * b.std()
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+
+
+def test_warm_up_builds_every_bucket_of_a_step_once(monkeypatch):
+    model = grouped_experts_layout(load_model("builtin:tiny-deepseek-v3", dtype=torch.bfloat16))
+    rows_seen: dict[tuple, set[int]] = {}
+    linear, grouped_mm = F.linear, F.grouped_mm
+
+    def recording_linear(x, w, b=None):
+        rows_seen.setdefault(tuple(w.shape), set()).add(x.shape[0])
+        return linear(x, w, b)
+
+    def recording_grouped(x, w, offs):
+        rows_seen.setdefault(("experts", *w.shape), set()).add(x.shape[0])
+        return grouped_mm(x, w, offs=offs)
+
+    monkeypatch.setattr(shapes.F, "linear", recording_linear)
+    monkeypatch.setattr(shapes.F, "grouped_mm", recording_grouped)
+    built, seconds = shapes.warm_up(model, max_rows=100, max_logit_rows=8)
+    assert built > 0 and seconds >= 0
+    buckets = shapes.row_buckets(100)
+    assert buckets[-1] == shapes.padded_rows(100) and buckets[:16] == list(range(1, 17))
+    cfg = model.config
+    assert rows_seen[(cfg.vocab_size, cfg.hidden_size)] == set(shapes.row_buckets(8))  # the head: a step's sequences
+    experts = next(layer.mlp.experts for layer in model.layers if isinstance(layer.mlp, MoE))
+    assert rows_seen[("experts", *experts.gate_up_proj.transpose(-2, -1).shape)] == set(buckets)
+    attn = model.layers[0].self_attn
+    assert rows_seen[tuple(attn.kv_a_proj_with_mqa.weight.shape)] == set(buckets)
+    assert built == sum(len(r) for r in rows_seen.values())  # each (weight shape, rows) once
+
+    assert shapes.warm_up(load_model("builtin:tiny-deepseek-v3"), 100, 8)[0] == 0  # float32: nothing to build
