@@ -82,6 +82,8 @@ def _load():
                         + [ctypes.c_int]
                     )
                     lib.moe_mla_prepare_bf16.restype = None
+                    lib.moe_gqa_prepare_bf16.argtypes = [ptr] * 7 + [long, ptr] + [long] * 4 + [ctypes.c_int]
+                    lib.moe_gqa_prepare_bf16.restype = None
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
                 lib = None
                 log.warning("paged attention kernel: off (%s); torch's ops are used", e)
@@ -218,5 +220,43 @@ def mla_prepare(
     lib.moe_mla_prepare_bf16(
         q.data_ptr(), H, PR - R, kv.data_ptr(), cos.data_ptr(), sin.data_ptr(), norm_weight.data_ptr(), eps,
         cache.data_ptr(), cache.stride(0), slots.data_ptr(), N, C, R, int(interleaved),
+    )  # fmt: skip
+    return True
+
+
+def gqa_prepare(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    interleaved: bool,
+) -> bool:
+    """Grouped-query attention's step before attention, in one C call: q [N, H, D] rotated in place
+    (model.apply_rope, the whole head), k [N, K, D] rotated into the key cache and v [N, K, D]
+    copied into the value cache at `slots` (cache [2, slots, K, D]). All bfloat16 on the CPU, q, k,
+    v, cos and sin contiguous, cos / sin [N, D / 2]. Returns False (nothing done) when the inputs
+    are not such: the caller then runs torch's ops."""
+    lib = _load()
+    N, H, D = q.shape
+    K = k.shape[1]
+    tensors = (q, k, v, cos, sin, cache)
+    if (
+        lib is None
+        or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors)
+        or not all(t.is_contiguous() for t in (q, k, v, cos, sin))
+        or (torch.is_grad_enabled() and q.requires_grad)
+        or k.shape != (N, K, D) or v.shape != (N, K, D) or D % 2
+        or cos.shape != (N, D // 2) or sin.shape != (N, D // 2)
+        or cache.dim() != 4 or cache.shape[0] != 2 or tuple(cache.shape[2:]) != (K, D)
+        or cache[0].stride()[1:] != (D, 1) or cache.stride(1) != K * D
+    ):  # fmt: skip
+        return False
+    slots = slots.to(torch.int64).contiguous()
+    lib.moe_gqa_prepare_bf16(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache[0].data_ptr(),
+        cache[1].data_ptr(), cache.stride(1), slots.data_ptr(), N, H, K, D, int(interleaved),
     )  # fmt: skip
     return True

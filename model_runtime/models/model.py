@@ -364,12 +364,18 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(N, self.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin, cfg.rope_interleave), apply_rope(k, cos, sin, cfg.rope_interleave)
+        # bfloat16 on the CPU, one C call: q rotated in place, k rotated and v written into the cache
+        written = cache is not None and paged_kernel.gqa_prepare(
+            q, k, v, cos, sin, cache, ctx.slot_mapping, cfg.rope_interleave
+        )
+        if not written:
+            q, k = apply_rope(q, cos, sin, cfg.rope_interleave), apply_rope(k, cos, sin, cfg.rope_interleave)
+            if cache is not None:
+                cache[0][ctx.slot_mapping] = k.to(cache.dtype)  # cache: [2, slots, K, Dh]
+                cache[1][ctx.slot_mapping] = v.to(cache.dtype)
         if cache is None:
             out = dense_attention(q, k, v, ctx, self.scale, cfg.sliding_window)  # [N, H, Dh]
         else:
-            cache[0][ctx.slot_mapping] = k.to(cache.dtype)  # cache: [2, slots, K, Dh]
-            cache[1][ctx.slot_mapping] = v.to(cache.dtype)
             if split := ctx.split_in_place(q, cache):  # a mixed step: the decodes in place, then the chunks
                 n = split[0].num_seqs
                 out = torch.cat([self.attend(q[:n], split[0], cache), self.attend(q[n:], split[1], cache)])

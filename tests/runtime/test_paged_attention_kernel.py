@@ -140,6 +140,31 @@ def test_mla_prepare_writes_the_bits_torch_writes(interleaved, R, C):
     assert not paged_kernel.mla_prepare(q.float(), kv, cos, sin, norm.weight, norm.eps, cache, slots, interleaved)
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("D", [128, 32, 24])  # AVX-512 loops; 24: scalar
+def test_gqa_prepare_writes_the_bits_torch_writes(interleaved, D):
+    """Grouped-query attention's rope and cache writes before attention, one C call: the rotated
+    queries and the cache's key and value rows are torch's bit for bit."""
+    N, H, K = 5, 8, 2
+    gen = torch.Generator().manual_seed(D + int(interleaved))
+    q, k, v = ((torch.randn(N, h, D, generator=gen) * 3).to(torch.bfloat16) for h in (H, K, K))
+    angle = torch.randn(N, D // 2, generator=gen) * 5
+    cos, sin = angle.cos().to(torch.bfloat16), angle.sin().to(torch.bfloat16)
+    slots = torch.tensor([3, 9, 17, 40, 0])
+    cache = torch.zeros(2, 64, K, D, dtype=torch.bfloat16)
+    want_cache = cache.clone()
+    want_q = layers.apply_rope(q, cos, sin, interleaved)
+    want_cache[0][slots] = layers.apply_rope(k, cos, sin, interleaved)
+    want_cache[1][slots] = v
+    assert paged_kernel.gqa_prepare(q, k, v, cos, sin, cache, slots, interleaved)
+    assert torch.equal(q, want_q)
+    assert torch.equal(cache, want_cache)
+    # not such inputs: nothing done, torch's ops run
+    assert not paged_kernel.gqa_prepare(q, k, v, cos, sin, cache.float(), slots, interleaved)
+    assert not paged_kernel.gqa_prepare(q, k, v, cos[:, :4], sin[:, :4], cache, slots, interleaved)  # partial rope
+    assert not paged_kernel.gqa_prepare(q.transpose(0, 1), k, v, cos, sin, cache, slots, interleaved)
+
+
 def test_mismatched_shapes_are_refused():
     cache = torch.zeros(2, 64, 4, 32, dtype=torch.bfloat16)
     q = torch.zeros(2, 6, 32, dtype=torch.bfloat16)  # 6 heads over 4 kv heads

@@ -303,3 +303,41 @@ void moe_mla_prepare_bf16(uint16_t *q, long H, long P, const uint16_t *kv, const
     }
     free(x);
 }
+
+// Grouped-query attention's step before attention (model.Attention, bfloat16), N new tokens: each
+// head's query q[n, h] ([H, D] rows, contiguous) rotated in place, and each kv head's key k[n, j]
+// rotated into its key cache row and its value v[n, j] copied into its value cache row, at slot
+// slots[n] (cache rows of [K, D], slots cache_stride apart). cos and sin [N, D / 2]. The rotation
+// rounds as torch's bfloat16 ops round (model.apply_rope), so queries and cache hold the bits the
+// torch path writes. Torch's ops for this are two rope calls (~10 small ops each) and two indexed
+// writes a layer.
+TARGET static void gqa_rotate_rows(uint16_t *out, const uint16_t *x, const uint16_t *cos, const uint16_t *sin,
+                                   long D, int interleaved) {
+    rotate16(out, x, cos, sin, D, interleaved);
+}
+
+void moe_gqa_prepare_bf16(uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *cos, const uint16_t *sin,
+                          uint16_t *kc, uint16_t *vc, long cache_stride, const int64_t *slots, long N, long H, long K,
+                          long D, int interleaved) {
+    int fast = D % 32 == 0 && D <= 256;  // 16 pairs a step (Mixtral, Qwen: D 128)
+    float *src = fast ? NULL : malloc((size_t)(2 * D) * sizeof(float)), *cs = src ? src + D : NULL;
+    float *sn = cs ? cs + D / 2 : NULL;
+    for (long n = 0; n < N; n++) {
+        const uint16_t *cn = cos + n * (D / 2), *sg = sin + n * (D / 2);
+        uint16_t *krow = kc + slots[n] * cache_stride, *vrow = vc + slots[n] * cache_stride;
+        if (!fast)
+            for (long j = 0; j < D / 2; j++) cs[j] = bf_to_f(cn[j]), sn[j] = bf_to_f(sg[j]);
+        for (long r = 0; r < H + K; r++) {  // the queries in place, then the keys into the cache
+            const uint16_t *x = r < H ? q + (n * H + r) * D : k + (n * K + r - H) * D;
+            uint16_t *out = r < H ? q + (n * H + r) * D : krow + (r - H) * D;
+            if (fast) {
+                gqa_rotate_rows(out, x, cn, sg, D, interleaved);
+            } else {
+                for (long i = 0; i < D; i++) src[i] = bf_to_f(x[i]);
+                rotate(out, src, cs, sn, D, interleaved);
+            }
+        }
+        memcpy(vrow, v + n * K * D, (size_t)(K * D) * sizeof(uint16_t));
+    }
+    free(src);
+}
