@@ -6,6 +6,7 @@ plain path computes."""
 import pytest
 import torch
 import torch.nn.functional as F
+from test_grouped_experts import per_expert_loop  # the reference: each expert's matmuls in float32
 
 from model_runtime import load_model
 from model_runtime.kernels import shapes
@@ -40,17 +41,6 @@ def test_padded_linear_is_the_linear(rows):
     x3 = x.view(1, rows, 64)  # leading dims kept
     torch.testing.assert_close(shapes.linear(x3, w), F.linear(x3, w), rtol=1e-2, atol=1e-2)
     assert shapes.linear(x.float(), w.float()).dtype == torch.float32  # float32: F.linear as is
-
-
-def per_expert_loop(experts, x, weights, ids):
-    """The reference: each expert's matmul pair on its tokens, in float32."""
-    out = torch.zeros(x.shape, dtype=torch.float32)
-    for n in range(ids.shape[0]):
-        for a in range(ids.shape[1]):
-            e = int(ids[n, a])
-            gate, up = (x[n].float() @ experts.gate_up_proj[e].float().T).chunk(2)
-            out[n] += weights[n, a].float() * (experts.act(gate) * up) @ experts.down_proj[e].float().T
-    return out
 
 
 @pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-deepseek-v3"])
