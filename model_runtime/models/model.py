@@ -176,7 +176,8 @@ class PagedContext:
         if sliding_window is not None:
             mask &= pos[None, None, :] > q_pos[:, :, None] - sliding_window
         split = None
-        if token_seq is not None:  # mixed: the leading one-token sequences are the decodes
+        if token_seq is not None and device.type == "cpu":  # mixed: the leading one-token sequences are the decodes
+            # (on the CPU only, where the decodes' kernel is: elsewhere this would cost host syncs for nothing)
             decodes = next((i for i, n in enumerate(new_lens.tolist()) if n != 1), S)
             if 0 < decodes < S:
                 split = (
