@@ -22,9 +22,14 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 JIT_DTYPES = (torch.bfloat16, torch.float16)  # the CPU dtypes whose matmuls oneDNN builds per shape
 EXACT_ROWS = 16  # up to this many rows: no padding
+# warm_up builds a product's kernel only while the product is at most this many multiply-adds
+# (~1-2 ms here): above it the build (~1 ms) is a small part of the product's own time, and
+# warming every bucket of a large model's weights would take minutes at start-up
+WARM_MAX_MACS = 1 << 28
 
 
 def padded_rows(n: int) -> int:
@@ -70,11 +75,10 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
     tokens) of the model's bfloat16 / float16 linears on the CPU, the routed experts' grouped GEMM
     (one expert's run is at most a step's tokens) included, and up to `max_logit_rows` (a step's
     sequences) of the output head, so that no request pays a build later (~1 ms each; at 512 rows
-    the benchmark's Mixtral has 173 of them, 0.25 s, its DeepSeek-V3 446, 0.7 s). (kernels built, seconds); none built where
-    matmuls build nothing (float32, other devices)."""
-    from torch import nn
-
-    from model_runtime.models import model as layers
+    the benchmark's Mixtral has 173 of them, 0.25 s, its DeepSeek-V3 446, 0.7 s); products over
+    WARM_MAX_MACS are left to their first use. (kernels built, seconds); none built where matmuls
+    build nothing (float32, other devices)."""
+    from model_runtime.models import model as layers  # here: models.model imports this module
 
     start = time.perf_counter()
     seen: set[tuple] = set()
@@ -92,6 +96,8 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
                     continue
                 seen.add(key)
                 for rows in row_buckets(limit):
+                    if rows * w.numel() > WARM_MAX_MACS:
+                        break
                     F.linear(w.new_zeros(rows, w.shape[1]), w, m.bias)
                     built += 1
             elif isinstance(m, layers.Experts) and m.plain_weights and buckets(m.gate_up_proj):
@@ -102,6 +108,8 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
                 seen.add(key)
                 E = gate_up.shape[0]
                 for rows in row_buckets(max_rows):  # every row to the first expert: its kernels are every expert's
+                    if rows * gate_up[0].numel() > WARM_MAX_MACS:
+                        break
                     offs = torch.full((E,), rows, dtype=torch.int32)
                     F.grouped_mm(gate_up.new_zeros(rows, gate_up.shape[1]), gate_up, offs=offs)
                     F.grouped_mm(down.new_zeros(rows, down.shape[1]), down, offs=offs)

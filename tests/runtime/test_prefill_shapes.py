@@ -181,3 +181,10 @@ def test_warm_up_builds_every_bucket_of_a_step_once(monkeypatch):
     assert built == sum(len(r) for r in rows_seen.values())  # each (weight shape, rows) once
 
     assert shapes.warm_up(load_model("builtin:tiny-deepseek-v3"), 100, 8)[0] == 0  # float32: nothing to build
+
+    # large products are left to their first use: the build is a small part of their time
+    head_macs = cfg.vocab_size * cfg.hidden_size
+    monkeypatch.setattr(shapes, "WARM_MAX_MACS", 4 * head_macs)
+    rows_seen.clear()
+    shapes.warm_up(model, max_rows=100, max_logit_rows=8)
+    assert rows_seen[(cfg.vocab_size, cfg.hidden_size)] == {1, 2, 3, 4}
