@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_runtime.kernels import paged_attention as paged_kernel
 from model_runtime.kernels import shapes
 from model_runtime.kernels.build import build_library
 from model_runtime.models import model as layers
@@ -354,6 +355,63 @@ class Route:
         return weights, ids
 
 
+class GQAttention:
+    """models.model.Attention (grouped-query, no biases, no q/k norm) for one new bfloat16 token x
+    [1, D] over the paged cache, as C calls only: the q, k, v projections (gemv), the rope and
+    cache writes (paged_attention.gqa_prepare's call), attention over the cache read in place
+    (paged_attention.decode's) and o_proj. The same kernels as the torch path takes for one row,
+    without its ~100 us of module calls and argument checks a layer."""
+
+    def __init__(self, q_proj, k_proj, v_proj, o_proj, heads: int, kv_heads: int, interleaved: bool, scale: float,
+                 window: int | None, paged_lib):  # fmt: skip
+        self.weights = (q_proj, k_proj, v_proj, o_proj)
+        self.dtype = q_proj.dtype
+        self.ptrs = tuple(w.data_ptr() for w in self.weights)
+        self.H, self.K = heads, kv_heads
+        self.Dh = q_proj.shape[0] // heads
+        self.D = o_proj.shape[0]
+        self.interleaved, self.scale, self.window = int(interleaved), scale, window or 0
+        self.paged = paged_lib
+
+    def applies(self, x: torch.Tensor, cos: torch.Tensor, ctx, cache: torch.Tensor | None) -> bool:
+        return (
+            cache is not None
+            and cache.dtype == self.dtype
+            and cache.is_contiguous()
+            and ctx.max_new == 1
+            and cos.shape == (1, self.Dh // 2)
+            and cos.dtype == self.dtype
+            and ctx.block_tables.dtype == torch.int64
+        )
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx, cache: torch.Tensor):
+        H, K, Dh, D = self.H, self.K, self.Dh, self.D
+        wq, wk, wv, wo = self.ptrs
+        x = x.contiguous()
+        qkv = torch.empty(H * Dh + 2 * K * Dh, dtype=self.dtype)  # q, then k, then v
+        att = torch.empty(H * Dh, dtype=self.dtype)
+        y = torch.empty(1, D, dtype=self.dtype)
+        scratch = torch.empty(max(D, H * Dh) + H * Dh)
+        q, k, v = qkv.data_ptr(), qkv.data_ptr() + 2 * H * Dh, qkv.data_ptr() + 2 * (H + K) * Dh
+        for w, out, rows in ((wq, q, H * Dh), (wk, k, K * Dh), (wv, v, K * Dh)):
+            _lib.moe_gemv(w, x.data_ptr(), out, scratch.data_ptr(), rows, D, 1)
+        tables, lens = ctx.block_tables.contiguous(), ctx.context_lens.contiguous()
+        slots = ctx.slot_mapping.contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        cache_stride = K * Dh  # cache [2, slots, K, Dh], contiguous
+        kc, vc = cache.data_ptr(), cache.data_ptr() + 2 * cache.stride(0)
+        self.paged.moe_gqa_prepare_bf16(
+            q, k, v, cos.data_ptr(), sin.data_ptr(), kc, vc, cache_stride, slots.data_ptr(), 1, H, K, Dh, self.interleaved
+        )
+        self.paged.moe_paged_decode_bf16(
+            q, H * Dh, Dh, None, 0, 0, Dh, kc, cache_stride, Dh, vc, cache_stride, Dh,
+            tables.data_ptr(), tables.stride(0), lens.data_ptr(), att.data_ptr(), H * Dh, Dh,
+            1, K, H // K, Dh, Dh, ctx.block_size, self.window, self.scale,
+        )  # fmt: skip
+        _lib.moe_gemv(wo, att.data_ptr(), y.data_ptr(), scratch.data_ptr(), D, H * Dh, 1)
+        return y
+
+
 class MLAttention:
     """models.model.MLAttention for one new token x [1, D] over the paged cache: q_a [Q, D] and its
     norm [Q] with q_b [H (P + R), Q] (or q_a None and q_b the full q_proj [H (P + R), D]); kv_a
@@ -492,6 +550,15 @@ class DecodeRouter(layers.Router):
         return super().forward(x)
 
 
+class DecodeAttention(layers.Attention):
+    decode: GQAttention
+
+    def forward(self, x, cos, sin, ctx, cache):
+        if one_row(x) and x.dtype == self.decode.dtype and self.decode.applies(x, cos, ctx, cache):
+            return self.decode(x, cos, sin, ctx, cache)  # C calls only
+        return super().forward(x, cos, sin, ctx, cache)
+
+
 class DecodeMLAttention(layers.MLAttention):
     decode: MLAttention
 
@@ -511,6 +578,7 @@ DECODE_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     layers.MLP: DecodeMLP,
     layers.MoE: DecodeMoE,
     layers.MLAttention: DecodeMLAttention,
+    layers.Attention: DecodeAttention,
     layers.Router: DecodeRouter,
 }
 TORCH_CLASS = {decode: torch_class for torch_class, decode in DECODE_CLASS.items()}
@@ -566,6 +634,23 @@ def _layer_kernel(m: nn.Module):
             m.o_proj.weight,
         ]
         return MLAttention(*weights, cfg.rope_interleave, m.scale) if _rows(*weights) else None
+    if type(m) is layers.Attention:
+        cfg = m.cfg
+        paged_lib = paged_kernel._load()
+        linears = (m.q_proj, m.k_proj, m.v_proj, m.o_proj)
+        weights = [p.weight for p in linears]
+        if (
+            paged_lib is None
+            or cfg.qk_norm
+            or not _no_bias(*linears)
+            or weights[0].dtype != torch.bfloat16
+            or not _rows(*weights)
+            or cfg.head_dim % 2
+        ):
+            return None
+        return GQAttention(
+            *weights, m.num_heads, m.num_kv_heads, cfg.rope_interleave, m.scale, cfg.sliding_window, paged_lib
+        )
     if type(m) is layers.MLP:
         return _swiglu(m)
     if type(m) is layers.Router:  # its one-token case is inside the MoE kernel; this one takes a few tokens

@@ -22,7 +22,7 @@ from model_runtime.engine.requests import SamplingParams
 from model_runtime.kernels import cpu_decode
 from model_runtime.kernels.cpu_decode import use_cpu_decode_kernels
 from model_runtime.models.config import ModelConfig
-from model_runtime.models.model import Experts, MLAttention, MoE, PagedContext
+from model_runtime.models.model import Attention, Experts, MLAttention, MoE, PagedContext
 from model_runtime.models.paged import PagedBatch
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler or no AVX2 here")
@@ -330,6 +330,46 @@ def test_bf16_moe_kernel_matches_the_torch_layer(name, layout, simd):
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert bf16_close(a, b, ulps=6), (name, i)
     assert torch.equal(moe.tokens_per_expert, torch_counts // 2)
+
+
+@pytest.mark.parametrize(("window", "interleaved"), [(None, False), (5, True)])
+def test_bf16_gqa_attention_layer_matches_the_torch_layer(window, interleaved):
+    """Grouped-query attention for one bfloat16 token as C calls only (projections, rope and cache
+    writes, attention read in place, o_proj): the torch layer's output and cache."""
+    from model_runtime.kernels import paged_attention as paged_kernel
+
+    if not paged_kernel.available():
+        pytest.skip("no in-place attention kernel on this CPU")
+    cfg = ModelConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=window,
+        rope_interleave=interleaved,
+    )  # fmt: skip
+    attn = random_(Attention(cfg), 4).bfloat16()
+    bs, L = 4, 11
+    table = [5, 2, 7]
+    slot = table[(L - 1) // bs] * bs + (L - 1) % bs
+    batch = PagedBatch(
+        positions=torch.tensor([L - 1]),
+        slot_mapping=torch.tensor([slot]),
+        block_tables=torch.tensor([table]),
+        context_lens=torch.tensor([L]),
+        query_start=torch.tensor([0, 1]),
+        logits_indices=torch.tensor([0]),
+        block_size=bs,
+    )
+    ctx = PagedContext.build(batch, window)
+    g = torch.Generator().manual_seed(6)
+    cache = torch.randn(2, 8 * bs, 2, 32, generator=g).bfloat16()
+    x = torch.randn(1, 64, generator=g).bfloat16()
+    angle = torch.randn(1, 16, generator=g)
+    cos, sin = angle.cos().bfloat16(), angle.sin().bfloat16()
+    with torch.inference_mode():
+        want_cache = cache.clone()
+        want = attn(x, cos, sin, ctx, want_cache)  # the torch layer (oneDNN projections)
+        assert use_cpu_decode_kernels(attn) and type(attn.decode) is cpu_decode.GQAttention
+        got = attn(x, cos, sin, ctx, cache)
+    assert bf16_close(cache, want_cache, ulps=2)
+    assert bf16_close(got, want, ulps=6)
 
 
 @pytest.mark.parametrize("builtin", ["tiny-deepseek-v3", "tiny-mixtral"])
