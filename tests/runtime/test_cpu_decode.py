@@ -23,7 +23,7 @@ from model_runtime.kernels import cpu_decode
 from model_runtime.kernels.cpu_decode import use_cpu_decode_kernels
 from model_runtime.models.config import ModelConfig
 from model_runtime.models.model import Attention, Experts, MLAttention, MoE, PagedContext
-from model_runtime.models.paged import PagedBatch
+from model_runtime.models.paged import build_paged_batch
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler or no AVX2 here")
 
@@ -57,6 +57,14 @@ def test_rmsnorm_matches_torch():
     assert close(cpu_decode.rmsnorm(x, w, 1e-6), w * F.rms_norm(x, (300,), eps=1e-6))
 
 
+DECODE_BLOCK = 4
+
+
+def one_decode_context(window: int | None) -> PagedContext:
+    """One sequence whose 11th token is decoded; its blocks (of DECODE_BLOCK tokens) scattered."""
+    return PagedContext.build(build_paged_batch([([5, 2, 7], 10, 1)], DECODE_BLOCK), window)
+
+
 def random_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -84,19 +92,7 @@ def test_mla_attention_kernel_matches_the_torch_layer(interleaved, q_lora_rank):
         rope_interleave=interleaved,
     )
     attn = random_(MLAttention(cfg), 4)
-    bs, L = 4, 11  # one sequence whose 11th token is decoded; its blocks are scattered
-    table = [5, 2, 7]
-    slot = table[(L - 1) // bs] * bs + (L - 1) % bs
-    batch = PagedBatch(
-        positions=torch.tensor([L - 1]),
-        slot_mapping=torch.tensor([slot]),
-        block_tables=torch.tensor([table]),
-        context_lens=torch.tensor([L]),
-        query_start=torch.tensor([0, 1]),
-        logits_indices=torch.tensor([0]),
-        block_size=bs,
-    )
-    ctx = PagedContext.build(batch, None)
+    bs, ctx = DECODE_BLOCK, one_decode_context(None)
     g = torch.Generator().manual_seed(5)
     cache = torch.randn(8 * bs, cfg.kv_lora_rank + cfg.qk_rope_head_dim, generator=g)
     x = torch.randn(1, 32, generator=g)
@@ -282,19 +278,7 @@ def test_bf16_mla_attention_kernel_matches_the_torch_layer(q_lora_rank, simd):
         rope_interleave=True,
     )
     attn = random_(MLAttention(cfg), 4).bfloat16()
-    bs, L = 4, 11
-    table = [5, 2, 7]
-    slot = table[(L - 1) // bs] * bs + (L - 1) % bs
-    batch = PagedBatch(
-        positions=torch.tensor([L - 1]),
-        slot_mapping=torch.tensor([slot]),
-        block_tables=torch.tensor([table]),
-        context_lens=torch.tensor([L]),
-        query_start=torch.tensor([0, 1]),
-        logits_indices=torch.tensor([0]),
-        block_size=bs,
-    )
-    ctx = PagedContext.build(batch, None)
+    bs, ctx = DECODE_BLOCK, one_decode_context(None)
     g = torch.Generator().manual_seed(5)
     cache = torch.randn(8 * bs, cfg.kv_lora_rank + cfg.qk_rope_head_dim, generator=g).bfloat16()
     x = torch.randn(1, 64, generator=g).bfloat16()
@@ -345,19 +329,7 @@ def test_bf16_gqa_attention_layer_matches_the_torch_layer(window, interleaved):
         rope_interleave=interleaved,
     )  # fmt: skip
     attn = random_(Attention(cfg), 4).bfloat16()
-    bs, L = 4, 11
-    table = [5, 2, 7]
-    slot = table[(L - 1) // bs] * bs + (L - 1) % bs
-    batch = PagedBatch(
-        positions=torch.tensor([L - 1]),
-        slot_mapping=torch.tensor([slot]),
-        block_tables=torch.tensor([table]),
-        context_lens=torch.tensor([L]),
-        query_start=torch.tensor([0, 1]),
-        logits_indices=torch.tensor([0]),
-        block_size=bs,
-    )
-    ctx = PagedContext.build(batch, window)
+    bs, ctx = DECODE_BLOCK, one_decode_context(window)
     g = torch.Generator().manual_seed(6)
     cache = torch.randn(2, 8 * bs, 2, 32, generator=g).bfloat16()
     x = torch.randn(1, 64, generator=g).bfloat16()
