@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.runtime_paged_attention import step_ms
-from benchmarks.runtime_vs_vllm import CHECKPOINTS, REPO, ensure_checkpoint
+from benchmarks.runtime_vs_vllm import CHECKPOINTS, DEFAULT_CHECKPOINTS, REPO, ensure_checkpoint
 from model_runtime.kernels import cpu_decode
 from model_runtime.models.loading import load_model
 from model_runtime.models.model import MoE
@@ -65,7 +65,7 @@ def layer(model, tokens: int, calls: int = 30) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", nargs="+", default=list(CHECKPOINTS), choices=list(CHECKPOINTS))
+    parser.add_argument("--checkpoints", nargs="+", default=DEFAULT_CHECKPOINTS, choices=list(CHECKPOINTS))
     parser.add_argument("--tokens", type=int, nargs="+", default=[2, 8, 32, 64, 128])
     parser.add_argument(
         "--batch", type=int, default=32, help="sequences of the engine decode steps (0: none)"

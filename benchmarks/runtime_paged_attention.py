@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.runtime_vs_vllm import CHECKPOINTS, REPO, ensure_checkpoint
+from benchmarks.runtime_vs_vllm import CHECKPOINTS, DEFAULT_CHECKPOINTS, REPO, ensure_checkpoint
 from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.core import LLMEngine
 from model_runtime.engine.requests import SamplingParams
@@ -98,7 +98,7 @@ def line(what: str, ms: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", nargs="+", default=list(CHECKPOINTS), choices=list(CHECKPOINTS))
+    parser.add_argument("--checkpoints", nargs="+", default=DEFAULT_CHECKPOINTS, choices=list(CHECKPOINTS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--rounds", type=int, default=2)

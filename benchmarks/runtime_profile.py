@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.runtime_vs_vllm import CHECKPOINTS, REPO, ensure_checkpoint
+from benchmarks.runtime_vs_vllm import CHECKPOINTS, DEFAULT_CHECKPOINTS, REPO, ensure_checkpoint
 from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.core import LLMEngine
 from model_runtime.engine.requests import SamplingParams
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.runtime_profile", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--checkpoints", nargs="+", default=list(CHECKPOINTS), choices=list(CHECKPOINTS))
+    parser.add_argument("--checkpoints", nargs="+", default=DEFAULT_CHECKPOINTS, choices=list(CHECKPOINTS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=20)

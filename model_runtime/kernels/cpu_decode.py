@@ -356,14 +356,17 @@ class Route:
 
 
 class GQAttention:
-    """models.model.Attention (grouped-query, no biases, no q/k norm) for one new bfloat16 token x
-    [1, D] over the paged cache, as C calls only: the q, k, v projections (gemv), the rope and
-    cache writes (paged_attention.gqa_prepare's call), attention over the cache read in place
-    (paged_attention.decode's) and o_proj. The same kernels as the torch path takes for one row,
-    without its ~100 us of module calls and argument checks a layer."""
+    """models.model.Attention (grouped-query, optional qkv / o biases and q/k norms) for one new
+    bfloat16 token x [1, D] over the paged cache, as C calls only but for the bias adds: the q, k,
+    v projections (gemv), the q/k RMSNorms per head (Qwen3), the rope and cache writes
+    (paged_attention.gqa_prepare's call), attention over the cache read in place
+    (paged_attention.decode's) and o_proj. The same kernels, in the same order, as the torch path
+    takes for one row (a bias added to the rounded gemv, as `linear` does), without its ~100 us of
+    module calls and argument checks a layer. `qkv_bias`: (q's, k's, v's biases); `qk_norm`:
+    (q_norm, k_norm) RMSNorm modules."""
 
     def __init__(self, q_proj, k_proj, v_proj, o_proj, heads: int, kv_heads: int, interleaved: bool, scale: float,
-                 window: int | None, paged_lib):  # fmt: skip
+                 window: int | None, paged_lib, qkv_bias=None, o_bias=None, qk_norm=None):  # fmt: skip
         self.weights = (q_proj, k_proj, v_proj, o_proj)
         self.dtype = q_proj.dtype
         self.ptrs = tuple(w.data_ptr() for w in self.weights)
@@ -372,6 +375,7 @@ class GQAttention:
         self.D = o_proj.shape[0]
         self.interleaved, self.scale, self.window = int(interleaved), scale, window or 0
         self.paged = paged_lib
+        self.qkv_bias, self.o_bias, self.qk_norm = qkv_bias, o_bias, qk_norm
 
     def applies(self, x: torch.Tensor, cos: torch.Tensor, ctx, cache: torch.Tensor | None) -> bool:
         return (
@@ -395,6 +399,12 @@ class GQAttention:
         q, k, v = qkv.data_ptr(), qkv.data_ptr() + 2 * H * Dh, qkv.data_ptr() + 2 * (H + K) * Dh
         for w, out, rows in ((wq, q, H * Dh), (wk, k, K * Dh), (wv, v, K * Dh)):
             _lib.moe_gemv(w, x.data_ptr(), out, scratch.data_ptr(), rows, D, 1)
+        if self.qkv_bias is not None:
+            for part, bias in zip(qkv.split((H * Dh, K * Dh, K * Dh)), self.qkv_bias, strict=True):
+                part.add_(bias)
+        if self.qk_norm is not None:  # each head's row normed in place (the kernel reads a row, then writes it)
+            for ptr, rows, norm in ((q, H, self.qk_norm[0]), (k, K, self.qk_norm[1])):
+                _lib.moe_rmsnorm_rows(ptr, Dh, norm.weight.data_ptr(), ptr, scratch.data_ptr(), norm.eps, rows, Dh, 1)
         tables, lens = ctx.block_tables.contiguous(), ctx.context_lens.contiguous()
         slots = ctx.slot_mapping.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
@@ -409,7 +419,7 @@ class GQAttention:
             1, K, H // K, Dh, Dh, ctx.block_size, self.window, self.scale,
         )  # fmt: skip
         _lib.moe_gemv(wo, att.data_ptr(), y.data_ptr(), scratch.data_ptr(), D, H * Dh, 1)
-        return y
+        return y if self.o_bias is None else y.add_(self.o_bias)
 
 
 class MLAttention:
@@ -639,18 +649,24 @@ def _layer_kernel(m: nn.Module):
         paged_lib = paged_kernel._load()
         linears = (m.q_proj, m.k_proj, m.v_proj, m.o_proj)
         weights = [p.weight for p in linears]
+        qkv_biases = [p.bias for p in linears[:3] if p.bias is not None]
+        norms = [m.q_norm, m.k_norm] if cfg.qk_norm else []
         if (
             paged_lib is None
-            or cfg.qk_norm
-            or not _no_bias(*linears)
+            or any(type(p) is not nn.Linear for p in linears)
+            or len(qkv_biases) not in (0, 3)
+            or any(type(n) is not layers.RMSNorm for n in norms)
             or weights[0].dtype != torch.bfloat16
-            or not _rows(*weights)
+            or not _rows(*weights, *qkv_biases, m.o_proj.bias, *(n.weight for n in norms))
             or cfg.head_dim % 2
         ):
             return None
         return GQAttention(
-            *weights, m.num_heads, m.num_kv_heads, cfg.rope_interleave, m.scale, cfg.sliding_window, paged_lib
-        )
+            *weights, m.num_heads, m.num_kv_heads, cfg.rope_interleave, m.scale, cfg.sliding_window, paged_lib,
+            qkv_bias=tuple(qkv_biases) or None,
+            o_bias=m.o_proj.bias,
+            qk_norm=tuple(norms) or None,
+        )  # fmt: skip
     if type(m) is layers.MLP:
         return _swiglu(m)
     if type(m) is layers.Router:  # its one-token case is inside the MoE kernel; this one takes a few tokens

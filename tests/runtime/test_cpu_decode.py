@@ -316,17 +316,27 @@ def test_bf16_moe_kernel_matches_the_torch_layer(name, layout, simd):
     assert torch.equal(moe.tokens_per_expert, torch_counts // 2)
 
 
-@pytest.mark.parametrize(("window", "interleaved"), [(None, False), (5, True)])
-def test_bf16_gqa_attention_layer_matches_the_torch_layer(window, interleaved):
-    """Grouped-query attention for one bfloat16 token as C calls only (projections, rope and cache
-    writes, attention read in place, o_proj): the torch layer's output and cache."""
+@pytest.mark.parametrize(
+    ("window", "interleaved", "extras"),
+    [
+        (None, False, {}),  # Mixtral
+        (5, True, {}),
+        (None, False, {"qkv_bias": True}),  # Qwen2-MoE
+        (None, False, {"qk_norm": True, "qkv_bias": True, "o_bias": True}),  # Qwen3-MoE with attention_bias
+        (None, True, {"qk_norm": True}),  # Qwen3-MoE
+    ],
+)
+def test_bf16_gqa_attention_layer_matches_the_torch_layer(window, interleaved, extras):
+    """Grouped-query attention for one bfloat16 token as C calls only (projections, biases, q/k
+    norms, rope and cache writes, attention read in place, o_proj): the torch layer's output and
+    cache."""
     from model_runtime.kernels import paged_attention as paged_kernel
 
     if not paged_kernel.available():
         pytest.skip("no in-place attention kernel on this CPU")
     cfg = ModelConfig(
         hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=window,
-        rope_interleave=interleaved,
+        rope_interleave=interleaved, **extras,
     )  # fmt: skip
     attn = random_(Attention(cfg), 4).bfloat16()
     bs, ctx = DECODE_BLOCK, one_decode_context(window)
@@ -340,6 +350,7 @@ def test_bf16_gqa_attention_layer_matches_the_torch_layer(window, interleaved):
         want = attn(x, cos, sin, ctx, want_cache)  # the torch layer (oneDNN projections)
         assert use_cpu_decode_kernels(attn) and type(attn.decode) is cpu_decode.GQAttention
         got = attn(x, cos, sin, ctx, cache)
+    assert (attn.decode.qkv_bias is not None) == cfg.qkv_bias and (attn.decode.qk_norm is not None) == cfg.qk_norm
     assert bf16_close(cache, want_cache, ulps=2)
     assert bf16_close(got, want, ulps=6)
 
