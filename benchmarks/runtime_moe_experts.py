@@ -65,20 +65,23 @@ def layer(model, tokens: int, calls: int = 30) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", nargs="+", default=DEFAULT_CHECKPOINTS, choices=list(CHECKPOINTS))
+    parser.add_argument("--checkpoints", nargs="*", default=DEFAULT_CHECKPOINTS, choices=list(CHECKPOINTS))
     parser.add_argument("--tokens", type=int, nargs="+", default=[2, 8, 32, 64, 128])
     parser.add_argument(
         "--batch", type=int, default=32, help="sequences of the engine decode steps (0: none)"
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".bench")
+    parser.add_argument("--model", type=Path, action="append", default=[], help="a checkpoint directory too")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if not cpu_decode.available():
         print("the C kernels are not available here (needs a C compiler and AVX2)")
         return 1
-    for name in args.checkpoints:
-        model = load_model(str(ensure_checkpoint(name, args.cache_dir)), dtype=torch.bfloat16)
+    paths = {name: ensure_checkpoint(name, args.cache_dir) for name in args.checkpoints}
+    paths.update({m.resolve().name: m for m in args.model})
+    for name, path in paths.items():
+        model = load_model(str(path), dtype=torch.bfloat16)
         cpu_decode.use_cpu_decode_kernels(model)
         print(f"{name} (bfloat16, 1 thread, CPU time, best of {args.rounds}):", flush=True)
         for tokens in args.tokens:

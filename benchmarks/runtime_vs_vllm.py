@@ -4,9 +4,10 @@ when the vLLM peer is installed: `python -m benchmarks.vllm_peer install`).
 Two checkpoints written by transformers (random weights, cached under .bench/): a Mixtral-style one
 (GQA, softmax top-2 of 8 experts) and a DeepSeek-V3-style one (MLA, sigmoid group-limited top-4 of
 16 routed experts plus a shared one, the first layer dense), each with a word-level tokenizer.json
-so that every generated token is one visible piece of text on both servers. Two more, Qwen2-MoE-
-and Qwen3-MoE-style, run when named (`--checkpoints qwen2-moe qwen3-moe`), and `--model DIR` (any
-number of times) compares on a checkpoint directory of one's own: config.json, weights and a
+so that every generated token is one visible piece of text on both servers. More run when named:
+Qwen2-MoE- and Qwen3-MoE-style ones (`--checkpoints qwen2-moe qwen3-moe`) and larger Mixtral- and
+DeepSeek-V3-style ones (`mixtral-big`: 292M parameters, `deepseek-v3-big`: 466M); and `--model DIR`
+(any number of times) compares on a checkpoint directory of one's own: config.json, weights and a
 tokenizer that both servers load (prompts are token ids below its vocab_size).
 
 Both servers run on 127.0.0.1 at once, on the same checkpoint: `moe-runtime serve` (our defaults,
@@ -126,6 +127,29 @@ CHECKPOINTS = {
         ),
     ),
 }
+# larger ones (not in the default run): D 1024, 8 layers, 16 heads, vocabulary 32000, where the
+# experts' weights, not the per-step costs, set a step's time
+BIG = dict(COMMON, vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16)
+CHECKPOINTS["mixtral-big"] = (  # 292M parameters
+    "MixtralConfig",
+    "MixtralForCausalLM",
+    dict(BIG, num_key_value_heads=8, intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2),
+)
+CHECKPOINTS["deepseek-v3-big"] = (  # 466M parameters
+    "DeepseekV3Config",
+    "DeepseekV3ForCausalLM",
+    dict(
+        CHECKPOINTS["deepseek-v3"][2],
+        **BIG,
+        num_key_value_heads=16,
+        intermediate_size=2048,
+        moe_intermediate_size=512,
+        n_routed_experts=32,
+        q_lora_rank=384,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+    ),
+)
 DEFAULT_CHECKPOINTS = ["mixtral", "deepseek-v3"]
 
 

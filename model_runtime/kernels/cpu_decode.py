@@ -299,7 +299,7 @@ def routed_experts(
     weights = weights.to(torch.float32).contiguous()
     y = torch.empty(N, D, dtype=torch.bfloat16)
     counts = torch.empty(E, dtype=torch.int64)
-    scratch = torch.empty(N * D + N * A + E + 1 + BLOCK_ROWS * (D + 2 * I))
+    scratch = torch.empty(N * D + N * A + E + 1 + N * (D + 2 * I))
     _lib.moe_experts_bf16(
         x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate_up.data_ptr(), down.data_ptr(), y.data_ptr(),
         counts.data_ptr(), scratch.data_ptr(), N, A, D, E, I,
@@ -307,7 +307,6 @@ def routed_experts(
     return y, counts
 
 
-BLOCK_ROWS = 6  # csrc/cpu_decode.c's BLOCK_ROWS (tokens per pass over an expert's weights)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

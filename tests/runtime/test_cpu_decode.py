@@ -392,30 +392,42 @@ def test_a_bf16_model_decodes_with_the_kernels_as_closely_as_torch(builtin, monk
     assert (got.argmax(-1) == want.argmax(-1)).sum() >= 9
 
 
-def routed_experts_case(name: str, tokens: int, seed: int = 7):
+def routed_experts_case(name: str, tokens: int, seed: int = 7, hidden: int = 64, intermediate: int = 48):
     """A bfloat16 MoE layer as the engine keeps it (column-major experts, the kernels applied) and
     `tokens` rows with their routing."""
     cfg = ModelConfig(
-        hidden_size=64, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, **ROUTERS[name]
-    )
+        hidden_size=hidden, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=intermediate,
+        **ROUTERS[name],
+    )  # fmt: skip
     moe = random_(MoE(cfg), 6).bfloat16()
     cpu_decode.grouped_experts_layout(moe)
     assert use_cpu_decode_kernels(moe)
-    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).bfloat16()
     with torch.inference_mode():
         weights, ids = moe.gate(x)
     return moe.experts, x, weights, ids
 
 
-@pytest.mark.parametrize("tokens", [2, 7, 32, cpu_decode.EXPERTS_MAX_TOKENS])
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "intermediate"),
+    [
+        (2, 64, 48),
+        (7, 64, 48),
+        (32, 64, 48),
+        (cpu_decode.EXPERTS_MAX_TOKENS, 64, 48),
+        # weights taller than the kernel's 128-row chunks (sums carried across them) and wider
+        # than its 64-column tiles with a 16-column tail; an expert with over 6 tokens (blocks)
+        (40, 320, 144),
+    ],
+)
 @pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
-def test_bf16_routed_experts_kernel_matches_the_grouped_gemm(name, tokens, monkeypatch):
+def test_bf16_routed_experts_kernel_matches_the_grouped_gemm(name, tokens, hidden, intermediate, monkeypatch):
     """At decode sizes the routed experts of a bfloat16 layer are one C call (moe_experts_bf16),
     with torch's grouped GEMM's output (within bfloat16 roundings: the kernel keeps the hidden
     activations and the sum over experts in float32) and its tokens per expert."""
     if not (cpu_decode.available() and cpu_decode._avx512):
         pytest.skip("this CPU has no AVX-512F")
-    experts, x, weights, ids = routed_experts_case(name, tokens)
+    experts, x, weights, ids = routed_experts_case(name, tokens, hidden=hidden, intermediate=intermediate)
     calls = {"n": 0}
     real = cpu_decode.routed_experts
 
@@ -428,7 +440,7 @@ def test_bf16_routed_experts_kernel_matches_the_grouped_gemm(name, tokens, monke
         got, got_counts = experts(x, weights, ids)
         assert calls["n"] == 1
         want, want_counts = Experts.forward(experts, x, weights, ids)  # the torch code
-        want32 = torch.zeros(tokens, 64)
+        want32 = torch.zeros(tokens, hidden)
         for n in range(tokens):
             for a in range(ids.shape[1]):
                 e = int(ids[n, a])

@@ -629,7 +629,7 @@ void moe_fp8_dequant(const unsigned char *w, const float *scale, void *out, long
  *   x [N, D] bfloat16; ids [N, A] int64 (expert of each choice), weights [N, A] float32;
  *   y [N, D] bfloat16 = sum over a of weights[n, a] * expert ids[n, a] on x[n];
  *   counts [E] int64: tokens routed to each expert (set, not added);
- *   scratch: N D + N A + E + BLOCK_ROWS (D + 2I) floats.
+ *   scratch: N D + N A + E + 1 + N (D + 2I) floats.
  * torch's grouped GEMM runs each expert as its own oneDNN matmul of a few rows, whose fixed cost
  * (~30-60 us) dwarfs the work at decode sizes. Here each expert's tokens are taken BLOCK_ROWS at a
  * time; for a block every weight row is read once and multiplied into all the block's tokens, the
@@ -642,7 +642,8 @@ void moe_fp8_dequant(const unsigned char *w, const float *scale, void *out, long
 AVX512 __attribute__((always_inline)) static inline void tile_rows(
     const float *X, long ldx, long K, const bf16 *W, long ldw, float *const *out, long col,
     const float *alpha, int accumulate, const int rows, const int vecs) {
-    /* out[m][col : col + 16 vecs] (+)= alpha[m] * sum_k X[m, k] * W[k, 0 : 16 vecs] for m < rows */
+    /* for m < rows, S = sum_k X[m, k] * W[k, 0 : 16 vecs]: out[m][col : col + 16 vecs] = S
+     * (accumulate 0), += alpha[m] * S (1) or += S (2) */
     __m512 acc[BLOCK_ROWS][4];
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < vecs; j++)
@@ -669,32 +670,55 @@ AVX512 __attribute__((always_inline)) static inline void tile_rows(
         for (int j = 0; j < vecs; j++) {
             float *o = out[m] + col + 16 * j;
             __m512 v = acc[m][j];
-            if (accumulate)
+            if (accumulate == 1)
                 v = _mm512_fmadd_ps(_mm512_set1_ps(alpha[m]), v, _mm512_loadu_ps(o));
+            else if (accumulate == 2)
+                v = _mm512_add_ps(v, _mm512_loadu_ps(o));
             _mm512_storeu_ps(o, v);
         }
 }
 
 #define TILE_CASE(R)                                                                                  \
     case R:                                                                                           \
-        for (; j + 64 <= J; j += 64)                                                                  \
-            tile_rows(X, ldx, K, W + j, J, out, j, alpha, accumulate, R, 4);                          \
-        for (; j < J; j += 16)                                                                        \
-            tile_rows(X, ldx, K, W + j, J, out, j, alpha, accumulate, R, 1);                          \
+        if (vecs == 4)                                                                                \
+            tile_rows(Xb, ldx, kn, Wk + j, J, ob, j, ab, mode, R, 4);                                 \
+        else                                                                                          \
+            tile_rows(Xb, ldx, kn, Wk + j, J, ob, j, ab, mode, R, 1);                                 \
         break;
 
+/* Rows of W per pass of gemm_rows: a 64-column tile of that many rows (K_CHUNK x 128 bytes, lines
+ * 2I or D elements apart) stays in L2 while every block of rows takes it. */
+#define K_CHUNK 128
+
 AVX512 static void gemm_rows(const float *X, long ldx, long K, const bf16 *W, long J, float *const *out,
-                             const float *alpha, int accumulate, int rows) {
-    /* out[m][0 : J] (+)= alpha[m] * X[m, :K] @ W[K, J] (W row-major, J a multiple of 16) for m < rows
-     * <= BLOCK_ROWS; the row count is a constant in each case, so the sums stay in registers */
-    long j = 0;
-    switch (rows) {
-        TILE_CASE(1)
-        TILE_CASE(2)
-        TILE_CASE(3)
-        TILE_CASE(4)
-        TILE_CASE(5)
-        TILE_CASE(6)
+                             const float *alpha, int accumulate, long rows) {
+    /* out[m][0 : J] (+)= alpha[m] * X[m, :K] @ W[K, J] (W row-major, J a multiple of 16) for m < rows.
+     * By tiles of 64 columns and K_CHUNK rows of W, each tile taken by every block of BLOCK_ROWS
+     * rows before the next, so that W is read from memory once however many rows (a pass over
+     * the whole matrix per block read a large expert's weights again for every 6 tokens: the
+     * tile's lines are a whole weight row apart, and a tile of all K rows did not stay in L2).
+     * In a block the row count is a constant in each case, so the sums stay in registers; the
+     * chunks' sums are added in out. */
+    for (long j = 0; j < J;) {
+        const int vecs = j + 64 <= J ? 4 : 1;
+        for (long k0 = 0; k0 < K; k0 += K_CHUNK) {
+            const long kn = K - k0 < K_CHUNK ? K - k0 : K_CHUNK;
+            const bf16 *Wk = W + k0 * J;
+            const int mode = accumulate ? 1 : (k0 ? 2 : 0);
+            for (long b = 0; b < rows; b += BLOCK_ROWS) {
+                const float *Xb = X + b * ldx + k0, *ab = alpha + b;
+                float *const *ob = out + b;
+                switch (rows - b < BLOCK_ROWS ? rows - b : BLOCK_ROWS) {
+                    TILE_CASE(1)
+                    TILE_CASE(2)
+                    TILE_CASE(3)
+                    TILE_CASE(4)
+                    TILE_CASE(5)
+                    TILE_CASE(6)
+                }
+            }
+        }
+        j += 16 * vecs;
     }
 }
 
@@ -706,8 +730,8 @@ int moe_experts_supported(void) {
 AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weights, const bf16 *gate_up,
                              const bf16 *down, bf16 *y, long *counts, float *scratch, long N, long A, long D,
                              long E, long I) {
-    float *y32 = scratch, *h = y32 + N * D, *x32 = h + BLOCK_ROWS * 2 * I;
-    int *order = (int *)(x32 + BLOCK_ROWS * D), *start = order + N * A; /* start: E + 1 */
+    float *y32 = scratch, *h = y32 + N * D, *x32 = h + N * 2 * I;
+    int *order = (int *)(x32 + N * D), *start = order + N * A; /* start: E + 1 */
     for (long e = 0; e <= E; e++)
         start[e] = 0;
     for (long i = 0; i < N * A; i++)
@@ -723,31 +747,31 @@ AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weight
     start[0] = 0;
     for (long i = 0; i < N * D; i++)
         y32[i] = 0.0f;
+    float *hrow[N], *yrow[N], alpha[N]; /* an expert has at most one choice per token */
     for (long e = 0; e < E; e++) {
         const bf16 *gu = gate_up + e * D * 2 * I, *dn = down + e * I * D;
-        for (long b = start[e]; b < start[e + 1]; b += BLOCK_ROWS) {
-            int rows = (int)(start[e + 1] - b < BLOCK_ROWS ? start[e + 1] - b : BLOCK_ROWS);
-            float *hrow[BLOCK_ROWS], *yrow[BLOCK_ROWS], alpha[BLOCK_ROWS];
-            for (int m = 0; m < rows; m++) {
-                long choice = order[b + m], n = choice / A;
-                const bf16 *xr = x + n * D;
-                for (long d = 0; d < D; d += 16)
-                    _mm512_storeu_ps(x32 + m * D + d, widen16(xr + d));
-                hrow[m] = h + m * 2 * I;
-                yrow[m] = y32 + n * D;
-                alpha[m] = weights[choice];
-            }
-            gemm_rows(x32, D, D, gu, 2 * I, hrow, alpha, 0, rows); /* [rows, 2I] gate | up */
-            for (int m = 0; m < rows; m++) {
-                float *hm = hrow[m];
-                for (long i = 0; i < I; i += 16) { /* silu(gate) * up */
-                    __m512 g = _mm512_loadu_ps(hm + i);
-                    __m512 s = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
-                    _mm512_storeu_ps(hm + i, _mm512_mul_ps(_mm512_div_ps(g, s), _mm512_loadu_ps(hm + I + i)));
-                }
-            }
-            gemm_rows(h, 2 * I, I, dn, D, yrow, alpha, 1, rows); /* y[n] += weight * [rows, D] */
+        long rows = start[e + 1] - start[e];
+        if (!rows)
+            continue;
+        for (long m = 0; m < rows; m++) {
+            long choice = order[start[e] + m], n = choice / A;
+            const bf16 *xr = x + n * D;
+            for (long d = 0; d < D; d += 16)
+                _mm512_storeu_ps(x32 + m * D + d, widen16(xr + d));
+            hrow[m] = h + m * 2 * I;
+            yrow[m] = y32 + n * D;
+            alpha[m] = weights[choice];
         }
+        gemm_rows(x32, D, D, gu, 2 * I, hrow, alpha, 0, rows); /* [rows, 2I] gate | up */
+        for (long m = 0; m < rows; m++) {
+            float *hm = hrow[m];
+            for (long i = 0; i < I; i += 16) { /* silu(gate) * up */
+                __m512 g = _mm512_loadu_ps(hm + i);
+                __m512 s = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+                _mm512_storeu_ps(hm + i, _mm512_mul_ps(_mm512_div_ps(g, s), _mm512_loadu_ps(hm + I + i)));
+            }
+        }
+        gemm_rows(h, 2 * I, I, dn, D, yrow, alpha, 1, rows); /* y[n] += weight * [rows, D] */
     }
     for (long i = 0; i < N * D; i++)
         y[i] = f2bf(y32[i]);
