@@ -521,8 +521,9 @@ def table(results: dict[str, dict[str, dict[str, RunResult]]], header: str) -> s
         return f"{a / b:.2f}x" if b else "n/a"
 
     cols = ["tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "ITL p50", "ITL p99"]
+    w = max([12, *map(len, results)])  # the checkpoint column
     head = (
-        f"{'checkpoint':<12} {'workload':<14} {'server':<12}"
+        f"{'checkpoint':<{w}} {'workload':<14} {'server':<12}"
         + "".join(f"{c:>10}" for c in cols)
         + f"{'failed':>8}"
     )
@@ -542,13 +543,13 @@ def table(results: dict[str, dict[str, dict[str, RunResult]]], header: str) -> s
                 ]
                 cells = [f"{rows[sname][0]:.1f}"] + [ms(v) for v in rows[sname][1:]]
                 lines.append(
-                    f"{name:<12} {wname:<14} {sname:<12}"
+                    f"{name:<{w}} {wname:<14} {sname:<12}"
                     + "".join(f"{c:>10}" for c in cells)
                     + f"{r.failures:>8}"
                 )
             o, v = rows["ours"], rows["vLLM"]
             cells = [ratio(o[0], v[0])] + [ratio(a, b) for a, b in zip(o[1:], v[1:], strict=True)]
-            lines.append(f"{name:<12} {wname:<14} {'ours / vLLM':<12}" + "".join(f"{c:>10}" for c in cells))
+            lines.append(f"{name:<{w}} {wname:<14} {'ours / vLLM':<12}" + "".join(f"{c:>10}" for c in cells))
     lines.append(
         "ours / vLLM: tok/s above 1.00x is faster than vLLM; latencies (ms) below 1.00x are lower. TPOT: a "
         "request's time per output token after the first; ITL: every gap between streamed pieces of text "
@@ -587,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--model {model}: no config.json there")
     if args.checkpoints is None:
         args.checkpoints = [] if args.model else DEFAULT_CHECKPOINTS
+    if not args.checkpoints and not args.model:
+        parser.error("nothing to compare: name --checkpoints or give --model DIR")
     if not vllm_peer.installed():
         print(f"runtime_vs_vllm: skipped. {vllm_peer.install_hint()}")
         return 0
