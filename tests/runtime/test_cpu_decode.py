@@ -453,6 +453,22 @@ def test_bf16_routed_experts_kernel_matches_the_grouped_gemm(name, tokens, hidde
     assert (got.float() - want32).abs().max() <= (want.float() - want32).abs().max()
 
 
+def test_the_routed_experts_kernel_sums_an_expert_named_twice_for_a_token():
+    """ids that name one expert twice for a token (not what top-k routing gives, but what the
+    layer's torch code sums): the kernel takes such an expert's choices in more than one pass of
+    its scratch and sums both, as torch's grouped GEMM does."""
+    if not (cpu_decode.available() and cpu_decode._avx512):
+        pytest.skip("this CPU has no AVX-512F")
+    experts, x, weights, _ = routed_experts_case("mixtral", 5)
+    ids = torch.tensor([[2, 2, 5]] * 5)  # expert 2: 10 choices for 5 tokens
+    with torch.inference_mode():
+        assert cpu_decode.experts_kernel(experts, x)
+        got, got_counts = cpu_decode.routed_experts(x, weights, ids, experts.gate_up_proj, experts.down_proj)
+        want, want_counts = Experts.forward(experts, x, weights, ids)
+    assert torch.equal(got_counts, want_counts) and int(got_counts[2]) == 10
+    assert bf16_close(got, want, ulps=6)
+
+
 def test_the_routed_experts_kernel_takes_only_decode_sizes_of_the_engine_layout(monkeypatch):
     """One token (the batch-1 kernels' case), more than EXPERTS_MAX_TOKENS (a prefill: torch's
     grouped GEMM), row-major experts, float32 or autograd: torch's code runs."""

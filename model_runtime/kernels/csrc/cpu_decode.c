@@ -632,8 +632,8 @@ void moe_fp8_dequant(const unsigned char *w, const float *scale, void *out, long
  *   scratch: N D + N A + E + 1 + N (D + 2I) floats.
  * torch's grouped GEMM runs each expert as its own oneDNN matmul of a few rows, whose fixed cost
  * (~30-60 us) dwarfs the work at decode sizes. Here each expert's tokens are taken BLOCK_ROWS at a
- * time; for a block every weight row is read once and multiplied into all the block's tokens, the
- * sums held in registers (rows x 64 columns per tile); the hidden activations stay float32 and
+ * time on each tile of its weights (gemm_rows: every block takes a tile before the next, so the
+ * weights are read from memory once), the sums held in registers (rows x 64 columns per tile); the hidden activations stay float32 and
  * each token's output is summed over its experts in float32, rounded once. AVX-512F only;
  * D and I multiples of 16 (the caller checks). */
 #define BLOCK_ROWS 6
@@ -747,31 +747,34 @@ AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weight
     start[0] = 0;
     for (long i = 0; i < N * D; i++)
         y32[i] = 0.0f;
-    float *hrow[N], *yrow[N], alpha[N]; /* an expert has at most one choice per token */
+    float *hrow[N], *yrow[N], alpha[N];
     for (long e = 0; e < E; e++) {
         const bf16 *gu = gate_up + e * D * 2 * I, *dn = down + e * I * D;
-        long rows = start[e + 1] - start[e];
-        if (!rows)
-            continue;
-        for (long m = 0; m < rows; m++) {
-            long choice = order[start[e] + m], n = choice / A;
-            const bf16 *xr = x + n * D;
-            for (long d = 0; d < D; d += 16)
-                _mm512_storeu_ps(x32 + m * D + d, widen16(xr + d));
-            hrow[m] = h + m * 2 * I;
-            yrow[m] = y32 + n * D;
-            alpha[m] = weights[choice];
-        }
-        gemm_rows(x32, D, D, gu, 2 * I, hrow, alpha, 0, rows); /* [rows, 2I] gate | up */
-        for (long m = 0; m < rows; m++) {
-            float *hm = hrow[m];
-            for (long i = 0; i < I; i += 16) { /* silu(gate) * up */
-                __m512 g = _mm512_loadu_ps(hm + i);
-                __m512 s = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
-                _mm512_storeu_ps(hm + i, _mm512_mul_ps(_mm512_div_ps(g, s), _mm512_loadu_ps(hm + I + i)));
+        /* at most N of the expert's choices a pass (what the scratch holds): top-k routing gives an
+         * expert at most one choice per token, so one pass; ids naming an expert twice for a token
+         * take more */
+        for (long r0 = start[e]; r0 < start[e + 1]; r0 += N) {
+            long rows = start[e + 1] - r0 < N ? start[e + 1] - r0 : N;
+            for (long m = 0; m < rows; m++) {
+                long choice = order[r0 + m], n = choice / A;
+                const bf16 *xr = x + n * D;
+                for (long d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(x32 + m * D + d, widen16(xr + d));
+                hrow[m] = h + m * 2 * I;
+                yrow[m] = y32 + n * D;
+                alpha[m] = weights[choice];
             }
+            gemm_rows(x32, D, D, gu, 2 * I, hrow, alpha, 0, rows); /* [rows, 2I] gate | up */
+            for (long m = 0; m < rows; m++) {
+                float *hm = hrow[m];
+                for (long i = 0; i < I; i += 16) { /* silu(gate) * up */
+                    __m512 g = _mm512_loadu_ps(hm + i);
+                    __m512 s = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+                    _mm512_storeu_ps(hm + i, _mm512_mul_ps(_mm512_div_ps(g, s), _mm512_loadu_ps(hm + I + i)));
+                }
+            }
+            gemm_rows(h, 2 * I, I, dn, D, yrow, alpha, 1, rows); /* y[n] += weight * [rows, D] */
         }
-        gemm_rows(h, 2 * I, I, dn, D, yrow, alpha, 1, rows); /* y[n] += weight * [rows, D] */
     }
     for (long i = 0; i < N * D; i++)
         y[i] = f2bf(y32[i]);
