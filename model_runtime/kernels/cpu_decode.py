@@ -614,6 +614,7 @@ def use_cpu_decode_kernels(model: nn.Module) -> bool:
     if not available() or (shard is not None and shard.sharded):
         return False
     grouped_experts_layout(model)  # before the kernels take the expert weights' addresses
+    fuse_projections(model)  # likewise
     prepared = [(m, decode) for m in model.modules() if (decode := _layer_kernel(m)) is not None]
     for m in model.modules():
         if type(m) in LEAVES:
@@ -621,6 +622,50 @@ def use_cpu_decode_kernels(model: nn.Module) -> bool:
     for m, decode in prepared:
         m.__class__ = DECODE_CLASS[type(m)]
         m.decode = decode
+    return True
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Each attention layer's q, k and v projections, and each SwiGLU MLP's gate and up (a dense
+    layer or a shared expert), as one matrix (shapes.Fused): the linears' weights and biases become
+    row views of it, so memory is unchanged and the one-row kernels read the same bytes, while a
+    step's rows take one oneDNN matmul where they took two or three (its fixed cost, ~30-100 us a
+    call at these sizes, is much of a 32-sequence step: Qwen2-MoE's had 33 linears). Plain
+    nn.Linear of one dtype on the CPU only (not int8 / FP8); a layer already fused is left as it is.
+    Returns how many layers it fused."""
+    n = 0
+    for m in model.modules():
+        if type(m) is layers.Attention:
+            n += _fuse(m, "qkv", [m.q_proj, m.k_proj, m.v_proj])
+        elif type(m) is layers.MLP:
+            n += _fuse(m, "gate_up", [m.gate_proj, m.up_proj])
+    return n
+
+
+def _fuse(module: nn.Module, name: str, linears: list[nn.Module]) -> bool:
+    w0 = linears[0].weight
+    done = shapes.fused(module, name)
+    if done is not None and done.weight.data_ptr() == w0.data_ptr():
+        return False
+    if not (
+        all(type(lin) in (nn.Linear, DecodeLinear) for lin in linears)
+        and all(type(lin.weight) is nn.Parameter for lin in linears)
+        and len({(lin.weight.dtype, lin.weight.device, lin.weight.shape[1]) for lin in linears}) == 1
+        and w0.device.type == "cpu"
+        and len({lin.bias is None for lin in linears}) == 1
+    ):
+        return False
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears])
+        biases = [lin.bias for lin in linears]
+        bias = None if biases[0] is None else torch.cat(biases)
+        sizes = [lin.weight.shape[0] for lin in linears]
+        parts = bias.split(sizes) if bias is not None else [None] * len(linears)
+        for lin, w, b in zip(linears, weight.split(sizes), parts, strict=True):
+            lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+            if b is not None:
+                lin.bias = nn.Parameter(b, requires_grad=lin.bias.requires_grad)
+    module.__dict__.setdefault("fused", {})[name] = shapes.Fused(weight, bias, sizes, linear, linears)
     return True
 
 

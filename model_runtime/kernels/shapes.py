@@ -70,6 +70,27 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return F.linear(pad_rows(rows, m), w, bias)[:n].view(*x.shape[:-1], w.shape[0])
 
 
+class Fused:
+    """Linears that read one input, as one matrix: `weight` [sum of outs, in] (and `bias`) whose row
+    ranges the linears' own weights are views of, so a step's rows take one matmul rather than one
+    per linear (oneDNN's fixed cost, ~30-100 us a call at these sizes, paid once). Called on x, it
+    gives the linears' outputs in order. `linear` computes it (kernels/cpu_decode.py's: a gemv for
+    one row, padded rows for more); `members`: the linear modules (warm_up builds their kernels
+    for the whole matrix instead)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int], linear, members):
+        self.weight, self.bias, self.sizes, self.linear = weight, bias, sizes, linear
+        self.members = list(members)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def fused(module: nn.Module, name: str) -> Fused | None:
+    """module's fused linears `name` (kernels/cpu_decode.py: fuse_projections), if it has them."""
+    return module.__dict__.get("fused", {}).get(name)
+
+
 def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple[int, float]:
     """Build, at start-up, oneDNN's kernels for every bucket up to `max_rows` rows (a step's new
     tokens) of the model's bfloat16 / float16 linears on the CPU, the routed experts' grouped GEMM
@@ -84,22 +105,27 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
     seen: set[tuple] = set()
     built = 0
     head = getattr(model, "lm_head", None)
+    def build(w: torch.Tensor, bias: torch.Tensor | None, limit: int) -> int:
+        key = (tuple(w.shape), w.stride(), w.dtype, bias is not None, limit)
+        if not buckets(w) or key in seen:
+            return 0
+        seen.add(key)
+        n = 0
+        for rows in row_buckets(limit):
+            if rows * w.numel() > WARM_MAX_MACS:
+                break
+            F.linear(w.new_zeros(rows, w.shape[1]), w, bias)
+            n += 1
+        return n
+
+    groups = [f for m in model.modules() for f in m.__dict__.get("fused", {}).values()]
+    in_groups = {id(lin) for f in groups for lin in f.members}  # their rows take the fused matmul
     with torch.no_grad():
+        for f in groups:  # fused q/k/v, gate/up: a step's rows
+            built += build(f.weight, f.bias, max_rows)
         for m in model.modules():
-            if isinstance(m, nn.Linear) and type(m.weight) is torch.nn.Parameter:
-                w = m.weight
-                if not buckets(w):
-                    continue
-                limit = max_logit_rows if m is head else max_rows
-                key = (tuple(w.shape), w.stride(), w.dtype, m.bias is not None, limit)
-                if key in seen:
-                    continue
-                seen.add(key)
-                for rows in row_buckets(limit):
-                    if rows * w.numel() > WARM_MAX_MACS:
-                        break
-                    F.linear(w.new_zeros(rows, w.shape[1]), w, m.bias)
-                    built += 1
+            if isinstance(m, nn.Linear) and type(m.weight) is torch.nn.Parameter and id(m) not in in_groups:
+                built += build(m.weight, m.bias, max_logit_rows if m is head else max_rows)
             elif isinstance(m, layers.Experts) and m.plain_weights and buckets(m.gate_up_proj):
                 gate_up, down = m.gate_up_proj.transpose(-2, -1), m.down_proj.transpose(-2, -1)
                 key = (tuple(gate_up.shape), gate_up.stride(), tuple(down.shape), down.stride(), gate_up.dtype)

@@ -360,9 +360,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, ctx, cache):
         cfg = self.cfg
         N = x.shape[0]
-        q = self.q_proj(x).view(N, self.num_heads, cfg.head_dim)  # [N, H, Dh]
-        k = self.k_proj(x).view(N, self.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
-        v = self.v_proj(x).view(N, self.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
+        qkv = shapes.fused(self, "qkv")  # one matmul (kernels/cpu_decode.py: fuse_projections)
+        q, k, v = qkv(x) if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(N, self.num_heads, cfg.head_dim)  # [N, H, Dh]
+        k = k.view(N, self.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
+        v = v.view(N, self.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         # bfloat16 on the CPU, one C call: q rotated in place, k rotated and v written into the cache
@@ -580,7 +582,9 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = shapes.fused(self, "gate_up")  # one matmul (kernels/cpu_decode.py: fuse_projections)
+        gate, up = gate_up(x) if gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class Router(nn.Module):

@@ -19,10 +19,10 @@ from model_runtime import load_model
 from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.core import LLMEngine
 from model_runtime.engine.requests import SamplingParams
-from model_runtime.kernels import cpu_decode
+from model_runtime.kernels import cpu_decode, shapes
 from model_runtime.kernels.cpu_decode import use_cpu_decode_kernels
 from model_runtime.models.config import ModelConfig
-from model_runtime.models.model import Attention, Experts, MLAttention, MoE, PagedContext
+from model_runtime.models.model import MLP, Attention, Experts, MLAttention, MoE, PagedContext
 from model_runtime.models.paged import build_paged_batch
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler or no AVX2 here")
@@ -565,3 +565,46 @@ def test_router_of_a_decode_steps_tokens_matches_the_torch_layer(name, dtype):
     assert got_ids.dtype == torch.int64 and got_w.dtype == torch.float32
     assert torch.equal(got_ids, want_ids)
     torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("builtin", ["tiny-mixtral", "tiny-deepseek-v3"])
+def test_fused_projections_are_views_and_a_step_of_rows_takes_one_matmul_each(builtin, monkeypatch):
+    """Attention's q/k/v and a SwiGLU MLP's gate/up (dense or a shared expert) become one matrix
+    each: the linears' weights are row views of it (memory unchanged, in-place updates seen), a
+    forward over several rows takes one matmul per group, and gives the unfused model's output."""
+    model = load_model(f"builtin:{builtin}", dtype=torch.bfloat16).eval()
+    reference = load_model(f"builtin:{builtin}", dtype=torch.bfloat16).eval()
+    params = sum(p.numel() for p in model.parameters())
+    assert use_cpu_decode_kernels(model)
+    with monkeypatch.context() as patched:
+        patched.setattr(cpu_decode, "fuse_projections", lambda m: 0)
+        assert use_cpu_decode_kernels(reference)
+    assert sum(p.numel() for p in model.parameters()) == params
+    groups = [(m, "qkv", [m.q_proj, m.k_proj, m.v_proj]) for m in model.modules() if isinstance(m, Attention)]
+    groups += [(m, "gate_up", [m.gate_proj, m.up_proj]) for m in model.modules() if isinstance(m, MLP)]
+    assert groups and {name for _, name, _ in groups} == ({"qkv"} if builtin == "tiny-mixtral" else {"gate_up"})
+    for m, name, linears in groups:
+        fused = shapes.fused(m, name)
+        assert fused is not None and fused.sizes == [lin.weight.shape[0] for lin in linears]
+        at = fused.weight.data_ptr()
+        for lin in linears:  # consecutive row ranges of the one matrix
+            assert lin.weight.data_ptr() == at
+            at += lin.weight.numel() * lin.weight.element_size()
+    calls = {"n": 0}
+    real = shapes.linear
+
+    def counting(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(shapes, "linear", counting)
+    ids = torch.arange(3, 20)[None]  # 17 rows: the matmul path, not the one-row kernels
+    with torch.inference_mode():
+        got = model(ids)
+        fused_calls, calls["n"] = calls["n"], 0
+        want = reference(ids)
+        assert fused_calls == calls["n"] - sum(len(linears) - 1 for _, _, linears in groups)
+        assert torch.equal(got, want), (got - want).abs().max()  # the same products, one matmul
+        m, name, linears = groups[0]
+        linears[-1].weight.mul_(0.5)  # an in-place update of a linear is its rows of the matrix
+        assert torch.equal(shapes.fused(m, name).weight[-linears[-1].weight.shape[0] :], linears[-1].weight)

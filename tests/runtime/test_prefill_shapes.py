@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_grouped_experts import per_expert_loop  # the reference: each expert's matmuls in float32
+from torch import nn
 
 from model_runtime import load_model
-from model_runtime.kernels import shapes
+from model_runtime.kernels import cpu_decode, shapes
 from model_runtime.kernels.cpu_decode import grouped_experts_layout
 from model_runtime.models import model as layers
-from model_runtime.models.model import MLAttention, MoE, sdpa
+from model_runtime.models.model import MLP, MLAttention, MoE, sdpa
 from model_runtime.models.paged import build_paged_batch
 
 pytestmark = pytest.mark.runtime
@@ -181,6 +182,16 @@ def test_warm_up_builds_every_bucket_of_a_step_once(monkeypatch):
     assert built == sum(len(r) for r in rows_seen.values())  # each (weight shape, rows) once
 
     assert shapes.warm_up(load_model("builtin:tiny-deepseek-v3"), 100, 8)[0] == 0  # float32: nothing to build
+
+    # gate/up fused (cpu_decode.fuse_projections): the whole matrix's buckets, none of its members'
+    assert cpu_decode.fuse_projections(model) > 0
+    mlp = next(layer.mlp for layer in model.layers if isinstance(layer.mlp, MLP))
+    members = {id(m) for layer in model.modules() for f in layer.__dict__.get("fused", {}).values() for m in f.members}
+    others = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in members}
+    rows_seen.clear()
+    shapes.warm_up(model, max_rows=100, max_logit_rows=8)
+    assert rows_seen[tuple(shapes.fused(mlp, "gate_up").weight.shape)] == set(buckets)
+    assert tuple(mlp.gate_proj.weight.shape) in others or tuple(mlp.gate_proj.weight.shape) not in rows_seen
 
     # large products are left to their first use: the build is a small part of their time
     head_macs = cfg.vocab_size * cfg.hidden_size
