@@ -392,6 +392,19 @@ def test_a_bf16_model_decodes_with_the_kernels_as_closely_as_torch(builtin, monk
     assert (got.argmax(-1) == want.argmax(-1)).sum() >= 9
 
 
+def count_calls(monkeypatch, owner, name: str) -> dict[str, int]:
+    """owner.name replaced by a wrapper that counts its calls (in the returned dict's "n")."""
+    calls = {"n": 0}
+    real = getattr(owner, name)
+
+    def counting(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 def routed_experts_case(name: str, tokens: int, seed: int = 7, hidden: int = 64, intermediate: int = 48):
     """A bfloat16 MoE layer as the engine keeps it (column-major experts, the kernels applied) and
     `tokens` rows with their routing."""
@@ -428,14 +441,7 @@ def test_bf16_routed_experts_kernel_matches_the_grouped_gemm(name, tokens, hidde
     if not (cpu_decode.available() and cpu_decode._avx512):
         pytest.skip("this CPU has no AVX-512F")
     experts, x, weights, ids = routed_experts_case(name, tokens, hidden=hidden, intermediate=intermediate)
-    calls = {"n": 0}
-    real = cpu_decode.routed_experts
-
-    def counting(*args):
-        calls["n"] += 1
-        return real(*args)
-
-    monkeypatch.setattr(cpu_decode, "routed_experts", counting)
+    calls = count_calls(monkeypatch, cpu_decode, "routed_experts")
     with torch.inference_mode():
         got, got_counts = experts(x, weights, ids)
         assert calls["n"] == 1
@@ -590,14 +596,7 @@ def test_fused_projections_are_views_and_a_step_of_rows_takes_one_matmul_each(bu
         for lin in linears:  # consecutive row ranges of the one matrix
             assert lin.weight.data_ptr() == at
             at += lin.weight.numel() * lin.weight.element_size()
-    calls = {"n": 0}
-    real = shapes.linear
-
-    def counting(*args):
-        calls["n"] += 1
-        return real(*args)
-
-    monkeypatch.setattr(shapes, "linear", counting)
+    calls = count_calls(monkeypatch, shapes, "linear")
     ids = torch.arange(3, 20)[None]  # 17 rows: the matmul path, not the one-row kernels
     with torch.inference_mode():
         got = model(ids)
