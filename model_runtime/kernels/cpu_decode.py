@@ -307,8 +307,6 @@ def routed_experts(
     return y, counts
 
 
-
-
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(dim=-1) for a [S, V] float32 tensor (the first index on ties, a NaN's if any);
     on the CPU with AVX-512F and the kernels loaded, moe_argmax_rows (torch's runs ~2 ns an
@@ -410,8 +408,9 @@ class GQAttention:
         cache_stride = K * Dh  # cache [2, slots, K, Dh], contiguous
         kc, vc = cache.data_ptr(), cache.data_ptr() + 2 * cache.stride(0)
         self.paged.moe_gqa_prepare_bf16(
-            q, k, v, cos.data_ptr(), sin.data_ptr(), kc, vc, cache_stride, slots.data_ptr(), 1, H, K, Dh, self.interleaved
-        )
+            q, k, v, cos.data_ptr(), sin.data_ptr(), kc, vc, cache_stride, slots.data_ptr(), 1, H, K, Dh, self.interleaved,
+            H * Dh, K * Dh, K * Dh,
+        )  # fmt: skip
         self.paged.moe_paged_decode_bf16(
             q, H * Dh, Dh, None, 0, 0, Dh, kc, cache_stride, Dh, vc, cache_stride, Dh,
             tables.data_ptr(), tables.stride(0), lens.data_ptr(), att.data_ptr(), H * Dh, Dh,

@@ -82,7 +82,7 @@ def _load():
                         + [ctypes.c_int]
                     )
                     lib.moe_mla_prepare_bf16.restype = None
-                    lib.moe_gqa_prepare_bf16.argtypes = [ptr] * 7 + [long, ptr] + [long] * 4 + [ctypes.c_int]
+                    lib.moe_gqa_prepare_bf16.argtypes = [ptr] * 7 + [long, ptr] + [long] * 4 + [ctypes.c_int] + [long] * 3
                     lib.moe_gqa_prepare_bf16.restype = None
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
                 lib = None
@@ -236,9 +236,10 @@ def gqa_prepare(
 ) -> bool:
     """Grouped-query attention's step before attention, in one C call: q [N, H, D] rotated in place
     (model.apply_rope, the whole head), k [N, K, D] rotated into the key cache and v [N, K, D]
-    copied into the value cache at `slots` (cache [2, slots, K, D]). All bfloat16 on the CPU, q, k,
-    v, cos and sin contiguous, cos / sin [N, D / 2]. Returns False (nothing done) when the inputs
-    are not such: the caller then runs torch's ops."""
+    copied into the value cache at `slots` (cache [2, slots, K, D]). All bfloat16 on the CPU, each
+    token's heads of q, k and v contiguous (their rows may be apart: column ranges of one fused
+    projection's output), cos and sin contiguous [N, D / 2]. Returns False (nothing done) when the
+    inputs are not such: the caller then runs torch's ops."""
     lib = _load()
     N, H, D = q.shape
     K = k.shape[1]
@@ -246,7 +247,8 @@ def gqa_prepare(
     if (
         lib is None
         or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors)
-        or not all(t.is_contiguous() for t in (q, k, v, cos, sin))
+        or not all(t.stride()[1:] == (D, 1) for t in (q, k, v))
+        or not all(t.is_contiguous() for t in (cos, sin))
         or (torch.is_grad_enabled() and q.requires_grad)
         or k.shape != (N, K, D) or v.shape != (N, K, D) or D % 2
         or cos.shape != (N, D // 2) or sin.shape != (N, D // 2)
@@ -258,5 +260,6 @@ def gqa_prepare(
     lib.moe_gqa_prepare_bf16(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache[0].data_ptr(),
         cache[1].data_ptr(), cache.stride(1), slots.data_ptr(), N, H, K, D, int(interleaved),
+        q.stride(0), k.stride(0), v.stride(0),
     )  # fmt: skip
     return True

@@ -105,6 +105,7 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
     seen: set[tuple] = set()
     built = 0
     head = getattr(model, "lm_head", None)
+
     def build(w: torch.Tensor, bias: torch.Tensor | None, limit: int) -> int:
         key = (tuple(w.shape), w.stride(), w.dtype, bias is not None, limit)
         if not buckets(w) or key in seen:

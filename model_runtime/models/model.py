@@ -365,8 +365,8 @@ class Attention(nn.Module):
         q = q.view(N, self.num_heads, cfg.head_dim)  # [N, H, Dh]
         k = k.view(N, self.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
         v = v.view(N, self.num_kv_heads, cfg.head_dim)  # [N, K, Dh]
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.qk_norm:  # the norms' kernel takes rows Dh apart: columns of a fused output are copied out
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
         # bfloat16 on the CPU, one C call: q rotated in place, k rotated and v written into the cache
         written = cache is not None and paged_kernel.gqa_prepare(
             q, k, v, cos, sin, cache, ctx.slot_mapping, cfg.rope_interleave

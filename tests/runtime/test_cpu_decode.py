@@ -607,3 +607,12 @@ def test_fused_projections_are_views_and_a_step_of_rows_takes_one_matmul_each(bu
         m, name, linears = groups[0]
         linears[-1].weight.mul_(0.5)  # an in-place update of a linear is its rows of the matrix
         assert torch.equal(shapes.fused(m, name).weight[-linears[-1].weight.shape[0] :], linears[-1].weight)
+    if builtin == "tiny-mixtral":  # a paged prefill of fused q/k/v: rope and cache writes still one C call
+        from model_runtime.kernels import paged_attention as paged_kernel
+
+        taken, real_prepare = [], paged_kernel.gqa_prepare
+        monkeypatch.setattr(paged_kernel, "gqa_prepare", lambda *a: taken.append(real_prepare(*a)) or taken[-1])
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=2, num_kv_blocks=64, block_size=4))
+        engine.add_request("r", list(range(3, 20)), SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        engine.step()
+        assert len(taken) == model.config.num_hidden_layers and all(taken)

@@ -156,9 +156,17 @@ def test_gqa_prepare_writes_the_bits_torch_writes(interleaved, D):
     want_q = layers.apply_rope(q, cos, sin, interleaved)
     want_cache[0][slots] = layers.apply_rope(k, cos, sin, interleaved)
     want_cache[1][slots] = v
+    # q, k, v as column ranges of one fused projection's output (cpu_decode.fuse_projections): the
+    # same bits from rows (H + 2K) D apart
+    fused = torch.cat([t.reshape(N, -1) for t in (q, k, v)], dim=1)
+    fq, fk, fv = (t.view(N, -1, D) for t in fused.split((H * D, K * D, K * D), dim=1))
+    fused_cache = cache.clone()
     assert paged_kernel.gqa_prepare(q, k, v, cos, sin, cache, slots, interleaved)
     assert torch.equal(q, want_q)
     assert torch.equal(cache, want_cache)
+    assert not fq.is_contiguous() and paged_kernel.gqa_prepare(fq, fk, fv, cos, sin, fused_cache, slots, interleaved)
+    assert torch.equal(fq, want_q)
+    assert torch.equal(fused_cache, want_cache)
     # not such inputs: nothing done, torch's ops run
     assert not paged_kernel.gqa_prepare(q, k, v, cos, sin, cache.float(), slots, interleaved)
     assert not paged_kernel.gqa_prepare(q, k, v, cos[:, :4], sin[:, :4], cache, slots, interleaved)  # partial rope

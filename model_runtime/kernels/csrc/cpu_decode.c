@@ -633,9 +633,9 @@ void moe_fp8_dequant(const unsigned char *w, const float *scale, void *out, long
  * torch's grouped GEMM runs each expert as its own oneDNN matmul of a few rows, whose fixed cost
  * (~30-60 us) dwarfs the work at decode sizes. Here each expert's tokens are taken BLOCK_ROWS at a
  * time on each tile of its weights (gemm_rows: every block takes a tile before the next, so the
- * weights are read from memory once), the sums held in registers (rows x 64 columns per tile); the hidden activations stay float32 and
- * each token's output is summed over its experts in float32, rounded once. AVX-512F only;
- * D and I multiples of 16 (the caller checks). */
+ * weights are read from memory once), the sums held in registers (rows x 64 columns per tile);
+ * the hidden activations stay float32 and each token's output is summed over its experts in
+ * float32, rounded once. AVX-512F only; D and I multiples of 16 (the caller checks). */
 #define BLOCK_ROWS 6
 #define PREFETCH_ROWS 24
 

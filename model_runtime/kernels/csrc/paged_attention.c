@@ -318,7 +318,9 @@ TARGET static void gqa_rotate_rows(uint16_t *out, const uint16_t *x, const uint1
 
 void moe_gqa_prepare_bf16(uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *cos, const uint16_t *sin,
                           uint16_t *kc, uint16_t *vc, long cache_stride, const int64_t *slots, long N, long H, long K,
-                          long D, int interleaved) {
+                          long D, int interleaved, long ldq, long ldk, long ldv) {
+    /* ldq, ldk, ldv: elements from one token's row of q, k, v to the next (H D, K D, K D when each is
+     * its own tensor; the fused projection's width when they are column ranges of one output) */
     int fast = D % 32 == 0 && D <= 256;  // 16 pairs a step (Mixtral, Qwen: D 128)
     float *src = fast ? NULL : malloc((size_t)(2 * D) * sizeof(float)), *cs = src ? src + D : NULL;
     float *sn = cs ? cs + D / 2 : NULL;
@@ -328,8 +330,8 @@ void moe_gqa_prepare_bf16(uint16_t *q, const uint16_t *k, const uint16_t *v, con
         if (!fast)
             for (long j = 0; j < D / 2; j++) cs[j] = bf_to_f(cn[j]), sn[j] = bf_to_f(sg[j]);
         for (long r = 0; r < H + K; r++) {  // the queries in place, then the keys into the cache
-            const uint16_t *x = r < H ? q + (n * H + r) * D : k + (n * K + r - H) * D;
-            uint16_t *out = r < H ? q + (n * H + r) * D : krow + (r - H) * D;
+            const uint16_t *x = r < H ? q + n * ldq + r * D : k + n * ldk + (r - H) * D;
+            uint16_t *out = r < H ? q + n * ldq + r * D : krow + (r - H) * D;
             if (fast) {
                 gqa_rotate_rows(out, x, cn, sg, D, interleaved);
             } else {
@@ -337,7 +339,7 @@ void moe_gqa_prepare_bf16(uint16_t *q, const uint16_t *k, const uint16_t *v, con
                 rotate(out, src, cs, sn, D, interleaved);
             }
         }
-        memcpy(vrow, v + n * K * D, (size_t)(K * D) * sizeof(uint16_t));
+        memcpy(vrow, v + n * ldv, (size_t)(K * D) * sizeof(uint16_t));
     }
     free(src);
 }
