@@ -16,6 +16,11 @@ EXPERTS_MAX_TOKENS rows: a decode step of several sequences, where torch's group
 oneDNN matmul's fixed cost per expert) (weights and cache of the same dtype; bfloat16 is widened to float32 as it is read
 and the sums are float32) with torch on one thread (the runtime's default on small machines; more
 threads stay with torch, which spreads over cores) and outside autograd.
+Where the CPU has AMX (decision 32), two kernels run a step's bfloat16 matmuls on its tiles, reading
+the weights as they are stored (row-major: the tiles' A operand): `moe_amx_linear` for 2 ..
+AMX_MAX_ROWS rows of a linear, `moe_amx_experts` for the routed experts of any number of tokens
+(a decode step, a prefill); the experts then stay row-major (`experts_layout`).
+`MOE_RUNTIME_AMX=0` turns these two off.
 tests/runtime/test_cpu_decode.py checks each against the torch code.
 
 They are a transform applied to a built model, not hooks in it: `use_cpu_decode_kernels` changes
@@ -56,6 +61,7 @@ _lock = threading.Lock()
 _lib = None  # the loaded library (None: not loaded, or there is none)
 _decided = False  # whether _load() has run
 _avx512 = False  # whether the CPU runs the AVX-512-only kernels (moe_experts_bf16)
+_amx = False  # whether the CPU (and the OS, for this process) runs the AMX kernel (moe_amx_linear)
 
 
 def _build() -> Path:
@@ -64,7 +70,7 @@ def _build() -> Path:
 
 def _load():
     """The kernels' library, or None (with the reason logged once)."""
-    global _lib, _decided, _avx512
+    global _lib, _decided, _avx512, _amx
     if _decided:
         return _lib
     with _lock:
@@ -93,6 +99,11 @@ def _load():
                 lib.moe_experts_bf16.argtypes = [ptr] * 8 + [long] * 5
                 lib.moe_argmax_rows.argtypes = [ptr, long, long, long, ptr]
                 lib.moe_route_rows.argtypes = [ptr] * 6 + [long] + [i32] * 3 + [f32] + [long] * 5 + [i32]
+                lib.moe_amx_supported.argtypes, lib.moe_amx_supported.restype = [], i32
+                lib.moe_amx_linear.argtypes = [ptr, long, long, ptr] + [long] * 3 + [ptr, ptr, long]
+                lib.moe_amx_linear.restype = i32
+                lib.moe_amx_experts.argtypes = [ptr] * 7 + [long] * 5
+                lib.moe_amx_experts.restype = i32
                 for fn in (
                     lib.moe_fp8_dequant,
                     lib.moe_gemv,
@@ -108,7 +119,11 @@ def _load():
                     fn.restype = None
                 simd = "AVX-512F" if lib.moe_simd_select(1) else "AVX2"
                 _avx512 = bool(lib.moe_experts_supported())
-                log.info("cpu decode kernels: %s (bfloat16 weights read with %s)", path, simd)
+                _amx = _avx512 and os.environ.get("MOE_RUNTIME_AMX", "1") != "0" and bool(lib.moe_amx_supported())
+                log.info(
+                    "cpu decode kernels: %s (bfloat16 weights read with %s%s)",
+                    path, simd, "; a few rows' linears and the routed experts on AMX tiles" if _amx else "",
+                )  # fmt: skip
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
                 lib = None
                 log.warning("cpu decode kernels: off (%s); torch's ops are used", e)
@@ -161,12 +176,58 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y
 
 
+# Up to this many rows a bfloat16 linear takes moe_amx_linear (a decode step's sequences, a short
+# prefill) rather than oneDNN's matmul, which reorders the plain weights into its blocked layout at
+# every call: benchmarks/runtime_amx_linear.py measures the two.
+AMX_MAX_ROWS = 64
+
+
+def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether moe_amx_linear computes F.linear(x, w, bias): bfloat16 on the CPU with AMX (_amx),
+    outside autograd, torch on one thread, 2 <= rows <= AMX_MAX_ROWS, w [N, K] with contiguous rows,
+    N a multiple of 16 and K of 32, the bias (if any) bfloat16 and contiguous."""
+    return (
+        _amx
+        and x.dtype is torch.bfloat16
+        and w.dtype is torch.bfloat16
+        and x.is_cpu
+        and 2 * x.shape[-1] <= x.numel() <= AMX_MAX_ROWS * x.shape[-1]
+        and w.dim() == 2
+        and x.shape[-1] == w.shape[1]
+        and w.stride(1) == 1
+        and w.shape[0] % 16 == 0
+        and w.shape[1] % 32 == 0
+        and (bias is None or (bias.dtype is torch.bfloat16 and bias.dim() == 1 and bias.is_contiguous()))
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        and torch.get_num_threads() == 1
+    )
+
+
+def amx_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) by moe_amx_linear (amx_rows checks the arguments): x [..., K] bfloat16."""
+    N, K = w.shape
+    rows = x if x.dim() == 2 else x.reshape(-1, K)  # (a step's rows are 2-D: no view to make)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    M = rows.shape[0]
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    if _lib.moe_amx_linear(
+        rows.data_ptr(), rows.stride(0), M, w.data_ptr(), w.stride(0), N, K,
+        None if bias is None else bias.data_ptr(), y.data_ptr(), N,
+    ):  # fmt: skip
+        raise MemoryError(f"moe_amx_linear: no memory for {M} repacked rows of {K}")
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; one float32 or bfloat16 row on the CPU (batch-1 decode) takes the streaming gemv
-    kernel, more rows oneDNN's matmul with the rows padded to a bucket (kernels/shapes.py)."""
+    kernel, a few bfloat16 rows the AMX kernel where the CPU has it, more rows oneDNN's matmul with
+    the rows padded to a bucket (kernels/shapes.py)."""
     if one_row(x) and kernel_rows(x.dtype, w):
         y = gemv(x, w)
         return y if bias is None else y + bias
+    if amx_rows(x, w, bias):
+        return amx_linear(x, w, bias)
     return shapes.linear(x, w, bias)
 
 
@@ -304,6 +365,52 @@ def routed_experts(
         x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate_up.data_ptr(), down.data_ptr(), y.data_ptr(),
         counts.data_ptr(), scratch.data_ptr(), N, A, D, E, I,
     )  # fmt: skip
+    return y, counts
+
+
+def amx_experts(m: layers.Experts, x: torch.Tensor) -> bool:
+    """Whether moe_amx_experts computes m's forward on x [N, D]: bfloat16 on the CPU with AMX
+    (_amx), outside autograd, torch on one thread, N >= 2 (one token: moe_moe_decode, or the loop
+    over its experts), every expert on this rank, SiLU, the experts row-major as the checkpoint
+    stores them (the engine's layout where the CPU has AMX: experts_layout), D and I multiples
+    of 32."""
+    gate_up, down = m.gate_up_proj, m.down_proj
+    return (
+        _amx
+        and x.dtype is torch.bfloat16
+        and x.dim() == 2
+        and x.shape[0] >= 2
+        and x.is_cpu
+        and gate_up.dtype is torch.bfloat16
+        and down.dtype is torch.bfloat16
+        and m.num_local_experts == m.num_experts
+        and m.act is F.silu
+        and gate_up.is_contiguous()
+        and down.is_contiguous()
+        and down.shape[1] % 32 == 0
+        and down.shape[2] % 32 == 0
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and torch.get_num_threads() == 1
+    )
+
+
+def amx_routed_experts(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """routed_experts by moe_amx_experts (amx_experts checks the arguments): gate_up [E, 2I, D] and
+    down [E, D, I] row-major."""
+    N, A = ids.shape
+    E, D, I = down.shape  # noqa: E741 (legend)
+    x = x.contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    y = torch.empty(N, D, dtype=torch.bfloat16)
+    counts = torch.empty(E, dtype=torch.int64)
+    if _lib.moe_amx_experts(
+        x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate_up.data_ptr(), down.data_ptr(), y.data_ptr(),
+        counts.data_ptr(), N, A, D, E, I,
+    ):  # fmt: skip
+        raise MemoryError(f"moe_amx_experts: no memory for the scratch of {N} tokens")
     return y, counts
 
 
@@ -518,6 +625,8 @@ class DecodeRMSNorm(layers.RMSNorm):
 
 class DecodeExperts(layers.Experts):
     def forward(self, x, weights, ids):
+        if amx_experts(self, x):  # any number of tokens where the CPU has AMX: one C call
+            return amx_routed_experts(x, weights, ids, self.gate_up_proj, self.down_proj)
         if experts_kernel(self, x):  # a few tokens: one C call, not a oneDNN matmul per expert
             return routed_experts(x, weights, ids, self.gate_up_proj, self.down_proj)
         return super().forward(x, weights, ids)
@@ -612,7 +721,7 @@ def use_cpu_decode_kernels(model: nn.Module) -> bool:
     shard = getattr(model, "shard", None)
     if not available() or (shard is not None and shard.sharded):
         return False
-    grouped_experts_layout(model)  # before the kernels take the expert weights' addresses
+    experts_layout(model)  # before the kernels take the expert weights' addresses
     fuse_projections(model)  # likewise
     prepared = [(m, decode) for m in model.modules() if (decode := _layer_kernel(m)) is not None]
     for m in model.modules():
@@ -803,6 +912,21 @@ def use_decode_layout(model: nn.Module) -> nn.Module:
                 m.gate_up_proj.data = column_major(m.gate_up_proj.data)  # [E, 2I, D]: 2I >= D typically
                 m.down_proj.data = column_major(m.down_proj.data)  # [E, D, I]
     return grouped_experts_layout(model)
+
+
+def experts_layout(model: nn.Module) -> nn.Module:
+    """The bfloat16 / float16 experts' layout for the kernels: where the CPU has AMX (_amx),
+    row-major, as the checkpoint stores them (moe_amx_experts reads each expert's rows as its A
+    tiles; a second call restores what grouped_experts_layout changed); elsewhere column-major
+    (grouped_experts_layout, for torch's grouped GEMM and moe_experts_bf16)."""
+    if not _amx:
+        return grouped_experts_layout(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, layers.Experts) and m.plain_weights and m.gate_up_proj.dtype in shapes.JIT_DTYPES:
+                m.gate_up_proj.data = m.gate_up_proj.data.contiguous()  # [E, 2I, D]
+                m.down_proj.data = m.down_proj.data.contiguous()  # [E, D, I]
+    return model
 
 
 def grouped_experts_layout(model: nn.Module) -> nn.Module:

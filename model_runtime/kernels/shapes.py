@@ -98,8 +98,10 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
     sequences) of the output head, so that no request pays a build later (~1 ms each; at 512 rows
     the benchmark's Mixtral has 173 of them, 0.25 s, its DeepSeek-V3 446, 0.7 s); products over
     WARM_MAX_MACS are left to their first use. (kernels built, seconds); none built where matmuls
-    build nothing (float32, other devices)."""
-    from model_runtime.models import model as layers  # here: models.model imports this module
+    build nothing (float32, other devices) or where the AMX kernels take them (a few rows of a
+    linear, the routed experts: kernels/cpu_decode.py)."""
+    from model_runtime.kernels import cpu_decode  # here: both import this module
+    from model_runtime.models import model as layers
 
     start = time.perf_counter()
     seen: set[tuple] = set()
@@ -115,8 +117,10 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
         for rows in row_buckets(limit):
             if rows * w.numel() > WARM_MAX_MACS:
                 break
-            F.linear(w.new_zeros(rows, w.shape[1]), w, bias)
-            n += 1
+            x = w.new_zeros(rows, w.shape[1])
+            if not cpu_decode.amx_rows(x, w, bias):  # (AMX's kernel builds nothing)
+                F.linear(x, w, bias)
+                n += 1
         return n
 
     groups = [f for m in model.modules() for f in m.__dict__.get("fused", {}).values()]
@@ -127,7 +131,10 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
         for m in model.modules():
             if isinstance(m, nn.Linear) and type(m.weight) is torch.nn.Parameter and id(m) not in in_groups:
                 built += build(m.weight, m.bias, max_logit_rows if m is head else max_rows)
-            elif isinstance(m, layers.Experts) and m.plain_weights and buckets(m.gate_up_proj):
+            elif (
+                isinstance(m, layers.Experts) and m.plain_weights and buckets(m.gate_up_proj)
+                and not cpu_decode.amx_experts(m, m.gate_up_proj.new_zeros(2, m.gate_up_proj.shape[-1]))
+            ):  # fmt: skip (every token count of the AMX experts kernel: nothing to build)
                 gate_up, down = m.gate_up_proj.transpose(-2, -1), m.down_proj.transpose(-2, -1)
                 key = (tuple(gate_up.shape), gate_up.stride(), tuple(down.shape), down.stride(), gate_up.dtype)
                 if key in seen:

@@ -663,10 +663,11 @@ class Experts(nn.Module):
         projection over every expert, no Python loop, no host sync) rather than a matmul pair per
         expert: when this rank holds every expert (one rank, or tensor parallel), the experts are
         plain float weights (not int8 / FP8 / the CPU's float32 decode kernels, which override
-        expert_mlp), and the device has the kernel (the CPU; CUDA: bfloat16 on sm80+). On the CPU the
-        engine stores bfloat16 / float16 expert weights column-major (kernels/cpu_decode.py:
-        grouped_experts_layout): each expert's transposed weight is then row-major, which torch's
-        CPU grouped GEMM reads about twice as fast."""
+        expert_mlp), and the device has the kernel (the CPU; CUDA: bfloat16 on sm80+). On a CPU
+        without AMX the engine stores bfloat16 / float16 expert weights column-major
+        (kernels/cpu_decode.py: grouped_experts_layout): each expert's transposed weight is then
+        row-major, which torch's CPU grouped GEMM reads about twice as fast. (Where the CPU has AMX
+        the C kernel moe_amx_experts takes the bfloat16 experts instead: decision 32.)"""
         if self.num_local_experts != self.num_experts or not self.plain_weights:
             return False
         if x.device.type == "cpu":

@@ -296,12 +296,13 @@ def test_bf16_mla_attention_kernel_matches_the_torch_layer(q_lora_rank, simd):
 
 @pytest.mark.parametrize("layout", ["row-major", "column-major"])
 @pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
-def test_bf16_moe_kernel_matches_the_torch_layer(name, layout, simd):
+def test_bf16_moe_kernel_matches_the_torch_layer(name, layout, simd, monkeypatch):
     cfg = ModelConfig(
         hidden_size=64, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, **ROUTERS[name]
     )
     moe = random_(MoE(cfg), 6).bfloat16()
-    if layout == "column-major":  # as the engine keeps bfloat16 experts (grouped_experts_layout)
+    if layout == "column-major":  # as the engine keeps bfloat16 experts on CPUs without AMX
+        monkeypatch.setattr(cpu_decode, "_amx", False)
         cpu_decode.grouped_experts_layout(moe)
         assert not moe.experts.gate_up_proj.is_contiguous()
     xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(20)]
@@ -310,6 +311,7 @@ def test_bf16_moe_kernel_matches_the_torch_layer(name, layout, simd):
         torch_counts = moe.tokens_per_expert.clone()
         moe.tokens_per_expert.zero_()
         assert use_cpu_decode_kernels(moe) and moe.decode is not None
+        assert moe.experts.gate_up_proj.is_contiguous() == cpu_decode._amx  # the engine's layout for this CPU
         got = [moe(x) for x in xs]
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert bf16_close(a, b, ulps=6), (name, i)
@@ -405,16 +407,21 @@ def count_calls(monkeypatch, owner, name: str) -> dict[str, int]:
     return calls
 
 
-def routed_experts_case(name: str, tokens: int, seed: int = 7, hidden: int = 64, intermediate: int = 48):
-    """A bfloat16 MoE layer as the engine keeps it (column-major experts, the kernels applied) and
-    `tokens` rows with their routing."""
+def routed_experts_case(
+    name: str, tokens: int, seed: int = 7, hidden: int = 64, intermediate: int = 48, layout: str = "column-major"
+):
+    """A bfloat16 MoE layer with the kernels applied and `tokens` rows with their routing: the
+    experts column-major as the engine keeps them on CPUs without AMX (moe_experts_bf16's layout),
+    or as the engine leaves them where the CPU has AMX ("engine": row-major there)."""
     cfg = ModelConfig(
         hidden_size=hidden, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=intermediate,
         **ROUTERS[name],
     )  # fmt: skip
     moe = random_(MoE(cfg), 6).bfloat16()
-    cpu_decode.grouped_experts_layout(moe)
-    assert use_cpu_decode_kernels(moe)
+    with pytest.MonkeyPatch.context() as patched:
+        if layout == "column-major":
+            patched.setattr(cpu_decode, "_amx", False)  # as on a CPU without AMX
+        assert use_cpu_decode_kernels(moe)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).bfloat16()
     with torch.inference_mode():
         weights, ids = moe.gate(x)
@@ -596,13 +603,15 @@ def test_fused_projections_are_views_and_a_step_of_rows_takes_one_matmul_each(bu
         for lin in linears:  # consecutive row ranges of the one matrix
             assert lin.weight.data_ptr() == at
             at += lin.weight.numel() * lin.weight.element_size()
-    calls = count_calls(monkeypatch, shapes, "linear")
+    onednn = count_calls(monkeypatch, shapes, "linear")
+    amx = count_calls(monkeypatch, cpu_decode, "amx_linear")  # a few bfloat16 rows, on AMX CPUs
     ids = torch.arange(3, 20)[None]  # 17 rows: the matmul path, not the one-row kernels
     with torch.inference_mode():
         got = model(ids)
-        fused_calls, calls["n"] = calls["n"], 0
+        fused_calls = onednn["n"] + amx["n"]
+        onednn["n"] = amx["n"] = 0
         want = reference(ids)
-        assert fused_calls == calls["n"] - sum(len(linears) - 1 for _, _, linears in groups)
+        assert fused_calls == onednn["n"] + amx["n"] - sum(len(linears) - 1 for _, _, linears in groups)
         assert torch.equal(got, want), (got - want).abs().max()  # the same products, one matmul
         m, name, linears = groups[0]
         linears[-1].weight.mul_(0.5)  # an in-place update of a linear is its rows of the matrix
@@ -616,3 +625,159 @@ def test_fused_projections_are_views_and_a_step_of_rows_takes_one_matmul_each(bu
         engine.add_request("r", list(range(3, 20)), SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
         engine.step()
         assert len(taken) == model.config.num_hidden_layers and all(taken)
+
+
+amx = pytest.mark.skipif(not cpu_decode._amx, reason="this CPU (or OS) runs no AMX")
+
+
+@amx
+@pytest.mark.parametrize(
+    "rows,out,inn,bias",
+    [(2, 16, 32, False), (5, 48, 64, True), (16, 1040, 256, False), (17, 96, 1024, True), (33, 80, 96, False),
+     (64, 512, 1024, True)],
+)  # fmt: skip
+def test_amx_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out, inn, bias):
+    """A few bfloat16 rows through the AMX kernel: what oneDNN computes (the float32 sum of the same
+    products, rounded once), x's rows a strided view, the bias added before the rounding; and each
+    row's result the same bits whatever else is in the step."""
+    g = torch.Generator().manual_seed(rows * out + inn)
+    wide = torch.randn(rows, inn + 32, generator=g).bfloat16()
+    x = wide[:, 16 : 16 + inn]  # rows inn + 32 apart
+    w = torch.randn(out, inn, generator=g).bfloat16()
+    b = torch.randn(out, generator=g).bfloat16() if bias else None
+    assert cpu_decode.amx_rows(x, w, b)
+    got = cpu_decode.linear(x, w, b)
+    exact = (x.double() @ w.double().T + (b.double() if bias else 0)).bfloat16()
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+    assert bf16_close(got, F.linear(x, w, b), ulps=1)
+    assert bf16_close(got, exact, ulps=1)
+    for part in (slice(0, 2), slice(rows - 2, rows), slice(1, rows)):  # the same rows in other steps
+        assert torch.equal(cpu_decode.linear(x[part], w, b), got[part])
+    batched = cpu_decode.linear(x.reshape(1, rows, inn), w, b)  # [..., in] as F.linear takes it
+    assert batched.shape == (1, rows, out) and torch.equal(batched[0], got)
+
+
+@amx
+def test_linear_takes_the_amx_kernel_only_where_it_applies(monkeypatch):
+    """One row: the streaming gemv; 2 .. AMX_MAX_ROWS bfloat16 rows of a weight whose sizes the
+    tiles take: AMX; anything else (more rows, other sizes, float32, autograd, more threads):
+    oneDNN's matmul."""
+    taken = count_calls(monkeypatch, cpu_decode, "amx_linear")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g).bfloat16()
+
+    def uses_amx(x, w, bias=None):
+        before = taken["n"]
+        got = cpu_decode.linear(x, w, bias)
+        assert bf16_close(got, F.linear(x, w, bias), ulps=1)
+        return taken["n"] > before
+
+    rows = lambda n: torch.randn(n, 128, generator=g).bfloat16()  # noqa: E731
+    with torch.inference_mode():
+        assert not uses_amx(rows(1), w)
+        assert uses_amx(rows(2), w) and uses_amx(rows(cpu_decode.AMX_MAX_ROWS), w)
+        assert not uses_amx(rows(cpu_decode.AMX_MAX_ROWS + 1), w)
+        assert not uses_amx(rows(8), w[:60])  # 60 outputs: not a whole tile
+        assert not uses_amx(rows(8)[:, :120], w[:, :120])  # 120 inputs: not a whole tile
+        assert uses_amx(rows(8), w, torch.randn(64, generator=g).bfloat16())
+        assert not uses_amx(rows(8), w, torch.randn(128, generator=g).bfloat16()[::2])  # a strided bias
+        before = taken["n"]
+        cpu_decode.linear(rows(8).float(), w.float())
+        assert taken["n"] == before
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        assert not uses_amx(rows(8), w)
+    x = rows(8).requires_grad_()
+    got = cpu_decode.linear(x, w)
+    assert got.requires_grad and taken["n"] == before  # autograd: torch's op
+
+
+@amx
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "intermediate"),
+    [(2, 64, 64), (7, 64, 96), (33, 128, 32), (300, 64, 64)],  # decode steps, and a prefill
+)
+@pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
+def test_amx_routed_experts_match_the_torch_code_for_any_token_count(name, tokens, hidden, intermediate, monkeypatch):
+    """Where the CPU has AMX the engine keeps bfloat16 experts row-major (as the checkpoint stores
+    them), and a layer's routed experts on any number of tokens (a decode step, a prefill) are one
+    C call (moe_amx_experts): torch's output within bfloat16 roundings (the hidden activations are
+    rounded once, the sum over experts kept in float32), its tokens per expert, closer to float32
+    than torch's bfloat16, and a token's output the same bits whatever else is in the step."""
+    experts, x, weights, ids = routed_experts_case(name, tokens, hidden=hidden, intermediate=intermediate, layout="engine")
+    assert experts.gate_up_proj.is_contiguous() and experts.down_proj.is_contiguous()  # row-major
+    calls = count_calls(monkeypatch, cpu_decode, "amx_routed_experts")
+    with torch.inference_mode():
+        got, got_counts = experts(x, weights, ids)
+        assert calls["n"] == 1
+        want, want_counts = Experts.forward(experts, x, weights, ids)  # the torch code
+        want32 = torch.zeros(tokens, hidden)
+        for n in range(tokens):
+            for a in range(ids.shape[1]):
+                e = int(ids[n, a])
+                gate, up = F.linear(x[n].float(), experts.gate_up_proj[e].float()).chunk(2)
+                want32[n] += weights[n, a] * F.linear(F.silu(gate) * up, experts.down_proj[e].float())
+        last = slice(tokens - 2, tokens)  # the last two tokens in a step of their own
+        alone, _ = experts(x[last], weights[last], ids[last])
+    assert calls["n"] == 2  # torch's forward did not call it
+    assert torch.equal(got_counts, want_counts)
+    assert bf16_close(got, want, ulps=6)
+    assert (got.float() - want32).abs().max() <= (want.float() - want32).abs().max()
+    assert torch.equal(alone, got[last])
+
+
+@amx
+def test_amx_routed_experts_take_an_experts_tokens_in_passes_and_sum_an_expert_named_twice():
+    """More choices of one expert than a pass of the kernel's scratch takes (AMX_PASS_ROWS, 512),
+    and ids naming an expert twice for a token (what the torch code sums): every choice counted
+    and summed."""
+    experts, x, weights, _ = routed_experts_case("mixtral", 300, intermediate=64, layout="engine")
+    ids = torch.tensor([[2, 2, 5]] * 300)  # expert 2: 600 choices
+    with torch.inference_mode():
+        assert cpu_decode.amx_experts(experts, x)
+        got, got_counts = cpu_decode.amx_routed_experts(x, weights, ids, experts.gate_up_proj, experts.down_proj)
+        want, want_counts = Experts.forward(experts, x, weights, ids)
+    assert torch.equal(got_counts, want_counts) and int(got_counts[2]) == 600
+    assert bf16_close(got, want, ulps=6)
+
+
+@amx
+def test_amx_routed_experts_take_only_what_the_kernel_reads(monkeypatch):
+    """One token (the batch-1 kernels' case), column-major experts (moe_experts_bf16's), sizes the
+    tiles do not take, float32, more threads or autograd: not the AMX kernel."""
+    experts, x, weights, ids = routed_experts_case("mixtral", 40, intermediate=64, layout="engine")
+    with torch.inference_mode():
+        assert cpu_decode.amx_experts(experts, x) and cpu_decode.amx_experts(experts, x[:2])
+        assert not cpu_decode.amx_experts(experts, x[:1])
+        assert not cpu_decode.amx_experts(experts, x.float())
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        assert not cpu_decode.amx_experts(experts, x)
+        monkeypatch.undo()
+        cpu_decode.grouped_experts_layout(experts)
+        assert not cpu_decode.amx_experts(experts, x) and cpu_decode.experts_kernel(experts, x)
+    odd, x, _, _ = routed_experts_case("mixtral", 4, hidden=64, intermediate=48, layout="engine")  # I = 48
+    assert not cpu_decode.amx_experts(odd, x)
+    assert not cpu_decode.amx_experts(experts, x.requires_grad_())
+
+
+@amx
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_the_amx_kernels_say_so_at_start_and_turn_off_with_the_switch(switch):
+    """The kernels' log line names AMX where they use it; MOE_RUNTIME_AMX=0 turns the AMX kernels
+    off (the other kernels stay, and bfloat16 experts go column-major as on a CPU without AMX)."""
+    code = (
+        "import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+        "from model_runtime import load_model\n"
+        "from model_runtime.kernels import cpu_decode\n"
+        "model = load_model('builtin:tiny-mixtral', dtype=torch.bfloat16)\n"
+        "assert cpu_decode.use_cpu_decode_kernels(model)\n"
+        "experts = next(m for m in model.modules() if isinstance(m, cpu_decode.layers.Experts))\n"
+        "print('amx', cpu_decode._amx, 'row-major', experts.gate_up_proj.is_contiguous())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "MOE_RUNTIME_AMX": switch},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    on = switch == "1"
+    assert proc.stdout.split() == ["amx", str(on), "row-major", str(on)]
+    assert ("routed experts on AMX tiles" in proc.stderr) == on, proc.stderr

@@ -155,6 +155,7 @@ def test_a_mixed_step_reads_the_decodes_in_place(name, monkeypatch):
 
 
 def test_warm_up_builds_every_bucket_of_a_step_once(monkeypatch):
+    monkeypatch.setattr(cpu_decode, "_amx", False)  # as on a CPU without AMX: every bucket is oneDNN's
     model = grouped_experts_layout(load_model("builtin:tiny-deepseek-v3", dtype=torch.bfloat16))
     rows_seen: dict[tuple, set[int]] = {}
     linear, grouped_mm = F.linear, F.grouped_mm
@@ -199,3 +200,30 @@ def test_warm_up_builds_every_bucket_of_a_step_once(monkeypatch):
     rows_seen.clear()
     shapes.warm_up(model, max_rows=100, max_logit_rows=8)
     assert rows_seen[(cfg.vocab_size, cfg.hidden_size)] == {1, 2, 3, 4}
+
+
+@pytest.mark.skipif(not (cpu_decode.available() and cpu_decode._amx), reason="this CPU (or OS) runs no AMX")
+def test_warm_up_builds_nothing_the_amx_kernels_take(monkeypatch):
+    """Where the CPU has AMX, a linear's first AMX_MAX_ROWS rows and the routed experts' every
+    token count run the AMX kernels, which build nothing: warm_up builds only the other buckets
+    of the linears (one row, a prefill's)."""
+    model = load_model("builtin:tiny-mixtral", dtype=torch.bfloat16)
+    assert cpu_decode.use_cpu_decode_kernels(model)
+    rows_seen: dict[tuple, set[int]] = {}
+    linear = F.linear
+
+    def recording_linear(x, w, b=None):
+        rows_seen.setdefault(tuple(w.shape), set()).add(x.shape[0])
+        return linear(x, w, b)
+
+    monkeypatch.setattr(shapes.F, "linear", recording_linear)
+    monkeypatch.setattr(shapes.F, "grouped_mm", lambda *a, **k: pytest.fail("the experts' grouped GEMM was built"))
+    with torch.inference_mode():
+        built, _ = shapes.warm_up(model, max_rows=100, max_logit_rows=8)
+    taken = [m for m in model.modules() if isinstance(m, nn.Linear)
+             and cpu_decode.amx_rows(m.weight.new_zeros(2, m.in_features), m.weight, m.bias)]  # fmt: skip
+    assert taken, "no linear of tiny-mixtral fits the tiles"
+    for m in taken:
+        assert not rows_seen.get(tuple(m.weight.shape), set()) & set(range(2, cpu_decode.AMX_MAX_ROWS + 1))
+    assert any(max(rows) > cpu_decode.AMX_MAX_ROWS for rows in rows_seen.values())  # a prefill's: oneDNN's
+    assert built == sum(len(r) for r in rows_seen.values())

@@ -7,6 +7,8 @@
  * moe_moe_decode:    a whole MoE layer for one token (model.MoE)
  * moe_experts_bf16:  the routed experts of a MoE layer for a few tokens (a decode step of several
  *                    sequences), bfloat16, AVX-512F only
+ * moe_amx_linear:    a linear of a few bfloat16 rows on AMX tiles (decision 32)
+ * moe_amx_experts:   the routed experts of a MoE layer for any number of tokens on AMX tiles
  *
  * Each takes `bf`: 0 when the weights, the cache and the layer's input and output are float32, 1 when
  * they are bfloat16. Either way the arithmetic is float32: bfloat16 values are widened as they are
@@ -824,4 +826,306 @@ AVX512 void moe_argmax_rows(const float *x, long rows, long cols, long ld, long 
         }
         out[r] = arg < 0 ? 0 : arg; /* no columns: 0 */
     }
+}
+
+/* -- AMX --------------------------------------------------------------------------------------------
+ * moe_amx_linear: y [M, N] bfloat16 = x [M, K] @ W [N, K]^T (+ bias), for a few rows (a decode step
+ * of several sequences), with the AMX tiles (TDPBF16PS), on the weights as they are: row-major,
+ * the layout of nn.Linear and of the checkpoint, read as the tiles' A operand (16 rows of W x 32
+ * of K a tile). The rows of x are the B operand, which AMX wants with pairs of K interleaved: they
+ * are repacked (16 rows x K, a few KB) at each call, not the weights. oneDNN's matmul on plain
+ * bfloat16 weights reorders the weights into its blocked layout at every call, and at 8-32 rows
+ * reads them at about half the speed this does (vLLM prepacks them: a second copy of every weight,
+ * or the one copy in a layout the batch-1 kernels above do not read).
+ * Each output is the sum over K in the same order whatever M and wherever the row sits, so a
+ * sequence's result does not depend on the others in its step. N a multiple of 16, K of 32 (the
+ * caller checks); the tile state is requested once (moe_amx_supported) and released after each call. */
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+int moe_amx_supported(void) {
+    /* the CPU has AMX-BF16 and the kernel grants this process the tile data state (Linux asks
+     * each process to request it; oneDNN does the same) */
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16"))
+        return 0;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+AMX static void amx_configure(void) {
+    /* eight tiles of 16 rows x 64 bytes: C 0-3 (fp32 sums), A 4-5 (W), B 6-7 (x) */
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+AMX static inline void transpose16x16(__m512i r[16]) {
+    /* r[i] holds 16 32-bit elements of row i -> r[c] holds element c of every row */
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int c = 0; c < 8; c++) {
+        r[c] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0x88);
+        r[c + 8] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0xdd);
+    }
+}
+
+AMX static void amx_pack_rows(const bf16 *const *x, long rows, long K, bf16 *B) {
+    /* B [K/2][16][2] = the rows x[0 : rows] (at most 16) with pairs of K interleaved, zero rows to
+     * 16: 32 of K at a time, the rows' 16 pairs (32-bit elements) transposed in registers */
+    __m512i r[16];
+    for (long k = 0; k < K; k += 32) {
+        for (int t = 0; t < 16; t++)
+            r[t] = t < rows ? _mm512_loadu_si512(x[t] + k) : _mm512_setzero_si512();
+        transpose16x16(r);
+        for (int p = 0; p < 16; p++)
+            _mm512_storeu_si512(B + (k / 2 + p) * 32, r[p]);
+    }
+}
+
+AMX static void amx_pack(const bf16 *const *x, long M, long K, bf16 *B) {
+    /* the M rows x[0 : M] as ceil(M / 16) B operands of 16 rows, each 16 K elements */
+    for (long b = 0; 16 * b < M; b++)
+        amx_pack_rows(x + 16 * b, M - 16 * b < 16 ? M - 16 * b : 16, K, B + b * 16 * K);
+}
+
+/* where amx_gemm's sums go: y [M, N] bfloat16 (+ bias), or float32 rows out[m] set or added to */
+enum { TO_BF16, TO_ROWS, ADD_TO_ROWS };
+
+typedef struct {
+    int kind;
+    const bf16 *bias; /* TO_BF16: [N] or NULL */
+    bf16 *y;          /* TO_BF16: rows ldy apart */
+    long ldy;
+    float *const *out;  /* TO_ROWS, ADD_TO_ROWS: row m's N sums */
+    const float *alpha; /* ADD_TO_ROWS: out[m] += alpha[m] * sums */
+} amx_sink;
+
+AMX static void amx_emit(const amx_sink *to, long t0, long rows, const float *sums, long n0) {
+    /* sums [16 outputs][16 rows of x] (a stored C tile) -> outputs n0 .. n0 + 15 of rows t0 .. t0 +
+     * rows - 1, transposed in registers; TO_BF16 adds the bias in float32 and rounds once (nearest
+     * even) */
+    __m512i r[16];
+    for (int o = 0; o < 16; o++)
+        r[o] = _mm512_load_si512(sums + 16 * o);
+    transpose16x16(r);
+    if (to->kind == TO_BF16) {
+        const __m512 b = to->bias ? widen16(to->bias + n0) : _mm512_setzero_ps();
+        for (long t = 0; t < rows; t++)
+            _mm256_storeu_si256((__m256i *)(to->y + (t0 + t) * to->ldy + n0),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_castsi512_ps(r[t]), b)));
+    } else if (to->kind == TO_ROWS) {
+        for (long t = 0; t < rows; t++)
+            _mm512_storeu_ps(to->out[t0 + t] + n0, _mm512_castsi512_ps(r[t]));
+    } else {
+        for (long t = 0; t < rows; t++) {
+            float *o = to->out[t0 + t] + n0;
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(to->alpha[t0 + t]), _mm512_castsi512_ps(r[t]),
+                                                _mm512_loadu_ps(o)));
+        }
+    }
+}
+
+AMX static void amx_gemm(const bf16 *packed, long M, const bf16 *W, long ldw, long N, long K, const amx_sink *to) {
+    /* sums [M, N] = x @ W^T, x's M rows packed by amx_pack, W [N, K] rows ldw apart; the tiles
+     * configured (amx_configure). 32 outputs (two A tiles) x 32 rows of x (two B tiles) at a time:
+     * the 32 weight rows (64 KB at K = 1024) stay in L1 / L2 while every pair of row blocks takes
+     * them, so W is read from memory once. Each sum runs over K in the same order whatever M and
+     * wherever its row is. */
+    const long blocks = (M + 15) / 16;
+    float sums[16 * 16] __attribute__((aligned(64)));
+    for (long n0 = 0; n0 < N; n0 += 32) {
+        const int two_n = n0 + 32 <= N;
+        const bf16 *A0 = W + n0 * ldw, *A1 = A0 + 16 * ldw;
+        for (long b = 0; b < blocks; b += 2) {
+            const int two_m = b + 1 < blocks;
+            const bf16 *B0 = packed + b * 16 * K, *B1 = B0 + 16 * K;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (long k = 0; k < K; k += 32) {
+                _tile_loadd(4, A0 + k, ldw * 2);
+                _tile_loadd(6, B0 + k * 16, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two_n) {
+                    _tile_loadd(5, A1 + k, ldw * 2);
+                    _tile_dpbf16ps(1, 5, 6);
+                }
+                if (two_m) {
+                    _tile_loadd(7, B1 + k * 16, 64);
+                    _tile_dpbf16ps(2, 4, 7);
+                    if (two_n)
+                        _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            const long t0 = 16 * b, r0 = M - t0 < 16 ? M - t0 : 16, r1 = M - t0 - 16;
+            _tile_stored(0, sums, 64);
+            amx_emit(to, t0, r0, sums, n0);
+            if (two_n) {
+                _tile_stored(1, sums, 64);
+                amx_emit(to, t0, r0, sums, n0 + 16);
+            }
+            if (two_m) {
+                _tile_stored(2, sums, 64);
+                amx_emit(to, t0 + 16, r1, sums, n0);
+                if (two_n) {
+                    _tile_stored(3, sums, 64);
+                    amx_emit(to, t0 + 16, r1, sums, n0 + 16);
+                }
+            }
+        }
+    }
+}
+
+/* this thread's scratch for the AMX kernels (repacked rows, sums), grown as needed */
+static __thread void *amx_scratch;
+static __thread size_t amx_scratch_size;
+
+static void *amx_scratch_of(size_t bytes) {
+    if (bytes > amx_scratch_size) {
+        void *grown = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        if (!grown)
+            return NULL;
+        free(amx_scratch);
+        amx_scratch = grown, amx_scratch_size = bytes;
+    }
+    return amx_scratch;
+}
+
+AMX int moe_amx_linear(const bf16 *x, long ldx, long M, const bf16 *W, long ldw, long N, long K, const bf16 *bias,
+                       bf16 *y, long ldy) {
+    /* y [M, N] = x [M, K] (rows ldx apart) @ W^T (+ bias); M <= 64. 0, or -1 when the scratch could
+     * not be allocated (nothing written) */
+    bf16 *packed = amx_scratch_of((M + 15) / 16 * 16 * K * sizeof(bf16));
+    if (!packed)
+        return -1;
+    const bf16 *rows[64];
+    for (long m = 0; m < M; m++)
+        rows[m] = x + m * ldx;
+    amx_pack(rows, M, K, packed);
+    amx_sink to = {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy};
+    amx_configure();
+    amx_gemm(packed, M, W, ldw, N, K, &to);
+    _tile_release();
+    return 0;
+}
+
+/* moe_amx_experts: the routed experts of model.Experts (SiLU) for any number of tokens, bfloat16,
+ * with the AMX tiles, on the experts as the checkpoint stores them: gate_up [E, 2I, D] (gate rows,
+ * then up rows) and down [E, D, I], row-major, each the A operand as in moe_amx_linear.
+ *   x [N, D] bfloat16; ids [N, A] int64 (expert of each choice), weights [N, A] float32;
+ *   y [N, D] bfloat16 = sum over a of weights[n, a] * expert ids[n, a] on x[n];
+ *   counts [E] int64: tokens routed to each expert (set, not added).
+ * An expert's tokens go AMX_PASS_ROWS at a time (its weights read once a pass); gate and up are
+ * float32 sums, silu(gate) * up rounded to bfloat16 once (the down projection's B operand), and
+ * each token's output summed over its experts in float32, rounded once. D and I multiples of 32
+ * (the caller checks). 0, or -1 when the scratch could not be allocated (nothing written). */
+#define AMX_PASS_ROWS 512
+
+AMX int moe_amx_experts(const bf16 *x, const long *ids, const float *weights, const bf16 *gate_up, const bf16 *down,
+                        bf16 *y, long *counts, long N, long A, long D, long E, long I) {
+    const long P = N * A < AMX_PASS_ROWS ? N * A : AMX_PASS_ROWS, Pb = (P + 15) / 16 * 16;
+    const long bytes = N * D * 4 + (N * A + E + 1) * 4 + Pb * D * 2 + P * 2 * I * 4 + Pb * I * 2 + Pb * I * 2 +
+                       P * (2 * sizeof(void *) + 4) + 64 * 6;
+    char *at = amx_scratch_of(bytes);
+    if (!at)
+        return -1;
+#define TAKE(type, name, count) type *name = (type *)at; at += ((count) * sizeof(type) + 63) / 64 * 64
+    TAKE(float, y32, N * D);
+    TAKE(int, order, N * A);
+    TAKE(int, start, E + 1);
+    TAKE(bf16, packed_x, Pb * D);
+    TAKE(float, h, P * 2 * I);
+    TAKE(bf16, act, Pb * I);
+    TAKE(bf16, packed_act, Pb * I);
+    TAKE(float *, hrow, P);
+    TAKE(float *, yrow, P);
+    TAKE(float, alpha, P);
+#undef TAKE
+    const bf16 **xrow = (const bf16 **)yrow; /* the gate / up pass's row pointers (yrow is set after) */
+    for (long e = 0; e <= E; e++)
+        start[e] = 0;
+    for (long i = 0; i < N * A; i++)
+        start[ids[i] + 1]++;
+    for (long e = 0; e < E; e++) {
+        counts[e] = start[e + 1];
+        start[e + 1] += start[e];
+    }
+    for (long i = 0; i < N * A; i++) /* choices grouped by expert, in token order within each */
+        order[start[ids[i]]++] = (int)i;
+    for (long e = E; e > 0; e--)
+        start[e] = start[e - 1];
+    start[0] = 0;
+    for (long i = 0; i < N * D; i++)
+        y32[i] = 0.0f;
+    amx_configure();
+    for (long e = 0; e < E; e++) {
+        const bf16 *gu = gate_up + e * 2 * I * D, *dn = down + e * D * I;
+        for (long r0 = start[e]; r0 < start[e + 1]; r0 += P) {
+            const long rows = start[e + 1] - r0 < P ? start[e + 1] - r0 : P;
+            for (long m = 0; m < rows; m++) {
+                xrow[m] = x + (order[r0 + m] / A) * D;
+                hrow[m] = h + m * 2 * I;
+            }
+            amx_pack(xrow, rows, D, packed_x);
+            amx_sink to_h = {.kind = TO_ROWS, .out = hrow};
+            amx_gemm(packed_x, rows, gu, D, 2 * I, D, &to_h); /* [rows, 2I]: gate | up */
+            const bf16 *arow[AMX_PASS_ROWS];
+            for (long m = 0; m < rows; m++) { /* silu(gate) * up, rounded once */
+                const float *hm = hrow[m];
+                bf16 *am = act + m * I;
+                for (long i = 0; i < I; i += 16) {
+                    __m512 g = _mm512_loadu_ps(hm + i);
+                    __m512 s = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+                    __m512 v = _mm512_mul_ps(_mm512_div_ps(g, s), _mm512_loadu_ps(hm + I + i));
+                    _mm256_storeu_si256((__m256i *)(am + i), (__m256i)_mm512_cvtneps_pbh(v));
+                }
+                arow[m] = am;
+            }
+            amx_pack(arow, rows, I, packed_act);
+            for (long m = 0; m < rows; m++) {
+                const long choice = order[r0 + m];
+                yrow[m] = y32 + (choice / A) * D;
+                alpha[m] = weights[choice];
+            }
+            amx_sink to_y = {.kind = ADD_TO_ROWS, .out = yrow, .alpha = alpha};
+            amx_gemm(packed_act, rows, dn, I, D, I, &to_y); /* y[n] += weight * [rows, D] */
+        }
+    }
+    _tile_release();
+    for (long i = 0; i < N * D; i += 16)
+        _mm256_storeu_si256((__m256i *)(y + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(y32 + i)));
+    return 0;
 }
