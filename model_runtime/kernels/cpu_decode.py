@@ -178,7 +178,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 # Up to this many rows a bfloat16 linear takes moe_amx_linear (a decode step's sequences, a short
 # prefill) rather than oneDNN's matmul, which reorders the plain weights into its blocked layout at
-# every call: benchmarks/runtime_amx_linear.py measures the two.
+# every call: benchmarks/runtime_amx_linear.py measures the two. (At most the C's AMX_LINEAR_ROWS.)
 AMX_MAX_ROWS = 64
 
 
@@ -215,7 +215,7 @@ def amx_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
         rows.data_ptr(), rows.stride(0), M, w.data_ptr(), w.stride(0), N, K,
         None if bias is None else bias.data_ptr(), y.data_ptr(), N,
     ):  # fmt: skip
-        raise MemoryError(f"moe_amx_linear: no memory for {M} repacked rows of {K}")
+        raise MemoryError(f"moe_amx_linear: {M} rows of {K}: more than it takes, or no memory to repack them")
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
@@ -368,27 +368,35 @@ def routed_experts(
     return y, counts
 
 
+def amx_experts_layer(m: layers.Experts) -> bool:
+    """Whether moe_amx_experts can take m's experts, once row-major: the CPU has AMX (_amx),
+    bfloat16, every expert on this rank, SiLU, D and I multiples of 32."""
+    D, I = m.down_proj.shape[1:]  # noqa: E741 (legend)
+    return (
+        _amx
+        and m.gate_up_proj.dtype is torch.bfloat16
+        and m.down_proj.dtype is torch.bfloat16
+        and m.num_local_experts == m.num_experts
+        and m.act is F.silu
+        and D % 32 == 0
+        and I % 32 == 0
+    )
+
+
 def amx_experts(m: layers.Experts, x: torch.Tensor) -> bool:
-    """Whether moe_amx_experts computes m's forward on x [N, D]: bfloat16 on the CPU with AMX
-    (_amx), outside autograd, torch on one thread, N >= 2 (one token: moe_moe_decode, or the loop
-    over its experts), every expert on this rank, SiLU, the experts row-major as the checkpoint
-    stores them (the engine's layout where the CPU has AMX: experts_layout), D and I multiples
-    of 32."""
-    gate_up, down = m.gate_up_proj, m.down_proj
+    """Whether moe_amx_experts computes m's forward on x [N, D]: a layer it takes
+    (amx_experts_layer) with its experts row-major as the checkpoint stores them (the engine's
+    layout then: experts_layout), x bfloat16 on the CPU, N >= 2 (one token: moe_moe_decode, or the
+    loop over its experts), outside autograd, torch on one thread."""
     return (
         _amx
         and x.dtype is torch.bfloat16
         and x.dim() == 2
         and x.shape[0] >= 2
         and x.is_cpu
-        and gate_up.dtype is torch.bfloat16
-        and down.dtype is torch.bfloat16
-        and m.num_local_experts == m.num_experts
-        and m.act is F.silu
-        and gate_up.is_contiguous()
-        and down.is_contiguous()
-        and down.shape[1] % 32 == 0
-        and down.shape[2] % 32 == 0
+        and m.gate_up_proj.is_contiguous()
+        and m.down_proj.is_contiguous()
+        and amx_experts_layer(m)
         and not (torch.is_grad_enabled() and x.requires_grad)
         and torch.get_num_threads() == 1
     )
@@ -915,17 +923,18 @@ def use_decode_layout(model: nn.Module) -> nn.Module:
 
 
 def experts_layout(model: nn.Module) -> nn.Module:
-    """The bfloat16 / float16 experts' layout for the kernels: where the CPU has AMX (_amx),
-    row-major, as the checkpoint stores them (moe_amx_experts reads each expert's rows as its A
-    tiles; a second call restores what grouped_experts_layout changed); elsewhere column-major
-    (grouped_experts_layout, for torch's grouped GEMM and moe_experts_bf16)."""
-    if not _amx:
-        return grouped_experts_layout(model)
+    """The bfloat16 / float16 experts' layout for the kernels: row-major, as the checkpoint stores
+    them, where moe_amx_experts takes the layer (amx_experts_layer), since it reads each expert's
+    rows as its A tiles (a second call restores what grouped_experts_layout changed); column-major
+    otherwise (grouped_experts_layout, for torch's grouped GEMM and moe_experts_bf16)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, layers.Experts) and m.plain_weights and m.gate_up_proj.dtype in shapes.JIT_DTYPES:
-                m.gate_up_proj.data = m.gate_up_proj.data.contiguous()  # [E, 2I, D]
-                m.down_proj.data = m.down_proj.data.contiguous()  # [E, D, I]
+                if amx_experts_layer(m):
+                    m.gate_up_proj.data = m.gate_up_proj.data.contiguous()  # [E, 2I, D]
+                    m.down_proj.data = m.down_proj.data.contiguous()  # [E, D, I]
+                else:
+                    grouped_experts_layout(m)
     return model
 
 

@@ -84,6 +84,9 @@ def _load():
                     lib.moe_mla_prepare_bf16.restype = None
                     lib.moe_gqa_prepare_bf16.argtypes = [ptr] * 7 + [long, ptr] + [long] * 4 + [ctypes.c_int] + [long] * 3
                     lib.moe_gqa_prepare_bf16.restype = None
+                    lib.moe_paged_amx_select.argtypes, lib.moe_paged_amx_select.restype = [ctypes.c_int], ctypes.c_int
+                    amx = lib.moe_paged_amx_select(int(os.environ.get("MOE_RUNTIME_AMX", "1") != "0"))
+                    log.info("paged attention kernel: scores with %s", "AMX tiles" if amx else "AVX-512 FMAs")
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
                 lib = None
                 log.warning("paged attention kernel: off (%s); torch's ops are used", e)

@@ -297,8 +297,9 @@ def test_bf16_mla_attention_kernel_matches_the_torch_layer(q_lora_rank, simd):
 @pytest.mark.parametrize("layout", ["row-major", "column-major"])
 @pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
 def test_bf16_moe_kernel_matches_the_torch_layer(name, layout, simd, monkeypatch):
+    intermediate = 32 if layout == "row-major" else 24  # row-major: a whole AMX tile; 24: the loops' tails
     cfg = ModelConfig(
-        hidden_size=64, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24, **ROUTERS[name]
+        hidden_size=64, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=intermediate, **ROUTERS[name]
     )
     moe = random_(MoE(cfg), 6).bfloat16()
     if layout == "column-major":  # as the engine keeps bfloat16 experts on CPUs without AMX
@@ -311,7 +312,7 @@ def test_bf16_moe_kernel_matches_the_torch_layer(name, layout, simd, monkeypatch
         torch_counts = moe.tokens_per_expert.clone()
         moe.tokens_per_expert.zero_()
         assert use_cpu_decode_kernels(moe) and moe.decode is not None
-        assert moe.experts.gate_up_proj.is_contiguous() == cpu_decode._amx  # the engine's layout for this CPU
+        assert moe.experts.gate_up_proj.is_contiguous() == cpu_decode.amx_experts_layer(moe.experts)  # the engine's
         got = [moe(x) for x in xs]
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert bf16_close(a, b, ulps=6), (name, i)
@@ -754,8 +755,10 @@ def test_amx_routed_experts_take_only_what_the_kernel_reads(monkeypatch):
         monkeypatch.undo()
         cpu_decode.grouped_experts_layout(experts)
         assert not cpu_decode.amx_experts(experts, x) and cpu_decode.experts_kernel(experts, x)
-    odd, x, _, _ = routed_experts_case("mixtral", 4, hidden=64, intermediate=48, layout="engine")  # I = 48
-    assert not cpu_decode.amx_experts(odd, x)
+    # I = 48, not a whole tile: the engine keeps such a layer column-major for the FMA kernel
+    odd, x, _, _ = routed_experts_case("mixtral", 4, hidden=64, intermediate=48, layout="engine")
+    assert not odd.gate_up_proj.is_contiguous() and not odd.down_proj.is_contiguous()
+    assert not cpu_decode.amx_experts(odd, x) and cpu_decode.experts_kernel(odd, x)
     assert not cpu_decode.amx_experts(experts, x.requires_grad_())
 
 

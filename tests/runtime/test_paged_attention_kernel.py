@@ -3,6 +3,8 @@ torch path it replaces (gather the context, then attend): GQA and MLA shapes, ra
 end on, before and after block boundaries, scattered blocks, a sliding window, and whole bfloat16
 models decoding after a cached prefix."""
 
+import os
+
 import pytest
 import torch
 
@@ -24,6 +26,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["amx", "fma"])
+def scores(request):
+    """Each kernel test with the scores on AMX tiles (where the CPU has them; for E a multiple of 32
+    and 8 or more query heads a kv head) and with AVX-512 FMAs."""
+    lib = paged_kernel._load()
+    if not lib.moe_paged_amx_select(int(request.param == "amx")) and request.param == "amx":
+        lib.moe_paged_amx_select(1)
+        pytest.skip("this CPU (or OS) runs no AMX")
+    yield request.param
+    lib.moe_paged_amx_select(int(os.environ.get("MOE_RUNTIME_AMX", "1") != "0"))
 
 
 def decode_batch(lens, block_size, num_blocks, seed):
@@ -57,9 +71,11 @@ LENS = [1, 15, 16, 17, 33, 70, 2, 48]  # on, before and after block boundaries (
         (6, 2, 40, None, 16),  # head_dim not a multiple of 32 (masked loads)
         (8, 4, 32, 20, 16),  # sliding window shorter than some contexts
         (8, 4, 32, None, 5),  # odd block size
+        (16, 2, 64, None, 16),  # 8 query heads a kv head (AMX scores where the CPU has them)
+        (16, 1, 32, 20, 5),  # 16, a window, an odd block size
     ],
 )
-def test_gqa_decode_matches_gathered_attention(heads, kv_heads, dim, window, block_size):
+def test_gqa_decode_matches_gathered_attention(heads, kv_heads, dim, window, block_size, scores):
     gen = torch.Generator().manual_seed(heads * dim + (window or 0) + block_size)
     num_blocks = 64
     batch = decode_batch(LENS, block_size, num_blocks, seed=block_size)
@@ -78,7 +94,7 @@ def test_gqa_decode_matches_gathered_attention(heads, kv_heads, dim, window, blo
     torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
 
 
-def test_mla_decode_reads_latent_rows_in_place():
+def test_mla_decode_reads_latent_rows_in_place(scores):
     """MLA's absorbed decode: one kv head whose keys are whole [C + R] rows and whose values are
     their first C columns (a strided view of the cache, not copied)."""
     C, R, H, bs = 512, 64, 8, 16

@@ -841,78 +841,10 @@ AVX512 void moe_argmax_rows(const float *x, long rows, long cols, long ld, long 
  * sequence's result does not depend on the others in its step. N a multiple of 16, K of 32 (the
  * caller checks); the tile state is requested once (moe_amx_supported) and released after each call. */
 #include <stdlib.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
-#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
+#include "amx_tiles.h"
 
-int moe_amx_supported(void) {
-    /* the CPU has AMX-BF16 and the kernel grants this process the tile data state (Linux asks
-     * each process to request it; oneDNN does the same) */
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16"))
-        return 0;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((packed)) tile_config;
-
-AMX static void amx_configure(void) {
-    /* eight tiles of 16 rows x 64 bytes: C 0-3 (fp32 sums), A 4-5 (W), B 6-7 (x) */
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.rows[t] = 16;
-        c.colsb[t] = 64;
-    }
-    _tile_loadconfig(&c);
-}
-
-AMX static inline void transpose16x16(__m512i r[16]) {
-    /* r[i] holds 16 32-bit elements of row i -> r[c] holds element c of every row */
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int i = 0; i < 4; i++) {
-        t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-    }
-    for (int c = 0; c < 8; c++) {
-        r[c] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0x88);
-        r[c + 8] = _mm512_shuffle_i32x4(t[c], t[c + 8], 0xdd);
-    }
-}
-
-AMX static void amx_pack_rows(const bf16 *const *x, long rows, long K, bf16 *B) {
-    /* B [K/2][16][2] = the rows x[0 : rows] (at most 16) with pairs of K interleaved, zero rows to
-     * 16: 32 of K at a time, the rows' 16 pairs (32-bit elements) transposed in registers */
-    __m512i r[16];
-    for (long k = 0; k < K; k += 32) {
-        for (int t = 0; t < 16; t++)
-            r[t] = t < rows ? _mm512_loadu_si512(x[t] + k) : _mm512_setzero_si512();
-        transpose16x16(r);
-        for (int p = 0; p < 16; p++)
-            _mm512_storeu_si512(B + (k / 2 + p) * 32, r[p]);
-    }
-}
+int moe_amx_supported(void) { return amx_request(); }
 
 AMX static void amx_pack(const bf16 *const *x, long M, long K, bf16 *B) {
     /* the M rows x[0 : M] as ceil(M / 16) B operands of 16 rows, each 16 K elements */
@@ -1024,14 +956,16 @@ static void *amx_scratch_of(size_t bytes) {
     return amx_scratch;
 }
 
+#define AMX_LINEAR_ROWS 64 /* the most rows moe_amx_linear takes (cpu_decode.AMX_MAX_ROWS) */
+
 AMX int moe_amx_linear(const bf16 *x, long ldx, long M, const bf16 *W, long ldw, long N, long K, const bf16 *bias,
                        bf16 *y, long ldy) {
-    /* y [M, N] = x [M, K] (rows ldx apart) @ W^T (+ bias); M <= 64. 0, or -1 when the scratch could
-     * not be allocated (nothing written) */
-    bf16 *packed = amx_scratch_of((M + 15) / 16 * 16 * K * sizeof(bf16));
+    /* y [M, N] = x [M, K] (rows ldx apart) @ W^T (+ bias); M <= AMX_LINEAR_ROWS. 0, or -1 when the
+     * scratch could not be allocated or M is larger (nothing written) */
+    bf16 *packed = M <= AMX_LINEAR_ROWS ? amx_scratch_of((M + 15) / 16 * 16 * K * sizeof(bf16)) : NULL;
     if (!packed)
         return -1;
-    const bf16 *rows[64];
+    const bf16 *rows[AMX_LINEAR_ROWS];
     for (long m = 0; m < M; m++)
         rows[m] = x + m * ldx;
     amx_pack(rows, M, K, packed);

@@ -14,10 +14,66 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx_tiles.h"
 #include "simd_exp.h"
 
 #define GROUP 8  // query heads scored together per pass over a cached key row
 #define CHUNK 64  // cached tokens scored before their values are summed
+
+// Scores on AMX tiles (decision 32) where the CPU has them and E is a multiple of 32: a chunk's key
+// rows (copied together) are the A operand, the query heads packed once per sequence the B operand,
+// a tile multiply scoring 16 tokens for 16 heads (the FMA path reduces each head's sum across a
+// vector for every token: MLA's 16 heads x 576 values cost ~2x the values' sum). Off by default in
+// the library; moe_paged_amx_select turns it on.
+static int amx_scores;
+
+int moe_paged_amx_select(int on) {  // whether the scores run on AMX tiles from now on
+    amx_scores = on && amx_request();
+    return amx_scores;
+}
+
+AMX __attribute__((noinline)) static void amx_start(void) { amx_configure(); }
+AMX __attribute__((noinline)) static void amx_stop(void) { _tile_release(); }
+
+// qpack [ceil(G/16)][E/2][16][2] = the G query heads (rows of E at qk, heads qh apart; or their first
+// e1 columns there and the rest at qk2, heads q2h apart), 16 heads a B operand
+AMX __attribute__((noinline)) static void pack_queries(const uint16_t *qk, long qh, const uint16_t *qk2, long q2h,
+                                                        long e1, long G, long E, uint16_t *qpack) {
+    const uint16_t *rows[16];
+    for (long g0 = 0; g0 < G; g0 += 16) {
+        long gn = G - g0 < 16 ? G - g0 : 16;
+        uint16_t *B = qpack + (g0 / 16) * 16 * E;
+        for (long g = 0; g < gn; g++) rows[g] = qk + (g0 + g) * qh;
+        amx_pack_rows(rows, gn, e1, B);
+        if (e1 < E) {
+            for (long g = 0; g < gn; g++) rows[g] = qk2 + (g0 + g) * q2h;
+            amx_pack_rows(rows, gn, E - e1, B + e1 * 16);
+        }
+    }
+}
+
+// p[g * CHUNK + j] = scale * q[g] . key j for g < G, j < cn: keys [CHUNK][E] (contiguous rows),
+// the queries packed by pack_queries; the tiles configured (amx_start)
+AMX __attribute__((noinline)) static void amx_chunk_scores(const uint16_t *keys, long E, const uint16_t *qpack,
+                                                            long G, long cn, float scale, float *p) {
+    float c[16 * 16] __attribute__((aligned(64)));
+    for (long j0 = 0; j0 < cn; j0 += 16) {
+        long rows = cn - j0 < 16 ? cn - j0 : 16;
+        for (long g0 = 0; g0 < G; g0 += 16) {
+            const uint16_t *B = qpack + (g0 / 16) * 16 * E;
+            _tile_zero(0);
+            for (long k = 0; k < E; k += 32) {
+                _tile_loadd(4, keys + j0 * E + k, E * 2);
+                _tile_loadd(6, B + k * 16, 64);
+                _tile_dpbf16ps(0, 4, 6);
+            }
+            _tile_stored(0, c, 64);
+            long gn = G - g0 < 16 ? G - g0 : 16;
+            for (long r = 0; r < rows; r++)
+                for (long g = 0; g < gn; g++) p[(g0 + g) * CHUNK + j0 + r] = c[r * 16 + g] * scale;
+        }
+    }
+}
 
 int moe_paged_supported(void) {
     __builtin_cpu_init();
@@ -113,6 +169,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
     const uint16_t **vrows = malloc(CHUNK * sizeof(*vrows));
     long ep = ((E + 15) / 16) * 16;  // a widened query row, zero-padded to whole vectors
     float *qf = aligned_alloc(64, (size_t)G * ep * sizeof(float) + 64);
+    const int tiles = amx_scores && E % 32 == 0 && e1 % 32 == 0 && G >= 8;  // (fewer heads a kv head: no faster)
+    uint16_t *keys = tiles ? calloc((size_t)CHUNK * E, sizeof(uint16_t)) : NULL;  // a chunk's key rows
+    uint16_t *qpack = tiles ? aligned_alloc(64, (size_t)((G + 15) / 16) * 16 * E * sizeof(uint16_t)) : NULL;
+    if (tiles) amx_start();
     for (long s = 0; s < S; s++) {
         long n = context_lens[s];
         long start = (window > 0 && n > window) ? n - window : 0;
@@ -120,10 +180,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
         for (long k = 0; k < K; k++) {
             const uint16_t *qk = q + s * qs + k * G * qh, *qk2 = q2 ? q2 + s * q2s + k * G * q2h : NULL;
             memset(acc, 0, (size_t)G * evp * sizeof(float));
-            for (long g = 0; g < G; g++)  // this kv head's query heads, widened once
-                for (long i = 0; i < ep; i += 16)
-                    _mm512_store_ps(qf + g * ep + i, i < e1 ? load_bf16x16(qk + g * qh + i, lanes(e1 - i))
-                                                            : load_bf16x16(qk2 + g * q2h + i - e1, lanes(E - i)));
+            if (tiles)  // this kv head's query heads, packed once
+                pack_queries(qk, qh, qk2, q2h, e1, G, E, qpack);
+            else  // widened once
+                for (long g = 0; g < G; g++)
+                    for (long i = 0; i < ep; i += 16)
+                        _mm512_store_ps(qf + g * ep + i, i < e1 ? load_bf16x16(qk + g * qh + i, lanes(e1 - i))
+                                                                : load_bf16x16(qk2 + g * q2h + i - e1, lanes(E - i)));
             for (long g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
             for (long t0 = start; t0 < n; t0 += CHUNK) {
                 long cn = n - t0 < CHUNK ? n - t0 : CHUNK;
@@ -133,11 +196,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                     long slot = table[t / block_size] * block_size + t % block_size;
                     const uint16_t *kr = kc + slot * ks + k * kh;
                     vrows[j] = vc + slot * vs + k * vh;
+                    if (tiles) {
+                        memcpy(keys + j * E, kr, (size_t)E * sizeof(uint16_t));
+                        continue;
+                    }
                     for (long g0 = 0; g0 < G; g0 += GROUP) {
                         long gn = G - g0 < GROUP ? G - g0 : GROUP;
                         BY_GN(gn, score_row, qf + g0 * ep, ep, kr, E, scale, p + g0 * CHUNK + j);
                     }
                 }
+                if (tiles) amx_chunk_scores(keys, E, qpack, G, cn, scale, p);
                 // online softmax, 16 scores at a time: rescale what was summed so far to the new
                 // running max; the probabilities stay float32 in p for the weighted sum of values
                 for (long g = 0; g < G; g++) {
@@ -180,6 +248,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
             }
         }
     }
+    if (tiles) amx_stop();
+    free(qpack);
+    free(keys);
     free(qf);
     free(vrows);
     free(l);
