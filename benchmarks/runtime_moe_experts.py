@@ -1,15 +1,19 @@
-"""The routed experts of a bfloat16 MoE layer at decode sizes, C kernel against torch's grouped GEMM:
+"""The routed experts of a bfloat16 MoE layer, the C kernels against torch's grouped GEMM:
 `python -m benchmarks.runtime_moe_experts` (not part of `make bench`).
 
 On the checkpoints of benchmarks/runtime_vs_vllm.py (bfloat16, torch on one thread, as the server
-runs on 2 cores, the engine's expert layout and kernels: use_cpu_decode_kernels), alternating the
-two paths (kernels/cpu_decode.py's `experts_kernel` forced off for torch's), best of `--rounds`, in
-CPU time of this process (the machine is shared; wall time moves with other sessions' load far
-more):
+runs on 2 cores), alternating the paths, best of `--rounds`, in CPU time of this process (the
+machine is shared; wall time moves with other sessions' load far more):
+- "grouped GEMM": torch's (F.grouped_mm) on the experts stored column-major;
+- "FMA kernel": moe_experts_bf16 (up to EXPERTS_MAX_TOKENS tokens) on the same layout, what a CPU
+  without AMX runs;
+- "AMX kernel": moe_amx_experts on the experts row-major (where the CPU has AMX: decision 32).
+Each path's layout is the engine's for it (use_cpu_decode_kernels applied again). Printed:
 - the first MoE layer's routed experts on N tokens (routed by the layer's own router), and how far
   each path's output is from float32's (largest difference over the largest value);
 - whole engine decode steps (LLMEngine in process: `--batch` requests of 32-token prompts, then
-  decode steps), the median step.
+  decode steps), the median step: the FMA kernel's engine (no AMX kernels at all) against the AMX
+  kernels' (the grouped GEMM path is not an engine's).
 """
 
 from __future__ import annotations
@@ -27,11 +31,26 @@ from model_runtime.kernels import cpu_decode
 from model_runtime.models.loading import load_model
 from model_runtime.models.model import MoE
 
-PATHS = ("grouped GEMM", "C kernel")
+PATHS = ("grouped GEMM", "FMA kernel", "AMX kernel")
 
 
-def use(path: str, real=cpu_decode.experts_kernel) -> None:
-    cpu_decode.experts_kernel = real if path == "C kernel" else (lambda *a: False)
+FMA_KERNEL = cpu_decode.experts_kernel  # the real switch, before use() replaces it
+
+
+def amx_here() -> bool:
+    """Whether this CPU (and OS) runs the AMX kernels, as the engine would decide."""
+    return cpu_decode.available() and cpu_decode.moe_amx_enabled()
+
+
+def use(model, path: str) -> None:
+    """The kernels' switches for `path`, and the engine's expert layout for them."""
+    cpu_decode._amx = path == "AMX kernel" and amx_here()
+    cpu_decode.experts_kernel = FMA_KERNEL if path == "FMA kernel" else (lambda *a: False)
+    cpu_decode.use_cpu_decode_kernels(model)
+
+
+def paths_here() -> tuple[str, ...]:
+    return PATHS if amx_here() else PATHS[:2]
 
 
 def reference(experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -66,7 +85,7 @@ def layer(model, tokens: int, calls: int = 30) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoints", nargs="*", default=DEFAULT_CHECKPOINTS, choices=list(CHECKPOINTS))
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2, 8, 32, 64, 128])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2, 8, 32, 64, 1024])
     parser.add_argument(
         "--batch", type=int, default=32, help="sequences of the engine decode steps (0: none)"
     )
@@ -80,39 +99,36 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     paths = {name: ensure_checkpoint(name, args.cache_dir) for name in args.checkpoints}
     paths.update({m.resolve().name: m for m in args.model})
+    here = paths_here()
     for name, path in paths.items():
         model = load_model(str(path), dtype=torch.bfloat16)
-        cpu_decode.use_cpu_decode_kernels(model)
         print(f"{name} (bfloat16, 1 thread, CPU time, best of {args.rounds}):", flush=True)
         for tokens in args.tokens:
-            best = {p: (float("inf"), 0.0) for p in PATHS}
+            best = {p: (float("inf"), 0.0) for p in here}
             try:
                 for _ in range(args.rounds):
-                    for p in PATHS:
-                        use(p)
+                    for p in here:
+                        if p == "FMA kernel" and tokens > cpu_decode.EXPERTS_MAX_TOKENS:
+                            continue
+                        use(model, p)
                         ms, err = layer(model, tokens)
                         best[p] = min(best[p], (ms, err))
             finally:
-                use("C kernel")
-            (t, te), (k, ke) = best["grouped GEMM"], best["C kernel"]
-            print(
-                f"  routed experts, {tokens:4} tokens: grouped GEMM {t:6.2f} ms  C kernel {k:6.2f} ms "
-                f"({t / k:.2f}x); from float32: {te:.4f} / {ke:.4f}",
-                flush=True,
-            )
+                use(model, here[-1])
+            cells = [f"{p} {ms:6.2f} ms (from float32 {err:.4f})" for p, (ms, err) in best.items() if ms < float("inf")]
+            print(f"  routed experts, {tokens:4} tokens: " + "  ".join(cells), flush=True)
         if args.batch:
-            steps = {p: float("inf") for p in PATHS}
+            engines = ("FMA kernel", "AMX kernel") if "AMX kernel" in here else ("FMA kernel",)
+            steps = {p: float("inf") for p in engines}
             try:
                 for _ in range(args.rounds):
-                    for p in PATHS:
-                        use(p)
+                    for p in engines:
+                        use(model, p)
                         steps[p] = min(steps[p], step_ms(model, args.batch))
             finally:
-                use("C kernel")
-            t, k = steps["grouped GEMM"], steps["C kernel"]
-            print(
-                f"  engine decode step, {args.batch} sequences: grouped GEMM {t:6.2f} ms  C kernel {k:6.2f} ms ({t / k:.2f}x)"
-            )
+                use(model, here[-1])
+            cells = [f"{p} {ms:6.2f} ms" for p, ms in steps.items()]
+            print(f"  engine decode step, {args.batch} sequences: " + "  ".join(cells), flush=True)
     return 0
 
 

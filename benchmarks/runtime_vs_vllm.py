@@ -21,7 +21,8 @@ request's time per output token after its first, vLLM's benchmark's measure) and
 latency p50/p99 (every gap between streamed chunks) of each, and ours / vLLM (throughput: higher
 is better; latency: lower). vLLM streams in bursts on this machine (its API server process
 coalesces the engine's outputs when it falls behind), which makes its ITL p50 near zero; TPOT
-compares decode speed.
+compares decode speed. After the table, each side's median round and every round's tok/s: on a
+shared host one round can be an outlier either way.
 
 Bounded: each run has a fixed number of requests and a time limit; the servers get 10 minutes to
 start (vLLM compiles its model with torch.compile on its first start; the compile cache makes the
@@ -37,6 +38,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -470,8 +472,9 @@ async def compare_checkpoint(
     dtype: str,
     log_dir: Path,
     kv_gib: int,
-) -> dict[str, dict[str, RunResult]]:
-    """{workload: {server: best run}} for one checkpoint, both servers up, rounds alternating."""
+) -> tuple[dict[str, dict[str, RunResult]], dict[str, dict[str, list[float]]]]:
+    """({workload: {server: best run}}, {workload: {server: every round's tok/s}}) for one
+    checkpoint, both servers up, rounds alternating."""
     max_seqs = max(w.clients for w in workloads)
     servers = [
         ours(checkpoint, dtype, max_seqs, log_dir / name),
@@ -480,6 +483,7 @@ async def compare_checkpoint(
     (log_dir / name).mkdir(parents=True, exist_ok=True)
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
     best: dict[str, dict[str, RunResult]] = {w.name: {} for w in workloads}
+    every: dict[str, dict[str, list[float]]] = {w.name: {s.name: [] for s in servers} for w in workloads}
     try:
         for s in servers:
             s.launch()
@@ -501,13 +505,14 @@ async def compare_checkpoint(
                         f"({result.failures} failed; load {load_average()})",
                         flush=True,
                     )
+                    every[w.name][s.name].append(result.tokens_per_s)
                     kept = best[w.name].get(s.name)
                     if kept is None or result.tokens_per_s > kept.tokens_per_s:
                         best[w.name][s.name] = result
     finally:
         for s in servers:
             s.stop()
-    return best
+    return best, every
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -555,6 +560,22 @@ def table(results: dict[str, dict[str, dict[str, RunResult]]], header: str) -> s
         "request's time per output token after the first; ITL: every gap between streamed pieces of text "
         "(a server that sends tokens in bursts shows ITL near 0 and a TPOT that is not)"
     )
+    return "\n".join(lines)
+
+
+def median_table(rounds: dict[str, dict[str, dict[str, list[float]]]]) -> str:
+    """The median round of each side, beside the best: on a shared host one side's best round can
+    be an outlier (vLLM's 32-stream rounds have moved 4x within one run here)."""
+    w = max([12, *map(len, rounds)])
+    head = f"{'checkpoint':<{w}} {'workload':<14} {'ours':>10} {'vLLM':>10} {'ours / vLLM':>12}  rounds (ours | vLLM)"
+    lines = ["Median round (tok/s):", head, "-" * len(head)]
+    for name, per_workload in rounds.items():
+        for wname, per_server in per_workload.items():
+            o, v = statistics.median(per_server["ours"]), statistics.median(per_server["vLLM"])
+            spread = " ".join(f"{x:.0f}" for x in per_server["ours"]) + " | " + " ".join(
+                f"{x:.0f}" for x in per_server["vLLM"]
+            )
+            lines.append(f"{name:<{w}} {wname:<14} {o:>10.1f} {v:>10.1f} {o / v if v else 0:>11.2f}x  {spread}")
     return "\n".join(lines)
 
 
@@ -606,12 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="runtime-vs-vllm-"))
     print(f"server logs: {log_dir}", flush=True)
-    results = {}
+    results, rounds = {}, {}
     started = time.monotonic()
     checkpoints = {name: ensure_checkpoint(name, args.cache_dir) for name in args.checkpoints}
     checkpoints.update({model.resolve().name: model.resolve() for model in args.model})
     for name, checkpoint in checkpoints.items():
-        results[name] = asyncio.run(
+        results[name], rounds[name] = asyncio.run(
             compare_checkpoint(
                 name, checkpoint, workloads, args.rounds, dtype, log_dir, args.vllm_kv_cache_gib
             )
@@ -625,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         f"load average at the end {load_average()}"
     )
     print(table(results, header), flush=True)
+    print(median_table(rounds), flush=True)
     return 0
 
 

@@ -120,6 +120,7 @@ def _load():
                 simd = "AVX-512F" if lib.moe_simd_select(1) else "AVX2"
                 _avx512 = bool(lib.moe_experts_supported())
                 _amx = _avx512 and os.environ.get("MOE_RUNTIME_AMX", "1") != "0" and bool(lib.moe_amx_supported())
+                _amx_here[0] = _amx
                 log.info(
                     "cpu decode kernels: %s (bfloat16 weights read with %s%s)",
                     path, simd, "; a few rows' linears and the routed experts on AMX tiles" if _amx else "",
@@ -129,6 +130,16 @@ def _load():
                 log.warning("cpu decode kernels: off (%s); torch's ops are used", e)
         _lib, _decided = lib, True
         return lib
+
+
+_amx_here = [False]  # what _load decided for _amx (tests and benchmarks switch _amx itself)
+
+
+def moe_amx_enabled() -> bool:
+    """Whether this process runs the AMX kernels, as decided when the kernels loaded (the CPU, the
+    OS's grant, MOE_RUNTIME_AMX), whatever _amx is switched to since."""
+    _load()
+    return _amx_here[0]
 
 
 def available() -> bool:

@@ -151,6 +151,17 @@ TARGET INLINE void sum_values(const long gn, float *accg, long evp, const float 
     }
 }
 
+// A cached token's rows for every kv head (keys, then values) into the cache, PREFETCH_TOKENS ahead of
+// the first kv head's pass: a kv head's rows are K heads apart in a slot (1 KB at 8 heads of 64), a
+// stride the hardware prefetcher follows poorly across pages, and the other heads' passes then find
+// them in L2. With the slot list (once per sequence, not a division per token and head): 32
+// sequences of 100 tokens, 8 kv heads of 64, the cache out of L3, 1.19-1.28 -> 1.01-1.06 ms.
+#define PREFETCH_TOKENS 4
+static inline void prefetch_rows(const uint16_t *keys, long nk, const uint16_t *values, long nv) {
+    for (long i = 0; i < nk; i += 32) _mm_prefetch((const char *)(keys + i), _MM_HINT_T0);
+    for (long i = 0; i < nv; i += 32) _mm_prefetch((const char *)(values + i), _MM_HINT_T0);
+}
+
 // q [S, K*G, E] bf16, rows of E contiguous, sequences qs and heads qh apart, or in two parts: its
 // first e1 columns at q and the other E - e1 at q2 (sequences q2s and heads q2h apart; e1 a multiple of
 // 16; q2 NULL: e1 = E); key row of (slot, kv head k) at kc + slot*ks + k*kh, value row at
@@ -173,10 +184,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
     uint16_t *keys = tiles ? calloc((size_t)CHUNK * E, sizeof(uint16_t)) : NULL;  // a chunk's key rows
     uint16_t *qpack = tiles ? aligned_alloc(64, (size_t)((G + 15) / 16) * 16 * E * sizeof(uint16_t)) : NULL;
     if (tiles) amx_start();
+    long most = 0;  // the longest context: the size of its slot list
+    for (long s = 0; s < S; s++) most = context_lens[s] > most ? context_lens[s] : most;
+    long *slots = malloc((size_t)(most > 0 ? most : 1) * sizeof(long));
     for (long s = 0; s < S; s++) {
         long n = context_lens[s];
         long start = (window > 0 && n > window) ? n - window : 0;
         const int64_t *table = block_tables + s * bt_stride;
+        for (long t = start, b = start / block_size, o = start % block_size; t < n; t++) {  // once for every kv head
+            slots[t] = table[b] * block_size + o;
+            if (++o == block_size) o = 0, b++;
+        }
         for (long k = 0; k < K; k++) {
             const uint16_t *qk = q + s * qs + k * G * qh, *qk2 = q2 ? q2 + s * q2s + k * G * q2h : NULL;
             memset(acc, 0, (size_t)G * evp * sizeof(float));
@@ -193,7 +211,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
                 // scores of this chunk's tokens, p[g * CHUNK + j]
                 for (long j = 0; j < cn; j++) {
                     long t = t0 + j;
-                    long slot = table[t / block_size] * block_size + t % block_size;
+                    long slot = slots[t];
+                    if (k == 0 && t + PREFETCH_TOKENS < n)  // the first kv head's pass brings every head's rows
+                        prefetch_rows(kc + slots[t + PREFETCH_TOKENS] * ks, (K - 1) * kh + E,
+                                      vc + slots[t + PREFETCH_TOKENS] * vs, (K - 1) * vh + Ev);
                     const uint16_t *kr = kc + slot * ks + k * kh;
                     vrows[j] = vc + slot * vs + k * vh;
                     if (tiles) {
@@ -249,6 +270,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
         }
     }
     if (tiles) amx_stop();
+    free(slots);
     free(qpack);
     free(keys);
     free(qf);
