@@ -359,11 +359,17 @@ def experts_kernel(m: layers.Experts, x: torch.Tensor) -> bool:
 
 
 def routed_experts(
-    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    amx: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D] bfloat16, weights / ids [N, A] -> (sum over a of weights[:, a] * expert ids[:, a] on
-    x [N, D] bfloat16, tokens per expert [E]); gate_up [E, 2I, D] and down [E, D, I] bfloat16, each
-    expert's matrix column-major (experts_kernel checks all this)."""
+    x [N, D] bfloat16, tokens per expert [E]); gate_up [E, 2I, D] and down [E, D, I] bfloat16: by
+    moe_experts_bf16 on each expert's matrix column-major (experts_kernel checks all this), or with
+    `amx` by moe_amx_experts on the experts row-major (amx_experts checks)."""
     N, A = ids.shape
     E, D, I = down.shape  # noqa: E741 (legend)
     x = x.contiguous()
@@ -371,11 +377,13 @@ def routed_experts(
     weights = weights.to(torch.float32).contiguous()
     y = torch.empty(N, D, dtype=torch.bfloat16)
     counts = torch.empty(E, dtype=torch.int64)
-    scratch = torch.empty(N * D + N * A + E + 1 + N * (D + 2 * I))
-    _lib.moe_experts_bf16(
-        x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate_up.data_ptr(), down.data_ptr(), y.data_ptr(),
-        counts.data_ptr(), scratch.data_ptr(), N, A, D, E, I,
-    )  # fmt: skip
+    ptrs = (x, ids, weights, gate_up, down, y, counts)
+    if amx:
+        if _lib.moe_amx_experts(*(t.data_ptr() for t in ptrs), N, A, D, E, I):
+            raise MemoryError(f"moe_amx_experts: no memory for the scratch of {N} tokens")
+    else:
+        scratch = torch.empty(N * D + N * A + E + 1 + N * (D + 2 * I))
+        _lib.moe_experts_bf16(*(t.data_ptr() for t in ptrs), scratch.data_ptr(), N, A, D, E, I)
     return y, counts
 
 
@@ -418,19 +426,7 @@ def amx_routed_experts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """routed_experts by moe_amx_experts (amx_experts checks the arguments): gate_up [E, 2I, D] and
     down [E, D, I] row-major."""
-    N, A = ids.shape
-    E, D, I = down.shape  # noqa: E741 (legend)
-    x = x.contiguous()
-    ids = ids.to(torch.int64).contiguous()
-    weights = weights.to(torch.float32).contiguous()
-    y = torch.empty(N, D, dtype=torch.bfloat16)
-    counts = torch.empty(E, dtype=torch.int64)
-    if _lib.moe_amx_experts(
-        x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate_up.data_ptr(), down.data_ptr(), y.data_ptr(),
-        counts.data_ptr(), N, A, D, E, I,
-    ):  # fmt: skip
-        raise MemoryError(f"moe_amx_experts: no memory for the scratch of {N} tokens")
-    return y, counts
+    return routed_experts(x, weights, ids, gate_up, down, amx=True)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.runtime_moe_experts import reference as experts_in_float32  # each token and expert in float32
 from model_runtime import load_model
 from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.core import LLMEngine
@@ -454,12 +455,7 @@ def test_bf16_routed_experts_kernel_matches_the_grouped_gemm(name, tokens, hidde
         got, got_counts = experts(x, weights, ids)
         assert calls["n"] == 1
         want, want_counts = Experts.forward(experts, x, weights, ids)  # the torch code
-        want32 = torch.zeros(tokens, hidden)
-        for n in range(tokens):
-            for a in range(ids.shape[1]):
-                e = int(ids[n, a])
-                gate, up = F.linear(x[n].float(), experts.gate_up_proj[e].float()).chunk(2)
-                want32[n] += weights[n, a] * F.linear(F.silu(gate) * up, experts.down_proj[e].float())
+        want32 = experts_in_float32(experts, x, weights, ids)
     assert calls["n"] == 1  # torch's forward did not call it
     assert torch.equal(got_counts, want_counts)
     assert bf16_close(got, want, ulps=6)
@@ -711,12 +707,7 @@ def test_amx_routed_experts_match_the_torch_code_for_any_token_count(name, token
         got, got_counts = experts(x, weights, ids)
         assert calls["n"] == 1
         want, want_counts = Experts.forward(experts, x, weights, ids)  # the torch code
-        want32 = torch.zeros(tokens, hidden)
-        for n in range(tokens):
-            for a in range(ids.shape[1]):
-                e = int(ids[n, a])
-                gate, up = F.linear(x[n].float(), experts.gate_up_proj[e].float()).chunk(2)
-                want32[n] += weights[n, a] * F.linear(F.silu(gate) * up, experts.down_proj[e].float())
+        want32 = experts_in_float32(experts, x, weights, ids)
         last = slice(tokens - 2, tokens)  # the last two tokens in a step of their own
         alone, _ = experts(x[last], weights[last], ids[last])
     assert calls["n"] == 2  # torch's forward did not call it

@@ -729,24 +729,30 @@ int moe_experts_supported(void) {
     return __builtin_cpu_supports("avx512f");
 }
 
-AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weights, const bf16 *gate_up,
-                             const bf16 *down, bf16 *y, long *counts, float *scratch, long N, long A, long D,
-                             long E, long I) {
-    float *y32 = scratch, *h = y32 + N * D, *x32 = h + N * 2 * I;
-    int *order = (int *)(x32 + N * D), *start = order + N * A; /* start: E + 1 */
+static void group_by_expert(const long *ids, long n, long E, long *counts, int *order, int *start) {
+    /* the n choices' indices grouped by expert (order), in choice order within each; expert e's
+     * run is order[start[e] : start[e + 1]] (start: E + 1), its length in counts[e] */
     for (long e = 0; e <= E; e++)
         start[e] = 0;
-    for (long i = 0; i < N * A; i++)
+    for (long i = 0; i < n; i++)
         start[ids[i] + 1]++;
     for (long e = 0; e < E; e++) {
         counts[e] = start[e + 1];
         start[e + 1] += start[e];
     }
-    for (long i = 0; i < N * A; i++) /* choices grouped by expert, in token order within each */
+    for (long i = 0; i < n; i++)
         order[start[ids[i]]++] = (int)i;
     for (long e = E; e > 0; e--)
         start[e] = start[e - 1];
     start[0] = 0;
+}
+
+AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weights, const bf16 *gate_up,
+                             const bf16 *down, bf16 *y, long *counts, float *scratch, long N, long A, long D,
+                             long E, long I) {
+    float *y32 = scratch, *h = y32 + N * D, *x32 = h + N * 2 * I;
+    int *order = (int *)(x32 + N * D), *start = order + N * A; /* start: E + 1 */
+    group_by_expert(ids, N * A, E, counts, order, start);
     for (long i = 0; i < N * D; i++)
         y32[i] = 0.0f;
     float *hrow[N], *yrow[N], alpha[N];
@@ -1009,19 +1015,7 @@ AMX int moe_amx_experts(const bf16 *x, const long *ids, const float *weights, co
     TAKE(float, alpha, P);
 #undef TAKE
     const bf16 **xrow = (const bf16 **)yrow; /* the gate / up pass's row pointers (yrow is set after) */
-    for (long e = 0; e <= E; e++)
-        start[e] = 0;
-    for (long i = 0; i < N * A; i++)
-        start[ids[i] + 1]++;
-    for (long e = 0; e < E; e++) {
-        counts[e] = start[e + 1];
-        start[e + 1] += start[e];
-    }
-    for (long i = 0; i < N * A; i++) /* choices grouped by expert, in token order within each */
-        order[start[ids[i]]++] = (int)i;
-    for (long e = E; e > 0; e--)
-        start[e] = start[e - 1];
-    start[0] = 0;
+    group_by_expert(ids, N * A, E, counts, order, start);
     for (long i = 0; i < N * D; i++)
         y32[i] = 0.0f;
     amx_configure();
