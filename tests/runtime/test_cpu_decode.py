@@ -21,6 +21,7 @@ from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.core import LLMEngine
 from model_runtime.engine.requests import SamplingParams
 from model_runtime.kernels import cpu_decode, shapes
+from model_runtime.kernels import paged_attention as paged_kernel
 from model_runtime.kernels.cpu_decode import use_cpu_decode_kernels
 from model_runtime.models.config import ModelConfig
 from model_runtime.models.model import MLP, Attention, Experts, MLAttention, MoE, PagedContext
@@ -613,15 +614,21 @@ def test_fused_projections_are_views_and_a_step_of_rows_takes_one_matmul_each(bu
         m, name, linears = groups[0]
         linears[-1].weight.mul_(0.5)  # an in-place update of a linear is its rows of the matrix
         assert torch.equal(shapes.fused(m, name).weight[-linears[-1].weight.shape[0] :], linears[-1].weight)
-    if builtin == "tiny-mixtral":  # a paged prefill of fused q/k/v: rope and cache writes still one C call
-        from model_runtime.kernels import paged_attention as paged_kernel
 
-        taken, real_prepare = [], paged_kernel.gqa_prepare
-        monkeypatch.setattr(paged_kernel, "gqa_prepare", lambda *a: taken.append(real_prepare(*a)) or taken[-1])
-        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=2, num_kv_blocks=64, block_size=4))
-        engine.add_request("r", list(range(3, 20)), SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
-        engine.step()
-        assert len(taken) == model.config.num_hidden_layers and all(taken)
+
+@pytest.mark.skipif(not paged_kernel.available(), reason="the paged attention kernel needs AVX512-BF16")
+def test_a_paged_prefill_of_fused_qkv_ropes_and_writes_the_cache_in_one_c_call_a_layer(monkeypatch):
+    """q/k/v fused into one projection: their rows are column ranges of its output, and the paged
+    prefill still rotates q and k and writes the cache in one C call (gqa_prepare) per layer."""
+    model = load_model("builtin:tiny-mixtral", dtype=torch.bfloat16).eval()
+    assert use_cpu_decode_kernels(model)
+    assert all(shapes.fused(m, "qkv") is not None for m in model.modules() if isinstance(m, Attention))
+    taken, real_prepare = [], paged_kernel.gqa_prepare
+    monkeypatch.setattr(paged_kernel, "gqa_prepare", lambda *a: taken.append(real_prepare(*a)) or taken[-1])
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=2, num_kv_blocks=64, block_size=4))
+    engine.add_request("r", list(range(3, 20)), SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    engine.step()
+    assert len(taken) == model.config.num_hidden_layers and all(taken)
 
 
 amx = pytest.mark.skipif(not cpu_decode._amx, reason="this CPU (or OS) runs no AMX")
