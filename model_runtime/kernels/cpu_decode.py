@@ -813,7 +813,7 @@ def _layer_kernel(m: nn.Module):
         return MLAttention(*weights, cfg.rope_interleave, m.scale) if _rows(*weights) else None
     if type(m) is layers.Attention:
         cfg = m.cfg
-        paged_lib = paged_kernel._load()
+        paged_lib = paged_kernel.avx512_lib()  # its prepare and decode in bfloat16 on AVX512-BF16
         linears = (m.q_proj, m.k_proj, m.v_proj, m.o_proj)
         weights = [p.weight for p in linears]
         qkv_biases = [p.bias for p in linears[:3] if p.bias is not None]

@@ -1,4 +1,4 @@
-"""Decode attention that reads the paged KV cache in place (bfloat16 on the CPU).
+"""Decode attention that reads the paged KV cache in place (bfloat16 or float32 on the CPU).
 
 The torch path (models/model.py: `gather_slots` + `paged_attention`) copies every sequence's whole
 context out of the cache into a dense [S, L, ...] tensor at every layer and step, then attends it
@@ -11,10 +11,14 @@ CPU decode kernels do; decision 27 in docs/decisions.md says why this one is our
 
 It serves grouped-query attention (cache [2, slots, K, Dh]) and MLA's absorbed decode (cache
 [slots, C + R]: the keys are whole rows, the values their first C columns, read in place, no copy
-of a strided view). It applies to bfloat16 queries and cache on the CPU, one new token per
-sequence, outside autograd, with torch on one thread (the runtime's setting on small machines;
-more threads stay with torch's ops, which spread over cores), on CPUs with AVX512-BF16. Anywhere
-else, or with MOE_RUNTIME_CPU_KERNELS=0, the torch path runs, and it stays the reference:
+of a strided view). It applies to queries and cache of one dtype, bfloat16 or float32, on the CPU,
+one new token per sequence, outside autograd, with torch on one thread (the runtime's setting on
+small machines; more threads stay with torch's ops, which spread over cores). Two builds of the
+same steps: bfloat16 on CPUs with AVX512-BF16 runs the AVX-512 kernel (its scores on AMX tiles
+where those apply); float32 anywhere, and bfloat16 on CPUs without AVX512-BF16 (AMD Zen 2/3, where
+`--dtype auto` is float32), run the AVX2 + FMA one. The one-call rope and cache writes before
+attention (gqa_prepare, mla_prepare) are bfloat16 AVX-512 only. Anywhere else, or with
+MOE_RUNTIME_CPU_KERNELS=0, the torch path runs, and it stays the reference:
 tests/runtime/test_paged_attention_kernel.py checks one against the other.
 
 The C is compiled once, like csrc/cpu_decode.c (decision 14), into the same cache directory, keyed
@@ -40,6 +44,7 @@ CFLAGS = ["-O3", "-shared", "-fPIC"]  # the kernel's own function carries its AV
 
 _lock = threading.Lock()
 _lib = None  # the loaded library (None: not loaded, or not usable here)
+_avx512 = False  # whether its AVX512-BF16 kernels run here (else only the AVX2 decode)
 _decided = False
 
 
@@ -49,7 +54,7 @@ def _build() -> Path:
 
 def _load():
     """The kernel's library, or None (with the reason logged once)."""
-    global _lib, _decided
+    global _lib, _avx512, _decided
     if _decided:
         return _lib
     with _lock:
@@ -58,23 +63,30 @@ def _load():
         lib = None
         if os.environ.get("MOE_RUNTIME_CPU_KERNELS", "1") == "0":
             log.info("paged attention kernel: off (MOE_RUNTIME_CPU_KERNELS=0)")
-        elif torch.backends.cpu.get_cpu_capability() != "AVX512":
-            log.info("paged attention kernel: off (this CPU has no AVX-512)")
+        elif torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            log.info("paged attention kernel: off (this CPU has no AVX2)")
         else:
             try:
                 lib = ctypes.CDLL(str(_build()))
                 lib.moe_paged_supported.restype = ctypes.c_int
-                if not lib.moe_paged_supported():
-                    log.info("paged attention kernel: off (this CPU has no AVX512-BF16)")
+                lib.moe_paged_avx2_supported.restype = ctypes.c_int
+                ptr, long = ctypes.c_void_p, ctypes.c_long
+                decode_args = (
+                    [ptr, long, long, ptr, long, long, long]
+                    + [ptr, long, long, ptr, long, long, ptr, long, ptr, ptr, long, long]
+                    + [long] * 7
+                    + [ctypes.c_float]
+                )
+                lib.moe_paged_decode_avx2.argtypes = decode_args + [ctypes.c_int]
+                lib.moe_paged_decode_avx2.restype = None
+                if not lib.moe_paged_avx2_supported():
+                    log.info("paged attention kernel: off (this CPU has no AVX2 and FMA)")
                     lib = None
+                elif not lib.moe_paged_supported():
+                    log.info("paged attention kernel: AVX2 FMAs (this CPU has no AVX512-BF16)")
                 else:
-                    ptr, long = ctypes.c_void_p, ctypes.c_long
-                    lib.moe_paged_decode_bf16.argtypes = (
-                        [ptr, long, long, ptr, long, long, long]
-                        + [ptr, long, long, ptr, long, long, ptr, long, ptr, ptr, long, long]
-                        + [long] * 7
-                        + [ctypes.c_float]
-                    )
+                    _avx512 = True
+                    lib.moe_paged_decode_bf16.argtypes = decode_args
                     lib.moe_paged_decode_bf16.restype = None
                     lib.moe_mla_prepare_bf16.argtypes = (
                         [ptr, long, long, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, long, ptr]
@@ -88,25 +100,34 @@ def _load():
                     amx = lib.moe_paged_amx_select(int(os.environ.get("MOE_RUNTIME_AMX", "1") != "0"))
                     log.info("paged attention kernel: scores with %s", "AMX tiles" if amx else "AVX-512 FMAs")
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
-                lib = None
+                lib, _avx512 = None, False
                 log.warning("paged attention kernel: off (%s); torch's ops are used", e)
         _lib, _decided = lib, True
         return lib
 
 
 def available() -> bool:
-    """Whether the kernel is compiled and loaded (a given call may still not qualify)."""
+    """Whether the decode kernel is compiled and loaded, in either build (a given call may still
+    not qualify)."""
     return _load() is not None
 
 
+def avx512_lib():
+    """The library where its AVX512-BF16 kernels run here (bfloat16 decode on AVX-512 or AMX,
+    gqa_prepare, mla_prepare, what cpu_decode's one-token attention calls), else None."""
+    lib = _load()
+    return lib if _avx512 else None
+
+
 def applies(q: torch.Tensor, cache: torch.Tensor, max_new: int, uniform: bool) -> bool:
-    """Whether decode() serves this step: bfloat16 q and cache on the CPU, one new token per
-    sequence (max_new 1, no padding), outside autograd, torch on one thread, kernel loaded."""
+    """Whether decode() serves this step: q and cache of one dtype, bfloat16 or float32, on the
+    CPU, one new token per sequence (max_new 1, no padding), outside autograd, torch on one
+    thread, kernel loaded."""
     return (
         max_new == 1
         and uniform
-        and q.dtype == torch.bfloat16
-        and cache.dtype == torch.bfloat16
+        and q.dtype in (torch.bfloat16, torch.float32)
+        and cache.dtype == q.dtype
         and q.device.type == "cpu"
         and not (torch.is_grad_enabled() and q.requires_grad)
         and torch.get_num_threads() == 1
@@ -128,14 +149,14 @@ def decode(
 ) -> torch.Tensor:
     """One new token per sequence attends its cached context, read in place.
 
-    q [S, H, E] bfloat16 (rows contiguous, any sequence and head strides), or with `q_rope` [S, H,
+    q [S, H, E] bfloat16 or float32 (rows contiguous, any sequence and head strides), or with `q_rope` [S, H,
     E2] its last E2 columns apart (q then [S, H, E - E2], E - E2 a multiple of 16: MLA's latent
     and rope parts as they lie, not concatenated); keys [slots, K, E] and
     values [slots, K, Ev], views of the cache whose rows are contiguous (any slot and head
     strides); block_tables [S, B] and context_lens [S] as in PagedBatch (the new token already
     written, at position context_len - 1); window: keep the last `window` positions only.
     -> [S, H, Ev] bfloat16, written into `out` when given (rows contiguous, any other strides:
-    MLA passes a head-major buffer's transposed view).
+    MLA passes a head-major buffer's transposed view); the cache and `out` of q's dtype.
     """
     lib = _load()
     if lib is None:
@@ -148,17 +169,28 @@ def decode(
     K, Ev = keys.shape[1], values.shape[2]
     if keys.shape[2] != E or H % K or keys.stride(2) != 1 or values.stride(2) != 1:
         raise ValueError(f"paged decode: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
+    dtype = q.dtype
+    if dtype not in (torch.bfloat16, torch.float32) or keys.dtype != dtype or values.dtype != dtype:
+        raise ValueError(f"paged decode: q {dtype}, keys {keys.dtype}, values {values.dtype}: not all bfloat16 or float32")
     if out is None:
-        out = torch.empty(S, H, Ev, dtype=torch.bfloat16)
-    elif out.shape != (S, H, Ev) or out.dtype != torch.bfloat16 or out.stride(2) != 1:
-        raise ValueError(f"paged decode: out {tuple(out.shape)} {out.dtype} is not [{S}, {H}, {Ev}] bfloat16 rows")
+        out = torch.empty(S, H, Ev, dtype=dtype)
+    elif out.shape != (S, H, Ev) or out.dtype != dtype or out.stride(2) != 1:
+        raise ValueError(f"paged decode: out {tuple(out.shape)} {out.dtype} is not [{S}, {H}, {Ev}] {dtype} rows")
     if q.stride(2) != 1:
         q = q.contiguous()
     if q_rope is not None and q_rope.stride(2) != 1:
         q_rope = q_rope.contiguous()
     tables = block_tables.to(torch.int64).contiguous()
     lens = context_lens.to(torch.int64).contiguous()
-    lib.moe_paged_decode_bf16(
+    bf = dtype == torch.bfloat16
+    if bf and _avx512:
+        kernel = lib.moe_paged_decode_bf16
+    else:  # the AVX2 build: its last argument says bfloat16 or float32
+
+        def kernel(*args):
+            lib.moe_paged_decode_avx2(*args, int(bf))
+
+    kernel(
         q.data_ptr(),
         q.stride(0),
         q.stride(1),
@@ -206,7 +238,7 @@ def mla_prepare(
     rows at `slots`; q [N, H, P + R]'s rope part rotated in place. All bfloat16 on the CPU, q and kv
     contiguous, cache [slots, C + R] rows contiguous, cos / sin [N, R / 2]. Returns False (nothing
     done) when the inputs are not such: the caller then runs torch's ops."""
-    lib = _load()
+    lib = avx512_lib()
     N, H, PR = q.shape
     C = norm_weight.shape[0]
     R = kv.shape[1] - C
@@ -243,7 +275,7 @@ def gqa_prepare(
     token's heads of q, k and v contiguous (their rows may be apart: column ranges of one fused
     projection's output), cos and sin contiguous [N, D / 2]. Returns False (nothing done) when the
     inputs are not such: the caller then runs torch's ops."""
-    lib = _load()
+    lib = avx512_lib()
     N, H, D = q.shape
     K = k.shape[1]
     tensors = (q, k, v, cos, sin, cache)

@@ -1,7 +1,8 @@
 """The decode kernel that reads the paged KV cache in place (kernels/paged_attention.py) against the
 torch path it replaces (gather the context, then attend): GQA and MLA shapes, ragged contexts that
 end on, before and after block boundaries, scattered blocks, a sliding window, and whole bfloat16
-models decoding after a cached prefix."""
+and float32 models decoding after a cached prefix; each build of the kernel this CPU runs (AVX-512
+with AMX or FMA scores, AVX2)."""
 
 import os
 
@@ -15,8 +16,9 @@ from model_runtime.models.paged import build_paged_batch
 
 pytestmark = [
     pytest.mark.runtime,
-    pytest.mark.skipif(not paged_kernel.available(), reason="needs AVX512-BF16 and a C compiler"),
+    pytest.mark.skipif(not paged_kernel.available(), reason="needs AVX2 and a C compiler"),
 ]
+avx512 = pytest.mark.skipif(paged_kernel.avx512_lib() is None, reason="needs AVX512-BF16")
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +30,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(params=["amx", "fma"])
-def scores(request):
-    """Each kernel test with the scores on AMX tiles (where the CPU has them; for E a multiple of 32
-    and 8 or more query heads a kv head) and with AVX-512 FMAs."""
+@pytest.fixture(params=["amx", "fma", "avx2"])
+def scores(request, monkeypatch):
+    """Each kernel test with the bfloat16 kernel's scores on AMX tiles (where the CPU has them; for E
+    a multiple of 32 and 8 or more query heads a kv head), with its AVX-512 FMAs, and on the AVX2
+    build (what CPUs without AVX512-BF16 run, and float32 everywhere)."""
     lib = paged_kernel._load()
+    if request.param == "avx2":
+        monkeypatch.setattr(paged_kernel, "_avx512", False)
+        yield request.param
+        return
+    if paged_kernel.avx512_lib() is None:
+        pytest.skip("this CPU has no AVX512-BF16")
     if not lib.moe_paged_amx_select(int(request.param == "amx")) and request.param == "amx":
         lib.moe_paged_amx_select(1)
         pytest.skip("this CPU (or OS) runs no AMX")
@@ -63,18 +72,19 @@ def gathered(q, keys, values, batch, scale, window):
 LENS = [1, 15, 16, 17, 33, 70, 2, 48]  # on, before and after block boundaries (16), one token, ragged
 
 
-@pytest.mark.parametrize(
-    ("heads", "kv_heads", "dim", "window", "block_size"),
-    [
-        (8, 4, 32, None, 16),  # Mixtral-style GQA
-        (8, 8, 64, None, 16),  # one query head per kv head
-        (6, 2, 40, None, 16),  # head_dim not a multiple of 32 (masked loads)
-        (8, 4, 32, 20, 16),  # sliding window shorter than some contexts
-        (8, 4, 32, None, 5),  # odd block size
-        (16, 2, 64, None, 16),  # 8 query heads a kv head (AMX scores where the CPU has them)
-        (16, 1, 32, 20, 5),  # 16, a window, an odd block size
-    ],
-)
+GQA_SHAPES = [
+    (8, 4, 32, None, 16),  # Mixtral-style GQA
+    (8, 8, 64, None, 16),  # one query head per kv head
+    (6, 2, 40, None, 16),  # head_dim not a multiple of 32 (masked loads)
+    (8, 4, 32, 20, 16),  # sliding window shorter than some contexts
+    (8, 4, 32, None, 5),  # odd block size
+    (16, 2, 64, None, 16),  # 8 query heads a kv head (AMX scores where the CPU has them)
+    (16, 1, 32, 20, 5),  # 16, a window, an odd block size
+    (12, 4, 20, None, 16),  # head_dim not a multiple of 8 (the AVX2 build's columns one at a time)
+]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "block_size"), GQA_SHAPES)
 def test_gqa_decode_matches_gathered_attention(heads, kv_heads, dim, window, block_size, scores):
     gen = torch.Generator().manual_seed(heads * dim + (window or 0) + block_size)
     num_blocks = 64
@@ -92,6 +102,48 @@ def test_gqa_decode_matches_gathered_attention(heads, kv_heads, dim, window, blo
     torch.testing.assert_close(got.float(), exact, atol=8e-3, rtol=8e-3)
     assert (got.float() - exact).abs().max() <= (ref.float() - exact).abs().max() + 4e-3
     torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "block_size"), GQA_SHAPES)
+def test_float32_gqa_decode_matches_gathered_attention(heads, kv_heads, dim, window, block_size):
+    """float32 queries and cache (the runtime's dtype on CPUs without native bfloat16 matmul): the
+    AVX2 build, float32 throughout, gives the gathered float32 path's output to float32 rounding."""
+    gen = torch.Generator().manual_seed(heads * dim + (window or 0) + block_size)
+    num_blocks = 64
+    batch = decode_batch(LENS, block_size, num_blocks, seed=block_size)
+    cache = torch.randn(2, num_blocks * block_size, kv_heads, dim, generator=gen) * 2
+    q = torch.randn(len(LENS), heads, dim, generator=gen) * 2
+    scale = dim**-0.5
+    got = paged_kernel.decode(q, cache[0], cache[1], batch.block_tables, batch.context_lens, block_size, scale, window)
+    want = gathered(q, cache[0], cache[1], batch, scale, window)
+    assert got.dtype == torch.float32 and got.shape == want.shape == (len(LENS), heads, dim)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    exact = gathered(q.double(), cache[0].double(), cache[1].double(), batch, scale, window)
+    assert (got - exact).abs().max() <= 2 * (want - exact).abs().max() + 1e-6  # as close as torch's float32
+    wrong = decode_batch(LENS, block_size, num_blocks, seed=block_size + 1)  # other blocks: far off
+    assert not torch.allclose(gathered(q, cache[0], cache[1], wrong, scale, window), got, atol=1e-3)
+
+
+def test_float32_mla_decode_and_mismatched_dtypes():
+    C, R, H, bs = 512, 64, 16, 16
+    gen = torch.Generator().manual_seed(8)
+    batch = decode_batch(LENS, bs, 64, seed=4)
+    cache = torch.randn(64 * bs, C + R, generator=gen)
+    q = torch.randn(len(LENS), H, C + R, generator=gen) * 0.2
+    rows = cache[:, None, :]
+    out = torch.full((H, len(LENS), C), float("nan"))
+    got = paged_kernel.decode(
+        q[..., :C], rows, rows[..., :C], batch.block_tables, batch.context_lens, bs, 0.07, None,
+        out=out.transpose(0, 1), q_rope=q[..., C:],
+    )  # fmt: skip
+    want = gathered(q, rows, rows, batch, 0.07, None)[..., :C]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(out.transpose(0, 1), got)
+    with pytest.raises(ValueError, match="not all bfloat16 or float32"):
+        paged_kernel.decode(q.bfloat16(), rows, rows[..., :C], batch.block_tables, batch.context_lens, bs, 0.07, None)
+    with pytest.raises(ValueError, match="out"):
+        paged_kernel.decode(q, rows, rows[..., :C], batch.block_tables, batch.context_lens, bs, 0.07, None,
+                            out=out.transpose(0, 1).bfloat16())  # fmt: skip
 
 
 def test_mla_decode_reads_latent_rows_in_place(scores):
@@ -127,6 +179,7 @@ def test_mla_decode_reads_latent_rows_in_place(scores):
         )
 
 
+@avx512
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize(("R", "C"), [(64, 512), (32, 64), (16, 40)])  # AVX-512 loops; (16, 40): scalar
 def test_mla_prepare_writes_the_bits_torch_writes(interleaved, R, C):
@@ -156,6 +209,7 @@ def test_mla_prepare_writes_the_bits_torch_writes(interleaved, R, C):
     assert not paged_kernel.mla_prepare(q.float(), kv, cos, sin, norm.weight, norm.eps, cache, slots, interleaved)
 
 
+@avx512
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("D", [128, 32, 24])  # AVX-512 loops; 24: scalar
 def test_gqa_prepare_writes_the_bits_torch_writes(interleaved, D):
@@ -248,3 +302,22 @@ def test_bf16_model_decode_matches_gathered_path(bf16_model, monkeypatch):
     # head would be far off)
     err, ref_err = (got - exact).abs(), (ref - exact).abs()
     assert err.mean() <= 1.15 * ref_err.mean() and err.max() <= 1.5 * ref_err.max()
+
+
+@pytest.mark.parametrize("name", ["builtin:tiny-mixtral", "builtin:tiny-deepseek-v3"])
+def test_float32_model_decode_matches_gathered_path(name, monkeypatch):
+    """A float32 model (what `--dtype auto` runs on CPUs without native bfloat16 matmul): every
+    decode step's attention is the kernel's, and the logits are the gathered path's to float32
+    rounding."""
+    model = load_model(name)
+    assert next(model.parameters()).dtype == torch.float32
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (9, 14)]
+    follow = torch.randint(0, 256, (10, 2), generator=gen)
+    calls = []
+    real = paged_kernel.decode
+    monkeypatch.setattr(paged_kernel, "decode", lambda *a: calls.append(a[0].dtype) or real(*a))
+    got = decode_logits(model, prompts, follow, True, monkeypatch)
+    assert calls == [torch.float32] * 10 * model.config.num_hidden_layers
+    ref = decode_logits(model, prompts, follow, False, monkeypatch)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

@@ -281,6 +281,194 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
     free(acc);
 }
 
+// ---- the same decode on AVX2 + FMA, float32 or bfloat16 elements ----------------------------------
+// For CPUs without AVX512-BF16 (AMD Zen 2/3, Intel before Cooper Lake), where the runtime runs float32,
+// and for float32 models on any x86-64 CPU: one 8-wide pass of the same steps as
+// moe_paged_decode_bf16 (scores, online softmax, weighted sum of values, all float32), with `bf`
+// saying whether q, the cache and out are bfloat16 (widened as read, the output rounded once) or
+// float32. Columns past the last whole 8 (a head_dim not a multiple of 8) are summed one at a time.
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 INLINE __m256 load8(const void *p, long i, const int bf) {  // elements i .. i + 7, as float32
+    if (bf)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+static inline float elem(const void *p, long i, const int bf) {
+    if (bf) {
+        uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    return ((const float *)p)[i];
+}
+
+AVX2 INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// p[gg * CHUNK] = scale * q[gg] . key for gn query heads (float32 rows ep apart at qf) and one key row
+AVX2 INLINE void score_row8(const long gn, const float *qf, long ep, const void *kr, long E, float scale, float *p,
+                            const int bf) {
+    __m256 a[GROUP];
+    for (long gg = 0; gg < gn; gg++) a[gg] = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 8 <= E; i += 8) {
+        __m256 kv = load8(kr, i, bf);
+        for (long gg = 0; gg < gn; gg++) a[gg] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + gg * ep + i), kv, a[gg]);
+    }
+    for (long gg = 0; gg < gn; gg++) {
+        float s = hsum8(a[gg]);
+        for (long t = i; t < E; t++) s += qf[gg * ep + t] * elem(kr, t, bf);
+        p[gg * CHUNK] = s * scale;
+    }
+}
+
+// columns c .. c + 7 of acc[gg] (rows evp apart at accg) += the chunk's probabilities times its value rows
+AVX2 INLINE void sum_values8(const long gn, float *accg, long evp, const float *pg, const void **vrows, long c,
+                             long cn, const int bf) {
+    __m256 a[GROUP];
+    for (long gg = 0; gg < gn; gg++) a[gg] = _mm256_loadu_ps(accg + gg * evp);
+    for (long j = 0; j < cn; j++) {
+        __m256 v = load8(vrows[j], c, bf);
+        for (long gg = 0; gg < gn; gg++) a[gg] = _mm256_fmadd_ps(_mm256_broadcast_ss(pg + gg * CHUNK + j), v, a[gg]);
+    }
+    for (long gg = 0; gg < gn; gg++) _mm256_storeu_ps(accg + gg * evp, a[gg]);
+}
+
+static inline void prefetch_bytes(const char *p, long bytes) {
+    for (long i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
+}
+
+// the arguments of moe_paged_decode_bf16, in elements of 2 (bf) or 4 bytes
+AVX2 INLINE void paged_decode_avx2(const void *q, long qs, long qh, const void *q2, long q2s, long q2h, long e1,
+                                   const void *kc, long ks, long kh, const void *vc, long vs, long vh,
+                                   const int64_t *block_tables, long bt_stride, const int64_t *context_lens, void *out,
+                                   long os, long oh, long S, long K, long G, long E, long Ev, long block_size,
+                                   long window, float scale, const int bf) {
+    const long size = bf ? 2 : 4;
+    const char *kb = kc, *vb = vc, *qb = q, *q2b = q2;
+    long evp = ((Ev + 7) / 8) * 8, ep = ((E + 7) / 8) * 8;
+    float *acc = malloc((size_t)G * evp * sizeof(float));
+    float *p = malloc((size_t)G * CHUNK * sizeof(float));
+    float *m = malloc((size_t)G * sizeof(float)), *l = malloc((size_t)G * sizeof(float));
+    float *qf = malloc((size_t)G * ep * sizeof(float));
+    const void **vrows = malloc(CHUNK * sizeof(*vrows));
+    long most = 0;
+    for (long s = 0; s < S; s++) most = context_lens[s] > most ? context_lens[s] : most;
+    long *slots = malloc((size_t)(most > 0 ? most : 1) * sizeof(long));
+    for (long s = 0; s < S; s++) {
+        long n = context_lens[s];
+        long start = (window > 0 && n > window) ? n - window : 0;
+        const int64_t *table = block_tables + s * bt_stride;
+        for (long t = start, b = start / block_size, o = start % block_size; t < n; t++) {
+            slots[t] = table[b] * block_size + o;
+            if (++o == block_size) o = 0, b++;
+        }
+        for (long k = 0; k < K; k++) {
+            memset(acc, 0, (size_t)G * evp * sizeof(float));
+            for (long g = 0; g < G; g++) {  // the queries widened once, zero past E
+                const char *row = qb + (s * qs + (k * G + g) * qh) * size;
+                const char *row2 = q2b ? q2b + (s * q2s + (k * G + g) * q2h) * size : NULL;
+                for (long i = 0; i < ep; i++)
+                    qf[g * ep + i] = i < e1 ? elem(row, i, bf) : i < E ? elem(row2, i - e1, bf) : 0.0f;
+                m[g] = -INFINITY, l[g] = 0.0f;
+            }
+            for (long t0 = start; t0 < n; t0 += CHUNK) {
+                long cn = n - t0 < CHUNK ? n - t0 : CHUNK;
+                for (long j = 0; j < cn; j++) {
+                    long t = t0 + j;
+                    if (k == 0 && t + PREFETCH_TOKENS < n) {  // every kv head's rows, on the first head's pass
+                        long ahead = slots[t + PREFETCH_TOKENS];
+                        prefetch_bytes(kb + ahead * ks * size, ((K - 1) * kh + E) * size);
+                        prefetch_bytes(vb + ahead * vs * size, ((K - 1) * vh + Ev) * size);
+                    }
+                    const char *kr = kb + (slots[t] * ks + k * kh) * size;
+                    vrows[j] = vb + (slots[t] * vs + k * vh) * size;
+                    for (long g0 = 0; g0 < G; g0 += GROUP) {
+                        long gn = G - g0 < GROUP ? G - g0 : GROUP;
+                        BY_GN(gn, score_row8, qf + g0 * ep, ep, kr, E, scale, p + g0 * CHUNK + j, bf);
+                    }
+                }
+                for (long g = 0; g < G; g++) {  // online softmax (as the AVX-512 kernel's)
+                    float *pg = p + g * CHUNK;
+                    float mx = m[g];
+                    for (long j = 0; j < cn; j++) mx = pg[j] > mx ? pg[j] : mx;
+                    float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - mx);
+                    __m256 vsum = _mm256_setzero_ps(), vm = _mm256_set1_ps(mx);
+                    long j = 0;
+                    for (; j + 8 <= cn; j += 8) {
+                        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pg + j), vm));
+                        vsum = _mm256_add_ps(vsum, e);
+                        _mm256_storeu_ps(pg + j, e);
+                    }
+                    float sum = hsum8(vsum);
+                    for (; j < cn; j++) sum += pg[j] = expf(pg[j] - mx);
+                    m[g] = mx;
+                    l[g] = l[g] * alpha + sum;
+                    if (alpha != 1.0f) {
+                        __m256 av = _mm256_set1_ps(alpha);
+                        for (long c = 0; c < evp; c += 8)
+                            _mm256_storeu_ps(acc + g * evp + c, _mm256_mul_ps(_mm256_loadu_ps(acc + g * evp + c), av));
+                    }
+                }
+                long c = 0;
+                for (; c + 8 <= Ev; c += 8)
+                    for (long g0 = 0; g0 < G; g0 += GROUP) {
+                        long gn = G - g0 < GROUP ? G - g0 : GROUP;
+                        BY_GN(gn, sum_values8, acc + g0 * evp + c, evp, p + g0 * CHUNK, vrows, c, cn, bf);
+                    }
+                for (; c < Ev; c++)
+                    for (long g = 0; g < G; g++)
+                        for (long j = 0; j < cn; j++) acc[g * evp + c] += p[g * CHUNK + j] * elem(vrows[j], c, bf);
+            }
+            for (long g = 0; g < G; g++) {
+                char *o = (char *)out + (s * os + (k * G + g) * oh) * size;
+                float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+                for (long c = 0; c < Ev; c++) {
+                    float v = acc[g * evp + c] * inv;
+                    if (bf)
+                        ((uint16_t *)o)[c] = to_bf16(v);
+                    else
+                        ((float *)o)[c] = v;
+                }
+            }
+        }
+    }
+    free(slots);
+    free(vrows);
+    free(qf);
+    free(l);
+    free(m);
+    free(p);
+    free(acc);
+}
+
+// moe_paged_decode_bf16's arguments, then `bf`: 1 bfloat16 (as that kernel), 0 float32 (q, cache, out)
+AVX2 void moe_paged_decode_avx2(const void *q, long qs, long qh, const void *q2, long q2s, long q2h, long e1,
+                                const void *kc, long ks, long kh, const void *vc, long vs, long vh,
+                                const int64_t *block_tables, long bt_stride, const int64_t *context_lens, void *out,
+                                long os, long oh, long S, long K, long G, long E, long Ev, long block_size,
+                                long window, float scale, int bf) {
+    if (bf)
+        paged_decode_avx2(q, qs, qh, q2, q2s, q2h, e1, kc, ks, kh, vc, vs, vh, block_tables, bt_stride, context_lens,
+                          out, os, oh, S, K, G, E, Ev, block_size, window, scale, 1);
+    else
+        paged_decode_avx2(q, qs, qh, q2, q2s, q2h, e1, kc, ks, kh, vc, vs, vh, block_tables, bt_stride, context_lens,
+                          out, os, oh, S, K, G, E, Ev, block_size, window, scale, 0);
+}
+
+int moe_paged_avx2_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
 // MLA's decode step before attention (model.MLAttention.decode_in_place), N new tokens, bfloat16: the
 // latent c = kv[n, :C] normed (w * round(c / rms(c)), as model.RMSNorm) and the rope key kv[n, C:]
 // rotated (model.apply_rope) are written to cache row slots[n] ([C + R], rows cache_stride apart), and
