@@ -53,14 +53,16 @@ def paths_here() -> tuple[str, ...]:
     return PATHS if amx_here() else PATHS[:2]
 
 
-def reference(experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The routed experts in float32, one expert at a time."""
-    out = torch.zeros(x.shape, dtype=torch.float32)
+def reference(
+    experts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The routed experts in float32 (or `dtype`), one expert at a time."""
+    out = torch.zeros(x.shape, dtype=dtype)
     for n in range(x.shape[0]):
         for a in range(ids.shape[1]):
             e = int(ids[n, a])
-            gate, up = F.linear(x[n].float(), experts.gate_up_proj[e].float()).chunk(2)
-            out[n] += weights[n, a] * F.linear(F.silu(gate) * up, experts.down_proj[e].float())
+            gate, up = F.linear(x[n].to(dtype), experts.gate_up_proj[e].to(dtype)).chunk(2)
+            out[n] += weights[n, a].to(dtype) * F.linear(F.silu(gate) * up, experts.down_proj[e].to(dtype))
     return out
 
 

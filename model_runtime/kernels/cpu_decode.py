@@ -97,6 +97,7 @@ def _load():
                 lib.moe_simd_select.argtypes, lib.moe_simd_select.restype = [i32], i32
                 lib.moe_experts_supported.argtypes, lib.moe_experts_supported.restype = [], i32
                 lib.moe_experts_bf16.argtypes = [ptr] * 8 + [long] * 5
+                lib.moe_experts_f32.argtypes = [ptr] * 8 + [long] * 5
                 lib.moe_argmax_rows.argtypes = [ptr, long, long, long, ptr]
                 lib.moe_route_rows.argtypes = [ptr] * 6 + [long] + [i32] * 3 + [f32] + [long] * 5 + [i32]
                 lib.moe_amx_supported.argtypes, lib.moe_amx_supported.restype = [], i32
@@ -113,6 +114,7 @@ def _load():
                     lib.moe_mla_attention,
                     lib.moe_moe_decode,
                     lib.moe_experts_bf16,
+                    lib.moe_experts_f32,
                     lib.moe_argmax_rows,
                     lib.moe_route_rows,
                 ):
@@ -334,27 +336,29 @@ EXPERTS_MAX_TOKENS = 64
 
 
 def experts_kernel(m: layers.Experts, x: torch.Tensor) -> bool:
-    """Whether moe_experts_bf16 computes m's forward on x [N, D]: bfloat16 on the CPU with AVX-512F,
-    outside autograd, torch on one thread, 2 <= N <= EXPERTS_MAX_TOKENS (one token: moe_moe_decode,
-    or the loop over its experts), every expert on this rank, SiLU, the engine's column-major
-    bfloat16 experts (grouped_experts_layout), D and I multiples of 16."""
+    """Whether moe_experts_bf16 (bfloat16, AVX-512F) or moe_experts_f32 (float32, AVX2) computes m's
+    forward on x [N, D]: on the CPU, outside autograd, torch on one thread, 2 <= N <=
+    EXPERTS_MAX_TOKENS (one token: moe_moe_decode, or the loop over its experts), every expert on
+    this rank, SiLU, the engine's column-major experts of x's dtype (experts_layout), D and I
+    multiples of 16 (bfloat16) or 8 (float32)."""
     gate_up, down = m.gate_up_proj, m.down_proj
+    bf16 = x.dtype == torch.bfloat16
     return (
-        x.dtype == torch.bfloat16
+        (bf16 or x.dtype == torch.float32)
         and x.dim() == 2
         and 2 <= x.shape[0] <= EXPERTS_MAX_TOKENS
         and x.device.type == "cpu"
         and not (torch.is_grad_enabled() and x.requires_grad)
         and torch.get_num_threads() == 1
         and _lib is not None
-        and _avx512
+        and (_avx512 or not bf16)
         and m.num_local_experts == m.num_experts
         and m.act is F.silu
-        and gate_up.dtype == down.dtype == torch.bfloat16
+        and gate_up.dtype == down.dtype == x.dtype
         and gate_up.transpose(-1, -2).is_contiguous()
         and down.transpose(-1, -2).is_contiguous()
-        and gate_up.shape[-1] % 16 == 0
-        and down.shape[-1] % 16 == 0
+        and gate_up.shape[-1] % (16 if bf16 else 8) == 0
+        and down.shape[-1] % (16 if bf16 else 8) == 0
     )
 
 
@@ -366,16 +370,17 @@ def routed_experts(
     down: torch.Tensor,
     amx: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, D] bfloat16, weights / ids [N, A] -> (sum over a of weights[:, a] * expert ids[:, a] on
-    x [N, D] bfloat16, tokens per expert [E]); gate_up [E, 2I, D] and down [E, D, I] bfloat16: by
-    moe_experts_bf16 on each expert's matrix column-major (experts_kernel checks all this), or with
-    `amx` by moe_amx_experts on the experts row-major (amx_experts checks)."""
+    """x [N, D] bfloat16 or float32, weights / ids [N, A] -> (sum over a of weights[:, a] * expert
+    ids[:, a] on x [N, D] of x's dtype, tokens per expert [E]); gate_up [E, 2I, D] and down [E, D, I]
+    of x's dtype: by moe_experts_bf16 or moe_experts_f32 on each expert's matrix column-major
+    (experts_kernel checks all this), or with `amx` by moe_amx_experts on the bfloat16 experts
+    row-major (amx_experts checks)."""
     N, A = ids.shape
     E, D, I = down.shape  # noqa: E741 (legend)
     x = x.contiguous()
     ids = ids.to(torch.int64).contiguous()
     weights = weights.to(torch.float32).contiguous()
-    y = torch.empty(N, D, dtype=torch.bfloat16)
+    y = torch.empty(N, D, dtype=x.dtype)
     counts = torch.empty(E, dtype=torch.int64)
     ptrs = (x, ids, weights, gate_up, down, y, counts)
     if amx:
@@ -383,7 +388,8 @@ def routed_experts(
             raise MemoryError(f"moe_amx_experts: no memory for the scratch of {N} tokens")
     else:
         scratch = torch.empty(N * D + N * A + E + 1 + N * (D + 2 * I))
-        _lib.moe_experts_bf16(*(t.data_ptr() for t in ptrs), scratch.data_ptr(), N, A, D, E, I)
+        kernel = _lib.moe_experts_bf16 if x.dtype == torch.bfloat16 else _lib.moe_experts_f32
+        kernel(*(t.data_ptr() for t in ptrs), scratch.data_ptr(), N, A, D, E, I)
     return y, counts
 
 
@@ -930,13 +936,18 @@ def use_decode_layout(model: nn.Module) -> nn.Module:
 
 
 def experts_layout(model: nn.Module) -> nn.Module:
-    """The bfloat16 / float16 experts' layout for the kernels: row-major, as the checkpoint stores
+    """The experts' layout for the kernels: bfloat16 / float16 row-major, as the checkpoint stores
     them, where moe_amx_experts takes the layer (amx_experts_layer), since it reads each expert's
     rows as its A tiles (a second call restores what grouped_experts_layout changed); column-major
-    otherwise (grouped_experts_layout, for torch's grouped GEMM and moe_experts_bf16)."""
+    otherwise (grouped_experts_layout, for torch's grouped GEMM and moe_experts_bf16). float32
+    column-major: what moe_experts_f32 reads, moe_moe_decode takes either, and MKL's per-expert
+    sgemm runs alike."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, layers.Experts) and m.plain_weights and m.gate_up_proj.dtype in shapes.JIT_DTYPES:
+            if isinstance(m, layers.Experts) and m.plain_weights and m.gate_up_proj.dtype == torch.float32:
+                m.gate_up_proj.data = column_major(m.gate_up_proj.data)  # [E, 2I, D]
+                m.down_proj.data = column_major(m.down_proj.data)  # [E, D, I]
+            elif isinstance(m, layers.Experts) and m.plain_weights and m.gate_up_proj.dtype in shapes.JIT_DTYPES:
                 if amx_experts_layer(m):
                     m.gate_up_proj.data = m.gate_up_proj.data.contiguous()  # [E, 2I, D]
                     m.down_proj.data = m.down_proj.data.contiguous()  # [E, D, I]

@@ -411,21 +411,23 @@ def count_calls(monkeypatch, owner, name: str) -> dict[str, int]:
 
 
 def routed_experts_case(
-    name: str, tokens: int, seed: int = 7, hidden: int = 64, intermediate: int = 48, layout: str = "column-major"
-):
-    """A bfloat16 MoE layer with the kernels applied and `tokens` rows with their routing: the
-    experts column-major as the engine keeps them on CPUs without AMX (moe_experts_bf16's layout),
-    or as the engine leaves them where the CPU has AMX ("engine": row-major there)."""
+    name: str, tokens: int, seed: int = 7, hidden: int = 64, intermediate: int = 48, layout: str = "column-major",
+    dtype: torch.dtype = torch.bfloat16,
+):  # fmt: skip
+    """A bfloat16 (or `dtype`) MoE layer with the kernels applied and `tokens` rows with their
+    routing: the experts column-major as the engine keeps them on CPUs without AMX
+    (moe_experts_bf16's layout, and float32's everywhere), or as the engine leaves them where the
+    CPU has AMX ("engine": row-major there)."""
     cfg = ModelConfig(
         hidden_size=hidden, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=intermediate,
         **ROUTERS[name],
     )  # fmt: skip
-    moe = random_(MoE(cfg), 6).bfloat16()
+    moe = random_(MoE(cfg), 6).to(dtype)
     with pytest.MonkeyPatch.context() as patched:
         if layout == "column-major":
             patched.setattr(cpu_decode, "_amx", False)  # as on a CPU without AMX
         assert use_cpu_decode_kernels(moe)
-    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(dtype)
     with torch.inference_mode():
         weights, ids = moe.gate(x)
     return moe.experts, x, weights, ids
@@ -462,6 +464,42 @@ def test_bf16_routed_experts_kernel_matches_the_grouped_gemm(name, tokens, hidde
     assert bf16_close(got, want, ulps=6)
     # closer to float32 than torch's bfloat16 (which rounds every intermediate)
     assert (got.float() - want32).abs().max() <= (want.float() - want32).abs().max()
+
+
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "intermediate"),
+    [(2, 64, 48), (9, 64, 40), (32, 64, 48), (cpu_decode.EXPERTS_MAX_TOKENS, 64, 48), (40, 320, 144)],
+)
+@pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
+def test_float32_routed_experts_kernel_matches_the_torch_code(name, tokens, hidden, intermediate, monkeypatch):
+    """float32 (the runtime's dtype on CPUs without native bfloat16 matmul): the routed experts of a
+    decode step are one C call (moe_experts_f32, AVX2) on the engine's column-major experts, with
+    the torch code's output to float32 rounding and its tokens per expert; a prefill's rows, one
+    row, row-major experts or two threads keep the torch code."""
+    experts, x, weights, ids = routed_experts_case(
+        name, tokens, hidden=hidden, intermediate=intermediate, dtype=torch.float32
+    )
+    assert not experts.gate_up_proj.is_contiguous() and not experts.down_proj.is_contiguous()  # column-major
+    calls = count_calls(monkeypatch, cpu_decode, "routed_experts")
+    with torch.inference_mode():
+        got, got_counts = experts(x, weights, ids)
+        assert calls["n"] == 1
+        want, want_counts = Experts.forward(experts, x, weights, ids)  # the torch code
+    assert calls["n"] == 1 and got.dtype == torch.float32
+    assert torch.equal(got_counts, want_counts)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    exact = experts_in_float32(experts, x, weights, ids, dtype=torch.float64)
+    assert (got - exact).abs().max() <= 2 * (want - exact).abs().max() + 1e-6  # as close as torch's float32
+    assert not torch.allclose(got, want.roll(1, 0), atol=1e-2)  # each token its own experts
+    with torch.inference_mode():
+        assert not cpu_decode.experts_kernel(experts, x[:1])
+        assert not cpu_decode.experts_kernel(experts, torch.cat([x] * (cpu_decode.EXPERTS_MAX_TOKENS // tokens + 1)))
+        assert not cpu_decode.experts_kernel(experts, x.bfloat16())
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        assert not cpu_decode.experts_kernel(experts, x)
+        monkeypatch.undo()
+        experts.gate_up_proj.data = experts.gate_up_proj.data.contiguous()
+        assert not cpu_decode.experts_kernel(experts, x)
 
 
 def test_the_routed_experts_kernel_sums_an_expert_named_twice_for_a_token():

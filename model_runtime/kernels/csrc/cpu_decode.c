@@ -7,6 +7,7 @@
  * moe_moe_decode:    a whole MoE layer for one token (model.MoE)
  * moe_experts_bf16:  the routed experts of a MoE layer for a few tokens (a decode step of several
  *                    sequences), bfloat16, AVX-512F only
+ * moe_experts_f32:   the same in float32, AVX2 + FMA
  * moe_amx_linear:    a linear of a few bfloat16 rows on AMX tiles (decision 32)
  * moe_amx_experts:   the routed experts of a MoE layer for any number of tokens on AMX tiles
  *
@@ -31,6 +32,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "simd_exp.h"
 
@@ -786,6 +788,116 @@ AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weight
     }
     for (long i = 0; i < N * D; i++)
         y[i] = f2bf(y32[i]);
+}
+
+/* moe_experts_f32: moe_experts_bf16 in float32 (x, the experts, y) on AVX2 + FMA, for where the
+ * runtime runs float32 (CPUs without native bfloat16 matmul, as AMD Zen 2/3): the same grouping,
+ * tiles and passes, each expert's matrices column-major (the engine's float32 layout:
+ * experts_layout). A tile is 16 columns x BLOCK_ROWS rows of sums, 12 of the 16 vector registers
+ * (the shape of BLAS's AVX2 micro-kernels), one weight line a row of K. The per-expert sgemm this
+ * replaces runs each expert's 8 or so rows at a quarter of what the core does.
+ *   y [N, D] float32 = sum over a of weights[n, a] * expert ids[n, a] on x[n]; counts as above;
+ *   scratch: as moe_experts_bf16's. D and I multiples of 8 (the caller checks). */
+#define PREFETCH_ROWS8 16
+
+__attribute__((always_inline)) static inline void tile_rows8(const float *X, long ldx, long K, const float *W,
+                                                             long ldw, float *const *out, long col,
+                                                             const float *alpha, int accumulate, const int rows,
+                                                             const int vecs) {
+    __m256 acc[BLOCK_ROWS][2];
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < vecs; j++)
+            acc[m][j] = _mm256_setzero_ps();
+    for (long k = 0; k < K; k++) {
+        const float *w = W + k * ldw;
+        PREFETCH_LINE(w + PREFETCH_ROWS8 * ldw); /* this tile's rows ahead, and the next tile's row k */
+        PREFETCH_LINE(w + 16);
+        __m256 wv[2];
+        for (int j = 0; j < vecs; j++)
+            wv[j] = _mm256_loadu_ps(w + 8 * j);
+        for (int m = 0; m < rows; m++) {
+            __m256 xv = _mm256_broadcast_ss(X + m * ldx + k);
+            for (int j = 0; j < vecs; j++)
+                acc[m][j] = _mm256_fmadd_ps(xv, wv[j], acc[m][j]);
+        }
+    }
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < vecs; j++) {
+            float *o = out[m] + col + 8 * j;
+            __m256 v = acc[m][j];
+            if (accumulate == 1)
+                v = _mm256_fmadd_ps(_mm256_set1_ps(alpha[m]), v, _mm256_loadu_ps(o));
+            else if (accumulate == 2)
+                v = _mm256_add_ps(v, _mm256_loadu_ps(o));
+            _mm256_storeu_ps(o, v);
+        }
+}
+
+#define TILE_CASE8(R)                                                                                 \
+    case R:                                                                                           \
+        if (vecs == 2)                                                                                \
+            tile_rows8(Xb, ldx, kn, Wk + j, J, ob, j, ab, mode, R, 2);                                \
+        else                                                                                          \
+            tile_rows8(Xb, ldx, kn, Wk + j, J, ob, j, ab, mode, R, 1);                                \
+        break;
+
+static void gemm_rows8(const float *X, long ldx, long K, const float *W, long J, float *const *out,
+                       const float *alpha, int accumulate, long rows) {
+    /* gemm_rows with float32 W, tiles of 16 columns (J a multiple of 8) */
+    for (long j = 0; j < J;) {
+        const int vecs = j + 16 <= J ? 2 : 1;
+        for (long k0 = 0; k0 < K; k0 += K_CHUNK) {
+            const long kn = K - k0 < K_CHUNK ? K - k0 : K_CHUNK;
+            const float *Wk = W + k0 * J;
+            const int mode = accumulate ? 1 : (k0 ? 2 : 0);
+            for (long b = 0; b < rows; b += BLOCK_ROWS) {
+                const float *Xb = X + b * ldx + k0, *ab = alpha + b;
+                float *const *ob = out + b;
+                switch (rows - b < BLOCK_ROWS ? rows - b : BLOCK_ROWS) {
+                    TILE_CASE8(1)
+                    TILE_CASE8(2)
+                    TILE_CASE8(3)
+                    TILE_CASE8(4)
+                    TILE_CASE8(5)
+                    TILE_CASE8(6)
+                }
+            }
+        }
+        j += 8 * vecs;
+    }
+}
+
+void moe_experts_f32(const float *x, const long *ids, const float *weights, const float *gate_up, const float *down,
+                     float *y, long *counts, float *scratch, long N, long A, long D, long E, long I) {
+    float *h = scratch, *x32 = h + N * 2 * I;
+    int *order = (int *)(x32 + N * D), *start = order + N * A; /* start: E + 1 */
+    group_by_expert(ids, N * A, E, counts, order, start);
+    for (long i = 0; i < N * D; i++)
+        y[i] = 0.0f;
+    float *hrow[N], *yrow[N], alpha[N];
+    for (long e = 0; e < E; e++) {
+        const float *gu = gate_up + e * D * 2 * I, *dn = down + e * I * D;
+        for (long r0 = start[e]; r0 < start[e + 1]; r0 += N) {
+            long rows = start[e + 1] - r0 < N ? start[e + 1] - r0 : N;
+            for (long m = 0; m < rows; m++) {
+                long choice = order[r0 + m], n = choice / A;
+                memcpy(x32 + m * D, x + n * D, (size_t)D * sizeof(float));
+                hrow[m] = h + m * 2 * I;
+                yrow[m] = y + n * D;
+                alpha[m] = weights[choice];
+            }
+            gemm_rows8(x32, D, D, gu, 2 * I, hrow, alpha, 0, rows); /* [rows, 2I] gate | up */
+            for (long m = 0; m < rows; m++) {
+                float *hm = hrow[m];
+                for (long i = 0; i < I; i += 8) { /* silu(gate) * up */
+                    __m256 g = _mm256_loadu_ps(hm + i);
+                    __m256 s = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+                    _mm256_storeu_ps(hm + i, _mm256_mul_ps(_mm256_div_ps(g, s), _mm256_loadu_ps(hm + I + i)));
+                }
+            }
+            gemm_rows8(h, 2 * I, I, dn, D, yrow, alpha, 1, rows); /* y[n] += weight * [rows, D] */
+        }
+    }
 }
 
 /* moe_argmax_rows: out[r] = the index of the largest x[r, :cols] (rows ld apart), the first on ties,
