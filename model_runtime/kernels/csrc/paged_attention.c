@@ -1,4 +1,5 @@
-// Decode attention that reads the paged KV cache in place (bfloat16, AVX512-BF16).
+// Decode attention that reads the paged KV cache in place: bfloat16 on AVX512-BF16 (moe_paged_decode_bf16),
+// float32 or bfloat16 on AVX2 + FMA (moe_paged_decode_avx2, further down).
 //
 // One new token per sequence attends its sequence's cached keys and values, walked block by block
 // through the block table: each cached row is read once, straight from the cache, for all the
@@ -162,6 +163,25 @@ static inline void prefetch_rows(const uint16_t *keys, long nk, const uint16_t *
     for (long i = 0; i < nv; i += 32) _mm_prefetch((const char *)(values + i), _MM_HINT_T0);
 }
 
+// a slot list as long as the longest context (what sequence_slots fills for each sequence in turn)
+static long *slot_buffer(const int64_t *context_lens, long S) {
+    long most = 0;
+    for (long s = 0; s < S; s++) most = context_lens[s] > most ? context_lens[s] : most;
+    return malloc((size_t)(most > 0 ? most : 1) * sizeof(long));
+}
+
+// slots[t] = the cache slot of a sequence's position t (block table `table`), computed once for every
+// kv head, for t from the first position it attends (window > 0: the last `window` of its n) to n - 1;
+// returns that first position
+static long sequence_slots(long *slots, const int64_t *table, long n, long window, long block_size) {
+    long start = (window > 0 && n > window) ? n - window : 0;
+    for (long t = start, b = start / block_size, o = start % block_size; t < n; t++) {
+        slots[t] = table[b] * block_size + o;
+        if (++o == block_size) o = 0, b++;
+    }
+    return start;
+}
+
 // q [S, K*G, E] bf16, rows of E contiguous, sequences qs and heads qh apart, or in two parts: its
 // first e1 columns at q and the other E - e1 at q2 (sequences q2s and heads q2h apart; e1 a multiple of
 // 16; q2 NULL: e1 = E); key row of (slot, kv head k) at kc + slot*ks + k*kh, value row at
@@ -184,17 +204,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
     uint16_t *keys = tiles ? calloc((size_t)CHUNK * E, sizeof(uint16_t)) : NULL;  // a chunk's key rows
     uint16_t *qpack = tiles ? aligned_alloc(64, (size_t)((G + 15) / 16) * 16 * E * sizeof(uint16_t)) : NULL;
     if (tiles) amx_start();
-    long most = 0;  // the longest context: the size of its slot list
-    for (long s = 0; s < S; s++) most = context_lens[s] > most ? context_lens[s] : most;
-    long *slots = malloc((size_t)(most > 0 ? most : 1) * sizeof(long));
+    long *slots = slot_buffer(context_lens, S);
     for (long s = 0; s < S; s++) {
         long n = context_lens[s];
-        long start = (window > 0 && n > window) ? n - window : 0;
-        const int64_t *table = block_tables + s * bt_stride;
-        for (long t = start, b = start / block_size, o = start % block_size; t < n; t++) {  // once for every kv head
-            slots[t] = table[b] * block_size + o;
-            if (++o == block_size) o = 0, b++;
-        }
+        long start = sequence_slots(slots, block_tables + s * bt_stride, n, window, block_size);
         for (long k = 0; k < K; k++) {
             const uint16_t *qk = q + s * qs + k * G * qh, *qk2 = q2 ? q2 + s * q2s + k * G * q2h : NULL;
             memset(acc, 0, (size_t)G * evp * sizeof(float));
@@ -360,17 +373,10 @@ AVX2 INLINE void paged_decode_avx2(const void *q, long qs, long qh, const void *
     float *m = malloc((size_t)G * sizeof(float)), *l = malloc((size_t)G * sizeof(float));
     float *qf = malloc((size_t)G * ep * sizeof(float));
     const void **vrows = malloc(CHUNK * sizeof(*vrows));
-    long most = 0;
-    for (long s = 0; s < S; s++) most = context_lens[s] > most ? context_lens[s] : most;
-    long *slots = malloc((size_t)(most > 0 ? most : 1) * sizeof(long));
+    long *slots = slot_buffer(context_lens, S);
     for (long s = 0; s < S; s++) {
         long n = context_lens[s];
-        long start = (window > 0 && n > window) ? n - window : 0;
-        const int64_t *table = block_tables + s * bt_stride;
-        for (long t = start, b = start / block_size, o = start % block_size; t < n; t++) {
-            slots[t] = table[b] * block_size + o;
-            if (++o == block_size) o = 0, b++;
-        }
+        long start = sequence_slots(slots, block_tables + s * bt_stride, n, window, block_size);
         for (long k = 0; k < K; k++) {
             memset(acc, 0, (size_t)G * evp * sizeof(float));
             for (long g = 0; g < G; g++) {  // the queries widened once, zero past E
