@@ -155,8 +155,8 @@ def decode(
     values [slots, K, Ev], views of the cache whose rows are contiguous (any slot and head
     strides); block_tables [S, B] and context_lens [S] as in PagedBatch (the new token already
     written, at position context_len - 1); window: keep the last `window` positions only.
-    -> [S, H, Ev] bfloat16, written into `out` when given (rows contiguous, any other strides:
-    MLA passes a head-major buffer's transposed view); the cache and `out` of q's dtype.
+    -> [S, H, Ev] of q's dtype, written into `out` when given (rows contiguous, any other strides:
+    MLA passes a head-major buffer's transposed view); the cache of q's dtype too.
     """
     lib = _load()
     if lib is None:
