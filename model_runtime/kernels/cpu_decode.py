@@ -482,7 +482,7 @@ class Route:
 
 class GQAttention:
     """models.model.Attention (grouped-query, optional qkv / o biases and q/k norms) for one new
-    bfloat16 token x [1, D] over the paged cache, as C calls only but for the bias adds: the q, k,
+    bfloat16 or float32 token x [1, D] over the paged cache, as C calls only but for the bias adds: the q, k,
     v projections (gemv), the q/k RMSNorms per head (Qwen3), the rope and cache writes
     (paged_attention.gqa_prepare's call), attention over the cache read in place
     (paged_attention.decode's) and o_proj. The same kernels, in the same order, as the torch path
@@ -494,6 +494,7 @@ class GQAttention:
                  window: int | None, paged_lib, qkv_bias=None, o_bias=None, qk_norm=None):  # fmt: skip
         self.weights = (q_proj, k_proj, v_proj, o_proj)
         self.dtype = q_proj.dtype
+        self.bf = int(self.dtype == torch.bfloat16)
         self.ptrs = tuple(w.data_ptr() for w in self.weights)
         self.H, self.K = heads, kv_heads
         self.Dh = q_proj.shape[0] // heads
@@ -521,30 +522,36 @@ class GQAttention:
         att = torch.empty(H * Dh, dtype=self.dtype)
         y = torch.empty(1, D, dtype=self.dtype)
         scratch = torch.empty(max(D, H * Dh) + H * Dh)
-        q, k, v = qkv.data_ptr(), qkv.data_ptr() + 2 * H * Dh, qkv.data_ptr() + 2 * (H + K) * Dh
+        size = qkv.element_size()
+        q, k, v = qkv.data_ptr(), qkv.data_ptr() + size * H * Dh, qkv.data_ptr() + size * (H + K) * Dh
         for w, out, rows in ((wq, q, H * Dh), (wk, k, K * Dh), (wv, v, K * Dh)):
-            _lib.moe_gemv(w, x.data_ptr(), out, scratch.data_ptr(), rows, D, 1)
+            _lib.moe_gemv(w, x.data_ptr(), out, scratch.data_ptr(), rows, D, self.bf)
         if self.qkv_bias is not None:
             for part, bias in zip(qkv.split((H * Dh, K * Dh, K * Dh)), self.qkv_bias, strict=True):
                 part.add_(bias)
         if self.qk_norm is not None:  # each head's row normed in place (the kernel reads a row, then writes it)
             for ptr, rows, norm in ((q, H, self.qk_norm[0]), (k, K, self.qk_norm[1])):
-                _lib.moe_rmsnorm_rows(ptr, Dh, norm.weight.data_ptr(), ptr, scratch.data_ptr(), norm.eps, rows, Dh, 1)
+                _lib.moe_rmsnorm_rows(ptr, Dh, norm.weight.data_ptr(), ptr, scratch.data_ptr(), norm.eps, rows, Dh, self.bf)
         tables, lens = ctx.block_tables.contiguous(), ctx.context_lens.contiguous()
         slots = ctx.slot_mapping.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
         cache_stride = K * Dh  # cache [2, slots, K, Dh], contiguous
-        kc, vc = cache.data_ptr(), cache.data_ptr() + 2 * cache.stride(0)
-        self.paged.moe_gqa_prepare_bf16(
+        kc, vc = cache.data_ptr(), cache.data_ptr() + size * cache.stride(0)
+        prepare = self.paged.moe_gqa_prepare_bf16 if self.bf else self.paged.moe_gqa_prepare_f32
+        prepare(
             q, k, v, cos.data_ptr(), sin.data_ptr(), kc, vc, cache_stride, slots.data_ptr(), 1, H, K, Dh, self.interleaved,
             H * Dh, K * Dh, K * Dh,
         )  # fmt: skip
-        self.paged.moe_paged_decode_bf16(
+        args = (
             q, H * Dh, Dh, None, 0, 0, Dh, kc, cache_stride, Dh, vc, cache_stride, Dh,
             tables.data_ptr(), tables.stride(0), lens.data_ptr(), att.data_ptr(), H * Dh, Dh,
             1, K, H // K, Dh, Dh, ctx.block_size, self.window, self.scale,
         )  # fmt: skip
-        _lib.moe_gemv(wo, att.data_ptr(), y.data_ptr(), scratch.data_ptr(), D, H * Dh, 1)
+        if self.bf:  # the AVX-512 build (the layer is built for bfloat16 only where it runs)
+            self.paged.moe_paged_decode_bf16(*args)
+        else:
+            self.paged.moe_paged_decode_avx2(*args, 0)
+        _lib.moe_gemv(wo, att.data_ptr(), y.data_ptr(), scratch.data_ptr(), D, H * Dh, self.bf)
         return y if self.o_bias is None else y.add_(self.o_bias)
 
 
@@ -819,7 +826,8 @@ def _layer_kernel(m: nn.Module):
         return MLAttention(*weights, cfg.rope_interleave, m.scale) if _rows(*weights) else None
     if type(m) is layers.Attention:
         cfg = m.cfg
-        paged_lib = paged_kernel.avx512_lib()  # its prepare and decode in bfloat16 on AVX512-BF16
+        bf16 = m.q_proj.weight.dtype == torch.bfloat16  # bfloat16: its AVX-512 prepare and decode
+        paged_lib = paged_kernel.avx512_lib() if bf16 else paged_kernel._load()
         linears = (m.q_proj, m.k_proj, m.v_proj, m.o_proj)
         weights = [p.weight for p in linears]
         qkv_biases = [p.bias for p in linears[:3] if p.bias is not None]
@@ -829,7 +837,7 @@ def _layer_kernel(m: nn.Module):
             or any(type(p) is not nn.Linear for p in linears)
             or len(qkv_biases) not in (0, 3)
             or any(type(n) is not layers.RMSNorm for n in norms)
-            or weights[0].dtype != torch.bfloat16
+            or weights[0].dtype not in (torch.bfloat16, torch.float32)
             or not _rows(*weights, *qkv_biases, m.o_proj.bias, *(n.weight for n in norms))
             or cfg.head_dim % 2
         ):

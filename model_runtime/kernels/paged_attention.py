@@ -79,6 +79,8 @@ def _load():
                 )
                 lib.moe_paged_decode_avx2.argtypes = decode_args + [ctypes.c_int]
                 lib.moe_paged_decode_avx2.restype = None
+                gqa_args = [ptr] * 7 + [long, ptr] + [long] * 4 + [ctypes.c_int] + [long] * 3
+                lib.moe_gqa_prepare_f32.argtypes, lib.moe_gqa_prepare_f32.restype = gqa_args, None
                 if not lib.moe_paged_avx2_supported():
                     log.info("paged attention kernel: off (this CPU has no AVX2 and FMA)")
                     lib = None
@@ -271,17 +273,20 @@ def gqa_prepare(
 ) -> bool:
     """Grouped-query attention's step before attention, in one C call: q [N, H, D] rotated in place
     (model.apply_rope, the whole head), k [N, K, D] rotated into the key cache and v [N, K, D]
-    copied into the value cache at `slots` (cache [2, slots, K, D]). All bfloat16 on the CPU, each
-    token's heads of q, k and v contiguous (their rows may be apart: column ranges of one fused
-    projection's output), cos and sin contiguous [N, D / 2]. Returns False (nothing done) when the
-    inputs are not such: the caller then runs torch's ops."""
-    lib = avx512_lib()
+    copied into the value cache at `slots` (cache [2, slots, K, D]). All bfloat16 (AVX512-BF16) or
+    all float32 (any CPU the library loads on) on the CPU, each token's heads of q, k and v
+    contiguous (their rows may be apart: column ranges of one fused projection's output), cos and
+    sin contiguous [N, D / 2]. Returns False (nothing done) when the inputs are not such: the
+    caller then runs torch's ops."""
+    bf16 = q.dtype == torch.bfloat16
+    lib = avx512_lib() if bf16 else _load()
     N, H, D = q.shape
     K = k.shape[1]
     tensors = (q, k, v, cos, sin, cache)
     if (
         lib is None
-        or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors)
+        or q.dtype not in (torch.bfloat16, torch.float32)
+        or any(t.dtype != q.dtype or t.device.type != "cpu" for t in tensors)
         or not all(t.stride()[1:] == (D, 1) for t in (q, k, v))
         or not all(t.is_contiguous() for t in (cos, sin))
         or (torch.is_grad_enabled() and q.requires_grad)
@@ -292,7 +297,7 @@ def gqa_prepare(
     ):  # fmt: skip
         return False
     slots = slots.to(torch.int64).contiguous()
-    lib.moe_gqa_prepare_bf16(
+    (lib.moe_gqa_prepare_bf16 if bf16 else lib.moe_gqa_prepare_f32)(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), cache[0].data_ptr(),
         cache[1].data_ptr(), cache.stride(1), slots.data_ptr(), N, H, K, D, int(interleaved),
         q.stride(0), k.stride(0), v.stride(0),

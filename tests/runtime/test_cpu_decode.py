@@ -360,6 +360,39 @@ def test_bf16_gqa_attention_layer_matches_the_torch_layer(window, interleaved, e
     assert bf16_close(got, want, ulps=6)
 
 
+@pytest.mark.parametrize(
+    ("window", "interleaved", "extras"),
+    [(None, False, {}), (5, True, {}), (None, False, {"qk_norm": True, "qkv_bias": True, "o_bias": True})],
+)
+def test_float32_gqa_attention_layer_matches_the_torch_layer(window, interleaved, extras):
+    """The same C-only layer for one float32 token (the runtime's dtype on CPUs without native
+    bfloat16 matmul; any CPU the kernels load on): the rope and cache writes hold torch's bits,
+    and the output is the torch layer's to float32 rounding."""
+    from model_runtime.kernels import paged_attention as paged_kernel
+
+    if not paged_kernel.available():
+        pytest.skip("no paged attention kernel on this CPU")
+    cfg = ModelConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=window,
+        rope_interleave=interleaved, **extras,
+    )  # fmt: skip
+    attn = random_(Attention(cfg), 4)
+    bs, ctx = DECODE_BLOCK, one_decode_context(window)
+    g = torch.Generator().manual_seed(7)
+    cache = torch.randn(2, 8 * bs, 2, 32, generator=g)
+    x = torch.randn(1, 64, generator=g)
+    angle = torch.randn(1, 16, generator=g)
+    cos, sin = angle.cos(), angle.sin()
+    with torch.inference_mode():
+        want_cache = cache.clone()
+        want = attn(x, cos, sin, ctx, want_cache)
+        assert use_cpu_decode_kernels(attn) and type(attn.decode) is cpu_decode.GQAttention
+        got = attn(x, cos, sin, ctx, cache)
+    assert not torch.equal(cache, torch.randn(2, 8 * bs, 2, 32, generator=torch.Generator().manual_seed(7)))
+    torch.testing.assert_close(cache, want_cache, atol=1e-5, rtol=1e-5)  # the new row: gemv's sums, then rope
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("builtin", ["tiny-deepseek-v3", "tiny-mixtral"])
 def test_a_bf16_model_decodes_with_the_kernels_as_closely_as_torch(builtin, monkeypatch):
     """A bfloat16 model's decode steps take the kernels (one C call per MoE / MLA layer), and its

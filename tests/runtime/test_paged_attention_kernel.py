@@ -243,6 +243,29 @@ def test_gqa_prepare_writes_the_bits_torch_writes(interleaved, D):
     assert not paged_kernel.gqa_prepare(q.transpose(0, 1), k, v, cos, sin, cache, slots, interleaved)
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_float32_gqa_prepare_writes_the_bits_torch_writes(interleaved):
+    """float32 rope and cache writes in one C call (any CPU the library loads on): the rotated
+    queries and the cache's rows are torch's float32 ops' bits."""
+    N, H, K, D = 5, 8, 2, 64
+    gen = torch.Generator().manual_seed(5 + int(interleaved))
+    q, k, v = (torch.randn(N, h, D, generator=gen) * 3 for h in (H, K, K))
+    angle = torch.randn(N, D // 2, generator=gen) * 5
+    cos, sin = angle.cos(), angle.sin()
+    slots = torch.tensor([3, 9, 17, 40, 0])
+    cache = torch.zeros(2, 64, K, D)
+    want_cache = cache.clone()
+    want_q = layers.apply_rope(q, cos, sin, interleaved)
+    want_cache[0][slots] = layers.apply_rope(k, cos, sin, interleaved)
+    want_cache[1][slots] = v
+    fused = torch.cat([t.reshape(N, -1) for t in (q, k, v)], dim=1)  # column ranges of one output
+    fq, fk, fv = (t.view(N, -1, D) for t in fused.split((H * D, K * D, K * D), dim=1))
+    assert paged_kernel.gqa_prepare(fq, fk, fv, cos, sin, cache, slots, interleaved)
+    assert torch.equal(fq, want_q)
+    assert torch.equal(cache, want_cache)
+    assert not paged_kernel.gqa_prepare(q, k, v, cos, sin, cache.bfloat16(), slots, interleaved)
+
+
 def test_mismatched_shapes_are_refused():
     cache = torch.zeros(2, 64, 4, 32, dtype=torch.bfloat16)
     q = torch.zeros(2, 6, 32, dtype=torch.bfloat16)  # 6 heads over 4 kv heads
