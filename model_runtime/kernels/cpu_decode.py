@@ -103,6 +103,8 @@ def _load():
                 lib.moe_amx_supported.argtypes, lib.moe_amx_supported.restype = [], i32
                 lib.moe_amx_linear.argtypes = [ptr, long, long, ptr] + [long] * 3 + [ptr, ptr, long]
                 lib.moe_amx_linear.restype = i32
+                lib.moe_linear_f32.argtypes = lib.moe_amx_linear.argtypes
+                lib.moe_linear_f32.restype = i32
                 lib.moe_amx_experts.argtypes = [ptr] * 7 + [long] * 5
                 lib.moe_amx_experts.restype = i32
                 for fn in (
@@ -193,54 +195,87 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 # prefill) rather than oneDNN's matmul, which reorders the plain weights into its blocked layout at
 # every call: benchmarks/runtime_amx_linear.py measures the two. (At most the C's AMX_LINEAR_ROWS.)
 AMX_MAX_ROWS = 64
+# Up to this many rows a float32 linear takes moe_linear_f32 rather than MKL's sgemm, on CPUs
+# without AVX-512 (where float32 is the default dtype): as fast as MKL's at 64 rows and D 256, up to
+# 1.7x faster at 32 rows and D 1024 (the lm head of 32000: 29 against 48 ms), 2x at 2-8 rows. A
+# prefill's rows stay with MKL; so do all on AVX-512, whose sgemm runs twice as wide as this.
+F32_MAX_ROWS = 64
 
 
-def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether moe_amx_linear computes F.linear(x, w, bias): bfloat16 on the CPU with AMX (_amx),
-    outside autograd, torch on one thread, 2 <= rows <= AMX_MAX_ROWS, w [N, K] with contiguous rows,
-    N a multiple of 16 and K of 32, the bias (if any) bfloat16 and contiguous."""
+def few_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, max_rows: int) -> bool:
+    """Whether F.linear(x, w, bias) is a few rows of `dtype` a row kernel reads as they are: on the
+    CPU, outside autograd, torch on one thread, 2 <= rows <= max_rows, w [N, K] of `dtype` with
+    contiguous rows, the bias (if any) of `dtype` and contiguous."""
     return (
-        _amx
-        and x.dtype is torch.bfloat16
-        and w.dtype is torch.bfloat16
+        x.dtype is dtype
+        and w.dtype is dtype
         and x.is_cpu
-        and 2 * x.shape[-1] <= x.numel() <= AMX_MAX_ROWS * x.shape[-1]
+        and 2 * x.shape[-1] <= x.numel() <= max_rows * x.shape[-1]
         and w.dim() == 2
         and x.shape[-1] == w.shape[1]
         and w.stride(1) == 1
-        and w.shape[0] % 16 == 0
-        and w.shape[1] % 32 == 0
-        and (bias is None or (bias.dtype is torch.bfloat16 and bias.dim() == 1 and bias.is_contiguous()))
+        and (bias is None or (bias.dtype is dtype and bias.dim() == 1 and bias.is_contiguous()))
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         and torch.get_num_threads() == 1
     )
 
 
-def amx_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, bias) by moe_amx_linear (amx_rows checks the arguments): x [..., K] bfloat16."""
+def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether moe_amx_linear computes F.linear(x, w, bias): bfloat16 on the CPU with AMX (_amx),
+    a few rows (few_rows: up to AMX_MAX_ROWS), N a multiple of 16 and K of 32."""
+    return _amx and few_rows(x, w, bias, torch.bfloat16, AMX_MAX_ROWS) and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0
+
+
+def f32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether moe_linear_f32 computes F.linear(x, w, bias): float32, the kernels loaded on a CPU
+    without AVX-512, a few rows (few_rows: up to F32_MAX_ROWS), K a multiple of 8."""
+    return (
+        _lib is not None
+        and not _avx512
+        and few_rows(x, w, bias, torch.float32, F32_MAX_ROWS)
+        and w.shape[1] % 8 == 0
+    )
+
+
+def rows_linear(kernel, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, w, bias) by a row kernel of the library (moe_amx_linear, moe_linear_f32: one
+    signature), its checks made (amx_rows, f32_rows): x [..., K]."""
     N, K = w.shape
     rows = x if x.dim() == 2 else x.reshape(-1, K)  # (a step's rows are 2-D: no view to make)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     M = rows.shape[0]
-    y = torch.empty(M, N, dtype=torch.bfloat16)
-    if _lib.moe_amx_linear(
+    y = torch.empty(M, N, dtype=x.dtype)
+    if kernel(
         rows.data_ptr(), rows.stride(0), M, w.data_ptr(), w.stride(0), N, K,
         None if bias is None else bias.data_ptr(), y.data_ptr(), N,
     ):  # fmt: skip
-        raise MemoryError(f"moe_amx_linear: {M} rows of {K}: more than it takes, or no memory to repack them")
+        raise MemoryError(f"{kernel.__name__}: {M} rows of {K}: more than it takes, or no memory to repack them")
     return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
+
+
+def amx_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) by moe_amx_linear (amx_rows checks the arguments): x [..., K] bfloat16."""
+    return rows_linear(_lib.moe_amx_linear, x, w, bias)
+
+
+def f32_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) by moe_linear_f32 (f32_rows checks the arguments): x [..., K] float32."""
+    return rows_linear(_lib.moe_linear_f32, x, w, bias)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; one float32 or bfloat16 row on the CPU (batch-1 decode) takes the streaming gemv
-    kernel, a few bfloat16 rows the AMX kernel where the CPU has it, more rows oneDNN's matmul with
-    the rows padded to a bucket (kernels/shapes.py)."""
+    kernel, a few bfloat16 rows the AMX kernel where the CPU has it, a few float32 rows the AVX2
+    dot-product kernel, more rows oneDNN's / MKL's matmul with the rows padded to a bucket
+    (kernels/shapes.py)."""
     if one_row(x) and kernel_rows(x.dtype, w):
         y = gemv(x, w)
         return y if bias is None else y + bias
     if amx_rows(x, w, bias):
         return amx_linear(x, w, bias)
+    if f32_rows(x, w, bias):
+        return f32_linear(x, w, bias)
     return shapes.linear(x, w, bias)
 
 

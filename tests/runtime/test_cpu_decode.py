@@ -702,6 +702,65 @@ def test_a_paged_prefill_of_fused_qkv_ropes_and_writes_the_cache_in_one_c_call_a
     assert len(taken) == model.config.num_hidden_layers and all(taken)
 
 
+@pytest.mark.parametrize(
+    "rows,out,inn,bias",
+    [(2, 1, 8, False), (3, 7, 24, True), (5, 48, 64, True), (16, 1030, 256, False), (17, 96, 1032, True),
+     (33, 81, 96, False), (64, 512, 1024, True)],
+)  # fmt: skip
+def test_float32_linear_kernel_matches_float64_and_a_row_is_the_same_in_any_step(rows, out, inn, bias):
+    """A few float32 rows through moe_linear_f32 (called directly: the kernel runs on any AVX2 CPU):
+    as close to the float64 product as torch's float32 matmul is, x's rows a strided view, the
+    outputs past the last whole tile of weight rows too; and each row's result the same bits
+    whatever else is in the step (a sequence's logits do not depend on its neighbours)."""
+    g = torch.Generator().manual_seed(rows * out + inn)
+    wide = torch.randn(rows, inn + 32, generator=g)
+    x = wide[:, 16 : 16 + inn]  # rows inn + 32 apart
+    w = torch.randn(out, inn, generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    got = cpu_decode.f32_linear(x, w, b)
+    exact = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert got.dtype == torch.float32 and got.shape == (rows, out)
+    torch_error = (F.linear(x, w, b).double() - exact).abs().max().item()
+    assert (got.double() - exact).abs().max().item() <= 2 * torch_error + 1e-6
+    for part in (slice(0, 2), slice(rows - 2, rows), slice(1, rows)):  # the same rows in other steps
+        assert torch.equal(cpu_decode.f32_linear(x[part], w, b), got[part])
+    batched = cpu_decode.f32_linear(x.reshape(1, rows, inn), w, b)  # [..., in] as F.linear takes it
+    assert batched.shape == (1, rows, out) and torch.equal(batched[0], got)
+
+
+@pytest.mark.skipif(cpu_decode._avx512, reason="AVX-512 CPUs keep MKL's sgemm for float32 rows")
+def test_linear_takes_the_float32_kernel_only_where_it_applies(monkeypatch):
+    """One row: the streaming gemv; 2 .. F32_MAX_ROWS float32 rows, K a multiple of 8: the AVX2
+    dot-product kernel; anything else (more rows, K not a multiple of 8, a strided bias, bfloat16,
+    autograd, more threads): torch's matmul."""
+    taken = count_calls(monkeypatch, cpu_decode, "f32_linear")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(60, 128, generator=g)
+
+    def uses_kernel(x, w, bias=None):
+        before = taken["n"]
+        got = cpu_decode.linear(x, w, bias)
+        torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+        return taken["n"] > before
+
+    rows = lambda n: torch.randn(n, 128, generator=g)  # noqa: E731
+    with torch.inference_mode():
+        assert not uses_kernel(rows(1), w)
+        assert uses_kernel(rows(2), w) and uses_kernel(rows(cpu_decode.F32_MAX_ROWS), w)
+        assert not uses_kernel(rows(cpu_decode.F32_MAX_ROWS + 1), w)
+        assert not uses_kernel(rows(8)[:, :124], w[:, :124])  # 124 inputs: not whole vectors
+        assert uses_kernel(rows(8), w, torch.randn(60, generator=g))
+        assert not uses_kernel(rows(8), w, torch.randn(120, generator=g)[::2])  # a strided bias
+        before = taken["n"]
+        cpu_decode.linear(rows(8).bfloat16(), w.bfloat16())
+        assert taken["n"] == before
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        assert not uses_kernel(rows(8), w)
+    x = rows(8).requires_grad_()
+    got = cpu_decode.linear(x, w)
+    assert got.requires_grad and taken["n"] == before  # autograd: torch's op
+
+
 amx = pytest.mark.skipif(not cpu_decode._amx, reason="this CPU (or OS) runs no AMX")
 
 

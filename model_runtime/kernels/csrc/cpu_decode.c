@@ -8,6 +8,7 @@
  * moe_experts_bf16:  the routed experts of a MoE layer for a few tokens (a decode step of several
  *                    sequences), bfloat16, AVX-512F only
  * moe_experts_f32:   the same in float32, AVX2 + FMA
+ * moe_linear_f32:    a linear of a few float32 rows, AVX2 + FMA
  * moe_amx_linear:    a linear of a few bfloat16 rows on AMX tiles (decision 32)
  * moe_amx_experts:   the routed experts of a MoE layer for any number of tokens on AMX tiles
  *
@@ -791,27 +792,31 @@ AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weight
 }
 
 /* moe_experts_f32: moe_experts_bf16 in float32 (x, the experts, y) on AVX2 + FMA, for where the
- * runtime runs float32 (CPUs without native bfloat16 matmul, as AMD Zen 2/3): the same grouping,
- * tiles and passes, each expert's matrices column-major (the engine's float32 layout:
- * experts_layout). A tile is 16 columns x BLOCK_ROWS rows of sums, 12 of the 16 vector registers
- * (the shape of BLAS's AVX2 micro-kernels), one weight line a row of K. The per-expert sgemm this
- * replaces runs each expert's 8 or so rows at a quarter of what the core does.
+ * runtime runs float32 (CPUs without native bfloat16 matmul, as AMD Zen 2/3): the same grouping
+ * and passes, each expert's matrices column-major (the engine's float32 layout: experts_layout).
+ * A tile is 16 columns x BLOCK_ROWS rows of sums, 12 of the 16 vector registers (the shape of
+ * BLAS's AVX2 micro-kernels), one weight line a row of K. The per-expert sgemm this replaces runs
+ * each expert's 8 or so rows at a quarter of what the core does.
  *   y [N, D] float32 = sum over a of weights[n, a] * expert ids[n, a] on x[n]; counts as above;
  *   scratch: as moe_experts_bf16's. D and I multiples of 8 (the caller checks). */
-#define PREFETCH_ROWS8 16
+
+/* Rows of W a pass of gemm_rows8 takes (K_CHUNK8 x J floats, contiguous), and how far ahead in a
+ * row of W a tile fetches (4 tiles) */
+#define K_CHUNK8 64
+#define PREFETCH_COLS8 64
 
 __attribute__((always_inline)) static inline void tile_rows8(const float *X, long ldx, long K, const float *W,
                                                              long ldw, float *const *out, long col,
                                                              const float *alpha, int accumulate, const int rows,
-                                                             const int vecs) {
+                                                             const int vecs, const int fetch) {
     __m256 acc[BLOCK_ROWS][2];
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < vecs; j++)
             acc[m][j] = _mm256_setzero_ps();
     for (long k = 0; k < K; k++) {
         const float *w = W + k * ldw;
-        PREFETCH_LINE(w + PREFETCH_ROWS8 * ldw); /* this tile's rows ahead, and the next tile's row k */
-        PREFETCH_LINE(w + 16);
+        if (fetch) /* the first block of rows only: the others find the lines in L1 */
+            PREFETCH_LINE(w + PREFETCH_COLS8);
         __m256 wv[2];
         for (int j = 0; j < vecs; j++)
             wv[j] = _mm256_loadu_ps(w + 8 * j);
@@ -836,20 +841,25 @@ __attribute__((always_inline)) static inline void tile_rows8(const float *X, lon
 #define TILE_CASE8(R)                                                                                 \
     case R:                                                                                           \
         if (vecs == 2)                                                                                \
-            tile_rows8(Xb, ldx, kn, Wk + j, J, ob, j, ab, mode, R, 2);                                \
+            tile_rows8(Xb, ldx, kn, Wk + j, J, ob, j, ab, mode, R, 2, b == 0);                        \
         else                                                                                          \
-            tile_rows8(Xb, ldx, kn, Wk + j, J, ob, j, ab, mode, R, 1);                                \
+            tile_rows8(Xb, ldx, kn, Wk + j, J, ob, j, ab, mode, R, 1, b == 0);                        \
         break;
 
 static void gemm_rows8(const float *X, long ldx, long K, const float *W, long J, float *const *out,
                        const float *alpha, int accumulate, long rows) {
-    /* gemm_rows with float32 W, tiles of 16 columns (J a multiple of 8) */
-    for (long j = 0; j < J;) {
-        const int vecs = j + 16 <= J ? 2 : 1;
-        for (long k0 = 0; k0 < K; k0 += K_CHUNK) {
-            const long kn = K - k0 < K_CHUNK ? K - k0 : K_CHUNK;
-            const float *Wk = W + k0 * J;
-            const int mode = accumulate ? 1 : (k0 ? 2 : 0);
+    /* gemm_rows with float32 W, tiles of 16 columns (J a multiple of 8), in the other order: a
+     * chunk of K_CHUNK8 rows of W at a time, its tiles left to right, each taken by every block of
+     * rows. A chunk is one contiguous stretch of memory, and each row's lines are read in order
+     * (tiles a whole weight row apart, as gemm_rows runs them, read a large expert's weights at a
+     * third of this: lines a row apart stride pages and defeat the hardware prefetcher). Each
+     * output is still the sum over K in one order whatever the rows. */
+    for (long k0 = 0; k0 < K; k0 += K_CHUNK8) {
+        const long kn = K - k0 < K_CHUNK8 ? K - k0 : K_CHUNK8;
+        const float *Wk = W + k0 * J;
+        const int mode = accumulate ? 1 : (k0 ? 2 : 0);
+        for (long j = 0; j < J;) {
+            const int vecs = j + 16 <= J ? 2 : 1;
             for (long b = 0; b < rows; b += BLOCK_ROWS) {
                 const float *Xb = X + b * ldx + k0, *ab = alpha + b;
                 float *const *ob = out + b;
@@ -862,8 +872,8 @@ static void gemm_rows8(const float *X, long ldx, long K, const float *W, long J,
                     TILE_CASE8(6)
                 }
             }
+            j += 8 * vecs;
         }
-        j += 8 * vecs;
     }
 }
 
@@ -898,6 +908,92 @@ void moe_experts_f32(const float *x, const long *ids, const float *weights, cons
             gemm_rows8(h, 2 * I, I, dn, D, yrow, alpha, 1, rows); /* y[n] += weight * [rows, D] */
         }
     }
+}
+
+/* moe_linear_f32: y [M, N] float32 = x [M, K] @ W [N, K]^T (+ bias), for a few rows (a decode
+ * step's sequences), on AVX2 + FMA, on the weights as they are (row-major, the layout of nn.Linear
+ * that moe_gemv reads). Dot products: a tile is LIN_W rows of W x LIN_X rows of x, 12 sums of 8
+ * lanes, each W row a sequential stream (as moe_gemv reads them) taken by every block of x's rows
+ * while it is in L1. MKL's sgemm on these shapes (32 rows, K 1024) runs 40-70 GFLOP/s on one
+ * core here, the lm head's [32000, 1024] at 40; this 64-84. Each output is one row's dot product
+ * in the same order whatever M and wherever the row sits, so a sequence's logits do not depend
+ * on the others in its step. K a multiple of 8 (the caller checks); returns 0 (moe_amx_linear's
+ * signature). */
+#define LIN_W 4
+#define LIN_X 3
+
+__attribute__((always_inline)) static inline void dot_tile(const float *x, long ldx, const float *W, long ldw,
+                                                           long K, const float *bias, float *y, long ldy,
+                                                           const int xr, const int wr) {
+    __m256 acc[LIN_W][LIN_X];
+    for (int r = 0; r < wr; r++)
+        for (int m = 0; m < xr; m++)
+            acc[r][m] = _mm256_setzero_ps();
+    for (long k = 0; k < K; k += 8) {
+        __m256 xv[LIN_X];
+        for (int m = 0; m < xr; m++)
+            xv[m] = _mm256_loadu_ps(x + m * ldx + k);
+        for (int r = 0; r < wr; r++) {
+            __m256 w = _mm256_loadu_ps(W + r * ldw + k);
+            for (int m = 0; m < xr; m++)
+                acc[r][m] = _mm256_fmadd_ps(xv[m], w, acc[r][m]);
+        }
+    }
+    /* each row of x's LIN_W sums of 8 lanes summed into LIN_W values at once (the missing W rows of
+     * a tile at the matrix's end as zeros: every output is summed in one order) */
+    for (int r = wr; r < LIN_W; r++)
+        for (int m = 0; m < xr; m++)
+            acc[r][m] = _mm256_setzero_ps();
+    __m128 b = _mm_setzero_ps();
+    if (bias) {
+        float bb[LIN_W] = {0.0f};
+        for (int r = 0; r < wr; r++)
+            bb[r] = bias[r];
+        b = _mm_loadu_ps(bb);
+    }
+    for (int m = 0; m < xr; m++) {
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][m], acc[1][m]), _mm256_hadd_ps(acc[2][m], acc[3][m]));
+        __m128 v = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)), b);
+        if (wr == LIN_W) {
+            _mm_storeu_ps(y + m * ldy, v);
+        } else {
+            float out[LIN_W];
+            _mm_storeu_ps(out, v);
+            for (int r = 0; r < wr; r++)
+                y[m * ldy + r] = out[r];
+        }
+    }
+}
+
+#define DOT_CASE(XR, WR)                                                                              \
+    case (XR) * 8 + (WR):                                                                             \
+        dot_tile(x + m * ldx, ldx, Wn, ldw, K, bn, y + m * ldy + n, ldy, XR, WR);                     \
+        break;
+
+int moe_linear_f32(const float *x, long ldx, long M, const float *W, long ldw, long N, long K, const float *bias,
+                   float *y, long ldy) {
+    for (long n = 0; n < N; n += LIN_W) {
+        const int wr = N - n < LIN_W ? (int)(N - n) : LIN_W;
+        const float *Wn = W + n * ldw, *bn = bias ? bias + n : NULL;
+        for (long m = 0; m < M; m += LIN_X) {
+            const int xr = M - m < LIN_X ? (int)(M - m) : LIN_X;
+            switch (xr * 8 + wr) {
+                DOT_CASE(1, 1)
+                DOT_CASE(1, 2)
+                DOT_CASE(1, 3)
+                DOT_CASE(1, 4)
+                DOT_CASE(2, 1)
+                DOT_CASE(2, 2)
+                DOT_CASE(2, 3)
+                DOT_CASE(2, 4)
+                DOT_CASE(3, 1)
+                DOT_CASE(3, 2)
+                DOT_CASE(3, 3)
+                DOT_CASE(3, 4)
+            }
+        }
+    }
+    return 0;
 }
 
 /* moe_argmax_rows: out[r] = the index of the largest x[r, :cols] (rows ld apart), the first on ties,
