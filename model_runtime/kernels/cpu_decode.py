@@ -472,11 +472,11 @@ def amx_routed_experts(
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(dim=-1) for a [S, V] float32 tensor (the first index on ties, a NaN's if any);
-    on the CPU with AVX-512F and the kernels loaded, moe_argmax_rows (torch's runs ~2 ns an
+    on the CPU with the kernels loaded, moe_argmax_rows (AVX-512F or AVX2; torch's runs ~2 ns an
     element on one thread: 0.6 ms for 32 x 8192 logits), else torch's."""
     if not (
         x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(1) == 1
-        and x.shape[1] > 0 and available() and _avx512
+        and x.shape[1] > 0 and available()
     ):  # fmt: skip
         return x.argmax(dim=-1)
     out = torch.empty(x.shape[0], dtype=torch.int64)

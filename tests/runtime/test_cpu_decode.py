@@ -576,6 +576,8 @@ def argmax_cases() -> list[torch.Tensor]:
     nan[3, 3] = nan[3, 40] = float("inf")  # ties: the first
     late = torch.full((2, 20), -float("inf"))
     late[1, 18] = -5.0  # the maximum in the tail after 16 lanes of -inf
+    lane = torch.full((2, 12), -float("inf"))
+    lane[0, 9] = lane[1, 3] = 1.0  # one lane of 8 holds the maximum; a tail after 8 lanes
     return [
         torch.randn(32, 8192, generator=g),
         torch.randn(3, 7, generator=g),  # shorter than a vector
@@ -583,6 +585,7 @@ def argmax_cases() -> list[torch.Tensor]:
         torch.zeros(4, 33),  # all tied
         nan,
         late,
+        lane,
         torch.randn(64, 8192, generator=g)[:, :8000],  # rows apart by more than their length
         torch.randint(0, 3, (8, 1000), generator=g).float(),  # many ties
     ]
@@ -590,10 +593,13 @@ def argmax_cases() -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("case", range(len(argmax_cases())))
 def test_argmax_is_torchs(case):
-    """Greedy sampling's argmax (a C scan on AVX-512 CPUs) gives torch's indices, ties and NaNs
-    included."""
+    """Greedy sampling's argmax (a C scan: AVX-512 or AVX2, whichever this CPU runs) gives torch's
+    indices, ties and NaNs included."""
     x = argmax_cases()[case]
     assert torch.equal(cpu_decode.argmax(x), x.argmax(dim=-1))
+    taken = torch.full((x.shape[0],), -1, dtype=torch.int64)  # the C scan itself, not a fallback
+    cpu_decode._lib.moe_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), taken.data_ptr())
+    assert torch.equal(taken, x.argmax(dim=-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
