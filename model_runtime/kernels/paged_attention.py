@@ -81,6 +81,9 @@ def _load():
                 lib.moe_paged_decode_avx2.restype = None
                 gqa_args = [ptr] * 7 + [long, ptr] + [long] * 4 + [ctypes.c_int] + [long] * 3
                 lib.moe_gqa_prepare_f32.argtypes, lib.moe_gqa_prepare_f32.restype = gqa_args, None
+                mla_args = [ptr, long, long, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, long, ptr] + [long] * 3
+                lib.moe_mla_prepare_f32.argtypes = mla_args + [ctypes.c_int]
+                lib.moe_mla_prepare_f32.restype = None
                 if not lib.moe_paged_avx2_supported():
                     log.info("paged attention kernel: off (this CPU has no AVX2 and FMA)")
                     lib = None
@@ -90,11 +93,7 @@ def _load():
                     _avx512 = True
                     lib.moe_paged_decode_bf16.argtypes = decode_args
                     lib.moe_paged_decode_bf16.restype = None
-                    lib.moe_mla_prepare_bf16.argtypes = (
-                        [ptr, long, long, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, long, ptr]
-                        + [long] * 3
-                        + [ctypes.c_int]
-                    )
+                    lib.moe_mla_prepare_bf16.argtypes = lib.moe_mla_prepare_f32.argtypes
                     lib.moe_mla_prepare_bf16.restype = None
                     lib.moe_gqa_prepare_bf16.argtypes = [ptr] * 7 + [long, ptr] + [long] * 4 + [ctypes.c_int] + [long] * 3
                     lib.moe_gqa_prepare_bf16.restype = None
@@ -237,24 +236,29 @@ def mla_prepare(
 ) -> bool:
     """MLA's decode step before attention, in one C call: the latent kv[:, :C] normed (norm_weight,
     eps: model.RMSNorm) and the rope key kv[:, C:] rotated (model.apply_rope) written to the cache
-    rows at `slots`; q [N, H, P + R]'s rope part rotated in place. All bfloat16 on the CPU, q and kv
-    contiguous, cache [slots, C + R] rows contiguous, cos / sin [N, R / 2]. Returns False (nothing
-    done) when the inputs are not such: the caller then runs torch's ops."""
-    lib = avx512_lib()
+    rows at `slots`; q [N, H, P + R]'s rope part rotated in place. On the CPU, q and kv
+    contiguous, cache [slots, C + R] rows contiguous, cos / sin [N, R / 2]. All bfloat16
+    (AVX512-BF16: torch's bits) or all float32 (any CPU the library loads on: torch's bits for the
+    rope parts, the normed latent within an ulp of torch's). Returns False (nothing done) when the
+    inputs are not such: the caller then runs torch's ops."""
+    bf16 = q.dtype == torch.bfloat16
+    lib = avx512_lib() if bf16 else _load()
     N, H, PR = q.shape
     C = norm_weight.shape[0]
     R = kv.shape[1] - C
     tensors = (q, kv, cos, sin, norm_weight, cache)
     if (
         lib is None
-        or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors)
+        or q.dtype not in (torch.bfloat16, torch.float32)
+        or any(t.dtype != q.dtype or t.device.type != "cpu" for t in tensors)
+        or (torch.is_grad_enabled() and q.requires_grad)
         or not all(t.is_contiguous() for t in (q, kv, cos, sin, norm_weight))
         or cache.dim() != 2 or cache.stride(1) != 1 or cache.shape[1] != C + R
         or kv.shape[0] != N or cos.shape != (N, R // 2) or sin.shape != (N, R // 2) or R % 2 or PR < R
     ):  # fmt: skip
         return False
     slots = slots.to(torch.int64).contiguous()
-    lib.moe_mla_prepare_bf16(
+    (lib.moe_mla_prepare_bf16 if bf16 else lib.moe_mla_prepare_f32)(
         q.data_ptr(), H, PR - R, kv.data_ptr(), cos.data_ptr(), sin.data_ptr(), norm_weight.data_ptr(), eps,
         cache.data_ptr(), cache.stride(0), slots.data_ptr(), N, C, R, int(interleaved),
     )  # fmt: skip

@@ -530,7 +530,7 @@ class MLAttention(nn.Module):
     def write_latent(self, q, kv, cos, sin, slots, cache) -> None:
         """The new tokens' cache rows, the normed latent and the rotated rope key of kv [N, C + R]
         (kv_a_proj_with_mqa's output), written at slots [N]; q [N, H, P + R]'s rope part rotated in
-        place. bfloat16 on the CPU: one C call with torch's bits (kernels/paged_attention.py:
+        place. bfloat16 or float32 on the CPU: one C call with torch's bits (kernels/paged_attention.py:
         mla_prepare; torch's ops for it are ~15 small calls, ~0.12 ms at 32 tokens); else torch's."""
         cfg = self.cfg
         P, R, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank

@@ -244,6 +244,38 @@ def test_gqa_prepare_writes_the_bits_torch_writes(interleaved, D):
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize(("R", "C"), [(64, 512), (16, 40)])
+def test_float32_mla_prepare_matches_torch(interleaved, R, C):
+    """MLA's norm, rope and cache write in float32, one C call (any CPU the library loads on): the
+    rotated queries and the cache's rope columns are torch's float32 bits, the normed latent within
+    float32 rounding of torch's RMSNorm; other cache rows untouched."""
+    N, H, P = 5, 4, 16
+    gen = torch.Generator().manual_seed(7 + R + int(interleaved))
+    q = torch.randn(N, H, P + R, generator=gen)
+    kv = torch.randn(N, C + R, generator=gen) * 3
+    angle = torch.randn(N, R // 2, generator=gen) * 5
+    cos, sin = angle.cos(), angle.sin()
+    norm = layers.RMSNorm(C, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(C, generator=gen))
+    slots = torch.tensor([3, 9, 17, 40, 41])
+    cache = torch.full((64, C + R), 7.0)
+    want_cache, want_q = cache.clone(), q.clone()
+    with torch.no_grad():
+        assert paged_kernel.mla_prepare(q, kv, cos, sin, norm.weight, norm.eps, cache, slots, interleaved)
+        c, k_rope = kv.split([C, R], dim=-1)
+        k_rope = layers.apply_rope(k_rope[:, None, :], cos, sin, interleaved)[:, 0]
+        want_cache[slots] = torch.cat([norm(c), k_rope], dim=-1)
+        want_q[..., P:] = layers.apply_rope(want_q[..., P:], cos, sin, interleaved)
+    assert torch.equal(q, want_q)
+    assert torch.equal(cache[:, C:], want_cache[:, C:])
+    torch.testing.assert_close(cache[:, :C], want_cache[:, :C], rtol=2e-6, atol=1e-6)
+    assert torch.equal(cache[torch.tensor([0, 10, 63])], want_cache[torch.tensor([0, 10, 63])])
+    bf = cache.bfloat16()
+    assert not paged_kernel.mla_prepare(q, kv, cos, sin, norm.weight, norm.eps, bf, slots, interleaved)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
 def test_float32_gqa_prepare_writes_the_bits_torch_writes(interleaved):
     """float32 rope and cache writes in one C call (any CPU the library loads on): the rotated
     queries and the cache's rows are torch's float32 ops' bits."""

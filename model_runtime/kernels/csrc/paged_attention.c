@@ -591,6 +591,43 @@ void moe_mla_prepare_bf16(uint16_t *q, long H, long P, const uint16_t *kv, const
     free(x);
 }
 
+// moe_mla_prepare_bf16 for float32 (q, kv, cos, sin, the norm's weight and the cache): the latent's
+// sum of squares in double (torch's float32 rms_norm is within an ulp of it), the weight applied
+// after the normalization as model.RMSNorm does, and each rotated value as torch's float32 ops
+// compute it (both products rounded, then their difference or sum: no FMA target here, so nothing
+// is contracted), so the rope parts hold the torch path's bits. Any x86-64 CPU.
+static void rotate_f32(float *out, const float *x, const float *cs, const float *sn, long R, int interleaved) {
+    for (long j = 0; j < R / 2; j++) {
+        float a = interleaved ? x[2 * j] : x[j], b = interleaved ? x[2 * j + 1] : x[j + R / 2];
+        float ac = a * cs[j], bs = b * sn[j], bc = b * cs[j], as = a * sn[j];
+        out[j] = ac - bs;
+        out[j + R / 2] = bc + as;
+    }
+}
+
+void moe_mla_prepare_f32(float *q, long H, long P, const float *kv, const float *cos, const float *sin,
+                         const float *norm_w, float eps, float *cache, long cache_stride, const int64_t *slots,
+                         long N, long C, long R, int interleaved) {
+    float *src = malloc((size_t)R * sizeof(float));
+    for (long n = 0; n < N; n++) {
+        const float *kr = kv + n * (C + R), *cs = cos + n * (R / 2), *sn = sin + n * (R / 2);
+        float *row = cache + slots[n] * cache_stride;
+        double ss = 0.0;
+        for (long i = 0; i < C; i++)
+            ss += (double)kr[i] * kr[i];
+        float r = 1.0f / sqrtf((float)(ss / C) + eps);
+        for (long i = 0; i < C; i++)
+            row[i] = norm_w[i] * (kr[i] * r);
+        rotate_f32(row + C, kr + C, cs, sn, R, interleaved);
+        for (long h = 0; h < H; h++) {
+            float *qr = q + (n * H + h) * (P + R) + P;
+            memcpy(src, qr, (size_t)R * sizeof(float));
+            rotate_f32(qr, src, cs, sn, R, interleaved);
+        }
+    }
+    free(src);
+}
+
 // Grouped-query attention's step before attention (model.Attention, bfloat16), N new tokens: each
 // head's query q[n, h] ([H, D] rows, contiguous) rotated in place, and each kv head's key k[n, j]
 // rotated into its key cache row and its value v[n, j] copied into its value cache row, at slot
