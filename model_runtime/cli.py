@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quantization", choices=["int8"], default=None, help="weight-only quantization")
     s.add_argument("--max-num-seqs", type=_positive_int, default=32, help="sequences in one engine step")
     s.add_argument(
-        "--max-num-batched-tokens", type=_positive_int, default=512, help="new tokens in one engine step"
+        "--max-num-batched-tokens", type=_positive_int, default=2048, help="new tokens in one engine step"
     )
     s.add_argument(
         "--max-model-len",

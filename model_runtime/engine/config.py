@@ -14,7 +14,7 @@ DEFAULT_MAX_STEP_ATTENTION_BYTES = 1 * GiB
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 32  # sequences in one step
-    max_num_batched_tokens: int = 512  # new tokens in one step (decodes + prefill chunks); >= max_num_seqs
+    max_num_batched_tokens: int = 2048  # new tokens in one step (decodes + prefill chunks); >= max_num_seqs
     block_size: int = 16  # tokens per KV block
     num_kv_blocks: int | None = None  # None: sized from memory (engine/memory.py); given: wins
     # The KV cache's size in bytes: given, it wins over gpu_memory_utilization. None: on CUDA sized
