@@ -179,6 +179,21 @@ def test_mla_decode_reads_latent_rows_in_place(scores):
         )
 
 
+def mla_prepare_by_torch(q, kv, cos, sin, norm, cache, slots, interleaved):
+    """What the torch path of model.MLAttention.write_latent leaves: q with its rope part rotated,
+    and the cache with the normed latent and the rotated rope key at `slots` (copies of both)."""
+    R = cos.shape[1] * 2
+    C = kv.shape[1] - R
+    P = q.shape[2] - R
+    want_q, want_cache = q.clone(), cache.clone()
+    with torch.no_grad():
+        c, k_rope = kv.split([C, R], dim=-1)
+        k_rope = layers.apply_rope(k_rope[:, None, :], cos, sin, interleaved)[:, 0]
+        want_cache[slots] = torch.cat([norm(c), k_rope], dim=-1)
+        want_q[..., P:] = layers.apply_rope(want_q[..., P:], cos, sin, interleaved)
+    return want_q, want_cache
+
+
 @avx512
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize(("R", "C"), [(64, 512), (32, 64), (16, 40)])  # AVX-512 loops; (16, 40): scalar
@@ -197,13 +212,9 @@ def test_mla_prepare_writes_the_bits_torch_writes(interleaved, R, C):
         norm.weight.copy_(torch.randn(C, generator=gen))
     slots = torch.tensor([3, 9, 17, 40, 41])
     cache = torch.zeros(64, C + R, dtype=torch.bfloat16)
-    want_cache, want_q = cache.clone(), q.clone()
+    want_q, want_cache = mla_prepare_by_torch(q, kv, cos, sin, norm, cache, slots, interleaved)
     with torch.no_grad():
         assert paged_kernel.mla_prepare(q, kv, cos, sin, norm.weight, norm.eps, cache, slots, interleaved)
-        c, k_rope = kv.split([C, R], dim=-1)
-        k_rope = layers.apply_rope(k_rope[:, None, :], cos, sin, interleaved)[:, 0]
-        want_cache[slots] = torch.cat([norm(c), k_rope], dim=-1)
-        want_q[..., P:] = layers.apply_rope(want_q[..., P:], cos, sin, interleaved)
     assert torch.equal(cache, want_cache)
     assert torch.equal(q, want_q)
     assert not paged_kernel.mla_prepare(q.float(), kv, cos, sin, norm.weight, norm.eps, cache, slots, interleaved)
@@ -260,13 +271,9 @@ def test_float32_mla_prepare_matches_torch(interleaved, R, C):
         norm.weight.copy_(torch.randn(C, generator=gen))
     slots = torch.tensor([3, 9, 17, 40, 41])
     cache = torch.full((64, C + R), 7.0)
-    want_cache, want_q = cache.clone(), q.clone()
+    want_q, want_cache = mla_prepare_by_torch(q, kv, cos, sin, norm, cache, slots, interleaved)
     with torch.no_grad():
         assert paged_kernel.mla_prepare(q, kv, cos, sin, norm.weight, norm.eps, cache, slots, interleaved)
-        c, k_rope = kv.split([C, R], dim=-1)
-        k_rope = layers.apply_rope(k_rope[:, None, :], cos, sin, interleaved)[:, 0]
-        want_cache[slots] = torch.cat([norm(c), k_rope], dim=-1)
-        want_q[..., P:] = layers.apply_rope(want_q[..., P:], cos, sin, interleaved)
     assert torch.equal(q, want_q)
     assert torch.equal(cache[:, C:], want_cache[:, C:])
     torch.testing.assert_close(cache[:, :C], want_cache[:, :C], rtol=2e-6, atol=1e-6)
