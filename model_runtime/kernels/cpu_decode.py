@@ -21,6 +21,9 @@ the weights as they are stored (row-major: the tiles' A operand): `moe_amx_linea
 AMX_MAX_ROWS rows of a linear, `moe_amx_experts` for the routed experts of any number of tokens
 (a decode step, a prefill); the experts then stay row-major (`experts_layout`).
 `MOE_RUNTIME_AMX=0` turns these two off.
+Where it has no AVX-512 (float32 by default there: decision 33), `moe_experts_f32` takes the routed
+experts of a few float32 rows and `moe_linear_f32` a linear of 2 .. F32_MAX_ROWS float32 rows, on
+the weights as the engine stores them (experts column-major, linears row-major).
 tests/runtime/test_cpu_decode.py checks each against the torch code.
 
 They are a transform applied to a built model, not hooks in it: `use_cpu_decode_kernels` changes
