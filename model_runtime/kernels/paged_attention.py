@@ -95,7 +95,7 @@ def _load():
                     lib.moe_paged_decode_bf16.restype = None
                     lib.moe_mla_prepare_bf16.argtypes = lib.moe_mla_prepare_f32.argtypes
                     lib.moe_mla_prepare_bf16.restype = None
-                    lib.moe_gqa_prepare_bf16.argtypes = [ptr] * 7 + [long, ptr] + [long] * 4 + [ctypes.c_int] + [long] * 3
+                    lib.moe_gqa_prepare_bf16.argtypes = gqa_args
                     lib.moe_gqa_prepare_bf16.restype = None
                     lib.moe_paged_amx_select.argtypes, lib.moe_paged_amx_select.restype = [ctypes.c_int], ctypes.c_int
                     amx = lib.moe_paged_amx_select(int(os.environ.get("MOE_RUNTIME_AMX", "1") != "0"))

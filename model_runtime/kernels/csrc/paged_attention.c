@@ -669,27 +669,20 @@ void moe_gqa_prepare_bf16(uint16_t *q, const uint16_t *k, const uint16_t *v, con
 }
 
 // moe_gqa_prepare_bf16 for float32 (q, k, v, cos, sin and the cache): the same rows, rotations and
-// writes, each rotated value computed as torch's float32 ops compute it (the two products rounded,
-// then their difference or sum: this function carries no FMA target, so nothing is contracted),
-// so queries and cache hold the torch path's bits. Any x86-64 CPU.
+// writes, each rotated as moe_mla_prepare_f32's rope part is (rotate_f32: torch's float32 bits).
+// Any x86-64 CPU.
 void moe_gqa_prepare_f32(float *q, const float *k, const float *v, const float *cos, const float *sin, float *kc,
                          float *vc, long cache_stride, const int64_t *slots, long N, long H, long K, long D,
                          int interleaved, long ldq, long ldk, long ldv) {
     float *x = malloc((size_t)D * sizeof(float));
-    long R = D / 2;
     for (long n = 0; n < N; n++) {
-        const float *c = cos + n * R, *s = sin + n * R;
+        const float *c = cos + n * (D / 2), *s = sin + n * (D / 2);
         float *krow = kc + slots[n] * cache_stride, *vrow = vc + slots[n] * cache_stride;
         for (long r = 0; r < H + K; r++) {  // the queries in place, then the keys into the cache
             const float *in = r < H ? q + n * ldq + r * D : k + n * ldk + (r - H) * D;
             float *out = r < H ? q + n * ldq + r * D : krow + (r - H) * D;
             memcpy(x, in, (size_t)D * sizeof(float));
-            for (long i = 0; i < R; i++) {
-                float x1 = interleaved ? x[2 * i] : x[i], x2 = interleaved ? x[2 * i + 1] : x[i + R];
-                float a = x1 * c[i], b = x2 * s[i], d = x2 * c[i], e = x1 * s[i];
-                out[i] = a - b;
-                out[i + R] = d + e;
-            }
+            rotate_f32(out, x, c, s, D, interleaved);
         }
         memcpy(vrow, v + n * ldv, (size_t)(K * D) * sizeof(float));
     }
