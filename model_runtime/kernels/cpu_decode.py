@@ -95,12 +95,12 @@ def _load():
                 lib.moe_rmsnorm.argtypes = [ptr] * 4 + [f32, long, i32]
                 lib.moe_rmsnorm_rows.argtypes = [ptr, long, ptr, ptr, ptr, f32, long, long, i32]
                 lib.moe_mla_attention.argtypes = [ptr] * 14 + [i32, long, f32] + [long] * 8 + [i32]
-                lib.moe_moe_decode.argtypes = [ptr] * 12 + [i32] * 3 + [f32] + [long] * 7 + [i32] * 2
+                lib.moe_moe_decode.argtypes = [ptr] * 12 + [i32] * 3 + [f32] + [long] * 7 + [i32] * 3
                 lib.moe_fp8_dequant.argtypes = [ptr] * 3 + [long] * 5 + [i32]
                 lib.moe_simd_select.argtypes, lib.moe_simd_select.restype = [i32], i32
                 lib.moe_experts_supported.argtypes, lib.moe_experts_supported.restype = [], i32
                 lib.moe_experts_bf16.argtypes = [ptr] * 8 + [long] * 5
-                lib.moe_experts_f32.argtypes = [ptr] * 8 + [long] * 5
+                lib.moe_experts_f32.argtypes = [ptr] * 8 + [long] * 5 + [i32]
                 lib.moe_argmax_rows.argtypes = [ptr, long, long, long, ptr]
                 lib.moe_route_rows.argtypes = [ptr] * 6 + [long] + [i32] * 3 + [f32] + [long] * 5 + [i32]
                 lib.moe_amx_supported.argtypes, lib.moe_amx_supported.restype = [], i32
@@ -356,7 +356,7 @@ class MoE:
         self.config = (
             cfg.scoring_func == "sigmoid", ROUTE_METHODS[cfg.topk_method], cfg.norm_topk_prob,
             cfg.routed_scaling_factor, D, E, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, I, Is,
-            int(self.dtype == torch.bfloat16), int(not gate_up.is_contiguous()),
+            int(self.dtype == torch.bfloat16), int(not gate_up.is_contiguous()), int(gate_up.dtype == torch.bfloat16),
         )  # fmt: skip
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -371,20 +371,25 @@ class MoE:
 # than torch's grouped GEMM (one oneDNN matmul per expert, ~30-60 us each whatever its few rows):
 # benchmarks/runtime_moe_experts.py measured the two on the benchmark checkpoints' layers.
 EXPERTS_MAX_TOKENS = 64
+# Up to this many tokens a float32 model's experts kept as bfloat16 (narrow_experts) take
+# moe_experts_f32; more (a long prefill) widen each expert's matrices for MKL's sgemm.
+NARROW_MAX_TOKENS = 256
 
 
 def experts_kernel(m: layers.Experts, x: torch.Tensor) -> bool:
     """Whether moe_experts_bf16 (bfloat16, AVX-512F) or moe_experts_f32 (float32, AVX2) computes m's
     forward on x [N, D]: on the CPU, outside autograd, torch on one thread, 2 <= N <=
-    EXPERTS_MAX_TOKENS (one token: moe_moe_decode, or the loop over its experts), every expert on
-    this rank, SiLU, the engine's column-major experts of x's dtype (experts_layout), D and I
-    multiples of 16 (bfloat16) or 8 (float32)."""
+    EXPERTS_MAX_TOKENS (one token: moe_moe_decode, or the loop over its experts; a float32 model's
+    experts stored as bfloat16 (narrow_experts): 1 <= N <= NARROW_MAX_TOKENS), every expert on this
+    rank, SiLU, the engine's column-major experts of x's dtype (experts_layout) or narrowed, D and
+    I multiples of 16 (bfloat16) or 8 (float32)."""
     gate_up, down = m.gate_up_proj, m.down_proj
     bf16 = x.dtype == torch.bfloat16
+    narrowed = m.compute_dtype is torch.float32 and x.dtype == torch.float32 and gate_up.dtype == torch.bfloat16
     return (
         (bf16 or x.dtype == torch.float32)
         and x.dim() == 2
-        and 2 <= x.shape[0] <= EXPERTS_MAX_TOKENS
+        and (1 if narrowed else 2) <= x.shape[0] <= (NARROW_MAX_TOKENS if narrowed else EXPERTS_MAX_TOKENS)
         and x.device.type == "cpu"
         and not (torch.is_grad_enabled() and x.requires_grad)
         and torch.get_num_threads() == 1
@@ -392,7 +397,8 @@ def experts_kernel(m: layers.Experts, x: torch.Tensor) -> bool:
         and (_avx512 or not bf16)
         and m.num_local_experts == m.num_experts
         and m.act is F.silu
-        and gate_up.dtype == down.dtype == x.dtype
+        and gate_up.dtype == down.dtype
+        and (gate_up.dtype == x.dtype or narrowed)
         and gate_up.transpose(-1, -2).is_contiguous()
         and down.transpose(-1, -2).is_contiguous()
         and gate_up.shape[-1] % (16 if bf16 else 8) == 0
@@ -426,8 +432,11 @@ def routed_experts(
             raise MemoryError(f"moe_amx_experts: no memory for the scratch of {N} tokens")
     else:
         scratch = torch.empty(N * D + N * A + E + 1 + N * (D + 2 * I))
-        kernel = _lib.moe_experts_bf16 if x.dtype == torch.bfloat16 else _lib.moe_experts_f32
-        kernel(*(t.data_ptr() for t in ptrs), scratch.data_ptr(), N, A, D, E, I)
+        if x.dtype == torch.bfloat16:
+            _lib.moe_experts_bf16(*(t.data_ptr() for t in ptrs), scratch.data_ptr(), N, A, D, E, I)
+        else:  # the experts float32, or bfloat16 widened as read (narrow_experts)
+            wbf = int(gate_up.dtype == torch.bfloat16)
+            _lib.moe_experts_f32(*(t.data_ptr() for t in ptrs), scratch.data_ptr(), N, A, D, E, I, wbf)
     return y, counts
 
 
@@ -698,8 +707,8 @@ class DecodeExperts(layers.Experts):
         return super().forward(x, weights, ids)
 
     def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-        return linear(self.act(gate).mul_(up), self.down_proj[e])
+        gate, up = linear(x, self.weight(self.gate_up_proj, e, x)).chunk(2, dim=-1)  # [n, I] each
+        return linear(self.act(gate).mul_(up), self.weight(self.down_proj, e, x))
 
 
 class DecodeMLP(layers.MLP):
@@ -905,10 +914,11 @@ def _layer_kernel(m: nn.Module):
         bias = getattr(m.gate, "e_score_correction_bias", None)
         weights = [m.gate.weight, bias, m.experts.gate_up_proj, m.experts.down_proj]
         dtype = m.gate.weight.dtype
+        narrowed = m.experts.compute_dtype is dtype  # stored as bfloat16 (narrow_experts)
         if (
             (gate is None or _no_bias(gate))
             and _rows(m.gate.weight, gate.weight if gate is not None else None)
-            and _experts_rows(m.experts.gate_up_proj, m.experts.down_proj, dtype)
+            and _experts_rows(m.experts.gate_up_proj, m.experts.down_proj, torch.bfloat16 if narrowed else dtype)
             and (shared_decode is None or shared_decode.dtype == dtype)
         ):
             return MoE(
@@ -987,19 +997,59 @@ def experts_layout(model: nn.Module) -> nn.Module:
     rows as its A tiles (a second call restores what grouped_experts_layout changed); column-major
     otherwise (grouped_experts_layout, for torch's grouped GEMM and moe_experts_bf16). float32
     column-major: what moe_experts_f32 reads, moe_moe_decode takes either, and MKL's per-expert
-    sgemm runs alike."""
+    sgemm runs alike; stored as bfloat16 where that is exact (narrow_experts)."""
+    narrowed, saved = 0, 0
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, layers.Experts) and m.plain_weights and m.gate_up_proj.dtype == torch.float32:
-                m.gate_up_proj.data = column_major(m.gate_up_proj.data)  # [E, 2I, D]
-                m.down_proj.data = column_major(m.down_proj.data)  # [E, D, I]
-            elif isinstance(m, layers.Experts) and m.plain_weights and m.gate_up_proj.dtype in shapes.JIT_DTYPES:
+                narrow = narrow_experts(m)
+                if narrow is not None:
+                    saved += 2 * (m.gate_up_proj.numel() + m.down_proj.numel())
+                    narrowed += 1
+                    m.compute_dtype = torch.float32
+                gate_up, down = narrow or (m.gate_up_proj.data, m.down_proj.data)
+                m.gate_up_proj.data = column_major(gate_up)  # [E, 2I, D]
+                m.down_proj.data = column_major(down)  # [E, D, I]
+            elif (
+                isinstance(m, layers.Experts) and m.plain_weights and m.compute_dtype is None
+                and m.gate_up_proj.dtype in shapes.JIT_DTYPES
+            ):  # fmt: skip
                 if amx_experts_layer(m):
                     m.gate_up_proj.data = m.gate_up_proj.data.contiguous()  # [E, 2I, D]
                     m.down_proj.data = m.down_proj.data.contiguous()  # [E, D, I]
                 else:
                     grouped_experts_layout(m)
+    if narrowed:
+        log.info(
+            "float32: the routed experts of %d layers kept as the bfloat16 values they are (%.2f GiB less "
+            "to read; they compute in float32)", narrowed, saved / 2**30,
+        )  # fmt: skip
     return model
+
+
+def narrow_experts(m: layers.Experts) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """m's float32 expert weights (gate_up, down) as bfloat16, where that loses nothing and the
+    kernels read them (else None): each value a bfloat16 one (a checkpoint in bfloat16, as
+    Mixtral's, DeepSeek's and Qwen's are published, loaded as float32), the kernels loaded, every
+    expert on this rank, SiLU, D and I multiples of 8. A decode step's routed experts are bound by
+    how fast their weights stream from memory; read as bfloat16 and widened in registers
+    (moe_experts_f32, moe_moe_decode) they are the same float32 values, the same sums, from half
+    the bytes. MOE_RUNTIME_NARROW_EXPERTS=0 keeps them float32."""
+    gate_up, down = m.gate_up_proj, m.down_proj
+    if not (
+        _lib is not None
+        and os.environ.get("MOE_RUNTIME_NARROW_EXPERTS", "1") != "0"
+        and type(m) in (layers.Experts, DecodeExperts)
+        and m.num_local_experts == m.num_experts
+        and m.act is F.silu
+        and gate_up.device.type == "cpu"
+        and gate_up.shape[-1] % 8 == 0
+        and down.shape[-1] % 8 == 0
+    ):
+        return None
+    narrow = gate_up.data.to(torch.bfloat16), down.data.to(torch.bfloat16)
+    exact = all(torch.equal(b.to(w.dtype), w.data) for b, w in zip(narrow, (gate_up, down), strict=True))
+    return narrow if exact else None
 
 
 def grouped_experts_layout(model: nn.Module) -> nn.Module:

@@ -132,7 +132,7 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
             if isinstance(m, nn.Linear) and type(m.weight) is torch.nn.Parameter and id(m) not in in_groups:
                 built += build(m.weight, m.bias, max_logit_rows if m is head else max_rows)
             elif (
-                isinstance(m, layers.Experts) and m.plain_weights and buckets(m.gate_up_proj)
+                isinstance(m, layers.Experts) and m.plain_weights and m.compute_dtype is None and buckets(m.gate_up_proj)
                 and not cpu_decode.amx_experts(m, m.gate_up_proj.new_zeros(2, m.gate_up_proj.shape[-1]))
             ):  # fmt: skip (every token count of the AMX experts kernel: nothing to build)
                 gate_up, down = m.gate_up_proj.transpose(-2, -1), m.down_proj.transpose(-2, -1)

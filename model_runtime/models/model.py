@@ -640,6 +640,10 @@ class Experts(nn.Module):
     """
 
     plain_weights = True  # gate_up_proj / down_proj are the float matrices (int8 and FP8 subclasses: no)
+    # the dtype the experts compute in where their weights are stored narrower (a float32 model's
+    # experts kept as the bfloat16 values they are: kernels/cpu_decode.py, narrow_experts); None:
+    # the weights' own
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE):
         super().__init__()
@@ -655,8 +659,14 @@ class Experts(nn.Module):
     def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Local expert e (global first_expert + e) on its tokens x [n, D] -> [n, D] (int8
         quantization and the CPU decode kernels override this)."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-        return F.linear(self.act(gate).mul_(up), self.down_proj[e])
+        gate, up = F.linear(x, self.weight(self.gate_up_proj, e, x)).chunk(2, dim=-1)  # [n, I] each
+        return F.linear(self.act(gate).mul_(up), self.weight(self.down_proj, e, x))
+
+    @staticmethod
+    def weight(stacked: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's matrix of `stacked` in x's dtype (widened where stored narrower)."""
+        w = stacked[e]
+        return w if w.dtype == x.dtype else w.to(x.dtype)
 
     def grouped(self, x: torch.Tensor) -> bool:
         """Whether this forward runs as two grouped GEMMs (torch's F.grouped_mm: one call per

@@ -918,3 +918,89 @@ def test_the_amx_kernels_say_so_at_start_and_turn_off_with_the_switch(switch):
     on = switch == "1"
     assert proc.stdout.split() == ["amx", str(on), "row-major", str(on)]
     assert ("routed experts on AMX tiles" in proc.stderr) == on, proc.stderr
+
+
+def bf16_valued(module: torch.nn.Module) -> torch.nn.Module:
+    """module in float32 with every parameter a bfloat16 value: a bfloat16 checkpoint loaded as
+    float32 (Mixtral's, DeepSeek's and Qwen's are published in bfloat16)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return module
+
+
+def moe_with_kernels(cfg: ModelConfig, narrow: bool, monkeypatch) -> MoE:
+    moe = bf16_valued(random_(MoE(cfg), 6))
+    with monkeypatch.context() as patched:
+        patched.setattr(cpu_decode, "_amx", False)
+        patched.setenv("MOE_RUNTIME_NARROW_EXPERTS", "1" if narrow else "0")
+        assert use_cpu_decode_kernels(moe)
+    return moe
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
+def test_float32_experts_kept_as_bfloat16_compute_the_float32_sums(name, monkeypatch):
+    """A float32 layer whose expert weights are bfloat16 values keeps them as bfloat16
+    (narrow_experts: half the bytes a decode step reads) and computes what the float32 experts
+    compute: for 2-64 tokens moe_experts_f32's very bits, for more than NARROW_MAX_TOKENS (a long
+    prefill: each expert widened for MKL) the torch code's, for one token (the batch-1 MoE kernel)
+    the float32 kernel's, and in between within float32 rounding. Weights that are not bfloat16
+    values stay float32."""
+    if not cpu_decode.available():
+        pytest.skip("the CPU kernels are not available here")
+    cfg = ModelConfig(hidden_size=64, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, **ROUTERS[name])
+    narrow, wide = moe_with_kernels(cfg, True, monkeypatch), moe_with_kernels(cfg, False, monkeypatch)
+    assert narrow.experts.gate_up_proj.dtype == narrow.experts.down_proj.dtype == torch.bfloat16
+    assert narrow.experts.compute_dtype is torch.float32 and wide.experts.compute_dtype is None
+    assert wide.experts.gate_up_proj.dtype == torch.float32
+    assert torch.equal(narrow.experts.gate_up_proj.float(), wide.experts.gate_up_proj)  # the same values
+    calls = count_calls(monkeypatch, cpu_decode, "routed_experts")
+    most = cpu_decode.NARROW_MAX_TOKENS
+    for tokens in (2, 9, cpu_decode.EXPERTS_MAX_TOKENS, cpu_decode.EXPERTS_MAX_TOKENS + 1, most, most + 1):
+        x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
+        with torch.inference_mode():
+            weights, ids = narrow.gate(x)
+            calls["n"] = 0
+            got, got_counts = narrow.experts(x, weights, ids)
+            assert calls["n"] == (1 if tokens <= most else 0), tokens
+            want, want_counts = wide.experts(x, weights, ids)
+        assert torch.equal(got_counts, want_counts)
+        if tokens <= cpu_decode.EXPERTS_MAX_TOKENS or tokens > most:
+            assert torch.equal(got, want), tokens  # the same kernel (or MKL) on the same values
+        else:
+            torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)  # as the float32 kernel test
+        assert not torch.allclose(got, want.roll(1, 0), atol=1e-2)
+    with torch.inference_mode():  # one token: the MoE kernel reads the bfloat16 experts in place
+        for i in range(8):
+            x = torch.randn(1, 64, generator=torch.Generator().manual_seed(100 + i))
+            assert torch.equal(narrow(x), wide(x))
+    assert narrow.decode is not None and torch.equal(narrow.tokens_per_expert, wide.tokens_per_expert)
+
+    moe = random_(MoE(cfg), 6)  # float32 values: nothing to narrow
+    assert use_cpu_decode_kernels(moe) and moe.experts.gate_up_proj.dtype == torch.float32
+
+
+def test_a_bfloat16_valued_float32_model_decodes_the_same_with_its_experts_kept_as_bfloat16(monkeypatch):
+    """The engine on a float32 model of bfloat16 values: the experts kept as bfloat16 (start-up
+    says so) give the same greedy tokens, one sequence or several a step, as the float32 experts."""
+    if not cpu_decode.available():
+        pytest.skip("the CPU kernels are not available here")
+
+    def greedy(narrow: bool) -> list[list[int]]:
+        monkeypatch.setenv("MOE_RUNTIME_NARROW_EXPERTS", "1" if narrow else "0")
+        model = bf16_valued(load_model("builtin:tiny-mixtral", dtype=torch.float32).eval())
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=3, num_kv_blocks=64, block_size=4))
+        experts = [m for m in model.modules() if isinstance(m, Experts)]
+        assert experts and all((m.gate_up_proj.dtype == torch.bfloat16) == narrow for m in experts)
+        for r, prompt in enumerate([list(range(3, 40)), list(range(50, 61)), list(range(7, 30))]):
+            params = SamplingParams(max_tokens=16 + 4 * r, temperature=0, ignore_eos=True)
+            engine.add_request(f"r{r}", prompt, params)
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        return [tokens[f"r{r}"] for r in range(3)]
+
+    narrow = greedy(True)
+    assert [len(t) for t in narrow] == [16, 20, 24]
+    assert narrow == greedy(False)

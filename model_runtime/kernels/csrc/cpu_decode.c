@@ -523,14 +523,16 @@ void moe_moe_decode(const void *x, const void *router, const float *bias, const 
                     const void *shared_gate, const void *shared_up, const void *shared_down,
                     const void *shared_scale, long *tokens_per_expert, void *y, float *scratch,
                     int sigmoid_scores, int method, int norm_topk, float scaling, long D, long E, long A, long G,
-                    long topk_group, long I, long Is, int bf, int experts_t) {
+                    long topk_group, long I, long Is, int bf, int experts_t, int experts_bf) {
     /* model.MoE for one token (router, A routed experts, shared experts), the batch-1 decode step
      * in one call; the torch code in model.py is the reference and serves any batch.
      *   router [E, D]; bias [E] (float32) or NULL (noaux_tc's e_score_correction_bias); experts
      *   gate_up [E, 2I, D], down [E, D, I], or with experts_t each expert's matrix transposed
      *   (gate_up [E, D, 2I], down [E, I, D] in memory); shared expert gate/up [Is, D], down [D, Is]
      *   or NULL; shared_scale [D] or NULL (Qwen2-MoE's sigmoid gate row); tokens_per_expert [E]
-     *   counts the choice; y [D]; scratch [2D + max(2I, Is) + 2E + G + E bytes].
+     *   counts the choice; y [D]; scratch [2D + max(2I, Is) + 2E + G + E bytes]. bf: x, y and
+     *   the other weights bfloat16; experts_bf: the routed experts' (a float32 model keeps them as
+     *   the bfloat16 values they are: kernels/cpu_decode.py, narrow_experts).
      * Routing as route() above. */
     long Ih = 2 * I > Is ? 2 * I : Is;
     float *x32 = scratch, *y32 = x32 + D, *h = y32 + D, *scores = h + Ih, *choice = scores + E,
@@ -547,11 +549,11 @@ void moe_moe_decode(const void *x, const void *router, const float *bias, const 
         y32[o] = 0.0f;
     for (long a = 0; a < A; a++) {
         /* each chosen expert read once, front to back */
-        const void *gu = row(gate_up, ids[a], 2 * I * D, bf), *dn = row(down, ids[a], D * I, bf);
+        const void *gu = row(gate_up, ids[a], 2 * I * D, experts_bf), *dn = row(down, ids[a], D * I, experts_bf);
         if (experts_t)
-            swiglu_t(gu, dn, x32, y32, h, weights[a], D, I, bf);
+            swiglu_t(gu, dn, x32, y32, h, weights[a], D, I, experts_bf);
         else
-            swiglu(gu, row(gu, I, D, bf), dn, x32, y32, h, weights[a], D, I, bf);
+            swiglu(gu, row(gu, I, D, experts_bf), dn, x32, y32, h, weights[a], D, I, experts_bf);
     }
     if (shared_gate) {
         float s = 1.0f;
@@ -798,7 +800,9 @@ AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weight
  * BLAS's AVX2 micro-kernels), one weight line a row of K. The per-expert sgemm this replaces runs
  * each expert's 8 or so rows at a quarter of what the core does.
  *   y [N, D] float32 = sum over a of weights[n, a] * expert ids[n, a] on x[n]; counts as above;
- *   scratch: as moe_experts_bf16's. D and I multiples of 8 (the caller checks). */
+ *   scratch: as moe_experts_bf16's. D and I multiples of 8 (the caller checks). wbf: the experts
+ *   are bfloat16, widened as read (a float32 model's experts kept as the bfloat16 values they
+ *   are: kernels/cpu_decode.py, narrow_experts): the same sums from half the bytes. */
 
 /* Rows of W a pass of gemm_rows8 takes (K_CHUNK8 x J floats, contiguous), and how far ahead in a
  * row of W a tile fetches (2 tiles). Measured here on 4 and 8 rows an expert (DeepSeek- and
@@ -807,21 +811,23 @@ AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weight
 #define K_CHUNK8 32
 #define PREFETCH_COLS8 32
 
-__attribute__((always_inline)) static inline void tile_rows8(const float *X, long ldx, long K, const float *W,
+__attribute__((always_inline)) static inline void tile_rows8(const float *X, long ldx, long K, const void *W,
                                                              long ldw, float *const *out, long col,
                                                              const float *alpha, int accumulate, const int rows,
-                                                             const int vecs, const int fetch) {
+                                                             const int vecs, const int fetch, const int wbf) {
     __m256 acc[BLOCK_ROWS][2];
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < vecs; j++)
             acc[m][j] = _mm256_setzero_ps();
     for (long k = 0; k < K; k++) {
-        const float *w = W + k * ldw;
-        if (fetch) /* the first block of rows only: the others find the lines in L1 */
-            PREFETCH_LINE(w + PREFETCH_COLS8);
+        const float *w = (const float *)W + k * ldw;
+        const bf16 *w16 = (const bf16 *)W + k * ldw;
+        if (fetch) /* the first block of rows only: the others find the lines in L1 (the same
+                    * number of bytes ahead for either dtype) */
+            PREFETCH_LINE(wbf ? (const void *)(w16 + 2 * PREFETCH_COLS8) : (const void *)(w + PREFETCH_COLS8));
         __m256 wv[2];
         for (int j = 0; j < vecs; j++)
-            wv[j] = _mm256_loadu_ps(w + 8 * j);
+            wv[j] = wbf ? widen8(w16 + 8 * j) : _mm256_loadu_ps(w + 8 * j);
         for (int m = 0; m < rows; m++) {
             __m256 xv = _mm256_broadcast_ss(X + m * ldx + k);
             for (int j = 0; j < vecs; j++)
@@ -842,26 +848,34 @@ __attribute__((always_inline)) static inline void tile_rows8(const float *X, lon
 
 #define TILE_CASE8(R)                                                                                 \
     case R:                                                                                           \
-        if (vecs == 2)                                                                                \
-            tile_rows8(Xb, ldx, kn, Wk + j, J, ob, j, ab, mode, R, 2, b == 0);                        \
+        if (wbf)                                                                                      \
+            TILE_VECS8(R, 1)                                                                          \
         else                                                                                          \
-            tile_rows8(Xb, ldx, kn, Wk + j, J, ob, j, ab, mode, R, 1, b == 0);                        \
+            TILE_VECS8(R, 0)                                                                          \
         break;
+#define TILE_VECS8(R, BF)                                                                             \
+    {                                                                                                 \
+        if (vecs == 2)                                                                                \
+            tile_rows8(Xb, ldx, kn, Wk, J, ob, j, ab, mode, R, 2, b == 0, BF);                        \
+        else                                                                                          \
+            tile_rows8(Xb, ldx, kn, Wk, J, ob, j, ab, mode, R, 1, b == 0, BF);                        \
+    }
 
-static void gemm_rows8(const float *X, long ldx, long K, const float *W, long J, float *const *out,
-                       const float *alpha, int accumulate, long rows) {
+static void gemm_rows8(const float *X, long ldx, long K, const void *W, long J, float *const *out,
+                       const float *alpha, int accumulate, long rows, int wbf) {
     /* gemm_rows with float32 W, tiles of 16 columns (J a multiple of 8), in the other order: a
      * chunk of K_CHUNK8 rows of W at a time, its tiles left to right, each taken by every block of
      * rows. A chunk is one contiguous stretch of memory, and each row's lines are read in order
      * (tiles a whole weight row apart, as gemm_rows runs them, read a large expert's weights at a
      * third of this: lines a row apart stride pages and defeat the hardware prefetcher). Each
-     * output is still the sum over K in one order whatever the rows. */
+     * output is still the sum over K in one order whatever the rows. wbf: W is bfloat16, each
+     * value widened to the float32 it is (the same sums; half the bytes read). */
     for (long k0 = 0; k0 < K; k0 += K_CHUNK8) {
         const long kn = K - k0 < K_CHUNK8 ? K - k0 : K_CHUNK8;
-        const float *Wk = W + k0 * J;
         const int mode = accumulate ? 1 : (k0 ? 2 : 0);
         for (long j = 0; j < J;) {
             const int vecs = j + 16 <= J ? 2 : 1;
+            const void *Wk = wbf ? (const void *)((const bf16 *)W + k0 * J + j) : (const void *)((const float *)W + k0 * J + j);
             for (long b = 0; b < rows; b += BLOCK_ROWS) {
                 const float *Xb = X + b * ldx + k0, *ab = alpha + b;
                 float *const *ob = out + b;
@@ -879,8 +893,8 @@ static void gemm_rows8(const float *X, long ldx, long K, const float *W, long J,
     }
 }
 
-void moe_experts_f32(const float *x, const long *ids, const float *weights, const float *gate_up, const float *down,
-                     float *y, long *counts, float *scratch, long N, long A, long D, long E, long I) {
+void moe_experts_f32(const float *x, const long *ids, const float *weights, const void *gate_up, const void *down,
+                     float *y, long *counts, float *scratch, long N, long A, long D, long E, long I, int wbf) {
     float *h = scratch, *x32 = h + N * 2 * I;
     int *order = (int *)(x32 + N * D), *start = order + N * A; /* start: E + 1 */
     group_by_expert(ids, N * A, E, counts, order, start);
@@ -888,7 +902,7 @@ void moe_experts_f32(const float *x, const long *ids, const float *weights, cons
         y[i] = 0.0f;
     float *hrow[N], *yrow[N], alpha[N];
     for (long e = 0; e < E; e++) {
-        const float *gu = gate_up + e * D * 2 * I, *dn = down + e * I * D;
+        const void *gu = row(gate_up, e, D * 2 * I, wbf), *dn = row(down, e, I * D, wbf);
         for (long r0 = start[e]; r0 < start[e + 1]; r0 += N) {
             long rows = start[e + 1] - r0 < N ? start[e + 1] - r0 : N;
             for (long m = 0; m < rows; m++) {
@@ -898,7 +912,7 @@ void moe_experts_f32(const float *x, const long *ids, const float *weights, cons
                 yrow[m] = y + n * D;
                 alpha[m] = weights[choice];
             }
-            gemm_rows8(x32, D, D, gu, 2 * I, hrow, alpha, 0, rows); /* [rows, 2I] gate | up */
+            gemm_rows8(x32, D, D, gu, 2 * I, hrow, alpha, 0, rows, wbf); /* [rows, 2I] gate | up */
             for (long m = 0; m < rows; m++) {
                 float *hm = hrow[m];
                 for (long i = 0; i < I; i += 8) { /* silu(gate) * up */
@@ -907,7 +921,7 @@ void moe_experts_f32(const float *x, const long *ids, const float *weights, cons
                     _mm256_storeu_ps(hm + i, _mm256_mul_ps(_mm256_div_ps(g, s), _mm256_loadu_ps(hm + I + i)));
                 }
             }
-            gemm_rows8(h, 2 * I, I, dn, D, yrow, alpha, 1, rows); /* y[n] += weight * [rows, D] */
+            gemm_rows8(h, 2 * I, I, dn, D, yrow, alpha, 1, rows, wbf); /* y[n] += weight * [rows, D] */
         }
     }
 }
