@@ -90,7 +90,7 @@ def _load():
                 lib = ctypes.CDLL(str(path))
                 ptr, long, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
                 i32 = ctypes.c_int
-                lib.moe_gemv.argtypes = [ptr] * 4 + [long] * 2 + [i32]
+                lib.moe_gemv.argtypes = [ptr] * 4 + [long] * 2 + [i32] * 2
                 lib.moe_swiglu.argtypes = [ptr] * 6 + [long, long, i32]
                 lib.moe_rmsnorm.argtypes = [ptr] * 4 + [f32, long, i32]
                 lib.moe_rmsnorm_rows.argtypes = [ptr, long, ptr, ptr, ptr, f32, long, long, i32]
@@ -108,6 +108,8 @@ def _load():
                 lib.moe_amx_linear.restype = i32
                 lib.moe_linear_f32.argtypes = lib.moe_amx_linear.argtypes
                 lib.moe_linear_f32.restype = i32
+                lib.moe_linear_f32_bf16w.argtypes = lib.moe_amx_linear.argtypes
+                lib.moe_linear_f32_bf16w.restype = i32
                 lib.moe_amx_experts.argtypes = [ptr] * 7 + [long] * 5
                 lib.moe_amx_experts.restype = i32
                 for fn in (
@@ -185,12 +187,13 @@ def is_bf16(x: torch.Tensor) -> int:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., in] (one row) @ w [out, in].T -> [..., out], in x's dtype (w's too)."""
+    """x [..., in] (one row) @ w [out, in].T -> [..., out], in x's dtype (w's too, or bfloat16 for
+    float32 x: narrow_head)."""
     out, inn = w.shape
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], out, dtype=x.dtype)
     scratch = torch.empty(inn + out)
-    _lib.moe_gemv(w.data_ptr(), x.data_ptr(), y.data_ptr(), scratch.data_ptr(), out, inn, is_bf16(x))
+    _lib.moe_gemv(w.data_ptr(), x.data_ptr(), y.data_ptr(), scratch.data_ptr(), out, inn, is_bf16(x), is_bf16(w))
     return y
 
 
@@ -205,13 +208,16 @@ AMX_MAX_ROWS = 64
 F32_MAX_ROWS = 64
 
 
-def few_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, max_rows: int) -> bool:
+def few_rows(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, max_rows: int,
+    weight: torch.dtype | None = None,
+) -> bool:  # fmt: skip
     """Whether F.linear(x, w, bias) is a few rows of `dtype` a row kernel reads as they are: on the
-    CPU, outside autograd, torch on one thread, 2 <= rows <= max_rows, w [N, K] of `dtype` with
-    contiguous rows, the bias (if any) of `dtype` and contiguous."""
+    CPU, outside autograd, torch on one thread, 2 <= rows <= max_rows, w [N, K] of `dtype` (or
+    `weight`) with contiguous rows, the bias (if any) of `dtype` and contiguous."""
     return (
         x.dtype is dtype
-        and w.dtype is dtype
+        and w.dtype is (weight or dtype)
         and x.is_cpu
         and 2 * x.shape[-1] <= x.numel() <= max_rows * x.shape[-1]
         and w.dim() == 2
@@ -229,13 +235,14 @@ def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> boo
     return _amx and few_rows(x, w, bias, torch.bfloat16, AMX_MAX_ROWS) and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0
 
 
-def f32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether moe_linear_f32 computes F.linear(x, w, bias): float32, the kernels loaded on a CPU
-    without AVX-512, a few rows (few_rows: up to F32_MAX_ROWS), K a multiple of 8."""
+def f32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, weight: torch.dtype | None = None) -> bool:
+    """Whether moe_linear_f32 computes F.linear(x, w, bias): float32 (the weight `weight`, where
+    moe_linear_f32_bf16w reads a bfloat16 one), the kernels loaded on a CPU without AVX-512, a few
+    rows (few_rows: up to F32_MAX_ROWS), K a multiple of 8."""
     return (
         _lib is not None
         and not _avx512
-        and few_rows(x, w, bias, torch.float32, F32_MAX_ROWS)
+        and few_rows(x, w, bias, torch.float32, F32_MAX_ROWS, weight)
         and w.shape[1] % 8 == 0
     )
 
@@ -272,6 +279,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     kernel, a few bfloat16 rows the AMX kernel where the CPU has it, a few float32 rows the AVX2
     dot-product kernel, more rows oneDNN's / MKL's matmul with the rows padded to a bucket
     (kernels/shapes.py)."""
+    if w.dtype != x.dtype and x.dtype == torch.float32 and w.dtype == torch.bfloat16:
+        return narrow_linear(x, w, bias)
     if one_row(x) and kernel_rows(x.dtype, w):
         y = gemv(x, w)
         return y if bias is None else y + bias
@@ -280,6 +289,19 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     if f32_rows(x, w, bias):
         return f32_linear(x, w, bias)
     return shapes.linear(x, w, bias)
+
+
+def narrow_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, w.float(), bias) for float32 x and a weight kept as bfloat16 (narrow_head): one
+    row the gemv, 2 .. F32_MAX_ROWS rows moe_linear_f32_bf16w (each reads the bfloat16 weight,
+    widened as read: moe_gemv's and moe_linear_f32's sums), more rows MKL's sgemm on the weight
+    widened for the call."""
+    if one_row(x) and w.is_contiguous():
+        y = gemv(x, w)
+        return y if bias is None else y + bias
+    if f32_rows(x, w, bias, weight=torch.bfloat16):
+        return rows_linear(_lib.moe_linear_f32_bf16w, x, w, bias)
+    return shapes.linear(x, w.float(), bias)
 
 
 def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -572,7 +594,7 @@ class GQAttention:
         size = qkv.element_size()
         q, k, v = qkv.data_ptr(), qkv.data_ptr() + size * H * Dh, qkv.data_ptr() + size * (H + K) * Dh
         for w, out, rows in ((wq, q, H * Dh), (wk, k, K * Dh), (wv, v, K * Dh)):
-            _lib.moe_gemv(w, x.data_ptr(), out, scratch.data_ptr(), rows, D, self.bf)
+            _lib.moe_gemv(w, x.data_ptr(), out, scratch.data_ptr(), rows, D, self.bf, self.bf)
         if self.qkv_bias is not None:
             for part, bias in zip(qkv.split((H * Dh, K * Dh, K * Dh)), self.qkv_bias, strict=True):
                 part.add_(bias)
@@ -598,7 +620,7 @@ class GQAttention:
             self.paged.moe_paged_decode_bf16(*args)
         else:
             self.paged.moe_paged_decode_avx2(*args, 0)
-        _lib.moe_gemv(wo, att.data_ptr(), y.data_ptr(), scratch.data_ptr(), D, H * Dh, self.bf)
+        _lib.moe_gemv(wo, att.data_ptr(), y.data_ptr(), scratch.data_ptr(), D, H * Dh, self.bf, self.bf)
         return y if self.o_bias is None else y.add_(self.o_bias)
 
 
@@ -798,6 +820,7 @@ def use_cpu_decode_kernels(model: nn.Module) -> bool:
         return False
     experts_layout(model)  # before the kernels take the expert weights' addresses
     fuse_projections(model)  # likewise
+    narrow_head(model)
     prepared = [(m, decode) for m in model.modules() if (decode := _layer_kernel(m)) is not None]
     for m in model.modules():
         if type(m) in LEAVES:
@@ -1027,6 +1050,39 @@ def experts_layout(model: nn.Module) -> nn.Module:
     return model
 
 
+def narrow_head(model: nn.Module) -> bool:
+    """Keep a float32 model's output head as bfloat16 where that loses nothing and the kernels read
+    it (narrow_linear), as narrow_experts keeps the experts: each value a bfloat16 one, its own
+    weight (not tied to the embedding), no bias, K a multiple of 8, on a CPU without AVX-512 (where
+    moe_linear_f32 takes a step's rows; AVX-512 CPUs give them to MKL). The head is the largest
+    matrix a decode step reads (vocabulary x D: 131 MB of float32 at 32000 x 1024), once per token
+    at one stream; read as bfloat16 and widened in registers, the logits are the same sums.
+    MOE_RUNTIME_NARROW_WEIGHTS=0 keeps it float32. Returns whether it did."""
+    head = getattr(model, "lm_head", None)
+    if not (
+        _lib is not None
+        and not _avx512
+        and os.environ.get("MOE_RUNTIME_NARROW_WEIGHTS", "1") != "0"
+        and type(head) in (nn.Linear, DecodeLinear)
+        and head.bias is None
+        and head.weight.dtype == torch.float32
+        and head.weight.device.type == "cpu"
+        and head.weight.is_contiguous()
+        and head.in_features % 8 == 0
+        and sum(p.data_ptr() == head.weight.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
+        == 1  # not tied to the embedding
+    ):
+        return False
+    with torch.no_grad():
+        narrow = head.weight.data.to(torch.bfloat16)
+        if not torch.equal(narrow.float(), head.weight.data):
+            return False
+        head.weight.data = narrow
+    head.compute_dtype = torch.float32  # (kernels/shapes.py: nothing to warm up in bfloat16)
+    log.info("float32: the output head kept as the bfloat16 values it is (%.2f GiB less to read)", narrow.numel() * 2 / 2**30)
+    return True
+
+
 def narrow_experts(m: layers.Experts) -> tuple[torch.Tensor, torch.Tensor] | None:
     """m's float32 expert weights (gate_up, down) as bfloat16, where that loses nothing and the
     kernels read them (else None): each value a bfloat16 one (a checkpoint in bfloat16, as
@@ -1034,11 +1090,11 @@ def narrow_experts(m: layers.Experts) -> tuple[torch.Tensor, torch.Tensor] | Non
     expert on this rank, SiLU, D and I multiples of 8. A decode step's routed experts are bound by
     how fast their weights stream from memory; read as bfloat16 and widened in registers
     (moe_experts_f32, moe_moe_decode) they are the same float32 values, the same sums, from half
-    the bytes. MOE_RUNTIME_NARROW_EXPERTS=0 keeps them float32."""
+    the bytes. MOE_RUNTIME_NARROW_WEIGHTS=0 keeps them float32."""
     gate_up, down = m.gate_up_proj, m.down_proj
     if not (
         _lib is not None
-        and os.environ.get("MOE_RUNTIME_NARROW_EXPERTS", "1") != "0"
+        and os.environ.get("MOE_RUNTIME_NARROW_WEIGHTS", "1") != "0"
         and type(m) in (layers.Experts, DecodeExperts)
         and m.num_local_experts == m.num_experts
         and m.act is F.silu

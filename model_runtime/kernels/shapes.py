@@ -129,7 +129,10 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
         for f in groups:  # fused q/k/v, gate/up: a step's rows
             built += build(f.weight, f.bias, max_rows)
         for m in model.modules():
-            if isinstance(m, nn.Linear) and type(m.weight) is torch.nn.Parameter and id(m) not in in_groups:
+            if (
+                isinstance(m, nn.Linear) and type(m.weight) is torch.nn.Parameter and id(m) not in in_groups
+                and getattr(m, "compute_dtype", None) is None  # (a float32 head kept as bfloat16)
+            ):  # fmt: skip
                 built += build(m.weight, m.bias, max_logit_rows if m is head else max_rows)
             elif (
                 isinstance(m, layers.Experts) and m.plain_weights and m.compute_dtype is None and buckets(m.gate_up_proj)

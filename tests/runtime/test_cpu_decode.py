@@ -933,7 +933,7 @@ def moe_with_kernels(cfg: ModelConfig, narrow: bool, monkeypatch) -> MoE:
     moe = bf16_valued(random_(MoE(cfg), 6))
     with monkeypatch.context() as patched:
         patched.setattr(cpu_decode, "_amx", False)
-        patched.setenv("MOE_RUNTIME_NARROW_EXPERTS", "1" if narrow else "0")
+        patched.setenv("MOE_RUNTIME_NARROW_WEIGHTS", "1" if narrow else "0")
         assert use_cpu_decode_kernels(moe)
     return moe
 
@@ -981,17 +981,20 @@ def test_float32_experts_kept_as_bfloat16_compute_the_float32_sums(name, monkeyp
 
 
 def test_a_bfloat16_valued_float32_model_decodes_the_same_with_its_experts_kept_as_bfloat16(monkeypatch):
-    """The engine on a float32 model of bfloat16 values: the experts kept as bfloat16 (start-up
-    says so) give the same greedy tokens, one sequence or several a step, as the float32 experts."""
+    """The engine on a float32 model of bfloat16 values: the experts and the output head kept as
+    bfloat16 (start-up says so) give the same greedy tokens, one sequence or several a step, as
+    the float32 weights."""
     if not cpu_decode.available():
         pytest.skip("the CPU kernels are not available here")
 
     def greedy(narrow: bool) -> list[list[int]]:
-        monkeypatch.setenv("MOE_RUNTIME_NARROW_EXPERTS", "1" if narrow else "0")
+        monkeypatch.setenv("MOE_RUNTIME_NARROW_WEIGHTS", "1" if narrow else "0")
         model = bf16_valued(load_model("builtin:tiny-mixtral", dtype=torch.float32).eval())
         engine = LLMEngine(model, None, EngineConfig(max_num_seqs=3, num_kv_blocks=64, block_size=4))
         experts = [m for m in model.modules() if isinstance(m, Experts)]
         assert experts and all((m.gate_up_proj.dtype == torch.bfloat16) == narrow for m in experts)
+        head_narrowed = model.lm_head.weight.dtype == torch.bfloat16
+        assert head_narrowed == (narrow and not cpu_decode._avx512 and not model.config.tie_word_embeddings)
         for r, prompt in enumerate([list(range(3, 40)), list(range(50, 61)), list(range(7, 30))]):
             params = SamplingParams(max_tokens=16 + 4 * r, temperature=0, ignore_eos=True)
             engine.add_request(f"r{r}", prompt, params)
@@ -1004,3 +1007,58 @@ def test_a_bfloat16_valued_float32_model_decodes_the_same_with_its_experts_kept_
     narrow = greedy(True)
     assert [len(t) for t in narrow] == [16, 20, 24]
     assert narrow == greedy(False)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 17, 32, cpu_decode.F32_MAX_ROWS, cpu_decode.F32_MAX_ROWS + 1])
+def test_a_float32_head_kept_as_bfloat16_gives_the_float32_logits(rows, monkeypatch):
+    """The output head of a float32 model of bfloat16 values is kept as bfloat16 (narrow_head): one
+    row through the gemv, a step's rows through moe_linear_f32_bf16w (called directly too: it runs
+    on any AVX2 CPU), more rows through MKL on the widened weight; each gives what the float32
+    weight gives, the same bits where the float32 path runs the same loop."""
+    if not cpu_decode.available():
+        pytest.skip("the CPU kernels are not available here")
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(1030, 256, generator=g).to(torch.bfloat16)  # 1030 outputs: a partial tile of W rows
+    x = torch.randn(rows, 256, generator=g)
+    with torch.inference_mode():
+        got = cpu_decode.linear(x, w)
+        want = cpu_decode.linear(x, w.float())
+        assert got.dtype == torch.float32 and got.shape == (rows, 1030)
+        if rows == 1 and cpu_decode._avx512:  # its bfloat16 gemv sums 16 lanes, the float32 one 8
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, want)
+        if 2 <= rows <= cpu_decode.F32_MAX_ROWS:
+            direct = cpu_decode.rows_linear(cpu_decode._lib.moe_linear_f32_bf16w, x, w, None)
+            assert torch.equal(direct, cpu_decode.f32_linear(x, w.float()))
+            assert torch.equal(cpu_decode.rows_linear(cpu_decode._lib.moe_linear_f32_bf16w, x[1:], w, None), direct[1:])
+
+
+def test_narrow_head_keeps_only_an_untied_bfloat16_valued_head(monkeypatch):
+    """narrow_head takes the head where it is exact and read by the kernels: not a head of float32
+    values, not one tied to the embedding, not with MOE_RUNTIME_NARROW_WEIGHTS=0, not on AVX-512
+    CPUs (MKL takes their float32 rows)."""
+    if not cpu_decode.available():
+        pytest.skip("the CPU kernels are not available here")
+    monkeypatch.setattr(cpu_decode, "_avx512", False)
+
+    def model(tied: bool = False, values: str = "bf16") -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.embed_tokens = torch.nn.Embedding(64, 32)
+        m.lm_head = torch.nn.Linear(32, 64, bias=False)
+        if tied:
+            m.lm_head.weight = m.embed_tokens.weight
+        return bf16_valued(m) if values == "bf16" else m
+
+    m = model()
+    assert cpu_decode.narrow_head(m) and m.lm_head.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        assert torch.equal(cpu_decode.linear(x, m.lm_head.weight), cpu_decode.linear(x, m.lm_head.weight.float()))
+    assert not cpu_decode.narrow_head(model(values="float32"))
+    assert not cpu_decode.narrow_head(model(tied=True))
+    monkeypatch.setenv("MOE_RUNTIME_NARROW_WEIGHTS", "0")
+    assert not cpu_decode.narrow_head(model())
+    monkeypatch.delenv("MOE_RUNTIME_NARROW_WEIGHTS")
+    monkeypatch.setattr(cpu_decode, "_avx512", True)
+    assert not cpu_decode.narrow_head(model())

@@ -8,7 +8,8 @@
  * moe_experts_bf16:  the routed experts of a MoE layer for a few tokens (a decode step of several
  *                    sequences), bfloat16, AVX-512F only
  * moe_experts_f32:   the same in float32, AVX2 + FMA
- * moe_linear_f32:    a linear of a few float32 rows, AVX2 + FMA
+ * moe_linear_f32:    a linear of a few float32 rows, AVX2 + FMA (moe_linear_f32_bf16w: its weight
+ *                    bfloat16)
  * moe_amx_linear:    a linear of a few bfloat16 rows on AMX tiles (decision 32)
  * moe_amx_experts:   the routed experts of a MoE layer for any number of tokens on AMX tiles
  *
@@ -290,11 +291,12 @@ static void rmsnorm(const float *x, const void *w, float *y, float eps, long D, 
 
 /* ---- the entry points: the layer's input and output in its dtype, float32 scratch --------------- */
 
-void moe_gemv(const void *W, const void *x, void *y, float *scratch, long out, long in, int bf) {
-    /* scratch [in + out] */
+void moe_gemv(const void *W, const void *x, void *y, float *scratch, long out, long in, int bf, int wbf) {
+    /* scratch [in + out]; bf: x and y bfloat16; wbf: W bfloat16 (bf, or a float32 model's weight
+     * kept as the bfloat16 values it is: kernels/cpu_decode.py, narrow_head) */
     float *x32 = scratch, *y32 = scratch + in;
     load(x32, x, in, bf);
-    gemv(W, x32, y32, out, in, bf);
+    gemv(W, x32, y32, out, in, wbf);
     store(y, y32, out, bf);
 }
 
@@ -986,29 +988,60 @@ __attribute__((always_inline)) static inline void dot_tile(const float *x, long 
         dot_tile(x + m * ldx, ldx, Wn, ldw, K, bn, y + m * ldy + n, ldy, XR, WR);                     \
         break;
 
+static void lin_block(const float *x, long ldx, long M, const float *Wn, long ldw, long n, int wr, long K,
+                      const float *bn, float *y, long ldy) {
+    /* outputs n .. n + wr of every row of x: W's rows Wn (wr of them, ldw apart), biases bn */
+    for (long m = 0; m < M; m += LIN_X) {
+        const int xr = M - m < LIN_X ? (int)(M - m) : LIN_X;
+        switch (xr * 8 + wr) {
+            DOT_CASE(1, 1)
+            DOT_CASE(1, 2)
+            DOT_CASE(1, 3)
+            DOT_CASE(1, 4)
+            DOT_CASE(2, 1)
+            DOT_CASE(2, 2)
+            DOT_CASE(2, 3)
+            DOT_CASE(2, 4)
+            DOT_CASE(3, 1)
+            DOT_CASE(3, 2)
+            DOT_CASE(3, 3)
+            DOT_CASE(3, 4)
+        }
+    }
+}
+
 int moe_linear_f32(const float *x, long ldx, long M, const float *W, long ldw, long N, long K, const float *bias,
                    float *y, long ldy) {
     for (long n = 0; n < N; n += LIN_W) {
         const int wr = N - n < LIN_W ? (int)(N - n) : LIN_W;
-        const float *Wn = W + n * ldw, *bn = bias ? bias + n : NULL;
-        for (long m = 0; m < M; m += LIN_X) {
-            const int xr = M - m < LIN_X ? (int)(M - m) : LIN_X;
-            switch (xr * 8 + wr) {
-                DOT_CASE(1, 1)
-                DOT_CASE(1, 2)
-                DOT_CASE(1, 3)
-                DOT_CASE(1, 4)
-                DOT_CASE(2, 1)
-                DOT_CASE(2, 2)
-                DOT_CASE(2, 3)
-                DOT_CASE(2, 4)
-                DOT_CASE(3, 1)
-                DOT_CASE(3, 2)
-                DOT_CASE(3, 3)
-                DOT_CASE(3, 4)
-            }
-        }
+        lin_block(x, ldx, M, W + n * ldw, ldw, n, wr, K, bias ? bias + n : NULL, y, ldy);
     }
+    return 0;
+}
+
+/* moe_linear_f32_bf16w: moe_linear_f32 with W bfloat16 (a float32 model's weight kept as the
+ * bfloat16 values it is: kernels/cpu_decode.py, narrow_head): each block of LIN_W rows widened once
+ * into float32 and taken by every row of x as moe_linear_f32 takes it, so the same sums, from half
+ * the bytes of memory. Returns 1 if there is no memory for the block. */
+int moe_linear_f32_bf16w(const float *x, long ldx, long M, const bf16 *W, long ldw, long N, long K,
+                         const float *bias, float *y, long ldy) {
+    float *block = malloc((size_t)LIN_W * K * sizeof(float));
+    if (!block)
+        return 1;
+    for (long n = 0; n < N; n += LIN_W) {
+        const int wr = N - n < LIN_W ? (int)(N - n) : LIN_W;
+        for (int r = 0; r < wr; r++) {
+            const bf16 *src = W + (n + r) * ldw;
+            float *dst = block + r * K;
+            if (n + LIN_W < N) /* the next block's rows, while this one is computed */
+                for (long k = 0; k < K; k += 32)
+                    PREFETCH_LINE(src + LIN_W * ldw + k);
+            for (long k = 0; k < K; k += 8)
+                _mm256_storeu_ps(dst + k, widen8(src + k));
+        }
+        lin_block(x, ldx, M, block, K, n, wr, K, bias ? bias + n : NULL, y, ldy);
+    }
+    free(block);
     return 0;
 }
 
