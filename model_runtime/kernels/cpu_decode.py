@@ -188,7 +188,7 @@ def is_bf16(x: torch.Tensor) -> int:
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., in] (one row) @ w [out, in].T -> [..., out], in x's dtype (w's too, or bfloat16 for
-    float32 x: narrow_head)."""
+    float32 x: narrow_linears)."""
     out, inn = w.shape
     x = x.contiguous()
     y = torch.empty(*x.shape[:-1], out, dtype=x.dtype)
@@ -292,7 +292,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 
 
 def narrow_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, w.float(), bias) for float32 x and a weight kept as bfloat16 (narrow_head): one
+    """F.linear(x, w.float(), bias) for float32 x and a weight kept as bfloat16 (narrow_linears): one
     row the gemv, 2 .. F32_MAX_ROWS rows moe_linear_f32_bf16w (each reads the bfloat16 weight,
     widened as read: moe_gemv's and moe_linear_f32's sums), more rows MKL's sgemm on the weight
     widened for the call."""
@@ -560,10 +560,11 @@ class GQAttention:
     (q_norm, k_norm) RMSNorm modules."""
 
     def __init__(self, q_proj, k_proj, v_proj, o_proj, heads: int, kv_heads: int, interleaved: bool, scale: float,
-                 window: int | None, paged_lib, qkv_bias=None, o_bias=None, qk_norm=None):  # fmt: skip
+                 window: int | None, paged_lib, qkv_bias=None, o_bias=None, qk_norm=None, dtype=None):  # fmt: skip
         self.weights = (q_proj, k_proj, v_proj, o_proj)
-        self.dtype = q_proj.dtype
+        self.dtype = dtype or q_proj.dtype  # the layer's; float32 over weights kept as bfloat16 (narrow_linears)
         self.bf = int(self.dtype == torch.bfloat16)
+        self.wbf = int(q_proj.dtype == torch.bfloat16)
         self.ptrs = tuple(w.data_ptr() for w in self.weights)
         self.H, self.K = heads, kv_heads
         self.Dh = q_proj.shape[0] // heads
@@ -594,7 +595,7 @@ class GQAttention:
         size = qkv.element_size()
         q, k, v = qkv.data_ptr(), qkv.data_ptr() + size * H * Dh, qkv.data_ptr() + size * (H + K) * Dh
         for w, out, rows in ((wq, q, H * Dh), (wk, k, K * Dh), (wv, v, K * Dh)):
-            _lib.moe_gemv(w, x.data_ptr(), out, scratch.data_ptr(), rows, D, self.bf, self.bf)
+            _lib.moe_gemv(w, x.data_ptr(), out, scratch.data_ptr(), rows, D, self.bf, self.wbf)
         if self.qkv_bias is not None:
             for part, bias in zip(qkv.split((H * Dh, K * Dh, K * Dh)), self.qkv_bias, strict=True):
                 part.add_(bias)
@@ -620,7 +621,7 @@ class GQAttention:
             self.paged.moe_paged_decode_bf16(*args)
         else:
             self.paged.moe_paged_decode_avx2(*args, 0)
-        _lib.moe_gemv(wo, att.data_ptr(), y.data_ptr(), scratch.data_ptr(), D, H * Dh, self.bf, self.bf)
+        _lib.moe_gemv(wo, att.data_ptr(), y.data_ptr(), scratch.data_ptr(), D, H * Dh, self.bf, self.wbf)
         return y if self.o_bias is None else y.add_(self.o_bias)
 
 
@@ -729,8 +730,8 @@ class DecodeExperts(layers.Experts):
         return super().forward(x, weights, ids)
 
     def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.weight(self.gate_up_proj, e, x)).chunk(2, dim=-1)  # [n, I] each
-        return linear(self.act(gate).mul_(up), self.weight(self.down_proj, e, x))
+        gate, up = linear(x, self.expert_weight(self.gate_up_proj, e, x)).chunk(2, dim=-1)  # [n, I] each
+        return linear(self.act(gate).mul_(up), self.expert_weight(self.down_proj, e, x))
 
 
 class DecodeMLP(layers.MLP):
@@ -819,8 +820,8 @@ def use_cpu_decode_kernels(model: nn.Module) -> bool:
     if not available() or (shard is not None and shard.sharded):
         return False
     experts_layout(model)  # before the kernels take the expert weights' addresses
-    fuse_projections(model)  # likewise
-    narrow_head(model)
+    narrow_linears(model)  # likewise, and before fusing (the fused matrix takes their dtype)
+    fuse_projections(model)
     prepared = [(m, decode) for m in model.modules() if (decode := _layer_kernel(m)) is not None]
     for m in model.modules():
         if type(m) in LEAVES:
@@ -896,24 +897,28 @@ def _layer_kernel(m: nn.Module):
         return MLAttention(*weights, cfg.rope_interleave, m.scale) if _rows(*weights) else None
     if type(m) is layers.Attention:
         cfg = m.cfg
-        bf16 = m.q_proj.weight.dtype == torch.bfloat16  # bfloat16: its AVX-512 prepare and decode
+        dtype = getattr(m.q_proj, "compute_dtype", None) or m.q_proj.weight.dtype  # narrow_linears: float32
+        bf16 = dtype == torch.bfloat16  # bfloat16: its AVX-512 prepare and decode
         paged_lib = paged_kernel.avx512_lib() if bf16 else paged_kernel._load()
         linears = (m.q_proj, m.k_proj, m.v_proj, m.o_proj)
         weights = [p.weight for p in linears]
         qkv_biases = [p.bias for p in linears[:3] if p.bias is not None]
         norms = [m.q_norm, m.k_norm] if cfg.qk_norm else []
+        others = [t for t in (*qkv_biases, m.o_proj.bias, *(n.weight for n in norms)) if t is not None]
         if (
             paged_lib is None
             or any(type(p) is not nn.Linear for p in linears)
             or len(qkv_biases) not in (0, 3)
             or any(type(n) is not layers.RMSNorm for n in norms)
-            or weights[0].dtype not in (torch.bfloat16, torch.float32)
-            or not _rows(*weights, *qkv_biases, m.o_proj.bias, *(n.weight for n in norms))
+            or dtype not in (torch.bfloat16, torch.float32)
+            or not _rows(*weights)
+            or not kernel_rows(dtype, *others)
             or cfg.head_dim % 2
         ):
             return None
         return GQAttention(
             *weights, m.num_heads, m.num_kv_heads, cfg.rope_interleave, m.scale, cfg.sliding_window, paged_lib,
+            dtype=dtype,
             qkv_bias=tuple(qkv_biases) or None,
             o_bias=m.o_proj.bias,
             qk_norm=tuple(norms) or None,
@@ -1050,37 +1055,52 @@ def experts_layout(model: nn.Module) -> nn.Module:
     return model
 
 
-def narrow_head(model: nn.Module) -> bool:
-    """Keep a float32 model's output head as bfloat16 where that loses nothing and the kernels read
-    it (narrow_linear), as narrow_experts keeps the experts: each value a bfloat16 one, its own
-    weight (not tied to the embedding), no bias, K a multiple of 8, on a CPU without AVX-512 (where
-    moe_linear_f32 takes a step's rows; AVX-512 CPUs give them to MKL). The head is the largest
-    matrix a decode step reads (vocabulary x D: 131 MB of float32 at 32000 x 1024), once per token
-    at one stream; read as bfloat16 and widened in registers, the logits are the same sums.
-    MOE_RUNTIME_NARROW_WEIGHTS=0 keeps it float32. Returns whether it did."""
+def narrow_linears(model: nn.Module) -> int:
+    """Keep a float32 model's output head, and each GQA attention layer's q, k, v and o projections
+    (all four or none), as bfloat16 where that loses nothing and the kernels read them
+    (narrow_linear; the layer kernel GQAttention), as narrow_experts keeps the experts: each value
+    a bfloat16 one, their own weights (the head not tied to the embedding), K a multiple of 8, on a
+    CPU without AVX-512 (where moe_linear_f32 takes a step's rows; AVX-512 CPUs give them to MKL).
+    The head is the largest matrix a decode step reads (vocabulary x D: 131 MB of float32 at 32000 x
+    1024), once per token at one stream; read as bfloat16 and widened in registers, the outputs are
+    the same sums. MOE_RUNTIME_NARROW_WEIGHTS=0 keeps them float32. Returns how many it kept."""
+    if not (_lib is not None and not _avx512 and os.environ.get("MOE_RUNTIME_NARROW_WEIGHTS", "1") != "0"):
+        return 0
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[p.data_ptr()] = uses.get(p.data_ptr(), 0) + 1
+    groups = [[m.q_proj, m.k_proj, m.v_proj, m.o_proj] for m in model.modules() if type(m) is layers.Attention]
     head = getattr(model, "lm_head", None)
-    if not (
-        _lib is not None
-        and not _avx512
-        and os.environ.get("MOE_RUNTIME_NARROW_WEIGHTS", "1") != "0"
-        and type(head) in (nn.Linear, DecodeLinear)
-        and head.bias is None
-        and head.weight.dtype == torch.float32
-        and head.weight.device.type == "cpu"
-        and head.weight.is_contiguous()
-        and head.in_features % 8 == 0
-        and sum(p.data_ptr() == head.weight.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
-        == 1  # not tied to the embedding
-    ):
-        return False
+    groups += [[head]] if head is not None else []
+    kept, saved = 0, 0
     with torch.no_grad():
-        narrow = head.weight.data.to(torch.bfloat16)
-        if not torch.equal(narrow.float(), head.weight.data):
-            return False
-        head.weight.data = narrow
-    head.compute_dtype = torch.float32  # (kernels/shapes.py: nothing to warm up in bfloat16)
-    log.info("float32: the output head kept as the bfloat16 values it is (%.2f GiB less to read)", narrow.numel() * 2 / 2**30)
-    return True
+        for linears in groups:
+            if not all(_narrowable(lin, uses) for lin in linears):
+                continue
+            narrow = [lin.weight.data.to(torch.bfloat16) for lin in linears]
+            if not all(torch.equal(w.float(), lin.weight.data) for w, lin in zip(narrow, linears, strict=True)):
+                continue
+            for w, lin in zip(narrow, linears, strict=True):
+                lin.weight.data = w
+                lin.compute_dtype = torch.float32  # (kernels/shapes.py: nothing to warm up in bfloat16)
+                saved += 2 * w.numel()
+                kept += 1
+    if kept:
+        log.info("float32: %d linears (the output head, attention) kept as the bfloat16 values they are (%.2f GiB "
+                 "less to read)", kept, saved / 2**30)  # fmt: skip
+    return kept
+
+
+def _narrowable(lin: nn.Module, uses: dict[int, int]) -> bool:
+    return (
+        type(lin) in (nn.Linear, DecodeLinear)
+        and type(lin.weight) is nn.Parameter
+        and lin.weight.dtype == torch.float32
+        and lin.weight.device.type == "cpu"
+        and lin.weight.is_contiguous()
+        and lin.in_features % 8 == 0
+        and uses.get(lin.weight.data_ptr()) == 1  # not tied (the head to the embedding)
+    )
 
 
 def narrow_experts(m: layers.Experts) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -126,12 +126,13 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
     groups = [f for m in model.modules() for f in m.__dict__.get("fused", {}).values()]
     in_groups = {id(lin) for f in groups for lin in f.members}  # their rows take the fused matmul
     with torch.no_grad():
-        for f in groups:  # fused q/k/v, gate/up: a step's rows
-            built += build(f.weight, f.bias, max_rows)
+        for f in groups:  # fused q/k/v, gate/up: a step's rows (not those of float32 linears kept as bfloat16)
+            if not any(getattr(lin, "compute_dtype", None) for lin in f.members):
+                built += build(f.weight, f.bias, max_rows)
         for m in model.modules():
             if (
                 isinstance(m, nn.Linear) and type(m.weight) is torch.nn.Parameter and id(m) not in in_groups
-                and getattr(m, "compute_dtype", None) is None  # (a float32 head kept as bfloat16)
+                and getattr(m, "compute_dtype", None) is None  # (float32 kept as bfloat16: narrow_linears)
             ):  # fmt: skip
                 built += build(m.weight, m.bias, max_logit_rows if m is head else max_rows)
             elif (

@@ -659,11 +659,11 @@ class Experts(nn.Module):
     def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Local expert e (global first_expert + e) on its tokens x [n, D] -> [n, D] (int8
         quantization and the CPU decode kernels override this)."""
-        gate, up = F.linear(x, self.weight(self.gate_up_proj, e, x)).chunk(2, dim=-1)  # [n, I] each
-        return F.linear(self.act(gate).mul_(up), self.weight(self.down_proj, e, x))
+        gate, up = F.linear(x, self.expert_weight(self.gate_up_proj, e, x)).chunk(2, dim=-1)  # [n, I] each
+        return F.linear(self.act(gate).mul_(up), self.expert_weight(self.down_proj, e, x))
 
     @staticmethod
-    def weight(stacked: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
+    def expert_weight(stacked: torch.Tensor, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's matrix of `stacked` in x's dtype (widened where stored narrower)."""
         w = stacked[e]
         return w if w.dtype == x.dtype else w.to(x.dtype)

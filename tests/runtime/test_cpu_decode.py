@@ -393,6 +393,38 @@ def test_float32_gqa_attention_layer_matches_the_torch_layer(window, interleaved
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("extras", [{}, {"qk_norm": True, "qkv_bias": True, "o_bias": True}])
+def test_float32_gqa_attention_layer_over_projections_kept_as_bfloat16_gives_the_same_bits(extras, monkeypatch):
+    """A float32 attention layer whose projections are bfloat16 values keeps them as bfloat16 on a
+    CPU without AVX-512 (narrow_linears; biases and q/k norms stay float32) and its one-token C
+    layer (GQAttention) writes the same cache rows and output bits as over the float32 copy."""
+    from model_runtime.kernels import paged_attention as paged_kernel
+
+    if not (paged_kernel.available() and cpu_decode.available()) or cpu_decode._avx512:
+        pytest.skip("the float32 kernels keep float32 projections on AVX-512 CPUs (or none here)")
+    cfg = ModelConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32, **extras)
+    layers_ = []
+    for narrow in ("1", "0"):
+        attn = bf16_valued(random_(Attention(cfg), 4))
+        monkeypatch.setenv("MOE_RUNTIME_NARROW_WEIGHTS", narrow)
+        assert use_cpu_decode_kernels(attn) and type(attn.decode) is cpu_decode.GQAttention
+        layers_.append(attn)
+    narrow, wide = layers_
+    assert narrow.q_proj.weight.dtype == narrow.o_proj.weight.dtype == torch.bfloat16
+    assert wide.q_proj.weight.dtype == torch.float32 and narrow.decode.dtype == torch.float32
+    g = torch.Generator().manual_seed(8)
+    cache = torch.randn(2, 8 * DECODE_BLOCK, 2, 32, generator=g)
+    x = torch.randn(1, 64, generator=g)
+    angle = torch.randn(1, 16, generator=g)
+    ctx = one_decode_context(None)
+    with torch.inference_mode():
+        got_cache, want_cache = cache.clone(), cache.clone()
+        got = narrow(x, angle.cos(), angle.sin(), ctx, got_cache)
+        want = wide(x, angle.cos(), angle.sin(), ctx, want_cache)
+    assert torch.equal(got_cache, want_cache) and not torch.equal(got_cache, cache)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("builtin", ["tiny-deepseek-v3", "tiny-mixtral"])
 def test_a_bf16_model_decodes_with_the_kernels_as_closely_as_torch(builtin, monkeypatch):
     """A bfloat16 model's decode steps take the kernels (one C call per MoE / MLA layer), and its
@@ -980,21 +1012,26 @@ def test_float32_experts_kept_as_bfloat16_compute_the_float32_sums(name, monkeyp
     assert use_cpu_decode_kernels(moe) and moe.experts.gate_up_proj.dtype == torch.float32
 
 
-def test_a_bfloat16_valued_float32_model_decodes_the_same_with_its_experts_kept_as_bfloat16(monkeypatch):
-    """The engine on a float32 model of bfloat16 values: the experts and the output head kept as
-    bfloat16 (start-up says so) give the same greedy tokens, one sequence or several a step, as
-    the float32 weights."""
+@pytest.mark.parametrize("builtin", ["tiny-mixtral", "tiny-qwen3-moe"])
+def test_a_bfloat16_valued_float32_model_decodes_the_same_with_its_experts_kept_as_bfloat16(builtin, monkeypatch):
+    """The engine on a float32 model of bfloat16 values: the experts, the output head and the
+    attention projections kept as bfloat16 (start-up says so; the attention layer kernel still
+    takes a token's layer, Qwen3's q/k norms float32) give the same greedy tokens, one sequence or
+    several a step, as the float32 weights."""
     if not cpu_decode.available():
         pytest.skip("the CPU kernels are not available here")
 
     def greedy(narrow: bool) -> list[list[int]]:
         monkeypatch.setenv("MOE_RUNTIME_NARROW_WEIGHTS", "1" if narrow else "0")
-        model = bf16_valued(load_model("builtin:tiny-mixtral", dtype=torch.float32).eval())
+        model = bf16_valued(load_model(f"builtin:{builtin}", dtype=torch.float32).eval())
         engine = LLMEngine(model, None, EngineConfig(max_num_seqs=3, num_kv_blocks=64, block_size=4))
         experts = [m for m in model.modules() if isinstance(m, Experts)]
         assert experts and all((m.gate_up_proj.dtype == torch.bfloat16) == narrow for m in experts)
-        head_narrowed = model.lm_head.weight.dtype == torch.bfloat16
-        assert head_narrowed == (narrow and not cpu_decode._avx512 and not model.config.tie_word_embeddings)
+        linears = not cpu_decode._avx512 and narrow  # the head and attention: where moe_linear_f32 runs
+        assert (model.lm_head.weight.dtype == torch.bfloat16) == (linears and not model.config.tie_word_embeddings)
+        attention = [m for m in model.modules() if isinstance(m, Attention)]
+        assert attention and all((m.q_proj.weight.dtype == torch.bfloat16) == linears for m in attention)
+        assert all(isinstance(getattr(m, "decode", None), cpu_decode.GQAttention) for m in attention)
         for r, prompt in enumerate([list(range(3, 40)), list(range(50, 61)), list(range(7, 30))]):
             params = SamplingParams(max_tokens=16 + 4 * r, temperature=0, ignore_eos=True)
             engine.add_request(f"r{r}", prompt, params)
@@ -1011,7 +1048,7 @@ def test_a_bfloat16_valued_float32_model_decodes_the_same_with_its_experts_kept_
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 17, 32, cpu_decode.F32_MAX_ROWS, cpu_decode.F32_MAX_ROWS + 1])
 def test_a_float32_head_kept_as_bfloat16_gives_the_float32_logits(rows, monkeypatch):
-    """The output head of a float32 model of bfloat16 values is kept as bfloat16 (narrow_head): one
+    """The output head of a float32 model of bfloat16 values is kept as bfloat16 (narrow_linears): one
     row through the gemv, a step's rows through moe_linear_f32_bf16w (called directly too: it runs
     on any AVX2 CPU), more rows through MKL on the widened weight; each gives what the float32
     weight gives, the same bits where the float32 path runs the same loop."""
@@ -1034,8 +1071,8 @@ def test_a_float32_head_kept_as_bfloat16_gives_the_float32_logits(rows, monkeypa
             assert torch.equal(cpu_decode.rows_linear(cpu_decode._lib.moe_linear_f32_bf16w, x[1:], w, None), direct[1:])
 
 
-def test_narrow_head_keeps_only_an_untied_bfloat16_valued_head(monkeypatch):
-    """narrow_head takes the head where it is exact and read by the kernels: not a head of float32
+def test_narrow_linears_keeps_only_an_untied_bfloat16_valued_head(monkeypatch):
+    """narrow_linears takes the head where it is exact and read by the kernels: not a head of float32
     values, not one tied to the embedding, not with MOE_RUNTIME_NARROW_WEIGHTS=0, not on AVX-512
     CPUs (MKL takes their float32 rows)."""
     if not cpu_decode.available():
@@ -1051,14 +1088,14 @@ def test_narrow_head_keeps_only_an_untied_bfloat16_valued_head(monkeypatch):
         return bf16_valued(m) if values == "bf16" else m
 
     m = model()
-    assert cpu_decode.narrow_head(m) and m.lm_head.weight.dtype == torch.bfloat16
+    assert cpu_decode.narrow_linears(m) == 1 and m.lm_head.weight.dtype == torch.bfloat16
     x = torch.randn(3, 32)
     with torch.inference_mode():
         assert torch.equal(cpu_decode.linear(x, m.lm_head.weight), cpu_decode.linear(x, m.lm_head.weight.float()))
-    assert not cpu_decode.narrow_head(model(values="float32"))
-    assert not cpu_decode.narrow_head(model(tied=True))
+    assert not cpu_decode.narrow_linears(model(values="float32"))
+    assert not cpu_decode.narrow_linears(model(tied=True))
     monkeypatch.setenv("MOE_RUNTIME_NARROW_WEIGHTS", "0")
-    assert not cpu_decode.narrow_head(model())
+    assert not cpu_decode.narrow_linears(model())
     monkeypatch.delenv("MOE_RUNTIME_NARROW_WEIGHTS")
     monkeypatch.setattr(cpu_decode, "_avx512", True)
-    assert not cpu_decode.narrow_head(model())
+    assert not cpu_decode.narrow_linears(model())

@@ -293,7 +293,7 @@ static void rmsnorm(const float *x, const void *w, float *y, float eps, long D, 
 
 void moe_gemv(const void *W, const void *x, void *y, float *scratch, long out, long in, int bf, int wbf) {
     /* scratch [in + out]; bf: x and y bfloat16; wbf: W bfloat16 (bf, or a float32 model's weight
-     * kept as the bfloat16 values it is: kernels/cpu_decode.py, narrow_head) */
+     * kept as the bfloat16 values it is: kernels/cpu_decode.py, narrow_linears) */
     float *x32 = scratch, *y32 = scratch + in;
     load(x32, x, in, bf);
     gemv(W, x32, y32, out, in, wbf);
@@ -1020,7 +1020,7 @@ int moe_linear_f32(const float *x, long ldx, long M, const float *W, long ldw, l
 }
 
 /* moe_linear_f32_bf16w: moe_linear_f32 with W bfloat16 (a float32 model's weight kept as the
- * bfloat16 values it is: kernels/cpu_decode.py, narrow_head): each block of LIN_W rows widened once
+ * bfloat16 values it is: kernels/cpu_decode.py, narrow_linears): each block of LIN_W rows widened once
  * into float32 and taken by every row of x as moe_linear_f32 takes it, so the same sums, from half
  * the bytes of memory. Returns 1 if there is no memory for the block. */
 int moe_linear_f32_bf16w(const float *x, long ldx, long M, const bf16 *W, long ldw, long N, long K,
