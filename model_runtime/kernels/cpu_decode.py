@@ -1064,7 +1064,7 @@ def narrow_linears(model: nn.Module) -> int:
     The head is the largest matrix a decode step reads (vocabulary x D: 131 MB of float32 at 32000 x
     1024), once per token at one stream; read as bfloat16 and widened in registers, the outputs are
     the same sums. MOE_RUNTIME_NARROW_WEIGHTS=0 keeps them float32. Returns how many it kept."""
-    if not (_lib is not None and not _avx512 and os.environ.get("MOE_RUNTIME_NARROW_WEIGHTS", "1") != "0"):
+    if not (narrowing() and not _avx512):
         return 0
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -1077,8 +1077,8 @@ def narrow_linears(model: nn.Module) -> int:
         for linears in groups:
             if not all(_narrowable(lin, uses) for lin in linears):
                 continue
-            narrow = [lin.weight.data.to(torch.bfloat16) for lin in linears]
-            if not all(torch.equal(w.float(), lin.weight.data) for w, lin in zip(narrow, linears, strict=True)):
+            narrow = bf16_values(*(lin.weight for lin in linears))
+            if narrow is None:
                 continue
             for w, lin in zip(narrow, linears, strict=True):
                 lin.weight.data = w
@@ -1103,7 +1103,7 @@ def _narrowable(lin: nn.Module, uses: dict[int, int]) -> bool:
     )
 
 
-def narrow_experts(m: layers.Experts) -> tuple[torch.Tensor, torch.Tensor] | None:
+def narrow_experts(m: layers.Experts) -> list[torch.Tensor] | None:
     """m's float32 expert weights (gate_up, down) as bfloat16, where that loses nothing and the
     kernels read them (else None): each value a bfloat16 one (a checkpoint in bfloat16, as
     Mixtral's, DeepSeek's and Qwen's are published, loaded as float32), the kernels loaded, every
@@ -1113,8 +1113,7 @@ def narrow_experts(m: layers.Experts) -> tuple[torch.Tensor, torch.Tensor] | Non
     the bytes. MOE_RUNTIME_NARROW_WEIGHTS=0 keeps them float32."""
     gate_up, down = m.gate_up_proj, m.down_proj
     if not (
-        _lib is not None
-        and os.environ.get("MOE_RUNTIME_NARROW_WEIGHTS", "1") != "0"
+        narrowing()
         and type(m) in (layers.Experts, DecodeExperts)
         and m.num_local_experts == m.num_experts
         and m.act is F.silu
@@ -1123,8 +1122,20 @@ def narrow_experts(m: layers.Experts) -> tuple[torch.Tensor, torch.Tensor] | Non
         and down.shape[-1] % 8 == 0
     ):
         return None
-    narrow = gate_up.data.to(torch.bfloat16), down.data.to(torch.bfloat16)
-    exact = all(torch.equal(b.to(w.dtype), w.data) for b, w in zip(narrow, (gate_up, down), strict=True))
+    return bf16_values(gate_up, down)
+
+
+def narrowing() -> bool:
+    """Whether float32 weights of bfloat16 values may be kept as bfloat16 (narrow_experts,
+    narrow_linears): the kernels that widen them are loaded and MOE_RUNTIME_NARROW_WEIGHTS is not 0."""
+    return _lib is not None and os.environ.get("MOE_RUNTIME_NARROW_WEIGHTS", "1") != "0"
+
+
+def bf16_values(*ws: torch.Tensor) -> list[torch.Tensor] | None:
+    """The weights as bfloat16 if every value of each is a bfloat16 one (widened back, the same
+    tensor), else None."""
+    narrow = [w.data.to(torch.bfloat16) for w in ws]
+    exact = all(torch.equal(b.to(w.dtype), w.data) for b, w in zip(narrow, ws, strict=True))
     return narrow if exact else None
 
 
