@@ -91,11 +91,11 @@ def _load():
                 ptr, long, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
                 i32 = ctypes.c_int
                 lib.moe_gemv.argtypes = [ptr] * 4 + [long] * 2 + [i32] * 2
-                lib.moe_swiglu.argtypes = [ptr] * 6 + [long, long, i32]
+                lib.moe_swiglu.argtypes = [ptr] * 6 + [long, long, i32, i32]
                 lib.moe_rmsnorm.argtypes = [ptr] * 4 + [f32, long, i32]
                 lib.moe_rmsnorm_rows.argtypes = [ptr, long, ptr, ptr, ptr, f32, long, long, i32]
-                lib.moe_mla_attention.argtypes = [ptr] * 14 + [i32, long, f32] + [long] * 8 + [i32]
-                lib.moe_moe_decode.argtypes = [ptr] * 12 + [i32] * 3 + [f32] + [long] * 7 + [i32] * 3
+                lib.moe_mla_attention.argtypes = [ptr] * 14 + [i32, long, f32] + [long] * 8 + [i32] * 2
+                lib.moe_moe_decode.argtypes = [ptr] * 12 + [i32] * 3 + [f32] + [long] * 7 + [i32] * 4
                 lib.moe_fp8_dequant.argtypes = [ptr] * 3 + [long] * 5 + [i32]
                 lib.moe_simd_select.argtypes, lib.moe_simd_select.restype = [i32], i32
                 lib.moe_experts_supported.argtypes, lib.moe_experts_supported.restype = [], i32
@@ -321,11 +321,13 @@ def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class SwiGLU:
-    """down @ (silu(gate @ x) * (up @ x)): a dense MLP or a shared expert, for one row x [1, D]."""
+    """down @ (silu(gate @ x) * (up @ x)): a dense MLP or a shared expert, for one row x [1, D] of
+    `dtype` (the weights', or float32 over weights kept as bfloat16: narrow_linears)."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype | None = None):
         self.weights = (gate, up, down)
-        self.dtype = gate.dtype  # the rows it takes (one_row's dtypes)
+        self.dtype = dtype or gate.dtype  # the rows it takes (one_row's dtypes)
+        self.wbf = is_bf16(gate)
         self.ptrs = tuple(w.data_ptr() for w in self.weights)
         self.I, self.D = gate.shape  # noqa: E741 (legend)
 
@@ -334,7 +336,7 @@ class SwiGLU:
         y = torch.empty(1, self.D, dtype=self.dtype)
         scratch = torch.empty(2 * self.D + self.I)
         _lib.moe_swiglu(
-            *self.ptrs, x.data_ptr(), y.data_ptr(), scratch.data_ptr(), self.D, self.I, is_bf16(y)
+            *self.ptrs, x.data_ptr(), y.data_ptr(), scratch.data_ptr(), self.D, self.I, is_bf16(y), self.wbf
         )  # fmt: skip
         return y
 
@@ -345,8 +347,8 @@ ROUTE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 class MoE:
     """models.model.MoE for one token x [1, D]: route (cfg's scoring, top-k method, groups,
     scaling), the A chosen experts (gate_up [E, 2I, D], down [E, D, I], row-major or each expert's
-    matrix column-major as grouped_experts_layout stores bfloat16 experts), the shared expert (gate,
-    up [Is, D], down [D, Is]) scaled by sigmoid(shared_scale . x) when given; the choice is
+    matrix column-major as grouped_experts_layout stores bfloat16 experts), the shared expert (its
+    SwiGLU: gate, up [Is, D], down [D, Is]) scaled by sigmoid(shared_scale . x) when given; the choice is
     counted into tokens_per_expert [E] (int64, updated in place). `bias` (noaux_tc's) is read as
     float32 (a float32 copy is kept if it is not)."""
 
@@ -357,18 +359,18 @@ class MoE:
         bias: torch.Tensor | None,
         gate_up: torch.Tensor,
         down: torch.Tensor,
-        shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        shared: SwiGLU | None,
         shared_scale: torch.Tensor | None,
         tokens_per_expert: torch.Tensor,
     ):
         assert cfg.num_experts_per_tok <= 64  # the kernel's fixed-size choice arrays (callers check)
         bias = bias.float() if bias is not None else None
-        self.weights = (router, bias, gate_up, down, *(shared or (None, None, None)), shared_scale)
+        self.weights = (router, bias, gate_up, down, *(shared.weights if shared else (None, None, None)), shared_scale)
         self.dtype = router.dtype
         self.counts = tokens_per_expert
         E, D = router.shape
         I = down.shape[-1]  # noqa: E741 (legend)
-        Is = shared[0].shape[0] if shared is not None else 0
+        Is = shared.I if shared is not None else 0
         self.D = D
         self.scratch_size = 2 * D + max(2 * I, Is) + 2 * E + cfg.n_group + E // 4 + 1  # last E bytes: flags
         self.args = (
@@ -379,6 +381,7 @@ class MoE:
             cfg.scoring_func == "sigmoid", ROUTE_METHODS[cfg.topk_method], cfg.norm_topk_prob,
             cfg.routed_scaling_factor, D, E, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, I, Is,
             int(self.dtype == torch.bfloat16), int(not gate_up.is_contiguous()), int(gate_up.dtype == torch.bfloat16),
+            shared.wbf if shared is not None else 0,
         )  # fmt: skip
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -628,7 +631,9 @@ class GQAttention:
 class MLAttention:
     """models.model.MLAttention for one new token x [1, D] over the paged cache: q_a [Q, D] and its
     norm [Q] with q_b [H (P + R), Q] (or q_a None and q_b the full q_proj [H (P + R), D]); kv_a
-    [C + R, D] (kv_a_proj_with_mqa), kv_a_norm [C]; w_kv [H, P + Dv, C] (kv_b_proj); o_proj [D, H Dv]."""
+    [C + R, D] (kv_a_proj_with_mqa), kv_a_norm [C]; w_kv [H, P + Dv, C] (kv_b_proj); o_proj [D, H Dv].
+    The layer computes in `dtype` (its norms' and cache's): the projections' dtype, or float32 over
+    projections kept as bfloat16 (narrow_linears)."""
 
     def __init__(
         self,
@@ -641,9 +646,11 @@ class MLAttention:
         o_proj: torch.Tensor,
         interleaved: bool,
         scale: float,
+        dtype: torch.dtype | None = None,
     ):
         self.weights = (q_a, q_a_norm, q_b, kv_a, kv_a_norm, w_kv, o_proj)
-        self.dtype = q_b.dtype
+        self.dtype = dtype or q_b.dtype
+        self.wbf = is_bf16(q_b)
         self.ptrs = tuple(None if w is None else w.data_ptr() for w in self.weights)
         H, P_Dv, C = w_kv.shape
         R = kv_a.shape[0] - C
@@ -672,7 +679,7 @@ class MLAttention:
         scratch = torch.empty(self.scratch_size + L)
         _lib.moe_mla_attention(
             x.data_ptr(), *self.ptrs, cos.data_ptr(), sin.data_ptr(), cache.data_ptr(), slots.data_ptr(),
-            y.data_ptr(), scratch.data_ptr(), self.interleaved, slot, self.scale, L, *self.dims, is_bf16(y),
+            y.data_ptr(), scratch.data_ptr(), self.interleaved, slot, self.scale, L, *self.dims, is_bf16(y), self.wbf,
         )  # fmt: skip
         return y
 
@@ -885,6 +892,7 @@ def _layer_kernel(m: nn.Module):
         if cfg.sliding_window is not None or not _no_bias(*q, m.kv_a_proj_with_mqa, m.kv_b_proj, m.o_proj):
             return None
         H, P, C, Dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
+        dtype = getattr(q[-1], "compute_dtype", None) or q[-1].weight.dtype  # narrow_linears: float32
         weights = [
             m.q_a_proj.weight if lora else None,
             m.q_a_layernorm.weight if lora else None,
@@ -894,7 +902,11 @@ def _layer_kernel(m: nn.Module):
             m.kv_b_proj.weight.view(H, P + Dv, C),
             m.o_proj.weight,
         ]
-        return MLAttention(*weights, cfg.rope_interleave, m.scale) if _rows(*weights) else None
+        norms = [w for w in (weights[1], weights[4]) if w is not None]
+        projections = [w for i, w in enumerate(weights) if i not in (1, 4)]
+        if not (_rows(*projections) and kernel_rows(dtype, *norms)):
+            return None
+        return MLAttention(*weights, cfg.rope_interleave, m.scale, dtype=dtype)
     if type(m) is layers.Attention:
         cfg = m.cfg
         dtype = getattr(m.q_proj, "compute_dtype", None) or m.q_proj.weight.dtype  # narrow_linears: float32
@@ -952,7 +964,7 @@ def _layer_kernel(m: nn.Module):
             return MoE(
                 m.gate.cfg,
                 *weights,
-                shared_decode.weights if shared_decode is not None else None,
+                shared_decode,
                 gate.weight if gate is not None else None,
                 m.tokens_per_expert,
             )
@@ -980,11 +992,9 @@ def _no_bias(*linears) -> bool:
 
 def _swiglu(mlp: layers.MLP) -> SwiGLU | None:
     ok = mlp.act is F.silu and _no_bias(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    return (
-        SwiGLU(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-        if ok and _rows(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-        else None
-    )
+    weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    dtype = getattr(mlp.gate_proj, "compute_dtype", None)  # float32 over weights kept as bfloat16 (narrow_linears)
+    return SwiGLU(*weights, dtype=dtype) if ok and _rows(*weights) else None
 
 
 # ---- without the kernels -----------------------------------------------------------------------
@@ -1056,10 +1066,13 @@ def experts_layout(model: nn.Module) -> nn.Module:
 
 
 def narrow_linears(model: nn.Module) -> int:
-    """Keep a float32 model's output head, and each GQA attention layer's q, k, v and o projections
-    (all four or none), as bfloat16 where that loses nothing and the kernels read them
-    (narrow_linear; the layer kernel GQAttention), as narrow_experts keeps the experts: each value
-    a bfloat16 one, their own weights (the head not tied to the embedding), K a multiple of 8, on a
+    """Keep a float32 model's output head, each attention layer's projections (GQA's q, k, v and o;
+    MLA's q_a, q_b or q, kv_a, kv_b and o; all of a layer's or none) and each SwiGLU MLP's gate, up
+    and down (dense layers and shared experts; all three or none) as bfloat16 where that loses
+    nothing and the kernels read them (narrow_linear; the layer kernels GQAttention, MLAttention,
+    SwiGLU, MoE's shared expert; MLA's absorbed kv_b halves are widened once:
+    models.model.MLAttention.absorbed_weights), as narrow_experts keeps the experts: each value a
+    bfloat16 one, their own weights (the head not tied to the embedding), K a multiple of 8, on a
     CPU without AVX-512 (where moe_linear_f32 takes a step's rows; AVX-512 CPUs give them to MKL).
     The head is the largest matrix a decode step reads (vocabulary x D: 131 MB of float32 at 32000 x
     1024), once per token at one stream; read as bfloat16 and widened in registers, the outputs are
@@ -1069,7 +1082,15 @@ def narrow_linears(model: nn.Module) -> int:
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[p.data_ptr()] = uses.get(p.data_ptr(), 0) + 1
-    groups = [[m.q_proj, m.k_proj, m.v_proj, m.o_proj] for m in model.modules() if type(m) is layers.Attention]
+    groups = []
+    for m in model.modules():
+        if type(m) is layers.Attention:
+            groups.append([m.q_proj, m.k_proj, m.v_proj, m.o_proj])
+        elif type(m) is layers.MLAttention:
+            q = [m.q_a_proj, m.q_b_proj] if m.cfg.q_lora_rank is not None else [m.q_proj]
+            groups.append([*q, m.kv_a_proj_with_mqa, m.kv_b_proj, m.o_proj])
+        elif type(m) is layers.MLP:
+            groups.append([m.gate_proj, m.up_proj, m.down_proj])
     head = getattr(model, "lm_head", None)
     groups += [[head]] if head is not None else []
     kept, saved = 0, 0
@@ -1086,8 +1107,8 @@ def narrow_linears(model: nn.Module) -> int:
                 saved += 2 * w.numel()
                 kept += 1
     if kept:
-        log.info("float32: %d linears (the output head, attention) kept as the bfloat16 values they are (%.2f GiB "
-                 "less to read)", kept, saved / 2**30)  # fmt: skip
+        log.info("float32: %d linears (the output head, attention, dense MLPs, shared experts) kept as the bfloat16 "
+                 "values they are (%.2f GiB less to read)", kept, saved / 2**30)  # fmt: skip
     return kept
 
 

@@ -447,7 +447,8 @@ class MLAttention(nn.Module):
         [H, C, Dv], each contiguous. As views of the weight they are strided across heads, and bmm
         copies such an operand at every call (for bfloat16 on the CPU ~0.2 ms a layer). Kept while the weight is
         the same tensor at the same address and version; an FP8 layer's dequantized weight is a
-        new tensor at every call and is split afresh, as before."""
+        new tensor at every call and is split afresh, as before. A float32 model's weight kept as
+        bfloat16 (kernels/cpu_decode.py: narrow_linears) gives float32 halves, the same values."""
         cfg = self.cfg
         P, Dv, C = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         derived = getattr(self.kv_b_proj, "dequantized", None) is not None
@@ -460,7 +461,7 @@ class MLAttention(nn.Module):
         cached = self.__dict__.get("_absorbed")  # (weight, key, halves); not a buffer: never saved
         if derived or cached is None or cached[0] is not w or cached[1] != key:
             w_kv = w.view(self.num_heads, P + Dv, C)
-            halves = w_kv[:, :P].contiguous(), w_kv[:, P:].transpose(1, 2).contiguous()
+            halves = w_kv[:, :P].to(dtype).contiguous(), w_kv[:, P:].transpose(1, 2).to(dtype).contiguous()
             if derived:
                 return halves
             cached = self.__dict__["_absorbed"] = (w, key, halves)

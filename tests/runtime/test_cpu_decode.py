@@ -425,6 +425,84 @@ def test_float32_gqa_attention_layer_over_projections_kept_as_bfloat16_gives_the
     assert torch.equal(got, want)
 
 
+def narrow_and_wide(build, monkeypatch) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same float32 layer of bfloat16 values prepared for the kernels twice: its weights kept
+    as bfloat16 (narrow_linears) and kept float32 (MOE_RUNTIME_NARROW_WEIGHTS=0)."""
+    if not cpu_decode.available() or cpu_decode._avx512:
+        pytest.skip("the float32 kernels keep float32 weights on AVX-512 CPUs (or none here)")
+    made = []
+    for narrow in ("1", "0"):
+        layer = bf16_valued(build())
+        monkeypatch.setenv("MOE_RUNTIME_NARROW_WEIGHTS", narrow)
+        assert use_cpu_decode_kernels(layer)
+        made.append(layer)
+    return made[0], made[1]
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 16])
+def test_float32_mla_layer_over_projections_kept_as_bfloat16_gives_the_same_bits(q_lora_rank, monkeypatch):
+    """A float32 MLA layer whose projections are bfloat16 values keeps all five as bfloat16 on a CPU
+    without AVX-512 (narrow_linears; its norms stay float32). One token (the C layer, MLAttention),
+    a decode step of three sequences (the rows kernel, the absorbed kv_b halves widened once) and a
+    prefill (kv_b expanding the latents) write the same cache rows and give the same output bits
+    as over the float32 copy."""
+    cfg = ModelConfig(
+        architecture="DeepseekV3ForCausalLM", attention="mla", hidden_size=32, num_attention_heads=3,
+        q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+    )  # fmt: skip
+    narrow, wide = narrow_and_wide(lambda: random_(MLAttention(cfg), 4), monkeypatch)
+    projections = ["q_a_proj", "q_b_proj"] if q_lora_rank else ["q_proj"]
+    projections += ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    assert all(getattr(narrow, p).weight.dtype == torch.bfloat16 for p in projections)
+    assert all(getattr(wide, p).weight.dtype == torch.float32 for p in projections)
+    assert narrow.kv_a_layernorm.weight.dtype == torch.float32
+    assert type(narrow.decode) is cpu_decode.MLAttention and narrow.decode.dtype == torch.float32
+    g = torch.Generator().manual_seed(9)
+    cache = torch.randn(8 * DECODE_BLOCK, 20, generator=g)
+    three = PagedContext.build(build_paged_batch([([5, 2, 7], 10, 1), ([1, 3], 6, 1), ([4], 2, 1)], DECODE_BLOCK), None)
+    prefill = PagedContext.build(build_paged_batch([([0, 6], 0, 7)], DECODE_BLOCK), None)
+    for ctx, rows in ((one_decode_context(None), 1), (three, 3), (prefill, 7)):
+        x = torch.randn(rows, 32, generator=g)
+        angle = torch.randn(rows, 2, generator=g)
+        with torch.inference_mode():
+            got_cache, want_cache = cache.clone(), cache.clone()
+            got = narrow(x, angle.cos(), angle.sin(), ctx, got_cache)
+            want = wide(x, angle.cos(), angle.sin(), ctx, want_cache)
+        assert torch.equal(got_cache, want_cache) and not torch.equal(got_cache, cache), rows
+        assert torch.equal(got, want), rows
+        assert not torch.allclose(got, want.roll(1, -1)), rows
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "qwen2-moe"])
+def test_float32_mlps_and_shared_experts_kept_as_bfloat16_give_the_same_bits(name, monkeypatch):
+    """A float32 dense SwiGLU MLP and a MoE layer's shared expert whose weights are bfloat16 values
+    keep gate, up and down as bfloat16 on a CPU without AVX-512 (narrow_linears; Qwen2-MoE's shared
+    expert gate stays float32): one token through the C layers (SwiGLU; MoE's shared expert read
+    as bfloat16 beside the routed experts) and several rows through the rows kernel give the
+    float32 weights' bits."""
+    mlp_narrow, mlp_wide = narrow_and_wide(lambda: random_(MLP(64, 48, "silu"), 7), monkeypatch)
+    assert mlp_narrow.down_proj.weight.dtype == torch.bfloat16 and mlp_wide.down_proj.weight.dtype == torch.float32
+    assert type(mlp_narrow.decode) is cpu_decode.SwiGLU and mlp_narrow.decode.dtype == torch.float32
+    cfg = ModelConfig(
+        hidden_size=64, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48,
+        **{**ROUTERS[name], "shared_expert_intermediate_size": 40},
+    )  # fmt: skip
+    moe_narrow, moe_wide = narrow_and_wide(lambda: random_(MoE(cfg), 6), monkeypatch)
+    shared = moe_narrow.shared_experts
+    assert shared.gate_proj.weight.dtype == shared.up_proj.weight.dtype == shared.down_proj.weight.dtype == torch.bfloat16
+    assert moe_wide.shared_experts.gate_proj.weight.dtype == torch.float32
+    assert type(moe_narrow.decode) is cpu_decode.MoE and moe_narrow.decode.config[-1] == 1  # shared_bf
+    if name == "qwen2-moe":
+        assert moe_narrow.shared_expert_gate.weight.dtype == torch.float32
+    for rows in (1, 1, 5, 32):
+        x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows + 40))
+        for narrow, wide in ((mlp_narrow, mlp_wide), (moe_narrow, moe_wide)):
+            with torch.inference_mode():
+                got, want = narrow(x), wide(x)
+            assert got.dtype == torch.float32 and torch.equal(got, want), (type(narrow).__name__, rows)
+            assert not torch.allclose(got, want.roll(1, -1))
+
+
 @pytest.mark.parametrize("builtin", ["tiny-deepseek-v3", "tiny-mixtral"])
 def test_a_bf16_model_decodes_with_the_kernels_as_closely_as_torch(builtin, monkeypatch):
     """A bfloat16 model's decode steps take the kernels (one C call per MoE / MLA layer), and its
@@ -1012,12 +1090,12 @@ def test_float32_experts_kept_as_bfloat16_compute_the_float32_sums(name, monkeyp
     assert use_cpu_decode_kernels(moe) and moe.experts.gate_up_proj.dtype == torch.float32
 
 
-@pytest.mark.parametrize("builtin", ["tiny-mixtral", "tiny-qwen3-moe"])
+@pytest.mark.parametrize("builtin", ["tiny-mixtral", "tiny-qwen3-moe", "tiny-deepseek-v3"])
 def test_a_bfloat16_valued_float32_model_decodes_the_same_with_its_experts_kept_as_bfloat16(builtin, monkeypatch):
-    """The engine on a float32 model of bfloat16 values: the experts, the output head and the
-    attention projections kept as bfloat16 (start-up says so; the attention layer kernel still
-    takes a token's layer, Qwen3's q/k norms float32) give the same greedy tokens, one sequence or
-    several a step, as the float32 weights."""
+    """The engine on a float32 model of bfloat16 values: the experts, the output head, the attention
+    projections (GQA's, MLA's) and the SwiGLU MLPs (DeepSeek's dense layer and shared experts) kept
+    as bfloat16 (the layer kernels still take a token's layer; norms float32) give the same greedy
+    tokens, one sequence or several a step, as the float32 weights."""
     if not cpu_decode.available():
         pytest.skip("the CPU kernels are not available here")
 
@@ -1029,9 +1107,16 @@ def test_a_bfloat16_valued_float32_model_decodes_the_same_with_its_experts_kept_
         assert experts and all((m.gate_up_proj.dtype == torch.bfloat16) == narrow for m in experts)
         linears = not cpu_decode._avx512 and narrow  # the head and attention: where moe_linear_f32 runs
         assert (model.lm_head.weight.dtype == torch.bfloat16) == (linears and not model.config.tie_word_embeddings)
-        attention = [m for m in model.modules() if isinstance(m, Attention)]
-        assert attention and all((m.q_proj.weight.dtype == torch.bfloat16) == linears for m in attention)
-        assert all(isinstance(getattr(m, "decode", None), cpu_decode.GQAttention) for m in attention)
+        attention = [m for m in model.modules() if isinstance(m, Attention | MLAttention)]
+        assert attention and all((m.o_proj.weight.dtype == torch.bfloat16) == linears for m in attention)
+        kernel = cpu_decode.MLAttention if model.config.attention == "mla" else cpu_decode.GQAttention
+        assert all(type(m.decode) is kernel and m.decode.dtype == torch.float32 for m in attention)
+        mlps = [m for m in model.modules() if isinstance(m, MLP)]
+        assert all((m.down_proj.weight.dtype == torch.bfloat16) == linears for m in mlps)
+        assert all(type(m.decode) is cpu_decode.SwiGLU and m.decode.dtype == torch.float32 for m in mlps)
+        if builtin == "tiny-deepseek-v3":  # a dense first layer and a shared expert in each MoE layer
+            assert len(mlps) == 3
+            assert all(type(m.decode) is cpu_decode.MoE for m in model.modules() if isinstance(m, MoE))
         for r, prompt in enumerate([list(range(3, 40)), list(range(50, 61)), list(range(7, 30))]):
             params = SamplingParams(max_tokens=16 + 4 * r, temperature=0, ignore_eos=True)
             engine.add_request(f"r{r}", prompt, params)

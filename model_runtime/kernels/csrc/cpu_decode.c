@@ -301,13 +301,14 @@ void moe_gemv(const void *W, const void *x, void *y, float *scratch, long out, l
 }
 
 void moe_swiglu(const void *gate, const void *up, const void *down, const void *x, void *y, float *scratch,
-                long D, long I, int bf) {
-    /* scratch [2D + I] */
+                long D, long I, int bf, int wbf) {
+    /* scratch [2D + I]; bf: x and y bfloat16; wbf: the weights (bf, or a float32 model's kept as the
+     * bfloat16 values they are: kernels/cpu_decode.py, narrow_linears) */
     float *x32 = scratch, *y32 = scratch + D, *h = y32 + D;
     load(x32, x, D, bf);
     for (long o = 0; o < D; o++)
         y32[o] = 0.0f;
-    swiglu(gate, up, down, x32, y32, h, 1.0f, D, I, bf);
+    swiglu(gate, up, down, x32, y32, h, 1.0f, D, I, wbf);
     store(y, y32, D, bf);
 }
 
@@ -371,14 +372,14 @@ static void rope(float *out, const float *x, const float *cos, const float *sin,
 static void mla_decode(const float *q, const float *c, const float *k_rope, const float *cos,
                        const float *sin, const void *w_kv, void *cache, const long *slots, float *out,
                        float *scratch, int interleaved, long slot, float scale, long L, long H, long P,
-                       long R, long C, long Dv, int bf) {
+                       long R, long C, long Dv, int bf, int wbf) {
     /* Multi-head latent attention of one new token, as model.MLAttention computes it with kv_b_proj
      * absorbed (that code serves any batch; this is its batch-1 decode step in one call):
      *   q [H, P + R] (no-rope, then rope part), c [C] (normed latent), k_rope [R], cos/sin [R/2]:
      *   the new token's; w_kv [H, P + Dv, C]: per head, P rows mapping the latent to keys, then Dv
      *   rows to values; cache [slots, C + R] rows (latent, roped key) in the layer's dtype; slot: the
      *   row this token writes; slots [L]: its context's rows in order, itself last; out [H, Dv];
-     *   scratch [2C + L + 2R].
+     *   scratch [2C + L + 2R]; bf: the cache bfloat16; wbf: w_kv bfloat16.
      * The new row is written first: cache[slot] = (c, rope(k_rope)). Per head: q_latent =
      * q_nope @ W_uk [C]; s_l = scale (q_latent . c_l + rope(q_rope) . k_l); p = softmax(s);
      * o_latent = sum_l p_l c_l [C]; out = W_uv @ o_latent [Dv]. No mask: one new token sees its
@@ -390,12 +391,12 @@ static void mla_decode(const float *q, const float *c, const float *k_rope, cons
     store((char *)new_row + C * (bf ? 2 : 4), kr, R, bf);
     for (long h = 0; h < H; h++) {
         const float *qh = q + h * (P + R);
-        const void *wk = row(w_kv, h, (P + Dv) * C, bf), *wv = row(wk, P, C, bf);
+        const void *wk = row(w_kv, h, (P + Dv) * C, wbf), *wv = row(wk, P, C, wbf);
         rope(qr, qh + P, cos, sin, R, interleaved);
         for (long i = 0; i < C; i++)
             ql[i] = 0.0f;
         for (long p = 0; p < P; p++)
-            axpy(ql, qh[p], row(wk, p, C, bf), C, bf);
+            axpy(ql, qh[p], row(wk, p, C, wbf), C, wbf);
         float m = -INFINITY;
         for (long l = 0; l < L; l++) {
             const void *cl = row(cache, slots[l], C + R, bf);
@@ -413,7 +414,7 @@ static void mla_decode(const float *q, const float *c, const float *k_rope, cons
         for (long l = 0; l < L; l++)
             axpy(ol, s[l] / total, row(cache, slots[l], C + R, bf), C, bf);
         for (long d = 0; d < Dv; d++)
-            out[h * Dv + d] = dot(row(wv, d, C, bf), ol, C, bf);
+            out[h * Dv + d] = dot(row(wv, d, C, wbf), ol, C, wbf);
     }
 }
 
@@ -421,12 +422,14 @@ void moe_mla_attention(const void *x, const void *q_a, const void *q_a_norm, con
                        const void *kv_a_norm, const void *w_kv, const void *o_proj, const void *cos,
                        const void *sin, void *cache, const long *slots, void *y, float *scratch, int interleaved,
                        long slot, float scale, long L, long D, long Q, long H, long P, long R, long C, long Dv,
-                       int bf) {
+                       int bf, int wbf) {
     /* model.MLAttention.forward for one new token with the paged cache (no biases): x [D] (normed
      * hidden state) -> y [D]. q_a [Q, D] and q_a_norm [Q] with q_b [H (P + R), Q], or q_a NULL and
      * q_b the full q_proj [H (P + R), D]; kv_a [C + R, D], kv_a_norm [C]; w_kv [H, P + Dv, C];
      * o_proj [D, H Dv]; cos/sin [R/2]; the rest as in mla_decode. Norm epsilon 1e-6
-     * (model.MLAttention's). scratch [2D + R + Q + H (P + R) + 3C + 3R + H Dv + L]. */
+     * (model.MLAttention's). scratch [2D + R + Q + H (P + R) + 3C + 3R + H Dv + L]. bf: x, y, cos,
+     * sin, the norms and the cache bfloat16; wbf: the five projections (bf, or a float32 model's
+     * kept as the bfloat16 values they are: kernels/cpu_decode.py, narrow_linears). */
     float *x32 = scratch, *y32 = x32 + D, *cs = y32 + D, *qa = cs + R, *q = qa + Q, *kv = q + H * (P + R),
           *att = kv + C + R, *rest = att + H * Dv;
     load(x32, x, D, bf);
@@ -434,16 +437,16 @@ void moe_mla_attention(const void *x, const void *q_a, const void *q_a_norm, con
     load(cs + R / 2, sin, R / 2, bf);
     const float *q_in = x32;
     if (q_a) {
-        gemv(q_a, x32, qa, Q, D, bf);
+        gemv(q_a, x32, qa, Q, D, wbf);
         rmsnorm(qa, q_a_norm, qa, 1e-6f, Q, bf);
         q_in = qa;
     }
-    gemv(q_b, q_in, q, H * (P + R), q_a ? Q : D, bf);
-    gemv(kv_a, x32, kv, C + R, D, bf);
+    gemv(q_b, q_in, q, H * (P + R), q_a ? Q : D, wbf);
+    gemv(kv_a, x32, kv, C + R, D, wbf);
     rmsnorm(kv, kv_a_norm, kv, 1e-6f, C, bf);
     mla_decode(q, kv, kv + C, cs, cs + R / 2, w_kv, cache, slots, att, rest, interleaved, slot, scale, L, H, P,
-               R, C, Dv, bf);
-    gemv(o_proj, att, y32, D, H * Dv, bf);
+               R, C, Dv, bf, wbf);
+    gemv(o_proj, att, y32, D, H * Dv, wbf);
     store(y, y32, D, bf);
 }
 
@@ -525,7 +528,7 @@ void moe_moe_decode(const void *x, const void *router, const float *bias, const 
                     const void *shared_gate, const void *shared_up, const void *shared_down,
                     const void *shared_scale, long *tokens_per_expert, void *y, float *scratch,
                     int sigmoid_scores, int method, int norm_topk, float scaling, long D, long E, long A, long G,
-                    long topk_group, long I, long Is, int bf, int experts_t, int experts_bf) {
+                    long topk_group, long I, long Is, int bf, int experts_t, int experts_bf, int shared_bf) {
     /* model.MoE for one token (router, A routed experts, shared experts), the batch-1 decode step
      * in one call; the torch code in model.py is the reference and serves any batch.
      *   router [E, D]; bias [E] (float32) or NULL (noaux_tc's e_score_correction_bias); experts
@@ -534,7 +537,8 @@ void moe_moe_decode(const void *x, const void *router, const float *bias, const 
      *   or NULL; shared_scale [D] or NULL (Qwen2-MoE's sigmoid gate row); tokens_per_expert [E]
      *   counts the choice; y [D]; scratch [2D + max(2I, Is) + 2E + G + E bytes]. bf: x, y and
      *   the other weights bfloat16; experts_bf: the routed experts' (a float32 model keeps them as
-     *   the bfloat16 values they are: kernels/cpu_decode.py, narrow_experts).
+     *   the bfloat16 values they are: kernels/cpu_decode.py, narrow_experts); shared_bf: the
+     *   shared expert's gate, up and down (likewise: narrow_linears; shared_scale is of bf's dtype).
      * Routing as route() above. */
     long Ih = 2 * I > Is ? 2 * I : Is;
     float *x32 = scratch, *y32 = x32 + D, *h = y32 + D, *scores = h + Ih, *choice = scores + E,
@@ -561,7 +565,7 @@ void moe_moe_decode(const void *x, const void *router, const float *bias, const 
         float s = 1.0f;
         if (shared_scale)
             s = 1.0f / (1.0f + expf(-dot(shared_scale, x32, D, bf)));
-        swiglu(shared_gate, shared_up, shared_down, x32, y32, h, s, D, Is, bf);
+        swiglu(shared_gate, shared_up, shared_down, x32, y32, h, s, D, Is, shared_bf);
     }
     store(y, y32, D, bf);
 }
