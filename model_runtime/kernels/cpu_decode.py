@@ -279,7 +279,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     kernel, a few bfloat16 rows the AMX kernel where the CPU has it, a few float32 rows the AVX2
     dot-product kernel, more rows oneDNN's / MKL's matmul with the rows padded to a bucket
     (kernels/shapes.py)."""
-    if w.dtype != x.dtype and x.dtype == torch.float32 and w.dtype == torch.bfloat16:
+    if x.dtype == torch.float32 and w.dtype == torch.bfloat16:
         return narrow_linear(x, w, bias)
     if one_row(x) and kernel_rows(x.dtype, w):
         y = gemv(x, w)
@@ -892,7 +892,7 @@ def _layer_kernel(m: nn.Module):
         if cfg.sliding_window is not None or not _no_bias(*q, m.kv_a_proj_with_mqa, m.kv_b_proj, m.o_proj):
             return None
         H, P, C, Dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim
-        dtype = getattr(q[-1], "compute_dtype", None) or q[-1].weight.dtype  # narrow_linears: float32
+        dtype = layer_dtype(q[-1])
         weights = [
             m.q_a_proj.weight if lora else None,
             m.q_a_layernorm.weight if lora else None,
@@ -909,7 +909,7 @@ def _layer_kernel(m: nn.Module):
         return MLAttention(*weights, cfg.rope_interleave, m.scale, dtype=dtype)
     if type(m) is layers.Attention:
         cfg = m.cfg
-        dtype = getattr(m.q_proj, "compute_dtype", None) or m.q_proj.weight.dtype  # narrow_linears: float32
+        dtype = layer_dtype(m.q_proj)
         bf16 = dtype == torch.bfloat16  # bfloat16: its AVX-512 prepare and decode
         paged_lib = paged_kernel.avx512_lib() if bf16 else paged_kernel._load()
         linears = (m.q_proj, m.k_proj, m.v_proj, m.o_proj)
@@ -971,6 +971,12 @@ def _layer_kernel(m: nn.Module):
     return None
 
 
+def layer_dtype(lin: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in, from one of its linears: its weight's, or float32 where
+    narrow_linears kept a float32 weight as bfloat16."""
+    return getattr(lin, "compute_dtype", None) or lin.weight.dtype
+
+
 def _rows(*ws) -> bool:
     """Whether the given weights (None: absent) are of one kernel dtype with contiguous rows."""
     given = [w for w in ws if w is not None]
@@ -993,8 +999,7 @@ def _no_bias(*linears) -> bool:
 def _swiglu(mlp: layers.MLP) -> SwiGLU | None:
     ok = mlp.act is F.silu and _no_bias(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     weights = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-    dtype = getattr(mlp.gate_proj, "compute_dtype", None)  # float32 over weights kept as bfloat16 (narrow_linears)
-    return SwiGLU(*weights, dtype=dtype) if ok and _rows(*weights) else None
+    return SwiGLU(*weights, dtype=layer_dtype(mlp.gate_proj)) if ok and _rows(*weights) else None
 
 
 # ---- without the kernels -----------------------------------------------------------------------
