@@ -15,7 +15,7 @@ import torch
 from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.core import LLMEngine
 from model_runtime.engine.messages import EngineSpec
-from model_runtime.kernels import shapes
+from model_runtime.kernels import cpu_decode, shapes
 from model_runtime.kernels.quant import quantize_int8
 from model_runtime.models.loading import load_model
 from model_runtime.models.model import SINGLE, Transformer
@@ -90,6 +90,11 @@ def load_rank(spec: EngineSpec) -> tuple[Transformer, EngineConfig]:
     if spec.num_threads and device == "cpu":
         torch.set_num_threads(spec.num_threads)
     parallel, shard, comm = spec.parallel, SINGLE, None
+    if device == "cpu" and not parallel.distributed:  # one rank's part of a model takes torch's ops
+        helpers = cpu_decode.start_helpers(cpu_decode.default_helpers())
+        if helpers:
+            log.info("cpu decode kernels: %d helper thread(s) share a one-token step's matrices "
+                     "(MOE_RUNTIME_DECODE_HELPERS=0: none)", helpers)  # fmt: skip
     if parallel.distributed:
         from model_runtime.distributed.comm import device_for, init_comm
 

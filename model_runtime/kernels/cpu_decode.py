@@ -58,7 +58,7 @@ from model_runtime.models import model as layers
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.c"
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-pthread", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
 _lib = None  # the loaded library (None: not loaded, or there is none)
@@ -112,6 +112,9 @@ def _load():
                 lib.moe_linear_f32_bf16w.restype = i32
                 lib.moe_amx_experts.argtypes = [ptr] * 7 + [long] * 5
                 lib.moe_amx_experts.restype = i32
+                lib.moe_helpers_start.argtypes, lib.moe_helpers_start.restype = [i32], i32
+                lib.moe_helpers_stop.argtypes, lib.moe_helpers_stop.restype = [], None
+                lib.moe_helpers_rows.argtypes, lib.moe_helpers_rows.restype = [], long
                 for fn in (
                     lib.moe_fp8_dequant,
                     lib.moe_gemv,
@@ -156,6 +159,36 @@ def available() -> bool:
     them the first time. use_cpu_decode_kernels calls it when an engine starts, so no
     forward pass ever waits for the compiler."""
     return _load() is not None
+
+
+def start_helpers(n: int) -> int:
+    """n helper threads for the batch-1 kernels from now on (0: none; decision 36): they share
+    the rows of each large matrix a one-token step reads, with the same results. Returns how many
+    run (0 without the kernels)."""
+    lib = _load()
+    if lib is None:
+        return 0
+    with _lock:
+        return lib.moe_helpers_start(max(0, n))
+
+
+def helper_rows() -> int:
+    """How many rows (or routed experts) of the kernels' matrices the helper threads have computed
+    in this process so far."""
+    return _lib.moe_helpers_rows() if _load() is not None else 0
+
+
+def default_helpers() -> int:
+    """How many helper threads an engine on the CPU starts: MOE_RUNTIME_DECODE_HELPERS when set,
+    else one where torch runs on one thread and the process may use another core (the one the
+    server leaves to its event loop, idle while few sequences decode and the kernels run), else
+    none."""
+    env = os.environ.get("MOE_RUNTIME_DECODE_HELPERS", "")
+    if env:
+        if not env.isdigit():
+            raise ValueError(f"MOE_RUNTIME_DECODE_HELPERS must be a whole number, not {env!r}")
+        return int(env)
+    return int(torch.get_num_threads() == 1 and len(os.sched_getaffinity(0)) > 1)
 
 
 DTYPES = (torch.float32, torch.bfloat16)  # the kernels' dtypes; the C's `bf` flag picks one
@@ -372,7 +405,10 @@ class MoE:
         I = down.shape[-1]  # noqa: E741 (legend)
         Is = shared.I if shared is not None else 0
         self.D = D
-        self.scratch_size = 2 * D + max(2 * I, Is) + 2 * E + cfg.n_group + E // 4 + 1  # last E bytes: flags
+        self.scratch_size = (
+            2 * D + max(2 * I, Is) + 2 * E + cfg.n_group + E // 4 + 1  # E bytes of flags, then
+            + cfg.num_experts_per_tok * (2 * I + D)  # each chosen expert's output (transposed experts)
+        )
         self.args = (
             *(None if w is None else w.data_ptr() for w in self.weights),
             tokens_per_expert.data_ptr(),

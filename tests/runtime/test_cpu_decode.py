@@ -1184,3 +1184,83 @@ def test_narrow_linears_keeps_only_an_untied_bfloat16_valued_head(monkeypatch):
     monkeypatch.delenv("MOE_RUNTIME_NARROW_WEIGHTS")
     monkeypatch.setattr(cpu_decode, "_avx512", True)
     assert not cpu_decode.narrow_linears(model())
+
+
+@pytest.fixture
+def helpers_off_after():
+    yield
+    cpu_decode.start_helpers(0)
+
+
+def helper_cases() -> list[tuple[str, torch.nn.Module, list[torch.Tensor]]]:
+    """Layers whose matrices are large enough (>= 64 KB) for the helpers to share, with inputs."""
+    g = torch.Generator().manual_seed(21)
+    dense = random_(MLP(128, 256, "silu"), 3)  # SwiGLU: gate / up rows, then down rows
+    head = torch.nn.Linear(128, 1000, bias=False)  # a gemv's rows
+    head_bf = torch.nn.Linear(128, 1000, bias=False).bfloat16()
+    moe = random_(MoE(ModelConfig(hidden_size=128, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=64,
+                                  **dict(ROUTERS["deepseek-v3"], shared_expert_intermediate_size=128))), 7)  # fmt: skip
+    mla = random_(MLAttention(ModelConfig(
+        architecture="DeepseekV3ForCausalLM", attention="mla", hidden_size=256, num_attention_heads=4,
+        q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+    )), 8)  # fmt: skip
+    for layer in (dense, head, head_bf, moe, mla):
+        assert use_cpu_decode_kernels(layer)
+    assert not moe.experts.gate_up_proj.is_contiguous()  # float32 experts column-major: an expert per thread
+    cases = [("swiglu", dense, 128), ("gemv", head, 128), ("bf16 gemv", head_bf, 128), ("moe", moe, 128)]
+    out = [(name, layer, [torch.randn(1, d, generator=g).to(layer.weight.dtype if name == "bf16 gemv" else
+                                                             torch.float32) for _ in range(6)])
+           for name, layer, d in cases]  # fmt: skip
+    return out + [("mla", mla, [torch.randn(1, 256, generator=g) for _ in range(6)])]
+
+
+def run_layer(name: str, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if name != "mla":
+        return layer(x)
+    g = torch.Generator().manual_seed(9)
+    cache = torch.randn(8 * DECODE_BLOCK, 64 + 16, generator=g)
+    angle = torch.randn(1, 8, generator=g)
+    out = layer(x, angle.cos(), angle.sin(), one_decode_context(None), cache)
+    return torch.cat([out.flatten(), cache.flatten()])
+
+
+def test_helper_threads_share_a_one_token_step_and_give_the_same_bits(helpers_off_after):
+    """With helper threads (decision 36) the one-row kernels split each large matrix's rows (a
+    routed expert per thread where the experts are stored transposed) and give the bits they give
+    alone; the helpers do take part (their count of rows grows); stopping and restarting them
+    is clean."""
+    cases = helper_cases()
+    with torch.inference_mode():
+        assert cpu_decode.start_helpers(0) == 0
+        alone = {name: [run_layer(name, layer, x) for x in xs] for name, layer, xs in cases}
+        for n in (1, 2, 1):
+            assert cpu_decode.start_helpers(n) == n
+            before = cpu_decode.helper_rows()
+            for _ in range(20):
+                for name, layer, xs in cases:
+                    for x, want in zip(xs, alone[name], strict=True):
+                        assert torch.equal(run_layer(name, layer, x), want), (name, n)
+                if cpu_decode.helper_rows() > before:
+                    break
+            if len(os.sched_getaffinity(0)) > 1:
+                assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a row"
+        assert cpu_decode.start_helpers(0) == 0
+        for name, layer, xs in cases:
+            assert all(torch.equal(run_layer(name, layer, x), w) for x, w in zip(xs, alone[name], strict=True))
+
+
+def test_helper_count_comes_from_the_cores_or_the_environment(monkeypatch):
+    monkeypatch.delenv("MOE_RUNTIME_DECODE_HELPERS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpu_decode.default_helpers() == 1  # the core the server leaves to its event loop
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert cpu_decode.default_helpers() == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 15)  # torch's threads: the kernels do not run
+    assert cpu_decode.default_helpers() == 0
+    monkeypatch.setenv("MOE_RUNTIME_DECODE_HELPERS", "3")
+    assert cpu_decode.default_helpers() == 3
+    monkeypatch.setenv("MOE_RUNTIME_DECODE_HELPERS", "two")
+    with pytest.raises(ValueError, match="MOE_RUNTIME_DECODE_HELPERS.*'two'"):
+        cpu_decode.default_helpers()

@@ -32,9 +32,14 @@
  * load time when the CPU has it (__builtin_cpu_supports), so one build runs on both.
  */
 #include <immintrin.h>
+#include <linux/futex.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "simd_exp.h"
 
@@ -245,37 +250,233 @@ static inline void axpy(float *y, float a, const void *x, long n, int bf) {
         axpy_f32(y, a, (const float *)x, n);
 }
 
+/* ---- helper threads for the batch-1 kernels (decision 36) ---------------------------------------
+ * A one-token step reads every weight once and one core reads ~20 GB/s here, two ~31: with
+ * moe_helpers_start(n), n threads (the cores the engine leaves to the event loop, idle while one
+ * sequence decodes) share the rows of each large matrix the kernels below read. A job is a range
+ * of rows cut into chunks that the caller and the helpers claim from one counter, so a helper that
+ * is not running (its core busy with something else) costs nothing beyond the chunk it holds: the
+ * caller takes the rest. Every output element is computed by one thread exactly as without
+ * helpers (same order of sums), so the results are the same bits. The helpers spin HELPER_SPIN_NS
+ * after a job (the next one follows within microseconds during a step), then sleep on a futex. */
+typedef void (*job_fn)(const void *ctx, long begin, long end);
+#define HELPER_SPIN_NS 200000L
+#define HELPERS_MAX 8
+#define JOB_MIN_BYTES 65536 /* matrices below this are read by the caller alone */
+
+static struct {
+    /* what the helpers spin on, on a cache line of its own */
+    unsigned gen __attribute__((aligned(64))); /* futex word: bumped for each job (and to stop) */
+    int sleeping;                              /* helpers asleep on gen */
+    int stop;
+    job_fn fn __attribute__((aligned(64))); /* the job: fn(ctx, rows) over [0, rows), chunks of `chunk` */
+    const void *ctx;
+    long rows, chunk;
+    unsigned long claim __attribute__((aligned(64))); /* (job id << 32) | next row to claim */
+    unsigned long done __attribute__((aligned(64)));  /* (job id << 32) | rows finished */
+    int n __attribute__((aligned(64)));               /* helpers running */
+    pthread_t threads[HELPERS_MAX];
+} pool;
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static unsigned long helper_rows; /* rows the helpers computed (moe_helpers_rows) */
+
+static int run_chunks(unsigned id, int helper) {
+    /* claims and runs chunks of job `id` until none is left; returns whether it ran any */
+    int ran = 0;
+    for (;;) {
+        unsigned long c = __atomic_load_n(&pool.claim, __ATOMIC_ACQUIRE);
+        if ((unsigned)(c >> 32) != id)
+            return ran;
+        job_fn fn = __atomic_load_n(&pool.fn, __ATOMIC_ACQUIRE);
+        const void *ctx = __atomic_load_n(&pool.ctx, __ATOMIC_ACQUIRE);
+        long rows = __atomic_load_n(&pool.rows, __ATOMIC_ACQUIRE), chunk = __atomic_load_n(&pool.chunk, __ATOMIC_ACQUIRE);
+        long b = (long)(c & 0xffffffffUL);
+        if (b >= rows)
+            return ran;
+        long e = b + chunk < rows ? b + chunk : rows;
+        /* the claim fails when another thread took this chunk or a new job began (then fn, ctx and
+         * rows read above may be the new job's, and are not used) */
+        if (!__atomic_compare_exchange_n(&pool.claim, &c, ((unsigned long)id << 32) | (unsigned long)e, 0,
+                                         __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            continue;
+        fn(ctx, b, e);
+        if (helper)
+            __atomic_fetch_add(&helper_rows, (unsigned long)(e - b), __ATOMIC_RELAXED);
+        __atomic_fetch_add(&pool.done, (unsigned long)(e - b), __ATOMIC_RELEASE);
+        ran = 1;
+    }
+}
+
+static void *helper_main(void *arg) {
+    unsigned seen = (unsigned)(uintptr_t)arg; /* gen when it was created: a stop may come before it runs */
+    for (;;) {
+        long until = now_ns() + HELPER_SPIN_NS;
+        unsigned g;
+        for (int k = 0;; k++) {
+            g = __atomic_load_n(&pool.gen, __ATOMIC_ACQUIRE);
+            if (g != seen || (!(k & 63) && now_ns() > until))
+                break;
+            _mm_pause();
+        }
+        if (g == seen) { /* idle: sleep until the next job */
+            __atomic_fetch_add(&pool.sleeping, 1, __ATOMIC_SEQ_CST);
+            syscall(SYS_futex, &pool.gen, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+            __atomic_fetch_sub(&pool.sleeping, 1, __ATOMIC_SEQ_CST);
+            continue;
+        }
+        seen = g;
+        if (__atomic_load_n(&pool.stop, __ATOMIC_ACQUIRE))
+            return NULL;
+        run_chunks((unsigned)(__atomic_load_n(&pool.claim, __ATOMIC_ACQUIRE) >> 32), 1);
+    }
+}
+
+static void bump_gen(void) {
+    __atomic_fetch_add(&pool.gen, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&pool.sleeping, __ATOMIC_SEQ_CST))
+        syscall(SYS_futex, &pool.gen, FUTEX_WAKE_PRIVATE, HELPERS_MAX, NULL, NULL, 0);
+}
+
+void moe_helpers_stop(void) {
+    if (!pool.n)
+        return;
+    __atomic_store_n(&pool.stop, 1, __ATOMIC_RELEASE);
+    bump_gen();
+    for (int i = 0; i < pool.n; i++)
+        pthread_join(pool.threads[i], NULL);
+    pool.n = 0;
+    __atomic_store_n(&pool.stop, 0, __ATOMIC_RELEASE);
+}
+
+long moe_helpers_rows(void) {
+    /* how many rows (or experts) of the jobs so far the helpers computed */
+    return (long)__atomic_load_n(&helper_rows, __ATOMIC_RELAXED);
+}
+
+int moe_helpers_start(int n) {
+    /* n helper threads from now on (0: none); returns how many run. Not to be called while a
+     * kernel runs. */
+    moe_helpers_stop();
+    n = n < 0 ? 0 : n > HELPERS_MAX ? HELPERS_MAX : n;
+    for (int i = 0; i < n; i++) {
+        void *gen = (void *)(uintptr_t)__atomic_load_n(&pool.gen, __ATOMIC_ACQUIRE);
+        if (pthread_create(&pool.threads[i], NULL, helper_main, gen) != 0)
+            break;
+        pool.n = i + 1;
+    }
+    return pool.n;
+}
+
+static long row_chunk(long rows, long row_bytes) {
+    /* a job's chunk of rows: ~64 KB, at least 4 per thread, a multiple of 16 */
+    long chunk = 65536 / (row_bytes > 0 ? row_bytes : 1), most = rows / (4 * (pool.n + 1));
+    chunk = chunk > most ? most : chunk;
+    return chunk < 16 ? 16 : (chunk + 15) / 16 * 16;
+}
+
+static void parallel_rows(job_fn fn, const void *ctx, long rows, long bytes, long chunk) {
+    /* fn(ctx, b, e) over [0, rows) in chunks of `chunk`, shared with the helpers when the job
+     * reads `bytes` >= JOB_MIN_BYTES */
+    static int busy; /* one caller at a time (the engine's thread); another runs its job alone */
+    if (!pool.n || rows < 2 || bytes < JOB_MIN_BYTES || __atomic_exchange_n(&busy, 1, __ATOMIC_ACQUIRE)) {
+        fn(ctx, 0, rows);
+        return;
+    }
+    static unsigned id;
+    id = id + 1 ? id + 1 : 1;
+    __atomic_store_n(&pool.fn, fn, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.ctx, ctx, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.rows, rows, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.chunk, chunk, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.done, (unsigned long)id << 32, __ATOMIC_RELEASE);
+    __atomic_store_n(&pool.claim, (unsigned long)id << 32, __ATOMIC_RELEASE);
+    bump_gen();
+    run_chunks(id, 0);
+    while ((long)(__atomic_load_n(&pool.done, __ATOMIC_ACQUIRE) & 0xffffffffUL) < rows)
+        _mm_pause(); /* a helper finishing the chunk it holds */
+    __atomic_store_n(&busy, 0, __ATOMIC_RELEASE);
+}
+
+/* the jobs: a gemv's rows; the gate / up rows of a SwiGLU and its down rows; a transposed matrix's
+ * columns */
+struct rows_job {
+    const void *W;
+    const float *x;
+    float *y;
+    long in;
+    int bf;
+    const void *up; /* swiglu's gate/up job: the up rows */
+    float scale;    /* swiglu's down job: y += scale * ... */
+};
+
+static void job_gemv(const void *c, long b, long e) {
+    const struct rows_job *j = c;
+    for (long o = b; o < e; o++)
+        j->y[o] = dot(row(j->W, o, j->in, j->bf), j->x, j->in, j->bf);
+}
+
+static void job_gate_up(const void *c, long b, long e) {
+    const struct rows_job *j = c;
+    for (long i = b; i < e; i++)
+        j->y[i] = dot(row(j->W, i, j->in, j->bf), j->x, j->in, j->bf);
+    for (long i = b; i < e; i++) {
+        float g = j->y[i];
+        j->y[i] = g / (1.0f + expf(-g)) * dot(row(j->up, i, j->in, j->bf), j->x, j->in, j->bf);
+    }
+}
+
+static void job_down(const void *c, long b, long e) {
+    const struct rows_job *j = c;
+    for (long o = b; o < e; o++)
+        j->y[o] += j->scale * dot(row(j->W, o, j->in, j->bf), j->x, j->in, j->bf);
+}
+
+struct experts_job {
+    const void *gate_up, *down; /* [E, D, 2I], [E, I, D]: each expert's matrices transposed */
+    const float *x;             /* [D] */
+    const long *ids;            /* [A] the chosen experts */
+    const float *weights;       /* [A] their weights */
+    float *out;                 /* [A, 2I + D]: each chosen expert's h, then its output */
+    long D, I;
+    int bf;
+};
+
+static void job_experts_t(const void *c, long b, long e) {
+    /* chosen experts b .. e-1, each into its own output: the transposed matrices are read a row
+     * at a time, each row scaled into an accumulator of its outputs (axpy): one stream per matrix */
+    const struct experts_job *j = c;
+    long D = j->D, I = j->I;
+    for (long a = b; a < e; a++) {
+        const void *gu = row(j->gate_up, j->ids[a], 2 * I * D, j->bf), *dn = row(j->down, j->ids[a], D * I, j->bf);
+        float *h = j->out + a * (2 * I + D), *y = h + 2 * I;
+        memset(h, 0, (2 * I + D) * sizeof(float));
+        for (long d = 0; d < D; d++)
+            axpy(h, j->x[d], row(gu, d, 2 * I, j->bf), 2 * I, j->bf);
+        for (long i = 0; i < I; i++)
+            h[i] = j->weights[a] * h[i] / (1.0f + expf(-h[i])) * h[I + i];
+        for (long i = 0; i < I; i++)
+            axpy(y, h[i], row(dn, i, D, j->bf), D, j->bf);
+    }
+}
+
 static void gemv(const void *W, const float *x, float *y, long out, long in, int bf) {
-    for (long o = 0; o < out; o++)
-        y[o] = dot(row(W, o, in, bf), x, in, bf);
+    struct rows_job j = {W, x, y, in, bf, NULL, 0.0f};
+    parallel_rows(job_gemv, &j, out, out * in * (bf ? 2 : 4), row_chunk(out, in * (bf ? 2 : 4)));
 }
 
 static void swiglu(const void *gate, const void *up, const void *down, const float *x, float *y, float *h,
                    float scale, long D, long I, int bf) {
     /* y += scale * down @ (silu(gate @ x) * (up @ x)): gate, up [I, D] and down [D, I] row-major;
-     * h [I] scratch. Each matrix is read front to back. */
-    for (long i = 0; i < I; i++)
-        h[i] = dot(row(gate, i, D, bf), x, D, bf);
-    for (long i = 0; i < I; i++) {
-        float g = h[i];
-        h[i] = g / (1.0f + expf(-g)) * dot(row(up, i, D, bf), x, D, bf);
-    }
-    for (long o = 0; o < D; o++)
-        y[o] += scale * dot(row(down, o, I, bf), h, I, bf);
-}
-
-static void swiglu_t(const void *gate_up_t, const void *down_t, const float *x, float *y, float *h, float scale,
-                     long D, long I, int bf) {
-    /* the same with transposed weights: gate_up_t [D, 2I] (gate columns, then up columns), down_t
-     * [I, D]; h [2I] scratch. Each row scaled into the outputs: one stream per matrix. */
-    for (long j = 0; j < 2 * I; j++)
-        h[j] = 0.0f;
-    for (long d = 0; d < D; d++)
-        axpy(h, x[d], row(gate_up_t, d, 2 * I, bf), 2 * I, bf);
-    for (long i = 0; i < I; i++)
-        h[i] = scale * h[i] / (1.0f + expf(-h[i])) * h[I + i];
-    for (long i = 0; i < I; i++)
-        axpy(y, h[i], row(down_t, i, D, bf), D, bf);
+     * h [I] scratch. Each matrix is read front to back (a chunk of gate rows, then up's). */
+    struct rows_job gu = {gate, x, h, D, bf, up, 0.0f}, dn = {down, h, y, I, bf, NULL, scale};
+    parallel_rows(job_gate_up, &gu, I, 2 * I * D * (bf ? 2 : 4), row_chunk(I, 2 * D * (bf ? 2 : 4)));
+    parallel_rows(job_down, &dn, D, D * I * (bf ? 2 : 4), row_chunk(D, I * (bf ? 2 : 4)));
 }
 
 static void rmsnorm(const float *x, const void *w, float *y, float eps, long D, int bf) {
@@ -535,7 +736,8 @@ void moe_moe_decode(const void *x, const void *router, const float *bias, const 
      *   gate_up [E, 2I, D], down [E, D, I], or with experts_t each expert's matrix transposed
      *   (gate_up [E, D, 2I], down [E, I, D] in memory); shared expert gate/up [Is, D], down [D, Is]
      *   or NULL; shared_scale [D] or NULL (Qwen2-MoE's sigmoid gate row); tokens_per_expert [E]
-     *   counts the choice; y [D]; scratch [2D + max(2I, Is) + 2E + G + E bytes]. bf: x, y and
+     *   counts the choice; y [D]; scratch [2D + max(2I, Is) + 2E + G + E/4 + 1 + A (2I + D)] (the
+     *   last part: the transposed experts' outputs). bf: x, y and
      *   the other weights bfloat16; experts_bf: the routed experts' (a float32 model keeps them as
      *   the bfloat16 values they are: kernels/cpu_decode.py, narrow_experts); shared_bf: the
      *   shared expert's gate, up and down (likewise: narrow_linears; shared_scale is of bf's dtype).
@@ -553,13 +755,20 @@ void moe_moe_decode(const void *x, const void *router, const float *bias, const 
         tokens_per_expert[ids[a]] += 1;
     for (long o = 0; o < D; o++)
         y32[o] = 0.0f;
-    for (long a = 0; a < A; a++) {
-        /* each chosen expert read once, front to back */
-        const void *gu = row(gate_up, ids[a], 2 * I * D, experts_bf), *dn = row(down, ids[a], D * I, experts_bf);
-        if (experts_t)
-            swiglu_t(gu, dn, x32, y32, h, weights[a], D, I, experts_bf);
-        else
+    if (experts_t) {
+        /* each chosen expert read once, front to back, into its own output (an expert per thread
+         * with helpers), the outputs then summed in order */
+        float *out = group + G + E / 4 + 1;
+        struct experts_job j = {gate_up, down, x32, ids, weights, out, D, I, experts_bf};
+        parallel_rows(job_experts_t, &j, A, A * 3 * I * D * (experts_bf ? 2 : 4), 1);
+        for (long a = 0; a < A; a++)
+            for (long o = 0; o < D; o++)
+                y32[o] += out[a * (2 * I + D) + 2 * I + o];
+    } else {
+        for (long a = 0; a < A; a++) {
+            const void *gu = row(gate_up, ids[a], 2 * I * D, experts_bf), *dn = row(down, ids[a], D * I, experts_bf);
             swiglu(gu, row(gu, I, D, experts_bf), dn, x32, y32, h, weights[a], D, I, experts_bf);
+        }
     }
     if (shared_gate) {
         float s = 1.0f;
