@@ -1193,25 +1193,25 @@ def helpers_off_after():
 
 
 def helper_cases() -> list[tuple[str, torch.nn.Module, list[torch.Tensor]]]:
-    """Layers whose matrices are large enough (>= 64 KB) for the helpers to share, with inputs."""
+    """Layers whose matrices are large enough (>= 1 MB a job) for the helpers to share, with inputs."""
     g = torch.Generator().manual_seed(21)
-    dense = random_(MLP(128, 256, "silu"), 3)  # SwiGLU: gate / up rows, then down rows
-    head = torch.nn.Linear(128, 1000, bias=False)  # a gemv's rows
-    head_bf = torch.nn.Linear(128, 1000, bias=False).bfloat16()
-    moe = random_(MoE(ModelConfig(hidden_size=128, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=64,
-                                  **dict(ROUTERS["deepseek-v3"], shared_expert_intermediate_size=128))), 7)  # fmt: skip
+    dense = random_(MLP(256, 1024, "silu"), 3)  # SwiGLU: gate / up rows, then down rows
+    head = torch.nn.Linear(256, 2000, bias=False)  # a gemv's rows
+    head_bf = torch.nn.Linear(256, 4096, bias=False).bfloat16()
+    moe = random_(MoE(ModelConfig(hidden_size=256, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=256,
+                                  **dict(ROUTERS["deepseek-v3"], shared_expert_intermediate_size=256))), 7)  # fmt: skip
     mla = random_(MLAttention(ModelConfig(
-        architecture="DeepseekV3ForCausalLM", attention="mla", hidden_size=256, num_attention_heads=4,
-        q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        architecture="DeepseekV3ForCausalLM", attention="mla", hidden_size=512, num_attention_heads=8,
+        q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=64, qk_rope_head_dim=16, v_head_dim=64,
     )), 8)  # fmt: skip
     for layer in (dense, head, head_bf, moe, mla):
         assert use_cpu_decode_kernels(layer)
     assert not moe.experts.gate_up_proj.is_contiguous()  # float32 experts column-major: an expert per thread
-    cases = [("swiglu", dense, 128), ("gemv", head, 128), ("bf16 gemv", head_bf, 128), ("moe", moe, 128)]
+    cases = [("swiglu", dense, 256), ("gemv", head, 256), ("bf16 gemv", head_bf, 256), ("moe", moe, 256)]
     out = [(name, layer, [torch.randn(1, d, generator=g).to(layer.weight.dtype if name == "bf16 gemv" else
                                                              torch.float32) for _ in range(6)])
            for name, layer, d in cases]  # fmt: skip
-    return out + [("mla", mla, [torch.randn(1, 256, generator=g) for _ in range(6)])]
+    return out + [("mla", mla, [torch.randn(1, 512, generator=g) for _ in range(6)])]
 
 
 def run_layer(name: str, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

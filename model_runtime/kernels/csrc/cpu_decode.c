@@ -257,12 +257,14 @@ static inline void axpy(float *y, float a, const void *x, long n, int bf) {
  * of rows cut into chunks that the caller and the helpers claim from one counter, so a helper that
  * is not running (its core busy with something else) costs nothing beyond the chunk it holds: the
  * caller takes the rest. Every output element is computed by one thread exactly as without
- * helpers (same order of sums), so the results are the same bits. The helpers spin HELPER_SPIN_NS
- * after a job (the next one follows within microseconds during a step), then sleep on a futex. */
+ * helpers (same order of sums), so the results are the same bits. Jobs under JOB_MIN_BYTES (a
+ * small model's) are the caller's alone. The helpers spin HELPER_SPIN_NS after a job that came
+ * soon after the one before (the next one follows within microseconds during a large model's
+ * step), then sleep on a futex. */
 typedef void (*job_fn)(const void *ctx, long begin, long end);
 #define HELPER_SPIN_NS 200000L
 #define HELPERS_MAX 8
-#define JOB_MIN_BYTES 65536 /* matrices below this are read by the caller alone */
+#define JOB_MIN_BYTES (1L << 20) /* matrices below this are read by the caller alone */
 
 static struct {
     /* what the helpers spin on, on a cache line of its own */
@@ -315,8 +317,12 @@ static int run_chunks(unsigned id, int helper) {
 
 static void *helper_main(void *arg) {
     unsigned seen = (unsigned)(uintptr_t)arg; /* gen when it was created: a stop may come before it runs */
+    long last = 0, gap = HELPER_SPIN_NS; /* when the last job came, and the gap before it */
     for (;;) {
-        long until = now_ns() + HELPER_SPIN_NS;
+        /* spin only while jobs come close together (a large model's step); a job that came long
+         * after the one before (a small model's output head, once a step) is followed by sleep, so
+         * the core goes back to whatever else needs it (the server's event loop) at once */
+        long until = now_ns() + (gap < HELPER_SPIN_NS ? HELPER_SPIN_NS : 0);
         unsigned g;
         for (int k = 0;; k++) {
             g = __atomic_load_n(&pool.gen, __ATOMIC_ACQUIRE);
@@ -333,6 +339,9 @@ static void *helper_main(void *arg) {
         seen = g;
         if (__atomic_load_n(&pool.stop, __ATOMIC_ACQUIRE))
             return NULL;
+        long t = now_ns();
+        gap = t - last;
+        last = t;
         run_chunks((unsigned)(__atomic_load_n(&pool.claim, __ATOMIC_ACQUIRE) >> 32), 1);
     }
 }
