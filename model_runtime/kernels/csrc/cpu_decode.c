@@ -317,7 +317,7 @@ static int run_chunks(unsigned id, int helper) {
 
 static void *helper_main(void *arg) {
     unsigned seen = (unsigned)(uintptr_t)arg; /* gen when it was created: a stop may come before it runs */
-    long last = 0, gap = HELPER_SPIN_NS; /* when the last job came, and the gap before it */
+    long last = 0, gap = HELPER_SPIN_NS; /* when the last job ended, and the idle gap before it */
     for (;;) {
         /* spin only while jobs come close together (a large model's step); a job that came long
          * after the one before (a small model's output head, once a step) is followed by sleep, so
@@ -339,10 +339,9 @@ static void *helper_main(void *arg) {
         seen = g;
         if (__atomic_load_n(&pool.stop, __ATOMIC_ACQUIRE))
             return NULL;
-        long t = now_ns();
-        gap = t - last;
-        last = t;
+        gap = now_ns() - last;
         run_chunks((unsigned)(__atomic_load_n(&pool.claim, __ATOMIC_ACQUIRE) >> 32), 1);
+        last = now_ns();
     }
 }
 
