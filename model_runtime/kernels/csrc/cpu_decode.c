@@ -1,4 +1,5 @@
-/* Batch-1 decode on the CPU (one thread, fp32 accumulation): model_runtime/kernels/cpu_decode.py.
+/* Batch-1 decode on the CPU (the caller's thread, with helper threads on large matrices: decision 36; fp32
+ * accumulation): model_runtime/kernels/cpu_decode.py.
  *
  * moe_gemv:          y[o] = sum_i W[o, i] * x[i]   for o < out, i < in
  * moe_swiglu:        y = down @ (silu(gate @ x) * (up @ x)), a dense MLP or a shared expert
