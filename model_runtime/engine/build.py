@@ -93,7 +93,7 @@ def load_rank(spec: EngineSpec) -> tuple[Transformer, EngineConfig]:
     if device == "cpu" and not parallel.distributed:  # one rank's part of a model takes torch's ops
         helpers = cpu_decode.start_helpers(cpu_decode.default_helpers())
         if helpers:
-            log.info("cpu decode kernels: %d helper thread(s) share a one-token step's matrices "
+            log.info("cpu decode kernels: %d helper thread(s) share a decode step's matrices "
                      "(MOE_RUNTIME_DECODE_HELPERS=0: none)", helpers)  # fmt: skip
     if parallel.distributed:
         from model_runtime.distributed.comm import device_for, init_comm

@@ -162,9 +162,10 @@ def available() -> bool:
 
 
 def start_helpers(n: int) -> int:
-    """n helper threads for the batch-1 kernels from now on (0: none; decision 36): they share
-    the rows of each large matrix a one-token step reads, with the same results. Returns how many
-    run (0 without the kernels)."""
+    """n helper threads for the kernels from now on (0: none; decisions 36, 37): they share the
+    rows of each large matrix a step reads (a one-token step's gemvs and experts, a step of several
+    sequences' linears and routed experts), with the same results. Returns how many run (0
+    without the kernels)."""
     lib = _load()
     if lib is None:
         return 0
@@ -181,8 +182,7 @@ def helper_rows() -> int:
 def default_helpers() -> int:
     """How many helper threads an engine on the CPU starts: MOE_RUNTIME_DECODE_HELPERS when set,
     else one where torch runs on one thread and the process may use another core (the one the
-    server leaves to its event loop, idle while few sequences decode and the kernels run), else
-    none."""
+    server leaves to its event loop, idle much of the time while the kernels run), else none."""
     env = os.environ.get("MOE_RUNTIME_DECODE_HELPERS", "")
     if env:
         if not env.isdigit():
@@ -492,10 +492,11 @@ def routed_experts(
         if _lib.moe_amx_experts(*(t.data_ptr() for t in ptrs), N, A, D, E, I):
             raise MemoryError(f"moe_amx_experts: no memory for the scratch of {N} tokens")
     else:
-        scratch = torch.empty(N * D + N * A + E + 1 + N * (D + 2 * I))
         if x.dtype == torch.bfloat16:
+            scratch = torch.empty(N * D + N * A + E + 1 + N * (D + 2 * I))
             _lib.moe_experts_bf16(*(t.data_ptr() for t in ptrs), scratch.data_ptr(), N, A, D, E, I)
         else:  # the experts float32, or bfloat16 widened as read (narrow_experts)
+            scratch = torch.empty(N * A * (D + 2 * I) + 2 * N * A + 2 * E + 1)
             wbf = int(gate_up.dtype == torch.bfloat16)
             _lib.moe_experts_f32(*(t.data_ptr() for t in ptrs), scratch.data_ptr(), N, A, D, E, I, wbf)
     return y, counts

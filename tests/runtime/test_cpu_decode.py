@@ -1264,3 +1264,46 @@ def test_helper_count_comes_from_the_cores_or_the_environment(monkeypatch):
     monkeypatch.setenv("MOE_RUNTIME_DECODE_HELPERS", "two")
     with pytest.raises(ValueError, match="MOE_RUNTIME_DECODE_HELPERS.*'two'"):
         cpu_decode.default_helpers()
+
+
+def test_helper_threads_share_a_step_of_several_rows_and_give_the_same_bits(helpers_off_after):
+    """A step of several sequences: moe_linear_f32 (float32 or bfloat16 weights) splits W's rows
+    among the threads, moe_experts_f32 gives each thread whole experts (each choice its own output
+    row, a token's rows summed in choice order). The same bits with 0, 1 or 2 helpers, a token's
+    experts' output the same alone as among 31 others, and the helpers do take part."""
+    if not cpu_decode.available():
+        pytest.skip("the CPU kernels are not available here")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 512, generator=g)
+    w = torch.randn(1536, 512, generator=g) / 20  # 3 MB float32, 1.5 MB bfloat16: a job the helpers share
+    w_bf, bias = w.bfloat16(), torch.randn(1536, generator=g)
+    experts, xe, weights, ids = routed_experts_case("deepseek-v3", 32, hidden=256, intermediate=256, dtype=torch.float32)
+    narrow = [experts.gate_up_proj.bfloat16(), experts.down_proj.bfloat16()]  # the strides kept (column-major)
+
+    def run() -> list[torch.Tensor]:
+        return [
+            cpu_decode.rows_linear(cpu_decode._lib.moe_linear_f32, x, w, bias),
+            cpu_decode.rows_linear(cpu_decode._lib.moe_linear_f32_bf16w, x, w_bf, None),
+            cpu_decode.routed_experts(xe, weights, ids, experts.gate_up_proj, experts.down_proj)[0],
+            cpu_decode.routed_experts(xe, weights, ids, *narrow)[0],
+        ]
+
+    with torch.inference_mode():
+        assert cpu_decode.start_helpers(0) == 0
+        alone = run()
+        torch.testing.assert_close(alone[0], torch.nn.functional.linear(x, w, bias), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(alone[1], torch.nn.functional.linear(x, w_bf.float()), atol=1e-4, rtol=1e-4)
+        want, _ = Experts.forward(experts, xe, weights, ids)
+        torch.testing.assert_close(alone[2], want, atol=1e-3, rtol=1e-4)  # as the float32 kernel test
+        for t in (0, 17):  # one token's experts computed alone: the same bits
+            one = cpu_decode.routed_experts(xe[t : t + 1], weights[t : t + 1], ids[t : t + 1], *narrow)[0]
+            assert torch.equal(one[0], alone[3][t])
+        for n in (1, 2, 1):
+            assert cpu_decode.start_helpers(n) == n
+            before = cpu_decode.helper_rows()
+            for _ in range(20):
+                assert all(torch.equal(got, want) for got, want in zip(run(), alone, strict=True)), n
+                if cpu_decode.helper_rows() > before:
+                    break
+            if len(os.sched_getaffinity(0)) > 1:
+                assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a row"

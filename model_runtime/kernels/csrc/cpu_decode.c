@@ -251,10 +251,12 @@ static inline void axpy(float *y, float a, const void *x, long n, int bf) {
         axpy_f32(y, a, (const float *)x, n);
 }
 
-/* ---- helper threads for the batch-1 kernels (decision 36) ---------------------------------------
- * A one-token step reads every weight once and one core reads ~20 GB/s here, two ~31: with
- * moe_helpers_start(n), n threads (the cores the engine leaves to the event loop, idle while one
- * sequence decodes) share the rows of each large matrix the kernels below read. A job is a range
+/* ---- helper threads for the kernels (decisions 36, 37) -----------------------------------------
+ * A one-token step reads every weight once and one core reads ~20 GB/s here, two ~31; a step of
+ * 32 sequences computes on every weight it reads. With moe_helpers_start(n), n threads (the cores
+ * the engine leaves to the event loop, idle much of the time) share the rows of each large matrix
+ * the kernels read: the one-row kernels below, moe_linear_f32's weight rows and moe_experts_f32's
+ * experts. A job is a range
  * of rows cut into chunks that the caller and the helpers claim from one counter, so a helper that
  * is not running (its core busy with something else) costs nothing beyond the chunk it holds: the
  * caller takes the rest. Every output element is computed by one thread exactly as without
@@ -1018,15 +1020,20 @@ AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weight
 }
 
 /* moe_experts_f32: moe_experts_bf16 in float32 (x, the experts, y) on AVX2 + FMA, for where the
- * runtime runs float32 (CPUs without native bfloat16 matmul, as AMD Zen 2/3): the same grouping
- * and passes, each expert's matrices column-major (the engine's float32 layout: experts_layout).
- * A tile is 16 columns x BLOCK_ROWS rows of sums, 12 of the 16 vector registers (the shape of
- * BLAS's AVX2 micro-kernels), one weight line a row of K. The per-expert sgemm this replaces runs
- * each expert's 8 or so rows at a quarter of what the core does.
+ * runtime runs float32 (CPUs without native bfloat16 matmul, as AMD Zen 2/3): the same grouping,
+ * each expert's matrices column-major (the engine's float32 layout: experts_layout). A tile is 16
+ * columns x BLOCK_ROWS rows of sums, 12 of the 16 vector registers (the shape of BLAS's AVX2
+ * micro-kernels), one weight line a row of K. The per-expert sgemm this replaces runs each
+ * expert's 8 or so rows at a quarter of what the core does. Each choice (token, expert) gets its
+ * own hidden row (its weight applied there: weight * silu(gate) * up) and its own output row;
+ * a token's outputs are summed in choice order at the end. So an expert is a job on its own,
+ * which the helper threads share (decision 37), and the bits depend neither on the other tokens
+ * of the step nor on which thread took which expert.
  *   y [N, D] float32 = sum over a of weights[n, a] * expert ids[n, a] on x[n]; counts as above;
- *   scratch: as moe_experts_bf16's. D and I multiples of 8 (the caller checks). wbf: the experts
- *   are bfloat16, widened as read (a float32 model's experts kept as the bfloat16 values they
- *   are: kernels/cpu_decode.py, narrow_experts): the same sums from half the bytes. */
+ *   scratch: N A (D + 2I) + 2 N A + 2 E + 1 floats. D and I multiples of 8 (the caller checks).
+ *   wbf: the experts are bfloat16, widened as read (a float32 model's experts kept as the
+ *   bfloat16 values they are: kernels/cpu_decode.py, narrow_experts): the same sums from half the
+ *   bytes. */
 
 /* Rows of W a pass of gemm_rows8 takes (K_CHUNK8 x J floats, contiguous), and how far ahead in a
  * row of W a tile fetches (2 tiles). Measured here on 4 and 8 rows an expert (DeepSeek- and
@@ -1035,10 +1042,10 @@ AVX512 void moe_experts_bf16(const bf16 *x, const long *ids, const float *weight
 #define K_CHUNK8 32
 #define PREFETCH_COLS8 32
 
-__attribute__((always_inline)) static inline void tile_rows8(const float *X, long ldx, long K, const void *W,
-                                                             long ldw, float *const *out, long col,
-                                                             const float *alpha, int accumulate, const int rows,
-                                                             const int vecs, const int fetch, const int wbf) {
+__attribute__((always_inline)) static inline void tile_rows8(const float *const *X, long k0, long K,
+                                                             const void *W, long ldw, float *const *out, long col,
+                                                             int accumulate, const int rows, const int vecs,
+                                                             const int fetch, const int wbf) {
     __m256 acc[BLOCK_ROWS][2];
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < vecs; j++)
@@ -1053,7 +1060,7 @@ __attribute__((always_inline)) static inline void tile_rows8(const float *X, lon
         for (int j = 0; j < vecs; j++)
             wv[j] = wbf ? widen8(w16 + 8 * j) : _mm256_loadu_ps(w + 8 * j);
         for (int m = 0; m < rows; m++) {
-            __m256 xv = _mm256_broadcast_ss(X + m * ldx + k);
+            __m256 xv = _mm256_broadcast_ss(X[m] + k0 + k);
             for (int j = 0; j < vecs; j++)
                 acc[m][j] = _mm256_fmadd_ps(xv, wv[j], acc[m][j]);
         }
@@ -1062,9 +1069,7 @@ __attribute__((always_inline)) static inline void tile_rows8(const float *X, lon
         for (int j = 0; j < vecs; j++) {
             float *o = out[m] + col + 8 * j;
             __m256 v = acc[m][j];
-            if (accumulate == 1)
-                v = _mm256_fmadd_ps(_mm256_set1_ps(alpha[m]), v, _mm256_loadu_ps(o));
-            else if (accumulate == 2)
+            if (accumulate)
                 v = _mm256_add_ps(v, _mm256_loadu_ps(o));
             _mm256_storeu_ps(o, v);
         }
@@ -1080,29 +1085,27 @@ __attribute__((always_inline)) static inline void tile_rows8(const float *X, lon
 #define TILE_VECS8(R, BF)                                                                             \
     {                                                                                                 \
         if (vecs == 2)                                                                                \
-            tile_rows8(Xb, ldx, kn, Wk, J, ob, j, ab, mode, R, 2, b == 0, BF);                        \
+            tile_rows8(X + b, k0, kn, Wk, J, out + b, j, k0 > 0, R, 2, b == 0, BF);                   \
         else                                                                                          \
-            tile_rows8(Xb, ldx, kn, Wk, J, ob, j, ab, mode, R, 1, b == 0, BF);                        \
+            tile_rows8(X + b, k0, kn, Wk, J, out + b, j, k0 > 0, R, 1, b == 0, BF);                   \
     }
 
-static void gemm_rows8(const float *X, long ldx, long K, const void *W, long J, float *const *out,
-                       const float *alpha, int accumulate, long rows, int wbf) {
-    /* gemm_rows with float32 W, tiles of 16 columns (J a multiple of 8), in the other order: a
-     * chunk of K_CHUNK8 rows of W at a time, its tiles left to right, each taken by every block of
-     * rows. A chunk is one contiguous stretch of memory, and each row's lines are read in order
-     * (tiles a whole weight row apart, as gemm_rows runs them, read a large expert's weights at a
-     * third of this: lines a row apart stride pages and defeat the hardware prefetcher). Each
-     * output is still the sum over K in one order whatever the rows. wbf: W is bfloat16, each
-     * value widened to the float32 it is (the same sums; half the bytes read). */
+static void gemm_rows8(const float *const *X, long K, const void *W, long J, float *const *out, long rows,
+                       int wbf) {
+    /* out[m][0 : J] = X[m][0 : K] @ W[K, J] (W row-major, J a multiple of 8) for m < rows, by
+     * tiles of 16 columns, in this order: a chunk of K_CHUNK8 rows of W at a time, its tiles left
+     * to right, each taken by every block of BLOCK_ROWS rows. A chunk is one contiguous stretch of
+     * memory, and each row's lines are read in order (tiles a whole weight row apart, as
+     * gemm_rows runs them, read a large expert's weights at a third of this: lines a row apart
+     * stride pages and defeat the hardware prefetcher). Each output is the sum over K in one
+     * order (chunk by chunk) whatever the rows. wbf: W is bfloat16, each value widened to the
+     * float32 it is (the same sums; half the bytes read). */
     for (long k0 = 0; k0 < K; k0 += K_CHUNK8) {
         const long kn = K - k0 < K_CHUNK8 ? K - k0 : K_CHUNK8;
-        const int mode = accumulate ? 1 : (k0 ? 2 : 0);
         for (long j = 0; j < J;) {
             const int vecs = j + 16 <= J ? 2 : 1;
             const void *Wk = wbf ? (const void *)((const bf16 *)W + k0 * J + j) : (const void *)((const float *)W + k0 * J + j);
             for (long b = 0; b < rows; b += BLOCK_ROWS) {
-                const float *Xb = X + b * ldx + k0, *ab = alpha + b;
-                float *const *ob = out + b;
                 switch (rows - b < BLOCK_ROWS ? rows - b : BLOCK_ROWS) {
                     TILE_CASE8(1)
                     TILE_CASE8(2)
@@ -1117,37 +1120,91 @@ static void gemm_rows8(const float *X, long ldx, long K, const void *W, long J, 
     }
 }
 
-void moe_experts_f32(const float *x, const long *ids, const float *weights, const void *gate_up, const void *down,
-                     float *y, long *counts, float *scratch, long N, long A, long D, long E, long I, int wbf) {
-    float *h = scratch, *x32 = h + N * 2 * I;
-    int *order = (int *)(x32 + N * D), *start = order + N * A; /* start: E + 1 */
-    group_by_expert(ids, N * A, E, counts, order, start);
-    for (long i = 0; i < N * D; i++)
-        y[i] = 0.0f;
-    float *hrow[N], *yrow[N], alpha[N];
-    for (long e = 0; e < E; e++) {
-        const void *gu = row(gate_up, e, D * 2 * I, wbf), *dn = row(down, e, I * D, wbf);
-        for (long r0 = start[e]; r0 < start[e + 1]; r0 += N) {
-            long rows = start[e + 1] - r0 < N ? start[e + 1] - r0 : N;
+/* Rows of an expert a pass of moe_experts_f32 takes (the pointer arrays on the stack). */
+#define EXPERT_PASS 64
+
+struct experts_rows_job {
+    const float *x;
+    const float *weights;
+    const void *gate_up, *down;
+    const int *order, *start, *active; /* grouped choices, each expert's run, the experts chosen */
+    float *h, *out;                    /* per choice (grouped position): [2I] and [D] */
+    long A, D, I;
+    int wbf;
+};
+
+static void job_experts_rows(const void *c, long b, long e) {
+    /* chosen experts active[b .. e-1], each choice of each into its own h and out row */
+    const struct experts_rows_job *j = c;
+    const long D = j->D, I = j->I;
+    for (long t = b; t < e; t++) {
+        const long ex = j->active[t];
+        const void *gu = row(j->gate_up, ex, D * 2 * I, j->wbf), *dn = row(j->down, ex, I * D, j->wbf);
+        for (long r0 = j->start[ex]; r0 < j->start[ex + 1]; r0 += EXPERT_PASS) {
+            const long rows = j->start[ex + 1] - r0 < EXPERT_PASS ? j->start[ex + 1] - r0 : EXPERT_PASS;
+            const float *xrow[EXPERT_PASS];
+            float *hrow[EXPERT_PASS], *orow[EXPERT_PASS];
             for (long m = 0; m < rows; m++) {
-                long choice = order[r0 + m], n = choice / A;
-                memcpy(x32 + m * D, x + n * D, (size_t)D * sizeof(float));
-                hrow[m] = h + m * 2 * I;
-                yrow[m] = y + n * D;
-                alpha[m] = weights[choice];
+                xrow[m] = j->x + j->order[r0 + m] / j->A * D;
+                hrow[m] = j->h + (r0 + m) * 2 * I;
+                orow[m] = j->out + (r0 + m) * D;
             }
-            gemm_rows8(x32, D, D, gu, 2 * I, hrow, alpha, 0, rows, wbf); /* [rows, 2I] gate | up */
-            for (long m = 0; m < rows; m++) {
+            gemm_rows8(xrow, D, gu, 2 * I, hrow, rows, j->wbf); /* [rows, 2I] gate | up */
+            for (long m = 0; m < rows; m++) { /* weight * silu(gate) * up */
                 float *hm = hrow[m];
-                for (long i = 0; i < I; i += 8) { /* silu(gate) * up */
+                const __m256 w = _mm256_set1_ps(j->weights[j->order[r0 + m]]);
+                for (long i = 0; i < I; i += 8) {
                     __m256 g = _mm256_loadu_ps(hm + i);
                     __m256 s = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
-                    _mm256_storeu_ps(hm + i, _mm256_mul_ps(_mm256_div_ps(g, s), _mm256_loadu_ps(hm + I + i)));
+                    _mm256_storeu_ps(hm + i, _mm256_mul_ps(_mm256_mul_ps(w, _mm256_div_ps(g, s)), _mm256_loadu_ps(hm + I + i)));
                 }
             }
-            gemm_rows8(h, 2 * I, I, dn, D, yrow, alpha, 1, rows, wbf); /* y[n] += weight * [rows, D] */
+            gemm_rows8((const float *const *)hrow, I, dn, D, orow, rows, j->wbf); /* [rows, D] */
         }
     }
+}
+
+struct experts_sum_job {
+    const float *out;
+    const int *pos; /* each choice's grouped position */
+    float *y;
+    long A, D;
+};
+
+static void job_experts_sum(const void *c, long b, long e) {
+    /* tokens b .. e-1: y[n] = the outputs of its choices, summed in choice order */
+    const struct experts_sum_job *j = c;
+    for (long n = b; n < e; n++) {
+        float *y = j->y + n * j->D;
+        memcpy(y, j->out + j->pos[n * j->A] * j->D, (size_t)j->D * sizeof(float));
+        for (long a = 1; a < j->A; a++) {
+            const float *o = j->out + j->pos[n * j->A + a] * j->D;
+            for (long d = 0; d < j->D; d += 8)
+                _mm256_storeu_ps(y + d, _mm256_add_ps(_mm256_loadu_ps(y + d), _mm256_loadu_ps(o + d)));
+        }
+    }
+}
+
+void moe_experts_f32(const float *x, const long *ids, const float *weights, const void *gate_up, const void *down,
+                     float *y, long *counts, float *scratch, long N, long A, long D, long E, long I, int wbf) {
+    /* scratch: N A (D + 2I) + 2 N A + 2 E + 1 floats. The chosen experts are the jobs the helpers
+     * share (an expert per thread); each choice's output is its own row, summed per token in
+     * choice order afterwards, so the bits do not depend on which thread took which expert. */
+    float *h = scratch, *out = h + N * A * 2 * I;
+    int *order = (int *)(out + N * A * D), *pos = order + N * A, *start = pos + N * A, *active = start + E + 1;
+    group_by_expert(ids, N * A, E, counts, order, start);
+    long n_active = 0, bytes = 0;
+    for (long e = 0; e < E; e++)
+        if (counts[e]) {
+            active[n_active++] = (int)e;
+            bytes += 3 * D * I * (wbf ? 2 : 4);
+        }
+    for (long r = 0; r < N * A; r++)
+        pos[order[r]] = (int)r;
+    struct experts_rows_job rj = {x, weights, gate_up, down, order, start, active, h, out, A, D, I, wbf};
+    parallel_rows(job_experts_rows, &rj, n_active, bytes, 1);
+    struct experts_sum_job sj = {out, pos, y, A, D};
+    parallel_rows(job_experts_sum, &sj, N, N * A * D * 4, row_chunk(N, A * D * 4));
 }
 
 /* moe_linear_f32: y [M, N] float32 = x [M, K] @ W [N, K]^T (+ bias), for a few rows (a decode
@@ -1232,13 +1289,62 @@ static void lin_block(const float *x, long ldx, long M, const float *Wn, long ld
     }
 }
 
+struct linear_job {
+    const float *x;
+    long ldx, M;
+    const void *W; /* float32, or bfloat16 (wbf) */
+    long ldw, K;
+    const float *bias;
+    float *y;
+    long ldy;
+    int wbf;
+    int failed; /* a bfloat16 block found no memory */
+};
+
+static void job_linear(const void *c, long b, long e) {
+    /* outputs b .. e-1 (b a multiple of LIN_W) of every row of x */
+    struct linear_job *j = (struct linear_job *)c;
+    const long K = j->K;
+    float *block = NULL;
+    if (j->wbf && !(block = malloc((size_t)LIN_W * K * sizeof(float)))) {
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    for (long n = b; n < e; n += LIN_W) {
+        const int wr = e - n < LIN_W ? (int)(e - n) : LIN_W;
+        const float *Wn = (const float *)j->W + n * j->ldw;
+        long ldw = j->ldw;
+        if (j->wbf) { /* the block's rows widened once, taken by every row of x */
+            for (int r = 0; r < wr; r++) {
+                const bf16 *src = (const bf16 *)j->W + (n + r) * j->ldw;
+                float *dst = block + r * K;
+                if (n + LIN_W < e) /* the next block's rows, while this one is computed */
+                    for (long k = 0; k < K; k += 32)
+                        PREFETCH_LINE(src + LIN_W * j->ldw + k);
+                for (long k = 0; k < K; k += 8)
+                    _mm256_storeu_ps(dst + k, widen8(src + k));
+            }
+            Wn = block;
+            ldw = K;
+        }
+        lin_block(j->x, j->ldx, j->M, Wn, ldw, n, wr, K, j->bias ? j->bias + n : NULL, j->y, j->ldy);
+    }
+    free(block);
+}
+
+static int linear_rows(const float *x, long ldx, long M, const void *W, long ldw, long N, long K, const float *bias,
+                       float *y, long ldy, int wbf) {
+    /* W's rows shared with the helper threads in chunks of whole tiles (each output is one row's
+     * dot product, whoever computes it) */
+    struct linear_job j = {x, ldx, M, W, ldw, K, bias, y, ldy, wbf, 0};
+    const long row_bytes = K * (wbf ? 2 : 4);
+    parallel_rows(job_linear, &j, N, N * row_bytes, row_chunk(N, row_bytes));
+    return j.failed;
+}
+
 int moe_linear_f32(const float *x, long ldx, long M, const float *W, long ldw, long N, long K, const float *bias,
                    float *y, long ldy) {
-    for (long n = 0; n < N; n += LIN_W) {
-        const int wr = N - n < LIN_W ? (int)(N - n) : LIN_W;
-        lin_block(x, ldx, M, W + n * ldw, ldw, n, wr, K, bias ? bias + n : NULL, y, ldy);
-    }
-    return 0;
+    return linear_rows(x, ldx, M, W, ldw, N, K, bias, y, ldy, 0);
 }
 
 /* moe_linear_f32_bf16w: moe_linear_f32 with W bfloat16 (a float32 model's weight kept as the
@@ -1247,24 +1353,7 @@ int moe_linear_f32(const float *x, long ldx, long M, const float *W, long ldw, l
  * the bytes of memory. Returns 1 if there is no memory for the block. */
 int moe_linear_f32_bf16w(const float *x, long ldx, long M, const bf16 *W, long ldw, long N, long K,
                          const float *bias, float *y, long ldy) {
-    float *block = malloc((size_t)LIN_W * K * sizeof(float));
-    if (!block)
-        return 1;
-    for (long n = 0; n < N; n += LIN_W) {
-        const int wr = N - n < LIN_W ? (int)(N - n) : LIN_W;
-        for (int r = 0; r < wr; r++) {
-            const bf16 *src = W + (n + r) * ldw;
-            float *dst = block + r * K;
-            if (n + LIN_W < N) /* the next block's rows, while this one is computed */
-                for (long k = 0; k < K; k += 32)
-                    PREFETCH_LINE(src + LIN_W * ldw + k);
-            for (long k = 0; k < K; k += 8)
-                _mm256_storeu_ps(dst + k, widen8(src + k));
-        }
-        lin_block(x, ldx, M, block, K, n, wr, K, bias ? bias + n : NULL, y, ldy);
-    }
-    free(block);
-    return 0;
+    return linear_rows(x, ldx, M, W, ldw, N, K, bias, y, ldy, 1);
 }
 
 /* moe_argmax_rows: out[r] = the index of the largest x[r, :cols] (rows ld apart), the first on ties,
