@@ -43,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -61,6 +62,7 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.c"
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-pthread", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
+_helpers = 0  # helper threads running (start_helpers)
 _lib = None  # the loaded library (None: not loaded, or there is none)
 _decided = False  # whether _load() has run
 _avx512 = False  # whether the CPU runs the AVX-512-only kernels (moe_experts_bf16)
@@ -166,11 +168,15 @@ def start_helpers(n: int) -> int:
     rows of each large matrix a step reads (a one-token step's gemvs and experts, a step of several
     sequences' linears and routed experts), with the same results. Returns how many run (0
     without the kernels)."""
+    global _helpers
     lib = _load()
     if lib is None:
         return 0
     with _lock:
-        return lib.moe_helpers_start(max(0, n))
+        _helpers = lib.moe_helpers_start(max(0, n))
+        pool = ctypes.cast(lib.moe_parallel_rows, ctypes.c_void_p).value
+        paged_kernel.use_pool(pool if _helpers else None)  # the paged attention's sequences too
+        return _helpers
 
 
 def helper_rows() -> int:
@@ -237,8 +243,17 @@ AMX_MAX_ROWS = 64
 # Up to this many rows a float32 linear takes moe_linear_f32 rather than MKL's sgemm, on CPUs
 # without AVX-512 (where float32 is the default dtype): as fast as MKL's at 64 rows and D 256, up to
 # 1.7x faster at 32 rows and D 1024 (the lm head of 32000: 29 against 48 ms), 2x at 2-8 rows. A
-# prefill's rows stay with MKL; so do all on AVX-512, whose sgemm runs twice as wide as this.
+# prefill's rows stay with MKL on torch's one thread, unless helper threads run (f32_max_rows);
+# all stay with MKL on AVX-512, whose sgemm runs twice as wide as this.
 F32_MAX_ROWS = 64
+
+
+def f32_max_rows() -> int:
+    """How many rows the float32 rows kernels take (moe_linear_f32, and moe_experts_f32 in chunks):
+    F32_MAX_ROWS where they run alone; any number where helper threads share them (decision 37:
+    a prefill's 1024 x 1024 x 3072 linear runs in 44-53 ms on the two cores, 64 rows at a time,
+    against MKL's 81-93 ms on torch's one thread and 42 ms on two)."""
+    return sys.maxsize if _helpers else F32_MAX_ROWS
 
 
 def few_rows(
@@ -271,11 +286,11 @@ def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> boo
 def f32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, weight: torch.dtype | None = None) -> bool:
     """Whether moe_linear_f32 computes F.linear(x, w, bias): float32 (the weight `weight`, where
     moe_linear_f32_bf16w reads a bfloat16 one), the kernels loaded on a CPU without AVX-512, a few
-    rows (few_rows: up to F32_MAX_ROWS), K a multiple of 8."""
+    rows (few_rows: up to f32_max_rows), K a multiple of 8."""
     return (
         _lib is not None
         and not _avx512
-        and few_rows(x, w, bias, torch.float32, F32_MAX_ROWS, weight)
+        and few_rows(x, w, bias, torch.float32, f32_max_rows(), weight)
         and w.shape[1] % 8 == 0
     )
 
@@ -326,7 +341,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 
 def narrow_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, w.float(), bias) for float32 x and a weight kept as bfloat16 (narrow_linears): one
-    row the gemv, 2 .. F32_MAX_ROWS rows moe_linear_f32_bf16w (each reads the bfloat16 weight,
+    row the gemv, 2 .. f32_max_rows() rows moe_linear_f32_bf16w (each reads the bfloat16 weight,
     widened as read: moe_gemv's and moe_linear_f32's sums), more rows MKL's sgemm on the weight
     widened for the call."""
     if one_row(x) and w.is_contiguous():
@@ -433,15 +448,24 @@ class MoE:
 # benchmarks/runtime_moe_experts.py measured the two on the benchmark checkpoints' layers.
 EXPERTS_MAX_TOKENS = 64
 # Up to this many tokens a float32 model's experts kept as bfloat16 (narrow_experts) take
-# moe_experts_f32; more (a long prefill) widen each expert's matrices for MKL's sgemm.
+# moe_experts_f32; more (a long prefill) widen each expert's matrices for MKL's sgemm, unless
+# helper threads run: then moe_experts_f32 takes any number of float32 tokens, a chunk at a time
+# (experts_chunk; Mixtral-big's 1024 tokens 137 ms against MKL's 174 on one thread).
 NARROW_MAX_TOKENS = 256
+EXPERTS_SCRATCH_BYTES = 32 << 20  # moe_experts_f32's scratch for a chunk of tokens, at most
+
+
+def experts_chunk(A: int, D: int, I: int) -> int:  # noqa: E741 (legend)
+    """Tokens a call of moe_experts_f32 takes (its scratch: a hidden and an output row per choice)."""
+    return max(1, min(NARROW_MAX_TOKENS, EXPERTS_SCRATCH_BYTES // (4 * A * (D + 2 * I))))
 
 
 def experts_kernel(m: layers.Experts, x: torch.Tensor) -> bool:
     """Whether moe_experts_bf16 (bfloat16, AVX-512F) or moe_experts_f32 (float32, AVX2) computes m's
     forward on x [N, D]: on the CPU, outside autograd, torch on one thread, 2 <= N <=
     EXPERTS_MAX_TOKENS (one token: moe_moe_decode, or the loop over its experts; a float32 model's
-    experts stored as bfloat16 (narrow_experts): 1 <= N <= NARROW_MAX_TOKENS), every expert on this
+    experts stored as bfloat16 (narrow_experts): 1 <= N <= NARROW_MAX_TOKENS; float32 with helper
+    threads running: any N, a chunk at a time), every expert on this
     rank, SiLU, the engine's column-major experts of x's dtype (experts_layout) or narrowed, D and
     I multiples of 16 (bfloat16) or 8 (float32)."""
     gate_up, down = m.gate_up_proj, m.down_proj
@@ -450,7 +474,8 @@ def experts_kernel(m: layers.Experts, x: torch.Tensor) -> bool:
     return (
         (bf16 or x.dtype == torch.float32)
         and x.dim() == 2
-        and (1 if narrowed else 2) <= x.shape[0] <= (NARROW_MAX_TOKENS if narrowed else EXPERTS_MAX_TOKENS)
+        and (1 if narrowed else 2) <= x.shape[0]
+        and (x.shape[0] <= (NARROW_MAX_TOKENS if narrowed else EXPERTS_MAX_TOKENS) or (_helpers and not bf16))
         and x.device.type == "cpu"
         and not (torch.is_grad_enabled() and x.requires_grad)
         and torch.get_num_threads() == 1
@@ -495,10 +520,18 @@ def routed_experts(
         if x.dtype == torch.bfloat16:
             scratch = torch.empty(N * D + N * A + E + 1 + N * (D + 2 * I))
             _lib.moe_experts_bf16(*(t.data_ptr() for t in ptrs), scratch.data_ptr(), N, A, D, E, I)
-        else:  # the experts float32, or bfloat16 widened as read (narrow_experts)
-            scratch = torch.empty(N * A * (D + 2 * I) + 2 * N * A + 2 * E + 1)
+        else:  # the experts float32, or bfloat16 widened as read (narrow_experts); a chunk of tokens a call
+            chunk = min(N, experts_chunk(A, D, I))
+            scratch = torch.empty(chunk * A * (D + 2 * I) + 2 * chunk * A + 2 * E + 1)
             wbf = int(gate_up.dtype == torch.bfloat16)
-            _lib.moe_experts_f32(*(t.data_ptr() for t in ptrs), scratch.data_ptr(), N, A, D, E, I, wbf)
+            for n in range(0, N, chunk):
+                part = counts if n == 0 else torch.empty(E, dtype=torch.int64)  # the C sets its counts
+                _lib.moe_experts_f32(
+                    x[n].data_ptr(), ids[n].data_ptr(), weights[n].data_ptr(), gate_up.data_ptr(), down.data_ptr(),
+                    y[n].data_ptr(), part.data_ptr(), scratch.data_ptr(), min(chunk, N - n), A, D, E, I, wbf,
+                )  # fmt: skip
+                if n:
+                    counts += part
     return y, counts
 
 

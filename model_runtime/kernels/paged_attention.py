@@ -79,6 +79,7 @@ def _load():
                 )
                 lib.moe_paged_decode_avx2.argtypes = decode_args + [ctypes.c_int]
                 lib.moe_paged_decode_avx2.restype = None
+                lib.moe_paged_use_pool.argtypes, lib.moe_paged_use_pool.restype = [ptr], None
                 gqa_args = [ptr] * 7 + [long, ptr] + [long] * 4 + [ctypes.c_int] + [long] * 3
                 lib.moe_gqa_prepare_f32.argtypes, lib.moe_gqa_prepare_f32.restype = gqa_args, None
                 mla_args = [ptr, long, long, ptr, ptr, ptr, ptr, ctypes.c_float, ptr, long, ptr] + [long] * 3
@@ -105,6 +106,14 @@ def _load():
                 log.warning("paged attention kernel: off (%s); torch's ops are used", e)
         _lib, _decided = lib, True
         return lib
+
+
+def use_pool(parallel_rows: int | None) -> None:
+    """The float32 / AVX2 decode kernel shares its sequences with the CPU kernels' helper threads
+    through `parallel_rows` (the address of cpu_decode.c's moe_parallel_rows; None: no more)."""
+    lib = _load()
+    if lib is not None:
+        lib.moe_paged_use_pool(ctypes.c_void_p(parallel_rows))
 
 
 def available() -> bool:

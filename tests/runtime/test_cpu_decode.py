@@ -1186,12 +1186,6 @@ def test_narrow_linears_keeps_only_an_untied_bfloat16_valued_head(monkeypatch):
     assert not cpu_decode.narrow_linears(model())
 
 
-@pytest.fixture
-def helpers_off_after():
-    yield
-    cpu_decode.start_helpers(0)
-
-
 def helper_cases() -> list[tuple[str, torch.nn.Module, list[torch.Tensor]]]:
     """Layers whose matrices are large enough (>= 1 MB a job) for the helpers to share, with inputs."""
     g = torch.Generator().manual_seed(21)
@@ -1224,7 +1218,7 @@ def run_layer(name: str, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tenso
     return torch.cat([out.flatten(), cache.flatten()])
 
 
-def test_helper_threads_share_a_one_token_step_and_give_the_same_bits(helpers_off_after):
+def test_helper_threads_share_a_one_token_step_and_give_the_same_bits():
     """With helper threads (decision 36) the one-row kernels split each large matrix's rows (a
     routed expert per thread where the experts are stored transposed) and give the bits they give
     alone; the helpers do take part (their count of rows grows); stopping and restarting them
@@ -1266,7 +1260,7 @@ def test_helper_count_comes_from_the_cores_or_the_environment(monkeypatch):
         cpu_decode.default_helpers()
 
 
-def test_helper_threads_share_a_step_of_several_rows_and_give_the_same_bits(helpers_off_after):
+def test_helper_threads_share_a_step_of_several_rows_and_give_the_same_bits():
     """A step of several sequences: moe_linear_f32 (float32 or bfloat16 weights) splits W's rows
     among the threads, moe_experts_f32 gives each thread whole experts (each choice its own output
     row, a token's rows summed in choice order). The same bits with 0, 1 or 2 helpers, a token's
@@ -1307,3 +1301,38 @@ def test_helper_threads_share_a_step_of_several_rows_and_give_the_same_bits(help
                     break
             if len(os.sched_getaffinity(0)) > 1:
                 assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a row"
+
+
+def test_with_helper_threads_a_prefill_takes_the_float32_kernels_with_each_row_as_in_a_decode_step(monkeypatch):
+    """With helper threads running (decision 37), a prefill's float32 rows take the rows kernels
+    too, 64 rows of a linear at a time and the experts a chunk of tokens a call, rather than MKL
+    on torch's one thread: each row's result is the bits it has in a step of a few rows (or
+    alone), and close to torch's. Without helpers the long prefill keeps MKL."""
+    if not cpu_decode.available() or cpu_decode._avx512:
+        pytest.skip("the float32 rows kernels take steps only on CPUs without AVX-512")
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(300, 256, generator=g)
+    w = (torch.randn(520, 256, generator=g) / 16).bfloat16()  # a float32 model's weight kept as bfloat16
+    experts, xe, weights, ids = routed_experts_case("mixtral", 300, hidden=64, intermediate=48, dtype=torch.float32)
+    linears = count_calls(monkeypatch, cpu_decode, "rows_linear")
+    routed = count_calls(monkeypatch, cpu_decode, "routed_experts")
+    with torch.inference_mode():
+        cpu_decode.start_helpers(0)
+        assert not cpu_decode.f32_rows(x, w, None, weight=torch.bfloat16)
+        assert not cpu_decode.experts_kernel(experts, xe)
+        assert cpu_decode.start_helpers(1) == 1
+        assert cpu_decode.f32_rows(x, w, None, weight=torch.bfloat16) and cpu_decode.experts_kernel(experts, xe)
+        got = cpu_decode.linear(x, w)
+        assert linears["n"] == 1
+        monkeypatch.setattr(cpu_decode, "EXPERTS_SCRATCH_BYTES", 4 * 3 * (64 + 96) * 70)  # chunks of 70 tokens
+        assert cpu_decode.experts_chunk(3, 64, 48) == 70
+        got_e, counts = experts(xe, weights, ids)
+        assert routed["n"] == 1
+        want_e, want_counts = Experts.forward(experts, xe, weights, ids)  # the torch code (helpers don't matter)
+        for rows in (slice(0, 3), slice(64, 96), slice(298, 300)):  # rows in a step of their own
+            assert torch.equal(cpu_decode.linear(x[rows], w), got[rows])
+            assert torch.equal(cpu_decode.routed_experts(xe[rows], weights[rows], ids[rows],
+                                                         experts.gate_up_proj, experts.down_proj)[0], got_e[rows])  # fmt: skip
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w.float()), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_e, want_e, atol=1e-3, rtol=1e-4)
+    assert torch.equal(counts, want_counts) and int(counts.sum()) == 300 * 3

@@ -383,3 +383,35 @@ def test_float32_model_decode_matches_gathered_path(name, monkeypatch):
     assert calls == [torch.float32] * 10 * model.config.num_hidden_layers
     ref = decode_logits(model, prompts, follow, False, monkeypatch)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_float32_decode_shares_its_sequences_with_the_helper_threads():
+    """With the CPU kernels' helper threads running (decision 37), the AVX2 kernel's sequences are
+    shared among them, a sequence per thread: the same bits as alone, and the helpers take part."""
+    from model_runtime.kernels import cpu_decode
+
+    if not cpu_decode.available():
+        pytest.skip("the CPU kernels are not available here")
+    gen = torch.Generator().manual_seed(3)
+    lens, block_size, num_blocks = [300, 17, 150, 64, 1, 200, 90, 33], 16, 64
+    batch = decode_batch(lens, block_size, num_blocks, seed=2)
+    cache = torch.randn(2, num_blocks * block_size, 8, 128, generator=gen)  # ~3.5 MB of context read
+    q = torch.randn(len(lens), 16, 128, generator=gen)
+
+    def run():
+        return paged_kernel.decode(q, cache[0], cache[1], batch.block_tables, batch.context_lens, block_size, 0.1, None)
+
+    cpu_decode.start_helpers(0)
+    alone = run()
+    torch.testing.assert_close(alone, gathered(q, cache[0], cache[1], batch, 0.1, None), atol=1e-5, rtol=1e-4)
+    for n in (1, 2):
+        assert cpu_decode.start_helpers(n) == n
+        before = cpu_decode.helper_rows()
+        for _ in range(20):
+            assert torch.equal(run(), alone), n
+            if cpu_decode.helper_rows() > before:
+                break
+        if len(os.sched_getaffinity(0)) > 1:
+            assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a sequence"
+    cpu_decode.start_helpers(0)
+    assert torch.equal(run(), alone)

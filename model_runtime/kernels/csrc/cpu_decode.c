@@ -414,6 +414,11 @@ static void parallel_rows(job_fn fn, const void *ctx, long rows, long bytes, lon
     __atomic_store_n(&busy, 0, __ATOMIC_RELEASE);
 }
 
+void moe_parallel_rows(job_fn fn, const void *ctx, long rows, long bytes, long chunk) {
+    /* parallel_rows for the other kernels' library (paged_attention.c: moe_paged_use_pool) */
+    parallel_rows(fn, ctx, rows, bytes, chunk);
+}
+
 /* the jobs: a gemv's rows; the gate / up rows of a SwiGLU and its down rows; a transposed matrix's
  * columns */
 struct rows_job {
@@ -1332,14 +1337,23 @@ static void job_linear(const void *c, long b, long e) {
     free(block);
 }
 
+/* Rows of x a pass over W takes (a prefill's thousands of rows, LIN_ROWS at a time: 64 rows of
+ * K 1024 stay in L2 while W streams by) */
+#define LIN_ROWS 64
+
 static int linear_rows(const float *x, long ldx, long M, const void *W, long ldw, long N, long K, const float *bias,
                        float *y, long ldy, int wbf) {
     /* W's rows shared with the helper threads in chunks of whole tiles (each output is one row's
-     * dot product, whoever computes it) */
-    struct linear_job j = {x, ldx, M, W, ldw, K, bias, y, ldy, wbf, 0};
+     * dot product, whoever computes it, whatever the other rows) */
     const long row_bytes = K * (wbf ? 2 : 4);
-    parallel_rows(job_linear, &j, N, N * row_bytes, row_chunk(N, row_bytes));
-    return j.failed;
+    int failed = 0;
+    for (long m = 0; m < M; m += LIN_ROWS) {
+        struct linear_job j = {x + m * ldx, ldx, M - m < LIN_ROWS ? M - m : LIN_ROWS, W, ldw, K, bias, y + m * ldy,
+                               ldy, wbf, 0};
+        parallel_rows(job_linear, &j, N, N * row_bytes, row_chunk(N, row_bytes));
+        failed |= j.failed;
+    }
+    return failed;
 }
 
 int moe_linear_f32(const float *x, long ldx, long M, const float *W, long ldw, long N, long K, const float *bias,

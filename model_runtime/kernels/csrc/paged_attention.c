@@ -456,18 +456,58 @@ AVX2 INLINE void paged_decode_avx2(const void *q, long qs, long qh, const void *
     free(acc);
 }
 
-// moe_paged_decode_bf16's arguments, then `bf`: 1 bfloat16 (as that kernel), 0 float32 (q, cache, out)
+// The kernels library's helper threads (cpu_decode.c, decisions 36-37), when it runs them: its
+// moe_parallel_rows(fn, ctx, rows, bytes, chunk) runs fn(ctx, b, e) over [0, rows), the chunks shared
+// (moe_paged_use_pool sets it; NULL: none). Each sequence is computed by one thread as without them.
+typedef void (*rows_fn)(const void *ctx, long begin, long end);
+static void (*pool)(rows_fn fn, const void *ctx, long rows, long bytes, long chunk);
+
+void moe_paged_use_pool(void *parallel_rows) {
+    pool = (void (*)(rows_fn, const void *, long, long, long))parallel_rows;
+}
+
+struct decode_job {  // moe_paged_decode_avx2's arguments
+    const char *q, *q2, *kc, *vc;
+    long qs, qh, q2s, q2h, e1, ks, kh, vs, vh;
+    const int64_t *block_tables, *context_lens;
+    long bt_stride;
+    char *out;
+    long os, oh, K, G, E, Ev, block_size, window;
+    float scale;
+    int bf;
+};
+
+AVX2 static void decode_sequences(const void *c, long b, long e) {  // sequences b .. e - 1
+    const struct decode_job *j = c;
+    const long size = j->bf ? 2 : 4;
+    const void *q = j->q + b * j->qs * size, *q2 = j->q2 ? j->q2 + b * j->q2s * size : NULL;
+    void *out = j->out + b * j->os * size;
+    if (j->bf)
+        paged_decode_avx2(q, j->qs, j->qh, q2, j->q2s, j->q2h, j->e1, j->kc, j->ks, j->kh, j->vc, j->vs, j->vh,
+                          j->block_tables + b * j->bt_stride, j->bt_stride, j->context_lens + b, out, j->os, j->oh,
+                          e - b, j->K, j->G, j->E, j->Ev, j->block_size, j->window, j->scale, 1);
+    else
+        paged_decode_avx2(q, j->qs, j->qh, q2, j->q2s, j->q2h, j->e1, j->kc, j->ks, j->kh, j->vc, j->vs, j->vh,
+                          j->block_tables + b * j->bt_stride, j->bt_stride, j->context_lens + b, out, j->os, j->oh,
+                          e - b, j->K, j->G, j->E, j->Ev, j->block_size, j->window, j->scale, 0);
+}
+
+// moe_paged_decode_bf16's arguments, then `bf`: 1 bfloat16 (as that kernel), 0 float32 (q, cache, out);
+// the sequences shared with the helper threads where they run (a sequence per chunk)
 AVX2 void moe_paged_decode_avx2(const void *q, long qs, long qh, const void *q2, long q2s, long q2h, long e1,
                                 const void *kc, long ks, long kh, const void *vc, long vs, long vh,
                                 const int64_t *block_tables, long bt_stride, const int64_t *context_lens, void *out,
                                 long os, long oh, long S, long K, long G, long E, long Ev, long block_size,
                                 long window, float scale, int bf) {
-    if (bf)
-        paged_decode_avx2(q, qs, qh, q2, q2s, q2h, e1, kc, ks, kh, vc, vs, vh, block_tables, bt_stride, context_lens,
-                          out, os, oh, S, K, G, E, Ev, block_size, window, scale, 1);
-    else
-        paged_decode_avx2(q, qs, qh, q2, q2s, q2h, e1, kc, ks, kh, vc, vs, vh, block_tables, bt_stride, context_lens,
-                          out, os, oh, S, K, G, E, Ev, block_size, window, scale, 0);
+    const struct decode_job j = {q, q2, kc, vc, qs, qh, q2s, q2h, e1, ks, kh, vs, vh, block_tables, context_lens,
+                                 bt_stride, out, os, oh, K, G, E, Ev, block_size, window, scale, bf};
+    if (!pool) {
+        decode_sequences(&j, 0, S);
+        return;
+    }
+    long bytes = 0;  // what the step reads of the cache (MLA's keys and values are one row: counted twice)
+    for (long s = 0; s < S; s++) bytes += context_lens[s] * K * (E + Ev) * (bf ? 2 : 4);
+    pool(decode_sequences, &j, S, bytes, 1);
 }
 
 int moe_paged_avx2_supported(void) {
