@@ -248,12 +248,16 @@ AMX_MAX_ROWS = 64
 F32_MAX_ROWS = 64
 
 
-def f32_max_rows() -> int:
-    """How many rows the float32 rows kernels take (moe_linear_f32, and moe_experts_f32 in chunks):
-    F32_MAX_ROWS where they run alone; any number where helper threads share them (decision 37:
-    a prefill's 1024 x 1024 x 3072 linear runs in 44-53 ms on the two cores, 64 rows at a time,
-    against MKL's 81-93 ms on torch's one thread and 42 ms on two)."""
-    return sys.maxsize if _helpers else F32_MAX_ROWS
+HELPER_MIN_BYTES = 1 << 20  # the C's JOB_MIN_BYTES: smaller matrices are not shared with the helpers
+
+
+def f32_max_rows(w: torch.Tensor) -> int:
+    """How many rows moe_linear_f32 takes for the weight w: F32_MAX_ROWS where it runs alone; any
+    number where helper threads share w's rows (decision 37: a prefill's 1024 x 1024 x 3072 linear
+    runs in 44-53 ms on the two cores, 64 rows at a time, against MKL's 81-93 ms on torch's one
+    thread and 42 ms on two). A weight under HELPER_MIN_BYTES is not shared: its prefill stays
+    with MKL, faster than this kernel on one thread."""
+    return sys.maxsize if _helpers and w.numel() * w.element_size() >= HELPER_MIN_BYTES else F32_MAX_ROWS
 
 
 def few_rows(
@@ -286,11 +290,11 @@ def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> boo
 def f32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, weight: torch.dtype | None = None) -> bool:
     """Whether moe_linear_f32 computes F.linear(x, w, bias): float32 (the weight `weight`, where
     moe_linear_f32_bf16w reads a bfloat16 one), the kernels loaded on a CPU without AVX-512, a few
-    rows (few_rows: up to f32_max_rows), K a multiple of 8."""
+    rows (few_rows: up to f32_max_rows(w)), K a multiple of 8."""
     return (
         _lib is not None
         and not _avx512
-        and few_rows(x, w, bias, torch.float32, f32_max_rows(), weight)
+        and few_rows(x, w, bias, torch.float32, f32_max_rows(w), weight)
         and w.shape[1] % 8 == 0
     )
 
@@ -341,7 +345,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 
 def narrow_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, w.float(), bias) for float32 x and a weight kept as bfloat16 (narrow_linears): one
-    row the gemv, 2 .. f32_max_rows() rows moe_linear_f32_bf16w (each reads the bfloat16 weight,
+    row the gemv, 2 .. f32_max_rows(w) rows moe_linear_f32_bf16w (each reads the bfloat16 weight,
     widened as read: moe_gemv's and moe_linear_f32's sums), more rows MKL's sgemm on the weight
     widened for the call."""
     if one_row(x) and w.is_contiguous():
@@ -460,12 +464,19 @@ def experts_chunk(A: int, D: int, I: int) -> int:  # noqa: E741 (legend)
     return max(1, min(NARROW_MAX_TOKENS, EXPERTS_SCRATCH_BYTES // (4 * A * (D + 2 * I))))
 
 
+def shared_experts(m: layers.Experts, bf16: bool) -> bool:
+    """Whether helper threads share m's float32 experts (HELPER_MIN_BYTES of them or more), so that
+    moe_experts_f32 takes a prefill's tokens too (decision 37)."""
+    size = m.gate_up_proj.numel() * m.gate_up_proj.element_size() + m.down_proj.numel() * m.down_proj.element_size()
+    return bool(_helpers) and not bf16 and size >= HELPER_MIN_BYTES
+
+
 def experts_kernel(m: layers.Experts, x: torch.Tensor) -> bool:
     """Whether moe_experts_bf16 (bfloat16, AVX-512F) or moe_experts_f32 (float32, AVX2) computes m's
     forward on x [N, D]: on the CPU, outside autograd, torch on one thread, 2 <= N <=
     EXPERTS_MAX_TOKENS (one token: moe_moe_decode, or the loop over its experts; a float32 model's
-    experts stored as bfloat16 (narrow_experts): 1 <= N <= NARROW_MAX_TOKENS; float32 with helper
-    threads running: any N, a chunk at a time), every expert on this
+    experts stored as bfloat16 (narrow_experts): 1 <= N <= NARROW_MAX_TOKENS; float32 experts the
+    helper threads share: any N, a chunk at a time), every expert on this
     rank, SiLU, the engine's column-major experts of x's dtype (experts_layout) or narrowed, D and
     I multiples of 16 (bfloat16) or 8 (float32)."""
     gate_up, down = m.gate_up_proj, m.down_proj
@@ -475,7 +486,7 @@ def experts_kernel(m: layers.Experts, x: torch.Tensor) -> bool:
         (bf16 or x.dtype == torch.float32)
         and x.dim() == 2
         and (1 if narrowed else 2) <= x.shape[0]
-        and (x.shape[0] <= (NARROW_MAX_TOKENS if narrowed else EXPERTS_MAX_TOKENS) or (_helpers and not bf16))
+        and (x.shape[0] <= (NARROW_MAX_TOKENS if narrowed else EXPERTS_MAX_TOKENS) or shared_experts(m, bf16))
         and x.device.type == "cpu"
         and not (torch.is_grad_enabled() and x.requires_grad)
         and torch.get_num_threads() == 1

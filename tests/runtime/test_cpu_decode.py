@@ -1307,13 +1307,15 @@ def test_with_helper_threads_a_prefill_takes_the_float32_kernels_with_each_row_a
     """With helper threads running (decision 37), a prefill's float32 rows take the rows kernels
     too, 64 rows of a linear at a time and the experts a chunk of tokens a call, rather than MKL
     on torch's one thread: each row's result is the bits it has in a step of a few rows (or
-    alone), and close to torch's. Without helpers the long prefill keeps MKL."""
+    alone), and close to torch's. Without helpers, or for matrices too small to share (under 1 MB),
+    the long prefill keeps MKL."""
     if not cpu_decode.available() or cpu_decode._avx512:
         pytest.skip("the float32 rows kernels take steps only on CPUs without AVX-512")
     g = torch.Generator().manual_seed(8)
     x = torch.randn(300, 256, generator=g)
-    w = (torch.randn(520, 256, generator=g) / 16).bfloat16()  # a float32 model's weight kept as bfloat16
-    experts, xe, weights, ids = routed_experts_case("mixtral", 300, hidden=64, intermediate=48, dtype=torch.float32)
+    w = (torch.randn(2080, 256, generator=g) / 16).bfloat16()  # a float32 model's weight kept as bfloat16, 1 MB
+    experts, xe, weights, ids = routed_experts_case("mixtral", 300, hidden=128, intermediate=256, dtype=torch.float32)
+    small, _, _, _ = routed_experts_case("mixtral", 300, hidden=64, intermediate=48, dtype=torch.float32)
     linears = count_calls(monkeypatch, cpu_decode, "rows_linear")
     routed = count_calls(monkeypatch, cpu_decode, "routed_experts")
     with torch.inference_mode():
@@ -1322,10 +1324,12 @@ def test_with_helper_threads_a_prefill_takes_the_float32_kernels_with_each_row_a
         assert not cpu_decode.experts_kernel(experts, xe)
         assert cpu_decode.start_helpers(1) == 1
         assert cpu_decode.f32_rows(x, w, None, weight=torch.bfloat16) and cpu_decode.experts_kernel(experts, xe)
+        assert not cpu_decode.f32_rows(x, w[:1000], None, weight=torch.bfloat16)  # 0.5 MB: one thread's, MKL's
+        assert not cpu_decode.experts_kernel(small, xe[:, :64])  # 8 experts of 64 x 48: 0.3 MB
         got = cpu_decode.linear(x, w)
         assert linears["n"] == 1
-        monkeypatch.setattr(cpu_decode, "EXPERTS_SCRATCH_BYTES", 4 * 3 * (64 + 96) * 70)  # chunks of 70 tokens
-        assert cpu_decode.experts_chunk(3, 64, 48) == 70
+        monkeypatch.setattr(cpu_decode, "EXPERTS_SCRATCH_BYTES", 4 * 3 * (128 + 512) * 70)  # chunks of 70 tokens
+        assert cpu_decode.experts_chunk(3, 128, 256) == 70
         got_e, counts = experts(xe, weights, ids)
         assert routed["n"] == 1
         want_e, want_counts = Experts.forward(experts, xe, weights, ids)  # the torch code (helpers don't matter)
