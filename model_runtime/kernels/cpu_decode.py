@@ -466,9 +466,10 @@ def experts_chunk(A: int, D: int, I: int) -> int:  # noqa: E741 (legend)
 
 def shared_experts(m: layers.Experts, bf16: bool) -> bool:
     """Whether helper threads share m's float32 experts (HELPER_MIN_BYTES of them or more), so that
-    moe_experts_f32 takes a prefill's tokens too (decision 37)."""
+    moe_experts_f32 takes a prefill's tokens too (decision 37; not on AVX-512, whose sgemm runs
+    twice as wide as this kernel, as f32_rows)."""
     size = m.gate_up_proj.numel() * m.gate_up_proj.element_size() + m.down_proj.numel() * m.down_proj.element_size()
-    return bool(_helpers) and not bf16 and size >= HELPER_MIN_BYTES
+    return bool(_helpers) and not bf16 and not _avx512 and size >= HELPER_MIN_BYTES
 
 
 def experts_kernel(m: layers.Experts, x: torch.Tensor) -> bool:
