@@ -7,6 +7,7 @@ runtime falls back to torch with a log line instead of failing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from model_runtime.engine.requests import SamplingParams
 from model_runtime.kernels import cpu_decode, shapes
 from model_runtime.kernels import paged_attention as paged_kernel
 from model_runtime.kernels.cpu_decode import use_cpu_decode_kernels
+from model_runtime.models.builtin import random_model
 from model_runtime.models.config import ModelConfig
 from model_runtime.models.model import MLP, Attention, Experts, MLAttention, MoE, PagedContext
 from model_runtime.models.paged import build_paged_batch
@@ -1340,3 +1342,41 @@ def test_with_helper_threads_a_prefill_takes_the_float32_kernels_with_each_row_a
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w.float()), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got_e, want_e, atol=1e-3, rtol=1e-4)
     assert torch.equal(counts, want_counts) and int(counts.sum()) == 300 * 3
+
+
+def test_an_engine_with_helper_threads_streams_the_tokens_it_streams_without_them():
+    """What a client sees (decisions 36, 37): a float32 model large enough for the helpers to share
+    its matrices (a 4 MB head, 1.5 MB experts a layer) gives the same greedy tokens with 1 and 2
+    helpers, prompts of 150 tokens (a prefill through the rows kernels) and a step of several
+    sequences included, and the same as with none where every step stays within the rows kernels'
+    sizes alone (prompts of 60 tokens in all); the helpers do take rows."""
+    if not cpu_decode.available() or cpu_decode._avx512:
+        pytest.skip("the float32 rows kernels take steps only on CPUs without AVX-512")
+    cfg = dataclasses.replace(
+        ModelConfig.from_name("tiny-mixtral"), hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
+        vocab_size=4096,
+    )  # fmt: skip
+
+    def greedy(helpers: int, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+        assert cpu_decode.start_helpers(helpers) == helpers
+        before = cpu_decode.helper_rows()
+        engine = LLMEngine(random_model(cfg, seed=4), None, EngineConfig(max_num_seqs=4, num_kv_blocks=128))
+        for r, prompt in enumerate(prompts):
+            engine.add_request(f"r{r}", prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        return [tokens[f"r{r}"] for r in range(len(prompts))], cpu_decode.helper_rows() - before
+
+    with torch.inference_mode():
+        short = [list(range(3, 23)), list(range(100, 115)), list(range(400, 425))]  # 60 rows in all
+        long = [list(range(3, 153)), list(range(1000, 1150))]
+        alone, _ = greedy(0, short)
+        assert [len(t) for t in alone] == [12, 12, 12]
+        one, took = greedy(1, short)
+        assert one == alone
+        if len(os.sched_getaffinity(0)) > 1:
+            assert took > 0, "the helper never took a row"
+        assert greedy(1, long)[0] == greedy(2, long)[0]
+        assert greedy(1, long)[0] != greedy(1, [p[::-1] for p in long])[0]  # the tokens do depend on the prompts
