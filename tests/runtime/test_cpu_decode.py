@@ -1220,6 +1220,59 @@ def run_layer(name: str, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tenso
     return torch.cat([out.flatten(), cache.flatten()])
 
 
+@amx
+def test_amx_routed_experts_take_a_long_prefill_in_rounds_with_every_token_as_alone():
+    """The kernel keeps each choice's output row (float32) until a token's are summed, at most
+    AMX_EXPERTS_BYTES (32 MB) of them at a time: a prefill of more tokens goes in rounds, every
+    token counted, close to torch, and each token's output the bits it has in a step of its own."""
+    experts, x, weights, ids = routed_experts_case("mixtral", 45000, hidden=64, intermediate=32, layout="engine")
+    assert 45000 * 3 * 64 * 4 > 32 << 20  # two rounds
+    with torch.inference_mode():
+        got, counts = cpu_decode.amx_routed_experts(x, weights, ids, experts.gate_up_proj, experts.down_proj)
+        want, want_counts = Experts.forward(experts, x, weights, ids)
+        for rows in (slice(0, 2), slice(43685, 43700), slice(44998, 45000)):  # across the rounds' border
+            alone, _ = cpu_decode.amx_routed_experts(x[rows], weights[rows], ids[rows], experts.gate_up_proj,
+                                                     experts.down_proj)  # fmt: skip
+            assert torch.equal(alone, got[rows])
+    assert torch.equal(counts, want_counts) and int(counts.sum()) == 45000 * 3
+    assert bf16_close(got, want, ulps=6)
+
+
+@amx
+def test_helper_threads_share_the_amx_kernels_and_give_the_same_bits():
+    """Where the CPU has AMX (decision 38), a step of several bfloat16 sequences shares its
+    matrices with the helper threads too: moe_amx_linear's weight rows, 32 at a time, and
+    moe_amx_experts' experts, each choice its own output row summed in choice order. The same
+    bits with 0, 1 or 2 helpers, and the helpers do take part."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(32, 512, generator=g).bfloat16()
+    w = (torch.randn(1568, 512, generator=g) / 20).bfloat16()  # 1.5 MB, not a whole number of 32-row chunks
+    bias = torch.randn(1568, generator=g).bfloat16()
+    experts, xe, weights, ids = routed_experts_case("deepseek-v3", 48, hidden=256, intermediate=256, layout="engine")
+
+    def run() -> list[torch.Tensor]:
+        return [
+            cpu_decode.amx_linear(x, w, bias),
+            cpu_decode.amx_routed_experts(xe, weights, ids, experts.gate_up_proj, experts.down_proj)[0],
+        ]
+
+    with torch.inference_mode():
+        assert cpu_decode.amx_rows(x, w, bias) and cpu_decode.amx_experts(experts, xe)
+        assert cpu_decode.start_helpers(0) == 0
+        alone = run()
+        assert bf16_close(alone[0], F.linear(x, w, bias), ulps=1)
+        assert bf16_close(alone[1], Experts.forward(experts, xe, weights, ids)[0], ulps=6)
+        for n in (1, 2, 1):
+            assert cpu_decode.start_helpers(n) == n
+            before = cpu_decode.helper_rows()
+            for _ in range(20):
+                assert all(torch.equal(got, want) for got, want in zip(run(), alone, strict=True)), n
+                if cpu_decode.helper_rows() > before:
+                    break
+            if len(os.sched_getaffinity(0)) > 1:
+                assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a row"
+
+
 def test_helper_threads_share_a_one_token_step_and_give_the_same_bits():
     """With helper threads (decision 36) the one-row kernels split each large matrix's rows (a
     routed expert per thread where the experts are stored transposed) and give the bits they give

@@ -398,8 +398,9 @@ def test_float32_decode_shares_its_sequences_with_the_helper_threads():
     cache = torch.randn(2, num_blocks * block_size, 8, 128, generator=gen)  # ~3.5 MB of context read
     q = torch.randn(len(lens), 16, 128, generator=gen)
 
-    def run():
-        return paged_kernel.decode(q, cache[0], cache[1], batch.block_tables, batch.context_lens, block_size, 0.1, None)
+    def run():  # into NaNs: a sequence no thread wrote shows
+        out = torch.full((len(lens), 16, 128), float("nan"))
+        return paged_kernel.decode(q, cache[0], cache[1], batch.block_tables, batch.context_lens, block_size, 0.1, None, out)
 
     cpu_decode.start_helpers(0)
     alone = run()
@@ -415,3 +416,45 @@ def test_float32_decode_shares_its_sequences_with_the_helper_threads():
             assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a sequence"
     cpu_decode.start_helpers(0)
     assert torch.equal(run(), alone)
+
+
+@avx512
+@pytest.mark.parametrize("amx", [False, True])
+def test_bfloat16_decode_shares_its_sequences_with_the_helper_threads(amx):
+    """The AVX512-BF16 kernel (scores by FMAs, or on AMX tiles where the CPU has them) shares its
+    sequences with the helper threads as the AVX2 one does (decision 38): the same bits as alone,
+    and the helpers take part."""
+    from model_runtime.kernels import cpu_decode
+
+    lib = paged_kernel.avx512_lib()
+    if lib.moe_paged_amx_select(int(amx)) != amx:
+        lib.moe_paged_amx_select(int(os.environ.get("MOE_RUNTIME_AMX", "1") != "0"))
+        pytest.skip("this CPU (or OS) runs no AMX")
+    gen = torch.Generator().manual_seed(4)
+    lens, block_size, num_blocks = [300, 17, 150, 64, 1, 200, 90, 33], 16, 64
+    batch = decode_batch(lens, block_size, num_blocks, seed=5)
+    cache = torch.randn(2, num_blocks * block_size, 4, 128, generator=gen).bfloat16()  # ~1.8 MB of context read
+    q = torch.randn(len(lens), 32, 128, generator=gen).bfloat16()
+
+    def run():  # into NaNs: a sequence no thread wrote shows
+        out = torch.full((len(lens), 32, 128), float("nan")).bfloat16()
+        return paged_kernel.decode(q, cache[0], cache[1], batch.block_tables, batch.context_lens, block_size, 0.1, None, out)
+
+    try:
+        cpu_decode.start_helpers(0)
+        alone = run()
+        torch.testing.assert_close(alone.float(), gathered(q.float(), cache[0].float(), cache[1].float(), batch, 0.1, None),
+                                   atol=2e-2, rtol=2e-2)  # fmt: skip
+        for n in (1, 2):
+            assert cpu_decode.start_helpers(n) == n
+            before = cpu_decode.helper_rows()
+            for _ in range(20):
+                assert torch.equal(run(), alone), n
+                if cpu_decode.helper_rows() > before:
+                    break
+            if len(os.sched_getaffinity(0)) > 1:
+                assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a sequence"
+        cpu_decode.start_helpers(0)
+        assert torch.equal(run(), alone)
+    finally:
+        lib.moe_paged_amx_select(int(os.environ.get("MOE_RUNTIME_AMX", "1") != "0"))

@@ -1475,16 +1475,16 @@ AMX static void amx_pack(const bf16 *const *x, long M, long K, bf16 *B) {
         amx_pack_rows(x + 16 * b, M - 16 * b < 16 ? M - 16 * b : 16, K, B + b * 16 * K);
 }
 
-/* where amx_gemm's sums go: y [M, N] bfloat16 (+ bias), or float32 rows out[m] set or added to */
-enum { TO_BF16, TO_ROWS, ADD_TO_ROWS };
+/* where amx_gemm's sums go: y [M, N] bfloat16 (+ bias), or float32 rows out[m], scaled or not */
+enum { TO_BF16, TO_ROWS, SCALED_TO_ROWS };
 
 typedef struct {
     int kind;
     const bf16 *bias; /* TO_BF16: [N] or NULL */
     bf16 *y;          /* TO_BF16: rows ldy apart */
     long ldy;
-    float *const *out;  /* TO_ROWS, ADD_TO_ROWS: row m's N sums */
-    const float *alpha; /* ADD_TO_ROWS: out[m] += alpha[m] * sums */
+    float *const *out;  /* TO_ROWS, SCALED_TO_ROWS: row m's N sums */
+    const float *alpha; /* SCALED_TO_ROWS: out[m] = alpha[m] * sums */
 } amx_sink;
 
 AMX static void amx_emit(const amx_sink *to, long t0, long rows, const float *sums, long n0) {
@@ -1504,23 +1504,22 @@ AMX static void amx_emit(const amx_sink *to, long t0, long rows, const float *su
         for (long t = 0; t < rows; t++)
             _mm512_storeu_ps(to->out[t0 + t] + n0, _mm512_castsi512_ps(r[t]));
     } else {
-        for (long t = 0; t < rows; t++) {
-            float *o = to->out[t0 + t] + n0;
-            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(to->alpha[t0 + t]), _mm512_castsi512_ps(r[t]),
-                                                _mm512_loadu_ps(o)));
-        }
+        for (long t = 0; t < rows; t++)
+            _mm512_storeu_ps(to->out[t0 + t] + n0,
+                             _mm512_mul_ps(_mm512_set1_ps(to->alpha[t0 + t]), _mm512_castsi512_ps(r[t])));
     }
 }
 
-AMX static void amx_gemm(const bf16 *packed, long M, const bf16 *W, long ldw, long N, long K, const amx_sink *to) {
-    /* sums [M, N] = x @ W^T, x's M rows packed by amx_pack, W [N, K] rows ldw apart; the tiles
+AMX static void amx_gemm_range(const bf16 *packed, long M, const bf16 *W, long ldw, long nb, long N, long K,
+                               const amx_sink *to) {
+    /* sums [M, nb .. N) = x @ W^T, x's M rows packed by amx_pack, W [N, K] rows ldw apart; the tiles
      * configured (amx_configure). 32 outputs (two A tiles) x 32 rows of x (two B tiles) at a time:
      * the 32 weight rows (64 KB at K = 1024) stay in L1 / L2 while every pair of row blocks takes
-     * them, so W is read from memory once. Each sum runs over K in the same order whatever M and
-     * wherever its row is. */
+     * them, so W is read from memory once. Each sum runs over K in the same order whatever M, nb
+     * and wherever its row is. */
     const long blocks = (M + 15) / 16;
     float sums[16 * 16] __attribute__((aligned(64)));
-    for (long n0 = 0; n0 < N; n0 += 32) {
+    for (long n0 = nb; n0 < N; n0 += 32) {
         const int two_n = n0 + 32 <= N;
         const bf16 *A0 = W + n0 * ldw, *A1 = A0 + 16 * ldw;
         for (long b = 0; b < blocks; b += 2) {
@@ -1564,27 +1563,56 @@ AMX static void amx_gemm(const bf16 *packed, long M, const bf16 *W, long ldw, lo
     }
 }
 
-/* this thread's scratch for the AMX kernels (repacked rows, sums), grown as needed */
-static __thread void *amx_scratch;
-static __thread size_t amx_scratch_size;
+AMX static void amx_gemm(const bf16 *packed, long M, const bf16 *W, long ldw, long N, long K, const amx_sink *to) {
+    amx_gemm_range(packed, M, W, ldw, 0, N, K, to);
+}
 
-static void *amx_scratch_of(size_t bytes) {
-    if (bytes > amx_scratch_size) {
+/* this thread's scratch for the AMX kernels, grown as needed: a job's own (repacked rows, sums:
+ * amx_scratch_of), and what a call shares with the helper threads (amx_shared_of) */
+typedef struct {
+    void *at;
+    size_t size;
+} scratch_buf;
+static __thread scratch_buf amx_scratch, amx_shared;
+
+static void *grown_to(scratch_buf *s, size_t bytes) {
+    if (bytes > s->size) {
         void *grown = aligned_alloc(64, (bytes + 63) / 64 * 64);
         if (!grown)
             return NULL;
-        free(amx_scratch);
-        amx_scratch = grown, amx_scratch_size = bytes;
+        free(s->at);
+        s->at = grown, s->size = bytes;
     }
-    return amx_scratch;
+    return s->at;
 }
 
+static void *amx_scratch_of(size_t bytes) { return grown_to(&amx_scratch, bytes); }
+static void *amx_shared_of(size_t bytes) { return grown_to(&amx_shared, bytes); }
+
 #define AMX_LINEAR_ROWS 64 /* the most rows moe_amx_linear takes (cpu_decode.AMX_MAX_ROWS) */
+
+struct amx_linear_job {
+    const bf16 *packed; /* x's rows, packed by the caller */
+    long M;
+    const bf16 *W;
+    long ldw, K;
+    amx_sink to;
+};
+
+AMX static void job_amx_linear(const void *c, long b, long e) {
+    /* outputs b .. e-1 (b a multiple of 32) of every row of x, the tiles configured for this thread */
+    const struct amx_linear_job *j = c;
+    amx_configure();
+    amx_gemm_range(j->packed, j->M, j->W, j->ldw, b, e, j->K, &j->to);
+    _tile_release();
+}
 
 AMX int moe_amx_linear(const bf16 *x, long ldx, long M, const bf16 *W, long ldw, long N, long K, const bf16 *bias,
                        bf16 *y, long ldy) {
     /* y [M, N] = x [M, K] (rows ldx apart) @ W^T (+ bias); M <= AMX_LINEAR_ROWS. 0, or -1 when the
-     * scratch could not be allocated or M is larger (nothing written) */
+     * scratch could not be allocated or M is larger (nothing written). W's rows are shared with
+     * the helper threads in chunks of 32 (decision 38): each output is one row's sum over K,
+     * whoever computes it. */
     bf16 *packed = M <= AMX_LINEAR_ROWS ? amx_scratch_of((M + 15) / 16 * 16 * K * sizeof(bf16)) : NULL;
     if (!packed)
         return -1;
@@ -1592,10 +1620,8 @@ AMX int moe_amx_linear(const bf16 *x, long ldx, long M, const bf16 *W, long ldw,
     for (long m = 0; m < M; m++)
         rows[m] = x + m * ldx;
     amx_pack(rows, M, K, packed);
-    amx_sink to = {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy};
-    amx_configure();
-    amx_gemm(packed, M, W, ldw, N, K, &to);
-    _tile_release();
+    const struct amx_linear_job j = {packed, M, W, ldw, K, {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy}};
+    parallel_rows(job_amx_linear, &j, N, N * K * 2, (row_chunk(N, K * 2) + 31) / 32 * 32);
     return 0;
 }
 
@@ -1606,48 +1632,61 @@ AMX int moe_amx_linear(const bf16 *x, long ldx, long M, const bf16 *W, long ldw,
  *   y [N, D] bfloat16 = sum over a of weights[n, a] * expert ids[n, a] on x[n];
  *   counts [E] int64: tokens routed to each expert (set, not added).
  * An expert's tokens go AMX_PASS_ROWS at a time (its weights read once a pass); gate and up are
- * float32 sums, silu(gate) * up rounded to bfloat16 once (the down projection's B operand), and
- * each token's output summed over its experts in float32, rounded once. D and I multiples of 32
- * (the caller checks). 0, or -1 when the scratch could not be allocated (nothing written). */
+ * float32 sums, silu(gate) * up rounded to bfloat16 once (the down projection's B operand). Each
+ * choice (token, expert) gets its own float32 output row (weight * the expert's sums), and a
+ * token's rows are summed in choice order at the end, rounded once: so the experts are jobs the
+ * helper threads share (decision 38), and the bits depend neither on which thread took which
+ * expert nor on the other tokens of the call. The tokens go AMX_EXPERTS_BYTES of output rows at a
+ * time. D and I multiples of 32 (the caller checks). 0, or -1 when the scratch could not be
+ * allocated (y and counts then partly written). */
 #define AMX_PASS_ROWS 512
+#define AMX_EXPERTS_BYTES (32L << 20)
 
-AMX int moe_amx_experts(const bf16 *x, const long *ids, const float *weights, const bf16 *gate_up, const bf16 *down,
-                        bf16 *y, long *counts, long N, long A, long D, long E, long I) {
-    const long P = N * A < AMX_PASS_ROWS ? N * A : AMX_PASS_ROWS, Pb = (P + 15) / 16 * 16;
-    const long bytes = N * D * 4 + (N * A + E + 1) * 4 + Pb * D * 2 + P * 2 * I * 4 + Pb * I * 2 + Pb * I * 2 +
-                       P * (2 * sizeof(void *) + 4) + 64 * 6;
-    char *at = amx_scratch_of(bytes);
-    if (!at)
-        return -1;
+struct amx_experts_job {
+    const bf16 *x;
+    const float *weights;
+    const bf16 *gate_up, *down;
+    const int *order, *start, *active; /* grouped choices, each expert's run, the experts chosen */
+    float *out;                        /* [N A, D]: each choice's output, at its grouped position */
+    long A, D, I, P;                   /* P: rows a pass */
+    int failed;                        /* a thread found no memory for its scratch */
+};
+
+AMX static void job_amx_experts(const void *c, long b, long e) {
+    /* chosen experts active[b .. e-1], each choice of each into its own output row */
+    struct amx_experts_job *j = (struct amx_experts_job *)c;
+    const long D = j->D, I = j->I, P = j->P, Pb = (P + 15) / 16 * 16;
+    char *at = amx_scratch_of(Pb * D * 2 + P * 2 * I * 4 + 2 * Pb * I * 2 + P * 3 * sizeof(void *) + P * 4 + 64 * 7);
+    if (!at) {
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
 #define TAKE(type, name, count) type *name = (type *)at; at += ((count) * sizeof(type) + 63) / 64 * 64
-    TAKE(float, y32, N * D);
-    TAKE(int, order, N * A);
-    TAKE(int, start, E + 1);
     TAKE(bf16, packed_x, Pb * D);
     TAKE(float, h, P * 2 * I);
     TAKE(bf16, act, Pb * I);
     TAKE(bf16, packed_act, Pb * I);
+    TAKE(const bf16 *, xrow, P);
     TAKE(float *, hrow, P);
     TAKE(float *, yrow, P);
     TAKE(float, alpha, P);
 #undef TAKE
-    const bf16 **xrow = (const bf16 **)yrow; /* the gate / up pass's row pointers (yrow is set after) */
-    group_by_expert(ids, N * A, E, counts, order, start);
-    for (long i = 0; i < N * D; i++)
-        y32[i] = 0.0f;
     amx_configure();
-    for (long e = 0; e < E; e++) {
-        const bf16 *gu = gate_up + e * 2 * I * D, *dn = down + e * D * I;
-        for (long r0 = start[e]; r0 < start[e + 1]; r0 += P) {
-            const long rows = start[e + 1] - r0 < P ? start[e + 1] - r0 : P;
+    for (long t = b; t < e; t++) {
+        const long ex = j->active[t];
+        const bf16 *gu = j->gate_up + ex * 2 * I * D, *dn = j->down + ex * D * I;
+        for (long r0 = j->start[ex]; r0 < j->start[ex + 1]; r0 += P) {
+            const long rows = j->start[ex + 1] - r0 < P ? j->start[ex + 1] - r0 : P;
             for (long m = 0; m < rows; m++) {
-                xrow[m] = x + (order[r0 + m] / A) * D;
+                const long choice = j->order[r0 + m];
+                xrow[m] = j->x + (choice / j->A) * D;
                 hrow[m] = h + m * 2 * I;
+                yrow[m] = j->out + (r0 + m) * D;
+                alpha[m] = j->weights[choice];
             }
             amx_pack(xrow, rows, D, packed_x);
             amx_sink to_h = {.kind = TO_ROWS, .out = hrow};
             amx_gemm(packed_x, rows, gu, D, 2 * I, D, &to_h); /* [rows, 2I]: gate | up */
-            const bf16 *arow[AMX_PASS_ROWS];
             for (long m = 0; m < rows; m++) { /* silu(gate) * up, rounded once */
                 const float *hm = hrow[m];
                 bf16 *am = act + m * I;
@@ -1657,20 +1696,73 @@ AMX int moe_amx_experts(const bf16 *x, const long *ids, const float *weights, co
                     __m512 v = _mm512_mul_ps(_mm512_div_ps(g, s), _mm512_loadu_ps(hm + I + i));
                     _mm256_storeu_si256((__m256i *)(am + i), (__m256i)_mm512_cvtneps_pbh(v));
                 }
-                arow[m] = am;
+                xrow[m] = am;
             }
-            amx_pack(arow, rows, I, packed_act);
-            for (long m = 0; m < rows; m++) {
-                const long choice = order[r0 + m];
-                yrow[m] = y32 + (choice / A) * D;
-                alpha[m] = weights[choice];
-            }
-            amx_sink to_y = {.kind = ADD_TO_ROWS, .out = yrow, .alpha = alpha};
-            amx_gemm(packed_act, rows, dn, I, D, I, &to_y); /* y[n] += weight * [rows, D] */
+            amx_pack(xrow, rows, I, packed_act);
+            amx_sink to_y = {.kind = SCALED_TO_ROWS, .out = yrow, .alpha = alpha};
+            amx_gemm(packed_act, rows, dn, I, D, I, &to_y); /* weight * [rows, D] */
         }
     }
     _tile_release();
-    for (long i = 0; i < N * D; i += 16)
-        _mm256_storeu_si256((__m256i *)(y + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(y32 + i)));
+}
+
+struct amx_sum_job {
+    const float *out;
+    const int *pos; /* each choice's grouped position */
+    bf16 *y;
+    long A, D;
+};
+
+AMX static void job_amx_sum(const void *c, long b, long e) {
+    /* tokens b .. e-1: y[n] = its choices' outputs summed in choice order, rounded once */
+    const struct amx_sum_job *j = c;
+    const long D = j->D;
+    for (long n = b; n < e; n++)
+        for (long d = 0; d < D; d += 16) {
+            __m512 v = _mm512_loadu_ps(j->out + j->pos[n * j->A] * D + d);
+            for (long a = 1; a < j->A; a++)
+                v = _mm512_add_ps(v, _mm512_loadu_ps(j->out + j->pos[n * j->A + a] * D + d));
+            _mm256_storeu_si256((__m256i *)(j->y + n * D + d), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+}
+
+AMX int moe_amx_experts(const bf16 *x, const long *ids, const float *weights, const bf16 *gate_up, const bf16 *down,
+                        bf16 *y, long *counts, long N, long A, long D, long E, long I) {
+    long T = AMX_EXPERTS_BYTES / (A * D * 4); /* tokens a round */
+    T = T < 1 ? 1 : T > N ? N : T;
+    const long R = T * A;
+    char *at = amx_shared_of(R * D * 4 + (3 * R + 2 * E + 1) * 4 + E * 8 + 64 * 6);
+    if (!at)
+        return -1;
+#define TAKE(type, name, count) type *name = (type *)at; at += ((count) * sizeof(type) + 63) / 64 * 64
+    TAKE(float, out, R * D);
+    TAKE(int, order, R);
+    TAKE(int, pos, R);
+    TAKE(int, start, E + 1);
+    TAKE(int, active, E);
+    TAKE(long, part, E);
+#undef TAKE
+    for (long e = 0; e < E; e++)
+        counts[e] = 0;
+    for (long n0 = 0; n0 < N; n0 += T) {
+        const long tokens = N - n0 < T ? N - n0 : T, r = tokens * A;
+        group_by_expert(ids + n0 * A, r, E, part, order, start);
+        long n_active = 0, most = 0;
+        for (long e = 0; e < E; e++)
+            if (part[e]) {
+                counts[e] += part[e];
+                active[n_active++] = (int)e;
+                most = part[e] > most ? part[e] : most;
+            }
+        for (long i = 0; i < r; i++)
+            pos[order[i]] = (int)i;
+        struct amx_experts_job ej = {x + n0 * D, weights + n0 * A, gate_up, down, order, start, active, out,
+                                     A, D, I, most < AMX_PASS_ROWS ? most : AMX_PASS_ROWS, 0};
+        parallel_rows(job_amx_experts, &ej, n_active, n_active * 3 * D * I * 2, 1);
+        if (ej.failed)
+            return -1;
+        struct amx_sum_job sj = {out, pos, y + n0 * D, A, D};
+        parallel_rows(job_amx_sum, &sj, tokens, r * D * 4, row_chunk(tokens, A * D * 4));
+    }
     return 0;
 }

@@ -182,6 +182,27 @@ static long sequence_slots(long *slots, const int64_t *table, long n, long windo
     return start;
 }
 
+// The kernels library's helper threads (cpu_decode.c, decisions 36-38), when it runs them: its
+// moe_parallel_rows(fn, ctx, rows, bytes, chunk) runs fn(ctx, b, e) over [0, rows), the chunks shared
+// (moe_paged_use_pool sets it; NULL: none). Each sequence is computed by one thread as without them.
+typedef void (*rows_fn)(const void *ctx, long begin, long end);
+static void (*pool)(rows_fn fn, const void *ctx, long rows, long bytes, long chunk);
+
+void moe_paged_use_pool(void *parallel_rows) {
+    pool = (void (*)(rows_fn, const void *, long, long, long))parallel_rows;
+}
+
+struct decode_job {  // a paged decode's arguments (moe_paged_decode_bf16, moe_paged_decode_avx2)
+    const char *q, *q2, *kc, *vc;
+    long qs, qh, q2s, q2h, e1, ks, kh, vs, vh;
+    const int64_t *block_tables, *context_lens;
+    long bt_stride;
+    char *out;
+    long os, oh, K, G, E, Ev, block_size, window;
+    float scale;
+    int bf;
+};
+
 // q [S, K*G, E] bf16, rows of E contiguous, sequences qs and heads qh apart, or in two parts: its
 // first e1 columns at q and the other E - e1 at q2 (sequences q2s and heads q2h apart; e1 a multiple of
 // 16; q2 NULL: e1 = E); key row of (slot, kv head k) at kc + slot*ks + k*kh, value row at
@@ -189,7 +210,7 @@ static long sequence_slots(long *slots, const int64_t *table, long n, long windo
 // context_lens [S] int64 (the new token included, its position context_len - 1); window > 0 keeps
 // the last `window` positions only; out [S, K*G, Ev] bf16, rows of Ev contiguous, sequences os and heads
 // oh apart (MLA's caller takes it head-major, [K*G, S, Ev], for its next batched matmul).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_decode_bf16(
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void paged_decode_bf16(
     const uint16_t *q, long qs, long qh, const uint16_t *q2, long q2s, long q2h, long e1, const uint16_t *kc, long ks, long kh, const uint16_t *vc, long vs, long vh,
     const int64_t *block_tables, long bt_stride, const int64_t *context_lens, uint16_t *out, long os, long oh, long S,
     long K, long G, long E, long Ev, long block_size, long window, float scale) {
@@ -292,6 +313,42 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
     free(m);
     free(p);
     free(acc);
+}
+
+// the sequences b .. e - 1 of a bfloat16 decode (AVX512-BF16)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void decode_sequences_bf16(const void *c, long b,
+                                                                                                long e) {
+    const struct decode_job *j = c;
+    const uint16_t *q2 = j->q2 ? (const uint16_t *)j->q2 + b * j->q2s : NULL;
+    paged_decode_bf16((const uint16_t *)j->q + b * j->qs, j->qs, j->qh, q2, j->q2s, j->q2h, j->e1,
+                      (const uint16_t *)j->kc, j->ks, j->kh, (const uint16_t *)j->vc, j->vs, j->vh,
+                      j->block_tables + b * j->bt_stride, j->bt_stride, j->context_lens + b,
+                      (uint16_t *)j->out + b * j->os, j->os, j->oh, e - b, j->K, j->G, j->E, j->Ev, j->block_size,
+                      j->window, j->scale);
+}
+
+// what a decode reads of the cache (MLA's keys and values are one row: counted twice)
+static long cache_bytes(const int64_t *context_lens, long S, long K, long E, long Ev, long size) {
+    long bytes = 0;
+    for (long s = 0; s < S; s++) bytes += context_lens[s] * K * (E + Ev) * size;
+    return bytes;
+}
+
+// q [S, K*G, E] bf16 ... (paged_decode_bf16's arguments): the sequences shared with the helper threads
+// where they run (a sequence per chunk, each computed as without them)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_decode_bf16(
+    const uint16_t *q, long qs, long qh, const uint16_t *q2, long q2s, long q2h, long e1, const uint16_t *kc, long ks,
+    long kh, const uint16_t *vc, long vs, long vh, const int64_t *block_tables, long bt_stride,
+    const int64_t *context_lens, uint16_t *out, long os, long oh, long S, long K, long G, long E, long Ev,
+    long block_size, long window, float scale) {
+    const struct decode_job j = {(const char *)q, (const char *)q2, (const char *)kc, (const char *)vc, qs, qh, q2s,
+                                 q2h, e1, ks, kh, vs, vh, block_tables, context_lens, bt_stride, (char *)out, os, oh,
+                                 K, G, E, Ev, block_size, window, scale, 1};
+    if (!pool) {
+        decode_sequences_bf16(&j, 0, S);
+        return;
+    }
+    pool(decode_sequences_bf16, &j, S, cache_bytes(context_lens, S, K, E, Ev, 2), 1);
 }
 
 // ---- the same decode on AVX2 + FMA, float32 or bfloat16 elements ----------------------------------
@@ -456,26 +513,6 @@ AVX2 INLINE void paged_decode_avx2(const void *q, long qs, long qh, const void *
     free(acc);
 }
 
-// The kernels library's helper threads (cpu_decode.c, decisions 36-37), when it runs them: its
-// moe_parallel_rows(fn, ctx, rows, bytes, chunk) runs fn(ctx, b, e) over [0, rows), the chunks shared
-// (moe_paged_use_pool sets it; NULL: none). Each sequence is computed by one thread as without them.
-typedef void (*rows_fn)(const void *ctx, long begin, long end);
-static void (*pool)(rows_fn fn, const void *ctx, long rows, long bytes, long chunk);
-
-void moe_paged_use_pool(void *parallel_rows) {
-    pool = (void (*)(rows_fn, const void *, long, long, long))parallel_rows;
-}
-
-struct decode_job {  // moe_paged_decode_avx2's arguments
-    const char *q, *q2, *kc, *vc;
-    long qs, qh, q2s, q2h, e1, ks, kh, vs, vh;
-    const int64_t *block_tables, *context_lens;
-    long bt_stride;
-    char *out;
-    long os, oh, K, G, E, Ev, block_size, window;
-    float scale;
-    int bf;
-};
 
 AVX2 static void decode_sequences(const void *c, long b, long e) {  // sequences b .. e - 1
     const struct decode_job *j = c;
@@ -505,9 +542,7 @@ AVX2 void moe_paged_decode_avx2(const void *q, long qs, long qh, const void *q2,
         decode_sequences(&j, 0, S);
         return;
     }
-    long bytes = 0;  // what the step reads of the cache (MLA's keys and values are one row: counted twice)
-    for (long s = 0; s < S; s++) bytes += context_lens[s] * K * (E + Ev) * (bf ? 2 : 4);
-    pool(decode_sequences, &j, S, bytes, 1);
+    pool(decode_sequences, &j, S, cache_bytes(context_lens, S, K, E, Ev, bf ? 2 : 4), 1);
 }
 
 int moe_paged_avx2_supported(void) {
