@@ -22,7 +22,9 @@ latency p50/p99 (every gap between streamed chunks) of each, and ours / vLLM (th
 is better; latency: lower). vLLM streams in bursts on this machine (its API server process
 coalesces the engine's outputs when it falls behind), which makes its ITL p50 near zero; TPOT
 compares decode speed. After the table, each side's median round and every round's tok/s: on a
-shared host one round can be an outlier either way.
+shared host one round can be an outlier either way. Each run starts once both servers have been
+idle for half a second (`settle`): vLLM's worker polls for work at 100% of a core for ~1 s after a
+run, which would otherwise slow the next run, on either side.
 
 Bounded: each run has a fixed number of requests and a time limit; the servers get 10 minutes to
 start (vLLM compiles its model with torch.compile on its first start; the compile cache makes the
@@ -274,6 +276,23 @@ class Server:
                     )
                 await asyncio.sleep(0.25)  # polling with a deadline
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the server's processes so far: its process group's, which
+        launch() made its own (vLLM's API server, engine core and worker; ours and its engine)."""
+        total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:  # gone meanwhile
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+            if int(fields[2]) == self.proc.pid:  # its process group
+                total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -460,6 +479,21 @@ async def run(server: Server, workload: Workload, request_prompts: list[list[int
     return result
 
 
+async def settle(servers: list[Server], busy_cores: float = 0.05, window_s: float = 0.5, limit_s: float = 20.0) -> float:
+    """Waits until no server uses more than `busy_cores` of a core over `window_s` (at most
+    `limit_s`); returns the seconds waited. vLLM's worker keeps polling for new work ~1 s after a
+    run ends (a core at 100%), so the run after one of its rounds would otherwise share a core
+    with it: both sides start each run on a quiet machine."""
+    start = time.monotonic()
+    while True:
+        before = sum(s.cpu_seconds() for s in servers)
+        await asyncio.sleep(window_s)  # bounded by limit_s below
+        used = sum(s.cpu_seconds() for s in servers) - before
+        waited = time.monotonic() - start
+        if used <= busy_cores * window_s or waited >= limit_s:
+            return waited
+
+
 def load_average() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -500,10 +534,11 @@ async def compare_checkpoint(
                 request_prompts = prompts(w, vocab, seed=r)  # the same prompts for both servers
                 order = servers if r % 2 == 0 else servers[::-1]
                 for s in order:
+                    waited = await settle(servers)
                     result = await run(s, w, request_prompts)
                     print(
                         f"  {name} round {r + 1} {w.name:<14} {s.name:<5} {result.tokens_per_s:8.1f} tok/s "
-                        f"({result.failures} failed; load {load_average()})",
+                        f"({result.failures} failed; load {load_average()}; {waited:.1f} s to settle)",
                         flush=True,
                     )
                     every[w.name][s.name].append(result.tokens_per_s)
