@@ -547,9 +547,10 @@ def routed_experts(
     return y, counts
 
 
-def amx_experts_layer(m: layers.Experts) -> bool:
+def amx_experts_layer(m: layers.Experts, any_intermediate: bool = False) -> bool:
     """Whether moe_amx_experts can take m's experts, once row-major: the CPU has AMX (_amx),
-    bfloat16, every expert on this rank, SiLU, D and I multiples of 32."""
+    bfloat16, every expert on this rank, SiLU, D and I multiples of 32 (any I with
+    `any_intermediate`: what pad_intermediate makes of it)."""
     D, I = m.down_proj.shape[1:]  # noqa: E741 (legend)
     return (
         _amx
@@ -558,8 +559,26 @@ def amx_experts_layer(m: layers.Experts) -> bool:
         and m.num_local_experts == m.num_experts
         and m.act is F.silu
         and D % 32 == 0
-        and I % 32 == 0
+        and (I % 32 == 0 or any_intermediate)
     )
+
+
+def pad_intermediate(m: layers.Experts) -> int:
+    """m's experts with their intermediate size I padded with zeros to a multiple of 32, the AMX
+    tiles' K, row-major: gate_up [E, 2I, D] -> [E, 2Ip, D] (gate rows, zero rows, up rows, zero
+    rows) and down [E, D, I] -> [E, D, Ip] (zero columns). Exact: a padded unit's gate and up are 0,
+    silu(0) * 0 = 0, and its down column is 0. Returns the padded I (I where it already fits)."""
+    E, D, I = m.down_proj.shape  # noqa: E741 (legend)
+    Ip = -(-I // 32) * 32
+    if Ip == I:
+        return I
+    gate_up = m.gate_up_proj.data.new_zeros(E, 2 * Ip, D)
+    gate_up[:, :I] = m.gate_up_proj.data[:, :I]
+    gate_up[:, Ip : Ip + I] = m.gate_up_proj.data[:, I:]
+    down = m.down_proj.data.new_zeros(E, D, Ip)
+    down[:, :, :I] = m.down_proj.data
+    m.gate_up_proj.data, m.down_proj.data = gate_up, down
+    return Ip
 
 
 def amx_experts(m: layers.Experts, x: torch.Tensor) -> bool:
@@ -1119,11 +1138,13 @@ def use_decode_layout(model: nn.Module) -> nn.Module:
 def experts_layout(model: nn.Module) -> nn.Module:
     """The experts' layout for the kernels: bfloat16 / float16 row-major, as the checkpoint stores
     them, where moe_amx_experts takes the layer (amx_experts_layer), since it reads each expert's
-    rows as its A tiles (a second call restores what grouped_experts_layout changed); column-major
+    rows as its A tiles (a second call restores what grouped_experts_layout changed), their
+    intermediate size padded with zeros to a multiple of 32 where it is not (pad_intermediate:
+    exact, a few percent more bytes, rather than torch's grouped GEMM); column-major
     otherwise (grouped_experts_layout, for torch's grouped GEMM and moe_experts_bf16). float32
     column-major: what moe_experts_f32 reads, moe_moe_decode takes either, and MKL's per-expert
     sgemm runs alike; stored as bfloat16 where that is exact (narrow_experts)."""
-    narrowed, saved = 0, 0
+    narrowed, saved, padded = 0, 0, {}
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, layers.Experts) and m.plain_weights and m.gate_up_proj.dtype == torch.float32:
@@ -1139,11 +1160,16 @@ def experts_layout(model: nn.Module) -> nn.Module:
                 isinstance(m, layers.Experts) and m.plain_weights and m.compute_dtype is None
                 and m.gate_up_proj.dtype in shapes.JIT_DTYPES
             ):  # fmt: skip
-                if amx_experts_layer(m):
+                if amx_experts_layer(m, any_intermediate=True):
                     m.gate_up_proj.data = m.gate_up_proj.data.contiguous()  # [E, 2I, D]
                     m.down_proj.data = m.down_proj.data.contiguous()  # [E, D, I]
+                    I = m.down_proj.shape[2]  # noqa: E741 (legend)
+                    if pad_intermediate(m) != I:
+                        padded[(I, m.down_proj.shape[2])] = padded.get((I, m.down_proj.shape[2]), 0) + 1
                 else:
                     grouped_experts_layout(m)
+    for (I, Ip), n in padded.items():  # noqa: E741 (legend)
+        log.info("AMX: the routed experts of %d layers padded with zeros from I = %d to %d (the tiles' K)", n, I, Ip)
     if narrowed:
         log.info(
             "float32: the routed experts of %d layers kept as the bfloat16 values they are (%.2f GiB less "

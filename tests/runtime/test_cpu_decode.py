@@ -562,7 +562,7 @@ def routed_experts_case(
     """A bfloat16 (or `dtype`) MoE layer with the kernels applied and `tokens` rows with their
     routing: the experts column-major as the engine keeps them on CPUs without AMX
     (moe_experts_bf16's layout, and float32's everywhere), or as the engine leaves them where the
-    CPU has AMX ("engine": row-major there)."""
+    CPU has AMX ("engine": row-major there), or as loaded ("none": no kernels)."""
     cfg = ModelConfig(
         hidden_size=hidden, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=intermediate,
         **ROUTERS[name],
@@ -571,7 +571,8 @@ def routed_experts_case(
     with pytest.MonkeyPatch.context() as patched:
         if layout == "column-major":
             patched.setattr(cpu_decode, "_amx", False)  # as on a CPU without AMX
-        assert use_cpu_decode_kernels(moe)
+        if layout != "none":  # "none": the layer as loaded, no kernels
+            assert use_cpu_decode_kernels(moe)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(dtype)
     with torch.inference_mode():
         weights, ids = moe.gate(x)
@@ -1001,11 +1002,36 @@ def test_amx_routed_experts_take_only_what_the_kernel_reads(monkeypatch):
         monkeypatch.undo()
         cpu_decode.grouped_experts_layout(experts)
         assert not cpu_decode.amx_experts(experts, x) and cpu_decode.experts_kernel(experts, x)
-    # I = 48, not a whole tile: the engine keeps such a layer column-major for the FMA kernel
-    odd, x, _, _ = routed_experts_case("mixtral", 4, hidden=64, intermediate=48, layout="engine")
+    # D = 80, not a whole tile: the engine keeps such a layer column-major for the FMA kernel
+    odd, x, _, _ = routed_experts_case("mixtral", 4, hidden=80, intermediate=48, layout="engine")
     assert not odd.gate_up_proj.is_contiguous() and not odd.down_proj.is_contiguous()
     assert not cpu_decode.amx_experts(odd, x) and cpu_decode.experts_kernel(odd, x)
     assert not cpu_decode.amx_experts(experts, x.requires_grad_())
+
+
+@amx
+@pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
+def test_amx_takes_experts_of_any_intermediate_size_padded_with_zeros(name):
+    """An intermediate size the tiles do not take (I = 48, 200) is padded with zeros to a multiple
+    of 32 when the engine lays the experts out (pad_intermediate), so moe_amx_experts takes a step
+    and a prefill of such a layer too: the outputs of the unpadded layer's torch code (the padded
+    units add nothing), its counts, and the one-token kernels' too."""
+    for intermediate, padded in ((48, 64), (200, 224)):
+        plain, x, weights, ids = routed_experts_case(name, 40, hidden=64, intermediate=intermediate, layout="none")
+        experts, _, _, _ = routed_experts_case(name, 40, hidden=64, intermediate=intermediate, layout="engine")
+        assert tuple(experts.down_proj.shape) == (8, 64, padded) and experts.gate_up_proj.shape[1] == 2 * padded
+        assert torch.equal(experts.gate_up_proj[:, :intermediate], plain.gate_up_proj[:, :intermediate])
+        assert torch.equal(experts.gate_up_proj[:, padded : padded + intermediate], plain.gate_up_proj[:, intermediate:])
+        assert not experts.gate_up_proj[:, intermediate:padded].any() and not experts.down_proj[..., intermediate:].any()
+        with torch.inference_mode():
+            assert cpu_decode.amx_experts(experts, x)
+            got, counts = experts(x, weights, ids)
+            want, want_counts = Experts.forward(plain, x, weights, ids)
+            padded_torch, _ = Experts.forward(experts, x, weights, ids)  # the torch code on the padded weights
+            one, _ = experts(x[:1], weights[:1], ids[:1])  # one token: the batch-1 path
+        assert torch.equal(counts, want_counts)
+        assert bf16_close(got, want, ulps=6) and bf16_close(padded_torch, want, ulps=2)
+        assert bf16_close(one, want[:1], ulps=6)
 
 
 @amx
