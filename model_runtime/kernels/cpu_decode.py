@@ -793,7 +793,9 @@ class DecodeLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-# Up to this many rows RMSNorm takes moe_rmsnorm_rows (a decode step's rows); beyond, torch's ops.
+# Up to this many rows RMSNorm takes moe_rmsnorm_rows (a decode step's rows); beyond, torch's ops,
+# except for bfloat16 rows on AVX-512 (D a multiple of 16), whose vectorized kernel takes any
+# number: a prefill's 1024 rows of D 1024 in 0.4 ms against torch's 3.4 (its float32 round trip).
 NORM_MAX_ROWS = 256
 
 
@@ -809,7 +811,8 @@ def rmsnorm_rows(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor |
     else:
         return None
     rows = x.numel() // D if D else 0
-    if not (0 < rows <= NORM_MAX_ROWS and (rows == 1 or ld >= D)) or not kernel_rows(x.dtype, w):
+    most = sys.maxsize if x.dtype is torch.bfloat16 and _avx512 and D % 16 == 0 else NORM_MAX_ROWS
+    if not (0 < rows <= most and (rows == 1 or ld >= D)) or not kernel_rows(x.dtype, w):
         return None
     if x.dtype not in DTYPES or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
         return None

@@ -744,6 +744,28 @@ def test_rmsnorm_of_a_decode_steps_rows_matches_the_torch_layer(dtype, simd):
     assert cpu_decode.rmsnorm_rows(wide.t(), norm.weight, 1e-6) is None  # columns: torch's ops
 
 
+def test_rmsnorm_of_a_prefills_bfloat16_rows_takes_the_avx512_kernel():
+    """A prefill's rows (more than NORM_MAX_ROWS) of bfloat16 take the vectorized AVX-512 kernel
+    too, within an ulp of torch's (which rounds through float32 ops); float32 rows beyond it, and
+    bfloat16 ones on a CPU without AVX-512, keep torch's ops."""
+    from model_runtime.models.model import RMSNorm
+
+    if not (cpu_decode.available() and cpu_decode._avx512):
+        pytest.skip("needs the kernels on an AVX-512 CPU")
+    g = torch.Generator().manual_seed(9)
+    norm = random_(RMSNorm(1024, 1e-6), 2).bfloat16()
+    x = (torch.randn(1000, 1024, generator=g) * 3).bfloat16()
+    with torch.no_grad():
+        want = norm(x)
+        assert use_cpu_decode_kernels(norm)
+        got = norm(x)
+        assert cpu_decode.rmsnorm_rows(x, norm.weight, norm.eps) is not None
+        assert cpu_decode.rmsnorm_rows(x.float(), norm.weight.float(), norm.eps) is None
+        for rows in (slice(0, 1), slice(0, 7), slice(500, 1000)):  # a row's bits as in a smaller step
+            assert torch.equal(norm(x[rows]), got[rows])
+    assert bf16_close(got, want, ulps=1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ROUTERS)
 def test_router_of_a_decode_steps_tokens_matches_the_torch_layer(name, dtype):
