@@ -1481,3 +1481,42 @@ def test_an_engine_with_helper_threads_streams_the_tokens_it_streams_without_the
             assert took > 0, "the helper never took a row"
         assert greedy(1, long)[0] == greedy(2, long)[0]
         assert greedy(1, long)[0] != greedy(1, [p[::-1] for p in long])[0]  # the tokens do depend on the prompts
+
+
+@amx
+def test_an_engine_on_amx_streams_the_same_tokens_with_and_without_helper_threads():
+    """What a client sees on an AMX CPU (decision 38): a bfloat16 model whose head (2 MB) and
+    routed experts the helpers share gives the same greedy tokens with 0, 1 and 2 helpers, for
+    short prompts in steps of several sequences and for 150-token prompts (a prefill's experts
+    through moe_amx_experts); the helpers do take rows."""
+    cfg = dataclasses.replace(
+        ModelConfig.from_name("tiny-mixtral"), hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
+        vocab_size=4096,
+    )  # fmt: skip
+    model = random_model(cfg, seed=5).to(torch.bfloat16)
+
+    def greedy(helpers: int, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
+        assert cpu_decode.start_helpers(helpers) == helpers
+        before = cpu_decode.helper_rows()
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=4, num_kv_blocks=128))
+        for r, prompt in enumerate(prompts):
+            engine.add_request(f"r{r}", prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        return [tokens[f"r{r}"] for r in range(len(prompts))], cpu_decode.helper_rows() - before
+
+    with torch.inference_mode():
+        short = [list(range(3, 23)), list(range(100, 115)), list(range(400, 425))]
+        long = [list(range(3, 153)), list(range(1000, 1150))]
+        for prompts in (short, long):
+            alone, _ = greedy(0, prompts)
+            assert all(len(t) == 12 for t in alone)
+            for n in (1, 2):
+                got, took = greedy(n, prompts)
+                assert got == alone, (n, len(prompts[0]))
+                if len(os.sched_getaffinity(0)) > 1:
+                    assert took > 0, "the helpers never took a row"
+        assert greedy(1, long)[0] != greedy(1, [p[::-1] for p in long])[0]  # the tokens do depend on the prompts
+
