@@ -112,6 +112,8 @@ def _load():
                 lib.moe_linear_f32.restype = i32
                 lib.moe_linear_f32_bf16w.argtypes = lib.moe_amx_linear.argtypes
                 lib.moe_linear_f32_bf16w.restype = i32
+                lib.moe_amx_heads.argtypes = [ptr, long, long, ptr, ptr] + [long] * 6
+                lib.moe_amx_heads.restype = i32
                 lib.moe_amx_experts.argtypes = [ptr] * 7 + [long] * 5
                 lib.moe_amx_experts.restype = i32
                 lib.moe_helpers_start.argtypes, lib.moe_helpers_start.restype = [i32], i32
@@ -885,7 +887,42 @@ class DecodeAttention(layers.Attention):
         return super().forward(x, cos, sin, ctx, cache)
 
 
+def amx_heads_apply(x: torch.Tensor, N: int) -> bool:
+    """Whether moe_amx_heads computes x [H, M, K] (rows contiguous) @ each head's [N, K]^T: bfloat16
+    on the CPU with AMX (_amx), N a multiple of 16 and K of 32, outside autograd, torch on one
+    thread."""
+    return (
+        _amx
+        and x.dtype is torch.bfloat16
+        and x.is_cpu
+        and x.dim() == 3
+        and x.stride(2) == 1
+        and x.shape[1] > 0
+        and N % 16 == 0
+        and x.shape[2] % 32 == 0
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and torch.get_num_threads() == 1
+    )
+
+
+def amx_heads(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[h] = x[h] @ w[h]^T for each head h by moe_amx_heads (amx_heads_apply checks x): x [H, M, K]
+    and out [H, M, N] any strides with rows contiguous, w [H, N, K] contiguous bfloat16."""
+    H, M, K = x.shape
+    N = w.shape[1]
+    if _lib.moe_amx_heads(
+        x.data_ptr(), x.stride(1), x.stride(0), w.data_ptr(), out.data_ptr(), out.stride(1), out.stride(0), H, M, N, K
+    ):
+        raise MemoryError(f"moe_amx_heads: no memory for {M} rows of {K}")
+    return out
+
+
 class DecodeMLAttention(layers.MLAttention):
+    """MLA with the kernels: a one-token step is one C call (MLAttention); a step of several
+    sequences takes the absorbed per-head products on AMX tiles where the CPU has them
+    (moe_amx_heads: torch's bmm runs these small products at ~100 GFLOP/s), shared with the helper
+    threads."""
+
     decode: MLAttention
 
     def forward(self, x, cos, sin, ctx, cache):
@@ -894,6 +931,27 @@ class DecodeMLAttention(layers.MLAttention):
             slots = ctx.context_slots[0, : ctx.max_context]  # the one sequence's context, unpadded
             return self.decode(x, cos[0], sin[0], cache, int(ctx.slot_mapping[0]), slots)
         return super().forward(x, cos, sin, ctx, cache)
+
+    def amx_absorbed(self, x: torch.Tensor, n: int) -> bool:
+        return amx_heads_apply(x, n) and getattr(self.kv_b_proj, "dequantized", None) is None
+
+    def latent_queries(self, q_nope: torch.Tensor) -> torch.Tensor:
+        C = self.cfg.kv_lora_rank
+        x = q_nope.transpose(0, 1)  # [H, N, P]
+        if not self.amx_absorbed(x, C):
+            return super().latent_queries(q_nope)
+        w_uk_t, _ = self.absorbed_weights(q_nope.dtype, rows=True)  # [H, C, P]
+        return amx_heads(x, w_uk_t, q_nope.new_empty(x.shape[0], x.shape[1], C))
+
+    def absorbed_output(self, out_latent: torch.Tensor) -> torch.Tensor:
+        H, N, _ = out_latent.shape
+        Dv = self.cfg.v_head_dim
+        if not self.amx_absorbed(out_latent, Dv):
+            return super().absorbed_output(out_latent)
+        _, w_uv = self.absorbed_weights(out_latent.dtype, rows=True)  # [H, Dv, C]
+        out = out_latent.new_empty(N, H, Dv)  # o_proj's rows, written head by head
+        amx_heads(out_latent, w_uv, out.transpose(0, 1))
+        return self.o_proj(out.view(N, H * Dv))
 
 
 # Every layer whose batch-1 decode the kernels take (with or without a prepared `decode`).

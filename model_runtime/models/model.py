@@ -442,9 +442,11 @@ class MLAttention(nn.Module):
         expanded = S * L * C * (P + Dv) + S * Q * L * (P + R + Dv)
         return expanded < absorbed
 
-    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def absorbed_weights(self, dtype: torch.dtype, rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj's key and value halves per head, w_uk [H, P, C] and w_uv transposed, w_uv_t
-        [H, C, Dv], each contiguous. As views of the weight they are strided across heads, and bmm
+        [H, C, Dv], each contiguous; with `rows` the other way round, w_uk transposed [H, C, P] and
+        w_uv [H, Dv, C] (each head's outputs as rows: the AMX kernel's operand, kernels/cpu_decode.py:
+        amx_heads). As views of the weight they are strided across heads, and bmm
         copies such an operand at every call (for bfloat16 on the CPU ~0.2 ms a layer). Kept while the weight is
         the same tensor at the same address and version; an FP8 layer's dequantized weight is a
         new tensor at every call and is split afresh, as before. A float32 model's weight kept as
@@ -458,14 +460,22 @@ class MLAttention(nn.Module):
         except RuntimeError:  # an inference-mode tensor: no version counter
             version = None
         key = (w.data_ptr(), w.dtype, w.device, version)
-        cached = self.__dict__.get("_absorbed")  # (weight, key, halves); not a buffer: never saved
+        name = "_absorbed_rows" if rows else "_absorbed"
+        cached = self.__dict__.get(name)  # (weight, key, halves); not a buffer: never saved
         if derived or cached is None or cached[0] is not w or cached[1] != key:
             w_kv = w.view(self.num_heads, P + Dv, C)
-            halves = w_kv[:, :P].to(dtype).contiguous(), w_kv[:, P:].transpose(1, 2).to(dtype).contiguous()
+            uk, uv = (w_kv[:, :P].transpose(1, 2), w_kv[:, P:]) if rows else (w_kv[:, :P], w_kv[:, P:].transpose(1, 2))
+            halves = uk.to(dtype).contiguous(), uv.to(dtype).contiguous()
             if derived:
                 return halves
-            cached = self.__dict__["_absorbed"] = (w, key, halves)
+            cached = self.__dict__[name] = (w, key, halves)
         return cached[2]
+
+    def latent_queries(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """The queries' no-rope part q_nope [N, H, P] in the latent space: q_nope @ w_uk per head
+        -> [H, N, C]."""
+        w_uk, _ = self.absorbed_weights(q_nope.dtype)  # [H, P, C]
+        return torch.bmm(q_nope.transpose(0, 1), w_uk)
 
     def forward(self, x, cos, sin, ctx, cache):
         cfg = self.cfg
@@ -510,21 +520,21 @@ class MLAttention(nn.Module):
             k = torch.cat([k_nope, kv_ctx[:, :, None, C:].expand(S, L, H, R)], dim=-1)  # [S, L, H, P + R]
             out = paged_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale)  # [N, H, Dv]
             return self.o_proj(out.reshape(N, H * Dv))
-        w_uk, w_uv_t = self.absorbed_weights(q.dtype)  # [H, P, C], [H, C, Dv]
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, C]
+        q_latent = self.latent_queries(q_nope).transpose(0, 1)  # [N, H, C]
         q_abs = torch.cat([q_latent, q_rope], dim=-1)  # [N, H, C + R]
         kv_ctx = kv_ctx[:, :, None, :]  # [S, L, 1, C + R]
         # the values are the latent: the whole cached row is passed and the rope columns of the
         # output dropped, since a [..., :C] view of the context would be copied into a dense
         # tensor (for bfloat16 on the CPU the larger cost of the step's attention)
         out_latent = paged_attention(q_abs, kv_ctx, kv_ctx, ctx, self.scale)[..., :C]  # [N, H, C]
-        return self.absorbed_output(out_latent.transpose(0, 1), w_uv_t)
+        return self.absorbed_output(out_latent.transpose(0, 1))
 
-    def absorbed_output(self, out_latent: torch.Tensor, w_uv_t: torch.Tensor) -> torch.Tensor:
+    def absorbed_output(self, out_latent: torch.Tensor) -> torch.Tensor:
         """out_latent [H, N, C] @ w_uv_t [H, C, Dv], then o_proj -> [N, D]. On the CPU, one thread,
         1 to 256 tokens, this order is as fast as w_uv [H, Dv, C] @ out_latent^T or up to 4x faster
         (bfloat16, 32 tokens, Dv 32: 0.09 against 0.16 ms), float32 too."""
         N = out_latent.shape[1]
+        _, w_uv_t = self.absorbed_weights(out_latent.dtype)  # [H, C, Dv]
         out = torch.bmm(out_latent, w_uv_t).transpose(0, 1)  # [N, H, Dv]
         return self.o_proj(out.reshape(N, -1))  # row-major rows (reshape copies; int8 kernels need them)
 
@@ -551,14 +561,13 @@ class MLAttention(nn.Module):
         cfg = self.cfg
         N, H = q.shape[:2]
         P, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
-        w_uk, w_uv_t = self.absorbed_weights(q.dtype)  # [H, P, C], [H, C, Dv]
-        q_latent = torch.bmm(q[..., :P].transpose(0, 1), w_uk)  # [H, N, C]
+        q_latent = self.latent_queries(q[..., :P])  # [H, N, C]
         rows = cache[:, None, :]  # [slots, 1, C + R]: the keys are whole rows, the values their latent
         out_latent = q.new_empty(H, N, C)  # [H, N, C]
         ctx.decode_in_place(
             q_latent.transpose(0, 1), rows, rows[..., :C], self.scale, out=out_latent.transpose(0, 1), q_rope=q[..., P:]
         )
-        return self.absorbed_output(out_latent, w_uv_t)
+        return self.absorbed_output(out_latent)
 
 
 def linear_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -1520,3 +1520,85 @@ def test_an_engine_on_amx_streams_the_same_tokens_with_and_without_helper_thread
                     assert took > 0, "the helpers never took a row"
         assert greedy(1, long)[0] != greedy(1, [p[::-1] for p in long])[0]  # the tokens do depend on the prompts
 
+
+@amx
+def test_amx_heads_match_torchs_bmm_and_a_row_is_the_same_in_any_step():
+    """moe_amx_heads (MLA's absorbed per-head products on AMX tiles): each head's x @ w^T as the
+    float32 sum rounded once (torch's bmm within an ulp), x a strided view as the layer passes it,
+    more rows than one pass (64) takes; a row's bits the same whatever else is in the step and
+    with 0, 1 or 2 helper threads (the heads shared)."""
+    g = torch.Generator().manual_seed(11)
+    H, M, K, N = 16, 70, 64, 512
+    q = torch.randn(M, H, K + 32, generator=g).bfloat16()  # [N, H, P + R] as the layer holds it
+    x = q[..., :K].transpose(0, 1)  # [H, M, K], rows strided
+    w = (torch.randn(H, N, K, generator=g) / 8).bfloat16()  # 1 MB: the helpers share it
+    assert cpu_decode.amx_heads_apply(x, N)
+    with torch.inference_mode():
+        cpu_decode.start_helpers(0)
+        got = cpu_decode.amx_heads(x, w, torch.empty(H, M, N, dtype=torch.bfloat16))
+        exact = torch.bmm(x.double(), w.double().transpose(1, 2)).bfloat16()
+        assert bf16_close(got, exact, ulps=1) and bf16_close(got, torch.bmm(x, w.transpose(1, 2)), ulps=1)
+        for part in (slice(0, 1), slice(5, 37), slice(64, 70)):
+            alone = cpu_decode.amx_heads(x[:, part], w, torch.empty(H, part.stop - part.start, N, dtype=torch.bfloat16))
+            assert torch.equal(alone, got[:, part])
+        out = torch.empty(M, H, N, dtype=torch.bfloat16)  # written through a transposed view
+        cpu_decode.amx_heads(x, w, out.transpose(0, 1))
+        assert torch.equal(out.transpose(0, 1), got)
+        for n in (1, 2):
+            assert cpu_decode.start_helpers(n) == n
+            before = cpu_decode.helper_rows()
+            for _ in range(20):
+                again = cpu_decode.amx_heads(x, w, torch.full((H, M, N), float("nan")).bfloat16())
+                assert torch.equal(again, got), n
+                if cpu_decode.helper_rows() > before:
+                    break
+            if len(os.sched_getaffinity(0)) > 1:
+                assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a head"
+    assert not cpu_decode.amx_heads_apply(x.float(), N) and not cpu_decode.amx_heads_apply(x[..., :48], N)
+    assert not cpu_decode.amx_heads_apply(x, 40)
+
+
+@amx
+def test_an_mla_decode_step_of_several_sequences_takes_the_absorbed_products_on_amx(monkeypatch):
+    """A DeepSeek-style layer's absorbed products (the queries into the latent space, the latent
+    output back through W_uv) on AMX tiles: torch's bmm's results within an ulp, and o_proj's
+    within bfloat16 roundings; an engine's decode steps of several sequences take them in every
+    layer, and none without AMX."""
+    cfg = dataclasses.replace(
+        ModelConfig.from_name("tiny-deepseek-v3"), hidden_size=128, kv_lora_rank=64, qk_nope_head_dim=32,
+        qk_rope_head_dim=32, v_head_dim=32, vocab_size=512,
+    )  # fmt: skip
+    attn = random_(MLAttention(cfg), 7).bfloat16()
+    assert use_cpu_decode_kernels(attn) and type(attn) is cpu_decode.DecodeMLAttention
+    g = torch.Generator().manual_seed(2)
+    H, P, C = attn.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    q = torch.randn(9, H, P + cfg.qk_rope_head_dim, generator=g).bfloat16()
+    latent = torch.randn(9, H, C + 32, generator=g).bfloat16()[..., :C].transpose(0, 1)  # [H, N, C], strided
+    calls = count_calls(monkeypatch, cpu_decode, "amx_heads")
+    with torch.inference_mode():
+        got_q, got_o = attn.latent_queries(q[..., :P]), attn.absorbed_output(latent)
+        assert calls["n"] == 2
+        want_q = MLAttention.latent_queries(attn, q[..., :P])  # the torch code (bmm)
+        want_o = MLAttention.absorbed_output(attn, latent)
+    assert bf16_close(got_q, want_q, ulps=1) and bf16_close(got_o, want_o, ulps=4)
+
+    model = random_model(cfg, seed=3).to(torch.bfloat16)
+
+    def greedy() -> list[list[int]]:
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=4, num_kv_blocks=64))
+        for r, prompt in enumerate([list(range(3, 20)), list(range(40, 52)), list(range(100, 130))]):
+            engine.add_request(f"r{r}", prompt, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        return [tokens[f"r{r}"] for r in range(3)]
+
+    with torch.inference_mode():
+        before = calls["n"]
+        assert all(len(t) == 10 for t in greedy())
+        assert calls["n"] - before >= 2 * cfg.num_hidden_layers * 9  # both products, every layer, 9 steps of 3
+        monkeypatch.setattr(cpu_decode, "_amx", False)
+        before = calls["n"]
+        greedy()
+        assert calls["n"] == before  # without AMX: torch's bmm

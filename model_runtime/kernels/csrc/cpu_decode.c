@@ -1625,6 +1625,51 @@ AMX int moe_amx_linear(const bf16 *x, long ldx, long M, const bf16 *W, long ldw,
     return 0;
 }
 
+/* moe_amx_heads: per head h < H, y[:, h] [M, N] bfloat16 = x[:, h] [M, K] @ W[h]^T, W [H, N, K]
+ * row-major (each head's A operand as moe_amx_linear's): MLA's absorbed products of a decode step
+ * (the queries' no-rope part by W_uk^T, the attention's latent output by W_uv), where torch's
+ * bmm runs each head's small product at ~100 GFLOP/s. x's row m of head h at x + m xs + h xh, y's
+ * at y + m ys + h yh (rows contiguous). The heads are the jobs the helper threads share; each
+ * output is one row's sum over K, as moe_amx_linear's. N a multiple of 16, K of 32 (the caller
+ * checks). 0, or -1 when a thread's scratch could not be allocated. */
+struct amx_heads_job {
+    const bf16 *x;
+    long xs, xh;
+    const bf16 *W;
+    bf16 *y;
+    long ys, yh, M, N, K;
+    int failed;
+};
+
+AMX static void job_amx_heads(const void *c, long b, long e) {
+    struct amx_heads_job *j = (struct amx_heads_job *)c;
+    const long rows_most = j->M < AMX_LINEAR_ROWS ? j->M : AMX_LINEAR_ROWS;
+    bf16 *packed = amx_scratch_of((rows_most + 15) / 16 * 16 * j->K * sizeof(bf16));
+    if (!packed) {
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    const bf16 *rows[AMX_LINEAR_ROWS];
+    amx_configure();
+    for (long h = b; h < e; h++)
+        for (long m0 = 0; m0 < j->M; m0 += AMX_LINEAR_ROWS) {
+            const long M = j->M - m0 < AMX_LINEAR_ROWS ? j->M - m0 : AMX_LINEAR_ROWS;
+            for (long m = 0; m < M; m++)
+                rows[m] = j->x + (m0 + m) * j->xs + h * j->xh;
+            amx_pack(rows, M, j->K, packed);
+            const amx_sink to = {.kind = TO_BF16, .y = j->y + m0 * j->ys + h * j->yh, .ldy = j->ys};
+            amx_gemm(packed, M, j->W + h * j->N * j->K, j->K, j->N, j->K, &to);
+        }
+    _tile_release();
+}
+
+AMX int moe_amx_heads(const bf16 *x, long xs, long xh, const bf16 *W, bf16 *y, long ys, long yh, long H, long M,
+                      long N, long K) {
+    struct amx_heads_job j = {x, xs, xh, W, y, ys, yh, M, N, K, 0};
+    parallel_rows(job_amx_heads, &j, H, H * N * K * 2, 1);
+    return j.failed ? -1 : 0;
+}
+
 /* moe_amx_experts: the routed experts of model.Experts (SiLU) for any number of tokens, bfloat16,
  * with the AMX tiles, on the experts as the checkpoint stores them: gate_up [E, 2I, D] (gate rows,
  * then up rows) and down [E, D, I], row-major, each the A operand as in moe_amx_linear.
