@@ -1268,6 +1268,40 @@ def run_layer(name: str, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tenso
     return torch.cat([out.flatten(), cache.flatten()])
 
 
+def same_bits_with_helpers(run, alone: list[torch.Tensor], counts=(1, 2, 1), what: str = "row") -> None:
+    """run() gives `alone`'s bits with each number of helper threads in `counts`, and the helpers
+    do take part (where the process has a second core)."""
+    for n in counts:
+        assert cpu_decode.start_helpers(n) == n
+        before = cpu_decode.helper_rows()
+        for _ in range(20):
+            assert all(torch.equal(got, want) for got, want in zip(run(), alone, strict=True)), n
+            if cpu_decode.helper_rows() > before:
+                break
+        if len(os.sched_getaffinity(0)) > 1:
+            assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a {what}"
+
+
+def greedy_tokens(
+    model, prompts: list[list[int]], helpers: int | None = None, max_tokens: int = 12, num_kv_blocks: int = 128
+) -> tuple[list[list[int]], int]:
+    """The greedy tokens an engine streams for each prompt (with `helpers` helper threads, or as
+    they run), and how many rows the helpers took meanwhile. `model`: a model, or a function
+    making one."""
+    if helpers is not None:
+        assert cpu_decode.start_helpers(helpers) == helpers
+    before = cpu_decode.helper_rows()
+    engine = LLMEngine(model() if callable(model) and not isinstance(model, torch.nn.Module) else model, None,
+                       EngineConfig(max_num_seqs=4, num_kv_blocks=num_kv_blocks))  # fmt: skip
+    for r, prompt in enumerate(prompts):
+        engine.add_request(f"r{r}", prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return [tokens[f"r{r}"] for r in range(len(prompts))], cpu_decode.helper_rows() - before
+
+
 @amx
 def test_amx_routed_experts_take_a_long_prefill_in_rounds_with_every_token_as_alone():
     """The kernel keeps each choice's output row (float32) until a token's are summed, at most
@@ -1310,15 +1344,7 @@ def test_helper_threads_share_the_amx_kernels_and_give_the_same_bits():
         alone = run()
         assert bf16_close(alone[0], F.linear(x, w, bias), ulps=1)
         assert bf16_close(alone[1], Experts.forward(experts, xe, weights, ids)[0], ulps=6)
-        for n in (1, 2, 1):
-            assert cpu_decode.start_helpers(n) == n
-            before = cpu_decode.helper_rows()
-            for _ in range(20):
-                assert all(torch.equal(got, want) for got, want in zip(run(), alone, strict=True)), n
-                if cpu_decode.helper_rows() > before:
-                    break
-            if len(os.sched_getaffinity(0)) > 1:
-                assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a row"
+        same_bits_with_helpers(run, alone)
 
 
 def test_helper_threads_share_a_one_token_step_and_give_the_same_bits():
@@ -1395,15 +1421,7 @@ def test_helper_threads_share_a_step_of_several_rows_and_give_the_same_bits():
         for t in (0, 17):  # one token's experts computed alone: the same bits
             one = cpu_decode.routed_experts(xe[t : t + 1], weights[t : t + 1], ids[t : t + 1], *narrow)[0]
             assert torch.equal(one[0], alone[3][t])
-        for n in (1, 2, 1):
-            assert cpu_decode.start_helpers(n) == n
-            before = cpu_decode.helper_rows()
-            for _ in range(20):
-                assert all(torch.equal(got, want) for got, want in zip(run(), alone, strict=True)), n
-                if cpu_decode.helper_rows() > before:
-                    break
-            if len(os.sched_getaffinity(0)) > 1:
-                assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a row"
+        same_bits_with_helpers(run, alone)
 
 
 def test_with_helper_threads_a_prefill_takes_the_float32_kernels_with_each_row_as_in_a_decode_step(monkeypatch):
@@ -1459,16 +1477,7 @@ def test_an_engine_with_helper_threads_streams_the_tokens_it_streams_without_the
     )  # fmt: skip
 
     def greedy(helpers: int, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
-        assert cpu_decode.start_helpers(helpers) == helpers
-        before = cpu_decode.helper_rows()
-        engine = LLMEngine(random_model(cfg, seed=4), None, EngineConfig(max_num_seqs=4, num_kv_blocks=128))
-        for r, prompt in enumerate(prompts):
-            engine.add_request(f"r{r}", prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-        tokens: dict[str, list[int]] = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        return [tokens[f"r{r}"] for r in range(len(prompts))], cpu_decode.helper_rows() - before
+        return greedy_tokens(lambda: random_model(cfg, seed=4), prompts, helpers)
 
     with torch.inference_mode():
         short = [list(range(3, 23)), list(range(100, 115)), list(range(400, 425))]  # 60 rows in all
@@ -1496,16 +1505,7 @@ def test_an_engine_on_amx_streams_the_same_tokens_with_and_without_helper_thread
     model = random_model(cfg, seed=5).to(torch.bfloat16)
 
     def greedy(helpers: int, prompts: list[list[int]]) -> tuple[list[list[int]], int]:
-        assert cpu_decode.start_helpers(helpers) == helpers
-        before = cpu_decode.helper_rows()
-        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=4, num_kv_blocks=128))
-        for r, prompt in enumerate(prompts):
-            engine.add_request(f"r{r}", prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-        tokens: dict[str, list[int]] = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        return [tokens[f"r{r}"] for r in range(len(prompts))], cpu_decode.helper_rows() - before
+        return greedy_tokens(model, prompts, helpers)
 
     with torch.inference_mode():
         short = [list(range(3, 23)), list(range(100, 115)), list(range(400, 425))]
@@ -1544,16 +1544,9 @@ def test_amx_heads_match_torchs_bmm_and_a_row_is_the_same_in_any_step():
         out = torch.empty(M, H, N, dtype=torch.bfloat16)  # written through a transposed view
         cpu_decode.amx_heads(x, w, out.transpose(0, 1))
         assert torch.equal(out.transpose(0, 1), got)
-        for n in (1, 2):
-            assert cpu_decode.start_helpers(n) == n
-            before = cpu_decode.helper_rows()
-            for _ in range(20):
-                again = cpu_decode.amx_heads(x, w, torch.full((H, M, N), float("nan")).bfloat16())
-                assert torch.equal(again, got), n
-                if cpu_decode.helper_rows() > before:
-                    break
-            if len(os.sched_getaffinity(0)) > 1:
-                assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a head"
+        same_bits_with_helpers(
+            lambda: [cpu_decode.amx_heads(x, w, torch.full((H, M, N), float("nan")).bfloat16())], [got], (1, 2), "head"
+        )
     assert not cpu_decode.amx_heads_apply(x.float(), N) and not cpu_decode.amx_heads_apply(x[..., :48], N)
     assert not cpu_decode.amx_heads_apply(x, 40)
 
@@ -1585,14 +1578,8 @@ def test_an_mla_decode_step_of_several_sequences_takes_the_absorbed_products_on_
     model = random_model(cfg, seed=3).to(torch.bfloat16)
 
     def greedy() -> list[list[int]]:
-        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=4, num_kv_blocks=64))
-        for r, prompt in enumerate([list(range(3, 20)), list(range(40, 52)), list(range(100, 130))]):
-            engine.add_request(f"r{r}", prompt, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
-        tokens: dict[str, list[int]] = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        return [tokens[f"r{r}"] for r in range(3)]
+        prompts = [list(range(3, 20)), list(range(40, 52)), list(range(100, 130))]
+        return greedy_tokens(model, prompts, max_tokens=10, num_kv_blocks=64)[0]
 
     with torch.inference_mode():
         before = calls["n"]

@@ -385,6 +385,24 @@ def test_float32_model_decode_matches_gathered_path(name, monkeypatch):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def same_with_helpers(run, alone: torch.Tensor) -> None:
+    """run() gives `alone`'s bits with 1 and 2 helper threads (decisions 37, 38), which do take
+    sequences (where the process has a second core), and again with none."""
+    from model_runtime.kernels import cpu_decode
+
+    for n in (1, 2):
+        assert cpu_decode.start_helpers(n) == n
+        before = cpu_decode.helper_rows()
+        for _ in range(20):
+            assert torch.equal(run(), alone), n
+            if cpu_decode.helper_rows() > before:
+                break
+        if len(os.sched_getaffinity(0)) > 1:
+            assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a sequence"
+    cpu_decode.start_helpers(0)
+    assert torch.equal(run(), alone)
+
+
 def test_float32_decode_shares_its_sequences_with_the_helper_threads():
     """With the CPU kernels' helper threads running (decision 37), the AVX2 kernel's sequences are
     shared among them, a sequence per thread: the same bits as alone, and the helpers take part."""
@@ -405,17 +423,7 @@ def test_float32_decode_shares_its_sequences_with_the_helper_threads():
     cpu_decode.start_helpers(0)
     alone = run()
     torch.testing.assert_close(alone, gathered(q, cache[0], cache[1], batch, 0.1, None), atol=1e-5, rtol=1e-4)
-    for n in (1, 2):
-        assert cpu_decode.start_helpers(n) == n
-        before = cpu_decode.helper_rows()
-        for _ in range(20):
-            assert torch.equal(run(), alone), n
-            if cpu_decode.helper_rows() > before:
-                break
-        if len(os.sched_getaffinity(0)) > 1:
-            assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a sequence"
-    cpu_decode.start_helpers(0)
-    assert torch.equal(run(), alone)
+    same_with_helpers(run, alone)
 
 
 @avx512
@@ -445,16 +453,6 @@ def test_bfloat16_decode_shares_its_sequences_with_the_helper_threads(amx):
         alone = run()
         torch.testing.assert_close(alone.float(), gathered(q.float(), cache[0].float(), cache[1].float(), batch, 0.1, None),
                                    atol=2e-2, rtol=2e-2)  # fmt: skip
-        for n in (1, 2):
-            assert cpu_decode.start_helpers(n) == n
-            before = cpu_decode.helper_rows()
-            for _ in range(20):
-                assert torch.equal(run(), alone), n
-                if cpu_decode.helper_rows() > before:
-                    break
-            if len(os.sched_getaffinity(0)) > 1:
-                assert cpu_decode.helper_rows() > before, f"{n} helper(s) never took a sequence"
-        cpu_decode.start_helpers(0)
-        assert torch.equal(run(), alone)
+        same_with_helpers(run, alone)
     finally:
         lib.moe_paged_amx_select(int(os.environ.get("MOE_RUNTIME_AMX", "1") != "0"))
