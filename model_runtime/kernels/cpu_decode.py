@@ -40,6 +40,7 @@ by the source's hash, and called through ctypes. Without a compiler or AVX2, or 
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import os
@@ -1205,7 +1206,7 @@ def experts_layout(model: nn.Module) -> nn.Module:
     otherwise (grouped_experts_layout, for torch's grouped GEMM and moe_experts_bf16). float32
     column-major: what moe_experts_f32 reads, moe_moe_decode takes either, and MKL's per-expert
     sgemm runs alike; stored as bfloat16 where that is exact (narrow_experts)."""
-    narrowed, saved, padded = 0, 0, {}
+    narrowed, saved, padded = 0, 0, collections.Counter()  # padded: (I, padded I) -> layers
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, layers.Experts) and m.plain_weights and m.gate_up_proj.dtype == torch.float32:
@@ -1225,8 +1226,9 @@ def experts_layout(model: nn.Module) -> nn.Module:
                     m.gate_up_proj.data = m.gate_up_proj.data.contiguous()  # [E, 2I, D]
                     m.down_proj.data = m.down_proj.data.contiguous()  # [E, D, I]
                     I = m.down_proj.shape[2]  # noqa: E741 (legend)
-                    if pad_intermediate(m) != I:
-                        padded[(I, m.down_proj.shape[2])] = padded.get((I, m.down_proj.shape[2]), 0) + 1
+                    Ip = pad_intermediate(m)
+                    if Ip != I:
+                        padded[I, Ip] += 1
                 else:
                     grouped_experts_layout(m)
     for (I, Ip), n in padded.items():  # noqa: E741 (legend)
