@@ -1,13 +1,15 @@
 """A bfloat16 linear of a few rows, the AMX kernel against oneDNN's matmul: `python -m
 benchmarks.runtime_amx_linear` (not part of `make bench`; needs a CPU with AMX).
 
-kernels/cpu_decode.py sends a linear of 2 .. AMX_MAX_ROWS bfloat16 rows to moe_amx_linear, which
+kernels/cpu_decode.py sends a linear of 2 .. amx_max_rows() bfloat16 rows to moe_amx_linear, which
 reads the weights as they are (row-major), against oneDNN's matmul (kernels/shapes.py: rows padded
 to a bucket), which reorders plain weights at every call. This times both on the weight shapes of
 the benchmark checkpoints (benchmarks/runtime_vs_vllm.py: attention, MLP, output head), torch on
 one thread as the engine runs on 2 cores, each product on a fresh copy of its weights out of a
 rotation larger than the caches (as a decode step reads every weight once), alternating the two,
-best of `--rounds` in CPU time, and prints the speed at which each reads the weights.
+best of `--rounds` in CPU time, and prints the speed at which each reads the weights. With
+`--helpers N` the kernels' helper threads share the AMX kernel's weight rows (oneDNN stays on
+torch's one thread, as in the engine), and the times are wall-clock.
 """
 
 from __future__ import annotations
@@ -29,24 +31,28 @@ SHAPES = {  # [out, in]
 }
 
 
-def timed(fn, weights: list[torch.Tensor], repeats: int) -> float:
-    """CPU ms of one product, each on the next weight copy."""
-    start = time.process_time()
+def timed(fn, weights: list[torch.Tensor], repeats: int, clock=time.process_time) -> float:
+    """ms of one product by `clock`, each on the next weight copy."""
+    start = clock()
     for i in range(repeats):
         fn(weights[i % len(weights)])
-    return (time.process_time() - start) / repeats * 1e3
+    return (clock() - start) / repeats * 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[2, 8, 16, 32, 48, 64])
+    parser.add_argument("--rows", type=int, nargs="+", default=[2, 8, 16, 32, 64, 128, 256, 512])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--helpers", type=int, default=0, help="the kernels' helper threads")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not cpu_decode.available() or not cpu_decode._amx:
         raise SystemExit("this CPU (or OS) does not run the AMX kernel: nothing to compare")
-    if not all(2 <= rows <= cpu_decode.AMX_MAX_ROWS for rows in args.rows):
-        parser.error(f"--rows: the AMX kernel takes 2 to {cpu_decode.AMX_MAX_ROWS} rows")
+    if cpu_decode.start_helpers(args.helpers) != args.helpers:
+        raise SystemExit(f"--helpers {args.helpers}: could not start them")
+    clock = time.perf_counter if args.helpers else time.process_time
+    if not all(2 <= rows <= cpu_decode.amx_max_rows() for rows in args.rows):
+        parser.error(f"--rows: the AMX kernel takes 2 to {cpu_decode.amx_max_rows()} rows")
     print(f"{'weights':<26} {'rows':>4} {'oneDNN ms':>10} {'AMX ms':>8} {'oneDNN GB/s':>12} {'AMX GB/s':>9} {'ratio':>6}")
     with torch.no_grad():
         for name, (out, inn) in SHAPES.items():
@@ -61,7 +67,7 @@ def main() -> None:
                 best = {p: float("inf") for p in paths}
                 for _ in range(args.rounds):
                     for p, fn in paths.items():
-                        best[p] = min(best[p], timed(fn, weights, repeats))
+                        best[p] = min(best[p], timed(fn, weights, repeats, clock))
                 a, b = best["oneDNN"], best["AMX"]
                 print(f"{name:<26} {rows:>4} {a:>10.3f} {b:>8.3f} {mb / a:>12.1f} {mb / b:>9.1f} {a / b:>5.2f}x")
 

@@ -18,7 +18,7 @@ and the sums are float32) with torch on one thread (the runtime's default on sma
 threads stay with torch, which spreads over cores) and outside autograd.
 Where the CPU has AMX (decision 32), two kernels run a step's bfloat16 matmuls on its tiles, reading
 the weights as they are stored (row-major: the tiles' A operand): `moe_amx_linear` for 2 ..
-AMX_MAX_ROWS rows of a linear, `moe_amx_experts` for the routed experts of any number of tokens
+amx_max_rows() rows of a linear, `moe_amx_experts` for the routed experts of any number of tokens
 (a decode step, a prefill); the experts then stay row-major (`experts_layout`).
 `MOE_RUNTIME_AMX=0` turns these two off.
 Where it has no AVX-512 (float32 by default there: decision 33), `moe_experts_f32` takes the routed
@@ -239,10 +239,22 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y
 
 
-# Up to this many rows a bfloat16 linear takes moe_amx_linear (a decode step's sequences, a short
-# prefill) rather than oneDNN's matmul, which reorders the plain weights into its blocked layout at
-# every call: benchmarks/runtime_amx_linear.py measures the two. (At most the C's AMX_LINEAR_ROWS.)
-AMX_MAX_ROWS = 64
+# Up to this many rows a bfloat16 linear takes moe_amx_linear (a decode step's sequences, a prefill
+# of a few hundred tokens, a step mixing the two) rather than oneDNN's matmul, which reorders the
+# plain weights into its blocked layout at every call: at 2-64 rows the AMX kernel reads the
+# weights at twice its speed (benchmarks/runtime_amx_linear.py), at 256-512 rows it is as fast on
+# one thread and beyond slower (0.7-0.9x at 1024-2048). Where helper threads share its weight rows
+# it takes up to AMX_HELPED_ROWS: 1.3-1.8x oneDNN's one thread at 384-512 rows, 0.8-1.7x at 1024
+# (q/k/v of D 1024: 4.5 against 5.7 ms; decision 39).
+AMX_MAX_ROWS = 512
+AMX_HELPED_ROWS = 1024
+
+
+def amx_max_rows() -> int:
+    """How many rows moe_amx_linear takes: AMX_HELPED_ROWS where helper threads run, else AMX_MAX_ROWS."""
+    return AMX_HELPED_ROWS if _helpers else AMX_MAX_ROWS
+
+
 # Up to this many rows a float32 linear takes moe_linear_f32 rather than MKL's sgemm, on CPUs
 # without AVX-512 (where float32 is the default dtype): as fast as MKL's at 64 rows and D 256, up to
 # 1.7x faster at 32 rows and D 1024 (the lm head of 32000: 29 against 48 ms), 2x at 2-8 rows. A
@@ -286,8 +298,8 @@ def few_rows(
 
 def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether moe_amx_linear computes F.linear(x, w, bias): bfloat16 on the CPU with AMX (_amx),
-    a few rows (few_rows: up to AMX_MAX_ROWS), N a multiple of 16 and K of 32."""
-    return _amx and few_rows(x, w, bias, torch.bfloat16, AMX_MAX_ROWS) and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0
+    2 to amx_max_rows() rows (few_rows), N a multiple of 16 and K of 32."""
+    return _amx and few_rows(x, w, bias, torch.bfloat16, amx_max_rows()) and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0
 
 
 def f32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, weight: torch.dtype | None = None) -> bool:

@@ -909,12 +909,13 @@ amx = pytest.mark.skipif(not cpu_decode._amx, reason="this CPU (or OS) runs no A
 @pytest.mark.parametrize(
     "rows,out,inn,bias",
     [(2, 16, 32, False), (5, 48, 64, True), (16, 1040, 256, False), (17, 96, 1024, True), (33, 80, 96, False),
-     (64, 512, 1024, True)],
+     (64, 512, 1024, True), (500, 48, 2048, True)],  # the last: two passes of 256 rows (1 MB of K 2048)
 )  # fmt: skip
 def test_amx_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out, inn, bias):
-    """A few bfloat16 rows through the AMX kernel: what oneDNN computes (the float32 sum of the same
-    products, rounded once), x's rows a strided view, the bias added before the rounding; and each
-    row's result the same bits whatever else is in the step."""
+    """bfloat16 rows through the AMX kernel (a decode step's few, a prefill's hundreds, in passes):
+    what oneDNN computes (the float32 sum of the same products, rounded once), x's rows a strided
+    view, the bias added before the rounding; and each row's result the same bits whatever else is
+    in the step."""
     g = torch.Generator().manual_seed(rows * out + inn)
     wide = torch.randn(rows, inn + 32, generator=g).bfloat16()
     x = wide[:, 16 : 16 + inn]  # rows inn + 32 apart
@@ -935,8 +936,8 @@ def test_amx_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out, i
 @amx
 def test_linear_takes_the_amx_kernel_only_where_it_applies(monkeypatch):
     """One row: the streaming gemv; 2 .. AMX_MAX_ROWS bfloat16 rows of a weight whose sizes the
-    tiles take: AMX; anything else (more rows, other sizes, float32, autograd, more threads):
-    oneDNN's matmul."""
+    tiles take (AMX_HELPED_ROWS where helper threads share them): AMX; anything else (more rows,
+    other sizes, float32, autograd, more threads): oneDNN's matmul."""
     taken = count_calls(monkeypatch, cpu_decode, "amx_linear")
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 128, generator=g).bfloat16()
@@ -952,6 +953,10 @@ def test_linear_takes_the_amx_kernel_only_where_it_applies(monkeypatch):
         assert not uses_amx(rows(1), w)
         assert uses_amx(rows(2), w) and uses_amx(rows(cpu_decode.AMX_MAX_ROWS), w)
         assert not uses_amx(rows(cpu_decode.AMX_MAX_ROWS + 1), w)
+        assert cpu_decode.start_helpers(1) == 1
+        assert uses_amx(rows(cpu_decode.AMX_HELPED_ROWS), w)
+        assert not uses_amx(rows(cpu_decode.AMX_HELPED_ROWS + 1), w)
+        assert cpu_decode.start_helpers(0) == 0
         assert not uses_amx(rows(8), w[:60])  # 60 outputs: not a whole tile
         assert not uses_amx(rows(8)[:, :120], w[:, :120])  # 120 inputs: not a whole tile
         assert uses_amx(rows(8), w, torch.randn(64, generator=g).bfloat16())

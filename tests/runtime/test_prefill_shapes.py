@@ -206,7 +206,7 @@ def test_warm_up_builds_every_bucket_of_a_step_once(monkeypatch):
 def test_warm_up_builds_nothing_the_amx_kernels_take(monkeypatch):
     """Where the CPU has AMX, a linear's first AMX_MAX_ROWS rows and the routed experts' every
     token count run the AMX kernels, which build nothing: warm_up builds only the other buckets
-    of the linears (one row, a prefill's)."""
+    of the linears (one row, a long prefill's)."""
     model = load_model("builtin:tiny-mixtral", dtype=torch.bfloat16)
     assert cpu_decode.use_cpu_decode_kernels(model)
     rows_seen: dict[tuple, set[int]] = {}
@@ -219,7 +219,7 @@ def test_warm_up_builds_nothing_the_amx_kernels_take(monkeypatch):
     monkeypatch.setattr(shapes.F, "linear", recording_linear)
     monkeypatch.setattr(shapes.F, "grouped_mm", lambda *a, **k: pytest.fail("the experts' grouped GEMM was built"))
     with torch.inference_mode():
-        built, _ = shapes.warm_up(model, max_rows=100, max_logit_rows=8)
+        built, _ = shapes.warm_up(model, max_rows=2 * cpu_decode.AMX_MAX_ROWS, max_logit_rows=8)
     taken = [m for m in model.modules() if isinstance(m, nn.Linear)
              and cpu_decode.amx_rows(m.weight.new_zeros(2, m.in_features), m.weight, m.bias)]  # fmt: skip
     assert taken, "no linear of tiny-mixtral fits the tiles"

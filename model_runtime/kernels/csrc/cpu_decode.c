@@ -1589,39 +1589,53 @@ static void *grown_to(scratch_buf *s, size_t bytes) {
 static void *amx_scratch_of(size_t bytes) { return grown_to(&amx_scratch, bytes); }
 static void *amx_shared_of(size_t bytes) { return grown_to(&amx_shared, bytes); }
 
-#define AMX_LINEAR_ROWS 64 /* the most rows moe_amx_linear takes (cpu_decode.AMX_MAX_ROWS) */
+#define AMX_LINEAR_ROWS 64 /* the most rows moe_amx_heads packs at a time */
+/* a pass of moe_amx_linear: x's packed rows that stay in L2 (with 32 weight rows at a time) while
+ * the job's weight rows take them */
+#define AMX_PASS_BYTES (1L << 20)
 
 struct amx_linear_job {
     const bf16 *packed; /* x's rows, packed by the caller */
-    long M;
+    long M, P;          /* rows, rows a pass (a multiple of 16) */
     const bf16 *W;
     long ldw, K;
     amx_sink to;
 };
 
 AMX static void job_amx_linear(const void *c, long b, long e) {
-    /* outputs b .. e-1 (b a multiple of 32) of every row of x, the tiles configured for this thread */
+    /* outputs b .. e-1 (b a multiple of 32) of every row of x, a pass of P rows at a time, the
+     * tiles configured for this thread */
     const struct amx_linear_job *j = c;
     amx_configure();
-    amx_gemm_range(j->packed, j->M, j->W, j->ldw, b, e, j->K, &j->to);
+    for (long m0 = 0; m0 < j->M; m0 += j->P) {
+        amx_sink to = j->to;
+        to.y += m0 * to.ldy;
+        amx_gemm_range(j->packed + m0 * j->K, j->M - m0 < j->P ? j->M - m0 : j->P, j->W, j->ldw, b, e, j->K, &to);
+    }
     _tile_release();
 }
 
 AMX int moe_amx_linear(const bf16 *x, long ldx, long M, const bf16 *W, long ldw, long N, long K, const bf16 *bias,
                        bf16 *y, long ldy) {
-    /* y [M, N] = x [M, K] (rows ldx apart) @ W^T (+ bias); M <= AMX_LINEAR_ROWS. 0, or -1 when the
-     * scratch could not be allocated or M is larger (nothing written). W's rows are shared with
-     * the helper threads in chunks of 32 (decision 38): each output is one row's sum over K,
-     * whoever computes it. */
-    bf16 *packed = M <= AMX_LINEAR_ROWS ? amx_scratch_of((M + 15) / 16 * 16 * K * sizeof(bf16)) : NULL;
+    /* y [M, N] = x [M, K] (rows ldx apart) @ W^T (+ bias), any number of rows: a decode step's few,
+     * a prefill's many (AMX_PASS_BYTES of them at a time: the weights are read once a pass). 0,
+     * or -1 when the scratch for x's packed rows could not be allocated (nothing written). W's
+     * rows are shared with the helper threads in chunks of 32 (decision 38): each output is one
+     * row's sum over K, whoever computes it and whatever M. */
+    bf16 *packed = amx_scratch_of((M + 15) / 16 * 16 * K * sizeof(bf16));
     if (!packed)
         return -1;
-    const bf16 *rows[AMX_LINEAR_ROWS];
-    for (long m = 0; m < M; m++)
-        rows[m] = x + m * ldx;
-    amx_pack(rows, M, K, packed);
-    const struct amx_linear_job j = {packed, M, W, ldw, K, {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy}};
-    parallel_rows(job_amx_linear, &j, N, N * K * 2, (row_chunk(N, K * 2) + 31) / 32 * 32);
+    for (long m0 = 0; m0 < M; m0 += 16) {
+        const bf16 *rows[16];
+        for (long m = 0; m < 16 && m0 + m < M; m++)
+            rows[m] = x + (m0 + m) * ldx;
+        amx_pack_rows(rows, M - m0 < 16 ? M - m0 : 16, K, packed + m0 * K);
+    }
+    long P = AMX_PASS_BYTES / (K * (long)sizeof(bf16)) / 32 * 32;
+    P = P < 32 ? 32 : P;
+    const struct amx_linear_job j = {packed, M, P, W, ldw, K, {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy}};
+    /* work as a decode step's 64 rows over this many bytes of weights: shared from 1 MB */
+    parallel_rows(job_amx_linear, &j, N, N * K * 2 * ((M + 63) / 64), (row_chunk(N, K * 2) + 31) / 32 * 32);
     return 0;
 }
 
