@@ -94,6 +94,12 @@ def _load():
                     _avx512 = True
                     lib.moe_paged_decode_bf16.argtypes = decode_args
                     lib.moe_paged_decode_bf16.restype = None
+                    lib.moe_paged_prefill_bf16.argtypes = (
+                        [ptr, long, long, ptr, long, long, ptr, long, long, ptr, long, ptr, ptr, ptr, long, long]
+                        + [long] * 7
+                        + [ctypes.c_float]
+                    )
+                    lib.moe_paged_prefill_bf16.restype = ctypes.c_int
                     lib.moe_mla_prepare_bf16.argtypes = lib.moe_mla_prepare_f32.argtypes
                     lib.moe_mla_prepare_bf16.restype = None
                     lib.moe_gqa_prepare_bf16.argtypes = gqa_args
@@ -229,6 +235,68 @@ def decode(
         window or 0,
         scale,
     )
+    return out
+
+
+def prefill_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether prefill() serves this step's attention: q and cache bfloat16 on a CPU with
+    AVX512-BF16, outside autograd, torch on one thread, kernel loaded."""
+    return (
+        q.dtype is torch.bfloat16
+        and cache.dtype is torch.bfloat16
+        and q.device.type == "cpu"
+        and not (torch.is_grad_enabled() and q.requires_grad)
+        and torch.get_num_threads() == 1
+        and avx512_lib() is not None
+    )
+
+
+def prefill(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start: torch.Tensor,
+    block_size: int,
+    scale: float,
+    window: int | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Several new tokens per sequence attend their context in the cache, read in place, causally.
+
+    q [N, H, E] bfloat16 (rows contiguous), sequence s's new tokens its rows query_start[s] ..
+    query_start[s + 1] - 1 (query_start [S + 1], cu_seqlens), at the last positions of its
+    context_lens[s], their keys and values already written; keys [slots, K, E] and values [slots,
+    K, Ev], views of the bfloat16 cache with contiguous rows; block_tables [S, B]; window: keep a
+    token's last `window` positions only. -> [N, H, Ev] bfloat16, written into `out` when given
+    (rows contiguous, any other strides)."""
+    lib = avx512_lib()
+    if lib is None:
+        raise RuntimeError("paged prefill kernel: not available here (AVX512-BF16)")
+    N, H, E = q.shape
+    K, Ev = keys.shape[1], values.shape[2]
+    if keys.shape[2] != E or H % K or keys.stride(2) != 1 or values.stride(2) != 1:
+        raise ValueError(f"paged prefill: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
+    if {q.dtype, keys.dtype, values.dtype} != {torch.bfloat16}:
+        raise ValueError(f"paged prefill: q {q.dtype}, keys {keys.dtype}, values {values.dtype}: not all bfloat16")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    S = context_lens.shape[0]
+    if out is None:
+        out = torch.empty(N, H, Ev, dtype=q.dtype)
+    elif out.shape != (N, H, Ev) or out.dtype != q.dtype or out.stride(2) != 1:
+        raise ValueError(f"paged prefill: out {tuple(out.shape)} {out.dtype} is not [{N}, {H}, {Ev}] bfloat16 rows")
+    tables = block_tables.to(torch.int64).contiguous()
+    lens = context_lens.to(torch.int64).contiguous()
+    starts = query_start.to(torch.int64).contiguous()
+    if lib.moe_paged_prefill_bf16(
+        q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), keys.stride(0), keys.stride(1),
+        values.data_ptr(), values.stride(0), values.stride(1), tables.data_ptr(), tables.stride(0),
+        lens.data_ptr(), starts.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1),
+        S, K, H // K, E, Ev, block_size, window or 0, scale,
+    ):  # fmt: skip
+        raise MemoryError(f"paged prefill: no memory for a context of {int(lens.max())} tokens")
     return out
 
 

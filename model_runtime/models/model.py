@@ -140,6 +140,7 @@ class PagedContext:
     max_context: int  # the longest sequence's context (L is this padded to whole blocks)
     block_tables: torch.Tensor  # [S, B] physical blocks of each sequence (decode reads them in place)
     context_lens: torch.Tensor  # [S] tokens in the cache per sequence, this step's included
+    query_start: torch.Tensor  # [S + 1] cumulative count of new tokens per sequence (PagedBatch's)
     block_size: int
     sliding_window: int | None
     # A mixed step (decodes first, then prefill chunks, as the scheduler orders them): the
@@ -195,6 +196,7 @@ class PagedContext:
             max_context,
             batch.block_tables,
             batch.context_lens,
+            batch.query_start,
             bs,
             sliding_window,
             split,
@@ -228,6 +230,20 @@ class PagedContext:
         return paged_kernel.decode(
             q, keys, values, self.block_tables, self.context_lens, self.block_size, scale, self.sliding_window,
             out, q_rope,
+        )  # fmt: skip
+
+    def in_place_prefill(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
+        """Whether this step's attention of several new tokens per sequence reads the cache in
+        place (kernels/paged_attention.py: prefill): bfloat16 on a CPU with AVX512-BF16, the
+        kernel loaded."""
+        return paged_kernel.prefill_applies(q, cache)
+
+    def prefill_in_place(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [N, H, E] (rotated) of the step's new tokens; keys [slots, K, E], values [slots, K, Ev]
+        views of the cache holding them -> [N, H, Ev]."""
+        return paged_kernel.prefill(
+            q, keys, values, self.block_tables, self.context_lens, self.query_start, self.block_size, scale,
+            self.sliding_window,
         )  # fmt: skip
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -390,6 +406,8 @@ class Attention(nn.Module):
         """q [N, H, Dh] (rotated) over the cache holding this step's keys and values -> [N, H, Dh]."""
         if ctx.in_place_decode(q, cache):
             return ctx.decode_in_place(q, cache[0], cache[1], self.scale)
+        if ctx.in_place_prefill(q, cache):
+            return ctx.prefill_in_place(q, cache[0], cache[1], self.scale)
         k_ctx = gather_slots(cache[0], ctx.context_slots).to(q.dtype)  # [S, L, K, Dh]
         v_ctx = gather_slots(cache[1], ctx.context_slots).to(q.dtype)
         return paged_attention(q, k_ctx, v_ctx, ctx, self.scale)  # [N, H, Dh]

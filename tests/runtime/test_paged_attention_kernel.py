@@ -456,3 +456,118 @@ def test_bfloat16_decode_shares_its_sequences_with_the_helper_threads(amx):
         same_with_helpers(run, alone)
     finally:
         lib.moe_paged_amx_select(int(os.environ.get("MOE_RUNTIME_AMX", "1") != "0"))
+
+
+# -- prefill: several new tokens a sequence ---------------------------------------------------------
+
+
+def prefill_batch(seqs, block_size, num_blocks, seed):
+    """A prefill step: sequence s has seqs[s] = (cached, new) tokens, its blocks scattered."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    out, used = [], 0
+    for cached, new in seqs:
+        nb = -(-(cached + new) // block_size)
+        out.append((perm[used : used + nb], cached, new))
+        used += nb
+    return build_paged_batch(out, block_size)
+
+
+# fresh prompts, chunks after a cached prefix (across blocks), a one-token sequence among them
+PREFILL_SEQS = [(0, 33), (15, 17), (0, 1), (40, 30), (7, 2), (0, 16)]
+
+
+@avx512
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "block_size"), GQA_SHAPES)
+def test_gqa_prefill_matches_gathered_attention(heads, kv_heads, dim, window, block_size):
+    """A step's new tokens (several a sequence, after cached context or not) attend the cache in
+    place: what the torch path computes over the gathered, padded context (bfloat16 noise), and
+    each sequence's result the same bits as in a step of its own."""
+    gen = torch.Generator().manual_seed(heads * dim + (window or 0) + block_size)
+    batch = prefill_batch(PREFILL_SEQS, block_size, 64, seed=1)
+    cache = torch.randn(2, 64 * block_size, kv_heads, dim, generator=gen).bfloat16()
+    N = int(batch.query_start[-1])
+    q = torch.randn(N, heads, dim, generator=gen).bfloat16()
+    scale = dim**-0.5
+    with torch.inference_mode():
+        assert layers.PagedContext.build(batch, window).in_place_prefill(q, cache)
+        got = paged_kernel.prefill(q, cache[0], cache[1], batch.block_tables, batch.context_lens, batch.query_start,
+                                   block_size, scale, window)  # fmt: skip
+        want = gathered(q.float(), cache[0].float(), cache[1].float(), batch, scale, window)
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+        for s, (cached, new) in enumerate(PREFILL_SEQS):
+            rows = slice(int(batch.query_start[s]), int(batch.query_start[s + 1]))
+            alone = build_paged_batch([(batch.block_tables[s].tolist(), cached, new)], block_size)
+            mine = paged_kernel.prefill(q[rows], cache[0], cache[1], alone.block_tables, alone.context_lens,
+                                        alone.query_start, block_size, scale, window)  # fmt: skip
+            assert torch.equal(mine, got[rows]), s
+
+
+@avx512
+def test_bfloat16_prefill_shares_its_heads_with_the_helper_threads():
+    """The prefill kernel's jobs (a sequence's kv head each) are shared with the helper threads:
+    the same bits as alone, and the helpers take part."""
+    gen = torch.Generator().manual_seed(6)
+    seqs, block_size = [(0, 64), (30, 40), (0, 100), (5, 60)], 16
+    batch = prefill_batch(seqs, block_size, 64, seed=7)
+    cache = torch.randn(2, 64 * block_size, 4, 64, generator=gen).bfloat16()
+    q = torch.randn(int(batch.query_start[-1]), 16, 64, generator=gen).bfloat16()
+
+    def run():  # into NaNs: a head no thread wrote shows
+        out = torch.full(q.shape, float("nan")).bfloat16()
+        return paged_kernel.prefill(q, cache[0], cache[1], batch.block_tables, batch.context_lens, batch.query_start,
+                                    block_size, 0.125, None, out)  # fmt: skip
+
+    from model_runtime.kernels import cpu_decode
+
+    cpu_decode.start_helpers(0)
+    with torch.inference_mode():
+        alone = run()
+        assert not alone.isnan().any()
+        same_with_helpers(run, alone)
+
+
+@avx512
+def test_prefill_refuses_what_it_does_not_take():
+    cache = torch.zeros(2, 64, 4, 32, dtype=torch.bfloat16)
+    tables, lens, starts = torch.zeros(1, 4, dtype=torch.long), torch.tensor([3]), torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="does not fit"):
+        paged_kernel.prefill(torch.zeros(3, 6, 32, dtype=torch.bfloat16), cache[0], cache[1], tables, lens, starts,
+                             16, 1.0, None)  # fmt: skip
+    with pytest.raises(ValueError, match="not all bfloat16"):
+        paged_kernel.prefill(torch.zeros(3, 8, 32), cache[0], cache[1], tables, lens, starts, 16, 1.0, None)
+    assert not paged_kernel.prefill_applies(torch.zeros(3, 8, 32), cache.float())
+
+
+@avx512
+@pytest.mark.parametrize("name", ["builtin:tiny-mixtral", "builtin:tiny-qwen3-moe"])
+def test_bf16_model_prefill_matches_gathered_path(name, monkeypatch):
+    """A bfloat16 model's prefill (a fresh prompt beside a chunk after a cached prefix) through the
+    in-place kernel, in every layer: logits as close to float32's as the gathered torch path's."""
+    model = load_model(name).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (21, 30)]
+    calls = []
+    real = paged_kernel.prefill
+    monkeypatch.setattr(paged_kernel, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def prefill_logits(m, use_kernel):
+        if not use_kernel:
+            monkeypatch.setattr(paged_kernel, "prefill_applies", lambda *a: False)
+        bs = 4
+        cache = m.allocate_kv_cache(32, bs)
+        tables = [list(range(0, 32, 2)), list(range(1, 32, 2))]
+        with torch.no_grad():
+            m.forward_paged(torch.tensor(prompts[1][:9]), build_paged_batch([(tables[1], 0, 9)], bs), cache)
+            batch = build_paged_batch([(tables[0], 0, len(prompts[0])), (tables[1], 9, len(prompts[1]) - 9)], bs)
+            logits = m.forward_paged(torch.tensor(prompts[0] + prompts[1][9:]), batch, cache)
+        monkeypatch.setattr(paged_kernel, "prefill_applies", real_applies)
+        return logits
+
+    real_applies = paged_kernel.prefill_applies
+    got = prefill_logits(model, True)
+    assert len(calls) == 2 * model.config.num_hidden_layers, "the in-place kernel did not serve every prefill"
+    ref = prefill_logits(model, False)
+    exact = prefill_logits(model.float(), True)  # float32: the torch path
+    err, ref_err = (got.float() - exact).abs(), (ref.float() - exact).abs()
+    assert err.mean() <= 1.15 * ref_err.mean() and err.max() <= 1.5 * ref_err.max()

@@ -48,8 +48,9 @@ AMX static inline void amx_configure(void) {
     _tile_loadconfig(&c);
 }
 
-AMX static inline void transpose16x16(__m512i r[16]) {
-    /* r[i] holds 16 32-bit elements of row i -> r[c] holds element c of every row */
+__attribute__((target("avx512f"))) static inline void transpose16x16(__m512i r[16]) {
+    /* r[i] holds 16 32-bit elements of row i -> r[c] holds element c of every row (AVX-512F only:
+     * inlined into the AMX kernels and the AVX-512 ones) */
     __m512i t[16];
     for (int i = 0; i < 16; i += 2) {
         t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);

@@ -351,6 +351,190 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
     pool(decode_sequences_bf16, &j, S, cache_bytes(context_lens, S, K, E, Ev, 2), 1);
 }
 
+// ---- prefill: several new tokens a sequence, the context read in place ------------------------------
+// A step's new tokens (a prompt's chunk, or several) attend their sequence's context: the cached
+// positions before them and each other, causally (and within the window). The torch path copies every
+// sequence's context out of the cache padded to the longest, builds a [S, Q, L] mask and runs
+// scaled_dot_product_attention over it, ~4-10 us of fixed cost per (sequence, head) at 32-token
+// prompts. Here a job is one (sequence, kv head): its context's key rows are read once from the cache,
+// widened and transposed into float32 columns (16 positions a vector), its value rows widened, and
+// then each of its (new token, query head) pairs, four at a time, scores 16 positions with an FMA per
+// key element (no horizontal sums), takes the softmax of its own causal range in float32 and sums the
+// value rows weighted by it; the output is rounded to bfloat16 once. The jobs are shared with the
+// helper threads where they run; each pair's result is computed the same way whoever takes it.
+#define PAIRS 4  // (new token, query head) pairs scored together
+
+struct prefill_job {
+    const uint16_t *q, *kc, *vc;
+    long qs, qh, ks, kh, vs, vh;
+    const int64_t *block_tables, *context_lens, *query_start;
+    long bt_stride;
+    uint16_t *out;
+    long os, oh, K, G, E, Ev, block_size, window;
+    float scale;
+    int failed;
+};
+
+static __thread struct {
+    float *at;
+    size_t size;
+} prefill_scratch;
+
+static float *prefill_floats(size_t n) {  // this thread's float32 scratch, grown as needed
+    if (n > prefill_scratch.size) {
+        float *grown = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+        if (!grown) return NULL;
+        free(prefill_scratch.at);
+        prefill_scratch.at = grown, prefill_scratch.size = n;
+    }
+    return prefill_scratch.at;
+}
+
+TARGET static void prefill_heads(const void *c, long b, long e) {
+    struct prefill_job *j = (struct prefill_job *)c;
+    const long K = j->K, G = j->G, E = j->E, Ev = j->Ev, bs = j->block_size, window = j->window;
+    const long evp = (Ev + 63) / 64 * 64;  // a value row, zero-padded to whole 4-vector blocks
+    for (long job = b; job < e; job++) {
+        const long s = job / K, k = job % K;
+        const long t0 = j->query_start[s], qn = j->query_start[s + 1] - t0, n = j->context_lens[s];
+        if (qn <= 0) continue;
+        const long p0 = n - qn;  // the first new token's position
+        const long lo = window > 0 && p0 - window + 1 > 0 ? p0 - window + 1 : 0;  // the first position attended
+        const long L = n - lo, Lp = (L + 15) / 16 * 16;
+        float *kt = prefill_floats((size_t)E * Lp + (size_t)Lp * evp + PAIRS * Lp + PAIRS * E);
+        if (!kt) {
+            __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+            return;
+        }
+        float *vf = kt + E * Lp, *sc = vf + Lp * evp, *qf = sc + PAIRS * Lp;
+        // the context: keys transposed, kt[i * Lp + t] (positions past L zero), values vf[t * evp + c]
+        const int64_t *table = j->block_tables + s * j->bt_stride;
+        for (long t0 = 0; t0 < Lp; t0 += 16) {  // 16 positions at a time, their keys transposed in registers
+            const uint16_t *kr[16];
+            for (long t = t0; t < t0 + 16; t++) {
+                if (t >= L) {
+                    kr[t - t0] = NULL;
+                    memset(vf + t * evp, 0, evp * sizeof(float));
+                    continue;
+                }
+                const long pos = lo + t, slot = table[pos / bs] * bs + pos % bs;
+                const uint16_t *vr = j->vc + slot * j->vs + k * j->vh;
+                kr[t - t0] = j->kc + slot * j->ks + k * j->kh;
+                for (long c = 0; c < evp; c += 16)
+                    _mm512_store_ps(vf + t * evp + c, load_bf16x16(vr + c, lanes(Ev - c)));
+            }
+            for (long i = 0; i < E; i += 16) {
+                __m512i r[16];
+                for (long t = 0; t < 16; t++)
+                    r[t] = kr[t] ? _mm512_castps_si512(load_bf16x16(kr[t] + i, lanes(E - i))) : _mm512_setzero_si512();
+                transpose16x16(r);
+                for (long x = 0; x < 16 && i + x < E; x++) _mm512_store_si512(kt + (i + x) * Lp + t0, r[x]);
+            }
+        }
+        // (new token, query head) pairs r = token * G + g, PAIRS at a time (the last repeated to fill)
+        const long R = qn * G;
+        for (long r0 = 0; r0 < R; r0 += PAIRS) {
+            long first[PAIRS], stop[PAIRS], jlo = Lp, jhi = 0;
+            for (long x = 0; x < PAIRS; x++) {
+                const long r = r0 + x < R ? r0 + x : R - 1, i = r / G, g = r % G, p = p0 + i;
+                const uint16_t *qr = j->q + (t0 + i) * j->qs + (k * G + g) * j->qh;
+                for (long y = 0; y < E; y += 16)
+                    _mm512_mask_storeu_ps(qf + x * E + y, lanes(E - y),
+                                          _mm512_mul_ps(load_bf16x16(qr + y, lanes(E - y)), _mm512_set1_ps(j->scale)));
+                first[x] = window > 0 && p - window + 1 > lo ? p - window + 1 - lo : 0;
+                stop[x] = p - lo + 1;
+                jlo = first[x] < jlo ? first[x] : jlo;
+                jhi = stop[x] > jhi ? stop[x] : jhi;
+            }
+            const long b0 = jlo / 16 * 16;
+            for (long jb = b0; jb < jhi; jb += 32) {  // scores of 32 positions (two vectors) for the PAIRS pairs
+                __m512 a[PAIRS][2];
+                for (long x = 0; x < PAIRS; x++) a[x][0] = a[x][1] = _mm512_setzero_ps();
+                const float *col = kt + jb;
+                const int two = jb + 16 < jhi;
+                for (long i = 0; i < E; i++) {
+                    const __m512 k0 = _mm512_load_ps(col + i * Lp), k1 = two ? _mm512_load_ps(col + i * Lp + 16) : k0;
+                    for (long x = 0; x < PAIRS; x++) {
+                        const __m512 qv = _mm512_set1_ps(qf[x * E + i]);
+                        a[x][0] = _mm512_fmadd_ps(qv, k0, a[x][0]);
+                        a[x][1] = _mm512_fmadd_ps(qv, k1, a[x][1]);
+                    }
+                }
+                for (long x = 0; x < PAIRS; x++) {
+                    _mm512_store_ps(sc + x * Lp + jb, a[x][0]);
+                    if (two) _mm512_store_ps(sc + x * Lp + jb + 16, a[x][1]);
+                }
+            }
+            float inv[PAIRS];
+            for (long x = 0; x < PAIRS; x++) {  // softmax over the pair's own positions; 0 elsewhere in b0 .. jhi
+                float *px = sc + x * Lp;
+                __m512 vmx = _mm512_set1_ps(-INFINITY);
+                for (long t = first[x]; t < stop[x]; t += 16)
+                    vmx = _mm512_mask_max_ps(vmx, lanes(stop[x] - t), vmx, _mm512_loadu_ps(px + t));
+                const __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
+                __m512 vsum = _mm512_setzero_ps();
+                const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+                for (long t = b0; t < jhi; t += 16) {
+                    const __m512i at = _mm512_add_epi32(_mm512_set1_epi32((int)t), iota);
+                    const __mmask16 in = _mm512_cmpge_epi32_mask(at, _mm512_set1_epi32((int)first[x])) &
+                                         _mm512_cmplt_epi32_mask(at, _mm512_set1_epi32((int)stop[x]));
+                    const __m512 ex = _mm512_maskz_mov_ps(in, exp16(_mm512_sub_ps(_mm512_loadu_ps(px + t), vm)));
+                    vsum = _mm512_add_ps(vsum, ex);
+                    _mm512_storeu_ps(px + t, ex);
+                }
+                inv[x] = 1.0f / _mm512_reduce_add_ps(vsum);
+            }
+            for (long c0 = 0; c0 < evp; c0 += 64) {  // the weighted sums of values, 64 columns at a time
+                __m512 o[PAIRS][4];
+                for (long x = 0; x < PAIRS; x++)
+                    for (long y = 0; y < 4; y++) o[x][y] = _mm512_setzero_ps();
+                for (long t = b0; t < jhi; t++) {
+                    const float *vr = vf + t * evp + c0;
+                    const __m512 v0 = _mm512_load_ps(vr), v1 = _mm512_load_ps(vr + 16), v2 = _mm512_load_ps(vr + 32),
+                                 v3 = _mm512_load_ps(vr + 48);
+                    for (long x = 0; x < PAIRS; x++) {
+                        const __m512 pr = _mm512_set1_ps(sc[x * Lp + t]);
+                        o[x][0] = _mm512_fmadd_ps(pr, v0, o[x][0]);
+                        o[x][1] = _mm512_fmadd_ps(pr, v1, o[x][1]);
+                        o[x][2] = _mm512_fmadd_ps(pr, v2, o[x][2]);
+                        o[x][3] = _mm512_fmadd_ps(pr, v3, o[x][3]);
+                    }
+                }
+                for (long x = 0; x < PAIRS && r0 + x < R; x++) {
+                    const long r = r0 + x, i = r / G, g = r % G;
+                    uint16_t *orow = j->out + (t0 + i) * j->os + (k * G + g) * j->oh;
+                    for (long y = 0; y < 4 && c0 + 16 * y < Ev; y++) {
+                        const long cc = c0 + 16 * y;
+                        const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[x][y], _mm512_set1_ps(inv[x])));
+                        _mm256_mask_storeu_epi16(orow + cc, lanes(Ev - cc), h);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// q [N, K*G, E] bf16 (rows contiguous; tokens qs and heads qh apart), sequence s's new tokens rows
+// query_start[s] .. query_start[s + 1] - 1 at positions context_lens[s] - (their count) .. context_lens[s]
+// - 1, their keys and values already in the cache (kc, vc, block_tables as moe_paged_decode_bf16's);
+// causal, window > 0 keeping a token's last `window` positions; out [N, K*G, Ev] bf16 (rows contiguous).
+// 0, or -1 when a thread's scratch could not be allocated.
+TARGET int moe_paged_prefill_bf16(const uint16_t *q, long qs, long qh, const uint16_t *kc, long ks, long kh,
+                                  const uint16_t *vc, long vs, long vh, const int64_t *block_tables, long bt_stride,
+                                  const int64_t *context_lens, const int64_t *query_start, uint16_t *out, long os,
+                                  long oh, long S, long K, long G, long E, long Ev, long block_size, long window,
+                                  float scale) {
+    struct prefill_job j = {q, kc, vc, qs, qh, ks, kh, vs, vh, block_tables, context_lens, query_start, bt_stride,
+                            out, os, oh, K, G, E, Ev, block_size, window, scale, 0};
+    long work = 0;  // what the jobs read and compute, in the pool's bytes: (new tokens x context) pairs
+    for (long s = 0; s < S; s++) work += (query_start[s + 1] - query_start[s]) * context_lens[s] * G * (E + Ev) * 2;
+    if (pool)
+        pool(prefill_heads, &j, S * K, work, 1);
+    else
+        prefill_heads(&j, 0, S * K);
+    return j.failed ? -1 : 0;
+}
+
 // ---- the same decode on AVX2 + FMA, float32 or bfloat16 elements ----------------------------------
 // For CPUs without AVX512-BF16 (AMD Zen 2/3, Intel before Cooper Lake), where the runtime runs float32,
 // and for float32 models on any x86-64 CPU: one 8-wide pass of the same steps as
