@@ -1,4 +1,5 @@
-"""Decode attention that reads the paged KV cache in place (bfloat16 or float32 on the CPU).
+"""Decode attention that reads the paged KV cache in place (bfloat16 or float32 on the CPU), and a
+prefill's attention the same way (bfloat16 on AVX512-BF16).
 
 The torch path (models/model.py: `gather_slots` + `paged_attention`) copies every sequence's whole
 context out of the cache into a dense [S, L, ...] tensor at every layer and step, then attends it
@@ -20,6 +21,12 @@ where those apply); float32 anywhere, and bfloat16 on CPUs without AVX512-BF16 (
 attention (gqa_prepare, mla_prepare) are bfloat16 AVX-512 only. Anywhere else, or with
 MOE_RUNTIME_CPU_KERNELS=0, the torch path runs, and it stays the reference:
 tests/runtime/test_paged_attention_kernel.py checks one against the other.
+
+A step of several new tokens a sequence (a prefill, its chunks, a mixed step's prompts) runs
+`prefill` where the CPU has AVX512-BF16 (decision 39): each (sequence, kv head) reads its context's
+key and value rows once from the cache, and its (token, query head) pairs attend their causal
+range in float32, with no gathered copy, padding or mask; MLA's expanded prefill takes the same
+kernel on kv_b_proj's output and the cache's rope keys as they lie (`prefill_expanded`).
 
 The C is compiled once, like csrc/cpu_decode.c (decision 14), into the same cache directory, keyed
 by the source's hash, and called through ctypes.
@@ -95,7 +102,8 @@ def _load():
                     lib.moe_paged_decode_bf16.argtypes = decode_args
                     lib.moe_paged_decode_bf16.restype = None
                     lib.moe_paged_prefill_bf16.argtypes = (
-                        [ptr, long, long, ptr, long, long, ptr, long, long, ptr, long, ptr, ptr, ptr, long, long]
+                        [ptr, long, long, ptr, long, long, ptr, long, long, long, ptr, long, long, ptr, long, long]
+                        + [ptr, ptr, ptr, long, long]
                         + [long] * 7
                         + [ctypes.c_float]
                     )
@@ -271,14 +279,56 @@ def prefill(
     K, Ev], views of the bfloat16 cache with contiguous rows; block_tables [S, B]; window: keep a
     token's last `window` positions only. -> [N, H, Ev] bfloat16, written into `out` when given
     (rows contiguous, any other strides)."""
+    if keys.dim() != 3 or values.dim() != 3 or keys.shape[2] != q.shape[2]:
+        raise ValueError(f"paged prefill: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
+    tables = block_tables.to(torch.int64).contiguous()
+    return _prefill(q, keys, None, values, tables, block_size, context_lens, query_start, scale, window, out)
+
+
+def prefill_expanded(
+    q: torch.Tensor,
+    k_nope: torch.Tensor,
+    k_rope: torch.Tensor,
+    values: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MLA's prefill over its context expanded into per-head keys and values (models/model.py:
+    MLAttention.attend), without concatenating or padding them: q [N, H, P + R] bfloat16 (rows
+    contiguous, the rope part rotated); k_nope [S, L, H, P] and values [S, L, H, Dv] (rows
+    contiguous: kv_b_proj's output, split), k_rope [S, L, R] (the cache's rope keys, one for every
+    head), position t of sequence s at [s, t] of each (dim 0's stride L times dim 1's); P a multiple
+    of 16; context_lens and query_start as prefill()'s. -> [N, H, Dv] bfloat16."""
+    S, L, H, P = k_nope.shape
+    if (
+        k_rope.shape[:2] != (S, L) or values.shape[:3] != (S, L, H) or q.shape[1] != H
+        or q.shape[2] != P + k_rope.shape[2] or P % 16
+        or any(t.stride(0) != L * t.stride(1) for t in (k_nope, k_rope, values))
+    ):  # fmt: skip
+        raise ValueError(
+            f"paged prefill: q {tuple(q.shape)} does not fit keys {tuple(k_nope.shape)} + {tuple(k_rope.shape)}, "
+            f"values {tuple(values.shape)} (or their strides)"
+        )
+    keys = k_nope.flatten(0, 1)  # [S L, H, P]: slot s L + t
+    rope = k_rope.flatten(0, 1)[:, None, :].expand(S * L, H, k_rope.shape[2])  # head stride 0
+    return _prefill(q, keys, rope, values.flatten(0, 1), None, L, context_lens, query_start, scale, None, out)
+
+
+def _prefill(q, keys, rope, values, tables, block_size, context_lens, query_start, scale, window, out):
+    """moe_paged_prefill_bf16: keys [slots, K, E1] (+ rope [slots, K, E - E1], else E1 = E), values
+    [slots, K, Ev]; tables [S, B] int64 (paged, blocks of block_size) or None (dense: sequence s's
+    position t at slot s block_size + t)."""
     lib = avx512_lib()
     if lib is None:
         raise RuntimeError("paged prefill kernel: not available here (AVX512-BF16)")
     N, H, E = q.shape
-    K, Ev = keys.shape[1], values.shape[2]
-    if keys.shape[2] != E or H % K or keys.stride(2) != 1 or values.stride(2) != 1:
+    K, E1, Ev = keys.shape[1], keys.shape[2], values.shape[2]
+    parts = (keys, values) if rope is None else (keys, rope, values)
+    if H % K or E1 + (0 if rope is None else rope.shape[2]) != E or any(t.stride(2) != 1 for t in parts):
         raise ValueError(f"paged prefill: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
-    if {q.dtype, keys.dtype, values.dtype} != {torch.bfloat16}:
+    if any(t.dtype != torch.bfloat16 for t in (q, *parts)):
         raise ValueError(f"paged prefill: q {q.dtype}, keys {keys.dtype}, values {values.dtype}: not all bfloat16")
     if q.stride(2) != 1:
         q = q.contiguous()
@@ -287,14 +337,15 @@ def prefill(
         out = torch.empty(N, H, Ev, dtype=q.dtype)
     elif out.shape != (N, H, Ev) or out.dtype != q.dtype or out.stride(2) != 1:
         raise ValueError(f"paged prefill: out {tuple(out.shape)} {out.dtype} is not [{N}, {H}, {Ev}] bfloat16 rows")
-    tables = block_tables.to(torch.int64).contiguous()
     lens = context_lens.to(torch.int64).contiguous()
     starts = query_start.to(torch.int64).contiguous()
     if lib.moe_paged_prefill_bf16(
         q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), keys.stride(0), keys.stride(1),
-        values.data_ptr(), values.stride(0), values.stride(1), tables.data_ptr(), tables.stride(0),
-        lens.data_ptr(), starts.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1),
-        S, K, H // K, E, Ev, block_size, window or 0, scale,
+        None if rope is None else rope.data_ptr(), 0 if rope is None else rope.stride(0),
+        0 if rope is None else rope.stride(1), E1, values.data_ptr(), values.stride(0), values.stride(1),
+        None if tables is None else tables.data_ptr(), 0 if tables is None else tables.stride(0),
+        0 if tables is not None else block_size, lens.data_ptr(), starts.data_ptr(), out.data_ptr(), out.stride(0),
+        out.stride(1), S, K, H // K, E, Ev, block_size if tables is not None else 0, window or 0, scale,
     ):  # fmt: skip
         raise MemoryError(f"paged prefill: no memory for a context of {int(lens.max())} tokens")
     return out

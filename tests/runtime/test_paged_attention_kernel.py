@@ -528,6 +528,33 @@ def test_bfloat16_prefill_shares_its_heads_with_the_helper_threads():
 
 
 @avx512
+def test_mla_prefill_attends_the_expanded_context_without_concatenating_it():
+    """MLA's prefill over its expanded context (kv_b_proj's keys and values per head, the cache's
+    one rope key for every head), views as the layer has them: the attention of the concatenated
+    keys, causal within each sequence's new tokens after its cached ones."""
+    gen = torch.Generator().manual_seed(8)
+    S, L, H, P, R, Dv, C = 3, 48, 4, 32, 16, 24, 64
+    kvb = torch.randn(S, L, H, P + Dv, generator=gen).bfloat16()
+    latents = torch.randn(S, L, C + R, generator=gen).bfloat16()
+    k_nope, v = kvb.split([P, Dv], dim=-1)
+    k_rope = latents[..., C:]
+    lens, new = [40, 17, 48], [40, 5, 1]  # a fresh prompt, a chunk after 12 cached, a one-token sequence
+    starts = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()])
+    q = torch.randn(sum(new), H, P + R, generator=gen).bfloat16()
+    with torch.inference_mode():
+        got = paged_kernel.prefill_expanded(q, k_nope, k_rope, v, torch.tensor(lens), starts, 0.2)
+    for s in range(S):
+        keys = torch.cat([k_nope[s, : lens[s]], k_rope[s, : lens[s], None].expand(-1, H, -1)], -1).double()
+        for i in range(new[s]):
+            p = lens[s] - new[s] + i
+            scores = torch.einsum("he,the->ht", q[starts[s] + i].double(), keys[: p + 1]) * 0.2
+            want = torch.einsum("ht,thd->hd", scores.softmax(-1), v[s, : p + 1].double())
+            torch.testing.assert_close(got[starts[s] + i].double(), want, atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="does not fit"):  # the no-rope part not a multiple of 16
+        paged_kernel.prefill_expanded(q[..., 8:], k_nope[..., 8:], k_rope, v, torch.tensor(lens), starts, 0.2)
+
+
+@avx512
 def test_prefill_refuses_what_it_does_not_take():
     cache = torch.zeros(2, 64, 4, 32, dtype=torch.bfloat16)
     tables, lens, starts = torch.zeros(1, 4, dtype=torch.long), torch.tensor([3]), torch.tensor([0, 3])
@@ -540,16 +567,18 @@ def test_prefill_refuses_what_it_does_not_take():
 
 
 @avx512
-@pytest.mark.parametrize("name", ["builtin:tiny-mixtral", "builtin:tiny-qwen3-moe"])
+@pytest.mark.parametrize("name", ["builtin:tiny-mixtral", "builtin:tiny-qwen3-moe", "builtin:tiny-deepseek-v3"])
 def test_bf16_model_prefill_matches_gathered_path(name, monkeypatch):
     """A bfloat16 model's prefill (a fresh prompt beside a chunk after a cached prefix) through the
-    in-place kernel, in every layer: logits as close to float32's as the gathered torch path's."""
+    kernel, in every layer (GQA: the cache read in place; MLA: its expanded context): logits as
+    close to float32's as the gathered torch path's."""
     model = load_model(name).to(torch.bfloat16)
     gen = torch.Generator().manual_seed(12)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (21, 30)]
     calls = []
-    real = paged_kernel.prefill
-    monkeypatch.setattr(paged_kernel, "prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for kernel in ("prefill", "prefill_expanded"):
+        real = getattr(paged_kernel, kernel)
+        monkeypatch.setattr(paged_kernel, kernel, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
 
     def prefill_logits(m, use_kernel):
         if not use_kernel:

@@ -1,5 +1,6 @@
 // Decode attention that reads the paged KV cache in place: bfloat16 on AVX512-BF16 (moe_paged_decode_bf16),
-// float32 or bfloat16 on AVX2 + FMA (moe_paged_decode_avx2, further down).
+// float32 or bfloat16 on AVX2 + FMA (moe_paged_decode_avx2, further down); and a prefill's attention of
+// several new tokens a sequence, bfloat16 on AVX512-BF16 (moe_paged_prefill_bf16, decision 39).
 //
 // One new token per sequence attends its sequence's cached keys and values, walked block by block
 // through the block table: each cached row is read once, straight from the cache, for all the
@@ -365,10 +366,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void moe_paged_d
 #define PAIRS 4  // (new token, query head) pairs scored together
 
 struct prefill_job {
-    const uint16_t *q, *kc, *vc;
-    long qs, qh, ks, kh, vs, vh;
+    const uint16_t *q, *kc, *kc2, *vc;
+    long qs, qh, ks, kh, ks2, kh2, e1, vs, vh;
     const int64_t *block_tables, *context_lens, *query_start;
-    long bt_stride;
+    long bt_stride, dense_len;
     uint16_t *out;
     long os, oh, K, G, E, Ev, block_size, window;
     float scale;
@@ -408,25 +409,28 @@ TARGET static void prefill_heads(const void *c, long b, long e) {
         }
         float *vf = kt + E * Lp, *sc = vf + Lp * evp, *qf = sc + PAIRS * Lp;
         // the context: keys transposed, kt[i * Lp + t] (positions past L zero), values vf[t * evp + c]
-        const int64_t *table = j->block_tables + s * j->bt_stride;
+        const int64_t *table = j->block_tables ? j->block_tables + s * j->bt_stride : NULL;
         for (long t0 = 0; t0 < Lp; t0 += 16) {  // 16 positions at a time, their keys transposed in registers
-            const uint16_t *kr[16];
+            const uint16_t *kr[16], *kr2[16];
             for (long t = t0; t < t0 + 16; t++) {
                 if (t >= L) {
-                    kr[t - t0] = NULL;
+                    kr[t - t0] = kr2[t - t0] = NULL;
                     memset(vf + t * evp, 0, evp * sizeof(float));
                     continue;
                 }
-                const long pos = lo + t, slot = table[pos / bs] * bs + pos % bs;
+                const long pos = lo + t, slot = table ? table[pos / bs] * bs + pos % bs : s * j->dense_len + pos;
                 const uint16_t *vr = j->vc + slot * j->vs + k * j->vh;
                 kr[t - t0] = j->kc + slot * j->ks + k * j->kh;
+                kr2[t - t0] = j->kc2 ? j->kc2 + slot * j->ks2 + k * j->kh2 : NULL;
                 for (long c = 0; c < evp; c += 16)
                     _mm512_store_ps(vf + t * evp + c, load_bf16x16(vr + c, lanes(Ev - c)));
             }
             for (long i = 0; i < E; i += 16) {
                 __m512i r[16];
                 for (long t = 0; t < 16; t++)
-                    r[t] = kr[t] ? _mm512_castps_si512(load_bf16x16(kr[t] + i, lanes(E - i))) : _mm512_setzero_si512();
+                    r[t] = !kr[t]     ? _mm512_setzero_si512()
+                           : i < j->e1 ? _mm512_castps_si512(load_bf16x16(kr[t] + i, lanes(j->e1 - i)))
+                                       : _mm512_castps_si512(load_bf16x16(kr2[t] + i - j->e1, lanes(E - i)));
                 transpose16x16(r);
                 for (long x = 0; x < 16 && i + x < E; x++) _mm512_store_si512(kt + (i + x) * Lp + t0, r[x]);
             }
@@ -518,14 +522,22 @@ TARGET static void prefill_heads(const void *c, long b, long e) {
 // query_start[s] .. query_start[s + 1] - 1 at positions context_lens[s] - (their count) .. context_lens[s]
 // - 1, their keys and values already in the cache (kc, vc, block_tables as moe_paged_decode_bf16's);
 // causal, window > 0 keeping a token's last `window` positions; out [N, K*G, Ev] bf16 (rows contiguous).
-// 0, or -1 when a thread's scratch could not be allocated.
+// A key row's first e1 columns lie at kc (e1 a multiple of 16), its other E - e1 at kc2 + slot ks2 + k
+// kh2 (MLA: each head's no-rope key beside the one rope key all heads share, kh2 = 0; kc2 NULL: e1 =
+// E). block_tables NULL: the context is dense, position t of sequence s at slot s dense_len + t (MLA's
+// keys and values expanded from the gathered latents). 0, or -1 when a thread's scratch could not be
+// allocated.
 TARGET int moe_paged_prefill_bf16(const uint16_t *q, long qs, long qh, const uint16_t *kc, long ks, long kh,
-                                  const uint16_t *vc, long vs, long vh, const int64_t *block_tables, long bt_stride,
+                                  const uint16_t *kc2, long ks2, long kh2, long e1, const uint16_t *vc, long vs,
+                                  long vh, const int64_t *block_tables, long bt_stride, long dense_len,
                                   const int64_t *context_lens, const int64_t *query_start, uint16_t *out, long os,
                                   long oh, long S, long K, long G, long E, long Ev, long block_size, long window,
                                   float scale) {
-    struct prefill_job j = {q, kc, vc, qs, qh, ks, kh, vs, vh, block_tables, context_lens, query_start, bt_stride,
-                            out, os, oh, K, G, E, Ev, block_size, window, scale, 0};
+    struct prefill_job j = {.q = q, .kc = kc, .kc2 = kc2, .vc = vc, .qs = qs, .qh = qh, .ks = ks, .kh = kh,
+                            .ks2 = ks2, .kh2 = kh2, .e1 = kc2 ? e1 : E, .vs = vs, .vh = vh,
+                            .block_tables = block_tables, .context_lens = context_lens, .query_start = query_start,
+                            .bt_stride = bt_stride, .dense_len = dense_len, .out = out, .os = os, .oh = oh, .K = K,
+                            .G = G, .E = E, .Ev = Ev, .block_size = block_size, .window = window, .scale = scale};
     long work = 0;  // what the jobs read and compute, in the pool's bytes: (new tokens x context) pairs
     for (long s = 0; s < S; s++) work += (query_start[s + 1] - query_start[s]) * context_lens[s] * G * (E + Ev) * 2;
     if (pool)
