@@ -81,6 +81,28 @@ def test_half_precision(checkpoint, deepseek, dtype):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_weights_are_the_processs_own_memory_not_the_files_pages(checkpoint, dtype):
+    """Every weight lives in memory of the process's own, none in the checkpoint file's mapping
+    (safetensors hands those pages out where no cast is needed; the kernel may drop them under
+    memory pressure and read them back from the volume at the next step), and the file can go
+    once loaded."""
+    model = load_model(checkpoint, dtype=dtype)
+    mapped = []  # (start, end) of each mapping of a .safetensors file
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if fields[-1].endswith(".safetensors"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                mapped.append((start, end))
+    tensors = dict(model.named_parameters())
+    in_file = [n for n, t in tensors.items() if any(a <= t.data_ptr() < b for a, b in mapped)]
+    assert not in_file, f"weights still in the file's pages: {in_file[:5]}"
+    before = logits(model)
+    (checkpoint / "model.safetensors").unlink()
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+
+
 def test_builtin_in_bfloat16():
     model = load_model("builtin:tiny-qwen3-moe", dtype="bfloat16")
     assert model.dtype == torch.bfloat16 and torch.isfinite(logits(model)).all()

@@ -391,8 +391,8 @@ static float *prefill_floats(size_t n) {  // this thread's float32 scratch, grow
     return prefill_scratch.at;
 }
 
-TARGET static void prefill_heads(const void *c, long b, long e) {
-    struct prefill_job *j = (struct prefill_job *)c;
+TARGET static void prefill_heads(const void *ctx, long b, long e) {
+    struct prefill_job *j = (struct prefill_job *)ctx;
     const long K = j->K, G = j->G, E = j->E, Ev = j->Ev, bs = j->block_size, window = j->window;
     const long evp = (Ev + 63) / 64 * 64;  // a value row, zero-padded to whole 4-vector blocks
     for (long job = b; job < e; job++) {
@@ -410,18 +410,18 @@ TARGET static void prefill_heads(const void *c, long b, long e) {
         float *vf = kt + E * Lp, *sc = vf + Lp * evp, *qf = sc + PAIRS * Lp;
         // the context: keys transposed, kt[i * Lp + t] (positions past L zero), values vf[t * evp + c]
         const int64_t *table = j->block_tables ? j->block_tables + s * j->bt_stride : NULL;
-        for (long t0 = 0; t0 < Lp; t0 += 16) {  // 16 positions at a time, their keys transposed in registers
+        for (long u0 = 0; u0 < Lp; u0 += 16) {  // 16 positions at a time, their keys transposed in registers
             const uint16_t *kr[16], *kr2[16];
-            for (long t = t0; t < t0 + 16; t++) {
+            for (long t = u0; t < u0 + 16; t++) {
                 if (t >= L) {
-                    kr[t - t0] = kr2[t - t0] = NULL;
+                    kr[t - u0] = kr2[t - u0] = NULL;
                     memset(vf + t * evp, 0, evp * sizeof(float));
                     continue;
                 }
                 const long pos = lo + t, slot = table ? table[pos / bs] * bs + pos % bs : s * j->dense_len + pos;
                 const uint16_t *vr = j->vc + slot * j->vs + k * j->vh;
-                kr[t - t0] = j->kc + slot * j->ks + k * j->kh;
-                kr2[t - t0] = j->kc2 ? j->kc2 + slot * j->ks2 + k * j->kh2 : NULL;
+                kr[t - u0] = j->kc + slot * j->ks + k * j->kh;
+                kr2[t - u0] = j->kc2 ? j->kc2 + slot * j->ks2 + k * j->kh2 : NULL;
                 for (long c = 0; c < evp; c += 16)
                     _mm512_store_ps(vf + t * evp + c, load_bf16x16(vr + c, lanes(Ev - c)));
             }
@@ -432,7 +432,7 @@ TARGET static void prefill_heads(const void *c, long b, long e) {
                            : i < j->e1 ? _mm512_castps_si512(load_bf16x16(kr[t] + i, lanes(j->e1 - i)))
                                        : _mm512_castps_si512(load_bf16x16(kr2[t] + i - j->e1, lanes(E - i)));
                 transpose16x16(r);
-                for (long x = 0; x < 16 && i + x < E; x++) _mm512_store_si512(kt + (i + x) * Lp + t0, r[x]);
+                for (long x = 0; x < 16 && i + x < E; x++) _mm512_store_si512(kt + (i + x) * Lp + u0, r[x]);
             }
         }
         // (new token, query head) pairs r = token * G + g, PAIRS at a time (the last repeated to fill)
