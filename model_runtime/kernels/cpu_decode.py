@@ -298,8 +298,8 @@ def few_rows(
 
 def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether moe_amx_linear computes F.linear(x, w, bias): bfloat16 on the CPU with AMX (_amx),
-    2 to amx_max_rows() rows (few_rows), N a multiple of 16 and K of 32."""
-    return _amx and few_rows(x, w, bias, torch.bfloat16, amx_max_rows()) and w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0
+    2 to amx_max_rows() rows (few_rows), K a multiple of 32 (N any: an output head of 32001)."""
+    return _amx and few_rows(x, w, bias, torch.bfloat16, amx_max_rows()) and w.shape[1] % 32 == 0
 
 
 def f32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, weight: torch.dtype | None = None) -> bool:

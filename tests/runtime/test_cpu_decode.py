@@ -909,7 +909,8 @@ amx = pytest.mark.skipif(not cpu_decode._amx, reason="this CPU (or OS) runs no A
 @pytest.mark.parametrize(
     "rows,out,inn,bias",
     [(2, 16, 32, False), (5, 48, 64, True), (16, 1040, 256, False), (17, 96, 1024, True), (33, 80, 96, False),
-     (64, 512, 1024, True), (500, 48, 2048, True)],  # the last: two passes of 256 rows (1 MB of K 2048)
+     (64, 512, 1024, True), (500, 48, 2048, True),  # two passes of 256 rows (1 MB of K 2048)
+     (5, 40, 64, True), (17, 7, 96, False), (40, 1001, 256, True)],  # outputs no multiple of 16
 )  # fmt: skip
 def test_amx_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out, inn, bias):
     """bfloat16 rows through the AMX kernel (a decode step's few, a prefill's hundreds, in passes):
@@ -935,9 +936,9 @@ def test_amx_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out, i
 
 @amx
 def test_linear_takes_the_amx_kernel_only_where_it_applies(monkeypatch):
-    """One row: the streaming gemv; 2 .. AMX_MAX_ROWS bfloat16 rows of a weight whose sizes the
-    tiles take (AMX_HELPED_ROWS where helper threads share them): AMX; anything else (more rows,
-    other sizes, float32, autograd, more threads): oneDNN's matmul."""
+    """One row: the streaming gemv; 2 .. AMX_MAX_ROWS bfloat16 rows of a weight whose inputs the
+    tiles take (K a multiple of 32; AMX_HELPED_ROWS rows where helper threads share them): AMX;
+    anything else (more rows, other sizes, float32, autograd, more threads): oneDNN's matmul."""
     taken = count_calls(monkeypatch, cpu_decode, "amx_linear")
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 128, generator=g).bfloat16()
@@ -957,7 +958,7 @@ def test_linear_takes_the_amx_kernel_only_where_it_applies(monkeypatch):
         assert uses_amx(rows(cpu_decode.AMX_HELPED_ROWS), w)
         assert not uses_amx(rows(cpu_decode.AMX_HELPED_ROWS + 1), w)
         assert cpu_decode.start_helpers(0) == 0
-        assert not uses_amx(rows(8), w[:60])  # 60 outputs: not a whole tile
+        assert uses_amx(rows(8), w[:60])  # 60 outputs: the last 12 from a zero-padded tile
         assert not uses_amx(rows(8)[:, :120], w[:, :120])  # 120 inputs: not a whole tile
         assert uses_amx(rows(8), w, torch.randn(64, generator=g).bfloat16())
         assert not uses_amx(rows(8), w, torch.randn(128, generator=g).bfloat16()[::2])  # a strided bias

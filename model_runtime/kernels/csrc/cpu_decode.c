@@ -1487,31 +1487,53 @@ typedef struct {
     const float *alpha; /* SCALED_TO_ROWS: out[m] = alpha[m] * sums */
 } amx_sink;
 
-AMX static void amx_emit(const amx_sink *to, long t0, long rows, const float *sums, long n0) {
-    /* sums [16 outputs][16 rows of x] (a stored C tile) -> outputs n0 .. n0 + 15 of rows t0 .. t0 +
-     * rows - 1, transposed in registers; TO_BF16 adds the bias in float32 and rounds once (nearest
-     * even) */
+AMX static void amx_emit(const amx_sink *to, long t0, long rows, const float *sums, long n0, long cols) {
+    /* sums [16 outputs][16 rows of x] (a stored C tile) -> outputs n0 .. n0 + cols - 1 (cols <= 16)
+     * of rows t0 .. t0 + rows - 1, transposed in registers; TO_BF16 adds the bias in float32 and
+     * rounds once (nearest even) */
     __m512i r[16];
     for (int o = 0; o < 16; o++)
         r[o] = _mm512_load_si512(sums + 16 * o);
     transpose16x16(r);
+    const __mmask16 m = cols >= 16 ? 0xffff : (__mmask16)((1u << cols) - 1u);
     if (to->kind == TO_BF16) {
-        const __m512 b = to->bias ? widen16(to->bias + n0) : _mm512_setzero_ps();
+        const __m512 b = to->bias ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, to->bias + n0)), 16))
+                                  : _mm512_setzero_ps();
         for (long t = 0; t < rows; t++)
-            _mm256_storeu_si256((__m256i *)(to->y + (t0 + t) * to->ldy + n0),
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_castsi512_ps(r[t]), b)));
+            _mm256_mask_storeu_epi16(to->y + (t0 + t) * to->ldy + n0, m,
+                                     (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_castsi512_ps(r[t]), b)));
     } else if (to->kind == TO_ROWS) {
         for (long t = 0; t < rows; t++)
-            _mm512_storeu_ps(to->out[t0 + t] + n0, _mm512_castsi512_ps(r[t]));
+            _mm512_mask_storeu_ps(to->out[t0 + t] + n0, m, _mm512_castsi512_ps(r[t]));
     } else {
         for (long t = 0; t < rows; t++)
-            _mm512_storeu_ps(to->out[t0 + t] + n0,
-                             _mm512_mul_ps(_mm512_set1_ps(to->alpha[t0 + t]), _mm512_castsi512_ps(r[t])));
+            _mm512_mask_storeu_ps(to->out[t0 + t] + n0, m,
+                                  _mm512_mul_ps(_mm512_set1_ps(to->alpha[t0 + t]), _mm512_castsi512_ps(r[t])));
     }
 }
 
-AMX static void amx_gemm_range(const bf16 *packed, long M, const bf16 *W, long ldw, long nb, long N, long K,
-                               const amx_sink *to) {
+/* the last < 16 rows of W [N, K] (rows ldw apart) from row n0, zero-padded to a whole A tile (16 x K,
+ * rows K apart) in this thread's buffer; NULL when it could not be allocated */
+static __thread bf16 *amx_tail;
+static __thread long amx_tail_k;
+
+AMX static const bf16 *amx_tail_tile(const bf16 *W, long ldw, long n0, long N, long K) {
+    if (K > amx_tail_k) {
+        bf16 *grown = aligned_alloc(64, 16 * K * sizeof(bf16));
+        if (!grown)
+            return NULL;
+        free(amx_tail);
+        amx_tail = grown, amx_tail_k = K;
+    }
+    memset(amx_tail, 0, 16 * K * sizeof(bf16));
+    for (long n = n0; n < N; n++)
+        memcpy(amx_tail + (n - n0) * K, W + n * ldw, K * sizeof(bf16));
+    return amx_tail;
+}
+
+AMX static int amx_gemm_range(const bf16 *packed, long M, const bf16 *W, long ldw, long nb, long N, long K,
+                              const amx_sink *to) {
     /* sums [M, nb .. N) = x @ W^T, x's M rows packed by amx_pack, W [N, K] rows ldw apart; the tiles
      * configured (amx_configure). 32 outputs (two A tiles) x 32 rows of x (two B tiles) at a time:
      * the 32 weight rows (64 KB at K = 1024) stay in L1 / L2 while every pair of row blocks takes
@@ -1520,8 +1542,18 @@ AMX static void amx_gemm_range(const bf16 *packed, long M, const bf16 *W, long l
     const long blocks = (M + 15) / 16;
     float sums[16 * 16] __attribute__((aligned(64)));
     for (long n0 = nb; n0 < N; n0 += 32) {
-        const int two_n = n0 + 32 <= N;
+        /* two A tiles of 16 weight rows each, the second only where more than 16 outputs are
+         * left; a last tile of fewer rows is read from a zero-padded copy (N no multiple of 16) */
+        const long left = N - n0, c0 = left < 16 ? left : 16, c1 = left - 16 < 16 ? left - 16 : 16;
+        const int two_n = left > 16;
         const bf16 *A0 = W + n0 * ldw, *A1 = A0 + 16 * ldw;
+        long ld0 = ldw, ld1 = ldw;
+        if (c0 < 16)
+            A0 = amx_tail_tile(W, ldw, n0, N, K), ld0 = K;
+        else if (two_n && c1 < 16)
+            A1 = amx_tail_tile(W, ldw, n0 + 16, N, K), ld1 = K;
+        if (!A0 || !A1)
+            return -1; /* no memory for a 16 x K copy */
         for (long b = 0; b < blocks; b += 2) {
             const int two_m = b + 1 < blocks;
             const bf16 *B0 = packed + b * 16 * K, *B1 = B0 + 16 * K;
@@ -1530,11 +1562,11 @@ AMX static void amx_gemm_range(const bf16 *packed, long M, const bf16 *W, long l
             _tile_zero(2);
             _tile_zero(3);
             for (long k = 0; k < K; k += 32) {
-                _tile_loadd(4, A0 + k, ldw * 2);
+                _tile_loadd(4, A0 + k, ld0 * 2);
                 _tile_loadd(6, B0 + k * 16, 64);
                 _tile_dpbf16ps(0, 4, 6);
                 if (two_n) {
-                    _tile_loadd(5, A1 + k, ldw * 2);
+                    _tile_loadd(5, A1 + k, ld1 * 2);
                     _tile_dpbf16ps(1, 5, 6);
                 }
                 if (two_m) {
@@ -1546,25 +1578,26 @@ AMX static void amx_gemm_range(const bf16 *packed, long M, const bf16 *W, long l
             }
             const long t0 = 16 * b, r0 = M - t0 < 16 ? M - t0 : 16, r1 = M - t0 - 16;
             _tile_stored(0, sums, 64);
-            amx_emit(to, t0, r0, sums, n0);
+            amx_emit(to, t0, r0, sums, n0, c0);
             if (two_n) {
                 _tile_stored(1, sums, 64);
-                amx_emit(to, t0, r0, sums, n0 + 16);
+                amx_emit(to, t0, r0, sums, n0 + 16, c1);
             }
             if (two_m) {
                 _tile_stored(2, sums, 64);
-                amx_emit(to, t0 + 16, r1, sums, n0);
+                amx_emit(to, t0 + 16, r1, sums, n0, c0);
                 if (two_n) {
                     _tile_stored(3, sums, 64);
-                    amx_emit(to, t0 + 16, r1, sums, n0 + 16);
+                    amx_emit(to, t0 + 16, r1, sums, n0 + 16, c1);
                 }
             }
         }
     }
+    return 0;
 }
 
-AMX static void amx_gemm(const bf16 *packed, long M, const bf16 *W, long ldw, long N, long K, const amx_sink *to) {
-    amx_gemm_range(packed, M, W, ldw, 0, N, K, to);
+AMX static int amx_gemm(const bf16 *packed, long M, const bf16 *W, long ldw, long N, long K, const amx_sink *to) {
+    return amx_gemm_range(packed, M, W, ldw, 0, N, K, to);
 }
 
 /* this thread's scratch for the AMX kernels, grown as needed: a job's own (repacked rows, sums:
@@ -1600,17 +1633,19 @@ struct amx_linear_job {
     const bf16 *W;
     long ldw, K;
     amx_sink to;
+    int failed; /* a thread found no memory for a last tile's copy */
 };
 
 AMX static void job_amx_linear(const void *c, long b, long e) {
     /* outputs b .. e-1 (b a multiple of 32) of every row of x, a pass of P rows at a time, the
      * tiles configured for this thread */
-    const struct amx_linear_job *j = c;
+    struct amx_linear_job *j = (struct amx_linear_job *)c;
     amx_configure();
     for (long m0 = 0; m0 < j->M; m0 += j->P) {
         amx_sink to = j->to;
         to.y += m0 * to.ldy;
-        amx_gemm_range(j->packed + m0 * j->K, j->M - m0 < j->P ? j->M - m0 : j->P, j->W, j->ldw, b, e, j->K, &to);
+        if (amx_gemm_range(j->packed + m0 * j->K, j->M - m0 < j->P ? j->M - m0 : j->P, j->W, j->ldw, b, e, j->K, &to))
+            __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
     }
     _tile_release();
 }
@@ -1618,25 +1653,26 @@ AMX static void job_amx_linear(const void *c, long b, long e) {
 AMX int moe_amx_linear(const bf16 *x, long ldx, long M, const bf16 *W, long ldw, long N, long K, const bf16 *bias,
                        bf16 *y, long ldy) {
     /* y [M, N] = x [M, K] (rows ldx apart) @ W^T (+ bias), any number of rows: a decode step's few,
-     * a prefill's many (AMX_PASS_BYTES of them at a time: the weights are read once a pass). 0,
-     * or -1 when the scratch for x's packed rows could not be allocated (nothing written). W's
-     * rows are shared with the helper threads in chunks of 32 (decision 38): each output is one
-     * row's sum over K, whoever computes it and whatever M. */
+     * a prefill's many (AMX_PASS_BYTES of them at a time: the weights are read once a pass); N any
+     * number (a last tile of fewer than 16 weight rows from a zero-padded copy). 0, or -1 when a
+     * scratch could not be allocated (y then partly written). W's rows are shared with the helper
+     * threads in chunks of 32 (decision 38): each output is one row's sum over K, whoever computes
+     * it and whatever M. */
     bf16 *packed = amx_scratch_of((M + 15) / 16 * 16 * K * sizeof(bf16));
     if (!packed)
         return -1;
     for (long m0 = 0; m0 < M; m0 += 16) {
-        const bf16 *rows[16];
+        const bf16 *rows[16] = {0};
         for (long m = 0; m < 16 && m0 + m < M; m++)
             rows[m] = x + (m0 + m) * ldx;
         amx_pack_rows(rows, M - m0 < 16 ? M - m0 : 16, K, packed + m0 * K);
     }
     long P = AMX_PASS_BYTES / (K * (long)sizeof(bf16)) / 32 * 32;
     P = P < 32 ? 32 : P;
-    const struct amx_linear_job j = {packed, M, P, W, ldw, K, {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy}};
+    struct amx_linear_job j = {packed, M, P, W, ldw, K, {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy}, 0};
     /* work as a decode step's 64 rows over this many bytes of weights: shared from 1 MB */
     parallel_rows(job_amx_linear, &j, N, N * K * 2 * ((M + 63) / 64), (row_chunk(N, K * 2) + 31) / 32 * 32);
-    return 0;
+    return j.failed ? -1 : 0;
 }
 
 /* moe_amx_heads: per head h < H, y[:, h] [M, N] bfloat16 = x[:, h] [M, K] @ W[h]^T, W [H, N, K]
@@ -1672,7 +1708,8 @@ AMX static void job_amx_heads(const void *c, long b, long e) {
                 rows[m] = j->x + (m0 + m) * j->xs + h * j->xh;
             amx_pack(rows, M, j->K, packed);
             const amx_sink to = {.kind = TO_BF16, .y = j->y + m0 * j->ys + h * j->yh, .ldy = j->ys};
-            amx_gemm(packed, M, j->W + h * j->N * j->K, j->K, j->N, j->K, &to);
+            if (amx_gemm(packed, M, j->W + h * j->N * j->K, j->K, j->N, j->K, &to))
+                __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         }
     _tile_release();
 }
@@ -1745,7 +1782,8 @@ AMX static void job_amx_experts(const void *c, long b, long e) {
             }
             amx_pack(xrow, rows, D, packed_x);
             amx_sink to_h = {.kind = TO_ROWS, .out = hrow};
-            amx_gemm(packed_x, rows, gu, D, 2 * I, D, &to_h); /* [rows, 2I]: gate | up */
+            if (amx_gemm(packed_x, rows, gu, D, 2 * I, D, &to_h)) /* [rows, 2I]: gate | up */
+                __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
             for (long m = 0; m < rows; m++) { /* silu(gate) * up, rounded once */
                 const float *hm = hrow[m];
                 bf16 *am = act + m * I;
@@ -1759,7 +1797,8 @@ AMX static void job_amx_experts(const void *c, long b, long e) {
             }
             amx_pack(xrow, rows, I, packed_act);
             amx_sink to_y = {.kind = SCALED_TO_ROWS, .out = yrow, .alpha = alpha};
-            amx_gemm(packed_act, rows, dn, I, D, I, &to_y); /* weight * [rows, D] */
+            if (amx_gemm(packed_act, rows, dn, I, D, I, &to_y)) /* weight * [rows, D] */
+                __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         }
     }
     _tile_release();
