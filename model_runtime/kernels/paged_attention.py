@@ -293,6 +293,7 @@ def prefill_expanded(
     context_lens: torch.Tensor,
     query_start: torch.Tensor,
     scale: float,
+    window: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MLA's prefill over its context expanded into per-head keys and values (models/model.py:
@@ -300,7 +301,7 @@ def prefill_expanded(
     contiguous, the rope part rotated); k_nope [S, L, H, P] and values [S, L, H, Dv] (rows
     contiguous: kv_b_proj's output, split), k_rope [S, L, R] (the cache's rope keys, one for every
     head), position t of sequence s at [s, t] of each (dim 0's stride L times dim 1's); P a multiple
-    of 16; context_lens and query_start as prefill()'s. -> [N, H, Dv] bfloat16."""
+    of 16; context_lens, query_start and window as prefill()'s. -> [N, H, Dv] bfloat16."""
     S, L, H, P = k_nope.shape
     if (
         k_rope.shape[:2] != (S, L) or values.shape[:3] != (S, L, H) or q.shape[1] != H
@@ -313,7 +314,7 @@ def prefill_expanded(
         )
     keys = k_nope.flatten(0, 1)  # [S L, H, P]: slot s L + t
     rope = k_rope.flatten(0, 1)[:, None, :].expand(S * L, H, k_rope.shape[2])  # head stride 0
-    return _prefill(q, keys, rope, values.flatten(0, 1), None, L, context_lens, query_start, scale, None, out)
+    return _prefill(q, keys, rope, values.flatten(0, 1), None, L, context_lens, query_start, scale, window, out)
 
 
 def _prefill(q, keys, rope, values, tables, block_size, context_lens, query_start, scale, window, out):

@@ -537,7 +537,7 @@ class MLAttention(nn.Module):
             k_nope, v = self.kv_b_proj(kv_ctx[..., :C]).view(S, L, H, P + Dv).split([P, Dv], dim=-1)
             if ctx.in_place_prefill(q, cache) and P % 16 == 0:  # no concatenated keys, no padded values
                 out = paged_kernel.prefill_expanded(q, k_nope, kv_ctx[..., C:], v, ctx.context_lens, ctx.query_start,
-                                                    self.scale)  # fmt: skip
+                                                    self.scale, ctx.sliding_window)  # fmt: skip
                 return self.o_proj(out.reshape(N, H * Dv))
             k = torch.cat([k_nope, kv_ctx[:, :, None, C:].expand(S, L, H, R)], dim=-1)  # [S, L, H, P + R]
             out = paged_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale)  # [N, H, Dv]

@@ -528,10 +528,11 @@ def test_bfloat16_prefill_shares_its_heads_with_the_helper_threads():
 
 
 @avx512
-def test_mla_prefill_attends_the_expanded_context_without_concatenating_it():
+@pytest.mark.parametrize("window", [None, 20])
+def test_mla_prefill_attends_the_expanded_context_without_concatenating_it(window):
     """MLA's prefill over its expanded context (kv_b_proj's keys and values per head, the cache's
     one rope key for every head), views as the layer has them: the attention of the concatenated
-    keys, causal within each sequence's new tokens after its cached ones."""
+    keys, causal within each sequence's new tokens after its cached ones (and within the window)."""
     gen = torch.Generator().manual_seed(8)
     S, L, H, P, R, Dv, C = 3, 48, 4, 32, 16, 24, 64
     kvb = torch.randn(S, L, H, P + Dv, generator=gen).bfloat16()
@@ -542,13 +543,14 @@ def test_mla_prefill_attends_the_expanded_context_without_concatenating_it():
     starts = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()])
     q = torch.randn(sum(new), H, P + R, generator=gen).bfloat16()
     with torch.inference_mode():
-        got = paged_kernel.prefill_expanded(q, k_nope, k_rope, v, torch.tensor(lens), starts, 0.2)
+        got = paged_kernel.prefill_expanded(q, k_nope, k_rope, v, torch.tensor(lens), starts, 0.2, window)
     for s in range(S):
         keys = torch.cat([k_nope[s, : lens[s]], k_rope[s, : lens[s], None].expand(-1, H, -1)], -1).double()
         for i in range(new[s]):
             p = lens[s] - new[s] + i
-            scores = torch.einsum("he,the->ht", q[starts[s] + i].double(), keys[: p + 1]) * 0.2
-            want = torch.einsum("ht,thd->hd", scores.softmax(-1), v[s, : p + 1].double())
+            first = 0 if window is None else max(0, p - window + 1)
+            scores = torch.einsum("he,the->ht", q[starts[s] + i].double(), keys[first : p + 1]) * 0.2
+            want = torch.einsum("ht,thd->hd", scores.softmax(-1), v[s, first : p + 1].double())
             torch.testing.assert_close(got[starts[s] + i].double(), want, atol=2e-2, rtol=2e-2)
     with pytest.raises(ValueError, match="does not fit"):  # the no-rope part not a multiple of 16
         paged_kernel.prefill_expanded(q[..., 8:], k_nope[..., 8:], k_rope, v, torch.tensor(lens), starts, 0.2)
