@@ -279,10 +279,11 @@ def prefill(
     K, Ev], views of the bfloat16 cache with contiguous rows; block_tables [S, B]; window: keep a
     token's last `window` positions only. -> [N, H, Ev] bfloat16, written into `out` when given
     (rows contiguous, any other strides)."""
-    if keys.dim() != 3 or values.dim() != 3 or keys.shape[2] != q.shape[2]:
+    if keys.dim() != 3 or values.dim() != 3:
         raise ValueError(f"paged prefill: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
     tables = block_tables.to(torch.int64).contiguous()
-    return _prefill(q, keys, None, values, tables, block_size, context_lens, query_start, scale, window, out)
+    return _prefill(q, keys, None, values, context_lens, query_start, scale, window, out, tables=tables,
+                    block_size=block_size)  # fmt: skip
 
 
 def prefill_expanded(
@@ -314,13 +315,14 @@ def prefill_expanded(
         )
     keys = k_nope.flatten(0, 1)  # [S L, H, P]: slot s L + t
     rope = k_rope.flatten(0, 1)[:, None, :].expand(S * L, H, k_rope.shape[2])  # head stride 0
-    return _prefill(q, keys, rope, values.flatten(0, 1), None, L, context_lens, query_start, scale, window, out)
+    return _prefill(q, keys, rope, values.flatten(0, 1), context_lens, query_start, scale, window, out, dense_len=L)
 
 
-def _prefill(q, keys, rope, values, tables, block_size, context_lens, query_start, scale, window, out):
+def _prefill(q, keys, rope, values, context_lens, query_start, scale, window, out, tables=None, block_size=0,
+             dense_len=0):  # fmt: skip
     """moe_paged_prefill_bf16: keys [slots, K, E1] (+ rope [slots, K, E - E1], else E1 = E), values
-    [slots, K, Ev]; tables [S, B] int64 (paged, blocks of block_size) or None (dense: sequence s's
-    position t at slot s block_size + t)."""
+    [slots, K, Ev]; the context paged (tables [S, B] int64, blocks of block_size) or dense
+    (sequence s's position t at slot s dense_len + t)."""
     lib = avx512_lib()
     if lib is None:
         raise RuntimeError("paged prefill kernel: not available here (AVX512-BF16)")
@@ -344,9 +346,9 @@ def _prefill(q, keys, rope, values, tables, block_size, context_lens, query_star
         q.data_ptr(), q.stride(0), q.stride(1), keys.data_ptr(), keys.stride(0), keys.stride(1),
         None if rope is None else rope.data_ptr(), 0 if rope is None else rope.stride(0),
         0 if rope is None else rope.stride(1), E1, values.data_ptr(), values.stride(0), values.stride(1),
-        None if tables is None else tables.data_ptr(), 0 if tables is None else tables.stride(0),
-        0 if tables is not None else block_size, lens.data_ptr(), starts.data_ptr(), out.data_ptr(), out.stride(0),
-        out.stride(1), S, K, H // K, E, Ev, block_size if tables is not None else 0, window or 0, scale,
+        None if tables is None else tables.data_ptr(), 0 if tables is None else tables.stride(0), dense_len,
+        lens.data_ptr(), starts.data_ptr(), out.data_ptr(), out.stride(0), out.stride(1), S, K, H // K, E, Ev,
+        block_size, window or 0, scale,
     ):  # fmt: skip
         raise MemoryError(f"paged prefill: no memory for a context of {int(lens.max())} tokens")
     return out

@@ -1475,6 +1475,16 @@ AMX static void amx_pack(const bf16 *const *x, long M, long K, bf16 *B) {
         amx_pack_rows(x + 16 * b, M - 16 * b < 16 ? M - 16 * b : 16, K, B + b * 16 * K);
 }
 
+AMX static void amx_pack_strided(const bf16 *x, long ld, long M, long K, bf16 *B) {
+    /* amx_pack of the M rows x, x + ld, ..., any number of them */
+    for (long m0 = 0; m0 < M; m0 += 16) {
+        const bf16 *rows[16] = {0};
+        for (long m = 0; m < 16 && m0 + m < M; m++)
+            rows[m] = x + (m0 + m) * ld;
+        amx_pack_rows(rows, M - m0 < 16 ? M - m0 : 16, K, B + m0 * K);
+    }
+}
+
 /* where amx_gemm's sums go: y [M, N] bfloat16 (+ bias), or float32 rows out[m], scaled or not */
 enum { TO_BF16, TO_ROWS, SCALED_TO_ROWS };
 
@@ -1661,12 +1671,7 @@ AMX int moe_amx_linear(const bf16 *x, long ldx, long M, const bf16 *W, long ldw,
     bf16 *packed = amx_scratch_of((M + 15) / 16 * 16 * K * sizeof(bf16));
     if (!packed)
         return -1;
-    for (long m0 = 0; m0 < M; m0 += 16) {
-        const bf16 *rows[16] = {0};
-        for (long m = 0; m < 16 && m0 + m < M; m++)
-            rows[m] = x + (m0 + m) * ldx;
-        amx_pack_rows(rows, M - m0 < 16 ? M - m0 : 16, K, packed + m0 * K);
-    }
+    amx_pack_strided(x, ldx, M, K, packed);
     long P = AMX_PASS_BYTES / (K * (long)sizeof(bf16)) / 32 * 32;
     P = P < 32 ? 32 : P;
     struct amx_linear_job j = {packed, M, P, W, ldw, K, {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy}, 0};
@@ -1699,14 +1704,11 @@ AMX static void job_amx_heads(const void *c, long b, long e) {
         __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         return;
     }
-    const bf16 *rows[AMX_LINEAR_ROWS];
     amx_configure();
     for (long h = b; h < e; h++)
         for (long m0 = 0; m0 < j->M; m0 += AMX_LINEAR_ROWS) {
             const long M = j->M - m0 < AMX_LINEAR_ROWS ? j->M - m0 : AMX_LINEAR_ROWS;
-            for (long m = 0; m < M; m++)
-                rows[m] = j->x + (m0 + m) * j->xs + h * j->xh;
-            amx_pack(rows, M, j->K, packed);
+            amx_pack_strided(j->x + m0 * j->xs + h * j->xh, j->xs, M, j->K, packed);
             const amx_sink to = {.kind = TO_BF16, .y = j->y + m0 * j->ys + h * j->yh, .ldy = j->ys};
             if (amx_gemm(packed, M, j->W + h * j->N * j->K, j->K, j->N, j->K, &to))
                 __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
