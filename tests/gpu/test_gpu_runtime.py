@@ -111,7 +111,7 @@ def test_serve_on_cuda_answers(server_process):
     try:
         reply = httpx.post(
             f"{server.base_url}/v1/completions",
-            json={"model": "tiny-mixtral", "prompt": "hello", "max_tokens": 8},
+            json={"model": "tiny-mixtral", "prompt": "hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True},
             timeout=60,
         )
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
