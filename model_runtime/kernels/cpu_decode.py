@@ -68,6 +68,7 @@ _lib = None  # the loaded library (None: not loaded, or there is none)
 _decided = False  # whether _load() has run
 _avx512 = False  # whether the CPU runs the AVX-512-only kernels (moe_experts_bf16)
 _amx = False  # whether the CPU (and the OS, for this process) runs the AMX kernel (moe_amx_linear)
+_dpbf16 = False  # whether the routed experts take moe_dpbf16_experts: AVX512-BF16 without AMX (decision 40)
 
 
 def _build() -> Path:
@@ -76,7 +77,7 @@ def _build() -> Path:
 
 def _load():
     """The kernels' library, or None (with the reason logged once)."""
-    global _lib, _decided, _avx512, _amx
+    global _lib, _decided, _avx512, _amx, _dpbf16
     if _decided:
         return _lib
     with _lock:
@@ -117,6 +118,9 @@ def _load():
                 lib.moe_amx_heads.restype = i32
                 lib.moe_amx_experts.argtypes = [ptr] * 7 + [long] * 5
                 lib.moe_amx_experts.restype = i32
+                lib.moe_dpbf16_experts.argtypes = lib.moe_amx_experts.argtypes
+                lib.moe_dpbf16_experts.restype = i32
+                lib.moe_dpbf16_supported.argtypes, lib.moe_dpbf16_supported.restype = [], i32
                 lib.moe_helpers_start.argtypes, lib.moe_helpers_start.restype = [i32], i32
                 lib.moe_helpers_stop.argtypes, lib.moe_helpers_stop.restype = [], None
                 lib.moe_helpers_rows.argtypes, lib.moe_helpers_rows.restype = [], long
@@ -138,10 +142,15 @@ def _load():
                 _avx512 = bool(lib.moe_experts_supported())
                 _amx = _avx512 and os.environ.get("MOE_RUNTIME_AMX", "1") != "0" and bool(lib.moe_amx_supported())
                 _amx_here[0] = _amx
-                log.info(
-                    "cpu decode kernels: %s (bfloat16 weights read with %s%s)",
-                    path, simd, "; a few rows' linears and the routed experts on AMX tiles" if _amx else "",
+                _dpbf16 = (
+                    _avx512 and not _amx and os.environ.get("MOE_RUNTIME_DPBF16", "1") != "0"
+                    and bool(lib.moe_dpbf16_supported())
                 )  # fmt: skip
+                also = (
+                    "; a few rows' linears and the routed experts on AMX tiles" if _amx
+                    else "; the routed experts by AVX512-BF16 dot products" if _dpbf16 else ""
+                )  # fmt: skip
+                log.info("cpu decode kernels: %s (bfloat16 weights read with %s%s)", path, simd, also)
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
                 lib = None
                 log.warning("cpu decode kernels: off (%s); torch's ops are used", e)
@@ -530,8 +539,8 @@ def routed_experts(
     """x [N, D] bfloat16 or float32, weights / ids [N, A] -> (sum over a of weights[:, a] * expert
     ids[:, a] on x [N, D] of x's dtype, tokens per expert [E]); gate_up [E, 2I, D] and down [E, D, I]
     of x's dtype: by moe_experts_bf16 or moe_experts_f32 on each expert's matrix column-major
-    (experts_kernel checks all this), or with `amx` by moe_amx_experts on the bfloat16 experts
-    row-major (amx_experts checks)."""
+    (experts_kernel checks all this), or with `amx` by moe_amx_experts (moe_dpbf16_experts on a CPU
+    with AVX512-BF16 and no AMX) on the bfloat16 experts row-major (amx_experts checks)."""
     N, A = ids.shape
     E, D, I = down.shape  # noqa: E741 (legend)
     x = x.contiguous()
@@ -541,8 +550,9 @@ def routed_experts(
     counts = torch.empty(E, dtype=torch.int64)
     ptrs = (x, ids, weights, gate_up, down, y, counts)
     if amx:
-        if _lib.moe_amx_experts(*(t.data_ptr() for t in ptrs), N, A, D, E, I):
-            raise MemoryError(f"moe_amx_experts: no memory for the scratch of {N} tokens")
+        kernel = _lib.moe_amx_experts if _amx else _lib.moe_dpbf16_experts
+        if kernel(*(t.data_ptr() for t in ptrs), N, A, D, E, I):
+            raise MemoryError(f"{kernel.__name__}: no memory for the scratch of {N} tokens")
     else:
         if x.dtype == torch.bfloat16:
             scratch = torch.empty(N * D + N * A + E + 1 + N * (D + 2 * I))
@@ -563,12 +573,13 @@ def routed_experts(
 
 
 def amx_experts_layer(m: layers.Experts, any_intermediate: bool = False) -> bool:
-    """Whether moe_amx_experts can take m's experts, once row-major: the CPU has AMX (_amx),
-    bfloat16, every expert on this rank, SiLU, D and I multiples of 32 (any I with
-    `any_intermediate`: what pad_intermediate makes of it)."""
+    """Whether moe_amx_experts (or, on a CPU with AVX512-BF16 but no AMX, moe_dpbf16_experts: the
+    same sums by dot products, decision 40) can take m's experts, once row-major: the CPU has AMX
+    (_amx) or AVX512-BF16 (_dpbf16), bfloat16, every expert on this rank, SiLU, D and I multiples of
+    32 (any I with `any_intermediate`: what pad_intermediate makes of it)."""
     D, I = m.down_proj.shape[1:]  # noqa: E741 (legend)
     return (
-        _amx
+        (_amx or _dpbf16)
         and m.gate_up_proj.dtype is torch.bfloat16
         and m.down_proj.dtype is torch.bfloat16
         and m.num_local_experts == m.num_experts
@@ -597,12 +608,12 @@ def pad_intermediate(m: layers.Experts) -> int:
 
 
 def amx_experts(m: layers.Experts, x: torch.Tensor) -> bool:
-    """Whether moe_amx_experts computes m's forward on x [N, D]: a layer it takes
+    """Whether moe_amx_experts (moe_dpbf16_experts without AMX) computes m's forward on x [N, D]: a layer it takes
     (amx_experts_layer) with its experts row-major as the checkpoint stores them (the engine's
     layout then: experts_layout), x bfloat16 on the CPU, N >= 2 (one token: moe_moe_decode, or the
     loop over its experts), outside autograd, torch on one thread."""
     return (
-        _amx
+        (_amx or _dpbf16)
         and x.dtype is torch.bfloat16
         and x.dim() == 2
         and x.shape[0] >= 2
@@ -849,7 +860,7 @@ class DecodeRMSNorm(layers.RMSNorm):
 
 class DecodeExperts(layers.Experts):
     def forward(self, x, weights, ids):
-        if amx_experts(self, x):  # any number of tokens where the CPU has AMX: one C call
+        if amx_experts(self, x):  # any number of tokens where the CPU has AMX or AVX512-BF16: one C call
             return amx_routed_experts(x, weights, ids, self.gate_up_proj, self.down_proj)
         if experts_kernel(self, x):  # a few tokens: one C call, not a oneDNN matmul per expert
             return routed_experts(x, weights, ids, self.gate_up_proj, self.down_proj)
@@ -1244,7 +1255,7 @@ def experts_layout(model: nn.Module) -> nn.Module:
                 else:
                     grouped_experts_layout(m)
     for (I, Ip), n in padded.items():  # noqa: E741 (legend)
-        log.info("AMX: the routed experts of %d layers padded with zeros from I = %d to %d (the tiles' K)", n, I, Ip)
+        log.info("the routed experts of %d layers padded with zeros from I = %d to %d (32: the kernel's K)", n, I, Ip)
     if narrowed:
         log.info(
             "float32: the routed experts of %d layers kept as the bfloat16 values they are (%.2f GiB less "

@@ -308,6 +308,7 @@ def test_bf16_moe_kernel_matches_the_torch_layer(name, layout, simd, monkeypatch
     moe = random_(MoE(cfg), 6).bfloat16()
     if layout == "column-major":  # as the engine keeps bfloat16 experts on CPUs without AMX
         monkeypatch.setattr(cpu_decode, "_amx", False)
+        monkeypatch.setattr(cpu_decode, "_dpbf16", False)  # nor AVX512-BF16
         cpu_decode.grouped_experts_layout(moe)
         assert not moe.experts.gate_up_proj.is_contiguous()
     xs = [torch.randn(1, 64, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(20)]
@@ -571,6 +572,7 @@ def routed_experts_case(
     with pytest.MonkeyPatch.context() as patched:
         if layout == "column-major":
             patched.setattr(cpu_decode, "_amx", False)  # as on a CPU without AMX
+            patched.setattr(cpu_decode, "_dpbf16", False)  # nor AVX512-BF16
         if layout != "none":  # "none": the layer as loaded, no kernels
             assert use_cpu_decode_kernels(moe)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -903,6 +905,11 @@ def test_linear_takes_the_float32_kernel_only_where_it_applies(monkeypatch):
 
 
 amx = pytest.mark.skipif(not cpu_decode._amx, reason="this CPU (or OS) runs no AMX")
+# the routed experts' row-major kernels: moe_amx_experts, or moe_dpbf16_experts where the CPU has
+# AVX512-BF16 but no AMX (decision 40)
+row_experts = pytest.mark.skipif(
+    not (cpu_decode._amx or cpu_decode._dpbf16), reason="this CPU runs neither AMX nor AVX512-BF16"
+)
 
 
 @amx
@@ -972,16 +979,16 @@ def test_linear_takes_the_amx_kernel_only_where_it_applies(monkeypatch):
     assert got.requires_grad and taken["n"] == before  # autograd: torch's op
 
 
-@amx
+@row_experts
 @pytest.mark.parametrize(
     ("tokens", "hidden", "intermediate"),
     [(2, 64, 64), (7, 64, 96), (33, 128, 32), (300, 64, 64)],  # decode steps, and a prefill
 )
 @pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
-def test_amx_routed_experts_match_the_torch_code_for_any_token_count(name, tokens, hidden, intermediate, monkeypatch):
-    """Where the CPU has AMX the engine keeps bfloat16 experts row-major (as the checkpoint stores
-    them), and a layer's routed experts on any number of tokens (a decode step, a prefill) are one
-    C call (moe_amx_experts): torch's output within bfloat16 roundings (the hidden activations are
+def test_row_major_routed_experts_match_the_torch_code_for_any_token_count(name, tokens, hidden, intermediate, monkeypatch):
+    """Where the CPU has AMX or AVX512-BF16 the engine keeps bfloat16 experts row-major (as the
+    checkpoint stores them), and a layer's routed experts on any number of tokens (a decode step, a
+    prefill) are one C call (moe_amx_experts, moe_dpbf16_experts): torch's output within bfloat16 roundings (the hidden activations are
     rounded once, the sum over experts kept in float32), its tokens per expert, closer to float32
     than torch's bfloat16, and a token's output the same bits whatever else is in the step."""
     experts, x, weights, ids = routed_experts_case(name, tokens, hidden=hidden, intermediate=intermediate, layout="engine")
@@ -1001,9 +1008,10 @@ def test_amx_routed_experts_match_the_torch_code_for_any_token_count(name, token
     assert torch.equal(alone, got[last])
 
 
-@amx
-def test_amx_routed_experts_take_an_experts_tokens_in_passes_and_sum_an_expert_named_twice():
-    """More choices of one expert than a pass of the kernel's scratch takes (AMX_PASS_ROWS, 512),
+@row_experts
+def test_row_major_routed_experts_take_an_experts_tokens_in_passes_and_sum_an_expert_named_twice():
+    """More choices of one expert than a pass of the kernel's scratch takes (AMX_PASS_ROWS, 512;
+    DOT_PASS_ROWS, 256),
     and ids naming an expert twice for a token (what the torch code sums): every choice counted
     and summed."""
     experts, x, weights, _ = routed_experts_case("mixtral", 300, intermediate=64, layout="engine")
@@ -1016,8 +1024,8 @@ def test_amx_routed_experts_take_an_experts_tokens_in_passes_and_sum_an_expert_n
     assert bf16_close(got, want, ulps=6)
 
 
-@amx
-def test_amx_routed_experts_take_only_what_the_kernel_reads(monkeypatch):
+@row_experts
+def test_row_major_routed_experts_take_only_what_the_kernel_reads(monkeypatch):
     """One token (the batch-1 kernels' case), column-major experts (moe_experts_bf16's), sizes the
     tiles do not take, float32, more threads or autograd: not the AMX kernel."""
     experts, x, weights, ids = routed_experts_case("mixtral", 40, intermediate=64, layout="engine")
@@ -1037,9 +1045,9 @@ def test_amx_routed_experts_take_only_what_the_kernel_reads(monkeypatch):
     assert not cpu_decode.amx_experts(experts, x.requires_grad_())
 
 
-@amx
+@row_experts
 @pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
-def test_amx_takes_experts_of_any_intermediate_size_padded_with_zeros(name):
+def test_row_major_experts_of_any_intermediate_size_are_padded_with_zeros(name):
     """An intermediate size the tiles do not take (I = 48, 200) is padded with zeros to a multiple
     of 32 when the engine lays the experts out (pad_intermediate), so moe_amx_experts takes a step
     and a prefill of such a layer too: the outputs of the unpadded layer's torch code (the padded
@@ -1084,6 +1092,61 @@ def test_the_amx_kernels_say_so_at_start_and_turn_off_with_the_switch(switch):
     on = switch == "1"
     assert proc.stdout.split() == ["amx", str(on), "row-major", str(on)]
     assert ("routed experts on AMX tiles" in proc.stderr) == on, proc.stderr
+
+
+dpbf16 = pytest.mark.skipif(not cpu_decode._dpbf16, reason="this CPU has AMX, or no AVX512-BF16")
+
+
+@dpbf16
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_the_dpbf16_experts_say_so_at_start_and_turn_off_with_the_switch(switch):
+    """On a CPU with AVX512-BF16 and no AMX (AMD Zen 4) the kernels' log line says the routed
+    experts take its dot products, and the engine keeps bfloat16 experts row-major for them;
+    MOE_RUNTIME_DPBF16=0 turns that off (column-major, for moe_experts_bf16 and torch)."""
+    code = (
+        "import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+        "from model_runtime import load_model\n"
+        "from model_runtime.kernels import cpu_decode\n"
+        "model = load_model('builtin:tiny-mixtral', dtype=torch.bfloat16)\n"
+        "assert cpu_decode.use_cpu_decode_kernels(model)\n"
+        "experts = next(m for m in model.modules() if isinstance(m, cpu_decode.layers.Experts))\n"
+        "x = torch.randn(4, experts.gate_up_proj.shape[-1]).bfloat16()\n"
+        "torch.set_num_threads(1)  # as the server runs on 2 cores\n"
+        "print('dpbf16', cpu_decode._dpbf16, 'row-major', experts.gate_up_proj.is_contiguous(),\n"
+        "      'takes', cpu_decode.amx_experts(experts, x))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "MOE_RUNTIME_DPBF16": switch},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    on = str(switch == "1")
+    assert proc.stdout.split() == ["dpbf16", on, "row-major", on, "takes", on]
+    assert ("routed experts by AVX512-BF16 dot products" in proc.stderr) == (switch == "1"), proc.stderr
+
+
+@dpbf16
+@pytest.mark.parametrize(("hidden", "intermediate"), [(256, 256), (1024, 96)])
+def test_helper_threads_share_the_dpbf16_experts_and_give_the_same_bits(hidden, intermediate):
+    """moe_dpbf16_experts' experts are the helper threads' jobs, each choice its own float32 row
+    summed in choice order: the same bits with 0, 1 or 2 helpers, for a decode step and a prefill
+    (an expert's tokens in passes of DOT_PASS_ROWS), close to torch's code; the helpers take part."""
+    steps = [routed_experts_case("deepseek-v3", n, hidden=hidden, intermediate=intermediate, layout="engine")
+             for n in (48, 700)]  # fmt: skip
+    experts = steps[0][0]
+
+    def run() -> list[torch.Tensor]:
+        return [cpu_decode.amx_routed_experts(x, w, ids, experts.gate_up_proj, experts.down_proj)[0]
+                for _, x, w, ids in steps]  # fmt: skip
+
+    with torch.inference_mode():
+        assert all(cpu_decode.amx_experts(experts, x) for _, x, _, _ in steps)
+        assert cpu_decode.start_helpers(0) == 0
+        alone = run()
+        for (_, x, w, ids), got in zip(steps, alone, strict=True):
+            assert bf16_close(got, Experts.forward(experts, x, w, ids)[0], ulps=6)
+        same_bits_with_helpers(run, alone, what="expert")
+        assert cpu_decode.start_helpers(0) == 0
 
 
 def bf16_valued(module: torch.nn.Module) -> torch.nn.Module:
@@ -1308,8 +1371,8 @@ def greedy_tokens(
     return [tokens[f"r{r}"] for r in range(len(prompts))], cpu_decode.helper_rows() - before
 
 
-@amx
-def test_amx_routed_experts_take_a_long_prefill_in_rounds_with_every_token_as_alone():
+@row_experts
+def test_row_major_routed_experts_take_a_long_prefill_in_rounds_with_every_token_as_alone():
     """The kernel keeps each choice's output row (float32) until a token's are summed, at most
     AMX_EXPERTS_BYTES (32 MB) of them at a time: a prefill of more tokens goes in rounds, every
     token counted, close to torch, and each token's output the bits it has in a step of its own."""
@@ -1498,12 +1561,13 @@ def test_an_engine_with_helper_threads_streams_the_tokens_it_streams_without_the
         assert greedy(1, long)[0] != greedy(1, [p[::-1] for p in long])[0]  # the tokens do depend on the prompts
 
 
-@amx
+@row_experts
 def test_an_engine_on_amx_streams_the_same_tokens_with_and_without_helper_threads():
-    """What a client sees on an AMX CPU (decision 38): a bfloat16 model whose head (2 MB) and
-    routed experts the helpers share gives the same greedy tokens with 0, 1 and 2 helpers, for
-    short prompts in steps of several sequences and for 150-token prompts (a prefill's experts
-    through moe_amx_experts); the helpers do take rows."""
+    """What a client sees on an AMX CPU (decision 38), or one with AVX512-BF16 (decision 40): a
+    bfloat16 model whose head (2 MB, on AMX) and routed experts the helpers share gives the same
+    greedy tokens with 0, 1 and 2 helpers, for short prompts in steps of several sequences and for
+    150-token prompts (a prefill's experts through moe_amx_experts / moe_dpbf16_experts); the
+    helpers do take rows."""
     cfg = dataclasses.replace(
         ModelConfig.from_name("tiny-mixtral"), hidden_size=256, intermediate_size=256, moe_intermediate_size=256,
         vocab_size=4096,

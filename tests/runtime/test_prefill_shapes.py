@@ -156,6 +156,7 @@ def test_a_mixed_step_reads_the_decodes_in_place(name, monkeypatch):
 
 def test_warm_up_builds_every_bucket_of_a_step_once(monkeypatch):
     monkeypatch.setattr(cpu_decode, "_amx", False)  # as on a CPU without AMX: every bucket is oneDNN's
+    monkeypatch.setattr(cpu_decode, "_dpbf16", False)  # nor AVX512-BF16
     model = grouped_experts_layout(load_model("builtin:tiny-deepseek-v3", dtype=torch.bfloat16))
     rows_seen: dict[tuple, set[int]] = {}
     linear, grouped_mm = F.linear, F.grouped_mm
