@@ -121,6 +121,8 @@ def _load():
                 lib.moe_dpbf16_experts.argtypes = lib.moe_amx_experts.argtypes
                 lib.moe_dpbf16_experts.restype = i32
                 lib.moe_dpbf16_supported.argtypes, lib.moe_dpbf16_supported.restype = [], i32
+                lib.moe_dpbf16_linear.argtypes = lib.moe_amx_linear.argtypes
+                lib.moe_dpbf16_linear.restype = i32
                 lib.moe_helpers_start.argtypes, lib.moe_helpers_start.restype = [i32], i32
                 lib.moe_helpers_stop.argtypes, lib.moe_helpers_stop.restype = [], None
                 lib.moe_helpers_rows.argtypes, lib.moe_helpers_rows.restype = [], long
@@ -311,6 +313,22 @@ def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> boo
     return _amx and few_rows(x, w, bias, torch.bfloat16, amx_max_rows()) and w.shape[1] % 32 == 0
 
 
+# Up to this many rows a bfloat16 linear takes moe_dpbf16_linear on a CPU with AVX512-BF16 and no
+# AMX (decision 40) rather than oneDNN's matmul: on one thread 1.4-2.4x oneDNN's speed at 2-8 rows,
+# as fast at 32 and 0.8x from 64; where helper threads share its weight rows 1.5-2x at any number
+# up to 1024 (Zen 4, D 1024, N 1024-32000: scratch lin.py).
+DPBF16_MAX_ROWS = 16
+DPBF16_HELPED_ROWS = 1024
+
+
+def dpbf16_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether moe_dpbf16_linear computes F.linear(x, w, bias): bfloat16 on a CPU with AVX512-BF16
+    and no AMX (_dpbf16), 2 to DPBF16_MAX_ROWS rows (DPBF16_HELPED_ROWS where helper threads run;
+    few_rows), N a multiple of 4 and K of 32."""
+    most = DPBF16_HELPED_ROWS if _helpers else DPBF16_MAX_ROWS
+    return _dpbf16 and few_rows(x, w, bias, torch.bfloat16, most) and w.shape[0] % 4 == 0 and w.shape[1] % 32 == 0
+
+
 def f32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, weight: torch.dtype | None = None) -> bool:
     """Whether moe_linear_f32 computes F.linear(x, w, bias): float32 (the weight `weight`, where
     moe_linear_f32_bf16w reads a bfloat16 one), the kernels loaded on a CPU without AVX-512, a few
@@ -345,6 +363,11 @@ def amx_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     return rows_linear(_lib.moe_amx_linear, x, w, bias)
 
 
+def dpbf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) by moe_dpbf16_linear (dpbf16_rows checks the arguments): x [..., K] bfloat16."""
+    return rows_linear(_lib.moe_dpbf16_linear, x, w, bias)
+
+
 def f32_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias) by moe_linear_f32 (f32_rows checks the arguments): x [..., K] float32."""
     return rows_linear(_lib.moe_linear_f32, x, w, bias)
@@ -352,7 +375,8 @@ def f32_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; one float32 or bfloat16 row on the CPU (batch-1 decode) takes the streaming gemv
-    kernel, a few bfloat16 rows the AMX kernel where the CPU has it, a few float32 rows the AVX2
+    kernel, a few bfloat16 rows the AMX kernel where the CPU has it (the AVX512-BF16 one where it
+    has that and no AMX: dpbf16_rows), a few float32 rows the AVX2
     dot-product kernel, more rows oneDNN's / MKL's matmul with the rows padded to a bucket
     (kernels/shapes.py)."""
     if x.dtype == torch.float32 and w.dtype == torch.bfloat16:
@@ -362,6 +386,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
         return y if bias is None else y + bias
     if amx_rows(x, w, bias):
         return amx_linear(x, w, bias)
+    if dpbf16_rows(x, w, bias):
+        return dpbf16_linear(x, w, bias)
     if f32_rows(x, w, bias):
         return f32_linear(x, w, bias)
     return shapes.linear(x, w, bias)

@@ -118,7 +118,7 @@ def warm_up(model: torch.nn.Module, max_rows: int, max_logit_rows: int) -> tuple
             if rows * w.numel() > WARM_MAX_MACS:
                 break
             x = w.new_zeros(rows, w.shape[1])
-            if not cpu_decode.amx_rows(x, w, bias):  # (AMX's kernel builds nothing)
+            if not (cpu_decode.amx_rows(x, w, bias) or cpu_decode.dpbf16_rows(x, w, bias)):  # (theirs build nothing)
                 F.linear(x, w, bias)
                 n += 1
         return n

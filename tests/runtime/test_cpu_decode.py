@@ -979,6 +979,82 @@ def test_linear_takes_the_amx_kernel_only_where_it_applies(monkeypatch):
     assert got.requires_grad and taken["n"] == before  # autograd: torch's op
 
 
+@pytest.mark.skipif(not cpu_decode._dpbf16, reason="this CPU has AMX, or no AVX512-BF16")
+@pytest.mark.parametrize(
+    "rows,out,inn,bias",
+    [(2, 16, 32, False), (5, 48, 64, True), (16, 1040, 256, False), (17, 96, 1024, True), (33, 80, 96, False),
+     (64, 512, 1024, True), (500, 48, 2048, True), (7, 4, 32, True)],  # 500 rows: passes of 64 (256 KB)
+)  # fmt: skip
+def test_dpbf16_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out, inn, bias):
+    """bfloat16 rows through the AVX512-BF16 kernel on a CPU without AMX (decision 40; up to
+    DPBF16_HELPED_ROWS where a helper thread shares the weight rows): oneDNN's result within a
+    rounding, and the exact one's; x's rows a strided view, the bias added before the rounding;
+    each row the same bits whatever else is in the step, and with 0, 1 or 2 helpers."""
+    g = torch.Generator().manual_seed(rows * out + inn)
+    wide = torch.randn(rows, inn + 32, generator=g).bfloat16()
+    x = wide[:, 16 : 16 + inn]  # rows inn + 32 apart
+    w = torch.randn(out, inn, generator=g).bfloat16()
+    b = torch.randn(out, generator=g).bfloat16() if bias else None
+    with torch.inference_mode():
+        assert cpu_decode.start_helpers(1) == 1
+        assert cpu_decode.dpbf16_rows(x, w, b)
+        got = cpu_decode.linear(x, w, b)
+        exact = (x.double() @ w.double().T + (b.double() if bias else 0)).bfloat16()
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+        assert bf16_close(got, F.linear(x, w, b), ulps=1)
+        assert bf16_close(got, exact, ulps=1)
+        for part in (slice(0, 2), slice(rows - 2, rows), slice(1, rows)):  # the same rows in other steps
+            assert torch.equal(cpu_decode.linear(x[part], w, b), got[part])
+        batched = cpu_decode.linear(x.reshape(1, rows, inn), w, b)  # [..., in] as F.linear takes it
+        assert batched.shape == (1, rows, out) and torch.equal(batched[0], got)
+        for n in (0, 2):
+            assert cpu_decode.start_helpers(n) == n
+            assert torch.equal(cpu_decode.dpbf16_linear(x, w, b), got), n
+        assert cpu_decode.start_helpers(0) == 0
+
+
+@pytest.mark.skipif(not cpu_decode._dpbf16, reason="this CPU has AMX, or no AVX512-BF16")
+def test_linear_takes_the_dpbf16_kernel_only_where_it_applies(monkeypatch):
+    """One row: the streaming gemv; 2 .. DPBF16_MAX_ROWS bfloat16 rows (DPBF16_HELPED_ROWS where
+    helper threads share them) of a weight of outputs a multiple of 4 and inputs of 32: the
+    AVX512-BF16 kernel; anything else: oneDNN's matmul; the helpers take part in a large one."""
+    taken = count_calls(monkeypatch, cpu_decode, "dpbf16_linear")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g).bfloat16()
+
+    def uses_kernel(x, w, bias=None):
+        before = taken["n"]
+        got = cpu_decode.linear(x, w, bias)
+        assert bf16_close(got, F.linear(x, w, bias), ulps=1)
+        return taken["n"] > before
+
+    rows = lambda n: torch.randn(n, 128, generator=g).bfloat16()  # noqa: E731
+    with torch.inference_mode():
+        assert cpu_decode.start_helpers(0) == 0
+        assert not uses_kernel(rows(1), w)
+        assert uses_kernel(rows(2), w) and uses_kernel(rows(cpu_decode.DPBF16_MAX_ROWS), w)
+        assert not uses_kernel(rows(cpu_decode.DPBF16_MAX_ROWS + 1), w)
+        assert not uses_kernel(rows(8), w[:62])  # 62 outputs: not a multiple of 4
+        assert not uses_kernel(rows(8)[:, :120], w[:, :120])  # 120 inputs: not a multiple of 32
+        assert uses_kernel(rows(8), w, torch.randn(64, generator=g).bfloat16())
+        before = taken["n"]
+        cpu_decode.linear(rows(8).float(), w.float())
+        assert taken["n"] == before  # float32: not this kernel
+        assert cpu_decode.start_helpers(1) == 1
+        assert uses_kernel(rows(cpu_decode.DPBF16_HELPED_ROWS), w)
+        assert not uses_kernel(rows(cpu_decode.DPBF16_HELPED_ROWS + 1), w)
+        big = torch.randn(2048, 1024, generator=g).bfloat16()  # 4 MB: shared with the helper
+        x = torch.randn(32, 1024, generator=g).bfloat16()
+        same_bits_with_helpers(lambda: [cpu_decode.dpbf16_linear(x, big)], [cpu_decode.dpbf16_linear(x, big)])
+        assert cpu_decode.start_helpers(0) == 0
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        assert not uses_kernel(rows(8), w)
+    x = rows(8).requires_grad_()
+    before = taken["n"]
+    got = cpu_decode.linear(x, w)
+    assert got.requires_grad and taken["n"] == before  # autograd: torch's op
+
+
 @row_experts
 @pytest.mark.parametrize(
     ("tokens", "hidden", "intermediate"),

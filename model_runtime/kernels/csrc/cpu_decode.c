@@ -14,6 +14,7 @@
  * moe_amx_linear:    a linear of a few bfloat16 rows on AMX tiles (decision 32)
  * moe_amx_experts:   the routed experts of a MoE layer for any number of tokens on AMX tiles
  * moe_dpbf16_experts: the same by AVX512-BF16 dot products, on CPUs without AMX (decision 40)
+ * moe_dpbf16_linear: moe_amx_linear by AVX512-BF16 dot products
  *
  * Each takes `bf`: 0 when the weights, the cache and the layer's input and output are float32, 1 when
  * they are bfloat16. Either way the arithmetic is float32: bfloat16 values are widened as they are
@@ -1725,7 +1726,7 @@ AMX int moe_amx_heads(const bf16 *x, long xs, long xh, const bf16 *W, bf16 *y, l
 }
 
 /* dot_gemm: the sums of amx_gemm without the tiles, for CPUs with AVX512-BF16 but no AMX (AMD Zen 4
- * and 5; Intel Cooper Lake): sums [M, N] = x @ W^T into float32 rows (TO_ROWS, SCALED_TO_ROWS),
+ * and 5; Intel Cooper Lake): sums [M, N] = x @ W^T into float32 rows (TO_ROWS, SCALED_TO_ROWS) or y,
  * x's M rows (bfloat16, K each) by pointer, W [N, K] rows ldw apart, N a multiple of DOT_COLS and
  * K of 32 (an expert's D and I: the caller checks). vdpbf16ps multiplies 16 pairs of bfloat16 and
  * adds both products of a pair to a float32 lane: twice the FMAs of widening the weights to
@@ -1792,13 +1793,61 @@ BF16DOT static void dot_gemm(const bf16 *const *x, long M, const bf16 *W, long l
                 DOT_CASE(6)
             }
             for (int m = 0; m < rows; m++) {
-                float *o = to->out[m0 + m] + n0;
-                const float a = to->kind == SCALED_TO_ROWS ? to->alpha[m0 + m] : 1.0f;
-                for (int c = 0; c < DOT_COLS; c++)
-                    o[c] = to->kind == SCALED_TO_ROWS ? a * sums[m * DOT_COLS + c] : sums[m * DOT_COLS + c];
+                const float *sm = sums + m * DOT_COLS;
+                if (to->kind == TO_BF16) { /* the bias added in float32, rounded once */
+                    bf16 *o = to->y + (m0 + m) * to->ldy + n0;
+                    for (int c = 0; c < DOT_COLS; c++)
+                        o[c] = f2bf(to->bias ? sm[c] + bf2f(to->bias[n0 + c]) : sm[c]);
+                } else {
+                    float *o = to->out[m0 + m] + n0;
+                    const float a = to->kind == SCALED_TO_ROWS ? to->alpha[m0 + m] : 1.0f;
+                    for (int c = 0; c < DOT_COLS; c++)
+                        o[c] = to->kind == SCALED_TO_ROWS ? a * sm[c] : sm[c];
+                }
             }
         }
     }
+}
+
+/* moe_dpbf16_linear: moe_amx_linear's y [M, N] = x [M, K] @ W^T (+ bias) by dot_gemm, on CPUs with
+ * AVX512-BF16 and no AMX: any number of rows (rows ldx apart), DOT_PASS_BYTES of them a pass (they
+ * stay in L2 while each block of weight rows takes them); N a multiple of DOT_COLS, K of 32 (the
+ * caller checks). W's rows are shared with the helper threads in chunks (a multiple of 16); each
+ * output is one row's sum over K, so its bits depend neither on the helpers nor on the other rows.
+ * 0, or -1 when the row pointers could not be allocated. */
+#define DOT_PASS_BYTES (256L << 10)
+
+struct dot_linear_job {
+    const bf16 *const *rows;
+    long M, P; /* rows, rows a pass */
+    const bf16 *W;
+    long ldw, K;
+    amx_sink to; /* TO_BF16 */
+};
+
+BF16DOT static void job_dot_linear(const void *c, long b, long e) {
+    /* outputs b .. e-1 of every row, a pass of P rows at a time */
+    const struct dot_linear_job *j = c;
+    for (long m0 = 0; m0 < j->M; m0 += j->P) {
+        amx_sink to = j->to;
+        to.y += m0 * to.ldy + b;
+        to.bias = to.bias ? to.bias + b : NULL;
+        dot_gemm(j->rows + m0, j->M - m0 < j->P ? j->M - m0 : j->P, j->W + b * j->ldw, j->ldw, e - b, j->K, &to);
+    }
+}
+
+BF16DOT int moe_dpbf16_linear(const bf16 *x, long ldx, long M, const bf16 *W, long ldw, long N, long K,
+                              const bf16 *bias, bf16 *y, long ldy) {
+    const bf16 **rows = amx_shared_of(M * sizeof(bf16 *));
+    if (!rows)
+        return -1;
+    for (long m = 0; m < M; m++)
+        rows[m] = x + m * ldx;
+    long P = DOT_PASS_BYTES / (K * (long)sizeof(bf16)) / DOT_ROWS * DOT_ROWS;
+    P = P < DOT_ROWS ? DOT_ROWS : P;
+    struct dot_linear_job j = {rows, M, P, W, ldw, K, {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy}};
+    parallel_rows(job_dot_linear, &j, N, N * K * 2 * ((M + 63) / 64), row_chunk(N, K * 2));
+    return 0;
 }
 
 int moe_dpbf16_supported(void) {
