@@ -313,20 +313,26 @@ def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> boo
     return _amx and few_rows(x, w, bias, torch.bfloat16, amx_max_rows()) and w.shape[1] % 32 == 0
 
 
-# Up to this many rows a bfloat16 linear takes moe_dpbf16_linear on a CPU with AVX512-BF16 and no
-# AMX (decision 40) rather than oneDNN's matmul: on one thread 1.4-2.4x oneDNN's speed at 2-8 rows,
-# as fast at 32 and 0.8x from 64; where helper threads share its weight rows 1.5-2x at any number
-# up to 1024 (Zen 4, D 1024, N 1024-32000: scratch lin.py).
-DPBF16_MAX_ROWS = 16
+# A bfloat16 linear takes moe_dpbf16_linear on a CPU with AVX512-BF16 and no AMX (decision 40)
+# rather than oneDNN's matmul where that is faster (Zen 4, scratch lin.py, lin2.py): its sums
+# across lanes cost a fixed time per output, so it needs K of DPBF16_MIN_K or more (at K 64-128
+# it runs at 0.4-0.9x oneDNN's speed from 8 rows). On one thread it is 1.3-2.4x oneDNN's speed
+# at 2-8 rows, even or slower from 16: up to DPBF16_MAX_ROWS. Where helper threads share the
+# weight rows (HELPER_MIN_BYTES and more), any number up to DPBF16_HELPED_ROWS: 1.5-2x oneDNN's
+# one thread at K 512-2048, 1.1x at K 256 (an output head of 8192 x 256 at 32 rows).
+DPBF16_MAX_ROWS = 8
+DPBF16_MIN_K = 256
 DPBF16_HELPED_ROWS = 1024
 
 
 def dpbf16_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether moe_dpbf16_linear computes F.linear(x, w, bias): bfloat16 on a CPU with AVX512-BF16
-    and no AMX (_dpbf16), 2 to DPBF16_MAX_ROWS rows (DPBF16_HELPED_ROWS where helper threads run;
-    few_rows), N a multiple of 4 and K of 32."""
-    most = DPBF16_HELPED_ROWS if _helpers else DPBF16_MAX_ROWS
-    return _dpbf16 and few_rows(x, w, bias, torch.bfloat16, most) and w.shape[0] % 4 == 0 and w.shape[1] % 32 == 0
+    and no AMX (_dpbf16), N a multiple of 4, K a multiple of 32 and at least DPBF16_MIN_K, 2 to
+    DPBF16_MAX_ROWS rows (DPBF16_HELPED_ROWS for a weight the helper threads share)."""
+    if not _dpbf16 or w.dim() != 2 or w.shape[0] % 4 or w.shape[1] % 32 or w.shape[1] < DPBF16_MIN_K:
+        return False
+    shared = _helpers and w.numel() * w.element_size() >= HELPER_MIN_BYTES
+    return few_rows(x, w, bias, torch.bfloat16, DPBF16_HELPED_ROWS if shared else DPBF16_MAX_ROWS)
 
 
 def f32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, weight: torch.dtype | None = None) -> bool:

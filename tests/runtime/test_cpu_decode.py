@@ -982,8 +982,8 @@ def test_linear_takes_the_amx_kernel_only_where_it_applies(monkeypatch):
 @pytest.mark.skipif(not cpu_decode._dpbf16, reason="this CPU has AMX, or no AVX512-BF16")
 @pytest.mark.parametrize(
     "rows,out,inn,bias",
-    [(2, 16, 32, False), (5, 48, 64, True), (16, 1040, 256, False), (17, 96, 1024, True), (33, 80, 96, False),
-     (64, 512, 1024, True), (500, 48, 2048, True), (7, 4, 32, True)],  # 500 rows: passes of 64 (256 KB)
+    [(2, 16, 256, False), (5, 48, 512, True), (8, 1040, 256, False), (17, 1024, 512, True),
+     (64, 512, 1024, True), (500, 256, 2048, True), (7, 4, 256, True)],  # 500 rows: passes of 64 (256 KB)
 )  # fmt: skip
 def test_dpbf16_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out, inn, bias):
     """bfloat16 rows through the AVX512-BF16 kernel on a CPU without AMX (decision 40; up to
@@ -1015,12 +1015,14 @@ def test_dpbf16_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out
 
 @pytest.mark.skipif(not cpu_decode._dpbf16, reason="this CPU has AMX, or no AVX512-BF16")
 def test_linear_takes_the_dpbf16_kernel_only_where_it_applies(monkeypatch):
-    """One row: the streaming gemv; 2 .. DPBF16_MAX_ROWS bfloat16 rows (DPBF16_HELPED_ROWS where
-    helper threads share them) of a weight of outputs a multiple of 4 and inputs of 32: the
-    AVX512-BF16 kernel; anything else: oneDNN's matmul; the helpers take part in a large one."""
+    """One row: the streaming gemv; 2 .. DPBF16_MAX_ROWS bfloat16 rows of a weight of outputs a
+    multiple of 4 and inputs a multiple of 32, at least DPBF16_MIN_K: the AVX512-BF16 kernel;
+    up to DPBF16_HELPED_ROWS where helper threads share the weight (1 MB or more); anything
+    else: oneDNN's matmul. The helpers take part."""
     taken = count_calls(monkeypatch, cpu_decode, "dpbf16_linear")
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 128, generator=g).bfloat16()
+    w = torch.randn(64, 256, generator=g).bfloat16()
+    big = torch.randn(1024, 512, generator=g).bfloat16()  # 1 MB: shared with the helpers
 
     def uses_kernel(x, w, bias=None):
         before = taken["n"]
@@ -1028,23 +1030,27 @@ def test_linear_takes_the_dpbf16_kernel_only_where_it_applies(monkeypatch):
         assert bf16_close(got, F.linear(x, w, bias), ulps=1)
         return taken["n"] > before
 
-    rows = lambda n: torch.randn(n, 128, generator=g).bfloat16()  # noqa: E731
+    rows = lambda n, k=256: torch.randn(n, k, generator=g).bfloat16()  # noqa: E731
     with torch.inference_mode():
         assert cpu_decode.start_helpers(0) == 0
         assert not uses_kernel(rows(1), w)
         assert uses_kernel(rows(2), w) and uses_kernel(rows(cpu_decode.DPBF16_MAX_ROWS), w)
         assert not uses_kernel(rows(cpu_decode.DPBF16_MAX_ROWS + 1), w)
         assert not uses_kernel(rows(8), w[:62])  # 62 outputs: not a multiple of 4
-        assert not uses_kernel(rows(8)[:, :120], w[:, :120])  # 120 inputs: not a multiple of 32
+        assert not uses_kernel(rows(8)[:, :224], w[:, :224])  # 224 inputs: fewer than DPBF16_MIN_K
+        assert not uses_kernel(rows(8, 288)[:, :280], torch.randn(64, 280, generator=g).bfloat16())  # not of 32
         assert uses_kernel(rows(8), w, torch.randn(64, generator=g).bfloat16())
         before = taken["n"]
         cpu_decode.linear(rows(8).float(), w.float())
         assert taken["n"] == before  # float32: not this kernel
+        assert not uses_kernel(rows(32, 512), big)  # no helpers: oneDNN's from 9 rows
         assert cpu_decode.start_helpers(1) == 1
-        assert uses_kernel(rows(cpu_decode.DPBF16_HELPED_ROWS), w)
-        assert not uses_kernel(rows(cpu_decode.DPBF16_HELPED_ROWS + 1), w)
-        big = torch.randn(2048, 1024, generator=g).bfloat16()  # 4 MB: shared with the helper
-        x = torch.randn(32, 1024, generator=g).bfloat16()
+        assert uses_kernel(rows(cpu_decode.DPBF16_HELPED_ROWS, 512), big)
+        assert not uses_kernel(rows(cpu_decode.DPBF16_HELPED_ROWS + 1, 512), big)
+        assert not uses_kernel(rows(32), w)  # 32 KB: not shared, so not 32 rows
+        assert uses_kernel(rows(32), torch.randn(4096, 256, generator=g).bfloat16())  # 2 MB of K 256
+        assert not uses_kernel(rows(32, 128), torch.randn(8192, 128, generator=g).bfloat16())  # K 128
+        x = rows(32, 512)
         same_bits_with_helpers(lambda: [cpu_decode.dpbf16_linear(x, big)], [cpu_decode.dpbf16_linear(x, big)])
         assert cpu_decode.start_helpers(0) == 0
         monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
