@@ -1732,15 +1732,28 @@ AMX int moe_amx_heads(const bf16 *x, long xs, long xh, const bf16 *W, bf16 *y, l
  * adds both products of a pair to a float32 lane: twice the FMAs of widening the weights to
  * float32, with no layout of its own (W's rows as the checkpoint stores them, what amx_gemm reads).
  * A block is DOT_ROWS rows of x by DOT_COLS weight rows, a float32 vector of sums each (24 of the 32
- * registers), summed across its lanes at the end; the block's weight rows (DOT_COLS x K) stay in
- * L1 while every block of rows takes them, so W is read from memory once, and the rows DOT_AHEAD
- * blocks on are fetched into L2 meanwhile (Zen 4, 32 tokens top-2 of 8 experts of D = I = 1024:
- * 6.4 ms without, 3.0 ms with; into L1 instead: 3.9 ms). Each sum runs over K in the same order
- * whatever M and wherever its row is. */
+ * registers), summed across its lanes at the end (a row's four at once: sum_lanes4); the block's
+ * weight rows (DOT_COLS x K) stay in L1 while every block of rows takes them, so W is read from
+ * memory once, and the rows DOT_AHEAD blocks on are fetched into L2 meanwhile (Zen 4, 32 tokens
+ * top-2 of 8 experts of D = I = 1024: 6.4 ms without, 3.0 ms with; into L1 instead: 3.9 ms). Each
+ * sum runs over K in the same order whatever M and wherever its row is. */
 #define DOT_ROWS 6
 #define DOT_COLS 4
 #define DOT_AHEAD 2
 #define BF16DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+BF16DOT static inline __m128 sum_lanes4(const __m512 a[4]) {
+    /* the sums of each of a[0 .. 3]'s 16 lanes: pairs of vectors interleaved and added, then the
+     * four 128-bit quarters (13 operations for the four, where one vector's own sum takes 8) */
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    const __m512d d0 = _mm512_castps_pd(t0), d1 = _mm512_castps_pd(t1);
+    const __m512 u = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d0, d1)),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(d0, d1))); /* a0 a1 a2 a3 per quarter */
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(u), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
 
 BF16DOT __attribute__((always_inline)) static inline void dot_block(const bf16 *const *x, const bf16 *W, long ldw,
                                                                    long K, float *sums, const bf16 *next,
@@ -1765,8 +1778,7 @@ BF16DOT __attribute__((always_inline)) static inline void dot_block(const bf16 *
         }
     }
     for (int m = 0; m < rows; m++)
-        for (int c = 0; c < DOT_COLS; c++)
-            sums[m * DOT_COLS + c] = _mm512_reduce_add_ps(acc[m][c]);
+        _mm_storeu_ps(sums + m * DOT_COLS, sum_lanes4(acc[m]));
 }
 
 #define DOT_CASE(R)                                                                                   \
