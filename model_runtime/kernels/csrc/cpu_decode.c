@@ -1789,9 +1789,12 @@ BF16DOT __attribute__((always_inline)) static inline void dot_block(const bf16 *
 BF16DOT static void dot_gemm(const bf16 *const *x, long M, const bf16 *W, long ldw, long N, long K,
                              const amx_sink *to) {
     float sums[DOT_ROWS * DOT_COLS];
+    /* the rows in blocks as even as DOT_ROWS allows (8 rows: 4 + 4, not 6 + 2, whose 2-row block
+     * loads a weight vector for every two products) */
+    const long blocks = (M + DOT_ROWS - 1) / DOT_ROWS, even = (M + blocks - 1) / blocks;
     for (long n0 = 0; n0 < N; n0 += DOT_COLS) {
-        for (long m0 = 0; m0 < M; m0 += DOT_ROWS) {
-            const int rows = M - m0 < DOT_ROWS ? (int)(M - m0) : DOT_ROWS;
+        for (long m0 = 0; m0 < M; m0 += even) {
+            const int rows = M - m0 < even ? (int)(M - m0) : (int)even;
             /* the first block of rows fetches the weight rows DOT_AHEAD blocks on, which the
              * hardware prefetcher would start on only once they are read (a row is a few KB) */
             const long ahead = n0 + DOT_AHEAD * DOT_COLS;
