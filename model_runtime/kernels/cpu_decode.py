@@ -68,7 +68,7 @@ _lib = None  # the loaded library (None: not loaded, or there is none)
 _decided = False  # whether _load() has run
 _avx512 = False  # whether the CPU runs the AVX-512-only kernels (moe_experts_bf16)
 _amx = False  # whether the CPU (and the OS, for this process) runs the AMX kernel (moe_amx_linear)
-_dpbf16 = False  # whether the routed experts take moe_dpbf16_experts: AVX512-BF16 without AMX (decision 40)
+_dpbf16 = False  # whether AVX512-BF16 without AMX runs moe_dpbf16_experts / moe_dpbf16_linear (decision 40)
 
 
 def _build() -> Path:
@@ -150,7 +150,8 @@ def _load():
                 )  # fmt: skip
                 also = (
                     "; a few rows' linears and the routed experts on AMX tiles" if _amx
-                    else "; the routed experts by AVX512-BF16 dot products" if _dpbf16 else ""
+                    else "; a few rows' linears and the routed experts by AVX512-BF16 dot products" if _dpbf16
+                    else ""
                 )  # fmt: skip
                 log.info("cpu decode kernels: %s (bfloat16 weights read with %s%s)", path, simd, also)
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)

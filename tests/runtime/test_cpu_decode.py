@@ -1152,11 +1152,10 @@ def test_row_major_experts_of_any_intermediate_size_are_padded_with_zeros(name):
         assert bf16_close(one, want[:1], ulps=6)
 
 
-@amx
-@pytest.mark.parametrize("switch", ["1", "0"])
-def test_the_amx_kernels_say_so_at_start_and_turn_off_with_the_switch(switch):
-    """The kernels' log line names AMX where they use it; MOE_RUNTIME_AMX=0 turns the AMX kernels
-    off (the other kernels stay, and bfloat16 experts go column-major as on a CPU without AMX)."""
+def kernels_in_a_fresh_process(env: dict[str, str], report: str) -> tuple[list[str], str]:
+    """builtin:tiny-mixtral in bfloat16 with the kernels applied, in a new process (this one's
+    environment and `env`), then `report` run there (Python; `experts`: its first Experts layer):
+    (what that printed, split; the process's log)."""
     code = (
         "import logging, torch; logging.basicConfig(level=logging.INFO)\n"
         "from model_runtime import load_model\n"
@@ -1164,16 +1163,26 @@ def test_the_amx_kernels_say_so_at_start_and_turn_off_with_the_switch(switch):
         "model = load_model('builtin:tiny-mixtral', dtype=torch.bfloat16)\n"
         "assert cpu_decode.use_cpu_decode_kernels(model)\n"
         "experts = next(m for m in model.modules() if isinstance(m, cpu_decode.layers.Experts))\n"
-        "print('amx', cpu_decode._amx, 'row-major', experts.gate_up_proj.is_contiguous())\n"
+        + report
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "MOE_RUNTIME_AMX": switch},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split(), proc.stderr
+
+
+@amx
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_the_amx_kernels_say_so_at_start_and_turn_off_with_the_switch(switch):
+    """The kernels' log line names AMX where they use it; MOE_RUNTIME_AMX=0 turns the AMX kernels
+    off (the other kernels stay, and bfloat16 experts go column-major as on a CPU without AMX)."""
+    printed, log = kernels_in_a_fresh_process(
+        {"MOE_RUNTIME_AMX": switch}, "print('amx', cpu_decode._amx, 'row-major', experts.gate_up_proj.is_contiguous())\n"
+    )
     on = switch == "1"
-    assert proc.stdout.split() == ["amx", str(on), "row-major", str(on)]
-    assert ("routed experts on AMX tiles" in proc.stderr) == on, proc.stderr
+    assert printed == ["amx", str(on), "row-major", str(on)]
+    assert ("routed experts on AMX tiles" in log) == on, log
 
 
 dpbf16 = pytest.mark.skipif(not cpu_decode._dpbf16, reason="this CPU has AMX, or no AVX512-BF16")
@@ -1185,26 +1194,16 @@ def test_the_dpbf16_experts_say_so_at_start_and_turn_off_with_the_switch(switch)
     """On a CPU with AVX512-BF16 and no AMX (AMD Zen 4) the kernels' log line says the routed
     experts take its dot products, and the engine keeps bfloat16 experts row-major for them;
     MOE_RUNTIME_DPBF16=0 turns that off (column-major, for moe_experts_bf16 and torch)."""
-    code = (
-        "import logging, torch; logging.basicConfig(level=logging.INFO)\n"
-        "from model_runtime import load_model\n"
-        "from model_runtime.kernels import cpu_decode\n"
-        "model = load_model('builtin:tiny-mixtral', dtype=torch.bfloat16)\n"
-        "assert cpu_decode.use_cpu_decode_kernels(model)\n"
-        "experts = next(m for m in model.modules() if isinstance(m, cpu_decode.layers.Experts))\n"
+    printed, log = kernels_in_a_fresh_process(
+        {"MOE_RUNTIME_DPBF16": switch},
         "x = torch.randn(4, experts.gate_up_proj.shape[-1]).bfloat16()\n"
         "torch.set_num_threads(1)  # as the server runs on 2 cores\n"
         "print('dpbf16', cpu_decode._dpbf16, 'row-major', experts.gate_up_proj.is_contiguous(),\n"
-        "      'takes', cpu_decode.amx_experts(experts, x))\n"
+        "      'takes', cpu_decode.amx_experts(experts, x))\n",
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "MOE_RUNTIME_DPBF16": switch},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
     on = str(switch == "1")
-    assert proc.stdout.split() == ["dpbf16", on, "row-major", on, "takes", on]
-    assert ("routed experts by AVX512-BF16 dot products" in proc.stderr) == (switch == "1"), proc.stderr
+    assert printed == ["dpbf16", on, "row-major", on, "takes", on]
+    assert ("routed experts by AVX512-BF16 dot products" in log) == (switch == "1"), log
 
 
 @dpbf16

@@ -1789,6 +1789,8 @@ BF16DOT __attribute__((always_inline)) static inline void dot_block(const bf16 *
 BF16DOT static void dot_gemm(const bf16 *const *x, long M, const bf16 *W, long ldw, long N, long K,
                              const amx_sink *to) {
     float sums[DOT_ROWS * DOT_COLS];
+    if (M <= 0)
+        return;
     /* the rows in blocks as even as DOT_ROWS allows (8 rows: 4 + 4, not 6 + 2, whose 2-row block
      * loads a weight vector for every two products) */
     const long blocks = (M + DOT_ROWS - 1) / DOT_ROWS, even = (M + blocks - 1) / blocks;
