@@ -319,20 +319,25 @@ def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> boo
 # across lanes cost a fixed time per output, so it needs K of DPBF16_MIN_K or more (at K 64-128
 # it runs at 0.4-0.9x oneDNN's speed from 8 rows). On one thread it is 1.3-2.4x oneDNN's speed
 # at 2-8 rows, even or slower from 16: up to DPBF16_MAX_ROWS. Where helper threads share the
-# weight rows (HELPER_MIN_BYTES and more), any number up to DPBF16_HELPED_ROWS: 1.5-2x oneDNN's
-# one thread at K 512-2048, 1.1x at K 256 (an output head of 8192 x 256 at 32 rows).
+# weight rows, any number up to DPBF16_HELPED_ROWS: 1.5-2x oneDNN's one thread at K 512-2048,
+# 1.1-1.5x at K 256 (an output head of 8192 x 256 at 32 rows). They share a job of
+# HELPER_MIN_BYTES of weights or more, counted once per DPBF16_SHARE_ROWS rows (the C's
+# DOT_SHARE_ROWS): 32 rows of a 512 x 512 weight (0.5 MB, 0.06 against oneDNN's 0.10 ms), 128 of
+# a 256 x 256 one.
 DPBF16_MAX_ROWS = 8
 DPBF16_MIN_K = 256
 DPBF16_HELPED_ROWS = 1024
+DPBF16_SHARE_ROWS = 16
 
 
 def dpbf16_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether moe_dpbf16_linear computes F.linear(x, w, bias): bfloat16 on a CPU with AVX512-BF16
     and no AMX (_dpbf16), N a multiple of 4, K a multiple of 32 and at least DPBF16_MIN_K, 2 to
-    DPBF16_MAX_ROWS rows (DPBF16_HELPED_ROWS for a weight the helper threads share)."""
+    DPBF16_MAX_ROWS rows (DPBF16_HELPED_ROWS for a job the helper threads share)."""
     if not _dpbf16 or w.dim() != 2 or w.shape[0] % 4 or w.shape[1] % 32 or w.shape[1] < DPBF16_MIN_K:
         return False
-    shared = _helpers and w.numel() * w.element_size() >= HELPER_MIN_BYTES
+    rows = x.numel() // max(x.shape[-1], 1)
+    shared = _helpers and w.numel() * w.element_size() * -(-rows // DPBF16_SHARE_ROWS) >= HELPER_MIN_BYTES
     return few_rows(x, w, bias, torch.bfloat16, DPBF16_HELPED_ROWS if shared else DPBF16_MAX_ROWS)
 
 

@@ -1017,8 +1017,8 @@ def test_dpbf16_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out
 def test_linear_takes_the_dpbf16_kernel_only_where_it_applies(monkeypatch):
     """One row: the streaming gemv; 2 .. DPBF16_MAX_ROWS bfloat16 rows of a weight of outputs a
     multiple of 4 and inputs a multiple of 32, at least DPBF16_MIN_K: the AVX512-BF16 kernel;
-    up to DPBF16_HELPED_ROWS where helper threads share the weight (1 MB or more); anything
-    else: oneDNN's matmul. The helpers take part."""
+    up to DPBF16_HELPED_ROWS where helper threads share the job (1 MB of weights or more, counted
+    once per DPBF16_SHARE_ROWS rows); anything else: oneDNN's matmul. The helpers take part."""
     taken = count_calls(monkeypatch, cpu_decode, "dpbf16_linear")
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 256, generator=g).bfloat16()
@@ -1048,6 +1048,16 @@ def test_linear_takes_the_dpbf16_kernel_only_where_it_applies(monkeypatch):
         assert uses_kernel(rows(cpu_decode.DPBF16_HELPED_ROWS, 512), big)
         assert not uses_kernel(rows(cpu_decode.DPBF16_HELPED_ROWS + 1, 512), big)
         assert not uses_kernel(rows(32), w)  # 32 KB: not shared, so not 32 rows
+        half = torch.randn(1024, 256, generator=g).bfloat16()  # 0.5 MB: shared from 17 rows
+        assert not uses_kernel(rows(cpu_decode.DPBF16_SHARE_ROWS), half)
+        before = cpu_decode.helper_rows()
+        assert uses_kernel(rows(cpu_decode.DPBF16_SHARE_ROWS + 1), half) and uses_kernel(rows(32), half)
+        if len(os.sched_getaffinity(0)) > 1:
+            for _ in range(50):  # the C shares the job too (a helper takes rows when its core is free)
+                if cpu_decode.helper_rows() > before:
+                    break
+                cpu_decode.dpbf16_linear(rows(32), half)
+            assert cpu_decode.helper_rows() > before
         assert uses_kernel(rows(32), torch.randn(4096, 256, generator=g).bfloat16())  # 2 MB of K 256
         assert not uses_kernel(rows(32, 128), torch.randn(8192, 128, generator=g).bfloat16())  # K 128
         x = rows(32, 512)

@@ -1833,6 +1833,7 @@ BF16DOT static void dot_gemm(const bf16 *const *x, long M, const bf16 *W, long l
  * output is one row's sum over K, so its bits depend neither on the helpers nor on the other rows.
  * 0, or -1 when the row pointers could not be allocated. */
 #define DOT_PASS_BYTES (256L << 10)
+#define DOT_SHARE_ROWS 16
 
 struct dot_linear_job {
     const bf16 *const *rows;
@@ -1863,7 +1864,7 @@ BF16DOT int moe_dpbf16_linear(const bf16 *x, long ldx, long M, const bf16 *W, lo
     long P = DOT_PASS_BYTES / (K * (long)sizeof(bf16)) / DOT_ROWS * DOT_ROWS;
     P = P < DOT_ROWS ? DOT_ROWS : P;
     struct dot_linear_job j = {rows, M, P, W, ldw, K, {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy}};
-    parallel_rows(job_dot_linear, &j, N, N * K * 2 * ((M + 63) / 64), row_chunk(N, K * 2));
+    parallel_rows(job_dot_linear, &j, N, N * K * 2 * ((M + DOT_SHARE_ROWS - 1) / DOT_SHARE_ROWS), row_chunk(N, K * 2));
     return 0;
 }
 
