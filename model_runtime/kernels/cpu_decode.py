@@ -324,21 +324,27 @@ def amx_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> boo
 # HELPER_MIN_BYTES of weights or more, counted once per DPBF16_SHARE_ROWS rows (the C's
 # DOT_SHARE_ROWS): 32 rows of a 512 x 512 weight (0.5 MB, 0.06 against oneDNN's 0.10 ms), 128 of
 # a 256 x 256 one.
+# And a product of at most DPBF16_SMALL_MACS multiply-adds takes it at any number of rows up to
+# DPBF16_HELPED_ROWS: oneDNN's ~15 us a call outweighs its speed there (Qwen2-MoE's shared expert
+# gate, 32 x 1 x 512: 0.016 against 0.005 ms; 1024 x 1 x 2048, 2M, is oneDNN's at 0.85x).
 DPBF16_MAX_ROWS = 8
 DPBF16_MIN_K = 256
 DPBF16_HELPED_ROWS = 1024
 DPBF16_SHARE_ROWS = 16
+DPBF16_SMALL_MACS = 1 << 20
 
 
 def dpbf16_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether moe_dpbf16_linear computes F.linear(x, w, bias): bfloat16 on a CPU with AVX512-BF16
-    and no AMX (_dpbf16), N a multiple of 4, K a multiple of 32 and at least DPBF16_MIN_K, 2 to
-    DPBF16_MAX_ROWS rows (DPBF16_HELPED_ROWS for a job the helper threads share)."""
-    if not _dpbf16 or w.dim() != 2 or w.shape[0] % 4 or w.shape[1] % 32 or w.shape[1] < DPBF16_MIN_K:
+    and no AMX (_dpbf16), N any, K a multiple of 32 and at least DPBF16_MIN_K, 2 to DPBF16_MAX_ROWS
+    rows (DPBF16_HELPED_ROWS for a job the helper threads share, or one of DPBF16_SMALL_MACS or
+    fewer multiply-adds)."""
+    if not _dpbf16 or w.dim() != 2 or w.shape[1] % 32 or w.shape[1] < DPBF16_MIN_K:
         return False
     rows = x.numel() // max(x.shape[-1], 1)
     shared = _helpers and w.numel() * w.element_size() * -(-rows // DPBF16_SHARE_ROWS) >= HELPER_MIN_BYTES
-    return few_rows(x, w, bias, torch.bfloat16, DPBF16_HELPED_ROWS if shared else DPBF16_MAX_ROWS)
+    small = rows * w.numel() <= DPBF16_SMALL_MACS
+    return few_rows(x, w, bias, torch.bfloat16, DPBF16_HELPED_ROWS if shared or small else DPBF16_MAX_ROWS)
 
 
 def f32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, weight: torch.dtype | None = None) -> bool:

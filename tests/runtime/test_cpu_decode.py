@@ -983,7 +983,8 @@ def test_linear_takes_the_amx_kernel_only_where_it_applies(monkeypatch):
 @pytest.mark.parametrize(
     "rows,out,inn,bias",
     [(2, 16, 256, False), (5, 48, 512, True), (8, 1040, 256, False), (17, 1024, 512, True),
-     (64, 512, 1024, True), (500, 256, 2048, True), (7, 4, 256, True)],  # 500 rows: passes of 64 (256 KB)
+     (64, 512, 1024, True), (500, 256, 2048, True), (7, 4, 256, True),  # 500 rows: passes of 64 (256 KB)
+     (6, 1, 512, True), (3, 4097, 256, False), (32, 2003, 512, True)],  # outputs not a multiple of 4
 )  # fmt: skip
 def test_dpbf16_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out, inn, bias):
     """bfloat16 rows through the AVX512-BF16 kernel on a CPU without AMX (decision 40; up to
@@ -1007,6 +1008,9 @@ def test_dpbf16_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out
             assert torch.equal(cpu_decode.linear(x[part], w, b), got[part])
         batched = cpu_decode.linear(x.reshape(1, rows, inn), w, b)  # [..., in] as F.linear takes it
         assert batched.shape == (1, rows, out) and torch.equal(batched[0], got)
+        if out > 1:  # an output's bits the same in a block of 4 and in the last, partial one
+            fewer = cpu_decode.dpbf16_linear(x, w[: out - 1], b[: out - 1] if bias else None)
+            assert torch.equal(fewer, got[:, : out - 1])
         for n in (0, 2):
             assert cpu_decode.start_helpers(n) == n
             assert torch.equal(cpu_decode.dpbf16_linear(x, w, b), got), n
@@ -1015,13 +1019,15 @@ def test_dpbf16_linear_matches_torch_and_a_row_is_the_same_in_any_step(rows, out
 
 @pytest.mark.skipif(not cpu_decode._dpbf16, reason="this CPU has AMX, or no AVX512-BF16")
 def test_linear_takes_the_dpbf16_kernel_only_where_it_applies(monkeypatch):
-    """One row: the streaming gemv; 2 .. DPBF16_MAX_ROWS bfloat16 rows of a weight of outputs a
-    multiple of 4 and inputs a multiple of 32, at least DPBF16_MIN_K: the AVX512-BF16 kernel;
+    """One row: the streaming gemv; 2 .. DPBF16_MAX_ROWS bfloat16 rows of a weight of any number
+    of outputs and inputs a multiple of 32, at least DPBF16_MIN_K: the AVX512-BF16 kernel;
     up to DPBF16_HELPED_ROWS where helper threads share the job (1 MB of weights or more, counted
-    once per DPBF16_SHARE_ROWS rows); anything else: oneDNN's matmul. The helpers take part."""
+    once per DPBF16_SHARE_ROWS rows) or it is small (DPBF16_SMALL_MACS); anything else: oneDNN's
+    matmul. The helpers take part."""
     taken = count_calls(monkeypatch, cpu_decode, "dpbf16_linear")
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 256, generator=g).bfloat16()
+    w = torch.randn(64, 256, generator=g).bfloat16()  # 16K multiply-adds a row: 64 rows are "small"
+    mid = torch.randn(512, 256, generator=g).bfloat16()  # 128K a row
     big = torch.randn(1024, 512, generator=g).bfloat16()  # 1 MB: shared with the helpers
 
     def uses_kernel(x, w, bias=None):
@@ -1034,9 +1040,13 @@ def test_linear_takes_the_dpbf16_kernel_only_where_it_applies(monkeypatch):
     with torch.inference_mode():
         assert cpu_decode.start_helpers(0) == 0
         assert not uses_kernel(rows(1), w)
-        assert uses_kernel(rows(2), w) and uses_kernel(rows(cpu_decode.DPBF16_MAX_ROWS), w)
-        assert not uses_kernel(rows(cpu_decode.DPBF16_MAX_ROWS + 1), w)
-        assert not uses_kernel(rows(8), w[:62])  # 62 outputs: not a multiple of 4
+        assert uses_kernel(rows(2), mid) and uses_kernel(rows(cpu_decode.DPBF16_MAX_ROWS), mid)
+        assert not uses_kernel(rows(cpu_decode.DPBF16_MAX_ROWS + 1), mid)
+        small = cpu_decode.DPBF16_SMALL_MACS // w.numel()  # rows of w within DPBF16_SMALL_MACS
+        assert uses_kernel(rows(small), w) and not uses_kernel(rows(small + 1), w)
+        assert uses_kernel(rows(32, 512), torch.randn(1, 512, generator=g).bfloat16())  # Qwen2-MoE's shared expert gate
+        for n in (1, 2, 3, 61, 62, 63):  # outputs not a multiple of 4: the last ones a block of their own
+            assert uses_kernel(rows(8), w[:n]) and uses_kernel(rows(5), w[:n], torch.randn(n, generator=g).bfloat16())
         assert not uses_kernel(rows(8)[:, :224], w[:, :224])  # 224 inputs: fewer than DPBF16_MIN_K
         assert not uses_kernel(rows(8, 288)[:, :280], torch.randn(64, 280, generator=g).bfloat16())  # not of 32
         assert uses_kernel(rows(8), w, torch.randn(64, generator=g).bfloat16())
@@ -1047,7 +1057,7 @@ def test_linear_takes_the_dpbf16_kernel_only_where_it_applies(monkeypatch):
         assert cpu_decode.start_helpers(1) == 1
         assert uses_kernel(rows(cpu_decode.DPBF16_HELPED_ROWS, 512), big)
         assert not uses_kernel(rows(cpu_decode.DPBF16_HELPED_ROWS + 1, 512), big)
-        assert not uses_kernel(rows(32), w)  # 32 KB: not shared, so not 32 rows
+        assert not uses_kernel(rows(32), mid)  # 256 KB: not shared, so not 32 rows
         half = torch.randn(1024, 256, generator=g).bfloat16()  # 0.5 MB: shared from 17 rows
         assert not uses_kernel(rows(cpu_decode.DPBF16_SHARE_ROWS), half)
         before = cpu_decode.helper_rows()

@@ -1727,8 +1727,9 @@ AMX int moe_amx_heads(const bf16 *x, long xs, long xh, const bf16 *W, bf16 *y, l
 
 /* dot_gemm: the sums of amx_gemm without the tiles, for CPUs with AVX512-BF16 but no AMX (AMD Zen 4
  * and 5; Intel Cooper Lake): sums [M, N] = x @ W^T into float32 rows (TO_ROWS, SCALED_TO_ROWS) or y,
- * x's M rows (bfloat16, K each) by pointer, W [N, K] rows ldw apart, N a multiple of DOT_COLS and
- * K of 32 (an expert's D and I: the caller checks). vdpbf16ps multiplies 16 pairs of bfloat16 and
+ * x's M rows (bfloat16, K each) by pointer, W [N, K] rows ldw apart, K a multiple of 32 (an
+ * expert's D and I: the caller checks), N any: the last N % DOT_COLS weight rows come from `tail`
+ * (dot_tail; NULL where N is a multiple of DOT_COLS), an output head of 32001. vdpbf16ps multiplies 16 pairs of bfloat16 and
  * adds both products of a pair to a float32 lane: twice the FMAs of widening the weights to
  * float32, with no layout of its own (W's rows as the checkpoint stores them, what amx_gemm reads).
  * A block is DOT_ROWS rows of x by DOT_COLS weight rows, a float32 vector of sums each (24 of the 32
@@ -1783,24 +1784,39 @@ BF16DOT __attribute__((always_inline)) static inline void dot_block(const bf16 *
 
 #define DOT_CASE(R)                                                                                   \
     case R:                                                                                           \
-        dot_block(x + m0, W + n0 * ldw, ldw, K, sums, next, R);                                       \
+        dot_block(x + m0, Wb, ldb, K, sums, next, R);                                                 \
         break;
 
+static bf16 *dot_tail(const bf16 *W, long ldw, long N, long K) {
+    /* W's last N % DOT_COLS rows as a block of DOT_COLS rows of K (the last one repeated: each
+     * output's sum is its own vector's, summed across lanes the same way in any column), for
+     * dot_gemm; NULL where N is a multiple of DOT_COLS or there is no memory (the caller tells) */
+    const long full = N / DOT_COLS * DOT_COLS;
+    bf16 *tail = full < N ? malloc(DOT_COLS * K * sizeof(bf16)) : NULL;
+    for (long c = 0; tail && c < DOT_COLS; c++)
+        memcpy(tail + c * K, W + (full + (c < N - full ? c : N - full - 1)) * ldw, K * sizeof(bf16));
+    return tail;
+}
+
 BF16DOT static void dot_gemm(const bf16 *const *x, long M, const bf16 *W, long ldw, long N, long K,
-                             const amx_sink *to) {
+                             const bf16 *tail, const amx_sink *to) {
     float sums[DOT_ROWS * DOT_COLS];
-    if (M <= 0)
+    if (M <= 0 || N <= 0)
         return;
+    const long full = N / DOT_COLS * DOT_COLS;
     /* the rows in blocks as even as DOT_ROWS allows (8 rows: 4 + 4, not 6 + 2, whose 2-row block
      * loads a weight vector for every two products) */
     const long blocks = (M + DOT_ROWS - 1) / DOT_ROWS, even = (M + blocks - 1) / blocks;
     for (long n0 = 0; n0 < N; n0 += DOT_COLS) {
+        const int cols = N - n0 < DOT_COLS ? (int)(N - n0) : DOT_COLS;
+        const bf16 *Wb = cols < DOT_COLS ? tail : W + n0 * ldw;
+        const long ldb = cols < DOT_COLS ? K : ldw;
         for (long m0 = 0; m0 < M; m0 += even) {
             const int rows = M - m0 < even ? (int)(M - m0) : (int)even;
             /* the first block of rows fetches the weight rows DOT_AHEAD blocks on, which the
              * hardware prefetcher would start on only once they are read (a row is a few KB) */
             const long ahead = n0 + DOT_AHEAD * DOT_COLS;
-            const bf16 *next = !m0 && ahead + DOT_COLS <= N ? W + ahead * ldw : NULL;
+            const bf16 *next = !m0 && ahead + DOT_COLS <= full ? W + ahead * ldw : NULL;
             switch (rows) {
                 DOT_CASE(1)
                 DOT_CASE(2)
@@ -1813,12 +1829,12 @@ BF16DOT static void dot_gemm(const bf16 *const *x, long M, const bf16 *W, long l
                 const float *sm = sums + m * DOT_COLS;
                 if (to->kind == TO_BF16) { /* the bias added in float32, rounded once */
                     bf16 *o = to->y + (m0 + m) * to->ldy + n0;
-                    for (int c = 0; c < DOT_COLS; c++)
+                    for (int c = 0; c < cols; c++)
                         o[c] = f2bf(to->bias ? sm[c] + bf2f(to->bias[n0 + c]) : sm[c]);
                 } else {
                     float *o = to->out[m0 + m] + n0;
                     const float a = to->kind == SCALED_TO_ROWS ? to->alpha[m0 + m] : 1.0f;
-                    for (int c = 0; c < DOT_COLS; c++)
+                    for (int c = 0; c < cols; c++)
                         o[c] = to->kind == SCALED_TO_ROWS ? a * sm[c] : sm[c];
                 }
             }
@@ -1828,10 +1844,10 @@ BF16DOT static void dot_gemm(const bf16 *const *x, long M, const bf16 *W, long l
 
 /* moe_dpbf16_linear: moe_amx_linear's y [M, N] = x [M, K] @ W^T (+ bias) by dot_gemm, on CPUs with
  * AVX512-BF16 and no AMX: any number of rows (rows ldx apart), DOT_PASS_BYTES of them a pass (they
- * stay in L2 while each block of weight rows takes them); N a multiple of DOT_COLS, K of 32 (the
- * caller checks). W's rows are shared with the helper threads in chunks (a multiple of 16); each
+ * stay in L2 while each block of weight rows takes them); N any, K a multiple of 32 (the caller
+ * checks). W's rows are shared with the helper threads in chunks (a multiple of 16); each
  * output is one row's sum over K, so its bits depend neither on the helpers nor on the other rows.
- * 0, or -1 when the row pointers could not be allocated. */
+ * 0, or -1 when the row pointers (or the tail block) could not be allocated. */
 #define DOT_PASS_BYTES (256L << 10)
 #define DOT_SHARE_ROWS 16
 
@@ -1840,7 +1856,8 @@ struct dot_linear_job {
     long M, P; /* rows, rows a pass */
     const bf16 *W;
     long ldw, K;
-    amx_sink to; /* TO_BF16 */
+    const bf16 *tail; /* dot_tail's block of W's last N % DOT_COLS rows (NULL: none) */
+    amx_sink to;      /* TO_BF16 */
 };
 
 BF16DOT static void job_dot_linear(const void *c, long b, long e) {
@@ -1850,7 +1867,8 @@ BF16DOT static void job_dot_linear(const void *c, long b, long e) {
         amx_sink to = j->to;
         to.y += m0 * to.ldy + b;
         to.bias = to.bias ? to.bias + b : NULL;
-        dot_gemm(j->rows + m0, j->M - m0 < j->P ? j->M - m0 : j->P, j->W + b * j->ldw, j->ldw, e - b, j->K, &to);
+        dot_gemm(j->rows + m0, j->M - m0 < j->P ? j->M - m0 : j->P, j->W + b * j->ldw, j->ldw, e - b, j->K,
+                 j->tail, &to);
     }
 }
 
@@ -1863,8 +1881,12 @@ BF16DOT int moe_dpbf16_linear(const bf16 *x, long ldx, long M, const bf16 *W, lo
         rows[m] = x + m * ldx;
     long P = DOT_PASS_BYTES / (K * (long)sizeof(bf16)) / DOT_ROWS * DOT_ROWS;
     P = P < DOT_ROWS ? DOT_ROWS : P;
-    struct dot_linear_job j = {rows, M, P, W, ldw, K, {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy}};
+    bf16 *tail = dot_tail(W, ldw, N, K);
+    if (N % DOT_COLS && !tail)
+        return -1;
+    struct dot_linear_job j = {rows, M, P, W, ldw, K, tail, {.kind = TO_BF16, .bias = bias, .y = y, .ldy = ldy}};
     parallel_rows(job_dot_linear, &j, N, N * K * 2 * ((M + DOT_SHARE_ROWS - 1) / DOT_SHARE_ROWS), row_chunk(N, K * 2));
+    free(tail);
     return 0;
 }
 
@@ -1950,7 +1972,7 @@ BF16DOT static void job_rows_experts(const void *c, long b, long e) {
             }
             amx_sink to_h = {.kind = TO_ROWS, .out = hrow};
             if (!j->amx)
-                dot_gemm(xrow, rows, gu, D, 2 * I, D, &to_h); /* [rows, 2I]: gate | up */
+                dot_gemm(xrow, rows, gu, D, 2 * I, D, NULL, &to_h); /* [rows, 2I]: gate | up */
             else if (amx_rows_gemm(xrow, rows, packed_x, gu, 2 * I, D, &to_h))
                 __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
             for (long m = 0; m < rows; m++) { /* silu(gate) * up, rounded once */
@@ -1966,7 +1988,7 @@ BF16DOT static void job_rows_experts(const void *c, long b, long e) {
             }
             amx_sink to_y = {.kind = SCALED_TO_ROWS, .out = yrow, .alpha = alpha};
             if (!j->amx)
-                dot_gemm(xrow, rows, dn, I, D, I, &to_y); /* weight * [rows, D] */
+                dot_gemm(xrow, rows, dn, I, D, I, NULL, &to_y); /* weight * [rows, D] */
             else if (amx_rows_gemm(xrow, rows, packed_act, dn, D, I, &to_y))
                 __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         }
