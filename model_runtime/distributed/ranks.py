@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from model_runtime.distributed.config import REPLICA_LOST_EXIT, ReplicaLost
+from model_runtime.engine.worker import huge_page_malloc
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ class LocalRanks:
                 name=f"moe-rank-{rank}",
                 daemon=True,
             )
-            process.start()
+            with huge_page_malloc():  # as the engine process (decision 41)
+                process.start()
             child.close()
             self.processes[rank], self.conns[rank] = process, conn
 

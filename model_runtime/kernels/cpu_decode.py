@@ -123,6 +123,7 @@ def _load():
                 lib.moe_dpbf16_supported.argtypes, lib.moe_dpbf16_supported.restype = [], i32
                 lib.moe_dpbf16_linear.argtypes = lib.moe_amx_linear.argtypes
                 lib.moe_dpbf16_linear.restype = i32
+                lib.moe_pairs_select.argtypes, lib.moe_pairs_select.restype = [i32], i32
                 lib.moe_helpers_start.argtypes, lib.moe_helpers_start.restype = [i32], i32
                 lib.moe_helpers_stop.argtypes, lib.moe_helpers_stop.restype = [], None
                 lib.moe_helpers_rows.argtypes, lib.moe_helpers_rows.restype = [], long
@@ -148,9 +149,11 @@ def _load():
                     _avx512 and not _amx and os.environ.get("MOE_RUNTIME_DPBF16", "1") != "0"
                     and bool(lib.moe_dpbf16_supported())
                 )  # fmt: skip
+                lib.moe_pairs_select(int(_dpbf16))  # one row's dot products as bfloat16 pairs (decision 41)
                 also = (
                     "; a few rows' linears and the routed experts on AMX tiles" if _amx
-                    else "; a few rows' linears and the routed experts by AVX512-BF16 dot products" if _dpbf16
+                    else "; one row's, a few rows' linears and the routed experts by AVX512-BF16 dot products"
+                    if _dpbf16
                     else ""
                 )  # fmt: skip
                 log.info("cpu decode kernels: %s (bfloat16 weights read with %s%s)", path, simd, also)

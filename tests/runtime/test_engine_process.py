@@ -79,6 +79,39 @@ async def test_streams_fail_with_a_reason_when_the_engine_process_dies():
         await engine.stop(drain_timeout=0)
 
 
+def thp_mode() -> str:
+    """The kernel's transparent huge page mode (always, madvise, never), or "" where it has none."""
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return ""
+
+
+async def test_the_engine_process_asks_for_huge_pages_and_gets_them_where_the_kernel_gives_them(monkeypatch):
+    """decision 41: the engine process starts with glibc's malloc advising huge pages for its large
+    blocks (its KV cache among them: 64 blocks of tiny-mixtral's float32 are several MB); the
+    server's own environment is left as it was; MOE_RUNTIME_HUGE_PAGES=0 leaves it out."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for switch in ("1", "0"):
+        monkeypatch.setenv("MOE_RUNTIME_HUGE_PAGES", switch)
+        engine = EngineProcess(
+            EngineSpec(SRC, "float32", "cpu", EngineConfig(max_num_seqs=4, num_kv_blocks=4096, block_size=16),
+                       num_threads=1), load_tokenizer(SRC),
+        )  # fmt: skip
+        await engine.start()
+        try:
+            env = Path(f"/proc/{engine.pid}/environ").read_bytes().split(b"\0")
+            huge_kb = int(Path(f"/proc/{engine.pid}/smaps_rollup").read_text().split("AnonHugePages:")[1].split()[0])
+        finally:
+            await engine.stop(drain_timeout=0)
+        assert (b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in env) == (switch == "1")
+        assert "GLIBC_TUNABLES" not in os.environ
+        if switch == "1" and thp_mode() in ("always", "madvise"):
+            assert huge_kb >= 2048, huge_kb
+        if switch == "0" and thp_mode() == "madvise":
+            assert huge_kb == 0, huge_kb
+
+
 def test_server_with_a_dead_engine_is_not_live_and_refuses_with_503(server_process):
     server = server_process()
     try:

@@ -222,6 +222,62 @@ AVX512 static void axpy_bf16_avx512(float *y, float a, const bf16 *x, long n) {
         y[i] += a * bf2f(x[i]);
 }
 
+/* One row's dot products as bfloat16 pairs (vdpbf16ps), on CPUs with AVX512-BF16 and no AMX
+ * (moe_pairs_select; decision 41): where the row's x is bfloat16 too (a bfloat16 model's), each
+ * instruction multiplies 32 weights as they are stored, where widen16 + FMA takes 16 and three
+ * instructions. The one-row kernels were bound by those instructions, not by memory: a 256 MB
+ * gemv read 12 GB/s on one Zen 4 core and 23 on two, 25 and 33 as pairs. x's float32 rows are
+ * rounded to bfloat16 first (pairs_x): exact for a layer's input, and for an intermediate (a
+ * SwiGLU's hidden row, MLA's normed latent) the rounding torch's bfloat16 layers make too. */
+#define PAIRS __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static int pairs_on; /* moe_pairs_select */
+
+PAIRS static float dot_pairs(const bf16 *w, const bf16 *x, long in) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    long i = 0;
+    for (; i + 128 <= in; i += 128) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32), (__m512bh)_mm512_loadu_si512(x + i + 32));
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + i + 64), (__m512bh)_mm512_loadu_si512(x + i + 64));
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + i + 96), (__m512bh)_mm512_loadu_si512(x + i + 96));
+    }
+    for (; i + 32 <= in; i += 32)
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; i < in; i++)
+        s += bf2f(w[i]) * bf2f(x[i]);
+    return s;
+}
+
+static __thread bf16 *pairs_buf[2];
+static __thread long pairs_cap[2];
+
+static const bf16 *pairs_x(const float *x, long n, int bf, int wbf, int slot) {
+    /* x [n] rounded to bfloat16 in this thread's buffer `slot` for dot_pairs, where the pairs run
+     * (pairs_on), the activations are bfloat16 (bf) and so are the weights (wbf); else NULL (the
+     * float32 row and dot(), as a float32 model's, or when there is no memory) */
+    if (!pairs_on || !bf || !wbf)
+        return NULL;
+    if (pairs_cap[slot] < n) {
+        bf16 *grown = realloc(pairs_buf[slot], n * sizeof(bf16));
+        if (!grown)
+            return NULL;
+        pairs_buf[slot] = grown;
+        pairs_cap[slot] = n;
+    }
+    for (long i = 0; i < n; i++)
+        pairs_buf[slot][i] = f2bf(x[i]);
+    return pairs_buf[slot];
+}
+
+int moe_pairs_select(int on) {
+    /* the one-row kernels' dot products as bfloat16 pairs where asked for (on = 1) and the CPU has
+     * AVX512-BF16; returns whether they are */
+    __builtin_cpu_init();
+    pairs_on = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+    return pairs_on;
+}
+
 static float (*dot_bf16)(const bf16 *, const float *, long) = dot_bf16_avx2;
 static void (*axpy_bf16)(float *, float, const bf16 *, long) = axpy_bf16_avx2;
 static int avx512_rows; /* moe_rmsnorm_rows' bfloat16 rows as AVX-512 (moe_simd_select) */
@@ -429,30 +485,35 @@ struct rows_job {
     float *y;
     long in;
     int bf;
-    const void *up; /* swiglu's gate/up job: the up rows */
-    float scale;    /* swiglu's down job: y += scale * ... */
+    const void *up;  /* swiglu's gate/up job: the up rows */
+    float scale;     /* swiglu's down job: y += scale * ... */
+    const bf16 *xb;  /* x as bfloat16 for dot_pairs (pairs_x), or NULL: x and dot() */
 };
+
+static inline float row_dot(const struct rows_job *j, const void *W, long o) {
+    return j->xb ? dot_pairs(row(W, o, j->in, 1), j->xb, j->in) : dot(row(W, o, j->in, j->bf), j->x, j->in, j->bf);
+}
 
 static void job_gemv(const void *c, long b, long e) {
     const struct rows_job *j = c;
     for (long o = b; o < e; o++)
-        j->y[o] = dot(row(j->W, o, j->in, j->bf), j->x, j->in, j->bf);
+        j->y[o] = row_dot(j, j->W, o);
 }
 
 static void job_gate_up(const void *c, long b, long e) {
     const struct rows_job *j = c;
     for (long i = b; i < e; i++)
-        j->y[i] = dot(row(j->W, i, j->in, j->bf), j->x, j->in, j->bf);
+        j->y[i] = row_dot(j, j->W, i);
     for (long i = b; i < e; i++) {
         float g = j->y[i];
-        j->y[i] = g / (1.0f + expf(-g)) * dot(row(j->up, i, j->in, j->bf), j->x, j->in, j->bf);
+        j->y[i] = g / (1.0f + expf(-g)) * row_dot(j, j->up, i);
     }
 }
 
 static void job_down(const void *c, long b, long e) {
     const struct rows_job *j = c;
     for (long o = b; o < e; o++)
-        j->y[o] += j->scale * dot(row(j->W, o, j->in, j->bf), j->x, j->in, j->bf);
+        j->y[o] += j->scale * row_dot(j, j->W, o);
 }
 
 struct experts_job {
@@ -483,17 +544,20 @@ static void job_experts_t(const void *c, long b, long e) {
     }
 }
 
-static void gemv(const void *W, const float *x, float *y, long out, long in, int bf) {
-    struct rows_job j = {W, x, y, in, bf, NULL, 0.0f};
+static void gemv(const void *W, const float *x, float *y, long out, long in, int bf, int xbf) {
+    /* y = W @ x, W [out, in] (bf: bfloat16); xbf: the activations are bfloat16 (pairs_x) */
+    struct rows_job j = {W, x, y, in, bf, NULL, 0.0f, pairs_x(x, in, xbf, bf, 0)};
     parallel_rows(job_gemv, &j, out, out * in * (bf ? 2 : 4), row_chunk(out, in * (bf ? 2 : 4)));
 }
 
 static void swiglu(const void *gate, const void *up, const void *down, const float *x, float *y, float *h,
-                   float scale, long D, long I, int bf) {
+                   float scale, long D, long I, int bf, int xbf) {
     /* y += scale * down @ (silu(gate @ x) * (up @ x)): gate, up [I, D] and down [D, I] row-major;
-     * h [I] scratch. Each matrix is read front to back (a chunk of gate rows, then up's). */
-    struct rows_job gu = {gate, x, h, D, bf, up, 0.0f}, dn = {down, h, y, I, bf, NULL, scale};
+     * h [I] scratch; xbf: the activations are bfloat16 (pairs_x: h rounded as torch's layer rounds
+     * it). Each matrix is read front to back (a chunk of gate rows, then up's). */
+    struct rows_job gu = {gate, x, h, D, bf, up, 0.0f, pairs_x(x, D, xbf, bf, 0)};
     parallel_rows(job_gate_up, &gu, I, 2 * I * D * (bf ? 2 : 4), row_chunk(I, 2 * D * (bf ? 2 : 4)));
+    struct rows_job dn = {down, h, y, I, bf, NULL, scale, pairs_x(h, I, xbf, bf, 1)};
     parallel_rows(job_down, &dn, D, D * I * (bf ? 2 : 4), row_chunk(D, I * (bf ? 2 : 4)));
 }
 
@@ -515,7 +579,7 @@ void moe_gemv(const void *W, const void *x, void *y, float *scratch, long out, l
      * kept as the bfloat16 values it is: kernels/cpu_decode.py, narrow_linears) */
     float *x32 = scratch, *y32 = scratch + in;
     load(x32, x, in, bf);
-    gemv(W, x32, y32, out, in, wbf);
+    gemv(W, x32, y32, out, in, wbf, bf);
     store(y, y32, out, bf);
 }
 
@@ -527,7 +591,7 @@ void moe_swiglu(const void *gate, const void *up, const void *down, const void *
     load(x32, x, D, bf);
     for (long o = 0; o < D; o++)
         y32[o] = 0.0f;
-    swiglu(gate, up, down, x32, y32, h, 1.0f, D, I, wbf);
+    swiglu(gate, up, down, x32, y32, h, 1.0f, D, I, wbf, bf);
     store(y, y32, D, bf);
 }
 
@@ -656,16 +720,16 @@ void moe_mla_attention(const void *x, const void *q_a, const void *q_a_norm, con
     load(cs + R / 2, sin, R / 2, bf);
     const float *q_in = x32;
     if (q_a) {
-        gemv(q_a, x32, qa, Q, D, wbf);
+        gemv(q_a, x32, qa, Q, D, wbf, bf);
         rmsnorm(qa, q_a_norm, qa, 1e-6f, Q, bf);
         q_in = qa;
     }
-    gemv(q_b, q_in, q, H * (P + R), q_a ? Q : D, wbf);
-    gemv(kv_a, x32, kv, C + R, D, wbf);
+    gemv(q_b, q_in, q, H * (P + R), q_a ? Q : D, wbf, bf);
+    gemv(kv_a, x32, kv, C + R, D, wbf, bf);
     rmsnorm(kv, kv_a_norm, kv, 1e-6f, C, bf);
     mla_decode(q, kv, kv + C, cs, cs + R / 2, w_kv, cache, slots, att, rest, interleaved, slot, scale, L, H, P,
                R, C, Dv, bf, wbf);
-    gemv(o_proj, att, y32, D, H * Dv, wbf);
+    gemv(o_proj, att, y32, D, H * Dv, wbf, bf);
     store(y, y32, D, bf);
 }
 
@@ -785,14 +849,14 @@ void moe_moe_decode(const void *x, const void *router, const float *bias, const 
     } else {
         for (long a = 0; a < A; a++) {
             const void *gu = row(gate_up, ids[a], 2 * I * D, experts_bf), *dn = row(down, ids[a], D * I, experts_bf);
-            swiglu(gu, row(gu, I, D, experts_bf), dn, x32, y32, h, weights[a], D, I, experts_bf);
+            swiglu(gu, row(gu, I, D, experts_bf), dn, x32, y32, h, weights[a], D, I, experts_bf, bf);
         }
     }
     if (shared_gate) {
         float s = 1.0f;
         if (shared_scale)
             s = 1.0f / (1.0f + expf(-dot(shared_scale, x32, D, bf)));
-        swiglu(shared_gate, shared_up, shared_down, x32, y32, h, s, D, Is, shared_bf);
+        swiglu(shared_gate, shared_up, shared_down, x32, y32, h, s, D, Is, shared_bf, bf);
     }
     store(y, y32, D, bf);
 }
