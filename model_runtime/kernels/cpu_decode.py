@@ -99,6 +99,7 @@ def _load():
                 lib.moe_rmsnorm.argtypes = [ptr] * 4 + [f32, long, i32]
                 lib.moe_rmsnorm_rows.argtypes = [ptr, long, ptr, ptr, ptr, f32, long, long, i32]
                 lib.moe_mla_attention.argtypes = [ptr] * 14 + [i32, long, f32] + [long] * 8 + [i32] * 2
+                lib.moe_mla_attention.restype = i32
                 lib.moe_moe_decode.argtypes = [ptr] * 12 + [i32] * 3 + [f32] + [long] * 7 + [i32] * 4
                 lib.moe_fp8_dequant.argtypes = [ptr] * 3 + [long] * 5 + [i32]
                 lib.moe_simd_select.argtypes, lib.moe_simd_select.restype = [i32], i32
@@ -133,7 +134,6 @@ def _load():
                     lib.moe_swiglu,
                     lib.moe_rmsnorm,
                     lib.moe_rmsnorm_rows,
-                    lib.moe_mla_attention,
                     lib.moe_moe_decode,
                     lib.moe_experts_bf16,
                     lib.moe_experts_f32,
@@ -833,7 +833,7 @@ class MLAttention:
         self.D = o_proj.shape[0]
         self.interleaved, self.scale = interleaved, scale
         self.dims = (self.D, Q, H, P, R, C, P_Dv - P)
-        self.scratch_size = 2 * self.D + Q + H * (P + R) + 3 * C + 4 * R + H * (P_Dv - P)
+        self.scratch_size = 2 * self.D + Q + H * (P + R) + C + 3 * R + H * (P_Dv - P)
 
     def __call__(
         self,
@@ -850,11 +850,12 @@ class MLAttention:
         x, slots, cos, sin = x.contiguous(), slots.contiguous(), cos.contiguous(), sin.contiguous()
         L = slots.shape[0]
         y = torch.empty(1, self.D, dtype=self.dtype)
-        scratch = torch.empty(self.scratch_size + L)
-        _lib.moe_mla_attention(
+        scratch = torch.empty(self.scratch_size)
+        if _lib.moe_mla_attention(
             x.data_ptr(), *self.ptrs, cos.data_ptr(), sin.data_ptr(), cache.data_ptr(), slots.data_ptr(),
             y.data_ptr(), scratch.data_ptr(), self.interleaved, slot, self.scale, L, *self.dims, is_bf16(y), self.wbf,
-        )  # fmt: skip
+        ):  # fmt: skip
+            raise MemoryError(f"moe_mla_attention: no memory for the heads' rows over {L} tokens")
         return y
 
 

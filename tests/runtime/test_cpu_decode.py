@@ -7,6 +7,7 @@ runtime falls back to torch with a log line instead of failing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import subprocess
@@ -109,6 +110,40 @@ def test_mla_attention_kernel_matches_the_torch_layer(interleaved, q_lora_rank):
         got = attn(x, cos, sin, ctx, cache)
     assert close(cache, want_cache)
     assert close(got, want)
+
+
+def test_a_bf16_mla_layers_heads_are_shared_with_the_helpers_and_as_close_to_float32_as_torchs():
+    """One bfloat16 token through MLA's kernel (decision 41): its heads shared with the helper
+    threads (W_uk and W_uv of 16 heads, 2 MB), each head's bits the same with 0, 1 or 2 helpers,
+    and the layer's output as close to the float32 layer's (same bfloat16 weights) as torch's own
+    bfloat16 layer is (on AVX512-BF16 the heads' latent rows are rounded to bfloat16 and summed as
+    pairs, as torch's layer rounds them)."""
+    cfg = ModelConfig(
+        architecture="DeepseekV3ForCausalLM", attention="mla", hidden_size=1024, num_attention_heads=16,
+        q_lora_rank=384, kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+    )  # fmt: skip
+    with torch.no_grad():
+        attn = MLAttention(cfg)
+        for p in attn.parameters():  # O(1) activations, as a trained layer's
+            p.copy_(1 + 0.1 * torch.randn(p.shape) if p.dim() == 1 else torch.randn(p.shape) / p.shape[-1] ** 0.5)
+    attn = attn.bfloat16().eval()
+    reference = copy.deepcopy(attn).float()
+    ctx = PagedContext.build(build_paged_batch([(list(range(16)), 60, 1)], DECODE_BLOCK), None)
+    g = torch.Generator().manual_seed(5)
+    cache = torch.randn(16 * DECODE_BLOCK, 512 + 64, generator=g).bfloat16()
+    x = torch.randn(1, 1024, generator=g).bfloat16()
+    angle = torch.randn(1, 32, generator=g)
+    cos, sin = angle.cos().bfloat16(), angle.sin().bfloat16()
+    with torch.inference_mode():
+        want = reference(x.float(), cos.float(), sin.float(), ctx, cache.float())
+        torch_bf16 = attn(x, cos, sin, ctx, cache.clone())
+        assert use_cpu_decode_kernels(attn) and attn.decode is not None
+        assert cpu_decode.start_helpers(0) == 0
+        got = attn(x, cos, sin, ctx, cache.clone())
+        same_bits_with_helpers(lambda: [attn(x, cos, sin, ctx, cache.clone())], [got])
+        assert cpu_decode.start_helpers(0) == 0
+    err, torch_err = (got.float() - want).abs().max(), (torch_bf16.float() - want).abs().max()
+    assert err <= 1.5 * torch_err + 1e-3, (err, torch_err)
 
 
 ROUTERS = {

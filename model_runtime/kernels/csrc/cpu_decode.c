@@ -652,38 +652,54 @@ static void rope(float *out, const float *x, const float *cos, const float *sin,
     }
 }
 
-static void mla_decode(const float *q, const float *c, const float *k_rope, const float *cos,
-                       const float *sin, const void *w_kv, void *cache, const long *slots, float *out,
-                       float *scratch, int interleaved, long slot, float scale, long L, long H, long P,
-                       long R, long C, long Dv, int bf, int wbf) {
-    /* Multi-head latent attention of one new token, as model.MLAttention computes it with kv_b_proj
-     * absorbed (that code serves any batch; this is its batch-1 decode step in one call):
-     *   q [H, P + R] (no-rope, then rope part), c [C] (normed latent), k_rope [R], cos/sin [R/2]:
-     *   the new token's; w_kv [H, P + Dv, C]: per head, P rows mapping the latent to keys, then Dv
-     *   rows to values; cache [slots, C + R] rows (latent, roped key) in the layer's dtype; slot: the
-     *   row this token writes; slots [L]: its context's rows in order, itself last; out [H, Dv];
-     *   scratch [2C + L + 2R]; bf: the cache bfloat16; wbf: w_kv bfloat16.
-     * The new row is written first: cache[slot] = (c, rope(k_rope)). Per head: q_latent =
-     * q_nope @ W_uk [C]; s_l = scale (q_latent . c_l + rope(q_rope) . k_l); p = softmax(s);
-     * o_latent = sum_l p_l c_l [C]; out = W_uv @ o_latent [Dv]. No mask: one new token sees its
-     * whole context (MLA models use no sliding window). */
-    float *ql = scratch, *ol = scratch + C, *qr = scratch + 2 * C, *kr = qr + R, *s = kr + R;
-    void *new_row = (void *)row(cache, slot, C + R, bf);
-    store(new_row, c, C, bf);
-    rope(kr, k_rope, cos, sin, R, interleaved);
-    store((char *)new_row + C * (bf ? 2 : 4), kr, R, bf);
-    for (long h = 0; h < H; h++) {
-        const float *qh = q + h * (P + R);
-        const void *wk = row(w_kv, h, (P + Dv) * C, wbf), *wv = row(wk, P, C, wbf);
-        rope(qr, qh + P, cos, sin, R, interleaved);
+struct mla_job {
+    const float *q, *cos, *sin;
+    const void *w_kv;
+    const void *cache;
+    const long *slots;
+    float *out;
+    int interleaved, bf, wbf;
+    float scale;
+    long L, P, R, C, Dv;
+    int failed; /* a thread had no memory for its rows (the call then fails) */
+};
+
+static __thread float *mla_buf; /* a thread's per-head rows: ql [C], ol [C], qr [R], s [L] */
+static __thread long mla_cap;
+
+static void job_mla_heads(const void *c, long b, long e) {
+    /* heads b .. e-1 of mla_decode, each whole on the thread that runs it (its bits the same
+     * whoever runs it) */
+    struct mla_job *j = (struct mla_job *)c;
+    const long C = j->C, R = j->R, P = j->P, Dv = j->Dv, L = j->L;
+    const int bf = j->bf, wbf = j->wbf;
+    if (mla_cap < 2 * C + R + L) {
+        float *grown = realloc(mla_buf, (2 * C + R + L) * sizeof(float));
+        if (!grown) {
+            __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+            return;
+        }
+        mla_buf = grown;
+        mla_cap = 2 * C + R + L;
+    }
+    float *ql = mla_buf, *ol = ql + C, *qr = ol + C, *s = qr + R;
+    for (long h = b; h < e; h++) {
+        const float *qh = j->q + h * (P + R);
+        const void *wk = row(j->w_kv, h, (P + Dv) * C, wbf), *wv = row(wk, P, C, wbf);
+        rope(qr, qh + P, j->cos, j->sin, R, j->interleaved);
         for (long i = 0; i < C; i++)
             ql[i] = 0.0f;
         for (long p = 0; p < P; p++)
             axpy(ql, qh[p], row(wk, p, C, wbf), C, wbf);
+        const bf16 *qlb = pairs_x(ql, C, bf, bf, 0); /* q_latent as torch's bfloat16 layer rounds it */
+        if (pairs_on && bf && !qlb) {
+            __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+            return;
+        }
         float m = -INFINITY;
         for (long l = 0; l < L; l++) {
-            const void *cl = row(cache, slots[l], C + R, bf);
-            s[l] = scale * (dot(cl, ql, C, bf) + dot(row(cl, C, 1, bf), qr, R, bf));
+            const void *cl = row(j->cache, j->slots[l], C + R, bf);
+            s[l] = j->scale * ((qlb ? dot_pairs(cl, qlb, C) : dot(cl, ql, C, bf)) + dot(row(cl, C, 1, bf), qr, R, bf));
             if (s[l] > m)
                 m = s[l];
         }
@@ -695,24 +711,59 @@ static void mla_decode(const float *q, const float *c, const float *k_rope, cons
         for (long i = 0; i < C; i++)
             ol[i] = 0.0f;
         for (long l = 0; l < L; l++)
-            axpy(ol, s[l] / total, row(cache, slots[l], C + R, bf), C, bf);
+            axpy(ol, s[l] / total, row(j->cache, j->slots[l], C + R, bf), C, bf);
+        const bf16 *olb = pairs_x(ol, C, bf, wbf, 1); /* o_latent likewise */
+        if (pairs_on && bf && wbf && !olb) {
+            __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+            return;
+        }
         for (long d = 0; d < Dv; d++)
-            out[h * Dv + d] = dot(row(wv, d, C, wbf), ol, C, wbf);
+            j->out[h * Dv + d] = olb ? dot_pairs(row(wv, d, C, 1), olb, C) : dot(row(wv, d, C, wbf), ol, C, wbf);
     }
 }
 
-void moe_mla_attention(const void *x, const void *q_a, const void *q_a_norm, const void *q_b, const void *kv_a,
-                       const void *kv_a_norm, const void *w_kv, const void *o_proj, const void *cos,
-                       const void *sin, void *cache, const long *slots, void *y, float *scratch, int interleaved,
-                       long slot, float scale, long L, long D, long Q, long H, long P, long R, long C, long Dv,
-                       int bf, int wbf) {
+static int mla_decode(const float *q, const float *c, const float *k_rope, const float *cos,
+                       const float *sin, const void *w_kv, void *cache, const long *slots, float *out,
+                       float *scratch, int interleaved, long slot, float scale, long L, long H, long P,
+                       long R, long C, long Dv, int bf, int wbf) {
+    /* Multi-head latent attention of one new token, as model.MLAttention computes it with kv_b_proj
+     * absorbed (that code serves any batch; this is its batch-1 decode step in one call):
+     *   q [H, P + R] (no-rope, then rope part), c [C] (normed latent), k_rope [R], cos/sin [R/2]:
+     *   the new token's; w_kv [H, P + Dv, C]: per head, P rows mapping the latent to keys, then Dv
+     *   rows to values; cache [slots, C + R] rows (latent, roped key) in the layer's dtype; slot: the
+     *   row this token writes; slots [L]: its context's rows in order, itself last; out [H, Dv];
+     *   scratch [R]; bf: the cache bfloat16; wbf: w_kv bfloat16.
+     * The new row is written first: cache[slot] = (c, rope(k_rope)). Per head: q_latent =
+     * q_nope @ W_uk [C]; s_l = scale (q_latent . c_l + rope(q_rope) . k_l); p = softmax(s);
+     * o_latent = sum_l p_l c_l [C]; out = W_uv @ o_latent [Dv]. No mask: one new token sees its
+     * whole context (MLA models use no sliding window). The heads are shared with the helper
+     * threads (each reads its W_uk, W_uv and the whole context); with the pairs (pairs_x) a head's
+     * q_latent and o_latent are rounded to bfloat16 before their dot products, as torch's
+     * bfloat16 layer rounds them. 0, or -1 when a thread had no memory for a head's rows. */
+    float *kr = scratch;
+    void *new_row = (void *)row(cache, slot, C + R, bf);
+    store(new_row, c, C, bf);
+    rope(kr, k_rope, cos, sin, R, interleaved);
+    store((char *)new_row + C * (bf ? 2 : 4), kr, R, bf);
+    struct mla_job j = {q, cos, sin, w_kv, cache, slots, out, interleaved, bf, wbf, scale, L, P, R, C, Dv, 0};
+    long bytes = H * ((P + Dv) * C * (wbf ? 2 : 4) + L * (C + R) * (bf ? 2 : 4));
+    parallel_rows(job_mla_heads, &j, H, bytes, 1);
+    return j.failed ? -1 : 0;
+}
+
+int moe_mla_attention(const void *x, const void *q_a, const void *q_a_norm, const void *q_b, const void *kv_a,
+                        const void *kv_a_norm, const void *w_kv, const void *o_proj, const void *cos,
+                        const void *sin, void *cache, const long *slots, void *y, float *scratch, int interleaved,
+                        long slot, float scale, long L, long D, long Q, long H, long P, long R, long C, long Dv,
+                        int bf, int wbf) {
     /* model.MLAttention.forward for one new token with the paged cache (no biases): x [D] (normed
      * hidden state) -> y [D]. q_a [Q, D] and q_a_norm [Q] with q_b [H (P + R), Q], or q_a NULL and
      * q_b the full q_proj [H (P + R), D]; kv_a [C + R, D], kv_a_norm [C]; w_kv [H, P + Dv, C];
      * o_proj [D, H Dv]; cos/sin [R/2]; the rest as in mla_decode. Norm epsilon 1e-6
-     * (model.MLAttention's). scratch [2D + R + Q + H (P + R) + 3C + 3R + H Dv + L]. bf: x, y, cos,
+     * (model.MLAttention's). scratch [2D + R + Q + H (P + R) + C + 2R + H Dv]. bf: x, y, cos,
      * sin, the norms and the cache bfloat16; wbf: the five projections (bf, or a float32 model's
-     * kept as the bfloat16 values they are: kernels/cpu_decode.py, narrow_linears). */
+     * kept as the bfloat16 values they are: kernels/cpu_decode.py, narrow_linears). 0, or -1 when
+     * there was no memory for the heads' rows (mla_decode). */
     float *x32 = scratch, *y32 = x32 + D, *cs = y32 + D, *qa = cs + R, *q = qa + Q, *kv = q + H * (P + R),
           *att = kv + C + R, *rest = att + H * Dv;
     load(x32, x, D, bf);
@@ -727,10 +778,12 @@ void moe_mla_attention(const void *x, const void *q_a, const void *q_a_norm, con
     gemv(q_b, q_in, q, H * (P + R), q_a ? Q : D, wbf, bf);
     gemv(kv_a, x32, kv, C + R, D, wbf, bf);
     rmsnorm(kv, kv_a_norm, kv, 1e-6f, C, bf);
-    mla_decode(q, kv, kv + C, cs, cs + R / 2, w_kv, cache, slots, att, rest, interleaved, slot, scale, L, H, P,
-               R, C, Dv, bf, wbf);
+    if (mla_decode(q, kv, kv + C, cs, cs + R / 2, w_kv, cache, slots, att, rest, interleaved, slot, scale, L, H, P,
+                   R, C, Dv, bf, wbf))
+        return -1;
     gemv(o_proj, att, y32, D, H * Dv, wbf, bf);
     store(y, y32, D, bf);
+    return 0;
 }
 
 enum { ROUTE_GREEDY = 0, ROUTE_GROUP_LIMITED_GREEDY = 1, ROUTE_NOAUX_TC = 2 };
