@@ -33,6 +33,7 @@ import threading
 import time
 
 from model_runtime.distributed.config import REPLICA_LOST_EXIT, ReplicaLost
+from model_runtime.engine.affinity import StepCore
 from model_runtime.engine.messages import (
     AddRequest,
     EngineReady,
@@ -180,15 +181,21 @@ class Outbox:
 
 def step_loop(conn, engine) -> None:
     """Apply the server's commands, step while there is work, send each step's outputs (in order,
-    by an Outbox: sent while the next step runs)."""
-    outbox = Outbox(conn)
+    by an Outbox: sent while the next step runs). On the CPU the step thread has a core of its own
+    while few requests run (engine/affinity.py)."""
+    import torch
+
+    outbox = Outbox(conn)  # first: a thread of the engine's, bound with the others
+    core = StepCore.for_this_process(str(engine.device), torch.get_num_threads(), engine.comm is not None)
     try:
-        _step_loop(conn, engine, outbox)
+        _step_loop(conn, engine, outbox, core)
     finally:
+        if core is not None:
+            core.release()
         outbox.close()  # everything queued reaches the server before this process says more
 
 
-def _step_loop(conn, engine, outbox: Outbox) -> None:
+def _step_loop(conn, engine, outbox: Outbox, core: StepCore | None = None) -> None:
     last_stats = 0.0
     applied_adds = 0
     while True:
@@ -213,6 +220,8 @@ def _step_loop(conn, engine, outbox: Outbox) -> None:
             for rid in list(engine.requests):
                 outputs.append(engine.abort_request(rid))
         elif engine.has_unfinished():
+            if core is not None:
+                core.update(engine.num_running + engine.num_waiting)
             try:
                 outputs.extend(engine.step())
             except ReplicaLost:

@@ -112,6 +112,104 @@ async def test_the_engine_process_asks_for_huge_pages_and_gets_them_where_the_ke
             assert huge_kb == 0, huge_kb
 
 
+def cpus_allowed(pid: int) -> dict[int, set[int]]:
+    """{thread id: the CPUs it may run on} for each thread of process pid."""
+    masks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            line = next(x for x in (task / "status").read_text().splitlines() if x.startswith("Cpus_allowed_list:"))
+        except (OSError, StopIteration):
+            continue  # a thread that ended meanwhile
+        cpus = set()
+        for part in line.split(":", 1)[1].strip().split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+        masks[int(task.name)] = cpus
+    return masks
+
+
+async def generate_while(engine, n: int):
+    """Start n greedy streams and, once each has its first output, read the engine process's
+    threads' CPUs; then read the streams to the end: (those CPUs, each stream's token ids)."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    streams = [engine.generate([5 + i, 9, 13, 21], params) for i in range(n)]
+    firsts = [await anext(s) for s in streams]
+    seen = cpus_allowed(engine.pid)
+    outs = []
+    for first, stream in zip(firsts, streams, strict=True):
+        out = first
+        async for out in stream:  # noqa: B007 (the last output has every token)
+            pass
+        outs.append(out.token_ids)
+    return seen, outs
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to bind")
+async def test_the_engine_step_thread_has_a_core_of_its_own_while_few_requests_run(monkeypatch):
+    """decision 42: on the CPU with torch on one thread, while at most SMALL_BATCH requests run the
+    engine process's step thread (its main thread) may run on the first of its CPUs only and every
+    other thread of it (the kernels' helpers, the Outbox) on the others; with more requests every
+    thread may run anywhere again; MOE_RUNTIME_CPU_BIND=0 binds nothing. What the engine computes
+    is the same either way."""
+    from model_runtime.engine.affinity import SMALL_BATCH
+
+    cpus = os.sched_getaffinity(0)
+    tokens = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("MOE_RUNTIME_CPU_BIND", switch)
+        engine = EngineProcess(
+            EngineSpec(SRC, "float32", "cpu", EngineConfig(max_num_seqs=8, num_kv_blocks=64), num_threads=1),
+            load_tokenizer(SRC),
+        )
+        await engine.start()
+        try:
+            few, tokens[switch] = await generate_while(engine, 1)
+            many, _ = await generate_while(engine, SMALL_BATCH + 2)
+        finally:
+            await engine.stop(drain_timeout=0)
+        assert len(few) >= 3  # the step thread, the Outbox, the kernels' helper among them
+        assert all(mask == cpus for mask in many.values()), many
+        if switch == "0":
+            assert all(mask == cpus for mask in few.values()), few
+            continue
+        step_cpus = few.pop(engine.pid)  # the first CPU no other engine on this host has claimed
+        assert len(step_cpus) == 1 and step_cpus < cpus, step_cpus
+        assert all(mask == cpus - step_cpus for mask in few.values()), few
+    assert tokens["1"] == tokens["0"]
+
+
+def test_the_step_core_binds_only_a_one_thread_cpu_engine_with_cores_to_spare(monkeypatch):
+    from model_runtime.engine.affinity import StepCore
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1002, 1003, 1005})  # no engine's here
+    core = StepCore.for_this_process("cpu", 1, distributed=False)
+    assert (core.step_cpu, core.others, core.bound) == (1002, {1003, 1005}, False)
+    core.release()
+    assert StepCore.for_this_process("cuda:0", 1, distributed=False) is None
+    assert StepCore.for_this_process("cpu", 4, distributed=False) is None  # torch's own threads
+    assert StepCore.for_this_process("cpu", 1, distributed=True) is None  # ranks share the host
+    monkeypatch.setenv("MOE_RUNTIME_CPU_BIND", "0")
+    assert StepCore.for_this_process("cpu", 1, distributed=False) is None
+    monkeypatch.delenv("MOE_RUNTIME_CPU_BIND")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert StepCore.for_this_process("cpu", 1, distributed=False) is None
+
+
+def test_engines_on_one_host_claim_different_step_cores_and_none_when_all_are_taken(tmp_path):
+    """Two engine processes with the same CPUs do not both bind their step threads to the first;
+    a claim is a lock a process holds until it ends (here: until the file is closed)."""
+    from model_runtime.engine.affinity import claim_cpu
+
+    first = claim_cpu([4, 7], str(tmp_path))
+    second = claim_cpu([4, 7], str(tmp_path))
+    assert (first[0], second[0]) == (4, 7)
+    assert claim_cpu([4, 7], str(tmp_path)) is None
+    first[1].close()
+    again = claim_cpu([4, 7], str(tmp_path))
+    assert again[0] == 4
+    again[1].close(), second[1].close()
+
+
 def test_server_with_a_dead_engine_is_not_live_and_refuses_with_503(server_process):
     server = server_process()
     try:
