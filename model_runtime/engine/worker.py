@@ -24,6 +24,7 @@ so no rank can know where the others are; the replica exits and is restarted.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -81,6 +82,17 @@ def huge_page_malloc():
             os.environ["GLIBC_TUNABLES"] = before
 
 
+def freeze_heap() -> None:
+    """Once a process has loaded what it serves with (the server: its app, tokenizer and engine;
+    the engine process: the model): one full collection, then every object left moved out of the
+    collector's reach (gc.freeze), as vLLM's API server and engine core do. The collector's
+    oldest generation otherwise walks that whole heap now and then while serving: 66-71 ms pauses
+    of the server's event loop, with 32 streams running, on this project's 2-core machine
+    (decision 42)."""
+    gc.collect()
+    gc.freeze()
+
+
 def spawn_engine(spec: EngineSpec):
     """Start the engine process; (process, the server's end of the pipe). It loads the model and
     then sends EngineReady or StartFailed."""
@@ -109,6 +121,7 @@ def run_engine_process(conn, spec: EngineSpec) -> None:
         log.exception("the engine could not start")
         conn.send(StartFailed(f"{type(e).__name__}: {e}"))
         return
+    freeze_heap()
     conn.send(
         EngineReady(
             vocab_size=engine.vocab_size,

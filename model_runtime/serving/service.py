@@ -31,7 +31,7 @@ from model_runtime.engine.config import EngineConfig
 from model_runtime.engine.messages import EngineSpec
 from model_runtime.engine.process import EngineProcess
 from model_runtime.engine.requests import EngineError, EngineFailed, EngineOverloaded, SamplingParams
-from model_runtime.engine.worker import spawn_engine
+from model_runtime.engine.worker import freeze_heap, spawn_engine
 from model_runtime.models.tokenizer import load_tokenizer
 from model_runtime.serving.config import LOG_FORMAT, ServerConfig
 from model_runtime.serving.metrics import RuntimeMetrics
@@ -189,6 +189,7 @@ class InferenceService:
             await engine.stop(drain_timeout=0)
             raise
         self.engine = engine
+        freeze_heap()  # what this process serves with is loaded: out of the collector's way
         if self.state == "loading":
             self.state = "ready"
         log.info(
