@@ -31,6 +31,7 @@ import threading
 log = logging.getLogger(__name__)
 
 SMALL_BATCH = 4  # requests (running or waiting) up to which the step thread keeps its core
+LOCK_DIR: str | None = None  # where the cores' claims are; None: /dev/shm (else the temp directory)
 
 
 class StepCore:
@@ -100,7 +101,7 @@ def claim_cpu(cpus: list[int], lock_dir: str | None = None):
     """(cpu, the open lock file that holds it) for the first of `cpus` no other process on this
     host holds, or None."""
     if lock_dir is None:
-        lock_dir = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        lock_dir = LOCK_DIR or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir())
     for cpu in cpus:
         try:
             f = open(os.path.join(lock_dir, f"moe-runtime-step-cpu-{cpu}.lock"), "a")  # noqa: SIM115 (held)

@@ -178,12 +178,15 @@ async def test_the_engine_step_thread_has_a_core_of_its_own_while_few_requests_r
     assert tokens["1"] == tokens["0"]
 
 
-def test_the_step_core_binds_only_a_one_thread_cpu_engine_with_cores_to_spare(monkeypatch):
+def test_the_step_core_binds_only_a_one_thread_cpu_engine_with_cores_to_spare(monkeypatch, tmp_path):
+    from model_runtime.engine import affinity
     from model_runtime.engine.affinity import StepCore
 
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1002, 1003, 1005})  # no engine's here
+    monkeypatch.setattr(affinity, "LOCK_DIR", str(tmp_path))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3, 5})
     core = StepCore.for_this_process("cpu", 1, distributed=False)
-    assert (core.step_cpu, core.others, core.bound) == (1002, {1003, 1005}, False)
+    assert (core.step_cpu, core.others, core.bound) == (2, {3, 5}, False)
+    assert (tmp_path / "moe-runtime-step-cpu-2.lock").exists()
     core.release()
     assert StepCore.for_this_process("cuda:0", 1, distributed=False) is None
     assert StepCore.for_this_process("cpu", 4, distributed=False) is None  # torch's own threads
