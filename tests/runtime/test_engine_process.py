@@ -131,9 +131,10 @@ def cpus_allowed(pid: int) -> dict[int, set[int]]:
 async def generate_while(engine, n: int):
     """Start n greedy streams and, once each has its first output, read the engine process's
     threads' CPUs; then read the streams to the end: (those CPUs, each stream's token ids)."""
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
     streams = [engine.generate([5 + i, 9, 13, 21], params) for i in range(n)]
-    firsts = [await anext(s) for s in streams]
+    # a stream's request is submitted at its first anext: all at once, so that all n run together
+    firsts = await asyncio.gather(*(anext(s) for s in streams))
     seen = cpus_allowed(engine.pid)
     outs = []
     for first, stream in zip(firsts, streams, strict=True):
