@@ -19,6 +19,18 @@ def cache_dir() -> Path:
     return Path(base) / "moe-runtime" / "kernels"
 
 
+def amx_emulated() -> bool:
+    """Whether the kernels are built with their AMX tiles emulated in software
+    (MOE_RUNTIME_AMX_EMULATE=1: csrc/amx_tiles.h's scalar tiles), so the AMX kernels' logic runs and
+    is checked on a CPU with AVX512-BF16 but no AMX. For tests: far slower than real tiles."""
+    return os.environ.get("MOE_RUNTIME_AMX_EMULATE", "0") == "1"
+
+
+def amx_flags() -> list[str]:
+    """The compiler flags amx_emulated() asks for."""
+    return ["-DMOE_AMX_EMULATE"] if amx_emulated() else []
+
+
 def build_library(source: Path, cflags: list[str]) -> Path:
     """The shared library for `source`, compiled once per source, the headers beside it and flags
     (atomic rename), named `<source stem>-<hash>.so`."""

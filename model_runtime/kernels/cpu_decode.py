@@ -54,7 +54,7 @@ from torch import nn
 
 from model_runtime.kernels import paged_attention as paged_kernel
 from model_runtime.kernels import shapes
-from model_runtime.kernels.build import build_library
+from model_runtime.kernels.build import amx_emulated, amx_flags, build_library
 from model_runtime.models import model as layers
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ _dpbf16 = False  # whether AVX512-BF16 without AMX runs moe_dpbf16_experts / moe
 
 
 def _build() -> Path:
-    return build_library(SOURCE, CFLAGS)
+    return build_library(SOURCE, CFLAGS + amx_flags())
 
 
 def _load():
@@ -151,7 +151,9 @@ def _load():
                 )  # fmt: skip
                 lib.moe_pairs_select(int(_dpbf16))  # one row's dot products as bfloat16 pairs (decision 41)
                 also = (
-                    "; a few rows' linears and the routed experts on AMX tiles" if _amx
+                    "; a few rows' linears and the routed experts on AMX tiles"
+                    + (" (emulated in software: MOE_RUNTIME_AMX_EMULATE)" if amx_emulated() else "")
+                    if _amx
                     else "; one row's, a few rows' linears and the routed experts by AVX512-BF16 dot products"
                     if _dpbf16
                     else ""

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from model_runtime.kernels.build import build_library
+from model_runtime.kernels.build import amx_emulated, amx_flags, build_library
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ _decided = False
 
 
 def _build() -> Path:
-    return build_library(SOURCE, CFLAGS)
+    return build_library(SOURCE, CFLAGS + amx_flags())
 
 
 def _load():
@@ -114,7 +114,7 @@ def _load():
                     lib.moe_gqa_prepare_bf16.restype = None
                     lib.moe_paged_amx_select.argtypes, lib.moe_paged_amx_select.restype = [ctypes.c_int], ctypes.c_int
                     amx = lib.moe_paged_amx_select(int(os.environ.get("MOE_RUNTIME_AMX", "1") != "0"))
-                    log.info("paged attention kernel: scores with %s", "AMX tiles" if amx else "AVX-512 FMAs")
+                    log.info("paged attention kernel: scores with %s", ("AMX tiles emulated in software (MOE_RUNTIME_AMX_EMULATE)" if amx_emulated() else "AMX tiles") if amx else "AVX-512 FMAs")
             except Exception as e:  # noqa: BLE001 (any failure means: torch's own ops)
                 lib, _avx512 = None, False
                 log.warning("paged attention kernel: off (%s); torch's ops are used", e)

@@ -1231,13 +1231,18 @@ def kernels_in_a_fresh_process(env: dict[str, str], report: str) -> tuple[list[s
 @pytest.mark.parametrize("switch", ["1", "0"])
 def test_the_amx_kernels_say_so_at_start_and_turn_off_with_the_switch(switch):
     """The kernels' log line names AMX where they use it; MOE_RUNTIME_AMX=0 turns the AMX kernels
-    off (the other kernels stay, and bfloat16 experts go column-major as on a CPU without AMX)."""
-    printed, log = kernels_in_a_fresh_process(
-        {"MOE_RUNTIME_AMX": switch}, "print('amx', cpu_decode._amx, 'row-major', experts.gate_up_proj.is_contiguous())\n"
-    )
+    off: the CPU then runs what one with AVX512-BF16 and no AMX runs (every AMX CPU has it: the
+    experts stay row-major for moe_dpbf16_experts), and with MOE_RUNTIME_DPBF16=0 too the bfloat16
+    experts go column-major as on a CPU with neither."""
+    show = "print('amx', cpu_decode._amx, 'dpbf16', cpu_decode._dpbf16, 'row-major', experts.gate_up_proj.is_contiguous())\n"
+    printed, log = kernels_in_a_fresh_process({"MOE_RUNTIME_AMX": switch}, show)
     on = switch == "1"
-    assert printed == ["amx", str(on), "row-major", str(on)]
+    assert printed == ["amx", str(on), "dpbf16", str(not on), "row-major", "True"]
     assert ("routed experts on AMX tiles" in log) == on, log
+    assert ("routed experts by AVX512-BF16 dot products" in log) == (not on), log
+    if not on:
+        printed, log = kernels_in_a_fresh_process({"MOE_RUNTIME_AMX": "0", "MOE_RUNTIME_DPBF16": "0"}, show)
+        assert printed == ["amx", "False", "dpbf16", "False", "row-major", "False"]
 
 
 dpbf16 = pytest.mark.skipif(not cpu_decode._dpbf16, reason="this CPU has AMX, or no AVX512-BF16")

@@ -18,6 +18,65 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
+#ifdef MOE_AMX_EMULATE
+/* The tiles in software, for checking the AMX kernels' own logic (packing, tails, sinks, the
+ * helpers' shares of a job) on a CPU without AMX: the build with -DMOE_AMX_EMULATE (the Python
+ * loaders' MOE_RUNTIME_AMX_EMULATE=1, tests only) runs the same kernels with each tile instruction
+ * replaced by a scalar loop over thread-local tiles of 16 rows x 64 bytes (the one shape the
+ * kernels configure). TDPBF16PS sums each pair in float32 as the instruction does; hardware rounds
+ * and flushes denormals its own way, so results agree with AMX's to float32 rounding, not to the
+ * bit. Everything else in the kernels (AVX-512 packing, bfloat16 conversions) runs as on AMX
+ * CPUs, so the build needs AVX512-BF16. */
+static __thread unsigned char moe_emu_tiles[8][16][64];
+
+static inline void moe_emu_tile_loadd(int t, const void *base, long stride) {
+    for (int r = 0; r < 16; r++)
+        memcpy(moe_emu_tiles[t][r], (const char *)base + r * stride, 64);
+}
+
+static inline void moe_emu_tile_stored(int t, void *base, long stride) {
+    for (int r = 0; r < 16; r++)
+        memcpy((char *)base + r * stride, moe_emu_tiles[t][r], 64);
+}
+
+static inline float moe_emu_bf16(const unsigned char *p) {
+    uint32_t bits = (uint32_t)(p[0] | p[1] << 8) << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline void moe_emu_tile_dpbf16ps(int c, int a, int b) {
+    /* C [m][n] (float32) += A [m][2k] B [k][2n] + A [m][2k+1] B [k][2n+1], k over 16 pairs */
+    for (int m = 0; m < 16; m++)
+        for (int n = 0; n < 16; n++) {
+            float sum;
+            memcpy(&sum, moe_emu_tiles[c][m] + 4 * n, 4);
+            for (int k = 0; k < 16; k++) {
+                sum += moe_emu_bf16(moe_emu_tiles[a][m] + 4 * k) * moe_emu_bf16(moe_emu_tiles[b][k] + 4 * n);
+                sum += moe_emu_bf16(moe_emu_tiles[a][m] + 4 * k + 2) * moe_emu_bf16(moe_emu_tiles[b][k] + 4 * n + 2);
+            }
+            memcpy(moe_emu_tiles[c][m] + 4 * n, &sum, 4);
+        }
+}
+
+#undef _tile_loadd
+#undef _tile_stored
+#undef _tile_zero
+#undef _tile_dpbf16ps
+#define _tile_loadd(t, base, stride) moe_emu_tile_loadd(t, base, stride)
+#define _tile_stored(t, base, stride) moe_emu_tile_stored(t, base, stride)
+#define _tile_zero(t) memset(moe_emu_tiles[t], 0, sizeof moe_emu_tiles[t])
+#define _tile_dpbf16ps(c, a, b) moe_emu_tile_dpbf16ps(c, a, b)
+#define _tile_loadconfig(config) ((void)(config))
+#define _tile_release() ((void)0)
+
+static inline int amx_request(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl");
+}
+#else
 static inline int amx_request(void) {
     /* whether the CPU has AMX-BF16 (and AVX512-BF16) and the kernel grants this process the tile
      * data state (Linux asks each process to request it; oneDNN does the same) */
@@ -26,6 +85,7 @@ static inline int amx_request(void) {
         return 0;
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
+#endif
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
