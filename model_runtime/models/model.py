@@ -705,12 +705,17 @@ class Experts(nn.Module):
         projection over every expert, no Python loop, no host sync) rather than a matmul pair per
         expert: when this rank holds every expert (one rank, or tensor parallel), the experts are
         plain float weights (not int8 / FP8 / the CPU's float32 decode kernels, which override
-        expert_mlp), and the device has the kernel (the CPU; CUDA: bfloat16 on sm80+). On a CPU
+        expert_mlp), and the device has the kernel (the CPU; CUDA: bfloat16 on sm80+). An expert-
+        parallel rank on CUDA groups its own experts' assignments the same way (local_grouped_forward:
+        the loop would read the counts on the host, a device sync per layer); on the CPU such a rank
+        keeps the loop, whose counts are host values already. On a CPU
         without AMX the engine stores bfloat16 / float16 expert weights column-major
         (kernels/cpu_decode.py: grouped_experts_layout): each expert's transposed weight is then
         row-major, which torch's CPU grouped GEMM reads about twice as fast. (Where the CPU has AMX
         the C kernel moe_amx_experts takes the bfloat16 experts instead: decision 32.)"""
-        if self.num_local_experts != self.num_experts or not self.plain_weights:
+        if not self.plain_weights:
+            return False
+        if self.num_local_experts != self.num_experts and x.device.type != "cuda":
             return False
         if x.device.type == "cpu":
             return x.dtype in (torch.bfloat16, torch.float16)  # float32 keeps MKL's per-expert sgemm
@@ -724,6 +729,8 @@ class Experts(nn.Module):
         """All N * A assignments sorted by expert, each projection one grouped GEMM over the runs of
         the sorted rows (offsets from the counts, on the device), then unsorted and weighted."""
         N, A = ids.shape
+        if self.num_local_experts != self.num_experts:
+            return self.local_grouped_forward(x, weights, ids)
         order = ids.reshape(-1).argsort(stable=True)  # [N * A] assignments grouped by expert
         if shapes.buckets(x):  # each expert's run padded to a bucket: oneDNN builds its kernels once
             return self.padded_grouped_forward(x, weights, order, counts)
@@ -732,6 +739,25 @@ class Experts(nn.Module):
         gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [N * A, I]
         ys = F.grouped_mm(self.act(gate).mul_(up), self.down_proj.transpose(-2, -1), offs=offs)  # [N * A, D]
         ys = torch.empty_like(ys).index_copy_(0, order, ys)  # [N * A, D] back in token order
+        return (ys.view(N, A, -1) * weights.to(ys.dtype)[:, :, None]).sum(dim=1)  # [N, D]
+
+    def local_grouped_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """grouped_forward on an expert-parallel rank, with no host sync: the assignments to this
+        rank's experts sorted to the front by local expert, the others after the last offset, where
+        the grouped GEMMs leave their rows unwritten (any bits, NaN too): those are masked out with
+        torch.where, not multiplied by a zero weight. -> this rank's partial sum [N, D]."""
+        N, A = ids.shape
+        E = self.num_local_experts
+        key = ids.reshape(-1) - self.first_expert  # [N * A] local expert of each assignment
+        local = (key >= 0) & (key < E)
+        key = torch.where(local, key, E)  # another rank's: after every local expert
+        order = key.argsort(stable=True)  # [N * A]
+        offs = torch.bincount(key, minlength=E + 1)[:E].cumsum(0).to(torch.int32)  # [E] end of each run
+        xs = x.index_select(0, order // A)  # [N * A, D]
+        gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        ys = F.grouped_mm(self.act(gate).mul_(up), self.down_proj.transpose(-2, -1), offs=offs)  # [N * A, D]
+        ys = torch.empty_like(ys).index_copy_(0, order, ys)  # back in assignment order
+        ys = torch.where(local[:, None], ys, 0)
         return (ys.view(N, A, -1) * weights.to(ys.dtype)[:, :, None]).sum(dim=1)  # [N, D]
 
     def padded_grouped_forward(self, x, weights, order, counts):

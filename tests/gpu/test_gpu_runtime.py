@@ -137,3 +137,27 @@ def test_native_fp8_matmul_agrees_with_dequantization_on_hopper():
     assert layer.native is True, "torch._scaled_mm with block scales was not used on this Hopper GPU"
     want = torch.nn.functional.linear(x, layer.dequantized(torch.bfloat16))
     assert (got.float() - want.float()).abs().max().item() < 0.05 * want.float().abs().max().item()
+
+
+def test_an_expert_parallel_rank_on_cuda_groups_its_experts_and_matches_the_cpu_loop():
+    """On CUDA an expert-parallel rank's experts run as two grouped GEMMs over its own experts'
+    assignments (no counts read back per layer), with the result of the CPU's per-expert loop."""
+    from model_runtime.distributed.shard import Shard
+    from model_runtime.models.model import Experts, MoE
+
+    model = load_model("builtin:tiny-deepseek-v3", dtype=torch.bfloat16)
+    moe = next(layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE))
+    x = torch.randn(9, model.config.hidden_size, generator=torch.Generator().manual_seed(9)).bfloat16()
+    weights, ids = moe.gate(x)
+    for rank in range(2):
+        part = Experts(model.config, Shard(rank=rank, world=2, expert_parallel=True)).to(torch.bfloat16)
+        e0, E = part.first_expert, part.num_local_experts
+        with torch.no_grad():
+            part.gate_up_proj.copy_(moe.experts.gate_up_proj[e0 : e0 + E])
+            part.down_proj.copy_(moe.experts.down_proj[e0 : e0 + E])
+        want, _ = part(x, weights, ids)  # the CPU's loop
+        part.cuda()
+        assert part.grouped(x.cuda())
+        got, counts = part(x.cuda(), weights.cuda(), ids.cuda())
+        torch.testing.assert_close(got.float().cpu(), want.float(), rtol=2e-2, atol=2e-2)
+        assert counts.cpu().tolist() == torch.bincount(ids.reshape(-1), minlength=part.num_experts).tolist()
