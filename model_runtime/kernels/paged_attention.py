@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from model_runtime.kernels import triton_attention
 from model_runtime.kernels.build import amx_emulated, amx_flags, build_library
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,10 @@ def avx512_lib():
 def applies(q: torch.Tensor, cache: torch.Tensor, max_new: int, uniform: bool) -> bool:
     """Whether decode() serves this step: q and cache of one dtype, bfloat16 or float32, on the
     CPU, one new token per sequence (max_new 1, no padding), outside autograd, torch on one
-    thread, kernel loaded."""
+    thread, kernel loaded. On CUDA (and on the CPU under Triton's interpreter, how the tests
+    check it): whether the Triton kernel serves it (kernels/triton_attention.py)."""
+    if q.device.type != "cpu" or triton_attention.interpreting():
+        return triton_attention.applies(q, cache, max_new, uniform)
     return (
         max_new == 1
         and uniform
@@ -180,8 +184,13 @@ def decode(
     strides); block_tables [S, B] and context_lens [S] as in PagedBatch (the new token already
     written, at position context_len - 1); window: keep the last `window` positions only.
     -> [S, H, Ev] of q's dtype, written into `out` when given (rows contiguous, any other strides:
-    MLA passes a head-major buffer's transposed view); the cache of q's dtype too.
+    MLA passes a head-major buffer's transposed view); the cache of q's dtype too. On CUDA (or
+    under Triton's interpreter) the Triton kernel computes it (kernels/triton_attention.py).
     """
+    if q.device.type != "cpu" or triton_attention.interpreting():
+        return triton_attention.decode(
+            q, keys, values, block_tables, context_lens, block_size, scale, window, out, q_rope
+        )  # fmt: skip
     lib = _load()
     if lib is None:
         raise RuntimeError("paged attention kernel: not available here (see available())")

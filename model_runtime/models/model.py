@@ -211,8 +211,9 @@ class PagedContext:
         return self.split
 
     def in_place_decode(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
-        """Whether this step's attention reads the cache in place (kernels/paged_attention.py):
-        one new token per sequence, bfloat16 on the CPU, the kernel loaded."""
+        """Whether this step's attention reads the cache in place: one new token per sequence, on
+        the CPU the C kernel loaded (kernels/paged_attention.py), on CUDA the Triton kernel
+        (kernels/triton_attention.py)."""
         return paged_kernel.applies(q, cache, self.max_new, self.token_seq is None)
 
     def decode_in_place(

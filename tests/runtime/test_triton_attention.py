@@ -1,0 +1,197 @@
+"""The GPU's paged decode attention (kernels/triton_attention.py, a Triton kernel), checked on the
+CPU by Triton's interpreter (TRITON_INTERPRET=1) against the torch path it replaces on CUDA (gather
+the context, then attend): GQA and MLA shapes, ragged contexts across scattered blocks, a sliding
+window, float32 and bfloat16; and whole models decoding with it, whose logits are the gathered
+path's. tests/gpu runs it compiled on a device."""
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from test_paged_attention_kernel import LENS, decode_batch, decode_logits, gathered
+
+from model_runtime import load_model
+from model_runtime.kernels import paged_attention as paged_kernel
+from model_runtime.kernels import triton_attention
+
+pytestmark = [
+    pytest.mark.runtime,
+    pytest.mark.skipif(not triton_attention.available(), reason="Triton does not import here"),
+]
+
+
+# Triton's interpreter must be on before Triton is first imported (its library's own jitted helpers,
+# tl.max and tl.sum among them, are built then): the tests run in a child pytest started with
+# TRITON_INTERPRET=1, which this module's one test in the parent process starts and reads.
+INTERPRETED = triton_attention.interpreting()
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the child pytest under TRITON_INTERPRET=1")
+PARENT = "the parent pytest's: Triton compiling, not interpreting"
+parent = pytest.mark.skipif(INTERPRETED, reason=PARENT)
+
+
+@parent
+def test_the_kernel_passes_its_tests_under_tritons_interpreter(tmp_path):
+    report = tmp_path / "report.xml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", __file__],
+        cwd=Path(__file__).resolve().parents[2], env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    cases = list(ET.parse(report).getroot().iter("testcase"))
+    passed = [c.get("name") for c in cases if not list(c)]  # no failure, error or skipped child
+    skipped = {c.get("name"): c.find("skipped").get("message", "") for c in cases if c.find("skipped") is not None}
+    assert skipped and all(PARENT in why for why in skipped.values()), skipped  # only the parent's
+    assert len(passed) == len(cases) - len(skipped) >= 31, passed
+
+
+@parent
+@pytest.mark.parametrize("capability", [80, 90])  # A100, H100
+@pytest.mark.parametrize(
+    ("dtype", "heads", "kv_heads", "dim", "rope", "splits"),
+    [
+        ("bf16", 32, 8, 128, 0, 1),  # Mixtral: GQA, a program a context
+        ("bf16", 32, 8, 128, 0, 4),  # the context shared by four programs
+        ("bf16", 128, 1, 512, 64, 8),  # DeepSeek-V3's MLA: 512 latent + 64 rope columns
+        ("fp32", 12, 4, 40, 0, 2),  # float32 (IEEE products), odd head size
+        ("fp16", 16, 16, 64, 0, 1),
+    ],
+)
+def test_the_kernel_compiles_for_the_gpus_it_serves(capability, dtype, heads, kv_heads, dim, rope, splits):
+    """Triton compiles the kernel ahead of time for an sm_80 / sm_90 target to a cubin (its bundled
+    ptxas; no GPU needed), with the constants decode() launches it with: what the interpreter does
+    not check (types, shapes tl.dot takes, shared memory) is checked here."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    assert triton_attention._import()
+    constants = {
+        **triton_attention._tiles(heads, kv_heads, dim, rope, dim),
+        "SPLITS": splits, "HAS_ROPE": bool(rope), "WIDEN": dtype == "fp32",
+    }  # fmt: skip
+    signature = {name: f"*{dtype}" for name in ("Q", "QR", "K", "V", "OUT")}
+    signature |= {"TABLES": "*i32", "LENS": "*i32", "PART": "*fp32", "PML": "*fp32", "scale": "fp32"}
+    signature |= {name: "i32" for name in ("sq_s", "sq_h", "sqr_s", "sqr_h", "sk_slot", "sk_head", "sv_slot",
+                                           "sv_head", "st_s", "so_s", "so_h", "window", "block_size")}  # fmt: skip
+    signature |= {name: "constexpr" for name in constants}
+    kernel = triton.jit(triton_attention._paged_decode)
+    assert set(signature) == set(kernel.arg_names)
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", capability, 32))
+    assert compiled.asm["cubin"] and f"sm_{capability}" in compiled.asm["ptx"]
+    assert compiled.metadata.shared <= 99 * 1024  # fits an A100's / H100's shared memory per block
+
+
+@parent
+def test_a_kernel_that_cannot_launch_leaves_the_step_to_the_torch_path(monkeypatch, caplog):
+    """Where the compiled kernel cannot run (here: CPU tensors, no GPU driver), the call is answered
+    by the torch path, the failure logged once, and applies() says no from then on."""
+    monkeypatch.setattr(triton_attention, "_failed", None)
+    monkeypatch.setenv("MOE_RUNTIME_TRITON_ATTENTION", "1")
+    gen = torch.Generator().manual_seed(3)
+    batch = decode_batch(LENS, 16, 64, seed=3)
+    cache = torch.randn(2, 64 * 16, 2, 32, generator=gen)
+    q = torch.randn(len(LENS), 8, 32, generator=gen)
+    with caplog.at_level("WARNING", logger=triton_attention.__name__):
+        got = triton_attention.decode(q, cache[0], cache[1], batch.block_tables, batch.context_lens, 16, 0.2, None)
+    assert triton_attention._failed and "the gathered torch path serves" in caplog.text
+    torch.testing.assert_close(got, gathered(q, cache[0], cache[1], batch, 0.2, None), atol=1e-5, rtol=1e-4)
+    assert not triton_attention.available()
+    monkeypatch.setattr(triton_attention, "interpreting", lambda: True)  # even where it would apply
+    assert not triton_attention.applies(q, cache, 1, True)
+
+
+GQA_SHAPES = [
+    (8, 4, 32, None, 16),  # Mixtral-style GQA
+    (8, 8, 64, None, 16),  # one query head per kv head
+    (6, 2, 40, None, 16),  # head_dim not a power of two (masked columns)
+    (8, 4, 32, 20, 16),  # a sliding window shorter than some contexts
+    (16, 1, 32, 20, 5),  # 16 query heads on one kv head, a window, an odd block size
+    (80, 1, 32, None, 16),  # more query heads a kv head than one program's block (two blocks)
+]
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [1, 3])  # one program a context, or three sharing it (some empty)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "block_size"), GQA_SHAPES)
+def test_gqa_decode_matches_gathered_attention(heads, kv_heads, dim, window, block_size, dtype, splits):
+    gen = torch.Generator().manual_seed(heads * dim + (window or 0) + block_size)
+    batch = decode_batch(LENS, block_size, 64, seed=block_size)
+    cache = (torch.randn(2, 64 * block_size, kv_heads, dim, generator=gen) * 2).to(dtype)
+    q = (torch.randn(len(LENS), heads, dim, generator=gen) * 2).to(dtype)
+    scale = dim**-0.5
+    assert paged_kernel.applies(q, cache, 1, True)
+    got = triton_attention.decode(q, cache[0], cache[1], batch.block_tables, batch.context_lens, block_size, scale,
+                                  window, splits=splits)  # fmt: skip
+    if splits == 1:  # what the model calls on the CPU under the interpreter: the same kernel
+        same = paged_kernel.decode(q, cache[0], cache[1], batch.block_tables, batch.context_lens, block_size, scale, window)
+        torch.testing.assert_close(same, got, atol=0, rtol=0)
+    exact = gathered(q.double(), cache[0].double(), cache[1].double(), batch, scale, window)
+    assert got.shape == (len(LENS), heads, dim) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), exact, atol=1e-5, rtol=1e-4)
+    else:  # float32 scores and softmax; the output rounded to bfloat16 once
+        torch.testing.assert_close(got.double(), exact, atol=4e-2, rtol=2e-2)
+    wrong = decode_batch(LENS, block_size, 64, seed=block_size + 1)  # other blocks: far off
+    assert not torch.allclose(gathered(q.double(), cache[0].double(), cache[1].double(), wrong, scale, window),
+                              got.double(), atol=5e-2)  # fmt: skip
+
+
+@interpreted
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_decode_reads_latent_rows_in_place(dtype, splits):
+    """MLA's absorbed decode as the model calls it: the keys whole cache rows [C + R], the values
+    their first C columns, the queries' rope part apart, the output into a head-major buffer's
+    transposed view."""
+    C, R, H, bs = 512, 64, 16, 16
+    gen = torch.Generator().manual_seed(8)
+    batch = decode_batch(LENS, bs, 64, seed=4)
+    cache = torch.randn(64 * bs, C + R, generator=gen).to(dtype)
+    q = (torch.randn(len(LENS), H, C + R, generator=gen) * 0.2).to(dtype)
+    rows = cache[:, None, :]
+    out = torch.full((H, len(LENS), C), float("nan"), dtype=dtype)
+    got = triton_attention.decode(
+        q[..., :C], rows, rows[..., :C], batch.block_tables, batch.context_lens, bs, 0.07, None,
+        out=out.transpose(0, 1), q_rope=q[..., C:], splits=splits,
+    )  # fmt: skip
+    want = gathered(q.double(), rows.double(), rows.double(), batch, 0.07, None)[..., :C]
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.transpose(0, 1).double(), want, atol=tol, rtol=tol)
+    assert got.data_ptr() == out.data_ptr()
+
+
+@interpreted
+def test_the_kernel_refuses_what_does_not_fit():
+    q = torch.zeros(2, 8, 32)
+    cache = torch.zeros(2, 64, 4, 32)
+    tables, lens = torch.zeros(2, 4, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="does not fit keys"):
+        triton_attention.decode(q, cache[0][..., :16], cache[1], tables, lens, 16, 1.0, None)
+    with pytest.raises(ValueError, match="not one float dtype"):
+        triton_attention.decode(q, cache[0].bfloat16(), cache[1], tables, lens, 16, 1.0, None)
+    assert not triton_attention.applies(q, cache.bfloat16(), 1, True)  # a cache of another dtype
+    assert not triton_attention.applies(q, cache, 2, True)  # several new tokens: not a decode
+
+
+@interpreted
+@pytest.mark.parametrize("name", ["builtin:tiny-mixtral", "builtin:tiny-deepseek-v3"])
+def test_a_model_decoding_with_the_kernel_gives_the_gathered_paths_logits(name, monkeypatch):
+    """A float32 model's decode steps after a prefill and a cached prefix: every step's attention in
+    every layer is the Triton kernel's, and the logits are the gathered torch path's."""
+    model = load_model(name)
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (9, 14)]
+    follow = torch.randint(0, 256, (6, 2), generator=gen)
+    calls = []
+    real = triton_attention.decode
+    monkeypatch.setattr(triton_attention, "decode", lambda *a: calls.append(1) or real(*a))
+    got = decode_logits(model, prompts, follow, True, monkeypatch)
+    assert len(calls) == 6 * model.config.num_hidden_layers
+    ref = decode_logits(model, prompts, follow, False, monkeypatch)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
