@@ -153,7 +153,10 @@ class PagedContext:
         S = batch.context_lens.shape[0]
         N = batch.positions.shape[0]
         new_lens = batch.query_start[1:] - batch.query_start[:-1]  # [S]
-        Q, L = torch.stack([new_lens.max(), batch.context_lens.max()]).tolist()  # one host sync per step
+        # how many leading sequences bring one token (a mixed step's decodes, as the scheduler
+        # orders them), learnt in the same host sync; a step of N == S tokens is all decodes
+        leading = new_lens.max() if N == S else torch.where(new_lens != 1, torch.arange(S, device=new_lens.device), S).min()
+        Q, L, decodes = torch.stack([new_lens.max(), batch.context_lens.max(), leading]).tolist()  # one host sync per step
         device = batch.positions.device
         bs = batch.block_size
         # The context padded to whole blocks (the mask hides the tail; the longest sequence holds
@@ -177,14 +180,11 @@ class PagedContext:
         if sliding_window is not None:
             mask &= pos[None, None, :] > q_pos[:, :, None] - sliding_window
         split = None
-        if token_seq is not None and device.type == "cpu":  # mixed: the leading one-token sequences are the decodes
-            # (on the CPU only, where the decodes' kernel is: elsewhere this would cost host syncs for nothing)
-            decodes = next((i for i, n in enumerate(new_lens.tolist()) if n != 1), S)
-            if 0 < decodes < S:
-                split = (
-                    cls.build(_seqs_of(batch, 0, decodes), sliding_window),
-                    cls.build(_seqs_of(batch, decodes, S), sliding_window),
-                )
+        if token_seq is not None and 0 < decodes < S:  # mixed: the decodes read the cache in place
+            split = (
+                cls.build(_seqs_of(batch, 0, decodes), sliding_window),
+                cls.build(_seqs_of(batch, decodes, S), sliding_window),
+            )
         return cls(
             batch.slot_mapping,
             context_slots,
