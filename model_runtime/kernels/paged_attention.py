@@ -257,7 +257,10 @@ def decode(
 
 def prefill_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether prefill() serves this step's attention: q and cache bfloat16 on a CPU with
-    AVX512-BF16, outside autograd, torch on one thread, kernel loaded."""
+    AVX512-BF16, outside autograd, torch on one thread, kernel loaded. On CUDA (or under Triton's
+    interpreter): whether the Triton kernel does (grouped-query attention's cache only)."""
+    if q.device.type != "cpu" or triton_attention.interpreting():
+        return triton_attention.prefill_applies(q, cache)
     return (
         q.dtype is torch.bfloat16
         and cache.dtype is torch.bfloat16
@@ -279,6 +282,7 @@ def prefill(
     scale: float,
     window: int | None,
     out: torch.Tensor | None = None,
+    max_new: int | None = None,
 ) -> torch.Tensor:
     """Several new tokens per sequence attend their context in the cache, read in place, causally.
 
@@ -287,7 +291,15 @@ def prefill(
     context_lens[s], their keys and values already written; keys [slots, K, E] and values [slots,
     K, Ev], views of the bfloat16 cache with contiguous rows; block_tables [S, B]; window: keep a
     token's last `window` positions only. -> [N, H, Ev] bfloat16, written into `out` when given
-    (rows contiguous, any other strides)."""
+    (rows contiguous, any other strides). On CUDA (or under Triton's interpreter) the Triton
+    kernel computes it, any float dtype, its grid sized by max_new (the most new tokens of a
+    sequence; read from query_start when not given)."""
+    if q.device.type != "cpu" or triton_attention.interpreting():
+        if max_new is None:
+            max_new = int((query_start[1:] - query_start[:-1]).max())
+        return triton_attention.prefill(
+            q, keys, values, block_tables, context_lens, query_start, block_size, scale, window, max_new, out
+        )  # fmt: skip
     if keys.dim() != 3 or values.dim() != 3:
         raise ValueError(f"paged prefill: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
     tables = block_tables.to(torch.int64).contiguous()

@@ -25,7 +25,9 @@ build for those devices fails here first.
 A long context shared by few sequences would leave most of a GPU idle with one program per
 (sequence, kv head): `splits` programs then share each context (flash-decoding), each writing its
 unnormalized sums, running max and sum, which torch ops on the device join (no host sync).
-Prefill and mixed steps keep the torch path on the GPU (gather, then SDPA).
+A grouped-query prefill (several new tokens a sequence) takes `prefill`, the same walk per
+(sequence, block of its new tokens, query head), causal in the kernel: no sequence padded to the
+longest. MLA's prefill, which expands the latent context per head, keeps the torch path.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 _lock = threading.Lock()
-_kernels: dict[bool, object] = {}  # the jitted kernel, by whether Triton interprets it
+_kernels: dict[tuple[str, bool], object] = {}  # the jitted kernels, by name and whether Triton interprets them
 _failed: str | None = None  # why the kernel is off: no Triton here, or it failed to compile on this device
 triton = tl = None  # imported on first use (a CPU server never needs them)
 
@@ -87,15 +89,17 @@ def applies(q: torch.Tensor, cache: torch.Tensor, max_new: int, uniform: bool) -
     )
 
 
-def _kernel():
-    """The Triton kernel, jitted on first use (compiled or interpreted, as TRITON_INTERPRET says then)."""
-    interpret = interpreting()
+def _kernel(fn=None):
+    """A Triton kernel of this module (the decode one by default), jitted on first use (compiled or
+    interpreted, as TRITON_INTERPRET says then)."""
+    fn = fn or _paged_decode
+    key = (fn.__name__, interpreting())
     if not _import():
         raise RuntimeError(_failed)
     with _lock:
-        if interpret not in _kernels:
-            _kernels[interpret] = triton.jit(_paged_decode)
-        return _kernels[interpret]
+        if key not in _kernels:
+            _kernels[key] = triton.jit(fn)
+        return _kernels[key]
 
 
 def _paged_decode(
@@ -302,4 +306,155 @@ def reference_decode(q, keys, values, block_tables, context_lens, block_size, sc
         v = values[slots].float().repeat_interleave(H // K, dim=1)  # [n, H, Ev]
         probs = (torch.einsum("he,nhe->hn", q[s].float(), k) * scale).softmax(dim=-1)
         out[s] = torch.einsum("hn,nhe->he", probs, v).to(q.dtype)
+    return out
+
+
+# ---- prefill ---------------------------------------------------------------------------------
+
+
+def prefill_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether prefill() serves this step's attention of several new tokens a sequence: grouped-query
+    attention (a cache [2, slots, K, Dh]; MLA's expanded prefill keeps the torch path), q and cache
+    of one dtype on CUDA (or on the CPU under the interpreter), outside autograd, the kernel on."""
+    return cache.dim() == 4 and applies(q, cache[0], 1, True)
+
+
+def prefill(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start: torch.Tensor,
+    block_size: int,
+    scale: float,
+    window: int | None,
+    max_new: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Several new tokens a sequence attend their context in the cache, read in place, causally
+    (kernels/paged_attention.py: prefill's arguments): q [N, H, E], sequence s's new tokens its
+    rows query_start[s] .. query_start[s + 1] - 1, at the last positions of its context_lens[s],
+    their keys and values already written; keys [slots, K, E], values [slots, K, Ev] views of the
+    cache (rows contiguous); max_new: the most new tokens of any sequence (the grid's size, known
+    on the host). -> [N, H, Ev] in q's dtype, into `out` when given. No sequence is padded to the
+    longest: one program per (sequence, BLOCK_M of its new tokens, query head)."""
+    global _failed
+    N, H, E = q.shape
+    S = block_tables.shape[0]
+    K, Ev = keys.shape[1], values.shape[2]
+    if keys.shape[2] != E or H % K or keys.stride(2) != 1 or values.stride(2) != 1 or query_start.shape[0] != S + 1:
+        raise ValueError(f"paged prefill: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
+    if q.dtype not in DTYPES or keys.dtype != q.dtype or values.dtype != q.dtype:
+        raise ValueError(f"paged prefill: q {q.dtype}, keys {keys.dtype}, values {values.dtype}: not one float dtype")
+    if out is None:
+        out = torch.empty(N, H, Ev, dtype=q.dtype, device=q.device)
+    elif out.shape != (N, H, Ev) or out.dtype != q.dtype or out.stride(2) != 1:
+        raise ValueError(f"paged prefill: out {tuple(out.shape)} {out.dtype} is not [{N}, {H}, {Ev}] rows")
+    if N == 0:
+        return out
+    q = q if q.stride(2) == 1 else q.contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    starts = query_start.to(torch.int32).contiguous()
+    BLOCK_M = 16 if max_new <= 16 else 64
+    BLOCK_E, BLOCK_EV = _block(E), _block(Ev)
+    BLOCK_N = 32 if max(BLOCK_E, BLOCK_EV) >= 256 else 64
+    try:
+        _kernel(_paged_prefill)[(S, -(-max_new // BLOCK_M), H)](
+            q, keys, values, tables, lens, starts, out,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+            tables.stride(0), out.stride(0), out.stride(1),
+            float(scale), int(window or 1 << 30), int(block_size),
+            G=H // K, E=E, EV=Ev, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV,
+            WIDEN=interpreting() or q.dtype == torch.float32,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 (as decode(): the torch path, said once)
+        if interpreting():
+            raise
+        _failed = f"{type(e).__name__}: {e}"
+        log.warning("triton paged prefill: off on %s (%s); the gathered torch path serves", q.device, _failed)
+        out.copy_(reference_prefill(q, keys, values, block_tables, context_lens, query_start, block_size, scale, window))
+    return out
+
+
+def _paged_prefill(
+    Q, K, V, TABLES, LENS, STARTS, OUT,
+    sq_n, sq_h, sk_slot, sk_head, sv_slot, sv_head, st_s, so_n, so_h,
+    scale, window, block_size,
+    G: tl.constexpr, E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, WIDEN: tl.constexpr,
+):  # fmt: skip
+    # one program: sequence s, its new tokens [mb * BLOCK_M, + BLOCK_M), query head h (kv head h // G)
+    s = tl.program_id(0)
+    mb = tl.program_id(1)
+    h = tl.program_id(2)
+    kv = h // G
+    q0 = tl.load(STARTS + s)
+    new = tl.load(STARTS + s + 1) - q0
+    length = tl.load(LENS + s)
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rows < new
+    pos_q = length - new + rows  # [BLOCK_M] each new token's position
+    e = tl.arange(0, BLOCK_E)
+    ev = tl.arange(0, BLOCK_EV)
+    q = tl.load(Q + (q0 + rows)[:, None] * sq_n + h * sq_h + e[None, :], mask=m_ok[:, None] & (e < E)[None, :],
+                other=0.0)  # fmt: skip
+    if WIDEN:
+        q = q.to(tl.float32)
+    first = length - new + mb * BLOCK_M  # this block's first token's position
+    lo = tl.maximum(first - window + 1, 0)
+    hi = tl.minimum(first + BLOCK_M, length)
+    hi = tl.where(mb * BLOCK_M < new, hi, lo)  # a block past the sequence's new tokens: nothing
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        p_ok = pos < hi
+        block = tl.load(TABLES + s * st_s + pos // block_size, mask=p_ok, other=0)
+        slot = block.to(tl.int64) * block_size + pos % block_size
+        k = tl.load(K + slot[:, None] * sk_slot + kv * sk_head + e[None, :], mask=p_ok[:, None] & (e < E)[None, :],
+                    other=0.0)  # fmt: skip
+        if WIDEN:
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        seen = p_ok[None, :] & (pos[None, :] <= pos_q[:, None]) & (pos[None, :] > pos_q[:, None] - window)
+        scores = tl.where(seen, scores * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + slot[:, None] * sv_slot + kv * sv_head + ev[None, :], mask=p_ok[:, None] & (ev < EV)[None, :],
+                    other=0.0)  # fmt: skip
+        if WIDEN:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(OUT + (q0 + rows)[:, None] * so_n + h * so_h + ev[None, :], out.to(OUT.dtype.element_ty),
+             mask=m_ok[:, None] & (ev < EV)[None, :])  # fmt: skip
+
+
+def reference_prefill(q, keys, values, block_tables, context_lens, query_start, block_size, scale, window):
+    """prefill() by torch ops, a sequence at a time (the fallback, and a reference)."""
+    N, H, _ = q.shape
+    K = keys.shape[1]
+    out = torch.empty(N, H, values.shape[2], dtype=q.dtype, device=q.device)
+    for s in range(block_tables.shape[0]):
+        q0, q1, n = int(query_start[s]), int(query_start[s + 1]), int(context_lens[s])
+        pos = torch.arange(n, device=q.device)
+        slots = block_tables[s, pos // block_size].long() * block_size + pos % block_size
+        k = keys[slots].float().repeat_interleave(H // K, dim=1)  # [n, H, E]
+        v = values[slots].float().repeat_interleave(H // K, dim=1)
+        pos_q = torch.arange(n - (q1 - q0), n, device=q.device)
+        seen = pos[None, :] <= pos_q[:, None]
+        if window:
+            seen &= pos[None, :] > pos_q[:, None] - window
+        scores = torch.einsum("the,nhe->thn", q[q0:q1].float(), k) * scale
+        probs = scores.masked_fill(~seen[:, None, :], float("-inf")).softmax(dim=-1)
+        out[q0:q1] = torch.einsum("thn,nhe->the", probs, v).to(q.dtype)
     return out

@@ -236,7 +236,7 @@ class PagedContext:
     def in_place_prefill(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
         """Whether this step's attention of several new tokens per sequence reads the cache in
         place (kernels/paged_attention.py: prefill): bfloat16 on a CPU with AVX512-BF16, the
-        kernel loaded."""
+        kernel loaded; on CUDA grouped-query attention, by the Triton kernel."""
         return paged_kernel.prefill_applies(q, cache)
 
     def prefill_in_place(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -244,7 +244,7 @@ class PagedContext:
         views of the cache holding them -> [N, H, Ev]."""
         return paged_kernel.prefill(
             q, keys, values, self.block_tables, self.context_lens, self.query_start, self.block_size, scale,
-            self.sliding_window,
+            self.sliding_window, max_new=self.max_new,
         )  # fmt: skip
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_paged_attention_kernel import LENS, decode_batch, decode_logits, gathered
+from test_paged_attention_kernel import (
+    LENS,
+    PREFILL_SEQS,
+    decode_batch,
+    decode_logits,
+    gathered,
+    prefill_batch,
+)
 
 from model_runtime import load_model
 from model_runtime.kernels import paged_attention as paged_kernel
 from model_runtime.kernels import triton_attention
+from model_runtime.models import model as layers
 from model_runtime.models.paged import build_paged_batch
 
 pytestmark = [
@@ -47,7 +55,7 @@ def test_the_kernel_passes_its_tests_under_tritons_interpreter(tmp_path):
     passed = [c.get("name") for c in cases if not list(c)]  # no failure, error or skipped child
     skipped = {c.get("name"): c.find("skipped").get("message", "") for c in cases if c.find("skipped") is not None}
     assert skipped and all(PARENT in why for why in skipped.values()), skipped  # only the parent's
-    assert len(passed) == len(cases) - len(skipped) >= 33, passed
+    assert len(passed) == len(cases) - len(skipped) >= 47, passed
 
 
 @parent
@@ -85,6 +93,21 @@ def test_the_kernel_compiles_for_the_gpus_it_serves(capability, dtype, heads, kv
     compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", capability, 32))
     assert compiled.asm["cubin"] and f"sm_{capability}" in compiled.asm["ptx"]
     assert compiled.metadata.shared <= 99 * 1024  # fits an A100's / H100's shared memory per block
+    if rope:
+        return  # MLA's prefill keeps the torch path
+    for block_m in (16, 64):  # a step of short chunks, of long prompts
+        prefill = triton.jit(triton_attention._paged_prefill)
+        constants = {"G": heads // kv_heads, "E": dim, "EV": dim, "BLOCK_M": block_m, "BLOCK_N": 64,
+                     "BLOCK_E": triton_attention._block(dim), "BLOCK_EV": triton_attention._block(dim),
+                     "WIDEN": dtype == "fp32"}  # fmt: skip
+        signature = {name: f"*{dtype}" for name in ("Q", "K", "V", "OUT")}
+        signature |= {"TABLES": "*i32", "LENS": "*i32", "STARTS": "*i32", "scale": "fp32"}
+        signature |= {name: "i32" for name in ("sq_n", "sq_h", "sk_slot", "sk_head", "sv_slot", "sv_head", "st_s",
+                                               "so_n", "so_h", "window", "block_size")}  # fmt: skip
+        signature |= {name: "constexpr" for name in constants}
+        assert set(signature) == set(prefill.arg_names)
+        compiled = triton.compile(ASTSource(prefill, signature, constants), target=GPUTarget("cuda", capability, 32))
+        assert compiled.asm["cubin"] and compiled.metadata.shared <= 99 * 1024
 
 
 @parent
@@ -227,4 +250,60 @@ def test_a_mixed_steps_decodes_take_the_kernel_and_its_prompt_the_gathered_path(
     got = mixed_step(True)
     assert rows == [2] * model.config.num_hidden_layers
     want = mixed_step(False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "window", "block_size"), GQA_SHAPES)
+def test_gqa_prefill_matches_gathered_attention(heads, kv_heads, dim, window, block_size, dtype):
+    """A step's new tokens (fresh prompts, chunks after a cached prefix, a one-token sequence among
+    them) attend the cache in place, causally, no sequence padded: the gathered path's result, and
+    each sequence's rows the same as in a step of its own."""
+    gen = torch.Generator().manual_seed(heads * dim + (window or 0) + block_size)
+    batch = prefill_batch(PREFILL_SEQS, block_size, 64, seed=1)
+    cache = (torch.randn(2, 64 * block_size, kv_heads, dim, generator=gen) * 2).to(dtype)
+    N = int(batch.query_start[-1])
+    q = (torch.randn(N, heads, dim, generator=gen) * 2).to(dtype)
+    scale = dim**-0.5
+    ctx = layers.PagedContext.build(batch, window)
+    assert ctx.in_place_prefill(q, cache)
+    got = ctx.prefill_in_place(q, cache[0], cache[1], scale)
+    exact = gathered(q.double(), cache[0].double(), cache[1].double(), batch, scale, window)
+    tol = 1e-5 if dtype == torch.float32 else 4e-2
+    torch.testing.assert_close(got.double(), exact, atol=tol, rtol=tol)
+    for s, (cached, new) in enumerate(PREFILL_SEQS):
+        rows = slice(int(batch.query_start[s]), int(batch.query_start[s + 1]))
+        alone = build_paged_batch([(batch.block_tables[s].tolist(), cached, new)], block_size)
+        mine = triton_attention.prefill(q[rows], cache[0], cache[1], alone.block_tables, alone.context_lens,
+                                        alone.query_start, block_size, scale, window, new)  # fmt: skip
+        torch.testing.assert_close(mine, got[rows])  # blocks of other sizes: rounding apart
+
+
+@interpreted
+@pytest.mark.parametrize("name", ["builtin:tiny-mixtral", "builtin:tiny-qwen3-moe"])
+def test_a_models_prefill_with_the_kernel_gives_the_gathered_paths_logits(name, monkeypatch):
+    """A float32 model's prefill step (a fresh prompt beside a chunk after a cached prefix): every
+    layer's attention is the kernel's, the logits the gathered torch path's."""
+    model = load_model(name)
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (21, 30)]
+    tables = [list(range(0, 32, 2)), list(range(1, 32, 2))]
+
+    def prefill_logits(use_kernel):
+        cache = model.allocate_kv_cache(32, 4)
+        if not use_kernel:
+            monkeypatch.setattr(paged_kernel, "prefill_applies", lambda *a: False)
+        with torch.no_grad():
+            model.forward_paged(torch.tensor(prompts[1][:9]), build_paged_batch([(tables[1], 0, 9)], 4), cache)
+            batch = build_paged_batch([(tables[0], 0, 21), (tables[1], 9, 21)], 4)
+            return model.forward_paged(torch.tensor(prompts[0] + prompts[1][9:]), batch, cache)
+
+    calls = []
+    real = triton_attention.prefill
+    monkeypatch.setattr(triton_attention, "prefill", lambda *a, **k: calls.append(a[9]) or real(*a, **k))
+    got = prefill_logits(True)
+    layers_ = model.config.num_hidden_layers
+    assert calls == [9] * layers_ + [21] * layers_  # max_new (the grid's size), known on the host
+    want = prefill_logits(False)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
