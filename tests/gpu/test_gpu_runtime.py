@@ -42,8 +42,14 @@ def test_bf16_on_cuda_agrees_with_fp32_on_the_cpu(src):
     assert (got - want).abs().mean().item() < 0.1 * want.abs().mean().item()
 
 
-def test_paged_decode_on_cuda_matches_the_cpu_greedy_tokens():
-    src = "builtin:tiny-deepseek-v3"
+@pytest.mark.parametrize("src", ["builtin:tiny-deepseek-v3", "builtin:tiny-mixtral"])  # MLA; GQA (Triton prefill too)
+def test_paged_decode_on_cuda_matches_the_cpu_greedy_tokens(src):
+    tokens = greedy_tokens(src)
+    assert tokens["cuda"] == tokens["cpu"]
+
+
+def greedy_tokens(src: str) -> dict[str, list[int]]:
+    """16 greedy tokens after a 9-token prompt, paged, float32, on the CPU and on CUDA."""
     tokens = {}
     for device in ("cpu", "cuda"):
         model = load_model(src, dtype=torch.float32, device=device)
@@ -60,7 +66,7 @@ def test_paged_decode_on_cuda_matches_the_cpu_greedy_tokens():
                 batch = build_paged_batch([(blocks, len(seq) - 1, 1)], block_size, device)
                 logits = model.forward_paged(torch.tensor(seq[-1:], device=device), batch, cache)
         tokens[device] = out
-    assert tokens["cuda"] == tokens["cpu"]
+    return tokens
 
 
 def _rank(rank, world, port, queue):
@@ -196,15 +202,19 @@ def test_triton_paged_decode_compiles_and_matches_the_gathered_path_on_cuda(head
 
 
 def test_a_models_decode_on_cuda_reads_the_cache_in_place():
-    """Every decode step's attention on CUDA is the Triton kernel's (no gathered context)."""
+    """Every decode step's attention on CUDA, and a GQA model's prefill, are the Triton kernels'
+    (no gathered context)."""
     from model_runtime.kernels import triton_attention
 
-    calls = []
-    real = triton_attention.decode
-    triton_attention.decode = lambda *a, **k: calls.append(1) or real(*a, **k)
+    calls = {"decode": 0, "prefill": 0}
+    real = {name: getattr(triton_attention, name) for name in calls}
+    for name in calls:
+        setattr(triton_attention, name, lambda *a, name=name, **k: calls.__setitem__(name, calls[name] + 1) or real[name](*a, **k))
     try:
-        test_paged_decode_on_cuda_matches_the_cpu_greedy_tokens()
+        tokens = greedy_tokens("builtin:tiny-mixtral")
     finally:
-        triton_attention.decode = real
-    model = load_model("builtin:tiny-deepseek-v3", dtype=torch.float32)
-    assert len(calls) == 16 * model.config.num_hidden_layers
+        for name, fn in real.items():
+            setattr(triton_attention, name, fn)
+    layers = load_model("builtin:tiny-mixtral", dtype=torch.float32).config.num_hidden_layers
+    assert calls == {"decode": 16 * layers, "prefill": layers}
+    assert tokens["cuda"] == tokens["cpu"]
