@@ -47,6 +47,7 @@ test-runtime: setup
 gpu-check: setup
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device here')"
 	$(PY) -m pytest -m gpu -v tests/gpu $(PYTEST_ARGS)
+	$(PY) -m benchmarks.runtime_gpu_attention
 
 test-cluster: setup tools
 	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
