@@ -24,7 +24,7 @@ build for those devices fails here first.
 
 A long context shared by few sequences would leave most of a GPU idle with one program per
 (sequence, kv head): `splits` programs then share each context (flash-decoding), each writing its
-unnormalized sums, running max and sum, which torch ops on the device join (no host sync).
+unnormalized sums, running max and sum, which a second small kernel joins (`_join_splits`).
 A grouped-query prefill (several new tokens a sequence) takes `prefill`, the same walk per
 (sequence, block of its new tokens, query head), causal in the kernel: no sequence padded to the
 longest. MLA's prefill, which expands the latent context per head, keeps the torch path.
@@ -212,6 +212,25 @@ def _splits(device: torch.device, programs: int, longest: int, block_n: int) -> 
     return max(1, min(want, 16, longest // (4 * block_n)))
 
 
+def _join_splits(PART, PML, OUT, so_s, so_h, H: tl.constexpr, EV: tl.constexpr, SPLITS: tl.constexpr,
+                 BLOCK_S: tl.constexpr, BLOCK_EV: tl.constexpr):  # fmt: skip
+    # sequence s, head h: its splits' sums [SPLITS, EV] weighted by exp(their max - the max of all),
+    # over their weighted sums of exponentials (an empty split: max -inf, weight 0)
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    j = tl.arange(0, BLOCK_S)
+    j_ok = j < SPLITS
+    ev = tl.arange(0, BLOCK_EV)
+    row = (s * H + h) * SPLITS + j
+    m = tl.load(PML + row * 2, mask=j_ok, other=float("-inf"))
+    total = tl.load(PML + row * 2 + 1, mask=j_ok, other=0.0)
+    weight = tl.exp(m - tl.max(m, 0))
+    weight = tl.where(j_ok, weight, 0.0)
+    part = tl.load(PART + row[:, None] * EV + ev[None, :], mask=j_ok[:, None] & (ev < EV)[None, :], other=0.0)
+    out = tl.sum(part * weight[:, None], 0) / tl.sum(total * weight, 0)
+    tl.store(OUT + s * so_s + h * so_h + ev, out.to(OUT.dtype.element_ty), mask=ev < EV)
+
+
 def _block(n: int) -> int:
     """A tile dimension for n: a power of two, at least 16 (tl.dot's least)."""
     return max(16, 1 << max(0, n - 1).bit_length())
@@ -276,10 +295,11 @@ def decode(
             float(scale), int(window or 1 << 30), int(block_size),
             **tiles, SPLITS=splits, HAS_ROPE=q_rope is not None, WIDEN=interpreting() or dtype == torch.float32,
         )  # fmt: skip
-        if splits > 1:  # the splits' softmaxes joined (on the device: no sync)
-            m, total = pml.unbind(-1)  # [S, H, splits] each
-            weight = torch.exp(m - m.amax(dim=-1, keepdim=True))  # an empty split's -inf: 0
-            out.copy_((part * weight[..., None]).sum(dim=2) / (total * weight).sum(dim=-1)[..., None])
+        if splits > 1:  # the splits' softmaxes joined: one more launch, a program per (sequence, head)
+            _kernel(_join_splits)[(S, H)](
+                part, pml, out, out.stride(0), out.stride(1),
+                H=H, EV=Ev, SPLITS=splits, BLOCK_S=_block(splits), BLOCK_EV=tiles["BLOCK_EV"],
+            )  # fmt: skip
     except Exception as e:  # noqa: BLE001 (a kernel that does not build here: the torch path, said once)
         if interpreting():
             raise

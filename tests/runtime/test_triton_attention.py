@@ -93,6 +93,14 @@ def test_the_kernel_compiles_for_the_gpus_it_serves(capability, dtype, heads, kv
     compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", capability, 32))
     assert compiled.asm["cubin"] and f"sm_{capability}" in compiled.asm["ptx"]
     assert compiled.metadata.shared <= 99 * 1024  # fits an A100's / H100's shared memory per block
+    if splits > 1:  # and the kernel that joins the splits
+        join = triton.jit(triton_attention._join_splits)
+        constants = {"H": heads, "EV": dim, "SPLITS": splits, "BLOCK_S": triton_attention._block(splits),
+                     "BLOCK_EV": triton_attention._block(dim)}  # fmt: skip
+        signature = {"PART": "*fp32", "PML": "*fp32", "OUT": f"*{dtype}", "so_s": "i32", "so_h": "i32"}
+        signature |= {name: "constexpr" for name in constants}
+        assert set(signature) == set(join.arg_names)
+        assert triton.compile(ASTSource(join, signature, constants), target=GPUTarget("cuda", capability, 32)).asm["cubin"]
     if rope:
         return  # MLA's prefill keeps the torch path
     for block_m in (16, 64):  # a step of short chunks, of long prompts
