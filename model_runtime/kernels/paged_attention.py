@@ -307,6 +307,14 @@ def prefill(
                     block_size=block_size)  # fmt: skip
 
 
+def prefill_expanded_applies(q: torch.Tensor, cache: torch.Tensor, nope_dim: int) -> bool:
+    """Whether prefill_expanded() serves an MLA prefill over the cache `cache` [slots, C + R]: as
+    prefill_applies() says, and on the CPU a nope head size (P) that is a multiple of 16."""
+    if q.device.type != "cpu" or triton_attention.interpreting():
+        return triton_attention.prefill_applies(q, cache)
+    return nope_dim % 16 == 0 and prefill_applies(q, cache)
+
+
 def prefill_expanded(
     q: torch.Tensor,
     k_nope: torch.Tensor,
@@ -317,13 +325,21 @@ def prefill_expanded(
     scale: float,
     window: int | None = None,
     out: torch.Tensor | None = None,
+    max_new: int | None = None,
 ) -> torch.Tensor:
     """MLA's prefill over its context expanded into per-head keys and values (models/model.py:
     MLAttention.attend), without concatenating or padding them: q [N, H, P + R] bfloat16 (rows
     contiguous, the rope part rotated); k_nope [S, L, H, P] and values [S, L, H, Dv] (rows
     contiguous: kv_b_proj's output, split), k_rope [S, L, R] (the cache's rope keys, one for every
     head), position t of sequence s at [s, t] of each (dim 0's stride L times dim 1's); P a multiple
-    of 16; context_lens, query_start and window as prefill()'s. -> [N, H, Dv] bfloat16."""
+    of 16; context_lens, query_start and window as prefill()'s. -> [N, H, Dv] bfloat16. On CUDA
+    (or under Triton's interpreter) the Triton kernel computes it (any float dtype, any P)."""
+    if q.device.type != "cpu" or triton_attention.interpreting():
+        if max_new is None:
+            max_new = int((query_start[1:] - query_start[:-1]).max())
+        return triton_attention.prefill_expanded(
+            q, k_nope, k_rope, values, context_lens, query_start, scale, window, max_new, out
+        )  # fmt: skip
     S, L, H, P = k_nope.shape
     if (
         k_rope.shape[:2] != (S, L) or values.shape[:3] != (S, L, H) or q.shape[1] != H

@@ -25,9 +25,10 @@ build for those devices fails here first.
 A long context shared by few sequences would leave most of a GPU idle with one program per
 (sequence, kv head): `splits` programs then share each context (flash-decoding), each writing its
 unnormalized sums, running max and sum, which a second small kernel joins (`_join_splits`).
-A grouped-query prefill (several new tokens a sequence) takes `prefill`, the same walk per
-(sequence, block of its new tokens, query head), causal in the kernel: no sequence padded to the
-longest. MLA's prefill, which expands the latent context per head, keeps the torch path.
+A prefill (several new tokens a sequence) takes `prefill`, the same walk per (sequence, block of
+its new tokens, query head), causal in the kernel: no sequence padded to the longest; MLA's, whose
+context is expanded per head first (kv_b_proj), takes `prefill_expanded`: the same kernel on the
+expanded keys and values as they lie, the rope keys apart (nothing concatenated or padded).
 """
 
 from __future__ import annotations
@@ -333,10 +334,11 @@ def reference_decode(q, keys, values, block_tables, context_lens, block_size, sc
 
 
 def prefill_applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Whether prefill() serves this step's attention of several new tokens a sequence: grouped-query
-    attention (a cache [2, slots, K, Dh]; MLA's expanded prefill keeps the torch path), q and cache
-    of one dtype on CUDA (or on the CPU under the interpreter), outside autograd, the kernel on."""
-    return cache.dim() == 4 and applies(q, cache[0], 1, True)
+    """Whether this step's attention of several new tokens a sequence takes a kernel here: prefill()
+    for grouped-query attention (a cache [2, slots, K, Dh]), prefill_expanded() for MLA's (a cache
+    [slots, C + R]); q and cache of one dtype on CUDA (or on the CPU under the interpreter),
+    outside autograd, the kernel on."""
+    return applies(q, cache[0] if cache.dim() == 4 else cache, 1, True)
 
 
 def prefill(
@@ -359,13 +361,59 @@ def prefill(
     cache (rows contiguous); max_new: the most new tokens of any sequence (the grid's size, known
     on the host). -> [N, H, Ev] in q's dtype, into `out` when given. No sequence is padded to the
     longest: one program per (sequence, BLOCK_M of its new tokens, query head)."""
+    S = block_tables.shape[0]
+    if keys.dim() != 3 or values.dim() != 3 or query_start.shape[0] != S + 1:
+        raise ValueError(f"paged prefill: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
+    return _launch_prefill(q, keys, None, values, block_tables.to(torch.int32).contiguous(), context_lens,
+                           query_start, block_size, 0, scale, window, max_new, out)  # fmt: skip
+
+
+def prefill_expanded(
+    q: torch.Tensor,
+    k_nope: torch.Tensor,
+    k_rope: torch.Tensor,
+    values: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start: torch.Tensor,
+    scale: float,
+    window: int | None,
+    max_new: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MLA's prefill over its context expanded into per-head keys and values (kernels/
+    paged_attention.py: prefill_expanded's arguments): q [N, H, P + R] (the rope part rotated);
+    k_nope [S, L, H, P], values [S, L, H, Dv] (kv_b_proj's output, split), k_rope [S, L, R] (the
+    rope key each head shares), position t of sequence s at [s, t] of each (dim 0's stride L times
+    dim 1's): read as they lie, neither concatenated nor padded. -> [N, H, Dv] in q's dtype."""
+    S, L, H, P = k_nope.shape
+    if (
+        k_rope.shape[:2] != (S, L) or values.shape[:3] != (S, L, H) or q.shape[1] != H
+        or q.shape[2] != P + k_rope.shape[2] or query_start.shape[0] != S + 1
+        or any(t.stride(0) != L * t.stride(1) for t in (k_nope, k_rope, values))
+    ):  # fmt: skip
+        raise ValueError(
+            f"paged prefill: q {tuple(q.shape)} does not fit keys {tuple(k_nope.shape)} + {tuple(k_rope.shape)}, "
+            f"values {tuple(values.shape)} (or their strides)"
+        )
+    keys = k_nope.flatten(0, 1)  # [S L, H, P]: slot s L + t
+    rope = k_rope.flatten(0, 1)[:, None, :].expand(S * L, H, k_rope.shape[2])  # head stride 0
+    return _launch_prefill(q, keys, rope, values.flatten(0, 1), None, context_lens, query_start, 0, L, scale, window,
+                           max_new, out)  # fmt: skip
+
+
+def _launch_prefill(q, keys, rope, values, tables, context_lens, query_start, block_size, dense_len, scale, window,
+                    max_new, out):  # fmt: skip
+    """_paged_prefill on keys [slots, K, E1] (+ rope [slots, K, E - E1] apart, else E1 = E) and
+    values [slots, K, Ev]: the context paged (tables [S, B] int32, blocks of block_size) or dense
+    (sequence s's position t at slot s dense_len + t)."""
     global _failed
     N, H, E = q.shape
-    S = block_tables.shape[0]
-    K, Ev = keys.shape[1], values.shape[2]
-    if keys.shape[2] != E or H % K or keys.stride(2) != 1 or values.stride(2) != 1 or query_start.shape[0] != S + 1:
+    S = query_start.shape[0] - 1
+    K, E1, Ev = keys.shape[1], keys.shape[2], values.shape[2]
+    E2 = 0 if rope is None else rope.shape[2]
+    if E1 + E2 != E or H % K or keys.stride(2) != 1 or values.stride(2) != 1 or (rope is not None and rope.stride(2) != 1):
         raise ValueError(f"paged prefill: q {tuple(q.shape)} does not fit keys {tuple(keys.shape)}")
-    if q.dtype not in DTYPES or keys.dtype != q.dtype or values.dtype != q.dtype:
+    if q.dtype not in DTYPES or any(t.dtype != q.dtype for t in (keys, values) + ((rope,) if rope is not None else ())):
         raise ValueError(f"paged prefill: q {q.dtype}, keys {keys.dtype}, values {values.dtype}: not one float dtype")
     if out is None:
         out = torch.empty(N, H, Ev, dtype=q.dtype, device=q.device)
@@ -374,19 +422,21 @@ def prefill(
     if N == 0:
         return out
     q = q if q.stride(2) == 1 else q.contiguous()
-    tables = block_tables.to(torch.int32).contiguous()
     lens = context_lens.to(torch.int32).contiguous()
     starts = query_start.to(torch.int32).contiguous()
+    kr = rope if rope is not None else keys
+    tb = tables if tables is not None else lens
     BLOCK_M = 16 if max_new <= 16 else 64
-    BLOCK_E, BLOCK_EV = _block(E), _block(Ev)
-    BLOCK_N = 32 if max(BLOCK_E, BLOCK_EV) >= 256 else 64
+    BLOCK_E1, BLOCK_EV = _block(E1), _block(Ev)
+    BLOCK_N = 32 if max(BLOCK_E1, BLOCK_EV) >= 256 else 64
     try:
         _kernel(_paged_prefill)[(S, -(-max_new // BLOCK_M), H)](
-            q, keys, values, tables, lens, starts, out,
-            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-            tables.stride(0), out.stride(0), out.stride(1),
-            float(scale), int(window or 1 << 30), int(block_size),
-            G=H // K, E=E, EV=Ev, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E, BLOCK_EV=BLOCK_EV,
+            q, keys, kr, values, tb, lens, starts, out,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), kr.stride(0), kr.stride(1),
+            values.stride(0), values.stride(1), tb.stride(0), out.stride(0), out.stride(1),
+            float(scale), int(window or 1 << 30), int(block_size), int(dense_len),
+            G=H // K, E1=E1, E2=max(E2, 1), EV=Ev, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_E1=BLOCK_E1,
+            BLOCK_E2=_block(E2), BLOCK_EV=BLOCK_EV, HAS_ROPE=rope is not None, DENSE=tables is None,
             WIDEN=interpreting() or q.dtype == torch.float32,
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 (as decode(): the torch path, said once)
@@ -394,16 +444,20 @@ def prefill(
             raise
         _failed = f"{type(e).__name__}: {e}"
         log.warning("triton paged prefill: off on %s (%s); the gathered torch path serves", q.device, _failed)
-        out.copy_(reference_prefill(q, keys, values, block_tables, context_lens, query_start, block_size, scale, window))
+        if rope is not None:  # one dense block a sequence
+            keys = torch.cat([keys, rope], dim=-1)
+            tables, block_size = torch.arange(S, device=q.device)[:, None], dense_len
+        out.copy_(reference_prefill(q, keys, values, tables, context_lens, query_start, block_size, scale, window))
     return out
 
 
 def _paged_prefill(
-    Q, K, V, TABLES, LENS, STARTS, OUT,
-    sq_n, sq_h, sk_slot, sk_head, sv_slot, sv_head, st_s, so_n, so_h,
-    scale, window, block_size,
-    G: tl.constexpr, E: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr, WIDEN: tl.constexpr,
+    Q, K, KR, V, TABLES, LENS, STARTS, OUT,
+    sq_n, sq_h, sk_slot, sk_head, skr_slot, skr_head, sv_slot, sv_head, st_s, so_n, so_h,
+    scale, window, block_size, dense_len,
+    G: tl.constexpr, E1: tl.constexpr, E2: tl.constexpr, EV: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E1: tl.constexpr, BLOCK_E2: tl.constexpr, BLOCK_EV: tl.constexpr,
+    HAS_ROPE: tl.constexpr, DENSE: tl.constexpr, WIDEN: tl.constexpr,
 ):  # fmt: skip
     # one program: sequence s, its new tokens [mb * BLOCK_M, + BLOCK_M), query head h (kv head h // G)
     s = tl.program_id(0)
@@ -416,12 +470,17 @@ def _paged_prefill(
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rows < new
     pos_q = length - new + rows  # [BLOCK_M] each new token's position
-    e = tl.arange(0, BLOCK_E)
+    e1 = tl.arange(0, BLOCK_E1)
+    e2 = tl.arange(0, BLOCK_E2)
     ev = tl.arange(0, BLOCK_EV)
-    q = tl.load(Q + (q0 + rows)[:, None] * sq_n + h * sq_h + e[None, :], mask=m_ok[:, None] & (e < E)[None, :],
-                other=0.0)  # fmt: skip
+    q_at = Q + (q0 + rows)[:, None] * sq_n + h * sq_h
+    q = tl.load(q_at + e1[None, :], mask=m_ok[:, None] & (e1 < E1)[None, :], other=0.0)
     if WIDEN:
         q = q.to(tl.float32)
+    if HAS_ROPE:  # the queries' last E2 columns, against the rope keys apart
+        qr = tl.load(q_at + E1 + e2[None, :], mask=m_ok[:, None] & (e2 < E2)[None, :], other=0.0)
+        if WIDEN:
+            qr = qr.to(tl.float32)
     first = length - new + mb * BLOCK_M  # this block's first token's position
     lo = tl.maximum(first - window + 1, 0)
     hi = tl.minimum(first + BLOCK_M, length)
@@ -432,14 +491,24 @@ def _paged_prefill(
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         p_ok = pos < hi
-        block = tl.load(TABLES + s * st_s + pos // block_size, mask=p_ok, other=0)
-        slot = block.to(tl.int64) * block_size + pos % block_size
-        k = tl.load(K + slot[:, None] * sk_slot + kv * sk_head + e[None, :], mask=p_ok[:, None] & (e < E)[None, :],
+        if DENSE:
+            slot = s.to(tl.int64) * dense_len + pos
+        else:
+            block = tl.load(TABLES + s * st_s + pos // block_size, mask=p_ok, other=0)
+            slot = block.to(tl.int64) * block_size + pos % block_size
+        k = tl.load(K + slot[:, None] * sk_slot + kv * sk_head + e1[None, :], mask=p_ok[:, None] & (e1 < E1)[None, :],
                     other=0.0)  # fmt: skip
         if WIDEN:
             scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
+        if HAS_ROPE:
+            kr = tl.load(KR + slot[:, None] * skr_slot + kv * skr_head + e2[None, :],
+                         mask=p_ok[:, None] & (e2 < E2)[None, :], other=0.0)  # fmt: skip
+            if WIDEN:
+                scores += tl.dot(qr, tl.trans(kr.to(tl.float32)), input_precision="ieee")
+            else:
+                scores += tl.dot(qr, tl.trans(kr))
         seen = p_ok[None, :] & (pos[None, :] <= pos_q[:, None]) & (pos[None, :] > pos_q[:, None] - window)
         scores = tl.where(seen, scores * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -454,7 +523,7 @@ def _paged_prefill(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows past the new tokens: none seen, not stored
     tl.store(OUT + (q0 + rows)[:, None] * so_n + h * so_h + ev[None, :], out.to(OUT.dtype.element_ty),
              mask=m_ok[:, None] & (ev < EV)[None, :])  # fmt: skip
 

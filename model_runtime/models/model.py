@@ -536,9 +536,9 @@ class MLAttention(nn.Module):
         S, L = kv_ctx.shape[:2]
         if self.expands(S, ctx.max_new, L, N):  # a prefill: expanding the context is cheaper
             k_nope, v = self.kv_b_proj(kv_ctx[..., :C]).view(S, L, H, P + Dv).split([P, Dv], dim=-1)
-            if ctx.in_place_prefill(q, cache) and P % 16 == 0:  # no concatenated keys, no padded values
+            if paged_kernel.prefill_expanded_applies(q, cache, P):  # no concatenated keys, no padded values
                 out = paged_kernel.prefill_expanded(q, k_nope, kv_ctx[..., C:], v, ctx.context_lens, ctx.query_start,
-                                                    self.scale, ctx.sliding_window)  # fmt: skip
+                                                    self.scale, ctx.sliding_window, max_new=ctx.max_new)  # fmt: skip
                 return self.o_proj(out.reshape(N, H * Dv))
             k = torch.cat([k_nope, kv_ctx[:, :, None, C:].expand(S, L, H, R)], dim=-1)  # [S, L, H, P + R]
             out = paged_attention(torch.cat([q_nope, q_rope], -1), k, v, ctx, self.scale)  # [N, H, Dv]

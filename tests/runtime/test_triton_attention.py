@@ -55,7 +55,7 @@ def test_the_kernel_passes_its_tests_under_tritons_interpreter(tmp_path):
     passed = [c.get("name") for c in cases if not list(c)]  # no failure, error or skipped child
     skipped = {c.get("name"): c.find("skipped").get("message", "") for c in cases if c.find("skipped") is not None}
     assert skipped and all(PARENT in why for why in skipped.values()), skipped  # only the parent's
-    assert len(passed) == len(cases) - len(skipped) >= 47, passed
+    assert len(passed) == len(cases) - len(skipped) >= 52, passed
 
 
 @parent
@@ -101,17 +101,18 @@ def test_the_kernel_compiles_for_the_gpus_it_serves(capability, dtype, heads, kv
         signature |= {name: "constexpr" for name in constants}
         assert set(signature) == set(join.arg_names)
         assert triton.compile(ASTSource(join, signature, constants), target=GPUTarget("cuda", capability, 32)).asm["cubin"]
-    if rope:
-        return  # MLA's prefill keeps the torch path
-    for block_m in (16, 64):  # a step of short chunks, of long prompts
+    for block_m in (16, 64):  # a step of short chunks, of long prompts; MLA's expanded context dense
         prefill = triton.jit(triton_attention._paged_prefill)
-        constants = {"G": heads // kv_heads, "E": dim, "EV": dim, "BLOCK_M": block_m, "BLOCK_N": 64,
-                     "BLOCK_E": triton_attention._block(dim), "BLOCK_EV": triton_attention._block(dim),
-                     "WIDEN": dtype == "fp32"}  # fmt: skip
-        signature = {name: f"*{dtype}" for name in ("Q", "K", "V", "OUT")}
+        nope = 128 if rope else dim  # MLA: DeepSeek-V3's expanded heads, 128 + 64 rope, values 128
+        constants = {"G": 1 if rope else heads // kv_heads, "E1": nope, "E2": max(rope, 1), "EV": nope,
+                     "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_E1": triton_attention._block(nope),
+                     "BLOCK_E2": triton_attention._block(rope), "BLOCK_EV": triton_attention._block(nope),
+                     "HAS_ROPE": bool(rope), "DENSE": bool(rope), "WIDEN": dtype == "fp32"}  # fmt: skip
+        signature = {name: f"*{dtype}" for name in ("Q", "K", "KR", "V", "OUT")}
         signature |= {"TABLES": "*i32", "LENS": "*i32", "STARTS": "*i32", "scale": "fp32"}
-        signature |= {name: "i32" for name in ("sq_n", "sq_h", "sk_slot", "sk_head", "sv_slot", "sv_head", "st_s",
-                                               "so_n", "so_h", "window", "block_size")}  # fmt: skip
+        signature |= {name: "i32" for name in ("sq_n", "sq_h", "sk_slot", "sk_head", "skr_slot", "skr_head", "sv_slot",
+                                               "sv_head", "st_s", "so_n", "so_h", "window", "block_size",
+                                               "dense_len")}  # fmt: skip
         signature |= {name: "constexpr" for name in constants}
         assert set(signature) == set(prefill.arg_names)
         compiled = triton.compile(ASTSource(prefill, signature, constants), target=GPUTarget("cuda", capability, 32))
@@ -313,5 +314,59 @@ def test_a_models_prefill_with_the_kernel_gives_the_gathered_paths_logits(name, 
     got = prefill_logits(True)
     layers_ = model.config.num_hidden_layers
     assert calls == [9] * layers_ + [21] * layers_  # max_new (the grid's size), known on the host
+    want = prefill_logits(False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 9])
+def test_mla_prefill_attends_the_expanded_context_as_it_lies(window, dtype):
+    """MLA's prefill over its expanded context (kv_b_proj's keys and values per head, the cache's
+    one rope key for every head, views as the layer has them, a nope part of 24: not a multiple of
+    16): the attention of the concatenated keys, causal after each sequence's cached tokens."""
+    gen = torch.Generator().manual_seed(8)
+    S, L, H, P, R, Dv, C = 3, 48, 4, 24, 16, 40, 64
+    kvb = torch.randn(S, L, H, P + Dv, generator=gen).to(dtype)
+    latents = torch.randn(S, L, C + R, generator=gen).to(dtype)
+    k_nope, v = kvb.split([P, Dv], dim=-1)
+    k_rope = latents[..., C:]
+    lens, new = [40, 17, 48], [40, 5, 1]  # a fresh prompt, a chunk after 12 cached, a one-token sequence
+    starts = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()])
+    q = torch.randn(sum(new), H, P + R, generator=gen).to(dtype)
+    got = paged_kernel.prefill_expanded(q, k_nope, k_rope, v, torch.tensor(lens), starts, 0.2, window, max_new=40)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for s in range(S):
+        keys = torch.cat([k_nope[s, : lens[s]], k_rope[s, : lens[s], None].expand(-1, H, -1)], -1).double()
+        for i in range(new[s]):
+            p = lens[s] - new[s] + i
+            first = 0 if window is None else max(0, p - window + 1)
+            scores = torch.einsum("he,the->ht", q[starts[s] + i].double(), keys[first : p + 1]) * 0.2
+            want = torch.einsum("ht,thd->hd", scores.softmax(-1), v[s, first : p + 1].double())
+            torch.testing.assert_close(got[starts[s] + i].double(), want, atol=tol, rtol=tol)
+
+
+@interpreted
+def test_an_mla_models_prefill_takes_the_expanded_kernel_with_the_gathered_paths_logits(monkeypatch):
+    model = load_model("builtin:tiny-deepseek-v3")
+    gen = torch.Generator().manual_seed(12)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (21, 30)]
+    tables = [list(range(0, 32, 2)), list(range(1, 32, 2))]
+
+    def prefill_logits(use_kernel):
+        cache = model.allocate_kv_cache(32, 4)
+        if not use_kernel:
+            monkeypatch.setattr(paged_kernel, "prefill_expanded_applies", lambda *a: False)
+        with torch.no_grad():
+            model.forward_paged(torch.tensor(prompts[1][:9]), build_paged_batch([(tables[1], 0, 9)], 4), cache)
+            batch = build_paged_batch([(tables[0], 0, 21), (tables[1], 9, 21)], 4)
+            return model.forward_paged(torch.tensor(prompts[0] + prompts[1][9:]), batch, cache)
+
+    calls = []
+    real = triton_attention.prefill_expanded
+    monkeypatch.setattr(triton_attention, "prefill_expanded", lambda *a, **k: calls.append(a[8]) or real(*a, **k))
+    got = prefill_logits(True)
+    layers_ = model.config.num_hidden_layers
+    assert calls == [9] * layers_ + [21] * layers_
     want = prefill_logits(False)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
