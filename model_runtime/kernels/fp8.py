@@ -178,6 +178,19 @@ class Fp8Experts(Experts):
             torch.empty(E, *scale_shape(D, I, self.block)), requires_grad=False
         )
 
+    def grouped(self, x: torch.Tensor) -> bool:
+        """Whether the FP8 experts run as two grouped GEMMs on the FP8 weights in place (the GPU's
+        Triton kernel, kernels/triton_moe.py) rather than a dequantized matmul pair per expert."""
+        from model_runtime.kernels import triton_moe
+
+        return triton_moe.applies(self, x)
+
+    def grouped_forward(self, x, weights, ids, counts):
+        from model_runtime.kernels import triton_moe
+
+        out = triton_moe.fp8_experts(self, x, weights, ids)
+        return out if out is not None else self.looped_forward(x, weights, ids, counts)  # the kernel failed
+
     def expert_mlp(self, e: int, x: torch.Tensor) -> torch.Tensor:
         I, dtype = self.rows, x.dtype  # noqa: E741 (legend)
         half = self.gate_up_proj_scale_inv.shape[1] // 2

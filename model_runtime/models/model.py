@@ -785,19 +785,24 @@ class Experts(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], weights/ids [N, A] -> (this rank's output [N, D], tokens per expert [E], all
         experts: the router is replicated)"""
-        N, A = ids.shape
-        E, e0, e1 = self.num_experts, self.first_expert, self.first_expert + self.num_local_experts
-        flat_ids = ids.reshape(-1)  # [N * A]
-        counts = torch.bincount(flat_ids, minlength=E)  # [E]
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)  # [E]
         if self.grouped(x):
             return self.grouped_forward(x, weights, ids, counts), counts
+        return self.looped_forward(x, weights, ids, counts), counts
+
+    def looped_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor):
+        """This rank's partial sum [N, D] one expert at a time (expert_mlp), only the experts that
+        got tokens: the counts read on the host."""
+        N, A = ids.shape
+        e0, e1 = self.first_expert, self.first_expert + self.num_local_experts
+        flat_ids = ids.reshape(-1)  # [N * A]
         if N == 1:  # one token (batch-1 decode): its A experts in turn, nothing to group
             picked = [(i, e) for i, e in enumerate(flat_ids.tolist()) if e0 <= e < e1]
             if not picked:
-                return torch.zeros_like(x), counts
+                return torch.zeros_like(x)
             ys = torch.cat([self.expert_mlp(e - e0, x) for _, e in picked])  # [a, D]
             w = weights.reshape(A)[[i for i, _ in picked]].reshape(-1, 1).to(ys.dtype)
-            return (ys * w).sum(0, keepdim=True), counts
+            return (ys * w).sum(0, keepdim=True)
         order = flat_ids.argsort(stable=True)  # [N * A] assignments grouped by expert
         local = counts.tolist()
         start = sum(local[:e0])  # this rank's experts' assignments are one contiguous run of `order`
@@ -815,7 +820,7 @@ class Experts(nn.Module):
                 ys = self.expert_mlp(e - e0, xs[start:end]).mul_(w[start:end])  # [n, D]
                 out.index_add_(0, token[start:end], ys)
                 start = end
-        return out, counts
+        return out
 
 
 class MoE(nn.Module):
