@@ -218,3 +218,35 @@ def test_a_models_decode_on_cuda_reads_the_cache_in_place():
     layers = load_model("builtin:tiny-mixtral", dtype=torch.float32).config.num_hidden_layers
     assert calls == {"decode": 16 * layers, "prefill": layers}
     assert tokens["cuda"] == tokens["cpu"]
+
+
+@pytest.mark.parametrize("bits", [None, True])  # the device's own conversion, and the byte decode
+def test_fp8_experts_on_cuda_take_the_triton_kernel_and_match_the_loop(bits):
+    """DeepSeek-V3-shaped FP8 experts (128 x 128 blocks) on CUDA: the Triton grouped GEMM on the FP8
+    weights in place gives the per-expert dequantizing loop's output."""
+    import types
+
+    import torch.nn.functional as F
+
+    from model_runtime.kernels import triton_moe
+    from model_runtime.kernels.fp8 import Fp8Experts, quantize
+
+    E, D, I, block = 16, 512, 256, (128, 128)  # noqa: E741 (legend)
+    gen = torch.Generator().manual_seed(3)
+    plain = types.SimpleNamespace(act=F.silu, num_experts=E, first_expert=0, num_local_experts=E,
+                                  gate_up_proj=torch.empty(E, 2 * I, D))  # fmt: skip
+    experts = Fp8Experts(plain, block)
+    for name, shape in (("gate_up_proj", (2 * I, D)), ("down_proj", (D, I))):
+        q, s = zip(*(quantize(torch.randn(*shape, generator=gen) * 0.05, block) for _ in range(E)), strict=True)
+        setattr(experts, name, torch.nn.Parameter(torch.stack(q), requires_grad=False))
+        setattr(experts, f"{name}_scale_inv", torch.nn.Parameter(torch.stack(s), requires_grad=False))
+    experts.cuda()
+    for tokens in (1, 7, 64):
+        ids = torch.stack([torch.randperm(E, generator=gen)[:4] for _ in range(tokens)]).cuda()
+        weights = torch.rand(tokens, 4, generator=gen).softmax(-1).cuda()
+        x = torch.randn(tokens, D, generator=gen).bfloat16().cuda()
+        assert experts.grouped(x)
+        got = triton_moe.fp8_experts(experts, x, weights, ids, bits=bits)
+        assert triton_moe._failed is None, triton_moe._failed
+        want = experts.looped_forward(x, weights, ids, torch.bincount(ids.reshape(-1), minlength=E))
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
