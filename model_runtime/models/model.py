@@ -25,6 +25,7 @@ Legend
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -131,8 +132,8 @@ class PagedContext:
     """forward_paged(): index tensors shared by every layer of one step."""
 
     slot_mapping: torch.Tensor  # [N] cache slot each new token writes
-    context_slots: torch.Tensor  # [S, L] cache slot of each context position
-    mask: torch.Tensor  # [S, 1, Q, L] bool: query may attend key
+    q_pos: torch.Tensor  # [S, Q] position of each new token (a padding query: 0)
+    padded_context: int  # L: the longest context padded to whole blocks
     token_seq: torch.Tensor | None  # [N] sequence of each new token (None: every sequence has Q new tokens)
     token_offset: torch.Tensor | None  # [N] index of each new token among its sequence's new tokens
     num_seqs: int  # S
@@ -164,8 +165,6 @@ class PagedContext:
         # every step, and oneDNN's bfloat16 matmuls on the CPU, which build a kernel per shape
         # (~0.25 ms each), hit their cache.
         max_context, L = L, -(-L // bs) * bs
-        pos = torch.arange(L, device=device)  # [L]
-        context_slots = batch.block_tables[:, pos // bs] * bs + pos % bs  # [S, L]
         if N == S * Q:  # every sequence brings Q new tokens (decode: Q == 1): a plain view
             token_seq = token_offset = None
             q_pos = batch.positions.view(S, Q)  # [S, Q]
@@ -176,9 +175,6 @@ class PagedContext:
             token_offset = torch.arange(N, device=device) - batch.query_start[token_seq]  # [N]
             q_pos = torch.zeros(S, Q, dtype=torch.long, device=device)  # padding queries see key 0 only
             q_pos[token_seq, token_offset] = batch.positions
-        mask = pos[None, None, :] <= q_pos[:, :, None]  # [S, Q, L] causal; also hides other sequences' tails
-        if sliding_window is not None:
-            mask &= pos[None, None, :] > q_pos[:, :, None] - sliding_window
         split = None
         if token_seq is not None and 0 < decodes < S:  # mixed: the decodes read the cache in place
             split = (
@@ -187,8 +183,8 @@ class PagedContext:
             )
         return cls(
             batch.slot_mapping,
-            context_slots,
-            mask[:, None],
+            q_pos,
+            L,
             token_seq,
             token_offset,
             S,
@@ -201,6 +197,26 @@ class PagedContext:
             sliding_window,
             split,
         )
+
+    # What only the gathered path reads, built on its first use: a step whose attention reads the
+    # cache in place (the CPU's C kernels, the GPU's Triton ones) never builds them; on a GPU the
+    # mask of a long prefill is S x Q x L bytes.
+    @functools.cached_property
+    def context_slots(self) -> torch.Tensor:
+        """[S, L] cache slot of each context position (the padded tail: the last block's slots)."""
+        bs = self.block_size
+        pos = torch.arange(self.padded_context, device=self.block_tables.device)  # [L]
+        return self.block_tables[:, pos // bs] * bs + pos % bs
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[S, 1, Q, L] bool: query may attend key (causal, which also hides other sequences'
+        tails; within the sliding window)."""
+        pos = torch.arange(self.padded_context, device=self.q_pos.device)  # [L]
+        mask = pos[None, None, :] <= self.q_pos[:, :, None]  # [S, Q, L]
+        if self.sliding_window is not None:
+            mask &= pos[None, None, :] > self.q_pos[:, :, None] - self.sliding_window
+        return mask[:, None]
 
     def split_in_place(self, q: torch.Tensor, cache: torch.Tensor) -> tuple[PagedContext, PagedContext] | None:
         """(the decodes' context, the prefill chunks' context) when this is a mixed step whose
