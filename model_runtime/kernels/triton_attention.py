@@ -473,7 +473,8 @@ def _paged_prefill(
     e1 = tl.arange(0, BLOCK_E1)
     e2 = tl.arange(0, BLOCK_E2)
     ev = tl.arange(0, BLOCK_EV)
-    q_at = Q + (q0 + rows)[:, None] * sq_n + h * sq_h
+    token = (q0 + rows).to(tl.int64)  # [BLOCK_M] rows of q and out (N H E may pass 2^31)
+    q_at = Q + token[:, None] * sq_n + h * sq_h
     q = tl.load(q_at + e1[None, :], mask=m_ok[:, None] & (e1 < E1)[None, :], other=0.0)
     if WIDEN:
         q = q.to(tl.float32)
@@ -524,7 +525,7 @@ def _paged_prefill(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows past the new tokens: none seen, not stored
-    tl.store(OUT + (q0 + rows)[:, None] * so_n + h * so_h + ev[None, :], out.to(OUT.dtype.element_ty),
+    tl.store(OUT + token[:, None] * so_n + h * so_h + ev[None, :], out.to(OUT.dtype.element_ty),
              mask=m_ok[:, None] & (ev < EV)[None, :])  # fmt: skip
 
 
