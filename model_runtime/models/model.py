@@ -252,7 +252,8 @@ class PagedContext:
     def in_place_prefill(self, q: torch.Tensor, cache: torch.Tensor) -> bool:
         """Whether this step's attention of several new tokens per sequence reads the cache in
         place (kernels/paged_attention.py: prefill): bfloat16 on a CPU with AVX512-BF16, the
-        kernel loaded; on CUDA grouped-query attention, by the Triton kernel."""
+        kernel loaded; on CUDA the Triton kernel (MLA's expanded prefill asks
+        paged_kernel.prefill_expanded_applies)."""
         return paged_kernel.prefill_applies(q, cache)
 
     def prefill_in_place(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
