@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_runtime.kernels import triton_moe
 from model_runtime.models.model import Experts
 
 log = logging.getLogger(__name__)
@@ -181,13 +182,9 @@ class Fp8Experts(Experts):
     def grouped(self, x: torch.Tensor) -> bool:
         """Whether the FP8 experts run as two grouped GEMMs on the FP8 weights in place (the GPU's
         Triton kernel, kernels/triton_moe.py) rather than a dequantized matmul pair per expert."""
-        from model_runtime.kernels import triton_moe
-
         return triton_moe.applies(self, x)
 
     def grouped_forward(self, x, weights, ids, counts):
-        from model_runtime.kernels import triton_moe
-
         out = triton_moe.fp8_experts(self, x, weights, ids)
         return out if out is not None else self.looped_forward(x, weights, ids, counts)  # the kernel failed
 

@@ -63,9 +63,15 @@ def _import() -> bool:
     return triton is not None
 
 
+# Read once: Triton's interpreter is on only if TRITON_INTERPRET=1 was set before Triton was first
+# imported, so a later change could not take effect anyway; and the CPU's dispatch asks every layer.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1): on CPU tensors, slowly."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1 at start): on CPU
+    tensors, slowly."""
+    return _INTERPRET
 
 
 def available() -> bool:

@@ -10,17 +10,10 @@ builds the same kernels with each tile instruction a scalar loop (csrc/amx_tiles
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import xml.etree.ElementTree as ET
-from pathlib import Path
-
+import child_pytest
 import pytest
 
 from model_runtime.kernels import cpu_decode
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 KERNEL_TESTS = [
     "tests/runtime/test_cpu_decode.py",
@@ -33,21 +26,10 @@ KERNEL_TESTS = [
 @pytest.mark.skipif(cpu_decode.moe_amx_enabled(), reason="this CPU runs the AMX tests on its tiles")
 @pytest.mark.skipif(not cpu_decode._dpbf16, reason="this CPU has no AVX512-BF16 to run the AMX kernels' other parts")
 def test_the_amx_kernels_pass_their_tests_with_the_tiles_emulated(tmp_path):
-    report = tmp_path / "report.xml"
-    env = {**os.environ, "MOE_RUNTIME_AMX_EMULATE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *KERNEL_TESTS],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    outcomes = {}
-    for case in ET.parse(report).getroot().iter("testcase"):
-        skipped = case.find("skipped")
-        outcome = "skipped" if skipped is not None else "failed" if case.find("failure") is not None else "passed"
-        outcomes[f"{case.get('classname')}::{case.get('name')}"] = (outcome, skipped.get("message", "") if skipped is not None else "")
-    not_run = {name: why for name, (outcome, why) in outcomes.items() if "AMX" in why and "no AMX" in why}
+    passed, skipped = child_pytest.run(KERNEL_TESTS, {"MOE_RUNTIME_AMX_EMULATE": "1"}, tmp_path / "report.xml")
+    not_run = {name: why for name, why in skipped.items() if "no AMX" in why}
     assert not not_run, f"AMX tests still skipped with the tiles emulated: {not_run}"
-    amx_passed = [name for name, (outcome, _) in outcomes.items() if "amx" in name.lower() and outcome == "passed"]
+    amx_passed = [name for name in passed if "amx" in name.lower()]
     # the AMX linear (10 shapes), its dispatch, the start-up switch, the helpers, MLA's heads, the
     # paged decode's AMX scores (GQA, MLA, shared), an engine's tokens: all run, none skipped
     assert len(amx_passed) >= 20, amx_passed

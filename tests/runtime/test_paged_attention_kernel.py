@@ -544,16 +544,27 @@ def test_mla_prefill_attends_the_expanded_context_without_concatenating_it(windo
     q = torch.randn(sum(new), H, P + R, generator=gen).bfloat16()
     with torch.inference_mode():
         got = paged_kernel.prefill_expanded(q, k_nope, k_rope, v, torch.tensor(lens), starts, 0.2, window)
-    for s in range(S):
+    want = expanded_attention(q, k_nope, k_rope, v, lens, new, 0.2, window)
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="does not fit"):  # the no-rope part not a multiple of 16
+        paged_kernel.prefill_expanded(q[..., 8:], k_nope[..., 8:], k_rope, v, torch.tensor(lens), starts, 0.2)
+
+
+def expanded_attention(q, k_nope, k_rope, v, lens, new, scale, window):
+    """MLA's prefill over an expanded context by the definition, in float64: each of sequence s's
+    new tokens (q's rows in order) attends its positions up to its own (within the window), the
+    keys k_nope [S, L, H, P] with the rope key k_rope [S, L, R] every head shares. -> [N, H, Dv]"""
+    H = q.shape[1]
+    out, row = [], 0
+    for s in range(len(lens)):
         keys = torch.cat([k_nope[s, : lens[s]], k_rope[s, : lens[s], None].expand(-1, H, -1)], -1).double()
         for i in range(new[s]):
             p = lens[s] - new[s] + i
             first = 0 if window is None else max(0, p - window + 1)
-            scores = torch.einsum("he,the->ht", q[starts[s] + i].double(), keys[first : p + 1]) * 0.2
-            want = torch.einsum("ht,thd->hd", scores.softmax(-1), v[s, first : p + 1].double())
-            torch.testing.assert_close(got[starts[s] + i].double(), want, atol=2e-2, rtol=2e-2)
-    with pytest.raises(ValueError, match="does not fit"):  # the no-rope part not a multiple of 16
-        paged_kernel.prefill_expanded(q[..., 8:], k_nope[..., 8:], k_rope, v, torch.tensor(lens), starts, 0.2)
+            scores = torch.einsum("he,the->ht", q[row].double(), keys[first : p + 1]) * scale
+            out.append(torch.einsum("ht,thd->hd", scores.softmax(-1), v[s, first : p + 1].double()))
+            row += 1
+    return torch.stack(out)
 
 
 @avx512
